@@ -1,0 +1,237 @@
+//! The control channel: one `SOCK_SEQPACKET` socket carrying protocol
+//! messages and, with `SCM_RIGHTS`, listener fds.
+//!
+//! Used by both the master and the SDK. The socket is non-blocking and driven
+//! by tokio; sends never wait for the peer (the master must never block on a
+//! worker), they fail with [`ChannelError::Full`] instead.
+
+use crate::protocol::{self, DecodeError, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE};
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use serde::{Deserialize, Serialize};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use tokio::io::unix::AsyncFd;
+
+/// Why the channel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// A system call on the channel failed.
+    #[error("control channel: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer's socket buffer is full; the message was not sent.
+    #[error("control channel: peer is not reading (send buffer full)")]
+    Full,
+    /// More fds were offered than one message may carry.
+    #[error("control channel: {0} fds in one message, the limit is {MAX_FDS_PER_MESSAGE}")]
+    TooManyFds(usize),
+    /// The kernel truncated the fds of a message (`MSG_CTRUNC`): some were lost.
+    #[error("control channel: ancillary data truncated (MSG_CTRUNC), fds were lost")]
+    FdsTruncated,
+    /// A message was larger than the receive buffer (`MSG_TRUNC`).
+    #[error("control channel: message larger than {MAX_MESSAGE_SIZE} bytes")]
+    MessageTruncated,
+    /// The message could not be decoded.
+    #[error("control channel: {0}")]
+    Decode(#[from] DecodeError),
+}
+
+/// One end of a control channel.
+#[derive(Debug)]
+pub struct Channel {
+    fd: AsyncFd<OwnedFd>,
+}
+
+/// A received message with the fds it carried.
+#[derive(Debug)]
+pub struct Received<T> {
+    /// The decoded message.
+    pub message: T,
+    /// The fds, close-on-exec, owned.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Creates a connected pair of blocking, close-on-exec `SOCK_SEQPACKET`
+/// sockets: one for the master, one for the worker.
+pub fn pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?)
+}
+
+impl Channel {
+    /// Wraps a `SOCK_SEQPACKET` socket; makes it non-blocking. Must be called
+    /// inside a tokio runtime.
+    pub fn new(fd: OwnedFd) -> std::io::Result<Channel> {
+        set_nonblocking(fd.as_fd())?;
+        // SAFETY: the `OwnedFd` is open, moves into the `AsyncFd` and stays
+        // there, unchanged, until the `AsyncFd` is dropped.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
+        Ok(Channel { fd })
+    }
+
+    /// Sends one message with up to [`MAX_FDS_PER_MESSAGE`] fds without
+    /// waiting: a full peer buffer is [`ChannelError::Full`].
+    pub fn try_send<T: Serialize>(
+        &self,
+        message: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ChannelError> {
+        send_raw(self.fd.get_ref().as_fd(), &protocol::encode(message), fds)
+    }
+
+    /// Sends one message, waiting while the peer's buffer is full.
+    pub async fn send<T: Serialize>(&self, message: &T) -> Result<(), ChannelError> {
+        let bytes = protocol::encode(message);
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match send_raw(self.fd.get_ref().as_fd(), &bytes, &[]) {
+                Err(ChannelError::Full) => guard.clear_ready(),
+                other => return other,
+            }
+        }
+    }
+
+    /// Receives one message; `Ok(None)` at end of file (the peer is gone).
+    pub async fn recv<T: for<'de> Deserialize<'de>>(
+        &self,
+    ) -> Result<Option<Received<T>>, ChannelError> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match recv_raw(self.fd.get_ref().as_fd()) {
+                Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    guard.clear_ready()
+                }
+                Err(e) => return Err(e),
+                Ok(None) => return Ok(None),
+                Ok(Some((bytes, fds))) => {
+                    let message = protocol::decode(&bytes)?;
+                    return Ok(Some(Received { message, fds }));
+                }
+            }
+        }
+    }
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+fn send_raw(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), ChannelError> {
+    if fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(ChannelError::TooManyFds(fds.len()));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &rights };
+    let iov = [IoSlice::new(bytes)];
+    // MSG_NOSIGNAL: a vanished peer is an EPIPE error, not a SIGPIPE.
+    let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+    match sendmsg::<()>(fd.as_raw_fd(), &iov, cmsgs, flags, None) {
+        Ok(_) => Ok(()),
+        Err(nix::errno::Errno::EAGAIN) => Err(ChannelError::Full),
+        Err(e) => Err(ChannelError::Io(e.into())),
+    }
+}
+
+type RawMessage = (Vec<u8>, Vec<OwnedFd>);
+
+fn recv_raw(fd: BorrowedFd<'_>) -> Result<Option<RawMessage>, ChannelError> {
+    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+    let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE + 1]);
+    let (len, fds, flags) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        // MSG_CMSG_CLOEXEC: received fds are never inherited by accident.
+        let msg = recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg_space),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(|e| ChannelError::Io(e.into()))?;
+        let mut fds = Vec::new();
+        for cmsg in msg.cmsgs().map_err(|e| ChannelError::Io(e.into()))? {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                for raw_fd in raw {
+                    // SAFETY: the kernel just installed this fd in our table
+                    // for us; nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw_fd) });
+                }
+            }
+        }
+        (msg.bytes, fds, msg.flags)
+    };
+    // Whatever fds arrived are owned above and closed on any error return.
+    if flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(ChannelError::FdsTruncated);
+    }
+    if flags.contains(MsgFlags::MSG_TRUNC) {
+        return Err(ChannelError::MessageTruncated);
+    }
+    if len == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    buf.truncate(len);
+    Ok(Some((buf, fds)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{MasterMessage, WorkerMessage};
+
+    #[tokio::test]
+    async fn messages_and_fds_cross_the_channel() {
+        let (a, b) = pair().unwrap();
+        let (a, b) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
+        let files: Vec<OwnedFd> = (0..MAX_FDS_PER_MESSAGE)
+            .map(|_| std::fs::File::open("/dev/null").unwrap().into())
+            .collect();
+        let borrowed: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+        a.try_send(&MasterMessage::Drain { deadline_ms: 5 }, &borrowed)
+            .unwrap();
+        let got = b.recv::<MasterMessage>().await.unwrap().unwrap();
+        assert_eq!(got.message, MasterMessage::Drain { deadline_ms: 5 });
+        assert_eq!(got.fds.len(), MAX_FDS_PER_MESSAGE);
+        for fd in &got.fds {
+            let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fds are close-on-exec");
+        }
+        b.send(&WorkerMessage::Ready).await.unwrap();
+        let got = a.recv::<WorkerMessage>().await.unwrap().unwrap();
+        assert_eq!(got.message, WorkerMessage::Ready);
+        drop(b);
+        assert!(a.recv::<WorkerMessage>().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn too_many_fds_is_refused_before_sending() {
+        let (a, _b) = pair().unwrap();
+        let a = Channel::new(a).unwrap();
+        let file: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let fds = vec![file.as_fd(); MAX_FDS_PER_MESSAGE + 1];
+        assert!(matches!(
+            a.try_send(&WorkerMessage::Ready, &fds),
+            Err(ChannelError::TooManyFds(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn garbage_from_the_peer_is_an_error() {
+        let (a, b) = pair().unwrap();
+        let a = Channel::new(a).unwrap();
+        send_raw(b.as_fd(), b"\x00garbage", &[]).unwrap();
+        assert!(matches!(
+            a.recv::<WorkerMessage>().await,
+            Err(ChannelError::Decode(_))
+        ));
+    }
+}

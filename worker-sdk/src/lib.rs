@@ -1,0 +1,96 @@
+//! `baton-worker`: the library a worker links to run under the
+//! [baton](https://crates.io/crates/baton) hot-restart supervisor.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), baton_worker::Error> {
+//! let mut worker = baton_worker::Worker::builder()
+//!     .listener("http", "127.0.0.1:8080") // used only when run standalone
+//!     .start()
+//!     .await?;
+//! let listener = worker.tcp_listener("http")?;
+//! worker.ready().await?;
+//! let drain = worker.drain();
+//! loop {
+//!     tokio::select! {
+//!         _ = drain.wait() => break,
+//!         conn = listener.accept() => { let _ = conn?; /* serve it */ }
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Under baton the worker receives its listeners over the control channel
+//! named by `BATON_CONTROL_FD`; standalone it takes systemd socket-activation
+//! fds or binds the addresses it declares, so one binary serves in
+//! development and in production.
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod channel;
+mod drain;
+#[cfg(feature = "http")]
+pub mod http;
+mod listener;
+pub mod protocol;
+mod worker;
+
+pub use drain::Drain;
+pub use listener::describe as describe_address;
+pub use protocol::{DecodeError, ListenerInfo, ListenerKind};
+pub use worker::{Builder, Worker};
+
+/// What can go wrong for a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `BATON_CONTROL_FD` does not name an open `SOCK_SEQPACKET` socket.
+    #[error("{env}={0:?} does not name an open SOCK_SEQPACKET socket", env = protocol::CONTROL_FD_ENV)]
+    BadControlFd(String),
+    /// The control channel failed.
+    #[error(transparent)]
+    Channel(#[from] channel::ChannelError),
+    /// The master speaks another protocol version.
+    #[error("the master speaks protocol version {master}, this SDK speaks version {}", protocol::PROTOCOL_VERSION)]
+    Version {
+        /// The master's version.
+        master: u32,
+    },
+    /// The master sent something out of order or inconsistent.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A received fd is not the socket its metadata describes.
+    #[error("listener `{name}`: expected {expected}, the fd is {found}")]
+    ListenerMismatch {
+        /// Listener name.
+        name: String,
+        /// What the metadata said.
+        expected: String,
+        /// What the fd is.
+        found: String,
+    },
+    /// No listener of that name was received or declared (or it was taken).
+    #[error("no listener named `{0}`")]
+    NoSuchListener(String),
+    /// The listener exists but is of another kind.
+    #[error("listener `{name}` is {kind}, not {wanted}")]
+    WrongKind {
+        /// Listener name.
+        name: String,
+        /// Its kind.
+        kind: ListenerKind,
+        /// The kind asked for.
+        wanted: ListenerKind,
+    },
+    /// Binding a standalone listener failed.
+    #[error("binding listener `{name}` on {address}: {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// The address.
+        address: String,
+        /// The bind error.
+        source: std::io::Error,
+    },
+    /// Another I/O error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,273 @@
+//! The wire protocol between the baton master and its workers.
+//!
+//! One definition, used by both sides. Every message is one `SOCK_SEQPACKET`
+//! datagram holding a JSON object with a protocol version `v` and a `type`.
+//! Listener fds travel as `SCM_RIGHTS` on [`MasterMessage::Listeners`]
+//! messages, at most [`MAX_FDS_PER_MESSAGE`] per message, in the same order as
+//! the metadata they carry. Decoding never panics: bad bytes are a
+//! [`DecodeError`].
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Environment variable naming the worker's end of the control channel.
+pub const CONTROL_FD_ENV: &str = "BATON_CONTROL_FD";
+
+/// The most fds sent in one message. The kernel's limit (`SCM_MAX_FD`) is 253.
+pub const MAX_FDS_PER_MESSAGE: usize = 252;
+
+/// The largest message either side sends or accepts, in bytes.
+pub const MAX_MESSAGE_SIZE: usize = 128 * 1024;
+
+/// The longest listener name (keeps a full [`MasterMessage::Listeners`] message
+/// well under [`MAX_MESSAGE_SIZE`]).
+pub const MAX_LISTENER_NAME: usize = 64;
+
+/// What kind of socket a listener is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenerKind {
+    /// A listening TCP socket (IPv4 or IPv6).
+    Tcp,
+    /// A listening Unix stream socket.
+    Unix,
+    /// A bound UDP socket.
+    Udp,
+}
+
+impl fmt::Display for ListenerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ListenerKind::Tcp => "tcp",
+            ListenerKind::Unix => "unix",
+            ListenerKind::Udp => "udp",
+        })
+    }
+}
+
+/// Metadata of one listener, sent alongside its fd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerInfo {
+    /// The listener's name from the configuration.
+    pub name: String,
+    /// The kind of socket.
+    pub kind: ListenerKind,
+    /// The address the socket is bound to: `IP:PORT` for TCP and UDP (the
+    /// actual port, also when the configuration said port 0), the path for Unix.
+    pub address: String,
+}
+
+/// A message from the master to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum MasterMessage {
+    /// The first message on a channel.
+    Hello {
+        /// The generation this worker belongs to (1, 2, ...).
+        generation: u64,
+        /// The worker's index within its generation (0-based).
+        worker_index: u32,
+        /// How many listeners follow in [`MasterMessage::Listeners`] messages.
+        listener_count: u32,
+        /// The drain deadline the worker applies if the master goes away.
+        drain_timeout_ms: u64,
+    },
+    /// A batch of listeners; the message carries their fds, in this order.
+    Listeners {
+        /// Index of the first listener of this batch.
+        offset: u32,
+        /// The listeners of this batch.
+        listeners: Vec<ListenerInfo>,
+    },
+    /// Stop accepting, finish open work, exit within `deadline_ms`.
+    Drain {
+        /// Milliseconds from now until the master kills the worker.
+        deadline_ms: u64,
+    },
+}
+
+/// A message from a worker to the master.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkerMessage {
+    /// The worker serves: the reload may commit.
+    Ready,
+    /// The worker's count of open connections.
+    Connections {
+        /// Open connections right now.
+        count: u64,
+    },
+    /// The worker is giving up; the master logs the reason.
+    Error {
+        /// What went wrong, for the operator.
+        message: String,
+    },
+}
+
+/// Why bytes could not be decoded into a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The message is larger than [`MAX_MESSAGE_SIZE`].
+    #[error("message of {0} bytes exceeds the limit of {MAX_MESSAGE_SIZE}")]
+    TooLarge(usize),
+    /// The bytes are not a JSON object with a numeric `v`.
+    #[error("not a baton protocol message: {0}")]
+    NotAMessage(String),
+    /// The peer speaks another protocol version.
+    #[error("peer speaks protocol version {peer}, this side speaks version {PROTOCOL_VERSION}")]
+    Version {
+        /// The peer's version.
+        peer: u32,
+    },
+    /// The version matches but the content does not.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+#[derive(Serialize)]
+struct Envelope<'a, T> {
+    v: u32,
+    #[serde(flatten)]
+    message: &'a T,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    v: u32,
+}
+
+/// Encodes a message with the current protocol version.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let envelope = Envelope {
+        v: PROTOCOL_VERSION,
+        message,
+    };
+    // Serializing these plain enums and structs into a Vec cannot fail.
+    serde_json::to_vec(&envelope).expect("protocol messages always serialize")
+}
+
+/// Decodes one message, checking size and version first.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_SIZE {
+        return Err(DecodeError::TooLarge(bytes.len()));
+    }
+    let version: VersionOnly =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::NotAMessage(e.to_string()))?;
+    if version.v != PROTOCOL_VERSION {
+        return Err(DecodeError::Version { peer: version.v });
+    }
+    // `v` is a field the enums do not know; strip it before the strict parse.
+    let mut value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    if let Some(object) = value.as_object_mut() {
+        object.remove("v");
+    }
+    serde_json::from_value(value).map_err(|e| DecodeError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_master_messages() -> Vec<MasterMessage> {
+        vec![
+            MasterMessage::Hello {
+                generation: 3,
+                worker_index: 1,
+                listener_count: 2,
+                drain_timeout_ms: 60_000,
+            },
+            MasterMessage::Listeners {
+                offset: 0,
+                listeners: vec![
+                    ListenerInfo {
+                        name: "http".into(),
+                        kind: ListenerKind::Tcp,
+                        address: "127.0.0.1:8080".into(),
+                    },
+                    ListenerInfo {
+                        name: "admin".into(),
+                        kind: ListenerKind::Unix,
+                        address: "/run/admin.sock".into(),
+                    },
+                ],
+            },
+            MasterMessage::Drain { deadline_ms: 1500 },
+        ]
+    }
+
+    #[test]
+    fn master_messages_round_trip() {
+        for message in all_master_messages() {
+            let bytes = encode(&message);
+            assert_eq!(decode::<MasterMessage>(&bytes).unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn worker_messages_round_trip() {
+        for message in [
+            WorkerMessage::Ready,
+            WorkerMessage::Connections { count: 42 },
+            WorkerMessage::Error {
+                message: "boom".into(),
+            },
+        ] {
+            let bytes = encode(&message);
+            assert_eq!(decode::<WorkerMessage>(&bytes).unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn version_mismatch_names_both_versions() {
+        let err = decode::<WorkerMessage>(br#"{"v":9,"type":"ready"}"#).unwrap_err();
+        assert_eq!(err, DecodeError::Version { peer: 9 });
+        assert!(err.to_string().contains("version 9"));
+        assert!(err.to_string().contains(&format!("version {PROTOCOL_VERSION}")));
+    }
+
+    #[test]
+    fn garbage_is_an_error_never_a_panic() {
+        let cases: &[&[u8]] = &[
+            b"",
+            b"\xff\xfe\x00",
+            b"null",
+            b"[]",
+            b"{}",
+            b"{\"v\":\"1\"}",
+            b"{\"v\":1}",
+            b"{\"v\":1,\"type\":\"nope\"}",
+            b"{\"v\":1,\"type\":\"connections\"}",
+            b"{\"v\":1,\"type\":\"connections\",\"count\":-1}",
+            b"{\"v\":1,\"type\":\"connections\",\"count\":1,\"extra\":1}",
+            b"{\"v\":1,\"type\":\"drain\",\"deadline_ms\":1e400}",
+            b"{\"v\":99999999999,\"type\":\"ready\"}",
+        ];
+        for bytes in cases {
+            assert!(decode::<WorkerMessage>(bytes).is_err(), "{bytes:?}");
+            assert!(decode::<MasterMessage>(bytes).is_err(), "{bytes:?}");
+        }
+        // Every prefix and single-byte corruption of valid messages.
+        for message in all_master_messages() {
+            let bytes = encode(&message);
+            for cut in 0..bytes.len() {
+                let _ = decode::<MasterMessage>(&bytes[..cut]);
+                let mut corrupt = bytes.clone();
+                corrupt[cut] ^= 0x5a;
+                let _ = decode::<MasterMessage>(&corrupt);
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_message_is_rejected() {
+        let bytes = vec![b' '; MAX_MESSAGE_SIZE + 1];
+        assert_eq!(
+            decode::<WorkerMessage>(&bytes),
+            Err(DecodeError::TooLarge(MAX_MESSAGE_SIZE + 1))
+        );
+    }
+}

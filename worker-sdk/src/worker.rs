@@ -1,0 +1,418 @@
+//! The worker's handle on its supervisor: connect, take listeners by name,
+//! report readiness, learn when to drain.
+
+use crate::channel::{Channel, ChannelError};
+use crate::drain::Drain;
+use crate::listener::{describe, Listener};
+use crate::protocol::{
+    ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV,
+};
+use crate::{DecodeError, Error};
+use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a worker waits for the master's hello before giving up.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default drain deadline when running standalone.
+const STANDALONE_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A worker process's view of its supervisor (or of itself, standalone).
+#[derive(Debug)]
+pub struct Worker {
+    generation: u64,
+    index: u32,
+    listeners: BTreeMap<String, Listener>,
+    control: Option<Arc<Channel>>,
+    drain: Drain,
+}
+
+/// Configures a worker that also runs without baton.
+#[derive(Debug, Default)]
+pub struct Builder {
+    listeners: Vec<(String, String)>,
+    drain_timeout: Option<Duration>,
+}
+
+impl Builder {
+    /// Declares a listener to bind when running standalone. `address` uses the
+    /// configuration's notation: `127.0.0.1:8080`, `[::1]:8080`,
+    /// `unix:/run/app.sock` or `udp:127.0.0.1:5353`. Under baton the master's
+    /// listeners are used instead.
+    pub fn listener(mut self, name: impl Into<String>, address: impl Into<String>) -> Builder {
+        self.listeners.push((name.into(), address.into()));
+        self
+    }
+
+    /// The drain deadline used standalone after SIGTERM or SIGINT (default 30 s).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Builder {
+        self.drain_timeout = Some(timeout);
+        self
+    }
+
+    /// Connects to the master if `BATON_CONTROL_FD` is set; otherwise takes
+    /// systemd socket-activation fds (`LISTEN_FDS`) or binds the declared
+    /// listeners, and drains on SIGTERM or SIGINT.
+    pub async fn start(self) -> Result<Worker, Error> {
+        if std::env::var_os(CONTROL_FD_ENV).is_some() {
+            return Worker::from_env().await;
+        }
+        let mut listeners = socket_activation_listeners()?;
+        for (name, address) in &self.listeners {
+            if !listeners.contains_key(name) {
+                listeners.insert(name.clone(), bind(name, address)?);
+            }
+        }
+        let drain = Drain::new();
+        spawn_signal_drain(
+            drain.clone(),
+            self.drain_timeout.unwrap_or(STANDALONE_DRAIN_TIMEOUT),
+        )?;
+        Ok(Worker {
+            generation: 0,
+            index: 0,
+            listeners,
+            control: None,
+            drain,
+        })
+    }
+}
+
+impl Worker {
+    /// A builder for a worker that runs under baton or standalone.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// Connects to the master through `BATON_CONTROL_FD`: reads the hello and
+    /// every listener, checking each fd against its metadata. Must be called
+    /// inside a tokio runtime.
+    pub async fn from_env() -> Result<Worker, Error> {
+        let value = std::env::var(CONTROL_FD_ENV).unwrap_or_default();
+        let raw: RawFd = value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|fd| *fd > 2)
+            .ok_or_else(|| Error::BadControlFd(value.clone()))?;
+        if nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+            return Err(Error::BadControlFd(value));
+        }
+        // SAFETY: the fd is open (checked above) and the master handed it to
+        // this process for the SDK alone; nothing else in the process owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if getsockopt(&fd, sockopt::SockType).ok() != Some(SockType::SeqPacket) {
+            return Err(Error::BadControlFd(value));
+        }
+        // The worker's own children must not inherit the channel.
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .map_err(std::io::Error::from)?;
+        let channel = Arc::new(Channel::new(fd)?);
+        match tokio::time::timeout(HELLO_TIMEOUT, handshake(&channel)).await {
+            Ok(Ok(worker)) => Ok(worker),
+            Ok(Err(error)) => {
+                let _ = channel.try_send(
+                    &WorkerMessage::Error {
+                        message: error.to_string(),
+                    },
+                    &[],
+                );
+                Err(error)
+            }
+            Err(_) => Err(Error::Protocol(format!(
+                "no hello from the master within {HELLO_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// The generation this worker belongs to; 0 when standalone.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The worker's index within its generation; 0 when standalone.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Whether a baton master supervises this worker.
+    pub fn is_supervised(&self) -> bool {
+        self.control.is_some()
+    }
+
+    /// The names and metadata of the listeners not yet taken.
+    pub fn listeners(&self) -> impl Iterator<Item = &ListenerInfo> {
+        self.listeners.values().map(|l| &l.info)
+    }
+
+    /// Takes the TCP listener named `name`.
+    pub fn tcp_listener(&mut self, name: &str) -> Result<tokio::net::TcpListener, Error> {
+        let fd = self.take(name, ListenerKind::Tcp)?;
+        let std = std::net::TcpListener::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(tokio::net::TcpListener::from_std(std)?)
+    }
+
+    /// Takes the Unix stream listener named `name`.
+    pub fn unix_listener(&mut self, name: &str) -> Result<tokio::net::UnixListener, Error> {
+        let fd = self.take(name, ListenerKind::Unix)?;
+        let std = std::os::unix::net::UnixListener::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(tokio::net::UnixListener::from_std(std)?)
+    }
+
+    /// Takes the UDP socket named `name`.
+    pub fn udp_socket(&mut self, name: &str) -> Result<tokio::net::UdpSocket, Error> {
+        let fd = self.take(name, ListenerKind::Udp)?;
+        let std = std::net::UdpSocket::from(fd);
+        std.set_nonblocking(true)?;
+        Ok(tokio::net::UdpSocket::from_std(std)?)
+    }
+
+    /// Takes the raw fd of the listener named `name`, whatever its kind.
+    pub fn take_fd(&mut self, name: &str) -> Result<(ListenerInfo, OwnedFd), Error> {
+        let listener = self
+            .listeners
+            .remove(name)
+            .ok_or_else(|| Error::NoSuchListener(name.to_string()))?;
+        Ok((listener.info, listener.fd))
+    }
+
+    fn take(&mut self, name: &str, kind: ListenerKind) -> Result<OwnedFd, Error> {
+        match self.listeners.get(name) {
+            Some(l) if l.info.kind != kind => Err(Error::WrongKind {
+                name: name.to_string(),
+                kind: l.info.kind,
+                wanted: kind,
+            }),
+            _ => Ok(self.take_fd(name)?.1),
+        }
+    }
+
+    /// Tells the master this worker serves. Standalone, does nothing.
+    pub async fn ready(&self) -> Result<(), Error> {
+        if let Some(control) = &self.control {
+            control.send(&WorkerMessage::Ready).await?;
+        }
+        Ok(())
+    }
+
+    /// Reports the number of open connections (shown in `baton status`).
+    /// Best effort: never waits.
+    pub fn report_connections(&self, count: u64) {
+        if let Some(control) = &self.control {
+            let _ = control.try_send(&WorkerMessage::Connections { count }, &[]);
+        }
+    }
+
+    /// The drain signal: select on [`Drain::wait`] or [`Drain::token`].
+    pub fn drain(&self) -> Drain {
+        self.drain.clone()
+    }
+}
+
+async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
+    let hello = recv_master(channel).await?;
+    let MasterMessage::Hello {
+        generation,
+        worker_index,
+        listener_count,
+        drain_timeout_ms,
+    } = hello.message
+    else {
+        return Err(Error::Protocol(format!(
+            "expected hello, got {:?}",
+            hello.message
+        )));
+    };
+    let mut listeners = BTreeMap::new();
+    while listeners.len() < listener_count as usize {
+        let batch = recv_master(channel).await?;
+        let MasterMessage::Listeners {
+            offset,
+            listeners: infos,
+        } = batch.message
+        else {
+            return Err(Error::Protocol(format!(
+                "expected listeners, got {:?}",
+                batch.message
+            )));
+        };
+        if offset as usize != listeners.len()
+            || infos.len() != batch.fds.len()
+            || listeners.len() + infos.len() > listener_count as usize
+        {
+            return Err(Error::Protocol(format!(
+                "listener batch at offset {offset} with {} entries and {} fds does not fit \
+                 ({} of {listener_count} received)",
+                infos.len(),
+                batch.fds.len(),
+                listeners.len()
+            )));
+        }
+        for (info, fd) in infos.into_iter().zip(batch.fds) {
+            let name = info.name.clone();
+            if listeners
+                .insert(name.clone(), Listener::verify(info, fd)?)
+                .is_some()
+            {
+                return Err(Error::Protocol(format!("listener `{name}` sent twice")));
+            }
+        }
+    }
+    let drain = Drain::new();
+    spawn_control_reader(
+        channel.clone(),
+        drain.clone(),
+        Duration::from_millis(drain_timeout_ms),
+    );
+    Ok(Worker {
+        generation,
+        index: worker_index,
+        listeners,
+        control: Some(channel.clone()),
+        drain,
+    })
+}
+
+async fn recv_master(
+    channel: &Channel,
+) -> Result<crate::channel::Received<MasterMessage>, Error> {
+    match channel.recv::<MasterMessage>().await {
+        Ok(Some(received)) => Ok(received),
+        Ok(None) => Err(Error::Protocol("the master closed the control channel".into())),
+        Err(ChannelError::Decode(DecodeError::Version { peer })) => {
+            Err(Error::Version { master: peer })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Watches the channel for the rest of the worker's life. A drain message
+/// starts the drain; end of file (the master is gone) or a broken channel
+/// starts it too, with the hello's deadline, so no worker outlives its master
+/// by more than `drain_timeout`.
+fn spawn_control_reader(channel: Arc<Channel>, drain: Drain, drain_timeout: Duration) {
+    tokio::spawn(async move {
+        loop {
+            match channel.recv::<MasterMessage>().await {
+                Ok(Some(received)) => {
+                    if let MasterMessage::Drain { deadline_ms } = received.message {
+                        drain.start(Duration::from_millis(deadline_ms));
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    drain.start(drain_timeout);
+                    return;
+                }
+            }
+        }
+    });
+}
+
+fn spawn_signal_drain(drain: Drain, timeout: Duration) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        drain.start(timeout);
+    });
+    Ok(())
+}
+
+/// Binds a listener for standalone use.
+fn bind(name: &str, address: &str) -> Result<Listener, Error> {
+    let bind_error = |source: std::io::Error| Error::Bind {
+        name: name.to_string(),
+        address: address.to_string(),
+        source,
+    };
+    let (kind, fd): (ListenerKind, OwnedFd) = if let Some(path) = address.strip_prefix("unix:") {
+        let l = std::os::unix::net::UnixListener::bind(path).map_err(bind_error)?;
+        (ListenerKind::Unix, l.into())
+    } else if let Some(addr) = address.strip_prefix("udp:") {
+        let s = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+        (ListenerKind::Udp, s.into())
+    } else {
+        let l = std::net::TcpListener::bind(address).map_err(bind_error)?;
+        (ListenerKind::Tcp, l.into())
+    };
+    let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|e| bind_error(e.into()))?;
+    let info = ListenerInfo {
+        name: name.to_string(),
+        kind,
+        address: describe(&addr).unwrap_or_else(|| address.to_string()),
+    };
+    Ok(Listener { info, fd })
+}
+
+/// Listeners passed by systemd socket activation, when `LISTEN_PID` is ours.
+fn socket_activation_listeners() -> Result<BTreeMap<String, Listener>, Error> {
+    let mut out = BTreeMap::new();
+    let pid_matches = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count: i32 = match std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()) {
+        Some(n) if pid_matches => n,
+        _ => return Ok(out),
+    };
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let mut names = names.split(':');
+    for i in 0..count {
+        let raw = 3 + i;
+        if nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+            return Err(Error::Protocol(format!("LISTEN_FDS names fd {raw}, which is not open")));
+        }
+        // SAFETY: systemd's convention hands fds 3..3+LISTEN_FDS to this
+        // process (LISTEN_PID matched); they are open (checked) and owned here.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let _ = nix::fcntl::fcntl(
+            raw,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+        let name = names
+            .next()
+            .filter(|n| !n.is_empty())
+            .map_or_else(|| format!("fd{raw}"), str::to_string);
+        let kind = match getsockopt(&fd, sockopt::SockType) {
+            Ok(SockType::Datagram) => ListenerKind::Udp,
+            Ok(SockType::Stream) => {
+                let addr: Option<SockaddrStorage> = getsockname(raw).ok();
+                if addr.as_ref().and_then(|a| a.as_unix_addr()).is_some() {
+                    ListenerKind::Unix
+                } else {
+                    ListenerKind::Tcp
+                }
+            }
+            _ => return Err(Error::Protocol(format!("LISTEN_FDS fd {raw} is not a socket"))),
+        };
+        let address = getsockname::<SockaddrStorage>(raw)
+            .ok()
+            .and_then(|a| describe(&a))
+            .unwrap_or_default();
+        out.insert(
+            name.clone(),
+            Listener {
+                info: ListenerInfo {
+                    name,
+                    kind,
+                    address,
+                },
+                fd,
+            },
+        );
+    }
+    Ok(out)
+}
+
