@@ -1,0 +1,452 @@
+//! `baton.toml`: parsing and validation. Every error names the file, line and
+//! column; values are checked while deserializing so that toml can attach the
+//! location.
+
+use serde::{de, Deserialize, Deserializer};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A configuration file that failed to load.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), location.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line and column, when known.
+    pub location: Option<(usize, usize)>,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// A loaded, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (absolute).
+    pub path: PathBuf,
+    /// Short hash of the file's bytes, for logs and status.
+    pub hash: String,
+    /// `[supervisor]`.
+    pub supervisor: SupervisorConfig,
+    /// `[[listener]]`, in file order.
+    pub listeners: Vec<ListenerConfig>,
+    /// `[worker]`.
+    pub worker: WorkerConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    supervisor: SupervisorConfig,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<toml::Spanned<ListenerConfig>>,
+    worker: WorkerConfig,
+}
+
+/// `[supervisor]`: settings of the master itself.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// Unix socket for the CLI.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Where to write the master's pid.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// A `tracing` filter (`info`, `baton=debug,warn`, ...).
+    #[serde(default = "default_log_filter", deserialize_with = "de_log_filter")]
+    pub log_filter: String,
+    /// `text` or `json`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            control_socket: default_control_socket(),
+            pid_file: None,
+            log_filter: default_log_filter(),
+            log_format: LogFormat::default(),
+        }
+    }
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("baton.sock")
+}
+
+fn default_log_filter() -> String {
+    "info".to_string()
+}
+
+fn de_log_filter<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let filter = String::deserialize(d)?;
+    tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|e| de::Error::custom(format!("invalid log_filter {filter:?}: {e}")))?;
+    Ok(filter)
+}
+
+/// How the master writes its log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[[listener]]`: one named socket the master binds.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// The name workers ask for.
+    #[serde(deserialize_with = "de_listener_name")]
+    pub name: String,
+    /// Where to bind.
+    pub address: ListenerAddress,
+    /// `listen(2)` backlog.
+    #[serde(default = "default_backlog", deserialize_with = "de_backlog")]
+    pub backlog: i32,
+}
+
+fn default_backlog() -> i32 {
+    1024
+}
+
+fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !(1..=65535).contains(&n) {
+        return Err(de::Error::custom(format!(
+            "backlog must be between 1 and 65535, got {n}"
+        )));
+    }
+    Ok(n as i32)
+}
+
+fn de_listener_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    let ok = !name.is_empty()
+        && name.len() <= baton_worker::protocol::MAX_LISTENER_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if !ok {
+        return Err(de::Error::custom(format!(
+            "invalid listener name {name:?}: use 1 to {} letters, digits, '-', '_' or '.'",
+            baton_worker::protocol::MAX_LISTENER_NAME
+        )));
+    }
+    Ok(name)
+}
+
+/// A listener address: `IP:PORT`, `[IPv6]:PORT`, `unix:PATH` or `udp:IP:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenerAddress {
+    /// TCP.
+    Tcp(SocketAddr),
+    /// Unix stream socket at this path.
+    Unix(PathBuf),
+    /// UDP.
+    Udp(SocketAddr),
+}
+
+impl FromStr for ListenerAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let ip = |a: &str| {
+            a.parse::<SocketAddr>().map_err(|_| {
+                format!("invalid address {s:?}: expected IP:PORT, [IPv6]:PORT, unix:PATH or udp:IP:PORT")
+            })
+        };
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() || path.len() > 107 {
+                return Err(format!(
+                    "invalid address {s:?}: a Unix socket path is 1 to 107 bytes"
+                ));
+            }
+            Ok(ListenerAddress::Unix(PathBuf::from(path)))
+        } else if let Some(rest) = s.strip_prefix("udp:") {
+            Ok(ListenerAddress::Udp(ip(rest)?))
+        } else {
+            Ok(ListenerAddress::Tcp(ip(s)?))
+        }
+    }
+}
+
+impl fmt::Display for ListenerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenerAddress::Tcp(a) => write!(f, "{a}"),
+            ListenerAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenerAddress::Udp(a) => write!(f, "udp:{a}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenerAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(de::Error::custom)
+    }
+}
+
+/// `[worker]`: how to run the worker processes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Program and arguments.
+    #[serde(deserialize_with = "de_command")]
+    pub command: Vec<String>,
+    /// Workers per generation.
+    #[serde(default = "default_processes", deserialize_with = "de_processes")]
+    pub processes: u32,
+    /// How listeners reach the worker.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// How the master learns the worker is ready.
+    #[serde(default)]
+    pub ready: ReadyMode,
+    /// How long a new worker has to become ready.
+    #[serde(default = "default_ready_timeout")]
+    pub ready_timeout: Dur,
+    /// How long a draining worker has before it is killed.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: Dur,
+    /// The graceful-stop signal for non-sdk workers.
+    #[serde(default)]
+    pub stop_signal: StopSignal,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the config file's directory).
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+}
+
+fn default_processes() -> u32 {
+    1
+}
+
+fn de_processes<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !(1..=1024).contains(&n) {
+        return Err(de::Error::custom(format!(
+            "processes must be between 1 and 1024, got {n}"
+        )));
+    }
+    Ok(n as u32)
+}
+
+fn de_command<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let command = Vec::<String>::deserialize(d)?;
+    match command.first() {
+        None => Err(de::Error::custom("command must name a program")),
+        Some(p) if p.is_empty() => Err(de::Error::custom("command[0] is empty")),
+        _ => Ok(command),
+    }
+}
+
+fn default_ready_timeout() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+fn default_drain_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+
+/// How listeners are passed to workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// The worker links `baton-worker` (control channel, hello, fds).
+    #[default]
+    Sdk,
+}
+
+/// How readiness is decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReadyMode {
+    /// The worker sends `ready` over the control channel.
+    #[default]
+    Sdk,
+    /// Ready once the worker has stayed up this long.
+    Delay(Duration),
+}
+
+impl<'de> Deserialize<'de> for ReadyMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "sdk" {
+            return Ok(ReadyMode::Sdk);
+        }
+        if let Some(dur) = s.strip_prefix("delay:") {
+            return parse_duration(dur)
+                .map(ReadyMode::Delay)
+                .map_err(de::Error::custom);
+        }
+        Err(de::Error::custom(format!(
+            "invalid ready {s:?}: expected \"sdk\" or \"delay:DURATION\""
+        )))
+    }
+}
+
+/// A duration written as `"500ms"`, `"30s"`, `"2m"`, `"1h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+    }
+}
+
+/// Parses `"500ms"`, `"30s"`, `"2m"`, `"1h"` (also fractional: `"1.5s"`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}: expected a number with ms, s, m or h, like \"500ms\" or \"30s\"");
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    let secs = number * scale;
+    if !secs.is_finite() || secs > 7.0 * 24.0 * 3600.0 {
+        return Err(format!("invalid duration {s:?}: at most one week"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A signal name like `"SIGTERM"` or `"TERM"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopSignal(pub nix::sys::signal::Signal);
+
+impl Default for StopSignal {
+    fn default() -> Self {
+        StopSignal(nix::sys::signal::Signal::SIGTERM)
+    }
+}
+
+impl<'de> Deserialize<'de> for StopSignal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let name = if s.starts_with("SIG") {
+            s.clone()
+        } else {
+            format!("SIG{s}")
+        };
+        name.parse::<nix::sys::signal::Signal>()
+            .map(StopSignal)
+            .map_err(|_| de::Error::custom(format!("unknown signal {s:?}")))
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+            path: path.clone(),
+            location: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&path, &text)
+    }
+
+    /// Parses and validates `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let error_at = |span: Option<std::ops::Range<usize>>, message: String| ConfigError {
+            path: path.to_path_buf(),
+            location: span.map(|s| line_col(text, s.start)),
+            message,
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| error_at(e.span(), e.message().to_string()))?;
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for listener in &raw.listeners {
+            let span = Some(listener.span());
+            let l = listener.get_ref();
+            if !names.insert(l.name.clone()) {
+                return Err(error_at(span, format!("duplicate listener name {:?}", l.name)));
+            }
+            if !addresses.insert(l.address.clone()) {
+                return Err(error_at(
+                    span,
+                    format!("listener {:?}: address {} is used twice", l.name, l.address),
+                ));
+            }
+        }
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        let mut supervisor = raw.supervisor;
+        supervisor.control_socket = dir.join(&supervisor.control_socket);
+        supervisor.pid_file = supervisor.pid_file.map(|p| dir.join(p));
+        let listeners = raw
+            .listeners
+            .into_iter()
+            .map(|l| {
+                let mut l = l.into_inner();
+                if let ListenerAddress::Unix(p) = &l.address {
+                    l.address = ListenerAddress::Unix(dir.join(p));
+                }
+                l
+            })
+            .collect();
+        let mut worker = raw.worker;
+        if worker.command[0].contains('/') {
+            worker.command[0] = dir.join(&worker.command[0]).display().to_string();
+        }
+        worker.cwd = Some(dir.join(worker.cwd.as_deref().unwrap_or(Path::new("."))));
+        let hash = Sha256::digest(text.as_bytes())
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Config {
+            path: path.to_path_buf(),
+            hash,
+            supervisor,
+            listeners,
+            worker,
+        })
+    }
+
+    /// One line for `baton check` and the log.
+    pub fn summary(&self) -> String {
+        let listeners: Vec<String> = self
+            .listeners
+            .iter()
+            .map(|l| format!("{}={}", l.name, l.address))
+            .collect();
+        format!(
+            "{}: ok (hash {}): {} listener(s) [{}], {} worker(s) of {:?}",
+            self.path.display(),
+            self.hash,
+            self.listeners.len(),
+            listeners.join(", "),
+            self.worker.processes,
+            self.worker.command.join(" "),
+        )
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,132 @@
+use super::*;
+
+const GOOD: &str = r#"
+[supervisor]
+pid_file = "run/baton.pid"
+log_filter = "debug"
+
+[[listener]]
+name = "http"
+address = "127.0.0.1:8080"
+
+[[listener]]
+name = "v6"
+address = "[::1]:0"
+backlog = 16
+
+[[listener]]
+name = "sock"
+address = "unix:app.sock"
+
+[worker]
+command = ["./bin/app", "--flag"]
+processes = 2
+ready_timeout = "1.5s"
+drain_timeout = "2m"
+stop_signal = "QUIT"
+env = { A = "b" }
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("/etc/app/baton.toml"), text)
+}
+
+fn error(text: &str) -> String {
+    parse(text).unwrap_err().to_string()
+}
+
+#[test]
+fn good_config_resolves_paths_against_its_directory() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.supervisor.control_socket, Path::new("/etc/app/baton.sock"));
+    assert_eq!(c.supervisor.pid_file.as_deref(), Some(Path::new("/etc/app/run/baton.pid")));
+    assert_eq!(c.worker.command[0], "/etc/app/./bin/app");
+    assert_eq!(c.worker.cwd.as_deref(), Some(Path::new("/etc/app/.")));
+    assert_eq!(c.listeners[1].backlog, 16);
+    assert_eq!(c.listeners[0].backlog, 1024);
+    assert_eq!(c.listeners[2].address, ListenerAddress::Unix("/etc/app/app.sock".into()));
+    assert_eq!(c.worker.ready_timeout, Dur(Duration::from_millis(1500)));
+    assert_eq!(c.worker.drain_timeout, Dur(Duration::from_secs(120)));
+    assert_eq!(c.worker.stop_signal.0, nix::sys::signal::Signal::SIGQUIT);
+    assert_eq!(c.hash.len(), 12);
+}
+
+#[test]
+fn bare_command_is_left_for_path_lookup() {
+    let c = parse("[worker]\ncommand = [\"gunicorn\"]\n").unwrap();
+    assert_eq!(c.worker.command[0], "gunicorn");
+}
+
+#[test]
+fn syntax_error_names_file_line_and_column() {
+    let e = error("[worker]\ncommand = [\"x\"\nprocesses = 2\n");
+    assert!(e.starts_with("/etc/app/baton.toml:3:1: "), "{e}");
+}
+
+#[test]
+fn unknown_key_is_rejected_with_its_location() {
+    let e = error("[worker]\ncommand = [\"x\"]\nprocess = 2\n");
+    assert!(e.starts_with("/etc/app/baton.toml:3:1: "), "{e}");
+    assert!(e.contains("unknown field `process`"), "{e}");
+    let e = error("[supervisor]\nbogus = 1\n[worker]\ncommand = [\"x\"]\n");
+    assert!(e.contains(":2:1: ") && e.contains("bogus"), "{e}");
+}
+
+#[test]
+fn bad_values_name_their_location() {
+    let cases = [
+        ("[worker]\ncommand = [\"x\"]\nready_timeout = \"5x\"\n", ":3:17: ", "invalid duration"),
+        ("[worker]\ncommand = [\"x\"]\nprocesses = 0\n", ":3:13: ", "processes must be"),
+        ("[worker]\ncommand = []\n", ":2:11: ", "command must name"),
+        ("[worker]\ncommand = [\"x\"]\nprotocol = \"carrier-pigeon\"\n", ":3:12: ", "carrier-pigeon"),
+        ("[worker]\ncommand = [\"x\"]\nready = \"soon\"\n", ":3:9: ", "invalid ready"),
+        ("[worker]\ncommand = [\"x\"]\nstop_signal = \"SIGNOPE\"\n", ":3:15: ", "unknown signal"),
+        ("[supervisor]\nlog_filter = \"[[\"\n[worker]\ncommand = [\"x\"]\n", ":2:14: ", "invalid log_filter"),
+        ("[supervisor]\nlog_format = \"xml\"\n[worker]\ncommand = [\"x\"]\n", ":2:14: ", "xml"),
+        ("[[listener]]\nname = \"a\"\naddress = \"localhost\"\n[worker]\ncommand = [\"x\"]\n", ":3:11: ", "invalid address"),
+        ("[[listener]]\nname = \"a b\"\naddress = \"127.0.0.1:1\"\n[worker]\ncommand = [\"x\"]\n", ":2:8: ", "invalid listener name"),
+        ("[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nbacklog = 0\n[worker]\ncommand = [\"x\"]\n", ":4:11: ", "backlog"),
+        ("[supervisor]\n[listener]\n", ":2:1: ", "expected a sequence"),
+        ("", ":", "missing field `worker`"),
+    ];
+    for (text, location, message) in cases {
+        let e = error(text);
+        assert!(e.contains(location) && e.contains(message), "{text:?} gave {e}");
+    }
+}
+
+#[test]
+fn duplicate_listener_name_or_address_points_at_the_second_one() {
+    let e = error(
+        "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n[worker]\ncommand = [\"x\"]\n",
+    );
+    assert!(e.contains(":4:1: ") && e.contains("duplicate listener name"), "{e}");
+    let e = error(
+        "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[worker]\ncommand = [\"x\"]\n",
+    );
+    assert!(e.contains("used twice"), "{e}");
+}
+
+#[test]
+fn addresses_parse_in_every_notation() {
+    assert_eq!("[::1]:80".parse(), Ok(ListenerAddress::Tcp("[::1]:80".parse().unwrap())));
+    assert_eq!("udp:127.0.0.1:53".parse(), Ok(ListenerAddress::Udp("127.0.0.1:53".parse().unwrap())));
+    assert!("unix:".parse::<ListenerAddress>().is_err());
+    assert!("127.0.0.1".parse::<ListenerAddress>().is_err());
+    assert_eq!(ListenerAddress::Unix("/a".into()).to_string(), "unix:/a");
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+    for bad in ["", "5", "s", "5 s", "-1s", "1e9s", "1.2.3s", "10d"] {
+        assert!(parse_duration(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let e = Config::load(Path::new("/nonexistent/baton.toml")).unwrap_err().to_string();
+    assert!(e.starts_with("/nonexistent/baton.toml: cannot read"), "{e}");
+}

@@ -1,0 +1,165 @@
+//! A generation: the workers started from one configuration, and the
+//! listeners they were given (kept open while any of them lives).
+
+use crate::config::Config;
+use crate::listener::Shared;
+use crate::worker::{self, SpawnSpec, State, Worker};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// First respawn delay after a crash; doubled per consecutive crash.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// The longest respawn delay.
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// A worker that stayed up this long is healthy: its crash count resets.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// Consecutive crashes from which the respawns are logged as a crash loop.
+const CRASH_LOOP: u32 = 5;
+
+/// Where a generation is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Being started by a reload; not serving yet.
+    Starting,
+    /// The generation that serves.
+    Current,
+    /// Replaced; its workers finish and exit.
+    Draining,
+    /// Its reload failed; its workers are being stopped.
+    Failed,
+}
+
+impl Phase {
+    /// The name shown in logs and status.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Current => "current",
+            Phase::Draining => "draining",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// A respawn waiting for its backoff to pass.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingRespawn {
+    /// When to spawn.
+    pub at: Instant,
+    /// Consecutive crashes of this index so far.
+    pub crashes: u32,
+    /// Respawns of this index so far, this one included.
+    pub restarts: u32,
+}
+
+/// The workers of one configuration.
+#[derive(Debug)]
+pub struct Generation {
+    /// 1, 2, 3, ...
+    pub number: u64,
+    /// The configuration it was started from.
+    pub config: Rc<Config>,
+    /// The listeners it was given, in configuration order.
+    pub listeners: Vec<Shared>,
+    /// Where it is in its life.
+    pub phase: Phase,
+    /// When it was started.
+    pub started: Instant,
+    /// Live workers by pid.
+    pub workers: BTreeMap<Pid, Worker>,
+    /// Worker indexes waiting to be respawned.
+    pub respawns: BTreeMap<u32, PendingRespawn>,
+}
+
+impl Generation {
+    /// A generation with no workers yet.
+    pub fn new(number: u64, config: Rc<Config>, listeners: Vec<Shared>) -> Generation {
+        Generation {
+            number,
+            config,
+            listeners,
+            phase: Phase::Starting,
+            started: Instant::now(),
+            workers: BTreeMap::new(),
+            respawns: BTreeMap::new(),
+        }
+    }
+
+    /// Spawns worker `index`.
+    pub fn spawn(&mut self, index: u32, restarts: u32, crashes: u32) -> anyhow::Result<&mut Worker> {
+        let spec = SpawnSpec {
+            config: &self.config.worker,
+            generation: self.number,
+            index,
+            listeners: &self.listeners,
+        };
+        let worker = worker::spawn(&spec, restarts, crashes)?;
+        let pid = worker.pid;
+        tracing::info!(
+            generation = self.number,
+            worker = index,
+            pid = pid.as_raw(),
+            "worker started"
+        );
+        Ok(self.workers.entry(pid).or_insert(worker))
+    }
+
+    /// Whether every configured worker is up and ready.
+    pub fn all_ready(&self) -> bool {
+        self.workers.len() == self.config.worker.processes as usize
+            && self.workers.values().all(|w| w.state == State::Ready)
+    }
+
+    /// Tells every worker to drain within `timeout`; no more respawns.
+    pub fn drain(&mut self, phase: Phase, timeout: Duration) {
+        self.phase = phase;
+        self.respawns.clear();
+        for worker in self.workers.values_mut() {
+            worker.drain(timeout);
+        }
+    }
+
+    /// Schedules a respawn of the worker that just exited, with exponential
+    /// backoff; returns the delay.
+    pub fn schedule_respawn(&mut self, exited: &Worker) -> Duration {
+        let crashes = if exited.started.elapsed() >= HEALTHY_AFTER {
+            1
+        } else {
+            exited.crashes + 1
+        };
+        let delay = BACKOFF_START
+            .saturating_mul(1 << (crashes - 1).min(16))
+            .min(BACKOFF_CAP);
+        if crashes >= CRASH_LOOP {
+            tracing::warn!(
+                generation = self.number,
+                worker = exited.index,
+                crashes,
+                delay_ms = delay.as_millis() as u64,
+                "worker crash loop: respawn delayed"
+            );
+        }
+        self.respawns.insert(
+            exited.index,
+            PendingRespawn {
+                at: Instant::now() + delay,
+                crashes,
+                restarts: exited.restarts + 1,
+            },
+        );
+        delay
+    }
+
+    /// The earliest time something of this generation is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let kills = self.workers.values().filter_map(|w| match w.state {
+            State::Draining { kill_at } => Some(kill_at),
+            _ => None,
+        });
+        let respawns = self.respawns.values().map(|r| r.at);
+        kills.chain(respawns).min()
+    }
+}

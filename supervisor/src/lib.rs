@@ -1,0 +1,14 @@
+//! The baton master and CLI. See DESIGN.md for the concepts; each module is
+//! one of its nouns.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod cli;
+pub mod config;
+pub mod generation;
+pub mod listener;
+pub mod logging;
+pub mod master;
+pub mod pidfile;
+pub mod reload;
+pub mod signals;
+pub mod worker;

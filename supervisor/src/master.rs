@@ -1,0 +1,379 @@
+//! The master: one event loop that owns all state. Signals, child exits and
+//! worker messages arrive as events; timers are derived from the state.
+
+use crate::config::Config;
+use crate::generation::{Generation, Phase};
+use crate::listener::Shared;
+use crate::logging::LogHandle;
+use crate::pidfile::PidFile;
+use crate::reload::{Outcome, Reload, Trigger};
+use crate::signals::{SignalEvent, Signals};
+use crate::worker::State;
+use anyhow::Context;
+use baton_worker::channel::{Channel, ChannelError};
+use baton_worker::protocol::WorkerMessage;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// How long workers get between SIGTERM and SIGKILL in a fast stop.
+const FAST_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How the master is stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Drain every generation, then exit.
+    Graceful,
+    /// Terminate workers now, exit.
+    Fast,
+}
+
+/// Something a worker's channel said.
+#[derive(Debug)]
+pub enum Event {
+    /// A message, or why it could not be read.
+    Message {
+        /// The worker.
+        pid: Pid,
+        /// What arrived.
+        message: Result<WorkerMessage, ChannelError>,
+    },
+}
+
+/// The master's whole state.
+pub struct Master {
+    pub(crate) config_path: PathBuf,
+    pub(crate) config: Rc<Config>,
+    pub(crate) listeners: Vec<Shared>,
+    pub(crate) generations: BTreeMap<u64, Generation>,
+    pub(crate) current: Option<u64>,
+    pub(crate) next_generation: u64,
+    pub(crate) reload: Option<Reload>,
+    pub(crate) reload_queued: bool,
+    pub(crate) stopping: Option<Stop>,
+    pub(crate) last_reload: Option<Outcome>,
+    pub(crate) log: LogHandle,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// Runs the master until it stops. Returns an error if generation 1 could not
+/// be started.
+pub async fn run(config: Config, log: LogHandle) -> anyhow::Result<()> {
+    let mut signals = Signals::new().context("installing signal handlers")?;
+    let _pid_file = match &config.supervisor.pid_file {
+        Some(path) => Some(PidFile::write(path)?),
+        None => None,
+    };
+    let (events, mut inbox) = mpsc::unbounded_channel();
+    let mut master = Master {
+        config_path: config.path.clone(),
+        config: Rc::new(config.clone()),
+        listeners: Vec::new(),
+        generations: BTreeMap::new(),
+        current: None,
+        next_generation: 1,
+        reload: None,
+        reload_queued: false,
+        stopping: None,
+        last_reload: None,
+        log,
+        events,
+    };
+    tracing::info!(pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
+    master.begin_reload(Trigger::Start, Ok(config));
+    loop {
+        if let Some(outcome) = &master.last_reload {
+            if outcome.trigger == Trigger::Start && master.current.is_none() && master.reload.is_none() {
+                let (phase, reason) = outcome.failure.clone().unwrap_or((crate::reload::Step::Commit, "unknown".into()));
+                master.stop(Stop::Fast);
+                master.wait_for_workers(&mut signals).await;
+                anyhow::bail!("starting generation 1 failed in phase {phase}: {reason}");
+            }
+        }
+        if master.stopping.is_some() && master.generations.is_empty() {
+            break;
+        }
+        let deadline = master.next_deadline();
+        tokio::select! {
+            signal = signals.recv() => master.on_signal(signal),
+            Some(event) = inbox.recv() => master.on_event(event),
+            _ = sleep_until(deadline) => {}
+        }
+        master.on_tick();
+    }
+    tracing::info!("master exiting");
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Master {
+    /// Forwards a worker's channel into the event loop.
+    pub(crate) fn watch(&self, pid: Pid, channel: Arc<Channel>) -> tokio::task::AbortHandle {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = match channel.recv::<WorkerMessage>().await {
+                    Ok(Some(received)) => Ok(received.message),
+                    // End of file: the worker is exiting; its exit is reaped.
+                    Ok(None) => return,
+                    Err(e) => Err(e),
+                };
+                let fatal = matches!(message, Err(ChannelError::Io(_)));
+                if events.send(Event::Message { pid, message }).is_err() || fatal {
+                    return;
+                }
+            }
+        })
+        .abort_handle()
+    }
+
+    fn on_signal(&mut self, signal: SignalEvent) {
+        tracing::info!(?signal, "signal received");
+        match signal {
+            SignalEvent::Reload => self.request_reload(Trigger::Signal),
+            SignalEvent::GracefulStop => self.stop(Stop::Graceful),
+            SignalEvent::FastStop => self.stop(Stop::Fast),
+            SignalEvent::Reopen => {
+                for worker in self.generations.values().flat_map(|g| g.workers.values()) {
+                    worker.signal(nix::sys::signal::Signal::SIGUSR1);
+                }
+            }
+            SignalEvent::Upgrade => {
+                tracing::error!("binary upgrade (SIGUSR2) is not available in this version; nothing changed")
+            }
+            SignalEvent::ScaleUp | SignalEvent::ScaleDown => {
+                tracing::error!("scaling (SIGTTIN/SIGTTOU) is not available in this version; nothing changed")
+            }
+            SignalEvent::Child => self.reap(),
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        let Event::Message { pid, message } = event;
+        let Some(generation) = self.generation_of(pid) else {
+            return;
+        };
+        let number = generation.number;
+        let Some(worker) = generation.workers.get_mut(&pid) else {
+            return;
+        };
+        let (index, raw) = (worker.index, pid.as_raw());
+        match message {
+            Ok(WorkerMessage::Ready) => {
+                if worker.state == State::Starting {
+                    worker.state = State::Ready;
+                    tracing::info!(generation = number, worker = index, pid = raw, "worker ready");
+                }
+            }
+            Ok(WorkerMessage::Connections { count }) => worker.connections = Some(count),
+            Ok(WorkerMessage::Error { message }) => {
+                tracing::error!(generation = number, worker = index, pid = raw, error = %message, "worker reported an error")
+            }
+            Err(e) => {
+                tracing::warn!(generation = number, worker = index, pid = raw, error = %e, "bad message from worker ignored")
+            }
+        }
+        self.advance_reload();
+    }
+
+    fn generation_of(&mut self, pid: Pid) -> Option<&mut Generation> {
+        self.generations
+            .values_mut()
+            .find(|g| g.workers.contains_key(&pid))
+    }
+
+    /// Collects every exited child.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid, format!("exit status {code}")),
+                Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                    self.on_exit(pid, format!("signal {signal}"))
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, status: String) {
+        let stopping = self.stopping.is_some();
+        let Some(generation) = self.generation_of(pid) else {
+            return;
+        };
+        let Some(worker) = generation.workers.remove(&pid) else {
+            return;
+        };
+        let number = generation.number;
+        let draining = matches!(worker.state, State::Draining { .. } | State::Killed);
+        tracing::info!(
+            generation = number,
+            worker = worker.index,
+            pid = pid.as_raw(),
+            %status,
+            state = worker.state.name(),
+            "worker exited"
+        );
+        match generation.phase {
+            Phase::Starting => {
+                let reason = format!(
+                    "worker {} (pid {pid}) exited with {status} before it was ready",
+                    worker.index
+                );
+                self.new_worker_exited(reason);
+            }
+            Phase::Current if !stopping && !draining => {
+                let delay = generation.schedule_respawn(&worker);
+                tracing::warn!(
+                    generation = number,
+                    worker = worker.index,
+                    pid = pid.as_raw(),
+                    delay_ms = delay.as_millis() as u64,
+                    "worker died; respawning"
+                );
+            }
+            _ => {}
+        }
+        self.reap_finished_generations();
+    }
+
+    /// Drops generations that have nothing left to run; their listeners close
+    /// when no other generation holds them.
+    pub(crate) fn reap_finished_generations(&mut self) {
+        let current = self.current;
+        let stopping = self.stopping.is_some();
+        let reloading = self.reload.as_ref().map(|r| r.generation());
+        self.generations.retain(|&number, g| {
+            let keep = !g.workers.is_empty()
+                || (Some(number) == current && !stopping)
+                || Some(number) == reloading;
+            if !keep {
+                tracing::info!(generation = number, phase = g.phase.name(), "generation finished");
+            }
+            keep
+        });
+    }
+
+    /// Starts a graceful or fast stop (a fast stop overrides a graceful one).
+    pub(crate) fn stop(&mut self, how: Stop) {
+        if self.stopping == Some(Stop::Fast) || self.stopping == Some(how) {
+            return;
+        }
+        tracing::info!(?how, "master stopping");
+        self.stopping = Some(how);
+        self.reload_queued = false;
+        if self.reload.take().is_some() {
+            tracing::warn!("reload abandoned: the master is stopping");
+        }
+        for generation in self.generations.values_mut() {
+            generation.respawns.clear();
+            match how {
+                Stop::Graceful => {
+                    let timeout = generation.config.worker.drain_timeout.0;
+                    let phase = if generation.phase == Phase::Starting {
+                        Phase::Failed
+                    } else {
+                        Phase::Draining
+                    };
+                    generation.drain(phase, timeout);
+                }
+                Stop::Fast => {
+                    for worker in generation.workers.values_mut() {
+                        worker.terminate(FAST_STOP_GRACE);
+                    }
+                }
+            }
+        }
+        self.reap_finished_generations();
+    }
+
+    /// Waits (serving signals and reaping) until every worker is gone.
+    async fn wait_for_workers(&mut self, signals: &mut Signals) {
+        while !self.generations.is_empty() {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                signal = signals.recv() => {
+                    if signal == SignalEvent::Child { self.reap() }
+                }
+                _ = sleep_until(deadline) => {}
+            }
+            self.on_tick();
+        }
+    }
+
+    /// Runs whatever is due: reload deadlines, drain kills, respawns.
+    fn on_tick(&mut self) {
+        self.advance_reload();
+        let now = Instant::now();
+        let stopping = self.stopping.is_some();
+        let mut spawned = Vec::new();
+        for generation in self.generations.values_mut() {
+            for worker in generation.workers.values_mut() {
+                if let State::Draining { kill_at } = worker.state {
+                    if kill_at <= now {
+                        tracing::warn!(
+                            generation = generation.number,
+                            worker = worker.index,
+                            pid = worker.pid.as_raw(),
+                            "worker still running at its drain deadline: killed"
+                        );
+                        worker.kill();
+                        worker.state = State::Killed;
+                    }
+                }
+            }
+            if stopping || generation.phase != Phase::Current {
+                continue;
+            }
+            let due: Vec<u32> = generation
+                .respawns
+                .iter()
+                .filter(|(_, r)| r.at <= now)
+                .map(|(i, _)| *i)
+                .collect();
+            for index in due {
+                let pending = generation.respawns.remove(&index).expect("listed above");
+                match generation.spawn(index, pending.restarts, pending.crashes) {
+                    Ok(worker) => spawned.push((worker.pid, worker.channel.clone())),
+                    Err(e) => {
+                        tracing::error!(generation = generation.number, worker = index, error = %format!("{e:#}"), "respawn failed");
+                        generation.respawns.insert(
+                            index,
+                            crate::generation::PendingRespawn {
+                                at: now + Duration::from_secs(1),
+                                ..pending
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        for (pid, channel) in spawned {
+            let reader = self.watch(pid, channel);
+            if let Some(worker) = self.generation_of(pid).and_then(|g| g.workers.get_mut(&pid)) {
+                worker.reader = Some(reader);
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let generations = self.generations.values().filter_map(|g| g.next_deadline());
+        let reload = self.reload.as_ref().map(|r| r.ready_deadline());
+        generations
+            .chain(reload)
+            .chain(self.delay_ready_deadline())
+            .min()
+    }
+}

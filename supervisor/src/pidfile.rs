@@ -1,0 +1,44 @@
+//! The pid file: written atomically at start, removed at exit.
+
+use anyhow::Context;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A written pid file; removed on drop if it still holds our pid.
+#[derive(Debug)]
+pub struct PidFile {
+    path: PathBuf,
+}
+
+impl PidFile {
+    /// Writes this process's pid to `path` through a temporary file and a
+    /// rename, so readers never see a partial file.
+    pub fn write(path: &Path) -> anyhow::Result<PidFile> {
+        let pid = std::process::id();
+        let tmp = path.with_extension(format!("tmp.{pid}"));
+        let result = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            writeln!(file, "{pid}")?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.with_context(|| format!("writing pid file {}", path.display()))?;
+        Ok(PidFile {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let ours = std::fs::read_to_string(&self.path)
+            .map(|s| s.trim() == std::process::id().to_string())
+            .unwrap_or(false);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}

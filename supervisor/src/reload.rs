@@ -1,0 +1,370 @@
+//! The reload transaction: validate → bind → spawn → ready → commit, as in
+//! DESIGN.md. Any failure before commit stops the new generation and leaves
+//! the current one serving untouched.
+
+use crate::config::{Config, ReadyMode};
+use crate::generation::{Generation, Phase};
+use crate::listener::{Listener, Shared};
+use crate::master::Master;
+use crate::worker::State;
+use std::fmt;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+use tracing::Span;
+
+/// A phase of the transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Parse and check the configuration.
+    Validate,
+    /// Keep unchanged listeners, bind new ones.
+    Bind,
+    /// Start the new generation.
+    Spawn,
+    /// Wait until every new worker is ready.
+    Ready,
+    /// Switch over; drain the old generation.
+    Commit,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Step::Validate => "validate",
+            Step::Bind => "bind",
+            Step::Spawn => "spawn",
+            Step::Ready => "ready",
+            Step::Commit => "commit",
+        })
+    }
+}
+
+/// What started a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The master's own start (generation 1).
+    Start,
+    /// SIGHUP.
+    Signal,
+    /// A reload requested while another ran, run after it.
+    Coalesced,
+}
+
+impl fmt::Display for Trigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Trigger::Start => "start",
+            Trigger::Signal => "signal",
+            Trigger::Coalesced => "coalesced",
+        })
+    }
+}
+
+/// How a finished transaction ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The generation it started (or would have).
+    pub generation: u64,
+    /// What started it.
+    pub trigger: Trigger,
+    /// `None` when committed; otherwise the failing phase and reason.
+    pub failure: Option<(Step, String)>,
+    /// Each phase reached, with its duration.
+    pub phases: Vec<(Step, Duration)>,
+    /// When it ended.
+    pub finished: SystemTime,
+}
+
+/// A transaction waiting for its new workers to be ready.
+#[derive(Debug)]
+pub struct Reload {
+    trigger: Trigger,
+    generation: u64,
+    span: Span,
+    phases: Vec<(Step, Duration)>,
+    phase_started: Instant,
+    ready_deadline: Instant,
+    config: Rc<Config>,
+    listeners: Vec<Shared>,
+}
+
+impl Reload {
+    /// The generation being started.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// When the new workers must all be ready.
+    pub fn ready_deadline(&self) -> Instant {
+        self.ready_deadline
+    }
+
+    fn end_phase(&mut self, step: Step) {
+        let now = Instant::now();
+        self.phases.push((step, now - self.phase_started));
+        self.phase_started = now;
+    }
+}
+
+impl Master {
+    /// A reload request (signal or CLI): runs now, or is coalesced into one
+    /// follow-up if a transaction is under way.
+    pub fn request_reload(&mut self, trigger: Trigger) {
+        if self.stopping.is_some() {
+            tracing::warn!(%trigger, "reload refused: the master is stopping");
+        } else if self.reload.is_some() {
+            tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
+            self.reload_queued = true;
+        } else {
+            let loaded = Config::load(&self.config_path);
+            self.begin_reload(trigger, loaded.map_err(|e| e.to_string()));
+        }
+    }
+
+    /// Runs validate, bind and spawn; leaves the transaction waiting in the
+    /// ready phase, or finishes it with a failure.
+    pub fn begin_reload(&mut self, trigger: Trigger, loaded: Result<Config, String>) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let span = tracing::info_span!("reload", generation, %trigger, config_hash = tracing::field::Empty);
+        let started = Instant::now();
+        let mut phases = Vec::new();
+        let _enter = span.clone().entered();
+        tracing::info!("reload started");
+
+        let config = match loaded {
+            Ok(config) => Rc::new(config),
+            Err(reason) => {
+                phases.push((Step::Validate, started.elapsed()));
+                return self.record(generation, trigger, phases, Some((Step::Validate, reason)));
+            }
+        };
+        span.record("config_hash", config.hash.as_str());
+        let mut phase_started = Instant::now();
+        phases.push((Step::Validate, phase_started - started));
+
+        let listeners = match self.bind(&config) {
+            Ok(listeners) => listeners,
+            Err(e) => {
+                phases.push((Step::Bind, phase_started.elapsed()));
+                return self.record(generation, trigger, phases, Some((Step::Bind, format!("{e:#}"))));
+            }
+        };
+        phases.push((Step::Bind, phase_started.elapsed()));
+        phase_started = Instant::now();
+
+        let mut new = Generation::new(generation, config.clone(), listeners.clone());
+        let mut spawn_error = None;
+        for index in 0..config.worker.processes {
+            match new.spawn(index, 0, 0) {
+                Ok(worker) => {
+                    let (pid, channel) = (worker.pid, worker.channel.clone());
+                    worker.reader = Some(self.watch(pid, channel));
+                }
+                Err(e) => {
+                    spawn_error = Some(format!("worker {index}: {e:#}"));
+                    break;
+                }
+            }
+        }
+        phases.push((Step::Spawn, phase_started.elapsed()));
+        self.generations.insert(generation, new);
+        let mut reload = Reload {
+            trigger,
+            generation,
+            span: span.clone(),
+            phases,
+            phase_started: Instant::now(),
+            ready_deadline: Instant::now() + config.worker.ready_timeout.0,
+            config,
+            listeners,
+        };
+        if let Some(reason) = spawn_error {
+            return self.abort(reload, Step::Spawn, reason);
+        }
+        reload.phase_started = Instant::now();
+        self.reload = Some(reload);
+        self.advance_reload();
+    }
+
+    /// Keeps every listener whose name and address are unchanged (same fd:
+    /// this is what makes reloads drop nothing) and binds the others.
+    fn bind(&self, config: &Config) -> anyhow::Result<Vec<Shared>> {
+        let mut out = Vec::with_capacity(config.listeners.len());
+        for wanted in &config.listeners {
+            let kept = self
+                .listeners
+                .iter()
+                .find(|l| l.config.name == wanted.name && l.config.address == wanted.address);
+            match kept {
+                Some(listener) => {
+                    if listener.config.backlog != wanted.backlog {
+                        listener.set_backlog(wanted.backlog)?;
+                    }
+                    out.push(listener.clone());
+                }
+                None => {
+                    let listener = Rc::new(Listener::bind(wanted)?);
+                    tracing::info!(
+                        listener = %listener.info.name,
+                        address = %listener.info.address,
+                        kind = %listener.info.kind,
+                        "listener bound"
+                    );
+                    out.push(listener);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves the transaction on after an event: marks delay-ready workers,
+    /// commits when all are ready, aborts past the deadline or when a new
+    /// worker has exited.
+    pub fn advance_reload(&mut self) {
+        let Some(reload) = &self.reload else { return };
+        let generation = reload.generation;
+        let deadline = reload.ready_deadline;
+        let Some(new) = self.generations.get_mut(&generation) else {
+            return;
+        };
+        if let ReadyMode::Delay(delay) = new.config.worker.ready {
+            for worker in new.workers.values_mut() {
+                if worker.state == State::Starting && worker.started.elapsed() >= delay {
+                    worker.state = State::Ready;
+                }
+            }
+        }
+        if new.all_ready() {
+            let reload = self.reload.take().expect("checked above");
+            return self.commit(reload);
+        }
+        if Instant::now() >= deadline {
+            let reload = self.reload.take().expect("checked above");
+            let waiting: Vec<String> = new
+                .workers
+                .values()
+                .filter(|w| w.state != State::Ready)
+                .map(|w| format!("worker {} (pid {})", w.index, w.pid))
+                .collect();
+            let timeout = new.config.worker.ready_timeout.0;
+            self.abort(
+                reload,
+                Step::Ready,
+                format!("{} not ready within {timeout:?}", waiting.join(", ")),
+            );
+        }
+    }
+
+    /// A worker of the starting generation exited before it was ready.
+    pub fn new_worker_exited(&mut self, reason: String) {
+        if let Some(reload) = self.reload.take() {
+            self.abort(reload, Step::Ready, reason);
+        }
+    }
+
+    /// When a delay-ready worker becomes ready, for the event loop's timer.
+    pub fn delay_ready_deadline(&self) -> Option<Instant> {
+        let reload = self.reload.as_ref()?;
+        let new = self.generations.get(&reload.generation)?;
+        let ReadyMode::Delay(delay) = new.config.worker.ready else {
+            return None;
+        };
+        new.workers
+            .values()
+            .filter(|w| w.state == State::Starting)
+            .map(|w| w.started + delay)
+            .min()
+    }
+
+    fn commit(&mut self, mut reload: Reload) {
+        let _enter = reload.span.clone().entered();
+        reload.end_phase(Step::Ready);
+        let config = reload.config.clone();
+        if config.supervisor.log_filter != self.config.supervisor.log_filter {
+            if let Err(e) = self.log.set_filter(&config.supervisor.log_filter) {
+                tracing::error!(error = %e, "cannot switch log filter");
+            }
+        }
+        if config.supervisor.log_format != self.log.format() {
+            tracing::warn!("log_format changes take effect when the master restarts");
+        }
+        let drain_timeout = config.worker.drain_timeout.0;
+        for old in self.generations.values_mut() {
+            if old.phase == Phase::Current {
+                tracing::info!(generation = old.number, "generation draining");
+                old.drain(Phase::Draining, drain_timeout);
+            }
+        }
+        if let Some(new) = self.generations.get_mut(&reload.generation) {
+            new.phase = Phase::Current;
+        }
+        self.current = Some(reload.generation);
+        self.listeners = std::mem::take(&mut reload.listeners);
+        self.config = config;
+        reload.end_phase(Step::Commit);
+        self.record(reload.generation, reload.trigger, reload.phases, None);
+    }
+
+    fn abort(&mut self, reload: Reload, step: Step, reason: String) {
+        let _enter = reload.span.clone().entered();
+        let mut phases = reload.phases;
+        if step == Step::Ready {
+            phases.push((Step::Ready, reload.phase_started.elapsed()));
+        }
+        if let Some(failed) = self.generations.get_mut(&reload.generation) {
+            failed.drain(Phase::Failed, reload.config.worker.drain_timeout.0);
+        }
+        self.record(reload.generation, reload.trigger, phases, Some((step, reason)));
+        self.reap_finished_generations();
+    }
+
+    /// Logs and keeps the outcome, then starts the coalesced follow-up.
+    fn record(
+        &mut self,
+        generation: u64,
+        trigger: Trigger,
+        phases: Vec<(Step, Duration)>,
+        failure: Option<(Step, String)>,
+    ) {
+        let ms = |step| {
+            phases
+                .iter()
+                .find(|(s, _)| *s == step)
+                .map(|(_, d)| d.as_secs_f64() * 1000.0)
+        };
+        let (validate_ms, bind_ms, spawn_ms, ready_ms, commit_ms) = (
+            ms(Step::Validate),
+            ms(Step::Bind),
+            ms(Step::Spawn),
+            ms(Step::Ready),
+            ms(Step::Commit),
+        );
+        match &failure {
+            None => tracing::info!(
+                outcome = "committed",
+                validate_ms, bind_ms, spawn_ms, ready_ms, commit_ms,
+                "reload committed"
+            ),
+            Some((phase, reason)) => tracing::error!(
+                outcome = "failed",
+                phase = %phase,
+                reason = %reason,
+                validate_ms, bind_ms, spawn_ms, ready_ms,
+                "reload failed; previous generation keeps serving"
+            ),
+        }
+        self.last_reload = Some(Outcome {
+            generation,
+            trigger,
+            failure,
+            phases,
+            finished: SystemTime::now(),
+        });
+        if self.reload_queued && self.reload.is_none() && self.stopping.is_none() {
+            self.reload_queued = false;
+            self.request_reload(Trigger::Coalesced);
+        }
+    }
+}
