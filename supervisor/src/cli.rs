@@ -10,7 +10,12 @@ use std::path::PathBuf;
 #[command(name = "baton", version, about)]
 pub struct Cli {
     /// The configuration file.
-    #[arg(short = 'c', long = "config", global = true, default_value = "baton.toml")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        global = true,
+        default_value = "baton.toml"
+    )]
     pub config: PathBuf,
     /// What to do.
     #[command(subcommand)]

@@ -310,8 +310,12 @@ impl<'de> Deserialize<'de> for Dur {
 
 /// Parses `"500ms"`, `"30s"`, `"2m"`, `"1h"` (also fractional: `"1.5s"`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}: expected a number with ms, s, m or h, like \"500ms\" or \"30s\"");
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+    let bad = || {
+        format!("invalid duration {s:?}: expected a number with ms, s, m or h, like \"500ms\" or \"30s\"")
+    };
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(bad)?;
     let (number, unit) = s.split_at(split);
     let number: f64 = number.parse().map_err(|_| bad())?;
     let scale = match unit {
@@ -379,9 +383,14 @@ impl Config {
             let span = Some(listener.span());
             let l = listener.get_ref();
             if !names.insert(l.name.clone()) {
-                return Err(error_at(span, format!("duplicate listener name {:?}", l.name)));
+                return Err(error_at(
+                    span,
+                    format!("duplicate listener name {:?}", l.name),
+                ));
             }
-            if !addresses.insert(l.address.clone()) {
+            // Port 0 asks the kernel for a fresh port each time: never a clash.
+            let ephemeral = matches!(&l.address, ListenerAddress::Tcp(a) | ListenerAddress::Udp(a) if a.port() == 0);
+            if !ephemeral && !addresses.insert(l.address.clone()) {
                 return Err(error_at(
                     span,
                     format!("listener {:?}: address {} is used twice", l.name, l.address),

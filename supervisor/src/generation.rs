@@ -89,7 +89,12 @@ impl Generation {
     }
 
     /// Spawns worker `index`.
-    pub fn spawn(&mut self, index: u32, restarts: u32, crashes: u32) -> anyhow::Result<&mut Worker> {
+    pub fn spawn(
+        &mut self,
+        index: u32,
+        restarts: u32,
+        crashes: u32,
+    ) -> anyhow::Result<&mut Worker> {
         let spec = SpawnSpec {
             config: &self.config.worker,
             generation: self.number,

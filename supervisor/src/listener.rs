@@ -32,12 +32,8 @@ pub type Shared = Rc<Listener>;
 impl Listener {
     /// Binds `config` with `SOCK_CLOEXEC` and starts listening.
     pub fn bind(config: &ListenerConfig) -> anyhow::Result<Listener> {
-        bind_socket(config).with_context(|| {
-            format!(
-                "binding listener `{}` on {}",
-                config.name, config.address
-            )
-        })
+        bind_socket(config)
+            .with_context(|| format!("binding listener `{}` on {}", config.name, config.address))
     }
 
     /// The socket.

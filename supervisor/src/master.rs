@@ -89,8 +89,14 @@ pub async fn run(config: Config, log: LogHandle) -> anyhow::Result<()> {
     master.begin_reload(Trigger::Start, Ok(config));
     loop {
         if let Some(outcome) = &master.last_reload {
-            if outcome.trigger == Trigger::Start && master.current.is_none() && master.reload.is_none() {
-                let (phase, reason) = outcome.failure.clone().unwrap_or((crate::reload::Step::Commit, "unknown".into()));
+            if outcome.trigger == Trigger::Start
+                && master.current.is_none()
+                && master.reload.is_none()
+            {
+                let (phase, reason) = outcome
+                    .failure
+                    .clone()
+                    .unwrap_or((crate::reload::Step::Commit, "unknown".into()));
                 master.stop(Stop::Fast);
                 master.wait_for_workers(&mut signals).await;
                 anyhow::bail!("starting generation 1 failed in phase {phase}: {reason}");
@@ -140,6 +146,9 @@ impl Master {
     }
 
     fn on_signal(&mut self, signal: SignalEvent) {
+        if signal == SignalEvent::Child {
+            return self.reap();
+        }
         tracing::info!(?signal, "signal received");
         match signal {
             SignalEvent::Reload => self.request_reload(Trigger::Signal),
@@ -151,12 +160,16 @@ impl Master {
                 }
             }
             SignalEvent::Upgrade => {
-                tracing::error!("binary upgrade (SIGUSR2) is not available in this version; nothing changed")
+                tracing::error!(
+                    "binary upgrade (SIGUSR2) is not available in this version; nothing changed"
+                )
             }
             SignalEvent::ScaleUp | SignalEvent::ScaleDown => {
-                tracing::error!("scaling (SIGTTIN/SIGTTOU) is not available in this version; nothing changed")
+                tracing::error!(
+                    "scaling (SIGTTIN/SIGTTOU) is not available in this version; nothing changed"
+                )
             }
-            SignalEvent::Child => self.reap(),
+            SignalEvent::Child => {}
         }
     }
 
@@ -174,7 +187,12 @@ impl Master {
             Ok(WorkerMessage::Ready) => {
                 if worker.state == State::Starting {
                     worker.state = State::Ready;
-                    tracing::info!(generation = number, worker = index, pid = raw, "worker ready");
+                    tracing::info!(
+                        generation = number,
+                        worker = index,
+                        pid = raw,
+                        "worker ready"
+                    );
                 }
             }
             Ok(WorkerMessage::Connections { count }) => worker.connections = Some(count),
@@ -198,7 +216,9 @@ impl Master {
     fn reap(&mut self) {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid, format!("exit status {code}")),
+                Ok(WaitStatus::Exited(pid, code)) => {
+                    self.on_exit(pid, format!("exit status {code}"))
+                }
                 Ok(WaitStatus::Signaled(pid, signal, _)) => {
                     self.on_exit(pid, format!("signal {signal}"))
                 }
@@ -260,7 +280,11 @@ impl Master {
                 || (Some(number) == current && !stopping)
                 || Some(number) == reloading;
             if !keep {
-                tracing::info!(generation = number, phase = g.phase.name(), "generation finished");
+                tracing::info!(
+                    generation = number,
+                    phase = g.phase.name(),
+                    "generation finished"
+                );
             }
             keep
         });
@@ -362,7 +386,10 @@ impl Master {
         }
         for (pid, channel) in spawned {
             let reader = self.watch(pid, channel);
-            if let Some(worker) = self.generation_of(pid).and_then(|g| g.workers.get_mut(&pid)) {
+            if let Some(worker) = self
+                .generation_of(pid)
+                .and_then(|g| g.workers.get_mut(&pid))
+            {
                 worker.reader = Some(reader);
             }
         }

@@ -148,7 +148,12 @@ impl Master {
             Ok(listeners) => listeners,
             Err(e) => {
                 phases.push((Step::Bind, phase_started.elapsed()));
-                return self.record(generation, trigger, phases, Some((Step::Bind, format!("{e:#}"))));
+                return self.record(
+                    generation,
+                    trigger,
+                    phases,
+                    Some((Step::Bind, format!("{e:#}"))),
+                );
             }
         };
         phases.push((Step::Bind, phase_started.elapsed()));
@@ -316,7 +321,12 @@ impl Master {
         if let Some(failed) = self.generations.get_mut(&reload.generation) {
             failed.drain(Phase::Failed, reload.config.worker.drain_timeout.0);
         }
-        self.record(reload.generation, reload.trigger, phases, Some((step, reason)));
+        self.record(
+            reload.generation,
+            reload.trigger,
+            phases,
+            Some((step, reason)),
+        );
         self.reap_finished_generations();
     }
 
@@ -344,15 +354,20 @@ impl Master {
         match &failure {
             None => tracing::info!(
                 outcome = "committed",
-                validate_ms, bind_ms, spawn_ms, ready_ms, commit_ms,
+                validate_ms,
+                bind_ms,
+                spawn_ms,
+                ready_ms,
+                commit_ms,
                 "reload committed"
             ),
             Some((phase, reason)) => tracing::error!(
                 outcome = "failed",
                 phase = %phase,
                 reason = %reason,
+                kept_generation = self.current,
                 validate_ms, bind_ms, spawn_ms, ready_ms,
-                "reload failed; previous generation keeps serving"
+                "reload failed"
             ),
         }
         self.last_reload = Some(Outcome {

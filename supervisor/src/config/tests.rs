@@ -38,13 +38,22 @@ fn error(text: &str) -> String {
 #[test]
 fn good_config_resolves_paths_against_its_directory() {
     let c = parse(GOOD).unwrap();
-    assert_eq!(c.supervisor.control_socket, Path::new("/etc/app/baton.sock"));
-    assert_eq!(c.supervisor.pid_file.as_deref(), Some(Path::new("/etc/app/run/baton.pid")));
+    assert_eq!(
+        c.supervisor.control_socket,
+        Path::new("/etc/app/baton.sock")
+    );
+    assert_eq!(
+        c.supervisor.pid_file.as_deref(),
+        Some(Path::new("/etc/app/run/baton.pid"))
+    );
     assert_eq!(c.worker.command[0], "/etc/app/./bin/app");
     assert_eq!(c.worker.cwd.as_deref(), Some(Path::new("/etc/app/.")));
     assert_eq!(c.listeners[1].backlog, 16);
     assert_eq!(c.listeners[0].backlog, 1024);
-    assert_eq!(c.listeners[2].address, ListenerAddress::Unix("/etc/app/app.sock".into()));
+    assert_eq!(
+        c.listeners[2].address,
+        ListenerAddress::Unix("/etc/app/app.sock".into())
+    );
     assert_eq!(c.worker.ready_timeout, Dur(Duration::from_millis(1500)));
     assert_eq!(c.worker.drain_timeout, Dur(Duration::from_secs(120)));
     assert_eq!(c.worker.stop_signal.0, nix::sys::signal::Signal::SIGQUIT);
@@ -91,7 +100,10 @@ fn bad_values_name_their_location() {
     ];
     for (text, location, message) in cases {
         let e = error(text);
-        assert!(e.contains(location) && e.contains(message), "{text:?} gave {e}");
+        assert!(
+            e.contains(location) && e.contains(message),
+            "{text:?} gave {e}"
+        );
     }
 }
 
@@ -100,7 +112,10 @@ fn duplicate_listener_name_or_address_points_at_the_second_one() {
     let e = error(
         "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n[worker]\ncommand = [\"x\"]\n",
     );
-    assert!(e.contains(":4:1: ") && e.contains("duplicate listener name"), "{e}");
+    assert!(
+        e.contains(":4:1: ") && e.contains("duplicate listener name"),
+        "{e}"
+    );
     let e = error(
         "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"b\"\naddress = \"127.0.0.1:1\"\n[worker]\ncommand = [\"x\"]\n",
     );
@@ -109,8 +124,14 @@ fn duplicate_listener_name_or_address_points_at_the_second_one() {
 
 #[test]
 fn addresses_parse_in_every_notation() {
-    assert_eq!("[::1]:80".parse(), Ok(ListenerAddress::Tcp("[::1]:80".parse().unwrap())));
-    assert_eq!("udp:127.0.0.1:53".parse(), Ok(ListenerAddress::Udp("127.0.0.1:53".parse().unwrap())));
+    assert_eq!(
+        "[::1]:80".parse(),
+        Ok(ListenerAddress::Tcp("[::1]:80".parse().unwrap()))
+    );
+    assert_eq!(
+        "udp:127.0.0.1:53".parse(),
+        Ok(ListenerAddress::Udp("127.0.0.1:53".parse().unwrap()))
+    );
     assert!("unix:".parse::<ListenerAddress>().is_err());
     assert!("127.0.0.1".parse::<ListenerAddress>().is_err());
     assert_eq!(ListenerAddress::Unix("/a".into()).to_string(), "unix:/a");
@@ -127,6 +148,8 @@ fn durations() {
 
 #[test]
 fn missing_file_is_a_clear_error() {
-    let e = Config::load(Path::new("/nonexistent/baton.toml")).unwrap_err().to_string();
+    let e = Config::load(Path::new("/nonexistent/baton.toml"))
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("/nonexistent/baton.toml: cannot read"), "{e}");
 }
