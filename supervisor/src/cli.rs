@@ -63,6 +63,7 @@ pub fn main() -> i32 {
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    crate::fds::close_on_exec_inherited().context("marking inherited fds close-on-exec")?;
     let log = crate::logging::init(&config.supervisor.log_filter, config.supervisor.log_format)
         .context("setting up logging")?;
     // One thread, one event loop: the master never needs more.

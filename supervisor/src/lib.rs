@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod fds;
 pub mod generation;
 pub mod listener;
 pub mod logging;

@@ -4,7 +4,7 @@
 use crate::config::WorkerConfig;
 use crate::listener::Shared;
 use anyhow::Context;
-use baton_worker::channel::{self, Channel};
+use baton_worker::channel::{self, Channel, ChannelError};
 use baton_worker::protocol::{MasterMessage, CONTROL_FD_ENV, MAX_FDS_PER_MESSAGE};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -144,14 +144,18 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
         channel,
         reader: None,
     };
-    if let Err(e) = send_hello(&worker, spec) {
-        worker.kill();
-        return Err(e.context(format!("sending hello to worker pid {pid}")));
+    match send_hello(&worker, spec) {
+        // Already gone: its exit, reaped by the master, tells why.
+        Err(e) if e.is_peer_gone() => Ok(worker),
+        Err(e) => {
+            worker.kill();
+            Err(anyhow::Error::new(e).context(format!("sending hello to worker pid {pid}")))
+        }
+        Ok(()) => Ok(worker),
     }
-    Ok(worker)
 }
 
-fn send_hello(worker: &Worker, spec: &SpawnSpec<'_>) -> anyhow::Result<()> {
+fn send_hello(worker: &Worker, spec: &SpawnSpec<'_>) -> Result<(), ChannelError> {
     worker.channel.try_send(
         &MasterMessage::Hello {
             generation: spec.generation,

@@ -20,7 +20,7 @@ use tokio::io::unix::AsyncFd;
 pub enum ChannelError {
     /// A system call on the channel failed.
     #[error("control channel: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The peer's socket buffer is full; the message was not sent.
     #[error("control channel: peer is not reading (send buffer full)")]
     Full,
@@ -36,6 +36,22 @@ pub enum ChannelError {
     /// The message could not be decoded.
     #[error("control channel: {0}")]
     Decode(#[from] DecodeError),
+}
+
+impl From<std::io::Error> for ChannelError {
+    fn from(e: std::io::Error) -> Self {
+        ChannelError::Io(e)
+    }
+}
+
+impl ChannelError {
+    /// Whether the peer is gone (its end closed or reset).
+    pub fn is_peer_gone(&self) -> bool {
+        matches!(self, ChannelError::Io(e) if matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ))
+    }
 }
 
 /// One end of a control channel.
@@ -203,7 +219,11 @@ mod tests {
         assert_eq!(got.fds.len(), MAX_FDS_PER_MESSAGE);
         for fd in &got.fds {
             let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
-            assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fds are close-on-exec");
+            assert_ne!(
+                flags & libc::FD_CLOEXEC,
+                0,
+                "received fds are close-on-exec"
+            );
         }
         b.send(&WorkerMessage::Ready).await.unwrap();
         let got = a.recv::<WorkerMessage>().await.unwrap().unwrap();

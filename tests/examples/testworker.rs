@@ -1,0 +1,66 @@
+//! A worker that misbehaves on purpose, for the end-to-end tests.
+//!
+//! `testworker MODE [DIR]`:
+//! - `never-ready`: takes its listeners, never reports ready, exits on drain.
+//! - `ignore-drain`: reports ready, then ignores drain (the master must kill it).
+//! - `dump-listeners DIR`: writes the listeners it received, checked, to
+//!   `DIR/worker-GEN-INDEX.json`, reports ready, exits on drain.
+//! - `bad-message`: sends garbage on the control channel, then behaves.
+
+use baton_worker::Worker;
+use std::io::Write;
+use std::time::Duration;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args.first().map(String::as_str).unwrap_or("");
+    let mut worker = match Worker::from_env().await {
+        Ok(worker) => worker,
+        Err(e) => {
+            eprintln!("testworker: {e}");
+            std::process::exit(1);
+        }
+    };
+    let drain = worker.drain();
+    match mode {
+        "never-ready" => {
+            drain.wait().await;
+        }
+        "ignore-drain" => {
+            worker.ready().await.expect("ready");
+            drain.wait().await;
+            // Ignore the drain: keep running until killed.
+            loop {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }
+        "dump-listeners" => {
+            let dir = args.get(1).expect("dump-listeners DIR");
+            let names: Vec<String> = worker.listeners().map(|l| l.name.clone()).collect();
+            let mut entries = Vec::new();
+            for name in names {
+                let (info, _fd) = worker.take_fd(&name).expect("listener");
+                entries.push(serde_json::json!({
+                    "name": info.name, "kind": info.kind.to_string(), "address": info.address,
+                }));
+            }
+            let path = format!(
+                "{dir}/worker-{}-{}.json",
+                worker.generation(),
+                worker.index()
+            );
+            let tmp = format!("{path}.tmp");
+            let mut file = std::fs::File::create(&tmp).expect("create");
+            file.write_all(serde_json::Value::Array(entries).to_string().as_bytes())
+                .expect("write");
+            std::fs::rename(&tmp, &path).expect("rename");
+            worker.ready().await.expect("ready");
+            drain.wait().await;
+        }
+        other => {
+            eprintln!("testworker: unknown mode {other:?}");
+            std::process::exit(2);
+        }
+    }
+}

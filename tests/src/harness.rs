@@ -1,0 +1,469 @@
+//! The one harness every end-to-end test uses: runs the real `baton` binary
+//! in a per-test temp dir, reads its JSON log, and on drop kills the master
+//! and every process it started, even when the test failed.
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Paths of the built binaries, found next to the running test binary
+/// (`target/<profile>/deps/..`).
+pub struct Binaries;
+
+impl Binaries {
+    fn profile_dir() -> PathBuf {
+        let exe = std::env::current_exe().expect("current_exe");
+        let deps = exe.parent().expect("test binary has a parent");
+        deps.parent().expect("deps has a parent").to_path_buf()
+    }
+
+    fn find(relative: &str) -> PathBuf {
+        let path = Self::profile_dir().join(relative);
+        assert!(
+            path.exists(),
+            "{} is missing: run the tests with `cargo nextest run --workspace` (or `cargo test --workspace`), which builds it",
+            path.display()
+        );
+        path
+    }
+
+    /// The `baton` binary.
+    pub fn baton() -> PathBuf {
+        Self::find("baton")
+    }
+
+    /// The bundled `hello` example worker.
+    pub fn hello() -> PathBuf {
+        Self::find("examples/hello")
+    }
+
+    /// The misbehaving test worker.
+    pub fn testworker() -> PathBuf {
+        Self::find("examples/testworker")
+    }
+}
+
+/// A temp dir removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh, empty directory.
+    pub fn new() -> TempDir {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("baton-test-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        TempDir::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    events: Vec<Value>,
+    closed: bool,
+}
+
+/// A running `baton run` master.
+pub struct Baton {
+    child: Option<Child>,
+    pid: Pid,
+    log: Arc<(Mutex<Log>, Condvar)>,
+    /// Where the log was read up to by [`Baton::next_event`].
+    cursor: usize,
+    /// Every pid ever seen below the master, killed on drop.
+    seen: Mutex<Vec<Pid>>,
+    dir: TempDir,
+}
+
+/// The default config of a test master: `hello` on port 0, short timeouts.
+pub fn hello_config(processes: u32) -> String {
+    config_with_worker(&format!(
+        "command = [{:?}]\nprocesses = {processes}\nready_timeout = \"10s\"\ndrain_timeout = \"5s\"\n",
+        Binaries::hello().display().to_string()
+    ))
+}
+
+/// A test master config with one `http` listener on port 0 and this `[worker]` body.
+pub fn config_with_worker(worker: &str) -> String {
+    format!(
+        "[supervisor]\npid_file = \"baton.pid\"\nlog_format = \"json\"\nlog_filter = \"info\"\n\n\
+         [[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n[worker]\n{worker}"
+    )
+}
+
+impl Baton {
+    /// Writes `config` to `baton.toml` in a new temp dir and starts `baton run`.
+    pub fn start(config: &str) -> Baton {
+        let dir = TempDir::new();
+        std::fs::write(dir.path().join("baton.toml"), config).expect("write config");
+        Self::start_in(dir, &["run"])
+    }
+
+    /// Starts `baton ARGS -c baton.toml` in `dir`.
+    pub fn start_in(dir: TempDir, args: &[&str]) -> Baton {
+        let mut command = Command::new(Binaries::baton());
+        command
+            .args(args)
+            .arg("-c")
+            .arg(dir.path().join("baton.toml"))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command.spawn().expect("spawn baton");
+        let pid = Pid::from_raw(child.id() as i32);
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new((Mutex::new(Log::default()), Condvar::new()));
+        let writer = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[baton {pid}] {line}");
+                let event = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                writer.0.lock().unwrap().events.push(event);
+                writer.1.notify_all();
+            }
+            writer.0.lock().unwrap().closed = true;
+            writer.1.notify_all();
+        });
+        Baton {
+            child: Some(child),
+            pid,
+            log,
+            cursor: 0,
+            seen: Mutex::new(Vec::new()),
+            dir,
+        }
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// The test's temp dir (holds `baton.toml`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Replaces `baton.toml`.
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(self.dir().join("baton.toml"), config).expect("write config");
+    }
+
+    /// Sends `signal` to the master.
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid, signal).expect("signal the master");
+    }
+
+    /// Waits for the first log event, from the start of the log, matching `pred`.
+    pub fn wait_event(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_from(0, timeout, &pred)
+            .map(|(_, e)| e)
+            .unwrap_or_else(|| panic!("no matching log event within {timeout:?}"))
+    }
+
+    /// Waits for the next event after the cursor matching `pred`, and moves the cursor past it.
+    pub fn next_event(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let (index, event) = self
+            .wait_from(self.cursor, timeout, &pred)
+            .unwrap_or_else(|| panic!("no matching log event within {timeout:?}"));
+        self.cursor = index + 1;
+        event
+    }
+
+    /// Moves the cursor to the end of what was logged so far.
+    pub fn skip_log(&mut self) {
+        self.cursor = self.log.0.lock().unwrap().events.len();
+    }
+
+    /// How many events so far match `pred`.
+    pub fn count_events(&self, pred: impl Fn(&Value) -> bool) -> usize {
+        self.log
+            .0
+            .lock()
+            .unwrap()
+            .events
+            .iter()
+            .filter(|e| pred(e))
+            .count()
+    }
+
+    fn wait_from(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: &dyn Fn(&Value) -> bool,
+    ) -> Option<(usize, Value)> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.log;
+        let mut log = lock.lock().unwrap();
+        loop {
+            if let Some(i) = (from..log.events.len()).find(|&i| pred(&log.events[i])) {
+                return Some((i, log.events[i].clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline || log.closed {
+                return None;
+            }
+            log = cond.wait_timeout(log, deadline - now).unwrap().0;
+        }
+    }
+
+    /// The address listener `name` was bound to (from the log).
+    pub fn address(&self, name: &str) -> SocketAddr {
+        let event = self.wait_event(Duration::from_secs(10), |e| {
+            message(e) == "listener bound" && field(e, "listener") == name
+        });
+        field(&event, "address").parse().expect("bound address")
+    }
+
+    /// Waits until generation `n` is committed and returns the event.
+    pub fn wait_committed(&self, generation: u64) -> Value {
+        self.wait_event(Duration::from_secs(20), |e| {
+            message(e) == "reload committed" && span_generation(e) == Some(generation)
+        })
+    }
+
+    /// Waits until the master has written its pid file, which it does once its
+    /// signal handlers are installed.
+    pub fn wait_pid_file(&self) {
+        let path = self.dir().join("baton.pid");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&path).map_or(true, |s| s.trim() != self.pid.to_string()) {
+            assert!(
+                Instant::now() < deadline,
+                "no pid file at {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until every worker of generation `n` has exited and been reaped.
+    pub fn wait_generation_finished(&self, generation: u64) -> Value {
+        self.wait_event(Duration::from_secs(20), |e| {
+            message(e) == "generation finished" && field(e, "generation") == generation.to_string()
+        })
+    }
+
+    /// Sends SIGHUP and waits for that reload's outcome event.
+    pub fn reload(&mut self) -> Value {
+        self.skip_log();
+        self.signal(Signal::SIGHUP);
+        self.next_event(Duration::from_secs(30), |e| {
+            let m = message(e);
+            m == "reload committed" || m.starts_with("reload failed")
+        })
+    }
+
+    /// The master's live child processes (its workers).
+    pub fn workers(&self) -> Vec<Pid> {
+        let children: Vec<Pid> = children_of(self.pid)
+            .into_iter()
+            .filter(|p| alive(*p))
+            .collect();
+        self.seen.lock().unwrap().extend(children.iter().copied());
+        children
+    }
+
+    /// Waits until the master's children are exactly `expected` in number and
+    /// none of `gone` is still alive; returns the children.
+    pub fn wait_workers(&self, expected: usize, gone: &[Pid], timeout: Duration) -> Vec<Pid> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let workers = self.workers();
+            if workers.len() == expected && gone.iter().all(|p| !alive(*p)) {
+                return workers;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {expected} workers and {gone:?} gone, have {workers:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the master to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        self.workers();
+        let child = self.child.as_mut().expect("master still owned");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "master did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        let mut pids = descendants(self.pid);
+        pids.extend(self.seen.lock().unwrap().iter().copied());
+        let _ = killpg(self.pid, Signal::SIGKILL);
+        for pid in &pids {
+            let _ = killpg(*pid, Signal::SIGKILL);
+            let _ = kill(*pid, Signal::SIGKILL);
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `message` of a JSON log event.
+pub fn message(event: &Value) -> &str {
+    event["fields"]["message"].as_str().unwrap_or("")
+}
+
+/// A field of a JSON log event, as text.
+pub fn field(event: &Value, name: &str) -> String {
+    match &event["fields"][name] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// The `generation` of the reload span around an event.
+pub fn span_generation(event: &Value) -> Option<u64> {
+    event["span"]["generation"].as_u64()
+}
+
+/// Whether `pid` is a live process (not a zombie).
+pub fn alive(pid: Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat_field(&stat, 0) != Some("Z".into()),
+        Err(_) => false,
+    }
+}
+
+/// Fields after the `(comm)` of /proc/PID/stat: 0 = state, 1 = ppid.
+fn stat_field(stat: &str, n: usize) -> Option<String> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(n).map(str::to_string)
+}
+
+/// Direct children of `parent`, zombies included.
+pub fn children_of(parent: Pid) -> Vec<Pid> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if stat_field(&stat, 1).and_then(|p| p.parse::<i32>().ok()) == Some(parent.as_raw()) {
+            out.push(Pid::from_raw(pid));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Zombie children of `parent`.
+pub fn zombies_of(parent: Pid) -> Vec<Pid> {
+    children_of(parent)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| stat_field(&s, 0))
+                == Some("Z".into())
+        })
+        .collect()
+}
+
+/// Every process below `root`.
+pub fn descendants(root: Pid) -> Vec<Pid> {
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        for child in children_of(p) {
+            out.push(child);
+            stack.push(child);
+        }
+    }
+    out
+}
+
+/// The open fds of `pid`, as `fd -> link target`.
+pub fn open_fds(pid: Pid) -> Vec<(i32, String)> {
+    let mut out: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| {
+                    let fd = e.file_name().to_str()?.parse().ok()?;
+                    let target = std::fs::read_link(e.path()).ok()?;
+                    Some((fd, target.display().to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// One HTTP/1.1 GET on a new connection: `(status, x-baton-generation, body)`.
+pub fn get(addr: SocketAddr) -> std::io::Result<(u16, Option<u64>, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("malformed response {response:?}")))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    let generation = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("x-baton-generation")
+            .then(|| v.trim().parse().ok())?
+    });
+    Ok((status, generation, body.to_string()))
+}

@@ -1,0 +1,5 @@
+//! End-to-end test support for baton: the harness that runs the real
+//! binaries, and the strict HTTP load client.
+
+pub mod harness;
+pub mod load;
