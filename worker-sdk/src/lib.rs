@@ -49,7 +49,10 @@ pub enum Error {
     #[error(transparent)]
     Channel(#[from] channel::ChannelError),
     /// The master speaks another protocol version.
-    #[error("the master speaks protocol version {master}, this SDK speaks version {}", protocol::PROTOCOL_VERSION)]
+    #[error(
+        "the master speaks protocol version {master}, this SDK speaks version {}",
+        protocol::PROTOCOL_VERSION
+    )]
     Version {
         /// The master's version.
         master: u32,

@@ -39,7 +39,9 @@ impl Listener {
             getsockname(fd.as_raw_fd()).map_err(|e| mismatch(format!("no address ({e})")))?;
         let found = describe(&addr);
         if found.as_deref() != Some(info.address.as_str()) || !kind_matches(info.kind, &addr) {
-            return Err(mismatch(found.unwrap_or_else(|| "an unknown address family".into())));
+            return Err(mismatch(
+                found.unwrap_or_else(|| "an unknown address family".into()),
+            ));
         }
         Ok(Listener { info, fd })
     }
@@ -47,7 +49,9 @@ impl Listener {
 
 fn kind_matches(kind: ListenerKind, addr: &SockaddrStorage) -> bool {
     match kind {
-        ListenerKind::Tcp | ListenerKind::Udp => addr.as_sockaddr_in().is_some() || addr.as_sockaddr_in6().is_some(),
+        ListenerKind::Tcp | ListenerKind::Udp => {
+            addr.as_sockaddr_in().is_some() || addr.as_sockaddr_in6().is_some()
+        }
         ListenerKind::Unix => addr.as_unix_addr().is_some(),
     }
 }

@@ -226,7 +226,9 @@ mod tests {
         let err = decode::<WorkerMessage>(br#"{"v":9,"type":"ready"}"#).unwrap_err();
         assert_eq!(err, DecodeError::Version { peer: 9 });
         assert!(err.to_string().contains("version 9"));
-        assert!(err.to_string().contains(&format!("version {PROTOCOL_VERSION}")));
+        assert!(err
+            .to_string()
+            .contains(&format!("version {PROTOCOL_VERSION}")));
     }
 
     #[test]

@@ -4,9 +4,7 @@
 use crate::channel::{Channel, ChannelError};
 use crate::drain::Drain;
 use crate::listener::{describe, Listener};
-use crate::protocol::{
-    ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV,
-};
+use crate::protocol::{ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV};
 use crate::{DecodeError, Error};
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
 use std::collections::BTreeMap;
@@ -281,12 +279,12 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
     })
 }
 
-async fn recv_master(
-    channel: &Channel,
-) -> Result<crate::channel::Received<MasterMessage>, Error> {
+async fn recv_master(channel: &Channel) -> Result<crate::channel::Received<MasterMessage>, Error> {
     match channel.recv::<MasterMessage>().await {
         Ok(Some(received)) => Ok(received),
-        Ok(None) => Err(Error::Protocol("the master closed the control channel".into())),
+        Ok(None) => Err(Error::Protocol(
+            "the master closed the control channel".into(),
+        )),
         Err(ChannelError::Decode(DecodeError::Version { peer })) => {
             Err(Error::Version { master: peer })
         }
@@ -363,7 +361,10 @@ fn socket_activation_listeners() -> Result<BTreeMap<String, Listener>, Error> {
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
         == Some(std::process::id());
-    let count: i32 = match std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse().ok()) {
+    let count: i32 = match std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
         Some(n) if pid_matches => n,
         _ => return Ok(out),
     };
@@ -372,7 +373,9 @@ fn socket_activation_listeners() -> Result<BTreeMap<String, Listener>, Error> {
     for i in 0..count {
         let raw = 3 + i;
         if nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-            return Err(Error::Protocol(format!("LISTEN_FDS names fd {raw}, which is not open")));
+            return Err(Error::Protocol(format!(
+                "LISTEN_FDS names fd {raw}, which is not open"
+            )));
         }
         // SAFETY: systemd's convention hands fds 3..3+LISTEN_FDS to this
         // process (LISTEN_PID matched); they are open (checked) and owned here.
@@ -395,7 +398,11 @@ fn socket_activation_listeners() -> Result<BTreeMap<String, Listener>, Error> {
                     ListenerKind::Tcp
                 }
             }
-            _ => return Err(Error::Protocol(format!("LISTEN_FDS fd {raw} is not a socket"))),
+            _ => {
+                return Err(Error::Protocol(format!(
+                    "LISTEN_FDS fd {raw} is not a socket"
+                )))
+            }
         };
         let address = getsockname::<SockaddrStorage>(raw)
             .ok()
@@ -415,4 +422,3 @@ fn socket_activation_listeners() -> Result<BTreeMap<String, Listener>, Error> {
     }
     Ok(out)
 }
-
