@@ -1,7 +1,7 @@
 //! The master: one event loop that owns all state. Signals, child exits and
 //! worker messages arrive as events; timers are derived from the state.
 
-use crate::config::Config;
+use crate::config::{Config, ReadyMode};
 use crate::generation::{Generation, Phase};
 use crate::listener::Shared;
 use crate::logging::LogHandle;
@@ -185,7 +185,9 @@ impl Master {
         let (index, raw) = (worker.index, pid.as_raw());
         match message {
             Ok(WorkerMessage::Ready) => {
-                if worker.state == State::Starting {
+                // With `ready = "delay:..."` only the delay decides.
+                let sdk_ready = generation.config.worker.ready == ReadyMode::Sdk;
+                if worker.state == State::Starting && sdk_ready {
                     worker.state = State::Ready;
                     tracing::info!(
                         generation = number,

@@ -2,6 +2,7 @@
 //! does, through the shared harness in `baton_tests::harness`.
 
 mod check;
+mod coalescing;
 mod lifecycle;
 mod reload_under_load;
 mod resources;

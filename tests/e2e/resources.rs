@@ -73,11 +73,24 @@ fn more_than_252_listeners_reach_a_worker_intact() {
             "\n[[listener]]\nname = \"l{i}\"\naddress = \"127.0.0.1:0\"\n"
         ));
     }
+    config.push_str("\n[[listener]]\nname = \"v6\"\naddress = \"[::1]:0\"\n");
+    config.push_str("\n[[listener]]\nname = \"sock\"\naddress = \"unix:app.sock\"\n");
     let baton = Baton::start(&config);
     baton.wait_committed(1);
     let text = std::fs::read_to_string(dump.path().join("worker-1-0.json")).unwrap();
     let got: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
-    assert_eq!(got.len(), COUNT + 1);
+    assert_eq!(got.len(), COUNT + 3);
+    let find = |name: &str| got.iter().find(|e| e["name"] == name).expect(name).clone();
+    let v6 = find("v6");
+    assert_eq!(v6["kind"], "tcp");
+    assert!(
+        v6["address"].as_str().unwrap().starts_with("[::1]:"),
+        "{v6}"
+    );
+    let sock = find("sock");
+    assert_eq!(sock["kind"], "unix");
+    let path = baton.dir().join("app.sock");
+    assert_eq!(sock["address"], path.display().to_string().as_str());
     for i in 0..COUNT {
         let name = format!("l{i}");
         let bound = baton.wait_event(Duration::from_secs(1), |e| {

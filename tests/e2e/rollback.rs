@@ -6,7 +6,7 @@ use std::time::Duration;
 /// Starts `hello`, breaks the config with `broken`, reloads: the reload must
 /// fail in `phase` with `reason` in its message, the same workers keep
 /// serving generation 1, and a following good reload works.
-fn rollback(broken: &str, phase: &str, reason: &str) {
+fn rollback(broken: &str, phase: &str, reason: &str) -> Baton {
     let good = hello_config(2);
     let mut baton = Baton::start(&good);
     baton.wait_committed(1);
@@ -27,9 +27,21 @@ fn rollback(broken: &str, phase: &str, reason: &str) {
     baton.write_config(&good);
     let outcome = baton.reload();
     assert_eq!(message(&outcome), "reload committed", "{outcome}");
-    let (status, generation, _) = get(addr).unwrap();
-    assert_eq!(status, 200);
-    assert!(generation > Some(1), "{generation:?}");
+    // The old generation answers until it has read its drain message.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, generation, _) = get(addr).unwrap();
+        assert_eq!(status, 200);
+        if generation > Some(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "generation 1 still answers"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    baton
 }
 
 #[test]
@@ -63,6 +75,23 @@ fn reload_with_worker_never_ready_keeps_old_generation() {
         Binaries::testworker().display().to_string()
     ));
     rollback(&config, "ready", "not ready within 1s");
+}
+
+#[test]
+fn reload_with_worker_speaking_another_protocol_version_keeps_old_generation() {
+    let config = config_with_worker(&format!(
+        "command = [{:?}, \"wrong-version\"]\nprocesses = 1\nready_timeout = \"1s\"\ndrain_timeout = \"1s\"\n",
+        Binaries::testworker().display().to_string()
+    ));
+    let baton = rollback(&config, "ready", "not ready within 1s");
+    let event = baton.wait_event(Duration::from_secs(1), |e| {
+        message(e) == "bad message from worker ignored"
+    });
+    assert!(
+        field(&event, "error").contains("protocol version 99"),
+        "{event}"
+    );
+    assert!(!field(&event, "pid").is_empty(), "{event}");
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! - `ignore-drain`: reports ready, then ignores drain (the master must kill it).
 //! - `dump-listeners DIR`: writes the listeners it received, checked, to
 //!   `DIR/worker-GEN-INDEX.json`, reports ready, exits on drain.
-//! - `bad-message`: sends garbage on the control channel, then behaves.
+//! - `wrong-version`: speaks protocol version 99 on the control channel,
+//!   then waits to be stopped.
 
 use baton_worker::Worker;
 use std::io::Write;
@@ -15,6 +16,9 @@ use std::time::Duration;
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().map(String::as_str).unwrap_or("");
+    if mode == "wrong-version" {
+        return wrong_version().await;
+    }
     let mut worker = match Worker::from_env().await {
         Ok(worker) => worker,
         Err(e) => {
@@ -63,4 +67,19 @@ async fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// Answers the master in a protocol version it does not speak.
+async fn wrong_version() {
+    let fd: i32 = std::env::var("BATON_CONTROL_FD")
+        .expect("BATON_CONTROL_FD")
+        .parse()
+        .expect("fd number");
+    nix::sys::socket::send(
+        fd,
+        br#"{"v":99,"type":"ready"}"#,
+        nix::sys::socket::MsgFlags::empty(),
+    )
+    .expect("send");
+    tokio::time::sleep(Duration::from_secs(30)).await;
 }

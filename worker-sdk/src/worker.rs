@@ -422,3 +422,101 @@ fn socket_activation_listeners() -> Result<BTreeMap<String, Listener>, Error> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::pair;
+    use std::os::fd::AsFd;
+
+    #[tokio::test]
+    async fn a_master_speaking_another_version_is_a_clear_error() {
+        let (master, worker) = pair().unwrap();
+        nix::sys::socket::send(
+            master.as_fd().as_raw_fd(),
+            br#"{"v":2,"type":"hello","generation":1}"#,
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        let channel = Arc::new(Channel::new(worker).unwrap());
+        let error = handshake(&channel).await.unwrap_err();
+        assert!(matches!(error, Error::Version { master: 2 }), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "the master speaks protocol version 2, this SDK speaks version 1"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listener_batch_that_does_not_fit_is_a_protocol_error() {
+        let (master, worker) = pair().unwrap();
+        let master = Channel::new(master).unwrap();
+        master
+            .try_send(
+                &MasterMessage::Hello {
+                    generation: 1,
+                    worker_index: 0,
+                    listener_count: 1,
+                    drain_timeout_ms: 1000,
+                },
+                &[],
+            )
+            .unwrap();
+        // Metadata for one listener, but no fd attached.
+        master
+            .try_send(
+                &MasterMessage::Listeners {
+                    offset: 0,
+                    listeners: vec![ListenerInfo {
+                        name: "http".into(),
+                        kind: ListenerKind::Tcp,
+                        address: "127.0.0.1:1".into(),
+                    }],
+                },
+                &[],
+            )
+            .unwrap();
+        let channel = Arc::new(Channel::new(worker).unwrap());
+        let error = handshake(&channel).await.unwrap_err();
+        assert!(matches!(error, Error::Protocol(_)), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn an_fd_that_is_not_the_announced_socket_is_refused() {
+        let (master, worker) = pair().unwrap();
+        let master = Channel::new(master).unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let actual = tcp.local_addr().unwrap();
+        master
+            .try_send(
+                &MasterMessage::Hello {
+                    generation: 1,
+                    worker_index: 0,
+                    listener_count: 1,
+                    drain_timeout_ms: 1000,
+                },
+                &[],
+            )
+            .unwrap();
+        master
+            .try_send(
+                &MasterMessage::Listeners {
+                    offset: 0,
+                    listeners: vec![ListenerInfo {
+                        name: "http".into(),
+                        kind: ListenerKind::Tcp,
+                        address: format!("127.0.0.1:{}", actual.port() ^ 1),
+                    }],
+                },
+                &[tcp.as_fd()],
+            )
+            .unwrap();
+        let channel = Arc::new(Channel::new(worker).unwrap());
+        let error = handshake(&channel).await.unwrap_err();
+        let Error::ListenerMismatch { name, found, .. } = &error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(name, "http");
+        assert_eq!(found, &actual.to_string());
+    }
+}

@@ -1,0 +1,30 @@
+use baton_tests::harness::{hello_config, message, span_generation, Baton};
+use nix::sys::signal::Signal;
+use std::time::Duration;
+
+#[test]
+fn hups_during_a_reload_coalesce_into_one_follow_up() {
+    // The delay keeps each reload in its ready phase long enough to send
+    // more HUPs into it.
+    let config = hello_config(1).replace(
+        "ready_timeout = \"10s\"",
+        "ready = \"delay:700ms\"\nready_timeout = \"10s\"",
+    );
+    let mut baton = Baton::start(&config);
+    baton.wait_committed(1);
+    baton.signal(Signal::SIGHUP);
+    baton.next_event(Duration::from_secs(5), |e| {
+        message(e) == "reload started" && span_generation(e) == Some(2)
+    });
+    for _ in 0..3 {
+        baton.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    baton.wait_committed(2);
+    let follow_up = baton.wait_committed(3);
+    assert_eq!(follow_up["span"]["trigger"], "coalesced", "{follow_up}");
+    // Long enough for a fourth reload to have started and become ready.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(baton.count_events(|e| message(e) == "reload started"), 3);
+    assert!(baton.count_events(|e| message(e).contains("coalesced into one follow-up")) >= 1);
+}
