@@ -94,8 +94,9 @@ pub struct Baton {
     log: Arc<(Mutex<Log>, Condvar)>,
     /// Where the log was read up to by [`Baton::next_event`].
     cursor: usize,
-    /// Every pid ever seen below the master, killed on drop.
-    seen: Mutex<Vec<Pid>>,
+    /// Every process ever seen below the master, with its start time, so
+    /// that drop kills it only if the pid was not reused since.
+    seen: Mutex<Vec<(Pid, String)>>,
     dir: TempDir,
 }
 
@@ -289,7 +290,14 @@ impl Baton {
             .into_iter()
             .filter(|p| alive(*p))
             .collect();
-        self.seen.lock().unwrap().extend(children.iter().copied());
+        let mut seen = self.seen.lock().unwrap();
+        for pid in &children {
+            if let Some(started) = start_time(*pid) {
+                if !seen.contains(&(*pid, started.clone())) {
+                    seen.push((*pid, started));
+                }
+            }
+        }
         children
     }
 
@@ -331,9 +339,15 @@ impl Baton {
 impl Drop for Baton {
     fn drop(&mut self) {
         let mut pids = descendants(self.pid);
-        pids.extend(self.seen.lock().unwrap().iter().copied());
+        // Workers orphaned by a killed master are no longer descendants.
+        for (pid, started) in self.seen.lock().unwrap().iter() {
+            if start_time(*pid).as_ref() == Some(started) {
+                pids.push(*pid);
+            }
+        }
         let _ = killpg(self.pid, Signal::SIGKILL);
         for pid in &pids {
+            // Each worker leads its own process group.
             let _ = killpg(*pid, Signal::SIGKILL);
             let _ = kill(*pid, Signal::SIGKILL);
         }
@@ -368,6 +382,13 @@ pub fn alive(pid: Pid) -> bool {
         Ok(stat) => stat_field(&stat, 0) != Some("Z".into()),
         Err(_) => false,
     }
+}
+
+/// When `pid` started (field 22 of /proc/PID/stat), to tell a process from a
+/// later one that reused its pid.
+fn start_time(pid: Pid) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_field(&stat, 19)
 }
 
 /// Fields after the `(comm)` of /proc/PID/stat: 0 = state, 1 = ppid.
