@@ -1,15 +1,26 @@
-//! The `baton` command line.
+//! The `baton` command line: `run` and `check` work on a config; every other
+//! command talks to the running master over its control socket and reports
+//! what really happened.
 
-use crate::config::Config;
+use crate::config::{parse_duration, Config};
+use crate::control::client::{self, ClientError};
+use crate::control::protocol::{ReloadOutcome, Reply, Request, Status};
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// baton: a hot-restart supervisor. Reloads and upgrades drop no connection.
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about)]
+#[command(
+    name = "baton",
+    version,
+    about,
+    arg_required_else_help = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
-    /// The configuration file.
+    /// The configuration file (for commands: only used to find the control socket).
     #[arg(
         short = 'c',
         long = "config",
@@ -17,9 +28,15 @@ pub struct Cli {
         default_value = "baton.toml"
     )]
     pub config: PathBuf,
+    /// The master's control socket (instead of finding it through the config).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// nginx-compatible: send a signal to the master named by the pid file.
+    #[arg(short = 's', value_enum, value_name = "SIGNAL")]
+    pub signal: Option<NginxSignal>,
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// The subcommands.
@@ -29,6 +46,73 @@ pub enum Command {
     Run,
     /// Validate a configuration without touching a running master (like `nginx -t`).
     Check,
+    /// Reload: start a new generation, wait until it is ready, drain the old one.
+    Reload {
+        /// How long to wait for the outcome.
+        #[arg(long, value_parser = duration, default_value = "10m")]
+        timeout: Duration,
+    },
+    /// Show the master, listeners, generations and workers.
+    Status {
+        /// Print JSON (the format is documented in the README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the master: drain every worker first, or with --fast stop them now.
+    Stop {
+        /// Fast stop (like SIGTERM) instead of graceful (like SIGQUIT).
+        #[arg(long)]
+        fast: bool,
+        /// How long to wait for the master to exit.
+        #[arg(long, value_parser = duration, default_value = "10m")]
+        timeout: Duration,
+    },
+    /// Reopen the master's log file and tell workers to reopen theirs.
+    Reopen,
+    /// Change the number of workers: +N, -N or N.
+    Scale {
+        /// +N adds, -N removes, N sets the count.
+        #[arg(allow_hyphen_values = true, value_parser = scale_change)]
+        change: ScaleArg,
+    },
+}
+
+/// `-s` signal names, as nginx spells them.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum NginxSignal {
+    /// SIGHUP: reload.
+    Reload,
+    /// SIGTERM: fast stop.
+    Stop,
+    /// SIGQUIT: graceful stop.
+    Quit,
+    /// SIGUSR1: reopen logs.
+    Reopen,
+}
+
+/// A parsed `scale` argument.
+#[derive(Debug, Clone, Copy)]
+pub enum ScaleArg {
+    /// +N or -N.
+    By(i64),
+    /// N.
+    To(i64),
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn scale_change(s: &str) -> Result<ScaleArg, String> {
+    let bad = || format!("invalid scale {s:?}: expected +N, -N or N");
+    let number = |n: &str| n.parse::<i64>().map_err(|_| bad());
+    if let Some(n) = s.strip_prefix('+') {
+        Ok(ScaleArg::By(number(n)?))
+    } else if let Some(n) = s.strip_prefix('-') {
+        Ok(ScaleArg::By(-number(n)?))
+    } else {
+        Ok(ScaleArg::To(number(s)?))
+    }
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -40,7 +124,15 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    match cli.command {
+    if let Some(signal) = cli.signal {
+        return report(send_signal(&cli.config, signal).map(|()| 0), 1);
+    }
+    let Some(command) = cli.command else {
+        eprintln!("baton: a command or -s SIGNAL is required (see baton --help)");
+        return 2;
+    };
+    match command {
+        Command::Run => report(run(&cli.config).map(|()| 0), 1),
         Command::Check => match Config::load(&cli.config) {
             Ok(config) => {
                 println!("{}", config.summary());
@@ -51,21 +143,188 @@ pub fn main() -> i32 {
                 1
             }
         },
-        Command::Run => match run(&cli.config) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("baton: {e:#}");
-                1
+        command => {
+            let socket = cli.socket.unwrap_or_else(|| control_socket(&cli.config));
+            match control(&socket, command) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("baton: {e}");
+                    if matches!(e, ClientError::Unreachable { .. }) {
+                        2
+                    } else {
+                        1
+                    }
+                }
             }
-        },
+        }
     }
 }
 
-fn run(path: &std::path::Path) -> anyhow::Result<()> {
+fn report(result: anyhow::Result<i32>, failure: i32) -> i32 {
+    result.unwrap_or_else(|e| {
+        eprintln!("baton: {e:#}");
+        failure
+    })
+}
+
+/// Where the master's control socket is, read leniently from the config: a
+/// config the master will reject must still lead `baton reload` to the
+/// master, which then reports the error with its location.
+fn control_socket(config: &Path) -> PathBuf {
+    supervisor_path(config, "control_socket").unwrap_or_else(|| {
+        let config = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
+        config.parent().unwrap_or(Path::new("/")).join("baton.sock")
+    })
+}
+
+/// `[supervisor] KEY` of the config as a path resolved against its
+/// directory, from whatever of the file parses.
+fn supervisor_path(config: &Path, key: &str) -> Option<PathBuf> {
+    let path = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
+    let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let table = std::fs::read_to_string(&path)
+        .ok()?
+        .parse::<toml::Table>()
+        .ok()?;
+    let value = table.get("supervisor")?.get(key)?.as_str()?;
+    Some(dir.join(value))
+}
+
+fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
+    const QUICK: Duration = Duration::from_secs(30);
+    match command {
+        Command::Run | Command::Check => unreachable!("handled by main"),
+        Command::Reload { timeout } => {
+            let reply = client::request(socket, &Request::Reload {}, timeout)?;
+            let outcome: Option<ReloadOutcome> = result(&reply);
+            if let Some(outcome) = &outcome {
+                print_outcome(outcome);
+            }
+            Ok(exit(&reply))
+        }
+        Command::Status { json } => {
+            let reply = client::request(socket, &Request::Status {}, QUICK)?;
+            if let Some(status) = result::<Status>(&reply) {
+                if json {
+                    let text = serde_json::to_string_pretty(&status).expect("status serializes");
+                    println!("{text}");
+                } else {
+                    print!("{}", crate::status::render(&status));
+                }
+            }
+            Ok(exit(&reply))
+        }
+        Command::Stop { fast, timeout } => {
+            let reply = client::request(socket, &Request::Stop { fast }, QUICK)?;
+            let Some(pid) = reply.result.as_ref().and_then(|r| r["pid"].as_i64()) else {
+                return Ok(exit(&reply));
+            };
+            let started = Instant::now();
+            while process_alive(pid as i32) {
+                if started.elapsed() > timeout {
+                    eprintln!("baton: master {pid} still running after {timeout:?}");
+                    return Ok(1);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            println!("master {pid} stopped");
+            Ok(0)
+        }
+        Command::Reopen => {
+            let reply = client::request(socket, &Request::Reopen {}, QUICK)?;
+            if let Some(workers) = reply.result.as_ref().and_then(|r| r["workers"].as_u64()) {
+                println!("logs reopened; {workers} worker(s) told to reopen theirs");
+            }
+            Ok(exit(&reply))
+        }
+        Command::Scale { change } => {
+            let (by, to) = match change {
+                ScaleArg::By(n) => (Some(n), None),
+                ScaleArg::To(n) => (None, Some(n)),
+            };
+            let reply = client::request(socket, &Request::Scale { by, to }, QUICK)?;
+            if let Some(r) = &reply.result {
+                println!(
+                    "generation {}: {} -> {} workers",
+                    r["generation"], r["from"], r["processes"]
+                );
+            }
+            Ok(exit(&reply))
+        }
+    }
+}
+
+fn result<T: serde::de::DeserializeOwned>(reply: &Reply) -> Option<T> {
+    serde_json::from_value(reply.result.clone()?).ok()
+}
+
+/// 0 for success; otherwise prints the error and returns 1.
+fn exit(reply: &Reply) -> i32 {
+    if reply.ok {
+        return 0;
+    }
+    eprintln!(
+        "baton: {}",
+        reply.error.as_deref().unwrap_or("request failed")
+    );
+    1
+}
+
+fn print_outcome(outcome: &ReloadOutcome) {
+    println!(
+        "reload to generation {} {} (trigger: {})",
+        outcome.generation, outcome.outcome, outcome.trigger
+    );
+    for phase in &outcome.phases {
+        println!("  {:<9} {:>9.1} ms", phase.phase, phase.ms);
+    }
+    // A failure's phase and reason go to stderr with the exit status.
+    if outcome.failed_phase.is_none() {
+        let pids: Vec<String> = outcome.pids.iter().map(i32::to_string).collect();
+        println!("  workers: {}", pids.join(" "));
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // A zombie has exited: only its parent's wait is missing.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn send_signal(config: &Path, signal: NginxSignal) -> anyhow::Result<()> {
+    use nix::sys::signal::Signal;
+    let pid_file = supervisor_path(config, "pid_file")
+        .with_context(|| format!("-s needs [supervisor] pid_file in {}", config.display()))?;
+    let text = std::fs::read_to_string(&pid_file)
+        .with_context(|| format!("reading pid file {}", pid_file.display()))?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .with_context(|| format!("pid file {} does not hold a pid", pid_file.display()))?;
+    let signal = match signal {
+        NginxSignal::Reload => Signal::SIGHUP,
+        NginxSignal::Stop => Signal::SIGTERM,
+        NginxSignal::Quit => Signal::SIGQUIT,
+        NginxSignal::Reopen => Signal::SIGUSR1,
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .with_context(|| format!("sending {signal} to master {pid}"))?;
+    Ok(())
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     crate::fds::close_on_exec_inherited().context("marking inherited fds close-on-exec")?;
-    let log = crate::logging::init(&config.supervisor.log_filter, config.supervisor.log_format)
-        .context("setting up logging")?;
+    let log = crate::logging::init(
+        &config.supervisor.log_filter,
+        config.supervisor.log_format,
+        config.supervisor.log_file.as_deref(),
+    )
+    .context("setting up logging")?;
     // One thread, one event loop: the master never needs more.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,4 +335,31 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
         tracing::error!(error = %format!("{e:#}"), "master failed");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn scale_arguments() {
+        assert!(matches!(scale_change("+2"), Ok(ScaleArg::By(2))));
+        assert!(matches!(scale_change("-1"), Ok(ScaleArg::By(-1))));
+        assert!(matches!(scale_change("3"), Ok(ScaleArg::To(3))));
+        assert!(scale_change("x").is_err());
+        assert!(scale_change("+").is_err());
+    }
+
+    #[test]
+    fn signal_and_command_do_not_mix() {
+        assert!(Cli::try_parse_from(["baton", "-s", "reload", "status"]).is_err());
+        assert!(Cli::try_parse_from(["baton", "-s", "reload"]).is_ok());
+        assert!(Cli::try_parse_from(["baton", "scale", "-1"]).is_ok());
+    }
 }

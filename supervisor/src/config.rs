@@ -64,6 +64,9 @@ pub struct SupervisorConfig {
     /// `text` or `json`.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Log to this file instead of stderr (reopened by `baton reopen`).
+    #[serde(default)]
+    pub log_file: Option<PathBuf>,
 }
 
 impl Default for SupervisorConfig {
@@ -73,6 +76,7 @@ impl Default for SupervisorConfig {
             pid_file: None,
             log_filter: default_log_filter(),
             log_format: LogFormat::default(),
+            log_file: None,
         }
     }
 }
@@ -401,6 +405,7 @@ impl Config {
         let mut supervisor = raw.supervisor;
         supervisor.control_socket = dir.join(&supervisor.control_socket);
         supervisor.pid_file = supervisor.pid_file.map(|p| dir.join(p));
+        supervisor.log_file = supervisor.log_file.map(|p| dir.join(p));
         let listeners = raw
             .listeners
             .into_iter()

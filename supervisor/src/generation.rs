@@ -66,6 +66,8 @@ pub struct Generation {
     pub listeners: Vec<Shared>,
     /// Where it is in its life.
     pub phase: Phase,
+    /// How many workers it runs (the config's `processes`, or a scale).
+    pub processes: u32,
     /// When it was started.
     pub started: Instant,
     /// Live workers by pid.
@@ -76,12 +78,18 @@ pub struct Generation {
 
 impl Generation {
     /// A generation with no workers yet.
-    pub fn new(number: u64, config: Rc<Config>, listeners: Vec<Shared>) -> Generation {
+    pub fn new(
+        number: u64,
+        config: Rc<Config>,
+        listeners: Vec<Shared>,
+        processes: u32,
+    ) -> Generation {
         Generation {
             number,
             config,
             listeners,
             phase: Phase::Starting,
+            processes,
             started: Instant::now(),
             workers: BTreeMap::new(),
             respawns: BTreeMap::new(),
@@ -114,7 +122,7 @@ impl Generation {
 
     /// Whether every configured worker is up and ready.
     pub fn all_ready(&self) -> bool {
-        self.workers.len() == self.config.worker.processes as usize
+        self.workers.len() == self.processes as usize
             && self.workers.values().all(|w| w.state == State::Ready)
     }
 

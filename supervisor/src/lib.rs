@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod fds;
 pub mod generation;
 pub mod listener;
@@ -11,5 +12,7 @@ pub mod logging;
 pub mod master;
 pub mod pidfile;
 pub mod reload;
+pub mod scale;
 pub mod signals;
+pub mod status;
 pub mod worker;

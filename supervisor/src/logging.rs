@@ -1,31 +1,116 @@
-//! The master's log: `tracing` to stderr, text or JSON, with a filter that a
-//! reload switches in its commit phase.
+//! The master's log: `tracing` to stderr or a file, text or JSON, with a
+//! filter that a reload switches in its commit phase and a file that
+//! `baton reopen` reopens (for logrotate).
 
 use crate::config::LogFormat;
+use anyhow::Context;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
-/// Switches the active log filter.
+/// Switches the active log filter and reopens the log file.
 pub struct LogHandle {
     filter: reload::Handle<EnvFilter, Registry>,
     format: LogFormat,
+    file: Option<LogFile>,
+}
+
+/// Where log lines go: stderr, or a file that can be reopened.
+#[derive(Clone)]
+enum Sink {
+    Stderr,
+    File(LogFile),
+}
+
+/// A log file shared by the subscriber and the handle.
+#[derive(Clone)]
+struct LogFile {
+    path: PathBuf,
+    file: Arc<Mutex<File>>,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> anyhow::Result<LogFile> {
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            file: Arc::new(Mutex::new(open_append(path)?)),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, File> {
+        self.file.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn open_append(path: &Path) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening log file {}", path.display()))
+}
+
+/// One log line's writer.
+pub enum SinkWriter<'a> {
+    /// To stderr.
+    Stderr(std::io::Stderr),
+    /// To the file, locked for the line.
+    File(MutexGuard<'a, File>),
+}
+
+impl Write for SinkWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            SinkWriter::Stderr(w) => w.write(buf),
+            SinkWriter::File(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            SinkWriter::Stderr(w) => w.flush(),
+            SinkWriter::File(w) => w.flush(),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for Sink {
+    type Writer = SinkWriter<'a>;
+
+    fn make_writer(&'a self) -> SinkWriter<'a> {
+        match self {
+            Sink::Stderr => SinkWriter::Stderr(std::io::stderr()),
+            Sink::File(file) => SinkWriter::File(file.lock()),
+        }
+    }
 }
 
 /// Installs the global subscriber.
-pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<LogHandle> {
+pub fn init(filter: &str, format: LogFormat, file: Option<&Path>) -> anyhow::Result<LogHandle> {
     let (filter_layer, handle) = reload::Layer::new(EnvFilter::try_new(filter)?);
+    let file = file.map(LogFile::open).transpose()?;
+    let sink = file.clone().map_or(Sink::Stderr, Sink::File);
+    let ansi = file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let registry = tracing_subscriber::registry().with(filter_layer);
-    let writer = std::io::stderr;
     match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(writer).with_target(false))
+            .with(
+                fmt::layer()
+                    .with_writer(sink)
+                    .with_ansi(ansi)
+                    .with_target(false),
+            )
             .try_init()?,
         LogFormat::Json => registry
             .with(
                 fmt::layer()
                     .json()
-                    .with_writer(writer)
+                    .with_writer(sink)
                     .with_current_span(true)
                     .with_span_list(false),
             )
@@ -34,6 +119,7 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<LogHandle> {
     Ok(LogHandle {
         filter: handle,
         format,
+        file,
     })
 }
 
@@ -47,5 +133,19 @@ impl LogHandle {
     /// The format chosen at start; it cannot change without a restart.
     pub fn format(&self) -> LogFormat {
         self.format
+    }
+
+    /// The log file, if logging to one.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_ref().map(|f| f.path.as_path())
+    }
+
+    /// Reopens the log file at its path (after logrotate moved it away).
+    pub fn reopen(&self) -> anyhow::Result<()> {
+        if let Some(file) = &self.file {
+            let new = open_append(&file.path)?;
+            *file.lock() = new;
+        }
+        Ok(())
     }
 }

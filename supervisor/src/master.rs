@@ -2,11 +2,14 @@
 //! worker messages arrive as events; timers are derived from the state.
 
 use crate::config::{Config, ReadyMode};
+use crate::control::protocol::{Reply, Request};
+use crate::control::ControlSocket;
 use crate::generation::{Generation, Phase};
 use crate::listener::Shared;
 use crate::logging::LogHandle;
 use crate::pidfile::PidFile;
 use crate::reload::{Outcome, Reload, Trigger};
+use crate::scale::{ScaleChange, ScaleOverride};
 use crate::signals::{SignalEvent, Signals};
 use crate::worker::State;
 use anyhow::Context;
@@ -19,7 +22,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 /// How long workers get between SIGTERM and SIGKILL in a fast stop.
@@ -44,7 +47,17 @@ pub enum Event {
         /// What arrived.
         message: Result<WorkerMessage, ChannelError>,
     },
+    /// A request from the control socket, and where its reply goes.
+    Control {
+        /// The request.
+        request: Request,
+        /// The reply channel.
+        reply: oneshot::Sender<Reply>,
+    },
 }
+
+/// Where a reload's outcome is reported besides the log.
+pub type Waiter = oneshot::Sender<Reply>;
 
 /// The master's whole state.
 pub struct Master {
@@ -58,6 +71,14 @@ pub struct Master {
     pub(crate) reload_queued: bool,
     pub(crate) stopping: Option<Stop>,
     pub(crate) last_reload: Option<Outcome>,
+    /// CLI requests waiting for the running transaction's outcome.
+    pub(crate) reload_waiters: Vec<Waiter>,
+    /// CLI requests waiting for the coalesced follow-up's outcome.
+    pub(crate) queued_waiters: Vec<Waiter>,
+    /// A worker count set by `baton scale`, kept across reloads while the
+    /// config's `processes` stays what it was.
+    pub(crate) scale: Option<ScaleOverride>,
+    pub(crate) started: Instant,
     pub(crate) log: LogHandle,
     events: mpsc::UnboundedSender<Event>,
 }
@@ -65,12 +86,16 @@ pub struct Master {
 /// Runs the master until it stops. Returns an error if generation 1 could not
 /// be started.
 pub async fn run(config: Config, log: LogHandle) -> anyhow::Result<()> {
+    // First, so that a second master on the same config stops here, before
+    // it touches anything.
+    let mut control = ControlSocket::bind(&config.supervisor.control_socket)?;
     let mut signals = Signals::new().context("installing signal handlers")?;
     let _pid_file = match &config.supervisor.pid_file {
         Some(path) => Some(PidFile::write(path)?),
         None => None,
     };
     let (events, mut inbox) = mpsc::unbounded_channel();
+    control.serve(events.clone())?;
     let mut master = Master {
         config_path: config.path.clone(),
         config: Rc::new(config.clone()),
@@ -82,6 +107,10 @@ pub async fn run(config: Config, log: LogHandle) -> anyhow::Result<()> {
         reload_queued: false,
         stopping: None,
         last_reload: None,
+        reload_waiters: Vec::new(),
+        queued_waiters: Vec::new(),
+        scale: None,
+        started: Instant::now(),
         log,
         events,
     };
@@ -151,30 +180,28 @@ impl Master {
         }
         tracing::info!(?signal, "signal received");
         match signal {
-            SignalEvent::Reload => self.request_reload(Trigger::Signal),
+            SignalEvent::Reload => self.request_reload(Trigger::Signal, None),
             SignalEvent::GracefulStop => self.stop(Stop::Graceful),
             SignalEvent::FastStop => self.stop(Stop::Fast),
             SignalEvent::Reopen => {
-                for worker in self.generations.values().flat_map(|g| g.workers.values()) {
-                    worker.signal(nix::sys::signal::Signal::SIGUSR1);
-                }
+                self.reopen();
             }
             SignalEvent::Upgrade => {
                 tracing::error!(
                     "binary upgrade (SIGUSR2) is not available in this version; nothing changed"
                 )
             }
-            SignalEvent::ScaleUp | SignalEvent::ScaleDown => {
-                tracing::error!(
-                    "scaling (SIGTTIN/SIGTTOU) is not available in this version; nothing changed"
-                )
-            }
+            SignalEvent::ScaleUp => self.scale_logged(ScaleChange::By(1)),
+            SignalEvent::ScaleDown => self.scale_logged(ScaleChange::By(-1)),
             SignalEvent::Child => {}
         }
     }
 
     fn on_event(&mut self, event: Event) {
-        let Event::Message { pid, message } = event;
+        let (pid, message) = match event {
+            Event::Message { pid, message } => (pid, message),
+            Event::Control { request, reply } => return self.on_control(request, reply),
+        };
         let Some(generation) = self.generation_of(pid) else {
             return;
         };
@@ -208,7 +235,7 @@ impl Master {
         self.advance_reload();
     }
 
-    fn generation_of(&mut self, pid: Pid) -> Option<&mut Generation> {
+    pub(crate) fn generation_of(&mut self, pid: Pid) -> Option<&mut Generation> {
         self.generations
             .values_mut()
             .find(|g| g.workers.contains_key(&pid))
@@ -256,7 +283,7 @@ impl Master {
                 );
                 self.new_worker_exited(reason);
             }
-            Phase::Current if !stopping && !draining => {
+            Phase::Current if !stopping && !draining && worker.index < generation.processes => {
                 let delay = generation.schedule_respawn(&worker);
                 tracing::warn!(
                     generation = number,

@@ -3,9 +3,10 @@
 //! the current one serving untouched.
 
 use crate::config::{Config, ReadyMode};
+use crate::control::protocol::{PhaseTime, ReloadOutcome, Reply};
 use crate::generation::{Generation, Phase};
 use crate::listener::{Listener, Shared};
-use crate::master::Master;
+use crate::master::{Master, Waiter};
 use crate::worker::State;
 use std::fmt;
 use std::rc::Rc;
@@ -47,6 +48,8 @@ pub enum Trigger {
     Start,
     /// SIGHUP.
     Signal,
+    /// `baton reload`.
+    Cli,
     /// A reload requested while another ran, run after it.
     Coalesced,
 }
@@ -56,6 +59,7 @@ impl fmt::Display for Trigger {
         f.write_str(match self {
             Trigger::Start => "start",
             Trigger::Signal => "signal",
+            Trigger::Cli => "cli",
             Trigger::Coalesced => "coalesced",
         })
     }
@@ -76,6 +80,37 @@ pub struct Outcome {
     pub finished: SystemTime,
 }
 
+impl Outcome {
+    /// The outcome as the control protocol reports it.
+    pub fn report(&self, pids: Vec<i32>) -> ReloadOutcome {
+        ReloadOutcome {
+            generation: self.generation,
+            trigger: self.trigger.to_string(),
+            outcome: if self.failure.is_none() {
+                "committed"
+            } else {
+                "failed"
+            }
+            .into(),
+            failed_phase: self.failure.as_ref().map(|(p, _)| p.to_string()),
+            reason: self.failure.as_ref().map(|(_, r)| r.clone()),
+            phases: self
+                .phases
+                .iter()
+                .map(|(p, d)| PhaseTime {
+                    phase: p.to_string(),
+                    ms: d.as_secs_f64() * 1000.0,
+                })
+                .collect(),
+            pids,
+            finished_at: self
+                .finished
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        }
+    }
+}
+
 /// A transaction waiting for its new workers to be ready.
 #[derive(Debug)]
 pub struct Reload {
@@ -87,6 +122,7 @@ pub struct Reload {
     ready_deadline: Instant,
     config: Rc<Config>,
     listeners: Vec<Shared>,
+    processes: u32,
 }
 
 impl Reload {
@@ -109,14 +145,20 @@ impl Reload {
 
 impl Master {
     /// A reload request (signal or CLI): runs now, or is coalesced into one
-    /// follow-up if a transaction is under way.
-    pub fn request_reload(&mut self, trigger: Trigger) {
+    /// follow-up if a transaction is under way. `waiter` gets the outcome of
+    /// the transaction that serves the request.
+    pub fn request_reload(&mut self, trigger: Trigger, waiter: Option<Waiter>) {
         if self.stopping.is_some() {
             tracing::warn!(%trigger, "reload refused: the master is stopping");
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(Reply::error("the master is stopping: reload refused"));
+            }
         } else if self.reload.is_some() {
             tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
             self.reload_queued = true;
+            self.queued_waiters.extend(waiter);
         } else {
+            self.reload_waiters.extend(waiter);
             let loaded = Config::load(&self.config_path);
             self.begin_reload(trigger, loaded.map_err(|e| e.to_string()));
         }
@@ -159,9 +201,13 @@ impl Master {
         phases.push((Step::Bind, phase_started.elapsed()));
         phase_started = Instant::now();
 
-        let mut new = Generation::new(generation, config.clone(), listeners.clone());
+        let processes = match &self.scale {
+            Some(scale) if scale.config_processes == config.worker.processes => scale.processes,
+            _ => config.worker.processes,
+        };
+        let mut new = Generation::new(generation, config.clone(), listeners.clone(), processes);
         let mut spawn_error = None;
-        for index in 0..config.worker.processes {
+        for index in 0..processes {
             match new.spawn(index, 0, 0) {
                 Ok(worker) => {
                     let (pid, channel) = (worker.pid, worker.channel.clone());
@@ -184,6 +230,7 @@ impl Master {
             ready_deadline: Instant::now() + config.worker.ready_timeout.0,
             config,
             listeners,
+            processes,
         };
         if let Some(reason) = spawn_error {
             return self.abort(reload, Step::Spawn, reason);
@@ -292,8 +339,17 @@ impl Master {
                 tracing::error!(error = %e, "cannot switch log filter");
             }
         }
-        if config.supervisor.log_format != self.log.format() {
-            tracing::warn!("log_format changes take effect when the master restarts");
+        if config.supervisor.log_format != self.log.format()
+            || config.supervisor.log_file.as_deref() != self.log.file()
+        {
+            tracing::warn!("log_format and log_file changes take effect when the master restarts");
+        }
+        if config.supervisor.control_socket != self.config.supervisor.control_socket
+            || config.supervisor.pid_file != self.config.supervisor.pid_file
+        {
+            tracing::warn!(
+                "control_socket and pid_file changes take effect when the master restarts"
+            );
         }
         let drain_timeout = config.worker.drain_timeout.0;
         for old in self.generations.values_mut() {
@@ -307,6 +363,16 @@ impl Master {
         }
         self.current = Some(reload.generation);
         self.listeners = std::mem::take(&mut reload.listeners);
+        if self
+            .scale
+            .is_some_and(|s| s.config_processes != config.worker.processes)
+        {
+            tracing::info!(
+                processes = reload.processes,
+                "config changed processes: scale override dropped"
+            );
+            self.scale = None;
+        }
         self.config = config;
         reload.end_phase(Step::Commit);
         self.record(reload.generation, reload.trigger, reload.phases, None);
@@ -370,16 +436,34 @@ impl Master {
                 "reload failed"
             ),
         }
-        self.last_reload = Some(Outcome {
+        let outcome = Outcome {
             generation,
             trigger,
             failure,
             phases,
             finished: SystemTime::now(),
-        });
+        };
+        let pids = self
+            .generations
+            .get(&generation)
+            .filter(|_| outcome.failure.is_none())
+            .map(|g| g.workers.keys().map(|p| p.as_raw()).collect())
+            .unwrap_or_default();
+        let report = outcome.report(pids);
+        for waiter in self.reload_waiters.drain(..) {
+            let reply = match &outcome.failure {
+                None => Reply::ok(&report),
+                Some((phase, reason)) => {
+                    Reply::failed(format!("reload failed in phase {phase}: {reason}"), &report)
+                }
+            };
+            let _ = waiter.send(reply);
+        }
+        self.last_reload = Some(outcome);
         if self.reload_queued && self.reload.is_none() && self.stopping.is_none() {
             self.reload_queued = false;
-            self.request_reload(Trigger::Coalesced);
+            self.reload_waiters = std::mem::take(&mut self.queued_waiters);
+            self.request_reload(Trigger::Coalesced, None);
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod check;
 mod coalescing;
+mod control;
 mod lifecycle;
 mod reload_under_load;
 mod resources;

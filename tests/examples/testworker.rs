@@ -4,7 +4,8 @@
 //! - `never-ready`: takes its listeners, never reports ready, exits on drain.
 //! - `ignore-drain`: reports ready, then ignores drain (the master must kill it).
 //! - `dump-listeners DIR`: writes the listeners it received, checked, to
-//!   `DIR/worker-GEN-INDEX.json`, reports ready, exits on drain.
+//!   `DIR/worker-GEN-INDEX.json`, reports ready, appends a line to
+//!   `DIR/reopened-GEN-INDEX` per reopen request, exits on drain.
 //! - `wrong-version`: speaks protocol version 99 on the control channel,
 //!   then waits to be stopped.
 
@@ -60,7 +61,23 @@ async fn main() {
                 .expect("write");
             std::fs::rename(&tmp, &path).expect("rename");
             worker.ready().await.expect("ready");
-            drain.wait().await;
+            // Each reopen request appends a line to DIR/reopened-GEN-INDEX.
+            let reopened = format!("{dir}/reopened-{}-{}", worker.generation(), worker.index());
+            let mut reopen = worker.reopen();
+            loop {
+                tokio::select! {
+                    _ = drain.wait() => break,
+                    more = reopen.requested() => {
+                        if !more { break }
+                        let mut file = std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&reopened)
+                            .expect("open");
+                        file.write_all(b"reopen\n").expect("write");
+                    }
+                }
+            }
         }
         other => {
             eprintln!("testworker: unknown mode {other:?}");

@@ -178,6 +178,37 @@ impl Baton {
         std::fs::write(self.dir().join("baton.toml"), config).expect("write config");
     }
 
+    /// Runs `baton ARGS -c baton.toml` (a CLI command against this master).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let out = Command::new(Binaries::baton())
+            .args(args)
+            .arg("-c")
+            .arg(self.dir().join("baton.toml"))
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run the baton CLI");
+        eprintln!(
+            "[baton {}] exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            args.join(" "),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// `baton status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "baton status failed");
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The control socket of the test config.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir().join("baton.sock")
+    }
+
     /// Sends `signal` to the master.
     pub fn signal(&self, signal: Signal) {
         kill(self.pid, signal).expect("signal the master");

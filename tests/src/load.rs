@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -282,6 +283,49 @@ impl Report {
         }
         self.ok() as f64 / self.elapsed.as_secs_f64()
     }
+
+    /// The requests that started inside any of `windows` (half-open ranges
+    /// of run time, in any order, possibly overlapping), as a report of
+    /// their own whose [`Report::elapsed`] is the total time the windows
+    /// cover. Every helper then applies to those windows only, e.g.
+    /// `report.within(&reload_windows).latency_quantile(0.99)`.
+    pub fn within(&self, windows: &[Range<Duration>]) -> Report {
+        let merged = merge_windows(windows);
+        let mut samples = Vec::new();
+        let mut next = 0;
+        for s in &self.samples {
+            // Both are sorted by start: skip the windows that ended before it.
+            while next < merged.len() && merged[next].end <= s.start {
+                next += 1;
+            }
+            if next == merged.len() {
+                break;
+            }
+            if merged[next].contains(&s.start) {
+                samples.push(*s);
+            }
+        }
+        Report {
+            samples,
+            elapsed: merged.iter().map(|w| w.end - w.start).sum(),
+        }
+    }
+}
+
+/// `windows` sorted by start, without empty ones, overlapping or touching
+/// ones joined.
+fn merge_windows(windows: &[Range<Duration>]) -> Vec<Range<Duration>> {
+    let mut sorted: Vec<Range<Duration>> =
+        windows.iter().filter(|w| !w.is_empty()).cloned().collect();
+    sorted.sort_by_key(|w| w.start);
+    let mut merged: Vec<Range<Duration>> = Vec::with_capacity(sorted.len());
+    for w in sorted {
+        match merged.last_mut() {
+            Some(last) if w.start <= last.end => last.end = last.end.max(w.end),
+            _ => merged.push(w),
+        }
+    }
+    merged
 }
 
 fn describe_failure(s: &Sample) -> String {
@@ -362,6 +406,13 @@ impl LoadHandle {
     pub fn stop(self) -> Report {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.finish()
+    }
+
+    /// The instant the run started: every [`Sample::start`] is measured
+    /// from it, so a caller can put its own events (a signal sent, a
+    /// process gone) on the same clock with `instant - run_start()`.
+    pub fn run_start(&self) -> Instant {
+        self.run_start
     }
 
     /// Requests that ended [`Class::Ok`] so far, for "wait until traffic
@@ -1441,6 +1492,62 @@ mod tests {
         );
         assert_eq!(report.ok_per_second(), 2.5);
         assert_eq!(Report::default().latency_quantile(0.5), None);
+    }
+
+    #[test]
+    fn within_keeps_requests_started_inside_the_windows() {
+        let samples: Vec<Sample> = (0..10)
+            .map(|i| Sample {
+                latency: Duration::from_millis(10 - i),
+                ..sample(
+                    i * 100,
+                    if i == 4 {
+                        Class::ResetAfterSend
+                    } else {
+                        Class::Ok
+                    },
+                    false,
+                )
+            })
+            .collect();
+        let report = Report {
+            samples,
+            elapsed: Duration::from_secs(1),
+        };
+        let ms = Duration::from_millis;
+        // Unsorted, overlapping, touching and empty windows.
+        let inside = report.within(&[
+            ms(350)..ms(450),
+            ms(0)..ms(50),
+            ms(400)..ms(500),
+            ms(500)..ms(501),
+            ms(900)..ms(900),
+        ]);
+        let starts: Vec<Duration> = inside.samples.iter().map(|s| s.start).collect();
+        assert_eq!(starts, vec![ms(0), ms(400), ms(500)]);
+        assert_eq!(inside.elapsed, ms(50 + 151));
+        assert_eq!(inside.ok(), 2);
+        assert_eq!(inside.count(Class::ResetAfterSend), 1);
+        assert_eq!(inside.latency_quantile(1.0), Some(ms(10)));
+        assert_eq!(inside.latency_quantile(0.0), Some(ms(5)));
+        // The end of a window is not in it; no window, no requests.
+        assert!(report.within(&[ms(1)..ms(100)]).samples.is_empty());
+        assert!(report.within(&[]).samples.is_empty());
+        assert_eq!(report.within(&[]).elapsed, Duration::ZERO);
+    }
+
+    #[test]
+    fn sample_starts_are_measured_from_run_start() {
+        let server = FakeServer::start(answer_all(OK_RESPONSE));
+        let mut config = cfg(server.addr, Mode::KeepAlive, 1, u64::MAX);
+        config.duration = Duration::from_secs(5);
+        let handle = LoadHandle::start(config);
+        let run_start = handle.run_start();
+        assert!(handle.wait_for_ok(5, Duration::from_secs(2)));
+        let before_stop = run_start.elapsed();
+        let report = handle.stop();
+        assert!(report.samples.iter().all(|s| s.start < before_stop));
+        assert!(report.elapsed >= before_stop);
     }
 
     #[test]

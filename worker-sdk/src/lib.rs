@@ -32,11 +32,13 @@ mod drain;
 pub mod http;
 mod listener;
 pub mod protocol;
+mod reopen;
 mod worker;
 
 pub use drain::Drain;
 pub use listener::describe as describe_address;
 pub use protocol::{DecodeError, ListenerInfo, ListenerKind};
+pub use reopen::Reopen;
 pub use worker::{Builder, Worker};
 
 /// What can go wrong for a worker.

@@ -82,6 +82,8 @@ pub enum MasterMessage {
         /// The listeners of this batch.
         listeners: Vec<ListenerInfo>,
     },
+    /// Reopen log files (the master's `baton reopen` / SIGUSR1).
+    Reopen {},
     /// Stop accepting, finish open work, exit within `deadline_ms`.
     Drain {
         /// Milliseconds from now until the master kills the worker.
@@ -196,6 +198,7 @@ mod tests {
                 ],
             },
             MasterMessage::Drain { deadline_ms: 1500 },
+            MasterMessage::Reopen {},
         ]
     }
 

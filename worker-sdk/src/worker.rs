@@ -5,12 +5,14 @@ use crate::channel::{Channel, ChannelError};
 use crate::drain::Drain;
 use crate::listener::{describe, Listener};
 use crate::protocol::{ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV};
+use crate::reopen::{self, Reopen};
 use crate::{DecodeError, Error};
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 /// How long a worker waits for the master's hello before giving up.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,6 +28,7 @@ pub struct Worker {
     listeners: BTreeMap<String, Listener>,
     control: Option<Arc<Channel>>,
     drain: Drain,
+    reopen: Reopen,
 }
 
 /// Configures a worker that also runs without baton.
@@ -65,9 +68,11 @@ impl Builder {
             }
         }
         let drain = Drain::new();
-        spawn_signal_drain(
+        let (reopen_tx, reopen) = Reopen::channel();
+        spawn_signal_handlers(
             drain.clone(),
             self.drain_timeout.unwrap_or(STANDALONE_DRAIN_TIMEOUT),
+            reopen_tx,
         )?;
         Ok(Worker {
             generation: 0,
@@ -75,6 +80,7 @@ impl Builder {
             listeners,
             control: None,
             drain,
+            reopen,
         })
     }
 }
@@ -213,6 +219,11 @@ impl Worker {
     pub fn drain(&self) -> Drain {
         self.drain.clone()
     }
+
+    /// Reopen requests (`baton reopen`; SIGUSR1 when standalone).
+    pub fn reopen(&self) -> Reopen {
+        self.reopen.clone()
+    }
 }
 
 async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
@@ -265,10 +276,12 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
         }
     }
     let drain = Drain::new();
+    let (reopen_tx, reopen) = Reopen::channel();
     spawn_control_reader(
         channel.clone(),
         drain.clone(),
         Duration::from_millis(drain_timeout_ms),
+        reopen_tx,
     );
     Ok(Worker {
         generation,
@@ -276,6 +289,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
         listeners,
         control: Some(channel.clone()),
         drain,
+        reopen,
     })
 }
 
@@ -296,15 +310,22 @@ async fn recv_master(channel: &Channel) -> Result<crate::channel::Received<Maste
 /// starts the drain; end of file (the master is gone) or a broken channel
 /// starts it too, with the hello's deadline, so no worker outlives its master
 /// by more than `drain_timeout`.
-fn spawn_control_reader(channel: Arc<Channel>, drain: Drain, drain_timeout: Duration) {
+fn spawn_control_reader(
+    channel: Arc<Channel>,
+    drain: Drain,
+    drain_timeout: Duration,
+    reopen: watch::Sender<u64>,
+) {
     tokio::spawn(async move {
         loop {
             match channel.recv::<MasterMessage>().await {
-                Ok(Some(received)) => {
-                    if let MasterMessage::Drain { deadline_ms } = received.message {
-                        drain.start(Duration::from_millis(deadline_ms));
+                Ok(Some(received)) => match received.message {
+                    MasterMessage::Drain { deadline_ms } => {
+                        drain.start(Duration::from_millis(deadline_ms))
                     }
-                }
+                    MasterMessage::Reopen {} => reopen::request(&reopen),
+                    MasterMessage::Hello { .. } | MasterMessage::Listeners { .. } => {}
+                },
                 Ok(None) | Err(_) => {
                     drain.start(drain_timeout);
                     return;
@@ -314,14 +335,22 @@ fn spawn_control_reader(channel: Arc<Channel>, drain: Drain, drain_timeout: Dura
     });
 }
 
-fn spawn_signal_drain(drain: Drain, timeout: Duration) -> Result<(), Error> {
+fn spawn_signal_handlers(
+    drain: Drain,
+    timeout: Duration,
+    reopen: watch::Sender<u64>,
+) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = usr1.recv() => reopen::request(&reopen),
+            }
         }
         drain.start(timeout);
     });

@@ -1,0 +1,253 @@
+//! Processes: what /proc says about them, and a guard that kills every
+//! process a scenario started, with its group and its descendants, even
+//! when the bench panics.
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// Whether `pid` is a live process; a zombie counts as gone.
+pub fn alive(pid: Pid) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat_field(&stat, 0).is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// Field `n` after the `(comm)` of /proc/PID/stat: 0 = state, 1 = ppid.
+fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    rest.split(' ').nth(n)
+}
+
+/// Direct children of `parent`, zombies included (a zombie is a child the
+/// parent failed to reap, which the resource check must see).
+pub fn children_of(parent: Pid) -> Vec<Pid> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if stat_field(&stat, 1).and_then(|p| p.parse().ok()) == Some(parent.as_raw()) {
+            out.push(Pid::from_raw(pid));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every process below `root` (bounded: a process tree deeper than 16 is
+/// not ours).
+pub fn descendants(root: Pid) -> Vec<Pid> {
+    let mut out = Vec::new();
+    let mut level = vec![root];
+    for _ in 0..16 {
+        let next: Vec<Pid> = level.iter().flat_map(|p| children_of(*p)).collect();
+        if next.is_empty() {
+            break;
+        }
+        out.extend(&next);
+        level = next;
+    }
+    out
+}
+
+/// Memory of a process, from /proc/PID/status.
+#[derive(Clone, Copy, Debug)]
+pub struct Memory {
+    /// VmRSS, KiB.
+    pub rss_kib: u64,
+    /// VmHWM (peak RSS), KiB.
+    pub peak_kib: u64,
+}
+
+/// `pid`'s resident memory, `None` once it is gone.
+pub fn memory(pid: Pid) -> Option<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(Memory {
+        rss_kib: kib("VmRSS:")?,
+        peak_kib: kib("VmHWM:")?,
+    })
+}
+
+/// How many fds `pid` holds, `None` if it cannot be read.
+pub fn fd_count(pid: Pid) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// `name` on PATH, else the first of `fallbacks` that exists.
+pub fn find_program(name: &str, fallbacks: &[&str]) -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    on_path.or_else(|| fallbacks.iter().map(PathBuf::from).find(|p| p.is_file()))
+}
+
+/// A free TCP port on 127.0.0.1 for a server that cannot be told to bind
+/// port 0 and report it (nginx, HAProxy): bound and released at once.
+pub fn free_port() -> io::Result<SocketAddr> {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()
+}
+
+/// Waits until something accepts connections on `addr`, polling every 10
+/// ms, or `child` exits, or `timeout` passes.
+pub fn wait_listening(addr: SocketAddr, guard: &mut Guard, timeout: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = guard.exited() {
+            return Err(io::Error::other(format!("it exited ({status})")));
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "nothing listening on {addr} after {timeout:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The processes of one scenario. Each is started in a process group of
+/// its own; on drop every one of them, every process below it and every
+/// process group among them get SIGKILL, and the direct children are
+/// reaped.
+#[derive(Default)]
+pub struct Guard {
+    children: Vec<Child>,
+    /// Processes the bench did not start but must not leave behind: a
+    /// master started by a binary upgrade.
+    adopted: Vec<Pid>,
+}
+
+impl Guard {
+    /// Starts `command` in a new process group.
+    pub fn spawn(&mut self, command: &mut Command) -> io::Result<Pid> {
+        let child = command.process_group(0).spawn()?;
+        let pid = Pid::from_raw(child.id() as i32);
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// The direct child `pid`, if it is one of ours.
+    pub fn child_mut(&mut self, pid: Pid) -> Option<&mut Child> {
+        self.children
+            .iter_mut()
+            .find(|c| c.id() as i32 == pid.as_raw())
+    }
+
+    /// Kills nothing on drop for `pid` any more: it exited and was reaped.
+    pub fn forget(&mut self, pid: Pid) {
+        self.children.retain(|c| c.id() as i32 != pid.as_raw());
+    }
+
+    /// Also kills `pid` (and what runs below it) on drop.
+    pub fn adopt(&mut self, pid: Pid) {
+        if !self.adopted.contains(&pid) {
+            self.adopted.push(pid);
+        }
+    }
+
+    /// The exit status of the first direct child that has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.children
+            .iter_mut()
+            .find_map(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Sends `signal` to the direct child `pid` and waits up to `grace` for
+    /// it to exit, then kills it; reaps it either way.
+    pub fn stop_child(&mut self, pid: Pid, signal: Signal, grace: Duration) -> io::Result<()> {
+        let child = self
+            .child_mut(pid)
+            .ok_or_else(|| io::Error::other(format!("{pid} is not a child of the bench")))?;
+        let _ = kill(pid, signal);
+        let deadline = Instant::now() + grace;
+        while child.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                let _ = killpg(pid, Signal::SIGKILL);
+                let _ = child.kill();
+                child.wait()?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.forget(pid);
+        Ok(())
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let roots: Vec<Pid> = self
+            .children
+            .iter()
+            .map(|c| Pid::from_raw(c.id() as i32))
+            .chain(self.adopted.iter().copied())
+            .collect();
+        // The whole tree first: once a master dies its workers are
+        // reparented and can no longer be found below it.
+        let mut all = roots.clone();
+        for root in &roots {
+            all.extend(descendants(*root));
+        }
+        for pid in &all {
+            let _ = killpg(*pid, Signal::SIGKILL);
+            let _ = kill(*pid, Signal::SIGKILL);
+        }
+        for child in &mut self.children {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A temp dir for one scenario, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh, empty directory under the system temp dir.
+    pub fn new(label: &str) -> io::Result<TempDir> {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("baton-bench-{}-{n}-{label}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir(path))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

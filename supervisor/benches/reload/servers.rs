@@ -1,0 +1,449 @@
+//! The systems under test, started the same way every time: baton with
+//! `hello`, `hello` alone, nginx and HAProxy serving a fixed 200. Each
+//! runs in a temp dir of its own, on 127.0.0.1, with one worker per CPU.
+
+use crate::procs::{self, Guard, TempDir};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to start serving.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a naively restarted `hello` may take to drain after SIGTERM
+/// before it is killed.
+const RESTART_GRACE: Duration = Duration::from_secs(5);
+
+/// The binaries the bench runs.
+pub struct Binaries {
+    /// `baton`, built by cargo for this bench.
+    pub baton: PathBuf,
+    /// The `hello` example of `baton-worker`.
+    pub hello: PathBuf,
+    /// `nginx`, when installed.
+    pub nginx: Option<PathBuf>,
+    /// `haproxy`, when installed.
+    pub haproxy: Option<PathBuf>,
+}
+
+/// Which server a scenario runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `baton run` with `hello` workers.
+    Baton,
+    /// `hello` on its own.
+    Hello,
+    /// nginx, master and workers.
+    Nginx,
+    /// HAProxy in master-worker mode.
+    Haproxy,
+}
+
+/// A running server. Dropping it kills every process it started.
+pub struct Server {
+    /// Where it serves.
+    pub addr: SocketAddr,
+    /// The process the bench signals and measures: the master, or `hello`
+    /// itself when it runs alone.
+    pub master: Pid,
+    /// The pid file the master writes (baton, nginx, HAProxy).
+    pub pid_file: Option<PathBuf>,
+    /// baton's JSON log.
+    pub log: Option<BatonLog>,
+    hello: Option<PathBuf>,
+    // Dropped in this order: the processes, then their directory.
+    guard: Guard,
+    dir: TempDir,
+}
+
+impl Server {
+    /// Starts a server of `kind`, ready to serve.
+    pub fn start(kind: Kind, bins: &Binaries) -> Result<Server, String> {
+        let dir = TempDir::new(&format!("{kind:?}").to_lowercase())
+            .map_err(|e| format!("cannot create a temp dir: {e}"))?;
+        match kind {
+            Kind::Baton => start_baton(dir, bins),
+            Kind::Hello => start_hello(dir, &bins.hello, "127.0.0.1:0"),
+            Kind::Nginx => start_nginx(dir, bins.nginx.as_deref().ok_or("not installed")?),
+            Kind::Haproxy => start_haproxy(dir, bins.haproxy.as_deref().ok_or("not installed")?),
+        }
+    }
+
+    /// Also kills `pid` (a master started by an upgrade) when dropped.
+    pub fn adopt(&mut self, pid: Pid) {
+        self.guard.adopt(pid);
+    }
+
+    /// The pid in the pid file, if it holds one.
+    pub fn pid_file_pid(&self) -> Option<Pid> {
+        let text = std::fs::read_to_string(self.pid_file.as_ref()?).ok()?;
+        text.trim().parse().ok().map(Pid::from_raw)
+    }
+
+    /// The naive restart of a standalone `hello`: SIGTERM, wait until it
+    /// has exited, start it again on the same address and wait until it
+    /// serves. Returns when the old one was gone and when the new one was
+    /// started.
+    pub fn restart(&mut self) -> Result<(Instant, Instant), String> {
+        let hello = self
+            .hello
+            .clone()
+            .ok_or("only a standalone hello restarts")?;
+        self.guard
+            .stop_child(self.master, Signal::SIGTERM, RESTART_GRACE)
+            .map_err(|e| format!("stopping hello: {e}"))?;
+        let gone = Instant::now();
+        let pid = spawn_hello(&mut self.guard, self.dir.path(), &hello, self.addr)?;
+        self.master = pid.0;
+        let started = Instant::now();
+        wait_serving(&pid.1, &mut self.guard)?;
+        Ok((gone, started))
+    }
+}
+
+/// What a standalone `hello` says once it serves: `hello: serving on ADDR`.
+type Serving = mpsc::Receiver<SocketAddr>;
+
+fn spawn_hello(
+    guard: &mut Guard,
+    dir: &Path,
+    hello: &Path,
+    listen: impl std::fmt::Display,
+) -> Result<(Pid, Serving), String> {
+    let mut command = Command::new(hello);
+    command
+        .arg("--listen")
+        .arg(listen.to_string())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let pid = guard
+        .spawn(&mut command)
+        .map_err(|e| format!("cannot start {}: {e}", hello.display()))?;
+    let stderr = guard
+        .child_mut(pid)
+        .and_then(|c| c.stderr.take())
+        .ok_or("hello has no stderr")?;
+    let (tx, rx) = mpsc::channel();
+    // Reads until hello exits, so it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line.strip_prefix("hello: serving on ") {
+                if let Ok(addr) = addr.trim().parse() {
+                    let _ = tx.send(addr);
+                }
+            }
+        }
+    });
+    Ok((pid, rx))
+}
+
+fn wait_serving(serving: &Serving, guard: &mut Guard) -> Result<SocketAddr, String> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        match serving.recv_timeout(Duration::from_millis(10)) {
+            Ok(addr) => return Ok(addr),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("hello exited before serving".into())
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if let Some(status) = guard.exited() {
+            return Err(format!("hello exited before serving ({status})"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("hello did not serve within {START_TIMEOUT:?}"));
+        }
+    }
+}
+
+fn start_hello(dir: TempDir, hello: &Path, listen: &str) -> Result<Server, String> {
+    let mut guard = Guard::default();
+    let (pid, serving) = spawn_hello(&mut guard, dir.path(), hello, listen)?;
+    let addr = wait_serving(&serving, &mut guard)?;
+    Ok(Server {
+        addr,
+        master: pid,
+        pid_file: None,
+        log: None,
+        hello: Some(hello.to_path_buf()),
+        guard,
+        dir,
+    })
+}
+
+fn start_baton(dir: TempDir, bins: &Binaries) -> Result<Server, String> {
+    let config = format!(
+        "[supervisor]\ncontrol_socket = \"baton.sock\"\npid_file = \"baton.pid\"\n\
+         log_format = \"json\"\nlog_filter = \"info\"\n\n\
+         [[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n\
+         [worker]\ncommand = [{:?}]\nprocesses = {}\nready_timeout = \"10s\"\ndrain_timeout = \"10s\"\n",
+        bins.hello.display().to_string(),
+        cpus(),
+    );
+    let config_path = dir.path().join("baton.toml");
+    std::fs::write(&config_path, config).map_err(|e| format!("writing baton.toml: {e}"))?;
+    let mut command = Command::new(&bins.baton);
+    command
+        .arg("run")
+        .arg("-c")
+        .arg(&config_path)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut guard = Guard::default();
+    let master = guard
+        .spawn(&mut command)
+        .map_err(|e| format!("cannot start {}: {e}", bins.baton.display()))?;
+    let stderr = guard
+        .child_mut(master)
+        .and_then(|c| c.stderr.take())
+        .ok_or("baton has no stderr")?;
+    let log = BatonLog::start(stderr);
+    let failed = |what: &str| format!("{what}; the master's last log lines: {}", log.tail(5));
+    log.wait_for(0, START_TIMEOUT, |e| {
+        message(e) == "reload committed" && e["span"]["generation"].as_u64() == Some(1)
+    })
+    .ok_or_else(|| failed("generation 1 was not committed"))?;
+    let bound = log
+        .wait_for(0, START_TIMEOUT, |e| {
+            message(e) == "listener bound" && field(e, "listener") == "http"
+        })
+        .ok_or_else(|| failed("no `listener bound` event"))?;
+    let addr = field(&bound, "address")
+        .parse()
+        .map_err(|e| failed(&format!("bad listener address: {e}")))?;
+    let server = Server {
+        addr,
+        master,
+        pid_file: Some(dir.path().join("baton.pid")),
+        log: Some(log),
+        hello: None,
+        guard,
+        dir,
+    };
+    let deadline = Instant::now() + START_TIMEOUT;
+    while server.pid_file_pid() != Some(master) {
+        if Instant::now() >= deadline {
+            return Err("the master wrote no pid file".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(server)
+}
+
+/// Starts an external server (nginx, HAProxy) with its output in
+/// `output.log` and waits until it accepts connections on `addr`.
+fn start_external(
+    dir: TempDir,
+    mut command: Command,
+    addr: SocketAddr,
+    pid_file: PathBuf,
+    logs: &[&str],
+) -> Result<Server, String> {
+    let output = std::fs::File::create(dir.path().join("output.log"))
+        .and_then(|f| Ok((f.try_clone()?, f)))
+        .map_err(|e| format!("creating output.log: {e}"))?;
+    command
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(output.0)
+        .stderr(output.1);
+    let mut guard = Guard::default();
+    let master = guard
+        .spawn(&mut command)
+        .map_err(|e| format!("cannot start {:?}: {e}", command.get_program()))?;
+    if let Err(e) = procs::wait_listening(addr, &mut guard, START_TIMEOUT) {
+        let mut text = String::new();
+        for log in ["output.log"].iter().chain(logs) {
+            if let Ok(mut f) = std::fs::File::open(dir.path().join(log)) {
+                let _ = f.read_to_string(&mut text);
+            }
+        }
+        return Err(format!("{e}; its log: {}", text.trim()));
+    }
+    Ok(Server {
+        addr,
+        master,
+        pid_file: Some(pid_file),
+        log: None,
+        hello: None,
+        guard,
+        dir,
+    })
+}
+
+fn start_nginx(dir: TempDir, nginx: &Path) -> Result<Server, String> {
+    let addr = procs::free_port().map_err(|e| format!("no free port: {e}"))?;
+    let prefix = dir.path().display().to_string();
+    // The worker pid in the generation header lets the bench tell which
+    // workers answered: those alive before a reload, or new ones.
+    let config = format!(
+        "daemon off;\nmaster_process on;\nworker_processes {cpus};\n\
+         pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n    access_log off;\n    keepalive_requests 1000000;\n    keepalive_timeout 75s;\n\
+         \x20   client_body_temp_path {prefix}/body;\n    proxy_temp_path {prefix}/proxy;\n\
+         \x20   fastcgi_temp_path {prefix}/fastcgi;\n    uwsgi_temp_path {prefix}/uwsgi;\n\
+         \x20   scgi_temp_path {prefix}/scgi;\n\
+         \x20   server {{\n        listen {addr};\n        location / {{\n\
+         \x20           add_header x-baton-generation $pid;\n            return 200 \"ok\\n\";\n\
+         \x20       }}\n    }}\n}}\n",
+        cpus = cpus(),
+    );
+    let conf = dir.path().join("nginx.conf");
+    std::fs::write(&conf, config).map_err(|e| format!("writing nginx.conf: {e}"))?;
+    let mut command = Command::new(nginx);
+    command
+        .arg("-e")
+        .arg(dir.path().join("error.log"))
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(format!("{prefix}/"));
+    let pid_file = dir.path().join("nginx.pid");
+    start_external(dir, command, addr, pid_file, &["error.log"])
+}
+
+fn start_haproxy(dir: TempDir, haproxy: &Path) -> Result<Server, String> {
+    let addr = procs::free_port().map_err(|e| format!("no free port: {e}"))?;
+    let pid_file = dir.path().join("haproxy.pid");
+    // `%pid` in the generation header: as for nginx, the worker's pid.
+    let config = format!(
+        "global\n    pidfile {pid_file}\n    nbthread {cpus}\n\n\
+         defaults\n    mode http\n    timeout client 75s\n    timeout connect 5s\n    timeout server 75s\n\n\
+         frontend bench\n    bind {addr}\n\
+         \x20   http-request return status 200 content-type text/plain string \"ok\" hdr x-baton-generation \"%pid\"\n",
+        pid_file = pid_file.display(),
+        cpus = cpus(),
+    );
+    let conf = dir.path().join("haproxy.cfg");
+    std::fs::write(&conf, config).map_err(|e| format!("writing haproxy.cfg: {e}"))?;
+    let mut command = Command::new(haproxy);
+    command.arg("-W").arg("-f").arg(&conf);
+    start_external(dir, command, addr, pid_file, &[])
+}
+
+/// CPUs available to the bench: every server gets one worker per CPU.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `nginx -v` / `haproxy -v`, shortened to e.g. `nginx 1.22.1`.
+pub fn version(program: &Path) -> Option<String> {
+    let output = Command::new(program)
+        .arg("-v")
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+    let line = text.lines().next()?;
+    if let Some(v) = line.strip_prefix("nginx version: nginx/") {
+        return Some(format!("nginx {}", v.trim()));
+    }
+    let v = line
+        .strip_prefix("HAProxy version ")?
+        .split([' ', '-'])
+        .next()?;
+    Some(format!("HAProxy {v}"))
+}
+
+#[derive(Default)]
+struct LogState {
+    events: Vec<Value>,
+    closed: bool,
+}
+
+/// baton's JSON log, read from its stderr by a thread of its own (which
+/// also keeps the pipe from filling up).
+#[derive(Clone)]
+pub struct BatonLog(Arc<(Mutex<LogState>, Condvar)>);
+
+impl BatonLog {
+    fn start(stderr: impl Read + Send + 'static) -> BatonLog {
+        let log = BatonLog(Arc::default());
+        let writer = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let event = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                writer.0 .0.lock().unwrap().events.push(event);
+                writer.0 .1.notify_all();
+            }
+            writer.0 .0.lock().unwrap().closed = true;
+            writer.0 .1.notify_all();
+        });
+        log
+    }
+
+    /// How many events were logged so far.
+    pub fn len(&self) -> usize {
+        self.0 .0.lock().unwrap().events.len()
+    }
+
+    /// The events logged since event number `from`.
+    pub fn since(&self, from: usize) -> Vec<Value> {
+        let state = self.0 .0.lock().unwrap();
+        state.events.get(from..).unwrap_or_default().to_vec()
+    }
+
+    /// Waits for the first event from number `from` on matching `pred`.
+    pub fn wait_for(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cond) = &*self.0;
+        let mut state = lock.lock().unwrap();
+        loop {
+            if let Some(e) = state.events.get(from..)?.iter().find(|e| pred(e)) {
+                return Some(e.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline || state.closed {
+                return None;
+            }
+            state = cond.wait_timeout(state, deadline - now).unwrap().0;
+        }
+    }
+
+    /// The last `n` events, as text for an error message.
+    fn tail(&self, n: usize) -> String {
+        let state = self.0 .0.lock().unwrap();
+        let start = state.events.len().saturating_sub(n);
+        let lines: Vec<String> = state.events[start..]
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        if lines.is_empty() {
+            "none".into()
+        } else {
+            lines.join(" | ")
+        }
+    }
+}
+
+/// The `message` of a JSON log event.
+pub fn message(event: &Value) -> &str {
+    event["fields"]["message"].as_str().unwrap_or("")
+}
+
+/// A field of a JSON log event, as text.
+pub fn field(event: &Value, name: &str) -> String {
+    match &event["fields"][name] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}

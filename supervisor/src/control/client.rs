@@ -1,0 +1,60 @@
+//! The CLI's side of the control socket.
+
+use super::protocol::{encode_line, Envelope, Reply, Request, VERSION};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Why a request got no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No master listens there (exit code 2).
+    #[error("cannot reach the master at {path}: {source}")]
+    Unreachable {
+        /// The socket path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The master did not answer in time.
+    #[error("no reply from the master within {0:?}")]
+    Timeout(Duration),
+    /// The reply could not be read.
+    #[error("bad reply from the master: {0}")]
+    BadReply(String),
+}
+
+/// Sends `request` and waits up to `timeout` for the reply.
+pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply, ClientError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    let broken = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            ClientError::Timeout(timeout)
+        }
+        _ => ClientError::BadReply(e.to_string()),
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(broken)?;
+    stream.write_all(&encode_line(request)).map_err(broken)?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(broken)?;
+    if line.is_empty() {
+        return Err(ClientError::BadReply(
+            "the master closed the connection".into(),
+        ));
+    }
+    let reply: Envelope<Reply> =
+        serde_json::from_str(&line).map_err(|e| ClientError::BadReply(format!("{e}: {line:?}")))?;
+    if reply.v != VERSION {
+        return Err(ClientError::BadReply(format!(
+            "control protocol version {}, this CLI speaks {VERSION}",
+            reply.v
+        )));
+    }
+    Ok(reply.body)
+}

@@ -1,0 +1,59 @@
+//! The master's answers to control requests.
+
+use super::protocol::{Reply, Request};
+use crate::master::{Master, Stop, Waiter};
+use crate::reload::Trigger;
+use crate::scale::ScaleChange;
+use baton_worker::protocol::MasterMessage;
+
+impl Master {
+    /// Answers one control request; a reload answers when it has finished.
+    pub(crate) fn on_control(&mut self, request: Request, reply: Waiter) {
+        tracing::debug!(?request, "control request");
+        let answer = match request {
+            Request::Reload {} => return self.request_reload(Trigger::Cli, Some(reply)),
+            Request::Status {} => Reply::ok(self.status()),
+            Request::Stop { fast } => {
+                self.stop(if fast { Stop::Fast } else { Stop::Graceful });
+                Reply::ok(serde_json::json!({ "pid": std::process::id() }))
+            }
+            Request::Reopen {} => {
+                let workers = self.reopen();
+                Reply::ok(serde_json::json!({ "workers": workers }))
+            }
+            Request::Scale { by, to } => {
+                let change = match (by, to) {
+                    (Some(by), None) => Ok(ScaleChange::By(by)),
+                    (None, Some(to)) => Ok(ScaleChange::To(to)),
+                    _ => Err("scale takes exactly one of \"by\" and \"to\"".to_string()),
+                };
+                match change.and_then(|change| self.scale(change)) {
+                    Ok(scaled) => Reply::ok(scaled),
+                    Err(reason) => Reply::error(reason),
+                }
+            }
+        };
+        let _ = reply.send(answer);
+    }
+
+    /// Reopens the master's log file and tells every worker to reopen its
+    /// own; returns how many workers were told.
+    pub fn reopen(&mut self) -> usize {
+        if let Err(e) = self.log.reopen() {
+            tracing::error!(error = %format!("{e:#}"), "cannot reopen the log file");
+        }
+        let mut told = 0;
+        for worker in self.generations.values().flat_map(|g| g.workers.values()) {
+            // SDK workers hear it on their channel: a signal would kill a
+            // worker that does not expect it.
+            match worker.channel.try_send(&MasterMessage::Reopen {}, &[]) {
+                Ok(()) => told += 1,
+                Err(e) => {
+                    tracing::warn!(pid = worker.pid.as_raw(), error = %e, "cannot tell worker to reopen")
+                }
+            }
+        }
+        tracing::info!(workers = told, "logs reopened");
+        told
+    }
+}

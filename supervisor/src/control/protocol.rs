@@ -1,0 +1,289 @@
+//! The control protocol between the `baton` CLI and the master:
+//! newline-delimited JSON over the control socket, one request and one reply
+//! per line, each with a protocol version `v`. Documented in the README.
+
+use serde::{Deserialize, Serialize};
+
+/// The control protocol version.
+pub const VERSION: u32 = 1;
+
+/// The longest request line the master reads.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// What the CLI asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Run the reload transaction and reply with its outcome.
+    Reload {},
+    /// Reply with the master's status.
+    Status {},
+    /// Stop gracefully (drain) or fast.
+    Stop {
+        /// Fast stop (like SIGTERM) instead of graceful (like SIGQUIT).
+        #[serde(default)]
+        fast: bool,
+    },
+    /// Reopen the log file; workers reopen theirs.
+    Reopen {},
+    /// Change the number of workers of the current generation.
+    Scale {
+        /// Add (positive) or remove (negative) this many workers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<i64>,
+        /// Set the number of workers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<i64>,
+    },
+}
+
+/// A request on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// Protocol version.
+    pub v: u32,
+    /// The request or reply.
+    #[serde(flatten)]
+    pub body: T,
+}
+
+/// The master's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request succeeded (a failed reload is `false`).
+    pub ok: bool,
+    /// What went wrong, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The command's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+impl Reply {
+    /// A success with `result`.
+    pub fn ok(result: impl Serialize) -> Reply {
+        Reply {
+            ok: true,
+            error: None,
+            result: serde_json::to_value(result).ok(),
+        }
+    }
+
+    /// A refusal or failure.
+    pub fn error(message: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(message.into()),
+            result: None,
+        }
+    }
+
+    /// A failure that still carries a result (a failed reload's outcome).
+    pub fn failed(message: impl Into<String>, result: impl Serialize) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(message.into()),
+            result: serde_json::to_value(result).ok(),
+        }
+    }
+}
+
+/// Decodes one request line; the error is the reply to send.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        v: u32,
+    }
+    let version: VersionOnly = serde_json::from_slice(line)
+        .map_err(|e| format!("malformed request (expected a JSON object with \"v\"): {e}"))?;
+    if version.v != VERSION {
+        return Err(format!(
+            "unsupported control protocol version {}; this master speaks {VERSION}",
+            version.v
+        ));
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
+    if let Some(object) = value.as_object_mut() {
+        object.remove("v");
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid request: {e}"))
+}
+
+/// Encodes a message as one line.
+pub fn encode_line<T: Serialize>(body: T) -> Vec<u8> {
+    let mut line =
+        serde_json::to_vec(&Envelope { v: VERSION, body }).expect("control messages serialize");
+    line.push(b'\n');
+    line
+}
+
+/// Reload outcome, as `baton reload` prints it and `status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReloadOutcome {
+    /// The generation the transaction started.
+    pub generation: u64,
+    /// `start`, `signal`, `cli`, `coalesced`.
+    pub trigger: String,
+    /// `committed` or `failed`.
+    pub outcome: String,
+    /// The failing phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_phase: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Each phase reached and its duration.
+    pub phases: Vec<PhaseTime>,
+    /// The new generation's worker pids (when committed).
+    pub pids: Vec<i32>,
+    /// When it ended, in seconds since the Unix epoch.
+    pub finished_at: f64,
+}
+
+/// One phase's duration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTime {
+    /// validate, bind, spawn, ready, commit.
+    pub phase: String,
+    /// Milliseconds.
+    pub ms: f64,
+}
+
+/// `baton status --json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The master.
+    pub master: MasterStatus,
+    /// Listeners of the current configuration.
+    pub listeners: Vec<ListenerStatus>,
+    /// Every generation with live workers, oldest first.
+    pub generations: Vec<GenerationStatus>,
+    /// The generation a reload is starting, if one is under way.
+    #[serde(default)]
+    pub reload_in_progress: Option<u64>,
+    /// The last finished reload (including the start).
+    #[serde(default)]
+    pub last_reload: Option<ReloadOutcome>,
+}
+
+/// The master process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MasterStatus {
+    /// Its pid.
+    pub pid: u32,
+    /// Seconds since it started.
+    pub uptime_s: f64,
+    /// The config file it re-reads on reload.
+    pub config: String,
+    /// Hash of the current generation's config.
+    pub config_hash: String,
+    /// The current generation.
+    pub current_generation: Option<u64>,
+    /// `running`, `stopping`.
+    pub state: String,
+}
+
+/// A listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    /// Name.
+    pub name: String,
+    /// tcp, unix, udp.
+    pub kind: String,
+    /// The bound address.
+    pub address: String,
+    /// The fd number in the master.
+    pub fd: i32,
+}
+
+/// A generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    /// 1, 2, ...
+    pub number: u64,
+    /// starting, current, draining, failed.
+    pub state: String,
+    /// Seconds since it started.
+    pub age_s: f64,
+    /// How many workers it should have.
+    pub processes: u32,
+    /// Its config's hash.
+    pub config_hash: String,
+    /// Its live workers.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// A worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Pid.
+    pub pid: i32,
+    /// Index in its generation.
+    pub index: u32,
+    /// starting, ready, draining, killed.
+    pub state: String,
+    /// Seconds since it started.
+    pub uptime_s: f64,
+    /// How many times its index was respawned.
+    pub restarts: u32,
+    /// Open connections it last reported.
+    #[serde(default)]
+    pub connections: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for request in [
+            Request::Reload {},
+            Request::Status {},
+            Request::Stop { fast: true },
+            Request::Reopen {},
+            Request::Scale {
+                by: Some(-1),
+                to: None,
+            },
+        ] {
+            let line = encode_line(&request);
+            assert_eq!(decode_request(&line).unwrap(), request);
+        }
+        assert_eq!(
+            String::from_utf8(encode_line(Request::Stop { fast: false })).unwrap(),
+            "{\"v\":1,\"command\":\"stop\",\"fast\":false}\n"
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_errors_that_say_why() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "malformed request"),
+            (b"{\"command\":\"status\"}", "malformed request"),
+            (
+                b"{\"v\":2,\"command\":\"status\"}",
+                "unsupported control protocol version 2",
+            ),
+            (
+                b"{\"v\":1,\"command\":\"explode\"}",
+                "unknown variant `explode`",
+            ),
+            (b"{\"v\":1}", "invalid request"),
+            (
+                b"{\"v\":1,\"command\":\"stop\",\"fast\":\"yes\"}",
+                "invalid request",
+            ),
+            (
+                b"{\"v\":1,\"command\":\"scale\",\"by\":1,\"extra\":2}",
+                "unknown field",
+            ),
+        ];
+        for (line, want) in cases {
+            let error = decode_request(line).unwrap_err();
+            assert!(error.contains(want), "{line:?}: {error}");
+        }
+    }
+}

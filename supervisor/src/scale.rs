@@ -1,0 +1,125 @@
+//! Scaling the current generation (`baton scale`, SIGTTIN, SIGTTOU).
+
+use crate::master::Master;
+use crate::worker::State;
+use serde::Serialize;
+
+/// The most workers a generation may have.
+pub const MAX_PROCESSES: i64 = 1024;
+
+/// A worker count chosen by `baton scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScaleOverride {
+    /// The chosen count.
+    pub processes: u32,
+    /// The config's `processes` when it was chosen: a reload to a config
+    /// that changes `processes` drops the override.
+    pub config_processes: u32,
+}
+
+/// How to change the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleChange {
+    /// Add (or, negative, remove) workers.
+    By(i64),
+    /// Set the count.
+    To(i64),
+}
+
+/// What a scale did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scaled {
+    /// The current generation.
+    pub generation: u64,
+    /// Its worker count before.
+    pub from: u32,
+    /// Its worker count now.
+    pub processes: u32,
+}
+
+impl Master {
+    /// Changes the current generation's worker count: new workers are started
+    /// (and report ready as usual); surplus ones, highest index first, drain.
+    pub fn scale(&mut self, change: ScaleChange) -> Result<Scaled, String> {
+        if self.stopping.is_some() {
+            return Err("the master is stopping".into());
+        }
+        if self.reload.is_some() {
+            return Err("a reload is in progress; scale once it has finished".into());
+        }
+        let config_processes = self.config.worker.processes;
+        let Some(generation) = self.current.and_then(|n| self.generations.get_mut(&n)) else {
+            return Err("no current generation".into());
+        };
+        let from = generation.processes;
+        let wanted = match change {
+            ScaleChange::By(n) => i64::from(from) + n,
+            ScaleChange::To(n) => n,
+        };
+        if !(1..=MAX_PROCESSES).contains(&wanted) {
+            return Err(format!(
+                "cannot scale generation {} from {from} to {wanted} workers: the count must be between 1 and {MAX_PROCESSES}",
+                generation.number
+            ));
+        }
+        let wanted = wanted as u32;
+        generation.processes = wanted;
+        let drain_timeout = generation.config.worker.drain_timeout.0;
+        // Surplus workers: drain them and forget their pending respawns.
+        generation.respawns.retain(|index, _| *index < wanted);
+        for worker in generation.workers.values_mut() {
+            if worker.index >= wanted
+                && !matches!(worker.state, State::Draining { .. } | State::Killed)
+            {
+                worker.drain(drain_timeout);
+            }
+        }
+        // Missing workers: start every index below the count that has no
+        // live, non-draining worker and no pending respawn.
+        let mut started = Vec::new();
+        for index in 0..wanted {
+            let present = generation.respawns.contains_key(&index)
+                || generation.workers.values().any(|w| {
+                    w.index == index && !matches!(w.state, State::Draining { .. } | State::Killed)
+                });
+            if !present {
+                match generation.spawn(index, 0, 0) {
+                    Ok(worker) => started.push((worker.pid, worker.channel.clone())),
+                    Err(e) => return Err(format!("starting worker {index}: {e:#}")),
+                }
+            }
+        }
+        let number = generation.number;
+        for (pid, channel) in started {
+            let reader = self.watch(pid, channel);
+            if let Some(worker) = self
+                .generation_of(pid)
+                .and_then(|g| g.workers.get_mut(&pid))
+            {
+                worker.reader = Some(reader);
+            }
+        }
+        self.scale = Some(ScaleOverride {
+            processes: wanted,
+            config_processes,
+        });
+        tracing::info!(
+            generation = number,
+            from,
+            processes = wanted,
+            "generation scaled"
+        );
+        Ok(Scaled {
+            generation: number,
+            from,
+            processes: wanted,
+        })
+    }
+
+    /// Scales from a signal: the outcome goes to the log only.
+    pub fn scale_logged(&mut self, change: ScaleChange) {
+        if let Err(reason) = self.scale(change) {
+            tracing::error!(%reason, "scale refused");
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `baton status`: the master's state as the control protocol reports it,
+//! and the aligned table the CLI prints.
+
+use crate::control::protocol::{
+    GenerationStatus, ListenerStatus, MasterStatus, Status, WorkerStatus,
+};
+use crate::master::Master;
+use std::fmt::Write;
+use std::os::fd::AsRawFd;
+
+impl Master {
+    /// A snapshot of everything `baton status` shows.
+    pub fn status(&self) -> Status {
+        let generations = self
+            .generations
+            .values()
+            .map(|g| GenerationStatus {
+                number: g.number,
+                state: g.phase.name().into(),
+                age_s: g.started.elapsed().as_secs_f64(),
+                processes: g.processes,
+                config_hash: g.config.hash.clone(),
+                workers: g
+                    .workers
+                    .values()
+                    .map(|w| WorkerStatus {
+                        pid: w.pid.as_raw(),
+                        index: w.index,
+                        state: w.state.name().into(),
+                        uptime_s: w.started.elapsed().as_secs_f64(),
+                        restarts: w.restarts,
+                        connections: w.connections,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let last_reload = self.last_reload.as_ref().map(|outcome| {
+            let pids = match (&outcome.failure, self.generations.get(&outcome.generation)) {
+                (None, Some(g)) => g.workers.keys().map(|p| p.as_raw()).collect(),
+                _ => Vec::new(),
+            };
+            outcome.report(pids)
+        });
+        Status {
+            master: MasterStatus {
+                pid: std::process::id(),
+                uptime_s: self.started.elapsed().as_secs_f64(),
+                config: self.config_path.display().to_string(),
+                config_hash: self.config.hash.clone(),
+                current_generation: self.current,
+                state: if self.stopping.is_some() {
+                    "stopping"
+                } else {
+                    "running"
+                }
+                .into(),
+            },
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| ListenerStatus {
+                    name: l.info.name.clone(),
+                    kind: l.info.kind.to_string(),
+                    address: l.info.address.clone(),
+                    fd: l.fd().as_raw_fd(),
+                })
+                .collect(),
+            generations,
+            reload_in_progress: self.reload.as_ref().map(|r| r.generation()),
+            last_reload,
+        }
+    }
+}
+
+/// Seconds as `3s`, `5m12s`, `2h03m`, `4d02h`.
+pub fn age(seconds: f64) -> String {
+    let s = seconds as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// Lays out rows so that every column is aligned.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+/// The human form of `baton status`.
+pub fn render(status: &Status) -> String {
+    let m = &status.master;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "master   pid {}  up {}  {}  config {} ({})",
+        m.pid,
+        age(m.uptime_s),
+        m.state,
+        m.config,
+        m.config_hash
+    );
+    if let Some(n) = status.reload_in_progress {
+        let _ = writeln!(out, "reload   in progress: generation {n}");
+    }
+    if let Some(r) = &status.last_reload {
+        let detail = match (&r.failed_phase, &r.reason) {
+            (Some(phase), Some(reason)) => format!("failed in {phase}: {reason}"),
+            _ => "committed".into(),
+        };
+        let _ = writeln!(
+            out,
+            "last     reload to generation {} ({}): {detail}",
+            r.generation, r.trigger
+        );
+    }
+    out.push('\n');
+    let mut rows = vec![vec![
+        "LISTENER".into(),
+        "KIND".into(),
+        "ADDRESS".into(),
+        "FD".into(),
+    ]];
+    rows.extend(status.listeners.iter().map(|l| {
+        vec![
+            l.name.clone(),
+            l.kind.clone(),
+            l.address.clone(),
+            l.fd.to_string(),
+        ]
+    }));
+    out.push_str(&table(&rows));
+    out.push('\n');
+    let mut rows = vec![[
+        "GEN", "STATE", "AGE", "WORKER", "PID", "WSTATE", "UPTIME", "RESTARTS", "CONNS",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>()];
+    for g in &status.generations {
+        let head = vec![g.number.to_string(), g.state.clone(), age(g.age_s)];
+        if g.workers.is_empty() {
+            rows.push(head.clone());
+        }
+        for (i, w) in g.workers.iter().enumerate() {
+            let mut row = if i == 0 {
+                head.clone()
+            } else {
+                vec![String::new(); 3]
+            };
+            row.extend([
+                w.index.to_string(),
+                w.pid.to_string(),
+                w.state.clone(),
+                age(w.uptime_s),
+                w.restarts.to_string(),
+                w.connections.map_or("-".into(), |c| c.to_string()),
+            ]);
+            rows.push(row);
+        }
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_naturally() {
+        assert_eq!(age(0.4), "0s");
+        assert_eq!(age(312.0), "5m12s");
+        assert_eq!(age(7380.0), "2h03m");
+        assert_eq!(age(352_800.0), "4d02h");
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let out = table(&[
+            vec!["A".into(), "LONG HEADER".into(), "C".into()],
+            vec!["wide cell".into(), "x".into(), "y".into()],
+        ]);
+        assert_eq!(
+            out,
+            "A          LONG HEADER  C\nwide cell  x            y\n"
+        );
+    }
+}
