@@ -5,6 +5,8 @@
 use crate::config::{parse_duration, Config};
 use crate::control::client::{self, ClientError};
 use crate::control::protocol::{ReloadOutcome, Reply, Request, Status};
+use crate::upgrade::handoff::Takeover;
+use crate::upgrade::Program;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -48,6 +50,12 @@ pub enum Command {
     Check,
     /// Reload: start a new generation, wait until it is ready, drain the old one.
     Reload {
+        /// How long to wait for the outcome.
+        #[arg(long, value_parser = duration, default_value = "10m")]
+        timeout: Duration,
+    },
+    /// Replace the master by the binary at its path, without dropping a connection.
+    Upgrade {
         /// How long to wait for the outcome.
         #[arg(long, value_parser = duration, default_value = "10m")]
         timeout: Duration,
@@ -202,6 +210,16 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             }
             Ok(exit(&reply))
         }
+        Command::Upgrade { timeout } => {
+            let reply = client::request(socket, &Request::Upgrade {}, timeout)?;
+            if let Some(r) = &reply.result {
+                println!(
+                    "upgraded: master {} -> {} (generation {})",
+                    r["old_pid"], r["new_pid"], r["generation"]
+                );
+            }
+            Ok(exit(&reply))
+        }
         Command::Status { json } => {
             let reply = client::request(socket, &Request::Status {}, QUICK)?;
             if let Some(status) = result::<Status>(&reply) {
@@ -317,24 +335,38 @@ fn send_signal(config: &Path, signal: NginxSignal) -> anyhow::Result<()> {
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
+    let program = Program::current();
     crate::fds::close_on_exec_inherited().context("marking inherited fds close-on-exec")?;
-    let log = crate::logging::init(
-        &config.supervisor.log_filter,
-        config.supervisor.log_format,
-        config.supervisor.log_file.as_deref(),
-    )
-    .context("setting up logging")?;
     // One thread, one event loop: the master never needs more.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the event loop")?;
-    let result = runtime.block_on(crate::master::run(config, log));
-    if let Err(e) = &result {
-        tracing::error!(error = %format!("{e:#}"), "master failed");
-    }
-    result
+    runtime.block_on(async {
+        // Started by an upgrade: the old master's listeners come first, and
+        // a config it rejects is reported back to it.
+        let takeover = Takeover::receive_from_env().await?;
+        let config = match Config::load(path) {
+            Ok(config) => config,
+            Err(e) => {
+                if let Some(takeover) = &takeover {
+                    takeover.fail("config", &e.to_string());
+                }
+                return Err(e.into());
+            }
+        };
+        let log = crate::logging::init(
+            &config.supervisor.log_filter,
+            config.supervisor.log_format,
+            config.supervisor.log_file.as_deref(),
+        )
+        .context("setting up logging")?;
+        let result = crate::master::run(config, log, program, takeover).await;
+        if let Err(e) = &result {
+            tracing::error!(error = %format!("{e:#}"), "master failed");
+        }
+        result
+    })
 }
 
 #[cfg(test)]

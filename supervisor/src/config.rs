@@ -67,6 +67,13 @@ pub struct SupervisorConfig {
     /// Log to this file instead of stderr (reopened by `baton reopen`).
     #[serde(default)]
     pub log_file: Option<PathBuf>,
+    /// How long a binary upgrade may take until the new master serves.
+    #[serde(default = "default_upgrade_timeout")]
+    pub upgrade_timeout: Dur,
+}
+
+fn default_upgrade_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
 }
 
 impl Default for SupervisorConfig {
@@ -77,6 +84,7 @@ impl Default for SupervisorConfig {
             log_filter: default_log_filter(),
             log_format: LogFormat::default(),
             log_file: None,
+            upgrade_timeout: default_upgrade_timeout(),
         }
     }
 }

@@ -13,6 +13,8 @@ pub mod master;
 pub mod pidfile;
 pub mod reload;
 pub mod scale;
+pub mod sd_notify;
 pub mod signals;
 pub mod status;
+pub mod upgrade;
 pub mod worker;

@@ -23,6 +23,9 @@ pub struct Listener {
     pub info: ListenerInfo,
     fd: OwnedFd,
     unix_path: Option<PathBuf>,
+    /// Cleared when the socket is handed to a new master, which keeps using
+    /// the path.
+    remove_path: std::cell::Cell<bool>,
 }
 
 /// Listeners are shared between the master's current set and the
@@ -34,6 +37,35 @@ impl Listener {
     pub fn bind(config: &ListenerConfig) -> anyhow::Result<Listener> {
         bind_socket(config)
             .with_context(|| format!("binding listener `{}` on {}", config.name, config.address))
+    }
+
+    /// Adopts a socket handed over by a previous master, after checking it
+    /// is what `info` says (type, listening, bound address).
+    pub fn adopt(
+        config: ListenerConfig,
+        info: ListenerInfo,
+        fd: OwnedFd,
+    ) -> anyhow::Result<Listener> {
+        let verified = baton_worker::verify_listener(info, fd)
+            .with_context(|| format!("adopting listener `{}`", config.name))?;
+        let (info, fd) = verified;
+        let unix_path = match &config.address {
+            ListenerAddress::Unix(path) => Some(path.clone()),
+            _ => None,
+        };
+        Ok(Listener {
+            config,
+            info,
+            fd,
+            unix_path,
+            remove_path: std::cell::Cell::new(true),
+        })
+    }
+
+    /// Keeps a Unix listener's socket file when this master lets go of it:
+    /// the new master serves on it.
+    pub fn hand_over(&self) {
+        self.remove_path.set(false);
     }
 
     /// The socket.
@@ -54,7 +86,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Some(path) = &self.unix_path {
+        if let Some(path) = self.unix_path.as_ref().filter(|_| self.remove_path.get()) {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -104,6 +136,7 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
         info,
         fd,
         unix_path,
+        remove_path: std::cell::Cell::new(true),
     })
 }
 

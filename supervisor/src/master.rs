@@ -11,6 +11,8 @@ use crate::pidfile::PidFile;
 use crate::reload::{Outcome, Reload, Trigger};
 use crate::scale::{ScaleChange, ScaleOverride};
 use crate::signals::{SignalEvent, Signals};
+use crate::upgrade::handoff::{NewMessage, OldMessage, Takeover};
+use crate::upgrade::{Program, Upgrade};
 use crate::worker::State;
 use anyhow::Context;
 use baton_worker::channel::{Channel, ChannelError};
@@ -47,6 +49,17 @@ pub enum Event {
         /// What arrived.
         message: Result<WorkerMessage, ChannelError>,
     },
+    /// A message from the new master during a binary upgrade.
+    Upgrade {
+        /// What arrived.
+        message: Result<NewMessage, ChannelError>,
+    },
+    /// From the old master, in a new master after an upgrade: `None` when
+    /// the old master is gone.
+    OldMaster {
+        /// What arrived.
+        message: Option<OldMessage>,
+    },
     /// A request from the control socket, and where its reply goes.
     Control {
         /// The request.
@@ -80,22 +93,80 @@ pub struct Master {
     pub(crate) scale: Option<ScaleOverride>,
     pub(crate) started: Instant,
     pub(crate) log: LogHandle,
-    events: mpsc::UnboundedSender<Event>,
+    pub(crate) events: mpsc::UnboundedSender<Event>,
+    /// The control socket; released to a new master at an upgrade.
+    pub(crate) control: Option<ControlSocket>,
+    pub(crate) pid_file: Option<PidFile>,
+    /// This master's binary, for upgrades.
+    pub(crate) program: Program,
+    /// A binary upgrade this master is running.
+    pub(crate) upgrade: Option<Upgrade>,
+    /// Set once a new master took over: this one only drains.
+    pub(crate) handed_over: bool,
+    /// In a new master: the old master, until it hands over.
+    pub(crate) takeover: Option<TakeoverState>,
+}
+
+/// A new master's link to the old one until the handover.
+pub struct TakeoverState {
+    pub(crate) channel: Arc<Channel>,
+    pub(crate) old_pid: u32,
+    pub(crate) ready_sent: bool,
+    reader: tokio::task::AbortHandle,
+}
+
+impl TakeoverState {
+    pub(crate) fn new(
+        channel: Arc<Channel>,
+        old_pid: u32,
+        reader: tokio::task::AbortHandle,
+    ) -> Self {
+        TakeoverState {
+            channel,
+            old_pid,
+            ready_sent: false,
+            reader,
+        }
+    }
+
+    /// Tells the old master this new master failed.
+    pub(crate) fn fail(&self, phase: &str, reason: &str) {
+        crate::upgrade::handoff::report_failure(&self.channel, phase, reason);
+    }
+}
+
+impl Drop for TakeoverState {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 /// Runs the master until it stops. Returns an error if generation 1 could not
 /// be started.
-pub async fn run(config: Config, log: LogHandle) -> anyhow::Result<()> {
-    // First, so that a second master on the same config stops here, before
-    // it touches anything.
-    let mut control = ControlSocket::bind(&config.supervisor.control_socket)?;
-    let mut signals = Signals::new().context("installing signal handlers")?;
-    let _pid_file = match &config.supervisor.pid_file {
-        Some(path) => Some(PidFile::write(path)?),
-        None => None,
-    };
+pub async fn run(
+    config: Config,
+    log: LogHandle,
+    program: Program,
+    takeover: Option<Takeover>,
+) -> anyhow::Result<()> {
     let (events, mut inbox) = mpsc::unbounded_channel();
-    control.serve(events.clone())?;
+    // The control socket comes first, so that a second master on the same
+    // config stops here, before it touches anything. A new master started by
+    // an upgrade takes it (and the pid file) over at the handover.
+    let (control, pid_file) = if takeover.is_none() {
+        let mut control = ControlSocket::bind(&config.supervisor.control_socket)?;
+        control.serve(events.clone())?;
+        let pid_file = config
+            .supervisor
+            .pid_file
+            .as_deref()
+            .map(PidFile::write)
+            .transpose()?;
+        (Some(control), pid_file)
+    } else {
+        (None, None)
+    };
+    let mut signals = Signals::new().context("installing signal handlers")?;
     let mut master = Master {
         config_path: config.path.clone(),
         config: Rc::new(config.clone()),
@@ -113,24 +184,40 @@ pub async fn run(config: Config, log: LogHandle) -> anyhow::Result<()> {
         started: Instant::now(),
         log,
         events,
+        control,
+        pid_file,
+        program,
+        upgrade: None,
+        handed_over: false,
+        takeover: None,
     };
+    if let Some(takeover) = takeover {
+        master.adopt(takeover);
+    }
     tracing::info!(pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
-    master.begin_reload(Trigger::Start, Ok(config));
+    let first = if master.takeover.is_some() {
+        Trigger::Upgrade
+    } else {
+        Trigger::Start
+    };
+    master.begin_reload(first, Ok(config));
     loop {
         if let Some(outcome) = &master.last_reload {
-            if outcome.trigger == Trigger::Start
-                && master.current.is_none()
-                && master.reload.is_none()
-            {
+            if outcome.trigger == first && master.current.is_none() && master.reload.is_none() {
                 let (phase, reason) = outcome
                     .failure
                     .clone()
                     .unwrap_or((crate::reload::Step::Commit, "unknown".into()));
+                let generation = outcome.generation;
+                if let Some(takeover) = &master.takeover {
+                    takeover.fail(&phase.to_string(), &reason);
+                }
                 master.stop(Stop::Fast);
                 master.wait_for_workers(&mut signals).await;
-                anyhow::bail!("starting generation 1 failed in phase {phase}: {reason}");
+                anyhow::bail!("starting generation {generation} failed in phase {phase}: {reason}");
             }
         }
+        master.report_takeover_ready();
         if master.stopping.is_some() && master.generations.is_empty() {
             break;
         }
@@ -186,11 +273,7 @@ impl Master {
             SignalEvent::Reopen => {
                 self.reopen();
             }
-            SignalEvent::Upgrade => {
-                tracing::error!(
-                    "binary upgrade (SIGUSR2) is not available in this version; nothing changed"
-                )
-            }
+            SignalEvent::Upgrade => self.request_upgrade(None),
             SignalEvent::ScaleUp => self.scale_logged(ScaleChange::By(1)),
             SignalEvent::ScaleDown => self.scale_logged(ScaleChange::By(-1)),
             SignalEvent::Child => {}
@@ -201,6 +284,8 @@ impl Master {
         let (pid, message) = match event {
             Event::Message { pid, message } => (pid, message),
             Event::Control { request, reply } => return self.on_control(request, reply),
+            Event::Upgrade { message } => return self.on_upgrade_message(message),
+            Event::OldMaster { message } => return self.on_old_master(message),
         };
         let Some(generation) = self.generation_of(pid) else {
             return;
@@ -258,6 +343,9 @@ impl Master {
     }
 
     fn on_exit(&mut self, pid: Pid, status: String) {
+        if self.upgrade_child_exited(pid, &status) {
+            return;
+        }
         let stopping = self.stopping.is_some();
         let Some(generation) = self.generation_of(pid) else {
             return;
@@ -325,6 +413,8 @@ impl Master {
             return;
         }
         tracing::info!(?how, "master stopping");
+        crate::sd_notify::notify("STOPPING=1");
+        self.abandon_upgrade();
         self.stopping = Some(how);
         self.reload_queued = false;
         if self.reload.take().is_some() {
@@ -369,6 +459,7 @@ impl Master {
     /// Runs whatever is due: reload deadlines, drain kills, respawns.
     fn on_tick(&mut self) {
         self.advance_reload();
+        self.upgrade_tick();
         let now = Instant::now();
         let stopping = self.stopping.is_some();
         let mut spawned = Vec::new();
@@ -430,6 +521,7 @@ impl Master {
         generations
             .chain(reload)
             .chain(self.delay_ready_deadline())
+            .chain(self.upgrade_deadline())
             .min()
     }
 }

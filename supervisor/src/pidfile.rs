@@ -1,4 +1,5 @@
-//! The pid file: written atomically at start, removed at exit.
+//! The pid file: written atomically at start, renamed to `*.oldbin` while a
+//! binary upgrade runs (as nginx does), removed at exit.
 
 use anyhow::Context;
 use std::io::Write;
@@ -8,6 +9,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct PidFile {
     path: PathBuf,
+    /// Where the file is now: `path`, or `path.oldbin` during an upgrade.
+    current: PathBuf,
 }
 
 impl PidFile {
@@ -28,17 +31,39 @@ impl PidFile {
         result.with_context(|| format!("writing pid file {}", path.display()))?;
         Ok(PidFile {
             path: path.to_path_buf(),
+            current: path.to_path_buf(),
         })
+    }
+
+    /// Moves the file to `*.oldbin` while a new master starts.
+    pub fn rename_to_oldbin(&mut self) -> anyhow::Result<()> {
+        let oldbin = PathBuf::from(format!("{}.oldbin", self.path.display()));
+        self.move_to(oldbin)
+    }
+
+    /// Moves the file back after a failed upgrade.
+    pub fn restore(&mut self) -> anyhow::Result<()> {
+        self.move_to(self.path.clone())
+    }
+
+    fn move_to(&mut self, to: PathBuf) -> anyhow::Result<()> {
+        if self.current != to {
+            std::fs::rename(&self.current, &to).with_context(|| {
+                format!("renaming {} to {}", self.current.display(), to.display())
+            })?;
+            self.current = to;
+        }
+        Ok(())
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let ours = std::fs::read_to_string(&self.path)
+        let ours = std::fs::read_to_string(&self.current)
             .map(|s| s.trim() == std::process::id().to_string())
             .unwrap_or(false);
         if ours {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = std::fs::remove_file(&self.current);
         }
     }
 }

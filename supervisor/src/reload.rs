@@ -52,6 +52,8 @@ pub enum Trigger {
     Cli,
     /// A reload requested while another ran, run after it.
     Coalesced,
+    /// A new master's first generation, after a binary upgrade.
+    Upgrade,
 }
 
 impl fmt::Display for Trigger {
@@ -61,6 +63,7 @@ impl fmt::Display for Trigger {
             Trigger::Signal => "signal",
             Trigger::Cli => "cli",
             Trigger::Coalesced => "coalesced",
+            Trigger::Upgrade => "upgrade",
         })
     }
 }
@@ -148,10 +151,17 @@ impl Master {
     /// follow-up if a transaction is under way. `waiter` gets the outcome of
     /// the transaction that serves the request.
     pub fn request_reload(&mut self, trigger: Trigger, waiter: Option<Waiter>) {
-        if self.stopping.is_some() {
-            tracing::warn!(%trigger, "reload refused: the master is stopping");
+        let refuse = if self.stopping.is_some() {
+            Some("the master is stopping")
+        } else if self.upgrade.is_some() {
+            Some("a binary upgrade is in progress")
+        } else {
+            None
+        };
+        if let Some(reason) = refuse {
+            tracing::warn!(%trigger, reason, "reload refused");
             if let Some(waiter) = waiter {
-                let _ = waiter.send(Reply::error("the master is stopping: reload refused"));
+                let _ = waiter.send(Reply::error(format!("reload refused: {reason}")));
             }
         } else if self.reload.is_some() {
             tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
@@ -174,6 +184,9 @@ impl Master {
         let mut phases = Vec::new();
         let _enter = span.clone().entered();
         tracing::info!("reload started");
+        if trigger != Trigger::Start && trigger != Trigger::Upgrade {
+            crate::sd_notify::notify("RELOADING=1");
+        }
 
         let config = match loaded {
             Ok(config) => Rc::new(config),
@@ -375,6 +388,7 @@ impl Master {
         }
         self.config = config;
         reload.end_phase(Step::Commit);
+        crate::sd_notify::notify("READY=1");
         self.record(reload.generation, reload.trigger, reload.phases, None);
     }
 

@@ -8,3 +8,4 @@ mod lifecycle;
 mod reload_under_load;
 mod resources;
 mod rollback;
+mod upgrade;

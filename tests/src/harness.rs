@@ -97,6 +97,8 @@ pub struct Baton {
     /// Every process ever seen below the master, with its start time, so
     /// that drop kills it only if the pid was not reused since.
     seen: Mutex<Vec<(Pid, String)>>,
+    /// Masters seen in the pid file (upgrades).
+    seen_masters: Mutex<Vec<Pid>>,
     dir: TempDir,
 }
 
@@ -126,7 +128,13 @@ impl Baton {
 
     /// Starts `baton ARGS -c baton.toml` in `dir`.
     pub fn start_in(dir: TempDir, args: &[&str]) -> Baton {
-        let mut command = Command::new(Binaries::baton());
+        Self::start_binary(&Binaries::baton(), dir, args)
+    }
+
+    /// Starts `BINARY ARGS -c baton.toml` in `dir` (upgrade tests run a
+    /// copy of baton they can replace).
+    pub fn start_binary(binary: &Path, dir: TempDir, args: &[&str]) -> Baton {
+        let mut command = Command::new(binary);
         command
             .args(args)
             .arg("-c")
@@ -159,13 +167,19 @@ impl Baton {
             log,
             cursor: 0,
             seen: Mutex::new(Vec::new()),
+            seen_masters: Mutex::new(Vec::new()),
             dir,
         }
     }
 
-    /// The master's pid.
+    /// The first master's pid (the process this harness started).
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+
+    /// The pid in the pid file: the master serving now, after upgrades.
+    pub fn master_pid(&self) -> Option<Pid> {
+        read_pid(&self.dir().join("baton.pid"))
     }
 
     /// The test's temp dir (holds `baton.toml`).
@@ -315,6 +329,34 @@ impl Baton {
         })
     }
 
+    /// Waits until the pid file names a master other than `old`, and `old`
+    /// has exited; returns the new master.
+    pub fn wait_new_master(&self, old: Pid, timeout: Duration) -> Pid {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(pid) = self.master_pid().filter(|p| *p != old) {
+                self.seen_masters.lock().unwrap().push(pid);
+                if !alive(old) {
+                    return pid;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new master replaced {old} within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The live children of the current master (its workers).
+    pub fn master_workers(&self) -> Vec<Pid> {
+        let master = self.master_pid().unwrap_or(self.pid);
+        children_of(master)
+            .into_iter()
+            .filter(|p| alive(*p))
+            .collect()
+    }
+
     /// The master's live child processes (its workers).
     pub fn workers(&self) -> Vec<Pid> {
         let children: Vec<Pid> = children_of(self.pid)
@@ -369,7 +411,14 @@ impl Baton {
 
 impl Drop for Baton {
     fn drop(&mut self) {
-        let mut pids = descendants(self.pid);
+        // Masters started by upgrades are not this process's children.
+        let mut masters = vec![self.pid];
+        for file in ["baton.pid", "baton.pid.oldbin"] {
+            masters.extend(read_pid(&self.dir().join(file)));
+        }
+        masters.extend(self.seen_masters.lock().unwrap().iter().copied());
+        let mut pids: Vec<Pid> = masters.iter().flat_map(|m| descendants(*m)).collect();
+        pids.extend(masters[1..].iter().filter(|m| alive(**m)));
         // Workers orphaned by a killed master are no longer descendants.
         for (pid, started) in self.seen.lock().unwrap().iter() {
             if start_time(*pid).as_ref() == Some(started) {
@@ -386,6 +435,12 @@ impl Drop for Baton {
             let _ = child.wait();
         }
     }
+}
+
+/// The pid in a pid file.
+pub fn read_pid(path: &Path) -> Option<Pid> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.trim().parse().ok().map(Pid::from_raw)
 }
 
 /// The `message` of a JSON log event.

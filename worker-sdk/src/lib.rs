@@ -36,7 +36,7 @@ mod reopen;
 mod worker;
 
 pub use drain::Drain;
-pub use listener::describe as describe_address;
+pub use listener::{describe as describe_address, verify as verify_listener};
 pub use protocol::{DecodeError, ListenerInfo, ListenerKind};
 pub use reopen::Reopen;
 pub use worker::{Builder, Worker};

@@ -6,6 +6,14 @@ use crate::Error;
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
 use std::os::fd::{AsRawFd, OwnedFd};
 
+/// Checks that `fd` is the socket `info` describes (type, listening, bound
+/// address); returns both on success. The master uses it to adopt sockets a
+/// previous master handed over.
+pub fn verify(info: ListenerInfo, fd: OwnedFd) -> Result<(ListenerInfo, OwnedFd), Error> {
+    let listener = Listener::verify(info, fd)?;
+    Ok((listener.info, listener.fd))
+}
+
 /// A listener received from the master or bound standalone.
 #[derive(Debug)]
 pub struct Listener {

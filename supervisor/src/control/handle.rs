@@ -13,6 +13,7 @@ impl Master {
         let answer = match request {
             Request::Reload {} => return self.request_reload(Trigger::Cli, Some(reply)),
             Request::Status {} => Reply::ok(self.status()),
+            Request::Upgrade {} => return self.request_upgrade(Some(reply)),
             Request::Stop { fast } => {
                 self.stop(if fast { Stop::Fast } else { Stop::Graceful });
                 Reply::ok(serde_json::json!({ "pid": std::process::id() }))

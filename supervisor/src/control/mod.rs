@@ -29,6 +29,7 @@ pub struct ControlSocket {
     path: PathBuf,
     inode: u64,
     listener: Option<std::os::unix::net::UnixListener>,
+    server: Option<tokio::task::AbortHandle>,
 }
 
 impl ControlSocket {
@@ -70,6 +71,7 @@ impl ControlSocket {
             path: path.to_path_buf(),
             inode,
             listener: Some(listener),
+            server: None,
         })
     }
 
@@ -85,7 +87,7 @@ impl ControlSocket {
             .take()
             .context("control socket already served")?;
         let listener = UnixListener::from_std(listener)?;
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
@@ -98,12 +100,18 @@ impl ControlSocket {
                 }
             }
         });
+        self.server = Some(server.abort_handle());
         Ok(())
     }
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
+        // Connections already accepted keep their tasks (a waiting `baton
+        // upgrade` still gets its answer); no new ones are accepted.
+        if let Some(server) = &self.server {
+            server.abort();
+        }
         let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode);
         if ours {
             let _ = std::fs::remove_file(&self.path);

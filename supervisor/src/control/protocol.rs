@@ -18,6 +18,8 @@ pub enum Request {
     Reload {},
     /// Reply with the master's status.
     Status {},
+    /// Replace the master by a new binary; reply with the outcome.
+    Upgrade {},
     /// Stop gracefully (drain) or fast.
     Stop {
         /// Fast stop (like SIGTERM) instead of graceful (like SIGQUIT).

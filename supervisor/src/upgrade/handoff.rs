@@ -1,0 +1,353 @@
+//! The handshake between an old master and the new one it started: the
+//! messages, and the new master's side of receiving the listeners.
+//!
+//! The channel is a `SOCK_SEQPACKET` socketpair whose new-master end is named
+//! by `BATON_UPGRADE_FD`. Listeners travel by `SCM_RIGHTS` in batches, exactly
+//! like a worker's, and each fd is checked against its metadata.
+
+use crate::config::{ListenerAddress, ListenerConfig};
+use crate::control::ControlSocket;
+use crate::listener::Listener;
+use crate::master::{Event, Master, TakeoverState};
+use crate::pidfile::PidFile;
+use anyhow::{bail, Context};
+use baton_worker::channel::Channel;
+use baton_worker::protocol::MAX_FDS_PER_MESSAGE;
+use baton_worker::ListenerInfo;
+use serde::{Deserialize, Serialize};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Names the new master's end of the handshake channel.
+pub const UPGRADE_FD_ENV: &str = "BATON_UPGRADE_FD";
+
+/// Names the fd the new binary was executed from.
+pub const BINARY_FD_ENV: &str = "BATON_UPGRADE_BINARY_FD";
+
+/// How long the new master waits for the old one's listeners.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listener handed over: its configuration and what it is bound to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandedListener {
+    /// The configuration entry (`name`, `address` as configured, `backlog`).
+    pub name: String,
+    /// The configured address (`127.0.0.1:0`, `unix:/path`, ...).
+    pub address: String,
+    /// The listen backlog.
+    pub backlog: i32,
+    /// Kind and actual bound address, checked against the fd.
+    pub info: ListenerInfo,
+}
+
+/// Old master → new master.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OldMessage {
+    /// First message: who hands over and what follows.
+    Takeover {
+        /// The old master's pid.
+        old_pid: u32,
+        /// The generation number the new master continues from.
+        next_generation: u64,
+        /// How many listeners follow.
+        listener_count: u32,
+    },
+    /// A batch of listeners; the message carries their fds in this order.
+    Listeners {
+        /// Index of the first one.
+        offset: u32,
+        /// The batch.
+        listeners: Vec<HandedListener>,
+    },
+    /// The old master has released the control socket and is draining: the
+    /// new master takes over the control socket and the pid file.
+    Handover {},
+}
+
+/// New master → old master.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NewMessage {
+    /// The new master's generation is ready and serving.
+    Ready {
+        /// The new master's pid.
+        pid: u32,
+        /// Its generation.
+        generation: u64,
+    },
+    /// The new master gives up; it exits after sending this.
+    Failed {
+        /// Where: `config`, `ready`, `takeover`.
+        phase: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What the new master received from the old one.
+pub struct Takeover {
+    /// The handshake channel.
+    pub channel: Arc<Channel>,
+    /// The old master's pid.
+    pub old_pid: u32,
+    /// The generation number to continue from.
+    pub next_generation: u64,
+    /// The listeners, checked.
+    pub listeners: Vec<Listener>,
+}
+
+impl Takeover {
+    /// If this process was started by an upgrade, receives the old master's
+    /// listeners. Must run inside the tokio runtime.
+    pub async fn receive_from_env() -> anyhow::Result<Option<Takeover>> {
+        let Ok(value) = std::env::var(UPGRADE_FD_ENV) else {
+            return Ok(None);
+        };
+        // The new binary's own fd, kept open across exec for interpreters;
+        // a real binary no longer needs it.
+        if let Some(binary) = std::env::var(BINARY_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+        {
+            if binary > 2 && binary.to_string() != value {
+                let _ = nix::unistd::close(binary);
+            }
+        }
+        let raw: i32 = value
+            .parse()
+            .ok()
+            .filter(|fd| *fd > 2)
+            .with_context(|| format!("{UPGRADE_FD_ENV}={value:?} is not an fd number"))?;
+        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD)
+            .with_context(|| format!("{UPGRADE_FD_ENV}={raw} is not open"))?;
+        // SAFETY: the old master handed this fd to this process for the
+        // handshake alone, and it is open (checked above); nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )?;
+        let channel = Arc::new(Channel::new(fd).context("registering the upgrade channel")?);
+        let takeover = tokio::time::timeout(TAKEOVER_TIMEOUT, receive(channel.clone()))
+            .await
+            .with_context(|| {
+                format!("no listeners from the old master within {TAKEOVER_TIMEOUT:?}")
+            })??;
+        Ok(Some(takeover))
+    }
+
+    /// Tells the old master this side failed.
+    pub fn fail(&self, phase: &str, reason: &str) {
+        report_failure(&self.channel, phase, reason);
+    }
+}
+
+/// Sends [`NewMessage::Failed`] to the old master.
+pub fn report_failure(channel: &Channel, phase: &str, reason: &str) {
+    let message = NewMessage::Failed {
+        phase: phase.into(),
+        reason: reason.into(),
+    };
+    if let Err(e) = channel.try_send(&message, &[]) {
+        eprintln!("baton: cannot report the failure to the old master: {e}");
+    }
+}
+
+async fn receive(channel: Arc<Channel>) -> anyhow::Result<Takeover> {
+    let first = channel
+        .recv::<OldMessage>()
+        .await?
+        .context("the old master closed the channel")?;
+    let OldMessage::Takeover {
+        old_pid,
+        next_generation,
+        listener_count,
+    } = first.message
+    else {
+        bail!("expected takeover, got {:?}", first.message);
+    };
+    let mut listeners = Vec::new();
+    while listeners.len() < listener_count as usize {
+        let batch = channel
+            .recv::<OldMessage>()
+            .await?
+            .context("the old master closed the channel")?;
+        let OldMessage::Listeners {
+            offset,
+            listeners: handed,
+        } = batch.message
+        else {
+            bail!("expected listeners, got {:?}", batch.message);
+        };
+        if offset as usize != listeners.len() || handed.len() != batch.fds.len() {
+            bail!("listener batch at offset {offset} does not fit");
+        }
+        for (listener, fd) in handed.into_iter().zip(batch.fds) {
+            listeners.push(adopt(listener, fd)?);
+        }
+    }
+    Ok(Takeover {
+        channel,
+        old_pid,
+        next_generation,
+        listeners,
+    })
+}
+
+fn adopt(handed: HandedListener, fd: OwnedFd) -> anyhow::Result<Listener> {
+    let address: ListenerAddress = handed
+        .address
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("listener `{}`: {e}", handed.name))?;
+    let config = ListenerConfig {
+        name: handed.name,
+        address,
+        backlog: handed.backlog,
+    };
+    Listener::adopt(config, handed.info, fd)
+}
+
+/// The old master's side: sends the takeover and every listener.
+pub fn send_takeover(
+    channel: &Channel,
+    next_generation: u64,
+    listeners: &[crate::listener::Shared],
+) -> Result<(), baton_worker::channel::ChannelError> {
+    channel.try_send(
+        &OldMessage::Takeover {
+            old_pid: std::process::id(),
+            next_generation,
+            listener_count: listeners.len() as u32,
+        },
+        &[],
+    )?;
+    for (batch, chunk) in listeners.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
+        let fds: Vec<_> = chunk.iter().map(|l| l.fd()).collect();
+        let handed = chunk
+            .iter()
+            .map(|l| HandedListener {
+                name: l.config.name.clone(),
+                address: l.config.address.to_string(),
+                backlog: l.config.backlog,
+                info: l.info.clone(),
+            })
+            .collect();
+        channel.try_send(
+            &OldMessage::Listeners {
+                offset: (batch * MAX_FDS_PER_MESSAGE) as u32,
+                listeners: handed,
+            },
+            &fds,
+        )?;
+    }
+    Ok(())
+}
+
+impl Master {
+    /// In a new master: adopts what the old master handed over.
+    pub(crate) fn adopt(&mut self, takeover: Takeover) {
+        tracing::info!(
+            old_pid = takeover.old_pid,
+            listeners = takeover.listeners.len(),
+            next_generation = takeover.next_generation,
+            "taking over from the old master"
+        );
+        self.listeners = takeover.listeners.into_iter().map(Rc::new).collect();
+        self.next_generation = takeover.next_generation;
+        let events = self.events.clone();
+        let channel = takeover.channel.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let message = match channel.recv::<OldMessage>().await {
+                    Ok(Some(received)) => Some(received.message),
+                    // The old master is gone (or broken): take over anyway.
+                    Ok(None) | Err(_) => None,
+                };
+                let last = message.is_none();
+                if events.send(Event::OldMaster { message }).is_err() || last {
+                    return;
+                }
+            }
+        })
+        .abort_handle();
+        self.takeover = Some(TakeoverState::new(
+            takeover.channel,
+            takeover.old_pid,
+            reader,
+        ));
+    }
+
+    /// In a new master: once its first generation serves, tell the old one.
+    pub(crate) fn report_takeover_ready(&mut self) {
+        let Some(generation) = self.current else {
+            return;
+        };
+        let Some(takeover) = &mut self.takeover else {
+            return;
+        };
+        if takeover.ready_sent {
+            return;
+        }
+        takeover.ready_sent = true;
+        let message = NewMessage::Ready {
+            pid: std::process::id(),
+            generation,
+        };
+        if let Err(e) = takeover.channel.try_send(&message, &[]) {
+            tracing::warn!(error = %e, "cannot tell the old master this one is ready");
+        }
+    }
+
+    /// In a new master: the old master handed over (or vanished): take the
+    /// control socket and the pid file.
+    pub(crate) fn on_old_master(&mut self, message: Option<OldMessage>) {
+        let Some(takeover) = self.takeover.take() else {
+            return;
+        };
+        match message {
+            Some(OldMessage::Handover {}) => {
+                tracing::info!(old_pid = takeover.old_pid, "old master handed over")
+            }
+            None if takeover.ready_sent => {
+                tracing::warn!(
+                    old_pid = takeover.old_pid,
+                    "old master gone before the handover; taking over"
+                )
+            }
+            None => {
+                // Not ready yet and nobody to hand over: keep starting, and
+                // take over when ready.
+                tracing::warn!(
+                    old_pid = takeover.old_pid,
+                    "old master gone during the upgrade; taking over"
+                );
+            }
+            Some(other) => {
+                tracing::warn!(message = ?other, "unexpected message from the old master ignored");
+                self.takeover = Some(takeover);
+                return;
+            }
+        }
+        let supervisor = &self.config.supervisor;
+        match ControlSocket::bind(&supervisor.control_socket) {
+            Ok(mut control) => match control.serve(self.events.clone()) {
+                Ok(()) => self.control = Some(control),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot serve the control socket")
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot take over the control socket")
+            }
+        }
+        if let Some(path) = &supervisor.pid_file {
+            match PidFile::write(path) {
+                Ok(pid_file) => self.pid_file = Some(pid_file),
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot write the pid file"),
+            }
+        }
+    }
+}
