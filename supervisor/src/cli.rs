@@ -5,6 +5,7 @@
 use crate::config::{parse_duration, Config};
 use crate::control::client::{self, ClientError};
 use crate::control::protocol::{ReloadOutcome, Reply, Request, Status};
+use crate::master::Origin;
 use crate::upgrade::handoff::Takeover;
 use crate::upgrade::Program;
 use anyhow::Context;
@@ -211,14 +212,25 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             Ok(exit(&reply))
         }
         Command::Upgrade { timeout } => {
+            let started = Instant::now();
             let reply = client::request(socket, &Request::Upgrade {}, timeout)?;
-            if let Some(r) = &reply.result {
-                println!(
-                    "upgraded: master {} -> {} (generation {})",
-                    r["old_pid"], r["new_pid"], r["generation"]
+            let Some(r) = reply.result.as_ref().filter(|_| reply.ok) else {
+                return Ok(exit(&reply));
+            };
+            if r["mode"] == "exec" {
+                // The master re-executed in place: follow its first reload.
+                let since = r["requested_at"].as_f64().unwrap_or(0.0);
+                return follow_in_place_upgrade(
+                    socket,
+                    since,
+                    timeout.saturating_sub(started.elapsed()),
                 );
             }
-            Ok(exit(&reply))
+            println!(
+                "upgraded: master {} -> {} (generation {})",
+                r["old_pid"], r["new_pid"], r["generation"]
+            );
+            Ok(0)
         }
         Command::Status { json } => {
             let reply = client::request(socket, &Request::Status {}, QUICK)?;
@@ -269,6 +281,42 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             }
             Ok(exit(&reply))
         }
+    }
+}
+
+/// After an in-place upgrade: waits for the re-executed master's first
+/// reload (trigger `upgrade`) and reports it.
+fn follow_in_place_upgrade(
+    socket: &Path,
+    since: f64,
+    timeout: Duration,
+) -> Result<i32, ClientError> {
+    let started = Instant::now();
+    loop {
+        // The socket is briefly gone while the new image starts.
+        if let Ok(reply) = client::request(socket, &Request::Status {}, Duration::from_secs(5)) {
+            if let Some(status) = result::<Status>(&reply) {
+                if let Some(outcome) = status
+                    .last_reload
+                    .filter(|r| r.trigger == "upgrade" && r.finished_at >= since)
+                {
+                    println!(
+                        "upgraded in place: master {} re-executed",
+                        status.master.pid
+                    );
+                    print_outcome(&outcome);
+                    if let Some(reason) = &outcome.reason {
+                        eprintln!("baton: the new binary's generation failed: {reason}; the adopted workers keep serving");
+                        return Ok(1);
+                    }
+                    return Ok(0);
+                }
+            }
+        }
+        if started.elapsed() > timeout {
+            return Err(ClientError::Timeout(timeout));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -346,6 +394,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
         // Started by an upgrade: the old master's listeners come first, and
         // a config it rejects is reported back to it.
         let takeover = Takeover::receive_from_env().await?;
+        let exec_state = crate::upgrade::exec::take_state_from_env()?;
         let config = match Config::load(path) {
             Ok(config) => config,
             Err(e) => {
@@ -361,7 +410,12 @@ fn run(path: &Path) -> anyhow::Result<()> {
             config.supervisor.log_file.as_deref(),
         )
         .context("setting up logging")?;
-        let result = crate::master::run(config, log, program, takeover).await;
+        let origin = match (takeover, exec_state) {
+            (Some(takeover), _) => Origin::Takeover(takeover),
+            (None, Some(state)) => Origin::Exec(state),
+            (None, None) => Origin::Fresh,
+        };
+        let result = crate::master::run(config, log, program, origin).await;
         if let Err(e) = &result {
             tracing::error!(error = %format!("{e:#}"), "master failed");
         }

@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+mod process;
+pub use process::{
+    fd_templates, substitute, Credentials, GroupSpec, Output, ReopenSignal, UserSpec,
+};
+
 /// A configuration file that failed to load.
 #[derive(Debug, thiserror::Error)]
 #[error("{}{}: {message}", path.display(), location.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default())]
@@ -70,6 +75,21 @@ pub struct SupervisorConfig {
     /// How long a binary upgrade may take until the new master serves.
     #[serde(default = "default_upgrade_timeout")]
     pub upgrade_timeout: Dur,
+    /// How a binary upgrade replaces the master.
+    #[serde(default)]
+    pub upgrade: UpgradeMode,
+}
+
+/// How a binary upgrade replaces the master.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpgradeMode {
+    /// A new master process takes over (the default; the pid changes).
+    #[default]
+    Child,
+    /// The master re-executes itself and adopts its workers (same pid; the
+    /// only mode as PID 1).
+    Exec,
 }
 
 fn default_upgrade_timeout() -> Dur {
@@ -85,6 +105,7 @@ impl Default for SupervisorConfig {
             log_format: LogFormat::default(),
             log_file: None,
             upgrade_timeout: default_upgrade_timeout(),
+            upgrade: UpgradeMode::default(),
         }
     }
 }
@@ -240,6 +261,21 @@ pub struct WorkerConfig {
     /// Working directory (default: the config file's directory).
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// Run workers as this user (the master must be root).
+    #[serde(default)]
+    pub user: Option<UserSpec>,
+    /// Run workers with this group (default: the user's primary group).
+    #[serde(default)]
+    pub group: Option<GroupSpec>,
+    /// `RLIMIT_NOFILE` (soft and hard) of the workers.
+    #[serde(default, deserialize_with = "process::de_rlimit_nofile")]
+    pub rlimit_nofile: Option<u64>,
+    /// Whether the master captures the workers' stdout and stderr.
+    #[serde(default)]
+    pub output: Output,
+    /// What `baton reopen` sends to non-sdk workers.
+    #[serde(default)]
+    pub reopen_signal: ReopenSignal,
 }
 
 fn default_processes() -> u32 {
@@ -280,6 +316,22 @@ pub enum Protocol {
     /// The worker links `baton-worker` (control channel, hello, fds).
     #[default]
     Sdk,
+    /// systemd socket activation: fds 3.. with `LISTEN_FDS`, `LISTEN_PID`
+    /// and `LISTEN_FDNAMES`.
+    Systemd,
+    /// fds 3.., their numbers substituted into `command` as `{fd:NAME}`.
+    Args,
+}
+
+impl Protocol {
+    /// The name used in the config.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Protocol::Sdk => "sdk",
+            Protocol::Systemd => "systemd",
+            Protocol::Args => "args",
+        }
+    }
 }
 
 /// How readiness is decided.
@@ -288,6 +340,8 @@ pub enum ReadyMode {
     /// The worker sends `ready` over the control channel.
     #[default]
     Sdk,
+    /// The worker (or one of its children) sends `READY=1` to `NOTIFY_SOCKET`.
+    Notify,
     /// Ready once the worker has stayed up this long.
     Delay(Duration),
 }
@@ -295,8 +349,10 @@ pub enum ReadyMode {
 impl<'de> Deserialize<'de> for ReadyMode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        if s == "sdk" {
-            return Ok(ReadyMode::Sdk);
+        match s.as_str() {
+            "sdk" => return Ok(ReadyMode::Sdk),
+            "notify" => return Ok(ReadyMode::Notify),
+            _ => {}
         }
         if let Some(dur) = s.strip_prefix("delay:") {
             return parse_duration(dur)
@@ -304,7 +360,7 @@ impl<'de> Deserialize<'de> for ReadyMode {
                 .map_err(de::Error::custom);
         }
         Err(de::Error::custom(format!(
-            "invalid ready {s:?}: expected \"sdk\" or \"delay:DURATION\""
+            "invalid ready {s:?}: expected \"sdk\", \"notify\" or \"delay:DURATION\""
         )))
     }
 }
@@ -357,15 +413,18 @@ impl Default for StopSignal {
 impl<'de> Deserialize<'de> for StopSignal {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let name = if s.starts_with("SIG") {
-            s.clone()
-        } else {
-            format!("SIG{s}")
-        };
-        name.parse::<nix::sys::signal::Signal>()
-            .map(StopSignal)
-            .map_err(|_| de::Error::custom(format!("unknown signal {s:?}")))
+        parse_signal(&s).map(StopSignal).map_err(de::Error::custom)
     }
+}
+
+/// `"SIGTERM"` or `"TERM"`.
+fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
+    let name = if s.starts_with("SIG") {
+        s.to_string()
+    } else {
+        format!("SIG{s}")
+    };
+    name.parse().map_err(|_| format!("unknown signal {s:?}"))
 }
 
 impl Config {
@@ -409,6 +468,13 @@ impl Config {
                 ));
             }
         }
+        let names: Vec<&str> = raw
+            .listeners
+            .iter()
+            .map(|l| l.get_ref().name.as_str())
+            .collect();
+        process::check_worker(&raw.worker, &names, text)
+            .map_err(|(span, message)| error_at(span, message))?;
         let dir = path.parent().unwrap_or(Path::new("/"));
         let mut supervisor = raw.supervisor;
         supervisor.control_socket = dir.join(&supervisor.control_socket);

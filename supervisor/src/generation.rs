@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::listener::Shared;
+use crate::notify::Notifier;
 use crate::worker::{self, SpawnSpec, State, Worker};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
@@ -74,6 +75,8 @@ pub struct Generation {
     pub workers: BTreeMap<Pid, Worker>,
     /// Worker indexes waiting to be respawned.
     pub respawns: BTreeMap<u32, PendingRespawn>,
+    /// Its notify socket (`ready = "notify"`).
+    pub notify: Option<Notifier>,
 }
 
 impl Generation {
@@ -93,6 +96,7 @@ impl Generation {
             started: Instant::now(),
             workers: BTreeMap::new(),
             respawns: BTreeMap::new(),
+            notify: None,
         }
     }
 
@@ -108,6 +112,7 @@ impl Generation {
             generation: self.number,
             index,
             listeners: &self.listeners,
+            notify_socket: self.notify.as_ref().map(|n| n.socket.path()),
         };
         let worker = worker::spawn(&spec, restarts, crashes)?;
         let pid = worker.pid;

@@ -5,11 +5,14 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod exec;
 pub mod fds;
 pub mod generation;
 pub mod listener;
 pub mod logging;
 pub mod master;
+pub mod notify;
+pub mod output;
 pub mod pidfile;
 pub mod reload;
 pub mod scale;

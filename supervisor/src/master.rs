@@ -11,6 +11,7 @@ use crate::pidfile::PidFile;
 use crate::reload::{Outcome, Reload, Trigger};
 use crate::scale::{ScaleChange, ScaleOverride};
 use crate::signals::{SignalEvent, Signals};
+use crate::upgrade::exec::ExecState;
 use crate::upgrade::handoff::{NewMessage, OldMessage, Takeover};
 use crate::upgrade::{Program, Upgrade};
 use crate::worker::State;
@@ -29,6 +30,16 @@ use tokio::time::Instant;
 
 /// How long workers get between SIGTERM and SIGKILL in a fast stop.
 const FAST_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// How this master came to be.
+pub enum Origin {
+    /// `baton run`.
+    Fresh,
+    /// Started by an old master's upgrade (child mode).
+    Takeover(Takeover),
+    /// Re-executed in place by an upgrade.
+    Exec(ExecState),
+}
 
 /// How the master is stopping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +70,13 @@ pub enum Event {
     OldMaster {
         /// What arrived.
         message: Option<OldMessage>,
+    },
+    /// A datagram on a generation's notify socket (`ready = "notify"`).
+    Notify {
+        /// The generation.
+        generation: u64,
+        /// What arrived, and from whom.
+        datagram: crate::notify::Datagram,
     },
     /// A request from the control socket, and where its reply goes.
     Control {
@@ -101,8 +119,6 @@ pub struct Master {
     pub(crate) program: Program,
     /// A binary upgrade this master is running.
     pub(crate) upgrade: Option<Upgrade>,
-    /// Set once a new master took over: this one only drains.
-    pub(crate) handed_over: bool,
     /// In a new master: the old master, until it hands over.
     pub(crate) takeover: Option<TakeoverState>,
 }
@@ -147,8 +163,13 @@ pub async fn run(
     config: Config,
     log: LogHandle,
     program: Program,
-    takeover: Option<Takeover>,
+    origin: Origin,
 ) -> anyhow::Result<()> {
+    let (takeover, exec_state) = match origin {
+        Origin::Fresh => (None, None),
+        Origin::Takeover(takeover) => (Some(takeover), None),
+        Origin::Exec(state) => (None, Some(state)),
+    };
     let (events, mut inbox) = mpsc::unbounded_channel();
     // The control socket comes first, so that a second master on the same
     // config stops here, before it touches anything. A new master started by
@@ -188,14 +209,19 @@ pub async fn run(
         pid_file,
         program,
         upgrade: None,
-        handed_over: false,
         takeover: None,
     };
     if let Some(takeover) = takeover {
         master.adopt(takeover);
     }
     tracing::info!(pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
-    let first = if master.takeover.is_some() {
+    let upgraded = master.takeover.is_some() || exec_state.is_some();
+    if let Some(state) = exec_state {
+        master.adopt_exec_state(state)?;
+        // Workers that exited while this image started are waiting to be reaped.
+        master.reap();
+    }
+    let first = if upgraded {
         Trigger::Upgrade
     } else {
         Trigger::Start
@@ -248,8 +274,10 @@ impl Master {
             loop {
                 let message = match channel.recv::<WorkerMessage>().await {
                     Ok(Some(received)) => Ok(received.message),
-                    // End of file: the worker is exiting; its exit is reaped.
+                    // End of file or reset: the worker is exiting; its exit
+                    // is reaped.
                     Ok(None) => return,
+                    Err(e) if e.is_peer_gone() => return,
                     Err(e) => Err(e),
                 };
                 let fatal = matches!(message, Err(ChannelError::Io(_)));
@@ -259,6 +287,44 @@ impl Master {
             }
         })
         .abort_handle()
+    }
+
+    /// Binds generation `generation`'s notify socket and forwards its
+    /// datagrams into the event loop.
+    pub(crate) fn notifier(
+        &self,
+        generation: u64,
+        credentials: Option<crate::config::Credentials>,
+    ) -> std::io::Result<crate::notify::Notifier> {
+        let socket = Arc::new(crate::notify::NotifySocket::bind(
+            &self.config.supervisor.control_socket,
+            generation,
+            credentials,
+        )?);
+        let events = self.events.clone();
+        let reading = socket.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let datagram = match reading.recv().await {
+                    Ok(datagram) => datagram,
+                    Err(e) => {
+                        tracing::error!(generation, error = %e, "cannot read the notify socket");
+                        return;
+                    }
+                };
+                if events
+                    .send(Event::Notify {
+                        generation,
+                        datagram,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+        .abort_handle();
+        Ok(crate::notify::Notifier { socket, reader })
     }
 
     fn on_signal(&mut self, signal: SignalEvent) {
@@ -286,6 +352,10 @@ impl Master {
             Event::Control { request, reply } => return self.on_control(request, reply),
             Event::Upgrade { message } => return self.on_upgrade_message(message),
             Event::OldMaster { message } => return self.on_old_master(message),
+            Event::Notify {
+                generation,
+                datagram,
+            } => return self.on_notify(generation, datagram),
         };
         let Some(generation) = self.generation_of(pid) else {
             return;
@@ -327,14 +397,14 @@ impl Master {
     }
 
     /// Collects every exited child.
-    fn reap(&mut self) {
+    pub(crate) fn reap(&mut self) {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => {
-                    self.on_exit(pid, format!("exit status {code}"))
+                    self.on_exit(pid, format!("exit status {code}"), code == 0)
                 }
                 Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                    self.on_exit(pid, format!("signal {signal}"))
+                    self.on_exit(pid, format!("signal {signal}"), false)
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => continue,
@@ -342,8 +412,8 @@ impl Master {
         }
     }
 
-    fn on_exit(&mut self, pid: Pid, status: String) {
-        if self.upgrade_child_exited(pid, &status) {
+    fn on_exit(&mut self, pid: Pid, status: String, success: bool) {
+        if self.upgrade_child_exited(pid, &status, success) {
             return;
         }
         let stopping = self.stopping.is_some();
@@ -505,6 +575,7 @@ impl Master {
             }
         }
         for (pid, channel) in spawned {
+            let Some(channel) = channel else { continue };
             let reader = self.watch(pid, channel);
             if let Some(worker) = self
                 .generation_of(pid)

@@ -220,11 +220,17 @@ impl Master {
         };
         let mut new = Generation::new(generation, config.clone(), listeners.clone(), processes);
         let mut spawn_error = None;
-        for index in 0..processes {
+        if config.worker.ready == ReadyMode::Notify {
+            match self.notifier(generation, config.worker.credentials()) {
+                Ok(notifier) => new.notify = Some(notifier),
+                Err(e) => spawn_error = Some(format!("creating the notify socket: {e:#}")),
+            }
+        }
+        for index in (0..processes).take_while(|_| spawn_error.is_none()) {
             match new.spawn(index, 0, 0) {
                 Ok(worker) => {
                     let (pid, channel) = (worker.pid, worker.channel.clone());
-                    worker.reader = Some(self.watch(pid, channel));
+                    worker.reader = channel.map(|channel| self.watch(pid, channel));
                 }
                 Err(e) => {
                     spawn_error = Some(format!("worker {index}: {e:#}"));

@@ -91,6 +91,7 @@ impl Master {
         }
         let number = generation.number;
         for (pid, channel) in started {
+            let Some(channel) = channel else { continue };
             let reader = self.watch(pid, channel);
             if let Some(worker) = self
                 .generation_of(pid)

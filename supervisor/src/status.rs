@@ -30,6 +30,7 @@ impl Master {
                         uptime_s: w.started.elapsed().as_secs_f64(),
                         restarts: w.restarts,
                         connections: w.connections,
+                        status: w.status.clone(),
                     })
                     .collect(),
             })
@@ -157,6 +158,15 @@ pub fn render(status: &Status) -> String {
     .iter()
     .map(|s| s.to_string())
     .collect::<Vec<_>>()];
+    // Only servers using `ready = "notify"` send a status text.
+    let with_status = status
+        .generations
+        .iter()
+        .flat_map(|g| &g.workers)
+        .any(|w| w.status.is_some());
+    if with_status {
+        rows[0].push("STATUS".into());
+    }
     for g in &status.generations {
         let head = vec![g.number.to_string(), g.state.clone(), age(g.age_s)];
         if g.workers.is_empty() {
@@ -176,6 +186,9 @@ pub fn render(status: &Status) -> String {
                 w.restarts.to_string(),
                 w.connections.map_or("-".into(), |c| c.to_string()),
             ]);
+            if with_status {
+                row.push(w.status.clone().unwrap_or_else(|| "-".into()));
+            }
             rows.push(row);
         }
     }

@@ -1,16 +1,19 @@
-//! One worker process: spawning it with its control channel and listeners,
-//! and its life as the master sees it.
+//! One worker process: spawning it with its listeners (over the SDK's
+//! control channel, or inherited as systemd or args protocols want), and its
+//! life as the master sees it.
 
-use crate::config::WorkerConfig;
+use crate::config::{substitute, Output, Protocol, WorkerConfig};
+use crate::exec::{self, Fds};
 use crate::listener::Shared;
+use crate::output;
 use anyhow::Context;
 use baton_worker::channel::{self, Channel, ChannelError};
 use baton_worker::protocol::{MasterMessage, CONTROL_FD_ENV, MAX_FDS_PER_MESSAGE};
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -19,6 +22,18 @@ use tokio::time::Instant;
 /// else is dropped, and `[worker] env` is added on top.
 pub const INHERITED_ENV: &[&str] = &[
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+];
+
+/// Variables only the master sets (per protocol and readiness mode); the
+/// same names in `[worker] env` are dropped.
+pub const MASTER_ENV: &[&str] = &[
+    "BATON_GENERATION",
+    "BATON_WORKER",
+    CONTROL_FD_ENV,
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "LISTEN_PID",
+    "NOTIFY_SOCKET",
 ];
 
 /// Where a worker is in its life.
@@ -66,10 +81,14 @@ pub struct Worker {
     pub crashes: u32,
     /// Last reported count of open connections.
     pub connections: Option<u64>,
-    /// The master's end of its control channel.
-    pub channel: Arc<Channel>,
+    /// The master's end of its control channel (`protocol = "sdk"` only).
+    pub channel: Option<Arc<Channel>>,
     /// The task forwarding the channel's messages into the event loop.
     pub reader: Option<tokio::task::AbortHandle>,
+    /// The last `STATUS=` it sent to the notify socket.
+    pub status: Option<String>,
+    /// What tells it to drain when it has no channel.
+    pub stop_signal: Signal,
 }
 
 impl Drop for Worker {
@@ -77,6 +96,10 @@ impl Drop for Worker {
         if let Some(reader) = &self.reader {
             reader.abort();
         }
+        // The record goes once the process was reaped: whatever it left
+        // behind in its process group (a server's own children) goes too.
+        // The group's id cannot have been reused while any member lives.
+        let _ = killpg(self.pid, Signal::SIGKILL);
     }
 }
 
@@ -90,49 +113,110 @@ pub struct SpawnSpec<'a> {
     pub index: u32,
     /// Every listener, in configuration order.
     pub listeners: &'a [Shared],
+    /// The generation's notify socket (`ready = "notify"`).
+    pub notify_socket: Option<&'a Path>,
 }
 
-/// Starts one worker: a new process group running `command`, with the worker
-/// end of a fresh control channel at `BATON_CONTROL_FD`, then sends the hello
-/// and the listeners. Never waits on the worker.
+/// Starts one worker in a new process group. An SDK worker gets the worker
+/// end of a fresh control channel at `BATON_CONTROL_FD`, then the hello and
+/// the listeners; a systemd or args worker inherits the listeners at fds 3,
+/// 4, ... Never waits on the worker.
 pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Result<Worker> {
-    let (master_end, worker_end) = channel::pair().context("creating control channel")?;
     let config = spec.config;
-    let mut command = Command::new(&config.command[0]);
-    command.args(&config.command[1..]);
-    command.env_clear();
+    let mut env: Vec<(OsString, OsString)> = Vec::new();
     for name in INHERITED_ENV {
         if let Some(value) = std::env::var_os(name) {
-            command.env(name, value);
+            env.push((name.into(), value));
         }
     }
-    command.envs(&config.env);
-    command.env(CONTROL_FD_ENV, worker_end.as_raw_fd().to_string());
-    if let Some(cwd) = &config.cwd {
-        command.current_dir(cwd);
+    env.extend(config.env.iter().map(|(k, v)| (k.into(), v.into())));
+    // The master sets these; the config cannot override them.
+    env.retain(|(k, _)| !MASTER_ENV.iter().any(|m| k == m));
+    let mut set = |key: &str, value: String| env.push((key.into(), value.into()));
+    set("BATON_GENERATION", spec.generation.to_string());
+    set("BATON_WORKER", spec.index.to_string());
+    if let Some(path) = spec.notify_socket {
+        set("NOTIFY_SOCKET", path.display().to_string());
     }
-    // Its own process group: a terminal's Ctrl-C reaches only the master,
-    // and the master can signal a worker with everything it started.
-    command.process_group(0);
-    let inherit = worker_end.as_raw_fd();
-    // SAFETY: the closure runs between fork and exec and only calls fcntl,
-    // which is async-signal-safe; it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::fcntl(inherit, libc::F_SETFD, 0) == -1 {
-                return Err(std::io::Error::last_os_error());
+    let placed = || spec.listeners.iter().map(|l| l.fd().as_raw_fd()).collect();
+    let mut command = config.command.clone();
+    let (fds, channel_ends) = match config.protocol {
+        Protocol::Sdk => {
+            let (master_end, worker_end) = channel::pair().context("creating control channel")?;
+            set(CONTROL_FD_ENV, worker_end.as_raw_fd().to_string());
+            (
+                Fds::Keep(worker_end.as_raw_fd()),
+                Some((master_end, worker_end)),
+            )
+        }
+        Protocol::Systemd => {
+            set("LISTEN_FDS", spec.listeners.len().to_string());
+            let names: Vec<&str> = spec
+                .listeners
+                .iter()
+                .map(|l| l.info.name.as_str())
+                .collect();
+            set("LISTEN_FDNAMES", names.join(":"));
+            (Fds::Place(placed()), None)
+        }
+        Protocol::Args => {
+            let fd_of = |name: &str| {
+                let i = spec.listeners.iter().position(|l| l.info.name == name)?;
+                Some(3 + i as i32)
+            };
+            for arg in &mut command {
+                *arg = substitute(arg, fd_of);
             }
-            Ok(())
-        });
-    }
-    let child = command
-        .spawn()
-        .with_context(|| format!("starting worker command {:?}", config.command[0]))?;
-    drop(worker_end);
+            (Fds::Place(placed()), None)
+        }
+    };
+    let sdk = channel_ends.is_some();
+    let plan = exec::Plan {
+        command,
+        env,
+        listen_pid: config.protocol == Protocol::Systemd,
+        fds,
+        cwd: config.cwd.clone(),
+        credentials: config.credentials(),
+        rlimit_nofile: config.rlimit_nofile,
+        // An SDK worker learns of the master's death from its channel.
+        death_signal: (!sdk).then_some(config.stop_signal.0),
+        capture_output: config.output == Output::Capture,
+    };
+    let mut child = exec::spawn(plan)?;
     let pid = Pid::from_raw(child.id() as i32);
+    let origin = |stream| output::Origin {
+        generation: spec.generation,
+        worker: spec.index,
+        pid: pid.as_raw(),
+        stream,
+    };
+    let pipes = [
+        child
+            .stdout
+            .take()
+            .map(|p| (OwnedFd::from(p), origin("stdout"))),
+        child
+            .stderr
+            .take()
+            .map(|p| (OwnedFd::from(p), origin("stderr"))),
+    ];
     // The master reaps its children itself (waitpid on SIGCHLD).
     drop(child);
-    let channel = Arc::new(Channel::new(master_end).context("registering control channel")?);
+    for (pipe, origin) in pipes.into_iter().flatten() {
+        if let Err(e) = output::capture(pipe, origin) {
+            tracing::warn!(pid = pid.as_raw(), error = %e, "cannot capture worker output");
+        }
+    }
+    let channel = match channel_ends {
+        Some((master_end, worker_end)) => {
+            drop(worker_end);
+            Some(Arc::new(
+                Channel::new(master_end).context("registering control channel")?,
+            ))
+        }
+        None => None,
+    };
     let worker = Worker {
         pid,
         index: spec.index,
@@ -143,8 +227,13 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
         connections: None,
         channel,
         reader: None,
+        status: None,
+        stop_signal: config.stop_signal.0,
     };
-    match send_hello(&worker, spec) {
+    let Some(channel) = &worker.channel else {
+        return Ok(worker);
+    };
+    match send_hello(channel, spec) {
         // Already gone: its exit, reaped by the master, tells why.
         Err(e) if e.is_peer_gone() => Ok(worker),
         Err(e) => {
@@ -155,8 +244,8 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
     }
 }
 
-fn send_hello(worker: &Worker, spec: &SpawnSpec<'_>) -> Result<(), ChannelError> {
-    worker.channel.try_send(
+fn send_hello(channel: &Channel, spec: &SpawnSpec<'_>) -> Result<(), ChannelError> {
+    channel.try_send(
         &MasterMessage::Hello {
             generation: spec.generation,
             worker_index: spec.index,
@@ -167,7 +256,7 @@ fn send_hello(worker: &Worker, spec: &SpawnSpec<'_>) -> Result<(), ChannelError>
     )?;
     for (batch, chunk) in spec.listeners.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
         let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|l| l.fd()).collect();
-        worker.channel.try_send(
+        channel.try_send(
             &MasterMessage::Listeners {
                 offset: (batch * MAX_FDS_PER_MESSAGE) as u32,
                 listeners: chunk.iter().map(|l| l.info.clone()).collect(),
@@ -188,10 +277,21 @@ impl Worker {
             _ => {}
         }
         self.state = State::Draining { kill_at };
+        let Some(channel) = &self.channel else {
+            // Like systemd's KillMode=mixed: the stop signal to the main
+            // process, which stops its own children as it sees fit;
+            // SIGKILL to the whole group at the deadline.
+            if let Err(e) = kill(self.pid, self.stop_signal) {
+                if e != nix::errno::Errno::ESRCH {
+                    tracing::warn!(pid = self.pid.as_raw(), error = %e, "cannot send stop signal to worker");
+                }
+            }
+            return;
+        };
         let message = MasterMessage::Drain {
             deadline_ms: timeout.as_millis() as u64,
         };
-        if let Err(e) = self.channel.try_send(&message, &[]) {
+        if let Err(e) = channel.try_send(&message, &[]) {
             // It cannot hear us; it is killed at the deadline all the same.
             tracing::warn!(pid = self.pid.as_raw(), error = %e, "cannot send drain to worker");
         }

@@ -1,8 +1,8 @@
 use baton_tests::harness::{
-    alive, config_with_worker, get, hello_config, message, open_fds, read_pid, Baton, Binaries,
-    TempDir,
+    alive, assert_no_request_failed, config_with_worker, get, hello_config, message, open_fds,
+    read_pid, steady_load, wait_for_generation, Baton, Binaries, TempDir,
 };
-use baton_tests::load::{LoadConfig, LoadHandle, Mode};
+use baton_tests::load::Mode;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::path::{Path, PathBuf};
@@ -34,19 +34,7 @@ fn upgrades_under_load_drop_nothing(mode: Mode) {
     let baton = Baton::start(&hello_config(2));
     baton.wait_committed(1);
     let addr = baton.address("http");
-    let load = LoadHandle::start(LoadConfig {
-        addr,
-        connections: 8,
-        mode,
-        duration: Duration::from_secs(120),
-        max_requests: 20_000_000,
-        timeout: Duration::from_secs(10),
-        path: "/".into(),
-    });
-    assert!(
-        load.wait_for_ok(200, Duration::from_secs(10)),
-        "no traffic flows"
-    );
+    let load = steady_load(addr, mode);
     let mut master = baton.pid();
     let mut masters = vec![master];
     for _ in 0..UPGRADES {
@@ -56,33 +44,10 @@ fn upgrades_under_load_drop_nothing(mode: Mode) {
         std::thread::sleep(Duration::from_millis(200));
     }
     let last = UPGRADES as u64 + 1;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while load.latest_generation() != Some(last) {
-        assert!(
-            Instant::now() < deadline,
-            "generation {last} never answered"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_generation(&load, last);
     let report = load.stop();
-    eprintln!(
-        "{mode:?}: {} ok, {} failed across {UPGRADES} upgrades, masters {masters:?}",
-        report.ok(),
-        report.failed()
-    );
-    assert_eq!(
-        report.failed(),
-        0,
-        "failed requests: {}",
-        report.failures_summary()
-    );
-    let generations = report.generations();
-    assert_eq!(generations.first(), Some(&1));
-    assert_eq!(generations.last(), Some(&last));
-    assert!(
-        generations.windows(2).all(|w| w[0] < w[1]),
-        "{generations:?}"
-    );
+    let what = format!("{mode:?} across {UPGRADES} upgrades, masters {masters:?}");
+    assert_no_request_failed(&report, &what, last);
     // Every master was a new process, and only the last one is left.
     let mut distinct = masters.clone();
     distinct.dedup();

@@ -8,6 +8,8 @@
 //!   `DIR/reopened-GEN-INDEX` per reopen request, exits on drain.
 //! - `wrong-version`: speaks protocol version 99 on the control channel,
 //!   then waits to be stopped.
+//! - `udp-echo NAME`: answers each datagram on UDP listener NAME with
+//!   `gen GENERATION: ` and the datagram, until told to drain.
 
 use baton_worker::Worker;
 use std::io::Write;
@@ -75,6 +77,24 @@ async fn main() {
                             .open(&reopened)
                             .expect("open");
                         file.write_all(b"reopen\n").expect("write");
+                    }
+                }
+            }
+        }
+        "udp-echo" => {
+            let name = args.get(1).expect("udp-echo NAME");
+            let socket = worker.udp_socket(name).expect("udp listener");
+            worker.ready().await.expect("ready");
+            let prefix = format!("gen {}: ", worker.generation());
+            let mut buffer = [0u8; 2048];
+            loop {
+                tokio::select! {
+                    _ = drain.wait() => break,
+                    received = socket.recv_from(&mut buffer) => {
+                        let (n, peer) = received.expect("recv");
+                        let mut reply = prefix.clone().into_bytes();
+                        reply.extend_from_slice(&buffer[..n]);
+                        let _ = socket.send_to(&reply, peer).await;
                     }
                 }
             }

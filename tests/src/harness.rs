@@ -47,6 +47,11 @@ impl Binaries {
     pub fn testworker() -> PathBuf {
         Self::find("examples/testworker")
     }
+
+    /// The test server that does not link the SDK.
+    pub fn wrapped() -> PathBuf {
+        Self::find("examples/wrapped")
+    }
 }
 
 /// A temp dir removed on drop.
@@ -417,6 +422,14 @@ impl Drop for Baton {
             masters.extend(read_pid(&self.dir().join(file)));
         }
         masters.extend(self.seen_masters.lock().unwrap().iter().copied());
+        // A master that exited long ago may have had its pid reused by
+        // another test's process: only a process running in this test's
+        // directory is one of ours.
+        let dir = std::fs::canonicalize(self.dir()).ok();
+        let ours = |pid: &Pid| {
+            *pid == self.pid || std::fs::read_link(format!("/proc/{pid}/cwd")).ok() == dir
+        };
+        masters.retain(|m| ours(m));
         let mut pids: Vec<Pid> = masters.iter().flat_map(|m| descendants(*m)).collect();
         pids.extend(masters[1..].iter().filter(|m| alive(**m)));
         // Workers orphaned by a killed master are no longer descendants.
@@ -573,4 +586,83 @@ pub fn get(addr: SocketAddr) -> std::io::Result<(u16, Option<u64>, String)> {
             .then(|| v.trim().parse().ok())?
     });
     Ok((status, generation, body.to_string()))
+}
+
+/// Waits (bounded) until `path` holds a JSON document, and returns it: test
+/// workers write what they saw to such files, atomically.
+pub fn wait_json(path: &Path, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} not written within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts the closed-loop load the zero-drop tests use (8 connections,
+/// bounded to 2 minutes) and waits until traffic flows.
+pub fn steady_load(addr: SocketAddr, mode: crate::load::Mode) -> crate::load::LoadHandle {
+    let load = crate::load::LoadHandle::start(crate::load::LoadConfig {
+        addr,
+        connections: 8,
+        mode,
+        duration: Duration::from_secs(120),
+        max_requests: 20_000_000,
+        timeout: Duration::from_secs(10),
+        path: "/".into(),
+    });
+    assert!(
+        load.wait_for_ok(200, Duration::from_secs(10)),
+        "no traffic flows"
+    );
+    load
+}
+
+/// Waits until the load has seen a response from `generation`.
+pub fn wait_for_generation(load: &crate::load::LoadHandle, generation: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while load.latest_generation() != Some(generation) {
+        assert!(
+            Instant::now() < deadline,
+            "generation {generation} never answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The zero-drop verdict: at least some traffic, not one failed request, and
+/// responses that moved through the generations in order from 1 to `last`.
+pub fn assert_no_request_failed(report: &crate::load::Report, what: &str, last: u64) {
+    eprintln!(
+        "{what}: {} ok, {} failed, generations {:?} in {:?}",
+        report.ok(),
+        report.failed(),
+        report.generations(),
+        report.elapsed
+    );
+    assert!(
+        report.ok() > 100,
+        "too little traffic to mean anything: {}",
+        report.ok()
+    );
+    assert_eq!(
+        report.failed(),
+        0,
+        "failed requests: {}",
+        report.failures_summary()
+    );
+    let generations = report.generations();
+    assert_eq!(generations.first(), Some(&1), "{generations:?}");
+    assert_eq!(generations.last(), Some(&last), "{generations:?}");
+    assert!(
+        generations.windows(2).all(|w| w[0] < w[1]),
+        "generations appear in increasing order: {generations:?}"
+    );
 }

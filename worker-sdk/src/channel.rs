@@ -80,6 +80,12 @@ pub fn pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
+impl AsRawFd for Channel {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.get_ref().as_raw_fd()
+    }
+}
+
 impl Channel {
     /// Wraps a `SOCK_SEQPACKET` socket; makes it non-blocking. Must be called
     /// inside a tokio runtime.
@@ -110,6 +116,23 @@ impl Channel {
                 Err(ChannelError::Full) => guard.clear_ready(),
                 other => return other,
             }
+        }
+    }
+
+    /// Receives a message already queued, without waiting: `Ok(None)` when
+    /// there is none (or the peer is gone).
+    pub fn try_recv<T: for<'de> Deserialize<'de>>(
+        &self,
+    ) -> Result<Option<Received<T>>, ChannelError> {
+        match recv_raw(self.fd.get_ref().as_fd()) {
+            Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.is_peer_gone() => Ok(None),
+            Err(e) => Err(e),
+            Ok(None) => Ok(None),
+            Ok(Some((bytes, fds))) => Ok(Some(Received {
+                message: protocol::decode(&bytes)?,
+                fds,
+            })),
         }
     }
 

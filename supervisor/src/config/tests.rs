@@ -153,3 +153,106 @@ fn missing_file_is_a_clear_error() {
         .to_string();
     assert!(e.starts_with("/nonexistent/baton.toml: cannot read"), "{e}");
 }
+
+const ARGS: &str = "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"dns\"\naddress = \"udp:127.0.0.1:1\"\n[worker]\n";
+
+#[test]
+fn fd_templates_must_name_listeners_and_need_the_args_protocol() {
+    let good = format!(
+        "{ARGS}command = [\"uvicorn\", \"--fd\", \"{{fd:http}}\", \"--x={{fd:dns}},{{fd:http}}\"]\nprotocol = \"args\"\nready = \"delay:1s\"\n"
+    );
+    let c = parse(&good).unwrap();
+    assert_eq!(c.worker.protocol, Protocol::Args);
+    let fd = |name: &str| {
+        ["http", "dns"]
+            .iter()
+            .position(|n| *n == name)
+            .map(|i| 3 + i as i32)
+    };
+    assert_eq!(substitute(&c.worker.command[3], fd), "--x=4,3");
+    assert_eq!(fd_templates("a{fd:x}b{fd:y}").unwrap(), ["x", "y"]);
+
+    let e = error(&format!(
+        "{ARGS}command = [\"uvicorn\", \"--fd\", \"{{fd:htp}}\"]\nprotocol = \"args\"\nready = \"delay:1s\"\n"
+    ));
+    assert!(
+        e.contains(":8:31: ") && e.contains("no listener named \"htp\" (listeners: http, dns)"),
+        "{e}"
+    );
+    let e = error(&format!(
+        "{ARGS}command = [\"x\", \"{{fd:http\"]\nprotocol = \"args\"\nready = \"delay:1s\"\n"
+    ));
+    assert!(e.contains(":8:17: ") && e.contains("unterminated"), "{e}");
+    let e = error(&format!(
+        "{ARGS}command = [\"x\", \"{{fd:http}}\"]\nprotocol = \"systemd\"\nready = \"notify\"\n"
+    ));
+    assert!(
+        e.contains(":8:17: ") && e.contains("only replaced with protocol = \"args\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn protocols_without_a_channel_need_notify_or_delay_readiness() {
+    let e = error("[worker]\ncommand = [\"x\"]\nprotocol = \"systemd\"\n");
+    assert!(
+        e.contains(":3:12: ") && e.contains("set ready = \"notify\" or \"delay:DURATION\""),
+        "{e}"
+    );
+    let e = error("[worker]\ncommand = [\"x\"]\nprotocol = \"args\"\nready = \"sdk\"\n");
+    assert!(e.contains(":4:9: "), "{e}");
+    let c =
+        parse("[worker]\ncommand = [\"x\"]\nprotocol = \"systemd\"\nready = \"notify\"\n").unwrap();
+    assert_eq!(c.worker.ready, ReadyMode::Notify);
+}
+
+#[test]
+fn process_settings_parse_and_are_checked() {
+    let c = parse(
+        "[worker]\ncommand = [\"x\"]\nrlimit_nofile = 4096\noutput = \"capture\"\nreopen_signal = \"none\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.worker.rlimit_nofile, Some(4096));
+    assert_eq!(c.worker.output, Output::Capture);
+    assert_eq!(c.worker.reopen_signal, ReopenSignal(None));
+    let c = parse("[worker]\ncommand = [\"x\"]\n").unwrap();
+    assert_eq!(
+        (c.worker.rlimit_nofile, c.worker.output),
+        (None, Output::Inherit)
+    );
+    assert_eq!(
+        c.worker.reopen_signal,
+        ReopenSignal(Some(nix::sys::signal::Signal::SIGUSR1))
+    );
+    assert_eq!(c.worker.credentials(), None);
+    let e = error("[worker]\ncommand = [\"x\"]\nrlimit_nofile = 0\n");
+    assert!(
+        e.contains(":3:17: ") && e.contains("rlimit_nofile must be"),
+        "{e}"
+    );
+    let e = error("[worker]\ncommand = [\"x\"]\noutput = \"syslog\"\n");
+    assert!(e.contains(":3:10: ") && e.contains("syslog"), "{e}");
+    let e = error("[worker]\ncommand = [\"x\"]\nreopen_signal = \"SIGNOPE\"\n");
+    assert!(e.contains(":3:17: ") && e.contains("unknown signal"), "{e}");
+}
+
+#[test]
+fn user_and_group_resolve_at_load_and_need_root() {
+    let e = error("[worker]\ncommand = [\"x\"]\nuser = \"no-such-user-here\"\n");
+    assert!(e.contains(":3:8: "), "{e}");
+    if nix::unistd::geteuid().is_root() {
+        assert!(e.contains("unknown user \"no-such-user-here\""), "{e}");
+        let c = parse("[worker]\ncommand = [\"x\"]\nuser = \"root\"\ngroup = \"0\"\n").unwrap();
+        assert_eq!(
+            c.worker.credentials(),
+            Some(Credentials {
+                uid: Some(0),
+                gid: 0
+            })
+        );
+        let e = error("[worker]\ncommand = [\"x\"]\ngroup = \"no-such-group-here\"\n");
+        assert!(e.contains(":3:9: ") && e.contains("unknown group"), "{e}");
+    } else {
+        assert!(e.contains("needs the master to run as root"), "{e}");
+    }
+}

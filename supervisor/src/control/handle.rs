@@ -44,13 +44,28 @@ impl Master {
             tracing::error!(error = %format!("{e:#}"), "cannot reopen the log file");
         }
         let mut told = 0;
-        for worker in self.generations.values().flat_map(|g| g.workers.values()) {
-            // SDK workers hear it on their channel: a signal would kill a
-            // worker that does not expect it.
-            match worker.channel.try_send(&MasterMessage::Reopen {}, &[]) {
-                Ok(()) => told += 1,
-                Err(e) => {
-                    tracing::warn!(pid = worker.pid.as_raw(), error = %e, "cannot tell worker to reopen")
+        for generation in self.generations.values() {
+            let signal = generation.config.worker.reopen_signal.0;
+            for worker in generation.workers.values() {
+                // SDK workers hear it on their channel: a signal would kill a
+                // worker that does not expect it. Other servers get
+                // `reopen_signal` (SIGUSR1 unless configured otherwise), to
+                // their main process only, as nginx's master forwards it:
+                // a server with children (gunicorn) passes it on itself.
+                let result = match (&worker.channel, signal) {
+                    (Some(channel), _) => channel
+                        .try_send(&MasterMessage::Reopen {}, &[])
+                        .map_err(|e| e.to_string()),
+                    (None, Some(signal)) => {
+                        nix::sys::signal::kill(worker.pid, signal).map_err(|e| e.to_string())
+                    }
+                    (None, None) => continue,
+                };
+                match result {
+                    Ok(()) => told += 1,
+                    Err(e) => {
+                        tracing::warn!(pid = worker.pid.as_raw(), error = %e, "cannot tell worker to reopen")
+                    }
                 }
             }
         }

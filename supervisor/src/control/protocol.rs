@@ -233,6 +233,9 @@ pub struct WorkerStatus {
     /// Open connections it last reported.
     #[serde(default)]
     pub connections: Option<u64>,
+    /// The last `STATUS=` it sent to the notify socket.
+    #[serde(default)]
+    pub status: Option<String>,
 }
 
 #[cfg(test)]

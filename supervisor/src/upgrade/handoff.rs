@@ -186,7 +186,7 @@ async fn receive(channel: Arc<Channel>) -> anyhow::Result<Takeover> {
             bail!("listener batch at offset {offset} does not fit");
         }
         for (listener, fd) in handed.into_iter().zip(batch.fds) {
-            listeners.push(adopt(listener, fd)?);
+            listeners.push(listener.adopt(fd)?);
         }
     }
     Ok(Takeover {
@@ -197,17 +197,30 @@ async fn receive(channel: Arc<Channel>) -> anyhow::Result<Takeover> {
     })
 }
 
-fn adopt(handed: HandedListener, fd: OwnedFd) -> anyhow::Result<Listener> {
-    let address: ListenerAddress = handed
-        .address
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("listener `{}`: {e}", handed.name))?;
-    let config = ListenerConfig {
-        name: handed.name,
-        address,
-        backlog: handed.backlog,
-    };
-    Listener::adopt(config, handed.info, fd)
+impl HandedListener {
+    /// Describes `listener` for the next master.
+    pub fn of(listener: &Listener) -> HandedListener {
+        HandedListener {
+            name: listener.config.name.clone(),
+            address: listener.config.address.to_string(),
+            backlog: listener.config.backlog,
+            info: listener.info.clone(),
+        }
+    }
+
+    /// Adopts `fd` as this listener, after checking it.
+    pub fn adopt(self, fd: OwnedFd) -> anyhow::Result<Listener> {
+        let address: ListenerAddress = self
+            .address
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("listener `{}`: {e}", self.name))?;
+        let config = ListenerConfig {
+            name: self.name,
+            address,
+            backlog: self.backlog,
+        };
+        Listener::adopt(config, self.info, fd)
+    }
 }
 
 /// The old master's side: sends the takeover and every listener.
@@ -226,15 +239,7 @@ pub fn send_takeover(
     )?;
     for (batch, chunk) in listeners.chunks(MAX_FDS_PER_MESSAGE).enumerate() {
         let fds: Vec<_> = chunk.iter().map(|l| l.fd()).collect();
-        let handed = chunk
-            .iter()
-            .map(|l| HandedListener {
-                name: l.config.name.clone(),
-                address: l.config.address.to_string(),
-                backlog: l.config.backlog,
-                info: l.info.clone(),
-            })
-            .collect();
+        let handed = chunk.iter().map(|l| HandedListener::of(l)).collect();
         channel.try_send(
             &OldMessage::Listeners {
                 offset: (batch * MAX_FDS_PER_MESSAGE) as u32,

@@ -1,9 +1,14 @@
-//! Binary upgrade (SIGUSR2, `baton upgrade`): the old master starts the new
-//! binary as a child, hands it the listeners, and once the new master's
-//! generation is ready, releases the control socket and the pid file and
-//! drains its own workers. Any failure before that stops the new master,
-//! restores the pid file, and leaves this master serving, untouched.
+//! Binary upgrade (SIGUSR2, `baton upgrade`).
+//!
+//! By default the old master starts the new binary as a child, hands it the
+//! listeners, and once the new master's generation is ready, releases the
+//! control socket and the pid file and drains its own workers. As PID 1, or
+//! with `upgrade = "exec"`, the master instead has the new binary check the
+//! config and then re-executes itself in place ([`exec`]). Any failure before
+//! the switch stops what was started, restores the pid file, and leaves this
+//! master serving, untouched.
 
+pub mod exec;
 pub mod handoff;
 
 use crate::control::protocol::Reply;
@@ -27,17 +32,33 @@ const ABORT_GRACE: Duration = Duration::from_secs(5);
 /// Where an upgrade is.
 #[derive(Debug)]
 enum Phase {
-    /// Waiting for the new master's generation to be ready.
+    /// Waiting for the new master's generation to be ready (child mode), or
+    /// for the new binary's `check` to exit (in place).
     Waiting { deadline: Instant },
-    /// Failed; waiting for the new master to exit (killed at the deadline).
+    /// In place: the check passed; exec once the replies are written.
+    Exec { at: Instant },
+    /// Failed; waiting for the child to exit (killed at the deadline).
     Aborting { kill_at: Instant },
+}
+
+/// How the new binary takes over.
+enum Kind {
+    /// A new master process: `Upgrade::child` is the new master.
+    Child {
+        channel: Arc<Channel>,
+        reader: tokio::task::AbortHandle,
+    },
+    /// This process re-executes: `Upgrade::child` is the pre-flight check.
+    InPlace {
+        binary: std::fs::File,
+        output: std::fs::File,
+    },
 }
 
 /// An upgrade under way.
 pub struct Upgrade {
     child: Pid,
-    channel: Arc<Channel>,
-    reader: tokio::task::AbortHandle,
+    kind: Kind,
     phase: Phase,
     waiters: Vec<Waiter>,
     started: Instant,
@@ -45,7 +66,9 @@ pub struct Upgrade {
 
 impl Drop for Upgrade {
     fn drop(&mut self) {
-        self.reader.abort();
+        if let Kind::Child { reader, .. } = &self.kind {
+            reader.abort();
+        }
     }
 }
 
@@ -79,6 +102,15 @@ impl Program {
         };
         Program { path, argv0 }
     }
+
+    /// A command that runs the binary opened as `binary` (so that the file
+    /// cannot change between check and exec) with `args`.
+    fn command(&self, binary: &std::fs::File, args: &[&std::ffi::OsStr]) -> std::process::Command {
+        let mut command =
+            std::process::Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()));
+        command.arg0(&self.argv0).args(args);
+        command
+    }
 }
 
 impl Master {
@@ -88,7 +120,7 @@ impl Master {
             Some("the master is stopping".to_string())
         } else if let Some(upgrade) = &self.upgrade {
             Some(format!(
-                "an upgrade is already in progress (new master pid {}, started {:?} ago)",
+                "an upgrade is already in progress (pid {}, started {:?} ago)",
                 upgrade.child,
                 upgrade.started.elapsed()
             ))
@@ -106,28 +138,17 @@ impl Master {
             }
             return;
         }
-        let span = tracing::info_span!("upgrade", binary = %self.program.path.display());
+        let in_place = exec::in_place(&self.config);
+        let span = tracing::info_span!("upgrade", binary = %self.program.path.display(), in_place);
         let _enter = span.enter();
         tracing::info!("upgrade started");
-        match self.start_new_master() {
-            Ok((child, channel)) => {
-                let reader = self.watch_upgrade(channel.clone());
-                let deadline = Instant::now() + self.config.supervisor.upgrade_timeout.0;
-                self.upgrade = Some(Upgrade {
-                    child,
-                    channel,
-                    reader,
-                    phase: Phase::Waiting { deadline },
-                    waiters: waiter.into_iter().collect(),
-                    started: Instant::now(),
-                });
-                if let Some(pid_file) = &mut self.pid_file {
-                    if let Err(e) = pid_file.rename_to_oldbin() {
-                        tracing::warn!(error = %format!("{e:#}"), "cannot rename the pid file");
-                    }
-                }
-                tracing::info!(new_pid = child.as_raw(), "new master started");
-            }
+        let started = if in_place {
+            self.start_check()
+        } else {
+            self.start_new_master()
+        };
+        let (child, kind) = match started {
+            Ok(started) => started,
             Err((phase, e)) => {
                 let reason = format!("{e:#}");
                 tracing::error!(phase, %reason, "upgrade failed; this master keeps serving");
@@ -136,44 +157,46 @@ impl Master {
                         "upgrade failed in phase {phase}: {reason}"
                     )));
                 }
+                return;
+            }
+        };
+        let deadline = Instant::now() + self.config.supervisor.upgrade_timeout.0;
+        self.upgrade = Some(Upgrade {
+            child,
+            kind,
+            phase: Phase::Waiting { deadline },
+            waiters: waiter.into_iter().collect(),
+            started: Instant::now(),
+        });
+        if in_place {
+            tracing::info!(check_pid = child.as_raw(), "checking the new binary");
+            return;
+        }
+        if let Some(pid_file) = &mut self.pid_file {
+            if let Err(e) = pid_file.rename_to_oldbin() {
+                tracing::warn!(error = %format!("{e:#}"), "cannot rename the pid file");
             }
         }
+        tracing::info!(new_pid = child.as_raw(), "new master started");
     }
 
-    /// Opens the binary, checks it, and starts it with the handshake
-    /// channel; sends the listeners.
-    fn start_new_master(&self) -> Result<(Pid, Arc<Channel>), (&'static str, anyhow::Error)> {
+    /// Child mode: opens the binary, checks it, starts it with the handshake
+    /// channel, and sends the listeners.
+    fn start_new_master(&self) -> Result<(Pid, Kind), (&'static str, anyhow::Error)> {
         let binary = open_executable(&self.program.path).map_err(|e| ("binary", e))?;
         let (ours, theirs) = channel::pair()
             .context("creating the upgrade channel")
             .map_err(|e| ("binary", e))?;
-        // Exec what was opened and checked, whatever happens to the path.
-        let mut command =
-            std::process::Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()));
+        let mut command = self.program.command(
+            &binary,
+            &["run".as_ref(), "-c".as_ref(), self.config_path.as_os_str()],
+        );
         command
-            .arg0(&self.program.argv0)
-            .arg("run")
-            .arg("-c")
-            .arg(&self.config_path)
             .env(UPGRADE_FD_ENV, theirs.as_raw_fd().to_string())
             .env(handoff::BINARY_FD_ENV, binary.as_raw_fd().to_string())
             // Its own group: an abort stops whatever it started too.
             .process_group(0);
-        let inherit = [binary.as_raw_fd(), theirs.as_raw_fd()];
-        // SAFETY: runs between fork and exec and only calls fcntl, which is
-        // async-signal-safe; it allocates nothing.
-        unsafe {
-            command.pre_exec(move || {
-                for fd in inherit {
-                    // The binary's fd stays open so that a script's
-                    // interpreter can read /proc/self/fd/N.
-                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        inherit_in_child(&mut command, [binary.as_raw_fd(), theirs.as_raw_fd()]);
         let child = command
             .spawn()
             .with_context(|| format!("starting {}", self.program.path.display()))
@@ -187,14 +210,47 @@ impl Master {
         if let Err(e) = handoff::send_takeover(&channel, self.next_generation, &self.listeners) {
             // A child that is already gone is reaped and reported as such.
             if !e.is_peer_gone() {
-                let _ = kill(pid, Signal::SIGKILL);
-                return Err((
-                    "handshake",
-                    anyhow::Error::new(e).context("sending the listeners"),
-                ));
+                let _ = killpg(pid, Signal::SIGKILL);
+                let error = anyhow::Error::new(e).context("sending the listeners");
+                return Err(("handshake", error));
             }
         }
-        Ok((pid, channel))
+        let reader = self.watch_upgrade(channel.clone());
+        Ok((pid, Kind::Child { channel, reader }))
+    }
+
+    /// In place: runs `NEW_BINARY check -c CONFIG` before anything changes.
+    fn start_check(&self) -> Result<(Pid, Kind), (&'static str, anyhow::Error)> {
+        let binary = open_executable(&self.program.path).map_err(|e| ("binary", e))?;
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .context("creating a pipe")
+            .map_err(|e| ("binary", e))?;
+        let write = std::fs::File::from(write);
+        let stdout = write.try_clone().map_err(|e| ("binary", e.into()))?;
+        let mut command = self.program.command(
+            &binary,
+            &[
+                "check".as_ref(),
+                "-c".as_ref(),
+                self.config_path.as_os_str(),
+            ],
+        );
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(write)
+            .process_group(0);
+        inherit_in_child(&mut command, [binary.as_raw_fd()]);
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {} check", self.program.path.display()))
+            .map_err(|e| ("binary", e))?;
+        // Close our copies of the write end: the pipe ends when the check exits.
+        drop(command);
+        let pid = Pid::from_raw(child.id() as i32);
+        drop(child);
+        let output = std::fs::File::from(read);
+        Ok((pid, Kind::InPlace { binary, output }))
     }
 
     fn watch_upgrade(&self, channel: Arc<Channel>) -> tokio::task::AbortHandle {
@@ -203,7 +259,10 @@ impl Master {
             loop {
                 let message = match channel.recv::<NewMessage>().await {
                     Ok(Some(received)) => Ok(received.message),
+                    // Gone (a reset is a peer that died with unread data):
+                    // its exit, reaped, says why.
                     Ok(None) => return,
+                    Err(e) if e.is_peer_gone() => return,
                     Err(e) => Err(e),
                 };
                 let fatal = matches!(message, Err(ChannelError::Io(_)));
@@ -234,21 +293,23 @@ impl Master {
         let Some(upgrade) = &mut self.upgrade else {
             return;
         };
+        let Kind::Child { channel, .. } = &upgrade.kind else {
+            return;
+        };
         if !matches!(upgrade.phase, Phase::Waiting { .. }) {
             return;
         }
         // Release the control socket first: the new master binds it when it
-        // hears the handover.
+        // hears the handover. Unix socket files stay for it.
         self.control = None;
-        for listener in &self.listeners {
+        for listener in self
+            .listeners
+            .iter()
+            .chain(self.generations.values().flat_map(|g| g.listeners.iter()))
+        {
             listener.hand_over();
         }
-        for generation in self.generations.values() {
-            for listener in &generation.listeners {
-                listener.hand_over();
-            }
-        }
-        if let Err(e) = upgrade.channel.try_send(&OldMessage::Handover {}, &[]) {
+        if let Err(e) = channel.try_send(&OldMessage::Handover {}, &[]) {
             tracing::warn!(error = %e, "cannot tell the new master to take over");
         }
         let old_pid = std::process::id();
@@ -261,6 +322,7 @@ impl Master {
         crate::sd_notify::notify(&format!("MAINPID={new_pid}"));
         for waiter in upgrade.waiters.drain(..) {
             let _ = waiter.send(Reply::ok(serde_json::json!({
+                "mode": "child",
                 "old_pid": old_pid,
                 "new_pid": new_pid,
                 "generation": generation,
@@ -268,11 +330,10 @@ impl Master {
         }
         // The new master is on its own now; this one drains and exits.
         self.upgrade = None;
-        self.handed_over = true;
         self.stop(Stop::Graceful);
     }
 
-    /// Stops the new master and keeps serving.
+    /// Stops what the upgrade started and keeps serving.
     fn fail_upgrade(&mut self, phase: &str, reason: String) {
         let Some(upgrade) = &mut self.upgrade else {
             return;
@@ -280,7 +341,7 @@ impl Master {
         if !matches!(upgrade.phase, Phase::Waiting { .. }) {
             return;
         }
-        tracing::error!(phase, %reason, new_pid = upgrade.child.as_raw(), "upgrade failed; this master keeps serving");
+        tracing::error!(phase, %reason, child = upgrade.child.as_raw(), "upgrade failed; this master keeps serving");
         let _ = killpg(upgrade.child, Signal::SIGTERM);
         upgrade.phase = Phase::Aborting {
             kill_at: Instant::now() + ABORT_GRACE,
@@ -297,26 +358,67 @@ impl Master {
         }
     }
 
-    /// A child exited: if it is the new master, the upgrade fails (or its
-    /// abort is complete). Returns whether it was.
-    pub(crate) fn upgrade_child_exited(&mut self, pid: Pid, status: &str) -> bool {
-        match &self.upgrade {
-            Some(upgrade) if upgrade.child == pid => {}
-            _ => return false,
+    /// A child exited: if it is the upgrade's, the upgrade moves on (a
+    /// passed check leads to the exec; anything else fails). Returns whether
+    /// it was.
+    pub(crate) fn upgrade_child_exited(&mut self, pid: Pid, status: &str, success: bool) -> bool {
+        let Some(upgrade) = &mut self.upgrade else {
+            return false;
+        };
+        if upgrade.child != pid {
+            return false;
         }
-        self.fail_upgrade(
-            "start",
-            format!("the new master exited with {status} before it was ready"),
-        );
-        tracing::info!(pid = pid.as_raw(), %status, "new master exited");
+        let waiting = matches!(upgrade.phase, Phase::Waiting { .. });
+        if let (Kind::InPlace { output, .. }, true) = (&mut upgrade.kind, waiting) {
+            // The check has exited, so its whole output is in the pipe.
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(output, &mut text);
+            if !success {
+                let reason = format!(
+                    "the new binary rejected the config ({status}): {}",
+                    text.trim()
+                );
+                self.fail_upgrade("check", reason);
+                self.upgrade = None;
+                return true;
+            }
+            tracing::info!(output = %text.trim(), "the new binary accepted the config; re-executing in place");
+            let reply = serde_json::json!({
+                "mode": "exec",
+                "old_pid": std::process::id(),
+                "new_pid": std::process::id(),
+                "requested_at": std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+            });
+            for waiter in upgrade.waiters.drain(..) {
+                let _ = waiter.send(Reply::ok(reply.clone()));
+            }
+            // Let the control connections write those replies first.
+            upgrade.phase = Phase::Exec {
+                at: Instant::now() + Duration::from_millis(100),
+            };
+            return true;
+        }
+        // Its last words may still be queued behind the exit.
+        if let Kind::Child { channel, .. } = &upgrade.kind {
+            if let Ok(Some(last)) = channel.try_recv::<NewMessage>() {
+                self.on_upgrade_message(Ok(last.message));
+            }
+        }
+        let reason = format!("the new master exited with {status} before it was ready");
+        self.fail_upgrade("start", reason);
+        tracing::info!(pid = pid.as_raw(), %status, "upgrade child exited");
         self.upgrade = None;
         true
     }
 
-    /// Deadlines: the handshake timeout, and the kill of an aborted new master.
+    /// Deadlines: the upgrade timeout, the exec, and the kill of an aborted child.
     pub(crate) fn upgrade_tick(&mut self) {
         let now = Instant::now();
-        let Some(upgrade) = &self.upgrade else { return };
+        let Some(upgrade) = &mut self.upgrade else {
+            return;
+        };
         match upgrade.phase {
             Phase::Waiting { deadline } if now >= deadline => {
                 let timeout = self.config.supervisor.upgrade_timeout.0;
@@ -325,13 +427,22 @@ impl Master {
                     format!("the new master was not ready within upgrade_timeout ({timeout:?})"),
                 );
             }
+            Phase::Exec { at } if now >= at => {
+                let upgrade = self.upgrade.take().expect("matched above");
+                if let Kind::InPlace { binary, .. } = &upgrade.kind {
+                    let error = self
+                        .exec_in_place(binary)
+                        .expect_err("exec returns only on failure");
+                    tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
+                }
+            }
             Phase::Aborting { kill_at } if now >= kill_at => {
                 let _ = killpg(upgrade.child, Signal::SIGKILL);
-                if let Some(upgrade) = &mut self.upgrade {
-                    upgrade.phase = Phase::Aborting {
-                        kill_at: now + Duration::from_secs(3600),
-                    };
-                }
+                let _ = kill(upgrade.child, Signal::SIGKILL);
+                // Nothing more is due until it is reaped.
+                upgrade.phase = Phase::Aborting {
+                    kill_at: now + Duration::from_secs(3600),
+                };
             }
             _ => {}
         }
@@ -341,15 +452,32 @@ impl Master {
     pub(crate) fn upgrade_deadline(&self) -> Option<Instant> {
         match self.upgrade.as_ref()?.phase {
             Phase::Waiting { deadline } => Some(deadline),
+            Phase::Exec { at } => Some(at),
             Phase::Aborting { kill_at } => Some(kill_at),
         }
     }
 
     /// A stop during an upgrade abandons it.
     pub(crate) fn abandon_upgrade(&mut self) {
-        if self.upgrade.is_some() {
-            self.fail_upgrade("handshake", "the old master is stopping".into());
-        }
+        self.fail_upgrade("handshake", "the old master is stopping".into());
+    }
+}
+
+/// Makes `fds` inheritable in the child only, between fork and exec.
+fn inherit_in_child<const N: usize>(command: &mut std::process::Command, fds: [i32; N]) {
+    // SAFETY: runs between fork and exec and only calls fcntl, which is
+    // async-signal-safe; it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in fds {
+                // The binary's fd stays open so that a script's interpreter
+                // can read /proc/self/fd/N.
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 

@@ -1,0 +1,155 @@
+//! `output = "capture"`: a worker's stdout and stderr, read by the master and
+//! logged line by line as `worker output` events with the generation, worker
+//! index, pid and stream.
+
+use std::os::fd::OwnedFd;
+use tokio::io::AsyncReadExt;
+
+/// Longer lines are cut here (and marked `truncated`); the rest of the line
+/// is dropped.
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// Who wrote a line.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    /// Generation number.
+    pub generation: u64,
+    /// Worker index.
+    pub worker: u32,
+    /// Worker pid.
+    pub pid: i32,
+    /// `stdout` or `stderr`.
+    pub stream: &'static str,
+}
+
+/// Reads `pipe` until every process holding its write end has closed it,
+/// logging each line. Must run inside the tokio runtime.
+pub fn capture(pipe: OwnedFd, origin: Origin) -> std::io::Result<()> {
+    let mut reader = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe)?;
+    tokio::spawn(async move {
+        let mut lines = Lines::default();
+        let mut chunk = vec![0u8; 8 * 1024];
+        loop {
+            let n = match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            lines.push(&chunk[..n], |line, truncated| emit(origin, line, truncated));
+        }
+        lines.finish(|line, truncated| emit(origin, line, truncated));
+    });
+    Ok(())
+}
+
+fn emit(origin: Origin, line: &[u8], truncated: bool) {
+    let line = String::from_utf8_lossy(line);
+    let line = line.strip_suffix('\r').unwrap_or(&line);
+    let Origin {
+        generation,
+        worker,
+        pid,
+        stream,
+    } = origin;
+    if truncated {
+        tracing::info!(
+            generation,
+            worker,
+            pid,
+            stream,
+            line,
+            truncated,
+            "worker output"
+        );
+    } else {
+        tracing::info!(generation, worker, pid, stream, line, "worker output");
+    }
+}
+
+/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes.
+#[derive(Debug, Default)]
+struct Lines {
+    pending: Vec<u8>,
+    /// Dropping the rest of an overlong line, up to its newline.
+    skipping: bool,
+}
+
+impl Lines {
+    fn push(&mut self, mut bytes: &[u8], mut emit: impl FnMut(&[u8], bool)) {
+        while !bytes.is_empty() {
+            let newline = bytes.iter().position(|&b| b == b'\n');
+            let (part, rest) = match newline {
+                Some(i) => (&bytes[..i], &bytes[i + 1..]),
+                None => (bytes, &[][..]),
+            };
+            if !self.skipping {
+                let room = MAX_LINE - self.pending.len();
+                self.pending
+                    .extend_from_slice(&part[..part.len().min(room)]);
+                if part.len() > room {
+                    emit(&self.pending, true);
+                    self.pending.clear();
+                    self.skipping = newline.is_none();
+                } else if newline.is_some() {
+                    emit(&self.pending, false);
+                    self.pending.clear();
+                }
+            } else if newline.is_some() {
+                self.skipping = false;
+            }
+            bytes = rest;
+        }
+    }
+
+    fn finish(self, mut emit: impl FnMut(&[u8], bool)) {
+        if !self.pending.is_empty() {
+            emit(&self.pending, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(chunks: &[&[u8]]) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        let mut lines = Lines::default();
+        for chunk in chunks {
+            lines.push(chunk, |l, t| {
+                out.push((String::from_utf8_lossy(l).into_owned(), t))
+            });
+        }
+        lines.finish(|l, t| out.push((String::from_utf8_lossy(l).into_owned(), t)));
+        out
+    }
+
+    #[test]
+    fn lines_are_split_across_chunks() {
+        assert_eq!(
+            split(&[b"a\nb", b"c\n\nd"]),
+            vec![
+                ("a".into(), false),
+                ("bc".into(), false),
+                ("".into(), false),
+                ("d".into(), false)
+            ]
+        );
+    }
+
+    #[test]
+    fn overlong_lines_are_truncated_once() {
+        let long = vec![b'x'; MAX_LINE + 10];
+        let out = split(&[&long[..MAX_LINE - 1], &long[MAX_LINE - 1..], b"yy\nok\n"]);
+        assert_eq!(
+            out.len(),
+            2,
+            "{:?}",
+            out.iter().map(|(l, t)| (l.len(), t)).collect::<Vec<_>>()
+        );
+        assert_eq!((out[0].0.len(), out[0].1), (MAX_LINE, true));
+        assert_eq!(out[1], ("ok".into(), false));
+        let out = split(&[&long, b"\nnext\n"]);
+        assert_eq!((out[0].0.len(), out[0].1), (MAX_LINE, true));
+        assert_eq!(out[1], ("next".into(), false));
+    }
+}

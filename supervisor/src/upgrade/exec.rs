@@ -1,0 +1,300 @@
+//! In-place upgrade, for PID 1 (a container's init) and setups that need a
+//! stable pid (`[supervisor] upgrade = "exec"`): after the new binary has
+//! passed `check` on the config, the master re-executes itself, handing its
+//! listeners, its workers' control channels and its generation table to the
+//! new image in a memfd. The workers keep running and are adopted; the new
+//! image then starts a fresh generation as a reload would.
+
+use super::handoff::{HandedListener, BINARY_FD_ENV};
+use crate::config::Config;
+use crate::generation::{Generation, Phase};
+use crate::listener::Shared;
+use crate::master::Master;
+use crate::scale::ScaleOverride;
+use crate::worker::{State, Worker};
+use anyhow::{bail, Context};
+use baton_worker::channel::Channel;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Names the memfd holding the [`ExecState`].
+pub const STATE_FD_ENV: &str = "BATON_EXEC_STATE_FD";
+
+/// Everything the new image needs to carry on.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExecState {
+    next_generation: u64,
+    current: Option<u64>,
+    scale: Option<(u32, u32)>,
+    listeners: Vec<ExecListener>,
+    generations: Vec<ExecGeneration>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ExecListener {
+    handed: HandedListener,
+    fd: RawFd,
+    /// In the master's current set (not only held by a draining generation).
+    current: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ExecGeneration {
+    number: u64,
+    phase: String,
+    processes: u32,
+    /// Indexes into [`ExecState::listeners`].
+    listeners: Vec<usize>,
+    workers: Vec<ExecWorker>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ExecWorker {
+    pid: i32,
+    index: u32,
+    state: String,
+    /// For a draining worker: time left until it is killed.
+    kill_in_ms: Option<u64>,
+    restarts: u32,
+    /// The SDK control channel (none for systemd/args workers).
+    channel_fd: Option<RawFd>,
+    /// Last `STATUS=` a notify worker sent.
+    status: Option<String>,
+}
+
+impl Master {
+    /// Re-executes this process from `binary` with the state handed over.
+    /// Returns only if the exec failed; then nothing has changed.
+    pub(crate) fn exec_in_place(&self, binary: &std::fs::File) -> anyhow::Result<()> {
+        let (state, mut inherit) = self.exec_state();
+        let json = serde_json::to_vec(&state)?;
+        let memfd = nix::sys::memfd::memfd_create(
+            c"baton-state",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .context("creating the state memfd")?;
+        let mut file = std::fs::File::from(memfd);
+        file.write_all(&json)?;
+        file.rewind()?;
+        inherit.push(file.as_raw_fd());
+        inherit.push(binary.as_raw_fd());
+        for fd in &inherit {
+            set_cloexec(*fd, false)?;
+        }
+        let error = std::process::Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()))
+            .arg0(&self.program.argv0)
+            .arg("run")
+            .arg("-c")
+            .arg(&self.config_path)
+            .env(STATE_FD_ENV, file.as_raw_fd().to_string())
+            .env(BINARY_FD_ENV, binary.as_raw_fd().to_string())
+            .exec();
+        // Still here: the exec failed. Make every fd private again.
+        for fd in &inherit {
+            let _ = set_cloexec(*fd, true);
+        }
+        Err(error).context("re-executing in place")
+    }
+
+    fn exec_state(&self) -> (ExecState, Vec<RawFd>) {
+        let mut all: Vec<Shared> = Vec::new();
+        let id = |listener: &Shared, all: &mut Vec<Shared>| {
+            all.iter()
+                .position(|l| Rc::ptr_eq(l, listener))
+                .unwrap_or_else(|| {
+                    all.push(listener.clone());
+                    all.len() - 1
+                })
+        };
+        for listener in &self.listeners {
+            id(listener, &mut all);
+        }
+        let now = Instant::now();
+        let mut inherit = Vec::new();
+        let generations = self
+            .generations
+            .values()
+            .map(|g| ExecGeneration {
+                number: g.number,
+                phase: g.phase.name().into(),
+                processes: g.processes,
+                listeners: g.listeners.iter().map(|l| id(l, &mut all)).collect(),
+                workers: g
+                    .workers
+                    .values()
+                    .map(|w| {
+                        let channel_fd = w.channel.as_ref().map(|c| c.as_raw_fd());
+                        inherit.extend(channel_fd);
+                        ExecWorker {
+                            pid: w.pid.as_raw(),
+                            index: w.index,
+                            state: w.state.name().into(),
+                            kill_in_ms: match w.state {
+                                State::Draining { kill_at } => {
+                                    Some(kill_at.saturating_duration_since(now).as_millis() as u64)
+                                }
+                                State::Killed => Some(0),
+                                _ => None,
+                            },
+                            restarts: w.restarts,
+                            channel_fd,
+                            status: w.status.clone(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        let listeners = all
+            .iter()
+            .map(|l| {
+                inherit.push(l.fd().as_raw_fd());
+                ExecListener {
+                    handed: HandedListener::of(l),
+                    fd: l.fd().as_raw_fd(),
+                    current: self.listeners.iter().any(|c| Rc::ptr_eq(c, l)),
+                }
+            })
+            .collect();
+        let state = ExecState {
+            next_generation: self.next_generation,
+            current: self.current,
+            scale: self.scale.map(|s| (s.processes, s.config_processes)),
+            listeners,
+            generations,
+        };
+        (state, inherit)
+    }
+
+    /// In the new image: adopts the listeners, generations and workers the
+    /// previous image handed over.
+    pub(crate) fn adopt_exec_state(&mut self, state: ExecState) -> anyhow::Result<()> {
+        let config = self.config.clone();
+        let mut listeners = Vec::new();
+        for l in state.listeners {
+            // SAFETY: the previous image of this process left this fd open
+            // for us alone, as the state says; nothing else owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(l.fd) };
+            set_cloexec(l.fd, true)?;
+            let listener = Rc::new(l.handed.adopt(fd)?);
+            if l.current {
+                self.listeners.push(listener.clone());
+            }
+            listeners.push(listener);
+        }
+        for g in state.generations {
+            let phase = match g.phase.as_str() {
+                "current" => Phase::Current,
+                "draining" => Phase::Draining,
+                _ => Phase::Failed,
+            };
+            let held = g
+                .listeners
+                .iter()
+                .map(|i| {
+                    listeners
+                        .get(*i)
+                        .cloned()
+                        .context("listener index out of range")
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut generation = Generation::new(g.number, config.clone(), held, g.processes);
+            generation.phase = phase;
+            for w in g.workers {
+                let pid = nix::unistd::Pid::from_raw(w.pid);
+                let channel = match w.channel_fd {
+                    Some(raw) => {
+                        // SAFETY: as above: this worker's channel, left open
+                        // for us alone.
+                        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                        set_cloexec(raw, true)?;
+                        Some(Arc::new(Channel::new(fd)?))
+                    }
+                    None => None,
+                };
+                let state = match (w.state.as_str(), w.kill_in_ms) {
+                    ("ready", _) => State::Ready,
+                    (_, Some(ms)) => State::Draining {
+                        kill_at: Instant::now() + Duration::from_millis(ms),
+                    },
+                    _ => State::Starting,
+                };
+                let reader = channel.as_ref().map(|c| self.watch(pid, c.clone()));
+                tracing::info!(
+                    generation = g.number,
+                    worker = w.index,
+                    pid = w.pid,
+                    state = state.name(),
+                    "worker adopted"
+                );
+                generation.workers.insert(
+                    pid,
+                    Worker {
+                        pid,
+                        index: w.index,
+                        state,
+                        started: Instant::now(),
+                        restarts: w.restarts,
+                        crashes: 0,
+                        connections: None,
+                        channel,
+                        reader,
+                        status: w.status,
+                        stop_signal: config.worker.stop_signal.0,
+                    },
+                );
+            }
+            self.generations.insert(g.number, generation);
+        }
+        self.current = state.current;
+        self.next_generation = state.next_generation;
+        self.scale = state
+            .scale
+            .map(|(processes, config_processes)| ScaleOverride {
+                processes,
+                config_processes,
+            });
+        Ok(())
+    }
+}
+
+/// Reads the state a previous image of this process left, if any.
+pub fn take_state_from_env() -> anyhow::Result<Option<ExecState>> {
+    let Ok(value) = std::env::var(STATE_FD_ENV) else {
+        return Ok(None);
+    };
+    let fd: RawFd = value
+        .parse()
+        .with_context(|| format!("{STATE_FD_ENV}={value:?}"))?;
+    if fd <= 2 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+        bail!("{STATE_FD_ENV}={fd} is not an open fd");
+    }
+    // SAFETY: the previous image of this process created this memfd for us
+    // and it is open (checked above).
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut json = Vec::new();
+    file.read_to_end(&mut json)?;
+    Ok(Some(
+        serde_json::from_slice(&json).context("reading the handed-over state")?,
+    ))
+}
+
+fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
+    let flags = if on {
+        nix::fcntl::FdFlag::FD_CLOEXEC
+    } else {
+        nix::fcntl::FdFlag::empty()
+    };
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags))?;
+    Ok(())
+}
+
+/// Whether this master upgrades in place: as PID 1, or when configured.
+pub fn in_place(config: &Config) -> bool {
+    std::process::id() == 1 || config.supervisor.upgrade == crate::config::UpgradeMode::Exec
+}
