@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::listener::Shared;
+use crate::master::Events;
 use crate::notify::Notifier;
 use crate::worker::{self, SpawnSpec, State, Worker};
 use nix::unistd::Pid;
@@ -101,11 +102,14 @@ impl Generation {
     }
 
     /// Spawns worker `index`.
+    /// Spawns worker `index`; an SDK worker's channel is forwarded to
+    /// `events` from now on.
     pub fn spawn(
         &mut self,
         index: u32,
         restarts: u32,
         crashes: u32,
+        events: &Events,
     ) -> anyhow::Result<&mut Worker> {
         let spec = SpawnSpec {
             config: &self.config.worker,
@@ -114,8 +118,12 @@ impl Generation {
             listeners: &self.listeners,
             notify_socket: self.notify.as_ref().map(|n| n.socket.path()),
         };
-        let worker = worker::spawn(&spec, restarts, crashes)?;
+        let mut worker = worker::spawn(&spec, restarts, crashes)?;
         let pid = worker.pid;
+        worker.reader = worker
+            .channel
+            .clone()
+            .map(|channel| crate::master::forward_worker(events, pid, channel));
         tracing::info!(
             generation = self.number,
             worker = index,

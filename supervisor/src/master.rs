@@ -111,7 +111,7 @@ pub struct Master {
     pub(crate) scale: Option<ScaleOverride>,
     pub(crate) started: Instant,
     pub(crate) log: LogHandle,
-    pub(crate) events: mpsc::UnboundedSender<Event>,
+    pub(crate) events: Events,
     /// The control socket; released to a new master at an upgrade.
     pub(crate) control: Option<ControlSocket>,
     pub(crate) pid_file: Option<PidFile>,
@@ -266,29 +266,51 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-impl Master {
-    /// Forwards a worker's channel into the event loop.
-    pub(crate) fn watch(&self, pid: Pid, channel: Arc<Channel>) -> tokio::task::AbortHandle {
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            loop {
-                let message = match channel.recv::<WorkerMessage>().await {
-                    Ok(Some(received)) => Ok(received.message),
-                    // End of file or reset: the worker is exiting; its exit
-                    // is reaped.
-                    Ok(None) => return,
-                    Err(e) if e.is_peer_gone() => return,
-                    Err(e) => Err(e),
-                };
-                let fatal = matches!(message, Err(ChannelError::Io(_)));
-                if events.send(Event::Message { pid, message }).is_err() || fatal {
-                    return;
-                }
-            }
-        })
-        .abort_handle()
-    }
+/// The event loop's inbox, as the tasks that feed it hold it.
+pub type Events = mpsc::UnboundedSender<Event>;
 
+/// Forwards every message on `channel` into the event loop as `wrap(message)`
+/// until the peer is gone (end of file or reset: its exit, reaped, says why)
+/// or the channel breaks.
+pub(crate) fn forward<T>(
+    events: &Events,
+    channel: Arc<Channel>,
+    wrap: impl Fn(Result<T, ChannelError>) -> Event + Send + 'static,
+) -> tokio::task::AbortHandle
+where
+    T: for<'de> serde::Deserialize<'de> + Send + 'static,
+{
+    let events = events.clone();
+    tokio::spawn(async move {
+        loop {
+            let message = match channel.recv::<T>().await {
+                Ok(Some(received)) => Ok(received.message),
+                Ok(None) => return,
+                Err(e) if e.is_peer_gone() => return,
+                Err(e) => Err(e),
+            };
+            let fatal = matches!(message, Err(ChannelError::Io(_)));
+            if events.send(wrap(message)).is_err() || fatal {
+                return;
+            }
+        }
+    })
+    .abort_handle()
+}
+
+/// Forwards a worker's channel into the event loop.
+pub(crate) fn forward_worker(
+    events: &Events,
+    pid: Pid,
+    channel: Arc<Channel>,
+) -> tokio::task::AbortHandle {
+    forward(events, channel, move |message| Event::Message {
+        pid,
+        message,
+    })
+}
+
+impl Master {
     /// Binds generation `generation`'s notify socket and forwards its
     /// datagrams into the event loop.
     pub(crate) fn notifier(
@@ -532,7 +554,6 @@ impl Master {
         self.upgrade_tick();
         let now = Instant::now();
         let stopping = self.stopping.is_some();
-        let mut spawned = Vec::new();
         for generation in self.generations.values_mut() {
             for worker in generation.workers.values_mut() {
                 if let State::Draining { kill_at } = worker.state {
@@ -559,8 +580,8 @@ impl Master {
                 .collect();
             for index in due {
                 let pending = generation.respawns.remove(&index).expect("listed above");
-                match generation.spawn(index, pending.restarts, pending.crashes) {
-                    Ok(worker) => spawned.push((worker.pid, worker.channel.clone())),
+                match generation.spawn(index, pending.restarts, pending.crashes, &self.events) {
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::error!(generation = generation.number, worker = index, error = %format!("{e:#}"), "respawn failed");
                         generation.respawns.insert(
@@ -572,16 +593,6 @@ impl Master {
                         );
                     }
                 }
-            }
-        }
-        for (pid, channel) in spawned {
-            let Some(channel) = channel else { continue };
-            let reader = self.watch(pid, channel);
-            if let Some(worker) = self
-                .generation_of(pid)
-                .and_then(|g| g.workers.get_mut(&pid))
-            {
-                worker.reader = Some(reader);
             }
         }
     }

@@ -227,11 +227,8 @@ impl Master {
             }
         }
         for index in (0..processes).take_while(|_| spawn_error.is_none()) {
-            match new.spawn(index, 0, 0) {
-                Ok(worker) => {
-                    let (pid, channel) = (worker.pid, worker.channel.clone());
-                    worker.reader = channel.map(|channel| self.watch(pid, channel));
-                }
+            match new.spawn(index, 0, 0, &self.events) {
+                Ok(_) => {}
                 Err(e) => {
                     spawn_error = Some(format!("worker {index}: {e:#}"));
                     break;

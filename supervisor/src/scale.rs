@@ -76,30 +76,18 @@ impl Master {
         }
         // Missing workers: start every index below the count that has no
         // live, non-draining worker and no pending respawn.
-        let mut started = Vec::new();
         for index in 0..wanted {
             let present = generation.respawns.contains_key(&index)
                 || generation.workers.values().any(|w| {
                     w.index == index && !matches!(w.state, State::Draining { .. } | State::Killed)
                 });
             if !present {
-                match generation.spawn(index, 0, 0) {
-                    Ok(worker) => started.push((worker.pid, worker.channel.clone())),
-                    Err(e) => return Err(format!("starting worker {index}: {e:#}")),
+                if let Err(e) = generation.spawn(index, 0, 0, &self.events) {
+                    return Err(format!("starting worker {index}: {e:#}"));
                 }
             }
         }
         let number = generation.number;
-        for (pid, channel) in started {
-            let Some(channel) = channel else { continue };
-            let reader = self.watch(pid, channel);
-            if let Some(worker) = self
-                .generation_of(pid)
-                .and_then(|g| g.workers.get_mut(&pid))
-            {
-                worker.reader = Some(reader);
-            }
-        }
         self.scale = Some(ScaleOverride {
             processes: wanted,
             config_processes,

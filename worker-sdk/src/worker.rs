@@ -458,6 +458,17 @@ mod tests {
     use crate::channel::pair;
     use std::os::fd::AsFd;
 
+    /// The hello of a generation-1 worker with one listener.
+    fn send_hello(master: &Channel) {
+        let hello = MasterMessage::Hello {
+            generation: 1,
+            worker_index: 0,
+            listener_count: 1,
+            drain_timeout_ms: 1000,
+        };
+        master.try_send(&hello, &[]).unwrap();
+    }
+
     #[tokio::test]
     async fn a_master_speaking_another_version_is_a_clear_error() {
         let (master, worker) = pair().unwrap();
@@ -480,17 +491,7 @@ mod tests {
     async fn a_listener_batch_that_does_not_fit_is_a_protocol_error() {
         let (master, worker) = pair().unwrap();
         let master = Channel::new(master).unwrap();
-        master
-            .try_send(
-                &MasterMessage::Hello {
-                    generation: 1,
-                    worker_index: 0,
-                    listener_count: 1,
-                    drain_timeout_ms: 1000,
-                },
-                &[],
-            )
-            .unwrap();
+        send_hello(&master);
         // Metadata for one listener, but no fd attached.
         master
             .try_send(
@@ -516,17 +517,7 @@ mod tests {
         let master = Channel::new(master).unwrap();
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let actual = tcp.local_addr().unwrap();
-        master
-            .try_send(
-                &MasterMessage::Hello {
-                    generation: 1,
-                    worker_index: 0,
-                    listener_count: 1,
-                    drain_timeout_ms: 1000,
-                },
-                &[],
-            )
-            .unwrap();
+        send_hello(&master);
         master
             .try_send(
                 &MasterMessage::Listeners {

@@ -224,7 +224,9 @@ impl Master {
                     },
                     _ => State::Starting,
                 };
-                let reader = channel.as_ref().map(|c| self.watch(pid, c.clone()));
+                let reader = channel
+                    .as_ref()
+                    .map(|c| crate::master::forward_worker(&self.events, pid, c.clone()));
                 tracing::info!(
                     generation = g.number,
                     worker = w.index,

@@ -215,7 +215,9 @@ impl Master {
                 return Err(("handshake", error));
             }
         }
-        let reader = self.watch_upgrade(channel.clone());
+        let reader = crate::master::forward(&self.events, channel.clone(), |message| {
+            Event::Upgrade { message }
+        });
         Ok((pid, Kind::Child { channel, reader }))
     }
 
@@ -251,27 +253,6 @@ impl Master {
         drop(child);
         let output = std::fs::File::from(read);
         Ok((pid, Kind::InPlace { binary, output }))
-    }
-
-    fn watch_upgrade(&self, channel: Arc<Channel>) -> tokio::task::AbortHandle {
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            loop {
-                let message = match channel.recv::<NewMessage>().await {
-                    Ok(Some(received)) => Ok(received.message),
-                    // Gone (a reset is a peer that died with unread data):
-                    // its exit, reaped, says why.
-                    Ok(None) => return,
-                    Err(e) if e.is_peer_gone() => return,
-                    Err(e) => Err(e),
-                };
-                let fatal = matches!(message, Err(ChannelError::Io(_)));
-                if events.send(Event::Upgrade { message }).is_err() || fatal {
-                    return;
-                }
-            }
-        })
-        .abort_handle()
     }
 
     /// A message from the new master.
