@@ -15,14 +15,15 @@ pub struct PidFile {
 
 impl PidFile {
     /// Writes this process's pid to `path` through a temporary file and a
-    /// rename, so readers never see a partial file.
+    /// rename, so readers never see a partial file. No fsync: a pid file
+    /// means nothing after a crash, and the event loop must not wait on the
+    /// disk (it took seconds on a busy VM).
     pub fn write(path: &Path) -> anyhow::Result<PidFile> {
         let pid = std::process::id();
         let tmp = path.with_extension(format!("tmp.{pid}"));
         let result = (|| {
             let mut file = std::fs::File::create(&tmp)?;
             writeln!(file, "{pid}")?;
-            file.sync_all()?;
             std::fs::rename(&tmp, path)
         })();
         if result.is_err() {
