@@ -6,6 +6,7 @@ use crate::summary::{mode_name, BUCKET};
 use crate::RunResult;
 use baton_tests::load::Mode;
 use std::fmt::Write;
+use std::time::Duration;
 
 const PANEL_W: f64 = 470.0;
 const PANEL_H: f64 = 120.0;
@@ -18,11 +19,12 @@ const OK_COLOR: &str = "#1f6fb4";
 const FAIL_COLOR: &str = "#d62728";
 const MARK_COLOR: &str = "#bbbbbb";
 
-/// 1, 2 or 5 times a power of ten, at least `x`.
+/// A round number (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of ten)
+/// at least `x`.
 fn nice_ceil(x: f64) -> f64 {
     let x = x.max(1.0);
     let power = 10f64.powf(x.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
         .iter()
         .map(|m| m * power)
         .find(|v| *v >= x)
@@ -60,8 +62,8 @@ fn rates(run: &RunResult) -> Vec<(f64, f64)> {
     }
 }
 
-/// The chart; `title` goes on top.
-pub fn svg(runs: &[RunResult], title: &str) -> String {
+/// The chart of runs of `duration` each; `title` goes on top.
+pub fn svg(runs: &[RunResult], title: &str, duration: Duration) -> String {
     // One row per scenario, in run order; one column per mode.
     let mut rows: Vec<&str> = Vec::new();
     for run in runs {
@@ -73,13 +75,7 @@ pub fn svg(runs: &[RunResult], title: &str) -> String {
     let all: Vec<Vec<(f64, f64)>> = runs.iter().map(rates).collect();
     let ok_max = nice_ceil(all.iter().flatten().map(|r| r.0).fold(0.0, f64::max));
     let fail_max = nice_ceil(all.iter().flatten().map(|r| r.1).fold(10.0, f64::max));
-    let seconds = runs
-        .iter()
-        .filter_map(|r| r.outcome.as_ref().ok())
-        .map(|m| m.report.elapsed.as_secs_f64())
-        .fold(1.0, f64::max)
-        .ceil();
-
+    let seconds = duration.as_secs_f64().ceil().max(1.0);
     let cell_w = LEFT + PANEL_W + RIGHT;
     let cell_h = TITLE_H + PANEL_H + AXIS_H;
     let width = 10.0 + cell_w * columns.len() as f64 + 10.0;
@@ -226,8 +222,10 @@ fn panel(
         );
     }
     let bucket = BUCKET.as_secs_f64();
+    // The last requests may start a little after the run's end.
+    let buckets = (seconds / bucket).round() as usize;
     let bar_w = (x(bucket) - x(0.0)).max(1.5);
-    for (i, (_, failed)) in rates.iter().enumerate() {
+    for (i, (_, failed)) in rates.iter().take(buckets).enumerate() {
         if *failed > 0.0 {
             let top = y_fail(failed.min(fail_max));
             let _ = writeln!(
@@ -240,6 +238,7 @@ fn panel(
     }
     let points: Vec<String> = rates
         .iter()
+        .take(buckets)
         .enumerate()
         .map(|(i, (ok, _))| format!("{:.1},{:.1}", x((i as f64 + 0.5) * bucket), y_ok(*ok)))
         .collect();

@@ -1,8 +1,9 @@
 //! One run: a server under the strict load client for a fixed time, with a
 //! reload every interval, and what the bench observed of each reload.
 
+use crate::baton_log::message;
 use crate::procs::{self, Memory};
-use crate::servers::{message, Server};
+use crate::servers::Server;
 use baton_tests::load::{Class, LoadConfig, LoadHandle, Mode, Report};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -74,6 +75,8 @@ pub struct Cycle {
     pub new_serving: Option<Duration>,
     /// Every process that served before the signal has exited.
     pub old_gone: Option<Duration>,
+    /// Upgrade: the new master's pid is in the pid file.
+    pub new_master: Option<Duration>,
     /// Why this reload is known to have failed.
     pub failed: Option<String>,
     new: NewGeneration,
@@ -120,8 +123,14 @@ pub struct Measured {
     /// served and its old one was gone, cut at the next signal.
     pub windows: Vec<Range<Duration>>,
     pub start: Snapshot,
+    /// What `end` should match: `start`, or for upgrades the master after
+    /// the first upgrade (another process than the one started).
+    pub baseline: Snapshot,
     pub end: Snapshot,
     pub notes: Vec<String>,
+    /// CPUs' worth of time other sessions used during the load (0.5 = half
+    /// a CPU), a sign the numbers were disturbed.
+    pub other_cpu: f64,
 }
 
 impl Measured {
@@ -143,6 +152,7 @@ pub struct Load {
 /// Runs `load` against `server`, acting every interval.
 pub fn run(server: &mut Server, action: Action, load: Load, stop: &AtomicBool) -> Measured {
     let start = Snapshot::take(server.master);
+    let others_before = procs::other_sessions_cpu();
     let log_start = server.log.as_ref().map_or(0, |l| l.len());
     let handle = LoadHandle::start(LoadConfig {
         addr: server.addr,
@@ -162,6 +172,7 @@ pub fn run(server: &mut Server, action: Action, load: Load, stop: &AtomicBool) -
     }
 
     let mut cycles: Vec<Cycle> = Vec::new();
+    let mut baseline = start;
     let mut next = load.interval;
     let last_signal = load.duration.saturating_sub(TAIL);
     let mut abandoned = false;
@@ -173,6 +184,10 @@ pub fn run(server: &mut Server, action: Action, load: Load, stop: &AtomicBool) -
         let upgrade_done = cycles.last().map_or(true, |c| !c.pending());
         let due = t >= next && t <= last_signal;
         if action != Action::None && due && (action != Action::Upgrade || upgrade_done) {
+            if action == Action::Upgrade && cycles.len() == 1 {
+                // The first new master, settled for an interval.
+                baseline = Snapshot::take(server.master);
+            }
             match act(server, action, &handle, run_start) {
                 Ok(cycle) => cycles.push(cycle),
                 Err(e) => {
@@ -187,13 +202,18 @@ pub fn run(server: &mut Server, action: Action, load: Load, stop: &AtomicBool) -
         for cycle in cycles.iter_mut().filter(|c| c.pending()) {
             observe(server, cycle, now());
         }
-        if let Some(failed) = cycles.iter().find_map(|c| c.failed.clone()) {
-            notes.push(failed);
-            abandoned = true;
-        }
+        abandoned |= cycles.iter().any(|c| c.failed.is_some());
         std::thread::sleep(TICK);
     }
     let report = handle.stop();
+    let other_cpu = procs::cpu_seconds_between(&others_before, &procs::other_sessions_cpu())
+        / report.elapsed.as_secs_f64().max(0.001);
+    if stop.load(Ordering::Relaxed) {
+        notes.push(format!(
+            "interrupted after {:.1} s",
+            report.elapsed.as_secs_f64()
+        ));
+    }
 
     // The last reloads, and the master returning to where it started.
     let deadline = Instant::now() + SETTLE;
@@ -204,12 +224,16 @@ pub fn run(server: &mut Server, action: Action, load: Load, stop: &AtomicBool) -
             observe(server, cycle, t);
             pending |= cycle.pending();
         }
-        let settled = procs::children_of(server.master).len() == start.children;
+        let settled = procs::children_of(server.master).len() == baseline.children
+            && (server.log.is_none()
+                || !comparable(&start, &baseline, server.master)
+                || procs::fd_count(server.master) == baseline.fds);
         if !pending && settled {
             break;
         }
         std::thread::sleep(TICK * 10);
     }
+    notes.extend(cycles.iter().filter_map(|c| c.failed.clone()));
     for cycle in cycles.iter().filter(|c| c.pending()) {
         notes.push(format!(
             "the reload at {:.3}s was not over {SETTLE:?} after the load stopped",
@@ -220,6 +244,9 @@ pub fn run(server: &mut Server, action: Action, load: Load, stop: &AtomicBool) -
     if let Some(log) = &server.log {
         notes.extend(log_summary(&log.since(log_start), action));
     }
+    if action == Action::Upgrade {
+        notes.push(upgrade_summary(&cycles, start, baseline));
+    }
 
     find_new_serving(&report, &mut cycles);
     let windows = windows(&cycles, report.elapsed);
@@ -228,8 +255,10 @@ pub fn run(server: &mut Server, action: Action, load: Load, stop: &AtomicBool) -
         cycles,
         windows,
         start,
+        baseline,
         end,
         notes,
+        other_cpu,
     }
 }
 
@@ -245,6 +274,7 @@ fn act(
         at: Duration::ZERO,
         new_serving: None,
         old_gone: None,
+        new_master: None,
         failed: None,
         new: NewGeneration::Above(handle.latest_generation()),
         old: procs::children_of(master),
@@ -265,14 +295,12 @@ fn act(
         }
         Action::Restart => {
             cycle.at = run_start.elapsed();
-            let (gone, started) = server.restart()?;
+            let gone = server.restart()?.saturating_duration_since(run_start);
             cycle.old = vec![master];
             cycle.gone_before = 1;
-            cycle.old_gone = Some(
-                gone.saturating_duration_since(run_start)
-                    .saturating_sub(cycle.at),
-            );
-            cycle.new = NewGeneration::StartedAfter(started.saturating_duration_since(run_start));
+            cycle.old_gone = Some(gone.saturating_sub(cycle.at));
+            // Once the old process is gone, only the new one can answer.
+            cycle.new = NewGeneration::StartedAfter(gone);
             return Ok(cycle);
         }
     };
@@ -290,6 +318,7 @@ fn observe(server: &mut Server, cycle: &mut Cycle, t: Duration) {
                 server.adopt(pid);
                 server.master = pid;
                 cycle.upgrading_from = None;
+                cycle.new_master = Some(since);
             }
             _ if since >= UPGRADE_TIMEOUT => {
                 cycle.failed = Some(upgrade_failure(server, cycle, old_master));
@@ -330,7 +359,8 @@ fn upgrade_failure(server: &Server, cycle: &Cycle, old_master: Pid) -> String {
 
 /// baton's own account of the reloads: committed, coalesced, failed.
 fn log_summary(events: &[serde_json::Value], action: Action) -> Option<String> {
-    if !matches!(action, Action::Reload(_) | Action::Upgrade) {
+    // An upgrade's outcome is in the pid file (and its failure note).
+    if !matches!(action, Action::Reload(_)) {
         return None;
     }
     let count = |p: &dyn Fn(&str) -> bool| events.iter().filter(|e| p(message(e))).count();
@@ -340,6 +370,40 @@ fn log_summary(events: &[serde_json::Value], action: Action) -> Option<String> {
     Some(format!(
         "baton's log: {committed} reloads committed, {coalesced} signals coalesced into a follow-up, {failed} failed"
     ))
+}
+
+/// Whether the master `end` may be held to `baseline`'s fds: not when the
+/// baseline is the master the bench started (which holds fds inherited
+/// from the bench) and `end` another one, after a single upgrade.
+pub fn comparable(start: &Snapshot, baseline: &Snapshot, end: Pid) -> bool {
+    baseline.pid != start.pid || end == start.pid
+}
+
+/// How the upgrades went, beyond the tables.
+fn upgrade_summary(cycles: &[Cycle], start: Snapshot, baseline: Snapshot) -> String {
+    let mut times: Vec<Duration> = cycles.iter().filter_map(|c| c.new_master).collect();
+    times.sort_unstable();
+    let mut text = String::from(
+        "each USR2 waits until the previous upgrade is over (new pid in the pid file, old master gone)",
+    );
+    if let (Some(first), Some(last)) = (times.first(), times.last()) {
+        text.push_str(&format!(
+            "; signal → new pid in the pid file: min {:.1} ms, median {:.1} ms, max {:.1} ms",
+            first.as_secs_f64() * 1e3,
+            times[times.len() / 2].as_secs_f64() * 1e3,
+            last.as_secs_f64() * 1e3,
+        ));
+    }
+    if baseline.pid != start.pid {
+        text.push_str(&format!(
+            "; fds and children are compared with master {} after the first upgrade \
+             (the master started first, {}, held {} fds)",
+            baseline.pid,
+            start.pid,
+            start.fds.map_or("?".into(), |n| n.to_string()),
+        ));
+    }
+    text
 }
 
 /// Fills in each reload's first response from its new generation.

@@ -11,8 +11,11 @@
 //! `cargo build --release -p baton-worker --example hello`.
 
 mod args;
+mod baton_log;
 mod chart;
 mod drive;
+mod header;
+mod locate;
 mod procs;
 mod servers;
 mod summary;
@@ -20,12 +23,12 @@ mod summary;
 use args::{Options, Parsed};
 use baton_tests::load::Mode;
 use drive::{Action, Load, Measured};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 use servers::{Binaries, Kind, Server};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// One system and what is done to it every interval.
 pub struct Scenario {
@@ -134,12 +137,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let selected: Vec<&'static Scenario> = SCENARIOS
-        .iter()
-        .filter(|s| {
-            options.only.is_empty() || options.only.iter().any(|o| s.name.starts_with(o.as_str()))
-        })
-        .collect();
+    let selected = selected(&options.only);
     if selected.is_empty() {
         eprintln!(
             "reload bench: --only {} matches no scenario; scenarios: {}",
@@ -148,7 +146,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let bins = match binaries() {
+    let bins = match locate::binaries() {
         Ok(bins) => bins,
         Err(e) => {
             eprintln!("reload bench: {e}");
@@ -160,11 +158,12 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
+    let header = header::header(&options);
     let runs = run_all(&selected, &bins, &options);
-    let header = header(&options);
     let title = format!(
-        "baton reload benchmark, {} — {} CPUs, {} s per run, reload every {} ms, {} connections",
+        "baton reload benchmark, {} ({}) — {} CPUs, {} s per run, reload every {} ms, {} connections",
         header["date"].as_str().unwrap_or(""),
+        header["revision"].as_str().unwrap_or("unknown revision"),
         servers::cpus(),
         options.duration.as_secs_f64(),
         options.interval.as_millis(),
@@ -172,7 +171,7 @@ fn main() -> ExitCode {
     );
     println!("\n## Reload benchmark\n\n{title}\n");
     println!("{}", summary::markdown(&runs));
-    match write_outputs(&runs, &header, &title) {
+    match write_outputs(&runs, &header, &title, options.duration) {
         Ok((json, svg)) => eprintln!(
             "reload bench: wrote {} and {}",
             json.display(),
@@ -187,6 +186,15 @@ fn main() -> ExitCode {
         return ExitCode::from(130);
     }
     ExitCode::SUCCESS
+}
+
+/// The scenarios whose names start with one of `only` (all when it is
+/// empty), in run order.
+fn selected(only: &[String]) -> Vec<&'static Scenario> {
+    SCENARIOS
+        .iter()
+        .filter(|s| only.is_empty() || only.iter().any(|o| s.name.starts_with(o.as_str())))
+        .collect()
 }
 
 fn scenario_names() -> String {
@@ -248,112 +256,46 @@ fn run_all(selected: &[&'static Scenario], bins: &Binaries, options: &Options) -
     runs
 }
 
-/// SIGINT and SIGTERM are blocked in every thread (the servers, started
-/// with a clean mask, still get their own) and awaited by one thread,
-/// which asks the run to stop; a second one ends the bench at once.
-fn catch_interrupts() -> nix::Result<()> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.thread_block()?;
-    std::thread::spawn(move || loop {
-        if set.wait().is_ok() {
-            if INTERRUPTED.swap(true, Ordering::Relaxed) {
-                std::process::exit(130);
+/// SIGINT and SIGTERM set [`INTERRUPTED`] (through tokio's handler, which
+/// leaves the signal mask alone: the servers inherit it); a second one ends
+/// the bench at once.
+fn catch_interrupts() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let (mut interrupt, mut terminate) = runtime.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        ))
+    })?;
+    std::thread::spawn(move || {
+        runtime.block_on(async {
+            loop {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                if INTERRUPTED.swap(true, Ordering::Relaxed) {
+                    std::process::exit(130);
+                }
+                eprintln!(
+                    "\nreload bench: interrupted; stopping the servers (again to quit at once)"
+                );
             }
-            eprintln!("\nreload bench: interrupted; stopping the servers (again to quit at once)");
-        }
+        })
     });
     Ok(())
-}
-
-/// The profile directory the bench runs from: `target/release/deps/reload-HASH`
-/// lives two levels below it.
-fn profile_dir() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the bench binary: {e}"))?;
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .ok_or_else(|| format!("unexpected bench binary path {}", exe.display()))
-}
-
-fn binaries() -> Result<Binaries, String> {
-    let profile = profile_dir()?;
-    let hello = profile.join("examples").join("hello");
-    if !hello.is_file() {
-        return Err(format!(
-            "{} is missing; build it first (cargo bench does not build other packages' examples):\n\n    \
-             cargo build --release -p baton-worker --example hello\n",
-            hello.display()
-        ));
-    }
-    warn_if_stale(&hello);
-    Ok(Binaries {
-        baton: PathBuf::from(env!("CARGO_BIN_EXE_baton")),
-        hello,
-        nginx: procs::find_program("nginx", &["/usr/sbin/nginx"]),
-        haproxy: procs::find_program("haproxy", &["/usr/sbin/haproxy"]),
-    })
-}
-
-/// Warns when `hello` is older than the sources it is built from.
-fn warn_if_stale(hello: &Path) {
-    let modified = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
-    let Some(built) = modified(hello) else { return };
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut dirs = vec![root.join("worker-sdk/src"), root.join("examples/hello")];
-    let mut newer = None;
-    // Bounded: these trees hold a few dozen files.
-    for _ in 0..64 {
-        let Some(dir) = dirs.pop() else { break };
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if modified(&path).is_some_and(|m| m > built) {
-                newer = Some(path);
-            }
-        }
-    }
-    if let Some(path) = newer {
-        eprintln!(
-            "reload bench: warning: {} is newer than {}; rebuild it with \
-             `cargo build --release -p baton-worker --example hello`",
-            path.display(),
-            hello.display()
-        );
-    }
-}
-
-/// `CARGO_TARGET_DIR` when it is absolute, else the directory above the
-/// profile directory the bench runs from.
-fn target_dir() -> Result<PathBuf, String> {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
-        if dir.is_absolute() {
-            return Ok(dir);
-        }
-    }
-    let profile = profile_dir()?;
-    // With `--target TRIPLE` the profile dir is one level deeper; cargo
-    // marks the target dir itself with CACHEDIR.TAG.
-    Ok(profile
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
-        .or_else(|| profile.parent())
-        .map_or(profile.clone(), Path::to_path_buf))
 }
 
 fn write_outputs(
     runs: &[RunResult],
     header: &serde_json::Value,
     title: &str,
+    duration: Duration,
 ) -> Result<(PathBuf, PathBuf), String> {
-    let dir = target_dir()?.join("bench");
+    let dir = locate::target_dir()?.join("bench");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let json_path = dir.join("reload.json");
     let json = serde_json::to_string_pretty(&summary::json(runs, header))
@@ -361,46 +303,7 @@ fn write_outputs(
     std::fs::write(&json_path, json + "\n")
         .map_err(|e| format!("writing {}: {e}", json_path.display()))?;
     let svg_path = dir.join("reload.svg");
-    std::fs::write(&svg_path, chart::svg(runs, title))
+    std::fs::write(&svg_path, chart::svg(runs, title, duration))
         .map_err(|e| format!("writing {}: {e}", svg_path.display()))?;
     Ok((json_path, svg_path))
-}
-
-/// When, where and how the bench ran.
-fn header(options: &Options) -> serde_json::Value {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    serde_json::json!({
-        "date": utc_date(now),
-        "unix_time": now.as_secs(),
-        "cpus": servers::cpus(),
-        "kernel": kernel.trim(),
-        "duration_s": options.duration.as_secs_f64(),
-        "interval_ms": options.interval.as_millis() as u64,
-        "connections": options.connections,
-        "quick": options.quick,
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
-    })
-}
-
-/// `YYYY-MM-DD HH:MM UTC`, from Howard Hinnant's days-to-civil algorithm.
-fn utc_date(since_epoch: Duration) -> String {
-    let secs = since_epoch.as_secs();
-    let days = (secs / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
-        secs % 86_400 / 3600,
-        secs % 3600 / 60
-    )
 }

@@ -3,7 +3,8 @@
 //! when the bench panics.
 
 use nix::sys::signal::{kill, killpg, Signal};
-use nix::unistd::Pid;
+use nix::unistd::{sysconf, Pid, SysconfVar};
+use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::process::CommandExt;
@@ -63,6 +64,54 @@ pub fn descendants(root: Pid) -> Vec<Pid> {
     out
 }
 
+/// CPU time used so far by the processes of other sessions than the
+/// bench's: other people's builds and tests on a shared machine. Per pid,
+/// in clock ticks, own time plus that of reaped children (so a compiler
+/// run by a cargo that is still running counts); kernel threads excluded.
+pub fn other_sessions_cpu() -> HashMap<i32, u64> {
+    let mut out = HashMap::new();
+    let own = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| stat_field(&stat, 3)?.parse::<i32>().ok());
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let number = |n| stat_field(&stat, n).and_then(|f| f.parse::<u64>().ok());
+        let session = number(3).map(|s| s as i32);
+        if session == own || session == Some(0) {
+            continue;
+        }
+        // utime, stime, cutime, cstime.
+        let ticks: Option<u64> = (11..=14).map(number).sum();
+        if let Some(ticks) = ticks {
+            out.insert(pid, ticks);
+        }
+    }
+    out
+}
+
+/// CPU seconds the other sessions used between two
+/// [`other_sessions_cpu`] readings.
+pub fn cpu_seconds_between(before: &HashMap<i32, u64>, after: &HashMap<i32, u64>) -> f64 {
+    let ticks: u64 = after
+        .iter()
+        .map(|(pid, t)| t.saturating_sub(before.get(pid).copied().unwrap_or(0)))
+        .sum();
+    let per_second = sysconf(SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)
+        .unwrap_or(100);
+    ticks as f64 / per_second as f64
+}
+
 /// Memory of a process, from /proc/PID/status.
 #[derive(Clone, Copy, Debug)]
 pub struct Memory {
@@ -113,7 +162,7 @@ pub fn free_port() -> io::Result<SocketAddr> {
 }
 
 /// Waits until something accepts connections on `addr`, polling every 10
-/// ms, or `child` exits, or `timeout` passes.
+/// ms, or a process of `guard` exits, or `timeout` passes.
 pub fn wait_listening(addr: SocketAddr, guard: &mut Guard, timeout: Duration) -> io::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {

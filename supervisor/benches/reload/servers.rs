@@ -2,15 +2,15 @@
 //! `hello`, `hello` alone, nginx and HAProxy serving a fixed 200. Each
 //! runs in a temp dir of its own, on 127.0.0.1, with one worker per CPU.
 
+use crate::baton_log::{field, message, BatonLog};
 use crate::procs::{self, Guard, TempDir};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use serde_json::Value;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// How long a server may take to start serving.
@@ -55,6 +55,7 @@ pub struct Server {
     pub pid_file: Option<PathBuf>,
     /// baton's JSON log.
     pub log: Option<BatonLog>,
+    /// The `hello` binary, to restart a standalone `hello`.
     hello: Option<PathBuf>,
     // Dropped in this order: the processes, then their directory.
     guard: Guard,
@@ -87,9 +88,8 @@ impl Server {
 
     /// The naive restart of a standalone `hello`: SIGTERM, wait until it
     /// has exited, start it again on the same address and wait until it
-    /// serves. Returns when the old one was gone and when the new one was
-    /// started.
-    pub fn restart(&mut self) -> Result<(Instant, Instant), String> {
+    /// serves. Returns when the old one was found gone.
+    pub fn restart(&mut self) -> Result<Instant, String> {
         let hello = self
             .hello
             .clone()
@@ -98,11 +98,10 @@ impl Server {
             .stop_child(self.master, Signal::SIGTERM, RESTART_GRACE)
             .map_err(|e| format!("stopping hello: {e}"))?;
         let gone = Instant::now();
-        let pid = spawn_hello(&mut self.guard, self.dir.path(), &hello, self.addr)?;
-        self.master = pid.0;
-        let started = Instant::now();
-        wait_serving(&pid.1, &mut self.guard)?;
-        Ok((gone, started))
+        let (pid, serving) = spawn_hello(&mut self.guard, self.dir.path(), &hello, self.addr)?;
+        self.master = pid;
+        wait_serving(&serving, &mut self.guard)?;
+        Ok(gone)
     }
 }
 
@@ -354,96 +353,4 @@ pub fn version(program: &Path) -> Option<String> {
         .split([' ', '-'])
         .next()?;
     Some(format!("HAProxy {v}"))
-}
-
-#[derive(Default)]
-struct LogState {
-    events: Vec<Value>,
-    closed: bool,
-}
-
-/// baton's JSON log, read from its stderr by a thread of its own (which
-/// also keeps the pipe from filling up).
-#[derive(Clone)]
-pub struct BatonLog(Arc<(Mutex<LogState>, Condvar)>);
-
-impl BatonLog {
-    fn start(stderr: impl Read + Send + 'static) -> BatonLog {
-        let log = BatonLog(Arc::default());
-        let writer = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let event = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
-                writer.0 .0.lock().unwrap().events.push(event);
-                writer.0 .1.notify_all();
-            }
-            writer.0 .0.lock().unwrap().closed = true;
-            writer.0 .1.notify_all();
-        });
-        log
-    }
-
-    /// How many events were logged so far.
-    pub fn len(&self) -> usize {
-        self.0 .0.lock().unwrap().events.len()
-    }
-
-    /// The events logged since event number `from`.
-    pub fn since(&self, from: usize) -> Vec<Value> {
-        let state = self.0 .0.lock().unwrap();
-        state.events.get(from..).unwrap_or_default().to_vec()
-    }
-
-    /// Waits for the first event from number `from` on matching `pred`.
-    pub fn wait_for(
-        &self,
-        from: usize,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
-        let (lock, cond) = &*self.0;
-        let mut state = lock.lock().unwrap();
-        loop {
-            if let Some(e) = state.events.get(from..)?.iter().find(|e| pred(e)) {
-                return Some(e.clone());
-            }
-            let now = Instant::now();
-            if now >= deadline || state.closed {
-                return None;
-            }
-            state = cond.wait_timeout(state, deadline - now).unwrap().0;
-        }
-    }
-
-    /// The last `n` events, as text for an error message.
-    fn tail(&self, n: usize) -> String {
-        let state = self.0 .0.lock().unwrap();
-        let start = state.events.len().saturating_sub(n);
-        let lines: Vec<String> = state.events[start..]
-            .iter()
-            .map(|e| e.to_string())
-            .collect();
-        if lines.is_empty() {
-            "none".into()
-        } else {
-            lines.join(" | ")
-        }
-    }
-}
-
-/// The `message` of a JSON log event.
-pub fn message(event: &Value) -> &str {
-    event["fields"]["message"].as_str().unwrap_or("")
-}
-
-/// A field of a JSON log event, as text.
-pub fn field(event: &Value, name: &str) -> String {
-    match &event["fields"][name] {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
 }

@@ -1,6 +1,6 @@
 //! What a run comes to: the markdown tables on stdout and the JSON file.
 
-use crate::drive::{Cycle, Measured, Snapshot};
+use crate::drive::{comparable, Cycle, Measured, Snapshot};
 use crate::RunResult;
 use baton_tests::load::{Class, Mode, Report};
 use serde_json::{json, Value};
@@ -60,6 +60,15 @@ fn cycle_times(cycles: &[Cycle], pick: impl Fn(&Cycle) -> Option<Duration>) -> S
     text
 }
 
+/// Failed requests that were sent on a reused keep-alive connection.
+fn failed_on_reused(report: &Report) -> usize {
+    report
+        .samples
+        .iter()
+        .filter(|s| s.class.is_failure() && s.reused)
+        .count()
+}
+
 fn failures_by_class(report: &Report) -> String {
     let parts: Vec<String> = Class::ALL
         .iter()
@@ -67,9 +76,20 @@ fn failures_by_class(report: &Report) -> String {
         .map(|c| format!("{} {}", c.name(), report.count(*c)))
         .collect();
     if parts.is_empty() {
-        "—".into()
-    } else {
-        parts.join(", ")
+        return "—".into();
+    }
+    match failed_on_reused(report) {
+        0 => parts.join(", "),
+        reused => format!("{} ({reused} on reused connections)", parts.join(", ")),
+    }
+}
+
+/// Reload signals sent, and how many of those reloads are known to have
+/// failed.
+fn reloads(m: &Measured) -> String {
+    match m.cycles.iter().filter(|c| c.failed.is_some()).count() {
+        0 => m.cycles.len().to_string(),
+        failed => format!("{} ({failed} failed)", m.cycles.len()),
     }
 }
 
@@ -94,15 +114,15 @@ fn rss(m: &Measured, run: &RunResult) -> String {
 
 /// Whether the baton master came back to its starting fds and children.
 fn resources_ok(m: &Measured) -> bool {
-    m.start.fds == m.end.fds && m.start.children == m.end.children
+    m.baseline.fds == m.end.fds && m.baseline.children == m.end.children
 }
 
 /// The markdown report: requests, latency and reload cycles, and baton's
 /// resources, then the notes.
 pub fn markdown(runs: &[RunResult]) -> String {
     let mut out = String::new();
-    out.push_str("| system | reload | mode | reloads | ok | failed | failed per reload | failures by class | ok req/s |\n");
-    out.push_str("| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |\n");
+    out.push_str("| system | reload | mode | reloads | ok | failed | failed per reload | failures by class | ok req/s | other load |\n");
+    out.push_str("| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |\n");
     for run in runs {
         let head = format!(
             "| {} | {} | {} |",
@@ -112,18 +132,19 @@ pub fn markdown(runs: &[RunResult]) -> String {
         );
         match &run.outcome {
             Err(why) => {
-                let _ = writeln!(out, "{head} {} | | | | | |", short(why));
+                let _ = writeln!(out, "{head} {} | | | | | | |", short(why));
             }
             Ok(m) => {
                 let _ = writeln!(
                     out,
-                    "{head} {} | {} | {} | {} | {} | {:.0} |",
-                    m.cycles.len(),
+                    "{head} {} | {} | {} | {} | {} | {:.0} | {:.2} |",
+                    reloads(m),
                     m.report.ok(),
                     m.report.failed(),
                     per_reload(m).map_or("—".into(), |f| format!("{f:.2}")),
                     failures_by_class(&m.report),
                     m.report.ok_per_second(),
+                    m.other_cpu,
                 );
             }
         }
@@ -164,10 +185,10 @@ pub fn markdown(runs: &[RunResult]) -> String {
         out.push_str("\n| baton master after the run | mode | pid | fds start → end | children start → end | back to start |\n");
         out.push_str("| --- | --- | --- | --- | --- | --- |\n");
         for (run, m) in batons {
-            let pid = if m.start.pid == m.end.pid {
-                m.start.pid.to_string()
+            let pid = if m.baseline.pid == m.end.pid {
+                m.end.pid.to_string()
             } else {
-                format!("{} → {}", m.start.pid, m.end.pid)
+                format!("{} → {}", m.baseline.pid, m.end.pid)
             };
             let fds = |s: &Snapshot| s.fds.map_or("?".into(), |n| n.to_string());
             let _ = writeln!(
@@ -175,14 +196,25 @@ pub fn markdown(runs: &[RunResult]) -> String {
                 "| {} | {} | {pid} | {} → {} | {} → {} | {} |",
                 run.scenario.reload,
                 mode_name(run.mode),
-                fds(&m.start),
+                fds(&m.baseline),
                 fds(&m.end),
-                m.start.children,
+                m.baseline.children,
                 m.end.children,
-                if resources_ok(m) { "yes" } else { "**no**" },
+                if !comparable(&m.start, &m.baseline, m.end.pid) {
+                    "n/a (another master)"
+                } else if resources_ok(m) {
+                    "yes"
+                } else {
+                    "**no**"
+                },
             );
         }
     }
+
+    out.push_str(
+        "\n*Other load*: CPUs' worth of time that processes outside the bench's \
+         session (other builds and tests on the machine) used during the run.\n",
+    );
 
     let notes: Vec<String> = runs
         .iter()
@@ -260,6 +292,7 @@ fn run_json(run: &RunResult) -> Value {
     };
     let by_class: serde_json::Map<String, Value> = Class::ALL
         .iter()
+        .filter(|c| c.is_failure())
         .map(|c| (c.name().to_string(), json!(m.report.count(*c))))
         .collect();
     let inside = m.in_windows();
@@ -271,10 +304,11 @@ fn run_json(run: &RunResult) -> Value {
         "ok": m.report.ok(),
         "failed": m.report.failed(),
         "failed_by_class": by_class,
-        "failed_on_reused_connections": m.report.samples.iter().filter(|s| s.class.is_failure() && s.reused).count(),
+        "failed_on_reused_connections": failed_on_reused(&m.report),
         "reloads": m.cycles.len(),
         "failed_per_reload": per_reload(m),
         "ok_per_second": m.report.ok_per_second(),
+        "other_sessions_cpus": m.other_cpu,
         "latency_ms": latency_json(&m.report),
         "reload_windows": {
             "total_s": inside.elapsed.as_secs_f64(),
@@ -286,9 +320,14 @@ fn run_json(run: &RunResult) -> Value {
             "signal_s": c.at.as_secs_f64(),
             "new_generation_serving_ms": opt_dur_ms(c.new_serving),
             "old_generation_gone_ms": opt_dur_ms(c.old_gone),
+            "new_master_in_pid_file_ms": opt_dur_ms(c.new_master),
             "failed": c.failed,
         })).collect::<Vec<_>>(),
-        "master": { "start": snapshot_json(&m.start), "end": snapshot_json(&m.end) },
+        "master": {
+            "start": snapshot_json(&m.start),
+            "baseline": snapshot_json(&m.baseline),
+            "end": snapshot_json(&m.end),
+        },
         "notes": m.notes,
         "timeline": { "bucket_ms": BUCKET.as_millis() as u64, "ok": ok, "failed": failed },
     });
