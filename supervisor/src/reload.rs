@@ -102,7 +102,7 @@ impl Outcome {
                 .iter()
                 .map(|(p, d)| PhaseTime {
                     phase: p.to_string(),
-                    ms: d.as_secs_f64() * 1000.0,
+                    ms: millis(*d),
                 })
                 .collect(),
             pids,
@@ -112,6 +112,11 @@ impl Outcome {
                 .map_or(0.0, |d| d.as_secs_f64()),
         }
     }
+}
+
+/// Milliseconds, to the microsecond: readable in logs and status.
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 /// A transaction waiting for its new workers to be ready.
@@ -425,7 +430,7 @@ impl Master {
             phases
                 .iter()
                 .find(|(s, _)| *s == step)
-                .map(|(_, d)| d.as_secs_f64() * 1000.0)
+                .map(|(_, d)| millis(*d))
         };
         let (validate_ms, bind_ms, spawn_ms, ready_ms, commit_ms) = (
             ms(Step::Validate),
