@@ -505,7 +505,11 @@ impl Master {
             return;
         }
         tracing::info!(?how, "master stopping");
-        crate::sd_notify::notify("STOPPING=1");
+        // Only the master holding the control socket is systemd's main pid:
+        // not an old one that handed over, nor a new one before the handover.
+        if self.control.is_some() {
+            crate::sd_notify::notify("STOPPING=1");
+        }
         self.abandon_upgrade();
         self.stopping = Some(how);
         self.reload_queued = false;

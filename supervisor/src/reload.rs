@@ -396,7 +396,11 @@ impl Master {
         }
         self.config = config;
         reload.end_phase(Step::Commit);
-        crate::sd_notify::notify("READY=1");
+        // A new master started by an upgrade is not systemd's main pid yet:
+        // the old one announces it (MAINPID= with READY=1) at the handover.
+        if self.takeover.is_none() {
+            crate::sd_notify::notify("READY=1");
+        }
         self.record(reload.generation, reload.trigger, reload.phases, None);
     }
 

@@ -10,6 +10,7 @@ mod privileges;
 mod reload_under_load;
 mod resources;
 mod rollback;
+mod sd_notify;
 mod udp;
 mod upgrade;
 mod upgrade_in_place;

@@ -139,7 +139,18 @@ impl Baton {
     /// Starts `BINARY ARGS -c baton.toml` in `dir` (upgrade tests run a
     /// copy of baton they can replace).
     pub fn start_binary(binary: &Path, dir: TempDir, args: &[&str]) -> Baton {
+        Self::start_with_env(binary, dir, args, &[])
+    }
+
+    /// Like [`Baton::start_binary`], with extra environment variables.
+    pub fn start_with_env(
+        binary: &Path,
+        dir: TempDir,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Baton {
         let mut command = Command::new(binary);
+        command.envs(env.iter().copied());
         command
             .args(args)
             .arg("-c")

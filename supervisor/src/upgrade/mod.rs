@@ -300,7 +300,7 @@ impl Master {
             elapsed_ms = upgrade.started.elapsed().as_millis() as u64,
             "upgrade committed: the new master serves; draining"
         );
-        crate::sd_notify::notify(&format!("MAINPID={new_pid}"));
+        crate::sd_notify::notify(&format!("MAINPID={new_pid}\nREADY=1"));
         for waiter in upgrade.waiters.drain(..) {
             let _ = waiter.send(Reply::ok(serde_json::json!({
                 "mode": "child",
