@@ -40,7 +40,9 @@ impl Listener {
     }
 
     /// Adopts a socket handed over by a previous master, after checking it
-    /// is what `info` says (type, listening, bound address).
+    /// is what `info` says (type, listening, bound address). Its socket file
+    /// stays the previous master's until [`Listener::own_path`]: a new master
+    /// that fails must not remove the file the old one still serves on.
     pub fn adopt(
         config: ListenerConfig,
         info: ListenerInfo,
@@ -58,8 +60,14 @@ impl Listener {
             info,
             fd,
             unix_path,
-            remove_path: std::cell::Cell::new(true),
+            remove_path: std::cell::Cell::new(false),
         })
+    }
+
+    /// Takes over an adopted listener's socket file: it is removed when this
+    /// master lets go of the socket.
+    pub fn own_path(&self) {
+        self.remove_path.set(true);
     }
 
     /// Keeps a Unix listener's socket file when this master lets go of it:

@@ -233,3 +233,31 @@ fn twenty_upgrades_leave_one_master_one_generation_and_no_leaked_fds() {
     assert_eq!(status["master"]["current_generation"], 21);
     assert_eq!(read_pid(&baton.dir().join("baton.pid")), Some(master));
 }
+
+#[test]
+fn a_failed_upgrade_leaves_the_old_masters_unix_socket_in_place() {
+    let config = format!(
+        "{}\n[[listener]]\nname = \"sock\"\naddress = \"unix:app.sock\"\n",
+        hello_config(2)
+    );
+    let (baton, _binary) = start_from_copy(&config);
+    let socket = baton.dir().join("app.sock");
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    // The new master adopts the listeners, then rejects the config.
+    baton.write_config(&format!("{config}\nbogus = 1\n"));
+    let out = baton.cli(&["upgrade"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        "the failed new master removed the old master's socket file"
+    );
+    // A successful upgrade hands the file over: the new master serves on it
+    // and removes it when it stops.
+    baton.write_config(&config);
+    assert_eq!(baton.cli(&["upgrade"]).status.code(), Some(0));
+    let new_master = baton.wait_new_master(baton.pid(), Duration::from_secs(20));
+    assert!(std::os::unix::net::UnixStream::connect(&socket).is_ok());
+    assert_eq!(baton.cli(&["stop"]).status.code(), Some(0));
+    assert!(!alive(new_master));
+    assert!(!socket.exists(), "the socket file outlived its last master");
+}

@@ -182,6 +182,8 @@ impl Master {
             let fd = unsafe { OwnedFd::from_raw_fd(l.fd) };
             set_cloexec(l.fd, true)?;
             let listener = Rc::new(l.handed.adopt(fd)?);
+            // Same process, same owner.
+            listener.own_path();
             if l.current {
                 self.listeners.push(listener.clone());
             }

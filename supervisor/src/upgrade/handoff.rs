@@ -336,6 +336,13 @@ impl Master {
                 return;
             }
         }
+        for listener in self
+            .listeners
+            .iter()
+            .chain(self.generations.values().flat_map(|g| g.listeners.iter()))
+        {
+            listener.own_path();
+        }
         let supervisor = &self.config.supervisor;
         match ControlSocket::bind(&supervisor.control_socket) {
             Ok(mut control) => match control.serve(self.events.clone()) {
