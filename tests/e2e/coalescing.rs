@@ -28,3 +28,26 @@ fn hups_during_a_reload_coalesce_into_one_follow_up() {
     assert_eq!(baton.count_events(|e| message(e) == "reload started"), 3);
     assert!(baton.count_events(|e| message(e).contains("coalesced into one follow-up")) >= 1);
 }
+
+#[test]
+fn a_reload_command_during_a_reload_reports_the_coalesced_follow_up() {
+    let config = hello_config(1).replace(
+        "ready_timeout = \"10s\"",
+        "ready = \"delay:700ms\"\nready_timeout = \"10s\"",
+    );
+    let mut baton = Baton::start(&config);
+    baton.wait_committed(1);
+    baton.signal(Signal::SIGHUP);
+    baton.next_event(Duration::from_secs(5), |e| {
+        message(e) == "reload started" && span_generation(e) == Some(2)
+    });
+    // Generation 2 is in its ready phase: this request joins the follow-up.
+    let out = baton.cli(&["reload"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("reload to generation 3 committed (trigger: coalesced)"),
+        "{stdout}"
+    );
+    assert_eq!(baton.status()["master"]["current_generation"], 3);
+}
