@@ -1,5 +1,6 @@
 //! End-to-end tests: each drives the real `baton` binary the way a user
 //! does, through the shared harness in `baton_tests::harness`.
+#![forbid(unsafe_code)]
 
 mod check;
 mod coalescing;

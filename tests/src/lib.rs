@@ -1,5 +1,6 @@
 //! End-to-end test support for baton: the harness that runs the real
 //! binaries, and the strict HTTP load client.
+#![forbid(unsafe_code)]
 
 pub mod harness;
 pub mod load;

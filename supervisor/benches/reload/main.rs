@@ -9,6 +9,7 @@
 //! `hello` example of `baton-worker`, which `cargo bench -p baton` does
 //! not build: build it first with
 //! `cargo build --release -p baton-worker --example hello`.
+#![forbid(unsafe_code)]
 
 mod args;
 mod baton_log;
