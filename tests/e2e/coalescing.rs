@@ -2,10 +2,10 @@ use baton_tests::harness::{hello_config, message, span_generation, Baton};
 use nix::sys::signal::Signal;
 use std::time::Duration;
 
-#[test]
-fn hups_during_a_reload_coalesce_into_one_follow_up() {
-    // The delay keeps each reload in its ready phase long enough to send
-    // more HUPs into it.
+/// A master whose reload to generation 2 has started and sits in its ready
+/// phase: `ready = "delay:700ms"` keeps it there long enough to send more
+/// reload requests into it.
+fn reloading_slowly() -> Baton {
     let config = hello_config(1).replace(
         "ready_timeout = \"10s\"",
         "ready = \"delay:700ms\"\nready_timeout = \"10s\"",
@@ -16,6 +16,12 @@ fn hups_during_a_reload_coalesce_into_one_follow_up() {
     baton.next_event(Duration::from_secs(5), |e| {
         message(e) == "reload started" && span_generation(e) == Some(2)
     });
+    baton
+}
+
+#[test]
+fn hups_during_a_reload_coalesce_into_one_follow_up() {
+    let baton = reloading_slowly();
     for _ in 0..3 {
         baton.signal(Signal::SIGHUP);
         std::thread::sleep(Duration::from_millis(50));
@@ -31,16 +37,7 @@ fn hups_during_a_reload_coalesce_into_one_follow_up() {
 
 #[test]
 fn a_reload_command_during_a_reload_reports_the_coalesced_follow_up() {
-    let config = hello_config(1).replace(
-        "ready_timeout = \"10s\"",
-        "ready = \"delay:700ms\"\nready_timeout = \"10s\"",
-    );
-    let mut baton = Baton::start(&config);
-    baton.wait_committed(1);
-    baton.signal(Signal::SIGHUP);
-    baton.next_event(Duration::from_secs(5), |e| {
-        message(e) == "reload started" && span_generation(e) == Some(2)
-    });
+    let baton = reloading_slowly();
     // Generation 2 is in its ready phase: this request joins the follow-up.
     let out = baton.cli(&["reload"]);
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -155,13 +155,7 @@ fn a_drained_worker_leaves_no_child_behind() {
     let config = config_with_worker(&wrapped_worker(&["--child"], "drain_timeout = \"60s\"\n"));
     let mut baton = Baton::start(&config);
     baton.wait_committed(1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut old = descendants(baton.pid());
-    while old.len() < 2 {
-        assert!(Instant::now() < deadline, "no child: {old:?}");
-        std::thread::sleep(Duration::from_millis(20));
-        old = descendants(baton.pid());
-    }
+    let old = server_and_its_child(&baton);
     let outcome = baton.reload();
     assert_eq!(message(&outcome), "reload committed", "{outcome}");
     let finished = baton.wait_generation_finished(1);
@@ -181,13 +175,7 @@ fn a_worker_ignoring_its_stop_signal_is_killed_with_its_group_at_the_deadline() 
     ));
     let mut baton = Baton::start(&config);
     baton.wait_committed(1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut old = descendants(baton.pid());
-    while old.len() < 2 {
-        assert!(Instant::now() < deadline, "no child: {old:?}");
-        std::thread::sleep(Duration::from_millis(20));
-        old = descendants(baton.pid());
-    }
+    let old = server_and_its_child(&baton);
     let outcome = baton.reload();
     assert_eq!(message(&outcome), "reload committed", "{outcome}");
     baton.wait_event(Duration::from_secs(10), |e| {
@@ -219,5 +207,18 @@ fn reopen_signals_wrapped_workers_with_sigusr1() {
             let _ = baton_tests::harness::get(addr);
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// The wrapped server and the child it started, once both run.
+fn server_and_its_child(baton: &Baton) -> Vec<nix::unistd::Pid> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tree = descendants(baton.pid());
+        if tree.len() >= 2 {
+            return tree;
+        }
+        assert!(Instant::now() < deadline, "no child: {tree:?}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -488,23 +488,25 @@ pub fn span_generation(event: &Value) -> Option<u64> {
 
 /// Whether `pid` is a live process (not a zombie).
 pub fn alive(pid: Pid) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat_field(&stat, 0) != Some("Z".into()),
-        Err(_) => false,
-    }
+    proc_field(pid, 0).is_some_and(|state| state != "Z")
 }
 
 /// When `pid` started (field 22 of /proc/PID/stat), to tell a process from a
 /// later one that reused its pid.
 fn start_time(pid: Pid) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat_field(&stat, 19)
+    proc_field(pid, 19)
 }
 
-/// Fields after the `(comm)` of /proc/PID/stat: 0 = state, 1 = ppid.
-fn stat_field(stat: &str, n: usize) -> Option<String> {
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(n).map(str::to_string)
+/// Field `n` after the `(comm)` of a /proc/PID/stat text: 0 = state,
+/// 1 = ppid, 3 = session.
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    stat.get(stat.rfind(')')? + 2..)?.split(' ').nth(n)
+}
+
+/// Field `n` of `pid`'s /proc/PID/stat.
+fn proc_field(pid: Pid, n: usize) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_field(&stat, n).map(str::to_string)
 }
 
 /// Direct children of `parent`, zombies included.
@@ -536,12 +538,7 @@ pub fn children_of(parent: Pid) -> Vec<Pid> {
 pub fn zombies_of(parent: Pid) -> Vec<Pid> {
     children_of(parent)
         .into_iter()
-        .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| stat_field(&s, 0))
-                == Some("Z".into())
-        })
+        .filter(|p| proc_field(*p, 0).as_deref() == Some("Z"))
         .collect()
 }
 

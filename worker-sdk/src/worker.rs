@@ -469,6 +469,19 @@ mod tests {
         master.try_send(&hello, &[]).unwrap();
     }
 
+    /// Announces the TCP listener `http` at `address`, with `fds` attached.
+    fn send_listener(master: &Channel, address: &str, fds: &[std::os::fd::BorrowedFd<'_>]) {
+        let batch = MasterMessage::Listeners {
+            offset: 0,
+            listeners: vec![ListenerInfo {
+                name: "http".into(),
+                kind: ListenerKind::Tcp,
+                address: address.into(),
+            }],
+        };
+        master.try_send(&batch, fds).unwrap();
+    }
+
     #[tokio::test]
     async fn a_master_speaking_another_version_is_a_clear_error() {
         let (master, worker) = pair().unwrap();
@@ -493,19 +506,7 @@ mod tests {
         let master = Channel::new(master).unwrap();
         send_hello(&master);
         // Metadata for one listener, but no fd attached.
-        master
-            .try_send(
-                &MasterMessage::Listeners {
-                    offset: 0,
-                    listeners: vec![ListenerInfo {
-                        name: "http".into(),
-                        kind: ListenerKind::Tcp,
-                        address: "127.0.0.1:1".into(),
-                    }],
-                },
-                &[],
-            )
-            .unwrap();
+        send_listener(&master, "127.0.0.1:1", &[]);
         let channel = Arc::new(Channel::new(worker).unwrap());
         let error = handshake(&channel).await.unwrap_err();
         assert!(matches!(error, Error::Protocol(_)), "{error:?}");
@@ -518,19 +519,8 @@ mod tests {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let actual = tcp.local_addr().unwrap();
         send_hello(&master);
-        master
-            .try_send(
-                &MasterMessage::Listeners {
-                    offset: 0,
-                    listeners: vec![ListenerInfo {
-                        name: "http".into(),
-                        kind: ListenerKind::Tcp,
-                        address: format!("127.0.0.1:{}", actual.port() ^ 1),
-                    }],
-                },
-                &[tcp.as_fd()],
-            )
-            .unwrap();
+        let wrong = format!("127.0.0.1:{}", actual.port() ^ 1);
+        send_listener(&master, &wrong, &[tcp.as_fd()]);
         let channel = Arc::new(Channel::new(worker).unwrap());
         let error = handshake(&channel).await.unwrap_err();
         let Error::ListenerMismatch { name, found, .. } = &error else {

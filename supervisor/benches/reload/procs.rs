@@ -12,57 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-/// Whether `pid` is a live process; a zombie counts as gone.
-pub fn alive(pid: Pid) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat_field(&stat, 0).is_some_and(|state| state != "Z"),
-        Err(_) => false,
-    }
-}
-
-/// Field `n` after the `(comm)` of /proc/PID/stat: 0 = state, 1 = ppid.
-fn stat_field(stat: &str, n: usize) -> Option<&str> {
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    rest.split(' ').nth(n)
-}
-
-/// Direct children of `parent`, zombies included (a zombie is a child the
-/// parent failed to reap, which the resource check must see).
-pub fn children_of(parent: Pid) -> Vec<Pid> {
-    let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if stat_field(&stat, 1).and_then(|p| p.parse().ok()) == Some(parent.as_raw()) {
-            out.push(Pid::from_raw(pid));
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Every process below `root` (bounded: a process tree deeper than 16 is
-/// not ours).
-pub fn descendants(root: Pid) -> Vec<Pid> {
-    let mut out = Vec::new();
-    let mut level = vec![root];
-    for _ in 0..16 {
-        let next: Vec<Pid> = level.iter().flat_map(|p| children_of(*p)).collect();
-        if next.is_empty() {
-            break;
-        }
-        out.extend(&next);
-        level = next;
-    }
-    out
-}
+// The test harness reads /proc the same way: one definition for both.
+pub use baton_tests::harness::{alive, children_of, descendants, stat_field};
 
 /// CPU time used so far by the processes of other sessions than the
 /// bench's: other people's builds and tests on a shared machine. Per pid,
