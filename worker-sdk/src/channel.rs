@@ -184,7 +184,16 @@ fn send_raw(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<
 type RawMessage = (Vec<u8>, Vec<OwnedFd>);
 
 fn recv_raw(fd: BorrowedFd<'_>) -> Result<Option<RawMessage>, ChannelError> {
-    let mut buf = vec![0u8; MAX_MESSAGE_SIZE];
+    // The datagram's size first, so that the frequent small messages do not
+    // cost a zeroed buffer of MAX_MESSAGE_SIZE each. A larger one gets
+    // MAX_MESSAGE_SIZE and is reported as truncated below.
+    let size = nix::sys::socket::recv(
+        fd.as_raw_fd(),
+        &mut [],
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(|e| ChannelError::Io(e.into()))?;
+    let mut buf = vec![0u8; size.clamp(1, MAX_MESSAGE_SIZE)];
     let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE + 1]);
     let (len, fds, flags) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
@@ -264,6 +273,22 @@ mod tests {
         assert!(matches!(
             a.try_send(&WorkerMessage::Ready, &fds),
             Err(ChannelError::TooManyFds(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn messages_up_to_the_limit_arrive_whole_and_larger_ones_are_refused() {
+        let (a, b) = pair().unwrap();
+        let a = Channel::new(a).unwrap();
+        let fits = vec![b'x'; MAX_MESSAGE_SIZE];
+        send_raw(b.as_fd(), &fits, &[]).unwrap();
+        a.fd.readable().await.unwrap().clear_ready();
+        let (bytes, _) = recv_raw(a.fd.get_ref().as_fd()).unwrap().unwrap();
+        assert_eq!(bytes, fits);
+        send_raw(b.as_fd(), &vec![b'x'; MAX_MESSAGE_SIZE + 1], &[]).unwrap();
+        assert!(matches!(
+            recv_raw(a.fd.get_ref().as_fd()),
+            Err(ChannelError::MessageTruncated)
         ));
     }
 
