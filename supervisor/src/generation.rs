@@ -20,6 +20,11 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Consecutive crashes from which the respawns are logged as a crash loop.
 const CRASH_LOOP: u32 = 5;
+/// How often a handing-over generation's accept queues are looked at.
+const HANDOVER_POLL: Duration = Duration::from_millis(1);
+/// The longest a generation keeps accepting after new connections went
+/// elsewhere, waiting for its accept queues to empty.
+const HANDOVER_LIMIT: Duration = Duration::from_secs(1);
 
 /// Where a generation is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +62,18 @@ pub struct PendingRespawn {
     pub restarts: u32,
 }
 
+/// A replaced generation that still accepts what was queued on its own
+/// sockets before new connections were steered away from them.
+#[derive(Debug)]
+pub struct Handover {
+    /// Its sockets that no longer get new connections.
+    pub sockets: Vec<Shared>,
+    /// When it drains even if connections are still queued.
+    pub give_up: Instant,
+    /// Its drain timeout, once it drains.
+    pub drain_timeout: Duration,
+}
+
 /// The workers of one configuration.
 #[derive(Debug)]
 pub struct Generation {
@@ -78,6 +95,8 @@ pub struct Generation {
     pub respawns: BTreeMap<u32, PendingRespawn>,
     /// Its notify socket (`ready = "notify"`).
     pub notify: Option<Notifier>,
+    /// Replaced, and accepting the rest of its queues before it drains.
+    pub handover: Option<Handover>,
 }
 
 impl Generation {
@@ -98,6 +117,7 @@ impl Generation {
             workers: BTreeMap::new(),
             respawns: BTreeMap::new(),
             notify: None,
+            handover: None,
         }
     }
 
@@ -143,9 +163,47 @@ impl Generation {
     pub fn drain(&mut self, phase: Phase, timeout: Duration) {
         self.phase = phase;
         self.respawns.clear();
+        self.handover = None;
         for worker in self.workers.values_mut() {
             worker.drain(timeout);
         }
+    }
+
+    /// Replaced: drains once what is queued on `sockets` (steered away
+    /// from) has been accepted, or at once if there is nothing to wait for.
+    pub fn hand_over(&mut self, sockets: Vec<Shared>, drain_timeout: Duration) {
+        if sockets.is_empty() || self.workers.is_empty() {
+            return self.drain(Phase::Draining, drain_timeout);
+        }
+        self.phase = Phase::Draining;
+        self.respawns.clear();
+        self.handover = Some(Handover {
+            sockets,
+            give_up: Instant::now() + HANDOVER_LIMIT.min(drain_timeout),
+            drain_timeout,
+        });
+    }
+
+    /// Drains a handing-over generation whose queues are empty, or that
+    /// waited long enough.
+    pub fn check_handover(&mut self) {
+        let Some(handover) = &self.handover else {
+            return;
+        };
+        let queued: u32 = handover.sockets.iter().map(|s| s.queued()).sum();
+        let timeout = handover.drain_timeout;
+        if queued == 0 {
+            tracing::debug!(generation = self.number, "accept queues empty: draining");
+        } else if Instant::now() >= handover.give_up {
+            tracing::warn!(
+                generation = self.number,
+                queued,
+                "connections still queued on the replaced generation's sockets: draining anyway"
+            );
+        } else {
+            return;
+        }
+        self.drain(Phase::Draining, timeout);
     }
 
     /// Schedules a respawn of the worker that just exited, with exponential
@@ -186,6 +244,7 @@ impl Generation {
             _ => None,
         });
         let respawns = self.respawns.values().map(|r| r.at);
-        kills.chain(respawns).min()
+        let handover = self.handover.as_ref().map(|_| Instant::now() + HANDOVER_POLL);
+        kills.chain(respawns).chain(handover).min()
     }
 }

@@ -19,5 +19,6 @@ pub mod scale;
 pub mod sd_notify;
 pub mod signals;
 pub mod status;
+pub mod steering;
 pub mod upgrade;
 pub mod worker;

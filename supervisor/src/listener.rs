@@ -1,7 +1,10 @@
 //! Listeners: bound once by the master, shared by every generation that was
-//! started with them, closed when the last one lets go.
+//! started with them, closed when the last one lets go. A generation of
+//! workers that do not link the SDK gets a TCP socket of its own on the same
+//! port instead (see [`crate::steering`]).
 
 use crate::config::{ListenerAddress, ListenerConfig};
+use crate::steering::{self, Group, Layout, User};
 use anyhow::{bail, Context};
 use baton_worker::{ListenerInfo, ListenerKind};
 use nix::sys::socket::{
@@ -9,6 +12,7 @@ use nix::sys::socket::{
     SockType, SockaddrIn, SockaddrIn6, SockaddrStorage, UnixAddr,
 };
 use std::net::SocketAddr;
+use std::cell::RefCell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -26,6 +30,12 @@ pub struct Listener {
     /// Cleared when the socket is handed to a new master, which keeps using
     /// the path.
     remove_path: std::cell::Cell<bool>,
+    /// A TCP listener's port group: this socket and the generations' own.
+    group: RefCell<Option<Group>>,
+    /// A generation's own socket: the listener whose port it shares.
+    primary: Option<Shared>,
+    /// Lives as long as this listener; its group member is used until then.
+    alive: Rc<()>,
 }
 
 /// Listeners are shared between the master's current set and the
@@ -61,7 +71,139 @@ impl Listener {
             fd,
             unix_path,
             remove_path: std::cell::Cell::new(false),
+            group: RefCell::new(None),
+            primary: None,
+            alive: Rc::new(()),
         })
+    }
+
+    /// Adopts a generation's own socket on `primary`'s port, handed over
+    /// like a listener.
+    pub fn adopt_generation_socket(primary: &Shared, fd: OwnedFd) -> anyhow::Result<Shared> {
+        let (info, fd) = baton_worker::verify_listener(primary.info.clone(), fd)
+            .with_context(|| format!("adopting a socket of listener `{}`", primary.info.name))?;
+        Ok(Rc::new(Listener::generation_socket_of(primary, info, fd)))
+    }
+
+    fn generation_socket_of(primary: &Shared, info: ListenerInfo, fd: OwnedFd) -> Listener {
+        Listener {
+            config: primary.config.clone(),
+            info,
+            fd,
+            unix_path: None,
+            remove_path: std::cell::Cell::new(false),
+            group: RefCell::new(None),
+            primary: Some(primary.clone()),
+            alive: Rc::new(()),
+        }
+    }
+
+    /// A socket of `primary`'s own for one generation: a TCP listener on
+    /// the same address (`SO_REUSEPORT`), which gets new connections once
+    /// steered to. Listeners without a port group (UDP, Unix) are shared.
+    pub fn for_generation(primary: &Shared) -> anyhow::Result<Shared> {
+        let mut group = primary.group.borrow_mut();
+        let Some(group) = group.as_mut() else {
+            return Ok(primary.clone());
+        };
+        let socket = || -> anyhow::Result<OwnedFd> {
+            let bound: SockaddrStorage = getsockname(primary.fd.as_raw_fd())?;
+            let family = nix::sys::socket::SockaddrLike::family(&bound)
+                .context("listener has no address family")?;
+            let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            setsockopt(&fd, sockopt::ReusePort, &true)?;
+            if family == AddressFamily::Inet6 {
+                setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            }
+            bind(fd.as_raw_fd(), &bound)?;
+            listen(&fd, Backlog::new(primary.config.backlog)?)?;
+            Ok(fd)
+        };
+        let fd = socket().with_context(|| {
+            format!(
+                "binding a generation socket for listener `{}` on {}",
+                primary.info.name, primary.info.address
+            )
+        })?;
+        let info = primary.info.clone();
+        let listener = Rc::new(Listener::generation_socket_of(primary, info, fd));
+        group.join(listener.fd(), &listener.alive)?;
+        Ok(listener)
+    }
+
+    /// For a generation's own socket: the listener whose port it shares.
+    pub fn primary(&self) -> Option<&Shared> {
+        self.primary.as_ref()
+    }
+
+    /// The listener whose port this socket is on: itself, or the listener a
+    /// generation's own socket was made for.
+    pub fn port(&self) -> &Listener {
+        self.primary.as_deref().unwrap_or(self)
+    }
+
+    /// Sends every new connection on this port to this socket.
+    pub fn steer_here(&self) -> anyhow::Result<()> {
+        if let Some(group) = self.port().group.borrow_mut().as_mut() {
+            group
+                .steer(self.fd())
+                .with_context(|| format!("steering listener `{}`", self.info.name))?;
+        }
+        Ok(())
+    }
+
+    /// Whether new connections can be steered away from this socket (a TCP
+    /// listener's, with its port group).
+    pub fn steerable(&self) -> bool {
+        self.port().group.borrow().is_some()
+    }
+
+    /// Connections waiting in this TCP socket's accept queue.
+    pub fn queued(&self) -> u32 {
+        steering::accept_queue(self.fd()).unwrap_or(0)
+    }
+
+    /// Lets go of the port group's sockets no generation uses any more.
+    pub fn tidy(&self) {
+        if let Some(group) = self.port().group.borrow_mut().as_mut() {
+            group.tidy();
+        }
+    }
+
+    /// The port group as handed to another master; `None` without one.
+    pub fn layout(&self) -> std::io::Result<Option<Layout>> {
+        self.group.borrow().as_ref().map(Group::layout).transpose()
+    }
+
+    /// Takes over a port group handed over with this listener. Members not
+    /// among `sockets` (generation sockets adopted along) stay until
+    /// `previous_owner` dies.
+    pub fn adopt_group(
+        &self,
+        layout: Layout,
+        sockets: &[Shared],
+        previous_owner: &Rc<()>,
+    ) -> anyhow::Result<()> {
+        let primary = steering::inode(self.fd())?;
+        let inodes: Vec<(u64, &Shared)> = sockets
+            .iter()
+            .filter(|s| std::ptr::eq(s.port(), self))
+            .map(|s| Ok((steering::inode(s.fd())?, s)))
+            .collect::<std::io::Result<_>>()?;
+        let user_of = |ino: u64| {
+            if ino == primary {
+                return Some(User::Pinned);
+            }
+            inodes
+                .iter()
+                .find(|(i, _)| *i == ino)
+                .map(|(_, s)| User::Token(Rc::downgrade(&s.alive)))
+        };
+        let group = Group::adopt(layout, user_of, previous_owner)
+            .with_context(|| format!("adopting the sockets of listener `{}`", self.info.name))?;
+        *self.group.borrow_mut() = Some(group);
+        Ok(())
     }
 
     /// Takes over an adopted listener's socket file: it is removed when this
@@ -121,6 +263,12 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
                     bind(fd.as_raw_fd(), &SockaddrIn6::from(*a))?
                 }
             }
+            // Bound without SO_REUSEPORT, so that a port someone else holds
+            // is refused; set afterwards, so that generations' own sockets
+            // can join it.
+            if kind == ListenerKind::Tcp {
+                setsockopt(&fd, sockopt::ReusePort, &true)?;
+            }
             (fd, kind, None)
         }
         ListenerAddress::Unix(path) => {
@@ -139,12 +287,19 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
         kind,
         address: baton_worker::describe_address(&bound).unwrap_or_default(),
     };
+    let group = match kind {
+        ListenerKind::Tcp => Some(Group::new(fd.as_fd())?),
+        _ => None,
+    };
     Ok(Listener {
         config: config.clone(),
         info,
         fd,
         unix_path,
         remove_path: std::cell::Cell::new(true),
+        group: RefCell::new(group),
+        primary: None,
+        alive: Rc::new(()),
     })
 }
 

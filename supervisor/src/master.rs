@@ -71,6 +71,8 @@ pub enum Event {
         /// What arrived.
         message: Option<OldMessage>,
     },
+    /// In a new master after an upgrade: the old master has exited.
+    OldMasterExited,
     /// A datagram on a generation's notify socket (`ready = "notify"`).
     Notify {
         /// The generation.
@@ -121,6 +123,9 @@ pub struct Master {
     pub(crate) upgrade: Option<Upgrade>,
     /// In a new master: the old master, until it hands over.
     pub(crate) takeover: Option<TakeoverState>,
+    /// In a new master: lives until the old master has exited; the old
+    /// master's generation sockets are kept on the ports until then.
+    pub(crate) old_master: Option<Rc<()>>,
 }
 
 /// A new master's link to the old one until the handover.
@@ -210,6 +215,7 @@ pub async fn run(
         program,
         upgrade: None,
         takeover: None,
+        old_master: None,
     };
     if let Some(takeover) = takeover {
         master.adopt(takeover);
@@ -349,6 +355,29 @@ impl Master {
         Ok(crate::notify::Notifier { socket, reader })
     }
 
+    /// Keeps `token` until process `pid` (the old master, not a child of
+    /// this one) has exited.
+    pub(crate) fn watch_old_master(&mut self, pid: u32, token: Rc<()>) {
+        let exited = match crate::steering::pidfd(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(old_pid = pid, error = %e, "cannot watch the old master: its sockets stay open");
+                self.old_master = Some(token);
+                return;
+            }
+        };
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            // SAFETY: the pidfd is open, moves into the `AsyncFd` and stays
+            // there, unchanged, until the `AsyncFd` is dropped.
+            if let Ok(fd) = unsafe { tokio::io::unix::AsyncFd::register(exited) } {
+                let _ = fd.readable().await;
+            }
+            let _ = events.send(Event::OldMasterExited);
+        });
+        self.old_master = Some(token);
+    }
+
     fn on_signal(&mut self, signal: SignalEvent) {
         if signal == SignalEvent::Child {
             return self.reap();
@@ -374,6 +403,11 @@ impl Master {
             Event::Control { request, reply } => return self.on_control(request, reply),
             Event::Upgrade { message } => return self.on_upgrade_message(message),
             Event::OldMaster { message } => return self.on_old_master(message),
+            Event::OldMasterExited => {
+                tracing::info!("old master exited");
+                self.old_master = None;
+                return self.tidy_listeners();
+            }
             Event::Notify {
                 generation,
                 datagram,
@@ -497,6 +531,20 @@ impl Master {
             }
             keep
         });
+        self.tidy_listeners();
+    }
+
+    /// Lets go of generation sockets no generation uses any more. Not while
+    /// an upgrade runs: a new master may have sockets of its own on the
+    /// ports, which this one's bookkeeping does not know.
+    pub(crate) fn tidy_listeners(&self) {
+        if self.upgrade.is_some() {
+            return;
+        }
+        let sockets = self.generations.values().flat_map(|g| g.listeners.iter());
+        for listener in self.listeners.iter().chain(sockets) {
+            listener.tidy();
+        }
     }
 
     /// Starts a graceful or fast stop (a fast stop overrides a graceful one).
@@ -519,6 +567,8 @@ impl Master {
         for generation in self.generations.values_mut() {
             generation.respawns.clear();
             match how {
+                // It drains once it has accepted what is queued for it.
+                Stop::Graceful if generation.handover.is_some() => {}
                 Stop::Graceful => {
                     let timeout = generation.config.worker.drain_timeout.0;
                     let phase = if generation.phase == Phase::Starting {
@@ -529,6 +579,7 @@ impl Master {
                     generation.drain(phase, timeout);
                 }
                 Stop::Fast => {
+                    generation.handover = None;
                     for worker in generation.workers.values_mut() {
                         worker.terminate(FAST_STOP_GRACE);
                     }
@@ -559,6 +610,7 @@ impl Master {
         let now = Instant::now();
         let stopping = self.stopping.is_some();
         for generation in self.generations.values_mut() {
+            generation.check_handover();
             for worker in generation.workers.values_mut() {
                 if let State::Draining { kill_at } = worker.state {
                     if kill_at <= now {

@@ -2,7 +2,7 @@
 //! DESIGN.md. Any failure before commit stops the new generation and leaves
 //! the current one serving untouched.
 
-use crate::config::{Config, ReadyMode};
+use crate::config::{Config, Protocol, ReadyMode};
 use crate::control::protocol::{PhaseTime, ReloadOutcome, Reply};
 use crate::generation::{Generation, Phase};
 use crate::listener::{Listener, Shared};
@@ -114,6 +114,19 @@ impl Outcome {
     }
 }
 
+/// The sockets among `old` that new connections no longer go to: those
+/// whose port the new generation serves on a socket of its own.
+pub fn steered_away(old: &[Shared], new: &[Shared]) -> Vec<Shared> {
+    old.iter()
+        .filter(|o| o.steerable())
+        .filter(|o| {
+            new.iter()
+                .any(|n| std::ptr::eq(n.port(), o.port()) && !Rc::ptr_eq(n, o))
+        })
+        .cloned()
+        .collect()
+}
+
 /// Milliseconds, to the microsecond: readable in logs and status.
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
@@ -204,8 +217,11 @@ impl Master {
         let mut phase_started = Instant::now();
         phases.push((Step::Validate, phase_started - started));
 
-        let listeners = match self.bind(&config) {
-            Ok(listeners) => listeners,
+        let bound = self
+            .bind(&config)
+            .and_then(|listeners| Ok((self.sockets(&config, &listeners)?, listeners)));
+        let (sockets, listeners) = match bound {
+            Ok(bound) => bound,
             Err(e) => {
                 phases.push((Step::Bind, phase_started.elapsed()));
                 return self.record(
@@ -223,7 +239,7 @@ impl Master {
             Some(scale) if scale.config_processes == config.worker.processes => scale.processes,
             _ => config.worker.processes,
         };
-        let mut new = Generation::new(generation, config.clone(), listeners.clone(), processes);
+        let mut new = Generation::new(generation, config.clone(), sockets, processes);
         let mut spawn_error = None;
         if config.worker.ready == ReadyMode::Notify {
             match self.notifier(generation, config.worker.credentials()) {
@@ -290,6 +306,26 @@ impl Master {
             }
         }
         Ok(out)
+    }
+
+    /// The sockets a generation running `config` gets for `listeners`: the
+    /// listeners themselves for SDK workers (which stop accepting when told
+    /// to drain), a TCP socket of their own on each port for others. A port
+    /// new to this reload is steered to the new generation at once: nobody
+    /// else serves it.
+    fn sockets(&self, config: &Config, listeners: &[Shared]) -> anyhow::Result<Vec<Shared>> {
+        let mut sockets = Vec::with_capacity(listeners.len());
+        for listener in listeners {
+            let socket = match config.worker.protocol {
+                Protocol::Sdk => listener.clone(),
+                Protocol::Systemd | Protocol::Args => Listener::for_generation(listener)?,
+            };
+            if !self.listeners.iter().any(|l| Rc::ptr_eq(l, listener)) {
+                socket.steer_here()?;
+            }
+            sockets.push(socket);
+        }
+        Ok(sockets)
     }
 
     /// Moves the transaction on after an event: marks delay-ready workers,
@@ -372,15 +408,23 @@ impl Master {
                 "control_socket and pid_file changes take effect when the master restarts"
             );
         }
-        let drain_timeout = config.worker.drain_timeout.0;
-        for old in self.generations.values_mut() {
-            if old.phase == Phase::Current {
-                tracing::info!(generation = old.number, "generation draining");
-                old.drain(Phase::Draining, drain_timeout);
-            }
-        }
+        let mut new_sockets = Vec::new();
         if let Some(new) = self.generations.get_mut(&reload.generation) {
             new.phase = Phase::Current;
+            new_sockets = new.listeners.clone();
+        }
+        for socket in &new_sockets {
+            if let Err(e) = socket.steer_here() {
+                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections to the new generation");
+            }
+        }
+        let drain_timeout = config.worker.drain_timeout.0;
+        for old in self.generations.values_mut() {
+            if old.phase == Phase::Current && old.number != reload.generation {
+                tracing::info!(generation = old.number, "generation draining");
+                let moved = steered_away(&old.listeners, &new_sockets);
+                old.hand_over(moved, drain_timeout);
+            }
         }
         self.current = Some(reload.generation);
         self.listeners = std::mem::take(&mut reload.listeners);

@@ -20,6 +20,7 @@ impl Master {
                 age_s: g.started.elapsed().as_secs_f64(),
                 processes: g.processes,
                 config_hash: g.config.hash.clone(),
+                sockets: g.listeners.iter().map(|l| l.fd().as_raw_fd()).collect(),
                 workers: g
                     .workers
                     .values()

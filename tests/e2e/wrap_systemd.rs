@@ -26,18 +26,40 @@ fn dump(dir: &Path, generation: u64, index: u32) -> Value {
 }
 
 /// Checks what a systemd worker of `generation` was given: its own pid as
-/// `LISTEN_PID`, the listeners in config order on fds 3, 4, ... (the very
-/// sockets the master holds), and no other fd of the master.
+/// `LISTEN_PID`, the generation's sockets in config order on fds 3, 4, ...
+/// (the very sockets the master holds for it: its own TCP sockets, the
+/// shared UDP one), and no other fd of the master.
 fn check_generation(baton: &Baton, dir: &Path, generation: u64, names: &[String]) {
     let status = baton.status();
     let master = open_fds(baton.pid());
     let master_fds: BTreeMap<i32, String> = master.into_iter().collect();
+    let target = |fd: &Value| master_fds[&(fd.as_i64().unwrap() as i32)].clone();
     let listener_targets: Vec<String> = status["listeners"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| master_fds[&(l["fd"].as_i64().unwrap() as i32)].clone())
+        .map(|l| target(&l["fd"]))
         .collect();
+    let generation_status = status["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["number"] == generation)
+        .unwrap();
+    let socket_targets: Vec<String> = generation_status["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(target)
+        .collect();
+    assert_eq!(socket_targets.len(), names.len(), "{status}");
+    for (i, name) in names.iter().enumerate() {
+        // TCP listeners: a socket of the generation's own on the port; the
+        // UDP one is shared.
+        let shared = socket_targets[i] == listener_targets[i];
+        assert_eq!(shared, name == "dns", "socket {i} ({name}): {status}");
+    }
+    let listener_targets = socket_targets;
     for index in 0..2 {
         let seen = dump(dir, generation, index);
         let pid = seen["pid"].as_i64().unwrap();

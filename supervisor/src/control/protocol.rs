@@ -213,6 +213,11 @@ pub struct GenerationStatus {
     pub processes: u32,
     /// Its config's hash.
     pub config_hash: String,
+    /// The master's fd of each socket its workers were given, in config
+    /// order: the listener's own, or (TCP, workers without the SDK) a socket
+    /// of the generation's own on the same port.
+    #[serde(default)]
+    pub sockets: Vec<i32>,
     /// Its live workers.
     pub workers: Vec<WorkerStatus>,
 }

@@ -8,7 +8,8 @@
 use super::handoff::{HandedListener, BINARY_FD_ENV};
 use crate::config::Config;
 use crate::generation::{Generation, Phase};
-use crate::listener::Shared;
+use crate::listener::{Listener, Shared};
+use crate::steering::Layout;
 use crate::master::Master;
 use crate::scale::ScaleOverride;
 use crate::worker::{State, Worker};
@@ -42,6 +43,20 @@ struct ExecListener {
     fd: RawFd,
     /// In the master's current set (not only held by a draining generation).
     current: bool,
+    /// A generation's own socket: the index of the listener whose port it
+    /// shares (always an earlier entry).
+    #[serde(default)]
+    port: Option<usize>,
+    /// A TCP listener's port group: every member socket in the kernel's
+    /// order, and the one new connections go to.
+    #[serde(default)]
+    group: Option<ExecGroup>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ExecGroup {
+    members: Vec<RawFd>,
+    steered: Option<usize>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -72,7 +87,7 @@ impl Master {
     /// Re-executes this process from `binary` with the state handed over.
     /// Returns only if the exec failed; then nothing has changed.
     pub(crate) fn exec_in_place(&self, binary: &std::fs::File) -> anyhow::Result<()> {
-        let (state, mut inherit) = self.exec_state();
+        let (state, mut inherit, _members) = self.exec_state()?;
         let json = serde_json::to_vec(&state)?;
         let memfd = nix::sys::memfd::memfd_create(
             c"baton-state",
@@ -102,16 +117,21 @@ impl Master {
         Err(error).context("re-executing in place")
     }
 
-    fn exec_state(&self) -> (ExecState, Vec<RawFd>) {
+    /// The state, the fds it names, and the port groups' member sockets
+    /// (copies, to be kept open until the exec).
+    fn exec_state(&self) -> anyhow::Result<(ExecState, Vec<RawFd>, Vec<OwnedFd>)> {
         let mut all: Vec<Shared> = Vec::new();
-        let id = |listener: &Shared, all: &mut Vec<Shared>| {
+        fn id(listener: &Shared, all: &mut Vec<Shared>) -> usize {
+            if let Some(primary) = listener.primary() {
+                id(primary, all);
+            }
             all.iter()
                 .position(|l| Rc::ptr_eq(l, listener))
                 .unwrap_or_else(|| {
                     all.push(listener.clone());
                     all.len() - 1
                 })
-        };
+        }
         for listener in &self.listeners {
             id(listener, &mut all);
         }
@@ -150,17 +170,29 @@ impl Master {
                     .collect(),
             })
             .collect();
-        let listeners = all
-            .iter()
-            .map(|l| {
-                inherit.push(l.fd().as_raw_fd());
-                ExecListener {
-                    handed: HandedListener::of(l),
-                    fd: l.fd().as_raw_fd(),
-                    current: self.listeners.iter().any(|c| Rc::ptr_eq(c, l)),
+        let mut members = Vec::new();
+        let mut listeners = Vec::with_capacity(all.len());
+        for l in &all {
+            inherit.push(l.fd().as_raw_fd());
+            let group = l.layout()?.map(|layout| {
+                let fds: Vec<RawFd> = layout.members.iter().map(|m| m.as_raw_fd()).collect();
+                inherit.extend_from_slice(&fds);
+                members.extend(layout.members);
+                ExecGroup {
+                    members: fds,
+                    steered: layout.steered,
                 }
-            })
-            .collect();
+            });
+            listeners.push(ExecListener {
+                handed: HandedListener::of(l),
+                fd: l.fd().as_raw_fd(),
+                current: self.listeners.iter().any(|c| Rc::ptr_eq(c, l)),
+                port: l
+                    .primary()
+                    .and_then(|p| all.iter().position(|a| Rc::ptr_eq(a, p))),
+                group,
+            });
+        }
         let state = ExecState {
             next_generation: self.next_generation,
             current: self.current,
@@ -168,27 +200,55 @@ impl Master {
             listeners,
             generations,
         };
-        (state, inherit)
+        Ok((state, inherit, members))
     }
 
     /// In the new image: adopts the listeners, generations and workers the
     /// previous image handed over.
     pub(crate) fn adopt_exec_state(&mut self, state: ExecState) -> anyhow::Result<()> {
         let config = self.config.clone();
-        let mut listeners = Vec::new();
+        let mut listeners: Vec<Shared> = Vec::new();
+        let mut groups = Vec::new();
         for l in state.listeners {
             // SAFETY: the previous image of this process left this fd open
             // for us alone, as the state says; nothing else owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(l.fd) };
             set_cloexec(l.fd, true)?;
-            let listener = Rc::new(l.handed.adopt(fd)?);
+            let listener = match l.port {
+                Some(port) => {
+                    let primary = listeners
+                        .get(port)
+                        .context("generation socket of an unknown listener")?;
+                    Listener::adopt_generation_socket(primary, fd)?
+                }
+                None => Rc::new(l.handed.adopt(fd)?),
+            };
             // Same process, same owner.
             listener.own_path();
             if l.current {
                 self.listeners.push(listener.clone());
             }
+            if let Some(group) = l.group {
+                let mut members = Vec::with_capacity(group.members.len());
+                for raw in group.members {
+                    // SAFETY: as above: a port group member left open for us.
+                    members.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                    set_cloexec(raw, true)?;
+                }
+                let layout = Layout {
+                    members,
+                    steered: group.steered,
+                };
+                groups.push((listeners.len(), layout));
+            }
             listeners.push(listener);
         }
+        // Members no adopted generation uses are let go of when safe.
+        let unused = Rc::new(());
+        for (index, layout) in groups {
+            listeners[index].adopt_group(layout, &listeners, &unused)?;
+        }
+        drop(unused);
         for g in state.generations {
             let phase = match g.phase.as_str() {
                 "current" => Phase::Current,
@@ -207,6 +267,8 @@ impl Master {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut generation = Generation::new(g.number, config.clone(), held, g.processes);
             generation.phase = phase;
+            // Replaced, but its workers not yet told: it was handing over.
+            let handing_over = phase == Phase::Draining && g.workers.iter().all(|w| w.kill_in_ms.is_none());
             for w in g.workers {
                 let pid = nix::unistd::Pid::from_raw(w.pid);
                 let channel = match w.channel_fd {
@@ -252,6 +314,10 @@ impl Master {
                         stop_signal: config.worker.stop_signal.0,
                     },
                 );
+            }
+            if handing_over {
+                let sockets = generation.listeners.iter().filter(|s| s.steerable()).cloned().collect();
+                generation.hand_over(sockets, config.worker.drain_timeout.0);
             }
             self.generations.insert(g.number, generation);
         }

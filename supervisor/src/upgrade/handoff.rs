@@ -10,12 +10,13 @@ use crate::control::ControlSocket;
 use crate::listener::Listener;
 use crate::master::{Event, Master, TakeoverState};
 use crate::pidfile::PidFile;
+use crate::steering::Layout;
 use anyhow::{bail, Context};
 use baton_worker::channel::Channel;
 use baton_worker::protocol::MAX_FDS_PER_MESSAGE;
 use baton_worker::ListenerInfo;
 use serde::{Deserialize, Serialize};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +55,9 @@ pub enum OldMessage {
         next_generation: u64,
         /// How many listeners follow.
         listener_count: u32,
+        /// How many port groups follow the listeners.
+        #[serde(default)]
+        group_count: u32,
     },
     /// A batch of listeners; the message carries their fds in this order.
     Listeners {
@@ -61,6 +65,14 @@ pub enum OldMessage {
         offset: u32,
         /// The batch.
         listeners: Vec<HandedListener>,
+    },
+    /// A TCP listener's port group: the message carries every member
+    /// socket, in the kernel's order.
+    Group {
+        /// Which listener.
+        listener: u32,
+        /// The member new connections go to.
+        steered: Option<u32>,
     },
     /// The old master has released the control socket and is draining: the
     /// new master takes over the control socket and the pid file.
@@ -97,6 +109,8 @@ pub struct Takeover {
     pub next_generation: u64,
     /// The listeners, checked.
     pub listeners: Vec<Listener>,
+    /// Port groups, by listener index.
+    pub groups: Vec<(usize, Layout)>,
 }
 
 impl Takeover {
@@ -165,6 +179,7 @@ async fn receive(channel: Arc<Channel>) -> anyhow::Result<Takeover> {
         old_pid,
         next_generation,
         listener_count,
+        group_count,
     } = first.message
     else {
         bail!("expected takeover, got {:?}", first.message);
@@ -189,11 +204,37 @@ async fn receive(channel: Arc<Channel>) -> anyhow::Result<Takeover> {
             listeners.push(listener.adopt(fd)?);
         }
     }
+    let mut groups = Vec::new();
+    while groups.len() < group_count as usize {
+        let received = channel
+            .recv::<OldMessage>()
+            .await?
+            .context("the old master closed the channel")?;
+        let OldMessage::Group { listener, steered } = received.message else {
+            bail!("expected a port group, got {:?}", received.message);
+        };
+        let index = listener as usize;
+        let owner = listeners
+            .get(index)
+            .with_context(|| format!("port group for listener {index}, which was not handed over"))?;
+        let mut members = Vec::with_capacity(received.fds.len());
+        for fd in received.fds {
+            let (_, fd) = baton_worker::verify_listener(owner.info.clone(), fd)
+                .with_context(|| format!("adopting a socket of listener `{}`", owner.info.name))?;
+            members.push(fd);
+        }
+        let layout = Layout {
+            members,
+            steered: steered.map(|s| s as usize),
+        };
+        groups.push((index, layout));
+    }
     Ok(Takeover {
         channel,
         old_pid,
         next_generation,
         listeners,
+        groups,
     })
 }
 
@@ -223,17 +264,25 @@ impl HandedListener {
     }
 }
 
-/// The old master's side: sends the takeover and every listener.
+/// The old master's side: sends the takeover, every listener, and every
+/// port group (all sockets on each TCP port, generations' own included).
 pub fn send_takeover(
     channel: &Channel,
     next_generation: u64,
     listeners: &[crate::listener::Shared],
 ) -> Result<(), baton_worker::channel::ChannelError> {
+    let mut groups = Vec::new();
+    for (index, listener) in listeners.iter().enumerate() {
+        if let Some(layout) = listener.layout()? {
+            groups.push((index, layout));
+        }
+    }
     channel.try_send(
         &OldMessage::Takeover {
             old_pid: std::process::id(),
             next_generation,
             listener_count: listeners.len() as u32,
+            group_count: groups.len() as u32,
         },
         &[],
     )?;
@@ -244,6 +293,16 @@ pub fn send_takeover(
             &OldMessage::Listeners {
                 offset: (batch * MAX_FDS_PER_MESSAGE) as u32,
                 listeners: handed,
+            },
+            &fds,
+        )?;
+    }
+    for (index, layout) in groups {
+        let fds: Vec<_> = layout.members.iter().map(|fd| fd.as_fd()).collect();
+        channel.try_send(
+            &OldMessage::Group {
+                listener: index as u32,
+                steered: layout.steered.map(|s| s as u32),
             },
             &fds,
         )?;
@@ -261,6 +320,15 @@ impl Master {
             "taking over from the old master"
         );
         self.listeners = takeover.listeners.into_iter().map(Rc::new).collect();
+        // The old master's generation sockets stay on the ports (steered
+        // away from) until it is gone.
+        let old_master = Rc::new(());
+        for (index, layout) in takeover.groups {
+            if let Err(e) = self.listeners[index].adopt_group(layout, &[], &old_master) {
+                tracing::error!(error = %format!("{e:#}"), "cannot adopt a port group");
+            }
+        }
+        self.watch_old_master(takeover.old_pid, old_master);
         self.next_generation = takeover.next_generation;
         let events = self.events.clone();
         let channel = takeover.channel.clone();

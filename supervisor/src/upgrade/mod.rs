@@ -309,8 +309,19 @@ impl Master {
                 "generation": generation,
             })));
         }
-        // The new master is on its own now; this one drains and exits.
+        // The new master is on its own now; this one drains and exits. The
+        // new master steered new connections to its own sockets: what is
+        // queued on this one's is accepted first.
         self.upgrade = None;
+        if let Some(current) = self.current.and_then(|c| self.generations.get_mut(&c)) {
+            let sockets = current
+                .listeners
+                .iter()
+                .filter(|s| s.steerable())
+                .cloned()
+                .collect();
+            current.hand_over(sockets, current.config.worker.drain_timeout.0);
+        }
         self.stop(Stop::Graceful);
     }
 
@@ -324,6 +335,14 @@ impl Master {
         }
         tracing::error!(phase, %reason, child = upgrade.child.as_raw(), "upgrade failed; this master keeps serving");
         let _ = killpg(upgrade.child, Signal::SIGTERM);
+        // The new master may have steered new connections to its sockets.
+        if let Some(current) = self.current.and_then(|c| self.generations.get(&c)) {
+            for socket in &current.listeners {
+                if let Err(e) = socket.steer_here() {
+                    tracing::error!(error = %format!("{e:#}"), "cannot steer new connections back");
+                }
+            }
+        }
         upgrade.phase = Phase::Aborting {
             kill_at: Instant::now() + ABORT_GRACE,
         };

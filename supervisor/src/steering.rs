@@ -1,0 +1,392 @@
+//! Steering a TCP port's new connections to one generation's socket.
+//!
+//! A server that does not link the SDK stops accepting only when its stop
+//! signal arrives, and some close the connections they accepted but have not
+//! read yet when they stop (uvicorn does, within its last event-loop turn).
+//! On a socket shared by every generation that loses a request now and then
+//! under load. So a generation of such workers gets its own socket on the
+//! port (`SO_REUSEPORT`), and a one-instruction classic BPF program on the
+//! port's group sends every new connection to the newest serving generation's
+//! socket. The old generation gets its stop signal only once its socket's
+//! accept queue is empty: nothing it could drop is left for it.
+//!
+//! The kernel keeps a group's sockets in an array: `listen(2)` appends one,
+//! and a socket leaving (its last fd closed) has the last one moved into its
+//! slot. The program returns an index into that array, so [`Group`] mirrors
+//! it, holds every member open itself, and only lets one go when that cannot
+//! move the socket the program points at.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::rc::{Rc, Weak};
+
+/// `SO_ATTACH_REUSEPORT_CBPF` from `asm-generic/socket.h` (x86, arm, riscv
+/// and most others); the libc crate does not define it for glibc targets.
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Who still uses a member socket.
+#[derive(Debug)]
+pub enum User {
+    /// The listener's own socket: a member for as long as the group exists.
+    Pinned,
+    /// A generation's socket: in use while the token lives.
+    Token(Weak<()>),
+}
+
+impl User {
+    fn retired(&self) -> bool {
+        match self {
+            User::Pinned => false,
+            User::Token(token) => token.strong_count() == 0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Member {
+    /// Keeps the socket in the group until the group lets it go.
+    fd: OwnedFd,
+    ino: u64,
+    user: User,
+}
+
+/// The sockets sharing one TCP port, in the kernel's order, and the one new
+/// connections go to.
+#[derive(Debug)]
+pub struct Group {
+    members: Vec<Member>,
+    steered: Option<usize>,
+}
+
+/// A group as handed to another master: its members in the kernel's order,
+/// and the index the program returns.
+#[derive(Debug)]
+pub struct Layout {
+    /// Every member socket, in the kernel's order.
+    pub members: Vec<OwnedFd>,
+    /// The member new connections go to.
+    pub steered: Option<usize>,
+}
+
+impl Group {
+    /// A group of one: `primary`, which just started listening. Steers to
+    /// it, so that a generation socket joining later gets nothing until it
+    /// is steered to.
+    pub fn new(primary: BorrowedFd<'_>) -> io::Result<Group> {
+        let mut group = Group {
+            members: vec![Member {
+                fd: primary.try_clone_to_owned()?,
+                ino: inode(primary)?,
+                user: User::Pinned,
+            }],
+            steered: None,
+        };
+        group.steer_index(0)?;
+        Ok(group)
+    }
+
+    /// Rebuilds a group handed over by another master (or a previous image
+    /// of this one). `user_of` names the user of each member by its socket
+    /// inode; `None` makes it retired as soon as `fallback` dies.
+    pub fn adopt(
+        layout: Layout,
+        user_of: impl Fn(u64) -> Option<User>,
+        fallback: &Rc<()>,
+    ) -> io::Result<Group> {
+        let mut members = Vec::with_capacity(layout.members.len());
+        for fd in layout.members {
+            let ino = inode(fd.as_fd())?;
+            let user = user_of(ino).unwrap_or_else(|| User::Token(Rc::downgrade(fallback)));
+            members.push(Member { fd, ino, user });
+        }
+        if layout.steered.is_some_and(|i| i >= members.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "steered member out of range",
+            ));
+        }
+        Ok(Group {
+            members,
+            steered: layout.steered,
+        })
+    }
+
+    /// Copies of every member socket, and the steered index.
+    pub fn layout(&self) -> io::Result<Layout> {
+        Ok(Layout {
+            members: self
+                .members
+                .iter()
+                .map(|m| m.fd.try_clone())
+                .collect::<io::Result<_>>()?,
+            steered: self.steered,
+        })
+    }
+
+    /// Records `socket`, which just started listening on the port (and so
+    /// was appended to the kernel's array), as used while `token` lives.
+    pub fn join(&mut self, socket: BorrowedFd<'_>, token: &Rc<()>) -> io::Result<()> {
+        self.members.push(Member {
+            fd: socket.try_clone_to_owned()?,
+            ino: inode(socket)?,
+            user: User::Token(Rc::downgrade(token)),
+        });
+        Ok(())
+    }
+
+    /// Sends every new connection to `socket`, a member.
+    pub fn steer(&mut self, socket: BorrowedFd<'_>) -> io::Result<()> {
+        let ino = inode(socket)?;
+        let index = self
+            .members
+            .iter()
+            .position(|m| m.ino == ino)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not a member of the group"))?;
+        // Attached every time: another master may have steered meanwhile.
+        self.steer_index(index)
+    }
+
+    fn steer_index(&mut self, index: usize) -> io::Result<()> {
+        let k = u32::try_from(index).map_err(io::Error::other)?;
+        attach_program(self.members[0].fd.as_fd(), k)?;
+        self.steered = Some(index);
+        Ok(())
+    }
+
+    /// Closes the members nobody uses any more, as far as that cannot move
+    /// the steered socket: a member that is not last has the last one moved
+    /// into its slot.
+    pub fn tidy(&mut self) {
+        while !self.members.is_empty() {
+            let last = self.members.len() - 1;
+            let steered_live = self
+                .steered
+                .is_some_and(|s| !self.members[s].user.retired());
+            let removable = self.members.iter().enumerate().rposition(|(i, m)| {
+                m.user.retired() && (i == last || !steered_live || self.steered != Some(last))
+            });
+            let Some(i) = removable else { return };
+            self.members.swap_remove(i);
+            self.steered = match self.steered {
+                Some(s) if s == i => None,
+                Some(s) if s == last => Some(i),
+                other => other,
+            };
+        }
+    }
+
+    /// How many sockets the group holds.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the group is empty (never: the primary is pinned).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+/// Attaches `ret #index` as the group's steering program through `fd`.
+fn attach_program(fd: BorrowedFd<'_>, index: u32) -> io::Result<()> {
+    let mut code = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: index,
+    }];
+    let program = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: `program` points at `code`, both alive for the call; the
+    // kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&program as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// How many connections wait in a listening TCP socket's accept queue.
+pub fn accept_queue(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // For a listening socket the kernel reports its accept queue here.
+    Ok(info.tcpi_unacked)
+}
+
+/// A pidfd for `pid`: readable once that process has exited.
+pub fn pidfd(pid: u32) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open(2) takes a pid and flags; it returns a new fd
+    // (close-on-exec) or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd this process owns alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
+/// The socket's inode number: the same for every fd of one socket.
+pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(nix::sys::stat::fstat(fd.as_raw_fd())?.st_ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    /// Port 0: a new port, bound as a listener's own socket (SO_REUSEPORT
+    /// set after bind); otherwise a generation socket joining `port`.
+    fn listener(port: u16) -> OwnedFd {
+        use nix::sys::socket::*;
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+        if port != 0 {
+            setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
+        }
+        let addr = SockaddrIn::new(127, 0, 0, 1, port);
+        bind(fd.as_raw_fd(), &addr).unwrap();
+        setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
+        listen(&fd, Backlog::new(64).unwrap()).unwrap();
+        fd
+    }
+
+    fn port(fd: &OwnedFd) -> u16 {
+        let l = TcpListener::from(fd.try_clone().unwrap());
+        l.local_addr().unwrap().port()
+    }
+
+    /// Connects `n` times and returns each socket's accept-queue length.
+    fn probe(port: u16, sockets: &[&OwnedFd], n: usize) -> Vec<u32> {
+        let clients: Vec<_> = (0..n)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let counts = loop {
+            let counts: Vec<u32> = sockets
+                .iter()
+                .map(|s| accept_queue(s.as_fd()).unwrap())
+                .collect();
+            if counts.iter().sum::<u32>() as usize == n || Instant::now() > deadline {
+                break counts;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        for s in sockets {
+            let l = TcpListener::from(s.as_fd().try_clone_to_owned().unwrap());
+            l.set_nonblocking(true).unwrap();
+            while l.accept().is_ok() {}
+        }
+        drop(clients);
+        counts
+    }
+
+    #[test]
+    fn every_connection_goes_to_the_steered_socket_and_tidying_never_moves_it() {
+        let primary = listener(0);
+        let port = port(&primary);
+        let mut group = Group::new(primary.as_fd()).unwrap();
+        let (a_token, b_token, c_token) = (Rc::new(()), Rc::new(()), Rc::new(()));
+        let a = listener(port);
+        group.join(a.as_fd(), &a_token).unwrap();
+        assert_eq!(probe(port, &[&primary, &a], 16), [16, 0], "steered to the primary");
+        group.steer(a.as_fd()).unwrap();
+        let b = listener(port);
+        group.join(b.as_fd(), &b_token).unwrap();
+        assert_eq!(probe(port, &[&primary, &a, &b], 16), [0, 16, 0]);
+        group.steer(b.as_fd()).unwrap();
+        // `a` is unused, but `b` is last and steered: closing `a` would move
+        // `b` into its slot, so it stays.
+        drop((a_token, a));
+        group.tidy();
+        assert_eq!(group.len(), 3);
+        assert_eq!(probe(port, &[&primary, &b], 16), [0, 16]);
+        // A newer socket behind `b` makes it safe.
+        let c = listener(port);
+        group.join(c.as_fd(), &c_token).unwrap();
+        group.tidy();
+        assert_eq!(group.len(), 3);
+        assert_eq!(probe(port, &[&primary, &b, &c], 16), [0, 16, 0]);
+        group.steer(c.as_fd()).unwrap();
+        assert_eq!(probe(port, &[&primary, &b, &c], 16), [0, 0, 16]);
+        // `c` was moved into `a`'s slot; dropping `b` (now last) is safe.
+        drop((b_token, b));
+        group.tidy();
+        assert_eq!(group.len(), 2);
+        assert_eq!(probe(port, &[&primary, &c], 16), [0, 16]);
+    }
+
+    #[test]
+    fn a_second_listener_without_reuseport_cannot_take_the_port() {
+        let primary = listener(0);
+        let port = port(&primary);
+        let _group = Group::new(primary.as_fd()).unwrap();
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_err());
+    }
+
+    #[test]
+    fn an_adopted_layout_keeps_steering() {
+        let primary = listener(0);
+        let port = port(&primary);
+        let mut group = Group::new(primary.as_fd()).unwrap();
+        let token = Rc::new(());
+        let a = listener(port);
+        group.join(a.as_fd(), &token).unwrap();
+        group.steer(a.as_fd()).unwrap();
+        let layout = group.layout().unwrap();
+        drop(group);
+        let old_master = Rc::new(());
+        let primary_ino = inode(primary.as_fd()).unwrap();
+        let mut adopted = Group::adopt(
+            layout,
+            |ino| (ino == primary_ino).then_some(User::Pinned),
+            &old_master,
+        )
+        .unwrap();
+        assert_eq!(probe(port, &[&primary, &a], 8), [0, 8]);
+        let mine = Rc::new(());
+        let b = listener(port);
+        adopted.join(b.as_fd(), &mine).unwrap();
+        adopted.steer(b.as_fd()).unwrap();
+        drop((token, a));
+        adopted.tidy();
+        assert_eq!(adopted.len(), 3, "the old master may still use it");
+        drop(old_master);
+        adopted.tidy();
+        assert_eq!(adopted.len(), 3, "b is last and steered");
+        assert_eq!(probe(port, &[&primary, &b], 8), [0, 8]);
+    }
+}
