@@ -1,5 +1,6 @@
 use baton_tests::harness::{
-    assert_no_request_failed, hello_config, message, steady_load, wait_for_generation, Baton,
+    assert_no_request_failed, hello_config, message, resetting_config, steady_load,
+    wait_for_generation, Baton,
 };
 use baton_tests::load::Mode;
 use std::time::Duration;
@@ -8,8 +9,8 @@ const RELOADS: u64 = 20;
 
 /// ≥ 20 HUPs a few hundred ms apart under a closed-loop client: not one
 /// request may fail, and the responses move from generation 1 to the last.
-fn reloads_under_load_drop_nothing(mode: Mode) {
-    let mut baton = Baton::start(&hello_config(2));
+fn reloads_under_load_drop_nothing(config: &str, mode: Mode) {
+    let mut baton = Baton::start(config);
     baton.wait_committed(1);
     let addr = baton.address("http");
     let load = steady_load(addr, mode);
@@ -27,10 +28,18 @@ fn reloads_under_load_drop_nothing(mode: Mode) {
 
 #[test]
 fn hup_under_keepalive_load_fails_no_request() {
-    reloads_under_load_drop_nothing(Mode::KeepAlive);
+    reloads_under_load_drop_nothing(&hello_config(2), Mode::KeepAlive);
 }
 
 #[test]
 fn hup_under_new_connection_load_fails_no_request() {
-    reloads_under_load_drop_nothing(Mode::NewConnection);
+    reloads_under_load_drop_nothing(&hello_config(2), Mode::NewConnection);
+}
+
+/// Workers without the SDK that reset what they accept once told to stop:
+/// each generation has a socket of its own, and the old one is signalled
+/// only once nothing is queued for it.
+#[test]
+fn hup_under_new_connection_load_with_workers_that_reset_on_stop_fails_no_request() {
+    reloads_under_load_drop_nothing(&resetting_config(), Mode::NewConnection);
 }

@@ -1,6 +1,6 @@
 use baton_tests::harness::{
     alive, assert_no_request_failed, config_with_worker, get, hello_config, message, open_fds,
-    read_pid, steady_load, wait_for_generation, Baton, Binaries, TempDir,
+    read_pid, resetting_config, steady_load, wait_for_generation, Baton, Binaries, TempDir,
 };
 use baton_tests::load::Mode;
 use nix::sys::signal::{kill, Signal};
@@ -29,9 +29,9 @@ fn replace(binary: &Path, contents: &[u8], mode: u32) {
     std::fs::rename(&tmp, binary).unwrap();
 }
 
-fn upgrades_under_load_drop_nothing(mode: Mode) {
+fn upgrades_under_load_drop_nothing(config: &str, mode: Mode) {
     const UPGRADES: usize = 10;
-    let baton = Baton::start(&hello_config(2));
+    let baton = Baton::start(config);
     baton.wait_committed(1);
     let addr = baton.address("http");
     let load = steady_load(addr, mode);
@@ -72,12 +72,20 @@ fn upgrades_under_load_drop_nothing(mode: Mode) {
 
 #[test]
 fn usr2_upgrades_under_keepalive_load_fail_no_request() {
-    upgrades_under_load_drop_nothing(Mode::KeepAlive);
+    upgrades_under_load_drop_nothing(&hello_config(2), Mode::KeepAlive);
 }
 
 #[test]
 fn usr2_upgrades_under_new_connection_load_fail_no_request() {
-    upgrades_under_load_drop_nothing(Mode::NewConnection);
+    upgrades_under_load_drop_nothing(&hello_config(2), Mode::NewConnection);
+}
+
+/// The new master steers new connections to its own generation's sockets;
+/// the old one signals its workers (which reset what they accept once told
+/// to stop) only once nothing is queued for them.
+#[test]
+fn usr2_upgrades_under_new_connection_load_with_workers_that_reset_on_stop_fail_no_request() {
+    upgrades_under_load_drop_nothing(&resetting_config(), Mode::NewConnection);
 }
 
 /// Runs `baton upgrade` against a master whose binary was replaced by

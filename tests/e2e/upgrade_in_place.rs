@@ -1,21 +1,33 @@
 use baton_tests::harness::{
-    alive, assert_no_request_failed, field, hello_config, message, steady_load,
+    alive, assert_no_request_failed, field, hello_config, message, resetting_config, steady_load,
     wait_for_generation, Baton, Binaries, TempDir,
 };
 use baton_tests::load::Mode;
 use nix::sys::signal::Signal;
 use std::time::Duration;
 
-fn exec_config() -> String {
-    hello_config(2).replace("[supervisor]\n", "[supervisor]\nupgrade = \"exec\"\n")
+fn exec_config(config: String) -> String {
+    config.replace("[supervisor]\n", "[supervisor]\nupgrade = \"exec\"\n")
 }
 
 #[test]
 fn in_place_upgrades_under_keepalive_load_keep_the_pid_adopt_workers_and_fail_no_request() {
-    let mut baton = Baton::start(&exec_config());
+    in_place_upgrades_under_load(&exec_config(hello_config(2)), Mode::KeepAlive);
+}
+
+/// Adopted generation sockets keep their place on the port: the fresh
+/// generation is steered to, and the adopted one (whose workers reset what
+/// they accept once told to stop) is signalled once nothing is queued.
+#[test]
+fn in_place_upgrades_under_new_connection_load_with_workers_that_reset_on_stop_fail_no_request() {
+    in_place_upgrades_under_load(&exec_config(resetting_config()), Mode::NewConnection);
+}
+
+fn in_place_upgrades_under_load(config: &str, mode: Mode) {
+    let mut baton = Baton::start(config);
     baton.wait_committed(1);
     let addr = baton.address("http");
-    let load = steady_load(addr, Mode::KeepAlive);
+    let load = steady_load(addr, mode);
     for generation in 2..=4u64 {
         let workers = baton.wait_workers(2, &[], Duration::from_secs(10));
         baton.skip_log();
@@ -35,7 +47,7 @@ fn in_place_upgrades_under_keepalive_load_keep_the_pid_adopt_workers_and_fail_no
     }
     wait_for_generation(&load, 4);
     let report = load.stop();
-    assert_no_request_failed(&report, "keep-alive across 3 in-place upgrades", 4);
+    assert_no_request_failed(&report, &format!("{mode:?} across 3 in-place upgrades"), 4);
     let status = baton.status();
     assert_eq!(status["master"]["pid"], baton.pid().as_raw());
     assert_eq!(status["generations"].as_array().unwrap().len(), 1);
@@ -46,7 +58,7 @@ fn in_place_upgrade_whose_check_fails_changes_nothing() {
     let dir = TempDir::new();
     let binary = dir.path().join("baton");
     std::fs::copy(Binaries::baton(), &binary).unwrap();
-    std::fs::write(dir.path().join("baton.toml"), exec_config()).unwrap();
+    std::fs::write(dir.path().join("baton.toml"), exec_config(hello_config(2))).unwrap();
     let baton = Baton::start_binary(&binary, dir, &["run"]);
     baton.wait_committed(1);
     let workers = baton.wait_workers(2, &[], Duration::from_secs(5));

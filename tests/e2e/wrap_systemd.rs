@@ -2,21 +2,14 @@
 //! and the process settings and stop semantics every non-sdk worker gets.
 
 use baton_tests::harness::{
-    alive, config_with_worker, descendants, field, message, open_fds, wait_json, Baton, Binaries,
-    TempDir,
+    alive, config_with_worker, descendants, field, message, open_fds, wait_json, wrapped_worker,
+    Baton, TempDir,
 };
 use nix::unistd::Pid;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// A `[worker]` running the `wrapped` test server with `args`.
-fn wrapped_worker(args: &[&str], rest: &str) -> String {
-    let mut command = vec![Binaries::wrapped().display().to_string()];
-    command.extend(args.iter().map(|a| a.to_string()));
-    format!("command = {command:?}\nprotocol = \"systemd\"\nready = \"notify\"\nready_timeout = \"10s\"\n{rest}")
-}
 
 fn dump(dir: &Path, generation: u64, index: u32) -> Value {
     wait_json(

@@ -12,6 +12,9 @@
 //!   `NOTIFY_SOCKET` itself (default), from a child process, or only
 //!   `STATUS=` (never ready).
 //! - `--ignore-term`: keeps serving through SIGTERM.
+//! - `--reset-on-stop`: after SIGTERM, for 100 ms accepts every connection
+//!   and closes it unread (the client sees a reset), as uvicorn does with
+//!   the ones it accepted but had not read when it stops.
 //! - `--child`: starts a child process that sleeps until killed, even after
 //!   this process has exited.
 //! - `--reopened DIR`: appends a line to `DIR/reopened-GEN-INDEX` per SIGUSR1.
@@ -89,7 +92,7 @@ fn main() {
     }
     let fd: RawFd = option("--fd").map_or(3, |n| n.parse().expect("--fd N"));
     let reopened = option("--reopened").map(|dir| format!("{dir}/reopened-{generation}-{index}"));
-    serve(fd, &generation, reopened.as_deref());
+    serve(fd, &generation, reopened.as_deref(), flag("--reset-on-stop"));
 }
 
 /// Installs `handler` for `signal` without SA_RESTART, so that a blocking
@@ -162,7 +165,7 @@ fn dump(path: &str, args: &[String]) {
     std::fs::rename(&tmp, path).expect("rename dump");
 }
 
-fn serve(fd: RawFd, generation: &str, reopened: Option<&str>) {
+fn serve(fd: RawFd, generation: &str, reopened: Option<&str>, reset_on_stop: bool) {
     // SAFETY: the fd is borrowed only for this call.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let kind = nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::SockType);
@@ -180,6 +183,16 @@ fn serve(fd: RawFd, generation: &str, reopened: Option<&str>) {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => panic!("accept: {e}"),
+                }
+            }
+            if reset_on_stop {
+                let until = std::time::Instant::now() + Duration::from_millis(100);
+                while std::time::Instant::now() < until {
+                    match listener.accept() {
+                        // Dropped unread: the kernel answers with a reset.
+                        Ok(_) => eprintln!("wrapped: reset a connection while stopping"),
+                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                    }
                 }
             }
         }

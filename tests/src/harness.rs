@@ -115,6 +115,25 @@ pub fn hello_config(processes: u32) -> String {
     ))
 }
 
+/// A `[worker]` body running the `wrapped` test server (no SDK) with
+/// `args`, through `protocol = "systemd"` and `ready = "notify"`, then `rest`.
+pub fn wrapped_worker(args: &[&str], rest: &str) -> String {
+    let mut command = vec![Binaries::wrapped().display().to_string()];
+    command.extend(args.iter().map(|a| a.to_string()));
+    format!("command = {command:?}\nprotocol = \"systemd\"\nready = \"notify\"\nready_timeout = \"10s\"\n{rest}")
+}
+
+/// A master config whose 2 workers do not link the SDK and, once told to
+/// stop, accept for a while more and reset what they accepted unread, as
+/// uvicorn does: only a master that signals them once nothing is queued for
+/// them loses no request.
+pub fn resetting_config() -> String {
+    config_with_worker(&wrapped_worker(
+        &["--reset-on-stop"],
+        "processes = 2\ndrain_timeout = \"5s\"\n",
+    ))
+}
+
 /// A test master config with one `http` listener on port 0 and this `[worker]` body.
 pub fn config_with_worker(worker: &str) -> String {
     format!(
