@@ -38,7 +38,12 @@ pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Re
         _ => ClientError::BadReply(e.to_string()),
     };
     stream.set_read_timeout(Some(timeout)).map_err(broken)?;
-    stream.write_all(&encode_line(request)).map_err(broken)?;
+    match stream.write_all(&encode_line(request)) {
+        // A master that refuses the peer answers and closes without reading
+        // the request: its answer is still there to read.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other.map_err(broken)?,
+    }
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)

@@ -226,6 +226,12 @@ async fn idle_connection_is_closed_after_grace_once_draining() {
     let (drain, task) = spawn_serve(listener, TestService::new("ok"), options);
     let mut client = Client::connect(addr).unwrap();
     assert!(!client.get("/").unwrap().close);
+    // Reports are throttled: wait for the open connection to be reported.
+    let reported = Instant::now();
+    while !counts.lock().unwrap().contains(&1) {
+        assert!(reported.elapsed() < PATIENCE, "{:?}", counts.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let draining = Instant::now();
     drain.start(PATIENCE);
     assert!(client.closed_by_server());
