@@ -36,6 +36,27 @@ fn hup_under_new_connection_load_fails_no_request() {
     reloads_under_load_drop_nothing(&hello_config(2), Mode::NewConnection);
 }
 
+/// Reloads that switch between SDK workers (on the listener's own socket)
+/// and workers without the SDK (on sockets of their generation's own) hand
+/// every connection over both ways.
+#[test]
+fn switching_between_sdk_and_wrapped_workers_under_new_connection_load_fails_no_request() {
+    let configs = [hello_config(2), resetting_config()];
+    let mut baton = Baton::start(&configs[0]);
+    baton.wait_committed(1);
+    let load = steady_load(baton.address("http"), Mode::NewConnection);
+    const SWITCHES: u64 = 6;
+    for switch in 1..=SWITCHES {
+        baton.write_config(&configs[switch as usize % 2]);
+        let outcome = baton.reload();
+        assert_eq!(message(&outcome), "reload committed", "{outcome}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_for_generation(&load, SWITCHES + 1);
+    let report = load.stop();
+    assert_no_request_failed(&report, "switching protocols", SWITCHES + 1);
+}
+
 /// Workers without the SDK that reset what they accept once told to stop:
 /// each generation has a socket of its own, and the old one is signalled
 /// only once nothing is queued for it.
