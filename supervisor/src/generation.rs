@@ -244,7 +244,10 @@ impl Generation {
             _ => None,
         });
         let respawns = self.respawns.values().map(|r| r.at);
-        let handover = self.handover.as_ref().map(|_| Instant::now() + HANDOVER_POLL);
+        let handover = self
+            .handover
+            .as_ref()
+            .map(|_| Instant::now() + HANDOVER_POLL);
         kills.chain(respawns).chain(handover).min()
     }
 }

@@ -11,8 +11,8 @@ use nix::sys::socket::{
     bind, getsockname, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
     SockType, SockaddrIn, SockaddrIn6, SockaddrStorage, UnixAddr,
 };
-use std::net::SocketAddr;
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;

@@ -234,6 +234,9 @@ impl Master {
         };
         phases.push((Step::Bind, phase_started.elapsed()));
         phase_started = Instant::now();
+        // The new sockets are last on their ports now, and not steered to:
+        // any unused socket can go without moving the one that is.
+        self.tidy_listeners();
 
         let processes = match &self.scale {
             Some(scale) if scale.config_processes == config.worker.processes => scale.processes,

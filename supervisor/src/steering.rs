@@ -156,16 +156,27 @@ impl Group {
     /// Closes the members nobody uses any more, as far as that cannot move
     /// the steered socket: a member that is not last has the last one moved
     /// into its slot.
+    ///
+    /// The steered socket's index can only change by it moving, so what is
+    /// ahead of it stays until it is replaced. Hence, while the last socket
+    /// is a new one not steered to yet, the first unused one goes: the new
+    /// socket moves to the front, and once it is steered to, everything
+    /// behind it can go from the end as it falls out of use.
     pub fn tidy(&mut self) {
-        while !self.members.is_empty() {
-            let last = self.members.len() - 1;
+        while let Some(last) = self.members.len().checked_sub(1) {
             let steered_live = self
                 .steered
                 .is_some_and(|s| !self.members[s].user.retired());
-            let removable = self.members.iter().enumerate().rposition(|(i, m)| {
-                m.user.retired() && (i == last || !steered_live || self.steered != Some(last))
-            });
-            let Some(i) = removable else { return };
+            let i = if self.members[last].user.retired() {
+                last
+            } else if steered_live && self.steered == Some(last) {
+                return;
+            } else {
+                match self.members.iter().position(|m| m.user.retired()) {
+                    Some(i) => i,
+                    None => return,
+                }
+            };
             self.members.swap_remove(i);
             self.steered = match self.steered {
                 Some(s) if s == i => None,
@@ -322,7 +333,11 @@ mod tests {
         let (a_token, b_token, c_token) = (Rc::new(()), Rc::new(()), Rc::new(()));
         let a = listener(port);
         group.join(a.as_fd(), &a_token).unwrap();
-        assert_eq!(probe(port, &[&primary, &a], 16), [16, 0], "steered to the primary");
+        assert_eq!(
+            probe(port, &[&primary, &a], 16),
+            [16, 0],
+            "steered to the primary"
+        );
         group.steer(a.as_fd()).unwrap();
         let b = listener(port);
         group.join(b.as_fd(), &b_token).unwrap();
@@ -347,6 +362,36 @@ mod tests {
         group.tidy();
         assert_eq!(group.len(), 2);
         assert_eq!(probe(port, &[&primary, &c], 16), [0, 16]);
+    }
+
+    #[test]
+    fn a_burst_of_replaced_sockets_is_let_go_of_after_the_next_switch() {
+        let primary = listener(0);
+        let port = port(&primary);
+        let mut group = Group::new(primary.as_fd()).unwrap();
+        // Five generations, each replaced before the previous one is gone.
+        let mut sockets = Vec::new();
+        for _ in 0..5 {
+            let token = Rc::new(());
+            let fd = listener(port);
+            group.join(fd.as_fd(), &token).unwrap();
+            group.steer(fd.as_fd()).unwrap();
+            sockets.push((token, fd));
+        }
+        let (_current_token, current) = sockets.pop().unwrap();
+        drop(sockets);
+        group.tidy();
+        assert_eq!(group.len(), 6, "all ahead of the steered socket");
+        let next_token = Rc::new(());
+        let next = listener(port);
+        group.join(next.as_fd(), &next_token).unwrap();
+        group.tidy();
+        assert_eq!(probe(port, &[&primary, &current, &next], 16), [0, 16, 0]);
+        group.steer(next.as_fd()).unwrap();
+        drop((_current_token, current));
+        group.tidy();
+        assert_eq!(group.len(), 2, "only the primary and the steered socket");
+        assert_eq!(probe(port, &[&primary, &next], 16), [0, 16]);
     }
 
     #[test]

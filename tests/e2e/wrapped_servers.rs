@@ -172,12 +172,7 @@ fn uvicorn_via_args_reloads_under_new_connection_load_fail_nothing() {
         repository().join("examples/uvicorn").display().to_string(),
     );
     let report = reload_under_new_connection_load("uvicorn", &worker, 1);
-    assert_eq!(
-        report.failed(),
-        0,
-        "uvicorn: {}",
-        report.failures_summary()
-    );
+    assert_eq!(report.failed(), 0, "uvicorn: {}", report.failures_summary());
 }
 
 #[test]

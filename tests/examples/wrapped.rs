@@ -92,7 +92,12 @@ fn main() {
     }
     let fd: RawFd = option("--fd").map_or(3, |n| n.parse().expect("--fd N"));
     let reopened = option("--reopened").map(|dir| format!("{dir}/reopened-{generation}-{index}"));
-    serve(fd, &generation, reopened.as_deref(), flag("--reset-on-stop"));
+    serve(
+        fd,
+        &generation,
+        reopened.as_deref(),
+        flag("--reset-on-stop"),
+    );
 }
 
 /// Installs `handler` for `signal` without SA_RESTART, so that a blocking

@@ -9,9 +9,9 @@ use super::handoff::{HandedListener, BINARY_FD_ENV};
 use crate::config::Config;
 use crate::generation::{Generation, Phase};
 use crate::listener::{Listener, Shared};
-use crate::steering::Layout;
 use crate::master::Master;
 use crate::scale::ScaleOverride;
+use crate::steering::Layout;
 use crate::worker::{State, Worker};
 use anyhow::{bail, Context};
 use baton_worker::channel::Channel;
@@ -268,7 +268,8 @@ impl Master {
             let mut generation = Generation::new(g.number, config.clone(), held, g.processes);
             generation.phase = phase;
             // Replaced, but its workers not yet told: it was handing over.
-            let handing_over = phase == Phase::Draining && g.workers.iter().all(|w| w.kill_in_ms.is_none());
+            let handing_over =
+                phase == Phase::Draining && g.workers.iter().all(|w| w.kill_in_ms.is_none());
             for w in g.workers {
                 let pid = nix::unistd::Pid::from_raw(w.pid);
                 let channel = match w.channel_fd {
@@ -316,7 +317,12 @@ impl Master {
                 );
             }
             if handing_over {
-                let sockets = generation.listeners.iter().filter(|s| s.steerable()).cloned().collect();
+                let sockets = generation
+                    .listeners
+                    .iter()
+                    .filter(|s| s.steerable())
+                    .cloned()
+                    .collect();
                 generation.hand_over(sockets, config.worker.drain_timeout.0);
             }
             self.generations.insert(g.number, generation);

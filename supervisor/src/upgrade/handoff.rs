@@ -214,9 +214,9 @@ async fn receive(channel: Arc<Channel>) -> anyhow::Result<Takeover> {
             bail!("expected a port group, got {:?}", received.message);
         };
         let index = listener as usize;
-        let owner = listeners
-            .get(index)
-            .with_context(|| format!("port group for listener {index}, which was not handed over"))?;
+        let owner = listeners.get(index).with_context(|| {
+            format!("port group for listener {index}, which was not handed over")
+        })?;
         let mut members = Vec::with_capacity(received.fds.len());
         for fd in received.fds {
             let (_, fd) = baton_worker::verify_listener(owner.info.clone(), fd)

@@ -229,7 +229,11 @@ async fn idle_connection_is_closed_after_grace_once_draining() {
     // Reports are throttled: wait for the open connection to be reported.
     let reported = Instant::now();
     while !counts.lock().unwrap().contains(&1) {
-        assert!(reported.elapsed() < PATIENCE, "{:?}", counts.lock().unwrap());
+        assert!(
+            reported.elapsed() < PATIENCE,
+            "{:?}",
+            counts.lock().unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let draining = Instant::now();
