@@ -255,8 +255,13 @@ pub async fn run(
         }
         let deadline = master.next_deadline();
         tokio::select! {
-            signal = signals.recv() => master.on_signal(signal),
+            // Messages first: what a child said before it exited is read
+            // before its exit is reaped (a new master's `failed`, say). The
+            // inbox carries a few messages per worker and second: signals
+            // are not starved.
+            biased;
             Some(event) = inbox.recv() => master.on_event(event),
+            signal = signals.recv() => master.on_signal(signal),
             _ = sleep_until(deadline) => {}
         }
         master.on_tick();
