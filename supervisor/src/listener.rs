@@ -36,6 +36,8 @@ pub struct Listener {
     primary: Option<Shared>,
     /// Lives as long as this listener; its group member is used until then.
     alive: Rc<()>,
+    /// Whether sockets this master does not know were last seen on the port.
+    strangers: std::cell::Cell<bool>,
 }
 
 /// Listeners are shared between the master's current set and the
@@ -74,6 +76,7 @@ impl Listener {
             group: RefCell::new(None),
             primary: None,
             alive: Rc::new(()),
+            strangers: std::cell::Cell::new(false),
         })
     }
 
@@ -95,6 +98,7 @@ impl Listener {
             group: RefCell::new(None),
             primary: Some(primary.clone()),
             alive: Rc::new(()),
+            strangers: std::cell::Cell::new(false),
         }
     }
 
@@ -102,6 +106,9 @@ impl Listener {
     /// the same address (`SO_REUSEPORT`), which gets new connections once
     /// steered to. Listeners without a port group (UDP, Unix) are shared.
     pub fn for_generation(primary: &Shared) -> anyhow::Result<Shared> {
+        if !primary.group_matches_kernel() {
+            return Ok(primary.clone());
+        }
         let mut group = primary.group.borrow_mut();
         let Some(group) = group.as_mut() else {
             return Ok(primary.clone());
@@ -166,9 +173,47 @@ impl Listener {
 
     /// Lets go of the port group's sockets no generation uses any more.
     pub fn tidy(&self) {
-        if let Some(group) = self.port().group.borrow_mut().as_mut() {
+        let port = self.port();
+        if port.group.borrow().is_none() || !port.group_matches_kernel() {
+            return;
+        }
+        if let Some(group) = port.group.borrow_mut().as_mut() {
             group.tidy();
         }
+    }
+
+    /// Whether this listener has a port group and the kernel lists exactly
+    /// its sockets on the port; logs when that changes. Without a port
+    /// group, true.
+    fn group_matches_kernel(&self) -> bool {
+        let group = self.group.borrow();
+        let Some(group) = group.as_ref() else {
+            return true;
+        };
+        let Ok(address) = self.info.address.parse::<SocketAddr>() else {
+            return false;
+        };
+        let matches = group.matches_kernel(address);
+        let strangers = !matches.as_ref().is_ok_and(|m| *m);
+        if strangers != self.strangers.replace(strangers) {
+            match matches {
+                Ok(false) => tracing::warn!(
+                    listener = %self.info.name,
+                    address = %self.info.address,
+                    "sockets this master does not know listen on the port (another process with SO_REUSEPORT?): new generations share the listener's socket until they are gone"
+                ),
+                Err(e) => tracing::warn!(
+                    listener = %self.info.name,
+                    error = %e,
+                    "cannot list the sockets on the port: new generations share the listener's socket"
+                ),
+                Ok(true) => tracing::info!(
+                    listener = %self.info.name,
+                    "the port's sockets are all this master's again"
+                ),
+            }
+        }
+        !strangers
     }
 
     /// The port group as handed to another master; `None` without one.
@@ -300,6 +345,7 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
         group: RefCell::new(group),
         primary: None,
         alive: Rc::new(()),
+        strangers: std::cell::Cell::new(false),
     })
 }
 

@@ -14,9 +14,15 @@
 //! and a socket leaving (its last fd closed) has the last one moved into its
 //! slot. The program returns an index into that array, so [`Group`] mirrors
 //! it, holds every member open itself, and only lets one go when that cannot
-//! move the socket the program points at.
+//! move the socket the program points at. Before it adds or lets go of a
+//! socket it asks the kernel (`sock_diag`) which sockets listen on the port:
+//! while some are not its own (another process of the same user with
+//! `SO_REUSEPORT`, or what a failed new master left behind) it changes
+//! nothing, and generations share the listener's own socket, which stays
+//! first in the array and so is always steered to correctly.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::{Rc, Weak};
 
@@ -194,6 +200,88 @@ impl Group {
     /// Whether the group is empty (never: the primary is pinned).
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
+    }
+}
+
+impl Group {
+    /// Whether the sockets listening on `address` are exactly this group's
+    /// members, so that its picture of the kernel's array is right.
+    pub fn matches_kernel(&self, address: SocketAddr) -> io::Result<bool> {
+        let mut kernel = listening_inodes(address)?;
+        let mut mine: Vec<u64> = self.members.iter().map(|m| m.ino).collect();
+        kernel.sort_unstable();
+        mine.sort_unstable();
+        Ok(kernel == mine)
+    }
+}
+
+/// The inodes of the TCP sockets listening on exactly `address`, as the
+/// kernel's `sock_diag` interface lists them.
+pub fn listening_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
+    use nix::sys::socket::{
+        recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType,
+    };
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const TCP_LISTEN: u32 = 10;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    let family = match address {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // nlmsghdr (16 bytes), then inet_diag_req_v2 (56): family, protocol,
+    // ext, pad, the states bitmask, and an unused socket id.
+    let mut request = Vec::with_capacity(72);
+    request.extend_from_slice(&72u32.to_ne_bytes());
+    request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    request.extend_from_slice(&flags.to_ne_bytes());
+    request.extend_from_slice(&1u32.to_ne_bytes());
+    request.extend_from_slice(&0u32.to_ne_bytes());
+    request.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    request.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    request.resize(72, 0);
+    send(fd.as_raw_fd(), &request, MsgFlags::empty())?;
+    let port = address.port().to_be_bytes();
+    let ip: Vec<u8> = match address {
+        SocketAddr::V4(a) => a.ip().octets().to_vec(),
+        SocketAddr::V6(a) => a.ip().octets().to_vec(),
+    };
+    let mut inodes = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().unwrap());
+    loop {
+        let n = recv(fd.as_raw_fd(), &mut buffer, MsgFlags::empty())?;
+        let mut data = &buffer[..n];
+        while data.len() >= 16 {
+            let len = (u32_at(data, 0) as usize).min(data.len());
+            if len < 16 {
+                break;
+            }
+            let kind = u16::from_ne_bytes([data[4], data[5]]);
+            match kind {
+                NLMSG_DONE => return Ok(inodes),
+                NLMSG_ERROR => {
+                    let errno = data.get(16..20).map_or(0, |_| u32_at(data, 16) as i32);
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ => {}
+            }
+            // inet_diag_msg: family, state, timer, retrans, then the socket
+            // id (sport, dport, src[16], dst[16], if, cookie), expires,
+            // rqueue, wqueue, uid, inode.
+            let message = &data[16..len];
+            if message.len() >= 72 && message[4..6] == port && message[8..8 + ip.len()] == ip[..] {
+                inodes.push(u64::from(u32_at(message, 68)));
+            }
+            data = data.get((len + 3) & !3..).unwrap_or_default();
+        }
     }
 }
 
@@ -392,6 +480,48 @@ mod tests {
         group.tidy();
         assert_eq!(group.len(), 2, "only the primary and the steered socket");
         assert_eq!(probe(port, &[&primary, &next], 16), [0, 16]);
+    }
+
+    #[test]
+    fn the_kernel_lists_exactly_the_groups_sockets_until_a_stranger_joins() {
+        let primary = listener(0);
+        let port = port(&primary);
+        let address: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut group = Group::new(primary.as_fd()).unwrap();
+        let token = Rc::new(());
+        let a = listener(port);
+        group.join(a.as_fd(), &token).unwrap();
+        assert_eq!(listening_inodes(address).unwrap().len(), 2);
+        assert!(group.matches_kernel(address).unwrap());
+        // Another socket of the same user on the port: not ours.
+        let stranger = listener(port);
+        assert!(!group.matches_kernel(address).unwrap());
+        drop(stranger);
+        assert!(group.matches_kernel(address).unwrap());
+        let v6 = {
+            use nix::sys::socket::*;
+            let fd = socket(
+                AddressFamily::Inet6,
+                SockType::Stream,
+                SockFlag::empty(),
+                None,
+            )
+            .unwrap();
+            bind(
+                fd.as_raw_fd(),
+                &SockaddrIn6::from("[::1]:0".parse::<std::net::SocketAddrV6>().unwrap()),
+            )
+            .unwrap();
+            listen(&fd, Backlog::new(8).unwrap()).unwrap();
+            fd
+        };
+        let v6_address = TcpListener::from(v6.try_clone().unwrap())
+            .local_addr()
+            .unwrap();
+        assert_eq!(
+            listening_inodes(v6_address).unwrap(),
+            vec![inode(v6.as_fd()).unwrap()]
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 use baton_tests::harness::{
-    assert_no_request_failed, hello_config, message, resetting_config, steady_load,
-    wait_for_generation, Baton,
+    assert_no_request_failed, config_with_worker, hello_config, message, resetting_config,
+    steady_load, wait_for_generation, wrapped_worker, Baton,
 };
 use baton_tests::load::Mode;
 use std::time::Duration;
@@ -63,4 +63,92 @@ fn switching_between_sdk_and_wrapped_workers_under_new_connection_load_fails_no_
 #[test]
 fn hup_under_new_connection_load_with_workers_that_reset_on_stop_fails_no_request() {
     reloads_under_load_drop_nothing(&resetting_config(), Mode::NewConnection);
+}
+
+/// A listening socket of the given address with SO_REUSEPORT, as another
+/// process of the same user could open on baton's port.
+fn stranger_on(addr: std::net::SocketAddr) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn,
+    };
+    let std::net::SocketAddr::V4(v4) = addr else {
+        panic!("{addr} is not IPv4")
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
+    listen(&fd, Backlog::new(16).unwrap()).unwrap();
+    fd
+}
+
+/// The fd of generation `number`'s socket and of the listener's own, in the
+/// master (see `baton status --json`).
+fn generation_socket(baton: &Baton, number: u64) -> (i64, i64) {
+    let status = baton.status();
+    let generation = status["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["number"] == number)
+        .unwrap_or_else(|| panic!("no generation {number}: {status}"))
+        .clone();
+    (
+        generation["sockets"][0].as_i64().unwrap(),
+        status["listeners"][0]["fd"].as_i64().unwrap(),
+    )
+}
+
+/// Another process's socket joins the port: the master cannot know where the
+/// kernel put it among the port's sockets, so while it is there the master
+/// adds and removes none (new generations share the listener's own socket,
+/// always first and so always steered to correctly) and never sends it a
+/// connection; once it is gone, generations get sockets of their own again.
+#[test]
+fn a_strangers_socket_on_the_port_never_gets_a_connection() {
+    let config = config_with_worker(&wrapped_worker(
+        &[],
+        "processes = 2\ndrain_timeout = \"5s\"\n",
+    ));
+    let mut baton = Baton::start(&config);
+    baton.wait_committed(1);
+    let addr = baton.address("http");
+    let load = steady_load(addr, Mode::NewConnection);
+    let stranger = stranger_on(addr);
+    for generation in 2..=4 {
+        let outcome = baton.reload();
+        assert_eq!(message(&outcome), "reload committed", "{outcome}");
+        let (socket, listener) = generation_socket(&baton, generation);
+        assert_eq!(
+            socket, listener,
+            "generation {generation} shares the listener's socket"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    baton.wait_event(Duration::from_secs(5), |e| {
+        message(e).starts_with("sockets this master does not know listen on the port")
+    });
+    drop(stranger);
+    for generation in 5..=6 {
+        let outcome = baton.reload();
+        assert_eq!(message(&outcome), "reload committed", "{outcome}");
+        let (socket, listener) = generation_socket(&baton, generation);
+        assert_ne!(
+            socket, listener,
+            "generation {generation} has a socket of its own"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    baton.wait_event(Duration::from_secs(5), |e| {
+        message(e) == "the port's sockets are all this master's again"
+    });
+    wait_for_generation(&load, 6);
+    let report = load.stop();
+    assert_no_request_failed(&report, "a stranger on the port", 6);
 }
