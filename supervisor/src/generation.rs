@@ -22,6 +22,10 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 const CRASH_LOOP: u32 = 5;
 /// How often a handing-over generation's accept queues are looked at.
 const HANDOVER_POLL: Duration = Duration::from_millis(1);
+/// How long its accept queues must have stayed empty: a connection whose
+/// handshake began before the switch still joins the old socket's queue
+/// when it completes, which under load can take some milliseconds.
+const HANDOVER_QUIET: Duration = Duration::from_millis(10);
 /// The longest a generation keeps accepting after new connections went
 /// elsewhere, waiting for its accept queues to empty.
 const HANDOVER_LIMIT: Duration = Duration::from_secs(1);
@@ -68,6 +72,8 @@ pub struct PendingRespawn {
 pub struct Handover {
     /// Its sockets that no longer get new connections.
     pub sockets: Vec<Shared>,
+    /// Since when its queues have been seen empty, every time.
+    pub quiet_since: Instant,
     /// When it drains even if connections are still queued.
     pub give_up: Instant,
     /// Its drain timeout, once it drains.
@@ -179,22 +185,27 @@ impl Generation {
         self.respawns.clear();
         self.handover = Some(Handover {
             sockets,
+            quiet_since: Instant::now(),
             give_up: Instant::now() + HANDOVER_LIMIT.min(drain_timeout),
             drain_timeout,
         });
     }
 
-    /// Drains a handing-over generation whose queues are empty, or that
-    /// waited long enough.
+    /// Drains a handing-over generation whose queues have stayed empty for
+    /// [`HANDOVER_QUIET`], or that waited long enough.
     pub fn check_handover(&mut self) {
-        let Some(handover) = &self.handover else {
+        let Some(handover) = &mut self.handover else {
             return;
         };
+        let now = Instant::now();
         let queued: u32 = handover.sockets.iter().map(|s| s.queued()).sum();
         let timeout = handover.drain_timeout;
-        if queued == 0 {
+        if queued > 0 {
+            handover.quiet_since = now;
+        }
+        if queued == 0 && now - handover.quiet_since >= HANDOVER_QUIET {
             tracing::debug!(generation = self.number, "accept queues empty: draining");
-        } else if Instant::now() >= handover.give_up {
+        } else if now >= handover.give_up {
             tracing::warn!(
                 generation = self.number,
                 queued,
