@@ -109,8 +109,8 @@ impl Listener {
         if !primary.group_matches_kernel() {
             return Ok(primary.clone());
         }
-        let mut group = primary.group.borrow_mut();
-        let Some(group) = group.as_mut() else {
+        let mut guard = primary.group.borrow_mut();
+        let Some(group) = guard.as_mut() else {
             return Ok(primary.clone());
         };
         let socket = || -> anyhow::Result<OwnedFd> {
@@ -136,6 +136,17 @@ impl Listener {
         let info = primary.info.clone();
         let listener = Rc::new(Listener::generation_socket_of(primary, info, fd));
         group.join(listener.fd(), &listener.alive)?;
+        // A stranger may have joined since the check. Closing the new socket
+        // again moves at most a stranger (behind it) into its slot, never
+        // one of this group's.
+        let address = primary.info.address.parse::<SocketAddr>();
+        if !address.is_ok_and(|a| group.matches_kernel(a).is_ok_and(|m| m)) {
+            group.forget_last();
+            drop(guard);
+            // Logs the stranger.
+            primary.group_matches_kernel();
+            return Ok(primary.clone());
+        }
         Ok(listener)
     }
 

@@ -140,6 +140,14 @@ impl Group {
         Ok(())
     }
 
+    /// Drops the member that joined last, never steered to: when its socket
+    /// closes it leaves the kernel's array, moving at most sockets behind it.
+    pub fn forget_last(&mut self) {
+        if self.members.len() > 1 && self.steered != Some(self.members.len() - 1) {
+            self.members.pop();
+        }
+    }
+
     /// Sends every new connection to `socket`, a member.
     pub fn steer(&mut self, socket: BorrowedFd<'_>) -> io::Result<()> {
         let ino = inode(socket)?;
@@ -522,6 +530,26 @@ mod tests {
             listening_inodes(v6_address).unwrap(),
             vec![inode(v6.as_fd()).unwrap()]
         );
+    }
+
+    #[test]
+    fn a_socket_given_up_after_a_stranger_joined_behind_it_moves_only_the_stranger() {
+        let primary = listener(0);
+        let port = port(&primary);
+        let address: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut group = Group::new(primary.as_fd()).unwrap();
+        let token = Rc::new(());
+        let a = listener(port);
+        group.join(a.as_fd(), &token).unwrap();
+        let stranger = listener(port);
+        assert!(!group.matches_kernel(address).unwrap());
+        group.forget_last();
+        drop((token, a));
+        // The stranger took `a`'s slot; the primary is still first.
+        assert_eq!(group.len(), 1);
+        assert_eq!(probe(port, &[&primary, &stranger], 16), [16, 0]);
+        drop(stranger);
+        assert!(group.matches_kernel(address).unwrap());
     }
 
     #[test]
