@@ -540,10 +540,12 @@ impl Master {
     }
 
     /// Lets go of generation sockets no generation uses any more. Not while
-    /// an upgrade runs: a new master may have sockets of its own on the
-    /// ports, which this one's bookkeeping does not know.
+    /// an upgrade runs (a new master may have sockets of its own on the
+    /// ports, which this one's bookkeeping does not know), nor once stopping
+    /// (everything goes at exit; after an upgrade the ports are the new
+    /// master's).
     pub(crate) fn tidy_listeners(&self) {
-        if self.upgrade.is_some() {
+        if self.upgrade.is_some() || self.stopping.is_some() {
             return;
         }
         let sockets = self.generations.values().flat_map(|g| g.listeners.iter());
