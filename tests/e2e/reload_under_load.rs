@@ -111,7 +111,7 @@ fn generation_socket(baton: &Baton, number: u64) -> (i64, i64) {
 /// always first and so always steered to correctly) and never sends it a
 /// connection; once it is gone, generations get sockets of their own again.
 #[test]
-fn a_strangers_socket_on_the_port_never_gets_a_connection() {
+fn a_strangers_socket_on_the_port_never_gets_a_connection_under_new_connection_load() {
     let config = config_with_worker(&wrapped_worker(
         &[],
         "processes = 2\ndrain_timeout = \"5s\"\n",

@@ -260,6 +260,9 @@ fn answer_http(mut stream: std::net::TcpStream, generation: &str) {
     let mut buffer = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
         match stream.read(&mut buffer) {
+            // SIGTERM (installed without SA_RESTART) interrupts the read:
+            // the request in hand is still answered.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Ok(0) | Err(_) => return,
             Ok(n) => request.extend_from_slice(&buffer[..n]),
         }

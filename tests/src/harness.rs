@@ -686,10 +686,27 @@ pub fn assert_no_request_failed(report: &crate::load::Report, what: &str, last: 
         report.failures_summary()
     );
     let generations = report.generations();
-    assert_eq!(generations.first(), Some(&1), "{generations:?}");
-    assert_eq!(generations.last(), Some(&last), "{generations:?}");
+    // Per generation: first and last request start, and how many it served.
+    let mut timeline = std::collections::BTreeMap::new();
+    for s in &report.samples {
+        if let Some(g) = s.generation {
+            let e = timeline.entry(g).or_insert((s.start, s.start, 0u64));
+            e.1 = s.start;
+            e.2 += 1;
+        }
+    }
+    assert_eq!(
+        generations.first(),
+        Some(&1),
+        "{generations:?} {timeline:?}"
+    );
+    assert_eq!(
+        generations.last(),
+        Some(&last),
+        "{generations:?} {timeline:?}"
+    );
     assert!(
         generations.windows(2).all(|w| w[0] < w[1]),
-        "generations appear in increasing order: {generations:?}"
+        "generations appear in increasing order: {generations:?} {timeline:?}"
     );
 }
