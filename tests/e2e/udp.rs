@@ -99,6 +99,10 @@ fn udp_answers_across_reloads(worker: &str) {
         assert_eq!(message(&outcome), "reload committed", "{outcome}");
         client.wait_generation(reload + 1);
     }
+    // The shared socket is read by old generations until they have stopped.
+    for generation in 1..=RELOADS {
+        baton.wait_generation_finished(generation);
+    }
     let before = client.answered.load(Ordering::SeqCst);
     while client.answered.load(Ordering::SeqCst) < before + 50 {
         std::thread::sleep(Duration::from_millis(10));
