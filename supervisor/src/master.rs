@@ -176,6 +176,9 @@ pub async fn run(
         Origin::Exec(state) => (None, Some(state)),
     };
     let (events, mut inbox) = mpsc::unbounded_channel();
+    // Signal handlers before the pid file: a SIGHUP sent as soon as the pid
+    // file names this master must not kill it.
+    let mut signals = Signals::new().context("installing signal handlers")?;
     // The control socket comes first, so that a second master on the same
     // config stops here, before it touches anything. A new master started by
     // an upgrade takes it (and the pid file) over at the handover.
@@ -192,7 +195,6 @@ pub async fn run(
     } else {
         (None, None)
     };
-    let mut signals = Signals::new().context("installing signal handlers")?;
     let mut master = Master {
         config_path: config.path.clone(),
         config: Rc::new(config.clone()),
