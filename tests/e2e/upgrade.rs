@@ -88,6 +88,30 @@ fn usr2_upgrades_under_new_connection_load_with_workers_that_reset_on_stop_fail_
     upgrades_under_load_drop_nothing(&resetting_config(), Mode::NewConnection);
 }
 
+/// Upgrades that also switch between SDK workers (on the listeners' own
+/// sockets) and workers without the SDK (on sockets of their generation's
+/// own): the new master tells the old one which listeners it steered away
+/// from, and the old one drains only once nothing is queued for it there.
+#[test]
+fn usr2_upgrades_switching_between_sdk_and_wrapped_workers_under_new_connection_load_fail_no_request(
+) {
+    const UPGRADES: u64 = 4;
+    let configs = [hello_config(2), resetting_config()];
+    let baton = Baton::start(&configs[0]);
+    baton.wait_committed(1);
+    let load = steady_load(baton.address("http"), Mode::NewConnection);
+    let mut master = baton.pid();
+    for upgrade in 1..=UPGRADES {
+        baton.write_config(&configs[upgrade as usize % 2]);
+        kill(master, Signal::SIGUSR2).unwrap();
+        master = baton.wait_new_master(master, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_for_generation(&load, UPGRADES + 1);
+    let report = load.stop();
+    assert_no_request_failed(&report, "upgrades switching protocols", UPGRADES + 1);
+}
+
 /// Runs `baton upgrade` against a master whose binary was replaced by
 /// something that fails: it must exit 1 with `reason`, and the old master
 /// must keep serving with the same workers and its pid file.

@@ -89,6 +89,11 @@ pub enum NewMessage {
         pid: u32,
         /// Its generation.
         generation: u64,
+        /// Listeners whose new connections now go to a socket of its
+        /// generation's own: the old master's sockets on them no longer get
+        /// any (its generation sockets never do).
+        #[serde(default)]
+        steered: Vec<String>,
     },
     /// The new master gives up; it exits after sending this.
     Failed {
@@ -365,9 +370,21 @@ impl Master {
             return;
         }
         takeover.ready_sent = true;
+        let steered = self
+            .generations
+            .get(&generation)
+            .map(|g| {
+                g.listeners
+                    .iter()
+                    .filter(|s| s.primary().is_some())
+                    .map(|s| s.info.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         let message = NewMessage::Ready {
             pid: std::process::id(),
             generation,
+            steered,
         };
         if let Err(e) = takeover.channel.try_send(&message, &[]) {
             tracing::warn!(error = %e, "cannot tell the old master this one is ready");

@@ -258,7 +258,11 @@ impl Master {
     /// A message from the new master.
     pub(crate) fn on_upgrade_message(&mut self, message: Result<NewMessage, ChannelError>) {
         match message {
-            Ok(NewMessage::Ready { pid, generation }) => self.complete_upgrade(pid, generation),
+            Ok(NewMessage::Ready {
+                pid,
+                generation,
+                steered,
+            }) => self.complete_upgrade(pid, generation, &steered),
             Ok(NewMessage::Failed { phase, reason }) => {
                 self.fail_upgrade(&phase, format!("the new master gave up: {reason}"))
             }
@@ -270,7 +274,7 @@ impl Master {
 
     /// The new master serves: hand over the control socket and the pid
     /// file, and drain every generation of this master.
-    fn complete_upgrade(&mut self, new_pid: u32, generation: u64) {
+    fn complete_upgrade(&mut self, new_pid: u32, generation: u64, steered: &[String]) {
         let Some(upgrade) = &mut self.upgrade else {
             return;
         };
@@ -309,15 +313,17 @@ impl Master {
                 "generation": generation,
             })));
         }
-        // The new master is on its own now; this one drains and exits. The
-        // new master steered new connections to its own sockets: what is
-        // queued on this one's is accepted first.
+        // The new master is on its own now; this one drains and exits. What
+        // is queued on the sockets the new master steered away from is
+        // accepted first: this master's generation sockets, and listeners
+        // the new generation has sockets of its own on.
         self.upgrade = None;
         if let Some(current) = self.current.and_then(|c| self.generations.get_mut(&c)) {
             let sockets = current
                 .listeners
                 .iter()
                 .filter(|s| s.steerable())
+                .filter(|s| s.primary().is_some() || steered.contains(&s.info.name))
                 .cloned()
                 .collect();
             current.hand_over(sockets, current.config.worker.drain_timeout.0);
