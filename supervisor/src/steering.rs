@@ -8,7 +8,9 @@
 //! port (`SO_REUSEPORT`), and a one-instruction classic BPF program on the
 //! port's group sends every new connection to the newest serving generation's
 //! socket. The old generation gets its stop signal only once its socket's
-//! accept queue is empty: nothing it could drop is left for it.
+//! accept queue has stayed empty for a moment (see
+//! [`crate::generation::Generation::hand_over`]): nothing it could drop is
+//! left for it.
 //!
 //! The kernel keeps a group's sockets in an array: `listen(2)` appends one,
 //! and a socket leaving (its last fd closed) has the last one moved into its
