@@ -192,7 +192,7 @@ impl Generation {
     }
 
     /// Drains a handing-over generation whose queues have stayed empty for
-    /// [`HANDOVER_QUIET`], or that waited long enough.
+    /// `HANDOVER_QUIET`, or that waited long enough.
     pub fn check_handover(&mut self) {
         let Some(handover) = &mut self.handover else {
             return;
