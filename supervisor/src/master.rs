@@ -525,6 +525,7 @@ impl Master {
         let current = self.current;
         let stopping = self.stopping.is_some();
         let reloading = self.reload.as_ref().map(|r| r.generation());
+        let before = self.generations.len();
         self.generations.retain(|&number, g| {
             let keep = !g.workers.is_empty()
                 || (Some(number) == current && !stopping)
@@ -538,7 +539,10 @@ impl Master {
             }
             keep
         });
-        self.tidy_listeners();
+        // A finished generation's sockets may be unused now.
+        if self.generations.len() != before {
+            self.tidy_listeners();
+        }
     }
 
     /// Lets go of generation sockets no generation uses any more. Not while
@@ -550,9 +554,17 @@ impl Master {
         if self.upgrade.is_some() || self.stopping.is_some() {
             return;
         }
+        // Each port once: tidying asks the kernel for the port's sockets.
         let sockets = self.generations.values().flat_map(|g| g.listeners.iter());
+        let mut ports: Vec<&crate::listener::Listener> = Vec::new();
         for listener in self.listeners.iter().chain(sockets) {
-            listener.tidy();
+            let port = listener.port();
+            if !ports.iter().any(|p| std::ptr::eq(*p, port)) {
+                ports.push(port);
+            }
+        }
+        for port in ports {
+            port.tidy();
         }
     }
 

@@ -393,9 +393,24 @@ mod tests {
         fd
     }
 
-    fn port(fd: &OwnedFd) -> u16 {
-        let l = TcpListener::from(fd.try_clone().unwrap());
-        l.local_addr().unwrap().port()
+    /// A listener's own socket on a new port: the socket, the port, the
+    /// address, and its group.
+    fn new_port() -> (OwnedFd, u16, SocketAddr, Group) {
+        let primary = listener(0);
+        let address = TcpListener::from(primary.try_clone().unwrap())
+            .local_addr()
+            .unwrap();
+        let group = Group::new(primary.as_fd()).unwrap();
+        (primary, address.port(), address, group)
+    }
+
+    /// A generation socket that joined `group` on `port`, in use while the
+    /// token lives.
+    fn joined(group: &mut Group, port: u16) -> (Rc<()>, OwnedFd) {
+        let token = Rc::new(());
+        let socket = listener(port);
+        group.join(socket.as_fd(), &token).unwrap();
+        (token, socket)
     }
 
     /// Connects `n` times and returns each socket's accept-queue length.
@@ -425,9 +440,7 @@ mod tests {
 
     #[test]
     fn every_connection_goes_to_the_steered_socket_and_tidying_never_moves_it() {
-        let primary = listener(0);
-        let port = port(&primary);
-        let mut group = Group::new(primary.as_fd()).unwrap();
+        let (primary, port, _, mut group) = new_port();
         let (a_token, b_token, c_token) = (Rc::new(()), Rc::new(()), Rc::new(()));
         let a = listener(port);
         group.join(a.as_fd(), &a_token).unwrap();
@@ -464,15 +477,11 @@ mod tests {
 
     #[test]
     fn a_burst_of_replaced_sockets_is_let_go_of_after_the_next_switch() {
-        let primary = listener(0);
-        let port = port(&primary);
-        let mut group = Group::new(primary.as_fd()).unwrap();
+        let (primary, port, _, mut group) = new_port();
         // Five generations, each replaced before the previous one is gone.
         let mut sockets = Vec::new();
         for _ in 0..5 {
-            let token = Rc::new(());
-            let fd = listener(port);
-            group.join(fd.as_fd(), &token).unwrap();
+            let (token, fd) = joined(&mut group, port);
             group.steer(fd.as_fd()).unwrap();
             sockets.push((token, fd));
         }
@@ -480,9 +489,7 @@ mod tests {
         drop(sockets);
         group.tidy();
         assert_eq!(group.len(), 6, "all ahead of the steered socket");
-        let next_token = Rc::new(());
-        let next = listener(port);
-        group.join(next.as_fd(), &next_token).unwrap();
+        let (_next_token, next) = joined(&mut group, port);
         group.tidy();
         assert_eq!(probe(port, &[&primary, &current, &next], 16), [0, 16, 0]);
         group.steer(next.as_fd()).unwrap();
@@ -494,13 +501,8 @@ mod tests {
 
     #[test]
     fn the_kernel_lists_exactly_the_groups_sockets_until_a_stranger_joins() {
-        let primary = listener(0);
-        let port = port(&primary);
-        let address: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut group = Group::new(primary.as_fd()).unwrap();
-        let token = Rc::new(());
-        let a = listener(port);
-        group.join(a.as_fd(), &token).unwrap();
+        let (_primary, port, address, mut group) = new_port();
+        let (_token, _a) = joined(&mut group, port);
         assert_eq!(listening_inodes(address).unwrap().len(), 2);
         assert!(group.matches_kernel(address).unwrap());
         // Another socket of the same user on the port: not ours.
@@ -536,13 +538,8 @@ mod tests {
 
     #[test]
     fn a_socket_given_up_after_a_stranger_joined_behind_it_moves_only_the_stranger() {
-        let primary = listener(0);
-        let port = port(&primary);
-        let address: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut group = Group::new(primary.as_fd()).unwrap();
-        let token = Rc::new(());
-        let a = listener(port);
-        group.join(a.as_fd(), &token).unwrap();
+        let (primary, port, address, mut group) = new_port();
+        let (token, a) = joined(&mut group, port);
         let stranger = listener(port);
         assert!(!group.matches_kernel(address).unwrap());
         group.forget_last();
@@ -556,20 +553,14 @@ mod tests {
 
     #[test]
     fn a_second_listener_without_reuseport_cannot_take_the_port() {
-        let primary = listener(0);
-        let port = port(&primary);
-        let _group = Group::new(primary.as_fd()).unwrap();
+        let (_primary, port, _, _group) = new_port();
         assert!(TcpListener::bind(("127.0.0.1", port)).is_err());
     }
 
     #[test]
     fn an_adopted_layout_keeps_steering() {
-        let primary = listener(0);
-        let port = port(&primary);
-        let mut group = Group::new(primary.as_fd()).unwrap();
-        let token = Rc::new(());
-        let a = listener(port);
-        group.join(a.as_fd(), &token).unwrap();
+        let (primary, port, _, mut group) = new_port();
+        let (token, a) = joined(&mut group, port);
         group.steer(a.as_fd()).unwrap();
         let layout = group.layout().unwrap();
         drop(group);
@@ -582,9 +573,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(probe(port, &[&primary, &a], 8), [0, 8]);
-        let mine = Rc::new(());
-        let b = listener(port);
-        adopted.join(b.as_fd(), &mine).unwrap();
+        let (_mine, b) = joined(&mut adopted, port);
         adopted.steer(b.as_fd()).unwrap();
         drop((token, a));
         adopted.tidy();
