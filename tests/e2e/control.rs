@@ -1,5 +1,6 @@
 use baton_tests::harness::{
-    alive, config_with_worker, get, hello_config, message, Baton, Binaries, TempDir,
+    alive, config_with_worker, generation_in as generation, get, hello_config, message, Baton,
+    Binaries, TempDir,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -22,15 +23,6 @@ fn pids(generation: &Value) -> Vec<i64> {
         .iter()
         .map(|w| w["pid"].as_i64().unwrap())
         .collect()
-}
-
-fn generation(status: &Value, number: u64) -> Option<Value> {
-    status["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["number"] == number)
-        .cloned()
 }
 
 /// Polls `status` until `done` holds (bounded).

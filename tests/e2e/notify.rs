@@ -2,7 +2,7 @@
 //! of its children, marks it ready; without it the reload rolls back.
 
 use baton_tests::harness::{
-    config_with_worker, field, message, wait_json, Baton, Binaries, TempDir,
+    config_with_worker, field, generation_in, message, wait_json, Baton, Binaries, TempDir,
 };
 use serde_json::Value;
 use std::time::Duration;
@@ -16,13 +16,9 @@ fn notify_config(notify: &str, dump: &TempDir, ready_timeout: &str) -> String {
 }
 
 fn worker_statuses(status: &Value, generation: u64) -> Vec<Value> {
-    status["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|g| g["number"] == generation)
-        .flat_map(|g| g["workers"].as_array().unwrap().clone())
-        .collect()
+    generation_in(status, generation)
+        .map(|g| g["workers"].as_array().unwrap().clone())
+        .unwrap_or_default()
 }
 
 #[test]

@@ -1,6 +1,6 @@
 use baton_tests::harness::{
-    assert_no_request_failed, config_with_worker, hello_config, message, resetting_config,
-    steady_load, wait_for_generation, wrapped_worker, Baton,
+    assert_no_request_failed, config_with_worker, generation_in, hello_config, message,
+    resetting_config, steady_load, wait_for_generation, wrapped_worker, Baton,
 };
 use baton_tests::load::Mode;
 use std::time::Duration;
@@ -88,21 +88,18 @@ fn stranger_on(addr: std::net::SocketAddr) -> std::os::fd::OwnedFd {
     fd
 }
 
-/// The fd of generation `number`'s socket and of the listener's own, in the
-/// master (see `baton status --json`).
-fn generation_socket(baton: &Baton, number: u64) -> (i64, i64) {
+/// Reloads to generation `number` and checks whether it shares the
+/// listener's own socket (see `sockets` in `baton status --json`).
+fn reload_sharing(baton: &mut Baton, number: u64, shared: bool) {
+    let outcome = baton.reload();
+    assert_eq!(message(&outcome), "reload committed", "{outcome}");
     let status = baton.status();
-    let generation = status["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["number"] == number)
-        .unwrap_or_else(|| panic!("no generation {number}: {status}"))
-        .clone();
-    (
-        generation["sockets"][0].as_i64().unwrap(),
-        status["listeners"][0]["fd"].as_i64().unwrap(),
-    )
+    let generation = generation_in(&status, number)
+        .unwrap_or_else(|| panic!("no generation {number}: {status}"));
+    let socket = &generation["sockets"][0];
+    let listener = &status["listeners"][0]["fd"];
+    assert_eq!(socket == listener, shared, "generation {number}: {status}");
+    std::thread::sleep(Duration::from_millis(300));
 }
 
 /// Another process's socket joins the port: the master cannot know where the
@@ -122,28 +119,14 @@ fn a_strangers_socket_on_the_port_never_gets_a_connection_under_new_connection_l
     let load = steady_load(addr, Mode::NewConnection);
     let stranger = stranger_on(addr);
     for generation in 2..=4 {
-        let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
-        let (socket, listener) = generation_socket(&baton, generation);
-        assert_eq!(
-            socket, listener,
-            "generation {generation} shares the listener's socket"
-        );
-        std::thread::sleep(Duration::from_millis(300));
+        reload_sharing(&mut baton, generation, true);
     }
     baton.wait_event(Duration::from_secs(5), |e| {
         message(e).starts_with("sockets this master does not know listen on the port")
     });
     drop(stranger);
     for generation in 5..=6 {
-        let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
-        let (socket, listener) = generation_socket(&baton, generation);
-        assert_ne!(
-            socket, listener,
-            "generation {generation} has a socket of its own"
-        );
-        std::thread::sleep(Duration::from_millis(300));
+        reload_sharing(&mut baton, generation, false);
     }
     baton.wait_event(Duration::from_secs(5), |e| {
         message(e) == "the port's sockets are all this master's again"

@@ -2,8 +2,8 @@
 //! and the process settings and stop semantics every non-sdk worker gets.
 
 use baton_tests::harness::{
-    alive, config_with_worker, descendants, field, message, open_fds, wait_json, wrapped_worker,
-    Baton, TempDir,
+    alive, config_with_worker, descendants, field, generation_in, message, open_fds, wait_json,
+    wrapped_worker, Baton, TempDir,
 };
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -33,12 +33,7 @@ fn check_generation(baton: &Baton, dir: &Path, generation: u64, names: &[String]
         .iter()
         .map(|l| target(&l["fd"]))
         .collect();
-    let generation_status = status["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["number"] == generation)
-        .unwrap();
+    let generation_status = generation_in(&status, generation).unwrap();
     let socket_targets: Vec<String> = generation_status["sockets"]
         .as_array()
         .unwrap()

@@ -664,6 +664,15 @@ pub fn wait_for_generation(load: &crate::load::LoadHandle, generation: u64) {
     }
 }
 
+/// Generation `number` in a `baton status --json` answer, if listed.
+pub fn generation_in(status: &Value, number: u64) -> Option<Value> {
+    status["generations"]
+        .as_array()?
+        .iter()
+        .find(|g| g["number"] == number)
+        .cloned()
+}
+
 /// The zero-drop verdict: at least some traffic, not one failed request, and
 /// responses that moved through the generations in order from 1 to `last`.
 pub fn assert_no_request_failed(report: &crate::load::Report, what: &str, last: u64) {
