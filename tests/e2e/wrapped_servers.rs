@@ -13,11 +13,12 @@
 //!
 //! The servers come from `$BATON_WRAP_VENV/bin`, then `target/wrap-venv/bin`
 //! (where `.ci/run` installs them), then `PATH`. When one is missing the
-//! test prints why and passes, unless `BATON_REQUIRE_WRAPPED=1`.
+//! test prints why and passes, unless `BATON_REQUIRE_TOOLS=1`.
 
 use baton_tests::harness::{alive, descendants, message, Baton, Binaries, TempDir};
 use baton_tests::load::{LoadConfig, LoadHandle, Mode, Report};
-use std::path::{Path, PathBuf};
+use baton_tests::tools::repository;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -25,36 +26,13 @@ const RELOADS: u64 = 10;
 /// Closed-loop clients, each with one request at a time.
 const CONNECTIONS: usize = 4;
 
-fn repository() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the supervisor package is in the repository")
-        .to_path_buf()
-}
-
 /// The server's executable, or `None` (after saying why) when the test
 /// should be skipped.
 fn find_server(name: &str) -> Option<PathBuf> {
-    let mut dirs = Vec::new();
-    if let Some(venv) = std::env::var_os("BATON_WRAP_VENV") {
-        dirs.push(PathBuf::from(venv).join("bin"));
-    }
-    dirs.push(repository().join("target/wrap-venv/bin"));
-    dirs.extend(std::env::split_paths(
-        &std::env::var_os("PATH").unwrap_or_default(),
-    ));
-    if let Some(found) = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
-        return Some(found);
-    }
-    let why = format!(
-        "{name} not found in $BATON_WRAP_VENV/bin, target/wrap-venv/bin or PATH \
-         (`.ci/run` installs it: python3 -m venv target/wrap-venv && target/wrap-venv/bin/pip install gunicorn uvicorn)"
-    );
-    if std::env::var("BATON_REQUIRE_WRAPPED").as_deref() == Ok("1") {
-        panic!("BATON_REQUIRE_WRAPPED=1 but {why}");
-    }
-    eprintln!("skipped: {why}");
-    None
+    baton_tests::tools::require(
+        name,
+        "python3 -m venv target/wrap-venv && target/wrap-venv/bin/pip install gunicorn uvicorn",
+    )
 }
 
 /// Waits until none of `pids` is alive.
