@@ -12,6 +12,7 @@ pub mod listener;
 pub mod logging;
 pub mod master;
 pub mod notify;
+pub mod orphans;
 pub mod output;
 pub mod pidfile;
 pub mod reload;

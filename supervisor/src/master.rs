@@ -126,6 +126,9 @@ pub struct Master {
     /// In a new master: lives until the old master has exited; the old
     /// master's generation sockets are kept on the ports until then.
     pub(crate) old_master: Option<Rc<()>>,
+    /// After a committed upgrade (child mode): the new master, a child of
+    /// this one that must outlive it.
+    pub(crate) successor: Option<Pid>,
 }
 
 /// A new master's link to the old one until the handover.
@@ -179,6 +182,7 @@ pub async fn run(
     // Signal handlers before the pid file: a SIGHUP sent as soon as the pid
     // file names this master must not kill it.
     let mut signals = Signals::new().context("installing signal handlers")?;
+    crate::orphans::become_subreaper();
     // The control socket comes first, so that a second master on the same
     // config stops here, before it touches anything. A new master started by
     // an upgrade takes it (and the pid file) over at the handover.
@@ -218,6 +222,7 @@ pub async fn run(
         upgrade: None,
         takeover: None,
         old_master: None,
+        successor: None,
     };
     if let Some(takeover) = takeover {
         master.adopt(takeover);
@@ -248,6 +253,7 @@ pub async fn run(
                 }
                 master.stop(Stop::Fast);
                 master.wait_for_workers(&mut signals).await;
+                master.stop_orphans();
                 anyhow::bail!("starting generation {generation} failed in phase {phase}: {reason}");
             }
         }
@@ -268,6 +274,7 @@ pub async fn run(
         }
         master.on_tick();
     }
+    master.stop_orphans();
     tracing::info!("master exiting");
     Ok(())
 }
@@ -608,6 +615,13 @@ impl Master {
             }
         }
         self.reap_finished_generations();
+    }
+
+    /// Stops what workers left outside their process groups (see
+    /// [`crate::orphans`]); never the new master of an upgrade.
+    fn stop_orphans(&self) {
+        let spare: Vec<Pid> = self.successor.into_iter().collect();
+        crate::orphans::stop_all(&spare, crate::orphans::GRACE);
     }
 
     /// Waits (serving signals and reaping) until every worker is gone.

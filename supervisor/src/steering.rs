@@ -16,7 +16,9 @@
 //! and a socket leaving (its last fd closed) has the last one moved into its
 //! slot. The program returns an index into that array, so [`Group`] mirrors
 //! it, holds every member open itself, and only lets one go when that cannot
-//! move the socket the program points at. Before it adds or lets go of a
+//! move the socket the program points at. It lets one go with `shutdown(2)`
+//! before closing it, which takes the socket out of the array even while
+//! another process (a worker's escaped child) still holds a copy. Before it adds or lets go of a
 //! socket it asks the kernel (`sock_diag`) which sockets listen on the port:
 //! while some are not its own (another process of the same user with
 //! `SO_REUSEPORT`, or what a failed new master left behind) it changes
@@ -56,6 +58,26 @@ struct Member {
     fd: OwnedFd,
     ino: u64,
     user: User,
+}
+
+impl Member {
+    /// Takes the socket out of the port's group now, not when its last fd
+    /// closes: a process the master does not control (a worker's child that
+    /// left its process group, say) may hold a copy forever, and the group
+    /// must shrink exactly as [`Group`] mirrors it, or the program's index
+    /// points at the wrong socket. `shutdown(2)` of a listening socket
+    /// unhashes it from the port (for every holder): it leaves the kernel's
+    /// array as a close would, and stops listening.
+    fn leave(self) {
+        if let Err(e) =
+            nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both)
+        {
+            // ENOTCONN: it was not listening any more.
+            if e != nix::errno::Errno::ENOTCONN {
+                tracing::warn!(error = %e, "cannot take a socket out of its port group");
+            }
+        }
+    }
 }
 
 /// The sockets sharing one TCP port, in the kernel's order, and the one new
@@ -146,7 +168,9 @@ impl Group {
     /// closes it leaves the kernel's array, moving at most sockets behind it.
     pub fn forget_last(&mut self) {
         if self.members.len() > 1 && self.steered != Some(self.members.len() - 1) {
-            self.members.pop();
+            if let Some(member) = self.members.pop() {
+                member.leave();
+            }
         }
     }
 
@@ -193,7 +217,7 @@ impl Group {
                     None => return,
                 }
             };
-            self.members.swap_remove(i);
+            self.members.swap_remove(i).leave();
             self.steered = match self.steered {
                 Some(s) if s == i => None,
                 Some(s) if s == last => Some(i),

@@ -5,6 +5,7 @@
 mod check;
 mod coalescing;
 mod control;
+mod escaped_children;
 mod lifecycle;
 mod notify;
 mod privileges;

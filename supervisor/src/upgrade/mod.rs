@@ -318,6 +318,7 @@ impl Master {
         // accepted first: this master's generation sockets, and listeners
         // the new generation has sockets of its own on.
         self.upgrade = None;
+        self.successor = Some(nix::unistd::Pid::from_raw(new_pid as i32));
         if let Some(current) = self.current.and_then(|c| self.generations.get_mut(&c)) {
             let sockets = current
                 .listeners

@@ -1,0 +1,104 @@
+//! Processes the master did not start but must not leave behind: a worker's
+//! children that left its process group (`setsid`, a daemonizing server)
+//! and so escape the SIGKILL of the group at the drain deadline.
+//!
+//! The master is a child subreaper (`PR_SET_CHILD_SUBREAPER`, Linux 3.4):
+//! such a process is re-parented to the master, not to init, when the worker
+//! that started it exits. The master reaps them with its other children
+//! (`waitpid(-1)`), and before it exits it stops every child it still has,
+//! as systemd's `KillMode=control-group` would: `SIGTERM`, then `SIGKILL`
+//! after a grace period. A stopped baton leaves nothing holding its ports.
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
+
+/// How long orphans get between `SIGTERM` and `SIGKILL` when the master exits.
+pub const GRACE: Duration = Duration::from_secs(2);
+
+/// Makes this process the reaper of its descendants' orphans.
+pub fn become_subreaper() {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes no pointers.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(error = %e, "cannot become a child subreaper: processes that leave a worker's process group may outlive baton");
+    }
+}
+
+/// This process's children, as `/proc` lists them.
+pub fn children() -> Vec<Pid> {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // The fields after `(comm)`: state, ppid, ...
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            rest.split_whitespace().nth(1) == Some(me.as_str())
+        })
+        .map(Pid::from_raw)
+        .collect()
+}
+
+/// Stops every child of this process but `spare`: `SIGTERM`, then `SIGKILL`
+/// to what is left after `grace`, reaping all of them. Children of theirs
+/// re-parented here meanwhile are stopped too. Blocks for at most about
+/// twice `grace`: only for a master that is exiting.
+pub fn stop_all(spare: &[Pid], grace: Duration) {
+    let others = || -> Vec<Pid> {
+        children()
+            .into_iter()
+            .filter(|p| !spare.contains(p))
+            .collect()
+    };
+    let first = others();
+    if first.is_empty() {
+        return;
+    }
+    tracing::warn!(pids = ?first.iter().map(|p| p.as_raw()).collect::<Vec<_>>(), "processes left by workers outside their process groups: stopping them");
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        let deadline = Instant::now() + grace;
+        let mut signalled = Vec::new();
+        loop {
+            reap_others(spare);
+            let left = others();
+            if left.is_empty() {
+                return;
+            }
+            for pid in left {
+                if !signalled.contains(&pid) {
+                    let _ = kill(pid, signal);
+                    signalled.push(pid);
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let left = others();
+    if !left.is_empty() {
+        tracing::error!(pids = ?left.iter().map(|p| p.as_raw()).collect::<Vec<_>>(), "processes survived SIGKILL");
+    }
+}
+
+/// Reaps exited children, but none of `spare`.
+fn reap_others(spare: &[Pid]) {
+    for pid in children() {
+        if spare.contains(&pid) {
+            continue;
+        }
+        let _: Result<WaitStatus, _> = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+    }
+}
