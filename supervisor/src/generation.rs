@@ -127,15 +127,15 @@ impl Generation {
         }
     }
 
-    /// Spawns worker `index`.
     /// Spawns worker `index`; an SDK worker's channel is forwarded to
-    /// `events` from now on.
+    /// `events` from now on, and the guardian watches it.
     pub fn spawn(
         &mut self,
         index: u32,
         restarts: u32,
         crashes: u32,
         events: &Events,
+        guardian: Option<&crate::guardian::Guardian>,
     ) -> anyhow::Result<&mut Worker> {
         let spec = SpawnSpec {
             config: &self.config.worker,
@@ -146,6 +146,9 @@ impl Generation {
         };
         let mut worker = worker::spawn(&spec, restarts, crashes)?;
         let pid = worker.pid;
+        if let Some(guardian) = guardian {
+            guardian.watch(pid, self.config.worker.drain_timeout.0);
+        }
         worker.reader = worker
             .channel
             .clone()

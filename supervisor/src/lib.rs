@@ -8,6 +8,7 @@ pub mod control;
 pub mod exec;
 pub mod fds;
 pub mod generation;
+pub mod guardian;
 pub mod listener;
 pub mod logging;
 pub mod master;

@@ -129,6 +129,9 @@ pub struct Master {
     /// After a committed upgrade (child mode): the new master, a child of
     /// this one that must outlive it.
     pub(crate) successor: Option<Pid>,
+    /// Kills the workers a killed master leaves behind (see
+    /// [`crate::guardian`]).
+    pub(crate) guardian: Option<crate::guardian::Guardian>,
 }
 
 /// A new master's link to the old one until the handover.
@@ -223,7 +226,9 @@ pub async fn run(
         takeover: None,
         old_master: None,
         successor: None,
+        guardian: None,
     };
+    master.start_guardian();
     if let Some(takeover) = takeover {
         master.adopt(takeover);
     }
@@ -231,6 +236,7 @@ pub async fn run(
     let upgraded = master.takeover.is_some() || exec_state.is_some();
     if let Some(state) = exec_state {
         master.adopt_exec_state(state)?;
+        master.guard_every_worker();
         // Workers that exited while this image started are waiting to be reaped.
         master.reap();
     }
@@ -486,6 +492,15 @@ impl Master {
         if self.upgrade_child_exited(pid, &status, success) {
             return;
         }
+        if self.guardian.as_ref().is_some_and(|g| g.pid() == pid) {
+            tracing::warn!(pid = pid.as_raw(), %status, "the guardian exited; starting another");
+            self.start_guardian();
+            self.guard_every_worker();
+            return;
+        }
+        if let Some(guardian) = &self.guardian {
+            guardian.forget(pid);
+        }
         let stopping = self.stopping.is_some();
         let Some(generation) = self.generation_of(pid) else {
             return;
@@ -617,10 +632,36 @@ impl Master {
         self.reap_finished_generations();
     }
 
+    /// Starts a guardian (see [`crate::guardian`]); without one, a master
+    /// killed with `SIGKILL` may leave workers that ignore its death.
+    pub(crate) fn start_guardian(&mut self) {
+        self.guardian = match crate::guardian::Guardian::start() {
+            Ok(guardian) => Some(guardian),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot start the guardian: workers that ignore drain may outlive a killed master");
+                None
+            }
+        };
+    }
+
+    /// Tells the guardian of every worker (a new guardian, or a new image
+    /// of this master that adopted them).
+    pub(crate) fn guard_every_worker(&self) {
+        let Some(guardian) = &self.guardian else {
+            return;
+        };
+        for generation in self.generations.values() {
+            for worker in generation.workers.values() {
+                guardian.watch(worker.pid, generation.config.worker.drain_timeout.0);
+            }
+        }
+    }
+
     /// Stops what workers left outside their process groups (see
     /// [`crate::orphans`]); never the new master of an upgrade.
     fn stop_orphans(&self) {
-        let spare: Vec<Pid> = self.successor.into_iter().collect();
+        let guardian = self.guardian.as_ref().map(|g| g.pid());
+        let spare: Vec<Pid> = self.successor.into_iter().chain(guardian).collect();
         crate::orphans::stop_all(&spare, crate::orphans::GRACE);
     }
 
@@ -671,7 +712,13 @@ impl Master {
                 .collect();
             for index in due {
                 let pending = generation.respawns.remove(&index).expect("listed above");
-                match generation.spawn(index, pending.restarts, pending.crashes, &self.events) {
+                match generation.spawn(
+                    index,
+                    pending.restarts,
+                    pending.crashes,
+                    &self.events,
+                    self.guardian.as_ref(),
+                ) {
                     Ok(_) => {}
                     Err(e) => {
                         tracing::error!(generation = generation.number, worker = index, error = %format!("{e:#}"), "respawn failed");

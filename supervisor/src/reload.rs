@@ -251,7 +251,7 @@ impl Master {
             }
         }
         for index in (0..processes).take_while(|_| spawn_error.is_none()) {
-            match new.spawn(index, 0, 0, &self.events) {
+            match new.spawn(index, 0, 0, &self.events, self.guardian.as_ref()) {
                 Ok(_) => {}
                 Err(e) => {
                     spawn_error = Some(format!("worker {index}: {e:#}"));

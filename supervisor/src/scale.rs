@@ -82,7 +82,8 @@ impl Master {
                     w.index == index && !matches!(w.state, State::Draining { .. } | State::Killed)
                 });
             if !present {
-                if let Err(e) = generation.spawn(index, 0, 0, &self.events) {
+                if let Err(e) = generation.spawn(index, 0, 0, &self.events, self.guardian.as_ref())
+                {
                     return Err(format!("starting worker {index}: {e:#}"));
                 }
             }

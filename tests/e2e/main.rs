@@ -7,6 +7,7 @@ mod coalescing;
 mod control;
 mod escaped_children;
 mod lifecycle;
+mod master_death;
 mod notify;
 mod privileges;
 mod reload_under_load;

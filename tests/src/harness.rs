@@ -383,20 +383,29 @@ impl Baton {
         }
     }
 
-    /// The live children of the current master (its workers).
+    /// The live children of the current master (its workers), but its
+    /// guardian.
     pub fn master_workers(&self) -> Vec<Pid> {
         let master = self.master_pid().unwrap_or(self.pid);
         children_of(master)
             .into_iter()
-            .filter(|p| alive(*p))
+            .filter(|p| alive(*p) && !is_guardian(*p))
             .collect()
     }
 
-    /// The master's live child processes (its workers).
+    /// The master's guardian (`baton __guardian`), if it runs.
+    pub fn guardian(&self) -> Option<Pid> {
+        let master = self.master_pid().unwrap_or(self.pid);
+        children_of(master)
+            .into_iter()
+            .find(|p| alive(*p) && is_guardian(*p))
+    }
+
+    /// The master's live child processes (its workers), but its guardian.
     pub fn workers(&self) -> Vec<Pid> {
         let children: Vec<Pid> = children_of(self.pid)
             .into_iter()
-            .filter(|p| alive(*p))
+            .filter(|p| alive(*p) && !is_guardian(*p))
             .collect();
         let mut seen = self.seen.lock().unwrap();
         for pid in &children {
@@ -480,6 +489,12 @@ impl Drop for Baton {
     }
 }
 
+/// Whether `pid` is a master's guardian: `baton __guardian`.
+pub fn is_guardian(pid: Pid) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"__guardian"))
+}
+
 /// The pid in a pid file.
 pub fn read_pid(path: &Path) -> Option<Pid> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -561,12 +576,13 @@ pub fn zombies_of(parent: Pid) -> Vec<Pid> {
         .collect()
 }
 
-/// Every process below `root`.
+/// Every process below `root`, but a master's guardian (which is in the
+/// master's process group and goes with it).
 pub fn descendants(root: Pid) -> Vec<Pid> {
     let mut out = Vec::new();
     let mut stack = vec![root];
     while let Some(p) = stack.pop() {
-        for child in children_of(p) {
+        for child in children_of(p).into_iter().filter(|c| !is_guardian(*c)) {
             out.push(child);
             stack.push(child);
         }

@@ -437,10 +437,16 @@ impl Master {
             Phase::Exec { at } if now >= at => {
                 let upgrade = self.upgrade.take().expect("matched above");
                 if let Kind::InPlace { binary, .. } = &upgrade.kind {
+                    // The new image starts a guardian of its own.
+                    if let Some(guardian) = &self.guardian {
+                        guardian.release();
+                    }
                     let error = self
                         .exec_in_place(binary)
                         .expect_err("exec returns only on failure");
                     tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
+                    self.start_guardian();
+                    self.guard_every_worker();
                 }
             }
             Phase::Aborting { kill_at } if now >= kill_at => {
