@@ -14,6 +14,7 @@ mod reload_under_load;
 mod resources;
 mod rollback;
 mod sd_notify;
+mod start_race;
 mod udp;
 mod upgrade;
 mod upgrade_in_place;

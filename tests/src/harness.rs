@@ -435,6 +435,12 @@ impl Baton {
         }
     }
 
+    /// The master's exit status if it has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("master still owned");
+        child.try_wait().expect("try_wait")
+    }
+
     /// Waits for the master to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         self.workers();

@@ -36,6 +36,22 @@ impl ControlSocket {
     /// Binds `path` with mode 0600. A socket file left by a dead master is
     /// replaced; a live master's socket is never taken over.
     pub fn bind(path: &Path) -> anyhow::Result<ControlSocket> {
+        // Two masters started at the same moment must not both find no
+        // live socket and both bind one, the later renaming its own over
+        // the earlier's: the check, the bind and the rename happen under
+        // an exclusive lock on the socket's directory, so the second one
+        // finds the first one's socket live and refuses.
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let locking = || format!("locking directory {} to bind the control socket", dir.display());
+        let dir_file = std::fs::File::open(dir).with_context(locking)?;
+        let _lock = nix::fcntl::Flock::lock(dir_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| errno)
+            .with_context(locking)?;
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if !meta.file_type().is_socket() {
