@@ -16,6 +16,7 @@ pub mod notify;
 pub mod orphans;
 pub mod output;
 pub mod pidfile;
+pub mod ratelimit;
 pub mod reload;
 pub mod scale;
 pub mod sd_notify;

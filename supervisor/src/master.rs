@@ -295,9 +295,15 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// The event loop's inbox, as the tasks that feed it hold it.
 pub type Events = mpsc::UnboundedSender<Event>;
 
+/// Messages a second the master reads from one channel; a peer sending
+/// more waits on its full socket buffer.
+pub const MESSAGES_PER_SECOND: u64 = 100;
+
 /// Forwards every message on `channel` into the event loop as `wrap(message)`
-/// until the peer is gone (end of file or reset: its exit, reaped, says why)
-/// or the channel breaks.
+/// until the peer is gone (end of file or reset: its exit, reaped, says why),
+/// the channel breaks, or the peer sends what does not decode: that is
+/// forwarded as the last thing it said, since it broke the protocol. At most
+/// [`MESSAGES_PER_SECOND`] are read a second, so that no peer floods the loop.
 pub(crate) fn forward<T>(
     events: &Events,
     channel: Arc<Channel>,
@@ -308,15 +314,21 @@ where
 {
     let events = events.clone();
     tokio::spawn(async move {
+        let mut window = crate::ratelimit::Window::new(
+            MESSAGES_PER_SECOND,
+            Duration::from_secs(1),
+            Instant::now(),
+        );
         loop {
+            tokio::time::sleep_until(window.spend(1, Instant::now())).await;
             let message = match channel.recv::<T>().await {
                 Ok(Some(received)) => Ok(received.message),
                 Ok(None) => return,
                 Err(e) if e.is_peer_gone() => return,
                 Err(e) => Err(e),
             };
-            let fatal = matches!(message, Err(ChannelError::Io(_)));
-            if events.send(wrap(message)).is_err() || fatal {
+            let last = message.is_err();
+            if events.send(wrap(message)).is_err() || last {
                 return;
             }
         }
@@ -460,7 +472,20 @@ impl Master {
                 tracing::error!(generation = number, worker = index, pid = raw, error = %message, "worker reported an error")
             }
             Err(e) => {
-                tracing::warn!(generation = number, worker = index, pid = raw, error = %e, "bad message from worker ignored")
+                // Whatever it says next cannot be trusted either: it is
+                // treated as failed, as if it had crashed (its exit is
+                // reaped as any other's).
+                tracing::error!(generation = number, worker = index, pid = raw, error = %e, "worker broke the control protocol: closing its channel and killing it");
+                worker.channel = None;
+                if let Some(reader) = worker.reader.take() {
+                    reader.abort();
+                }
+                worker.kill();
+                if generation.phase == Phase::Starting {
+                    let reason =
+                        format!("worker {index} (pid {raw}) broke the control protocol: {e}");
+                    self.new_worker_exited(reason);
+                }
             }
         }
         self.advance_reload();

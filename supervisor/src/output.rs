@@ -1,13 +1,29 @@
 //! `output = "capture"`: a worker's stdout and stderr, read by the master and
 //! logged line by line as `worker output` events with the generation, worker
 //! index, pid and stream.
+//!
+//! A worker cannot flood the master's log nor take its one thread: each
+//! stream logs at most [`LINES_PER_SECOND`] lines a second, and what is over
+//! is dropped and counted in a `worker output suppressed` warning once the
+//! second is over, with the stream's next line or at its end (as journald's
+//! `RateLimitBurst` does); and the master reads
+//! at most [`BYTES_PER_SECOND`] of it, so a worker writing faster than that
+//! waits on its pipe (as Docker's blocking log mode does).
 
+use crate::ratelimit::Window;
 use std::os::fd::OwnedFd;
 use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
 
 /// Longer lines are cut here (and marked `truncated`); the rest of the line
 /// is dropped.
 pub const MAX_LINE: usize = 16 * 1024;
+
+/// Lines a second each stream may log; more are counted and dropped.
+pub const LINES_PER_SECOND: u64 = 1000;
+
+/// Bytes a second the master reads of each stream; a faster writer waits.
+pub const BYTES_PER_SECOND: u64 = 4 * 1024 * 1024;
 
 /// Who wrote a line.
 #[derive(Debug, Clone, Copy)]
@@ -27,18 +43,54 @@ pub struct Origin {
 pub fn capture(pipe: OwnedFd, origin: Origin) -> std::io::Result<()> {
     let mut reader = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe)?;
     tokio::spawn(async move {
+        let (second, start) = (std::time::Duration::from_secs(1), Instant::now());
         let mut lines = Lines::default();
+        let mut logged = Window::new(LINES_PER_SECOND, second, start);
+        let mut read = Window::new(BYTES_PER_SECOND, second, start);
         let mut chunk = vec![0u8; 8 * 1024];
         loop {
             let n = match reader.read(&mut chunk).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            lines.push(&chunk[..n], |line, truncated| emit(origin, line, truncated));
+            let now = Instant::now();
+            report_suppressed(origin, logged.roll(now));
+            lines.push(&chunk[..n], |line, truncated| {
+                if logged.allow(now) {
+                    emit(origin, line, truncated)
+                }
+            });
+            tokio::time::sleep_until(read.spend(n as u64, now)).await;
         }
-        lines.finish(|line, truncated| emit(origin, line, truncated));
+        let now = Instant::now();
+        lines.finish(|line, truncated| {
+            if logged.allow(now) {
+                emit(origin, line, truncated)
+            }
+        });
+        report_suppressed(origin, logged.take_refused());
     });
     Ok(())
+}
+
+fn report_suppressed(origin: Origin, suppressed: u64) {
+    if suppressed > 0 {
+        let Origin {
+            generation,
+            worker,
+            pid,
+            stream,
+        } = origin;
+        tracing::warn!(
+            generation,
+            worker,
+            pid,
+            stream,
+            suppressed,
+            limit = LINES_PER_SECOND,
+            "worker output suppressed: more lines a second than the limit"
+        );
+    }
 }
 
 fn emit(origin: Origin, line: &[u8], truncated: bool) {

@@ -6,6 +6,7 @@ mod check;
 mod coalescing;
 mod control;
 mod escaped_children;
+mod floods;
 mod lifecycle;
 mod master_death;
 mod notify;

@@ -83,15 +83,20 @@ fn reload_with_worker_speaking_another_protocol_version_keeps_old_generation() {
         "command = [{:?}, \"wrong-version\"]\nprocesses = 1\nready_timeout = \"1s\"\ndrain_timeout = \"1s\"\n",
         Binaries::testworker().display().to_string()
     ));
-    let baton = rollback(&config, "ready", "not ready within 1s");
+    let baton = rollback(&config, "ready", "broke the control protocol");
     let event = baton.wait_event(Duration::from_secs(1), |e| {
-        message(e) == "bad message from worker ignored"
+        message(e) == "worker broke the control protocol: closing its channel and killing it"
     });
     assert!(
         field(&event, "error").contains("protocol version 99"),
         "{event}"
     );
     assert!(!field(&event, "pid").is_empty(), "{event}");
+    assert_eq!(
+        baton.count_events(|e| message(e).contains("control protocol")),
+        1,
+        "said once, not for every bad message"
+    );
 }
 
 #[test]

@@ -35,7 +35,10 @@ fn two_masters_started_at_once_leave_exactly_one_reachable() {
             if let Some(i) = masters.iter_mut().position(|b| b.try_exit().is_some()) {
                 break i;
             }
-            assert!(Instant::now() < deadline, "trial {trial}: both masters still run");
+            assert!(
+                Instant::now() < deadline,
+                "trial {trial}: both masters still run"
+            );
             std::thread::sleep(Duration::from_millis(10));
         };
         let winner = &mut masters[1 - loser];
@@ -52,6 +55,9 @@ fn two_masters_started_at_once_leave_exactly_one_reachable() {
             Some(winner.pid()),
             "trial {trial}: the pid file is the winner's"
         );
-        assert!(winner.try_exit().is_none(), "trial {trial}: the winner runs");
+        assert!(
+            winner.try_exit().is_none(),
+            "trial {trial}: the winner runs"
+        );
     }
 }

@@ -8,6 +8,8 @@
 //!   `DIR/reopened-GEN-INDEX` per reopen request, exits on drain.
 //! - `wrong-version`: speaks protocol version 99 on the control channel,
 //!   then waits to be stopped.
+//! - `garbage`: reports ready, then sends undecodable bytes on its control
+//!   channel as fast as it can, until the master closes it.
 //! - `udp-echo NAME`: answers each datagram on UDP listener NAME with
 //!   `gen GENERATION: ` and the datagram, until told to drain.
 
@@ -80,6 +82,25 @@ async fn main() {
                     }
                 }
             }
+        }
+        "garbage" => {
+            worker.ready().await.expect("ready");
+            let fd: i32 = std::env::var("BATON_CONTROL_FD")
+                .expect("BATON_CONTROL_FD")
+                .parse()
+                .expect("fd number");
+            for _ in 0..10_000_000 {
+                let sent = nix::sys::socket::send(
+                    fd,
+                    b"\xff not a message",
+                    nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                );
+                match sent {
+                    Ok(_) | Err(nix::errno::Errno::EAGAIN) => {}
+                    Err(_) => break,
+                }
+            }
+            drain.wait().await;
         }
         "udp-echo" => {
             let name = args.get(1).expect("udp-echo NAME");

@@ -47,7 +47,12 @@ impl ControlSocket {
         } else {
             dir
         };
-        let locking = || format!("locking directory {} to bind the control socket", dir.display());
+        let locking = || {
+            format!(
+                "locking directory {} to bind the control socket",
+                dir.display()
+            )
+        };
         let dir_file = std::fs::File::open(dir).with_context(locking)?;
         let _lock = nix::fcntl::Flock::lock(dir_file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, errno)| errno)
