@@ -78,6 +78,26 @@ pub struct SupervisorConfig {
     /// How a binary upgrade replaces the master.
     #[serde(default)]
     pub upgrade: UpgradeMode,
+    /// Past this many draining generations, the oldest is killed.
+    #[serde(
+        default = "default_max_draining_generations",
+        deserialize_with = "de_max_draining_generations"
+    )]
+    pub max_draining_generations: u32,
+}
+
+fn default_max_draining_generations() -> u32 {
+    16
+}
+
+fn de_max_draining_generations<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !(1..=1024).contains(&n) {
+        return Err(de::Error::custom(format!(
+            "max_draining_generations must be between 1 and 1024, got {n}"
+        )));
+    }
+    Ok(n as u32)
 }
 
 /// How a binary upgrade replaces the master.
@@ -106,6 +126,7 @@ impl Default for SupervisorConfig {
             log_file: None,
             upgrade_timeout: default_upgrade_timeout(),
             upgrade: UpgradeMode::default(),
+            max_draining_generations: default_max_draining_generations(),
         }
     }
 }

@@ -449,6 +449,42 @@ impl Master {
             crate::sd_notify::notify("READY=1");
         }
         self.record(reload.generation, reload.trigger, reload.phases, None);
+        self.limit_draining_generations();
+        // A replaced generation may have had no live worker (all waiting
+        // to be respawned): it is finished now.
+        self.reap_finished_generations();
+    }
+
+    /// Kills the oldest draining generations past
+    /// `[supervisor] max_draining_generations`, as HAProxy's
+    /// `mworker-max-reloads` does: workers that ignore their stop signal
+    /// under a long `drain_timeout` must not pile up.
+    fn limit_draining_generations(&mut self) {
+        let max = self.config.supervisor.max_draining_generations as usize;
+        let draining: Vec<u64> = self
+            .generations
+            .values()
+            .filter(|g| g.phase == Phase::Draining && !g.workers.is_empty())
+            .map(|g| g.number)
+            .collect();
+        let excess = draining.len().saturating_sub(max);
+        for number in &draining[..excess] {
+            let Some(generation) = self.generations.get_mut(number) else {
+                continue;
+            };
+            generation.handover = None;
+            let pids: Vec<i32> = generation.workers.keys().map(|p| p.as_raw()).collect();
+            tracing::warn!(
+                generation = number,
+                max_draining_generations = max,
+                ?pids,
+                "too many draining generations: the oldest is killed"
+            );
+            for worker in generation.workers.values_mut() {
+                worker.kill();
+                worker.state = State::Killed;
+            }
+        }
     }
 
     fn abort(&mut self, reload: Reload, step: Step, reason: String) {

@@ -5,6 +5,7 @@
 mod check;
 mod coalescing;
 mod control;
+mod draining;
 mod escaped_children;
 mod floods;
 mod lifecycle;
