@@ -1,5 +1,6 @@
-//! The baton master and CLI. See DESIGN.md for the concepts; each module is
-//! one of its nouns.
+//! The baton master and CLI. See docs/architecture.md (in the repository)
+//! for the modules, the event loop, the reload transaction and the socket
+//! steering; each module is one noun of the design.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cli;

@@ -1,5 +1,5 @@
-//! The reload transaction: validate → bind → spawn → ready → commit, as in
-//! DESIGN.md. Any failure before commit stops the new generation and leaves
+//! The reload transaction: validate → bind → spawn → ready → commit (see
+//! docs/architecture.md). Any failure before commit stops the new generation and leaves
 //! the current one serving untouched.
 
 use crate::config::{Config, Protocol, ReadyMode};
