@@ -12,9 +12,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 mod process;
+mod rollout;
 pub use process::{
     fd_templates, substitute, Credentials, GroupSpec, Output, ReopenSignal, UserSpec,
 };
+pub use rollout::Share;
 
 /// A configuration file that failed to load.
 #[derive(Debug, thiserror::Error)]
@@ -297,6 +299,47 @@ pub struct WorkerConfig {
     /// What `baton reopen` sends to non-sdk workers.
     #[serde(default)]
     pub reopen_signal: ReopenSignal,
+    /// How often a probe (`ready = "tcp"`, `"http:/PATH"`, `"exec:CMD"`)
+    /// is tried; also each try's timeout.
+    #[serde(
+        default = "rollout::default_probe_interval",
+        deserialize_with = "rollout::de_probe_interval"
+    )]
+    pub probe_interval: Dur,
+    /// After cutover, how long the old generation stays warm, ready to take
+    /// the traffic back.
+    #[serde(default)]
+    pub probation: Option<Dur>,
+    /// Consecutive failed probes during probation that roll back.
+    #[serde(
+        default = "rollout::default_probation_failures",
+        deserialize_with = "rollout::de_probation_failures"
+    )]
+    pub probation_failures: u32,
+    /// The share of new connections a new generation gets during probation
+    /// (until `baton promote`).
+    #[serde(default)]
+    pub canary: Option<Share>,
+    /// Crashes within `crash_loop_window` after which a worker is not
+    /// respawned any more.
+    #[serde(
+        default = "rollout::default_crash_loop_limit",
+        deserialize_with = "rollout::de_crash_loop_limit"
+    )]
+    pub crash_loop_limit: u32,
+    /// The window of `crash_loop_limit`.
+    #[serde(default = "rollout::default_crash_loop_window")]
+    pub crash_loop_window: Dur,
+}
+
+impl WorkerConfig {
+    /// Whether a reload of this worker runs a rollout after cutover
+    /// (probation or a canary), or probes the new generation: then each
+    /// generation gets TCP sockets of its own, so that traffic and probes
+    /// can be steered between generations.
+    pub fn steers_generations(&self) -> bool {
+        self.probation.is_some() || self.canary.is_some() || self.ready.probes()
+    }
 }
 
 fn default_processes() -> u32 {
@@ -356,7 +399,7 @@ impl Protocol {
 }
 
 /// How readiness is decided.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum ReadyMode {
     /// The worker sends `ready` over the control channel.
     #[default]
@@ -365,6 +408,23 @@ pub enum ReadyMode {
     Notify,
     /// Ready once the worker has stayed up this long.
     Delay(Duration),
+    /// Ready once the generation accepts a TCP connection on its first TCP
+    /// listener.
+    Tcp,
+    /// Ready once `GET PATH` on the first TCP listener answers 2xx.
+    Http(String),
+    /// Ready once this command exits 0.
+    Exec(Vec<String>),
+}
+
+impl ReadyMode {
+    /// Whether the master probes the generation to decide.
+    pub fn probes(&self) -> bool {
+        matches!(
+            self,
+            ReadyMode::Tcp | ReadyMode::Http(_) | ReadyMode::Exec(_)
+        )
+    }
 }
 
 impl<'de> Deserialize<'de> for ReadyMode {
@@ -373,7 +433,18 @@ impl<'de> Deserialize<'de> for ReadyMode {
         match s.as_str() {
             "sdk" => return Ok(ReadyMode::Sdk),
             "notify" => return Ok(ReadyMode::Notify),
+            "tcp" => return Ok(ReadyMode::Tcp),
             _ => {}
+        }
+        if let Some(path) = s.strip_prefix("http:") {
+            return rollout::parse_http(path)
+                .map(ReadyMode::Http)
+                .map_err(de::Error::custom);
+        }
+        if let Some(command) = s.strip_prefix("exec:") {
+            return rollout::parse_exec(command)
+                .map(ReadyMode::Exec)
+                .map_err(de::Error::custom);
         }
         if let Some(dur) = s.strip_prefix("delay:") {
             return parse_duration(dur)
@@ -381,7 +452,7 @@ impl<'de> Deserialize<'de> for ReadyMode {
                 .map_err(de::Error::custom);
         }
         Err(de::Error::custom(format!(
-            "invalid ready {s:?}: expected \"sdk\", \"notify\" or \"delay:DURATION\""
+            "invalid ready {s:?}: expected \"sdk\", \"notify\", \"delay:DURATION\", \"tcp\", \"http:/PATH\" or \"exec:COMMAND\""
         )))
     }
 }
@@ -495,6 +566,12 @@ impl Config {
             .map(|l| l.get_ref().name.as_str())
             .collect();
         process::check_worker(&raw.worker, &names, text)
+            .map_err(|(span, message)| error_at(span, message))?;
+        let has_tcp = raw
+            .listeners
+            .iter()
+            .any(|l| matches!(l.get_ref().address, ListenerAddress::Tcp(_)));
+        rollout::check(&raw.worker, has_tcp, text)
             .map_err(|(span, message)| error_at(span, message))?;
         let dir = path.parent().unwrap_or(Path::new("/"));
         let mut supervisor = raw.supervisor;

@@ -86,6 +86,20 @@ impl Member {
 pub struct Group {
     members: Vec<Member>,
     steered: Option<usize>,
+    /// What the program does besides returning `steered`.
+    rules: Rules,
+}
+
+/// Exceptions to "every new connection goes to the steered socket".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Rules {
+    /// A share of new connections goes to this member: those for which a
+    /// random `u32` is below the threshold (a canary).
+    canary: Option<(usize, u32)>,
+    /// Connections from this source (the last 32 bits of its address, and
+    /// its port) go to this member: the master's own probes of a generation
+    /// that is not steered to.
+    probe: Option<(u32, u16, usize)>,
 }
 
 /// A group as handed to another master: its members in the kernel's order,
@@ -110,6 +124,7 @@ impl Group {
                 user: User::Pinned,
             }],
             steered: None,
+            rules: Rules::default(),
         };
         group.steer_index(0)?;
         Ok(group)
@@ -138,6 +153,7 @@ impl Group {
         Ok(Group {
             members,
             steered: layout.steered,
+            rules: Rules::default(),
         })
     }
 
@@ -174,21 +190,65 @@ impl Group {
         }
     }
 
-    /// Sends every new connection to `socket`, a member.
+    /// Sends every new connection to `socket`, a member (ending a canary).
     pub fn steer(&mut self, socket: BorrowedFd<'_>) -> io::Result<()> {
-        let ino = inode(socket)?;
-        let index = self
-            .members
-            .iter()
-            .position(|m| m.ino == ino)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not a member of the group"))?;
+        let index = self.index_of(socket)?;
+        self.rules.canary = None;
         // Attached every time: another master may have steered meanwhile.
         self.steer_index(index)
     }
 
+    /// Sends the share of new connections below `threshold` (out of
+    /// `u32::MAX`), drawn at random per connection, to `canary`, and the
+    /// rest to `main`; both members.
+    pub fn split(
+        &mut self,
+        main: BorrowedFd<'_>,
+        canary: BorrowedFd<'_>,
+        threshold: u32,
+    ) -> io::Result<()> {
+        let (main, canary) = (self.index_of(main)?, self.index_of(canary)?);
+        self.rules.canary = Some((canary, threshold));
+        self.steer_index(main)
+    }
+
+    /// Sends connections from `source` (the master's probe socket) to
+    /// `target`, a member, whatever else the program does; `None` ends
+    /// that.
+    pub fn probe(&mut self, source: Option<(SocketAddr, BorrowedFd<'_>)>) -> io::Result<()> {
+        self.rules.probe = match source {
+            Some((from, target)) => {
+                let last = match from {
+                    SocketAddr::V4(a) => u32::from_be_bytes(a.ip().octets()),
+                    SocketAddr::V6(a) => {
+                        let o = a.ip().octets();
+                        u32::from_be_bytes([o[12], o[13], o[14], o[15]])
+                    }
+                };
+                Some((last, from.port(), self.index_of(target)?))
+            }
+            None => None,
+        };
+        match self.steered {
+            Some(index) => self.steer_index(index),
+            None => Ok(()),
+        }
+    }
+
+    fn index_of(&self, socket: BorrowedFd<'_>) -> io::Result<usize> {
+        let ino = inode(socket)?;
+        self.members
+            .iter()
+            .position(|m| m.ino == ino)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not a member of the group"))
+    }
+
     fn steer_index(&mut self, index: usize) -> io::Result<()> {
-        let k = u32::try_from(index).map_err(io::Error::other)?;
-        attach_program(self.members[0].fd.as_fd(), k)?;
+        let v6 = is_v6(self.members[0].fd.as_fd())?;
+        attach_program(
+            self.members[0].fd.as_fd(),
+            &program(index, &self.rules, v6)?,
+        )?;
         self.steered = Some(index);
         Ok(())
     }
@@ -203,6 +263,10 @@ impl Group {
     /// socket moves to the front, and once it is steered to, everything
     /// behind it can go from the end as it falls out of use.
     pub fn tidy(&mut self) {
+        // While the program points at more than one member, nothing moves.
+        if self.rules != Rules::default() {
+            return;
+        }
         while let Some(last) = self.members.len().checked_sub(1) {
             let steered_live = self
                 .steered
@@ -319,14 +383,63 @@ pub fn listening_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
     }
 }
 
-/// Attaches `ret #index` as the group's steering program through `fd`.
-fn attach_program(fd: BorrowedFd<'_>, index: u32) -> io::Result<()> {
-    let mut code = [libc::sock_filter {
-        code: (libc::BPF_RET | libc::BPF_K) as u16,
-        jt: 0,
-        jf: 0,
-        k: index,
-    }];
+/// `SKF_NET_OFF` from `linux/filter.h`: loads relative to the network
+/// header (the program itself runs past the TCP header).
+const SKF_NET_OFF: i32 = -0x100000;
+/// `SKF_AD_OFF + SKF_AD_RANDOM`: loads a random `u32`.
+const SKF_AD_RANDOM: i32 = -0x1000 + 56;
+
+/// The steering program: `ret #steered`, preceded by the probe and canary
+/// rules when set.
+fn program(steered: usize, rules: &Rules, v6: bool) -> io::Result<Vec<libc::sock_filter>> {
+    let index = |i: usize| u32::try_from(i).map_err(io::Error::other);
+    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let (ld_w, ld_h) = (
+        libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+        libc::BPF_LD | libc::BPF_H | libc::BPF_ABS,
+    );
+    let (jeq, jge, ret) = (
+        libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+        libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K,
+        libc::BPF_RET | libc::BPF_K,
+    );
+    let mut code = Vec::new();
+    if let Some((address, port, target)) = rules.probe {
+        // The source address's last 32 bits and the source port; IPv4
+        // without options (as a local connect sends its SYN), or IPv6.
+        let (address_at, port_at) = if v6 { (20, 40) } else { (12, 20) };
+        code.push(op(ld_w, 0, 0, (SKF_NET_OFF + address_at) as u32));
+        code.push(op(jeq, 0, 3, address));
+        code.push(op(ld_h, 0, 0, (SKF_NET_OFF + port_at) as u32));
+        code.push(op(jeq, 0, 1, u32::from(port)));
+        code.push(op(ret, 0, 0, index(target)?));
+    }
+    if let Some((canary, threshold)) = rules.canary {
+        code.push(op(ld_w, 0, 0, SKF_AD_RANDOM as u32));
+        code.push(op(jge, 0, 1, threshold));
+        code.push(op(ret, 0, 0, index(steered)?));
+        code.push(op(ret, 0, 0, index(canary)?));
+    } else {
+        code.push(op(ret, 0, 0, index(steered)?));
+    }
+    Ok(code)
+}
+
+/// Whether `fd` is an IPv6 socket.
+fn is_v6(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let address: nix::sys::socket::SockaddrStorage = nix::sys::socket::getsockname(fd.as_raw_fd())?;
+    Ok(nix::sys::socket::SockaddrLike::family(&address)
+        == Some(nix::sys::socket::AddressFamily::Inet6))
+}
+
+/// Attaches `code` as the group's steering program through `fd`.
+fn attach_program(fd: BorrowedFd<'_>, code: &[libc::sock_filter]) -> io::Result<()> {
+    let mut code = code.to_vec();
     let program = libc::sock_fprog {
         len: code.len() as u16,
         filter: code.as_mut_ptr(),
@@ -573,6 +686,87 @@ mod tests {
         assert_eq!(probe(port, &[&primary, &stranger], 16), [16, 0]);
         drop(stranger);
         assert!(group.matches_kernel(address).unwrap());
+    }
+
+    #[test]
+    fn a_canary_gets_its_share_of_new_connections_and_steering_ends_it() {
+        let (primary, port, _, mut group) = new_port();
+        let (_old_token, old) = joined(&mut group, port);
+        let (_new_token, new) = joined(&mut group, port);
+        group.steer(old.as_fd()).unwrap();
+        let share = crate::config::Share::parse("20%").unwrap();
+        group
+            .split(old.as_fd(), new.as_fd(), share.threshold())
+            .unwrap();
+        // In rounds that fit the backlog.
+        let mut counts = [0u32; 3];
+        for _ in 0..20 {
+            let round = probe(port, &[&primary, &old, &new], 40);
+            for (total, n) in counts.iter_mut().zip(round) {
+                *total += n;
+            }
+        }
+        assert_eq!(counts[0], 0, "{counts:?}");
+        // 20% of 800: a binomial with a standard deviation of about 11.
+        assert!((110..=210).contains(&counts[2]), "{counts:?}");
+        // Nothing is let go of while both are pointed at.
+        group.tidy();
+        assert_eq!(group.len(), 3);
+        group.steer(new.as_fd()).unwrap();
+        assert_eq!(probe(port, &[&primary, &old, &new], 50), [0, 0, 50]);
+    }
+
+    #[test]
+    fn the_probe_socket_reaches_the_probed_member_and_nobody_else_does() {
+        let (primary, port, _, mut group) = new_port();
+        let (_old_token, old) = joined(&mut group, port);
+        let (_new_token, new) = joined(&mut group, port);
+        group.steer(old.as_fd()).unwrap();
+        let client = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let from = client.local_addr().unwrap();
+        drop(client);
+        group.probe(Some((from, new.as_fd()))).unwrap();
+        // Everyone else still goes to `old`.
+        assert_eq!(probe(port, &[&primary, &old, &new], 16), [0, 16, 0]);
+        let socket = socket2_bound(from);
+        socket
+            .connect(&nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, port))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while accept_queue(new.as_fd()).unwrap() != 1 {
+            assert!(Instant::now() < deadline, "the probe did not reach `new`");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let accepted = TcpListener::from(new.try_clone().unwrap());
+        drop(accepted.accept().unwrap());
+        group.probe(None).unwrap();
+        assert_eq!(probe(port, &[&primary, &old, &new], 8), [0, 8, 0]);
+    }
+
+    /// A TCP socket bound to `from`, ready to connect.
+    fn socket2_bound(from: SocketAddr) -> Client {
+        use nix::sys::socket::*;
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+        let SocketAddr::V4(from) = from else {
+            panic!("v4")
+        };
+        bind(fd.as_raw_fd(), &SockaddrIn::from(from)).unwrap();
+        Client(fd)
+    }
+
+    struct Client(OwnedFd);
+
+    impl Client {
+        fn connect(&self, to: &nix::sys::socket::SockaddrIn) -> nix::Result<()> {
+            nix::sys::socket::connect(self.0.as_raw_fd(), to)
+        }
     }
 
     #[test]
