@@ -51,10 +51,21 @@ pub enum Command {
     Check,
     /// Reload: start a new generation, wait until it is ready, drain the old one.
     Reload {
-        /// How long to wait for the outcome.
+        /// How long to wait for the outcome (a reload on probation ends
+        /// with it).
         #[arg(long, value_parser = duration, default_value = "10m")]
         timeout: Duration,
+        /// Send this share of new connections (e.g. 10%) to the new
+        /// generation, until `baton promote`, `baton rollback` or the end of
+        /// `probation`.
+        #[arg(long, value_name = "PERCENT")]
+        canary: Option<String>,
     },
+    /// End the probation of the reload under way and keep its generation.
+    Promote,
+    /// End the probation of the reload under way and go back to the
+    /// generation it replaced.
+    Rollback,
     /// Replace the master by the binary at its path, without dropping a connection.
     Upgrade {
         /// How long to wait for the outcome.
@@ -203,8 +214,8 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
     const QUICK: Duration = Duration::from_secs(30);
     match command {
         Command::Run | Command::Check => unreachable!("handled by main"),
-        Command::Reload { timeout } => {
-            let reply = client::request(socket, &Request::Reload {}, timeout)?;
+        Command::Reload { timeout, canary } => {
+            let reply = client::request(socket, &Request::Reload { canary }, timeout)?;
             let outcome: Option<ReloadOutcome> = result(&reply);
             if let Some(outcome) = &outcome {
                 print_outcome(outcome);
@@ -259,6 +270,23 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             }
             println!("master {pid} stopped");
             Ok(0)
+        }
+        Command::Promote | Command::Rollback => {
+            let promote = matches!(command, Command::Promote);
+            let request = if promote {
+                Request::Promote {}
+            } else {
+                Request::Rollback {}
+            };
+            let reply = client::request(socket, &request, QUICK)?;
+            if let Some(generation) = reply.result.as_ref().map(|r| r["generation"].clone()) {
+                if promote {
+                    println!("generation {generation} promoted: the generation it replaced drains");
+                } else {
+                    println!("generation {generation} rolled back: the generation it replaced serves again");
+                }
+            }
+            Ok(exit(&reply))
         }
         Command::Reopen => {
             let reply = client::request(socket, &Request::Reopen {}, QUICK)?;

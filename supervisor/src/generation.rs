@@ -41,6 +41,9 @@ pub enum Phase {
     Draining,
     /// Its reload failed; its workers are being stopped.
     Failed,
+    /// Replaced by a generation on probation: accepts nothing new, stays
+    /// warm to take the traffic back.
+    Standby,
 }
 
 impl Phase {
@@ -51,6 +54,7 @@ impl Phase {
             Phase::Current => "current",
             Phase::Draining => "draining",
             Phase::Failed => "failed",
+            Phase::Standby => "standby",
         }
     }
 }
@@ -103,6 +107,10 @@ pub struct Generation {
     pub notify: Option<Notifier>,
     /// Replaced, and accepting the rest of its queues before it drains.
     pub handover: Option<Handover>,
+    /// When each worker index crashed, within `crash_loop_window`.
+    pub crashes: BTreeMap<u32, std::collections::VecDeque<Instant>>,
+    /// Indexes the crash-loop breaker stopped respawning.
+    pub crash_looped: std::collections::BTreeSet<u32>,
 }
 
 impl Generation {
@@ -122,6 +130,8 @@ impl Generation {
             started: Instant::now(),
             workers: BTreeMap::new(),
             respawns: BTreeMap::new(),
+            crashes: BTreeMap::new(),
+            crash_looped: Default::default(),
             notify: None,
             handover: None,
         }
@@ -160,6 +170,21 @@ impl Generation {
             "worker started"
         );
         Ok(self.workers.entry(pid).or_insert(worker))
+    }
+
+    /// A readiness probe passed: its starting workers are ready.
+    pub fn probe_passed(&mut self) {
+        for worker in self.workers.values_mut() {
+            if worker.state == State::Starting {
+                worker.state = State::Ready;
+                tracing::info!(
+                    generation = self.number,
+                    worker = worker.index,
+                    pid = worker.pid.as_raw(),
+                    "worker ready"
+                );
+            }
+        }
     }
 
     /// Whether every configured worker is up and ready.
@@ -218,6 +243,25 @@ impl Generation {
             return;
         }
         self.drain(Phase::Draining, timeout);
+    }
+
+    /// Counts a crash of `index`: whether it crashed `crash_loop_limit` times
+    /// within `crash_loop_window`, and so is not to be respawned any more
+    /// (the crash-loop breaker; a reload starts it afresh).
+    pub fn crash_loop(&mut self, index: u32) -> bool {
+        let now = Instant::now();
+        let window = self.config.worker.crash_loop_window.0;
+        let limit = self.config.worker.crash_loop_limit as usize;
+        let times = self.crashes.entry(index).or_default();
+        times.push_back(now);
+        while times.front().is_some_and(|t| now - *t > window) {
+            times.pop_front();
+        }
+        if times.len() >= limit {
+            self.crash_looped.insert(index);
+            return true;
+        }
+        false
     }
 
     /// Schedules a respawn of the worker that just exited, with exponential

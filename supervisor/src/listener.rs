@@ -171,6 +171,28 @@ impl Listener {
         Ok(())
     }
 
+    /// Sends the share of new connections on this port below `threshold`
+    /// (out of `u32::MAX`) to `canary`, and the rest to this socket.
+    pub fn split_with(&self, canary: &Listener, threshold: u32) -> anyhow::Result<()> {
+        if let Some(group) = self.port().group.borrow_mut().as_mut() {
+            group
+                .split(self.fd(), canary.fd(), threshold)
+                .with_context(|| format!("splitting listener `{}`", self.info.name))?;
+        }
+        Ok(())
+    }
+
+    /// Sends connections from `from` (a probe's socket) to this socket
+    /// whatever the port is steered to; `None` ends that.
+    pub fn probe_from(&self, from: Option<SocketAddr>) {
+        if let Some(group) = self.port().group.borrow_mut().as_mut() {
+            let target = from.map(|f| (f, self.fd()));
+            if let Err(e) = group.probe(target) {
+                tracing::error!(listener = %self.info.name, error = %e, "cannot steer the probe");
+            }
+        }
+    }
+
     /// Whether new connections can be steered away from this socket (a TCP
     /// listener's, with its port group).
     pub fn steerable(&self) -> bool {

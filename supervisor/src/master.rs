@@ -80,6 +80,13 @@ pub enum Event {
         /// What arrived, and from whom.
         datagram: crate::notify::Datagram,
     },
+    /// A readiness probe's attempt ended.
+    Probe {
+        /// The generation it probed.
+        generation: u64,
+        /// Passed, or why not.
+        result: Result<(), String>,
+    },
     /// A request from the control socket, and where its reply goes.
     Control {
         /// The request.
@@ -132,6 +139,12 @@ pub struct Master {
     /// Kills the workers a killed master leaves behind (see
     /// [`crate::guardian`]).
     pub(crate) guardian: Option<crate::guardian::Guardian>,
+    /// A reload past cutover, on probation (see [`crate::rollout`]).
+    pub(crate) rollout: Option<crate::rollout::Rollout>,
+    /// The generation whose readiness probes run (see [`crate::probe`]).
+    pub(crate) probing: Option<crate::probe::Probing>,
+    /// `baton reload --canary`, for the reload it starts.
+    pub(crate) pending_canary: Option<crate::config::Share>,
 }
 
 /// A new master's link to the old one until the handover.
@@ -227,6 +240,9 @@ pub async fn run(
         old_master: None,
         successor: None,
         guardian: None,
+        rollout: None,
+        probing: None,
+        pending_canary: None,
     };
     master.start_guardian();
     if let Some(takeover) = takeover {
@@ -444,6 +460,7 @@ impl Master {
                 generation,
                 datagram,
             } => return self.on_notify(generation, datagram),
+            Event::Probe { generation, result } => return self.on_probe(generation, result),
         };
         let Some(generation) = self.generation_of(pid) else {
             return;
@@ -517,6 +534,9 @@ impl Master {
         if self.upgrade_child_exited(pid, &status, success) {
             return;
         }
+        if self.probe_exited(pid, &status, success) {
+            return;
+        }
         if self.guardian.as_ref().is_some_and(|g| g.pid() == pid) {
             tracing::warn!(pid = pid.as_raw(), %status, "the guardian exited; starting another");
             self.start_guardian();
@@ -543,6 +563,13 @@ impl Master {
             state = worker.state.name(),
             "worker exited"
         );
+        let index = worker.index;
+        if !draining && self.probation_worker_exited(number, index, pid, &status) {
+            return self.reap_finished_generations();
+        }
+        let Some(generation) = self.generations.get_mut(&number) else {
+            return;
+        };
         match generation.phase {
             Phase::Starting => {
                 let reason = format!(
@@ -552,6 +579,17 @@ impl Master {
                 self.new_worker_exited(reason);
             }
             Phase::Current if !stopping && !draining && worker.index < generation.processes => {
+                if generation.crash_loop(worker.index) {
+                    tracing::error!(
+                        generation = number,
+                        worker = worker.index,
+                        pid = pid.as_raw(),
+                        crashes = generation.config.worker.crash_loop_limit,
+                        window_ms = generation.config.worker.crash_loop_window.0.as_millis() as u64,
+                        "worker crash loop: not respawned any more; capacity is lost until a reload"
+                    );
+                    return self.reap_finished_generations();
+                }
                 let delay = generation.schedule_respawn(&worker);
                 tracing::warn!(
                     generation = number,
@@ -627,6 +665,10 @@ impl Master {
             crate::sd_notify::notify("STOPPING=1");
         }
         self.abandon_upgrade();
+        self.probing = None;
+        if self.rollout.take().is_some() {
+            tracing::warn!("probation abandoned: the master is stopping");
+        }
         self.stopping = Some(how);
         self.reload_queued = false;
         if self.reload.take().is_some() {
@@ -707,6 +749,8 @@ impl Master {
     /// Runs whatever is due: reload deadlines, drain kills, respawns.
     fn on_tick(&mut self) {
         self.advance_reload();
+        self.probe_tick();
+        self.rollout_tick();
         self.upgrade_tick();
         let now = Instant::now();
         let stopping = self.stopping.is_some();
@@ -767,6 +811,8 @@ impl Master {
             .chain(reload)
             .chain(self.delay_ready_deadline())
             .chain(self.upgrade_deadline())
+            .chain(self.probe_deadline())
+            .chain(self.rollout_deadline())
             .min()
     }
 }

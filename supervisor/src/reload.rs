@@ -25,6 +25,9 @@ pub enum Step {
     Spawn,
     /// Wait until every new worker is ready.
     Ready,
+    /// After cutover: the replaced generation on standby until the new one
+    /// has proven itself (or is rolled back).
+    Probation,
     /// Switch over; drain the old generation.
     Commit,
 }
@@ -36,6 +39,7 @@ impl fmt::Display for Step {
             Step::Bind => "bind",
             Step::Spawn => "spawn",
             Step::Ready => "ready",
+            Step::Probation => "probation",
             Step::Commit => "commit",
         })
     }
@@ -144,9 +148,36 @@ pub struct Reload {
     config: Rc<Config>,
     listeners: Vec<Shared>,
     processes: u32,
+    /// `baton reload --canary`.
+    canary: Option<crate::config::Share>,
 }
 
 impl Reload {
+    /// The configuration it starts.
+    pub fn config(&self) -> &Rc<Config> {
+        &self.config
+    }
+
+    /// The canary share asked for with `baton reload --canary`.
+    pub fn canary(&self) -> Option<crate::config::Share> {
+        self.canary
+    }
+
+    /// Its span.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    /// What started it.
+    pub fn trigger(&self) -> Trigger {
+        self.trigger
+    }
+
+    /// Its phases so far, taken out.
+    pub fn take_phases(&mut self) -> Vec<(Step, Duration)> {
+        std::mem::take(&mut self.phases)
+    }
+
     /// The generation being started.
     pub fn generation(&self) -> u64 {
         self.generation
@@ -157,7 +188,7 @@ impl Reload {
         self.ready_deadline
     }
 
-    fn end_phase(&mut self, step: Step) {
+    pub(crate) fn end_phase(&mut self, step: Step) {
         let now = Instant::now();
         self.phases.push((step, now - self.phase_started));
         self.phase_started = now;
@@ -181,7 +212,7 @@ impl Master {
             if let Some(waiter) = waiter {
                 let _ = waiter.send(Reply::error(format!("reload refused: {reason}")));
             }
-        } else if self.reload.is_some() {
+        } else if self.reload.is_some() || self.rollout.is_some() {
             tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
             self.reload_queued = true;
             self.queued_waiters.extend(waiter);
@@ -217,9 +248,11 @@ impl Master {
         let mut phase_started = Instant::now();
         phases.push((Step::Validate, phase_started - started));
 
+        let canary = self.pending_canary.take();
+        let steered = config.worker.steers_generations() || canary.is_some();
         let bound = self
             .bind(&config)
-            .and_then(|listeners| Ok((self.sockets(&config, &listeners)?, listeners)));
+            .and_then(|listeners| Ok((self.sockets(&config, &listeners, steered)?, listeners)));
         let (sockets, listeners) = match bound {
             Ok(bound) => bound,
             Err(e) => {
@@ -271,10 +304,12 @@ impl Master {
             config,
             listeners,
             processes,
+            canary,
         };
         if let Some(reason) = spawn_error {
             return self.abort(reload, Step::Spawn, reason);
         }
+        self.start_probing(generation);
         reload.phase_started = Instant::now();
         self.reload = Some(reload);
         self.advance_reload();
@@ -313,15 +348,21 @@ impl Master {
 
     /// The sockets a generation running `config` gets for `listeners`: the
     /// listeners themselves for SDK workers (which stop accepting when told
-    /// to drain), a TCP socket of their own on each port for others. A port
-    /// new to this reload is steered to the new generation at once: nobody
-    /// else serves it.
-    fn sockets(&self, config: &Config, listeners: &[Shared]) -> anyhow::Result<Vec<Shared>> {
+    /// to drain), a TCP socket of their own on each port for others, and
+    /// for every generation that is `steered` between (probes, probation,
+    /// canaries; see [`crate::rollout`]). A port new to this reload is
+    /// steered to the new generation at once: nobody else serves it.
+    fn sockets(
+        &self,
+        config: &Config,
+        listeners: &[Shared],
+        steered: bool,
+    ) -> anyhow::Result<Vec<Shared>> {
         let mut sockets = Vec::with_capacity(listeners.len());
         for listener in listeners {
             let socket = match config.worker.protocol {
-                Protocol::Sdk => listener.clone(),
-                Protocol::Systemd | Protocol::Args => Listener::for_generation(listener)?,
+                Protocol::Sdk if !steered => listener.clone(),
+                _ => Listener::for_generation(listener)?,
             };
             if !self.listeners.iter().any(|l| Rc::ptr_eq(l, listener)) {
                 socket.steer_here()?;
@@ -361,10 +402,20 @@ impl Master {
                 .map(|w| format!("worker {} (pid {})", w.index, w.pid))
                 .collect();
             let timeout = new.config.worker.ready_timeout.0;
+            let last_probe = self
+                .probing
+                .as_ref()
+                .filter(|p| p.generation == generation)
+                .and_then(|p| p.last_failure.as_ref())
+                .map(|f| format!(" (last probe: {f})"))
+                .unwrap_or_default();
             self.abort(
                 reload,
                 Step::Ready,
-                format!("{} not ready within {timeout:?}", waiting.join(", ")),
+                format!(
+                    "{} not ready within {timeout:?}{last_probe}",
+                    waiting.join(", ")
+                ),
             );
         }
     }
@@ -393,6 +444,16 @@ impl Master {
     fn commit(&mut self, mut reload: Reload) {
         let _enter = reload.span.clone().entered();
         reload.end_phase(Step::Ready);
+        if let Some(reload) = self.begin_rollout(reload) {
+            self.settle(reload);
+        }
+    }
+
+    /// Switches over for good: every new connection to the new generation,
+    /// the replaced one drained, the master's settings switched.
+    pub(crate) fn settle(&mut self, mut reload: Reload) {
+        let _enter = reload.span.clone().entered();
+        self.probing = None;
         let config = reload.config.clone();
         if config.supervisor.log_filter != self.config.supervisor.log_filter {
             if let Err(e) = self.log.set_filter(&config.supervisor.log_filter) {
@@ -423,7 +484,8 @@ impl Master {
         }
         let drain_timeout = config.worker.drain_timeout.0;
         for old in self.generations.values_mut() {
-            if old.phase == Phase::Current && old.number != reload.generation {
+            let replaced = old.phase == Phase::Current || old.phase == Phase::Standby;
+            if replaced && old.number != reload.generation {
                 tracing::info!(generation = old.number, "generation draining");
                 let moved = steered_away(&old.listeners, &new_sockets);
                 old.hand_over(moved, drain_timeout);
@@ -489,6 +551,7 @@ impl Master {
 
     fn abort(&mut self, reload: Reload, step: Step, reason: String) {
         let _enter = reload.span.clone().entered();
+        self.probing = None;
         let mut phases = reload.phases;
         if step == Step::Ready {
             phases.push((Step::Ready, reload.phase_started.elapsed()));
@@ -506,7 +569,7 @@ impl Master {
     }
 
     /// Logs and keeps the outcome, then starts the coalesced follow-up.
-    fn record(
+    pub(crate) fn record(
         &mut self,
         generation: u64,
         trigger: Trigger,

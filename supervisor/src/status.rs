@@ -21,6 +21,7 @@ impl Master {
                 processes: g.processes,
                 config_hash: g.config.hash.clone(),
                 sockets: g.listeners.iter().map(|l| l.fd().as_raw_fd()).collect(),
+                crash_loop: g.crash_looped.iter().copied().collect(),
                 workers: g
                     .workers
                     .values()
@@ -68,8 +69,13 @@ impl Master {
                 })
                 .collect(),
             generations,
-            reload_in_progress: self.reload.as_ref().map(|r| r.generation()),
+            reload_in_progress: self
+                .reload
+                .as_ref()
+                .map(|r| r.generation())
+                .or(self.rollout.as_ref().map(|r| r.generation())),
             last_reload,
+            rollout: self.rollout_status(),
         }
     }
 }
@@ -122,8 +128,29 @@ pub fn render(status: &Status) -> String {
         m.config,
         m.config_hash
     );
-    if let Some(n) = status.reload_in_progress {
+    if let Some(r) = &status.rollout {
+        let share = r
+            .canary_percent
+            .map(|p| format!(", canary {p}% of new connections"))
+            .unwrap_or_default();
+        let left = r
+            .left_s
+            .map(|s| format!("{} left", age(s)))
+            .unwrap_or_else(|| "until baton promote or rollback".into());
+        let _ = writeln!(
+            out,
+            "reload   generation {} on probation{share}: {left}; generation {} on standby",
+            r.generation, r.standby
+        );
+    } else if let Some(n) = status.reload_in_progress {
         let _ = writeln!(out, "reload   in progress: generation {n}");
+    }
+    for g in status.generations.iter().filter(|g| !g.crash_loop.is_empty()) {
+        let _ = writeln!(
+            out,
+            "alert    generation {}: worker(s) {:?} crash-looped and are not respawned (capacity lost; `baton reload` to fix)",
+            g.number, g.crash_loop
+        );
     }
     if let Some(r) = &status.last_reload {
         let detail = match (&r.failed_phase, &r.reason) {

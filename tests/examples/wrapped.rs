@@ -18,6 +18,12 @@
 //! - `--child`: starts a child process that sleeps until killed, even after
 //!   this process has exited.
 //! - `--reopened DIR`: appends a line to `DIR/reopened-GEN-INDEX` per SIGUSR1.
+//! - `--exit-after SECS`: exits with status 1 that long after it started,
+//!   between two requests (a release that crashes); with `--exit-worker N`
+//!   only worker N does.
+//! - `--health-status CODE`: answers `GET /healthz` with CODE (default 200).
+//! - `--requests DIR`: appends each request's path to
+//!   `DIR/requests-GEN-INDEX`.
 //! - `--send TEXT` (internal): sends TEXT to `NOTIFY_SOCKET`, then waits for
 //!   its parent to exit.
 //! - `--sleep` (internal): sleeps until killed.
@@ -92,12 +98,24 @@ fn main() {
     }
     let fd: RawFd = option("--fd").map_or(3, |n| n.parse().expect("--fd N"));
     let reopened = option("--reopened").map(|dir| format!("{dir}/reopened-{generation}-{index}"));
-    serve(
-        fd,
-        &generation,
-        reopened.as_deref(),
-        flag("--reset-on-stop"),
-    );
+    let exits = option("--exit-worker").is_none_or(|n| n == index);
+    let behaviour = Behaviour {
+        generation: generation.clone(),
+        exit_at: option("--exit-after")
+            .filter(|_| exits)
+            .map(|s| std::time::Instant::now() + Duration::from_secs_f64(s.parse().expect("--exit-after SECS"))),
+        health: option("--health-status").map_or(200, |c| c.parse().expect("--health-status CODE")),
+        requests: option("--requests").map(|dir| format!("{dir}/requests-{generation}-{index}")),
+    };
+    serve(fd, &behaviour, reopened.as_deref(), flag("--reset-on-stop"));
+}
+
+/// How it answers.
+struct Behaviour {
+    generation: String,
+    exit_at: Option<std::time::Instant>,
+    health: u16,
+    requests: Option<String>,
 }
 
 /// Installs `handler` for `signal` without SA_RESTART, so that a blocking
@@ -170,7 +188,8 @@ fn dump(path: &str, args: &[String]) {
     std::fs::rename(&tmp, path).expect("rename dump");
 }
 
-fn serve(fd: RawFd, generation: &str, reopened: Option<&str>, reset_on_stop: bool) {
+fn serve(fd: RawFd, behaviour: &Behaviour, reopened: Option<&str>, reset_on_stop: bool) {
+    let generation = behaviour.generation.as_str();
     // SAFETY: the fd is borrowed only for this call.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let kind = nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::SockType);
@@ -181,10 +200,17 @@ fn serve(fd: RawFd, generation: &str, reopened: Option<&str>, reset_on_stop: boo
             let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
             listener.set_nonblocking(true).expect("nonblocking");
             while wait_readable(fd, reopened) {
+                if behaviour
+                    .exit_at
+                    .is_some_and(|at| std::time::Instant::now() >= at)
+                {
+                    eprintln!("wrapped: exiting with status 1 as asked");
+                    std::process::exit(1);
+                }
                 match listener.accept() {
                     Ok((stream, _)) => {
                         stream.set_nonblocking(false).expect("blocking");
-                        answer_http(stream, generation);
+                        answer_http(stream, behaviour);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => panic!("accept: {e}"),
@@ -254,7 +280,8 @@ fn note_reopen(path: Option<&str>) {
     }
 }
 
-fn answer_http(mut stream: std::net::TcpStream, generation: &str) {
+fn answer_http(mut stream: std::net::TcpStream, behaviour: &Behaviour) {
+    let generation = behaviour.generation.as_str();
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let mut request = Vec::new();
     let mut buffer = [0u8; 1024];
@@ -267,13 +294,24 @@ fn answer_http(mut stream: std::net::TcpStream, generation: &str) {
             Ok(n) => request.extend_from_slice(&buffer[..n]),
         }
     }
+    let head = String::from_utf8_lossy(&request);
+    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+    if let Some(file) = &behaviour.requests {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(file)
+            .expect("open requests file");
+        let _ = writeln!(file, "{path}");
+    }
+    let status = if path == "/healthz" { behaviour.health } else { 200 };
     let body = format!(
         "wrapped generation {generation} pid {} uid {}\n",
         std::process::id(),
         nix::unistd::getuid()
     );
     let response = format!(
-        "HTTP/1.1 200 OK\r\nx-baton-generation: {generation}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} X\r\nx-baton-generation: {generation}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(response.as_bytes());

@@ -11,7 +11,20 @@ impl Master {
     pub(crate) fn on_control(&mut self, request: Request, reply: Waiter) {
         tracing::debug!(?request, "control request");
         let answer = match request {
-            Request::Reload {} => return self.request_reload(Trigger::Cli, Some(reply)),
+            Request::Reload { canary: None } => {
+                return self.request_reload(Trigger::Cli, Some(reply))
+            }
+            Request::Reload {
+                canary: Some(canary),
+            } => match crate::config::Share::parse(&canary) {
+                Ok(share) => {
+                    self.pending_canary = Some(share);
+                    return self.request_reload(Trigger::Cli, Some(reply));
+                }
+                Err(e) => Reply::error(format!("reload refused: --canary: {e}")),
+            },
+            Request::Promote {} => return self.on_rollout_request(true, reply),
+            Request::Rollback {} => return self.on_rollout_request(false, reply),
             Request::Status {} => Reply::ok(self.status()),
             Request::Upgrade {} => return self.request_upgrade(Some(reply)),
             Request::Stop { fast } => {

@@ -15,7 +15,17 @@ pub const MAX_LINE: usize = 64 * 1024;
 #[serde(tag = "command", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// Run the reload transaction and reply with its outcome.
-    Reload {},
+    Reload {
+        /// Send this share of new connections (`"10%"`) to the new
+        /// generation until `promote`, `rollback` or the end of probation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        canary: Option<String>,
+    },
+    /// End the probation of the reload under way: keep the new generation.
+    Promote {},
+    /// End the probation of the reload under way: back to the generation
+    /// it replaced.
+    Rollback {},
     /// Reply with the master's status.
     Status {},
     /// Replace the master by a new binary; reply with the outcome.
@@ -168,6 +178,30 @@ pub struct Status {
     /// The last finished reload (including the start).
     #[serde(default)]
     pub last_reload: Option<ReloadOutcome>,
+    /// A reload past cutover, on probation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// A reload on probation, as `baton status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// The new generation.
+    pub generation: u64,
+    /// The generation it replaced, on standby.
+    pub standby: u64,
+    /// The new generation's share of new connections, when a canary.
+    #[serde(default)]
+    pub canary_percent: Option<f64>,
+    /// Seconds since cutover.
+    pub elapsed_s: f64,
+    /// Seconds until probation ends by itself (none for a canary that
+    /// waits for `baton promote`).
+    #[serde(default)]
+    pub left_s: Option<f64>,
+    /// Failed probes in a row, when the generation is probed.
+    #[serde(default)]
+    pub probe_failures: Option<u32>,
 }
 
 /// The master process.
@@ -218,6 +252,10 @@ pub struct GenerationStatus {
     /// of the generation's own on the same port.
     #[serde(default)]
     pub sockets: Vec<i32>,
+    /// Worker indexes the crash-loop breaker stopped respawning: capacity
+    /// lost until a reload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crash_loop: Vec<u32>,
     /// Its live workers.
     pub workers: Vec<WorkerStatus>,
 }
@@ -250,7 +288,12 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         for request in [
-            Request::Reload {},
+            Request::Reload { canary: None },
+            Request::Reload {
+                canary: Some("10%".into()),
+            },
+            Request::Promote {},
+            Request::Rollback {},
             Request::Status {},
             Request::Stop { fast: true },
             Request::Reopen {},

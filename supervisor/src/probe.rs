@@ -1,0 +1,371 @@
+//! Readiness probes that reach the generation they probe: `ready = "tcp"`,
+//! `"http:/PATH"` and `"exec:COMMAND"`, tried every `probe_interval` while a
+//! new generation starts, and during its probation.
+//!
+//! A TCP or HTTP probe connects to the generation's socket on the first TCP
+//! listener. That socket shares the port with the generation that serves,
+//! and new connections are steered to the serving one; so the probe socket
+//! is bound first, and the port's steering program sends connections from
+//! exactly that source address and port to the probed generation's socket
+//! (see [`crate::steering`]) until the attempt is over. The old generation
+//! never sees a probe.
+//!
+//! - `tcp` passes once a worker of the generation has accepted the probe's
+//!   connection (the socket's accept queue is empty again).
+//! - `http:/PATH` passes on a `2xx` answer to `GET PATH`.
+//! - `exec:COMMAND` passes when the command exits 0. It runs in the config
+//!   file's directory with `BATON_GENERATION`, `BATON_PROBE_ADDRESS` (the
+//!   first TCP listener's address) and `BATON_WORKER_PIDS`; which server it
+//!   reaches is its own business. The master reaps it like any child.
+//!
+//! Each attempt has `probe_interval` to finish; its result comes back to the
+//! event loop as [`crate::master::Event::Probe`].
+
+use crate::config::ReadyMode;
+use crate::generation::Generation;
+use crate::listener::Shared;
+use crate::master::{Event, Events, Master};
+use baton_worker::ListenerKind;
+use nix::unistd::Pid;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// The generation being probed, and how its probes went.
+#[derive(Debug)]
+pub struct Probing {
+    /// The generation.
+    pub generation: u64,
+    /// When the next attempt starts.
+    pub next_at: Instant,
+    /// The attempt under way.
+    pub in_flight: Option<InFlight>,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// Why the last attempt failed.
+    pub last_failure: Option<String>,
+    /// Passed at least once.
+    pub passed: bool,
+}
+
+/// An attempt under way.
+#[derive(Debug)]
+pub struct InFlight {
+    /// The socket whose steering rule sends the probe to the generation.
+    steered: Option<Shared>,
+    /// An exec probe's process, reaped by the master.
+    pub pid: Option<Pid>,
+    /// When the attempt counts as failed.
+    pub deadline: Instant,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+        if let Some(socket) = &self.steered {
+            socket.probe_from(None);
+        }
+        if let Some(pid) = self.pid {
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+impl Probing {
+    /// Probes `generation` from now on.
+    pub fn new(generation: u64) -> Probing {
+        Probing {
+            generation,
+            next_at: Instant::now(),
+            in_flight: None,
+            failures: 0,
+            last_failure: None,
+            passed: false,
+        }
+    }
+}
+
+/// Where a TCP or HTTP probe of `generation` connects: its socket on the
+/// first TCP listener, and the address (a wildcard address is probed on
+/// loopback).
+fn target(generation: &Generation) -> Option<(Shared, SocketAddr)> {
+    let socket = generation
+        .listeners
+        .iter()
+        .find(|l| l.info.kind == ListenerKind::Tcp)?
+        .clone();
+    let mut address: SocketAddr = socket.info.address.parse().ok()?;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address {
+            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    Some((socket, address))
+}
+
+impl Master {
+    /// Starts probing `generation` if its workers are ready by probe.
+    pub(crate) fn start_probing(&mut self, generation: u64) {
+        let probes = self
+            .generations
+            .get(&generation)
+            .is_some_and(|g| g.config.worker.ready.probes());
+        self.probing = probes.then(|| Probing::new(generation));
+    }
+
+    /// Starts an attempt when one is due; fails one past its deadline.
+    pub(crate) fn probe_tick(&mut self) {
+        let now = Instant::now();
+        let Some(probing) = &mut self.probing else {
+            return;
+        };
+        if let Some(in_flight) = &probing.in_flight {
+            if now >= in_flight.deadline {
+                let generation = probing.generation;
+                return self.on_probe(generation, Err("no answer within probe_interval".into()));
+            }
+            return;
+        }
+        if now < probing.next_at {
+            return;
+        }
+        let number = probing.generation;
+        let Some(generation) = self.generations.get(&number) else {
+            self.probing = None;
+            return;
+        };
+        let interval = generation.config.worker.probe_interval.0;
+        let started = match &generation.config.worker.ready {
+            ReadyMode::Exec(argv) => start_exec(generation, argv),
+            ReadyMode::Tcp => start_connect(generation, None, interval, &self.events),
+            ReadyMode::Http(path) => {
+                start_connect(generation, Some(path.clone()), interval, &self.events)
+            }
+            _ => return,
+        };
+        let probing = self.probing.as_mut().expect("checked above");
+        match started {
+            Ok(mut in_flight) => {
+                in_flight.deadline = now + interval;
+                probing.in_flight = Some(in_flight);
+            }
+            Err(e) => {
+                probing.next_at = now + interval;
+                self.on_probe(number, Err(e));
+            }
+        }
+    }
+
+    /// When the probe needs the loop next.
+    pub(crate) fn probe_deadline(&self) -> Option<Instant> {
+        let probing = self.probing.as_ref()?;
+        Some(match &probing.in_flight {
+            Some(in_flight) => in_flight.deadline,
+            None => probing.next_at,
+        })
+    }
+
+    /// An exec probe's process exited: whether `pid` was one.
+    pub(crate) fn probe_exited(&mut self, pid: Pid, status: &str, success: bool) -> bool {
+        let Some(probing) = &mut self.probing else {
+            return false;
+        };
+        let Some(in_flight) = probing.in_flight.as_mut().filter(|f| f.pid == Some(pid)) else {
+            return false;
+        };
+        in_flight.pid = None;
+        let generation = probing.generation;
+        let result = if success {
+            Ok(())
+        } else {
+            Err(format!("probe command exited with {status}"))
+        };
+        self.on_probe(generation, result);
+        true
+    }
+
+    /// An attempt ended.
+    pub(crate) fn on_probe(&mut self, generation: u64, result: Result<(), String>) {
+        let Some(probing) = self.probing.as_mut().filter(|p| p.generation == generation) else {
+            return;
+        };
+        // Ends the steering rule, the task or the process.
+        probing.in_flight = None;
+        let interval = self
+            .generations
+            .get(&generation)
+            .map_or(Duration::from_secs(1), |g| g.config.worker.probe_interval.0);
+        probing.next_at = Instant::now() + interval;
+        match result {
+            Ok(()) => {
+                if !probing.passed || probing.failures > 0 {
+                    tracing::info!(generation, "probe passed");
+                }
+                probing.passed = true;
+                probing.failures = 0;
+                probing.last_failure = None;
+                if let Some(g) = self.generations.get_mut(&generation) {
+                    g.probe_passed();
+                }
+            }
+            Err(reason) => {
+                probing.failures += 1;
+                tracing::warn!(generation, failures = probing.failures, %reason, "probe failed");
+                probing.last_failure = Some(reason);
+                self.probe_failed(generation);
+            }
+        }
+        self.advance_reload();
+    }
+}
+
+/// Connects to the generation (and asks for `path`, for HTTP).
+fn start_connect(
+    generation: &Generation,
+    path: Option<String>,
+    timeout: Duration,
+    events: &Events,
+) -> Result<InFlight, String> {
+    let (socket, address) = target(generation).ok_or("no TCP listener to probe")?;
+    let client = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .and_then(|s| {
+        s.bind(SocketAddr::new(address.ip(), 0))?;
+        Ok(s)
+    })
+    .map_err(|e| format!("creating the probe socket: {e}"))?;
+    let from = client
+        .local_addr()
+        .map_err(|e| format!("creating the probe socket: {e}"))?;
+    // Only a generation's own socket can be told apart from the others.
+    let steered = socket.primary().is_some().then(|| socket.clone());
+    if let Some(socket) = &steered {
+        socket.probe_from(Some(from));
+    }
+    let queue: Option<OwnedFd> = match path {
+        None => Some(
+            socket
+                .fd()
+                .try_clone_to_owned()
+                .map_err(|e| format!("probing: {e}"))?,
+        ),
+        Some(_) => None,
+    };
+    let number = generation.number;
+    let events = events.clone();
+    let task = tokio::spawn(async move {
+        let result = tokio::time::timeout(timeout, attempt(client, address, path, queue)).await;
+        let result = result.unwrap_or_else(|_| Err("no answer within probe_interval".into()));
+        let _ = events.send(Event::Probe {
+            generation: number,
+            result,
+        });
+    });
+    Ok(InFlight {
+        steered,
+        pid: None,
+        deadline: Instant::now() + timeout,
+        task: Some(task.abort_handle()),
+    })
+}
+
+async fn attempt(
+    client: tokio::net::TcpSocket,
+    address: SocketAddr,
+    path: Option<String>,
+    queue: Option<OwnedFd>,
+) -> Result<(), String> {
+    let mut stream = client
+        .connect(address)
+        .await
+        .map_err(|e| format!("connecting to {address}: {e}"))?;
+    let Some(path) = path else {
+        // tcp: passed once a worker accepted it off the generation's queue.
+        let queue = queue.expect("tcp probes watch the queue");
+        loop {
+            use std::os::fd::AsFd;
+            if crate::steering::accept_queue(queue.as_fd()).unwrap_or(0) == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nUser-Agent: baton-probe\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("sending GET {path}: {e}"))?;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 8192 {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading the answer to GET {path}: {e}"))?;
+        if n == 0 {
+            return Err(format!("GET {path}: connection closed without an answer"));
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let line = line.lines().next().unwrap_or_default().to_string();
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("GET {path}: not an HTTP answer: {line:?}"))?;
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("GET {path} answered {}", line.trim_start_matches("HTTP/1.1 ").trim_start_matches("HTTP/1.0 ")))
+    }
+}
+
+/// Runs an exec probe; the master reaps it.
+fn start_exec(generation: &Generation, argv: &[String]) -> Result<InFlight, String> {
+    use std::os::unix::process::CommandExt;
+    let dir = generation.config.path.parent().map(|p| p.to_path_buf());
+    let mut command = std::process::Command::new(&argv[0]);
+    command
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .env("BATON_GENERATION", generation.number.to_string())
+        .env(
+            "BATON_WORKER_PIDS",
+            generation
+                .workers
+                .keys()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
+        .process_group(0);
+    if let Some((_, address)) = target(generation) {
+        command.env("BATON_PROBE_ADDRESS", address.to_string());
+    }
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let child = command
+        .spawn()
+        .map_err(|e| format!("starting probe command {:?}: {e}", argv[0]))?;
+    let pid = Pid::from_raw(child.id() as i32);
+    // The master reaps its children itself.
+    drop(child);
+    Ok(InFlight {
+        steered: None,
+        pid: Some(pid),
+        deadline: Instant::now(),
+        task: None,
+    })
+}

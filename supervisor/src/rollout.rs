@@ -1,0 +1,300 @@
+//! After cutover: probation, canaries and rollback.
+//!
+//! With `[worker] probation` or a canary (`[worker] canary`, `baton reload
+//! --canary N%`), a reload does not settle when its new generation is
+//! ready. New connections go to the new generation (all of them, or the
+//! canary's share, drawn per connection by the port's steering program),
+//! while the generation it replaced is put on **standby**: its sockets get
+//! nothing new (or the rest of the canary split), and its workers stay up
+//! and warm. Then:
+//!
+//! - a new worker exits, the generation's probes fail `probation_failures`
+//!   times in a row, or `baton rollback` is run: **roll back**. New
+//!   connections go to the standby generation again, which is current once
+//!   more, and the new one is handed over and drained. The reload fails in
+//!   phase `probation`.
+//! - probation ends, or `baton promote` is run: the reload **settles** as
+//!   any other: every new connection to the new generation, the standby
+//!   generation drained, the master's settings (log filter, listeners)
+//!   switched, and the reload committed.
+//!
+//! Only TCP listeners can be steered between generations, so during a
+//! rollout every generation has TCP sockets of its own, SDK workers
+//! included. UDP and Unix listeners stay shared: a standby generation of
+//! SDK workers keeps serving those until it drains.
+
+use crate::config::Share;
+use crate::control::protocol::{Reply, RolloutStatus};
+use crate::generation::Phase;
+use crate::master::{Master, Waiter};
+use crate::reload::{steered_away, Reload, Step};
+use crate::worker::State;
+use tokio::time::Instant;
+
+/// A reload past cutover, on probation.
+#[derive(Debug)]
+pub struct Rollout {
+    /// The transaction; it ends when the rollout does.
+    reload: Reload,
+    /// The generation it replaced, on standby.
+    standby: u64,
+    /// When new connections went to the new generation.
+    cut_over: Instant,
+    /// When probation ends by itself (`None`: a canary waiting for `baton
+    /// promote`).
+    until: Option<Instant>,
+    /// The new generation's share of new connections, if not all.
+    canary: Option<Share>,
+}
+
+impl Rollout {
+    /// The new generation.
+    pub fn generation(&self) -> u64 {
+        self.reload.generation()
+    }
+}
+
+impl Master {
+    /// At commit: starts a rollout when the reload asks for one and a
+    /// generation serves that can be put on standby; otherwise gives the
+    /// transaction back to settle at once.
+    pub(crate) fn begin_rollout(&mut self, reload: Reload) -> Option<Reload> {
+        let config = reload.config().clone();
+        let probation = config.worker.probation.map(|p| p.0);
+        let canary = reload.canary().or(config.worker.canary);
+        let standby = self.current.filter(|c| self.generations.contains_key(c));
+        let (Some(standby), true) = (standby, probation.is_some() || canary.is_some()) else {
+            return Some(reload);
+        };
+        let number = reload.generation();
+        let new_sockets = match self.generations.get_mut(&number) {
+            Some(new) => {
+                new.phase = Phase::Current;
+                new.listeners.clone()
+            }
+            None => return Some(reload),
+        };
+        let old = self.generations.get_mut(&standby).expect("checked above");
+        old.phase = Phase::Standby;
+        old.respawns.clear();
+        for socket in &new_sockets {
+            let result = match canary {
+                Some(share) => match old
+                    .listeners
+                    .iter()
+                    .find(|o| std::ptr::eq(o.port(), socket.port()) && o.steerable())
+                {
+                    Some(main) if socket.primary().is_some() => {
+                        main.split_with(socket, share.threshold())
+                    }
+                    _ => socket.steer_here(),
+                },
+                None => socket.steer_here(),
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections to the new generation");
+            }
+        }
+        self.current = Some(number);
+        let now = Instant::now();
+        let until = probation.map(|p| now + p);
+        tracing::info!(
+            generation = number,
+            standby,
+            probation_ms = probation.map(|p| p.as_millis() as u64),
+            canary = canary.map(|c| c.to_string()),
+            "cut over: probation started, the replaced generation stays on standby"
+        );
+        self.rollout = Some(Rollout {
+            reload,
+            standby,
+            cut_over: now,
+            until,
+            canary,
+        });
+        None
+    }
+
+    /// When probation ends by itself.
+    pub(crate) fn rollout_deadline(&self) -> Option<Instant> {
+        self.rollout.as_ref()?.until
+    }
+
+    /// Ends probation when its time is up.
+    pub(crate) fn rollout_tick(&mut self) {
+        if self
+            .rollout
+            .as_ref()
+            .and_then(|r| r.until)
+            .is_some_and(|until| Instant::now() >= until)
+        {
+            self.promote();
+        }
+    }
+
+    /// Ends the rollout with the new generation in service: the reload
+    /// settles. Returns whether there was one.
+    pub(crate) fn promote(&mut self) -> bool {
+        let Some(rollout) = self.rollout.take() else {
+            return false;
+        };
+        let mut reload = rollout.reload;
+        let _enter = reload.span().clone().entered();
+        tracing::info!(
+            generation = reload.generation(),
+            "probation over: the new generation stays, the standby generation drains"
+        );
+        reload.end_phase(Step::Probation);
+        self.settle(reload);
+        true
+    }
+
+    /// Rolls back: new connections to the standby generation again, which
+    /// is current once more; the new generation drains. Returns whether
+    /// there was a rollout.
+    pub(crate) fn roll_back(&mut self, reason: &str) -> bool {
+        let Some(rollout) = self.rollout.take() else {
+            return false;
+        };
+        self.probing = None;
+        let mut reload = rollout.reload;
+        let _enter = reload.span().clone().entered();
+        let number = reload.generation();
+        let mut old_sockets = Vec::new();
+        if let Some(old) = self.generations.get_mut(&rollout.standby) {
+            old.phase = Phase::Current;
+            old_sockets = old.listeners.clone();
+            old.respawn_missing();
+        }
+        for socket in &old_sockets {
+            if let Err(e) = socket.steer_here() {
+                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections back to the standby generation");
+            }
+        }
+        self.current = Some(rollout.standby);
+        if let Some(new) = self.generations.get_mut(&number) {
+            let moved = steered_away(&new.listeners, &old_sockets);
+            let timeout = new.config.worker.drain_timeout.0;
+            new.hand_over(moved, timeout);
+        }
+        reload.end_phase(Step::Probation);
+        tracing::warn!(
+            generation = number,
+            restored = rollout.standby,
+            %reason,
+            "rolled back after cutover"
+        );
+        let (trigger, phases) = (reload.trigger(), reload.take_phases());
+        self.record(
+            number,
+            trigger,
+            phases,
+            Some((Step::Probation, format!("rolled back after cutover: {reason}"))),
+        );
+        self.reap_finished_generations();
+        true
+    }
+
+    /// A worker of the generation on probation exited: that rolls back.
+    /// Returns whether it was one.
+    pub(crate) fn probation_worker_exited(
+        &mut self,
+        generation: u64,
+        index: u32,
+        pid: nix::unistd::Pid,
+        status: &str,
+    ) -> bool {
+        let Some(rollout) = self.rollout.as_ref().filter(|r| r.generation() == generation) else {
+            return false;
+        };
+        let at = rollout.cut_over.elapsed().as_secs_f64();
+        self.roll_back(&format!(
+            "worker {index} (pid {pid}) exited with {status} at +{at:.1}s"
+        ));
+        true
+    }
+
+    /// A probe of `generation` failed: past `probation_failures` in a row
+    /// during its probation, that rolls back.
+    pub(crate) fn probe_failed(&mut self, generation: u64) {
+        let Some(probing) = &self.probing else {
+            return;
+        };
+        let Some(rollout) = self.rollout.as_ref().filter(|r| r.generation() == generation) else {
+            return;
+        };
+        let limit = rollout.reload.config().worker.probation_failures;
+        if probing.failures >= limit {
+            let reason = format!(
+                "{} probes failed in a row, the last: {}",
+                probing.failures,
+                probing.last_failure.as_deref().unwrap_or("unknown")
+            );
+            self.roll_back(&reason);
+        }
+    }
+
+    /// `baton promote` and `baton rollback`.
+    pub(crate) fn on_rollout_request(&mut self, promote: bool, reply: Waiter) {
+        let generation = self.rollout.as_ref().map(|r| r.generation());
+        let Some(generation) = generation else {
+            let _ = reply.send(Reply::error(
+                "no reload is on probation (nothing to promote or roll back)",
+            ));
+            return;
+        };
+        let done = if promote {
+            self.promote()
+        } else {
+            self.roll_back("asked by baton rollback")
+        };
+        let _ = reply.send(if done {
+            Reply::ok(serde_json::json!({ "generation": generation }))
+        } else {
+            Reply::error("no reload is on probation")
+        });
+    }
+
+    /// What `baton status` shows of a rollout.
+    pub(crate) fn rollout_status(&self) -> Option<RolloutStatus> {
+        let rollout = self.rollout.as_ref()?;
+        let now = Instant::now();
+        Some(RolloutStatus {
+            generation: rollout.generation(),
+            standby: rollout.standby,
+            canary_percent: rollout.canary.map(|c| c.percent()),
+            elapsed_s: (now - rollout.cut_over).as_secs_f64(),
+            left_s: rollout.until.map(|u| u.saturating_duration_since(now).as_secs_f64()),
+            probe_failures: self
+                .probing
+                .as_ref()
+                .filter(|p| p.generation == rollout.generation())
+                .map(|p| p.failures),
+        })
+    }
+}
+
+impl crate::generation::Generation {
+    /// Becoming current again: every worker index not running nor waiting
+    /// is respawned now.
+    pub fn respawn_missing(&mut self) {
+        let running: Vec<u32> = self
+            .workers
+            .values()
+            .filter(|w| !matches!(w.state, State::Draining { .. } | State::Killed))
+            .map(|w| w.index)
+            .collect();
+        for index in 0..self.processes {
+            if !running.contains(&index) && !self.respawns.contains_key(&index) {
+                self.respawns.insert(
+                    index,
+                    crate::generation::PendingRespawn {
+                        at: Instant::now(),
+                        crashes: 0,
+                        restarts: 1,
+                    },
+                );
+            }
+        }
+    }
+}
