@@ -327,7 +327,11 @@ async fn attempt(
     if (200..300).contains(&status) {
         Ok(())
     } else {
-        Err(format!("GET {path} answered {}", line.trim_start_matches("HTTP/1.1 ").trim_start_matches("HTTP/1.0 ")))
+        Err(format!(
+            "GET {path} answered {}",
+            line.trim_start_matches("HTTP/1.1 ")
+                .trim_start_matches("HTTP/1.0 ")
+        ))
     }
 }
 

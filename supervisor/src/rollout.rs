@@ -189,7 +189,10 @@ impl Master {
             number,
             trigger,
             phases,
-            Some((Step::Probation, format!("rolled back after cutover: {reason}"))),
+            Some((
+                Step::Probation,
+                format!("rolled back after cutover: {reason}"),
+            )),
         );
         self.reap_finished_generations();
         true
@@ -204,7 +207,11 @@ impl Master {
         pid: nix::unistd::Pid,
         status: &str,
     ) -> bool {
-        let Some(rollout) = self.rollout.as_ref().filter(|r| r.generation() == generation) else {
+        let Some(rollout) = self
+            .rollout
+            .as_ref()
+            .filter(|r| r.generation() == generation)
+        else {
             return false;
         };
         let at = rollout.cut_over.elapsed().as_secs_f64();
@@ -220,7 +227,11 @@ impl Master {
         let Some(probing) = &self.probing else {
             return;
         };
-        let Some(rollout) = self.rollout.as_ref().filter(|r| r.generation() == generation) else {
+        let Some(rollout) = self
+            .rollout
+            .as_ref()
+            .filter(|r| r.generation() == generation)
+        else {
             return;
         };
         let limit = rollout.reload.config().worker.probation_failures;
@@ -264,7 +275,9 @@ impl Master {
             standby: rollout.standby,
             canary_percent: rollout.canary.map(|c| c.percent()),
             elapsed_s: (now - rollout.cut_over).as_secs_f64(),
-            left_s: rollout.until.map(|u| u.saturating_duration_since(now).as_secs_f64()),
+            left_s: rollout
+                .until
+                .map(|u| u.saturating_duration_since(now).as_secs_f64()),
             probe_failures: self
                 .probing
                 .as_ref()

@@ -145,7 +145,11 @@ pub fn render(status: &Status) -> String {
     } else if let Some(n) = status.reload_in_progress {
         let _ = writeln!(out, "reload   in progress: generation {n}");
     }
-    for g in status.generations.iter().filter(|g| !g.crash_loop.is_empty()) {
+    for g in status
+        .generations
+        .iter()
+        .filter(|g| !g.crash_loop.is_empty())
+    {
         let _ = writeln!(
             out,
             "alert    generation {}: worker(s) {:?} crash-looped and are not respawned (capacity lost; `baton reload` to fix)",

@@ -15,6 +15,7 @@ mod privileges;
 mod reload_under_load;
 mod resources;
 mod rollback;
+mod rollouts;
 mod sd_notify;
 mod start_race;
 mod udp;

@@ -8,6 +8,10 @@
 //!   `DIR/reopened-GEN-INDEX` per reopen request, exits on drain.
 //! - `wrong-version`: speaks protocol version 99 on the control channel,
 //!   then waits to be stopped.
+//! - `http [SECS]`: answers every HTTP request on listener `http` with its
+//!   generation (one request per connection), until told to drain; with
+//!   SECS, worker 0 exits with status 1 that long after it reported ready,
+//!   between two requests (a release that crashes).
 //! - `garbage`: reports ready, then sends undecodable bytes on its control
 //!   channel as fast as it can, until the master closes it.
 //! - `udp-echo NAME`: answers each datagram on UDP listener NAME with
@@ -83,6 +87,35 @@ async fn main() {
                 }
             }
         }
+        "http" => {
+            let listener = worker.tcp_listener("http").expect("listener http");
+            worker.ready().await.expect("ready");
+            let exit_at = args.get(1).filter(|_| worker.index() == 0).map(|s| {
+                tokio::time::Instant::now() + Duration::from_secs_f64(s.parse().expect("SECS"))
+            });
+            let generation = worker.generation();
+            loop {
+                let crash = async {
+                    match exit_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    _ = drain.wait() => break,
+                    _ = crash => {
+                        eprintln!("testworker: exiting with status 1 as asked");
+                        std::process::exit(1);
+                    }
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        // Answered in hand: a crash waits for it.
+                        answer(stream, generation).await;
+                    }
+                }
+            }
+        }
         "garbage" => {
             worker.ready().await.expect("ready");
             let fd: i32 = std::env::var("BATON_CONTROL_FD")
@@ -125,6 +158,25 @@ async fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// Reads one request head and answers it with the generation.
+async fn answer(mut stream: tokio::net::TcpStream, generation: u64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buffer[..n]),
+        }
+    }
+    let body = format!("testworker generation {generation}\n");
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nx-baton-generation: {generation}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
 }
 
 /// Answers the master in a protocol version it does not speak.

@@ -101,9 +101,10 @@ fn main() {
     let exits = option("--exit-worker").is_none_or(|n| n == index);
     let behaviour = Behaviour {
         generation: generation.clone(),
-        exit_at: option("--exit-after")
-            .filter(|_| exits)
-            .map(|s| std::time::Instant::now() + Duration::from_secs_f64(s.parse().expect("--exit-after SECS"))),
+        exit_at: option("--exit-after").filter(|_| exits).map(|s| {
+            std::time::Instant::now()
+                + Duration::from_secs_f64(s.parse().expect("--exit-after SECS"))
+        }),
         health: option("--health-status").map_or(200, |c| c.parse().expect("--health-status CODE")),
         requests: option("--requests").map(|dir| format!("{dir}/requests-{generation}-{index}")),
     };
@@ -304,7 +305,11 @@ fn answer_http(mut stream: std::net::TcpStream, behaviour: &Behaviour) {
             .expect("open requests file");
         let _ = writeln!(file, "{path}");
     }
-    let status = if path == "/healthz" { behaviour.health } else { 200 };
+    let status = if path == "/healthz" {
+        behaviour.health
+    } else {
+        200
+    };
     let body = format!(
         "wrapped generation {generation} pid {} uid {}\n",
         std::process::id(),
