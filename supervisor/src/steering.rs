@@ -745,20 +745,10 @@ mod tests {
 
     /// A TCP socket bound to `from`, ready to connect.
     fn socket2_bound(from: SocketAddr) -> Client {
-        use nix::sys::socket::*;
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
-        let SocketAddr::V4(from) = from else {
-            panic!("v4")
-        };
-        bind(fd.as_raw_fd(), &SockaddrIn::from(from)).unwrap();
-        Client(fd)
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(from).unwrap();
+        Client(socket.into())
     }
 
     struct Client(OwnedFd);

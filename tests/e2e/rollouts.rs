@@ -5,7 +5,7 @@ use baton_tests::harness::{
     config_with_worker, field, generation_in, get, message, steady_load, wrapped_worker, Baton,
     Binaries, TempDir,
 };
-use baton_tests::load::{LoadConfig, Mode, Report};
+use baton_tests::load::{LoadConfig, LoadHandle, Mode, Report};
 use std::time::{Duration, Instant};
 
 /// Two `wrapped` workers (no SDK) with `args` and `rest`.
@@ -62,19 +62,7 @@ fn a_release_that_crashes_after_cutover_is_rolled_back_without_a_failed_request(
             && reason.contains("exited with exit status 1 at +0."),
         "{reason}"
     );
-    baton.wait_generation_finished(2);
-    // Serving on, with the same processes, for a moment more.
-    std::thread::sleep(Duration::from_millis(300));
-    for (load, what) in loads.into_iter().zip(["keep-alive", "new connections"]) {
-        let report = load.stop();
-        assert_none_failed(&report, what);
-        assert_eq!(last_generation(&report), Some(1), "{what}");
-    }
-    assert_eq!(
-        baton.workers(),
-        before,
-        "the old generation's pids serve on"
-    );
+    generation_1_serves_on(&baton, loads, &before);
     let status = baton.status();
     assert_eq!(status["master"]["current_generation"], 1, "{status}");
 }
@@ -104,14 +92,25 @@ fn an_sdk_release_that_crashes_after_cutover_is_rolled_back_without_a_failed_req
         field(&outcome, "reason").starts_with("rolled back after cutover: worker 0"),
         "{outcome}"
     );
+    generation_1_serves_on(&baton, loads, &before);
+}
+
+/// After a rollback from generation 2: it finishes, generation 1's
+/// processes (`before`) serve on, and neither load saw a failure.
+fn generation_1_serves_on(baton: &Baton, loads: [LoadHandle; 2], before: &[nix::unistd::Pid]) {
     baton.wait_generation_finished(2);
+    // Serving on, with the same processes, for a moment more.
     std::thread::sleep(Duration::from_millis(300));
     for (load, what) in loads.into_iter().zip(["keep-alive", "new connections"]) {
         let report = load.stop();
         assert_none_failed(&report, what);
         assert_eq!(last_generation(&report), Some(1), "{what}");
     }
-    assert_eq!(baton.workers(), before);
+    assert_eq!(
+        baton.workers(),
+        before,
+        "the old generation's pids serve on"
+    );
 }
 
 /// `ready = "http:/healthz"`: a new generation that answers 500 there is
