@@ -748,10 +748,10 @@ mod tests {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_reuseaddr(true).unwrap();
         socket.bind(from).unwrap();
-        Client(socket.into())
+        Client(socket)
     }
 
-    struct Client(OwnedFd);
+    struct Client(tokio::net::TcpSocket);
 
     impl Client {
         fn connect(&self, to: &nix::sys::socket::SockaddrIn) -> nix::Result<()> {
