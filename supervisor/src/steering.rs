@@ -743,15 +743,25 @@ mod tests {
         assert_eq!(probe(port, &[&primary, &old, &new], 8), [0, 8, 0]);
     }
 
-    /// A TCP socket bound to `from`, ready to connect.
+    /// A blocking TCP socket bound to `from`, ready to connect.
     fn socket2_bound(from: SocketAddr) -> Client {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_reuseaddr(true).unwrap();
-        socket.bind(from).unwrap();
-        Client(socket)
+        use nix::sys::socket::*;
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+        let SocketAddr::V4(from) = from else {
+            panic!("v4")
+        };
+        bind(fd.as_raw_fd(), &SockaddrIn::from(from)).unwrap();
+        Client(fd)
     }
 
-    struct Client(tokio::net::TcpSocket);
+    struct Client(OwnedFd);
 
     impl Client {
         fn connect(&self, to: &nix::sys::socket::SockaddrIn) -> nix::Result<()> {
