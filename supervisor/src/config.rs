@@ -86,6 +86,9 @@ pub struct SupervisorConfig {
         deserialize_with = "de_max_draining_generations"
     )]
     pub max_draining_generations: u32,
+    /// What SIGTERM asks of the master.
+    #[serde(default)]
+    pub sigterm: SigtermMode,
 }
 
 fn default_max_draining_generations() -> u32 {
@@ -100,6 +103,18 @@ fn de_max_draining_generations<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D
         )));
     }
     Ok(n as u32)
+}
+
+/// What SIGTERM asks of the master: `docker stop`, Kubernetes and systemd
+/// all stop a service with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SigtermMode {
+    /// Drain every generation, as SIGQUIT does (the default).
+    #[default]
+    Graceful,
+    /// Stop the workers now, as SIGINT does (nginx's meaning).
+    Fast,
 }
 
 /// How a binary upgrade replaces the master.
@@ -129,6 +144,7 @@ impl Default for SupervisorConfig {
             upgrade_timeout: default_upgrade_timeout(),
             upgrade: UpgradeMode::default(),
             max_draining_generations: default_max_draining_generations(),
+            sigterm: SigtermMode::default(),
         }
     }
 }

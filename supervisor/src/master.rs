@@ -262,6 +262,7 @@ pub async fn run(
         Trigger::Start
     };
     master.begin_reload(first, Ok(config));
+    let mut watchdog = crate::sd_notify::Watchdog::from_env(upgraded);
     loop {
         if let Some(outcome) = &master.last_reload {
             if outcome.trigger == first && master.current.is_none() && master.reload.is_none() {
@@ -292,6 +293,11 @@ pub async fn run(
             biased;
             Some(event) = inbox.recv() => master.on_event(event),
             signal = signals.recv() => master.on_signal(signal),
+            // Only systemd's main pid pets: the master holding the control
+            // socket, not an old one that handed over.
+            _ = watchdog.due() => if master.control.is_some() {
+                crate::sd_notify::notify("WATCHDOG=1");
+            },
             _ = sleep_until(deadline) => {}
         }
         master.on_tick();
@@ -434,7 +440,7 @@ impl Master {
         match signal {
             SignalEvent::Reload => self.request_reload(Trigger::Signal, None),
             SignalEvent::GracefulStop => self.stop(Stop::Graceful),
-            SignalEvent::FastStop => self.stop(Stop::Fast),
+            SignalEvent::Terminate | SignalEvent::Interrupt => self.stop(self.stop_for(signal)),
             SignalEvent::Reopen => {
                 self.reopen();
             }
@@ -650,6 +656,19 @@ impl Master {
         }
         for port in ports {
             port.tidy();
+        }
+    }
+
+    /// How SIGTERM or SIGINT stops the master: SIGTERM as `[supervisor]
+    /// sigterm` says (graceful by default, as containers and systemd
+    /// expect), SIGINT fast; either one during a stop makes it fast, so a
+    /// second Ctrl-C or `docker stop` cuts a long drain short.
+    fn stop_for(&self, signal: SignalEvent) -> Stop {
+        let graceful = self.config.supervisor.sigterm == crate::config::SigtermMode::Graceful;
+        if signal == SignalEvent::Terminate && graceful && self.stopping.is_none() {
+            Stop::Graceful
+        } else {
+            Stop::Fast
         }
     }
 

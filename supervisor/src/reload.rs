@@ -234,7 +234,7 @@ impl Master {
         let _enter = span.clone().entered();
         tracing::info!("reload started");
         if trigger != Trigger::Start && trigger != Trigger::Upgrade {
-            crate::sd_notify::notify("RELOADING=1");
+            crate::sd_notify::reloading(generation);
         }
 
         let config = match loaded {
@@ -505,11 +505,6 @@ impl Master {
         }
         self.config = config;
         reload.end_phase(Step::Commit);
-        // A new master started by an upgrade is not systemd's main pid yet:
-        // the old one announces it (MAINPID= with READY=1) at the handover.
-        if self.takeover.is_none() {
-            crate::sd_notify::notify("READY=1");
-        }
         self.record(reload.generation, reload.trigger, reload.phases, None);
         self.limit_draining_generations();
         // A replaced generation may have had no live worker (all waiting
@@ -630,6 +625,14 @@ impl Master {
                 }
             };
             let _ = waiter.send(reply);
+        }
+        // READY=1 after every reload, committed or failed: systemd must not
+        // see the unit "reloading" forever. Not from a new master started by
+        // an upgrade, which is not systemd's main pid yet (the old one
+        // announces it with MAINPID= at the handover), nor when the first
+        // generation failed and the master exits.
+        if self.takeover.is_none() && self.current.is_some() {
+            crate::sd_notify::reload_finished(self.current, &outcome);
         }
         self.last_reload = Some(outcome);
         if self.reload_queued && self.reload.is_none() && self.stopping.is_none() {

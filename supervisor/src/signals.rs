@@ -11,8 +11,10 @@ pub enum SignalEvent {
     Upgrade,
     /// QUIT.
     GracefulStop,
-    /// TERM or INT.
-    FastStop,
+    /// TERM: graceful or fast, as `[supervisor] sigterm` says.
+    Terminate,
+    /// INT (a terminal's Ctrl-C).
+    Interrupt,
     /// USR1.
     Reopen,
     /// TTIN.
@@ -36,8 +38,8 @@ impl Signals {
             (SignalKind::hangup(), SignalEvent::Reload),
             (SignalKind::user_defined2(), SignalEvent::Upgrade),
             (SignalKind::quit(), SignalEvent::GracefulStop),
-            (SignalKind::terminate(), SignalEvent::FastStop),
-            (SignalKind::interrupt(), SignalEvent::FastStop),
+            (SignalKind::terminate(), SignalEvent::Terminate),
+            (SignalKind::interrupt(), SignalEvent::Interrupt),
             (SignalKind::user_defined1(), SignalEvent::Reopen),
             (SignalKind::from_raw(libc::SIGTTIN), SignalEvent::ScaleUp),
             (SignalKind::from_raw(libc::SIGTTOU), SignalEvent::ScaleDown),

@@ -4,6 +4,7 @@
 
 mod check;
 mod coalescing;
+mod graceful_sigterm;
 mod control;
 mod draining;
 mod escaped_children;

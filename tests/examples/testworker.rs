@@ -16,6 +16,9 @@
 //!   channel as fast as it can, until the master closes it.
 //! - `udp-echo NAME`: answers each datagram on UDP listener NAME with
 //!   `gen GENERATION: ` and the datagram, until told to drain.
+//! - `slow-http MS`: serves HTTP on listener `http` with the SDK's `serve`
+//!   (which finishes requests in flight when draining); `/slow` answers
+//!   after MS milliseconds, anything else at once, with `x-baton-generation`.
 
 use baton_worker::Worker;
 use std::io::Write;
@@ -153,6 +156,10 @@ async fn main() {
                 }
             }
         }
+        "slow-http" => {
+            let delay: u64 = args.get(1).and_then(|a| a.parse().ok()).expect("slow-http MS");
+            slow_http(worker, Duration::from_millis(delay)).await;
+        }
         other => {
             eprintln!("testworker: unknown mode {other:?}");
             std::process::exit(2);
@@ -192,4 +199,27 @@ async fn wrong_version() {
     )
     .expect("send");
     tokio::time::sleep(Duration::from_secs(30)).await;
+}
+
+/// Serves `/slow` after `delay` and everything else at once, until drained.
+async fn slow_http(mut worker: Worker, delay: Duration) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let listener = worker.tcp_listener("http").expect("listener http");
+    let generation = worker.generation();
+    let service = hyper::service::service_fn(move |request: hyper::Request<_>| async move {
+        if request.uri().path() == "/slow" {
+            tokio::time::sleep(delay).await;
+        }
+        let mut response = hyper::Response::new(Full::new(Bytes::from("done\n")));
+        response
+            .headers_mut()
+            .insert("x-baton-generation", generation.into());
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    worker.ready().await.expect("ready");
+    let drain = worker.drain();
+    baton_worker::http::serve(listener, service, drain, Default::default())
+        .await
+        .expect("serve");
 }

@@ -284,6 +284,12 @@ impl Baton {
         self.cursor = self.log.0.lock().unwrap().events.len();
     }
 
+    /// The events so far that match `pred`.
+    pub fn events(&self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let log = self.log.0.lock().unwrap();
+        log.events.iter().filter(|e| pred(e)).cloned().collect()
+    }
+
     /// How many events so far match `pred`.
     pub fn count_events(&self, pred: impl Fn(&Value) -> bool) -> usize {
         self.log
@@ -613,12 +619,18 @@ pub fn open_fds(pid: Pid) -> Vec<(i32, String)> {
     out
 }
 
-/// One HTTP/1.1 GET on a new connection: `(status, x-baton-generation, body)`.
+/// One HTTP/1.1 GET / on a new connection: `(status, x-baton-generation, body)`.
 pub fn get(addr: SocketAddr) -> std::io::Result<(u16, Option<u64>, String)> {
+    get_path(addr, "/")
+}
+
+/// One HTTP/1.1 GET of `path` on a new connection, as [`get`].
+pub fn get_path(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Option<u64>, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response

@@ -72,7 +72,7 @@ impl Builder {
         spawn_signal_handlers(
             drain.clone(),
             self.drain_timeout.unwrap_or(STANDALONE_DRAIN_TIMEOUT),
-            reopen_tx,
+            Some(reopen_tx),
         )?;
         Ok(Worker {
             generation: 0,
@@ -277,12 +277,12 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
     }
     let drain = Drain::new();
     let (reopen_tx, reopen) = Reopen::channel();
-    spawn_control_reader(
-        channel.clone(),
-        drain.clone(),
-        Duration::from_millis(drain_timeout_ms),
-        reopen_tx,
-    );
+    let drain_timeout = Duration::from_millis(drain_timeout_ms);
+    spawn_control_reader(channel.clone(), drain.clone(), drain_timeout, reopen_tx);
+    // A SIGTERM or SIGINT that reaches the worker past the master (a
+    // container runtime or `kill` aimed at every process, the master's fast
+    // stop) asks for a drain too: requests in flight complete.
+    spawn_signal_handlers(drain.clone(), drain_timeout, None)?;
     Ok(Worker {
         generation,
         index: worker_index,
@@ -335,26 +335,45 @@ fn spawn_control_reader(
     });
 }
 
+/// Drains on SIGTERM or SIGINT within `timeout`; with `reopen` (standalone),
+/// SIGUSR1 requests a reopen (under baton that comes over the channel).
 fn spawn_signal_handlers(
     drain: Drain,
     timeout: Duration,
-    reopen: watch::Sender<u64>,
+    reopen: Option<watch::Sender<u64>>,
 ) -> Result<(), Error> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr1 = match reopen {
+        Some(_) => Some(signal(SignalKind::user_defined1())?),
+        None => None,
+    };
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = usr1.recv() => reopen::request(&reopen),
+                _ = next_signal(&mut usr1) => {
+                    if let Some(reopen) = &reopen {
+                        reopen::request(reopen);
+                    }
+                }
             }
         }
         drain.start(timeout);
     });
     Ok(())
+}
+
+/// The next delivery of `signal`, or never without one.
+async fn next_signal(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Binds a listener for standalone use.
