@@ -59,6 +59,10 @@ fn sigterm_finishes_requests_in_flight_and_exits_zero() {
 fn a_second_sigterm_makes_the_stop_fast() {
     let mut baton = Baton::start(&slow_config(""));
     baton.wait_committed(1);
+    // A request in flight keeps a worker draining.
+    let addr = baton.address("http");
+    let slow = std::thread::spawn(move || get_path(addr, "/slow"));
+    std::thread::sleep(Duration::from_millis(300));
     baton.signal(Signal::SIGTERM);
     baton.next_event(Duration::from_secs(10), |e| {
         message(e) == "master stopping" && field(e, "how") == "Graceful"
@@ -68,6 +72,8 @@ fn a_second_sigterm_makes_the_stop_fast() {
         message(e) == "master stopping" && field(e, "how") == "Fast"
     });
     assert!(baton.wait_exit(Duration::from_secs(10)).success());
+    // The fast stop's SIGTERM reached the SDK worker as a drain request.
+    assert_eq!(slow.join().unwrap().expect("the slow request").0, 200);
 }
 
 #[test]
