@@ -78,11 +78,11 @@ fn quit_drains_every_worker_and_exits_cleanly() {
 }
 
 #[test]
-fn term_stops_every_worker_fast_and_exits() {
+fn int_stops_every_worker_fast_and_exits() {
     let mut baton = Baton::start(&hello_config(2));
     baton.wait_committed(1);
     let workers = baton.wait_workers(2, &[], Duration::from_secs(5));
-    baton.signal(Signal::SIGTERM);
+    baton.signal(Signal::SIGINT);
     let status = baton.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
     assert!(workers.iter().all(|p| !alive(*p)), "workers left behind");
