@@ -423,6 +423,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
         // a config it rejects is reported back to it.
         let takeover = Takeover::receive_from_env().await?;
         let exec_state = crate::upgrade::exec::take_state_from_env()?;
+        // A fresh start may come with sockets from systemd; an upgraded
+        // master gets the listeners from the old one instead (and an
+        // in-place one still sees the variables, with its pid).
+        let activated = match (&takeover, &exec_state) {
+            (None, None) => crate::activation::take_from_env()?,
+            _ => Vec::new(),
+        };
         let config = match Config::load(path) {
             Ok(config) => config,
             Err(e) => {
@@ -441,7 +448,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
         let origin = match (takeover, exec_state) {
             (Some(takeover), _) => Origin::Takeover(takeover),
             (None, Some(state)) => Origin::Exec(state),
-            (None, None) => Origin::Fresh,
+            (None, None) => Origin::Fresh(activated),
         };
         let result = crate::master::run(config, log, program, origin).await;
         if let Err(e) = &result {

@@ -3,6 +3,7 @@
 //! steering; each module is one noun of the design.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod activation;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -80,6 +80,46 @@ impl Listener {
         })
     }
 
+    /// Adopts a socket the service manager passed (socket activation) for
+    /// `config`. A TCP socket that systemd bound with `ReusePort=yes` gets a
+    /// port group, so generations of non-SDK workers get sockets of their
+    /// own; otherwise they share it, as UDP and Unix listeners do. Its
+    /// socket file, if any, stays the service manager's.
+    pub fn inherited(config: ListenerConfig, fd: OwnedFd) -> anyhow::Result<Listener> {
+        let bound: SockaddrStorage = getsockname(fd.as_raw_fd())?;
+        let kind = match &config.address {
+            ListenerAddress::Tcp(_) => ListenerKind::Tcp,
+            ListenerAddress::Udp(_) => ListenerKind::Udp,
+            ListenerAddress::Unix(_) => ListenerKind::Unix,
+        };
+        let info = ListenerInfo {
+            name: config.name.clone(),
+            kind,
+            address: baton_worker::describe_address(&bound).unwrap_or_default(),
+        };
+        let reuseport = kind == ListenerKind::Tcp
+            && nix::sys::socket::getsockopt(&fd, sockopt::ReusePort).unwrap_or(false);
+        let group = match reuseport.then(|| Group::new(fd.as_fd())) {
+            Some(Ok(group)) => Some(group),
+            Some(Err(e)) => {
+                tracing::warn!(listener = %config.name, error = %e, "cannot steer the inherited socket: generations share it");
+                None
+            }
+            None => None,
+        };
+        Ok(Listener {
+            config,
+            info,
+            fd,
+            unix_path: None,
+            remove_path: std::cell::Cell::new(false),
+            group: RefCell::new(group),
+            primary: None,
+            alive: Rc::new(()),
+            strangers: std::cell::Cell::new(false),
+        })
+    }
+
     /// Adopts a generation's own socket on `primary`'s port, handed over
     /// like a listener.
     pub fn adopt_generation_socket(primary: &Shared, fd: OwnedFd) -> anyhow::Result<Shared> {

@@ -21,6 +21,7 @@ use baton_worker::protocol::WorkerMessage;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -33,8 +34,8 @@ const FAST_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// How this master came to be.
 pub enum Origin {
-    /// `baton run`.
-    Fresh,
+    /// `baton run`, with the sockets the service manager passed, if any.
+    Fresh(Vec<crate::activation::Inherited>),
     /// Started by an old master's upgrade (child mode).
     Takeover(Takeover),
     /// Re-executed in place by an upgrade.
@@ -189,10 +190,10 @@ pub async fn run(
     program: Program,
     origin: Origin,
 ) -> anyhow::Result<()> {
-    let (takeover, exec_state) = match origin {
-        Origin::Fresh => (None, None),
-        Origin::Takeover(takeover) => (Some(takeover), None),
-        Origin::Exec(state) => (None, Some(state)),
+    let (takeover, exec_state, activated) = match origin {
+        Origin::Fresh(activated) => (None, None, activated),
+        Origin::Takeover(takeover) => (Some(takeover), None, Vec::new()),
+        Origin::Exec(state) => (None, Some(state), Vec::new()),
     };
     let (events, mut inbox) = mpsc::unbounded_channel();
     // Signal handlers before the pid file: a SIGHUP sent as soon as the pid
@@ -248,6 +249,7 @@ pub async fn run(
     if let Some(takeover) = takeover {
         master.adopt(takeover);
     }
+    master.adopt_activated(activated)?;
     tracing::info!(pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
     let upgraded = master.takeover.is_some() || exec_state.is_some();
     if let Some(state) = exec_state {
@@ -407,6 +409,26 @@ impl Master {
         })
         .abort_handle();
         Ok(crate::notify::Notifier { socket, reader })
+    }
+
+    /// Takes the sockets of socket activation as the listeners they match;
+    /// the first reload keeps them as it keeps any unchanged listener.
+    fn adopt_activated(&mut self, activated: Vec<crate::activation::Inherited>) -> anyhow::Result<()> {
+        for (config, socket, by) in crate::activation::assign(activated, &self.config.listeners)? {
+            let fd = socket.fd.as_raw_fd();
+            let listener = crate::listener::Listener::inherited(config, socket.fd)?;
+            tracing::info!(
+                listener = %listener.info.name,
+                address = %listener.info.address,
+                kind = %listener.info.kind,
+                fd,
+                matched_by = by,
+                steered = listener.steerable(),
+                "listener adopted from socket activation"
+            );
+            self.listeners.push(Rc::new(listener));
+        }
+        Ok(())
     }
 
     /// Keeps `token` until process `pid` (the old master, not a child of

@@ -1,14 +1,13 @@
 //! End-to-end tests: each drives the real `baton` binary the way a user
 //! does, through the shared harness in `baton_tests::harness`.
 #![forbid(unsafe_code)]
-
 mod check;
 mod coalescing;
-mod graceful_sigterm;
 mod control;
 mod draining;
 mod escaped_children;
 mod floods;
+mod graceful_sigterm;
 mod lifecycle;
 mod master_death;
 mod notify;
@@ -18,6 +17,7 @@ mod resources;
 mod rollback;
 mod rollouts;
 mod sd_notify;
+mod socket_activation;
 mod start_race;
 mod udp;
 mod upgrade;

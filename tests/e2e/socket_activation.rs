@@ -1,0 +1,87 @@
+//! baton itself started by socket activation (`systemd-socket-activate`,
+//! as a systemd `.socket` unit does): it serves on the inherited socket
+//! from the first connection on, across reloads and an upgrade.
+
+use baton_tests::harness::{
+    assert_no_request_failed, get, hello_config, message, steady_load, wait_for_generation, Baton,
+    Binaries, TempDir,
+};
+use baton_tests::load::Mode;
+use baton_tests::tools;
+use nix::sys::signal::{kill, Signal};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `systemd-socket-activate ARGS BATON run -c baton.toml` in a new temp dir
+/// holding `config`.
+fn activated(tool: &std::path::Path, args: &[&str], config: &str) -> Baton {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("baton.toml"), config).unwrap();
+    let baton = Binaries::baton().display().to_string();
+    let mut argv: Vec<&str> = args.to_vec();
+    argv.extend([baton.as_str(), "run"]);
+    let baton = Baton::start_with_env(tool, dir, &argv, &[]);
+    baton.wait_event(Duration::from_secs(10), |e| {
+        e["raw"].as_str().is_some_and(|l| l.starts_with("Listening on"))
+    });
+    baton
+}
+
+#[test]
+fn a_socket_activated_master_serves_the_inherited_socket_across_reloads_and_an_upgrade() {
+    let Some(tool) = tools::require("systemd-socket-activate", "apt-get install systemd") else {
+        return;
+    };
+    let addr = free_port();
+    let config = hello_config(2).replace("127.0.0.1:0", &addr.to_string());
+    let listen = addr.to_string();
+    let mut baton = activated(&tool, &["-l", &listen], &config);
+    // systemd-socket-activate starts baton on the first connection, which
+    // waits in the inherited socket's queue until generation 1 serves it.
+    let (status, generation, _) = get(addr).expect("the first connection is served");
+    assert_eq!((status, generation), (200, Some(1)));
+    let adopted = baton.wait_event(Duration::from_secs(5), |e| {
+        message(e) == "listener adopted from socket activation"
+    });
+    assert_eq!(adopted["fields"]["matched_by"], "address");
+    assert_eq!(baton.count_events(|e| message(e) == "listener bound"), 0);
+
+    let load = steady_load(addr, Mode::NewConnection);
+    for generation in 2..=4 {
+        let outcome = baton.reload();
+        assert_eq!(message(&outcome), "reload committed", "generation {generation}");
+    }
+    kill(baton.pid(), Signal::SIGUSR2).unwrap();
+    let master = baton.wait_new_master(baton.pid(), Duration::from_secs(30));
+    wait_for_generation(&load, 5);
+    let report = load.stop();
+    assert_no_request_failed(&report, &format!("3 reloads and an upgrade to {master}"), 5);
+    assert_eq!(baton.count_events(|e| message(e) == "listener bound"), 0);
+}
+
+#[test]
+fn an_inherited_socket_no_listener_matches_is_refused() {
+    let Some(tool) = tools::require("systemd-socket-activate", "apt-get install systemd") else {
+        return;
+    };
+    let stray = free_port();
+    let config = hello_config(1).replace("127.0.0.1:0", &free_port().to_string());
+    let mut baton = activated(&tool, &["-l", &stray.to_string()], &config);
+    // The first connection starts baton, which refuses the socket.
+    let _ = get(stray);
+    let status = baton.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1));
+    let failed = baton.wait_event(Duration::from_secs(1), |e| message(e) == "master failed");
+    let error = failed["fields"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("tcp {stray}")) && error.contains("matches no [[listener]]"),
+        "{error}"
+    );
+}
