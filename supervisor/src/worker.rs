@@ -129,7 +129,19 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
             env.push((name.into(), value));
         }
     }
-    env.extend(config.env.iter().map(|(k, v)| (k.into(), v.into())));
+    // `{fd:NAME}` is where the listener lands (fd 3, 4, ... in listener
+    // order) for the protocols that place them; `{generation}` is this one.
+    let fd_of = |name: &str| {
+        let i = spec.listeners.iter().position(|l| l.info.name == name)?;
+        Some(3 + i as i32)
+    };
+    let expand = |text: &str| substitute(text, fd_of, spec.generation);
+    env.extend(
+        config
+            .env
+            .iter()
+            .map(|(k, v)| (k.into(), expand(v).into())),
+    );
     // The master sets these; the config cannot override them.
     env.retain(|(k, _)| !MASTER_ENV.iter().any(|m| k == m));
     let mut set = |key: &str, value: String| env.push((key.into(), value.into()));
@@ -139,7 +151,7 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
         set("NOTIFY_SOCKET", path.display().to_string());
     }
     let placed = || spec.listeners.iter().map(|l| l.fd().as_raw_fd()).collect();
-    let mut command = config.command.clone();
+    let command: Vec<String> = config.command.iter().map(|a| expand(a)).collect();
     let (fds, channel_ends) = match config.protocol {
         Protocol::Sdk => {
             let (master_end, worker_end) = channel::pair().context("creating control channel")?;
@@ -159,16 +171,7 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
             set("LISTEN_FDNAMES", names.join(":"));
             (Fds::Place(placed()), None)
         }
-        Protocol::Args => {
-            let fd_of = |name: &str| {
-                let i = spec.listeners.iter().position(|l| l.info.name == name)?;
-                Some(3 + i as i32)
-            };
-            for arg in &mut command {
-                *arg = substitute(arg, fd_of);
-            }
-            (Fds::Place(placed()), None)
-        }
+        Protocol::Args => (Fds::Place(placed()), None),
     };
     let sdk = channel_ends.is_some();
     let plan = exec::Plan {

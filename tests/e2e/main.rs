@@ -1,6 +1,7 @@
 //! End-to-end tests: each drives the real `baton` binary the way a user
 //! does, through the shared harness in `baton_tests::harness`.
 #![forbid(unsafe_code)]
+
 mod check;
 mod coalescing;
 mod control;
@@ -10,6 +11,7 @@ mod floods;
 mod graceful_sigterm;
 mod lifecycle;
 mod master_death;
+mod nginx_worker;
 mod notify;
 mod privileges;
 mod reload_under_load;

@@ -177,11 +177,13 @@ pub fn fd_templates(arg: &str) -> Result<Vec<&str>, String> {
     Ok(names)
 }
 
-/// `arg` with every `{fd:NAME}` replaced by `fd_of(NAME)`. The config was
-/// checked at load, so every name resolves.
-pub fn substitute(arg: &str, fd_of: impl Fn(&str) -> Option<i32>) -> String {
-    let mut out = String::with_capacity(arg.len());
-    let mut rest = arg;
+/// `text` with every `{fd:NAME}` replaced by `fd_of(NAME)` and every
+/// `{generation}` by `generation`. The config was checked at load, so
+/// every name resolves.
+pub fn substitute(text: &str, fd_of: impl Fn(&str) -> Option<i32>, generation: u64) -> String {
+    let text = text.replace("{generation}", &generation.to_string());
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
     while let Some(start) = rest.find("{fd:") {
         let after = &rest[start + 4..];
         let Some(end) = after.find('}') else { break };
@@ -205,13 +207,15 @@ struct Spans {
 #[derive(Deserialize)]
 struct WorkerSpans {
     command: Option<Vec<toml::Spanned<toml::Value>>>,
+    env: Option<std::collections::BTreeMap<String, toml::Spanned<toml::Value>>>,
     protocol: Option<toml::Spanned<toml::Value>>,
     ready: Option<toml::Spanned<toml::Value>>,
 }
 
-/// Checks that involve more than one key: every `{fd:NAME}` names a
-/// listener (and only `protocol = "args"` has templates), and a worker
-/// without the SDK has a readiness mode it can satisfy.
+/// Checks that involve more than one key: every `{fd:NAME}` in `command`
+/// or an `env` value names a listener (and only protocols that place the
+/// listeners on fds have them), and a worker without the SDK has a
+/// readiness mode it can satisfy.
 pub(super) fn check_worker(
     worker: &WorkerConfig,
     listeners: &[&str],
@@ -222,6 +226,7 @@ pub(super) fn check_worker(
         .and_then(|s| s.worker)
         .unwrap_or(WorkerSpans {
             command: None,
+            env: None,
             protocol: None,
             ready: None,
         });
@@ -232,22 +237,35 @@ pub(super) fn check_worker(
             .and_then(|c| c.get(i))
             .map(|s| s.span())
     };
-    for (i, arg) in worker.command.iter().enumerate() {
-        let names = fd_templates(arg).map_err(|e| (arg_span(i), e))?;
+    let env_span = |key: &str| {
+        spans
+            .env
+            .as_ref()
+            .and_then(|e| e.get(key))
+            .map(|s| s.span())
+    };
+    let texts = worker
+        .command
+        .iter()
+        .enumerate()
+        .map(|(i, arg)| (arg_span(i), arg))
+        .chain(worker.env.iter().map(|(k, v)| (env_span(k), v)));
+    for (span, arg) in texts {
+        let names = fd_templates(arg).map_err(|e| (span.clone(), e))?;
         if names.is_empty() {
             continue;
         }
-        if worker.protocol != Protocol::Args {
+        if worker.protocol == Protocol::Sdk {
             return Err((
-                arg_span(i),
+                span,
                 format!(
-                    "{arg:?}: {{fd:NAME}} templates are only replaced with protocol = \"args\""
+                    "{arg:?}: {{fd:NAME}} templates need protocol = \"args\" or \"systemd\" (an sdk worker gets its listeners by name)"
                 ),
             ));
         }
         if let Some(unknown) = names.iter().find(|n| !listeners.contains(n)) {
             return Err((
-                arg_span(i),
+                span,
                 format!(
                     "{arg:?}: no listener named {unknown:?} (listeners: {})",
                     if listeners.is_empty() {

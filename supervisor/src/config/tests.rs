@@ -169,7 +169,8 @@ fn fd_templates_must_name_listeners_and_need_the_args_protocol() {
             .position(|n| *n == name)
             .map(|i| 3 + i as i32)
     };
-    assert_eq!(substitute(&c.worker.command[3], fd), "--x=4,3");
+    assert_eq!(substitute(&c.worker.command[3], fd, 7), "--x=4,3");
+    assert_eq!(substitute("run/{generation}.pid;{fd:x}", fd, 7), "run/7.pid;{fd:x}");
     assert_eq!(fd_templates("a{fd:x}b{fd:y}").unwrap(), ["x", "y"]);
 
     let e = error(&format!(
@@ -183,11 +184,25 @@ fn fd_templates_must_name_listeners_and_need_the_args_protocol() {
         "{ARGS}command = [\"x\", \"{{fd:http\"]\nprotocol = \"args\"\nready = \"delay:1s\"\n"
     ));
     assert!(e.contains(":8:17: ") && e.contains("unterminated"), "{e}");
+    let e = error(&format!("{ARGS}command = [\"x\", \"{{fd:http}}\"]\n"));
+    assert!(
+        e.contains(":8:17: ") && e.contains("need protocol = \"args\" or \"systemd\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn fd_templates_work_in_env_values_too() {
+    let good = format!(
+        "{ARGS}command = [\"nginx\", \"-g\", \"pid nginx-{{generation}}.pid;\"]\nprotocol = \"systemd\"\nready = \"notify\"\nenv = {{ NGINX = \"{{fd:http}};{{fd:dns}};\" }}\n"
+    );
+    let c = parse(&good).unwrap();
+    assert_eq!(c.worker.env["NGINX"], "{fd:http};{fd:dns};");
     let e = error(&format!(
-        "{ARGS}command = [\"x\", \"{{fd:http}}\"]\nprotocol = \"systemd\"\nready = \"notify\"\n"
+        "{ARGS}command = [\"nginx\"]\nprotocol = \"args\"\nready = \"delay:1s\"\nenv = {{ NGINX = \"{{fd:web}};\" }}\n"
     ));
     assert!(
-        e.contains(":8:17: ") && e.contains("only replaced with protocol = \"args\""),
+        e.contains(":11:17: ") && e.contains("no listener named \"web\""),
         "{e}"
     );
 }
