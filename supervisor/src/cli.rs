@@ -153,16 +153,7 @@ pub fn main() -> i32 {
     };
     match command {
         Command::Run => report(run(&cli.config).map(|()| 0), 1),
-        Command::Check => match Config::load(&cli.config) {
-            Ok(config) => {
-                println!("{}", config.summary());
-                0
-            }
-            Err(e) => {
-                eprintln!("baton: {e}");
-                1
-            }
-        },
+        Command::Check => check(&cli.config),
         command => {
             let socket = cli.socket.unwrap_or_else(|| control_socket(&cli.config));
             match control(&socket, command) {
@@ -178,6 +169,27 @@ pub fn main() -> i32 {
             }
         }
     }
+}
+
+/// `baton check`: the config, then what a reload would meet (see
+/// [`crate::check`]); exit 1 naming every problem.
+fn check(path: &Path) -> i32 {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("baton: {e}");
+            return 1;
+        }
+    };
+    let problems = crate::check::problems(&config);
+    if problems.is_empty() {
+        println!("{}", config.summary());
+        return 0;
+    }
+    for problem in &problems {
+        eprintln!("baton: {}: {problem}", config.path.display());
+    }
+    1
 }
 
 fn report(result: anyhow::Result<i32>, failure: i32) -> i32 {

@@ -539,10 +539,24 @@ impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
+        let bytes = std::fs::read(&path).map_err(|e| ConfigError {
             path: path.clone(),
             location: None,
             message: format!("cannot read: {e}"),
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let valid = e.utf8_error().valid_up_to();
+            let bytes = e.as_bytes();
+            // The valid prefix locates the first bad byte.
+            let prefix = std::str::from_utf8(&bytes[..valid]).unwrap_or_default();
+            ConfigError {
+                path: path.clone(),
+                location: Some(line_col(prefix, valid)),
+                message: format!(
+                    "invalid UTF-8 (byte 0x{:02x}): a config file must be UTF-8",
+                    bytes[valid]
+                ),
+            }
         })?;
         Config::parse(&path, &text)
     }

@@ -78,6 +78,11 @@ const STAGES: [&str; 7] = [
 /// Starts the worker. Returns once it has exec'd, or with the step it
 /// failed at.
 pub fn spawn(plan: Plan) -> anyhow::Result<std::process::Child> {
+    // Checked here, not left to the child: a missing directory would
+    // otherwise be reported as a failure to run the command.
+    if let Some(cwd) = &plan.cwd {
+        check_cwd(cwd)?;
+    }
     let program = resolve_program(&plan.command[0], &plan.env, plan.cwd.as_deref())?;
     let (error_read, error_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the exec-error pipe")?;
@@ -156,15 +161,34 @@ pub fn spawn(plan: Plan) -> anyhow::Result<std::process::Child> {
     Ok(spawned)
 }
 
+/// That the worker's working directory is one.
+pub fn check_cwd(cwd: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(cwd) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => bail!("worker cwd {} is not a directory", cwd.display()),
+        Err(e) => bail!("worker cwd {}: {e}", cwd.display()),
+    }
+}
+
 /// `execvp`'s lookup, done before fork with the worker's own `PATH`, so that
-/// the child can call `execve` and a missing program is a clear error.
-fn resolve_program(
+/// the child can call `execve` and a missing program is a clear error. A
+/// program named by a path must exist and be executable.
+pub fn resolve_program(
     program: &str,
     env: &[(OsString, OsString)],
     cwd: Option<&Path>,
 ) -> anyhow::Result<PathBuf> {
     if program.contains('/') {
-        return Ok(PathBuf::from(program));
+        let path = PathBuf::from(program);
+        match std::fs::metadata(&path) {
+            Err(e) => bail!("worker command {program:?}: {e}"),
+            Ok(meta) if meta.is_dir() => bail!("worker command {program:?} is a directory"),
+            // access(2) says yes to root for any file with an x bit.
+            Ok(_) if nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK).is_err() => {
+                bail!("worker command {program:?} is not executable")
+            }
+            Ok(_) => return Ok(path),
+        }
     }
     let path = env
         .iter()
@@ -406,9 +430,16 @@ mod tests {
         assert!(sh.ends_with("sh") && sh.is_absolute(), "{sh:?}");
         let e = resolve_program("no-such-program-here", &env, None).unwrap_err();
         assert!(e.to_string().contains("not found in PATH"), "{e}");
-        assert_eq!(
-            resolve_program("./x", &env, None).unwrap(),
-            PathBuf::from("./x")
-        );
+        let e = resolve_program("./no-such-x", &env, None).unwrap_err();
+        assert!(e.to_string().contains("No such file"), "{e}");
+        let plain = std::env::temp_dir().join(format!("baton-plain-{}", std::process::id()));
+        std::fs::write(&plain, "").unwrap();
+        let e = resolve_program(plain.to_str().unwrap(), &env, None).unwrap_err();
+        std::fs::remove_file(&plain).unwrap();
+        assert!(e.to_string().ends_with("is not executable"), "{e}");
+        assert!(check_cwd(Path::new("/nonexistent-cwd"))
+            .unwrap_err()
+            .to_string()
+            .starts_with("worker cwd /nonexistent-cwd: No such file"));
     }
 }

@@ -4,6 +4,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod activation;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;

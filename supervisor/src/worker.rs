@@ -103,6 +103,18 @@ impl Drop for Worker {
     }
 }
 
+/// The program `config` runs, found as a spawn finds it (in the worker's
+/// `PATH`), checked to exist and be executable.
+pub fn resolve_command(config: &WorkerConfig) -> anyhow::Result<std::path::PathBuf> {
+    let path = config
+        .env
+        .get("PATH")
+        .map(OsString::from)
+        .or_else(|| std::env::var_os("PATH"));
+    let env: Vec<(OsString, OsString)> = path.map(|p| ("PATH".into(), p)).into_iter().collect();
+    exec::resolve_program(&config.command[0], &env, config.cwd.as_deref())
+}
+
 /// What the worker needs to know at spawn.
 pub struct SpawnSpec<'a> {
     /// The generation's worker settings.
