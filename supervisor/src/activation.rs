@@ -222,7 +222,10 @@ mod tests {
             listener("admin", "127.0.0.1:0"),
         ];
         let assigned = assign(vec![by_name, by_address], &listeners).unwrap();
-        let names: Vec<(&str, &str)> = assigned.iter().map(|(l, _, by)| (l.name.as_str(), *by)).collect();
+        let names: Vec<(&str, &str)> = assigned
+            .iter()
+            .map(|(l, _, by)| (l.name.as_str(), *by))
+            .collect();
         assert_eq!(names, [("admin", "name"), ("http", "address")]);
         drop(a);
     }

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
-    /// The configuration file (for commands: only used to find the control socket).
+    /// The configuration file. `run` and `check` load it; other commands
+    /// read only its `control_socket` (and `pid_file` for -s) to find the
+    /// master, which always re-reads the file it was started with.
     #[arg(
         short = 'c',
         long = "config",
@@ -144,13 +146,30 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    if let Some(signal) = cli.signal {
-        return report(send_signal(&cli.config, signal).map(|()| 0), 1);
-    }
     let Some(command) = cli.command else {
+        if let Some(signal) = cli.signal {
+            quiet_on_closed_stdout();
+            if let Err(e) = config_exists(&cli.config, cli.socket.as_deref()) {
+                eprintln!("baton: {e}");
+                return 2;
+            }
+            return report(
+                send_signal(&cli.config, cli.socket.as_deref(), signal).map(|()| 0),
+                1,
+            );
+        }
         eprintln!("baton: a command or -s SIGNAL is required (see baton --help)");
         return 2;
     };
+    if !matches!(command, Command::Run) {
+        quiet_on_closed_stdout();
+    }
+    if !matches!(command, Command::Run | Command::Check) {
+        if let Err(e) = config_exists(&cli.config, cli.socket.as_deref()) {
+            eprintln!("baton: {e}");
+            return 2;
+        }
+    }
     match command {
         Command::Run => report(run(&cli.config).map(|()| 0), 1),
         Command::Check => check(&cli.config),
@@ -190,6 +209,38 @@ fn check(path: &Path) -> i32 {
         eprintln!("baton: {}: {problem}", config.path.display());
     }
     1
+}
+
+/// A command that only talks to the master still needs its config to find
+/// it: say so plainly when there is none (rather than naming a socket path
+/// derived from a file that does not exist).
+fn config_exists(config: &Path, socket: Option<&Path>) -> Result<(), String> {
+    if socket.is_some() || config.exists() {
+        return Ok(());
+    }
+    if config == Path::new("baton.toml") {
+        Err("no ./baton.toml here: pass -c FILE (the master's config) or --socket PATH".into())
+    } else {
+        Err(format!(
+            "config file {} does not exist: pass -c FILE (the master's config) or --socket PATH",
+            config.display()
+        ))
+    }
+}
+
+/// A command whose output goes to a pipe that was closed (`baton status |
+/// head -1`) stops there, silently, as Unix tools do: SIGPIPE's default
+/// action, which Rust replaces by an error every `println!` would panic on.
+/// Not for `run`: the master must survive a closed pipe.
+fn quiet_on_closed_stdout() {
+    // SAFETY: setting a signal's disposition to its default runs no code of
+    // ours in a handler; the CLI has no other threads yet.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
 }
 
 fn report(result: anyhow::Result<i32>, failure: i32) -> i32 {
@@ -268,9 +319,17 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             Ok(exit(&reply))
         }
         Command::Stop { fast, timeout } => {
-            let reply = client::request(socket, &Request::Stop { fast }, QUICK)?;
-            let Some(pid) = reply.result.as_ref().and_then(|r| r["pid"].as_i64()) else {
-                return Ok(exit(&reply));
+            // The pid first: a master with nothing left to drain exits at
+            // once, possibly before its answer to `stop` is written.
+            let status = client::request(socket, &Request::Status {}, QUICK)?;
+            let known = result::<Status>(&status).map(|s| s.master.pid as i64);
+            let pid = match client::request(socket, &Request::Stop { fast }, QUICK) {
+                Ok(reply) => match reply.result.as_ref().and_then(|r| r["pid"].as_i64()) {
+                    Some(pid) => pid,
+                    None => return Ok(exit(&reply)),
+                },
+                Err(ClientError::BadReply(_)) if known.is_some() => known.expect("checked"),
+                Err(e) => return Err(e),
             };
             let started = Instant::now();
             while process_alive(pid as i32) {
@@ -401,25 +460,86 @@ fn process_alive(pid: i32) -> bool {
     }
 }
 
-fn send_signal(config: &Path, signal: NginxSignal) -> anyhow::Result<()> {
+/// `-s SIGNAL`: signals the master that answers on the control socket;
+/// only when none does, the pid in `pid_file`, once that pid is checked to
+/// be a baton master (a stale pid file may name any process by now).
+fn send_signal(config: &Path, socket: Option<&Path>, signal: NginxSignal) -> anyhow::Result<()> {
     use nix::sys::signal::Signal;
-    let pid_file = supervisor_path(config, "pid_file")
-        .with_context(|| format!("-s needs [supervisor] pid_file in {}", config.display()))?;
-    let text = std::fs::read_to_string(&pid_file)
-        .with_context(|| format!("reading pid file {}", pid_file.display()))?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .with_context(|| format!("pid file {} does not hold a pid", pid_file.display()))?;
     let signal = match signal {
         NginxSignal::Reload => Signal::SIGHUP,
         NginxSignal::Stop => Signal::SIGTERM,
         NginxSignal::Quit => Signal::SIGQUIT,
         NginxSignal::Reopen => Signal::SIGUSR1,
     };
+    let socket = socket.map_or_else(|| control_socket(config), Path::to_path_buf);
+    let pid = match client::request(&socket, &Request::Status {}, Duration::from_secs(5)) {
+        Ok(reply) => result::<Status>(&reply)
+            .map(|s| s.master.pid as i32)
+            .with_context(|| format!("the master on {} sent no status", socket.display()))?,
+        Err(ClientError::Unreachable { .. }) => pid_from_file(config)?,
+        Err(e) => return Err(e).context(format!("asking the master on {}", socket.display())),
+    };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
         .with_context(|| format!("sending {signal} to master {pid}"))?;
     Ok(())
+}
+
+/// The pid in the config's `pid_file`, if it names a running baton master.
+fn pid_from_file(config: &Path) -> anyhow::Result<i32> {
+    let pid_file = supervisor_path(config, "pid_file").with_context(|| {
+        format!(
+            "no master answers on the control socket, and {} sets no [supervisor] pid_file",
+            config.display()
+        )
+    })?;
+    let text = std::fs::read_to_string(&pid_file).with_context(|| {
+        format!(
+            "no master answers on the control socket; reading pid file {}",
+            pid_file.display()
+        )
+    })?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .ok()
+        .filter(|pid| *pid > 0)
+        .with_context(|| format!("pid file {} does not hold a pid", pid_file.display()))?;
+    if !is_baton_master(pid) {
+        anyhow::bail!(
+            "pid file {} names pid {pid}, which is not a running baton master (a stale pid file?): not signalling it",
+            pid_file.display()
+        );
+    }
+    Ok(pid)
+}
+
+/// Whether `pid` runs `baton run` (or an upgraded master, which runs the
+/// same command line): its program is named like this one and one of its
+/// arguments is `run`.
+fn is_baton_master(pid: i32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty());
+    let Some(program) = args.next() else {
+        return false;
+    };
+    use std::os::unix::ffi::OsStrExt;
+    let name = |p: &[u8]| {
+        Path::new(std::ffi::OsStr::from_bytes(p))
+            .file_name()
+            .map(|n| n.to_owned())
+    };
+    let ours = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.file_name().map(|n| n.to_owned()));
+    let program = name(program);
+    let named_like_baton = program.is_some()
+        && (program == ours
+            || program
+                .as_deref()
+                .is_some_and(|n| n.to_string_lossy().contains("baton")));
+    named_like_baton && args.any(|a| a == b"run") && process_alive(pid)
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {

@@ -233,11 +233,7 @@ pub enum ListenerAddress {
 impl FromStr for ListenerAddress {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let ip = |a: &str| {
-            a.parse::<SocketAddr>().map_err(|_| {
-                format!("invalid address {s:?}: expected IP:PORT, [IPv6]:PORT, unix:PATH or udp:IP:PORT")
-            })
-        };
+        let ip = |a: &str| a.parse::<SocketAddr>().or_else(|_| resolve(s, a));
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() || path.len() > 107 {
                 return Err(format!(
@@ -251,6 +247,35 @@ impl FromStr for ListenerAddress {
             Ok(ListenerAddress::Tcp(ip(s)?))
         }
     }
+}
+
+/// `HOST:PORT` with a host name: the first address it resolves to, IPv4
+/// first (so `localhost:8080` is 127.0.0.1:8080; write `[::1]:8080` for
+/// IPv6). Resolved whenever the config is loaded, so at every reload.
+fn resolve(whole: &str, address: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let bad = || {
+        format!("invalid address {whole:?}: expected HOST:PORT, IP:PORT, [IPv6]:PORT, unix:PATH or udp:HOST:PORT")
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let valid_host = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !valid_host {
+        return Err(bad());
+    }
+    let addresses: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("invalid address {whole:?}: cannot resolve {host:?}: {e}"))?
+        .collect();
+    addresses
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addresses.first())
+        .copied()
+        .ok_or_else(|| format!("invalid address {whole:?}: {host:?} resolves to no address"))
 }
 
 impl fmt::Display for ListenerAddress {
@@ -479,8 +504,42 @@ pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+        d.deserialize_any(DurVisitor)
+    }
+}
+
+/// Reads a duration string; a bare number gets the spelling it needs.
+struct DurVisitor;
+
+impl DurVisitor {
+    fn unitless<E: de::Error>(n: impl fmt::Display) -> E {
+        E::custom(format!(
+            "a duration is a string with a unit: write \"{n}s\" (or \"{n}ms\", \"{n}m\")"
+        ))
+    }
+}
+
+impl de::Visitor<'_> for DurVisitor {
+    type Value = Dur;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a duration such as \"500ms\" or \"30s\"")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
+        parse_duration(s).map(Dur).map_err(E::custom)
+    }
+
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
+        Err(Self::unitless(n))
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Dur, E> {
+        Err(Self::unitless(n))
+    }
+
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Dur, E> {
+        Err(Self::unitless(n))
     }
 }
 
@@ -569,7 +628,7 @@ impl Config {
             message,
         };
         let raw: RawConfig =
-            toml::from_str(text).map_err(|e| error_at(e.span(), e.message().to_string()))?;
+            toml::from_str(text).map_err(|e| error_at(e.span(), with_hint(e.message(), text)))?;
         let mut names = HashSet::new();
         let mut addresses = HashSet::new();
         for listener in &raw.listeners {
@@ -655,6 +714,17 @@ impl Config {
             self.worker.command.join(" "),
         )
     }
+}
+
+/// toml's message, with the spelling a user most likely meant.
+fn with_hint(message: &str, text: &str) -> String {
+    let single_listener = text.lines().any(|l| l.trim() == "[listener]");
+    if message.contains("expected a sequence") && single_listener {
+        return format!(
+            "{message}: listeners are an array of tables, write [[listener]] (two brackets) for each"
+        );
+    }
+    message.to_string()
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

@@ -413,7 +413,10 @@ impl Master {
 
     /// Takes the sockets of socket activation as the listeners they match;
     /// the first reload keeps them as it keeps any unchanged listener.
-    fn adopt_activated(&mut self, activated: Vec<crate::activation::Inherited>) -> anyhow::Result<()> {
+    fn adopt_activated(
+        &mut self,
+        activated: Vec<crate::activation::Inherited>,
+    ) -> anyhow::Result<()> {
         for (config, socket, by) in crate::activation::assign(activated, &self.config.listeners)? {
             let fd = socket.fd.as_raw_fd();
             let listener = crate::listener::Listener::inherited(config, socket.fd)?;

@@ -42,7 +42,10 @@ pub fn reloading(generation: u64) {
 /// "reloading"), and a `STATUS=` that says which generation serves and how
 /// the reload ended.
 pub fn reload_finished(serving: Option<u64>, outcome: &Outcome) {
-    notify(&format!("READY=1\nSTATUS={}", status_line(serving, outcome)));
+    notify(&format!(
+        "READY=1\nSTATUS={}",
+        status_line(serving, outcome)
+    ));
 }
 
 /// What `systemctl status` shows after a reload.
@@ -96,7 +99,8 @@ impl Watchdog {
         let ours = match pid {
             None => true,
             Some(pid) => {
-                pid == std::process::id() || (upgraded && pid == std::os::unix::process::parent_id())
+                pid == std::process::id()
+                    || (upgraded && pid == std::os::unix::process::parent_id())
             }
         };
         let interval = usec.filter(|_| ours).map(|usec| {

@@ -148,12 +148,7 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
         Some(3 + i as i32)
     };
     let expand = |text: &str| substitute(text, fd_of, spec.generation);
-    env.extend(
-        config
-            .env
-            .iter()
-            .map(|(k, v)| (k.into(), expand(v).into())),
-    );
+    env.extend(config.env.iter().map(|(k, v)| (k.into(), expand(v).into())));
     // The master sets these; the config cannot override them.
     env.retain(|(k, _)| !MASTER_ENV.iter().any(|m| k == m));
     let mut set = |key: &str, value: String| env.push((key.into(), value.into()));

@@ -64,14 +64,20 @@ fn check_rejects_a_missing_or_non_executable_command() {
     std::fs::write(&plain, "print('not executable')\n").unwrap();
     assert_check_fails(
         &config_with_worker(&format!("command = [{:?}]\n", plain.display().to_string())),
-        &format!("worker command {:?} is not executable", plain.display().to_string()),
+        &format!(
+            "worker command {:?} is not executable",
+            plain.display().to_string()
+        ),
     );
 }
 
 #[test]
 fn check_rejects_a_missing_cwd_naming_the_cwd() {
     let config = format!("{}cwd = \"/nonexistent/dir\"\n", hello_config(1));
-    assert_check_fails(&config, "worker cwd /nonexistent/dir: No such file or directory");
+    assert_check_fails(
+        &config,
+        "worker cwd /nonexistent/dir: No such file or directory",
+    );
 }
 
 #[test]

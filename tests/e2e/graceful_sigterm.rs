@@ -13,7 +13,11 @@ fn slow_config(extra_supervisor: &str) -> String {
         "command = [{:?}, \"slow-http\", \"1500\"]\nprocesses = 2\nready_timeout = \"10s\"\ndrain_timeout = \"10s\"\n",
         Binaries::testworker().display().to_string()
     ));
-    config.replacen("[supervisor]\n", &format!("[supervisor]\n{extra_supervisor}"), 1)
+    config.replacen(
+        "[supervisor]\n",
+        &format!("[supervisor]\n{extra_supervisor}"),
+        1,
+    )
 }
 
 #[test]

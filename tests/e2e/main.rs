@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod check;
+mod cli_edges;
 mod coalescing;
 mod control;
 mod draining;

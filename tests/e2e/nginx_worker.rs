@@ -27,7 +27,10 @@ fn nginx_from_the_example_reloads_under_new_connection_load_fail_nothing() {
     .unwrap();
     let config = read("baton.toml")
         .replace("127.0.0.1:8081", &addr.to_string())
-        .replace("[\"nginx\",", &format!("[{:?},", nginx.display().to_string()))
+        .replace(
+            "[\"nginx\",",
+            &format!("[{:?},", nginx.display().to_string()),
+        )
         .replace("delay:1s", "delay:300ms")
         .replace("[supervisor]\n", "[supervisor]\nlog_format = \"json\"\n");
     std::fs::write(dir.path().join("baton.toml"), config).unwrap();
@@ -47,5 +50,8 @@ fn nginx_from_the_example_reloads_under_new_connection_load_fail_nothing() {
     assert!(report.ok() > 100, "too little traffic: {}", report.ok());
     assert_eq!(report.failed(), 0, "{}", report.failures_summary());
     // Each generation ran an nginx of its own, with its own pid file.
-    assert!(baton.dir().join(format!("nginx-{}.pid", RELOADS + 1)).exists());
+    assert!(baton
+        .dir()
+        .join(format!("nginx-{}.pid", RELOADS + 1))
+        .exists());
 }

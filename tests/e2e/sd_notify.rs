@@ -68,12 +68,21 @@ fn monotonic_usec() -> u64 {
 /// `RELOADING=1` with a `MONOTONIC_USEC=` taken after `before`.
 fn assert_reloading(message: &str, generation: u64, before: u64) {
     let lines: Vec<&str> = message.lines().collect();
-    assert_eq!(lines[..2], ["RELOADING=1", &format!("STATUS=reloading to generation {generation}")]);
+    assert_eq!(
+        lines[..2],
+        [
+            "RELOADING=1",
+            &format!("STATUS=reloading to generation {generation}")
+        ]
+    );
     let usec: u64 = lines[2]
         .strip_prefix("MONOTONIC_USEC=")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {message:?}"));
-    assert!(usec >= before && usec <= monotonic_usec(), "{usec} vs {before}");
+    assert!(
+        usec >= before && usec <= monotonic_usec(),
+        "{usec} vs {before}"
+    );
 }
 
 #[test]

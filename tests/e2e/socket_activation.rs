@@ -29,7 +29,9 @@ fn activated(tool: &std::path::Path, args: &[&str], config: &str) -> Baton {
     argv.extend([baton.as_str(), "run"]);
     let baton = Baton::start_with_env(tool, dir, &argv, &[]);
     baton.wait_event(Duration::from_secs(10), |e| {
-        e["raw"].as_str().is_some_and(|l| l.starts_with("Listening on"))
+        e["raw"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("Listening on"))
     });
     baton
 }
@@ -56,7 +58,11 @@ fn a_socket_activated_master_serves_the_inherited_socket_across_reloads_and_an_u
     let load = steady_load(addr, Mode::NewConnection);
     for generation in 2..=4 {
         let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "generation {generation}");
+        assert_eq!(
+            message(&outcome),
+            "reload committed",
+            "generation {generation}"
+        );
     }
     kill(baton.pid(), Signal::SIGUSR2).unwrap();
     let master = baton.wait_new_master(baton.pid(), Duration::from_secs(30));

@@ -157,7 +157,10 @@ async fn main() {
             }
         }
         "slow-http" => {
-            let delay: u64 = args.get(1).and_then(|a| a.parse().ok()).expect("slow-http MS");
+            let delay: u64 = args
+                .get(1)
+                .and_then(|a| a.parse().ok())
+                .expect("slow-http MS");
             slow_http(worker, Duration::from_millis(delay)).await;
         }
         other => {

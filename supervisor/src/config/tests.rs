@@ -170,7 +170,10 @@ fn fd_templates_must_name_listeners_and_need_the_args_protocol() {
             .map(|i| 3 + i as i32)
     };
     assert_eq!(substitute(&c.worker.command[3], fd, 7), "--x=4,3");
-    assert_eq!(substitute("run/{generation}.pid;{fd:x}", fd, 7), "run/7.pid;{fd:x}");
+    assert_eq!(
+        substitute("run/{generation}.pid;{fd:x}", fd, 7),
+        "run/7.pid;{fd:x}"
+    );
     assert_eq!(fd_templates("a{fd:x}b{fd:y}").unwrap(), ["x", "y"]);
 
     let e = error(&format!(
@@ -270,4 +273,29 @@ fn user_and_group_resolve_at_load_and_need_root() {
     } else {
         assert!(e.contains("needs the master to run as root"), "{e}");
     }
+}
+
+#[test]
+fn common_misspellings_get_the_right_spelling() {
+    let e = error(
+        "[listener]\nname = \"http\"\naddress = \"127.0.0.1:1\"\n[worker]\ncommand = [\"x\"]\n",
+    );
+    assert!(e.contains("write [[listener]] (two brackets)"), "{e}");
+    let e = error("[worker]\ncommand = [\"x\"]\ndrain_timeout = 30\n");
+    assert!(
+        e.contains(":3:17: ") && e.contains("write \"30s\" (or \"30ms\", \"30m\")"),
+        "{e}"
+    );
+}
+
+#[test]
+fn host_names_resolve_to_their_first_ipv4_address() {
+    let c = parse("[[listener]]\nname = \"a\"\naddress = \"localhost:8080\"\n[[listener]]\nname = \"b\"\naddress = \"udp:localhost:53\"\n[worker]\ncommand = [\"x\"]\n").unwrap();
+    assert_eq!(c.listeners[0].address.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.listeners[1].address.to_string(), "udp:127.0.0.1:53");
+    let e = error("[[listener]]\nname = \"a\"\naddress = \"no-such-host.invalid:80\"\n[worker]\ncommand = [\"x\"]\n");
+    assert!(
+        e.contains(":3:11: ") && e.contains("cannot resolve \"no-such-host.invalid\""),
+        "{e}"
+    );
 }
