@@ -5,6 +5,7 @@
 mod check;
 mod cli_edges;
 mod coalescing;
+mod container_init;
 mod control;
 mod draining;
 mod escaped_children;

@@ -1,0 +1,63 @@
+//! baton as a container's PID 1 (a fresh pid namespace, as Docker and
+//! Kubernetes give it): SIGTERM drains, orphans re-parented to it are
+//! reaped.
+
+use baton_tests::harness::{
+    children_of, config_with_worker, message, wrapped_worker, zombies_of, Baton, Binaries, TempDir,
+};
+use baton_tests::tools;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
+
+/// Waits (bounded) until `f` holds.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn as_pid_1_baton_reaps_orphans_and_drains_on_sigterm() {
+    let Some(unshare) = tools::require("unshare", "apt-get install util-linux") else {
+        return;
+    };
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: a pid namespace of its own needs root here");
+        return;
+    }
+    // Each worker leaves a child behind in its process group: when the
+    // worker exits, that child is killed and re-parented to PID 1.
+    let config = config_with_worker(&wrapped_worker(&["--child"], "drain_timeout = \"5s\"\n"));
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("baton.toml"), config).unwrap();
+    let baton_path = Binaries::baton().display().to_string();
+    let mut baton = Baton::start_with_env(
+        &unshare,
+        dir,
+        &["--pid", "--fork", "--mount-proc", "--kill-child", &baton_path, "run"],
+        &[],
+    );
+    baton.wait_committed(1);
+    // baton is PID 1 inside; from here it is unshare's only child.
+    let init: Pid = children_of(baton.pid())[0];
+    assert_eq!(std::fs::read_to_string(baton.dir().join("baton.pid")).unwrap().trim(), "1");
+
+    kill(init, Signal::SIGHUP).unwrap();
+    baton.wait_committed(2);
+    baton.wait_generation_finished(1);
+    // The old worker's child died after its parent: a zombie of PID 1's
+    // until baton reaps it.
+    eventually("orphans re-parented to baton are reaped", || {
+        zombies_of(init).is_empty()
+    });
+
+    kill(init, Signal::SIGTERM).unwrap();
+    let status = baton.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    baton.wait_event(Duration::from_secs(1), |e| {
+        message(e) == "master stopping" && e["fields"]["how"] == "Graceful"
+    });
+}
