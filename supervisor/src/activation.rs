@@ -10,12 +10,14 @@
 //! disagree, and guessing would serve on the wrong socket.
 
 use crate::config::{ListenerAddress, ListenerConfig};
+use crate::master::Master;
 use anyhow::{bail, Context};
 use baton_worker::ListenerKind;
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::rc::Rc;
 
 /// The first fd systemd passes (`SD_LISTEN_FDS_START`).
 const FIRST_FD: RawFd = 3;
@@ -185,6 +187,28 @@ pub fn assign(
         out.push((listener.clone(), socket, by));
     }
     Ok(out)
+}
+
+impl Master {
+    /// Takes the sockets of socket activation as the listeners they match;
+    /// the first reload keeps them as it keeps any unchanged listener.
+    pub(crate) fn adopt_activated(&mut self, activated: Vec<Inherited>) -> anyhow::Result<()> {
+        for (config, socket, by) in assign(activated, &self.config.listeners)? {
+            let fd = socket.fd.as_raw_fd();
+            let listener = crate::listener::Listener::inherited(config, socket.fd)?;
+            tracing::info!(
+                listener = %listener.info.name,
+                address = %listener.info.address,
+                kind = %listener.info.kind,
+                fd,
+                matched_by = by,
+                steered = listener.steerable(),
+                "listener adopted from socket activation"
+            );
+            self.listeners.push(Rc::new(listener));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -5,14 +5,15 @@
 use serde::{de, Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
+mod address;
+mod duration;
 mod process;
 mod rollout;
+pub use address::ListenerAddress;
+pub use duration::{parse_duration, Dur};
 pub use process::{
     fd_templates, substitute, Credentials, GroupSpec, Output, ReopenSignal, UserSpec,
 };
@@ -219,81 +220,6 @@ fn de_listener_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error>
     Ok(name)
 }
 
-/// A listener address: `IP:PORT`, `[IPv6]:PORT`, `unix:PATH` or `udp:IP:PORT`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ListenerAddress {
-    /// TCP.
-    Tcp(SocketAddr),
-    /// Unix stream socket at this path.
-    Unix(PathBuf),
-    /// UDP.
-    Udp(SocketAddr),
-}
-
-impl FromStr for ListenerAddress {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let ip = |a: &str| a.parse::<SocketAddr>().or_else(|_| resolve(s, a));
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() || path.len() > 107 {
-                return Err(format!(
-                    "invalid address {s:?}: a Unix socket path is 1 to 107 bytes"
-                ));
-            }
-            Ok(ListenerAddress::Unix(PathBuf::from(path)))
-        } else if let Some(rest) = s.strip_prefix("udp:") {
-            Ok(ListenerAddress::Udp(ip(rest)?))
-        } else {
-            Ok(ListenerAddress::Tcp(ip(s)?))
-        }
-    }
-}
-
-/// `HOST:PORT` with a host name: the first address it resolves to, IPv4
-/// first (so `localhost:8080` is 127.0.0.1:8080; write `[::1]:8080` for
-/// IPv6). Resolved whenever the config is loaded, so at every reload.
-fn resolve(whole: &str, address: &str) -> Result<SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    let bad = || {
-        format!("invalid address {whole:?}: expected HOST:PORT, IP:PORT, [IPv6]:PORT, unix:PATH or udp:HOST:PORT")
-    };
-    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    let valid_host = !host.is_empty()
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
-    if !valid_host {
-        return Err(bad());
-    }
-    let addresses: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| format!("invalid address {whole:?}: cannot resolve {host:?}: {e}"))?
-        .collect();
-    addresses
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addresses.first())
-        .copied()
-        .ok_or_else(|| format!("invalid address {whole:?}: {host:?} resolves to no address"))
-}
-
-impl fmt::Display for ListenerAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenerAddress::Tcp(a) => write!(f, "{a}"),
-            ListenerAddress::Unix(p) => write!(f, "unix:{}", p.display()),
-            ListenerAddress::Udp(a) => write!(f, "udp:{a}"),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for ListenerAddress {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(de::Error::custom)
-    }
-}
-
 /// `[worker]`: how to run the worker processes.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -496,75 +422,6 @@ impl<'de> Deserialize<'de> for ReadyMode {
             "invalid ready {s:?}: expected \"sdk\", \"notify\", \"delay:DURATION\", \"tcp\", \"http:/PATH\" or \"exec:COMMAND\""
         )))
     }
-}
-
-/// A duration written as `"500ms"`, `"30s"`, `"2m"`, `"1h"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(DurVisitor)
-    }
-}
-
-/// Reads a duration string; a bare number gets the spelling it needs.
-struct DurVisitor;
-
-impl DurVisitor {
-    fn unitless<E: de::Error>(n: impl fmt::Display) -> E {
-        E::custom(format!(
-            "a duration is a string with a unit: write \"{n}s\" (or \"{n}ms\", \"{n}m\")"
-        ))
-    }
-}
-
-impl de::Visitor<'_> for DurVisitor {
-    type Value = Dur;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a duration such as \"500ms\" or \"30s\"")
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
-        parse_duration(s).map(Dur).map_err(E::custom)
-    }
-
-    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
-        Err(Self::unitless(n))
-    }
-
-    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Dur, E> {
-        Err(Self::unitless(n))
-    }
-
-    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Dur, E> {
-        Err(Self::unitless(n))
-    }
-}
-
-/// Parses `"500ms"`, `"30s"`, `"2m"`, `"1h"` (also fractional: `"1.5s"`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!("invalid duration {s:?}: expected a number with ms, s, m or h, like \"500ms\" or \"30s\"")
-    };
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(bad)?;
-    let (number, unit) = s.split_at(split);
-    let number: f64 = number.parse().map_err(|_| bad())?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(bad()),
-    };
-    let secs = number * scale;
-    if !secs.is_finite() || secs > 7.0 * 24.0 * 3600.0 {
-        return Err(format!("invalid duration {s:?}: at most one week"));
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 /// A signal name like `"SIGTERM"` or `"TERM"`.

@@ -21,7 +21,6 @@ use baton_worker::protocol::WorkerMessage;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -409,29 +408,6 @@ impl Master {
         })
         .abort_handle();
         Ok(crate::notify::Notifier { socket, reader })
-    }
-
-    /// Takes the sockets of socket activation as the listeners they match;
-    /// the first reload keeps them as it keeps any unchanged listener.
-    fn adopt_activated(
-        &mut self,
-        activated: Vec<crate::activation::Inherited>,
-    ) -> anyhow::Result<()> {
-        for (config, socket, by) in crate::activation::assign(activated, &self.config.listeners)? {
-            let fd = socket.fd.as_raw_fd();
-            let listener = crate::listener::Listener::inherited(config, socket.fd)?;
-            tracing::info!(
-                listener = %listener.info.name,
-                address = %listener.info.address,
-                kind = %listener.info.kind,
-                fd,
-                matched_by = by,
-                steered = listener.steerable(),
-                "listener adopted from socket activation"
-            );
-            self.listeners.push(Rc::new(listener));
-        }
-        Ok(())
     }
 
     /// Keeps `token` until process `pid` (the old master, not a child of

@@ -37,13 +37,25 @@ fn as_pid_1_baton_reaps_orphans_and_drains_on_sigterm() {
     let mut baton = Baton::start_with_env(
         &unshare,
         dir,
-        &["--pid", "--fork", "--mount-proc", "--kill-child", &baton_path, "run"],
+        &[
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            &baton_path,
+            "run",
+        ],
         &[],
     );
     baton.wait_committed(1);
     // baton is PID 1 inside; from here it is unshare's only child.
     let init: Pid = children_of(baton.pid())[0];
-    assert_eq!(std::fs::read_to_string(baton.dir().join("baton.pid")).unwrap().trim(), "1");
+    assert_eq!(
+        std::fs::read_to_string(baton.dir().join("baton.pid"))
+            .unwrap()
+            .trim(),
+        "1"
+    );
 
     kill(init, Signal::SIGHUP).unwrap();
     baton.wait_committed(2);
