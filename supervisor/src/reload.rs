@@ -209,6 +209,11 @@ impl Master {
         };
         if let Some(reason) = refuse {
             tracing::warn!(%trigger, reason, "reload refused");
+            // `Type=notify-reload` sent this SIGHUP and waits for RELOADING=1
+            // and READY=1: a refused reload is one that ended at once.
+            if trigger == Trigger::Signal && self.stopping.is_none() && self.control.is_some() {
+                crate::sd_notify::reload_refused(self.current, reason);
+            }
             if let Some(waiter) = waiter {
                 let _ = waiter.send(Reply::error(format!("reload refused: {reason}")));
             }

@@ -48,11 +48,19 @@ pub fn reload_finished(serving: Option<u64>, outcome: &Outcome) {
     ));
 }
 
+/// A reload signal that was refused (an upgrade is under way): the
+/// reload `Type=notify-reload` waits for begins and ends at once.
+pub fn reload_refused(serving: Option<u64>, reason: &str) {
+    notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+    notify(&format!(
+        "READY=1\nSTATUS={}; reload refused: {reason}",
+        serving_line(serving)
+    ));
+}
+
 /// What `systemctl status` shows after a reload.
 fn status_line(serving: Option<u64>, outcome: &Outcome) -> String {
-    let serving = serving.map_or("no generation serving".into(), |g| {
-        format!("generation {g} serving")
-    });
+    let serving = serving_line(serving);
     match &outcome.failure {
         None => format!("{serving}; last reload ({}) committed", outcome.trigger),
         Some((phase, reason)) => {
@@ -68,6 +76,12 @@ fn status_line(serving: Option<u64>, outcome: &Outcome) -> String {
             )
         }
     }
+}
+
+fn serving_line(serving: Option<u64>) -> String {
+    serving.map_or("no generation serving".into(), |g| {
+        format!("generation {g} serving")
+    })
 }
 
 /// `CLOCK_MONOTONIC` in microseconds, as systemd reads it.

@@ -161,3 +161,40 @@ fn systemd_hears_every_reload_outcome_the_new_main_pid_stopping_and_the_watchdog
     }
     let _ = baton.wait_exit(Duration::from_secs(1));
 }
+
+#[test]
+fn a_reload_signal_refused_during_an_upgrade_still_ends_with_ready() {
+    let dir = TempDir::new();
+    let path = dir.path().join("notify.sock");
+    let mut systemd = FakeSystemd::bind(&path);
+    // Workers ready only after 1 s: the upgrade is under way for that long.
+    let config = baton_tests::harness::config_with_worker(&baton_tests::harness::wrapped_worker(
+        &[],
+        "ready = \"delay:1s\"\n",
+    ))
+    .replace("ready = \"notify\"\n", "");
+    std::fs::write(dir.path().join("baton.toml"), config).unwrap();
+    let baton = Baton::start_with_env(
+        &Binaries::baton(),
+        dir,
+        &["run"],
+        &[("NOTIFY_SOCKET", path.as_os_str())],
+    );
+    assert!(systemd.next().starts_with("READY=1\n"));
+    baton.signal(Signal::SIGUSR2);
+    baton.wait_event(Duration::from_secs(10), |e| {
+        baton_tests::harness::message(e) == "upgrade started"
+    });
+    baton.signal(Signal::SIGHUP);
+    let reloading = systemd.next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert_eq!(
+        systemd.next(),
+        "READY=1\nSTATUS=generation 1 serving; reload refused: a binary upgrade is in progress"
+    );
+    let handover = systemd.next();
+    assert!(handover.starts_with("MAINPID="), "{handover:?}");
+}
