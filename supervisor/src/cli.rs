@@ -166,11 +166,14 @@ pub fn main() -> i32 {
     if !matches!(command, Command::Run) {
         quiet_on_closed_stdout();
     }
-    if !matches!(command, Command::Run | Command::Check) {
-        if let Err(e) = config_exists(&cli.config, cli.socket.as_deref()) {
-            eprintln!("baton: {e}");
-            return 2;
-        }
+    // `run` and `check` load the config (a missing one fails them, exit 1);
+    // the other commands only look for the master through it (exit 2, as
+    // when no master answers).
+    let loads = matches!(command, Command::Run | Command::Check);
+    let socket = if loads { None } else { cli.socket.as_deref() };
+    if let Err(e) = config_exists(&cli.config, socket) {
+        eprintln!("baton: {e}");
+        return if loads { 1 } else { 2 };
     }
     match command {
         Command::Run => report(run(&cli.config).map(|()| 0), 1),

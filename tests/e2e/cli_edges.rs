@@ -95,14 +95,20 @@ fn dash_s_signals_the_master_on_the_control_socket_whatever_the_pid_file_says() 
 #[test]
 fn commands_without_a_config_here_say_how_to_name_one() {
     let dir = TempDir::new();
-    for args in [&["reload"][..], &["status"], &["-s", "reload"]] {
+    for (args, code) in [
+        (&["reload"][..], 2),
+        (&["status"], 2),
+        (&["-s", "reload"], 2),
+        (&["run"], 1),
+        (&["check"], 1),
+    ] {
         let out = Command::new(Binaries::baton())
             .args(args)
             .current_dir(dir.path())
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
         assert!(
             stderr.contains("no ./baton.toml here: pass -c FILE"),
             "{args:?}: {stderr}"
