@@ -48,6 +48,15 @@ fn sigterm_finishes_requests_in_flight_and_exits_zero() {
         .iter()
         .filter(|s| s.start < signalled && s.class.is_failure())
         .collect();
+    let before = report
+        .samples
+        .iter()
+        .filter(|s| s.start < signalled)
+        .count();
+    eprintln!(
+        "SIGTERM under keep-alive load: {before} requests started before it, {} cut; 4 slow ones in flight",
+        cut.len()
+    );
     assert!(report.ok() > 100, "too little traffic: {}", report.ok());
     assert!(cut.is_empty(), "requests cut by the stop: {cut:?}");
     let exits: Vec<String> = baton
