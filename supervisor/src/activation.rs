@@ -255,6 +255,29 @@ mod tests {
     }
 
     #[test]
+    fn a_unix_socket_matches_the_listener_on_its_path() {
+        let path =
+            std::env::temp_dir().join(format!("baton-activation-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let socket = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let fd = OwnedFd::from(socket);
+        let (kind, address) = describe(&fd).unwrap();
+        let inherited = Inherited {
+            fd,
+            name: None,
+            kind,
+            address,
+        };
+        let listeners = [
+            listener("http", "127.0.0.1:0"),
+            listener("app", &format!("unix:{}", path.display())),
+        ];
+        let assigned = assign(vec![inherited], &listeners).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(assigned[0].0.name, "app");
+    }
+
+    #[test]
     fn an_unmatched_or_misnamed_socket_is_an_error() {
         let (_a, stray) = tcp(None);
         let e = assign(vec![stray], &[listener("http", "127.0.0.1:1")]).unwrap_err();

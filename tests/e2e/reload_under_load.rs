@@ -1,6 +1,6 @@
 use baton_tests::harness::{
     assert_no_request_failed, config_with_worker, generation_in, hello_config, message,
-    resetting_config, steady_load, wait_for_generation, wrapped_worker, Baton,
+    resetting_config, reuseport_listener, steady_load, wait_for_generation, wrapped_worker, Baton,
 };
 use baton_tests::load::Mode;
 use std::time::Duration;
@@ -65,29 +65,6 @@ fn hup_under_new_connection_load_with_workers_that_reset_on_stop_fails_no_reques
     reloads_under_load_drop_nothing(&resetting_config(), Mode::NewConnection);
 }
 
-/// A listening socket of the given address with SO_REUSEPORT, as another
-/// process of the same user could open on baton's port.
-fn stranger_on(addr: std::net::SocketAddr) -> std::os::fd::OwnedFd {
-    use nix::sys::socket::{
-        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-        SockaddrIn,
-    };
-    let std::net::SocketAddr::V4(v4) = addr else {
-        panic!("{addr} is not IPv4")
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
-    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
-    listen(&fd, Backlog::new(16).unwrap()).unwrap();
-    fd
-}
-
 /// Reloads to generation `number` and checks whether it shares the
 /// listener's own socket (see `sockets` in `baton status --json`).
 fn reload_sharing(baton: &mut Baton, number: u64, shared: bool) {
@@ -117,7 +94,7 @@ fn a_strangers_socket_on_the_port_never_gets_a_connection_under_new_connection_l
     baton.wait_committed(1);
     let addr = baton.address("http");
     let load = steady_load(addr, Mode::NewConnection);
-    let stranger = stranger_on(addr);
+    let stranger = reuseport_listener(addr);
     for generation in 2..=4 {
         reload_sharing(&mut baton, generation, true);
     }

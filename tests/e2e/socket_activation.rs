@@ -3,8 +3,8 @@
 //! from the first connection on, across reloads and an upgrade.
 
 use baton_tests::harness::{
-    assert_no_request_failed, get, hello_config, message, steady_load, wait_for_generation, Baton,
-    Binaries, TempDir,
+    assert_no_request_failed, generation_in, get, hello_config, message, resetting_config,
+    reuseport_listener, steady_load, wait_for_generation, Baton, Binaries, TempDir,
 };
 use baton_tests::load::Mode;
 use baton_tests::tools;
@@ -90,4 +90,53 @@ fn an_inherited_socket_no_listener_matches_is_refused() {
         error.contains(&format!("tcp {stray}")) && error.contains("matches no [[listener]]"),
         "{error}"
     );
+}
+
+/// A socket systemd bound with `ReusePort=yes` gets a port group: servers
+/// that reset what they accept once told to stop get a socket of their own
+/// per generation, steered to, and lose nothing across reloads.
+#[test]
+fn an_inherited_reuseport_socket_gives_wrapped_servers_sockets_of_their_own() {
+    use std::os::fd::AsRawFd;
+    let addr = free_port();
+    let socket = reuseport_listener(addr);
+    // Inherited by the shell below, which puts it at fd 3 as systemd would.
+    nix::fcntl::fcntl(
+        socket.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("baton.toml"), resetting_config()).unwrap();
+    let script = format!(
+        "exec 3<&{fd}; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=http exec {baton} \"$@\"",
+        fd = socket.as_raw_fd(),
+        baton = Binaries::baton().display()
+    );
+    let mut baton = Baton::start_with_env(
+        std::path::Path::new("/bin/sh"),
+        dir,
+        &["-c", &script, "sh", "run"],
+        &[],
+    );
+    drop(socket);
+    baton.wait_committed(1);
+    let adopted = baton.wait_event(Duration::from_secs(5), |e| {
+        message(e) == "listener adopted from socket activation"
+    });
+    assert_eq!(adopted["fields"]["matched_by"], "name");
+    assert_eq!(adopted["fields"]["steered"], true);
+    let load = steady_load(addr, Mode::NewConnection);
+    for number in 2..=4 {
+        assert_eq!(message(&baton.reload()), "reload committed");
+        let status = baton.status();
+        let generation = generation_in(&status, number).expect("the new generation");
+        assert_ne!(
+            generation["sockets"][0], status["listeners"][0]["fd"],
+            "generation {number} shares the inherited socket: {status}"
+        );
+    }
+    wait_for_generation(&load, 4);
+    let report = load.stop();
+    assert_no_request_failed(&report, "3 reloads on an inherited SO_REUSEPORT socket", 4);
 }

@@ -753,3 +753,27 @@ pub fn assert_no_request_failed(report: &crate::load::Report, what: &str, last: 
         "generations appear in increasing order: {generations:?} {timeline:?}"
     );
 }
+
+/// A listening socket of the given address with SO_REUSEPORT, as another
+/// process of the same user could open on baton's port, or systemd with
+/// `ReusePort=yes`.
+pub fn reuseport_listener(addr: std::net::SocketAddr) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn,
+    };
+    let std::net::SocketAddr::V4(v4) = addr else {
+        panic!("{addr} is not IPv4")
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
+    listen(&fd, Backlog::new(16).unwrap()).unwrap();
+    fd
+}
