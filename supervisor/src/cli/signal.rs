@@ -2,12 +2,9 @@
 //! found through its control socket, or, when none answers, through a pid
 //! file that is checked first: a stale one may name any process by now.
 
-use super::{control_socket, process_alive, result, supervisor_path, NginxSignal};
-use crate::control::client::{self, ClientError};
-use crate::control::protocol::{Request, Status};
+use super::{control_socket, process_alive, supervisor_path, NginxSignal};
 use anyhow::Context;
 use std::path::Path;
-use std::time::Duration;
 
 /// `-s SIGNAL`: signals the master that answers on the control socket;
 /// only when none does, the pid in `pid_file`, once that pid is checked to
@@ -21,16 +18,26 @@ pub fn send(config: &Path, socket: Option<&Path>, signal: NginxSignal) -> anyhow
         NginxSignal::Reopen => Signal::SIGUSR1,
     };
     let socket = socket.map_or_else(|| control_socket(config), Path::to_path_buf);
-    let pid = match client::request(&socket, &Request::Status {}, Duration::from_secs(5)) {
-        Ok(reply) => result::<Status>(&reply)
-            .map(|s| s.master.pid as i32)
-            .with_context(|| format!("the master on {} sent no status", socket.display()))?,
-        Err(ClientError::Unreachable { .. }) => pid_from_file(config)?,
-        Err(e) => return Err(e).context(format!("asking the master on {}", socket.display())),
+    let pid = match std::os::unix::net::UnixStream::connect(&socket) {
+        Ok(stream) => listening_pid(&stream)
+            .with_context(|| format!("finding the master on {}", socket.display()))?,
+        Err(_) => pid_from_file(config)?,
     };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
         .with_context(|| format!("sending {signal} to master {pid}"))?;
     Ok(())
+}
+
+/// The master listening on the control socket, as the kernel names it
+/// (`SO_PEERCRED`): the pid as this process sees it, even from another pid
+/// namespace than the master's, which the pid in a status reply is not.
+fn listening_pid(stream: &std::os::unix::net::UnixStream) -> anyhow::Result<i32> {
+    let credentials =
+        nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
+    match credentials.pid() {
+        pid if pid > 0 => Ok(pid),
+        _ => anyhow::bail!("the master's pid is not visible from this pid namespace"),
+    }
 }
 
 /// The pid in the config's `pid_file`, if it names a running baton master.
