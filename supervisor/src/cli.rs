@@ -324,15 +324,22 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             Ok(exit(&reply))
         }
         Command::Stop { fast, timeout } => {
-            // The pid first: a master with nothing left to drain exits at
-            // once, possibly before its answer to `stop` is written.
-            let status = client::request(socket, &Request::Status {}, QUICK)?;
-            let known = result::<Status>(&status).map(|s| s.master.pid as i64);
+            // The pid first, as this process sees it: a master with nothing
+            // left to drain exits at once, possibly before its answer to
+            // `stop` is written.
+            let known = std::os::unix::net::UnixStream::connect(socket)
+                .ok()
+                .and_then(|stream| signal::listening_pid(&stream).ok())
+                .map(i64::from);
             let pid = match client::request(socket, &Request::Stop { fast }, QUICK) {
-                Ok(reply) => match reply.result.as_ref().and_then(|r| r["pid"].as_i64()) {
-                    Some(pid) => pid,
-                    None => return Ok(exit(&reply)),
-                },
+                Ok(reply) if !reply.ok => return Ok(exit(&reply)),
+                Ok(reply) => {
+                    let answered = reply.result.as_ref().and_then(|r| r["pid"].as_i64());
+                    match known.or(answered) {
+                        Some(pid) => pid,
+                        None => return Ok(exit(&reply)),
+                    }
+                }
                 Err(ClientError::BadReply(_)) if known.is_some() => known.expect("checked"),
                 Err(e) => return Err(e),
             };

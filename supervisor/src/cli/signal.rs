@@ -31,7 +31,7 @@ pub fn send(config: &Path, socket: Option<&Path>, signal: NginxSignal) -> anyhow
 /// The master listening on the control socket, as the kernel names it
 /// (`SO_PEERCRED`): the pid as this process sees it, even from another pid
 /// namespace than the master's, which the pid in a status reply is not.
-fn listening_pid(stream: &std::os::unix::net::UnixStream) -> anyhow::Result<i32> {
+pub(super) fn listening_pid(stream: &std::os::unix::net::UnixStream) -> anyhow::Result<i32> {
     let credentials =
         nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)?;
     match credentials.pid() {
