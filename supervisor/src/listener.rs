@@ -38,6 +38,9 @@ pub struct Listener {
     alive: Rc<()>,
     /// Whether sockets this master does not know were last seen on the port.
     strangers: std::cell::Cell<bool>,
+    /// Passed by socket activation: its socket file is the service
+    /// manager's, never removed by baton, whichever master holds it.
+    activated: bool,
 }
 
 /// Listeners are shared between the master's current set and the
@@ -77,6 +80,7 @@ impl Listener {
             primary: None,
             alive: Rc::new(()),
             strangers: std::cell::Cell::new(false),
+            activated: false,
         })
     }
 
@@ -117,6 +121,7 @@ impl Listener {
             primary: None,
             alive: Rc::new(()),
             strangers: std::cell::Cell::new(false),
+            activated: true,
         })
     }
 
@@ -139,6 +144,7 @@ impl Listener {
             primary: Some(primary.clone()),
             alive: Rc::new(()),
             strangers: std::cell::Cell::new(false),
+            activated: false,
         }
     }
 
@@ -325,9 +331,21 @@ impl Listener {
     }
 
     /// Takes over an adopted listener's socket file: it is removed when this
-    /// master lets go of the socket.
+    /// master lets go of the socket (unless the service manager passed it).
     pub fn own_path(&self) {
-        self.remove_path.set(true);
+        self.remove_path.set(!self.activated);
+    }
+
+    /// Whether the socket came from socket activation.
+    pub fn activated(&self) -> bool {
+        self.activated
+    }
+
+    /// Marks a socket handed over by a previous master as one that came
+    /// from socket activation.
+    pub fn with_activated(mut self, activated: bool) -> Listener {
+        self.activated = activated;
+        self
     }
 
     /// Keeps a Unix listener's socket file when this master lets go of it:
@@ -419,6 +437,7 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
         primary: None,
         alive: Rc::new(()),
         strangers: std::cell::Cell::new(false),
+        activated: false,
     })
 }
 

@@ -3,8 +3,9 @@
 //! from the first connection on, across reloads and an upgrade.
 
 use baton_tests::harness::{
-    assert_no_request_failed, generation_in, get, hello_config, message, resetting_config,
-    reuseport_listener, steady_load, wait_for_generation, Baton, Binaries, TempDir,
+    alive, assert_no_request_failed, config_with_worker, generation_in, get, hello_config, message,
+    resetting_config, reuseport_listener, steady_load, wait_for_generation, Baton, Binaries,
+    TempDir,
 };
 use baton_tests::load::Mode;
 use baton_tests::tools;
@@ -139,4 +140,37 @@ fn an_inherited_reuseport_socket_gives_wrapped_servers_sockets_of_their_own() {
     wait_for_generation(&load, 4);
     let report = load.stop();
     assert_no_request_failed(&report, "3 reloads on an inherited SO_REUSEPORT socket", 4);
+}
+
+/// An activated Unix socket's file is the service manager's: no master
+/// removes it, not even one that took it over in an upgrade.
+#[test]
+fn an_activated_unix_sockets_file_outlives_an_upgrade_and_a_stop() {
+    let Some(tool) = tools::require("systemd-socket-activate", "apt-get install systemd") else {
+        return;
+    };
+    let dir_holder = TempDir::new();
+    let path = dir_holder.path().join("app.sock");
+    let config = config_with_worker(&format!(
+        "command = [{:?}, \"dump-listeners\", {:?}]\nready_timeout = \"10s\"\ndrain_timeout = \"5s\"\n",
+        Binaries::testworker().display().to_string(),
+        dir_holder.path().display().to_string(),
+    ))
+    .replace("127.0.0.1:0", &format!("unix:{}", path.display()));
+    let listen = path.display().to_string();
+    let baton = activated(&tool, &["-l", &listen], &config);
+    let _first = std::os::unix::net::UnixStream::connect(&path).expect("the activated socket");
+    baton.wait_committed(1);
+    kill(baton.pid(), Signal::SIGUSR2).unwrap();
+    let master = baton.wait_new_master(baton.pid(), Duration::from_secs(30));
+    kill(master, Signal::SIGQUIT).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive(master) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new master did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(path.exists(), "the socket file was removed");
 }

@@ -41,6 +41,9 @@ pub struct HandedListener {
     pub backlog: i32,
     /// Kind and actual bound address, checked against the fd.
     pub info: ListenerInfo,
+    /// Passed by socket activation: its socket file is not baton's to remove.
+    #[serde(default)]
+    pub activated: bool,
 }
 
 /// Old master → new master.
@@ -251,6 +254,7 @@ impl HandedListener {
             address: listener.config.address.to_string(),
             backlog: listener.config.backlog,
             info: listener.info.clone(),
+            activated: listener.activated(),
         }
     }
 
@@ -265,7 +269,7 @@ impl HandedListener {
             address,
             backlog: self.backlog,
         };
-        Listener::adopt(config, self.info, fd)
+        Ok(Listener::adopt(config, self.info, fd)?.with_activated(self.activated))
     }
 }
 
