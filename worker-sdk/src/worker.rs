@@ -93,7 +93,8 @@ impl Worker {
 
     /// Connects to the master through `BATON_CONTROL_FD`: reads the hello and
     /// every listener, checking each fd against its metadata. Must be called
-    /// inside a tokio runtime.
+    /// inside a tokio runtime. From then on SIGTERM and SIGINT start a drain
+    /// (with the master's drain timeout) instead of killing the process.
     pub async fn from_env() -> Result<Worker, Error> {
         let value = std::env::var(CONTROL_FD_ENV).unwrap_or_default();
         let raw: RawFd = value
