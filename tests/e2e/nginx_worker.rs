@@ -31,7 +31,7 @@ fn nginx_from_the_example_reloads_under_new_connection_load_fail_nothing() {
             "[\"nginx\",",
             &format!("[{:?},", nginx.display().to_string()),
         )
-        .replace("delay:1s", "delay:300ms")
+        .replace("delay:1s", "delay:600ms")
         .replace("[supervisor]\n", "[supervisor]\nlog_format = \"json\"\n");
     std::fs::write(dir.path().join("baton.toml"), config).unwrap();
     let mut baton = Baton::start_in(dir, &["run"]);
