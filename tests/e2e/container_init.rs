@@ -3,7 +3,8 @@
 //! reaped.
 
 use baton_tests::harness::{
-    children_of, config_with_worker, message, wrapped_worker, zombies_of, Baton, Binaries, TempDir,
+    alive, children_of, config_with_worker, descendants, is_guardian, message, wrapped_worker,
+    zombies_of, Baton, Binaries, TempDir,
 };
 use baton_tests::tools;
 use nix::sys::signal::{kill, Signal};
@@ -67,9 +68,19 @@ fn as_pid_1_baton_reaps_orphans_and_drains_on_sigterm() {
         "1"
     );
 
+    // Generation 1's worker and the child it left in its process group.
+    let generation_1: Vec<Pid> = children_of(init)
+        .into_iter()
+        .filter(|p| alive(*p) && !is_guardian(*p))
+        .flat_map(|w| std::iter::once(w).chain(descendants(w)))
+        .collect();
+    assert!(generation_1.len() >= 2, "{generation_1:?}");
     kill(init, Signal::SIGHUP).unwrap();
     baton.wait_committed(2);
     baton.wait_generation_finished(1);
+    eventually("generation 1's processes are gone", || {
+        generation_1.iter().all(|p| !alive(*p))
+    });
     // The old worker's child died after its parent: a zombie of PID 1's
     // until baton reaps it.
     eventually("orphans re-parented to baton are reaped", || {
