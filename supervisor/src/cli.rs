@@ -104,7 +104,7 @@ pub enum Command {
 pub enum NginxSignal {
     /// SIGHUP: reload.
     Reload,
-    /// SIGTERM: fast stop.
+    /// SIGINT: fast stop (nginx's `stop`, whatever `[supervisor] sigterm` says).
     Stop,
     /// SIGQUIT: graceful stop.
     Quit,

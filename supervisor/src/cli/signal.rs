@@ -13,7 +13,7 @@ pub fn send(config: &Path, socket: Option<&Path>, signal: NginxSignal) -> anyhow
     use nix::sys::signal::Signal;
     let signal = match signal {
         NginxSignal::Reload => Signal::SIGHUP,
-        NginxSignal::Stop => Signal::SIGTERM,
+        NginxSignal::Stop => Signal::SIGINT,
         NginxSignal::Quit => Signal::SIGQUIT,
         NginxSignal::Reopen => Signal::SIGUSR1,
     };
