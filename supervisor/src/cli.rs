@@ -36,7 +36,7 @@ pub struct Cli {
     /// The master's control socket (instead of finding it through the config).
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
-    /// nginx-compatible: send a signal to the master named by the pid file.
+    /// nginx-compatible: signal the master (found through its control socket, else a checked pid file).
     #[arg(short = 's', value_enum, value_name = "SIGNAL")]
     pub signal: Option<NginxSignal>,
     /// What to do.
