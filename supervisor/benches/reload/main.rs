@@ -18,6 +18,7 @@ mod drive;
 mod header;
 mod locate;
 mod procs;
+mod scale;
 mod servers;
 mod summary;
 
@@ -139,7 +140,8 @@ fn main() -> ExitCode {
         }
     };
     let selected = selected(&options.only);
-    if selected.is_empty() {
+    let run_scale = options.only.is_empty() || options.only.iter().any(|o| scale::NAME.starts_with(o.as_str()));
+    if selected.is_empty() && !run_scale {
         eprintln!(
             "reload bench: --only {} matches no scenario; scenarios: {}",
             options.only.join(","),
@@ -161,6 +163,11 @@ fn main() -> ExitCode {
 
     let header = header::header(&options);
     let runs = run_all(&selected, &bins, &options);
+    let scaled = if run_scale {
+        scale::run(&bins, &INTERRUPTED)
+    } else {
+        Vec::new()
+    };
     let title = format!(
         "baton reload benchmark, {} ({}) — {} CPUs, {} s per run, reload every {} ms, {} connections",
         header["date"].as_str().unwrap_or(""),
@@ -171,13 +178,25 @@ fn main() -> ExitCode {
         options.connections,
     );
     println!("\n## Reload benchmark\n\n{title}\n");
-    println!("{}", summary::markdown(&runs));
-    match write_outputs(&runs, &header, &title, options.duration) {
-        Ok((json, svg)) => eprintln!(
+    if !runs.is_empty() {
+        println!("{}", summary::markdown(&runs));
+    }
+    if !scaled.is_empty() {
+        println!("{}", scale::markdown(&scaled));
+    }
+    // A scale-only run leaves the load scenarios' results as they were.
+    let written = if runs.is_empty() {
+        Ok(None)
+    } else {
+        write_outputs(&runs, &header, &title, options.duration).map(Some)
+    };
+    match written {
+        Ok(Some((json, svg))) => eprintln!(
             "reload bench: wrote {} and {}",
             json.display(),
             svg.display()
         ),
+        Ok(None) => {}
         Err(e) => {
             eprintln!("reload bench: cannot write the results: {e}");
             return ExitCode::FAILURE;
@@ -202,6 +221,7 @@ fn scenario_names() -> String {
     SCENARIOS
         .iter()
         .map(|s| s.name)
+        .chain([scale::NAME])
         .collect::<Vec<_>>()
         .join(", ")
 }
