@@ -270,7 +270,9 @@ pub(crate) fn control_socket(config: &Path) -> PathBuf {
 pub(crate) fn supervisor_path(config: &Path, key: &str) -> Option<PathBuf> {
     let path = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
     let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let table = std::fs::read_to_string(&path)
+    // Read as the master reads it: a FIFO or a huge file there must not
+    // hang the CLI either.
+    let table = crate::config::read_config_file(&path)
         .ok()?
         .parse::<toml::Table>()
         .ok()?;

@@ -11,12 +11,14 @@ use std::time::Duration;
 mod address;
 mod duration;
 mod process;
+mod read;
 mod rollout;
 pub use address::ListenerAddress;
 pub use duration::{parse_duration, Dur};
 pub use process::{
     fd_templates, substitute, Credentials, GroupSpec, Output, ReopenSignal, UserSpec,
 };
+pub use read::{read_config_file, MAX_CONFIG_BYTES};
 pub use rollout::Share;
 
 /// A configuration file that failed to load.
@@ -455,25 +457,7 @@ impl Config {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let bytes = std::fs::read(&path).map_err(|e| ConfigError {
-            path: path.clone(),
-            location: None,
-            message: format!("cannot read: {e}"),
-        })?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            let valid = e.utf8_error().valid_up_to();
-            let bytes = e.as_bytes();
-            // The valid prefix locates the first bad byte.
-            let prefix = std::str::from_utf8(&bytes[..valid]).unwrap_or_default();
-            ConfigError {
-                path: path.clone(),
-                location: Some(line_col(prefix, valid)),
-                message: format!(
-                    "invalid UTF-8 (byte 0x{:02x}): a config file must be UTF-8",
-                    bytes[valid]
-                ),
-            }
-        })?;
+        let text = read::read_config_file(&path)?;
         Config::parse(&path, &text)
     }
 

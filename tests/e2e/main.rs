@@ -5,6 +5,7 @@
 mod check;
 mod cli_edges;
 mod coalescing;
+mod config_reading;
 mod container_init;
 mod control;
 mod draining;

@@ -140,7 +140,11 @@ fn main() -> ExitCode {
         }
     };
     let selected = selected(&options.only);
-    let run_scale = options.only.is_empty() || options.only.iter().any(|o| scale::NAME.starts_with(o.as_str()));
+    let run_scale = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| scale::NAME.starts_with(o.as_str()));
     if selected.is_empty() && !run_scale {
         eprintln!(
             "reload bench: --only {} matches no scenario; scenarios: {}",

@@ -59,7 +59,9 @@ pub fn run(bins: &Binaries, interrupted: &AtomicBool) -> Vec<ScaleResult> {
         if interrupted.load(Ordering::Relaxed) {
             break;
         }
-        eprint!("reload bench: scale / {LISTENERS} listeners, {PROCESSES} workers, {protocol} ... ");
+        eprint!(
+            "reload bench: scale / {LISTENERS} listeners, {PROCESSES} workers, {protocol} ... "
+        );
         let outcome = measure(bins, protocol, ready, interrupted);
         match &outcome {
             Ok(f) => eprintln!(
@@ -87,7 +89,11 @@ fn config(hello: &Path, protocol: &str, ready: &str) -> String {
     );
     for i in 0..LISTENERS {
         // `hello` serves the listener named `http`.
-        let name = if i == 0 { "http".into() } else { format!("l{i}") };
+        let name = if i == 0 {
+            "http".into()
+        } else {
+            format!("l{i}")
+        };
         text.push_str(&format!(
             "\n[[listener]]\nname = \"{name}\"\naddress = \"127.0.0.1:0\"\n"
         ));
@@ -152,7 +158,9 @@ fn wait_started(socket: &Path, guard: &mut Guard) -> Result<(), String> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(format!("generation 1 did not start within {START_TIMEOUT:?}"));
+            return Err(format!(
+                "generation 1 did not start within {START_TIMEOUT:?}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
