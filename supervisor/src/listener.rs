@@ -47,6 +47,10 @@ pub struct Listener {
 /// generations using them.
 pub type Shared = Rc<Listener>;
 
+/// One look at the TCP sockets listening on every port, or why it failed
+/// (then no port group is touched).
+pub type Kernel = std::io::Result<steering::Listening>;
+
 impl Listener {
     /// Binds `config` with `SOCK_CLOEXEC` and starts listening.
     pub fn bind(config: &ListenerConfig) -> anyhow::Result<Listener> {
@@ -150,9 +154,12 @@ impl Listener {
 
     /// A socket of `primary`'s own for one generation: a TCP listener on
     /// the same address (`SO_REUSEPORT`), which gets new connections once
-    /// steered to. Listeners without a port group (UDP, Unix) are shared.
-    pub fn for_generation(primary: &Shared) -> anyhow::Result<Shared> {
-        if !primary.group_matches_kernel() {
+    /// steered to. Listeners without a port group (UDP, Unix), and ports
+    /// where `kernel` lists sockets this master does not know, share the
+    /// listener's socket. A stranger may join between `kernel` and the new
+    /// socket: [`Listener::confirm`] it against a look taken afterwards.
+    pub fn for_generation(primary: &Shared, kernel: &Kernel) -> anyhow::Result<Shared> {
+        if !primary.group_matches(kernel) {
             return Ok(primary.clone());
         }
         let mut guard = primary.group.borrow_mut();
@@ -182,18 +189,25 @@ impl Listener {
         let info = primary.info.clone();
         let listener = Rc::new(Listener::generation_socket_of(primary, info, fd));
         group.join(listener.fd(), &listener.alive)?;
-        // A stranger may have joined since the check. Closing the new socket
-        // again moves at most a stranger (behind it) into its slot, never
-        // one of this group's.
-        let address = primary.info.address.parse::<SocketAddr>();
-        if !address.is_ok_and(|a| group.matches_kernel(a).is_ok_and(|m| m)) {
-            group.forget_last();
-            drop(guard);
-            // Logs the stranger.
-            primary.group_matches_kernel();
-            return Ok(primary.clone());
-        }
         Ok(listener)
+    }
+
+    /// Keeps a socket [`Listener::for_generation`] just made if `kernel`,
+    /// looked at since, lists exactly its group on the port; otherwise the
+    /// listener's own socket is shared. Closing the new socket again moves
+    /// at most a stranger (behind it) into its slot, never one of the
+    /// group's.
+    pub fn confirm(socket: Shared, kernel: &Kernel) -> Shared {
+        let Some(primary) = socket.primary.clone() else {
+            return socket;
+        };
+        if primary.group_matches(kernel) {
+            return socket;
+        }
+        if let Some(group) = primary.group.borrow_mut().as_mut() {
+            group.forget_last();
+        }
+        primary
     }
 
     /// For a generation's own socket: the listener whose port it shares.
@@ -250,10 +264,20 @@ impl Listener {
         steering::accept_queue(self.fd()).unwrap_or(0)
     }
 
-    /// Lets go of the port group's sockets no generation uses any more.
-    pub fn tidy(&self) {
+    /// Whether the port group has sockets no generation uses any more.
+    pub fn has_retired(&self) -> bool {
+        self.port()
+            .group
+            .borrow()
+            .as_ref()
+            .is_some_and(Group::has_retired)
+    }
+
+    /// Lets go of the port group's sockets no generation uses any more,
+    /// unless `kernel` lists sockets this master does not know on the port.
+    pub fn tidy(&self, kernel: &Kernel) {
         let port = self.port();
-        if port.group.borrow().is_none() || !port.group_matches_kernel() {
+        if port.group.borrow().is_none() || !port.group_matches(kernel) {
             return;
         }
         if let Some(group) = port.group.borrow_mut().as_mut() {
@@ -261,10 +285,10 @@ impl Listener {
         }
     }
 
-    /// Whether this listener has a port group and the kernel lists exactly
+    /// Whether this listener has a port group and `kernel` lists exactly
     /// its sockets on the port; logs when that changes. Without a port
     /// group, true.
-    fn group_matches_kernel(&self) -> bool {
+    fn group_matches(&self, kernel: &Kernel) -> bool {
         let group = self.group.borrow();
         let Some(group) = group.as_ref() else {
             return true;
@@ -272,7 +296,9 @@ impl Listener {
         let Ok(address) = self.info.address.parse::<SocketAddr>() else {
             return false;
         };
-        let matches = group.matches_kernel(address);
+        let matches = kernel
+            .as_ref()
+            .map(|listening| group.matches_kernel(listening.on(address)));
         let strangers = !matches.as_ref().is_ok_and(|m| *m);
         if strangers != self.strangers.replace(strangers) {
             match matches {

@@ -87,6 +87,8 @@ pub enum Event {
         /// Passed, or why not.
         result: Result<(), String>,
     },
+    /// A reload's configuration, read off the event loop.
+    ConfigLoaded(Box<Result<Config, String>>),
     /// A request from the control socket, and where its reply goes.
     Control {
         /// The request.
@@ -107,6 +109,8 @@ pub struct Master {
     pub(crate) generations: BTreeMap<u64, Generation>,
     pub(crate) current: Option<u64>,
     pub(crate) next_generation: u64,
+    /// A reload whose configuration is being read, and what started it.
+    pub(crate) validating: Option<Trigger>,
     pub(crate) reload: Option<Reload>,
     pub(crate) reload_queued: bool,
     pub(crate) stopping: Option<Stop>,
@@ -222,6 +226,7 @@ pub async fn run(
         generations: BTreeMap::new(),
         current: None,
         next_generation: 1,
+        validating: None,
         reload: None,
         reload_queued: false,
         stopping: None,
@@ -456,6 +461,7 @@ impl Master {
         let (pid, message) = match event {
             Event::Message { pid, message } => (pid, message),
             Event::Control { request, reply } => return self.on_control(request, reply),
+            Event::ConfigLoaded(loaded) => return self.on_config_loaded(*loaded),
             Event::Upgrade { message } => return self.on_upgrade_message(message),
             Event::OldMaster { message } => return self.on_old_master(message),
             Event::OldMasterExited => {
@@ -646,17 +652,24 @@ impl Master {
         if self.upgrade.is_some() || self.stopping.is_some() {
             return;
         }
-        // Each port once: tidying asks the kernel for the port's sockets.
+        // Each port once, and only ports with something to let go of: the
+        // kernel is asked about all of them in one look.
         let sockets = self.generations.values().flat_map(|g| g.listeners.iter());
-        let mut ports: Vec<&crate::listener::Listener> = Vec::new();
-        for listener in self.listeners.iter().chain(sockets) {
-            let port = listener.port();
-            if !ports.iter().any(|p| std::ptr::eq(*p, port)) {
-                ports.push(port);
-            }
+        let mut seen = std::collections::HashSet::new();
+        let ports: Vec<&crate::listener::Listener> = self
+            .listeners
+            .iter()
+            .chain(sockets)
+            .map(|listener| listener.port())
+            .filter(|port| seen.insert(*port as *const crate::listener::Listener))
+            .filter(|port| port.has_retired())
+            .collect();
+        if ports.is_empty() {
+            return;
         }
+        let kernel = crate::steering::Listening::snapshot();
         for port in ports {
-            port.tidy();
+            port.tidy(&kernel);
         }
     }
 
@@ -691,7 +704,7 @@ impl Master {
         }
         self.stopping = Some(how);
         self.reload_queued = false;
-        if self.reload.take().is_some() {
+        if self.reload.take().is_some() || self.validating.take().is_some() {
             tracing::warn!("reload abandoned: the master is stopping");
         }
         for generation in self.generations.values_mut() {
@@ -826,7 +839,7 @@ impl Master {
 
     fn next_deadline(&self) -> Option<Instant> {
         let generations = self.generations.values().filter_map(|g| g.next_deadline());
-        let reload = self.reload.as_ref().map(|r| r.ready_deadline());
+        let reload = self.reload.as_ref().map(|r| r.deadline());
         generations
             .chain(reload)
             .chain(self.delay_ready_deadline())

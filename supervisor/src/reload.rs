@@ -2,12 +2,15 @@
 //! docs/architecture.md). Any failure before commit stops the new generation and leaves
 //! the current one serving untouched.
 
+use crate::config::ListenerAddress;
 use crate::config::{Config, Protocol, ReadyMode};
 use crate::control::protocol::{PhaseTime, ReloadOutcome, Reply};
 use crate::generation::{Generation, Phase};
 use crate::listener::{Listener, Shared};
-use crate::master::{Master, Waiter};
+use crate::master::{Event, Master, Waiter};
+use crate::steering::Listening;
 use crate::worker::State;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
@@ -121,11 +124,16 @@ impl Outcome {
 /// The sockets among `old` that new connections no longer go to: those
 /// whose port the new generation serves on a socket of its own.
 pub fn steered_away(old: &[Shared], new: &[Shared]) -> Vec<Shared> {
+    let new_by_port: HashMap<*const Listener, &Shared> = new
+        .iter()
+        .map(|n| (n.port() as *const Listener, n))
+        .collect();
     old.iter()
         .filter(|o| o.steerable())
         .filter(|o| {
-            new.iter()
-                .any(|n| std::ptr::eq(n.port(), o.port()) && !Rc::ptr_eq(n, o))
+            new_by_port
+                .get(&(o.port() as *const Listener))
+                .is_some_and(|n| !Rc::ptr_eq(n, o))
         })
         .cloned()
         .collect()
@@ -145,6 +153,8 @@ pub struct Reload {
     phases: Vec<(Step, Duration)>,
     phase_started: Instant,
     ready_deadline: Instant,
+    /// The index of the next worker to spawn, until all are.
+    spawning: Option<u32>,
     config: Rc<Config>,
     listeners: Vec<Shared>,
     processes: u32,
@@ -183,9 +193,13 @@ impl Reload {
         self.generation
     }
 
-    /// When the new workers must all be ready.
-    pub fn ready_deadline(&self) -> Instant {
-        self.ready_deadline
+    /// When the transaction must be moved on: now while workers are left
+    /// to spawn, then when the new workers must all be ready.
+    pub fn deadline(&self) -> Instant {
+        match self.spawning {
+            Some(_) => Instant::now(),
+            None => self.ready_deadline,
+        }
     }
 
     pub(crate) fn end_phase(&mut self, step: Step) {
@@ -217,14 +231,35 @@ impl Master {
             if let Some(waiter) = waiter {
                 let _ = waiter.send(Reply::error(format!("reload refused: {reason}")));
             }
-        } else if self.reload.is_some() || self.rollout.is_some() {
+        } else if self.transaction_running() || self.rollout.is_some() {
             tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
             self.reload_queued = true;
             self.queued_waiters.extend(waiter);
         } else {
             self.reload_waiters.extend(waiter);
-            let loaded = Config::load(&self.config_path);
-            self.begin_reload(trigger, loaded.map_err(|e| e.to_string()));
+            self.validating = Some(trigger);
+            // Reading the file may be slow (a network file system): off the
+            // event loop, its result comes back as an event.
+            let path = self.config_path.clone();
+            let events = self.events.clone();
+            tokio::task::spawn_blocking(move || {
+                let loaded = Config::load(&path).map_err(|e| e.to_string());
+                let _ = events.send(Event::ConfigLoaded(Box::new(loaded)));
+            });
+        }
+    }
+
+    /// Whether a transaction runs: its configuration being read, or its new
+    /// generation being started.
+    pub fn transaction_running(&self) -> bool {
+        self.validating.is_some() || self.reload.is_some()
+    }
+
+    /// The configuration a reload asked for has been read: the transaction
+    /// goes on, unless the master started stopping meanwhile.
+    pub fn on_config_loaded(&mut self, loaded: Result<Config, String>) {
+        if let Some(trigger) = self.validating.take() {
+            self.begin_reload(trigger, loaded);
         }
     }
 
@@ -288,24 +323,15 @@ impl Master {
                 Err(e) => spawn_error = Some(format!("creating the notify socket: {e:#}")),
             }
         }
-        for index in (0..processes).take_while(|_| spawn_error.is_none()) {
-            match new.spawn(index, 0, 0, &self.events, self.guardian.as_ref()) {
-                Ok(_) => {}
-                Err(e) => {
-                    spawn_error = Some(format!("worker {index}: {e:#}"));
-                    break;
-                }
-            }
-        }
-        phases.push((Step::Spawn, phase_started.elapsed()));
         self.generations.insert(generation, new);
-        let mut reload = Reload {
+        let reload = Reload {
             trigger,
             generation,
             span: span.clone(),
             phases,
-            phase_started: Instant::now(),
+            phase_started,
             ready_deadline: Instant::now() + config.worker.ready_timeout.0,
+            spawning: Some(0),
             config,
             listeners,
             processes,
@@ -314,27 +340,56 @@ impl Master {
         if let Some(reason) = spawn_error {
             return self.abort(reload, Step::Spawn, reason);
         }
-        self.start_probing(generation);
-        reload.phase_started = Instant::now();
         self.reload = Some(reload);
+        self.advance_reload();
+    }
+
+    /// Spawns the new generation's next worker. One per turn of the event
+    /// loop: with many listeners a spawn takes milliseconds, and requests,
+    /// signals and exits are served between them.
+    fn spawn_next(&mut self) {
+        let Some(reload) = &mut self.reload else {
+            return;
+        };
+        let Some(index) = reload.spawning else { return };
+        let Some(new) = self.generations.get_mut(&reload.generation) else {
+            return;
+        };
+        let _enter = reload.span.clone().entered();
+        if index < reload.processes {
+            if let Err(e) = new.spawn(index, 0, 0, &self.events, self.guardian.as_ref()) {
+                let reload = self.reload.take().expect("checked above");
+                return self.abort(reload, Step::Spawn, format!("worker {index}: {e:#}"));
+            }
+        }
+        if index + 1 < reload.processes {
+            reload.spawning = Some(index + 1);
+            return;
+        }
+        reload.spawning = None;
+        reload.end_phase(Step::Spawn);
+        reload.ready_deadline = Instant::now() + reload.config.worker.ready_timeout.0;
+        let generation = reload.generation;
+        self.start_probing(generation);
         self.advance_reload();
     }
 
     /// Keeps every listener whose name and address are unchanged (same fd:
     /// this is what makes reloads drop nothing) and binds the others.
     fn bind(&self, config: &Config) -> anyhow::Result<Vec<Shared>> {
+        let current: HashMap<(&str, &ListenerAddress), &Shared> = self
+            .listeners
+            .iter()
+            .map(|l| ((l.config.name.as_str(), &l.config.address), l))
+            .collect();
         let mut out = Vec::with_capacity(config.listeners.len());
         for wanted in &config.listeners {
-            let kept = self
-                .listeners
-                .iter()
-                .find(|l| l.config.name == wanted.name && l.config.address == wanted.address);
-            match kept {
+            match current.get(&(wanted.name.as_str(), &wanted.address)) {
                 Some(listener) => {
                     if listener.config.backlog != wanted.backlog {
                         listener.set_backlog(wanted.backlog)?;
                     }
-                    out.push(listener.clone());
+                    out.push(Rc::clone(listener));
                 }
                 None => {
                     let listener = Rc::new(Listener::bind(wanted)?);
@@ -357,22 +412,33 @@ impl Master {
     /// for every generation that is `steered` between (probes, probation,
     /// canaries; see [`crate::rollout`]). A port new to this reload is
     /// steered to the new generation at once: nobody else serves it.
+    ///
+    /// The kernel is asked which sockets listen on the ports twice in all,
+    /// before the new sockets are made and after, not twice per port.
     fn sockets(
         &self,
         config: &Config,
         listeners: &[Shared],
         steered: bool,
     ) -> anyhow::Result<Vec<Shared>> {
-        let mut sockets = Vec::with_capacity(listeners.len());
-        for listener in listeners {
-            let socket = match config.worker.protocol {
-                Protocol::Sdk if !steered => listener.clone(),
-                _ => Listener::for_generation(listener)?,
-            };
-            if !self.listeners.iter().any(|l| Rc::ptr_eq(l, listener)) {
+        let mut sockets = if config.worker.protocol == Protocol::Sdk && !steered {
+            listeners.to_vec()
+        } else {
+            let before = Listening::snapshot();
+            let made = listeners
+                .iter()
+                .map(|l| Listener::for_generation(l, &before))
+                .collect::<anyhow::Result<Vec<Shared>>>()?;
+            let after = Listening::snapshot();
+            made.into_iter()
+                .map(|socket| Listener::confirm(socket, &after))
+                .collect()
+        };
+        let current: HashSet<*const Listener> = self.listeners.iter().map(Rc::as_ptr).collect();
+        for (listener, socket) in listeners.iter().zip(&mut sockets) {
+            if !current.contains(&Rc::as_ptr(listener)) {
                 socket.steer_here()?;
             }
-            sockets.push(socket);
         }
         Ok(sockets)
     }
@@ -382,6 +448,9 @@ impl Master {
     /// worker has exited.
     pub fn advance_reload(&mut self) {
         let Some(reload) = &self.reload else { return };
+        if reload.spawning.is_some() {
+            return self.spawn_next();
+        }
         let generation = reload.generation;
         let deadline = reload.ready_deadline;
         let Some(new) = self.generations.get_mut(&generation) else {
@@ -553,8 +622,16 @@ impl Master {
         let _enter = reload.span.clone().entered();
         self.probing = None;
         let mut phases = reload.phases;
-        if step == Step::Ready {
-            phases.push((Step::Ready, reload.phase_started.elapsed()));
+        let elapsed = reload.phase_started.elapsed();
+        match (step, reload.spawning) {
+            (Step::Spawn, _) => phases.push((Step::Spawn, elapsed)),
+            // A new worker exited while others were still being spawned.
+            (Step::Ready, Some(_)) => {
+                phases.push((Step::Spawn, elapsed));
+                phases.push((Step::Ready, Duration::ZERO));
+            }
+            (Step::Ready, None) => phases.push((Step::Ready, elapsed)),
+            _ => {}
         }
         if let Some(failed) = self.generations.get_mut(&reload.generation) {
             failed.drain(Phase::Failed, reload.config.worker.drain_timeout.0);

@@ -44,7 +44,7 @@ impl Master {
         if self.stopping.is_some() {
             return Err("the master is stopping".into());
         }
-        if self.reload.is_some() {
+        if self.transaction_running() {
             return Err("a reload is in progress; scale once it has finished".into());
         }
         let config_processes = self.config.worker.processes;
@@ -53,7 +53,8 @@ impl Master {
         };
         let from = generation.processes;
         let wanted = match change {
-            ScaleChange::By(n) => i64::from(from) + n,
+            // `by` comes from a client: any i64.
+            ScaleChange::By(n) => i64::from(from).saturating_add(n),
             ScaleChange::To(n) => n,
         };
         if !(1..=MAX_PROCESSES).contains(&wanted) {

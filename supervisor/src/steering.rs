@@ -25,6 +25,7 @@
 //! nothing, and generations share the listener's own socket, which stays
 //! first in the array and so is always steered to correctly.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -302,20 +303,53 @@ impl Group {
 }
 
 impl Group {
-    /// Whether the sockets listening on `address` are exactly this group's
-    /// members, so that its picture of the kernel's array is right.
-    pub fn matches_kernel(&self, address: SocketAddr) -> io::Result<bool> {
-        let mut kernel = listening_inodes(address)?;
+    /// Whether `kernel`, the sockets the kernel lists on the port, are
+    /// exactly this group's members, so that its picture of the kernel's
+    /// array is right.
+    pub fn matches_kernel(&self, kernel: &[u64]) -> bool {
+        let mut kernel = kernel.to_vec();
         let mut mine: Vec<u64> = self.members.iter().map(|m| m.ino).collect();
         kernel.sort_unstable();
         mine.sort_unstable();
-        Ok(kernel == mine)
+        kernel == mine
+    }
+
+    /// Whether a member is no longer used, so that [`Group::tidy`] may
+    /// have something to let go of.
+    pub fn has_retired(&self) -> bool {
+        self.members.iter().any(|m| m.user.retired())
     }
 }
 
-/// The inodes of the TCP sockets listening on exactly `address`, as the
-/// kernel's `sock_diag` interface lists them.
-pub fn listening_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
+/// The TCP sockets listening on each address, by inode, as the kernel's
+/// `sock_diag` interface lists them. One look serves every port: asking per
+/// port would cost a dump of every listening socket each time.
+#[derive(Debug, Default)]
+pub struct Listening(HashMap<SocketAddr, Vec<u64>>);
+
+impl Listening {
+    /// Asks the kernel, once per address family.
+    pub fn snapshot() -> io::Result<Listening> {
+        let mut by_address: HashMap<SocketAddr, Vec<u64>> = HashMap::new();
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            dump_listening(family as u8, |address, inode| {
+                by_address.entry(address).or_default().push(inode)
+            })?;
+        }
+        Ok(Listening(by_address))
+    }
+
+    /// The inodes of the sockets listening on exactly `address`.
+    pub fn on(&self, address: SocketAddr) -> &[u64] {
+        // The kernel lists no IPv6 flow label or scope: neither may differ.
+        let address = SocketAddr::new(address.ip(), address.port());
+        self.0.get(&address).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Calls `found` with the address and inode of every TCP socket of
+/// `family` in the listening state.
+fn dump_listening(family: u8, mut found: impl FnMut(SocketAddr, u64)) -> io::Result<()> {
     use nix::sys::socket::{
         recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType,
     };
@@ -329,10 +363,6 @@ pub fn listening_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkSockDiag,
     )?;
-    let family = match address {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
     // nlmsghdr (16 bytes), then inet_diag_req_v2 (56): family, protocol,
     // ext, pad, the states bitmask, and an unused socket id.
     let mut request = Vec::with_capacity(72);
@@ -342,16 +372,10 @@ pub fn listening_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
     request.extend_from_slice(&flags.to_ne_bytes());
     request.extend_from_slice(&1u32.to_ne_bytes());
     request.extend_from_slice(&0u32.to_ne_bytes());
-    request.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    request.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
     request.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
     request.resize(72, 0);
     send(fd.as_raw_fd(), &request, MsgFlags::empty())?;
-    let port = address.port().to_be_bytes();
-    let ip: Vec<u8> = match address {
-        SocketAddr::V4(a) => a.ip().octets().to_vec(),
-        SocketAddr::V6(a) => a.ip().octets().to_vec(),
-    };
-    let mut inodes = Vec::new();
     let mut buffer = vec![0u8; 64 * 1024];
     let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().unwrap());
     loop {
@@ -364,7 +388,7 @@ pub fn listening_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
             }
             let kind = u16::from_ne_bytes([data[4], data[5]]);
             match kind {
-                NLMSG_DONE => return Ok(inodes),
+                NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => {
                     let errno = data.get(16..20).map_or(0, |_| u32_at(data, 16) as i32);
                     return Err(io::Error::from_raw_os_error(-errno));
@@ -375,8 +399,16 @@ pub fn listening_inodes(address: SocketAddr) -> io::Result<Vec<u64>> {
             // id (sport, dport, src[16], dst[16], if, cookie), expires,
             // rqueue, wqueue, uid, inode.
             let message = &data[16..len];
-            if message.len() >= 72 && message[4..6] == port && message[8..8 + ip.len()] == ip[..] {
-                inodes.push(u64::from(u32_at(message, 68)));
+            if message.len() >= 72 {
+                let port = u16::from_be_bytes([message[4], message[5]]);
+                let ip: Option<std::net::IpAddr> = match i32::from(message[0]) {
+                    libc::AF_INET => Some(<[u8; 4]>::try_from(&message[8..12]).unwrap().into()),
+                    libc::AF_INET6 => Some(<[u8; 16]>::try_from(&message[8..24]).unwrap().into()),
+                    _ => None,
+                };
+                if let Some(ip) = ip {
+                    found(SocketAddr::new(ip, port), u64::from(u32_at(message, 68)));
+                }
             }
             data = data.get((len + 3) & !3..).unwrap_or_default();
         }
@@ -530,6 +562,11 @@ mod tests {
         fd
     }
 
+    /// What the kernel lists on `address` now.
+    fn on_port(address: SocketAddr) -> Vec<u64> {
+        Listening::snapshot().unwrap().on(address).to_vec()
+    }
+
     /// A listener's own socket on a new port: the socket, the port, the
     /// address, and its group.
     fn new_port() -> (OwnedFd, u16, SocketAddr, Group) {
@@ -640,13 +677,13 @@ mod tests {
     fn the_kernel_lists_exactly_the_groups_sockets_until_a_stranger_joins() {
         let (_primary, port, address, mut group) = new_port();
         let (_token, _a) = joined(&mut group, port);
-        assert_eq!(listening_inodes(address).unwrap().len(), 2);
-        assert!(group.matches_kernel(address).unwrap());
+        assert_eq!(on_port(address).len(), 2);
+        assert!(group.matches_kernel(&on_port(address)));
         // Another socket of the same user on the port: not ours.
         let stranger = listener(port);
-        assert!(!group.matches_kernel(address).unwrap());
+        assert!(!group.matches_kernel(&on_port(address)));
         drop(stranger);
-        assert!(group.matches_kernel(address).unwrap());
+        assert!(group.matches_kernel(&on_port(address)));
         let v6 = {
             use nix::sys::socket::*;
             let fd = socket(
@@ -667,10 +704,7 @@ mod tests {
         let v6_address = TcpListener::from(v6.try_clone().unwrap())
             .local_addr()
             .unwrap();
-        assert_eq!(
-            listening_inodes(v6_address).unwrap(),
-            vec![inode(v6.as_fd()).unwrap()]
-        );
+        assert_eq!(on_port(v6_address), vec![inode(v6.as_fd()).unwrap()]);
     }
 
     #[test]
@@ -678,14 +712,14 @@ mod tests {
         let (primary, port, address, mut group) = new_port();
         let (token, a) = joined(&mut group, port);
         let stranger = listener(port);
-        assert!(!group.matches_kernel(address).unwrap());
+        assert!(!group.matches_kernel(&on_port(address)));
         group.forget_last();
         drop((token, a));
         // The stranger took `a`'s slot; the primary is still first.
         assert_eq!(group.len(), 1);
         assert_eq!(probe(port, &[&primary, &stranger], 16), [16, 0]);
         drop(stranger);
-        assert!(group.matches_kernel(address).unwrap());
+        assert!(group.matches_kernel(&on_port(address)));
     }
 
     #[test]
