@@ -225,10 +225,24 @@ fn recv_raw(fd: BorrowedFd<'_>) -> Result<Option<RawMessage>, ChannelError> {
         return Err(ChannelError::MessageTruncated);
     }
     if len == 0 && fds.is_empty() {
-        return Ok(None);
+        // End of file, or an empty datagram from a peer still there.
+        if peer_hung_up(fd)? {
+            return Ok(None);
+        }
+        return Err(DecodeError::NotAMessage("empty message".into()).into());
     }
     buf.truncate(len);
     Ok(Some((buf, fds)))
+}
+
+/// Whether the peer has closed its end: the kernel then shuts the socket
+/// down both ways, which `poll` reports as `POLLHUP`.
+fn peer_hung_up(fd: BorrowedFd<'_>) -> Result<bool, ChannelError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).map_err(|e| ChannelError::Io(e.into()))?;
+    let events = fds[0].revents().unwrap_or(PollFlags::empty());
+    Ok(events.contains(PollFlags::POLLHUP))
 }
 
 #[cfg(test)]

@@ -136,11 +136,6 @@ struct Envelope<'a, T> {
     message: &'a T,
 }
 
-#[derive(Deserialize)]
-struct VersionOnly {
-    v: u32,
-}
-
 /// Encodes a message with the current protocol version.
 pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     let envelope = Envelope {
@@ -151,23 +146,70 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     serde_json::to_vec(&envelope).expect("protocol messages always serialize")
 }
 
-/// Decodes one message, checking size and version first.
+/// Decodes one message, checking size and version first. The error names
+/// what is wrong: not JSON (with the position), not an object, the version
+/// field `v`, the `type`, or the field of that type.
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeError> {
     if bytes.len() > MAX_MESSAGE_SIZE {
         return Err(DecodeError::TooLarge(bytes.len()));
     }
-    let version: VersionOnly =
-        serde_json::from_slice(bytes).map_err(|e| DecodeError::NotAMessage(e.to_string()))?;
-    if version.v != PROTOCOL_VERSION {
-        return Err(DecodeError::Version { peer: version.v });
+    if bytes.is_empty() {
+        return Err(DecodeError::NotAMessage("empty message".into()));
     }
-    // `v` is a field the enums do not know; strip it before the strict parse.
-    let mut value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| DecodeError::Invalid(e.to_string()))?;
-    if let Some(object) = value.as_object_mut() {
-        object.remove("v");
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| DecodeError::NotAMessage(format!("not JSON: {e}")))?;
+    let serde_json::Value::Object(mut object) = value else {
+        return Err(DecodeError::NotAMessage(format!(
+            "expected a JSON object, got {}",
+            json_kind(&value)
+        )));
+    };
+    let version = object
+        .remove("v")
+        .ok_or_else(|| DecodeError::NotAMessage("no protocol version `v`".into()))?;
+    let version = version
+        .as_u64()
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| {
+            DecodeError::NotAMessage(format!(
+                "protocol version `v` is {version}, not a version number"
+            ))
+        })?;
+    if version != PROTOCOL_VERSION {
+        return Err(DecodeError::Version { peer: version });
     }
-    serde_json::from_value(value).map_err(|e| DecodeError::Invalid(e.to_string()))
+    let kind = match object.get("type") {
+        Some(serde_json::Value::String(kind)) => format!("`{kind}` message: "),
+        Some(other) => {
+            return Err(DecodeError::Invalid(format!(
+                "message `type` is {}, not a string",
+                json_kind(other)
+            )))
+        }
+        None => return Err(DecodeError::Invalid("no message `type`".into())),
+    };
+    serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| {
+        let e = e.to_string();
+        // An unknown type names itself.
+        if e.starts_with("unknown variant") {
+            DecodeError::Invalid(format!("message type: {e}"))
+        } else {
+            DecodeError::Invalid(format!("{kind}{e}"))
+        }
+    })
+}
+
+/// What a JSON value is (`null`, `a string`, `an object`...), as errors
+/// name it.
+pub fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 #[cfg(test)]

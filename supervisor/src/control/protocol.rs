@@ -2,6 +2,7 @@
 //! newline-delimited JSON over the control socket, one request and one reply
 //! per line, each with a protocol version `v`. Documented in the README.
 
+use baton_worker::protocol::json_kind;
 use serde::{Deserialize, Serialize};
 
 /// The control protocol version.
@@ -101,26 +102,54 @@ impl Reply {
     }
 }
 
-/// Decodes one request line; the error is the reply to send.
+/// Decodes one request line; the error is the reply to send, and names
+/// what is wrong: not JSON (with the position), not an object, the version
+/// `v`, the `command`, or the field of that command.
 pub fn decode_request(line: &[u8]) -> Result<Request, String> {
-    #[derive(Deserialize)]
-    struct VersionOnly {
-        v: u32,
-    }
-    let version: VersionOnly = serde_json::from_slice(line)
-        .map_err(|e| format!("malformed request (expected a JSON object with \"v\"): {e}"))?;
-    if version.v != VERSION {
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
+        format!("malformed request (expected a JSON object with \"v\"): not JSON: {e}")
+    })?;
+    let serde_json::Value::Object(mut object) = value else {
         return Err(format!(
-            "unsupported control protocol version {}; this master speaks {VERSION}",
-            version.v
+            "malformed request (expected a JSON object with \"v\"): got {}",
+            json_kind(&value)
         ));
+    };
+    let version = match object.remove("v") {
+        None => return Err("malformed request: no protocol version \"v\"".into()),
+        Some(v) => v,
+    };
+    match version.as_u64() {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => {
+            return Err(format!(
+                "unsupported control protocol version {v}; this master speaks {VERSION}"
+            ))
+        }
+        None => {
+            return Err(format!(
+                "malformed request: protocol version \"v\" is {version}, not a version number"
+            ))
+        }
     }
-    let mut value: serde_json::Value =
-        serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
-    if let Some(object) = value.as_object_mut() {
-        object.remove("v");
-    }
-    serde_json::from_value(value).map_err(|e| format!("invalid request: {e}"))
+    let command = match object.get("command") {
+        Some(serde_json::Value::String(command)) => command.clone(),
+        Some(other) => {
+            return Err(format!(
+                "invalid request: \"command\" is {}, not a string",
+                json_kind(other)
+            ))
+        }
+        None => return Err("invalid request: no \"command\"".into()),
+    };
+    serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| {
+        let e = e.to_string();
+        if e.starts_with("unknown variant") {
+            format!("invalid request: command: {e}")
+        } else {
+            format!("invalid request: `{command}`: {e}")
+        }
+    })
 }
 
 /// Encodes a message as one line.
