@@ -18,8 +18,10 @@
 //! it, holds every member open itself, and only lets one go when that cannot
 //! move the socket the program points at. It lets one go with `shutdown(2)`
 //! before closing it, which takes the socket out of the array even while
-//! another process (a worker's escaped child) still holds a copy. Before it adds or lets go of a
-//! socket it asks the kernel (`sock_diag`) which sockets listen on the port:
+//! another process (a worker's escaped child) still holds a copy. Before it
+//! adds or lets go of a socket it asks the kernel (`sock_diag`, one look at
+//! every port for a whole reload or tidy: see [`Listening`]) which sockets
+//! listen on the port:
 //! while some are not its own (another process of the same user with
 //! `SO_REUSEPORT`, or what a failed new master left behind) it changes
 //! nothing, and generations share the listener's own socket, which stays

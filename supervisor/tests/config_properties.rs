@@ -49,7 +49,10 @@ fn assert_located(text: &str, error: &baton::config::ConfigError) {
         .location
         .unwrap_or_else(|| panic!("no line and column: {shown}"));
     let lines = text.split('\n').count();
-    assert!(line >= 1 && line <= lines, "line {line} of {lines}: {shown}");
+    assert!(
+        line >= 1 && line <= lines,
+        "line {line} of {lines}: {shown}"
+    );
     assert!(column >= 1, "{shown}");
     assert!(!error.message.trim().is_empty(), "{shown}");
 }

@@ -111,7 +111,9 @@ fn assert_names_what_is_wrong(bytes: &[u8], error: &DecodeError) {
             assert!(text.contains(&format!("version {peer}")), "{text}");
         }
         DecodeError::Invalid(why) => assert!(
-            why.contains("`type`") || why.starts_with("message type: ") || why.contains(" message: "),
+            why.contains("`type`")
+                || why.starts_with("message type: ")
+                || why.contains(" message: "),
             "{text}"
         ),
     }

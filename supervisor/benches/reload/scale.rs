@@ -8,11 +8,11 @@
 //! is measured is the master's own work.
 
 use crate::procs::{Guard, TempDir};
-use crate::servers::Binaries;
+use crate::servers::{baton_run, Binaries};
 use baton::control::client;
 use baton::control::protocol::{Reply, Request};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -109,18 +109,12 @@ fn measure(
 ) -> Result<Figures, String> {
     let dir = TempDir::new(&format!("scale-{protocol}"))
         .map_err(|e| format!("cannot create a temp dir: {e}"))?;
-    let config_path = dir.path().join("baton.toml");
-    std::fs::write(&config_path, config(&bins.hello, protocol, ready))
-        .map_err(|e| format!("writing baton.toml: {e}"))?;
-    let mut command = Command::new(&bins.baton);
-    command
-        .arg("run")
-        .arg("-c")
-        .arg(&config_path)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut command = baton_run(
+        &bins.baton,
+        dir.path(),
+        &config(&bins.hello, protocol, ready),
+    )?;
+    command.stderr(Stdio::null());
     let mut guard = Guard::default();
     guard
         .spawn(&mut command)

@@ -187,17 +187,8 @@ fn start_baton(dir: TempDir, bins: &Binaries) -> Result<Server, String> {
         bins.hello.display().to_string(),
         cpus(),
     );
-    let config_path = dir.path().join("baton.toml");
-    std::fs::write(&config_path, config).map_err(|e| format!("writing baton.toml: {e}"))?;
-    let mut command = Command::new(&bins.baton);
-    command
-        .arg("run")
-        .arg("-c")
-        .arg(&config_path)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut command = baton_run(&bins.baton, dir.path(), &config)?;
+    command.stderr(Stdio::piped());
     let mut guard = Guard::default();
     let master = guard
         .spawn(&mut command)
@@ -237,6 +228,21 @@ fn start_baton(dir: TempDir, bins: &Binaries) -> Result<Server, String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(server)
+}
+
+/// `baton run` on `config`, written to `baton.toml` in `dir`.
+pub fn baton_run(baton: &Path, dir: &Path, config: &str) -> Result<Command, String> {
+    let config_path = dir.join("baton.toml");
+    std::fs::write(&config_path, config).map_err(|e| format!("writing baton.toml: {e}"))?;
+    let mut command = Command::new(baton);
+    command
+        .arg("run")
+        .arg("-c")
+        .arg(&config_path)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    Ok(command)
 }
 
 /// Starts an external server (nginx, HAProxy) with its output in
