@@ -7,7 +7,9 @@ use proptest::prelude::*;
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        Just(Request::Reload {}),
+        proptest::option::of("\\PC{0,8}").prop_map(|canary| Request::Reload { canary }),
+        Just(Request::Promote {}),
+        Just(Request::Rollback {}),
         Just(Request::Status {}),
         Just(Request::Upgrade {}),
         Just(Request::Reopen {}),

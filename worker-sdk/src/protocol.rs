@@ -178,23 +178,26 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, DecodeErr
     if version != PROTOCOL_VERSION {
         return Err(DecodeError::Version { peer: version });
     }
+    // The `type` of the message, to name it in an error about its fields.
     let kind = match object.get("type") {
-        Some(serde_json::Value::String(kind)) => format!("`{kind}` message: "),
+        Some(serde_json::Value::String(kind)) => Some(kind.clone()),
         Some(other) => {
             return Err(DecodeError::Invalid(format!(
                 "message `type` is {}, not a string",
                 json_kind(other)
             )))
         }
-        None => return Err(DecodeError::Invalid("no message `type`".into())),
+        None => None,
     };
     serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| {
         let e = e.to_string();
-        // An unknown type names itself.
-        if e.starts_with("unknown variant") {
-            DecodeError::Invalid(format!("message type: {e}"))
-        } else {
-            DecodeError::Invalid(format!("{kind}{e}"))
+        match kind {
+            // An unknown type names itself.
+            Some(_) if e.starts_with("unknown variant") => {
+                DecodeError::Invalid(format!("message type: {e}"))
+            }
+            Some(kind) => DecodeError::Invalid(format!("`{kind}` message: {e}")),
+            None => DecodeError::Invalid(e),
         }
     })
 }

@@ -165,7 +165,11 @@ fn reload_once(socket: &Path, figures: &mut Figures) -> Result<(), String> {
     let reloading = PathBuf::from(socket);
     let started = Instant::now();
     let reload = std::thread::spawn(move || {
-        let reply = client::request(&reloading, &Request::Reload {}, REQUEST_TIMEOUT);
+        let reply = client::request(
+            &reloading,
+            &Request::Reload { canary: None },
+            REQUEST_TIMEOUT,
+        );
         (reply, started.elapsed())
     });
     while !reload.is_finished() {
