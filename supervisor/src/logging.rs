@@ -47,12 +47,32 @@ impl LogFile {
     }
 }
 
+/// Opens the log file for appending. Without a waiting open: a FIFO
+/// nobody reads is an error, not a master hung until a reader comes (also
+/// at `baton reopen`); once open, writes block as usual.
 fn open_append(path: &Path) -> anyhow::Result<File> {
-    OpenOptions::new()
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opening = || format!("opening log file {}", path.display());
+    let file = match OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
-        .with_context(|| format!("opening log file {}", path.display()))
+    {
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            anyhow::bail!("{}: it is a FIFO that no process reads", opening())
+        }
+        other => other.with_context(opening)?,
+    };
+    let flags = OFlag::from_bits_truncate(fcntl(file.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(
+        file.as_raw_fd(),
+        FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK),
+    )
+    .with_context(opening)?;
+    Ok(file)
 }
 
 /// One log line's writer.
@@ -147,5 +167,22 @@ impl LogHandle {
             *file.lock() = new;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_nobody_reads_is_an_error_not_a_hang() {
+        let dir = std::env::temp_dir().join(format!("baton-log-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("baton.log");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = format!("{:#}", open_append(&path).unwrap_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(e.contains("it is a FIFO that no process reads"), "{e}");
+        assert!(e.contains("baton.log"), "{e}");
     }
 }

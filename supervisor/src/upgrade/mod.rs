@@ -495,11 +495,33 @@ fn inherit_in_child<const N: usize>(command: &mut std::process::Command, fds: [i
 }
 
 /// Opens the binary to exec and checks it is an executable regular file.
+/// Without a waiting open: a FIFO at the path is refused, not waited on.
 fn open_executable(path: &Path) -> anyhow::Result<std::fs::File> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
     let meta = file.metadata()?;
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
         anyhow::bail!("{} is not an executable file", path.display());
     }
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_at_the_binary_path_is_refused_at_once() {
+        let dir = std::env::temp_dir().join(format!("baton-exe-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("baton");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = open_executable(&path).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(e.contains("is not an executable file"), "{e}");
+    }
 }
