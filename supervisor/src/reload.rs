@@ -2,8 +2,7 @@
 //! docs/architecture.md). Any failure before commit stops the new generation and leaves
 //! the current one serving untouched.
 
-use crate::config::ListenerAddress;
-use crate::config::{Config, Protocol, ReadyMode};
+use crate::config::{Config, ListenerAddress, Protocol, ReadyMode};
 use crate::control::protocol::{PhaseTime, ReloadOutcome, Reply};
 use crate::generation::{Generation, Phase};
 use crate::listener::{Listener, Shared};
