@@ -176,12 +176,10 @@ mod tests {
 
     #[test]
     fn a_fifo_nobody_reads_is_an_error_not_a_hang() {
-        let dir = std::env::temp_dir().join(format!("baton-log-fifo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("baton.log");
+        let dir = baton_tests::harness::TempDir::new();
+        let path = dir.path().join("baton.log");
         nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
         let e = format!("{:#}", open_append(&path).unwrap_err());
-        std::fs::remove_dir_all(&dir).unwrap();
         assert!(e.contains("it is a FIFO that no process reads"), "{e}");
         assert!(e.contains("baton.log"), "{e}");
     }

@@ -93,30 +93,12 @@ fn kind(file_type: &std::fs::FileType) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    struct Dir(PathBuf);
-
-    impl Dir {
-        fn new(name: &str) -> Dir {
-            let path =
-                std::env::temp_dir().join(format!("baton-read-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).unwrap();
-            Dir(path)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use baton_tests::harness::TempDir;
 
     #[test]
     fn a_fifo_is_refused_at_once() {
-        let dir = Dir::new("fifo");
-        let path = dir.0.join("baton.toml");
+        let dir = TempDir::new();
+        let path = dir.path().join("baton.toml");
         nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
         let e = read_config_file(&path).unwrap_err().to_string();
         assert!(e.starts_with(&path.display().to_string()), "{e}");
@@ -125,15 +107,15 @@ mod tests {
 
     #[test]
     fn a_directory_is_refused() {
-        let dir = Dir::new("dir");
-        let e = read_config_file(&dir.0).unwrap_err().to_string();
+        let dir = TempDir::new();
+        let e = read_config_file(dir.path()).unwrap_err().to_string();
         assert!(e.contains("a directory, not a regular file"), "{e}");
     }
 
     #[test]
     fn a_file_over_the_limit_is_refused_with_its_size_and_the_limit() {
-        let dir = Dir::new("big");
-        let path = dir.0.join("baton.toml");
+        let dir = TempDir::new();
+        let path = dir.path().join("baton.toml");
         let file = File::create(&path).unwrap();
         file.set_len(MAX_CONFIG_BYTES + 1).unwrap();
         let e = read_config_file(&path).unwrap_err().to_string();
@@ -152,8 +134,8 @@ mod tests {
 
     #[test]
     fn invalid_utf8_is_located() {
-        let dir = Dir::new("utf8");
-        let path = dir.0.join("baton.toml");
+        let dir = TempDir::new();
+        let path = dir.path().join("baton.toml");
         std::fs::write(&path, b"[worker]\ncommand = [\"a\xff\"]\n").unwrap();
         let e = read_config_file(&path).unwrap_err();
         assert_eq!(e.location, Some((2, 14)));

@@ -516,12 +516,10 @@ mod tests {
 
     #[test]
     fn a_fifo_at_the_binary_path_is_refused_at_once() {
-        let dir = std::env::temp_dir().join(format!("baton-exe-fifo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("baton");
+        let dir = baton_tests::harness::TempDir::new();
+        let path = dir.path().join("baton");
         nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
         let e = open_executable(&path).unwrap_err().to_string();
-        std::fs::remove_dir_all(&dir).unwrap();
         assert!(e.contains("is not an executable file"), "{e}");
     }
 }
