@@ -109,8 +109,8 @@ pub struct Master {
     pub(crate) generations: BTreeMap<u64, Generation>,
     pub(crate) current: Option<u64>,
     pub(crate) next_generation: u64,
-    /// A reload whose configuration is being read, and what started it.
-    pub(crate) validating: Option<Trigger>,
+    /// A reload whose configuration is being read.
+    pub(crate) validating: Option<crate::reload::Validating>,
     pub(crate) reload: Option<Reload>,
     pub(crate) reload_queued: bool,
     pub(crate) stopping: Option<Stop>,
@@ -267,7 +267,7 @@ pub async fn run(
     } else {
         Trigger::Start
     };
-    master.begin_reload(first, Ok(config));
+    master.begin_reload(first, Ok(config), None);
     let mut watchdog = crate::sd_notify::Watchdog::from_env(upgraded);
     loop {
         if let Some(outcome) = &master.last_reload {

@@ -143,6 +143,14 @@ fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
+/// A reload whose configuration is being read, off the event loop.
+#[derive(Debug)]
+pub struct Validating {
+    trigger: Trigger,
+    /// `baton reload --canary`'s share for this reload.
+    canary: Option<crate::config::Share>,
+}
+
 /// A transaction waiting for its new workers to be ready.
 #[derive(Debug)]
 pub struct Reload {
@@ -236,7 +244,12 @@ impl Master {
             self.queued_waiters.extend(waiter);
         } else {
             self.reload_waiters.extend(waiter);
-            self.validating = Some(trigger);
+            // The canary asked for with this request, not one asked for by
+            // a request coalesced while the file is read.
+            self.validating = Some(Validating {
+                trigger,
+                canary: self.pending_canary.take(),
+            });
             // Reading the file may be slow (a network file system): off the
             // event loop, its result comes back as an event.
             let path = self.config_path.clone();
@@ -257,14 +270,20 @@ impl Master {
     /// The configuration a reload asked for has been read: the transaction
     /// goes on, unless the master started stopping meanwhile.
     pub fn on_config_loaded(&mut self, loaded: Result<Config, String>) {
-        if let Some(trigger) = self.validating.take() {
-            self.begin_reload(trigger, loaded);
+        if let Some(validating) = self.validating.take() {
+            self.begin_reload(validating.trigger, loaded, validating.canary);
         }
     }
 
-    /// Runs validate, bind and spawn; leaves the transaction waiting in the
-    /// ready phase, or finishes it with a failure.
-    pub fn begin_reload(&mut self, trigger: Trigger, loaded: Result<Config, String>) {
+    /// Runs validate and bind, and starts spawning; leaves the transaction
+    /// running, or finishes it with a failure. `canary` is the share
+    /// `baton reload --canary` asked for with this reload.
+    pub fn begin_reload(
+        &mut self,
+        trigger: Trigger,
+        loaded: Result<Config, String>,
+        canary: Option<crate::config::Share>,
+    ) {
         let generation = self.next_generation;
         self.next_generation += 1;
         let span = tracing::info_span!("reload", generation, %trigger, config_hash = tracing::field::Empty);
@@ -287,7 +306,6 @@ impl Master {
         let mut phase_started = Instant::now();
         phases.push((Step::Validate, phase_started - started));
 
-        let canary = self.pending_canary.take();
         let steered = config.worker.steers_generations() || canary.is_some();
         let bound = self
             .bind(&config)
