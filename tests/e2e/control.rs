@@ -174,8 +174,13 @@ fn bad_control_requests_get_error_replies_and_change_nothing() {
     baton.wait_committed(1);
     let addr = baton.address("http");
     let before = baton.wait_workers(1, &[], Duration::from_secs(5));
-    let cases: [(&[u8], &str); 4] = [
+    let cases: [(&[u8], &str); 5] = [
         (b"this is not json\n", "malformed request"),
+        // No overflow in the master.
+        (
+            b"{\"v\":1,\"command\":\"scale\",\"by\":9223372036854775807}\n",
+            "must be between 1 and",
+        ),
         (
             b"{\"v\":1,\"command\":\"explode\"}\n",
             "unknown variant `explode`",
