@@ -63,7 +63,10 @@ pub fn read_config_file(path: &Path) -> Result<String, ConfigError> {
         let text = String::from_utf8_lossy(&e.as_bytes()[..valid]);
         error(
             Some(line_col(&text, valid)),
-            format!("not UTF-8: invalid byte 0x{:02x}", e.as_bytes()[valid]),
+            format!(
+                "invalid UTF-8 (byte 0x{:02x}): a config file must be UTF-8",
+                e.as_bytes()[valid]
+            ),
         )
     })
 }
@@ -139,9 +142,6 @@ mod tests {
         std::fs::write(&path, b"[worker]\ncommand = [\"a\xff\"]\n").unwrap();
         let e = read_config_file(&path).unwrap_err();
         assert_eq!(e.location, Some((2, 14)));
-        assert!(
-            e.to_string().contains("not UTF-8: invalid byte 0xff"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("invalid UTF-8 (byte 0xff)"), "{e}");
     }
 }
