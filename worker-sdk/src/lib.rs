@@ -26,6 +26,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod app_config;
 pub mod channel;
 mod drain;
 #[cfg(feature = "http")]
@@ -35,6 +36,7 @@ pub mod protocol;
 mod reopen;
 mod worker;
 
+pub use app_config::{AppConfig, Files};
 pub use drain::Drain;
 pub use listener::{describe as describe_address, verify as verify_listener};
 pub use protocol::{DecodeError, ListenerInfo, ListenerKind};
@@ -98,4 +100,7 @@ pub enum Error {
     /// Another I/O error.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The application's configuration could not be built.
+    #[error("app config: {0}")]
+    AppConfig(String),
 }

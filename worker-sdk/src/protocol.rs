@@ -74,6 +74,10 @@ pub enum MasterMessage {
         listener_count: u32,
         /// The drain deadline the worker applies if the master goes away.
         drain_timeout_ms: u64,
+        /// Whether an [`MasterMessage::AppFiles`] message with the
+        /// `[worker] app_config` files follows the listeners.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        app_config: bool,
     },
     /// A batch of listeners; the message carries their fds, in this order.
     Listeners {
@@ -89,6 +93,51 @@ pub enum MasterMessage {
         /// Milliseconds from now until the master kills the worker.
         deadline_ms: u64,
     },
+    /// The `[worker] app_config` files, in the memfd this message carries:
+    /// their bytes one after the other, in the order and lengths listed.
+    AppFiles {
+        /// `initial` (after the hello: what the worker starts with) or
+        /// `prepare` (an in-place reload: build it, answer prepared or
+        /// refused, swap nothing yet).
+        stage: AppStage,
+        /// The config version these files make.
+        version: String,
+        /// Each file's name (as the config writes it) and length.
+        files: Vec<AppFile>,
+        /// The tracing filter for `[worker] log_filter`, if set.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        log_filter: Option<String>,
+    },
+    /// Swap in what was prepared for `version`, and confirm.
+    AppCommit {
+        /// The version prepared.
+        version: String,
+    },
+    /// Drop what was prepared for `version`.
+    AppAbort {
+        /// The version prepared.
+        version: String,
+    },
+}
+
+/// Why app files are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppStage {
+    /// What a new worker starts with.
+    Initial,
+    /// An in-place reload's first phase.
+    Prepare,
+}
+
+/// One app config file in an [`MasterMessage::AppFiles`] memfd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppFile {
+    /// Its name, as `[worker] app_config` writes it.
+    pub name: String,
+    /// Its length in bytes.
+    pub len: u64,
 }
 
 /// A message from a worker to the master.
@@ -106,6 +155,29 @@ pub enum WorkerMessage {
     Error {
         /// What went wrong, for the operator.
         message: String,
+    },
+    /// The worker registered its reload handle(s): in-place reloads can
+    /// reach it. It runs `version`.
+    AppRegistered {
+        /// The version it built its configuration from.
+        version: String,
+    },
+    /// Prepared `version`: ready to swap on commit.
+    AppPrepared {
+        /// The version.
+        version: String,
+    },
+    /// Refused `version`; nothing changed.
+    AppRefused {
+        /// The version.
+        version: String,
+        /// Why, for the operator (the parser's error).
+        reason: String,
+    },
+    /// Swapped `version` in.
+    AppCommitted {
+        /// The version.
+        version: String,
     },
 }
 
@@ -226,6 +298,7 @@ mod tests {
                 worker_index: 1,
                 listener_count: 2,
                 drain_timeout_ms: 60_000,
+                app_config: true,
             },
             MasterMessage::Listeners {
                 offset: 0,
@@ -243,6 +316,21 @@ mod tests {
                 ],
             },
             MasterMessage::Drain { deadline_ms: 1500 },
+            MasterMessage::AppFiles {
+                stage: AppStage::Prepare,
+                version: "3f2a0c".into(),
+                files: vec![AppFile {
+                    name: "app.toml".into(),
+                    len: 12,
+                }],
+                log_filter: Some("info".into()),
+            },
+            MasterMessage::AppCommit {
+                version: "3f2a0c".into(),
+            },
+            MasterMessage::AppAbort {
+                version: "3f2a0c".into(),
+            },
             MasterMessage::Reopen {},
         ]
     }
@@ -260,6 +348,13 @@ mod tests {
         for message in [
             WorkerMessage::Ready,
             WorkerMessage::Connections { count: 42 },
+            WorkerMessage::AppRegistered {
+                version: "3f2a0c".into(),
+            },
+            WorkerMessage::AppRefused {
+                version: "3f2a0c".into(),
+                reason: "rate must be > 0".into(),
+            },
             WorkerMessage::Error {
                 message: "boom".into(),
             },

@@ -1,10 +1,13 @@
 //! The worker's handle on its supervisor: connect, take listeners by name,
 //! report readiness, learn when to drain.
 
+use crate::app_config::{AppConfig, Files, Reloadable};
 use crate::channel::{Channel, ChannelError};
 use crate::drain::Drain;
 use crate::listener::{describe, Listener};
-use crate::protocol::{ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV};
+use crate::protocol::{
+    AppStage, ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV,
+};
 use crate::reopen::{self, Reopen};
 use crate::{DecodeError, Error};
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
@@ -29,13 +32,38 @@ pub struct Worker {
     control: Option<Arc<Channel>>,
     drain: Drain,
     reopen: Reopen,
+    app: App,
 }
+
+/// The worker's side of in-place reloads.
+#[derive(Default)]
+struct App {
+    /// The app config files the worker starts with, and their version.
+    initial: Option<(String, Files)>,
+    /// Standalone: the files to read.
+    paths: Vec<std::path::PathBuf>,
+    /// The registered handles, driven by the control channel.
+    handles: Handles,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("initial", &self.initial.as_ref().map(|(v, _)| v))
+            .field("paths", &self.paths)
+            .finish()
+    }
+}
+
+/// Reload handles registered by the worker.
+type Handles = Arc<std::sync::Mutex<Vec<Arc<dyn Reloadable>>>>;
 
 /// Configures a worker that also runs without baton.
 #[derive(Debug, Default)]
 pub struct Builder {
     listeners: Vec<(String, String)>,
     drain_timeout: Option<Duration>,
+    app_config: Vec<std::path::PathBuf>,
 }
 
 impl Builder {
@@ -45,6 +73,13 @@ impl Builder {
     /// listeners are used instead.
     pub fn listener(mut self, name: impl Into<String>, address: impl Into<String>) -> Builder {
         self.listeners.push((name.into(), address.into()));
+        self
+    }
+
+    /// An application config file read by [`Worker::app_config`] when
+    /// running standalone (under baton, `[worker] app_config` names them).
+    pub fn app_config_file(mut self, path: impl Into<std::path::PathBuf>) -> Builder {
+        self.app_config.push(path.into());
         self
     }
 
@@ -61,6 +96,10 @@ impl Builder {
         if std::env::var_os(CONTROL_FD_ENV).is_some() {
             return Worker::from_env().await;
         }
+        let app = App {
+            paths: self.app_config,
+            ..App::default()
+        };
         let mut listeners = socket_activation_listeners()?;
         for (name, address) in &self.listeners {
             if !listeners.contains_key(name) {
@@ -81,6 +120,7 @@ impl Builder {
             control: None,
             drain,
             reopen,
+            app,
         })
     }
 }
@@ -216,6 +256,55 @@ impl Worker {
         }
     }
 
+    /// Registers how to build the application's configuration from the
+    /// bytes of its files, and returns the reload handle: a reload that
+    /// changes only `[worker] app_config` files (or `log_filter`) then runs
+    /// in place, calling `parse` on the new bytes and swapping the value in
+    /// only when every worker accepted it (see [`crate::app_config`]).
+    /// An `Err` from `parse` is the worker's refusal, shown by `baton
+    /// reload`. Standalone, the files are read from disk (those given to
+    /// [`Builder::app_config_file`]), so the program runs unchanged in
+    /// development.
+    pub fn app_config<T, E>(
+        &mut self,
+        parse: impl Fn(&Files) -> Result<T, E> + Send + Sync + 'static,
+    ) -> Result<AppConfig<T>, Error>
+    where
+        T: Send + Sync + 'static,
+        E: std::fmt::Display,
+    {
+        let parse = move |files: &Files| parse(files).map_err(|e| e.to_string());
+        let (version, files) = match (&self.control, self.app.initial.clone()) {
+            (Some(_), Some(initial)) => initial,
+            (Some(_), None) => {
+                return Err(Error::AppConfig(
+                    "the master sent no app config files: set [worker] app_config".into(),
+                ))
+            }
+            (None, _) => {
+                let mut files = Vec::new();
+                for path in &self.app.paths {
+                    let bytes = std::fs::read(path).map_err(|e| {
+                        Error::AppConfig(format!("reading {}: {e}", path.display()))
+                    })?;
+                    files.push((path.display().to_string(), bytes));
+                }
+                let files = Files::new(files);
+                (crate::app_config::standalone_version(&files), files)
+            }
+        };
+        let config = AppConfig::new(version.clone(), &files, parse).map_err(Error::AppConfig)?;
+        self.app
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(config.reloadable());
+        if let Some(control) = &self.control {
+            let _ = control.try_send(&WorkerMessage::AppRegistered { version }, &[]);
+        }
+        Ok(config)
+    }
+
     /// The drain signal: select on [`Drain::wait`] or [`Drain::token`].
     pub fn drain(&self) -> Drain {
         self.drain.clone()
@@ -234,6 +323,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
         worker_index,
         listener_count,
         drain_timeout_ms,
+        app_config,
     } = hello.message
     else {
         return Err(Error::Protocol(format!(
@@ -276,10 +366,39 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
             }
         }
     }
+    let mut app = App::default();
+    if app_config {
+        let message = recv_master(channel).await?;
+        let MasterMessage::AppFiles {
+            stage: AppStage::Initial,
+            version,
+            files,
+            ..
+        } = message.message
+        else {
+            return Err(Error::Protocol(format!(
+                "expected the initial app config files, got {:?}",
+                message.message
+            )));
+        };
+        let fd = message
+            .fds
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Protocol("app config files without their memfd".into()))?;
+        let files = crate::app_config::from_memfd(fd, &files).map_err(Error::Protocol)?;
+        app.initial = Some((version, files));
+    }
     let drain = Drain::new();
     let (reopen_tx, reopen) = Reopen::channel();
     let drain_timeout = Duration::from_millis(drain_timeout_ms);
-    spawn_control_reader(channel.clone(), drain.clone(), drain_timeout, reopen_tx);
+    spawn_control_reader(
+        channel.clone(),
+        drain.clone(),
+        drain_timeout,
+        reopen_tx,
+        app.handles.clone(),
+    );
     // A SIGTERM or SIGINT that reaches the worker past the master (a
     // container runtime or `kill` aimed at every process, the master's fast
     // stop) asks for a drain too: requests in flight complete.
@@ -291,6 +410,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
         control: Some(channel.clone()),
         drain,
         reopen,
+        app,
     })
 }
 
@@ -316,6 +436,7 @@ fn spawn_control_reader(
     drain: Drain,
     drain_timeout: Duration,
     reopen: watch::Sender<u64>,
+    handles: Handles,
 ) {
     tokio::spawn(async move {
         loop {
@@ -325,7 +446,32 @@ fn spawn_control_reader(
                         drain.start(Duration::from_millis(deadline_ms))
                     }
                     MasterMessage::Reopen {} => reopen::request(&reopen),
-                    MasterMessage::Hello { .. } | MasterMessage::Listeners { .. } => {}
+                    MasterMessage::AppFiles {
+                        stage: AppStage::Prepare,
+                        version,
+                        files,
+                        ..
+                    } => {
+                        let fd = received.fds.into_iter().next();
+                        let answer = prepare(&handles, &version, fd, &files);
+                        let _ = channel.send(&answer).await;
+                    }
+                    MasterMessage::AppCommit { version } => {
+                        let all = handles.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        for handle in &all {
+                            handle.commit(&version);
+                        }
+                        let _ = channel.send(&WorkerMessage::AppCommitted { version }).await;
+                    }
+                    MasterMessage::AppAbort { .. } => {
+                        let all = handles.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        for handle in &all {
+                            handle.abort();
+                        }
+                    }
+                    MasterMessage::Hello { .. }
+                    | MasterMessage::Listeners { .. }
+                    | MasterMessage::AppFiles { .. } => {}
                 },
                 Ok(None) | Err(_) => {
                     drain.start(drain_timeout);
@@ -334,6 +480,42 @@ fn spawn_control_reader(
             }
         }
     });
+}
+
+/// An in-place reload's first phase: every handle builds its value from the
+/// new files; one refusal refuses for all (and drops what the others built).
+fn prepare(
+    handles: &Handles,
+    version: &str,
+    fd: Option<OwnedFd>,
+    entries: &[crate::protocol::AppFile],
+) -> WorkerMessage {
+    let refuse = |reason: String| WorkerMessage::AppRefused {
+        version: version.to_string(),
+        reason,
+    };
+    let Some(fd) = fd else {
+        return refuse("app config files without their memfd".into());
+    };
+    let files = match crate::app_config::from_memfd(fd, entries) {
+        Ok(files) => files,
+        Err(e) => return refuse(e),
+    };
+    let all = handles.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if all.is_empty() {
+        return refuse("no reload handle registered".into());
+    }
+    for handle in &all {
+        if let Err(reason) = handle.prepare(version, &files) {
+            for handle in &all {
+                handle.abort();
+            }
+            return refuse(reason);
+        }
+    }
+    WorkerMessage::AppPrepared {
+        version: version.to_string(),
+    }
 }
 
 /// Drains on SIGTERM or SIGINT within `timeout`; with `reopen` (standalone),
@@ -485,6 +667,7 @@ mod tests {
             worker_index: 0,
             listener_count: 1,
             drain_timeout_ms: 1000,
+            app_config: false,
         };
         master.try_send(&hello, &[]).unwrap();
     }

@@ -1,0 +1,412 @@
+//! Reload handles: the application's own configuration, swapped in place
+//! across every worker of a generation without replacing a process.
+//!
+//! A worker registers how to build its configuration from the bytes of the
+//! files named by `[worker] app_config` ([`crate::Worker::app_config`]) and
+//! gets an [`AppConfig`] handle. A reload that changes only those files runs
+//! in two phases across all workers: **prepare** (each worker parses and
+//! validates the new bytes with its own parser and answers prepared or
+//! refused) and then **commit** (each swaps the prepared value in) or
+//! **abort** (each drops it). All or nothing: if one worker refuses, none
+//! changes.
+//!
+//! [`AppConfig::load`] is lock-free (an `arc-swap` load and an `Arc` clone):
+//! a request keeps the `Arc<T>` it loaded for its whole life, and the old
+//! value is dropped when the last request holding it finishes.
+
+use arc_swap::ArcSwap;
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// The files of `[worker] app_config`, by the name the config gives them
+/// (`"app.toml"`, `"routes/main.json"`), with their bytes.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Files {
+    files: BTreeMap<String, Arc<Vec<u8>>>,
+}
+
+impl fmt::Debug for Files {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.files.iter().map(|(k, v)| (k, v.len())))
+            .finish()
+    }
+}
+
+impl Files {
+    /// Files from names and contents.
+    pub fn new(files: impl IntoIterator<Item = (String, Vec<u8>)>) -> Files {
+        Files {
+            files: files
+                .into_iter()
+                .map(|(name, bytes)| (name, Arc::new(bytes)))
+                .collect(),
+        }
+    }
+
+    /// The bytes of `name`.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.files.get(name).map(|b| b.as_slice())
+    }
+
+    /// The text of `name`: an error names the file when it is missing or
+    /// not UTF-8.
+    pub fn text(&self, name: &str) -> Result<&str, String> {
+        let bytes = self
+            .get(name)
+            .ok_or_else(|| format!("{name}: not among the app_config files ({self:?})"))?;
+        std::str::from_utf8(bytes).map_err(|e| format!("{name}: not UTF-8: {e}"))
+    }
+
+    /// The only file's text, for the common case of one file.
+    pub fn only_text(&self) -> Result<&str, String> {
+        match self.files.keys().collect::<Vec<_>>()[..] {
+            [name] => self.text(name),
+            _ => Err(format!(
+                "expected exactly one app_config file, got {}",
+                self.files.len()
+            )),
+        }
+    }
+
+    /// Every file, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.files.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
+    /// How many files.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+/// The current value and the version it was built from.
+struct Current<T> {
+    version: String,
+    value: Arc<T>,
+}
+
+struct Inner<T> {
+    current: ArcSwap<Current<T>>,
+    changed: watch::Sender<String>,
+    /// What prepare built, until commit or abort. Touched only by those
+    /// two, never on a request's path.
+    prepared: Mutex<Option<Current<T>>>,
+    parse: Box<dyn Fn(&Files) -> Result<T, String> + Send + Sync>,
+}
+
+/// A handle on the application's configuration: cheap to clone, lock-free
+/// to read.
+pub struct AppConfig<T> {
+    inner: Arc<Inner<T>>,
+    changes: watch::Receiver<String>,
+}
+
+impl<T> Clone for AppConfig<T> {
+    fn clone(&self) -> Self {
+        AppConfig {
+            inner: self.inner.clone(),
+            changes: self.changes.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for AppConfig<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AppConfig")
+            .field("version", &self.inner.current.load().version)
+            .finish()
+    }
+}
+
+impl<T: Send + Sync + 'static> AppConfig<T> {
+    /// Builds the first value from `files` with `parse`.
+    pub(crate) fn new(
+        version: String,
+        files: &Files,
+        parse: impl Fn(&Files) -> Result<T, String> + Send + Sync + 'static,
+    ) -> Result<AppConfig<T>, String> {
+        let value = Arc::new(parse(files)?);
+        let (changed, changes) = watch::channel(version.clone());
+        Ok(AppConfig {
+            inner: Arc::new(Inner {
+                current: ArcSwap::from_pointee(Current { version, value }),
+                changed,
+                prepared: Mutex::new(None),
+                parse: Box::new(parse),
+            }),
+            changes,
+        })
+    }
+
+    /// The current value. Keep it for a whole request: a reload swaps in a
+    /// new value for later loads, and this one is dropped with its last
+    /// holder.
+    pub fn load(&self) -> Arc<T> {
+        self.inner.current.load().value.clone()
+    }
+
+    /// The current value with the version it was built from, read together.
+    pub fn load_versioned(&self) -> (Arc<T>, String) {
+        let current = self.inner.current.load();
+        (current.value.clone(), current.version.clone())
+    }
+
+    /// The current version (a short hash of the files and the worker's
+    /// settings, as `baton status` shows it).
+    pub fn version(&self) -> String {
+        self.inner.current.load().version.clone()
+    }
+
+    /// Waits until a new version is committed; returns it.
+    pub async fn changed(&mut self) -> String {
+        if self.changes.changed().await.is_err() {
+            // The handle outlives the worker's channel: nothing will change.
+            std::future::pending::<()>().await;
+        }
+        self.changes.borrow_and_update().clone()
+    }
+
+    /// The type-erased side the control channel drives.
+    pub(crate) fn reloadable(&self) -> Arc<dyn Reloadable> {
+        self.inner.clone()
+    }
+}
+
+/// What the control channel does with a handle, whatever its type.
+pub(crate) trait Reloadable: Send + Sync {
+    /// Builds the value for `version` from `files`: `Err` is the refusal.
+    fn prepare(&self, version: &str, files: &Files) -> Result<(), String>;
+    /// Swaps in what was prepared for `version`: whether there was one.
+    fn commit(&self, version: &str) -> bool;
+    /// Drops what was prepared.
+    fn abort(&self);
+}
+
+impl<T: Send + Sync + 'static> Reloadable for Inner<T> {
+    fn prepare(&self, version: &str, files: &Files) -> Result<(), String> {
+        // A parser that panics refuses; it does not take the worker down.
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.parse)(files)))
+            .map_err(|panic| format!("the parser panicked: {}", panic_message(&panic)))??;
+        *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(Current {
+            version: version.to_string(),
+            value: Arc::new(built),
+        });
+        Ok(())
+    }
+
+    fn commit(&self, version: &str) -> bool {
+        let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        match prepared.take() {
+            Some(next) if next.version == version => {
+                self.current.store(Arc::new(next));
+                self.changed.send_replace(version.to_string());
+                true
+            }
+            other => {
+                *prepared = other;
+                false
+            }
+        }
+    }
+
+    fn abort(&self) {
+        self.prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+fn panic_message(panic: &Box<dyn Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    struct Limits {
+        rate: u32,
+    }
+
+    fn parse(files: &Files) -> Result<Limits, String> {
+        let rate: u32 = files
+            .only_text()?
+            .trim()
+            .parse()
+            .map_err(|e| format!("rate: {e}"))?;
+        if rate == 0 {
+            return Err("rate must be > 0".into());
+        }
+        Ok(Limits { rate })
+    }
+
+    fn files(text: &str) -> Files {
+        Files::new([("limits".to_string(), text.as_bytes().to_vec())])
+    }
+
+    #[tokio::test]
+    async fn prepare_then_commit_swaps_and_notifies_and_old_values_live_on_with_their_holders() {
+        let mut config = AppConfig::new("v1".into(), &files("10"), parse).unwrap();
+        let held = config.load();
+        let reloadable = config.reloadable();
+        reloadable.prepare("v2", &files("20")).unwrap();
+        assert_eq!(config.load().rate, 10, "nothing changes before commit");
+        assert!(reloadable.commit("v2"));
+        assert_eq!(config.changed().await, "v2");
+        assert_eq!(
+            config.load_versioned(),
+            (Arc::new(Limits { rate: 20 }), "v2".into())
+        );
+        assert_eq!(held.rate, 10, "a request keeps what it loaded");
+    }
+
+    #[test]
+    fn a_refusal_or_an_abort_changes_nothing() {
+        let config = AppConfig::new("v1".into(), &files("10"), parse).unwrap();
+        let reloadable = config.reloadable();
+        assert_eq!(
+            reloadable.prepare("v2", &files("0")),
+            Err("rate must be > 0".into())
+        );
+        assert!(!reloadable.commit("v2"), "nothing was prepared");
+        reloadable.prepare("v3", &files("30")).unwrap();
+        reloadable.abort();
+        assert!(!reloadable.commit("v3"));
+        assert_eq!((config.load().rate, config.version()), (10, "v1".into()));
+    }
+
+    #[test]
+    fn a_panicking_parser_refuses() {
+        let config = AppConfig::new("v1".into(), &files("1"), |f: &Files| {
+            if f.only_text()? == "boom" {
+                panic!("boom");
+            }
+            Ok(())
+        })
+        .unwrap();
+        let error = config
+            .reloadable()
+            .prepare("v2", &files("boom"))
+            .unwrap_err();
+        assert!(error.contains("panicked: boom"), "{error}");
+    }
+}
+
+/// The most bytes of app config files one reload carries.
+pub const MAX_APP_CONFIG_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Writes `files` one after the other into a new sealed memfd, for an
+/// [`crate::protocol::MasterMessage::AppFiles`] message (the master's side).
+pub fn to_memfd(
+    files: &[(String, Arc<Vec<u8>>)],
+) -> std::io::Result<(std::os::fd::OwnedFd, Vec<crate::protocol::AppFile>)> {
+    use std::io::Write;
+    let fd = nix::sys::memfd::memfd_create(
+        c"baton-app-config",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC
+            | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    let mut entries = Vec::with_capacity(files.len());
+    for (name, bytes) in files {
+        file.write_all(bytes)?;
+        entries.push(crate::protocol::AppFile {
+            name: name.clone(),
+            len: bytes.len() as u64,
+        });
+    }
+    // Nobody changes it once sent: the workers read what the master read.
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&file),
+        nix::fcntl::FcntlArg::F_ADD_SEALS(
+            nix::fcntl::SealFlag::F_SEAL_SHRINK
+                | nix::fcntl::SealFlag::F_SEAL_GROW
+                | nix::fcntl::SealFlag::F_SEAL_WRITE
+                | nix::fcntl::SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok((file.into(), entries))
+}
+
+/// Reads the files an `AppFiles` message's memfd holds, checking that it
+/// holds exactly what `entries` list.
+pub(crate) fn from_memfd(
+    fd: std::os::fd::OwnedFd,
+    entries: &[crate::protocol::AppFile],
+) -> Result<Files, String> {
+    let total: u64 = entries.iter().map(|e| e.len).fold(0, u64::saturating_add);
+    if total > MAX_APP_CONFIG_BYTES {
+        return Err(format!(
+            "app config files of {total} bytes exceed {MAX_APP_CONFIG_BYTES}"
+        ));
+    }
+    let file = std::fs::File::from(fd);
+    let size = file
+        .metadata()
+        .map_err(|e| format!("app config memfd: {e}"))?
+        .len();
+    if size != total {
+        return Err(format!(
+            "app config memfd holds {size} bytes, the message lists {total}"
+        ));
+    }
+    let mut out: Vec<(String, Vec<u8>)> = entries
+        .iter()
+        .map(|e| (e.name.clone(), vec![0; e.len as usize]))
+        .collect();
+    // At explicit offsets: the file description (and its offset) is the
+    // master's too.
+    let mut offset = 0;
+    for (_, bytes) in &mut out {
+        std::os::unix::fs::FileExt::read_exact_at(&file, bytes, offset)
+            .map_err(|e| format!("app config memfd: {e}"))?;
+        offset += bytes.len() as u64;
+    }
+    Ok(Files::new(out))
+}
+
+/// A short version for files read standalone: their hash.
+pub(crate) fn standalone_version(files: &Files) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for (name, bytes) in files.iter() {
+        name.hash(&mut hasher);
+        bytes.hash(&mut hasher);
+    }
+    format!("{:012x}", hasher.finish() & 0xffff_ffff_ffff)
+}
+
+#[cfg(test)]
+mod memfd_tests {
+    use super::*;
+
+    #[test]
+    fn files_cross_a_memfd_unchanged_and_a_mismatch_is_an_error() {
+        let files = vec![
+            ("a.toml".to_string(), Arc::new(b"x = 1\n".to_vec())),
+            ("b.json".to_string(), Arc::new(b"{}".to_vec())),
+        ];
+        let (fd, entries) = to_memfd(&files).unwrap();
+        let read = from_memfd(fd, &entries).unwrap();
+        assert_eq!(read.text("a.toml").unwrap(), "x = 1\n");
+        assert_eq!(read.get("b.json").unwrap(), b"{}");
+        let (fd, mut entries) = to_memfd(&files).unwrap();
+        entries[1].len = 100;
+        assert!(from_memfd(fd, &entries).unwrap_err().contains("lists 106"));
+    }
+}
