@@ -62,6 +62,14 @@ pub enum Command {
         /// `probation`.
         #[arg(long, value_name = "PERCENT")]
         canary: Option<String>,
+        /// Apply only the app_config files and log filters, in every running
+        /// worker, or fail with the reason why that cannot be done.
+        #[arg(long, conflicts_with = "new_generation")]
+        in_place: bool,
+        /// Replace the worker processes even if the change could be applied
+        /// in place.
+        #[arg(long)]
+        new_generation: bool,
     },
     /// End the probation of the reload under way and keep its generation.
     Promote,
@@ -284,8 +292,18 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
     const QUICK: Duration = Duration::from_secs(30);
     match command {
         Command::Run | Command::Check => unreachable!("handled by main"),
-        Command::Reload { timeout, canary } => {
-            let reply = client::request(socket, &Request::Reload { canary }, timeout)?;
+        Command::Reload {
+            timeout,
+            canary,
+            in_place,
+            new_generation,
+        } => {
+            let mode = match (in_place, new_generation) {
+                (true, _) => Some("in_place".to_string()),
+                (_, true) => Some("new_generation".to_string()),
+                _ => None,
+            };
+            let reply = client::request(socket, &Request::Reload { canary, mode }, timeout)?;
             let outcome: Option<ReloadOutcome> = result(&reply);
             if let Some(outcome) = &outcome {
                 print_outcome(outcome);
@@ -450,10 +468,20 @@ fn exit(reply: &Reply) -> i32 {
 }
 
 fn print_outcome(outcome: &ReloadOutcome) {
-    println!(
-        "reload to generation {} {} (trigger: {})",
-        outcome.generation, outcome.outcome, outcome.trigger
-    );
+    match (&outcome.kind[..], &outcome.version) {
+        ("in_place", Some(version)) => println!(
+            "reload in place to version {version} {} (trigger: {}, generation {})",
+            outcome.outcome, outcome.trigger, outcome.generation
+        ),
+        ("in_place", None) => println!(
+            "reload in place {} (trigger: {}, generation {})",
+            outcome.outcome, outcome.trigger, outcome.generation
+        ),
+        _ => println!(
+            "reload to generation {} {} (trigger: {})",
+            outcome.generation, outcome.outcome, outcome.trigger
+        ),
+    }
     for phase in &outcome.phases {
         println!("  {:<9} {:>9.1} ms", phase.phase, phase.ms);
     }

@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod address;
+mod app;
 mod duration;
 mod process;
 mod read;
 mod rollout;
 pub use address::ListenerAddress;
+pub use app::AppFiles;
 pub use duration::{parse_duration, Dur};
 pub use process::{
     fd_templates, substitute, Credentials, GroupSpec, Output, ReopenSignal, UserSpec,
@@ -46,6 +48,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// `[worker]`.
     pub worker: WorkerConfig,
+    /// `[worker] app_config`, read, and the config version.
+    pub app: AppFiles,
 }
 
 #[derive(Debug, Deserialize)]
@@ -299,6 +303,43 @@ pub struct WorkerConfig {
     /// The window of `crash_loop_limit`.
     #[serde(default = "rollout::default_crash_loop_window")]
     pub crash_loop_window: Dur,
+    /// The application's configuration files (relative to this file),
+    /// reloaded in place when only they change.
+    #[serde(default, deserialize_with = "de_app_config")]
+    pub app_config: Vec<String>,
+    /// How long each worker has to prepare an in-place reload.
+    #[serde(default = "default_prepare_timeout")]
+    pub prepare_timeout: Dur,
+    /// The tracing filter of SDK workers that use the SDK's log setup;
+    /// switched in place.
+    #[serde(default, deserialize_with = "de_worker_log_filter")]
+    pub log_filter: Option<String>,
+}
+
+fn default_prepare_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+fn de_app_config<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    let mut seen = HashSet::new();
+    for name in &names {
+        if name.is_empty() || name.contains('\0') {
+            return Err(de::Error::custom(format!(
+                "app_config: {name:?} is not a file name"
+            )));
+        }
+        if !seen.insert(name) {
+            return Err(de::Error::custom(format!(
+                "app_config: {name:?} is listed twice"
+            )));
+        }
+    }
+    Ok(names)
+}
+
+fn de_worker_log_filter<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    de_log_filter(d).map(Some)
 }
 
 impl WorkerConfig {
@@ -524,6 +565,7 @@ impl Config {
             worker.command[0] = dir.join(&worker.command[0]).display().to_string();
         }
         worker.cwd = Some(dir.join(worker.cwd.as_deref().unwrap_or(Path::new("."))));
+        let app = AppFiles::read(path, dir, &worker.app_config, &format!("{worker:?}"))?;
         let hash = Sha256::digest(text.as_bytes())
             .iter()
             .take(6)
@@ -535,6 +577,7 @@ impl Config {
             supervisor,
             listeners,
             worker,
+            app,
         })
     }
 

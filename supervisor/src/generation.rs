@@ -111,6 +111,9 @@ pub struct Generation {
     pub crashes: BTreeMap<u32, std::collections::VecDeque<Instant>>,
     /// Indexes the crash-loop breaker stopped respawning.
     pub crash_looped: std::collections::BTreeSet<u32>,
+    /// The worker's executable as it was when the generation started, to
+    /// tell a replaced binary (see [`crate::inplace`]).
+    pub executable: Option<crate::inplace::Identity>,
 }
 
 impl Generation {
@@ -121,6 +124,7 @@ impl Generation {
         listeners: Vec<Shared>,
         processes: u32,
     ) -> Generation {
+        let executable = crate::inplace::executable_identity(&config);
         Generation {
             number,
             config,
@@ -132,6 +136,7 @@ impl Generation {
             respawns: BTreeMap::new(),
             crashes: BTreeMap::new(),
             crash_looped: Default::default(),
+            executable,
             notify: None,
             handover: None,
         }
@@ -153,6 +158,7 @@ impl Generation {
             index,
             listeners: &self.listeners,
             notify_socket: self.notify.as_ref().map(|n| n.socket.path()),
+            app: &self.config.app,
         };
         let mut worker = worker::spawn(&spec, restarts, crashes)?;
         let pid = worker.pid;

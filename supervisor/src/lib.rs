@@ -12,6 +12,7 @@ pub mod exec;
 pub mod fds;
 pub mod generation;
 pub mod guardian;
+pub mod inplace;
 pub mod listener;
 pub mod logging;
 pub mod master;

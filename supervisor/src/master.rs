@@ -149,6 +149,11 @@ pub struct Master {
     pub(crate) probing: Option<crate::probe::Probing>,
     /// `baton reload --canary`, for the reload it starts.
     pub(crate) pending_canary: Option<crate::config::Share>,
+    /// An in-place reload under way (see [`crate::inplace`]).
+    pub(crate) in_place: Option<crate::inplace::InPlace>,
+    /// `baton reload --in-place` or `--new-generation`, for the reload it
+    /// starts.
+    pub(crate) pending_mode: crate::inplace::Mode,
 }
 
 /// A new master's link to the old one until the handover.
@@ -248,6 +253,8 @@ pub async fn run(
         rollout: None,
         probing: None,
         pending_canary: None,
+        in_place: None,
+        pending_mode: Default::default(),
     };
     master.start_guardian();
     if let Some(takeover) = takeover {
@@ -267,7 +274,7 @@ pub async fn run(
     } else {
         Trigger::Start
     };
-    master.begin_reload(first, Ok(config), None);
+    master.begin_reload(first, Ok(config), None, Default::default());
     let mut watchdog = crate::sd_notify::Watchdog::from_env(upgraded);
     loop {
         if let Some(outcome) = &master.last_reload {
@@ -498,6 +505,15 @@ impl Master {
                 }
             }
             Ok(WorkerMessage::Connections { count }) => worker.connections = Some(count),
+            Ok(WorkerMessage::AppRegistered { version }) => {
+                tracing::info!(generation = number, worker = index, pid = raw, %version, "worker registered its reload handle");
+                worker.app_version = Some(version);
+            }
+            Ok(
+                answer @ (WorkerMessage::AppPrepared { .. }
+                | WorkerMessage::AppRefused { .. }
+                | WorkerMessage::AppCommitted { .. }),
+            ) => return self.on_app_answer(pid, answer),
             Ok(WorkerMessage::Error { message }) => {
                 tracing::error!(generation = number, worker = index, pid = raw, error = %message, "worker reported an error")
             }
@@ -577,6 +593,13 @@ impl Master {
             "worker exited"
         );
         let index = worker.index;
+        if self
+            .in_place
+            .as_ref()
+            .is_some_and(|t| t.generation() == number)
+        {
+            self.in_place_worker_exited(pid, index, &status);
+        }
         if !draining && self.probation_worker_exited(number, index, pid, &status) {
             return self.reap_finished_generations();
         }
@@ -698,6 +721,7 @@ impl Master {
             crate::sd_notify::notify("STOPPING=1");
         }
         self.abandon_upgrade();
+        self.abandon_in_place();
         self.probing = None;
         if self.rollout.take().is_some() {
             tracing::warn!("probation abandoned: the master is stopping");
@@ -782,6 +806,7 @@ impl Master {
     /// Runs whatever is due: reload deadlines, drain kills, respawns.
     fn on_tick(&mut self) {
         self.advance_reload();
+        self.advance_in_place();
         self.probe_tick();
         self.rollout_tick();
         self.upgrade_tick();
@@ -845,6 +870,7 @@ impl Master {
             .chain(self.delay_ready_deadline())
             .chain(self.upgrade_deadline())
             .chain(self.probe_deadline())
+            .chain(self.in_place_deadline())
             .chain(self.rollout_deadline())
             .min()
     }

@@ -27,6 +27,8 @@ pub enum Step {
     Spawn,
     /// Wait until every new worker is ready.
     Ready,
+    /// In place: every worker builds the new application config.
+    Prepare,
     /// After cutover: the replaced generation on standby until the new one
     /// has proven itself (or is rolled back).
     Probation,
@@ -41,6 +43,7 @@ impl fmt::Display for Step {
             Step::Bind => "bind",
             Step::Spawn => "spawn",
             Step::Ready => "ready",
+            Step::Prepare => "prepare",
             Step::Probation => "probation",
             Step::Commit => "commit",
         })
@@ -87,6 +90,8 @@ pub struct Outcome {
     pub phases: Vec<(Step, Duration)>,
     /// When it ended.
     pub finished: SystemTime,
+    /// The config version it applied (when committed).
+    pub version: Option<String>,
 }
 
 impl Outcome {
@@ -111,6 +116,13 @@ impl Outcome {
                     ms: millis(*d),
                 })
                 .collect(),
+            kind: if self.phases.iter().any(|(p, _)| *p == Step::Prepare) {
+                "in_place"
+            } else {
+                "new_generation"
+            }
+            .into(),
+            version: self.version.clone(),
             pids,
             finished_at: self
                 .finished
@@ -149,6 +161,8 @@ pub struct Validating {
     trigger: Trigger,
     /// `baton reload --canary`'s share for this reload.
     canary: Option<crate::config::Share>,
+    /// `baton reload --in-place` or `--new-generation`.
+    mode: crate::inplace::Mode,
 }
 
 /// A transaction waiting for its new workers to be ready.
@@ -238,7 +252,7 @@ impl Master {
             if let Some(waiter) = waiter {
                 let _ = waiter.send(Reply::error(format!("reload refused: {reason}")));
             }
-        } else if self.transaction_running() || self.rollout.is_some() {
+        } else if self.transaction_running() || self.rollout.is_some() || self.in_place.is_some() {
             tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
             self.reload_queued = true;
             self.queued_waiters.extend(waiter);
@@ -249,6 +263,7 @@ impl Master {
             self.validating = Some(Validating {
                 trigger,
                 canary: self.pending_canary.take(),
+                mode: std::mem::take(&mut self.pending_mode),
             });
             // Reading the file may be slow (a network file system): off the
             // event loop, its result comes back as an event.
@@ -271,23 +286,63 @@ impl Master {
     /// goes on, unless the master started stopping meanwhile.
     pub fn on_config_loaded(&mut self, loaded: Result<Config, String>) {
         if let Some(validating) = self.validating.take() {
-            self.begin_reload(validating.trigger, loaded, validating.canary);
+            self.begin_reload(validating.trigger, loaded, validating.canary, validating.mode);
         }
     }
 
     /// Runs validate and bind, and starts spawning; leaves the transaction
-    /// running, or finishes it with a failure. `canary` is the share
-    /// `baton reload --canary` asked for with this reload.
+    /// running, or finishes it with a failure; or runs it in place (see
+    /// [`crate::inplace`]). `canary` is the share `baton reload --canary`
+    /// asked for with this reload, `mode` its `--in-place` or
+    /// `--new-generation`.
     pub fn begin_reload(
         &mut self,
         trigger: Trigger,
         loaded: Result<Config, String>,
         canary: Option<crate::config::Share>,
+        mode: crate::inplace::Mode,
     ) {
+        let started = Instant::now();
+        let reloading = matches!(trigger, Trigger::Signal | Trigger::Cli | Trigger::Coalesced);
+        let loaded = match loaded {
+            Ok(config) if reloading && mode != crate::inplace::Mode::NewGeneration => {
+                match self.in_place_possible(&config) {
+                    Ok(number) => {
+                        let span = tracing::info_span!("reload", generation = number, %trigger, kind = "in_place", config_hash = %config.hash, version = %config.app.version);
+                        span.in_scope(|| tracing::info!("reload started"));
+                        crate::sd_notify::reloading(number);
+                        return self.begin_in_place(
+                            trigger,
+                            number,
+                            Rc::new(config),
+                            span,
+                            started.elapsed(),
+                        );
+                    }
+                    Err(reason) if mode == crate::inplace::Mode::InPlace => {
+                        let generation = self.current.unwrap_or(0);
+                        let phases = vec![(Step::Validate, started.elapsed())];
+                        let reason = format!("cannot reload in place: {reason}");
+                        return self.record(
+                            generation,
+                            trigger,
+                            phases,
+                            Some((Step::Validate, reason)),
+                        );
+                    }
+                    Err(reason) => {
+                        if !config.worker.app_config.is_empty() {
+                            tracing::info!(%reason, "reload with a new generation");
+                        }
+                        Ok(config)
+                    }
+                }
+            }
+            other => other,
+        };
         let generation = self.next_generation;
         self.next_generation += 1;
         let span = tracing::info_span!("reload", generation, %trigger, config_hash = tracing::field::Empty);
-        let started = Instant::now();
         let mut phases = Vec::new();
         let _enter = span.clone().entered();
         tracing::info!("reload started");
@@ -702,12 +757,18 @@ impl Master {
                 "reload failed"
             ),
         }
+        let version = self
+            .generations
+            .get(&generation)
+            .filter(|_| failure.is_none())
+            .map(|g| g.config.app.version.clone());
         let outcome = Outcome {
             generation,
             trigger,
             failure,
             phases,
             finished: SystemTime::now(),
+            version,
         };
         let pids = self
             .generations

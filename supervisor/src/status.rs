@@ -20,6 +20,7 @@ impl Master {
                 age_s: g.started.elapsed().as_secs_f64(),
                 processes: g.processes,
                 config_hash: g.config.hash.clone(),
+                config_version: g.config.app.version.clone(),
                 sockets: g.listeners.iter().map(|l| l.fd().as_raw_fd()).collect(),
                 crash_loop: g.crash_looped.iter().copied().collect(),
                 workers: g
@@ -33,6 +34,7 @@ impl Master {
                         restarts: w.restarts,
                         connections: w.connections,
                         status: w.status.clone(),
+                        config_version: w.app_version.clone(),
                     })
                     .collect(),
             })
@@ -73,7 +75,8 @@ impl Master {
                 .reload
                 .as_ref()
                 .map(|r| r.generation())
-                .or(self.rollout.as_ref().map(|r| r.generation())),
+                .or(self.rollout.as_ref().map(|r| r.generation()))
+                .or(self.in_place.as_ref().map(|t| t.generation())),
             last_reload,
             rollout: self.rollout_status(),
         }

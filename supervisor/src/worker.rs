@@ -8,7 +8,7 @@ use crate::listener::Shared;
 use crate::output;
 use anyhow::Context;
 use baton_worker::channel::{self, Channel, ChannelError};
-use baton_worker::protocol::{MasterMessage, CONTROL_FD_ENV, MAX_FDS_PER_MESSAGE};
+use baton_worker::protocol::{AppStage, MasterMessage, CONTROL_FD_ENV, MAX_FDS_PER_MESSAGE};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -89,6 +89,9 @@ pub struct Worker {
     pub status: Option<String>,
     /// What tells it to drain when it has no channel.
     pub stop_signal: Signal,
+    /// The config version its reload handle runs, once it registered one
+    /// (`AppRegistered`, then each `AppCommitted`).
+    pub app_version: Option<String>,
 }
 
 impl Drop for Worker {
@@ -127,6 +130,8 @@ pub struct SpawnSpec<'a> {
     pub listeners: &'a [Shared],
     /// The generation's notify socket (`ready = "notify"`).
     pub notify_socket: Option<&'a Path>,
+    /// `[worker] app_config`, read, for an SDK worker.
+    pub app: &'a crate::config::AppFiles,
 }
 
 /// Starts one worker in a new process group. An SDK worker gets the worker
@@ -239,6 +244,7 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
         reader: None,
         status: None,
         stop_signal: config.stop_signal.0,
+        app_version: None,
     };
     let Some(channel) = &worker.channel else {
         return Ok(worker);
@@ -261,6 +267,7 @@ fn send_hello(channel: &Channel, spec: &SpawnSpec<'_>) -> Result<(), ChannelErro
             worker_index: spec.index,
             listener_count: spec.listeners.len() as u32,
             drain_timeout_ms: spec.config.drain_timeout.0.as_millis() as u64,
+            app_config: !spec.config.app_config.is_empty(),
         },
         &[],
     )?;
@@ -274,7 +281,35 @@ fn send_hello(channel: &Channel, spec: &SpawnSpec<'_>) -> Result<(), ChannelErro
             &fds,
         )?;
     }
+    if !spec.config.app_config.is_empty() {
+        send_app_files(
+            channel,
+            spec.app,
+            AppStage::Initial,
+            spec.config.log_filter.clone(),
+        )?;
+    }
     Ok(())
+}
+
+/// Sends the app config files in a memfd: what a new worker starts with, or
+/// what an in-place reload prepares.
+pub fn send_app_files(
+    channel: &Channel,
+    app: &crate::config::AppFiles,
+    stage: AppStage,
+    log_filter: Option<String>,
+) -> Result<(), ChannelError> {
+    let (memfd, files) = baton_worker::app_config::to_memfd(&app.files)?;
+    channel.try_send(
+        &MasterMessage::AppFiles {
+            stage,
+            version: app.version.clone(),
+            files,
+            log_filter,
+        },
+        &[std::os::fd::AsFd::as_fd(&memfd)],
+    )
 }
 
 impl Worker {

@@ -12,6 +12,13 @@
 //!   generation (one request per connection), until told to drain; with
 //!   SECS, worker 0 exits with status 1 that long after it reported ready,
 //!   between two requests (a release that crashes).
+//! - `app`: registers a reload handle for its one app config file, lines of
+//!   `key = value`: `rate` (a number; 0 is refused), `refuse_worker = N`
+//!   (worker N refuses), `hang_worker = N` (worker N's parser never
+//!   returns), `exit_worker = N` (worker N exits 50 ms after it prepared a
+//!   reload; not at its start).
+//!   Answers every HTTP request with `x-config-version` and
+//!   `rate=RATE version=VERSION pid=PID`, one request per connection.
 //! - `garbage`: reports ready, then sends undecodable bytes on its control
 //!   channel as fast as it can, until the master closes it.
 //! - `udp-echo NAME`: answers each datagram on UDP listener NAME with
@@ -119,6 +126,27 @@ async fn main() {
                 }
             }
         }
+        "app" => {
+            let index = worker.index();
+            let config = worker
+                .app_config(move |files| parse_app(files, index))
+                .expect("app config");
+            let listener = worker.tcp_listener("http").expect("listener http");
+            worker.ready().await.expect("ready");
+            let generation = worker.generation();
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = drain.wait() => break,
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let (app, version) = config.load_versioned();
+                        let body = format!("rate={} version={version} pid={}\n", app.rate, std::process::id());
+                        respond(stream, generation, &[("x-config-version", &version)], &body).await;
+                    }
+                }
+            }
+        }
         "garbage" => {
             worker.ready().await.expect("ready");
             let fd: i32 = std::env::var("BATON_CONTROL_FD")
@@ -170,8 +198,60 @@ async fn main() {
     }
 }
 
+/// The `app` mode's configuration.
+struct App {
+    rate: u64,
+}
+
+/// How many times `parse_app` ran: the first is the worker's start.
+static PARSES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn parse_app(files: &baton_worker::Files, index: u32) -> Result<App, String> {
+    let reload = PARSES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0;
+    let text = files.only_text()?;
+    let mut rate = None;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| format!("line {line:?}: expected key = value"))?;
+        let (key, value) = (key.trim(), value.trim());
+        let mine = value.parse::<u32>().ok() == Some(index);
+        match key {
+            "rate" => rate = Some(value.parse::<u64>().map_err(|e| format!("rate: {e}"))?),
+            "refuse_worker" if mine => return Err(format!("worker {index} refuses this config")),
+            "hang_worker" if mine => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            "exit_worker" if mine && reload => {
+                std::thread::spawn(|| {
+                    std::thread::sleep(Duration::from_millis(50));
+                    std::process::exit(3);
+                });
+            }
+            _ => {}
+        }
+    }
+    match rate {
+        Some(0) => Err("rate must be > 0".into()),
+        Some(rate) => Ok(App { rate }),
+        None => Err("rate is missing".into()),
+    }
+}
+
 /// Reads one request head and answers it with the generation.
-async fn answer(mut stream: tokio::net::TcpStream, generation: u64) {
+async fn answer(stream: tokio::net::TcpStream, generation: u64) {
+    let body = format!("testworker generation {generation}\n");
+    respond(stream, generation, &[], &body).await;
+}
+
+/// Reads one request head and answers `body` with the generation and
+/// `headers`.
+async fn respond(
+    mut stream: tokio::net::TcpStream,
+    generation: u64,
+    headers: &[(&str, &str)],
+    body: &str,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut request = Vec::new();
     let mut buffer = [0u8; 1024];
@@ -181,9 +261,12 @@ async fn answer(mut stream: tokio::net::TcpStream, generation: u64) {
             Ok(n) => request.extend_from_slice(&buffer[..n]),
         }
     }
-    let body = format!("testworker generation {generation}\n");
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let response = format!(
-        "HTTP/1.1 200 OK\r\nx-baton-generation: {generation}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 200 OK\r\nx-baton-generation: {generation}\r\n{extra}content-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(response.as_bytes()).await;

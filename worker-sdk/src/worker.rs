@@ -452,9 +452,17 @@ fn spawn_control_reader(
                         files,
                         ..
                     } => {
+                        // Off the runtime's threads: a slow parser must not
+                        // stall serving.
                         let fd = received.fds.into_iter().next();
-                        let answer = prepare(&handles, &version, fd, &files);
-                        let _ = channel.send(&answer).await;
+                        let handles = handles.clone();
+                        let answer = tokio::task::spawn_blocking(move || {
+                            prepare(&handles, &version, fd, &files)
+                        })
+                        .await;
+                        if let Ok(answer) = answer {
+                            let _ = channel.send(&answer).await;
+                        }
                     }
                     MasterMessage::AppCommit { version } => {
                         let all = handles.lock().unwrap_or_else(|e| e.into_inner()).clone();

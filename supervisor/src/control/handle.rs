@@ -11,18 +11,26 @@ impl Master {
     pub(crate) fn on_control(&mut self, request: Request, reply: Waiter) {
         tracing::debug!(?request, "control request");
         let answer = match request {
-            Request::Reload { canary: None } => {
-                return self.request_reload(Trigger::Cli, Some(reply))
-            }
-            Request::Reload {
-                canary: Some(canary),
-            } => match crate::config::Share::parse(&canary) {
-                Ok(share) => {
-                    self.pending_canary = Some(share);
-                    return self.request_reload(Trigger::Cli, Some(reply));
+            Request::Reload { canary, mode } => {
+                let canary = canary
+                    .as_deref()
+                    .map(crate::config::Share::parse)
+                    .transpose();
+                let mode = mode.as_deref().map(crate::inplace::Mode::parse).transpose();
+                match (canary, mode) {
+                    (Err(e), _) => Reply::error(format!("reload refused: --canary: {e}")),
+                    (_, Err(e)) => Reply::error(format!("reload refused: {e}")),
+                    (Ok(canary), Ok(mode)) => {
+                        if canary.is_some() {
+                            self.pending_canary = canary;
+                        }
+                        if let Some(mode) = mode {
+                            self.pending_mode = mode;
+                        }
+                        return self.request_reload(Trigger::Cli, Some(reply));
+                    }
                 }
-                Err(e) => Reply::error(format!("reload refused: --canary: {e}")),
-            },
+            }
             Request::Promote {} => return self.on_rollout_request(true, reply),
             Request::Rollback {} => return self.on_rollout_request(false, reply),
             Request::Status {} => Reply::ok(self.status()),

@@ -21,6 +21,10 @@ pub enum Request {
         /// generation until `promote`, `rollback` or the end of probation.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         canary: Option<String>,
+        /// `auto` (default), `in_place` (or fail with the reason) or
+        /// `new_generation`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<String>,
     },
     /// End the probation of the reload under way: keep the new generation.
     Promote {},
@@ -177,10 +181,20 @@ pub struct ReloadOutcome {
     pub reason: Option<String>,
     /// Each phase reached and its duration.
     pub phases: Vec<PhaseTime>,
+    /// `new_generation` or `in_place`.
+    #[serde(default = "new_generation")]
+    pub kind: String,
+    /// The config version it applied (when committed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// The new generation's worker pids (when committed).
     pub pids: Vec<i32>,
     /// When it ended, in seconds since the Unix epoch.
     pub finished_at: f64,
+}
+
+fn new_generation() -> String {
+    "new_generation".into()
 }
 
 /// One phase's duration.
@@ -276,6 +290,9 @@ pub struct GenerationStatus {
     pub processes: u32,
     /// Its config's hash.
     pub config_hash: String,
+    /// Its config version: the `[worker]` settings and `app_config` files.
+    #[serde(default)]
+    pub config_version: String,
     /// The master's fd of each socket its workers were given, in config
     /// order: the listener's own, or (TCP, workers without the SDK) a socket
     /// of the generation's own on the same port.
@@ -308,6 +325,9 @@ pub struct WorkerStatus {
     /// The last `STATUS=` it sent to the notify socket.
     #[serde(default)]
     pub status: Option<String>,
+    /// The config version its reload handle runs, once it registered one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<String>,
 }
 
 #[cfg(test)]
@@ -317,9 +337,13 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         for request in [
-            Request::Reload { canary: None },
+            Request::Reload {
+                canary: None,
+                mode: None,
+            },
             Request::Reload {
                 canary: Some("10%".into()),
+                mode: Some("in_place".into()),
             },
             Request::Promote {},
             Request::Rollback {},

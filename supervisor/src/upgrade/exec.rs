@@ -313,6 +313,8 @@ impl Master {
                         reader,
                         status: w.status,
                         stop_signal: config.worker.stop_signal.0,
+                        // The new image starts a generation of its own.
+                        app_version: None,
                     },
                 );
             }

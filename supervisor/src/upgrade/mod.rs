@@ -124,7 +124,7 @@ impl Master {
                 upgrade.child,
                 upgrade.started.elapsed()
             ))
-        } else if self.transaction_running() || self.rollout.is_some() {
+        } else if self.transaction_running() || self.rollout.is_some() || self.in_place.is_some() {
             Some("a reload is in progress; upgrade once it has finished".to_string())
         } else if self.current.is_none() {
             Some("no generation is serving yet".to_string())

@@ -1,0 +1,466 @@
+//! The in-place reload: when a reload changes only the application's own
+//! configuration (`[worker] app_config` files, `[worker] log_filter`, and
+//! the master's `log_filter`), every worker of the current generation swaps
+//! it in, and no process is replaced.
+//!
+//! ```text
+//! validate ──→ prepare ──all prepared──→ commit ──all committed──→ committed
+//!                 │                         │
+//!   refused, timed out, died               a worker that does not confirm
+//!                 ▼                         is killed: it is respawned with
+//!               abort (each worker drops    the committed version
+//!               what it prepared): failed
+//! ```
+//!
+//! All or nothing: if one worker refuses, does not answer within
+//! `prepare_timeout` or dies while preparing, every worker is told to abort
+//! and none changes (a worker that did not answer is killed, and respawned
+//! with the version in service). Once all have prepared, the generation's configuration
+//! is the new one (a worker respawned from then on starts with it) and each
+//! worker is told to commit; one that does not confirm within
+//! `prepare_timeout` is killed, so nothing serves a half-applied state.
+//!
+//! It runs when the reload's `[worker]` settings (but for those), listeners
+//! and `[supervisor]` settings (but `log_filter`) are unchanged, the
+//! worker's executable on disk is still the file its generation started
+//! (same device, inode, size and modification time), some `app_config`
+//! file or a log filter did change, and every live worker of the
+//! generation registered a reload handle. Otherwise a new generation runs,
+//! as always. `baton reload --in-place` insists, `--new-generation` forces a
+//! new generation.
+
+use crate::config::Config;
+use crate::master::Master;
+use crate::reload::{Step, Trigger};
+use baton_worker::protocol::{AppStage, MasterMessage, WorkerMessage};
+use nix::unistd::Pid;
+use std::collections::BTreeSet;
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::Span;
+
+/// What `baton reload` asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// The cheapest safe transaction.
+    #[default]
+    Auto,
+    /// In place, or fail with the reason.
+    InPlace,
+    /// Always a new generation.
+    NewGeneration,
+}
+
+impl Mode {
+    /// Parses the control protocol's `mode`.
+    pub fn parse(s: &str) -> Result<Mode, String> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "in_place" => Ok(Mode::InPlace),
+            "new_generation" => Ok(Mode::NewGeneration),
+            other => Err(format!(
+                "invalid reload mode {other:?}: expected \"auto\", \"in_place\" or \"new_generation\""
+            )),
+        }
+    }
+}
+
+/// Where the transaction is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Waiting for every worker's prepared (or a refusal).
+    Preparing,
+    /// Waiting for every worker's committed.
+    Committing,
+}
+
+/// An in-place reload under way.
+#[derive(Debug)]
+pub struct InPlace {
+    trigger: Trigger,
+    /// The generation whose workers swap.
+    generation: u64,
+    span: Span,
+    config: Rc<Config>,
+    phases: Vec<(Step, Duration)>,
+    phase_started: Instant,
+    stage: Stage,
+    /// Workers whose answer is awaited.
+    waiting: BTreeSet<Pid>,
+    deadline: Instant,
+}
+
+impl InPlace {
+    /// The generation whose workers swap.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// A file's identity, to tell a replaced executable.
+pub type Identity = (u64, u64, u64, i64);
+
+/// The identity of the file `command[0]` runs (looked up in `PATH` when it
+/// has no slash).
+pub fn executable_identity(config: &Config) -> Option<Identity> {
+    use std::os::unix::fs::MetadataExt;
+    let program = &config.worker.command[0];
+    let path = if program.contains('/') {
+        std::path::PathBuf::from(program)
+    } else {
+        let path = config
+            .worker
+            .env
+            .get("PATH")
+            .cloned()
+            .or_else(|| std::env::var("PATH").ok())?;
+        std::env::split_paths(&path)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())?
+    };
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.dev(), meta.ino(), meta.size(), meta.mtime()))
+}
+
+/// Whether `new` differs from `old` only where an in-place reload applies
+/// it: `Err` says what else changed.
+fn only_app_changed(old: &Config, new: &Config) -> Result<(), String> {
+    let mut worker = new.worker.clone();
+    worker.app_config.clone_from(&old.worker.app_config);
+    worker.log_filter.clone_from(&old.worker.log_filter);
+    if worker != old.worker {
+        return Err("the [worker] settings changed (beyond app_config and log_filter)".into());
+    }
+    if new.worker.app_config != old.worker.app_config {
+        return Err("the list of app_config files changed".into());
+    }
+    if new.listeners != old.listeners {
+        return Err("the listeners changed".into());
+    }
+    let mut supervisor = new.supervisor.clone();
+    supervisor.log_filter.clone_from(&old.supervisor.log_filter);
+    if supervisor != old.supervisor {
+        return Err("the [supervisor] settings changed (beyond log_filter)".into());
+    }
+    if new.app.same_files(&old.app)
+        && new.worker.log_filter == old.worker.log_filter
+        && new.supervisor.log_filter == old.supervisor.log_filter
+    {
+        return Err("nothing changed that can be applied in place".into());
+    }
+    Ok(())
+}
+
+impl Master {
+    /// Whether `config` can be applied in place to the current generation:
+    /// `Err` says why not.
+    pub(crate) fn in_place_possible(&self, config: &Config) -> Result<u64, String> {
+        if config.worker.app_config.is_empty() {
+            return Err("there is no [worker] app_config".into());
+        }
+        let number = self.current.ok_or("no generation serves")?;
+        let current = self
+            .generations
+            .get(&number)
+            .ok_or("no generation serves")?;
+        only_app_changed(&current.config, config)?;
+        if current.executable != executable_identity(config) {
+            return Err(format!(
+                "the worker's executable {:?} is not the file its generation started",
+                config.worker.command[0]
+            ));
+        }
+        if current.workers.is_empty() {
+            return Err("the current generation has no live worker".into());
+        }
+        if let Some(w) = current.workers.values().find(|w| w.app_version.is_none()) {
+            return Err(format!(
+                "worker {} (pid {}) registered no reload handle",
+                w.index, w.pid
+            ));
+        }
+        Ok(number)
+    }
+
+    /// Starts the in-place transaction for `config` on generation `number`:
+    /// every worker is told to prepare.
+    pub(crate) fn begin_in_place(
+        &mut self,
+        trigger: Trigger,
+        number: u64,
+        config: Rc<Config>,
+        span: Span,
+        validated: Duration,
+    ) {
+        let _enter = span.clone().entered();
+        let timeout = config.worker.prepare_timeout.0;
+        tracing::info!(generation = number, version = %config.app.version, "reload in place: preparing");
+        let Some(generation) = self.generations.get(&number) else {
+            return;
+        };
+        let mut waiting = BTreeSet::new();
+        let mut failure = None;
+        for worker in generation.workers.values() {
+            let Some(channel) = &worker.channel else {
+                continue;
+            };
+            let sent = crate::worker::send_app_files(
+                channel,
+                &config.app,
+                AppStage::Prepare,
+                config.worker.log_filter.clone(),
+            );
+            match sent {
+                Ok(()) => {
+                    waiting.insert(worker.pid);
+                }
+                Err(e) => {
+                    failure = Some(format!(
+                        "cannot send the files to worker {} (pid {}): {e}",
+                        worker.index, worker.pid
+                    ));
+                    break;
+                }
+            }
+        }
+        let transaction = InPlace {
+            trigger,
+            generation: number,
+            span,
+            config,
+            phases: vec![(Step::Validate, validated)],
+            phase_started: Instant::now(),
+            stage: Stage::Preparing,
+            waiting,
+            deadline: Instant::now() + timeout,
+        };
+        match failure {
+            Some(reason) => self.abort_in_place(transaction, reason),
+            None => self.in_place = Some(transaction),
+        }
+    }
+
+    /// A worker answered prepare or commit.
+    pub(crate) fn on_app_answer(&mut self, pid: Pid, answer: WorkerMessage) {
+        let Some(transaction) = self.in_place.as_mut() else {
+            return;
+        };
+        let version = transaction.config.app.version.clone();
+        let (index, raw) = self
+            .generations
+            .get(&transaction.generation)
+            .and_then(|g| g.workers.get(&pid))
+            .map_or((u32::MAX, pid.as_raw()), |w| (w.index, pid.as_raw()));
+        match (transaction.stage, answer) {
+            (Stage::Preparing, WorkerMessage::AppPrepared { version: v }) if v == version => {
+                transaction.waiting.remove(&pid);
+            }
+            (Stage::Preparing, WorkerMessage::AppRefused { version: v, reason })
+                if v == version =>
+            {
+                let transaction = self.in_place.take().expect("checked above");
+                return self.abort_in_place(
+                    transaction,
+                    format!("refused by worker {index} (pid {raw}): {reason}"),
+                );
+            }
+            (Stage::Committing, WorkerMessage::AppCommitted { version: v }) if v == version => {
+                transaction.waiting.remove(&pid);
+                if let Some(worker) = self
+                    .generations
+                    .get_mut(&transaction.generation)
+                    .and_then(|g| g.workers.get_mut(&pid))
+                {
+                    worker.app_version = Some(v);
+                }
+            }
+            (_, other) => {
+                tracing::warn!(pid = raw, answer = ?other, "in-place answer for another version or phase ignored");
+            }
+        }
+        self.advance_in_place();
+    }
+
+    /// A worker of the generation exited during the transaction.
+    pub(crate) fn in_place_worker_exited(&mut self, pid: Pid, index: u32, status: &str) {
+        let Some(transaction) = self.in_place.as_mut() else {
+            return;
+        };
+        if !transaction.waiting.remove(&pid) {
+            return;
+        }
+        if transaction.stage == Stage::Preparing {
+            let transaction = self.in_place.take().expect("checked above");
+            return self.abort_in_place(
+                transaction,
+                format!("worker {index} (pid {pid}) exited with {status} while preparing"),
+            );
+        }
+        // Committing: its respawn starts with the committed version.
+        self.advance_in_place();
+    }
+
+    /// Moves on when every answer is in, or the deadline passed.
+    pub(crate) fn advance_in_place(&mut self) {
+        let Some(transaction) = self.in_place.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        match transaction.stage {
+            Stage::Preparing if transaction.waiting.is_empty() => self.commit_in_place(),
+            Stage::Preparing if now >= transaction.deadline => {
+                let transaction = self.in_place.take().expect("checked above");
+                let late = self.describe(transaction.generation, &transaction.waiting);
+                let timeout = transaction.config.worker.prepare_timeout.0;
+                // A worker that cannot answer is not trusted to serve: it
+                // is killed, and respawned with the version in service.
+                if let Some(g) = self.generations.get(&transaction.generation) {
+                    for pid in &transaction.waiting {
+                        if let Some(w) = g.workers.get(pid) {
+                            tracing::error!(pid = pid.as_raw(), "worker did not answer prepare: killed, to be respawned with the version in service");
+                            w.kill();
+                        }
+                    }
+                }
+                self.abort_in_place(
+                    transaction,
+                    format!("{late} did not answer prepare within {timeout:?}"),
+                );
+            }
+            Stage::Committing if transaction.waiting.is_empty() => self.finish_in_place(),
+            Stage::Committing if now >= transaction.deadline => {
+                // Each is killed and respawned with the committed version:
+                // nothing keeps serving the old one.
+                let (number, late) = (
+                    transaction.generation,
+                    std::mem::take(&mut transaction.waiting),
+                );
+                tracing::error!(workers = %self.describe(number, &late), "no commit confirmed in time: killed, to be respawned with the new version");
+                if let Some(g) = self.generations.get(&number) {
+                    for pid in &late {
+                        if let Some(w) = g.workers.get(pid) {
+                            w.kill();
+                        }
+                    }
+                }
+                self.finish_in_place();
+            }
+            _ => {}
+        }
+    }
+
+    /// When the transaction needs the loop next.
+    pub(crate) fn in_place_deadline(&self) -> Option<Instant> {
+        self.in_place.as_ref().map(|t| t.deadline)
+    }
+
+    /// Every worker prepared: the generation's configuration becomes the
+    /// new one, the master's log filter switches, and every worker swaps.
+    fn commit_in_place(&mut self) {
+        let Some(transaction) = self.in_place.as_mut() else {
+            return;
+        };
+        let _enter = transaction.span.clone().entered();
+        let now = Instant::now();
+        transaction
+            .phases
+            .push((Step::Prepare, now - transaction.phase_started));
+        transaction.phase_started = now;
+        transaction.stage = Stage::Committing;
+        transaction.deadline = now + transaction.config.worker.prepare_timeout.0;
+        let config = transaction.config.clone();
+        let version = config.app.version.clone();
+        if config.supervisor.log_filter != self.config.supervisor.log_filter {
+            if let Err(e) = self.log.set_filter(&config.supervisor.log_filter) {
+                tracing::error!(error = %e, "cannot switch log filter");
+            }
+        }
+        self.config = config.clone();
+        let Some(generation) = self.generations.get_mut(&transaction.generation) else {
+            return;
+        };
+        generation.config = config;
+        transaction.waiting = generation.workers.keys().copied().collect();
+        for worker in generation.workers.values() {
+            let sent = worker.channel.as_ref().map(|c| {
+                c.try_send(
+                    &MasterMessage::AppCommit {
+                        version: version.clone(),
+                    },
+                    &[],
+                )
+            });
+            if let Some(Err(e)) = sent {
+                tracing::error!(pid = worker.pid.as_raw(), error = %e, "cannot tell the worker to commit: killed, to be respawned with the new version");
+                worker.kill();
+                transaction.waiting.remove(&worker.pid);
+            }
+        }
+        self.advance_in_place();
+    }
+
+    fn finish_in_place(&mut self) {
+        let Some(mut transaction) = self.in_place.take() else {
+            return;
+        };
+        let _enter = transaction.span.clone().entered();
+        transaction
+            .phases
+            .push((Step::Commit, transaction.phase_started.elapsed()));
+        tracing::info!(version = %transaction.config.app.version, "reload in place committed");
+        crate::sd_notify::notify("READY=1");
+        self.record(
+            transaction.generation,
+            transaction.trigger,
+            transaction.phases,
+            None,
+        );
+    }
+
+    fn abort_in_place(&mut self, mut transaction: InPlace, reason: String) {
+        let _enter = transaction.span.clone().entered();
+        transaction
+            .phases
+            .push((Step::Prepare, transaction.phase_started.elapsed()));
+        let version = transaction.config.app.version.clone();
+        if let Some(g) = self.generations.get(&transaction.generation) {
+            for worker in g.workers.values() {
+                if let Some(channel) = &worker.channel {
+                    let _ = channel.try_send(
+                        &MasterMessage::AppAbort {
+                            version: version.clone(),
+                        },
+                        &[],
+                    );
+                }
+            }
+        }
+        crate::sd_notify::notify("READY=1");
+        self.record(
+            transaction.generation,
+            transaction.trigger,
+            transaction.phases,
+            Some((Step::Prepare, reason)),
+        );
+    }
+
+    /// `worker 1 (pid 4242), worker 2 (pid 4243)`.
+    fn describe(&self, generation: u64, pids: &BTreeSet<Pid>) -> String {
+        let g = self.generations.get(&generation);
+        pids.iter()
+            .map(|pid| match g.and_then(|g| g.workers.get(pid)) {
+                Some(w) => format!("worker {} (pid {pid})", w.index),
+                None => format!("pid {pid}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The master is stopping: the transaction is abandoned (aborted).
+    pub(crate) fn abandon_in_place(&mut self) {
+        if let Some(transaction) = self.in_place.take() {
+            self.abort_in_place(transaction, "the master is stopping".into());
+        }
+    }
+}
