@@ -100,8 +100,11 @@ struct Inner<T> {
     /// What prepare built, until commit or abort. Touched only by those
     /// two, never on a request's path.
     prepared: Mutex<Option<Current<T>>>,
-    parse: Box<dyn Fn(&Files) -> Result<T, String> + Send + Sync>,
+    parse: Box<Parser<T>>,
 }
+
+/// How a worker builds its configuration from the files.
+type Parser<T> = dyn Fn(&Files) -> Result<T, String> + Send + Sync;
 
 /// A handle on the application's configuration: cheap to clone, lock-free
 /// to read.
