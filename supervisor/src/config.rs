@@ -343,6 +343,12 @@ fn de_worker_log_filter<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String
 }
 
 impl WorkerConfig {
+    /// Whether SDK workers get app config files and a log filter to reload
+    /// in place.
+    pub fn reloads_in_place(&self) -> bool {
+        self.protocol == Protocol::Sdk && (!self.app_config.is_empty() || self.log_filter.is_some())
+    }
+
     /// Whether a reload of this worker runs a rollout after cutover
     /// (probation or a canary), or probes the new generation: then each
     /// generation gets TCP sockets of its own, so that traffic and probes

@@ -156,8 +156,8 @@ impl Master {
     /// Whether `config` can be applied in place to the current generation:
     /// `Err` says why not.
     pub(crate) fn in_place_possible(&self, config: &Config) -> Result<u64, String> {
-        if config.worker.app_config.is_empty() {
-            return Err("there is no [worker] app_config".into());
+        if !config.worker.reloads_in_place() {
+            return Err("there is no [worker] app_config nor log_filter for SDK workers".into());
         }
         let number = self.current.ok_or("no generation serves")?;
         let current = self

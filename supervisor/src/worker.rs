@@ -267,7 +267,7 @@ fn send_hello(channel: &Channel, spec: &SpawnSpec<'_>) -> Result<(), ChannelErro
             worker_index: spec.index,
             listener_count: spec.listeners.len() as u32,
             drain_timeout_ms: spec.config.drain_timeout.0.as_millis() as u64,
-            app_config: !spec.config.app_config.is_empty(),
+            app_config: spec.config.reloads_in_place(),
         },
         &[],
     )?;
@@ -281,7 +281,7 @@ fn send_hello(channel: &Channel, spec: &SpawnSpec<'_>) -> Result<(), ChannelErro
             &fds,
         )?;
     }
-    if !spec.config.app_config.is_empty() {
+    if spec.config.reloads_in_place() {
         send_app_files(
             channel,
             spec.app,

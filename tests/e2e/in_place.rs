@@ -218,3 +218,32 @@ fn a_change_beyond_app_config_runs_a_new_generation_and_in_place_then_says_why()
         "{stdout}"
     );
 }
+
+#[test]
+fn the_workers_log_filter_switches_in_place_with_the_app_config() {
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.path().join("baton.toml"),
+        config("log_filter = \"warn\"\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("app.conf"), "rate = 1\n").unwrap();
+    let mut baton = Baton::start_in(dir, &["run"]);
+    baton.wait_committed(1);
+    let served = |e: &serde_json::Value| e["raw"].as_str().is_some_and(|l| l.contains("served"));
+    answers(&baton, 8);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        baton.count_events(served),
+        0,
+        "info is filtered out under warn"
+    );
+    baton.write_config(&config("log_filter = \"info\"\n"));
+    let (code, stdout, stderr) = reload(&baton, &["--in-place"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    answers(&baton, 8);
+    baton.wait_event(Duration::from_secs(5), served);
+    baton.write_config(&config("log_filter = \"info,,bad=[\"\n"));
+    let (code, _, stderr) = reload(&baton, &["--in-place"]);
+    assert_ne!(code, 0, "{stderr}");
+}

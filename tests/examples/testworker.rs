@@ -18,7 +18,9 @@
 //!   returns), `exit_worker = N` (worker N exits 50 ms after it prepared a
 //!   reload; not at its start).
 //!   Answers every HTTP request with `x-config-version` and
-//!   `rate=RATE version=VERSION pid=PID`, one request per connection.
+//!   `rate=RATE version=VERSION pid=PID`, one request per connection, and
+//!   logs `served` at info level through the SDK's log setup, whose filter
+//!   is `[worker] log_filter`.
 //! - `garbage`: reports ready, then sends undecodable bytes on its control
 //!   channel as fast as it can, until the master closes it.
 //! - `udp-echo NAME`: answers each datagram on UDP listener NAME with
@@ -128,6 +130,7 @@ async fn main() {
         }
         "app" => {
             let index = worker.index();
+            baton_worker::logging::init(&mut worker).expect("log setup");
             let config = worker
                 .app_config(move |files| parse_app(files, index))
                 .expect("app config");
@@ -141,6 +144,7 @@ async fn main() {
                     accepted = listener.accept() => {
                         let Ok((stream, _)) = accepted else { continue };
                         let (app, version) = config.load_versioned();
+                        tracing::info!(%version, "served");
                         let body = format!("rate={} version={version} pid={}\n", app.rate, std::process::id());
                         respond(stream, generation, &[("x-config-version", &version)], &body).await;
                     }

@@ -186,8 +186,10 @@ impl<T: Send + Sync + 'static> AppConfig<T> {
 
 /// What the control channel does with a handle, whatever its type.
 pub(crate) trait Reloadable: Send + Sync {
-    /// Builds the value for `version` from `files`: `Err` is the refusal.
-    fn prepare(&self, version: &str, files: &Files) -> Result<(), String>;
+    /// Builds the value for `version` from `files` (and the workers' log
+    /// filter, for a log handle): `Err` is the refusal.
+    fn prepare(&self, version: &str, files: &Files, log_filter: Option<&str>)
+        -> Result<(), String>;
     /// Swaps in what was prepared for `version`: whether there was one.
     fn commit(&self, version: &str) -> bool;
     /// Drops what was prepared.
@@ -195,7 +197,7 @@ pub(crate) trait Reloadable: Send + Sync {
 }
 
 impl<T: Send + Sync + 'static> Reloadable for Inner<T> {
-    fn prepare(&self, version: &str, files: &Files) -> Result<(), String> {
+    fn prepare(&self, version: &str, files: &Files, _: Option<&str>) -> Result<(), String> {
         // A parser that panics refuses; it does not take the worker down.
         let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.parse)(files)))
             .map_err(|panic| format!("the parser panicked: {}", panic_message(&panic)))??;
@@ -267,7 +269,7 @@ mod tests {
         let mut config = AppConfig::new("v1".into(), &files("10"), parse).unwrap();
         let held = config.load();
         let reloadable = config.reloadable();
-        reloadable.prepare("v2", &files("20")).unwrap();
+        reloadable.prepare("v2", &files("20"), None).unwrap();
         assert_eq!(config.load().rate, 10, "nothing changes before commit");
         assert!(reloadable.commit("v2"));
         assert_eq!(config.changed().await, "v2");
@@ -283,11 +285,11 @@ mod tests {
         let config = AppConfig::new("v1".into(), &files("10"), parse).unwrap();
         let reloadable = config.reloadable();
         assert_eq!(
-            reloadable.prepare("v2", &files("0")),
+            reloadable.prepare("v2", &files("0"), None),
             Err("rate must be > 0".into())
         );
         assert!(!reloadable.commit("v2"), "nothing was prepared");
-        reloadable.prepare("v3", &files("30")).unwrap();
+        reloadable.prepare("v3", &files("30"), None).unwrap();
         reloadable.abort();
         assert!(!reloadable.commit("v3"));
         assert_eq!((config.load().rate, config.version()), (10, "v1".into()));
@@ -304,7 +306,7 @@ mod tests {
         .unwrap();
         let error = config
             .reloadable()
-            .prepare("v2", &files("boom"))
+            .prepare("v2", &files("boom"), None)
             .unwrap_err();
         assert!(error.contains("panicked: boom"), "{error}");
     }

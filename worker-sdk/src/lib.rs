@@ -32,6 +32,8 @@ mod drain;
 #[cfg(feature = "http")]
 pub mod http;
 mod listener;
+#[cfg(feature = "tracing")]
+pub mod logging;
 pub mod protocol;
 mod reopen;
 mod worker;

@@ -1,7 +1,8 @@
 //! The worker's handle on its supervisor: connect, take listeners by name,
 //! report readiness, learn when to drain.
 
-use crate::app_config::{AppConfig, Files, Reloadable};
+pub(crate) use crate::app_config::Reloadable;
+use crate::app_config::{AppConfig, Files};
 use crate::channel::{Channel, ChannelError};
 use crate::drain::Drain;
 use crate::listener::{describe, Listener};
@@ -40,6 +41,8 @@ pub struct Worker {
 struct App {
     /// The app config files the worker starts with, and their version.
     initial: Option<(String, Files)>,
+    /// The workers' log filter the worker starts with (`[worker] log_filter`).
+    log_filter: Option<String>,
     /// Standalone: the files to read.
     paths: Vec<std::path::PathBuf>,
     /// The registered handles, driven by the control channel.
@@ -305,6 +308,31 @@ impl Worker {
         Ok(config)
     }
 
+    /// Registers a handle that another part of the SDK drives (the log
+    /// filter), announcing it to the master.
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    pub(crate) fn register(&mut self, handle: Arc<dyn Reloadable>) {
+        self.app
+            .handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+        if let (Some(control), Some((version, _))) = (&self.control, &self.app.initial) {
+            let _ = control.try_send(
+                &WorkerMessage::AppRegistered {
+                    version: version.clone(),
+                },
+                &[],
+            );
+        }
+    }
+
+    /// The log filter the master sent, if any.
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    pub(crate) fn initial_log_filter(&self) -> Option<&str> {
+        self.app.log_filter.as_deref()
+    }
+
     /// The drain signal: select on [`Drain::wait`] or [`Drain::token`].
     pub fn drain(&self) -> Drain {
         self.drain.clone()
@@ -373,7 +401,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
             stage: AppStage::Initial,
             version,
             files,
-            ..
+            log_filter,
         } = message.message
         else {
             return Err(Error::Protocol(format!(
@@ -388,6 +416,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
             .ok_or_else(|| Error::Protocol("app config files without their memfd".into()))?;
         let files = crate::app_config::from_memfd(fd, &files).map_err(Error::Protocol)?;
         app.initial = Some((version, files));
+        app.log_filter = log_filter;
     }
     let drain = Drain::new();
     let (reopen_tx, reopen) = Reopen::channel();
@@ -450,14 +479,14 @@ fn spawn_control_reader(
                         stage: AppStage::Prepare,
                         version,
                         files,
-                        ..
+                        log_filter,
                     } => {
                         // Off the runtime's threads: a slow parser must not
                         // stall serving.
                         let fd = received.fds.into_iter().next();
                         let handles = handles.clone();
                         let answer = tokio::task::spawn_blocking(move || {
-                            prepare(&handles, &version, fd, &files)
+                            prepare(&handles, &version, fd, &files, log_filter.as_deref())
                         })
                         .await;
                         if let Ok(answer) = answer {
@@ -497,6 +526,7 @@ fn prepare(
     version: &str,
     fd: Option<OwnedFd>,
     entries: &[crate::protocol::AppFile],
+    log_filter: Option<&str>,
 ) -> WorkerMessage {
     let refuse = |reason: String| WorkerMessage::AppRefused {
         version: version.to_string(),
@@ -514,7 +544,7 @@ fn prepare(
         return refuse("no reload handle registered".into());
     }
     for handle in &all {
-        if let Err(reason) = handle.prepare(version, &files) {
+        if let Err(reason) = handle.prepare(version, &files, log_filter) {
             for handle in &all {
                 handle.abort();
             }
