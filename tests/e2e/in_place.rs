@@ -228,7 +228,7 @@ fn the_workers_log_filter_switches_in_place_with_the_app_config() {
     )
     .unwrap();
     std::fs::write(dir.path().join("app.conf"), "rate = 1\n").unwrap();
-    let mut baton = Baton::start_in(dir, &["run"]);
+    let baton = Baton::start_in(dir, &["run"]);
     baton.wait_committed(1);
     let served = |e: &serde_json::Value| e["raw"].as_str().is_some_and(|l| l.contains("served"));
     answers(&baton, 8);
