@@ -409,7 +409,6 @@ impl Master {
             .phases
             .push((Step::Commit, transaction.phase_started.elapsed()));
         tracing::info!(version = %transaction.config.app.version, "reload in place committed");
-        crate::sd_notify::notify("READY=1");
         self.record(
             transaction.generation,
             transaction.trigger,
@@ -436,7 +435,6 @@ impl Master {
                 }
             }
         }
-        crate::sd_notify::notify("READY=1");
         self.record(
             transaction.generation,
             transaction.trigger,

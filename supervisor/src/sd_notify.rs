@@ -150,6 +150,7 @@ mod tests {
             failure,
             phases: Vec::new(),
             finished: std::time::SystemTime::now(),
+            version: None,
         }
     }
 
