@@ -11,11 +11,8 @@ mod control;
 mod draining;
 mod escaped_children;
 mod floods;
-<<<<<<< HEAD
 mod graceful_sigterm;
-=======
 mod in_place;
->>>>>>> 2b8e795 (In-place reloads: a reload that changes only app_config files or log filters runs validate, prepare, commit across every worker, all or nothing; --in-place insists, --new-generation forces; config versions in status and outcomes)
 mod lifecycle;
 mod master_death;
 mod nginx_worker;
