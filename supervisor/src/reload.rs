@@ -286,7 +286,12 @@ impl Master {
     /// goes on, unless the master started stopping meanwhile.
     pub fn on_config_loaded(&mut self, loaded: Result<Config, String>) {
         if let Some(validating) = self.validating.take() {
-            self.begin_reload(validating.trigger, loaded, validating.canary, validating.mode);
+            self.begin_reload(
+                validating.trigger,
+                loaded,
+                validating.canary,
+                validating.mode,
+            );
         }
     }
 

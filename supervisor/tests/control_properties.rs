@@ -7,7 +7,11 @@ use proptest::prelude::*;
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        proptest::option::of("\\PC{0,8}").prop_map(|canary| Request::Reload { canary }),
+        (
+            proptest::option::of("\\PC{0,8}"),
+            proptest::option::of("\\PC{0,8}")
+        )
+            .prop_map(|(canary, mode)| Request::Reload { canary, mode }),
         Just(Request::Promote {}),
         Just(Request::Rollback {}),
         Just(Request::Status {}),

@@ -4,8 +4,8 @@
 
 use baton_worker::channel::{pair, Channel, ChannelError};
 use baton_worker::protocol::{
-    decode, encode, DecodeError, ListenerInfo, ListenerKind, MasterMessage, WorkerMessage,
-    MAX_MESSAGE_SIZE, PROTOCOL_VERSION,
+    decode, encode, AppFile, AppStage, DecodeError, ListenerInfo, ListenerKind, MasterMessage,
+    WorkerMessage, MAX_MESSAGE_SIZE, PROTOCOL_VERSION,
 };
 use proptest::prelude::*;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -29,14 +29,43 @@ fn listener_info() -> impl Strategy<Value = ListenerInfo> {
 
 fn master_message() -> impl Strategy<Value = MasterMessage> {
     prop_oneof![
-        (any::<u64>(), any::<u32>(), any::<u32>(), any::<u64>()).prop_map(
-            |(generation, worker_index, listener_count, drain_timeout_ms)| MasterMessage::Hello {
-                generation,
-                worker_index,
-                listener_count,
-                drain_timeout_ms,
-            }
-        ),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<bool>()
+        )
+            .prop_map(
+                |(generation, worker_index, listener_count, drain_timeout_ms, app_config)| {
+                    MasterMessage::Hello {
+                        generation,
+                        worker_index,
+                        listener_count,
+                        drain_timeout_ms,
+                        app_config,
+                    }
+                }
+            ),
+        (
+            prop_oneof![Just(AppStage::Initial), Just(AppStage::Prepare)],
+            "\\PC{0,16}",
+            prop::collection::vec(("\\PC{0,16}", any::<u64>()), 0..4),
+            proptest::option::of("\\PC{0,16}")
+        )
+            .prop_map(
+                |(stage, version, files, log_filter)| MasterMessage::AppFiles {
+                    stage,
+                    version,
+                    files: files
+                        .into_iter()
+                        .map(|(name, len)| AppFile { name, len })
+                        .collect(),
+                    log_filter,
+                }
+            ),
+        "\\PC{0,16}".prop_map(|version| MasterMessage::AppCommit { version }),
+        "\\PC{0,16}".prop_map(|version| MasterMessage::AppAbort { version }),
         (any::<u32>(), prop::collection::vec(listener_info(), 0..8))
             .prop_map(|(offset, listeners)| MasterMessage::Listeners { offset, listeners }),
         Just(MasterMessage::Reopen {}),
@@ -49,6 +78,11 @@ fn worker_message() -> impl Strategy<Value = WorkerMessage> {
         Just(WorkerMessage::Ready),
         any::<u64>().prop_map(|count| WorkerMessage::Connections { count }),
         "\\PC{0,200}".prop_map(|message| WorkerMessage::Error { message }),
+        "\\PC{0,16}".prop_map(|version| WorkerMessage::AppRegistered { version }),
+        "\\PC{0,16}".prop_map(|version| WorkerMessage::AppPrepared { version }),
+        ("\\PC{0,16}", "\\PC{0,64}")
+            .prop_map(|(version, reason)| WorkerMessage::AppRefused { version, reason }),
+        "\\PC{0,16}".prop_map(|version| WorkerMessage::AppCommitted { version }),
     ]
 }
 

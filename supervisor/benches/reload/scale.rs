@@ -167,7 +167,10 @@ fn reload_once(socket: &Path, figures: &mut Figures) -> Result<(), String> {
     let reload = std::thread::spawn(move || {
         let reply = client::request(
             &reloading,
-            &Request::Reload { canary: None },
+            &Request::Reload {
+                canary: None,
+                mode: None,
+            },
             REQUEST_TIMEOUT,
         );
         (reply, started.elapsed())
