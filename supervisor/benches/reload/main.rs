@@ -18,6 +18,7 @@ mod drive;
 mod header;
 mod locate;
 mod procs;
+mod rollouts;
 mod scale;
 mod servers;
 mod summary;
@@ -145,7 +146,12 @@ fn main() -> ExitCode {
             .only
             .iter()
             .any(|o| scale::NAME.starts_with(o.as_str()));
-    if selected.is_empty() && !run_scale {
+    let run_rollouts = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| rollouts::NAME.starts_with(o.as_str()));
+    if selected.is_empty() && !run_scale && !run_rollouts {
         eprintln!(
             "reload bench: --only {} matches no scenario; scenarios: {}",
             options.only.join(","),
@@ -172,6 +178,11 @@ fn main() -> ExitCode {
     } else {
         Vec::new()
     };
+    let rolled = if run_rollouts {
+        rollouts::run(&bins, &INTERRUPTED)
+    } else {
+        Vec::new()
+    };
     let title = format!(
         "baton reload benchmark, {} ({}) — {} CPUs, {} s per run, reload every {} ms, {} connections",
         header["date"].as_str().unwrap_or(""),
@@ -187,6 +198,9 @@ fn main() -> ExitCode {
     }
     if !scaled.is_empty() {
         println!("{}", scale::markdown(&scaled));
+    }
+    if !rolled.is_empty() {
+        println!("{}", rollouts::markdown(&rolled));
     }
     // A scale-only run leaves the load scenarios' results as they were.
     let written = if runs.is_empty() {
@@ -225,7 +239,7 @@ fn scenario_names() -> String {
     SCENARIOS
         .iter()
         .map(|s| s.name)
-        .chain([scale::NAME])
+        .chain([scale::NAME, rollouts::NAME])
         .collect::<Vec<_>>()
         .join(", ")
 }
