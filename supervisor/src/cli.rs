@@ -535,6 +535,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
             &config.supervisor.log_filter,
             config.supervisor.log_format,
             config.supervisor.log_file.as_deref(),
+            config.supervisor.otlp_endpoint.as_deref(),
         )
         .context("setting up logging")?;
         let origin = match (takeover, exec_state) {

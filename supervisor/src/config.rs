@@ -96,6 +96,37 @@ pub struct SupervisorConfig {
     /// What SIGTERM asks of the master.
     #[serde(default)]
     pub sigterm: SigtermMode,
+    /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`):
+    /// `IP:PORT` or `unix:PATH`; off when unset.
+    #[serde(default, deserialize_with = "de_admin")]
+    pub admin: Option<ListenerAddress>,
+    /// Where reload traces go over OTLP/HTTP (`http://HOST:PORT`, to which
+    /// `/v1/traces` is added, or a full URL); off when unset.
+    #[serde(default, deserialize_with = "de_otlp_endpoint")]
+    pub otlp_endpoint: Option<String>,
+}
+
+fn de_otlp_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let url = String::deserialize(d)?;
+    let host = url.strip_prefix("http://").unwrap_or_default();
+    if host.is_empty() || host.starts_with('/') || url.contains(char::is_whitespace) {
+        return Err(de::Error::custom(format!(
+            "otlp_endpoint {url:?}: expected http://HOST:PORT (a collector's OTLP/HTTP port, usually 4318)"
+        )));
+    }
+    Ok(Some(url))
+}
+
+fn de_admin<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ListenerAddress>, D::Error> {
+    let address: ListenerAddress = String::deserialize(d)?
+        .parse()
+        .map_err(|e: String| de::Error::custom(format!("admin: {e}")))?;
+    if let ListenerAddress::Udp(_) = address {
+        return Err(de::Error::custom(format!(
+            "admin: {address} is UDP; the admin endpoint speaks HTTP: use IP:PORT or unix:PATH"
+        )));
+    }
+    Ok(Some(address))
 }
 
 fn default_max_draining_generations() -> u32 {
@@ -152,6 +183,8 @@ impl Default for SupervisorConfig {
             upgrade: UpgradeMode::default(),
             max_draining_generations: default_max_draining_generations(),
             sigterm: SigtermMode::default(),
+            admin: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -555,6 +588,9 @@ impl Config {
         supervisor.control_socket = dir.join(&supervisor.control_socket);
         supervisor.pid_file = supervisor.pid_file.map(|p| dir.join(p));
         supervisor.log_file = supervisor.log_file.map(|p| dir.join(p));
+        if let Some(ListenerAddress::Unix(p)) = &supervisor.admin {
+            supervisor.admin = Some(ListenerAddress::Unix(dir.join(p)));
+        }
         let listeners = raw
             .listeners
             .into_iter()

@@ -114,6 +114,11 @@ pub struct Generation {
     /// The worker's executable as it was when the generation started, to
     /// tell a replaced binary (see [`crate::inplace`]).
     pub executable: Option<crate::inplace::Identity>,
+    /// When it was replaced (or stopped): its drain began.
+    pub draining_since: Option<Instant>,
+    /// The W3C `traceparent` of the reload that started it, for its
+    /// workers (`TRACEPARENT`), when traces are exported.
+    pub traceparent: Option<String>,
 }
 
 impl Generation {
@@ -139,6 +144,8 @@ impl Generation {
             executable,
             notify: None,
             handover: None,
+            draining_since: None,
+            traceparent: None,
         }
     }
 
@@ -159,6 +166,8 @@ impl Generation {
             listeners: &self.listeners,
             notify_socket: self.notify.as_ref().map(|n| n.socket.path()),
             app: &self.config.app,
+            traceparent: self.traceparent.as_deref(),
+            config_hash: &self.config.hash,
         };
         let mut worker = worker::spawn(&spec, restarts, crashes)?;
         let pid = worker.pid;
@@ -202,6 +211,7 @@ impl Generation {
     /// Tells every worker to drain within `timeout`; no more respawns.
     pub fn drain(&mut self, phase: Phase, timeout: Duration) {
         self.phase = phase;
+        self.draining_since.get_or_insert_with(Instant::now);
         self.respawns.clear();
         self.handover = None;
         for worker in self.workers.values_mut() {
@@ -216,6 +226,7 @@ impl Generation {
             return self.drain(Phase::Draining, drain_timeout);
         }
         self.phase = Phase::Draining;
+        self.draining_since = Some(Instant::now());
         self.respawns.clear();
         self.handover = Some(Handover {
             sockets,

@@ -89,6 +89,8 @@ pub struct InPlace {
     /// Workers whose answer is awaited.
     waiting: BTreeSet<Pid>,
     deadline: Instant,
+    /// Who asked for it.
+    requested_by: Option<crate::audit::Requester>,
 }
 
 impl InPlace {
@@ -234,6 +236,7 @@ impl Master {
             stage: Stage::Preparing,
             waiting,
             deadline: Instant::now() + timeout,
+            requested_by: self.asked_by.clone(),
         };
         match failure {
             Some(reason) => self.abort_in_place(transaction, reason),
@@ -412,6 +415,7 @@ impl Master {
         self.record(
             transaction.generation,
             transaction.trigger,
+            transaction.requested_by,
             transaction.phases,
             None,
         );
@@ -438,6 +442,7 @@ impl Master {
         self.record(
             transaction.generation,
             transaction.trigger,
+            transaction.requested_by,
             transaction.phases,
             Some((Step::Prepare, reason)),
         );

@@ -4,9 +4,12 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod activation;
+pub mod admin;
+pub mod audit;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod control;
 pub mod exec;
 pub mod fds;
@@ -16,6 +19,7 @@ pub mod inplace;
 pub mod listener;
 pub mod logging;
 pub mod master;
+pub mod metrics;
 pub mod notify;
 pub mod orphans;
 pub mod output;
@@ -27,7 +31,9 @@ pub mod rollout;
 pub mod scale;
 pub mod sd_notify;
 pub mod signals;
+pub mod sockdiag;
 pub mod status;
 pub mod steering;
+pub mod traces;
 pub mod upgrade;
 pub mod worker;

@@ -18,6 +18,8 @@ pub struct LogHandle {
     filter: reload::Handle<EnvFilter, Registry>,
     format: LogFormat,
     file: Option<LogFile>,
+    /// The OTLP trace exporter, with `otlp_endpoint`.
+    traces: Option<crate::traces::Export>,
 }
 
 /// Where log lines go: stderr, or a file that can be reopened.
@@ -110,13 +112,25 @@ impl<'a> MakeWriter<'a> for Sink {
     }
 }
 
-/// Installs the global subscriber.
-pub fn init(filter: &str, format: LogFormat, file: Option<&Path>) -> anyhow::Result<LogHandle> {
+/// Installs the global subscriber; with `otlp_endpoint`, spans are also
+/// exported there (see [`crate::traces`]).
+pub fn init(
+    filter: &str,
+    format: LogFormat,
+    file: Option<&Path>,
+    otlp_endpoint: Option<&str>,
+) -> anyhow::Result<LogHandle> {
     let (filter_layer, handle) = reload::Layer::new(EnvFilter::try_new(filter)?);
     let file = file.map(LogFile::open).transpose()?;
     let sink = file.clone().map_or(Sink::Stderr, Sink::File);
     let ansi = file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let registry = tracing_subscriber::registry().with(filter_layer);
+    let (tracer, traces) = match otlp_endpoint.map(crate::traces::tracer).transpose()? {
+        Some((tracer, export)) => (Some(tracer), Some(export)),
+        None => (None, None),
+    };
+    let registry = tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t)));
     match format {
         LogFormat::Text => registry
             .with(
@@ -140,6 +154,7 @@ pub fn init(filter: &str, format: LogFormat, file: Option<&Path>) -> anyhow::Res
         filter: handle,
         format,
         file,
+        traces,
     })
 }
 
@@ -158,6 +173,13 @@ impl LogHandle {
     /// The log file, if logging to one.
     pub fn file(&self) -> Option<&Path> {
         self.file.as_ref().map(|f| f.path.as_path())
+    }
+
+    /// Sends the spans not exported yet and stops the exporter.
+    pub fn shutdown_traces(&self) {
+        if let Some(traces) = &self.traces {
+            traces.shutdown();
+        }
     }
 
     /// Reopens the log file at its path (after logrotate moved it away).

@@ -89,12 +89,21 @@ pub enum Event {
     },
     /// A reload's configuration, read off the event loop.
     ConfigLoaded(Box<Result<Config, String>>),
+    /// A request to the admin endpoint, and where its answer goes.
+    Admin {
+        /// What was asked.
+        endpoint: crate::admin::respond::Endpoint,
+        /// The answer channel.
+        reply: oneshot::Sender<crate::admin::respond::Answer>,
+    },
     /// A request from the control socket, and where its reply goes.
     Control {
         /// The request.
         request: Request,
         /// The reply channel.
         reply: oneshot::Sender<Reply>,
+        /// Who asked.
+        from: crate::audit::Requester,
     },
 }
 
@@ -154,6 +163,14 @@ pub struct Master {
     /// `baton reload --in-place` or `--new-generation`, for the reload it
     /// starts.
     pub(crate) pending_mode: crate::inplace::Mode,
+    /// The admin endpoint (`[supervisor] admin`).
+    pub(crate) admin: Option<crate::admin::AdminSocket>,
+    /// What `/metrics` shows.
+    pub(crate) metrics: crate::metrics::Metrics,
+    /// Who asked for what is being handled (a control request, a signal).
+    pub(crate) asked_by: Option<crate::audit::Requester>,
+    /// Who last asked for the coalesced follow-up reload.
+    pub(crate) queued_by: Option<crate::audit::Requester>,
 }
 
 /// A new master's link to the old one until the handover.
@@ -207,6 +224,7 @@ pub async fn run(
     // Signal handlers before the pid file: a SIGHUP sent as soon as the pid
     // file names this master must not kill it.
     let mut signals = Signals::new().context("installing signal handlers")?;
+    crate::audit::record_signal_senders().context("installing signal handlers")?;
     crate::orphans::become_subreaper();
     // The control socket comes first, so that a second master on the same
     // config stops here, before it touches anything. A new master started by
@@ -223,6 +241,16 @@ pub async fn run(
         (Some(control), pid_file)
     } else {
         (None, None)
+    };
+    // Inherited from the previous master at an upgrade, or bound now; a new
+    // master of a child-mode upgrade serves it once the old one hands over.
+    let admin = match (
+        crate::admin::AdminSocket::inherited(config.supervisor.admin.as_ref()),
+        &config.supervisor.admin,
+    ) {
+        (Some(admin), _) => Some(admin),
+        (None, Some(address)) => Some(crate::admin::AdminSocket::bind(address)?),
+        (None, None) => None,
     };
     let mut master = Master {
         config_path: config.path.clone(),
@@ -255,7 +283,14 @@ pub async fn run(
         pending_canary: None,
         in_place: None,
         pending_mode: Default::default(),
+        admin,
+        metrics: crate::metrics::Metrics::new(),
+        asked_by: None,
+        queued_by: None,
     };
+    if takeover.is_none() {
+        master.serve_admin();
+    }
     master.start_guardian();
     if let Some(takeover) = takeover {
         master.adopt(takeover);
@@ -290,6 +325,7 @@ pub async fn run(
                 master.stop(Stop::Fast);
                 master.wait_for_workers(&mut signals).await;
                 master.stop_orphans();
+                master.log.shutdown_traces();
                 anyhow::bail!("starting generation {generation} failed in phase {phase}: {reason}");
             }
         }
@@ -317,6 +353,7 @@ pub async fn run(
     }
     master.stop_orphans();
     tracing::info!("master exiting");
+    master.log.shutdown_traces();
     Ok(())
 }
 
@@ -449,7 +486,17 @@ impl Master {
         if signal == SignalEvent::Child {
             return self.reap();
         }
-        tracing::info!(?signal, "signal received");
+        let from = crate::audit::signal_requester(signal);
+        match &from {
+            Some(from) => tracing::info!(?signal, requested_by = %from, "signal received"),
+            None => tracing::info!(?signal, "signal received"),
+        }
+        self.asked_by = from;
+        self.on_signal_from(signal);
+        self.asked_by = None;
+    }
+
+    fn on_signal_from(&mut self, signal: SignalEvent) {
         match signal {
             SignalEvent::Reload => self.request_reload(Trigger::Signal, None),
             SignalEvent::GracefulStop => self.stop(Stop::Graceful),
@@ -467,7 +514,20 @@ impl Master {
     fn on_event(&mut self, event: Event) {
         let (pid, message) = match event {
             Event::Message { pid, message } => (pid, message),
-            Event::Control { request, reply } => return self.on_control(request, reply),
+            Event::Control {
+                request,
+                reply,
+                from,
+            } => {
+                if !matches!(request, Request::Status {}) {
+                    tracing::info!(?request, requested_by = %from, "control request");
+                }
+                self.asked_by = Some(from);
+                self.on_control(request, reply);
+                self.asked_by = None;
+                return;
+            }
+            Event::Admin { endpoint, reply } => return self.on_admin(endpoint, reply),
             Event::ConfigLoaded(loaded) => return self.on_config_loaded(*loaded),
             Event::Upgrade { message } => return self.on_upgrade_message(message),
             Event::OldMaster { message } => return self.on_old_master(message),
@@ -584,6 +644,13 @@ impl Master {
         };
         let number = generation.number;
         let draining = matches!(worker.state, State::Draining { .. } | State::Killed);
+        let reason = match (generation.phase, worker.state) {
+            (Phase::Starting, _) => "failed_start",
+            (_, State::Killed) => "killed",
+            (_, State::Draining { .. }) => "drained",
+            _ if success => "exited",
+            _ => "crashed",
+        };
         tracing::info!(
             generation = number,
             worker = worker.index,
@@ -592,6 +659,7 @@ impl Master {
             state = worker.state.name(),
             "worker exited"
         );
+        self.metrics.worker_exited(reason);
         let index = worker.index;
         if self
             .in_place
@@ -627,6 +695,7 @@ impl Master {
                     return self.reap_finished_generations();
                 }
                 let delay = generation.schedule_respawn(&worker);
+                self.metrics.worker_restarted(reason);
                 tracing::warn!(
                     generation = number,
                     worker = worker.index,
@@ -652,6 +721,9 @@ impl Master {
                 || (Some(number) == current && !stopping)
                 || Some(number) == reloading;
             if !keep {
+                if let (Some(since), Phase::Draining) = (g.draining_since, g.phase) {
+                    self.metrics.drained(since.elapsed());
+                }
                 tracing::info!(
                     generation = number,
                     phase = g.phase.name(),
@@ -714,7 +786,10 @@ impl Master {
         if self.stopping == Some(Stop::Fast) || self.stopping == Some(how) {
             return;
         }
-        tracing::info!(?how, "master stopping");
+        match &self.asked_by {
+            Some(by) => tracing::info!(?how, requested_by = %by, "master stopping"),
+            None => tracing::info!(?how, "master stopping"),
+        }
         // Only the master holding the control socket is systemd's main pid:
         // not an old one that handed over, nor a new one before the handover.
         if self.control.is_some() {
@@ -812,19 +887,27 @@ impl Master {
         self.upgrade_tick();
         let now = Instant::now();
         let stopping = self.stopping.is_some();
+        let mut connections = None;
         for generation in self.generations.values_mut() {
             generation.check_handover();
             for worker in generation.workers.values_mut() {
                 if let State::Draining { kill_at } = worker.state {
                     if kill_at <= now {
+                        // What it still had open says who kept it alive.
+                        let open = connections
+                            .get_or_insert_with(crate::connections::Connections::list)
+                            .of_worker(worker.pid.as_raw());
                         tracing::warn!(
                             generation = generation.number,
                             worker = worker.index,
                             pid = worker.pid.as_raw(),
+                            open_connections = open.len(),
+                            open = %crate::connections::describe(&open),
                             "worker still running at its drain deadline: killed"
                         );
                         worker.kill();
                         worker.state = State::Killed;
+                        self.metrics.killed_at_drain_deadline.inc();
                     }
                 }
             }

@@ -29,7 +29,12 @@ pub fn become_subreaper() {
 
 /// This process's children, as `/proc` lists them.
 pub fn children() -> Vec<Pid> {
-    let me = std::process::id().to_string();
+    processes_where(1, &std::process::id().to_string())
+}
+
+/// The processes whose `/proc/PID/stat` field `n` after `(comm)` (0: state,
+/// 1: ppid, 2: process group, ...) is `value`.
+pub fn processes_where(n: usize, value: &str) -> Vec<Pid> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -40,11 +45,10 @@ pub fn children() -> Vec<Pid> {
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
                 return false;
             };
-            // The fields after `(comm)`: state, ppid, ...
             let Some((_, rest)) = stat.rsplit_once(')') else {
                 return false;
             };
-            rest.split_whitespace().nth(1) == Some(me.as_str())
+            rest.split_whitespace().nth(n) == Some(value)
         })
         .map(Pid::from_raw)
         .collect()

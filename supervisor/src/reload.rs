@@ -2,6 +2,7 @@
 //! docs/architecture.md). Any failure before commit stops the new generation and leaves
 //! the current one serving untouched.
 
+use crate::audit::Requester;
 use crate::config::{Config, ListenerAddress, Protocol, ReadyMode};
 use crate::control::protocol::{PhaseTime, ReloadOutcome, Reply};
 use crate::generation::{Generation, Phase};
@@ -38,7 +39,14 @@ pub enum Step {
 
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.write_str(self.name())
+    }
+}
+
+impl Step {
+    /// Its name, as logs, status and traces show it.
+    pub fn name(&self) -> &'static str {
+        match self {
             Step::Validate => "validate",
             Step::Bind => "bind",
             Step::Spawn => "spawn",
@@ -46,8 +54,14 @@ impl fmt::Display for Step {
             Step::Prepare => "prepare",
             Step::Probation => "probation",
             Step::Commit => "commit",
-        })
+        }
     }
+}
+
+/// The child span of `reload` for phase `step` (named after the phase in
+/// exported traces).
+fn phase_span(reload: &Span, step: Step) -> Span {
+    tracing::info_span!(parent: reload, "phase", otel.name = step.name(), phase = step.name())
 }
 
 /// What started a transaction.
@@ -92,6 +106,8 @@ pub struct Outcome {
     pub finished: SystemTime,
     /// The config version it applied (when committed).
     pub version: Option<String>,
+    /// Who asked for it.
+    pub requested_by: Option<Requester>,
 }
 
 impl Outcome {
@@ -124,6 +140,7 @@ impl Outcome {
             .into(),
             version: self.version.clone(),
             pids,
+            requested_by: self.requested_by.clone(),
             finished_at: self
                 .finished
                 .duration_since(std::time::UNIX_EPOCH)
@@ -163,6 +180,8 @@ pub struct Validating {
     canary: Option<crate::config::Share>,
     /// `baton reload --in-place` or `--new-generation`.
     mode: crate::inplace::Mode,
+    /// Who asked for it.
+    requested_by: Option<Requester>,
 }
 
 /// A transaction waiting for its new workers to be ready.
@@ -171,6 +190,8 @@ pub struct Reload {
     trigger: Trigger,
     generation: u64,
     span: Span,
+    /// The child span of the phase under way (ready, probation, commit).
+    phase_span: Span,
     phases: Vec<(Step, Duration)>,
     phase_started: Instant,
     ready_deadline: Instant,
@@ -181,6 +202,10 @@ pub struct Reload {
     processes: u32,
     /// `baton reload --canary`.
     canary: Option<crate::config::Share>,
+    /// Who asked for it.
+    requested_by: Option<Requester>,
+    /// A new admin endpoint, when the reload changes `[supervisor] admin`.
+    admin: Option<Option<crate::admin::AdminSocket>>,
 }
 
 impl Reload {
@@ -204,6 +229,11 @@ impl Reload {
         self.trigger
     }
 
+    /// Who asked for it, taken out.
+    pub fn take_requested_by(&mut self) -> Option<Requester> {
+        self.requested_by.take()
+    }
+
     /// Its phases so far, taken out.
     pub fn take_phases(&mut self) -> Vec<(Step, Duration)> {
         std::mem::take(&mut self.phases)
@@ -223,7 +253,13 @@ impl Reload {
         }
     }
 
+    /// Opens the child span of phase `step`.
+    pub(crate) fn begin_phase(&mut self, step: Step) {
+        self.phase_span = phase_span(&self.span, step);
+    }
+
     pub(crate) fn end_phase(&mut self, step: Step) {
+        self.phase_span = Span::none();
         let now = Instant::now();
         self.phases.push((step, now - self.phase_started));
         self.phase_started = now;
@@ -255,6 +291,7 @@ impl Master {
         } else if self.transaction_running() || self.rollout.is_some() || self.in_place.is_some() {
             tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
             self.reload_queued = true;
+            self.queued_by = self.asked_by.clone();
             self.queued_waiters.extend(waiter);
         } else {
             self.reload_waiters.extend(waiter);
@@ -264,6 +301,7 @@ impl Master {
                 trigger,
                 canary: self.pending_canary.take(),
                 mode: std::mem::take(&mut self.pending_mode),
+                requested_by: self.asked_by.clone(),
             });
             // Reading the file may be slow (a network file system): off the
             // event loop, its result comes back as an event.
@@ -286,12 +324,14 @@ impl Master {
     /// goes on, unless the master started stopping meanwhile.
     pub fn on_config_loaded(&mut self, loaded: Result<Config, String>) {
         if let Some(validating) = self.validating.take() {
+            let outer = std::mem::replace(&mut self.asked_by, validating.requested_by);
             self.begin_reload(
                 validating.trigger,
                 loaded,
                 validating.canary,
                 validating.mode,
             );
+            self.asked_by = outer;
         }
     }
 
@@ -313,7 +353,7 @@ impl Master {
             Ok(config) if reloading && mode != crate::inplace::Mode::NewGeneration => {
                 match self.in_place_possible(&config) {
                     Ok(number) => {
-                        let span = tracing::info_span!("reload", generation = number, %trigger, kind = "in_place", config_hash = %config.hash, version = %config.app.version);
+                        let span = tracing::info_span!(parent: None, "reload", generation = number, %trigger, kind = "in_place", config_hash = %config.hash, version = %config.app.version);
                         span.in_scope(|| tracing::info!("reload started"));
                         crate::sd_notify::reloading(number);
                         return self.begin_in_place(
@@ -328,9 +368,11 @@ impl Master {
                         let generation = self.current.unwrap_or(0);
                         let phases = vec![(Step::Validate, started.elapsed())];
                         let reason = format!("cannot reload in place: {reason}");
+                        let by = self.asked_by.clone();
                         return self.record(
                             generation,
                             trigger,
+                            by,
                             phases,
                             Some((Step::Validate, reason)),
                         );
@@ -347,36 +389,51 @@ impl Master {
         };
         let generation = self.next_generation;
         self.next_generation += 1;
-        let span = tracing::info_span!("reload", generation, %trigger, config_hash = tracing::field::Empty);
+        // A root: a coalesced follow-up starts inside the previous reload.
+        let span = tracing::info_span!(parent: None, "reload", generation, %trigger, config_hash = tracing::field::Empty);
         let mut phases = Vec::new();
         let _enter = span.clone().entered();
-        tracing::info!("reload started");
+        let requested_by = self.asked_by.clone();
+        match &requested_by {
+            Some(by) => tracing::info!(requested_by = %by, "reload started"),
+            None => tracing::info!("reload started"),
+        }
         if trigger != Trigger::Start && trigger != Trigger::Upgrade {
             crate::sd_notify::reloading(generation);
         }
 
+        let validating = phase_span(&span, Step::Validate);
         let config = match loaded {
             Ok(config) => Rc::new(config),
             Err(reason) => {
                 phases.push((Step::Validate, started.elapsed()));
-                return self.record(generation, trigger, phases, Some((Step::Validate, reason)));
+                let failure = Some((Step::Validate, reason));
+                return self.record(generation, trigger, requested_by, phases, failure);
             }
         };
         span.record("config_hash", config.hash.as_str());
         let mut phase_started = Instant::now();
         phases.push((Step::Validate, phase_started - started));
+        drop(validating);
+        let binding = phase_span(&span, Step::Bind);
 
         let steered = config.worker.steers_generations() || canary.is_some();
-        let bound = self
-            .bind(&config)
-            .and_then(|listeners| Ok((self.sockets(&config, &listeners, steered)?, listeners)));
-        let (sockets, listeners) = match bound {
+        let bound = self.rebind_admin(&config).and_then(|admin| {
+            let listeners = self.bind(&config)?;
+            Ok((
+                self.sockets(&config, &listeners, steered)?,
+                listeners,
+                admin,
+            ))
+        });
+        let (sockets, listeners, admin) = match bound {
             Ok(bound) => bound,
             Err(e) => {
                 phases.push((Step::Bind, phase_started.elapsed()));
                 return self.record(
                     generation,
                     trigger,
+                    requested_by,
                     phases,
                     Some((Step::Bind, format!("{e:#}"))),
                 );
@@ -384,6 +441,8 @@ impl Master {
         };
         phases.push((Step::Bind, phase_started.elapsed()));
         phase_started = Instant::now();
+        drop(binding);
+        let spawning = phase_span(&span, Step::Spawn);
         // The new sockets are last on their ports now, and not steered to:
         // any unused socket can go without moving the one that is.
         self.tidy_listeners();
@@ -393,6 +452,8 @@ impl Master {
             _ => config.worker.processes,
         };
         let mut new = Generation::new(generation, config.clone(), sockets, processes);
+        // Its workers' startup joins the reload's trace under the spawn phase.
+        new.traceparent = crate::traces::traceparent(&spawning);
         let mut spawn_error = None;
         if config.worker.ready == ReadyMode::Notify {
             match self.notifier(generation, config.worker.credentials()) {
@@ -404,6 +465,7 @@ impl Master {
         let reload = Reload {
             trigger,
             generation,
+            phase_span: spawning,
             span: span.clone(),
             phases,
             phase_started,
@@ -413,6 +475,8 @@ impl Master {
             listeners,
             processes,
             canary,
+            admin,
+            requested_by: requested_by.clone(),
         };
         if let Some(reason) = spawn_error {
             return self.abort(reload, Step::Spawn, reason);
@@ -445,10 +509,27 @@ impl Master {
         }
         reload.spawning = None;
         reload.end_phase(Step::Spawn);
+        reload.begin_phase(Step::Ready);
         reload.ready_deadline = Instant::now() + reload.config.worker.ready_timeout.0;
         let generation = reload.generation;
         self.start_probing(generation);
         self.advance_reload();
+    }
+
+    /// The admin endpoint `config` asks for, when it differs from the one
+    /// served: bound now, served from the commit (`None`: keep it).
+    #[allow(clippy::type_complexity)]
+    fn rebind_admin(
+        &self,
+        config: &Config,
+    ) -> anyhow::Result<Option<Option<crate::admin::AdminSocket>>> {
+        let wanted = config.supervisor.admin.as_ref();
+        if wanted == self.admin.as_ref().map(|a| a.configured()) {
+            return Ok(None);
+        }
+        Ok(Some(
+            wanted.map(crate::admin::AdminSocket::bind).transpose()?,
+        ))
     }
 
     /// Keeps every listener whose name and address are unchanged (same fd:
@@ -604,6 +685,7 @@ impl Master {
     /// the replaced one drained, the master's settings switched.
     pub(crate) fn settle(&mut self, mut reload: Reload) {
         let _enter = reload.span.clone().entered();
+        reload.begin_phase(Step::Commit);
         self.probing = None;
         let config = reload.config.clone();
         if config.supervisor.log_filter != self.config.supervisor.log_filter {
@@ -615,6 +697,11 @@ impl Master {
             || config.supervisor.log_file.as_deref() != self.log.file()
         {
             tracing::warn!("log_format and log_file changes take effect when the master restarts");
+        }
+        if config.supervisor.otlp_endpoint != self.config.supervisor.otlp_endpoint {
+            tracing::warn!(
+                "otlp_endpoint changes take effect when the master restarts or upgrades"
+            );
         }
         if config.supervisor.control_socket != self.config.supervisor.control_socket
             || config.supervisor.pid_file != self.config.supervisor.pid_file
@@ -644,6 +731,10 @@ impl Master {
         }
         self.current = Some(reload.generation);
         self.listeners = std::mem::take(&mut reload.listeners);
+        if let Some(admin) = reload.admin.take() {
+            self.admin = admin;
+            self.serve_admin();
+        }
         if self
             .scale
             .is_some_and(|s| s.config_processes != config.worker.processes)
@@ -656,7 +747,8 @@ impl Master {
         }
         self.config = config;
         reload.end_phase(Step::Commit);
-        self.record(reload.generation, reload.trigger, reload.phases, None);
+        let by = reload.requested_by.take();
+        self.record(reload.generation, reload.trigger, by, reload.phases, None);
         self.limit_draining_generations();
         // A replaced generation may have had no live worker (all waiting
         // to be respawned): it is finished now.
@@ -716,6 +808,7 @@ impl Master {
         self.record(
             reload.generation,
             reload.trigger,
+            reload.requested_by,
             phases,
             Some((step, reason)),
         );
@@ -727,6 +820,7 @@ impl Master {
         &mut self,
         generation: u64,
         trigger: Trigger,
+        requested_by: Option<Requester>,
         phases: Vec<(Step, Duration)>,
         failure: Option<(Step, String)>,
     ) {
@@ -774,6 +868,7 @@ impl Master {
             phases,
             finished: SystemTime::now(),
             version,
+            requested_by,
         };
         let pids = self
             .generations
@@ -782,6 +877,16 @@ impl Master {
             .map(|g| g.workers.keys().map(|p| p.as_raw()).collect())
             .unwrap_or_default();
         let report = outcome.report(pids);
+        let committed = outcome.failure.is_none();
+        self.metrics.reload(
+            &report.trigger,
+            &report.kind,
+            if committed { "committed" } else { "failed" },
+            &outcome.phases,
+        );
+        if trigger == Trigger::Upgrade && committed {
+            self.metrics.upgrade("committed");
+        }
         for waiter in self.reload_waiters.drain(..) {
             let reply = match &outcome.failure {
                 None => Reply::ok(&report),
@@ -803,7 +908,9 @@ impl Master {
         if self.reload_queued && self.reload.is_none() && self.stopping.is_none() {
             self.reload_queued = false;
             self.reload_waiters = std::mem::take(&mut self.queued_waiters);
+            let outer = std::mem::replace(&mut self.asked_by, self.queued_by.take());
             self.request_reload(Trigger::Coalesced, None);
+            self.asked_by = outer;
         }
     }
 }

@@ -105,6 +105,8 @@ impl Master {
             canary = canary.map(|c| c.to_string()),
             "cut over: probation started, the replaced generation stays on standby"
         );
+        let mut reload = reload;
+        reload.begin_phase(crate::reload::Step::Probation);
         self.rollout = Some(Rollout {
             reload,
             standby,
@@ -185,9 +187,11 @@ impl Master {
             "rolled back after cutover"
         );
         let (trigger, phases) = (reload.trigger(), reload.take_phases());
+        let by = reload.take_requested_by();
         self.record(
             number,
             trigger,
+            by,
             phases,
             Some((
                 Step::Probation,

@@ -94,10 +94,12 @@ impl Master {
             processes: wanted,
             config_processes,
         });
+        let requested_by = self.asked_by.as_ref().map(ToString::to_string);
         tracing::info!(
             generation = number,
             from,
             processes = wanted,
+            requested_by,
             "generation scaled"
         );
         Ok(Scaled {

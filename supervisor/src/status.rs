@@ -5,12 +5,23 @@ use crate::control::protocol::{
     GenerationStatus, ListenerStatus, MasterStatus, Status, WorkerStatus,
 };
 use crate::master::Master;
+use crate::worker::State;
 use std::fmt::Write;
 use std::os::fd::AsRawFd;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
 
 impl Master {
     /// A snapshot of everything `baton status` shows.
     pub fn status(&self) -> Status {
+        let draining = |state: &State| matches!(state, State::Draining { .. } | State::Killed);
+        let any_draining = self
+            .generations
+            .values()
+            .flat_map(|g| g.workers.values())
+            .any(|w| draining(&w.state));
+        let connections = any_draining.then(crate::connections::Connections::list);
+        let now = (Instant::now(), SystemTime::now());
         let generations = self
             .generations
             .values()
@@ -35,6 +46,17 @@ impl Master {
                         connections: w.connections,
                         status: w.status.clone(),
                         config_version: w.app_version.clone(),
+                        drain_deadline: deadline(&w.state, now),
+                        kill_in_s: match w.state {
+                            State::Draining { kill_at } => {
+                                Some(kill_at.saturating_duration_since(now.0).as_secs_f64())
+                            }
+                            _ => None,
+                        },
+                        open_connections: connections
+                            .as_ref()
+                            .filter(|_| draining(&w.state))
+                            .map(|c| c.of_worker(w.pid.as_raw())),
                     })
                     .collect(),
             })
@@ -59,6 +81,7 @@ impl Master {
                     "running"
                 }
                 .into(),
+                admin: self.admin.as_ref().map(|a| a.address().to_string()),
             },
             listeners: self
                 .listeners
@@ -81,6 +104,15 @@ impl Master {
             rollout: self.rollout_status(),
         }
     }
+}
+
+/// A draining worker's kill time, in seconds since the epoch.
+fn deadline(state: &State, (instant, wall): (Instant, SystemTime)) -> Option<f64> {
+    let State::Draining { kill_at } = state else {
+        return None;
+    };
+    let at = wall + kill_at.saturating_duration_since(instant);
+    Some(at.duration_since(UNIX_EPOCH).ok()?.as_secs_f64())
 }
 
 /// Seconds as `3s`, `5m12s`, `2h03m`, `4d02h`.
@@ -131,6 +163,9 @@ pub fn render(status: &Status) -> String {
         m.config,
         m.config_hash
     );
+    if let Some(admin) = &m.admin {
+        let _ = writeln!(out, "admin    {admin}");
+    }
     if let Some(r) = &status.rollout {
         let share = r
             .canary_percent
@@ -164,9 +199,13 @@ pub fn render(status: &Status) -> String {
             (Some(phase), Some(reason)) => format!("failed in {phase}: {reason}"),
             _ => "committed".into(),
         };
+        let by = r
+            .requested_by
+            .as_ref()
+            .map_or(String::new(), |by| format!(", {by}"));
         let _ = writeln!(
             out,
-            "last     reload to generation {} ({}): {detail}",
+            "last     reload to generation {} ({}{by}): {detail}",
             r.generation, r.trigger
         );
     }
@@ -228,6 +267,43 @@ pub fn render(status: &Status) -> String {
         }
     }
     out.push_str(&table(&rows));
+    out.push_str(&drain_section(status));
+    out
+}
+
+/// Below the table: each draining worker's deadline and the connections
+/// it still holds (what keeps its generation alive).
+fn drain_section(status: &Status) -> String {
+    let mut out = String::new();
+    for g in &status.generations {
+        for w in &g.workers {
+            let Some(open) = &w.open_connections else {
+                continue;
+            };
+            let when = w
+                .kill_in_s
+                .map_or("killed".into(), |s| format!("killed in {}", age(s)));
+            let _ = writeln!(
+                out,
+                "\ndraining worker {} (generation {}, pid {}): {when}, {} open connection(s)",
+                w.index,
+                g.number,
+                w.pid,
+                open.len()
+            );
+            let mut rows = Vec::new();
+            for c in open {
+                rows.push(vec![
+                    String::new(),
+                    c.peer.clone(),
+                    c.state.clone(),
+                    format!("idle {}", c.idle_s.map_or("-".into(), age)),
+                    format!("queued in {} out {}", c.recv_queue, c.send_queue),
+                ]);
+            }
+            out.push_str(&table(&rows));
+        }
+    }
     out
 }
 

@@ -29,6 +29,7 @@ pub const INHERITED_ENV: &[&str] = &[
 pub const MASTER_ENV: &[&str] = &[
     "BATON_GENERATION",
     "BATON_WORKER",
+    "BATON_CONFIG_HASH",
     CONTROL_FD_ENV,
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -132,6 +133,10 @@ pub struct SpawnSpec<'a> {
     pub notify_socket: Option<&'a Path>,
     /// `[worker] app_config`, read, for an SDK worker.
     pub app: &'a crate::config::AppFiles,
+    /// The W3C `traceparent` of the reload that started the generation.
+    pub traceparent: Option<&'a str>,
+    /// The short hash of the generation's config file.
+    pub config_hash: &'a str,
 }
 
 /// Starts one worker in a new process group. An SDK worker gets the worker
@@ -156,9 +161,17 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
     env.extend(config.env.iter().map(|(k, v)| (k.into(), expand(v).into())));
     // The master sets these; the config cannot override them.
     env.retain(|(k, _)| !MASTER_ENV.iter().any(|m| k == m));
+    // A reload's trace context replaces one the config may set.
+    if spec.traceparent.is_some() {
+        env.retain(|(k, _)| k != "TRACEPARENT");
+    }
     let mut set = |key: &str, value: String| env.push((key.into(), value.into()));
     set("BATON_GENERATION", spec.generation.to_string());
     set("BATON_WORKER", spec.index.to_string());
+    set("BATON_CONFIG_HASH", spec.config_hash.to_string());
+    if let Some(traceparent) = spec.traceparent {
+        set("TRACEPARENT", traceparent.to_string());
+    }
     if let Some(path) = spec.notify_socket {
         set("NOTIFY_SOCKET", path.display().to_string());
     }

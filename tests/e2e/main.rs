@@ -2,12 +2,15 @@
 //! does, through the shared harness in `baton_tests::harness`.
 #![forbid(unsafe_code)]
 
+mod admin;
+mod audit;
 mod check;
 mod cli_edges;
 mod coalescing;
 mod config_reading;
 mod container_init;
 mod control;
+mod drain_visibility;
 mod draining;
 mod escaped_children;
 mod floods;
@@ -25,6 +28,7 @@ mod rollouts;
 mod sd_notify;
 mod socket_activation;
 mod start_race;
+mod traces;
 mod udp;
 mod upgrade;
 mod upgrade_in_place;

@@ -626,9 +626,23 @@ pub fn get(addr: SocketAddr) -> std::io::Result<(u16, Option<u64>, String)> {
 
 /// One HTTP/1.1 GET of `path` on a new connection, as [`get`].
 pub fn get_path(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Option<u64>, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let (status, head, body) = exchange(stream, path)?;
+    let generation = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("x-baton-generation")
+            .then(|| v.trim().parse().ok())?
+    });
+    Ok((status, generation, body))
+}
+
+/// `GET path` with `Connection: close` on `stream`, read to its end:
+/// `(status, head, body)`.
+pub fn exchange(
+    mut stream: impl std::io::Read + std::io::Write,
+    path: &str,
+) -> std::io::Result<(u16, String, String)> {
     let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes())?;
     let mut response = String::new();
@@ -641,12 +655,7 @@ pub fn get_path(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Option<u6
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    let generation = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("x-baton-generation")
-            .then(|| v.trim().parse().ok())?
-    });
-    Ok((status, generation, body.to_string()))
+    Ok((status, head.to_string(), body.to_string()))
 }
 
 /// Waits (bounded) until `path` holds a JSON document, and returns it: test

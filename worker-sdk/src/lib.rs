@@ -28,6 +28,7 @@
 
 pub mod app_config;
 pub mod channel;
+mod context;
 mod drain;
 #[cfg(feature = "http")]
 pub mod http;
@@ -39,6 +40,7 @@ mod reopen;
 mod worker;
 
 pub use app_config::{AppConfig, Files};
+pub use context::{config_hash, traceparent};
 pub use drain::Drain;
 pub use listener::{describe as describe_address, verify as verify_listener};
 pub use protocol::{DecodeError, ListenerInfo, ListenerKind};

@@ -11,6 +11,7 @@
 //! `cargo build --release -p baton-worker --example hello`.
 #![forbid(unsafe_code)]
 
+mod admin_idle;
 mod args;
 mod baton_log;
 mod chart;
@@ -151,7 +152,12 @@ fn main() -> ExitCode {
             .only
             .iter()
             .any(|o| rollouts::NAME.starts_with(o.as_str()));
-    if selected.is_empty() && !run_scale && !run_rollouts {
+    let admin_idle = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| ADMIN_IDLE.starts_with(o.as_str()));
+    if selected.is_empty() && !run_scale && !run_rollouts && !admin_idle {
         eprintln!(
             "reload bench: --only {} matches no scenario; scenarios: {}",
             options.only.join(","),
@@ -171,7 +177,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let header = header::header(&options);
+    let mut header = header::header(&options);
     let runs = run_all(&selected, &bins, &options);
     let scaled = if run_scale {
         scale::run(&bins, &INTERRUPTED)
@@ -183,6 +189,20 @@ fn main() -> ExitCode {
     } else {
         Vec::new()
     };
+    let idle = if admin_idle && !INTERRUPTED.load(Ordering::Relaxed) {
+        eprint!("reload bench: admin endpoint, idle ... ");
+        let idle = admin_idle::measure(&bins, &INTERRUPTED);
+        match &idle {
+            Ok(idle) => eprintln!("{} masters measured", idle.len()),
+            Err(e) => eprintln!("{e}"),
+        }
+        idle.ok()
+    } else {
+        None
+    };
+    if let Some(idle) = &idle {
+        header["admin_idle"] = admin_idle::json(idle);
+    }
     let title = format!(
         "baton reload benchmark, {} ({}) — {} CPUs, {} s per run, reload every {} ms, {} connections",
         header["date"].as_str().unwrap_or(""),
@@ -195,6 +215,12 @@ fn main() -> ExitCode {
     println!("\n## Reload benchmark\n\n{title}\n");
     if !runs.is_empty() {
         println!("{}", summary::markdown(&runs));
+    }
+    if let Some(idle) = &idle {
+        println!(
+            "\n### Admin endpoint, idle\n\n{}",
+            admin_idle::markdown(idle)
+        );
     }
     if !scaled.is_empty() {
         println!("{}", scale::markdown(&scaled));
@@ -235,11 +261,14 @@ fn selected(only: &[String]) -> Vec<&'static Scenario> {
         .collect()
 }
 
+/// Not a load scenario: the admin endpoint's idle cost (see [`admin_idle`]).
+const ADMIN_IDLE: &str = "admin-idle";
+
 fn scenario_names() -> String {
     SCENARIOS
         .iter()
         .map(|s| s.name)
-        .chain([scale::NAME, rollouts::NAME])
+        .chain([scale::NAME, rollouts::NAME, ADMIN_IDLE])
         .collect::<Vec<_>>()
         .join(", ")
 }

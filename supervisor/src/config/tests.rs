@@ -3,6 +3,7 @@ use super::*;
 const GOOD: &str = r#"
 [supervisor]
 pid_file = "run/baton.pid"
+admin = "unix:run/admin.sock"
 log_filter = "debug"
 
 [[listener]]
@@ -54,6 +55,10 @@ fn good_config_resolves_paths_against_its_directory() {
         c.listeners[2].address,
         ListenerAddress::Unix("/etc/app/app.sock".into())
     );
+    assert_eq!(
+        c.supervisor.admin,
+        Some(ListenerAddress::Unix("/etc/app/run/admin.sock".into()))
+    );
     assert_eq!(c.worker.ready_timeout, Dur(Duration::from_millis(1500)));
     assert_eq!(c.worker.drain_timeout, Dur(Duration::from_secs(120)));
     assert_eq!(c.worker.stop_signal.0, nix::sys::signal::Signal::SIGQUIT);
@@ -96,6 +101,9 @@ fn bad_values_name_their_location() {
         ("[[listener]]\nname = \"a b\"\naddress = \"127.0.0.1:1\"\n[worker]\ncommand = [\"x\"]\n", ":2:8: ", "invalid listener name"),
         ("[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nbacklog = 0\n[worker]\ncommand = [\"x\"]\n", ":4:11: ", "backlog"),
         ("[supervisor]\n[listener]\n", ":2:1: ", "expected a sequence"),
+        ("[supervisor]\nadmin = \"udp:127.0.0.1:9\"\n[worker]\ncommand = [\"x\"]\n", ":2:9: ", "the admin endpoint speaks HTTP"),
+        ("[supervisor]\nadmin = \"9090\"\n[worker]\ncommand = [\"x\"]\n", ":2:9: ", "admin: invalid address"),
+        ("[supervisor]\notlp_endpoint = \"https://c:4318\"\n[worker]\ncommand = [\"x\"]\n", ":2:17: ", "expected http://HOST:PORT"),
         ("", ":", "missing field `worker`"),
     ];
     for (text, location, message) in cases {

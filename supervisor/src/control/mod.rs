@@ -183,7 +183,13 @@ async fn connection(mut stream: UnixStream, events: mpsc::UnboundedSender<Event>
             }
             Ok(request) => {
                 let (tx, rx) = oneshot::channel();
-                if events.send(Event::Control { request, reply: tx }).is_err() {
+                let from = crate::audit::Requester::control(peer.pid(), peer.uid());
+                let event = Event::Control {
+                    request,
+                    reply: tx,
+                    from,
+                };
+                if events.send(event).is_err() {
                     return;
                 }
                 match rx.await {

@@ -191,6 +191,9 @@ pub struct ReloadOutcome {
     pub pids: Vec<i32>,
     /// When it ended, in seconds since the Unix epoch.
     pub finished_at: f64,
+    /// Who asked for it: the control socket's peer or a signal's sender.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<crate::audit::Requester>,
 }
 
 fn new_generation() -> String {
@@ -262,6 +265,9 @@ pub struct MasterStatus {
     pub current_generation: Option<u64>,
     /// `running`, `stopping`.
     pub state: String,
+    /// The admin endpoint's bound address, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
 }
 
 /// A listener.
@@ -328,6 +334,33 @@ pub struct WorkerStatus {
     /// The config version its reload handle runs, once it registered one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_version: Option<String>,
+    /// A draining worker: when it is killed, in seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline: Option<f64>,
+    /// A draining worker: seconds until it is killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_in_s: Option<f64>,
+    /// A draining (or killed) worker: the TCP connections it and its
+    /// process group still hold open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_connections: Option<Vec<ConnectionStatus>>,
+}
+
+/// An open TCP connection of a draining worker, as `sock_diag` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    /// The worker's end.
+    pub local: String,
+    /// The client.
+    pub peer: String,
+    /// TCP state (`ESTAB`, `CLOSE-WAIT`, ...).
+    pub state: String,
+    /// Seconds since data last went either way.
+    pub idle_s: Option<f64>,
+    /// Bytes received and not yet read by the worker.
+    pub recv_queue: u32,
+    /// Bytes sent and not yet acknowledged by the peer.
+    pub send_queue: u32,
 }
 
 #[cfg(test)]

@@ -99,17 +99,23 @@ impl Master {
         file.rewind()?;
         inherit.push(file.as_raw_fd());
         inherit.push(binary.as_raw_fd());
-        for fd in &inherit {
-            set_cloexec(*fd, false)?;
-        }
-        let error = std::process::Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()))
+        let mut command =
+            std::process::Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()));
+        command
             .arg0(&self.program.argv0)
             .arg("run")
             .arg("-c")
             .arg(&self.config_path)
             .env(STATE_FD_ENV, file.as_raw_fd().to_string())
-            .env(BINARY_FD_ENV, binary.as_raw_fd().to_string())
-            .exec();
+            .env(BINARY_FD_ENV, binary.as_raw_fd().to_string());
+        inherit.extend(self.hand_admin_to(&mut command));
+        for fd in &inherit {
+            set_cloexec(*fd, false)?;
+        }
+        // The new image starts an exporter of its own; what this one
+        // batched goes first.
+        self.log.shutdown_traces();
+        let error = command.exec();
         // Still here: the exec failed. Make every fd private again.
         for fd in &inherit {
             let _ = set_cloexec(*fd, true);

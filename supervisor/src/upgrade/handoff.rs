@@ -432,6 +432,8 @@ impl Master {
         {
             listener.own_path();
         }
+        // The admin endpoint's queue waited for this moment.
+        self.serve_admin();
         let supervisor = &self.config.supervisor;
         match ControlSocket::bind(&supervisor.control_socket) {
             Ok(mut control) => match control.serve(self.events.clone()) {

@@ -141,7 +141,10 @@ impl Master {
         let in_place = exec::in_place(&self.config);
         let span = tracing::info_span!("upgrade", binary = %self.program.path.display(), in_place);
         let _enter = span.enter();
-        tracing::info!("upgrade started");
+        match &self.asked_by {
+            Some(by) => tracing::info!(requested_by = %by, "upgrade started"),
+            None => tracing::info!("upgrade started"),
+        }
         let started = if in_place {
             self.start_check()
         } else {
@@ -152,6 +155,7 @@ impl Master {
             Err((phase, e)) => {
                 let reason = format!("{e:#}");
                 tracing::error!(phase, %reason, "upgrade failed; this master keeps serving");
+                self.metrics.upgrade("failed");
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(Reply::error(format!(
                         "upgrade failed in phase {phase}: {reason}"
@@ -196,7 +200,9 @@ impl Master {
             .env(handoff::BINARY_FD_ENV, binary.as_raw_fd().to_string())
             // Its own group: an abort stops whatever it started too.
             .process_group(0);
-        inherit_in_child(&mut command, [binary.as_raw_fd(), theirs.as_raw_fd()]);
+        let mut inherited = vec![binary.as_raw_fd(), theirs.as_raw_fd()];
+        inherited.extend(self.hand_admin_to(&mut command));
+        inherit_in_child(&mut command, inherited);
         let child = command
             .spawn()
             .with_context(|| format!("starting {}", self.program.path.display()))
@@ -242,7 +248,7 @@ impl Master {
             .stdout(stdout)
             .stderr(write)
             .process_group(0);
-        inherit_in_child(&mut command, [binary.as_raw_fd()]);
+        inherit_in_child(&mut command, vec![binary.as_raw_fd()]);
         let child = command
             .spawn()
             .with_context(|| format!("starting {} check", self.program.path.display()))
@@ -253,6 +259,22 @@ impl Master {
         drop(child);
         let output = std::fs::File::from(read);
         Ok((pid, Kind::InPlace { binary, output }))
+    }
+
+    /// Names the admin socket (if any) in `command`'s environment; returns
+    /// its fd, to be inherited. Without one, a stale name is removed.
+    pub(crate) fn hand_admin_to(&self, command: &mut std::process::Command) -> Option<i32> {
+        match &self.admin {
+            Some(admin) => {
+                let fd = admin.fd().as_raw_fd();
+                command.env(crate::admin::ADMIN_FD_ENV, fd.to_string());
+                Some(fd)
+            }
+            None => {
+                command.env_remove(crate::admin::ADMIN_FD_ENV);
+                None
+            }
+        }
     }
 
     /// A message from the new master.
@@ -287,6 +309,9 @@ impl Master {
         // Release the control socket first: the new master binds it when it
         // hears the handover. Unix socket files stay for it.
         self.control = None;
+        if let Some(admin) = &mut self.admin {
+            admin.hand_over();
+        }
         for listener in self
             .listeners
             .iter()
@@ -341,6 +366,7 @@ impl Master {
             return;
         }
         tracing::error!(phase, %reason, child = upgrade.child.as_raw(), "upgrade failed; this master keeps serving");
+        self.metrics.upgrade("failed");
         let _ = killpg(upgrade.child, Signal::SIGTERM);
         // The new master may have steered new connections to its sockets.
         if let Some(current) = self.current.and_then(|c| self.generations.get(&c)) {
@@ -401,10 +427,15 @@ impl Master {
             for waiter in upgrade.waiters.drain(..) {
                 let _ = waiter.send(Reply::ok(reply.clone()));
             }
-            // Let the control connections write those replies first.
+            // Let the control connections write those replies first, and
+            // the admin endpoint's connections finish: new ones wait in its
+            // queue for the new image.
             upgrade.phase = Phase::Exec {
                 at: Instant::now() + Duration::from_millis(100),
             };
+            if let Some(admin) = &mut self.admin {
+                admin.stop_serving();
+            }
             return true;
         }
         // Its last words may still be queued behind the exit.
@@ -445,6 +476,8 @@ impl Master {
                         .exec_in_place(binary)
                         .expect_err("exec returns only on failure");
                     tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
+                    self.metrics.upgrade("failed");
+                    self.serve_admin();
                     self.start_guardian();
                     self.guard_every_worker();
                 }
@@ -477,12 +510,12 @@ impl Master {
 }
 
 /// Makes `fds` inheritable in the child only, between fork and exec.
-fn inherit_in_child<const N: usize>(command: &mut std::process::Command, fds: [i32; N]) {
+fn inherit_in_child(command: &mut std::process::Command, fds: Vec<i32>) {
     // SAFETY: runs between fork and exec and only calls fcntl, which is
-    // async-signal-safe; it allocates nothing.
+    // async-signal-safe; it allocates nothing (`fds` was built before).
     unsafe {
         command.pre_exec(move || {
-            for fd in fds {
+            for &fd in &fds {
                 // The binary's fd stays open so that a script's interpreter
                 // can read /proc/self/fd/N.
                 if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {

@@ -1,0 +1,243 @@
+//! The master's answers to the admin endpoint, computed in its loop from
+//! its own state at the moment of the request.
+
+use crate::generation::Phase;
+use crate::master::Master;
+use crate::metrics::{ConfigLabels, GenerationLabel, Metrics, SocketLabels, WorkerLabels};
+use crate::worker::State;
+use std::os::fd::AsFd;
+use tokio::sync::oneshot;
+
+/// What was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/metrics`, in OpenMetrics or else the classic text format.
+    Metrics {
+        /// The scraper accepts OpenMetrics.
+        openmetrics: bool,
+    },
+    /// `/healthz`.
+    Healthz,
+    /// `/readyz`.
+    Readyz,
+    /// `/status`.
+    Status,
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// HTTP status code.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: String,
+}
+
+impl Answer {
+    /// A plain-text answer.
+    pub fn text(status: u16, body: String) -> Answer {
+        Answer {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body,
+        }
+    }
+}
+
+impl Master {
+    /// Starts answering on the admin endpoint, if there is one.
+    pub(crate) fn serve_admin(&mut self) {
+        let events = self.events.clone();
+        if let Some(admin) = &mut self.admin {
+            if let Err(e) = admin.serve(events) {
+                tracing::error!(error = %format!("{e:#}"), "cannot serve the admin endpoint");
+            }
+        }
+    }
+
+    /// Answers an admin request.
+    pub(crate) fn on_admin(&mut self, endpoint: Endpoint, reply: oneshot::Sender<Answer>) {
+        let answer = match endpoint {
+            Endpoint::Healthz => Answer::text(200, "ok\n".into()),
+            Endpoint::Readyz => match self.not_ready() {
+                None => Answer::text(200, "ready\n".into()),
+                Some(reason) => Answer::text(503, format!("not ready: {reason}\n")),
+            },
+            Endpoint::Status => Answer {
+                status: 200,
+                content_type: "application/json",
+                body: serde_json::to_string_pretty(&self.status()).expect("status serializes")
+                    + "\n",
+            },
+            Endpoint::Metrics { openmetrics } => {
+                self.refresh_metrics();
+                Answer {
+                    status: 200,
+                    content_type: if openmetrics {
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+                    } else {
+                        "text/plain; version=0.0.4; charset=utf-8"
+                    },
+                    body: self.metrics.encode(openmetrics),
+                }
+            }
+        };
+        let _ = reply.send(answer);
+    }
+
+    /// Why this master should get no traffic, if so: stopping, no current
+    /// generation, or one whose workers are not all ready.
+    fn not_ready(&self) -> Option<String> {
+        // A request that reached this master just before it handed over to
+        // a new one, which serves now.
+        if self.successor.is_some() {
+            return None;
+        }
+        if self.stopping.is_some() {
+            return Some("the master is stopping".into());
+        }
+        let Some(current) = self.current.and_then(|c| self.generations.get(&c)) else {
+            return Some("no generation serves yet".into());
+        };
+        if !current.all_ready() {
+            let ready = current
+                .workers
+                .values()
+                .filter(|w| w.state == State::Ready)
+                .count();
+            return Some(format!(
+                "generation {}: {ready} of {} workers ready",
+                current.number, current.processes
+            ));
+        }
+        None
+    }
+
+    /// Sets the gauges from the master's state and the kernel's.
+    fn refresh_metrics(&self) {
+        let m = &self.metrics;
+        m.generation.set(self.current.unwrap_or(0) as i64);
+        m.config.clear();
+        if let Some(current) = self.current.and_then(|c| self.generations.get(&c)) {
+            m.config
+                .get_or_create(&ConfigLabels {
+                    generation: current.number.to_string(),
+                    config_hash: current.config.hash.clone(),
+                    config: self.config_path.display().to_string(),
+                })
+                .set(1);
+        }
+        m.workers.clear();
+        m.connections.clear();
+        for g in self.generations.values() {
+            let generation = g.number.to_string();
+            for w in g.workers.values() {
+                m.workers
+                    .get_or_create(&WorkerLabels {
+                        generation: generation.clone(),
+                        state: w.state.name().into(),
+                    })
+                    .inc();
+            }
+            let reported: Vec<u64> = g.workers.values().filter_map(|w| w.connections).collect();
+            if !reported.is_empty() {
+                m.connections
+                    .get_or_create(&GenerationLabel {
+                        generation: generation.clone(),
+                    })
+                    .set(reported.iter().sum::<u64>() as i64);
+            }
+        }
+        let draining = self
+            .generations
+            .values()
+            .filter(|g| g.phase == Phase::Draining && !g.workers.is_empty())
+            .count();
+        m.draining_generations.set(draining as i64);
+        m.reload_in_progress.set(i64::from(self.reload.is_some()));
+        m.stopping.set(i64::from(self.stopping.is_some()));
+        if let Some(last) = &self.last_reload {
+            m.last_reload_success.set(i64::from(last.failure.is_none()));
+            let at = last
+                .finished
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            m.last_reload_timestamp.set(at);
+        }
+        self.refresh_listener_queues();
+        if let Some((overflows, drops)) = host_listen_counters() {
+            Metrics::follow(&m.listen_overflows, overflows);
+            Metrics::follow(&m.listen_drops, drops);
+        }
+    }
+
+    /// Each listening socket's accept queue and backlog, as `sock_diag`
+    /// reports them: the listeners' own sockets (TCP and Unix) and the
+    /// generations' own TCP sockets on their ports.
+    fn refresh_listener_queues(&self) {
+        let m = &self.metrics;
+        m.accept_queue.clear();
+        m.backlog.clear();
+        let tcp = crate::sockdiag::listeners();
+        let unix = crate::sockdiag::unix_listeners();
+        let kernel: Vec<(u64, u32, u32)> = match (tcp, unix) {
+            (Ok(tcp), Ok(unix)) => tcp
+                .into_iter()
+                .map(|s| (s.inode, s.rqueue, s.wqueue))
+                .chain(unix.into_iter().map(|s| (s.inode, s.queue, s.backlog)))
+                .collect(),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!(error = %e, "sock_diag dump of listeners failed");
+                return;
+            }
+        };
+        let shared = self.listeners.iter().map(|l| (l, String::new()));
+        let own = self.generations.values().flat_map(|g| {
+            g.listeners
+                .iter()
+                .filter(|l| l.primary().is_some())
+                .map(|l| (l, g.number.to_string()))
+        });
+        for (socket, generation) in shared.chain(own) {
+            let Ok(inode) = crate::steering::inode(socket.fd().as_fd()) else {
+                continue;
+            };
+            let Some(&(_, queue, backlog)) = kernel.iter().find(|k| k.0 == inode) else {
+                continue;
+            };
+            let labels = SocketLabels {
+                listener: socket.info.name.clone(),
+                address: socket.info.address.clone(),
+                generation,
+            };
+            m.accept_queue.get_or_create(&labels).set(i64::from(queue));
+            m.backlog.get_or_create(&labels).set(i64::from(backlog));
+        }
+    }
+}
+
+/// The host's `TcpExt: ListenOverflows ListenDrops` from `/proc/net/netstat`.
+fn host_listen_counters() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines();
+    while let Some(names) = lines.next() {
+        let values = lines.next()?;
+        if !names.starts_with("TcpExt:") {
+            continue;
+        }
+        let pairs: Vec<(&str, &str)> = names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .collect();
+        let get = |name: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, v)| v.parse().ok())
+        };
+        return Some((get("ListenOverflows")?, get("ListenDrops")?));
+    }
+    None
+}

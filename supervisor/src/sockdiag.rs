@@ -1,0 +1,330 @@
+//! The kernel's `sock_diag` (inet_diag) view of TCP sockets: listening
+//! sockets' accept queues for `/metrics`, and the connections a draining
+//! worker still holds for `baton status` — found by socket inode, so that
+//! it works for any server, SDK or not.
+
+use nix::sys::socket::{
+    recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType,
+};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+/// `INET_DIAG_INFO`: a `struct tcp_info` after the message.
+const INET_DIAG_INFO: u16 = 2;
+
+/// TCP state numbers (`include/net/tcp_states.h`).
+pub const TCP_LISTEN: u8 = 10;
+const TCP_TIME_WAIT: u8 = 6;
+
+/// One TCP socket as the kernel lists it.
+#[derive(Debug, Clone)]
+pub struct TcpSocket {
+    /// `TCP_ESTABLISHED` (1) ... `TCP_CLOSING` (11).
+    pub state: u8,
+    /// Local address.
+    pub local: SocketAddr,
+    /// Peer address (unspecified for a listener).
+    pub peer: SocketAddr,
+    /// A listener: its accept queue. A connection: bytes received, unread.
+    pub rqueue: u32,
+    /// A listener: its backlog. A connection: bytes not yet acknowledged.
+    pub wqueue: u32,
+    /// The socket's inode, as `/proc/PID/fd` links name it.
+    pub inode: u64,
+    /// Milliseconds since data was last sent and received, when asked for.
+    pub idle_ms: Option<u32>,
+}
+
+/// A TCP state's name, as `ss` prints it.
+pub fn state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTAB",
+        2 => "SYN-SENT",
+        3 => "SYN-RECV",
+        4 => "FIN-WAIT-1",
+        5 => "FIN-WAIT-2",
+        6 => "TIME-WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE-WAIT",
+        9 => "LAST-ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Listening TCP sockets of both families.
+pub fn listeners() -> io::Result<Vec<TcpSocket>> {
+    dump_both(1 << TCP_LISTEN, false)
+}
+
+/// The TCP sockets listening on exactly `address`.
+pub fn listening_on(address: SocketAddr) -> io::Result<Vec<TcpSocket>> {
+    let family = match address {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    let mut sockets = dump(family as u8, 1 << TCP_LISTEN, false)?;
+    sockets.retain(|s| s.local.ip() == address.ip() && s.local.port() == address.port());
+    Ok(sockets)
+}
+
+/// TCP connections of both families (every state but listening and
+/// time-wait, which belong to no process), with their idle times.
+pub fn connections() -> io::Result<Vec<TcpSocket>> {
+    let all: u32 = (1 << 12) - 2;
+    dump_both(all & !(1 << TCP_LISTEN) & !(1 << TCP_TIME_WAIT), true)
+}
+
+fn dump_both(states: u32, info: bool) -> io::Result<Vec<TcpSocket>> {
+    let mut sockets = dump(libc::AF_INET as u8, states, info)?;
+    sockets.extend(dump(libc::AF_INET6 as u8, states, info)?);
+    Ok(sockets)
+}
+
+fn dump(family: u8, states: u32, info: bool) -> io::Result<Vec<TcpSocket>> {
+    // inet_diag_req_v2 (56 bytes): family, protocol, the extensions wanted
+    // (a bit per attribute, less one), pad, the states bitmask, and an
+    // unused socket id.
+    let ext = if info { 1u8 << (INET_DIAG_INFO - 1) } else { 0 };
+    let mut request = vec![family, libc::IPPROTO_TCP as u8, ext, 0];
+    request.extend_from_slice(&states.to_ne_bytes());
+    request.resize(56, 0);
+    let mut sockets = Vec::new();
+    dump_raw(&request, |message| sockets.extend(parse(message)))?;
+    Ok(sockets)
+}
+
+/// Sends one `SOCK_DIAG_BY_FAMILY` dump request with `request` after the
+/// netlink header, and hands each answer's payload to `each`.
+fn dump_raw(request: &[u8], mut each: impl FnMut(&[u8])) -> io::Result<()> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    // nlmsghdr (16 bytes): length, type, flags, sequence, port.
+    let length = 16 + request.len();
+    let mut message = Vec::with_capacity(length);
+    message.extend_from_slice(&(length as u32).to_ne_bytes());
+    message.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    message.extend_from_slice(&flags.to_ne_bytes());
+    message.extend_from_slice(&1u32.to_ne_bytes());
+    message.extend_from_slice(&0u32.to_ne_bytes());
+    message.extend_from_slice(request);
+    send(fd.as_raw_fd(), &message, MsgFlags::empty())?;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = recv(fd.as_raw_fd(), &mut buffer, MsgFlags::empty())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut data = &buffer[..n];
+        while data.len() >= 16 {
+            let len = (u32_at(data, 0) as usize).min(data.len());
+            if len < 16 {
+                break;
+            }
+            match u16::from_ne_bytes([data[4], data[5]]) {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = data.get(16..20).map_or(0, |_| u32_at(data, 16) as i32);
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ => each(&data[16..len]),
+            }
+            data = data.get((len + 3) & !3..).unwrap_or_default();
+        }
+    }
+}
+
+/// Each netlink attribute (`rtattr`: length, type, payload) in `data`.
+fn attributes(mut data: &[u8], mut each: impl FnMut(u16, &[u8])) {
+    while data.len() >= 4 {
+        let len = u16::from_ne_bytes([data[0], data[1]]) as usize;
+        let kind = u16::from_ne_bytes([data[2], data[3]]);
+        if len < 4 || len > data.len() {
+            return;
+        }
+        each(kind, &data[4..len]);
+        data = data.get((len + 3) & !3..).unwrap_or_default();
+    }
+}
+
+/// A listening Unix stream socket: its inode, accept queue and backlog.
+#[derive(Debug, Clone, Copy)]
+pub struct UnixListening {
+    /// The socket's inode.
+    pub inode: u64,
+    /// Connections waiting to be accepted.
+    pub queue: u32,
+    /// Its backlog.
+    pub backlog: u32,
+}
+
+/// Listening Unix stream sockets, with their queues (`UNIX_DIAG_RQLEN`).
+pub fn unix_listeners() -> io::Result<Vec<UnixListening>> {
+    const UDIAG_SHOW_RQLEN: u32 = 0x10;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+    // unix_diag_req (24 bytes): family, protocol, pad, the states bitmask,
+    // an inode, what to show, a cookie (inode and cookie: any).
+    let mut request = vec![libc::AF_UNIX as u8, 0, 0, 0];
+    request.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    request.extend_from_slice(&0u32.to_ne_bytes());
+    request.extend_from_slice(&UDIAG_SHOW_RQLEN.to_ne_bytes());
+    request.resize(24, 0xff);
+    let mut sockets = Vec::new();
+    dump_raw(&request, |message| {
+        // unix_diag_msg (16 bytes): family, type, state, pad, inode,
+        // cookie[2]; then attributes.
+        if message.len() < 16 || message[1] != libc::SOCK_STREAM as u8 {
+            return;
+        }
+        let inode = u64::from(u32_at(message, 4));
+        attributes(&message[16..], |kind, payload| {
+            if kind == UNIX_DIAG_RQLEN && payload.len() >= 8 {
+                sockets.push(UnixListening {
+                    inode,
+                    queue: u32_at(payload, 0),
+                    backlog: u32_at(payload, 4),
+                });
+            }
+        });
+    })?;
+    Ok(sockets)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(b[at..at + 4].try_into().expect("four bytes"))
+}
+
+/// An `inet_diag_msg` (72 bytes: family, state, timer, retrans, the socket
+/// id — sport, dport, src[16], dst[16], if, cookie — expires, rqueue,
+/// wqueue, uid, inode) and its attributes.
+fn parse(message: &[u8]) -> Option<TcpSocket> {
+    if message.len() < 72 {
+        return None;
+    }
+    let address = |at: usize, port: [u8; 2]| {
+        let port = u16::from_be_bytes(port);
+        let ip = if message[0] == libc::AF_INET as u8 {
+            IpAddr::V4(Ipv4Addr::new(
+                message[at],
+                message[at + 1],
+                message[at + 2],
+                message[at + 3],
+            ))
+        } else {
+            let octets: [u8; 16] = message[at..at + 16].try_into().expect("16 bytes");
+            IpAddr::V6(Ipv6Addr::from(octets))
+        };
+        SocketAddr::new(ip, port)
+    };
+    let mut socket = TcpSocket {
+        state: message[1],
+        local: address(8, [message[4], message[5]]),
+        peer: address(24, [message[6], message[7]]),
+        rqueue: u32_at(message, 56),
+        wqueue: u32_at(message, 60),
+        inode: u64::from(u32_at(message, 68)),
+        idle_ms: None,
+    };
+    // struct tcp_info: tcpi_last_data_sent at 44, tcpi_last_data_recv at 52
+    // (milliseconds ago).
+    attributes(&message[72..], |kind, payload| {
+        if kind == INET_DIAG_INFO && payload.len() >= 56 {
+            socket.idle_ms = Some(u32_at(payload, 44).min(u32_at(payload, 52)));
+        }
+    });
+    Some(socket)
+}
+
+/// The socket inodes open in process `pid` (`/proc/PID/fd`); empty when it
+/// is gone or not ours to read.
+pub fn socket_inodes(pid: i32) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let target = std::fs::read_link(entry.path()).ok()?;
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The processes of process group `pgid` (a worker and what it started),
+/// from `/proc`.
+pub fn process_group(pgid: i32) -> Vec<i32> {
+    crate::orphans::processes_where(2, &pgid.to_string())
+        .into_iter()
+        .map(|p| p.as_raw())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_connection_is_found_by_inode_with_its_peer_and_queue() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut client = std::net::TcpStream::connect(address).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client.write_all(b"unread").unwrap();
+        let inode = crate::steering::inode(std::os::fd::AsFd::as_fd(&server)).unwrap();
+        assert!(socket_inodes(std::process::id() as i32).contains(&inode));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let found = loop {
+            let all = connections().unwrap();
+            let found = all.into_iter().find(|s| s.inode == inode).unwrap();
+            if found.rqueue == 6 || std::time::Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(found.peer, client.local_addr().unwrap());
+        assert_eq!(found.local, address);
+        assert_eq!(state_name(found.state), "ESTAB");
+        assert_eq!(found.rqueue, 6);
+        assert!(found.idle_ms.is_some());
+        let listening = listeners().unwrap();
+        let inode = crate::steering::inode(std::os::fd::AsFd::as_fd(&listener)).unwrap();
+        let ours = listening.iter().find(|s| s.inode == inode).unwrap();
+        assert_eq!(ours.local, address);
+        assert_eq!(ours.rqueue, 0);
+        assert!(ours.wqueue > 0, "backlog {}", ours.wqueue);
+    }
+
+    #[test]
+    fn a_unix_listeners_queue_and_backlog_are_listed() {
+        let dir = std::env::temp_dir().join(format!("baton-sockdiag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let _waiting = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let inode = crate::steering::inode(std::os::fd::AsFd::as_fd(&listener)).unwrap();
+        let found = unix_listeners()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.inode == inode);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let found = found.expect("our listener is listed");
+        assert_eq!(found.queue, 1);
+        assert!(found.backlog > 0);
+    }
+}
