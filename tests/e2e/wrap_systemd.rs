@@ -125,6 +125,7 @@ fn process_settings_and_captured_output_reach_the_worker() {
         "WRAPPED_GREETING",
         "BATON_GENERATION",
         "BATON_WORKER",
+        "BATON_CONFIG_HASH",
         "LISTEN_FDS",
         "LISTEN_FDNAMES",
         "LISTEN_PID",
