@@ -62,15 +62,9 @@ pub fn listeners() -> io::Result<Vec<TcpSocket>> {
     dump_both(1 << TCP_LISTEN, false)
 }
 
-/// The TCP sockets listening on exactly `address`.
-pub fn listening_on(address: SocketAddr) -> io::Result<Vec<TcpSocket>> {
-    let family = match address {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    let mut sockets = dump(family as u8, 1 << TCP_LISTEN, false)?;
-    sockets.retain(|s| s.local.ip() == address.ip() && s.local.port() == address.port());
-    Ok(sockets)
+/// The listening TCP sockets of `family` (`AF_INET` or `AF_INET6`).
+pub fn listening(family: u8) -> io::Result<Vec<TcpSocket>> {
+    dump(family, 1 << TCP_LISTEN, false)
 }
 
 /// TCP connections of both families (every state but listening and

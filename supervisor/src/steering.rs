@@ -352,69 +352,10 @@ impl Listening {
 /// Calls `found` with the address and inode of every TCP socket of
 /// `family` in the listening state.
 fn dump_listening(family: u8, mut found: impl FnMut(SocketAddr, u64)) -> io::Result<()> {
-    use nix::sys::socket::{
-        recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType,
-    };
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const TCP_LISTEN: u32 = 10;
-    const NLMSG_ERROR: u16 = 2;
-    const NLMSG_DONE: u16 = 3;
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkSockDiag,
-    )?;
-    // nlmsghdr (16 bytes), then inet_diag_req_v2 (56): family, protocol,
-    // ext, pad, the states bitmask, and an unused socket id.
-    let mut request = Vec::with_capacity(72);
-    request.extend_from_slice(&72u32.to_ne_bytes());
-    request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    request.extend_from_slice(&flags.to_ne_bytes());
-    request.extend_from_slice(&1u32.to_ne_bytes());
-    request.extend_from_slice(&0u32.to_ne_bytes());
-    request.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
-    request.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-    request.resize(72, 0);
-    send(fd.as_raw_fd(), &request, MsgFlags::empty())?;
-    let mut buffer = vec![0u8; 64 * 1024];
-    let u32_at = |b: &[u8], at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().unwrap());
-    loop {
-        let n = recv(fd.as_raw_fd(), &mut buffer, MsgFlags::empty())?;
-        let mut data = &buffer[..n];
-        while data.len() >= 16 {
-            let len = (u32_at(data, 0) as usize).min(data.len());
-            if len < 16 {
-                break;
-            }
-            let kind = u16::from_ne_bytes([data[4], data[5]]);
-            match kind {
-                NLMSG_DONE => return Ok(()),
-                NLMSG_ERROR => {
-                    let errno = data.get(16..20).map_or(0, |_| u32_at(data, 16) as i32);
-                    return Err(io::Error::from_raw_os_error(-errno));
-                }
-                _ => {}
-            }
-            // inet_diag_msg: family, state, timer, retrans, then the socket
-            // id (sport, dport, src[16], dst[16], if, cookie), expires,
-            // rqueue, wqueue, uid, inode.
-            let message = &data[16..len];
-            if message.len() >= 72 {
-                let port = u16::from_be_bytes([message[4], message[5]]);
-                let ip: Option<std::net::IpAddr> = match i32::from(message[0]) {
-                    libc::AF_INET => Some(<[u8; 4]>::try_from(&message[8..12]).unwrap().into()),
-                    libc::AF_INET6 => Some(<[u8; 16]>::try_from(&message[8..24]).unwrap().into()),
-                    _ => None,
-                };
-                if let Some(ip) = ip {
-                    found(SocketAddr::new(ip, port), u64::from(u32_at(message, 68)));
-                }
-            }
-            data = data.get((len + 3) & !3..).unwrap_or_default();
-        }
+    for socket in crate::sockdiag::listening(family)? {
+        found(socket.local, socket.inode);
     }
+    Ok(())
 }
 
 /// `SKF_NET_OFF` from `linux/filter.h`: loads relative to the network
