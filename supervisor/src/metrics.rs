@@ -40,6 +40,8 @@ struct OutcomeLabel {
 pub(crate) struct ConfigLabels {
     pub generation: String,
     pub config_hash: String,
+    /// The config version (`[worker]` settings and `app_config` files).
+    pub version: String,
     pub config: String,
 }
 

@@ -107,8 +107,16 @@ impl Master {
                 .values()
                 .filter(|w| w.state == State::Ready)
                 .count();
+            let looped = if current.crash_looped.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; worker(s) {:?} crash-looped and are not respawned (capacity lost until a reload)",
+                    current.crash_looped
+                )
+            };
             return Some(format!(
-                "generation {}: {ready} of {} workers ready",
+                "generation {}: {ready} of {} workers ready{looped}",
                 current.number, current.processes
             ));
         }
@@ -125,6 +133,7 @@ impl Master {
                 .get_or_create(&ConfigLabels {
                     generation: current.number.to_string(),
                     config_hash: current.config.hash.clone(),
+                    version: current.config.app.version.clone(),
                     config: self.config_path.display().to_string(),
                 })
                 .set(1);
@@ -140,6 +149,15 @@ impl Master {
                         state: w.state.name().into(),
                     })
                     .inc();
+            }
+            // Capacity the crash-loop breaker gave up on.
+            if !g.crash_looped.is_empty() {
+                m.workers
+                    .get_or_create(&WorkerLabels {
+                        generation: generation.clone(),
+                        state: "crash_loop".into(),
+                    })
+                    .set(g.crash_looped.len() as i64);
             }
             let reported: Vec<u64> = g.workers.values().filter_map(|w| w.connections).collect();
             if !reported.is_empty() {
