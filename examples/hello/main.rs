@@ -6,18 +6,17 @@
 //! ```
 //!
 //! Under baton it serves the master's listener `http`; standalone it binds
-//! `--listen` (default 127.0.0.1:8080) and drains on SIGTERM or SIGINT.
+//! `--listen` (default 127.0.0.1:8080) and drains on SIGTERM or SIGINT. It
+//! speaks HTTP/1.1 and HTTP/2 with prior knowledge (h2c) on the same port.
 
-use baton_worker::http::{serve, ServeOptions};
 use baton_worker::Worker;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::header::HeaderValue;
-use hyper::service::service_fn;
 use hyper::Response;
 use std::convert::Infallible;
 use std::process::ExitCode;
-use std::sync::Arc;
+use tower::service_fn;
 
 const USAGE: &str = "usage: hello [--listen ADDR] [--greeting WORD]";
 
@@ -80,9 +79,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .listener("http", args.listen)
         .start()
         .await?;
-    let listener = worker.tcp_listener("http")?;
     if !worker.is_supervised() {
-        eprintln!("hello: serving on {}", listener.local_addr()?);
+        if let Some(http) = worker.listeners().find(|l| l.name == "http") {
+            eprintln!("hello: serving on {}", http.address);
+        }
     }
     let generation = worker.generation();
     let body = Bytes::from(format!("{} from generation {generation}\n", args.greeting));
@@ -93,16 +93,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .insert("x-baton-generation", HeaderValue::from(generation));
         async { Ok::<_, Infallible>(response) }
     });
-
-    let worker = Arc::new(worker);
-    let reporter = worker.clone();
-    let options = ServeOptions {
-        on_connections: Some(Arc::new(move |count| reporter.report_connections(count))),
-        ..ServeOptions::default()
-    };
-    // The listener is taken: connections queue in its backlog until `serve`
-    // accepts them, so readiness can be reported first.
-    worker.ready().await?;
-    serve(listener, service, worker.drain(), options).await?;
+    // Ready, serve (HTTP/1.1 and h2c), report connections, drain.
+    worker.serve("http", service).await?;
     Ok(())
 }

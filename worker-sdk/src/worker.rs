@@ -254,9 +254,17 @@ impl Worker {
     /// Reports the number of open connections (shown in `baton status`).
     /// Best effort: never waits.
     pub fn report_connections(&self, count: u64) {
-        if let Some(control) = &self.control {
-            let _ = control.try_send(&WorkerMessage::Connections { count }, &[]);
-        }
+        self.reporter().report_connections(count);
+    }
+
+    /// A handle that reports connections, for hooks that outlive `&self`.
+    pub(crate) fn reporter(&self) -> Reporter {
+        Reporter(self.control.clone())
+    }
+
+    /// The kind of the listener `name`, if it was received and not taken.
+    pub(crate) fn listener_kind(&self, name: &str) -> Option<ListenerKind> {
+        self.listeners.get(name).map(|l| l.info.kind)
     }
 
     /// Registers how to build the application's configuration from the
@@ -341,6 +349,19 @@ impl Worker {
     /// Reopen requests (`baton reopen`; SIGUSR1 when standalone).
     pub fn reopen(&self) -> Reopen {
         self.reopen.clone()
+    }
+}
+
+/// Reports connection counts to the master, if there is one.
+#[derive(Debug, Clone)]
+pub(crate) struct Reporter(Option<Arc<Channel>>);
+
+impl Reporter {
+    /// Best effort: never waits.
+    pub(crate) fn report_connections(&self, count: u64) {
+        if let Some(control) = &self.0 {
+            let _ = control.try_send(&WorkerMessage::Connections { count }, &[]);
+        }
     }
 }
 

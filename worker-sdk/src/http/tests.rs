@@ -2,8 +2,13 @@ use super::*;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Mutex;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// Every test's bound on waiting for the server.

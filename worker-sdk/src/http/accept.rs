@@ -1,0 +1,123 @@
+//! Where connections come from: a listening socket, and optionally a
+//! handshake (TLS, say) that turns an accepted stream into the one HTTP is
+//! spoken on.
+
+use std::future::{ready, Future};
+use std::io;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// A listener [`serve`](super::serve) accepts connections from.
+///
+/// Implemented for tokio's [`TcpListener`] and [`UnixListener`], and for
+/// [`WithAcceptor`], which adds a handshake such as TLS.
+pub trait Accept: Send + 'static {
+    /// What `accept` returns.
+    type Stream: Send + 'static;
+    /// What HTTP is spoken on, once the handshake is done.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Accepts the next connection.
+    fn accept(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send + '_;
+
+    /// Turns an accepted stream into the one HTTP is spoken on. Runs in the
+    /// connection's own task, so a slow handshake never holds up `accept`.
+    fn handshake(
+        &self,
+        stream: Self::Stream,
+    ) -> impl Future<Output = io::Result<Self::Io>> + Send + 'static;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    type Io = TcpStream;
+
+    async fn accept(&self) -> io::Result<TcpStream> {
+        let (stream, _) = TcpListener::accept(self).await?;
+        // Responses are written whole; Nagle would only delay them.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    fn handshake(
+        &self,
+        stream: TcpStream,
+    ) -> impl Future<Output = io::Result<TcpStream>> + Send + 'static {
+        ready(Ok(stream))
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = UnixStream;
+    type Io = UnixStream;
+
+    async fn accept(&self) -> io::Result<UnixStream> {
+        Ok(UnixListener::accept(self).await?.0)
+    }
+
+    fn handshake(
+        &self,
+        stream: UnixStream,
+    ) -> impl Future<Output = io::Result<UnixStream>> + Send + 'static {
+        ready(Ok(stream))
+    }
+}
+
+/// A listener whose connections go through `acceptor` before HTTP is spoken
+/// on them; made by [`with_acceptor`].
+pub struct WithAcceptor<L, F> {
+    listener: L,
+    acceptor: Arc<F>,
+}
+
+/// Runs every connection accepted from `listener` through `acceptor` (a TLS
+/// handshake, typically) before serving HTTP on what it returns. The SDK does
+/// not pick a TLS stack: with `tokio-rustls`,
+///
+/// ```ignore
+/// let tls = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+/// let listener = with_acceptor(listener, move |stream| tls.accept(stream));
+/// ```
+///
+/// Offer `h2` and `http/1.1` by ALPN in the server config: the server tells
+/// HTTP/2 from HTTP/1.1 by the first bytes the client sends, so both work.
+/// A connection whose handshake fails or outlasts
+/// [`ServeOptions::header_read_timeout`](super::ServeOptions::header_read_timeout)
+/// is dropped.
+pub fn with_acceptor<L, F, Fut, Io>(listener: L, acceptor: F) -> WithAcceptor<L, F>
+where
+    L: Accept,
+    F: Fn(L::Io) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = io::Result<Io>> + Send + 'static,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    WithAcceptor {
+        listener,
+        acceptor: Arc::new(acceptor),
+    }
+}
+
+impl<L, F, Fut, Io> Accept for WithAcceptor<L, F>
+where
+    L: Accept,
+    F: Fn(L::Io) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = io::Result<Io>> + Send + 'static,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = L::Stream;
+    type Io = Io;
+
+    fn accept(&self) -> impl Future<Output = io::Result<L::Stream>> + Send + '_ {
+        self.listener.accept()
+    }
+
+    fn handshake(
+        &self,
+        stream: L::Stream,
+    ) -> impl Future<Output = io::Result<Io>> + Send + 'static {
+        let inner = self.listener.handshake(stream);
+        let acceptor = self.acceptor.clone();
+        async move { acceptor(inner.await?).await }
+    }
+}
