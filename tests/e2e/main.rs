@@ -16,6 +16,7 @@ mod escaped_children;
 mod floods;
 mod graceful_sigterm;
 mod in_place;
+mod http2;
 mod lifecycle;
 mod master_death;
 mod nginx_worker;

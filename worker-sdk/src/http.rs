@@ -363,3 +363,6 @@ fn is_per_connection(error: &io::Error) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod h2_tests;
