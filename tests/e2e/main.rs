@@ -4,6 +4,7 @@
 
 mod admin;
 mod audit;
+mod axum;
 mod check;
 mod cli_edges;
 mod coalescing;

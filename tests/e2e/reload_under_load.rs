@@ -9,7 +9,7 @@ const RELOADS: u64 = 20;
 
 /// ≥ 20 HUPs a few hundred ms apart under a closed-loop client: not one
 /// request may fail, and the responses move from generation 1 to the last.
-fn reloads_under_load_drop_nothing(config: &str, mode: Mode) {
+pub(crate) fn reloads_under_load_drop_nothing(config: &str, mode: Mode) {
     let mut baton = Baton::start(config);
     baton.wait_committed(1);
     let addr = baton.address("http");

@@ -43,6 +43,11 @@ impl Binaries {
         Self::find("examples/hello")
     }
 
+    /// The example program `name` (`axum-app`, `grpc-app`, ...).
+    pub fn example(name: &str) -> PathBuf {
+        Self::find(&format!("examples/{name}"))
+    }
+
     /// The misbehaving test worker.
     pub fn testworker() -> PathBuf {
         Self::find("examples/testworker")
@@ -109,9 +114,15 @@ pub struct Baton {
 
 /// The default config of a test master: `hello` on port 0, short timeouts.
 pub fn hello_config(processes: u32) -> String {
+    example_config(&Binaries::hello(), processes)
+}
+
+/// A test master config running the SDK worker `binary` as `processes`
+/// processes, with a 5 s drain timeout.
+pub fn example_config(binary: &Path, processes: u32) -> String {
     config_with_worker(&format!(
         "command = [{:?}]\nprocesses = {processes}\nready_timeout = \"10s\"\ndrain_timeout = \"5s\"\n",
-        Binaries::hello().display().to_string()
+        binary.display().to_string()
     ))
 }
 

@@ -263,6 +263,7 @@ impl Worker {
     }
 
     /// The kind of the listener `name`, if it was received and not taken.
+    #[cfg(feature = "http")]
     pub(crate) fn listener_kind(&self, name: &str) -> Option<ListenerKind> {
         self.listeners.get(name).map(|l| l.info.kind)
     }

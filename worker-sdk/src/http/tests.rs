@@ -1,6 +1,7 @@
 use super::*;
 use http_body_util::Full;
 use hyper::body::Bytes;
+use hyper::header::HeaderValue;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -380,5 +381,154 @@ async fn closed_loop_clients_lose_no_request_across_a_handover() {
     assert!(
         total.old > 0 && total.new > 0 && total.closes >= 4,
         "{total:?}"
+    );
+}
+
+/// Answers an upgrade request with 101 and then holds the connection,
+/// reading until its reads fail; reports how the last read ended.
+async fn hold_upgraded(
+    mut request: Request<Incoming>,
+    ended: tokio::sync::mpsc::UnboundedSender<io::ErrorKind>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    tokio::spawn(async move {
+        let Ok(upgraded) = hyper::upgrade::on(&mut request).await else {
+            return;
+        };
+        let mut io = hyper_util::rt::TokioIo::new(upgraded);
+        let mut buf = [0; 64];
+        let kind = loop {
+            match tokio::io::AsyncReadExt::read(&mut io, &mut buf).await {
+                Ok(0) => break io::ErrorKind::UnexpectedEof,
+                Ok(_) => {}
+                Err(error) => break error.kind(),
+            }
+        };
+        let _ = ended.send(kind);
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert("connection", HeaderValue::from_static("upgrade"));
+    headers.insert("upgrade", HeaderValue::from_static("test"));
+    Ok(response)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connection_is_counted_and_cut_at_the_deadline() {
+    let listener = bind();
+    let addr = listener.local_addr().unwrap();
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let service =
+        hyper::service::service_fn(move |request| hold_upgraded(request, ended_tx.clone()));
+    let counts = Arc::new(Mutex::new(Vec::new()));
+    let record = counts.clone();
+    let options = ServeOptions {
+        on_connections: Some(Arc::new(move |n| record.lock().unwrap().push(n))),
+        ..Default::default()
+    };
+    let drain = Drain::new();
+    let task = tokio::spawn(serve(
+        TcpListener::from_std(listener).unwrap(),
+        service,
+        drain.clone(),
+        options,
+    ));
+    let mut client = Client::connect(addr).unwrap();
+    client
+        .0
+        .get_mut()
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: upgrade\r\nupgrade: test\r\n\r\n")
+        .unwrap();
+    assert_eq!(client.reply().unwrap().status, 101);
+    // hyper is done with the connection; the SDK still counts it.
+    sleep(Duration::from_millis(250)).await;
+    assert_eq!(counts.lock().unwrap().last(), Some(&1));
+
+    let draining = Instant::now();
+    drain.start(Duration::from_millis(300));
+    finished(task).await;
+    assert!(
+        draining.elapsed() >= Duration::from_millis(300),
+        "serve waits for the upgraded connection until the deadline"
+    );
+    let kind = tokio::time::timeout(PATIENCE, ended.recv()).await.unwrap();
+    assert_eq!(kind, Some(io::ErrorKind::ConnectionAborted));
+    assert!(
+        client.closed_by_server(),
+        "the client sees the connection end"
+    );
+    assert_eq!(counts.lock().unwrap().last(), Some(&0));
+}
+
+/// One keep-alive connection that made a request and now sits idle;
+/// returns when the server closed it, measured from `since`.
+async fn idle_until_closed(addr: SocketAddr, served: Arc<tokio::sync::Barrier>) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0; 1024];
+    while !reply.ends_with(b"\r\n\r\nok") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the reply");
+        reply.extend(&buf[..n]);
+    }
+    served.wait().await;
+    let waiting = Instant::now();
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return waiting.elapsed(),
+            Ok(_) => panic!("unexpected bytes on an idle connection"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_spread_over_the_window() {
+    const CONNECTIONS: usize = 200;
+    const WINDOW: Duration = Duration::from_secs(1);
+    let listener = bind();
+    let addr = listener.local_addr().unwrap();
+    let options = ServeOptions {
+        idle_grace: Duration::from_millis(50),
+        close_spread: Some(WINDOW),
+        ..Default::default()
+    };
+    let (drain, task) = spawn_serve(listener, TestService::new("ok"), options);
+    let served = Arc::new(tokio::sync::Barrier::new(CONNECTIONS + 1));
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|_| tokio::spawn(idle_until_closed(addr, served.clone())))
+        .collect();
+    served.wait().await;
+    drain.start(Duration::from_secs(10));
+    let mut closed = Vec::new();
+    for client in clients {
+        closed.push(
+            tokio::time::timeout(PATIENCE, client)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    finished(task).await;
+    closed.sort();
+    let spread = closed[CONNECTIONS - 1] - closed[0];
+    // Evenly spread, a tenth of the window holds a tenth of the closes; all
+    // at once, one tenth would hold them all.
+    let mut per_tenth = [0; 12];
+    for at in &closed {
+        let tenth = ((at.as_secs_f64() / WINDOW.as_secs_f64()) * 10.0) as usize;
+        per_tenth[tenth.min(11)] += 1;
+    }
+    assert!(
+        spread >= WINDOW / 2,
+        "closes within {spread:?}: {per_tenth:?}"
+    );
+    assert!(
+        per_tenth.iter().all(|&n| n <= CONNECTIONS / 3),
+        "bunched closes: {per_tenth:?}"
     );
 }

@@ -1,0 +1,179 @@
+//! `axum-app`: an axum app under baton, the way an axum user writes one.
+//!
+//! ```text
+//! axum-app [--listen ADDR]
+//! ```
+//!
+//! Routes: `/` (text, with the `x-baton-generation` header), `/status`
+//! (JSON, shared state), `/slow?ms=N` (answers after N ms, default 500) and
+//! `/ws` (a WebSocket echo that greets with its generation and, when the
+//! worker drains, closes with code 1012, Service Restart, so the client
+//! reconnects to the next generation).
+//!
+//! Under baton it serves the master's listener `http`; standalone it binds
+//! `--listen` (default 127.0.0.1:8080) and drains on SIGTERM or SIGINT.
+
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use baton_worker::http::DrainNotice;
+use baton_worker::Worker;
+use serde::{Deserialize, Serialize};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a closing WebSocket waits for the client's close frame.
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(1);
+
+/// What every handler shares.
+#[derive(Clone)]
+struct App {
+    generation: u64,
+    requests: Arc<AtomicU64>,
+}
+
+#[derive(Serialize)]
+struct Status {
+    generation: u64,
+    pid: u32,
+    requests: u64,
+}
+
+#[derive(Deserialize)]
+struct Slow {
+    ms: Option<u64>,
+}
+
+async fn index(State(app): State<App>) -> impl IntoResponse {
+    app.requests.fetch_add(1, Ordering::Relaxed);
+    (
+        [("x-baton-generation", app.generation.to_string())],
+        format!("hello from generation {}\n", app.generation),
+    )
+}
+
+async fn status(State(app): State<App>) -> Json<Status> {
+    Json(Status {
+        generation: app.generation,
+        pid: std::process::id(),
+        requests: app.requests.fetch_add(1, Ordering::Relaxed) + 1,
+    })
+}
+
+async fn slow(State(app): State<App>, Query(slow): Query<Slow>) -> String {
+    tokio::time::sleep(Duration::from_millis(slow.ms.unwrap_or(500))).await;
+    format!("slow answer from generation {}\n", app.generation)
+}
+
+/// The SDK puts a [`DrainNotice`] in every request; the socket takes it
+/// along past the upgrade.
+async fn ws(
+    upgrade: WebSocketUpgrade,
+    State(app): State<App>,
+    Extension(notice): Extension<DrainNotice>,
+) -> Response {
+    upgrade.on_upgrade(move |socket| echo(socket, app.generation, notice))
+}
+
+/// Greets, echoes text until the client leaves or the worker drains, then
+/// says goodbye with 1012 and waits briefly for the client's close frame.
+async fn echo(mut socket: WebSocket, generation: u64, notice: DrainNotice) {
+    let greeting = format!("generation {generation}");
+    if socket.send(Message::Text(greeting.into())).await.is_err() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = notice.notified() => break,
+            message = socket.recv() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    if socket.send(Message::Text(text)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let goodbye = CloseFrame {
+        code: close_code::RESTART,
+        reason: "service restart".into(),
+    };
+    if socket.send(Message::Close(Some(goodbye))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE, async {
+        while let Some(Ok(message)) = socket.recv().await {
+            if let Message::Close(_) = message {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn app(generation: u64) -> Router {
+    let state = App {
+        generation,
+        requests: Arc::default(),
+    };
+    Router::new()
+        .route("/", get(index))
+        .route("/status", get(status))
+        .route("/slow", get(slow))
+        .route("/ws", get(ws))
+        .with_state(state)
+}
+
+/// `--listen ADDR`, or `Ok(None)` when help was asked for.
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<String>, String> {
+    const USAGE: &str = "usage: axum-app [--listen ADDR]";
+    let mut listen = "127.0.0.1:8080".to_string();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            "--listen" => {
+                listen = args
+                    .next()
+                    .ok_or_else(|| format!("`--listen` needs a value\n{USAGE}"))?
+            }
+            _ => match arg.strip_prefix("--listen=") {
+                Some(value) => listen = value.to_string(),
+                None => return Err(format!("unknown argument `{arg}`\n{USAGE}")),
+            },
+        }
+    }
+    Ok(Some(listen))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let listen = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(listen)) => listen,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("axum-app: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = async {
+        let mut worker = Worker::builder().listener("http", listen).start().await?;
+        let app = app(worker.generation());
+        worker.serve("http", app).await
+    };
+    match result.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("axum-app: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
