@@ -31,6 +31,7 @@ mod sd_notify;
 mod socket_activation;
 mod start_race;
 mod traces;
+mod tls;
 mod udp;
 mod upgrade;
 mod upgrade_in_place;

@@ -147,9 +147,15 @@ pub fn resetting_config() -> String {
 
 /// A test master config with one `http` listener on port 0 and this `[worker]` body.
 pub fn config_with_worker(worker: &str) -> String {
+    config_with_listener("http", worker)
+}
+
+/// A test master config with one listener `name` on port 0 and this
+/// `[worker]` body.
+pub fn config_with_listener(name: &str, worker: &str) -> String {
     format!(
         "[supervisor]\npid_file = \"baton.pid\"\nlog_format = \"json\"\nlog_filter = \"info\"\n\n\
-         [[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n[worker]\n{worker}"
+         [[listener]]\nname = \"{name}\"\naddress = \"127.0.0.1:0\"\n\n[worker]\n{worker}"
     )
 }
 
