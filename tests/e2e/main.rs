@@ -17,6 +17,7 @@ mod escaped_children;
 mod floods;
 mod graceful_sigterm;
 mod in_place;
+mod grpc;
 mod http2;
 mod lifecycle;
 mod master_death;
