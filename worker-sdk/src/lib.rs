@@ -30,6 +30,7 @@ pub mod app_config;
 pub mod channel;
 mod context;
 mod drain;
+mod handshake;
 #[cfg(feature = "http")]
 pub mod http;
 mod listener;
@@ -37,6 +38,7 @@ mod listener;
 pub mod logging;
 pub mod protocol;
 mod reopen;
+mod standalone;
 mod worker;
 
 pub use app_config::{AppConfig, Files};

@@ -4,7 +4,35 @@
 use crate::protocol::{ListenerInfo, ListenerKind};
 use crate::Error;
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
+use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
+
+/// Takes the listener `name` out of `listeners`, whatever its kind.
+pub(crate) fn take_fd(
+    listeners: &mut BTreeMap<String, Listener>,
+    name: &str,
+) -> Result<(ListenerInfo, OwnedFd), Error> {
+    let listener = listeners
+        .remove(name)
+        .ok_or_else(|| Error::NoSuchListener(name.to_string()))?;
+    Ok((listener.info, listener.fd))
+}
+
+/// Takes the listener `name` out of `listeners` if it is of `kind`.
+pub(crate) fn take(
+    listeners: &mut BTreeMap<String, Listener>,
+    name: &str,
+    kind: ListenerKind,
+) -> Result<OwnedFd, Error> {
+    match listeners.get(name) {
+        Some(l) if l.info.kind != kind => Err(Error::WrongKind {
+            name: name.to_string(),
+            kind: l.info.kind,
+            wanted: kind,
+        }),
+        _ => Ok(take_fd(listeners, name)?.1),
+    }
+}
 
 /// Checks that `fd` is the socket `info` describes (type, listening, bound
 /// address); returns both on success. The master uses it to adopt sockets a

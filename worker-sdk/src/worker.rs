@@ -3,23 +3,18 @@
 
 pub(crate) use crate::app_config::Reloadable;
 use crate::app_config::{AppConfig, Files};
-use crate::channel::{Channel, ChannelError};
+use crate::channel::Channel;
 use crate::drain::Drain;
-use crate::listener::{describe, Listener};
-use crate::protocol::{
-    AppStage, ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV,
-};
+use crate::handshake::{self, Handshake, Hello, HELLO_TIMEOUT};
+use crate::listener::{self, Listener};
+use crate::protocol::{AppStage, ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV};
 use crate::reopen::{self, Reopen};
-use crate::{DecodeError, Error};
-use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
+use crate::{standalone, Error};
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-
-/// How long a worker waits for the master's hello before giving up.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The default drain deadline when running standalone.
 const STANDALONE_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -103,12 +98,7 @@ impl Builder {
             paths: self.app_config,
             ..App::default()
         };
-        let mut listeners = socket_activation_listeners()?;
-        for (name, address) in &self.listeners {
-            if !listeners.contains_key(name) {
-                listeners.insert(name.clone(), bind(name, address)?);
-            }
-        }
+        let listeners = standalone::listeners(&self.listeners)?;
         let drain = Drain::new();
         let (reopen_tx, reopen) = Reopen::channel();
         spawn_signal_handlers(
@@ -139,28 +129,7 @@ impl Worker {
     /// inside a tokio runtime. From then on SIGTERM and SIGINT start a drain
     /// (with the master's drain timeout) instead of killing the process.
     pub async fn from_env() -> Result<Worker, Error> {
-        let value = std::env::var(CONTROL_FD_ENV).unwrap_or_default();
-        let raw: RawFd = value
-            .trim()
-            .parse()
-            .ok()
-            .filter(|fd| *fd > 2)
-            .ok_or_else(|| Error::BadControlFd(value.clone()))?;
-        if nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-            return Err(Error::BadControlFd(value));
-        }
-        // SAFETY: the fd is open (checked above) and the master handed it to
-        // this process for the SDK alone; nothing else in the process owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        if getsockopt(&fd, sockopt::SockType).ok() != Some(SockType::SeqPacket) {
-            return Err(Error::BadControlFd(value));
-        }
-        // The worker's own children must not inherit the channel.
-        nix::fcntl::fcntl(
-            fd.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(std::io::Error::from)?;
+        let fd = handshake::control_fd_from_env()?;
         let channel = Arc::new(Channel::new(fd)?);
         match tokio::time::timeout(HELLO_TIMEOUT, handshake(&channel)).await {
             Ok(Ok(worker)) => Ok(worker),
@@ -225,22 +194,11 @@ impl Worker {
 
     /// Takes the raw fd of the listener named `name`, whatever its kind.
     pub fn take_fd(&mut self, name: &str) -> Result<(ListenerInfo, OwnedFd), Error> {
-        let listener = self
-            .listeners
-            .remove(name)
-            .ok_or_else(|| Error::NoSuchListener(name.to_string()))?;
-        Ok((listener.info, listener.fd))
+        listener::take_fd(&mut self.listeners, name)
     }
 
     fn take(&mut self, name: &str, kind: ListenerKind) -> Result<OwnedFd, Error> {
-        match self.listeners.get(name) {
-            Some(l) if l.info.kind != kind => Err(Error::WrongKind {
-                name: name.to_string(),
-                kind: l.info.kind,
-                wanted: kind,
-            }),
-            _ => Ok(self.take_fd(name)?.1),
-        }
+        listener::take(&mut self.listeners, name, kind)
     }
 
     /// Tells the master this worker serves. Standalone, does nothing.
@@ -367,82 +325,23 @@ impl Reporter {
 }
 
 async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
-    let hello = recv_master(channel).await?;
-    let MasterMessage::Hello {
+    let mut handshake = Handshake::default();
+    while !handshake.feed(recv_master(channel).await?)? {}
+    let Hello {
         generation,
         worker_index,
-        listener_count,
-        drain_timeout_ms,
-        app_config,
-    } = hello.message
-    else {
-        return Err(Error::Protocol(format!(
-            "expected hello, got {:?}",
-            hello.message
-        )));
+        drain_timeout,
+        listeners,
+        app_files,
+        log_filter,
+    } = handshake.finish();
+    let app = App {
+        initial: app_files,
+        log_filter,
+        ..App::default()
     };
-    let mut listeners = BTreeMap::new();
-    while listeners.len() < listener_count as usize {
-        let batch = recv_master(channel).await?;
-        let MasterMessage::Listeners {
-            offset,
-            listeners: infos,
-        } = batch.message
-        else {
-            return Err(Error::Protocol(format!(
-                "expected listeners, got {:?}",
-                batch.message
-            )));
-        };
-        if offset as usize != listeners.len()
-            || infos.len() != batch.fds.len()
-            || listeners.len() + infos.len() > listener_count as usize
-        {
-            return Err(Error::Protocol(format!(
-                "listener batch at offset {offset} with {} entries and {} fds does not fit \
-                 ({} of {listener_count} received)",
-                infos.len(),
-                batch.fds.len(),
-                listeners.len()
-            )));
-        }
-        for (info, fd) in infos.into_iter().zip(batch.fds) {
-            let name = info.name.clone();
-            if listeners
-                .insert(name.clone(), Listener::verify(info, fd)?)
-                .is_some()
-            {
-                return Err(Error::Protocol(format!("listener `{name}` sent twice")));
-            }
-        }
-    }
-    let mut app = App::default();
-    if app_config {
-        let message = recv_master(channel).await?;
-        let MasterMessage::AppFiles {
-            stage: AppStage::Initial,
-            version,
-            files,
-            log_filter,
-        } = message.message
-        else {
-            return Err(Error::Protocol(format!(
-                "expected the initial app config files, got {:?}",
-                message.message
-            )));
-        };
-        let fd = message
-            .fds
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::Protocol("app config files without their memfd".into()))?;
-        let files = crate::app_config::from_memfd(fd, &files).map_err(Error::Protocol)?;
-        app.initial = Some((version, files));
-        app.log_filter = log_filter;
-    }
     let drain = Drain::new();
     let (reopen_tx, reopen) = Reopen::channel();
-    let drain_timeout = Duration::from_millis(drain_timeout_ms);
     spawn_control_reader(
         channel.clone(),
         drain.clone(),
@@ -466,16 +365,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
 }
 
 async fn recv_master(channel: &Channel) -> Result<crate::channel::Received<MasterMessage>, Error> {
-    match channel.recv::<MasterMessage>().await {
-        Ok(Some(received)) => Ok(received),
-        Ok(None) => Err(Error::Protocol(
-            "the master closed the control channel".into(),
-        )),
-        Err(ChannelError::Decode(DecodeError::Version { peer })) => {
-            Err(Error::Version { master: peer })
-        }
-        Err(e) => Err(e.into()),
-    }
+    handshake::received(channel.recv::<MasterMessage>().await)
 }
 
 /// Watches the channel for the rest of the worker's life. A drain message
@@ -619,106 +509,11 @@ async fn next_signal(signal: &mut Option<tokio::signal::unix::Signal>) {
     }
 }
 
-/// Binds a listener for standalone use.
-fn bind(name: &str, address: &str) -> Result<Listener, Error> {
-    let bind_error = |source: std::io::Error| Error::Bind {
-        name: name.to_string(),
-        address: address.to_string(),
-        source,
-    };
-    let (kind, fd): (ListenerKind, OwnedFd) = if let Some(path) = address.strip_prefix("unix:") {
-        let l = std::os::unix::net::UnixListener::bind(path).map_err(bind_error)?;
-        (ListenerKind::Unix, l.into())
-    } else if let Some(addr) = address.strip_prefix("udp:") {
-        let s = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
-        (ListenerKind::Udp, s.into())
-    } else {
-        let l = std::net::TcpListener::bind(address).map_err(bind_error)?;
-        (ListenerKind::Tcp, l.into())
-    };
-    let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|e| bind_error(e.into()))?;
-    let info = ListenerInfo {
-        name: name.to_string(),
-        kind,
-        address: describe(&addr).unwrap_or_else(|| address.to_string()),
-    };
-    Ok(Listener { info, fd })
-}
-
-/// Listeners passed by systemd socket activation, when `LISTEN_PID` is ours.
-fn socket_activation_listeners() -> Result<BTreeMap<String, Listener>, Error> {
-    let mut out = BTreeMap::new();
-    let pid_matches = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        == Some(std::process::id());
-    let count: i32 = match std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-    {
-        Some(n) if pid_matches => n,
-        _ => return Ok(out),
-    };
-    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-    let mut names = names.split(':');
-    for i in 0..count {
-        let raw = 3 + i;
-        if nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-            return Err(Error::Protocol(format!(
-                "LISTEN_FDS names fd {raw}, which is not open"
-            )));
-        }
-        // SAFETY: systemd's convention hands fds 3..3+LISTEN_FDS to this
-        // process (LISTEN_PID matched); they are open (checked) and owned here.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let _ = nix::fcntl::fcntl(
-            raw,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        );
-        let name = names
-            .next()
-            .filter(|n| !n.is_empty())
-            .map_or_else(|| format!("fd{raw}"), str::to_string);
-        let kind = match getsockopt(&fd, sockopt::SockType) {
-            Ok(SockType::Datagram) => ListenerKind::Udp,
-            Ok(SockType::Stream) => {
-                let addr: Option<SockaddrStorage> = getsockname(raw).ok();
-                if addr.as_ref().and_then(|a| a.as_unix_addr()).is_some() {
-                    ListenerKind::Unix
-                } else {
-                    ListenerKind::Tcp
-                }
-            }
-            _ => {
-                return Err(Error::Protocol(format!(
-                    "LISTEN_FDS fd {raw} is not a socket"
-                )))
-            }
-        };
-        let address = getsockname::<SockaddrStorage>(raw)
-            .ok()
-            .and_then(|a| describe(&a))
-            .unwrap_or_default();
-        out.insert(
-            name.clone(),
-            Listener {
-                info: ListenerInfo {
-                    name,
-                    kind,
-                    address,
-                },
-                fd,
-            },
-        );
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::channel::pair;
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, AsRawFd};
 
     /// The hello of a generation-1 worker with one listener.
     fn send_hello(master: &Channel) {

@@ -183,6 +183,9 @@ async fn request_after_drain_is_answered_with_connection_close() {
     let mut client = Client::connect(addr).unwrap();
     assert!(!client.get("/").unwrap().close);
     drain.start(PATIENCE);
+    // The serving task tells the connection to go (the only one: first in
+    // the spread, at once) as soon as it sees the drain.
+    sleep(Duration::from_millis(100)).await;
     let reply = client.get("/").unwrap();
     assert_eq!(
         (reply.status, reply.close, reply.body.as_str()),
@@ -208,6 +211,7 @@ async fn request_in_flight_at_drain_completes_with_connection_close() {
         .await
         .unwrap();
     drain.start(PATIENCE);
+    sleep(Duration::from_millis(100)).await;
     gate.notify_one();
     let reply = client.reply().unwrap();
     assert_eq!(
@@ -293,6 +297,7 @@ async fn unix_listener_serves_and_drains_the_same_way() {
     let mut client = Client(BufReader::new(stream));
     assert!(!client.get("/").unwrap().close);
     drain.start(PATIENCE);
+    sleep(Duration::from_millis(100)).await;
     let reply = client.get("/").unwrap();
     assert_eq!(
         (reply.status, reply.close, reply.body.as_str()),
