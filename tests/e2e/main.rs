@@ -5,6 +5,7 @@
 mod admin;
 mod audit;
 mod axum;
+mod blocking;
 mod check;
 mod cli_edges;
 mod coalescing;

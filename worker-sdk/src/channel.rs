@@ -6,6 +6,7 @@
 //! worker), they fail with [`ChannelError::Full`] instead.
 
 use crate::protocol::{self, DecodeError, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
@@ -153,6 +154,87 @@ impl Channel {
                     return Ok(Some(Received { message, fds }));
                 }
             }
+        }
+    }
+}
+
+/// One end of a control channel driven by blocking calls, for workers
+/// without an async runtime ([`blocking`](crate::blocking)). Safe to use
+/// from several threads at once: one may wait in [`recv`](Self::recv) while
+/// another sends.
+#[derive(Debug)]
+pub struct BlockingChannel {
+    fd: OwnedFd,
+}
+
+impl BlockingChannel {
+    /// Wraps a `SOCK_SEQPACKET` socket; makes it non-blocking (waits are
+    /// `poll(2)`s, so that sends never block behind a receive).
+    pub fn new(fd: OwnedFd) -> std::io::Result<BlockingChannel> {
+        set_nonblocking(fd.as_fd())?;
+        Ok(BlockingChannel { fd })
+    }
+
+    /// Sends one message without waiting: a full peer buffer is
+    /// [`ChannelError::Full`].
+    pub fn try_send<T: Serialize>(&self, message: &T) -> Result<(), ChannelError> {
+        send_raw(self.fd.as_fd(), &protocol::encode(message), &[])
+    }
+
+    /// Sends one message, waiting while the peer's buffer is full.
+    pub fn send<T: Serialize>(&self, message: &T) -> Result<(), ChannelError> {
+        let bytes = protocol::encode(message);
+        loop {
+            match send_raw(self.fd.as_fd(), &bytes, &[]) {
+                Err(ChannelError::Full) => wait_for(self.fd.as_fd(), PollFlags::POLLOUT, None)?,
+                other => return other,
+            }
+        }
+    }
+
+    /// Receives one message, waiting at most `timeout` (forever with
+    /// `None`): `Ok(None)` at end of file (the peer is gone), an error of
+    /// kind `TimedOut` when the time ran out.
+    pub fn recv<T: for<'de> Deserialize<'de>>(
+        &self,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Option<Received<T>>, ChannelError> {
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            match recv_raw(self.fd.as_fd()) {
+                Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let left =
+                        deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+                    wait_for(self.fd.as_fd(), PollFlags::POLLIN, left)?;
+                }
+                Err(e) if e.is_peer_gone() => return Ok(None),
+                Err(e) => return Err(e),
+                Ok(None) => return Ok(None),
+                Ok(Some((bytes, fds))) => {
+                    let message = protocol::decode(&bytes)?;
+                    return Ok(Some(Received { message, fds }));
+                }
+            }
+        }
+    }
+}
+
+/// Waits until `fd` is ready for `events` (or hung up), at most `timeout`.
+fn wait_for(
+    fd: BorrowedFd<'_>,
+    events: PollFlags,
+    timeout: Option<std::time::Duration>,
+) -> Result<(), ChannelError> {
+    let timeout = match timeout {
+        None => PollTimeout::NONE,
+        Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+    };
+    loop {
+        match poll(&mut [PollFd::new(fd, events)], timeout) {
+            Ok(0) => return Err(ChannelError::Io(std::io::ErrorKind::TimedOut.into())),
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(ChannelError::Io(e.into())),
         }
     }
 }

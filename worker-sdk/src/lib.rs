@@ -27,6 +27,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod app_config;
+pub mod blocking;
 pub mod channel;
 mod context;
 mod drain;
