@@ -91,6 +91,34 @@ pub fn run(
     Summary::parse(&text).ok_or(text)
 }
 
+/// Runs h2load for `duration` against `http://ADDR/` with `clients`
+/// long-lived connections of `streams` concurrent streams each (`-D`).
+/// h2load opens no stream after a GOAWAY and counts one failure per
+/// connection that got one: this mode shows what a reload costs clients
+/// that never reconnect.
+pub fn run_timed(
+    h2load: &Path,
+    addr: SocketAddr,
+    clients: u32,
+    streams: u32,
+    duration: std::time::Duration,
+) -> Result<Summary, String> {
+    let output = Command::new(h2load)
+        .arg(format!("--duration={}", duration.as_secs().max(1)))
+        .arg(format!("--clients={clients}"))
+        .arg(format!("--max-concurrent-streams={streams}"))
+        .arg(format!("http://{addr}/"))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {}: {e}", h2load.display()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Summary::parse(&text).ok_or(text)
+}
+
 /// [`run`] again and again, each run about 2 s of `per_period` new
 /// connections every 100 ms, on a thread of its own until stopped.
 pub struct Load {

@@ -7,7 +7,9 @@ use crate::channel::Channel;
 use crate::drain::Drain;
 use crate::handshake::{self, Handshake, Hello, HELLO_TIMEOUT};
 use crate::listener::{self, Listener};
-use crate::protocol::{AppStage, ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV};
+use crate::protocol::{
+    AppStage, ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV,
+};
 use crate::reopen::{self, Reopen};
 use crate::{standalone, Error};
 use std::collections::BTreeMap;

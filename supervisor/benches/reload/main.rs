@@ -4,11 +4,13 @@
 //! request (see `baton_tests::load`).
 //!
 //! Each scenario runs twice, with keep-alive connections and with a new
-//! connection per request. The bench prints markdown tables and writes
+//! connection per request. The HTTP/2 and WebSocket scenarios
+//! (`protocols`) follow: h2load against baton and nginx `listen ... http2`,
+//! and WebSocket clients of `axum-app`. The bench prints markdown tables and writes
 //! `target/bench/reload.json` and `target/bench/reload.svg`. It runs the
-//! `hello` example of `baton-worker`, which `cargo bench -p baton` does
-//! not build: build it first with
-//! `cargo build --release -p baton-worker --example hello`.
+//! `hello` (and, for WebSocket, `axum-app`) examples of `baton-worker`,
+//! which `cargo bench -p baton` does not build: build them first with
+//! `cargo build --release -p baton-worker --examples`.
 #![forbid(unsafe_code)]
 
 mod admin_idle;
@@ -19,6 +21,7 @@ mod drive;
 mod header;
 mod locate;
 mod procs;
+mod protocols;
 mod rollouts;
 mod scale;
 mod servers;
@@ -142,6 +145,7 @@ fn main() -> ExitCode {
         }
     };
     let selected = selected(&options.only);
+    let selected_protocols = selected_protocols(&options.only);
     let run_scale = options.only.is_empty()
         || options
             .only
@@ -157,7 +161,12 @@ fn main() -> ExitCode {
             .only
             .iter()
             .any(|o| ADMIN_IDLE.starts_with(o.as_str()));
-    if selected.is_empty() && !run_scale && !run_rollouts && !admin_idle {
+    if selected.is_empty()
+        && selected_protocols.is_empty()
+        && !run_scale
+        && !run_rollouts
+        && !admin_idle
+    {
         eprintln!(
             "reload bench: --only {} matches no scenario; scenarios: {}",
             options.only.join(","),
@@ -203,6 +212,13 @@ fn main() -> ExitCode {
     if let Some(idle) = &idle {
         header["admin_idle"] = admin_idle::json(idle);
     }
+    let mut protocol_rows = Vec::new();
+    for scenario in selected_protocols {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            break;
+        }
+        protocol_rows.extend(protocols::run(scenario, &bins, &options));
+    }
     let title = format!(
         "baton reload benchmark, {} ({}) — {} CPUs, {} s per run, reload every {} ms, {} connections",
         header["date"].as_str().unwrap_or(""),
@@ -228,11 +244,17 @@ fn main() -> ExitCode {
     if !rolled.is_empty() {
         println!("{}", rollouts::markdown(&rolled));
     }
+    if !protocol_rows.is_empty() {
+        println!(
+            "### HTTP/2 and WebSocket\n\n{}",
+            protocols::markdown(&protocol_rows)
+        );
+    }
     // A scale-only run leaves the load scenarios' results as they were.
-    let written = if runs.is_empty() {
+    let written = if runs.is_empty() && protocol_rows.is_empty() {
         Ok(None)
     } else {
-        write_outputs(&runs, &header, &title, options.duration).map(Some)
+        write_outputs(&runs, &protocol_rows, &header, &title, options.duration).map(Some)
     };
     match written {
         Ok(Some((json, svg))) => eprintln!(
@@ -264,11 +286,20 @@ fn selected(only: &[String]) -> Vec<&'static Scenario> {
 /// Not a load scenario: the admin endpoint's idle cost (see [`admin_idle`]).
 const ADMIN_IDLE: &str = "admin-idle";
 
+/// The HTTP/2 and WebSocket scenarios `only` selects, in run order.
+fn selected_protocols(only: &[String]) -> Vec<&'static protocols::ProtocolScenario> {
+    protocols::SCENARIOS
+        .iter()
+        .filter(|s| only.is_empty() || only.iter().any(|o| s.name.starts_with(o.as_str())))
+        .collect()
+}
+
 fn scenario_names() -> String {
     SCENARIOS
         .iter()
         .map(|s| s.name)
         .chain([scale::NAME, rollouts::NAME, ADMIN_IDLE])
+        .chain(protocols::SCENARIOS.iter().map(|s| s.name))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -359,6 +390,7 @@ fn catch_interrupts() -> std::io::Result<()> {
 
 fn write_outputs(
     runs: &[RunResult],
+    protocol_rows: &[protocols::Row],
     header: &serde_json::Value,
     title: &str,
     duration: Duration,
@@ -366,8 +398,10 @@ fn write_outputs(
     let dir = locate::target_dir()?.join("bench");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let json_path = dir.join("reload.json");
-    let json = serde_json::to_string_pretty(&summary::json(runs, header))
-        .map_err(|e| format!("encoding the results: {e}"))?;
+    let mut results = summary::json(runs, header);
+    results["protocols"] = protocols::json(protocol_rows);
+    let json =
+        serde_json::to_string_pretty(&results).map_err(|e| format!("encoding the results: {e}"))?;
     std::fs::write(&json_path, json + "\n")
         .map_err(|e| format!("writing {}: {e}", json_path.display()))?;
     let svg_path = dir.join("reload.svg");

@@ -25,6 +25,10 @@ pub struct Binaries {
     pub baton: PathBuf,
     /// The `hello` example of `baton-worker`.
     pub hello: PathBuf,
+    /// The `axum-app` example, for the WebSocket scenario, when built.
+    pub axum: Option<PathBuf>,
+    /// `h2load`, for the HTTP/2 scenarios, when installed.
+    pub h2load: Option<PathBuf>,
     /// `nginx`, when installed.
     pub nginx: Option<PathBuf>,
     /// `haproxy`, when installed.
@@ -36,10 +40,14 @@ pub struct Binaries {
 pub enum Kind {
     /// `baton run` with `hello` workers.
     Baton,
+    /// `baton run` with `axum-app` workers.
+    BatonAxum,
     /// `hello` on its own.
     Hello,
     /// nginx, master and workers.
     Nginx,
+    /// nginx with `listen ... http2` (HTTP/2 with prior knowledge).
+    NginxHttp2,
     /// HAProxy in master-worker mode.
     Haproxy,
 }
@@ -68,9 +76,15 @@ impl Server {
         let dir = TempDir::new(&format!("{kind:?}").to_lowercase())
             .map_err(|e| format!("cannot create a temp dir: {e}"))?;
         match kind {
-            Kind::Baton => start_baton(dir, bins),
+            Kind::Baton => start_baton(dir, &bins.baton, &bins.hello),
+            Kind::BatonAxum => {
+                start_baton(dir, &bins.baton, bins.axum.as_deref().ok_or("not built")?)
+            }
             Kind::Hello => start_hello(dir, &bins.hello, "127.0.0.1:0"),
-            Kind::Nginx => start_nginx(dir, bins.nginx.as_deref().ok_or("not installed")?),
+            Kind::Nginx => start_nginx(dir, bins.nginx.as_deref().ok_or("not installed")?, ""),
+            Kind::NginxHttp2 => {
+                start_nginx(dir, bins.nginx.as_deref().ok_or("not installed")?, " http2")
+            }
             Kind::Haproxy => start_haproxy(dir, bins.haproxy.as_deref().ok_or("not installed")?),
         }
     }
@@ -178,21 +192,22 @@ fn start_hello(dir: TempDir, hello: &Path, listen: &str) -> Result<Server, Strin
     })
 }
 
-fn start_baton(dir: TempDir, bins: &Binaries) -> Result<Server, String> {
+/// `baton run` with `worker` (an SDK example) as its workers.
+fn start_baton(dir: TempDir, baton: &Path, worker: &Path) -> Result<Server, String> {
     let config = format!(
         "[supervisor]\ncontrol_socket = \"baton.sock\"\npid_file = \"baton.pid\"\n\
          log_format = \"json\"\nlog_filter = \"info\"\n\n\
          [[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n\
          [worker]\ncommand = [{:?}]\nprocesses = {}\nready_timeout = \"10s\"\ndrain_timeout = \"10s\"\n",
-        bins.hello.display().to_string(),
+        worker.display().to_string(),
         cpus(),
     );
-    let mut command = baton_run(&bins.baton, dir.path(), &config)?;
+    let mut command = baton_run(baton, dir.path(), &config)?;
     command.stderr(Stdio::piped());
     let mut guard = Guard::default();
     let master = guard
         .spawn(&mut command)
-        .map_err(|e| format!("cannot start {}: {e}", bins.baton.display()))?;
+        .map_err(|e| format!("cannot start {}: {e}", baton.display()))?;
     let stderr = guard
         .child_mut(master)
         .and_then(|c| c.stderr.take())
@@ -286,7 +301,9 @@ fn start_external(
     })
 }
 
-fn start_nginx(dir: TempDir, nginx: &Path) -> Result<Server, String> {
+/// nginx serving a fixed 200; `listen_options` goes after the address
+/// (` http2` for HTTP/2 with prior knowledge).
+fn start_nginx(dir: TempDir, nginx: &Path, listen_options: &str) -> Result<Server, String> {
     let addr = procs::free_port().map_err(|e| format!("no free port: {e}"))?;
     let prefix = dir.path().display().to_string();
     // The worker pid in the generation header lets the bench tell which
@@ -299,7 +316,7 @@ fn start_nginx(dir: TempDir, nginx: &Path) -> Result<Server, String> {
          \x20   client_body_temp_path {prefix}/body;\n    proxy_temp_path {prefix}/proxy;\n\
          \x20   fastcgi_temp_path {prefix}/fastcgi;\n    uwsgi_temp_path {prefix}/uwsgi;\n\
          \x20   scgi_temp_path {prefix}/scgi;\n\
-         \x20   server {{\n        listen {addr};\n        location / {{\n\
+         \x20   server {{\n        listen {addr}{listen_options};\n        location / {{\n\
          \x20           add_header x-baton-generation $pid;\n            return 200 \"ok\\n\";\n\
          \x20       }}\n    }}\n}}\n",
         cpus = cpus(),
