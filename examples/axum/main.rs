@@ -130,42 +130,22 @@ fn app(generation: u64) -> Router {
         .with_state(state)
 }
 
-/// `--listen ADDR`, or `Ok(None)` when help was asked for.
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<String>, String> {
-    const USAGE: &str = "usage: axum-app [--listen ADDR]";
-    let mut listen = "127.0.0.1:8080".to_string();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(None);
-            }
-            "--listen" => {
-                listen = args
-                    .next()
-                    .ok_or_else(|| format!("`--listen` needs a value\n{USAGE}"))?
-            }
-            _ => match arg.strip_prefix("--listen=") {
-                Some(value) => listen = value.to_string(),
-                None => return Err(format!("unknown argument `{arg}`\n{USAGE}")),
-            },
-        }
-    }
-    Ok(Some(listen))
+/// An axum app under baton.
+#[derive(clap::Parser)]
+struct Args {
+    /// The address to bind when run without baton.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let listen = match parse_args(std::env::args().skip(1)) {
-        Ok(Some(listen)) => listen,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("axum-app: {message}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = <Args as clap::Parser>::parse();
     let result = async {
-        let mut worker = Worker::builder().listener("http", listen).start().await?;
+        let mut worker = Worker::builder()
+            .listener("http", args.listen)
+            .start()
+            .await?;
         let app = app(worker.generation());
         worker.serve("http", app).await
     };

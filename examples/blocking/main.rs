@@ -24,20 +24,12 @@ const ACCEPT_POLL: Duration = Duration::from_millis(2);
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<String, String> {
-    const USAGE: &str = "usage: blocking-app [--listen ADDR]";
-    let mut listen = "127.0.0.1:8080".to_string();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--listen" => {
-                listen = args
-                    .next()
-                    .ok_or_else(|| format!("`--listen` needs a value\n{USAGE}"))?
-            }
-            _ => return Err(format!("unknown argument `{arg}`\n{USAGE}")),
-        }
-    }
-    Ok(listen)
+/// A std HTTP/1.1 server under baton, without tokio.
+#[derive(clap::Parser)]
+struct Args {
+    /// The address to bind when run without baton.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
 }
 
 /// Reads one request head and answers it.
@@ -104,13 +96,7 @@ fn run(listen: String) -> Result<(), baton_worker::Error> {
 }
 
 fn main() -> ExitCode {
-    let listen = match parse_args(std::env::args().skip(1)) {
-        Ok(listen) => listen,
-        Err(message) => {
-            eprintln!("blocking-app: {message}");
-            return ExitCode::from(2);
-        }
-    };
+    let listen = <Args as clap::Parser>::parse().listen;
     match run(listen) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -20,20 +20,12 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 use tower::util::MapResponse;
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<String, String> {
-    const USAGE: &str = "usage: grpc-app [--listen ADDR]";
-    let mut listen = "127.0.0.1:50051".to_string();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--listen" => {
-                listen = args
-                    .next()
-                    .ok_or_else(|| format!("`--listen` needs a value\n{USAGE}"))?
-            }
-            _ => return Err(format!("unknown argument `{arg}`\n{USAGE}")),
-        }
-    }
-    Ok(listen)
+/// A tonic gRPC server under baton.
+#[derive(clap::Parser)]
+struct Args {
+    /// The address to bind when run without baton.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: String,
 }
 
 async fn run(listen: String) -> Result<(), baton_worker::Error> {
@@ -55,13 +47,7 @@ async fn run(listen: String) -> Result<(), baton_worker::Error> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let listen = match parse_args(std::env::args().skip(1)) {
-        Ok(listen) => listen,
-        Err(message) => {
-            eprintln!("grpc-app: {message}");
-            return ExitCode::from(2);
-        }
-    };
+    let listen = <Args as clap::Parser>::parse().listen;
     match run(listen).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

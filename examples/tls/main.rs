@@ -2,7 +2,7 @@
 //! `tokio-rustls`: HTTP/2 and HTTP/1.1 offered by ALPN on one listener.
 //!
 //! ```text
-//! tls-app generate --cert cert.pem --key key.pem   # a self-signed pair (rcgen)
+//! tls-app --generate --cert cert.pem --key key.pem   # a self-signed pair (rcgen)
 //! tls-app --cert cert.pem --key key.pem [--listen ADDR]
 //! ```
 //!
@@ -24,40 +24,21 @@ use tokio_rustls::TlsAcceptor;
 
 type Error = Box<dyn std::error::Error>;
 
-const USAGE: &str = "usage: tls-app [generate] --cert PATH --key PATH [--listen ADDR]";
-
+/// HTTPS under baton with tokio-rustls.
+#[derive(clap::Parser)]
 struct Args {
+    /// Write a self-signed certificate and key to `--cert` and `--key`, and exit.
+    #[arg(long)]
     generate: bool,
+    /// The certificate chain, PEM.
+    #[arg(long)]
     cert: PathBuf,
+    /// The private key, PEM.
+    #[arg(long)]
     key: PathBuf,
+    /// The address to bind when run without baton.
+    #[arg(long, default_value = "127.0.0.1:8443")]
     listen: String,
-}
-
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let (mut generate, mut cert, mut key) = (false, None, None);
-    let mut listen = "127.0.0.1:8443".to_string();
-    while let Some(arg) = args.next() {
-        let mut value = |flag: &str| {
-            args.next()
-                .ok_or_else(|| format!("`{flag}` needs a value\n{USAGE}"))
-        };
-        match arg.as_str() {
-            "generate" => generate = true,
-            "--cert" => cert = Some(PathBuf::from(value("--cert")?)),
-            "--key" => key = Some(PathBuf::from(value("--key")?)),
-            "--listen" => listen = value("--listen")?,
-            _ => return Err(format!("unknown argument `{arg}`\n{USAGE}")),
-        }
-    }
-    match (cert, key) {
-        (Some(cert), Some(key)) => Ok(Args {
-            generate,
-            cert,
-            key,
-            listen,
-        }),
-        _ => Err(format!("`--cert` and `--key` are required\n{USAGE}")),
-    }
 }
 
 /// Writes a self-signed certificate for `localhost` and 127.0.0.1.
@@ -113,13 +94,7 @@ async fn serve(args: Args) -> Result<(), Error> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(message) => {
-            eprintln!("tls-app: {message}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = <Args as clap::Parser>::parse();
     let result = if args.generate {
         generate(&args)
     } else {

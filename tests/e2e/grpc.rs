@@ -7,21 +7,13 @@
 //! never reached the server and is safe to retry, which the caller here
 //! does, as gRPC clients that retry CANCELLED do; every other error counts.
 
-use baton_tests::harness::{config_with_listener, message, Baton, Binaries};
+use crate::clients::{across_reloads, Tally};
+use baton_tests::harness::{config_with_listener, Baton, Binaries};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-
-#[derive(Debug, Default)]
-struct Tally {
-    ok: u64,
-    retried: u64,
-    generations: Vec<u64>,
-    failures: Vec<String>,
-}
 
 /// Whether hyper cancelled the call before sending it.
 fn never_sent(status: &tonic::Status) -> bool {
@@ -58,12 +50,7 @@ async fn caller(endpoint: String, stop: Arc<AtomicBool>) -> Tally {
                     tally.failures.push(format!("{response:?}"));
                     continue;
                 }
-                tally.ok += 1;
-                if let Some(g) = generation {
-                    if tally.generations.last() != Some(&g) {
-                        tally.generations.push(g);
-                    }
-                }
+                tally.answered(generation);
             }
             Err(status) if never_sent(&status) => tally.retried += 1,
             Err(status) => tally.failures.push(format!("{status:?}")),
@@ -82,32 +69,9 @@ fn grpc_unary_calls_fail_none_across_reloads() {
     let mut baton = Baton::start(&config_with_listener("grpc", &worker));
     baton.wait_committed(1);
     let endpoint = format!("http://{}", baton.address("grpc"));
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let callers: Vec<_> = (0..4)
-        .map(|_| runtime.spawn(caller(endpoint.clone(), stop.clone())))
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    for _ in 0..RELOADS {
-        let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let tallies: Vec<Tally> = runtime.block_on(async {
-        let mut tallies = Vec::new();
-        for caller in callers {
-            let tally = tokio::time::timeout(Duration::from_secs(10), caller);
-            tallies.push(tally.await.unwrap().unwrap());
-        }
-        tallies
+    across_reloads(&mut baton, RELOADS, |stop| {
+        (0..4)
+            .map(|_| caller(endpoint.clone(), stop.clone()))
+            .collect()
     });
-    eprintln!("{tallies:#?}");
-    for tally in &tallies {
-        assert_eq!(tally.failures, Vec::<String>::new(), "{tally:?}");
-        assert!(tally.ok > 50, "{tally:?}");
-        assert_eq!(tally.generations.first(), Some(&1), "{tally:?}");
-        assert_eq!(tally.generations.last(), Some(&(RELOADS + 1)), "{tally:?}");
-    }
 }

@@ -3,7 +3,7 @@
 //! failed stream.
 
 use baton_tests::h2load::Load;
-use baton_tests::harness::{get, hello_config, message, Baton};
+use baton_tests::harness::{get, hello_config, Baton};
 use baton_tests::tools::require;
 use nix::sys::signal::{kill, Signal};
 use std::time::Duration;
@@ -38,11 +38,7 @@ fn hup_under_http2_load_fails_no_stream() {
     baton.wait_committed(1);
     let addr = baton.address("http");
     let load = Load::start(h2load, addr, CONNECTIONS, STREAMS);
-    for _ in 0..RELOADS {
-        let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
-        std::thread::sleep(Duration::from_millis(150));
-    }
+    baton.reload_times(RELOADS, Duration::from_millis(150));
     assert_clean(load, &format!("h2load across {RELOADS} reloads"));
     assert_eq!(get(addr).unwrap().1, Some(RELOADS + 1));
 }

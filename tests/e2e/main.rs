@@ -8,6 +8,7 @@ mod axum;
 mod blocking;
 mod check;
 mod cli_edges;
+mod clients;
 mod coalescing;
 mod config_reading;
 mod container_init;

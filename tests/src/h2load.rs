@@ -73,22 +73,14 @@ pub fn run(
     per_period: u32,
     streams: u32,
 ) -> Result<Summary, String> {
-    let output = Command::new(h2load)
-        .arg(format!("--rate={per_period}"))
-        .arg("--rate-period=100ms")
-        .arg(format!("--clients={connections}"))
-        .arg(format!("--requests={}", connections * streams))
-        .arg(format!("--max-concurrent-streams={streams}"))
-        .arg(format!("http://{addr}/"))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("running {}: {e}", h2load.display()))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Summary::parse(&text).ok_or(text)
+    let args = [
+        format!("--rate={per_period}"),
+        "--rate-period=100ms".to_string(),
+        format!("--clients={connections}"),
+        format!("--requests={}", connections * streams),
+        format!("--max-concurrent-streams={streams}"),
+    ];
+    summary_of(h2load, &args, addr)
 }
 
 /// Runs h2load for `duration` against `http://ADDR/` with `clients`
@@ -103,10 +95,18 @@ pub fn run_timed(
     streams: u32,
     duration: std::time::Duration,
 ) -> Result<Summary, String> {
+    let args = [
+        format!("--duration={}", duration.as_secs().max(1)),
+        format!("--clients={clients}"),
+        format!("--max-concurrent-streams={streams}"),
+    ];
+    summary_of(h2load, &args, addr)
+}
+
+/// Runs `h2load ARGS http://ADDR/` and parses its summary.
+fn summary_of(h2load: &Path, args: &[String], addr: SocketAddr) -> Result<Summary, String> {
     let output = Command::new(h2load)
-        .arg(format!("--duration={}", duration.as_secs().max(1)))
-        .arg(format!("--clients={clients}"))
-        .arg(format!("--max-concurrent-streams={streams}"))
+        .args(args)
         .arg(format!("http://{addr}/"))
         .stdin(Stdio::null())
         .output()

@@ -387,6 +387,16 @@ impl Baton {
         })
     }
 
+    /// Reloads `times` times with SIGHUP, `pause` apart, asserting each
+    /// reload committed.
+    pub fn reload_times(&mut self, times: u64, pause: Duration) {
+        for _ in 0..times {
+            let outcome = self.reload();
+            assert_eq!(message(&outcome), "reload committed", "{outcome}");
+            std::thread::sleep(pause);
+        }
+    }
+
     /// Waits until the pid file names a master other than `old`, and `old`
     /// has exited; returns the new master.
     pub fn wait_new_master(&self, old: Pid, timeout: Duration) -> Pid {

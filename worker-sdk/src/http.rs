@@ -163,15 +163,8 @@ pub async fn serve<L, S, B>(
 ) -> io::Result<()>
 where
     L: Accept,
-    S: Service<
-            Request<Incoming>,
-            Response = Response<B>,
-            Future: Send + 'static,
-            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        > + Clone
-        + Send
-        + 'static,
-    B: Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
+    S: HyperService<B>,
+    B: ResponseBody,
 {
     serve_with(listener, service, drain, options).await
 }
@@ -185,15 +178,8 @@ pub async fn serve_unix<S, B>(
     options: ServeOptions,
 ) -> io::Result<()>
 where
-    S: Service<
-            Request<Incoming>,
-            Response = Response<B>,
-            Future: Send + 'static,
-            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        > + Clone
-        + Send
-        + 'static,
-    B: Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
+    S: HyperService<B>,
+    B: ResponseBody,
 {
     serve_with(listener, service, drain, options).await
 }
@@ -208,21 +194,15 @@ pub async fn serve_tower<L, S, B>(
 ) -> io::Result<()>
 where
     L: Accept,
-    S: tower_service::Service<
-            Request<Incoming>,
-            Response = Response<B>,
-            Future: Send + 'static,
-            Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        > + Clone
-        + Send
-        + 'static,
-    B: Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
+    S: TowerService<B>,
+    B: ResponseBody,
 {
     serve_with(listener, TowerToHyperService::new(service), drain, options).await
 }
 
-/// The bounds `serve` puts on a service, named once.
-trait Handler<B>:
+/// A hyper service [`serve`] accepts: cloned for each connection, its
+/// futures `Send`. Implemented for every type that fits.
+pub trait HyperService<B>:
     Service<
         Request<Incoming>,
         Response = Response<B>,
@@ -234,7 +214,7 @@ trait Handler<B>:
 {
 }
 
-impl<T, B> Handler<B> for T where
+impl<T, B> HyperService<B> for T where
     T: Service<
             Request<Incoming>,
             Response = Response<B>,
@@ -246,8 +226,36 @@ impl<T, B> Handler<B> for T where
 {
 }
 
-/// The bounds `serve` puts on a response body, named once.
-trait ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+/// A tower service [`serve_tower`] and [`Worker::serve`](crate::Worker::serve)
+/// accept (an `axum::Router`, tonic's `Routes`, ...). Implemented for every
+/// type that fits.
+pub trait TowerService<B>:
+    tower_service::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T, B> TowerService<B> for T where
+    T: tower_service::Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A response body the server can write. Implemented for every type that
+/// fits.
+pub trait ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
 
 impl<T> ResponseBody for T where T: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
 
@@ -270,7 +278,7 @@ async fn serve_with<L, S, B>(
 ) -> io::Result<()>
 where
     L: Accept,
-    S: Handler<B>,
+    S: HyperService<B>,
     B: ResponseBody,
 {
     let http = Arc::new(http_builder(&options));

@@ -3,7 +3,7 @@
 //! the connection's drain notice fires.
 
 use super::registry::{Counted, DrainNotice, Registration};
-use super::{BoxError, Handler, ResponseBody};
+use super::{BoxError, HyperService, ResponseBody};
 use crate::Drain;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONNECTION};
@@ -42,7 +42,7 @@ pub(super) async fn drive<I, S, B>(
     setup: Setup<S>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Handler<B>,
+    S: HyperService<B>,
     B: ResponseBody,
 {
     let io = match setup.handshake_timeout {

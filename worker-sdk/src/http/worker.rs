@@ -1,9 +1,7 @@
 //! The common case in one call: [`Worker::serve`].
 
-use super::{serve_tower, ServeOptions};
+use super::{serve_tower, ResponseBody, ServeOptions, TowerService};
 use crate::{Error, ListenerKind, Worker};
-use hyper::body::{Body, Incoming};
-use hyper::{Request, Response};
 use std::sync::Arc;
 
 impl Worker {
@@ -29,15 +27,8 @@ impl Worker {
     /// [`http::serve`](super::serve) or [`http::serve_tower`](super::serve_tower).
     pub async fn serve<S, B>(&mut self, name: &str, service: S) -> Result<(), Error>
     where
-        S: tower_service::Service<
-                Request<Incoming>,
-                Response = Response<B>,
-                Future: Send + 'static,
-                Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-            > + Clone
-            + Send
-            + 'static,
-        B: Body<Data: Send, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static,
+        S: TowerService<B>,
+        B: ResponseBody,
     {
         let options = self.serve_options();
         match self.listener_kind(name) {
