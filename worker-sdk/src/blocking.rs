@@ -29,9 +29,10 @@
 //!
 //! As with the async [`Worker`](crate::Worker), the master's drain message
 //! starts the drain, and so does the control channel's end of file (the
-//! master is gone), with the hello's drain timeout. Standalone, SIGTERM or
-//! SIGINT starts it: call [`Builder::start`] before starting other threads,
-//! which then inherit the blocked signals that a thread of the SDK waits for.
+//! master is gone), with the hello's drain timeout. SIGTERM or SIGINT starts
+//! it too, under baton or standalone: call [`Builder::start`] before
+//! starting other threads, which then inherit the blocked signals that a
+//! thread of the SDK waits for.
 
 use crate::channel::BlockingChannel;
 use crate::handshake::{self, Handshake, Hello, HELLO_TIMEOUT};
@@ -154,6 +155,9 @@ impl Worker {
         }
         let drain = Drain::default();
         spawn_control_reader(channel.clone(), drain.clone(), drain_timeout)?;
+        // As for the async worker: a SIGTERM or SIGINT that reaches the
+        // worker past the master asks for a drain too.
+        spawn_signal_waiter(drain.clone(), drain_timeout)?;
         Ok(Worker {
             generation,
             index: worker_index,
