@@ -7,6 +7,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Whether the server never saw the request that failed with `error`:
+/// hyper cancelled it unsent, or HTTP/2 refused it locally or by GOAWAY (a
+/// stream above the GOAWAY's last stream id was not processed and may be
+/// retried, RFC 9113 section 6.8).
+pub fn not_processed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
+            if hyper.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        next = error.source();
+    }
+    false
+}
+
 /// What one client saw.
 #[derive(Debug, Default)]
 pub struct Tally {

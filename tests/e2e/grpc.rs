@@ -3,29 +3,18 @@
 //!
 //! tonic's channel has one known gap at a GOAWAY (hyperium/tonic#2185): a
 //! call issued after the GOAWAY arrived but before the channel noticed is
-//! cancelled by hyper without being sent ("connection closed"). Such a call
-//! never reached the server and is safe to retry, which the caller here
-//! does, as gRPC clients that retry CANCELLED do; every other error counts.
+//! failed without reaching the server, cancelled by hyper ("connection
+//! closed") or refused by h2 (`GoAway`, NO_ERROR). Such a call is safe to
+//! retry, which the caller here does, as gRPC clients that retry CANCELLED
+//! and UNAVAILABLE do; every other error counts.
 
-use crate::clients::{across_reloads, Tally};
+use crate::clients::{across_reloads, not_processed, Tally};
 use baton_tests::harness::{config_with_listener, Baton, Binaries};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-
-/// Whether hyper cancelled the call before sending it.
-fn never_sent(status: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if let Some(hyper) = error.downcast_ref::<hyper::Error>() {
-            return hyper.is_canceled();
-        }
-        source = error.source();
-    }
-    false
-}
 
 /// Unary health checks one after another on one tonic channel until `stop`.
 async fn caller(endpoint: String, stop: Arc<AtomicBool>) -> Tally {
@@ -52,7 +41,9 @@ async fn caller(endpoint: String, stop: Arc<AtomicBool>) -> Tally {
                 }
                 tally.answered(generation);
             }
-            Err(status) if never_sent(&status) => tally.retried += 1,
+            Err(status) if std::error::Error::source(&status).is_some_and(not_processed) => {
+                tally.retried += 1
+            }
             Err(status) => tally.failures.push(format!("{status:?}")),
         }
     }

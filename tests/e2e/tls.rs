@@ -1,7 +1,7 @@
 //! `examples/tls`: HTTPS through the SDK with tokio-rustls, HTTP/2 and
 //! HTTP/1.1 chosen by ALPN, across reloads without a failed request.
 
-use crate::clients::{across_reloads, Tally};
+use crate::clients::{across_reloads, not_processed, Tally};
 use baton_tests::harness::{config_with_listener, Baton, Binaries, TempDir};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
@@ -29,18 +29,6 @@ fn connector(cert: &Path, alpn: &[u8]) -> TlsConnector {
         .with_no_client_auth();
     config.alpn_protocols = vec![alpn.to_vec()];
     TlsConnector::from(Arc::new(config))
-}
-
-/// Whether the server never saw the request: hyper did not send it, or
-/// HTTP/2 refused it locally or by GOAWAY (a stream above the GOAWAY's last
-/// stream id was not processed and may be retried, RFC 9113 section 6.8).
-fn not_processed(error: &hyper::Error) -> bool {
-    use std::error::Error;
-    error.is_canceled()
-        || error
-            .source()
-            .and_then(|source| source.downcast_ref::<h2::Error>())
-            .is_some_and(|h2| h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
 }
 
 /// A sender of requests on one new TLS connection, speaking what ALPN chose.
