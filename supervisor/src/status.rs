@@ -241,6 +241,15 @@ pub fn render(status: &Status) -> String {
     if with_status {
         rows[0].push("STATUS".into());
     }
+    // Only workers with a reload handle run a config version of their own.
+    let with_version = status
+        .generations
+        .iter()
+        .flat_map(|g| &g.workers)
+        .any(|w| w.config_version.is_some());
+    if with_version {
+        rows[0].push("VERSION".into());
+    }
     for g in &status.generations {
         let head = vec![g.number.to_string(), g.state.clone(), age(g.age_s)];
         if g.workers.is_empty() {
@@ -262,6 +271,9 @@ pub fn render(status: &Status) -> String {
             ]);
             if with_status {
                 row.push(w.status.clone().unwrap_or_else(|| "-".into()));
+            }
+            if with_version {
+                row.push(w.config_version.clone().unwrap_or_else(|| "-".into()));
             }
             rows.push(row);
         }

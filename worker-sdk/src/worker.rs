@@ -165,6 +165,16 @@ impl Worker {
         self.control.is_some()
     }
 
+    /// Whether [`Worker::app_config`] has files to build from: the
+    /// master sent `[worker] app_config`, or (standalone) the builder named
+    /// some with [`Builder::app_config_file`].
+    pub fn has_app_config(&self) -> bool {
+        match &self.control {
+            Some(_) => self.app.initial.is_some(),
+            None => !self.app.paths.is_empty(),
+        }
+    }
+
     /// The names and metadata of the listeners not yet taken.
     pub fn listeners(&self) -> impl Iterator<Item = &ListenerInfo> {
         self.listeners.values().map(|l| &l.info)
