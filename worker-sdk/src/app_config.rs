@@ -88,6 +88,41 @@ impl Files {
     }
 }
 
+/// What a handle's prepare built, until commit takes it (for that version
+/// only) or abort drops it. Touched only by those, never on a request's
+/// path.
+pub(crate) struct Prepared<T>(Mutex<Option<(String, T)>>);
+
+impl<T> Default for Prepared<T> {
+    fn default() -> Self {
+        Prepared(Mutex::new(None))
+    }
+}
+
+impl<T> Prepared<T> {
+    /// Keeps `value`, built for `version`.
+    pub(crate) fn set(&self, version: &str, value: T) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((version.to_string(), value));
+    }
+
+    /// What was prepared for `version`, if that is what was prepared.
+    pub(crate) fn take(&self, version: &str) -> Option<T> {
+        let mut prepared = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match prepared.take() {
+            Some((v, value)) if v == version => Some(value),
+            other => {
+                *prepared = other;
+                None
+            }
+        }
+    }
+
+    /// Drops what was prepared.
+    pub(crate) fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
 /// The current value and the version it was built from.
 struct Current<T> {
     version: String,
@@ -97,9 +132,7 @@ struct Current<T> {
 struct Inner<T> {
     current: ArcSwap<Current<T>>,
     changed: watch::Sender<String>,
-    /// What prepare built, until commit or abort. Touched only by those
-    /// two, never on a request's path.
-    prepared: Mutex<Option<Current<T>>>,
+    prepared: Prepared<Arc<T>>,
     parse: Box<Parser<T>>,
 }
 
@@ -143,7 +176,7 @@ impl<T: Send + Sync + 'static> AppConfig<T> {
             inner: Arc::new(Inner {
                 current: ArcSwap::from_pointee(Current { version, value }),
                 changed,
-                prepared: Mutex::new(None),
+                prepared: Prepared::default(),
                 parse: Box::new(parse),
             }),
             changes,
@@ -201,33 +234,24 @@ impl<T: Send + Sync + 'static> Reloadable for Inner<T> {
         // A parser that panics refuses; it does not take the worker down.
         let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.parse)(files)))
             .map_err(|panic| format!("the parser panicked: {}", panic_message(&panic)))??;
-        *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some(Current {
-            version: version.to_string(),
-            value: Arc::new(built),
-        });
+        self.prepared.set(version, Arc::new(built));
         Ok(())
     }
 
     fn commit(&self, version: &str) -> bool {
-        let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
-        match prepared.take() {
-            Some(next) if next.version == version => {
-                self.current.store(Arc::new(next));
-                self.changed.send_replace(version.to_string());
-                true
-            }
-            other => {
-                *prepared = other;
-                false
-            }
-        }
+        let Some(value) = self.prepared.take(version) else {
+            return false;
+        };
+        self.current.store(Arc::new(Current {
+            version: version.to_string(),
+            value,
+        }));
+        self.changed.send_replace(version.to_string());
+        true
     }
 
     fn abort(&self) {
-        self.prepared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.prepared.clear();
     }
 }
 

@@ -3,9 +3,9 @@
 //! files (prepare validates the directive, commit swaps it). Feature
 //! `tracing`.
 
-use crate::app_config::{Files, Reloadable};
+use crate::app_config::{Files, Prepared, Reloadable};
 use crate::{Error, Worker};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
@@ -29,14 +29,14 @@ pub fn init(worker: &mut Worker) -> Result<(), Error> {
         .map_err(|e| Error::AppConfig(format!("installing the log subscriber: {e}")))?;
     worker.register(Arc::new(LogFilter {
         handle,
-        prepared: Mutex::new(None),
+        prepared: Prepared::default(),
     }));
     Ok(())
 }
 
 struct LogFilter {
     handle: reload::Handle<EnvFilter, Registry>,
-    prepared: Mutex<Option<(String, EnvFilter)>>,
+    prepared: Prepared<EnvFilter>,
 }
 
 impl Reloadable for LogFilter {
@@ -44,25 +44,17 @@ impl Reloadable for LogFilter {
         let directive = log_filter.unwrap_or("info");
         let filter = EnvFilter::try_new(directive)
             .map_err(|e| format!("invalid log_filter {directive:?}: {e}"))?;
-        *self.prepared.lock().unwrap_or_else(|e| e.into_inner()) = Some((version.into(), filter));
+        self.prepared.set(version, filter);
         Ok(())
     }
 
     fn commit(&self, version: &str) -> bool {
-        let mut prepared = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
-        match prepared.take() {
-            Some((v, filter)) if v == version => self.handle.reload(filter).is_ok(),
-            other => {
-                *prepared = other;
-                false
-            }
-        }
+        self.prepared
+            .take(version)
+            .is_some_and(|filter| self.handle.reload(filter).is_ok())
     }
 
     fn abort(&self) {
-        self.prepared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.prepared.clear();
     }
 }
