@@ -487,14 +487,7 @@ mod tests {
     /// set after bind); otherwise a generation socket joining `port`.
     fn listener(port: u16) -> OwnedFd {
         use nix::sys::socket::*;
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+        let fd = tcp_socket();
         if port != 0 {
             setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
         }
@@ -705,10 +698,12 @@ mod tests {
         group.probe(Some((from, new.as_fd()))).unwrap();
         // Everyone else still goes to `old`.
         assert_eq!(probe(port, &[&primary, &old, &new], 16), [0, 16, 0]);
-        let socket = socket2_bound(from);
-        socket
-            .connect(&nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, port))
-            .unwrap();
+        let client = bound_client(from);
+        nix::sys::socket::connect(
+            client.as_raw_fd(),
+            &nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, port),
+        )
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while accept_queue(new.as_fd()).unwrap() != 1 {
             assert!(Instant::now() < deadline, "the probe did not reach `new`");
@@ -720,8 +715,8 @@ mod tests {
         assert_eq!(probe(port, &[&primary, &old, &new], 8), [0, 8, 0]);
     }
 
-    /// A blocking TCP socket bound to `from`, ready to connect.
-    fn socket2_bound(from: SocketAddr) -> Client {
+    /// A blocking IPv4 TCP socket with SO_REUSEADDR, not bound yet.
+    fn tcp_socket() -> OwnedFd {
         use nix::sys::socket::*;
         let fd = socket(
             AddressFamily::Inet,
@@ -731,19 +726,17 @@ mod tests {
         )
         .unwrap();
         setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+        fd
+    }
+
+    /// A TCP socket bound to `from`, ready to connect.
+    fn bound_client(from: SocketAddr) -> OwnedFd {
+        let fd = tcp_socket();
         let SocketAddr::V4(from) = from else {
             panic!("v4")
         };
-        bind(fd.as_raw_fd(), &SockaddrIn::from(from)).unwrap();
-        Client(fd)
-    }
-
-    struct Client(OwnedFd);
-
-    impl Client {
-        fn connect(&self, to: &nix::sys::socket::SockaddrIn) -> nix::Result<()> {
-            nix::sys::socket::connect(self.0.as_raw_fd(), to)
-        }
+        nix::sys::socket::bind(fd.as_raw_fd(), &nix::sys::socket::SockaddrIn::from(from)).unwrap();
+        fd
     }
 
     #[test]

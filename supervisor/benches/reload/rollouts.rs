@@ -14,12 +14,11 @@
 //!   until the good release alone serves again.
 
 use crate::procs::{Guard, TempDir};
-use crate::servers::{baton_run, Binaries};
+use crate::servers::{spawn_baton, Binaries};
 use baton::control::client;
 use baton::control::protocol::{Reply, Request};
 use baton_tests::load::{LoadConfig, LoadHandle, Mode, Report};
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -98,12 +97,7 @@ impl Running {
              [[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n[worker]\nprocesses = 2\n\
              ready_timeout = \"30s\"\ndrain_timeout = \"10s\"\n{worker}",
         );
-        let mut command = baton_run(&bins.baton, dir.path(), &config)?;
-        command.stderr(Stdio::null());
-        let mut guard = Guard::default();
-        guard
-            .spawn(&mut command)
-            .map_err(|e| format!("cannot start {}: {e}", bins.baton.display()))?;
+        let guard = spawn_baton(&bins.baton, dir.path(), &config)?;
         let socket = dir.path().join("baton.sock");
         let deadline = Instant::now() + TIMEOUT;
         let addr = loop {

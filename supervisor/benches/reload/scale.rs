@@ -8,11 +8,10 @@
 //! is measured is the master's own work.
 
 use crate::procs::{Guard, TempDir};
-use crate::servers::{baton_run, Binaries};
+use crate::servers::{spawn_baton, Binaries};
 use baton::control::client;
 use baton::control::protocol::{Reply, Request};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -109,16 +108,11 @@ fn measure(
 ) -> Result<Figures, String> {
     let dir = TempDir::new(&format!("scale-{protocol}"))
         .map_err(|e| format!("cannot create a temp dir: {e}"))?;
-    let mut command = baton_run(
+    let mut guard = spawn_baton(
         &bins.baton,
         dir.path(),
         &config(&bins.hello, protocol, ready),
     )?;
-    command.stderr(Stdio::null());
-    let mut guard = Guard::default();
-    guard
-        .spawn(&mut command)
-        .map_err(|e| format!("cannot start {}: {e}", bins.baton.display()))?;
     let socket = dir.path().join("baton.sock");
     wait_started(&socket, &mut guard)?;
     let mut figures = Figures {

@@ -260,6 +260,18 @@ pub fn baton_run(baton: &Path, dir: &Path, config: &str) -> Result<Command, Stri
     Ok(command)
 }
 
+/// Starts `baton run` on `config` in `dir`, its log discarded, in a guard
+/// that kills it on drop.
+pub fn spawn_baton(baton: &Path, dir: &Path, config: &str) -> Result<crate::procs::Guard, String> {
+    let mut command = baton_run(baton, dir, config)?;
+    command.stderr(Stdio::null());
+    let mut guard = crate::procs::Guard::default();
+    guard
+        .spawn(&mut command)
+        .map_err(|e| format!("cannot start {}: {e}", baton.display()))?;
+    Ok(guard)
+}
+
 /// Starts an external server (nginx, HAProxy) with its output in
 /// `output.log` and waits until it accepts connections on `addr`.
 fn start_external(
