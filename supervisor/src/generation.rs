@@ -116,9 +116,10 @@ pub struct Generation {
     pub executable: Option<crate::inplace::Identity>,
     /// When it was replaced (or stopped): its drain began.
     pub draining_since: Option<Instant>,
-    /// The W3C `traceparent` of the reload that started it, for its
-    /// workers (`TRACEPARENT`), when traces are exported.
-    pub traceparent: Option<String>,
+    /// The reload that starts it, while it runs: its spawn phase's span
+    /// (each worker's startup span is a child) and W3C `traceparent` (the
+    /// workers' `TRACEPARENT` and hello), when traces are exported.
+    trace: Option<(tracing::Span, String)>,
 }
 
 impl Generation {
@@ -145,8 +146,20 @@ impl Generation {
             notify: None,
             handover: None,
             draining_since: None,
-            traceparent: None,
+            trace: None,
         }
+    }
+
+    /// Its workers' startup joins the trace of the reload starting it,
+    /// under `spawn_phase`, when that span is exported.
+    pub fn join_trace(&mut self, spawn_phase: &tracing::Span) {
+        self.trace = crate::traces::traceparent(spawn_phase).map(|t| (spawn_phase.clone(), t));
+    }
+
+    /// The reload ended: workers started from now on (respawns) are not
+    /// part of its trace.
+    pub fn leave_trace(&mut self) {
+        self.trace = None;
     }
 
     /// Spawns worker `index`; an SDK worker's channel is forwarded to
@@ -166,11 +179,14 @@ impl Generation {
             listeners: &self.listeners,
             notify_socket: self.notify.as_ref().map(|n| n.socket.path()),
             app: &self.config.app,
-            traceparent: self.traceparent.as_deref(),
+            traceparent: self.trace.as_ref().map(|(_, t)| t.as_str()),
             config_hash: &self.config.hash,
         };
         let mut worker = worker::spawn(&spec, restarts, crashes)?;
         let pid = worker.pid;
+        if let Some((spawn_phase, _)) = &self.trace {
+            worker.startup = tracing::info_span!(parent: spawn_phase, "worker startup", generation = self.number, worker = index, pid = pid.as_raw(), outcome = tracing::field::Empty);
+        }
         if let Some(guardian) = guardian {
             guardian.watch(pid, self.config.worker.drain_timeout.0);
         }
@@ -191,7 +207,7 @@ impl Generation {
     pub fn probe_passed(&mut self) {
         for worker in self.workers.values_mut() {
             if worker.state == State::Starting {
-                worker.state = State::Ready;
+                worker.become_ready();
                 tracing::info!(
                     generation = self.number,
                     worker = worker.index,

@@ -31,7 +31,7 @@
 
 use crate::config::Config;
 use crate::master::Master;
-use crate::reload::{Step, Trigger};
+use crate::reload::{phase_span, Step, Trigger};
 use baton_worker::protocol::{AppStage, MasterMessage, WorkerMessage};
 use nix::unistd::Pid;
 use std::collections::BTreeSet;
@@ -82,6 +82,8 @@ pub struct InPlace {
     /// The generation whose workers swap.
     generation: u64,
     span: Span,
+    /// The child span of the phase under way (prepare, commit).
+    phase_span: Span,
     config: Rc<Config>,
     phases: Vec<(Step, Duration)>,
     phase_started: Instant,
@@ -196,6 +198,8 @@ impl Master {
         validated: Duration,
     ) {
         let _enter = span.clone().entered();
+        drop(phase_span(&span, Step::Validate));
+        let preparing = phase_span(&span, Step::Prepare);
         let timeout = config.worker.prepare_timeout.0;
         tracing::info!(generation = number, version = %config.app.version, "reload in place: preparing");
         let Some(generation) = self.generations.get(&number) else {
@@ -230,6 +234,7 @@ impl Master {
             trigger,
             generation: number,
             span,
+            phase_span: preparing,
             config,
             phases: vec![(Step::Validate, validated)],
             phase_started: Instant::now(),
@@ -370,6 +375,7 @@ impl Master {
             .phases
             .push((Step::Prepare, now - transaction.phase_started));
         transaction.phase_started = now;
+        transaction.phase_span = phase_span(&transaction.span, Step::Commit);
         transaction.stage = Stage::Committing;
         transaction.deadline = now + transaction.config.worker.prepare_timeout.0;
         let config = transaction.config.clone();

@@ -555,7 +555,7 @@ impl Master {
                 // With `ready = "delay:..."` only the delay decides.
                 let sdk_ready = generation.config.worker.ready == ReadyMode::Sdk;
                 if worker.state == State::Starting && sdk_ready {
-                    worker.state = State::Ready;
+                    worker.become_ready();
                     tracing::info!(
                         generation = number,
                         worker = index,

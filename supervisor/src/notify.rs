@@ -337,7 +337,7 @@ impl Master {
             tracing::info!(generation, worker = index, pid = raw, "worker stopping");
         }
         if notification.ready && notify_ready && worker.state == State::Starting {
-            worker.state = State::Ready;
+            worker.become_ready();
             tracing::info!(
                 generation,
                 worker = index,

@@ -60,7 +60,7 @@ impl Step {
 
 /// The child span of `reload` for phase `step` (named after the phase in
 /// exported traces).
-fn phase_span(reload: &Span, step: Step) -> Span {
+pub(crate) fn phase_span(reload: &Span, step: Step) -> Span {
     tracing::info_span!(parent: reload, "phase", otel.name = step.name(), phase = step.name())
 }
 
@@ -452,8 +452,7 @@ impl Master {
             _ => config.worker.processes,
         };
         let mut new = Generation::new(generation, config.clone(), sockets, processes);
-        // Its workers' startup joins the reload's trace under the spawn phase.
-        new.traceparent = crate::traces::traceparent(&spawning);
+        new.join_trace(&spawning);
         let mut spawn_error = None;
         if config.worker.ready == ReadyMode::Notify {
             match self.notifier(generation, config.worker.credentials()) {
@@ -617,7 +616,7 @@ impl Master {
         if let ReadyMode::Delay(delay) = new.config.worker.ready {
             for worker in new.workers.values_mut() {
                 if worker.state == State::Starting && worker.started.elapsed() >= delay {
-                    worker.state = State::Ready;
+                    worker.become_ready();
                 }
             }
         }
@@ -824,6 +823,9 @@ impl Master {
         phases: Vec<(Step, Duration)>,
         failure: Option<(Step, String)>,
     ) {
+        if let Some(g) = self.generations.get_mut(&generation) {
+            g.leave_trace();
+        }
         let ms = |step| {
             phases
                 .iter()

@@ -93,10 +93,16 @@ pub struct Worker {
     /// The config version its reload handle runs, once it registered one
     /// (`AppRegistered`, then each `AppCommitted`).
     pub app_version: Option<String>,
+    /// Its startup span in the reload's trace, from spawn until ready,
+    /// when traces are exported.
+    pub startup: tracing::Span,
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        if self.state == State::Starting {
+            self.startup.record("outcome", "exited before ready");
+        }
         if let Some(reader) = &self.reader {
             reader.abort();
         }
@@ -258,6 +264,7 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
         status: None,
         stop_signal: config.stop_signal.0,
         app_version: None,
+        startup: tracing::Span::none(),
     };
     let Some(channel) = &worker.channel else {
         return Ok(worker);
@@ -281,6 +288,7 @@ fn send_hello(channel: &Channel, spec: &SpawnSpec<'_>) -> Result<(), ChannelErro
             listener_count: spec.listeners.len() as u32,
             drain_timeout_ms: spec.config.drain_timeout.0.as_millis() as u64,
             app_config: spec.config.reloads_in_place(),
+            traceparent: spec.traceparent.map(str::to_string),
         },
         &[],
     )?;
@@ -326,6 +334,13 @@ pub fn send_app_files(
 }
 
 impl Worker {
+    /// It is serving: its startup span ends.
+    pub fn become_ready(&mut self) {
+        self.state = State::Ready;
+        self.startup.record("outcome", "ready");
+        self.startup = tracing::Span::none();
+    }
+
     /// Tells the worker to drain and sets its kill deadline.
     pub fn drain(&mut self, timeout: Duration) {
         let kill_at = Instant::now() + timeout;

@@ -1,8 +1,10 @@
 //! Reload traces: with `[supervisor] otlp_endpoint`, each reload is one
-//! trace (a root span with a child span per phase) sent over OTLP/HTTP with
-//! protobuf, and the new workers get the reload's `TRACEPARENT`.
+//! trace (a root span with a child span per phase, and each new worker's
+//! startup under the spawn phase) sent over OTLP/HTTP with protobuf, and
+//! the new workers get the reload's `TRACEPARENT` (environment, and the
+//! SDK's hello).
 
-use baton_tests::harness::{config_with_worker, message, Baton};
+use baton_tests::harness::{config_with_worker, exchange, message, Baton, Binaries, TempDir};
 use baton_tests::otlp::{Receiver, Span};
 use nix::sys::signal::Signal;
 use std::time::Duration;
@@ -48,6 +50,15 @@ fn each_reload_is_one_trace_with_its_phases_and_new_workers_join_it() {
             .iter()
             .filter(|s| s.parent_span_id == reload.span_id)
             .all(|s| s.trace_id == reload.trace_id));
+        // The new worker's startup, from spawn to ready, under the spawn
+        // phase.
+        let spawn = children(&spans, reload, "spawn");
+        let startups: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.name == "worker startup" && s.parent_span_id == spawn.span_id)
+            .collect();
+        assert_eq!(startups.len(), 1, "{spans:#?}");
+        assert_eq!(startups[0].trace_id, reload.trace_id);
     }
     // Generation 2's worker got the second reload's trace, under its spawn
     // phase.
@@ -64,4 +75,97 @@ fn each_reload_is_one_trace_with_its_phases_and_new_workers_join_it() {
         .unwrap();
     assert_eq!(parts[1], reload.trace_id);
     assert_eq!(parts[0], "00");
+}
+
+/// The one child span of `parent` named `name`.
+fn children<'a>(spans: &'a [Span], parent: &Span, name: &str) -> &'a Span {
+    let found: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == name && s.parent_span_id == parent.span_id)
+        .collect();
+    assert_eq!(found.len(), 1, "{name} under {parent:?}: {spans:#?}");
+    found[0]
+}
+
+#[test]
+fn sdk_workers_get_the_trace_and_an_in_place_reload_traces_its_phases() {
+    let receiver = Receiver::start();
+    let worker = format!(
+        "command = [{:?}, \"app\"]\nprocesses = 2\nready_timeout = \"10s\"\ndrain_timeout = \"2s\"\n\
+         app_config = [\"app.conf\"]\nprepare_timeout = \"2s\"\n",
+        Binaries::testworker().display().to_string()
+    );
+    let config = config_with_worker(&worker).replace(
+        "[supervisor]\n",
+        &format!("[supervisor]\notlp_endpoint = {:?}\n", receiver.endpoint()),
+    );
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("baton.toml"), config).unwrap();
+    std::fs::write(dir.path().join("app.conf"), "rate = 1\n").unwrap();
+    let mut baton = Baton::start_in(dir, &["run"]);
+    baton.wait_committed(1);
+
+    // Each SDK worker has the trace context of the reload that started it
+    // (generation 1's start), as `Worker::traceparent` gives it.
+    let mut given = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let stream = std::net::TcpStream::connect(baton.address("http")).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (status, head, _) = exchange(stream, "/").unwrap();
+        assert_eq!(status, 200);
+        let traceparent = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-traceparent: "))
+            .unwrap_or_else(|| panic!("no x-traceparent: {head}"));
+        given.insert(traceparent.trim().to_string());
+    }
+    assert_eq!(given.len(), 1, "one reload started both workers: {given:?}");
+
+    // Only the app config changed: an in-place reload.
+    std::fs::write(baton.dir().join("app.conf"), "rate = 2\n").unwrap();
+    let out = baton.cli(&["reload", "--in-place"]);
+    assert!(out.status.success(), "{out:?}");
+    baton.signal(Signal::SIGQUIT);
+    baton.wait_exit(Duration::from_secs(15));
+
+    let spans = receiver.wait(Duration::from_secs(10), |spans| {
+        spans.iter().filter(|s| s.name == "reload").count() == 2
+            && spans.iter().filter(|s| s.name == "commit").count() == 2
+    });
+    let start = spans
+        .iter()
+        .find(|s| s.name == "reload" && children_named(&spans, s).contains(&"spawn"))
+        .expect("generation 1's start");
+    let spawn = children(&spans, start, "spawn");
+    let traceparent = given.into_iter().next().unwrap();
+    assert_eq!(
+        traceparent,
+        format!("00-{}-{}-01", start.trace_id, spawn.span_id),
+        "{spans:#?}"
+    );
+    let startups = spans
+        .iter()
+        .filter(|s| s.name == "worker startup" && s.parent_span_id == spawn.span_id)
+        .count();
+    assert_eq!(startups, 2, "{spans:#?}");
+
+    let in_place = spans
+        .iter()
+        .find(|s| s.name == "reload" && s.span_id != start.span_id)
+        .unwrap();
+    assert_ne!(in_place.trace_id, start.trace_id);
+    let mut phases = children_named(&spans, in_place);
+    phases.sort();
+    assert_eq!(phases, ["commit", "prepare", "validate"], "{spans:#?}");
+}
+
+/// The names of `parent`'s child spans.
+fn children_named<'a>(spans: &'a [Span], parent: &Span) -> Vec<&'a str> {
+    spans
+        .iter()
+        .filter(|s| s.parent_span_id == parent.span_id)
+        .map(|s| s.name.as_str())
+        .collect()
 }

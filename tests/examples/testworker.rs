@@ -17,7 +17,8 @@
 //!   (worker N refuses), `hang_worker = N` (worker N's parser never
 //!   returns), `exit_worker = N` (worker N exits 50 ms after it prepared a
 //!   reload; not at its start).
-//!   Answers every HTTP request with `x-config-version` and
+//!   Answers every HTTP request with `x-config-version`, `x-traceparent`
+//!   (the SDK's `Worker::traceparent`, `-` when none) and
 //!   `rate=RATE version=VERSION pid=PID`, one request per connection, and
 //!   logs `served` at info level through the SDK's log setup, whose filter
 //!   is `[worker] log_filter`.
@@ -137,6 +138,7 @@ async fn main() {
             let listener = worker.tcp_listener("http").expect("listener http");
             worker.ready().await.expect("ready");
             let generation = worker.generation();
+            let traceparent = worker.traceparent().unwrap_or("-").to_string();
             loop {
                 tokio::select! {
                     biased;
@@ -146,7 +148,8 @@ async fn main() {
                         let (app, version) = config.load_versioned();
                         tracing::info!(%version, "served");
                         let body = format!("rate={} version={version} pid={}\n", app.rate, std::process::id());
-                        respond(stream, generation, &[("x-config-version", &version)], &body).await;
+                        let headers = [("x-config-version", version.as_str()), ("x-traceparent", &traceparent)];
+                        respond(stream, generation, &headers, &body).await;
                     }
                 }
             }

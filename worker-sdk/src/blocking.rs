@@ -55,6 +55,8 @@ pub struct Worker {
     listeners: BTreeMap<String, Listener>,
     control: Option<Arc<BlockingChannel>>,
     drain: Drain,
+    /// The reload's W3C `traceparent`, from the hello.
+    traceparent: Option<String>,
 }
 
 /// Configures a worker that also runs without baton.
@@ -96,6 +98,7 @@ impl Builder {
             listeners,
             control: None,
             drain,
+            traceparent: crate::context::traceparent(),
         })
     }
 }
@@ -142,6 +145,7 @@ impl Worker {
             listeners,
             app_files,
             log_filter: _,
+            traceparent,
         } = hello;
         if app_files.is_some() {
             let error = Error::Protocol(
@@ -164,6 +168,7 @@ impl Worker {
             listeners,
             control: Some(channel),
             drain,
+            traceparent: traceparent.or_else(crate::context::traceparent),
         })
     }
 
@@ -175,6 +180,12 @@ impl Worker {
     /// The worker's index within its generation; 0 when standalone.
     pub fn index(&self) -> u32 {
         self.index
+    }
+
+    /// The W3C `traceparent` of the reload that started this worker, as
+    /// [`crate::Worker::traceparent`] gives it.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
     }
 
     /// Whether a baton master supervises this worker.

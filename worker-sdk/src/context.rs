@@ -6,7 +6,9 @@
 
 /// The reload's W3C `traceparent` (`00-TRACEID-SPANID-FLAGS`), from
 /// `TRACEPARENT`, when the master exports traces (`[supervisor]
-/// otlp_endpoint`); `None` otherwise or when malformed.
+/// otlp_endpoint`); `None` otherwise or when malformed. An SDK worker has
+/// it from the master's hello as well: [`Worker::traceparent`]
+/// (crate::Worker::traceparent).
 pub fn traceparent() -> Option<String> {
     std::env::var("TRACEPARENT")
         .ok()
@@ -22,7 +24,7 @@ pub fn config_hash() -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn is_traceparent(value: &str) -> bool {
+pub(crate) fn is_traceparent(value: &str) -> bool {
     let parts: Vec<&str> = value.split('-').collect();
     let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
     parts.len() == 4

@@ -70,6 +70,8 @@ pub(crate) struct Hello {
     pub(crate) app_files: Option<(String, Files)>,
     /// With `[worker] app_config`: the workers' log filter.
     pub(crate) log_filter: Option<String>,
+    /// The reload's W3C `traceparent`, when well-formed.
+    pub(crate) traceparent: Option<String>,
 }
 
 /// What the hello said.
@@ -89,6 +91,7 @@ pub(crate) struct Handshake {
     listeners: BTreeMap<String, Listener>,
     app_files: Option<(String, Files)>,
     log_filter: Option<String>,
+    traceparent: Option<String>,
 }
 
 impl Handshake {
@@ -103,6 +106,7 @@ impl Handshake {
                 listener_count,
                 drain_timeout_ms,
                 app_config,
+                traceparent,
             } = received.message
             else {
                 return Err(Error::Protocol(format!(
@@ -117,6 +121,8 @@ impl Handshake {
                 drain_timeout: Duration::from_millis(drain_timeout_ms),
                 app_config,
             });
+            // As W3C Trace Context says of a malformed header: ignored.
+            self.traceparent = traceparent.filter(|t| crate::context::is_traceparent(t));
             return Ok(listener_count == 0 && !app_config);
         };
         if self.listeners.len() < hello.listener_count as usize {
@@ -197,6 +203,7 @@ impl Handshake {
             listeners: self.listeners,
             app_files: self.app_files,
             log_filter: self.log_filter,
+            traceparent: self.traceparent,
         }
     }
 }

@@ -78,6 +78,10 @@ pub enum MasterMessage {
         /// `[worker] app_config` files follows the listeners.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         app_config: bool,
+        /// The W3C `traceparent` of the reload that started the worker, when
+        /// the master exports traces (also in `TRACEPARENT`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     /// A batch of listeners; the message carries their fds, in this order.
     Listeners {
@@ -299,6 +303,7 @@ mod tests {
                 listener_count: 2,
                 drain_timeout_ms: 60_000,
                 app_config: true,
+                traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
             },
             MasterMessage::Listeners {
                 offset: 0,

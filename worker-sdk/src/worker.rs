@@ -31,6 +31,8 @@ pub struct Worker {
     drain: Drain,
     reopen: Reopen,
     app: App,
+    /// The reload's W3C `traceparent`, from the hello.
+    traceparent: Option<String>,
 }
 
 /// The worker's side of in-place reloads.
@@ -116,6 +118,7 @@ impl Builder {
             drain,
             reopen,
             app,
+            traceparent: crate::context::traceparent(),
         })
     }
 }
@@ -158,6 +161,16 @@ impl Worker {
     /// The worker's index within its generation; 0 when standalone.
     pub fn index(&self) -> u32 {
         self.index
+    }
+
+    /// The W3C `traceparent` (`00-TRACEID-SPANID-FLAGS`) of the reload that
+    /// started this worker, when the master exports traces (`[supervisor]
+    /// otlp_endpoint`): the master's hello carries it, as does
+    /// `TRACEPARENT`. It names the reload's spawn phase, so a span the
+    /// worker parents on it (its startup) or links to it (its requests)
+    /// shows in the reload's trace. `None` otherwise.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
     }
 
     /// Whether a baton master supervises this worker.
@@ -346,6 +359,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
         listeners,
         app_files,
         log_filter,
+        traceparent,
     } = handshake.finish();
     let app = App {
         initial: app_files,
@@ -373,6 +387,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
         drain,
         reopen,
         app,
+        traceparent: traceparent.or_else(crate::context::traceparent),
     })
 }
 
@@ -535,6 +550,7 @@ mod tests {
             listener_count: 1,
             drain_timeout_ms: 1000,
             app_config: false,
+            traceparent: None,
         };
         master.try_send(&hello, &[]).unwrap();
     }
@@ -550,6 +566,37 @@ mod tests {
             }],
         };
         master.try_send(&batch, fds).unwrap();
+    }
+
+    /// Runs the handshake of a worker with no listeners whose hello
+    /// carries `traceparent`.
+    async fn worker_with_traceparent(traceparent: &str) -> Worker {
+        let (master, worker) = pair().unwrap();
+        let master = Channel::new(master).unwrap();
+        let hello = MasterMessage::Hello {
+            generation: 4,
+            worker_index: 0,
+            listener_count: 0,
+            drain_timeout_ms: 1000,
+            app_config: false,
+            traceparent: Some(traceparent.into()),
+        };
+        master.try_send(&hello, &[]).unwrap();
+        handshake(&Arc::new(Channel::new(worker).unwrap()))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_hello_gives_the_reloads_trace_context_and_a_malformed_one_is_ignored() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let worker = worker_with_traceparent(good).await;
+        assert_eq!(worker.traceparent(), Some(good));
+        assert_eq!(worker.generation(), 4);
+        if std::env::var_os("TRACEPARENT").is_none() {
+            let worker = worker_with_traceparent("00-not-a-trace-01").await;
+            assert_eq!(worker.traceparent(), None);
+        }
     }
 
     #[tokio::test]

@@ -34,16 +34,25 @@ fn master_message() -> impl Strategy<Value = MasterMessage> {
             any::<u32>(),
             any::<u32>(),
             any::<u64>(),
-            any::<bool>()
+            any::<bool>(),
+            proptest::option::of("\\PC{0,60}")
         )
             .prop_map(
-                |(generation, worker_index, listener_count, drain_timeout_ms, app_config)| {
+                |(
+                    generation,
+                    worker_index,
+                    listener_count,
+                    drain_timeout_ms,
+                    app_config,
+                    traceparent,
+                )| {
                     MasterMessage::Hello {
                         generation,
                         worker_index,
                         listener_count,
                         drain_timeout_ms,
                         app_config,
+                        traceparent,
                     }
                 }
             ),

@@ -321,6 +321,7 @@ impl Master {
                         stop_signal: config.worker.stop_signal.0,
                         // The new image starts a generation of its own.
                         app_version: None,
+                        startup: tracing::Span::none(),
                     },
                 );
             }
