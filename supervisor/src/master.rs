@@ -134,6 +134,11 @@ pub struct Master {
     pub(crate) started: Instant,
     pub(crate) log: LogHandle,
     pub(crate) events: Events,
+    /// Where the control socket and the admin endpoint send requests: an
+    /// inbox of their own, served in turn with the main one's events, so
+    /// that a burst of worker messages delays `baton status` by at most one
+    /// turn of the loop.
+    pub(crate) requests: Events,
     /// The control socket; released to a new master at an upgrade.
     pub(crate) control: Option<ControlSocket>,
     pub(crate) pid_file: Option<PidFile>,
@@ -221,6 +226,7 @@ pub async fn run(
         Origin::Exec(state) => (None, Some(state), Vec::new()),
     };
     let (events, mut inbox) = mpsc::unbounded_channel();
+    let (requests, mut requests_inbox) = mpsc::unbounded_channel();
     // Signal handlers before the pid file: a SIGHUP sent as soon as the pid
     // file names this master must not kill it.
     let mut signals = Signals::new().context("installing signal handlers")?;
@@ -231,7 +237,7 @@ pub async fn run(
     // an upgrade takes it (and the pid file) over at the handover.
     let (control, pid_file) = if takeover.is_none() {
         let mut control = ControlSocket::bind(&config.supervisor.control_socket)?;
-        control.serve(events.clone())?;
+        control.serve(requests.clone())?;
         let pid_file = config
             .supervisor
             .pid_file
@@ -270,6 +276,7 @@ pub async fn run(
         started: Instant::now(),
         log,
         events,
+        requests,
         control,
         pid_file,
         program,
@@ -311,6 +318,8 @@ pub async fn run(
     };
     master.begin_reload(first, Ok(config), None, Default::default());
     let mut watchdog = crate::sd_notify::Watchdog::from_env(upgraded);
+    // Requests and other events take turns when both wait: neither starves.
+    let mut request_turn = true;
     loop {
         if let Some(outcome) = &master.last_reload {
             if outcome.trigger == first && master.current.is_none() && master.reload.is_none() {
@@ -333,6 +342,15 @@ pub async fn run(
         if master.stopping.is_some() && master.generations.is_empty() {
             break;
         }
+        if request_turn {
+            if let Ok(request) = requests_inbox.try_recv() {
+                master.on_event(request);
+                master.on_tick();
+                request_turn = false;
+                continue;
+            }
+        }
+        request_turn = true;
         let deadline = master.next_deadline();
         tokio::select! {
             // Messages first: what a child said before it exited is read
@@ -341,6 +359,7 @@ pub async fn run(
             // are not starved.
             biased;
             Some(event) = inbox.recv() => master.on_event(event),
+            Some(request) = requests_inbox.recv() => master.on_event(request),
             signal = signals.recv() => master.on_signal(signal),
             // Only systemd's main pid pets: the master holding the control
             // socket, not an old one that handed over.
@@ -880,6 +899,7 @@ impl Master {
 
     /// Runs whatever is due: reload deadlines, drain kills, respawns.
     fn on_tick(&mut self) {
+        self.step_reload();
         self.advance_reload();
         self.advance_in_place();
         self.probe_tick();

@@ -58,6 +58,41 @@ impl Step {
     }
 }
 
+/// Generation sockets made per turn of the event loop in the bind phase:
+/// each takes tens of microseconds, plus two looks at the kernel's list of
+/// listening sockets per chunk.
+const BIND_CHUNK: usize = 128;
+
+/// A TCP socket of its own on each port of `listeners`, for a generation of
+/// workers that are not SDK workers (which stop accepting when told to
+/// drain), or steered between generations (probes, probation, canaries; see
+/// [`crate::rollout`]). A port new to this reload (not in `current`) is
+/// steered to the new generation at once: nobody else serves it.
+///
+/// The kernel is asked which sockets listen on the ports twice per call,
+/// before the new sockets are made and after, not twice per port.
+fn generation_sockets(
+    listeners: &[Shared],
+    current: &HashSet<*const Listener>,
+) -> anyhow::Result<Vec<Shared>> {
+    let before = Listening::snapshot();
+    let made = listeners
+        .iter()
+        .map(|l| Listener::for_generation(l, &before))
+        .collect::<anyhow::Result<Vec<Shared>>>()?;
+    let after = Listening::snapshot();
+    let sockets: Vec<Shared> = made
+        .into_iter()
+        .map(|socket| Listener::confirm(socket, &after))
+        .collect();
+    for (listener, socket) in listeners.iter().zip(&sockets) {
+        if !current.contains(&Rc::as_ptr(listener)) {
+            socket.steer_here()?;
+        }
+    }
+    Ok(sockets)
+}
+
 /// The child span of `reload` for phase `step` (named after the phase in
 /// exported traces).
 pub(crate) fn phase_span(reload: &Span, step: Step) -> Span {
@@ -195,6 +230,9 @@ pub struct Reload {
     phases: Vec<(Step, Duration)>,
     phase_started: Instant,
     ready_deadline: Instant,
+    /// In the bind phase, for workers with sockets of their own: the
+    /// generation sockets made so far, one per listener in order.
+    binding: Option<Vec<Shared>>,
     /// The index of the next worker to spawn, until all are.
     spawning: Option<u32>,
     config: Rc<Config>,
@@ -244,12 +282,14 @@ impl Reload {
         self.generation
     }
 
-    /// When the transaction must be moved on: now while workers are left
-    /// to spawn, then when the new workers must all be ready.
+    /// When the transaction must be moved on: now while sockets are left to
+    /// make or workers to spawn, then when the new workers must all be
+    /// ready.
     pub fn deadline(&self) -> Instant {
-        match self.spawning {
-            Some(_) => Instant::now(),
-            None => self.ready_deadline,
+        if self.binding.is_some() || self.spawning.is_some() {
+            Instant::now()
+        } else {
+            self.ready_deadline
         }
     }
 
@@ -412,21 +452,16 @@ impl Master {
             }
         };
         span.record("config_hash", config.hash.as_str());
-        let mut phase_started = Instant::now();
+        let phase_started = Instant::now();
         phases.push((Step::Validate, phase_started - started));
         drop(validating);
         let binding = phase_span(&span, Step::Bind);
 
         let steered = config.worker.steers_generations() || canary.is_some();
-        let bound = self.rebind_admin(&config).and_then(|admin| {
-            let listeners = self.bind(&config)?;
-            Ok((
-                self.sockets(&config, &listeners, steered)?,
-                listeners,
-                admin,
-            ))
-        });
-        let (sockets, listeners, admin) = match bound {
+        let bound = self
+            .rebind_admin(&config)
+            .and_then(|admin| Ok((self.bind(&config)?, admin)));
+        let (listeners, admin) = match bound {
             Ok(bound) => bound,
             Err(e) => {
                 phases.push((Step::Bind, phase_started.elapsed()));
@@ -439,20 +474,90 @@ impl Master {
                 );
             }
         };
-        phases.push((Step::Bind, phase_started.elapsed()));
-        phase_started = Instant::now();
-        drop(binding);
-        let spawning = phase_span(&span, Step::Spawn);
-        // The new sockets are last on their ports now, and not steered to:
-        // any unused socket can go without moving the one that is.
-        self.tidy_listeners();
-
         let processes = match &self.scale {
             Some(scale) if scale.config_processes == config.worker.processes => scale.processes,
             _ => config.worker.processes,
         };
-        let mut new = Generation::new(generation, config.clone(), sockets, processes);
-        new.join_trace(&spawning);
+        // SDK workers share the listeners; others get sockets of their own,
+        // made a few ports a turn.
+        let shared = config.worker.protocol == Protocol::Sdk && !steered;
+        let reload = Reload {
+            trigger,
+            generation,
+            phase_span: binding,
+            span: span.clone(),
+            phases,
+            phase_started,
+            ready_deadline: Instant::now() + config.worker.ready_timeout.0,
+            binding: (!shared).then(Vec::new),
+            spawning: None,
+            config,
+            listeners,
+            processes,
+            canary,
+            admin,
+            requested_by,
+        };
+        if shared {
+            let sockets = reload.listeners.clone();
+            return self.start_generation(reload, sockets);
+        }
+        self.reload = Some(reload);
+    }
+
+    /// Moves the transaction one step, from the loop's tick: a chunk of the
+    /// bind phase, or one worker spawned.
+    pub(crate) fn step_reload(&mut self) {
+        match &self.reload {
+            Some(reload) if reload.binding.is_some() => self.bind_next(),
+            Some(_) => self.spawn_next(),
+            None => {}
+        }
+    }
+
+    /// Makes the next [`BIND_CHUNK`] generation sockets of the bind phase;
+    /// the last chunk starts the generation. From the loop's tick: with
+    /// many listeners the phase takes tens of milliseconds, and requests,
+    /// signals and exits are served between chunks.
+    fn bind_next(&mut self) {
+        let Some(reload) = &mut self.reload else {
+            return;
+        };
+        let Some(made) = reload.binding.as_mut() else {
+            return;
+        };
+        let _enter = reload.span.clone().entered();
+        let from = made.len();
+        let to = (from + BIND_CHUNK).min(reload.listeners.len());
+        let chunk = &reload.listeners[from..to];
+        let current: HashSet<*const Listener> = self.listeners.iter().map(Rc::as_ptr).collect();
+        match generation_sockets(chunk, &current) {
+            Ok(sockets) => made.extend(sockets),
+            Err(e) => {
+                let reload = self.reload.take().expect("checked above");
+                return self.abort(reload, Step::Bind, format!("{e:#}"));
+            }
+        }
+        if to < reload.listeners.len() {
+            return;
+        }
+        let mut reload = self.reload.take().expect("checked above");
+        let sockets = reload.binding.take().unwrap_or_default();
+        self.start_generation(reload, sockets);
+    }
+
+    /// The bind phase is over: the new generation starts with `sockets`,
+    /// and its workers are spawned from the next turn on.
+    fn start_generation(&mut self, mut reload: Reload, sockets: Vec<Shared>) {
+        let _enter = reload.span.clone().entered();
+        reload.end_phase(Step::Bind);
+        reload.begin_phase(Step::Spawn);
+        // The new sockets are last on their ports now, and not steered to:
+        // any unused socket can go without moving the one that is.
+        self.tidy_listeners();
+        let (generation, config) = (reload.generation, reload.config.clone());
+        let mut new = Generation::new(generation, config.clone(), sockets, reload.processes);
+        new.join_trace(&reload.phase_span);
         let mut spawn_error = None;
         if config.worker.ready == ReadyMode::Notify {
             match self.notifier(generation, config.worker.credentials()) {
@@ -461,27 +566,11 @@ impl Master {
             }
         }
         self.generations.insert(generation, new);
-        let reload = Reload {
-            trigger,
-            generation,
-            phase_span: spawning,
-            span: span.clone(),
-            phases,
-            phase_started,
-            ready_deadline: Instant::now() + config.worker.ready_timeout.0,
-            spawning: Some(0),
-            config,
-            listeners,
-            processes,
-            canary,
-            admin,
-            requested_by: requested_by.clone(),
-        };
+        reload.spawning = Some(0);
         if let Some(reason) = spawn_error {
             return self.abort(reload, Step::Spawn, reason);
         }
         self.reload = Some(reload);
-        self.advance_reload();
     }
 
     /// Spawns the new generation's next worker. One per turn of the event
@@ -563,50 +652,14 @@ impl Master {
         Ok(out)
     }
 
-    /// The sockets a generation running `config` gets for `listeners`: the
-    /// listeners themselves for SDK workers (which stop accepting when told
-    /// to drain), a TCP socket of their own on each port for others, and
-    /// for every generation that is `steered` between (probes, probation,
-    /// canaries; see [`crate::rollout`]). A port new to this reload is
-    /// steered to the new generation at once: nobody else serves it.
-    ///
-    /// The kernel is asked which sockets listen on the ports twice in all,
-    /// before the new sockets are made and after, not twice per port.
-    fn sockets(
-        &self,
-        config: &Config,
-        listeners: &[Shared],
-        steered: bool,
-    ) -> anyhow::Result<Vec<Shared>> {
-        let mut sockets = if config.worker.protocol == Protocol::Sdk && !steered {
-            listeners.to_vec()
-        } else {
-            let before = Listening::snapshot();
-            let made = listeners
-                .iter()
-                .map(|l| Listener::for_generation(l, &before))
-                .collect::<anyhow::Result<Vec<Shared>>>()?;
-            let after = Listening::snapshot();
-            made.into_iter()
-                .map(|socket| Listener::confirm(socket, &after))
-                .collect()
-        };
-        let current: HashSet<*const Listener> = self.listeners.iter().map(Rc::as_ptr).collect();
-        for (listener, socket) in listeners.iter().zip(&mut sockets) {
-            if !current.contains(&Rc::as_ptr(listener)) {
-                socket.steer_here()?;
-            }
-        }
-        Ok(sockets)
-    }
-
     /// Moves the transaction on after an event: marks delay-ready workers,
     /// commits when all are ready, aborts past the deadline or when a new
     /// worker has exited.
     pub fn advance_reload(&mut self) {
         let Some(reload) = &self.reload else { return };
-        if reload.spawning.is_some() {
-            return self.spawn_next();
+        // Binding and spawning go on from the loop's tick, a step a turn.
+        if reload.binding.is_some() || reload.spawning.is_some() {
+            return;
         }
         let generation = reload.generation;
         let deadline = reload.ready_deadline;
@@ -792,7 +845,7 @@ impl Master {
         let mut phases = reload.phases;
         let elapsed = reload.phase_started.elapsed();
         match (step, reload.spawning) {
-            (Step::Spawn, _) => phases.push((Step::Spawn, elapsed)),
+            (Step::Bind | Step::Spawn, _) => phases.push((step, elapsed)),
             // A new worker exited while others were still being spawned.
             (Step::Ready, Some(_)) => {
                 phases.push((Step::Spawn, elapsed));

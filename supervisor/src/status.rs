@@ -12,15 +12,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 impl Master {
-    /// A snapshot of everything `baton status` shows.
+    /// A snapshot of everything `baton status` shows but the draining
+    /// workers' open connections, which [`complete`] adds off the event
+    /// loop.
     pub fn status(&self) -> Status {
-        let draining = |state: &State| matches!(state, State::Draining { .. } | State::Killed);
-        let any_draining = self
-            .generations
-            .values()
-            .flat_map(|g| g.workers.values())
-            .any(|w| draining(&w.state));
-        let connections = any_draining.then(crate::connections::Connections::list);
         let now = (Instant::now(), SystemTime::now());
         let generations = self
             .generations
@@ -53,10 +48,7 @@ impl Master {
                             }
                             _ => None,
                         },
-                        open_connections: connections
-                            .as_ref()
-                            .filter(|_| draining(&w.state))
-                            .map(|c| c.of_worker(w.pid.as_raw())),
+                        open_connections: None,
                     })
                     .collect(),
             })
@@ -104,6 +96,31 @@ impl Master {
             rollout: self.rollout_status(),
         }
     }
+}
+
+/// Adds each draining worker's open connections to `status` and hands it
+/// to `send`: on a blocking thread, since listing them reads the kernel's
+/// TCP table and every such worker's `/proc/PID/fd` (thousands of entries
+/// with many listeners), which the event loop must not wait for.
+pub fn complete(mut status: Status, send: impl FnOnce(Status) + Send + 'static) {
+    let draining = |w: &WorkerStatus| w.state == "draining" || w.state == "killed";
+    let any = status
+        .generations
+        .iter()
+        .flat_map(|g| &g.workers)
+        .any(draining);
+    if !any {
+        return send(status);
+    }
+    tokio::task::spawn_blocking(move || {
+        let connections = crate::connections::Connections::list();
+        for worker in status.generations.iter_mut().flat_map(|g| &mut g.workers) {
+            if draining(worker) {
+                worker.open_connections = Some(connections.of_worker(worker.pid));
+            }
+        }
+        send(status);
+    });
 }
 
 /// A draining worker's kill time, in seconds since the epoch.

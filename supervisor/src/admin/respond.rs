@@ -49,7 +49,7 @@ impl Answer {
 impl Master {
     /// Starts answering on the admin endpoint, if there is one.
     pub(crate) fn serve_admin(&mut self) {
-        let events = self.events.clone();
+        let events = self.requests.clone();
         if let Some(admin) = &mut self.admin {
             if let Err(e) = admin.serve(events) {
                 tracing::error!(error = %format!("{e:#}"), "cannot serve the admin endpoint");
@@ -65,12 +65,16 @@ impl Master {
                 None => Answer::text(200, "ready\n".into()),
                 Some(reason) => Answer::text(503, format!("not ready: {reason}\n")),
             },
-            Endpoint::Status => Answer {
-                status: 200,
-                content_type: "application/json",
-                body: serde_json::to_string_pretty(&self.status()).expect("status serializes")
-                    + "\n",
-            },
+            Endpoint::Status => {
+                return crate::status::complete(self.status(), move |status| {
+                    let _ = reply.send(Answer {
+                        status: 200,
+                        content_type: "application/json",
+                        body: serde_json::to_string_pretty(&status).expect("status serializes")
+                            + "\n",
+                    });
+                })
+            }
             Endpoint::Metrics { openmetrics } => {
                 self.refresh_metrics();
                 Answer {

@@ -33,7 +33,11 @@ impl Master {
             }
             Request::Promote {} => return self.on_rollout_request(true, reply),
             Request::Rollback {} => return self.on_rollout_request(false, reply),
-            Request::Status {} => Reply::ok(self.status()),
+            Request::Status {} => {
+                return crate::status::complete(self.status(), move |status| {
+                    let _ = reply.send(Reply::ok(status));
+                })
+            }
             Request::Upgrade {} => return self.request_upgrade(Some(reply)),
             Request::Stop { fast } => {
                 self.stop(if fast { Stop::Fast } else { Stop::Graceful });

@@ -436,7 +436,7 @@ impl Master {
         self.serve_admin();
         let supervisor = &self.config.supervisor;
         match ControlSocket::bind(&supervisor.control_socket) {
-            Ok(mut control) => match control.serve(self.events.clone()) {
+            Ok(mut control) => match control.serve(self.requests.clone()) {
                 Ok(()) => self.control = Some(control),
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "cannot serve the control socket")
