@@ -1,37 +1,67 @@
-//! The TCP connections a worker still holds open, whatever its protocol:
-//! the socket inodes in `/proc/PID/fd` of the worker and of every process
-//! in its process group (a gunicorn arbiter's workers, say), matched
-//! against the kernel's `sock_diag` list. This is what keeps a draining
+//! The client connections a worker still holds open, whatever its
+//! protocol: the kernel's `sock_diag` list of TCP connections on the
+//! master's listening ports, matched against the socket inodes in
+//! `/proc/PID/fd` of the worker and of every process in its process group
+//! (a gunicorn arbiter's workers, say). This is what keeps a draining
 //! generation alive.
 
 use crate::control::protocol::ConnectionStatus;
 use crate::sockdiag::{self, TcpSocket};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
-/// The kernel's TCP connections, listed once for several workers.
-pub struct Connections(Vec<TcpSocket>);
+/// The kernel's TCP connections on some ports, listed once for several
+/// workers.
+pub struct Connections {
+    sockets: Vec<TcpSocket>,
+    /// The processes of each process group, read from `/proc` once.
+    groups: std::cell::OnceCell<HashMap<i32, Vec<i32>>>,
+}
 
 impl Connections {
-    /// Lists every TCP connection on the host; empty if the kernel refuses.
-    pub fn list() -> Connections {
-        match sockdiag::connections() {
-            Ok(all) => Connections(all),
-            Err(e) => {
-                tracing::debug!(error = %e, "sock_diag dump of connections failed");
-                Connections(Vec::new())
+    /// Lists the TCP connections whose local port is one of `addresses`'
+    /// (the listeners', as `127.0.0.1:8080`; others are ignored); none if
+    /// the kernel refuses.
+    pub fn on<'a>(addresses: impl IntoIterator<Item = &'a str>) -> Connections {
+        let ports: HashSet<u16> = addresses
+            .into_iter()
+            .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.port())
+            .collect();
+        let sockets = if ports.is_empty() {
+            Vec::new()
+        } else {
+            match sockdiag::connections() {
+                Ok(all) => all
+                    .into_iter()
+                    .filter(|s| ports.contains(&s.local.port()))
+                    .collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "sock_diag dump of connections failed");
+                    Vec::new()
+                }
             }
+        };
+        Connections {
+            sockets,
+            groups: std::cell::OnceCell::new(),
         }
     }
 
-    /// The connections open in worker `pid`'s process group.
+    /// The connections open in worker `pid`'s process group. Its fds are
+    /// only looked at when there is a connection to find: a worker holds
+    /// one per listener, thousands with many listeners.
     pub fn of_worker(&self, pid: i32) -> Vec<ConnectionStatus> {
-        let mut pids = sockdiag::process_group(pid);
+        if self.sockets.is_empty() {
+            return Vec::new();
+        }
+        let groups = self.groups.get_or_init(sockdiag::process_groups);
+        let mut pids = groups.get(&pid).cloned().unwrap_or_default();
         if !pids.contains(&pid) {
             pids.push(pid);
         }
         let inodes: HashSet<u64> = pids.into_iter().flat_map(sockdiag::socket_inodes).collect();
         let mut seen = HashSet::new();
-        self.0
+        self.sockets
             .iter()
             .filter(|s| inodes.contains(&s.inode) && seen.insert(s.inode))
             .map(|s| ConnectionStatus {

@@ -135,9 +135,9 @@ pub struct Master {
     pub(crate) log: LogHandle,
     pub(crate) events: Events,
     /// Where the control socket and the admin endpoint send requests: an
-    /// inbox of their own, served in turn with the main one's events, so
-    /// that a burst of worker messages delays `baton status` by at most one
-    /// turn of the loop.
+    /// inbox of their own, served before the main one's events (but for
+    /// one turn in [`REQUESTS_IN_A_ROW`]), so that a burst of worker
+    /// messages does not delay `baton status`.
     pub(crate) requests: Events,
     /// The control socket; released to a new master at an upgrade.
     pub(crate) control: Option<ControlSocket>,
@@ -176,7 +176,15 @@ pub struct Master {
     pub(crate) asked_by: Option<crate::audit::Requester>,
     /// Who last asked for the coalesced follow-up reload.
     pub(crate) queued_by: Option<crate::audit::Requester>,
+    /// Ports whose unused sockets are still to be let go of, a chunk a turn
+    /// (see [`Master::tidy_listeners`]).
+    pub(crate) tidying: Vec<Shared>,
+    /// Another pass over the ports is wanted once this one is done.
+    pub(crate) tidy_again: bool,
 }
+
+/// Ports tidied per turn of the event loop.
+const TIDY_CHUNK: usize = 128;
 
 /// A new master's link to the old one until the handover.
 pub struct TakeoverState {
@@ -294,6 +302,8 @@ pub async fn run(
         metrics: crate::metrics::Metrics::new(),
         asked_by: None,
         queued_by: None,
+        tidying: Vec::new(),
+        tidy_again: false,
     };
     if takeover.is_none() {
         master.serve_admin();
@@ -318,8 +328,7 @@ pub async fn run(
     };
     master.begin_reload(first, Ok(config), None, Default::default());
     let mut watchdog = crate::sd_notify::Watchdog::from_env(upgraded);
-    // Requests and other events take turns when both wait: neither starves.
-    let mut request_turn = true;
+    let mut requests_in_a_row = 0;
     loop {
         if let Some(outcome) = &master.last_reload {
             if outcome.trigger == first && master.current.is_none() && master.reload.is_none() {
@@ -342,15 +351,11 @@ pub async fn run(
         if master.stopping.is_some() && master.generations.is_empty() {
             break;
         }
-        if request_turn {
-            if let Ok(request) = requests_inbox.try_recv() {
-                master.on_event(request);
-                master.on_tick();
-                request_turn = false;
-                continue;
-            }
-        }
-        request_turn = true;
+        // The tasks that read the control socket, the admin endpoint and
+        // the workers' channels run on this thread: they get their turn
+        // before the next event is picked, so a request that came in during
+        // a long turn is in its inbox now.
+        tokio::task::yield_now().await;
         let deadline = master.next_deadline();
         tokio::select! {
             // Messages first: what a child said before it exited is read
@@ -358,8 +363,10 @@ pub async fn run(
             // inbox carries a few messages per worker and second: signals
             // are not starved.
             biased;
-            Some(event) = inbox.recv() => master.on_event(event),
-            Some(request) = requests_inbox.recv() => master.on_event(request),
+            (request, event) = next_event(&mut inbox, &mut requests_inbox, requests_in_a_row < REQUESTS_IN_A_ROW) => {
+                requests_in_a_row = if request { requests_in_a_row + 1 } else { 0 };
+                master.on_event(event)
+            }
             signal = signals.recv() => master.on_signal(signal),
             // Only systemd's main pid pets: the master holding the control
             // socket, not an old one that handed over.
@@ -374,6 +381,36 @@ pub async fn run(
     tracing::info!("master exiting");
     master.log.shutdown_traces();
     Ok(())
+}
+
+/// Requests served in a row before the next event of the main inbox, when
+/// both wait: a flood of requests does not starve the workers' messages.
+const REQUESTS_IN_A_ROW: u32 = 8;
+
+/// The next event of either inbox, and whether it is a request: the
+/// requests' first when `requests_first`, else the other's first.
+async fn next_event(
+    inbox: &mut mpsc::UnboundedReceiver<Event>,
+    requests: &mut mpsc::UnboundedReceiver<Event>,
+    requests_first: bool,
+) -> (bool, Event) {
+    std::future::poll_fn(|cx| {
+        use std::task::Poll;
+        if requests_first {
+            if let Poll::Ready(Some(request)) = requests.poll_recv(cx) {
+                return Poll::Ready((true, request));
+            }
+        }
+        if let Poll::Ready(Some(event)) = inbox.poll_recv(cx) {
+            return Poll::Ready((false, event));
+        }
+        match requests.poll_recv(cx) {
+            Poll::Ready(Some(request)) => Poll::Ready((true, request)),
+            // Both senders live as long as the master: never closed.
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -757,34 +794,60 @@ impl Master {
         }
     }
 
-    /// Lets go of generation sockets no generation uses any more. Not while
-    /// an upgrade runs (a new master may have sockets of its own on the
-    /// ports, which this one's bookkeeping does not know), nor once stopping
-    /// (everything goes at exit; after an upgrade the ports are the new
-    /// master's).
-    pub(crate) fn tidy_listeners(&self) {
+    /// Lets go of generation sockets no generation uses any more: the
+    /// ports that have some are queued, and [`TIDY_CHUNK`] of them tidied a
+    /// turn of the loop, this one first (with a thousand ports, a
+    /// finished generation's sockets take tens of milliseconds to let go).
+    /// A request while a pass runs makes another pass once it is done.
+    pub(crate) fn tidy_listeners(&mut self) {
+        self.tidy_again = true;
+        if self.tidying.is_empty() {
+            self.tidy_step();
+        }
+    }
+
+    /// Tidies the next ports queued. Not while an upgrade runs (a new
+    /// master may have sockets of its own on the ports, which this one's
+    /// bookkeeping does not know), nor once stopping (everything goes at
+    /// exit; after an upgrade the ports are the new master's).
+    fn tidy_step(&mut self) {
         if self.upgrade.is_some() || self.stopping.is_some() {
+            self.tidying.clear();
+            self.tidy_again = false;
             return;
         }
-        // Each port once, and only ports with something to let go of: the
-        // kernel is asked about all of them in one look.
-        let sockets = self.generations.values().flat_map(|g| g.listeners.iter());
-        let mut seen = std::collections::HashSet::new();
-        let ports: Vec<&crate::listener::Listener> = self
-            .listeners
-            .iter()
-            .chain(sockets)
-            .map(|listener| listener.port())
-            .filter(|port| seen.insert(*port as *const crate::listener::Listener))
-            .filter(|port| port.has_retired())
+        if self.tidying.is_empty() {
+            if !std::mem::take(&mut self.tidy_again) {
+                return;
+            }
+            self.tidying = self.ports_to_tidy();
+        }
+        let chunk: Vec<Shared> = self
+            .tidying
+            .drain(..TIDY_CHUNK.min(self.tidying.len()))
             .collect();
-        if ports.is_empty() {
+        if chunk.is_empty() {
             return;
         }
+        // The kernel is asked about a chunk's ports in one look.
         let kernel = crate::steering::Listening::snapshot();
-        for port in ports {
+        for port in &chunk {
             port.tidy(&kernel);
         }
+    }
+
+    /// Each port once, and only ports with something to let go of.
+    fn ports_to_tidy(&self) -> Vec<Shared> {
+        let sockets = self.generations.values().flat_map(|g| g.listeners.iter());
+        let mut seen = std::collections::HashSet::new();
+        self.listeners
+            .iter()
+            .chain(sockets)
+            .map(|listener| listener.primary().unwrap_or(listener))
+            .filter(|port| seen.insert(Rc::as_ptr(port)))
+            .filter(|port| port.has_retired())
+            .cloned()
+            .collect()
     }
 
     /// How SIGTERM or SIGINT stops the master: SIGTERM as `[supervisor]
@@ -900,6 +963,7 @@ impl Master {
     /// Runs whatever is due: reload deadlines, drain kills, respawns.
     fn on_tick(&mut self) {
         self.step_reload();
+        self.tidy_step();
         self.advance_reload();
         self.advance_in_place();
         self.probe_tick();
@@ -908,6 +972,7 @@ impl Master {
         let now = Instant::now();
         let stopping = self.stopping.is_some();
         let mut connections = None;
+        let listeners = &self.listeners;
         for generation in self.generations.values_mut() {
             generation.check_handover();
             for worker in generation.workers.values_mut() {
@@ -915,7 +980,10 @@ impl Master {
                     if kill_at <= now {
                         // What it still had open says who kept it alive.
                         let open = connections
-                            .get_or_insert_with(crate::connections::Connections::list)
+                            .get_or_insert_with(|| {
+                                let addresses = listeners.iter().map(|l| l.info.address.as_str());
+                                crate::connections::Connections::on(addresses)
+                            })
                             .of_worker(worker.pid.as_raw());
                         tracing::warn!(
                             generation = generation.number,
@@ -968,8 +1036,10 @@ impl Master {
     fn next_deadline(&self) -> Option<Instant> {
         let generations = self.generations.values().filter_map(|g| g.next_deadline());
         let reload = self.reload.as_ref().map(|r| r.deadline());
+        let tidying = (!self.tidying.is_empty() || self.tidy_again).then(Instant::now);
         generations
             .chain(reload)
+            .chain(tidying)
             .chain(self.delay_ready_deadline())
             .chain(self.upgrade_deadline())
             .chain(self.probe_deadline())

@@ -6,6 +6,7 @@
 use nix::sys::socket::{
     recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType,
 };
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
@@ -259,13 +260,28 @@ pub fn socket_inodes(pid: i32) -> Vec<u64> {
         .collect()
 }
 
-/// The processes of process group `pgid` (a worker and what it started),
-/// from `/proc`.
-pub fn process_group(pgid: i32) -> Vec<i32> {
-    crate::orphans::processes_where(2, &pgid.to_string())
-        .into_iter()
-        .map(|p| p.as_raw())
-        .collect()
+/// Every process on the host by process group, from `/proc`.
+pub fn process_groups() -> HashMap<i32, Vec<i32>> {
+    let mut groups: HashMap<i32, Vec<i32>> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return groups;
+    };
+    for pid in entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `PID (comm) STATE PPID PGRP ...`: comm may hold anything.
+        let pgrp = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse().ok());
+        if let Some(pgrp) = pgrp {
+            groups.entry(pgrp).or_default().push(pid);
+        }
+    }
+    groups
 }
 
 #[cfg(test)]

@@ -98,10 +98,11 @@ impl Master {
     }
 }
 
-/// Adds each draining worker's open connections to `status` and hands it
-/// to `send`: on a blocking thread, since listing them reads the kernel's
-/// TCP table and every such worker's `/proc/PID/fd` (thousands of entries
-/// with many listeners), which the event loop must not wait for.
+/// Adds each draining worker's open client connections to `status` and
+/// hands it to `send`: on a blocking thread, since listing them reads the
+/// kernel's TCP table and, when it has connections on the listeners'
+/// ports, every such worker's `/proc/PID/fd` (thousands of entries with
+/// many listeners), which the event loop must not wait for.
 pub fn complete(mut status: Status, send: impl FnOnce(Status) + Send + 'static) {
     let draining = |w: &WorkerStatus| w.state == "draining" || w.state == "killed";
     let any = status
@@ -113,7 +114,8 @@ pub fn complete(mut status: Status, send: impl FnOnce(Status) + Send + 'static) 
         return send(status);
     }
     tokio::task::spawn_blocking(move || {
-        let connections = crate::connections::Connections::list();
+        let addresses = status.listeners.iter().map(|l| l.address.as_str());
+        let connections = crate::connections::Connections::on(addresses);
         for worker in status.generations.iter_mut().flat_map(|g| &mut g.workers) {
             if draining(worker) {
                 worker.open_connections = Some(connections.of_worker(worker.pid));
