@@ -12,6 +12,7 @@ pub mod config;
 pub mod connections;
 pub mod control;
 pub mod exec;
+pub mod exits;
 pub mod fds;
 pub mod generation;
 pub mod guardian;

@@ -18,7 +18,6 @@ use crate::worker::State;
 use anyhow::Context;
 use baton_worker::channel::{Channel, ChannelError};
 use baton_worker::protocol::WorkerMessage;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -177,14 +176,11 @@ pub struct Master {
     /// Who last asked for the coalesced follow-up reload.
     pub(crate) queued_by: Option<crate::audit::Requester>,
     /// Ports whose unused sockets are still to be let go of, a chunk a turn
-    /// (see [`Master::tidy_listeners`]).
+    /// (see [`crate::exits`]).
     pub(crate) tidying: Vec<Shared>,
     /// Another pass over the ports is wanted once this one is done.
     pub(crate) tidy_again: bool,
 }
-
-/// Ports tidied per turn of the event loop.
-const TIDY_CHUNK: usize = 128;
 
 /// A new master's link to the old one until the handover.
 pub struct TakeoverState {
@@ -651,203 +647,6 @@ impl Master {
             }
         }
         self.advance_reload();
-    }
-
-    pub(crate) fn generation_of(&mut self, pid: Pid) -> Option<&mut Generation> {
-        self.generations
-            .values_mut()
-            .find(|g| g.workers.contains_key(&pid))
-    }
-
-    /// Collects every exited child.
-    pub(crate) fn reap(&mut self) {
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => {
-                    self.on_exit(pid, format!("exit status {code}"), code == 0)
-                }
-                Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                    self.on_exit(pid, format!("signal {signal}"), false)
-                }
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(_) => continue,
-            }
-        }
-    }
-
-    fn on_exit(&mut self, pid: Pid, status: String, success: bool) {
-        if self.upgrade_child_exited(pid, &status, success) {
-            return;
-        }
-        if self.probe_exited(pid, &status, success) {
-            return;
-        }
-        if self.guardian.as_ref().is_some_and(|g| g.pid() == pid) {
-            tracing::warn!(pid = pid.as_raw(), %status, "the guardian exited; starting another");
-            self.start_guardian();
-            self.guard_every_worker();
-            return;
-        }
-        if let Some(guardian) = &self.guardian {
-            guardian.forget(pid);
-        }
-        let stopping = self.stopping.is_some();
-        let Some(generation) = self.generation_of(pid) else {
-            return;
-        };
-        let Some(worker) = generation.workers.remove(&pid) else {
-            return;
-        };
-        let number = generation.number;
-        let draining = matches!(worker.state, State::Draining { .. } | State::Killed);
-        let reason = match (generation.phase, worker.state) {
-            (Phase::Starting, _) => "failed_start",
-            (_, State::Killed) => "killed",
-            (_, State::Draining { .. }) => "drained",
-            _ if success => "exited",
-            _ => "crashed",
-        };
-        tracing::info!(
-            generation = number,
-            worker = worker.index,
-            pid = pid.as_raw(),
-            %status,
-            state = worker.state.name(),
-            "worker exited"
-        );
-        self.metrics.worker_exited(reason);
-        let index = worker.index;
-        if self
-            .in_place
-            .as_ref()
-            .is_some_and(|t| t.generation() == number)
-        {
-            self.in_place_worker_exited(pid, index, &status);
-        }
-        if !draining && self.probation_worker_exited(number, index, pid, &status) {
-            return self.reap_finished_generations();
-        }
-        let Some(generation) = self.generations.get_mut(&number) else {
-            return;
-        };
-        match generation.phase {
-            Phase::Starting => {
-                let reason = format!(
-                    "worker {} (pid {pid}) exited with {status} before it was ready",
-                    worker.index
-                );
-                self.new_worker_exited(reason);
-            }
-            Phase::Current if !stopping && !draining && worker.index < generation.processes => {
-                if generation.crash_loop(worker.index) {
-                    tracing::error!(
-                        generation = number,
-                        worker = worker.index,
-                        pid = pid.as_raw(),
-                        crashes = generation.config.worker.crash_loop_limit,
-                        window_ms = generation.config.worker.crash_loop_window.0.as_millis() as u64,
-                        "worker crash loop: not respawned any more; capacity is lost until a reload"
-                    );
-                    return self.reap_finished_generations();
-                }
-                let delay = generation.schedule_respawn(&worker);
-                self.metrics.worker_restarted(reason);
-                tracing::warn!(
-                    generation = number,
-                    worker = worker.index,
-                    pid = pid.as_raw(),
-                    delay_ms = delay.as_millis() as u64,
-                    "worker died; respawning"
-                );
-            }
-            _ => {}
-        }
-        self.reap_finished_generations();
-    }
-
-    /// Drops generations that have nothing left to run; their listeners close
-    /// when no other generation holds them.
-    pub(crate) fn reap_finished_generations(&mut self) {
-        let current = self.current;
-        let stopping = self.stopping.is_some();
-        let reloading = self.reload.as_ref().map(|r| r.generation());
-        let before = self.generations.len();
-        self.generations.retain(|&number, g| {
-            let keep = !g.workers.is_empty()
-                || (Some(number) == current && !stopping)
-                || Some(number) == reloading;
-            if !keep {
-                if let (Some(since), Phase::Draining) = (g.draining_since, g.phase) {
-                    self.metrics.drained(since.elapsed());
-                }
-                tracing::info!(
-                    generation = number,
-                    phase = g.phase.name(),
-                    "generation finished"
-                );
-            }
-            keep
-        });
-        // A finished generation's sockets may be unused now.
-        if self.generations.len() != before {
-            self.tidy_listeners();
-        }
-    }
-
-    /// Lets go of generation sockets no generation uses any more: the
-    /// ports that have some are queued, and [`TIDY_CHUNK`] of them tidied a
-    /// turn of the loop, this one first (with a thousand ports, a
-    /// finished generation's sockets take tens of milliseconds to let go).
-    /// A request while a pass runs makes another pass once it is done.
-    pub(crate) fn tidy_listeners(&mut self) {
-        self.tidy_again = true;
-        if self.tidying.is_empty() {
-            self.tidy_step();
-        }
-    }
-
-    /// Tidies the next ports queued. Not while an upgrade runs (a new
-    /// master may have sockets of its own on the ports, which this one's
-    /// bookkeeping does not know), nor once stopping (everything goes at
-    /// exit; after an upgrade the ports are the new master's).
-    fn tidy_step(&mut self) {
-        if self.upgrade.is_some() || self.stopping.is_some() {
-            self.tidying.clear();
-            self.tidy_again = false;
-            return;
-        }
-        if self.tidying.is_empty() {
-            if !std::mem::take(&mut self.tidy_again) {
-                return;
-            }
-            self.tidying = self.ports_to_tidy();
-        }
-        let chunk: Vec<Shared> = self
-            .tidying
-            .drain(..TIDY_CHUNK.min(self.tidying.len()))
-            .collect();
-        if chunk.is_empty() {
-            return;
-        }
-        // The kernel is asked about a chunk's ports in one look.
-        let kernel = crate::steering::Listening::snapshot();
-        for port in &chunk {
-            port.tidy(&kernel);
-        }
-    }
-
-    /// Each port once, and only ports with something to let go of.
-    fn ports_to_tidy(&self) -> Vec<Shared> {
-        let sockets = self.generations.values().flat_map(|g| g.listeners.iter());
-        let mut seen = std::collections::HashSet::new();
-        self.listeners
-            .iter()
-            .chain(sockets)
-            .map(|listener| listener.primary().unwrap_or(listener))
-            .filter(|port| seen.insert(Rc::as_ptr(port)))
-            .filter(|port| port.has_retired())
-            .cloned()
-            .collect()
     }
 
     /// How SIGTERM or SIGINT stops the master: SIGTERM as `[supervisor]

@@ -3,19 +3,21 @@
 //! the current one serving untouched.
 
 use crate::audit::Requester;
-use crate::config::{Config, ListenerAddress, Protocol, ReadyMode};
+use crate::config::{Config, Protocol, ReadyMode};
 use crate::control::protocol::{PhaseTime, ReloadOutcome, Reply};
-use crate::generation::{Generation, Phase};
-use crate::listener::{Listener, Shared};
+use crate::listener::Shared;
 use crate::master::{Event, Master, Waiter};
-use crate::steering::Listening;
 use crate::worker::State;
-use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::Span;
+
+mod finish;
+mod start;
+
+pub use finish::steered_away;
 
 /// A phase of the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,41 +58,6 @@ impl Step {
             Step::Commit => "commit",
         }
     }
-}
-
-/// Generation sockets made per turn of the event loop in the bind phase:
-/// each takes tens of microseconds, plus two looks at the kernel's list of
-/// listening sockets per chunk.
-const BIND_CHUNK: usize = 128;
-
-/// A TCP socket of its own on each port of `listeners`, for a generation of
-/// workers that are not SDK workers (which stop accepting when told to
-/// drain), or steered between generations (probes, probation, canaries; see
-/// [`crate::rollout`]). A port new to this reload (not in `current`) is
-/// steered to the new generation at once: nobody else serves it.
-///
-/// The kernel is asked which sockets listen on the ports twice per call,
-/// before the new sockets are made and after, not twice per port.
-fn generation_sockets(
-    listeners: &[Shared],
-    current: &HashSet<*const Listener>,
-) -> anyhow::Result<Vec<Shared>> {
-    let before = Listening::snapshot();
-    let made = listeners
-        .iter()
-        .map(|l| Listener::for_generation(l, &before))
-        .collect::<anyhow::Result<Vec<Shared>>>()?;
-    let after = Listening::snapshot();
-    let sockets: Vec<Shared> = made
-        .into_iter()
-        .map(|socket| Listener::confirm(socket, &after))
-        .collect();
-    for (listener, socket) in listeners.iter().zip(&sockets) {
-        if !current.contains(&Rc::as_ptr(listener)) {
-            socket.steer_here()?;
-        }
-    }
-    Ok(sockets)
 }
 
 /// The child span of `reload` for phase `step` (named after the phase in
@@ -182,24 +149,6 @@ impl Outcome {
                 .map_or(0.0, |d| d.as_secs_f64()),
         }
     }
-}
-
-/// The sockets among `old` that new connections no longer go to: those
-/// whose port the new generation serves on a socket of its own.
-pub fn steered_away(old: &[Shared], new: &[Shared]) -> Vec<Shared> {
-    let new_by_port: HashMap<*const Listener, &Shared> = new
-        .iter()
-        .map(|n| (n.port() as *const Listener, n))
-        .collect();
-    old.iter()
-        .filter(|o| o.steerable())
-        .filter(|o| {
-            new_by_port
-                .get(&(o.port() as *const Listener))
-                .is_some_and(|n| !Rc::ptr_eq(n, o))
-        })
-        .cloned()
-        .collect()
 }
 
 /// Milliseconds, to the microsecond: readable in logs and status.
@@ -515,143 +464,6 @@ impl Master {
         }
     }
 
-    /// Makes the next [`BIND_CHUNK`] generation sockets of the bind phase;
-    /// the last chunk starts the generation. From the loop's tick: with
-    /// many listeners the phase takes tens of milliseconds, and requests,
-    /// signals and exits are served between chunks.
-    fn bind_next(&mut self) {
-        let Some(reload) = &mut self.reload else {
-            return;
-        };
-        let Some(made) = reload.binding.as_mut() else {
-            return;
-        };
-        let _enter = reload.span.clone().entered();
-        let from = made.len();
-        let to = (from + BIND_CHUNK).min(reload.listeners.len());
-        let chunk = &reload.listeners[from..to];
-        let current: HashSet<*const Listener> = self.listeners.iter().map(Rc::as_ptr).collect();
-        match generation_sockets(chunk, &current) {
-            Ok(sockets) => made.extend(sockets),
-            Err(e) => {
-                let reload = self.reload.take().expect("checked above");
-                return self.abort(reload, Step::Bind, format!("{e:#}"));
-            }
-        }
-        if to < reload.listeners.len() {
-            return;
-        }
-        let mut reload = self.reload.take().expect("checked above");
-        let sockets = reload.binding.take().unwrap_or_default();
-        self.start_generation(reload, sockets);
-    }
-
-    /// The bind phase is over: the new generation starts with `sockets`,
-    /// and its workers are spawned from the next turn on.
-    fn start_generation(&mut self, mut reload: Reload, sockets: Vec<Shared>) {
-        let _enter = reload.span.clone().entered();
-        reload.end_phase(Step::Bind);
-        reload.begin_phase(Step::Spawn);
-        // The new sockets are last on their ports now, and not steered to:
-        // any unused socket can go without moving the one that is.
-        self.tidy_listeners();
-        let (generation, config) = (reload.generation, reload.config.clone());
-        let mut new = Generation::new(generation, config.clone(), sockets, reload.processes);
-        new.join_trace(&reload.phase_span);
-        let mut spawn_error = None;
-        if config.worker.ready == ReadyMode::Notify {
-            match self.notifier(generation, config.worker.credentials()) {
-                Ok(notifier) => new.notify = Some(notifier),
-                Err(e) => spawn_error = Some(format!("creating the notify socket: {e:#}")),
-            }
-        }
-        self.generations.insert(generation, new);
-        reload.spawning = Some(0);
-        if let Some(reason) = spawn_error {
-            return self.abort(reload, Step::Spawn, reason);
-        }
-        self.reload = Some(reload);
-    }
-
-    /// Spawns the new generation's next worker. One per turn of the event
-    /// loop: with many listeners a spawn takes milliseconds, and requests,
-    /// signals and exits are served between them.
-    fn spawn_next(&mut self) {
-        let Some(reload) = &mut self.reload else {
-            return;
-        };
-        let Some(index) = reload.spawning else { return };
-        let Some(new) = self.generations.get_mut(&reload.generation) else {
-            return;
-        };
-        let _enter = reload.span.clone().entered();
-        if index < reload.processes {
-            if let Err(e) = new.spawn(index, 0, 0, &self.events, self.guardian.as_ref()) {
-                let reload = self.reload.take().expect("checked above");
-                return self.abort(reload, Step::Spawn, format!("worker {index}: {e:#}"));
-            }
-        }
-        if index + 1 < reload.processes {
-            reload.spawning = Some(index + 1);
-            return;
-        }
-        reload.spawning = None;
-        reload.end_phase(Step::Spawn);
-        reload.begin_phase(Step::Ready);
-        reload.ready_deadline = Instant::now() + reload.config.worker.ready_timeout.0;
-        let generation = reload.generation;
-        self.start_probing(generation);
-        self.advance_reload();
-    }
-
-    /// The admin endpoint `config` asks for, when it differs from the one
-    /// served: bound now, served from the commit (`None`: keep it).
-    #[allow(clippy::type_complexity)]
-    fn rebind_admin(
-        &self,
-        config: &Config,
-    ) -> anyhow::Result<Option<Option<crate::admin::AdminSocket>>> {
-        let wanted = config.supervisor.admin.as_ref();
-        if wanted == self.admin.as_ref().map(|a| a.configured()) {
-            return Ok(None);
-        }
-        Ok(Some(
-            wanted.map(crate::admin::AdminSocket::bind).transpose()?,
-        ))
-    }
-
-    /// Keeps every listener whose name and address are unchanged (same fd:
-    /// this is what makes reloads drop nothing) and binds the others.
-    fn bind(&self, config: &Config) -> anyhow::Result<Vec<Shared>> {
-        let current: HashMap<(&str, &ListenerAddress), &Shared> = self
-            .listeners
-            .iter()
-            .map(|l| ((l.config.name.as_str(), &l.config.address), l))
-            .collect();
-        let mut out = Vec::with_capacity(config.listeners.len());
-        for wanted in &config.listeners {
-            match current.get(&(wanted.name.as_str(), &wanted.address)) {
-                Some(listener) => {
-                    if listener.config.backlog != wanted.backlog {
-                        listener.set_backlog(wanted.backlog)?;
-                    }
-                    out.push(Rc::clone(listener));
-                }
-                None => {
-                    let listener = Rc::new(Listener::bind(wanted)?);
-                    tracing::info!(
-                        listener = %listener.info.name,
-                        address = %listener.info.address,
-                        kind = %listener.info.kind,
-                        "listener bound"
-                    );
-                    out.push(listener);
-                }
-            }
-        }
-        Ok(out)
-    }
-
     /// Moves the transaction on after an event: marks delay-ready workers,
     /// commits when all are ready, aborts past the deadline or when a new
     /// worker has exited.
@@ -723,249 +535,5 @@ impl Master {
             .filter(|w| w.state == State::Starting)
             .map(|w| w.started + delay)
             .min()
-    }
-
-    fn commit(&mut self, mut reload: Reload) {
-        let _enter = reload.span.clone().entered();
-        reload.end_phase(Step::Ready);
-        if let Some(reload) = self.begin_rollout(reload) {
-            self.settle(reload);
-        }
-    }
-
-    /// Switches over for good: every new connection to the new generation,
-    /// the replaced one drained, the master's settings switched.
-    pub(crate) fn settle(&mut self, mut reload: Reload) {
-        let _enter = reload.span.clone().entered();
-        reload.begin_phase(Step::Commit);
-        self.probing = None;
-        let config = reload.config.clone();
-        if config.supervisor.log_filter != self.config.supervisor.log_filter {
-            if let Err(e) = self.log.set_filter(&config.supervisor.log_filter) {
-                tracing::error!(error = %e, "cannot switch log filter");
-            }
-        }
-        if config.supervisor.log_format != self.log.format()
-            || config.supervisor.log_file.as_deref() != self.log.file()
-        {
-            tracing::warn!("log_format and log_file changes take effect when the master restarts");
-        }
-        if config.supervisor.otlp_endpoint != self.config.supervisor.otlp_endpoint {
-            tracing::warn!(
-                "otlp_endpoint changes take effect when the master restarts or upgrades"
-            );
-        }
-        if config.supervisor.control_socket != self.config.supervisor.control_socket
-            || config.supervisor.pid_file != self.config.supervisor.pid_file
-        {
-            tracing::warn!(
-                "control_socket and pid_file changes take effect when the master restarts"
-            );
-        }
-        let mut new_sockets = Vec::new();
-        if let Some(new) = self.generations.get_mut(&reload.generation) {
-            new.phase = Phase::Current;
-            new_sockets = new.listeners.clone();
-        }
-        for socket in &new_sockets {
-            if let Err(e) = socket.steer_here() {
-                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections to the new generation");
-            }
-        }
-        let drain_timeout = config.worker.drain_timeout.0;
-        for old in self.generations.values_mut() {
-            let replaced = old.phase == Phase::Current || old.phase == Phase::Standby;
-            if replaced && old.number != reload.generation {
-                tracing::info!(generation = old.number, "generation draining");
-                let moved = steered_away(&old.listeners, &new_sockets);
-                old.hand_over(moved, drain_timeout);
-            }
-        }
-        self.current = Some(reload.generation);
-        self.listeners = std::mem::take(&mut reload.listeners);
-        if let Some(admin) = reload.admin.take() {
-            self.admin = admin;
-            self.serve_admin();
-        }
-        if self
-            .scale
-            .is_some_and(|s| s.config_processes != config.worker.processes)
-        {
-            tracing::info!(
-                processes = reload.processes,
-                "config changed processes: scale override dropped"
-            );
-            self.scale = None;
-        }
-        self.config = config;
-        reload.end_phase(Step::Commit);
-        let by = reload.requested_by.take();
-        self.record(reload.generation, reload.trigger, by, reload.phases, None);
-        self.limit_draining_generations();
-        // A replaced generation may have had no live worker (all waiting
-        // to be respawned): it is finished now.
-        self.reap_finished_generations();
-    }
-
-    /// Kills the oldest draining generations past
-    /// `[supervisor] max_draining_generations`, as HAProxy's
-    /// `mworker-max-reloads` does: workers that ignore their stop signal
-    /// under a long `drain_timeout` must not pile up.
-    fn limit_draining_generations(&mut self) {
-        let max = self.config.supervisor.max_draining_generations as usize;
-        let draining: Vec<u64> = self
-            .generations
-            .values()
-            .filter(|g| g.phase == Phase::Draining && !g.workers.is_empty())
-            .map(|g| g.number)
-            .collect();
-        let excess = draining.len().saturating_sub(max);
-        for number in &draining[..excess] {
-            let Some(generation) = self.generations.get_mut(number) else {
-                continue;
-            };
-            generation.handover = None;
-            let pids: Vec<i32> = generation.workers.keys().map(|p| p.as_raw()).collect();
-            tracing::warn!(
-                generation = number,
-                max_draining_generations = max,
-                ?pids,
-                "too many draining generations: the oldest is killed"
-            );
-            for worker in generation.workers.values_mut() {
-                worker.kill();
-                worker.state = State::Killed;
-            }
-        }
-    }
-
-    fn abort(&mut self, reload: Reload, step: Step, reason: String) {
-        let _enter = reload.span.clone().entered();
-        self.probing = None;
-        let mut phases = reload.phases;
-        let elapsed = reload.phase_started.elapsed();
-        match (step, reload.spawning) {
-            (Step::Bind | Step::Spawn, _) => phases.push((step, elapsed)),
-            // A new worker exited while others were still being spawned.
-            (Step::Ready, Some(_)) => {
-                phases.push((Step::Spawn, elapsed));
-                phases.push((Step::Ready, Duration::ZERO));
-            }
-            (Step::Ready, None) => phases.push((Step::Ready, elapsed)),
-            _ => {}
-        }
-        if let Some(failed) = self.generations.get_mut(&reload.generation) {
-            failed.drain(Phase::Failed, reload.config.worker.drain_timeout.0);
-        }
-        self.record(
-            reload.generation,
-            reload.trigger,
-            reload.requested_by,
-            phases,
-            Some((step, reason)),
-        );
-        self.reap_finished_generations();
-    }
-
-    /// Logs and keeps the outcome, then starts the coalesced follow-up.
-    pub(crate) fn record(
-        &mut self,
-        generation: u64,
-        trigger: Trigger,
-        requested_by: Option<Requester>,
-        phases: Vec<(Step, Duration)>,
-        failure: Option<(Step, String)>,
-    ) {
-        if let Some(g) = self.generations.get_mut(&generation) {
-            g.leave_trace();
-        }
-        let ms = |step| {
-            phases
-                .iter()
-                .find(|(s, _)| *s == step)
-                .map(|(_, d)| millis(*d))
-        };
-        let (validate_ms, bind_ms, spawn_ms, ready_ms, commit_ms) = (
-            ms(Step::Validate),
-            ms(Step::Bind),
-            ms(Step::Spawn),
-            ms(Step::Ready),
-            ms(Step::Commit),
-        );
-        match &failure {
-            None => tracing::info!(
-                outcome = "committed",
-                validate_ms,
-                bind_ms,
-                spawn_ms,
-                ready_ms,
-                commit_ms,
-                "reload committed"
-            ),
-            Some((phase, reason)) => tracing::error!(
-                outcome = "failed",
-                phase = %phase,
-                reason = %reason,
-                kept_generation = self.current,
-                validate_ms, bind_ms, spawn_ms, ready_ms,
-                "reload failed"
-            ),
-        }
-        let version = self
-            .generations
-            .get(&generation)
-            .filter(|_| failure.is_none())
-            .map(|g| g.config.app.version.clone());
-        let outcome = Outcome {
-            generation,
-            trigger,
-            failure,
-            phases,
-            finished: SystemTime::now(),
-            version,
-            requested_by,
-        };
-        let pids = self
-            .generations
-            .get(&generation)
-            .filter(|_| outcome.failure.is_none())
-            .map(|g| g.workers.keys().map(|p| p.as_raw()).collect())
-            .unwrap_or_default();
-        let report = outcome.report(pids);
-        let committed = outcome.failure.is_none();
-        self.metrics.reload(
-            &report.trigger,
-            &report.kind,
-            if committed { "committed" } else { "failed" },
-            &outcome.phases,
-        );
-        if trigger == Trigger::Upgrade && committed {
-            self.metrics.upgrade("committed");
-        }
-        for waiter in self.reload_waiters.drain(..) {
-            let reply = match &outcome.failure {
-                None => Reply::ok(&report),
-                Some((phase, reason)) => {
-                    Reply::failed(format!("reload failed in phase {phase}: {reason}"), &report)
-                }
-            };
-            let _ = waiter.send(reply);
-        }
-        // READY=1 after every reload, committed or failed: systemd must not
-        // see the unit "reloading" forever. Not from a new master started by
-        // an upgrade, which is not systemd's main pid yet (the old one
-        // announces it with MAINPID= at the handover), nor when the first
-        // generation failed and the master exits.
-        if self.takeover.is_none() && self.current.is_some() {
-            crate::sd_notify::reload_finished(self.current, &outcome);
-        }
-        self.last_reload = Some(outcome);
-        if self.reload_queued && self.reload.is_none() && self.stopping.is_none() {
-            self.reload_queued = false;
-            self.reload_waiters = std::mem::take(&mut self.queued_waiters);
-            let outer = std::mem::replace(&mut self.asked_by, self.queued_by.take());
-            self.request_reload(Trigger::Coalesced, None);
-            self.asked_by = outer;
-        }
     }
 }

@@ -1,0 +1,277 @@
+//! The end of a transaction: commit (the new generation serves, the
+//! replaced one drains), abort, and the outcome recorded.
+
+use super::{millis, Outcome, Reload, Step, Trigger};
+use crate::audit::Requester;
+use crate::control::protocol::Reply;
+use crate::generation::Phase;
+use crate::listener::{Listener, Shared};
+use crate::master::Master;
+use crate::worker::State;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+/// The sockets among `old` that new connections no longer go to: those
+/// whose port the new generation serves on a socket of its own.
+pub fn steered_away(old: &[Shared], new: &[Shared]) -> Vec<Shared> {
+    let new_by_port: HashMap<*const Listener, &Shared> = new
+        .iter()
+        .map(|n| (n.port() as *const Listener, n))
+        .collect();
+    old.iter()
+        .filter(|o| o.steerable())
+        .filter(|o| {
+            new_by_port
+                .get(&(o.port() as *const Listener))
+                .is_some_and(|n| !Rc::ptr_eq(n, o))
+        })
+        .cloned()
+        .collect()
+}
+
+impl Master {
+    pub(super) fn commit(&mut self, mut reload: Reload) {
+        let _enter = reload.span.clone().entered();
+        reload.end_phase(Step::Ready);
+        if let Some(reload) = self.begin_rollout(reload) {
+            self.settle(reload);
+        }
+    }
+
+    /// Switches over for good: every new connection to the new generation,
+    /// the replaced one drained, the master's settings switched.
+    pub(crate) fn settle(&mut self, mut reload: Reload) {
+        let _enter = reload.span.clone().entered();
+        reload.begin_phase(Step::Commit);
+        self.probing = None;
+        let config = reload.config.clone();
+        if config.supervisor.log_filter != self.config.supervisor.log_filter {
+            if let Err(e) = self.log.set_filter(&config.supervisor.log_filter) {
+                tracing::error!(error = %e, "cannot switch log filter");
+            }
+        }
+        if config.supervisor.log_format != self.log.format()
+            || config.supervisor.log_file.as_deref() != self.log.file()
+        {
+            tracing::warn!("log_format and log_file changes take effect when the master restarts");
+        }
+        if config.supervisor.otlp_endpoint != self.config.supervisor.otlp_endpoint {
+            tracing::warn!(
+                "otlp_endpoint changes take effect when the master restarts or upgrades"
+            );
+        }
+        if config.supervisor.control_socket != self.config.supervisor.control_socket
+            || config.supervisor.pid_file != self.config.supervisor.pid_file
+        {
+            tracing::warn!(
+                "control_socket and pid_file changes take effect when the master restarts"
+            );
+        }
+        let mut new_sockets = Vec::new();
+        if let Some(new) = self.generations.get_mut(&reload.generation) {
+            new.phase = Phase::Current;
+            new_sockets = new.listeners.clone();
+        }
+        for socket in &new_sockets {
+            if let Err(e) = socket.steer_here() {
+                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections to the new generation");
+            }
+        }
+        let drain_timeout = config.worker.drain_timeout.0;
+        for old in self.generations.values_mut() {
+            let replaced = old.phase == Phase::Current || old.phase == Phase::Standby;
+            if replaced && old.number != reload.generation {
+                tracing::info!(generation = old.number, "generation draining");
+                let moved = steered_away(&old.listeners, &new_sockets);
+                old.hand_over(moved, drain_timeout);
+            }
+        }
+        self.current = Some(reload.generation);
+        self.listeners = std::mem::take(&mut reload.listeners);
+        if let Some(admin) = reload.admin.take() {
+            self.admin = admin;
+            self.serve_admin();
+        }
+        if self
+            .scale
+            .is_some_and(|s| s.config_processes != config.worker.processes)
+        {
+            tracing::info!(
+                processes = reload.processes,
+                "config changed processes: scale override dropped"
+            );
+            self.scale = None;
+        }
+        self.config = config;
+        reload.end_phase(Step::Commit);
+        let by = reload.requested_by.take();
+        self.record(reload.generation, reload.trigger, by, reload.phases, None);
+        self.limit_draining_generations();
+        // A replaced generation may have had no live worker (all waiting
+        // to be respawned): it is finished now.
+        self.reap_finished_generations();
+    }
+
+    /// Kills the oldest draining generations past
+    /// `[supervisor] max_draining_generations`, as HAProxy's
+    /// `mworker-max-reloads` does: workers that ignore their stop signal
+    /// under a long `drain_timeout` must not pile up.
+    pub(super) fn limit_draining_generations(&mut self) {
+        let max = self.config.supervisor.max_draining_generations as usize;
+        let draining: Vec<u64> = self
+            .generations
+            .values()
+            .filter(|g| g.phase == Phase::Draining && !g.workers.is_empty())
+            .map(|g| g.number)
+            .collect();
+        let excess = draining.len().saturating_sub(max);
+        for number in &draining[..excess] {
+            let Some(generation) = self.generations.get_mut(number) else {
+                continue;
+            };
+            generation.handover = None;
+            let pids: Vec<i32> = generation.workers.keys().map(|p| p.as_raw()).collect();
+            tracing::warn!(
+                generation = number,
+                max_draining_generations = max,
+                ?pids,
+                "too many draining generations: the oldest is killed"
+            );
+            for worker in generation.workers.values_mut() {
+                worker.kill();
+                worker.state = State::Killed;
+            }
+        }
+    }
+
+    pub(super) fn abort(&mut self, reload: Reload, step: Step, reason: String) {
+        let _enter = reload.span.clone().entered();
+        self.probing = None;
+        let mut phases = reload.phases;
+        let elapsed = reload.phase_started.elapsed();
+        match (step, reload.spawning) {
+            (Step::Bind | Step::Spawn, _) => phases.push((step, elapsed)),
+            // A new worker exited while others were still being spawned.
+            (Step::Ready, Some(_)) => {
+                phases.push((Step::Spawn, elapsed));
+                phases.push((Step::Ready, Duration::ZERO));
+            }
+            (Step::Ready, None) => phases.push((Step::Ready, elapsed)),
+            _ => {}
+        }
+        if let Some(failed) = self.generations.get_mut(&reload.generation) {
+            failed.drain(Phase::Failed, reload.config.worker.drain_timeout.0);
+        }
+        self.record(
+            reload.generation,
+            reload.trigger,
+            reload.requested_by,
+            phases,
+            Some((step, reason)),
+        );
+        self.reap_finished_generations();
+    }
+
+    /// Logs and keeps the outcome, then starts the coalesced follow-up.
+    pub(crate) fn record(
+        &mut self,
+        generation: u64,
+        trigger: Trigger,
+        requested_by: Option<Requester>,
+        phases: Vec<(Step, Duration)>,
+        failure: Option<(Step, String)>,
+    ) {
+        if let Some(g) = self.generations.get_mut(&generation) {
+            g.leave_trace();
+        }
+        let ms = |step| {
+            phases
+                .iter()
+                .find(|(s, _)| *s == step)
+                .map(|(_, d)| millis(*d))
+        };
+        let (validate_ms, bind_ms, spawn_ms, ready_ms, commit_ms) = (
+            ms(Step::Validate),
+            ms(Step::Bind),
+            ms(Step::Spawn),
+            ms(Step::Ready),
+            ms(Step::Commit),
+        );
+        match &failure {
+            None => tracing::info!(
+                outcome = "committed",
+                validate_ms,
+                bind_ms,
+                spawn_ms,
+                ready_ms,
+                commit_ms,
+                "reload committed"
+            ),
+            Some((phase, reason)) => tracing::error!(
+                outcome = "failed",
+                phase = %phase,
+                reason = %reason,
+                kept_generation = self.current,
+                validate_ms, bind_ms, spawn_ms, ready_ms,
+                "reload failed"
+            ),
+        }
+        let version = self
+            .generations
+            .get(&generation)
+            .filter(|_| failure.is_none())
+            .map(|g| g.config.app.version.clone());
+        let outcome = Outcome {
+            generation,
+            trigger,
+            failure,
+            phases,
+            finished: SystemTime::now(),
+            version,
+            requested_by,
+        };
+        let pids = self
+            .generations
+            .get(&generation)
+            .filter(|_| outcome.failure.is_none())
+            .map(|g| g.workers.keys().map(|p| p.as_raw()).collect())
+            .unwrap_or_default();
+        let report = outcome.report(pids);
+        let committed = outcome.failure.is_none();
+        self.metrics.reload(
+            &report.trigger,
+            &report.kind,
+            if committed { "committed" } else { "failed" },
+            &outcome.phases,
+        );
+        if trigger == Trigger::Upgrade && committed {
+            self.metrics.upgrade("committed");
+        }
+        for waiter in self.reload_waiters.drain(..) {
+            let reply = match &outcome.failure {
+                None => Reply::ok(&report),
+                Some((phase, reason)) => {
+                    Reply::failed(format!("reload failed in phase {phase}: {reason}"), &report)
+                }
+            };
+            let _ = waiter.send(reply);
+        }
+        // READY=1 after every reload, committed or failed: systemd must not
+        // see the unit "reloading" forever. Not from a new master started by
+        // an upgrade, which is not systemd's main pid yet (the old one
+        // announces it with MAINPID= at the handover), nor when the first
+        // generation failed and the master exits.
+        if self.takeover.is_none() && self.current.is_some() {
+            crate::sd_notify::reload_finished(self.current, &outcome);
+        }
+        self.last_reload = Some(outcome);
+        if self.reload_queued && self.reload.is_none() && self.stopping.is_none() {
+            self.reload_queued = false;
+            self.reload_waiters = std::mem::take(&mut self.queued_waiters);
+            let outer = std::mem::replace(&mut self.asked_by, self.queued_by.take());
+            self.request_reload(Trigger::Coalesced, None);
+            self.asked_by = outer;
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The bind and spawn phases: the generation's sockets made a chunk of
+//! ports a turn of the loop, then its workers spawned one a turn.
+
+use super::{Reload, Step};
+use crate::config::{Config, ListenerAddress, ReadyMode};
+use crate::generation::Generation;
+use crate::listener::{Listener, Shared};
+use crate::master::Master;
+use crate::steering::Listening;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use tokio::time::Instant;
+
+/// Generation sockets made per turn of the event loop in the bind phase:
+/// each takes tens of microseconds, plus two looks at the kernel's list of
+/// listening sockets per chunk.
+const BIND_CHUNK: usize = 128;
+
+/// A TCP socket of its own on each port of `listeners`, for a generation of
+/// workers that are not SDK workers (which stop accepting when told to
+/// drain), or steered between generations (probes, probation, canaries; see
+/// [`crate::rollout`]). A port new to this reload (not in `current`) is
+/// steered to the new generation at once: nobody else serves it.
+///
+/// The kernel is asked which sockets listen on the ports twice per call,
+/// before the new sockets are made and after, not twice per port.
+fn generation_sockets(
+    listeners: &[Shared],
+    current: &HashSet<*const Listener>,
+) -> anyhow::Result<Vec<Shared>> {
+    let before = Listening::snapshot();
+    let made = listeners
+        .iter()
+        .map(|l| Listener::for_generation(l, &before))
+        .collect::<anyhow::Result<Vec<Shared>>>()?;
+    let after = Listening::snapshot();
+    let sockets: Vec<Shared> = made
+        .into_iter()
+        .map(|socket| Listener::confirm(socket, &after))
+        .collect();
+    for (listener, socket) in listeners.iter().zip(&sockets) {
+        if !current.contains(&Rc::as_ptr(listener)) {
+            socket.steer_here()?;
+        }
+    }
+    Ok(sockets)
+}
+
+impl Master {
+    /// Makes the next [`BIND_CHUNK`] generation sockets of the bind phase;
+    /// the last chunk starts the generation. From the loop's tick: with
+    /// many listeners the phase takes tens of milliseconds, and requests,
+    /// signals and exits are served between chunks.
+    pub(super) fn bind_next(&mut self) {
+        let Some(reload) = &mut self.reload else {
+            return;
+        };
+        let Some(made) = reload.binding.as_mut() else {
+            return;
+        };
+        let _enter = reload.span.clone().entered();
+        let from = made.len();
+        let to = (from + BIND_CHUNK).min(reload.listeners.len());
+        let chunk = &reload.listeners[from..to];
+        let current: HashSet<*const Listener> = self.listeners.iter().map(Rc::as_ptr).collect();
+        match generation_sockets(chunk, &current) {
+            Ok(sockets) => made.extend(sockets),
+            Err(e) => {
+                let reload = self.reload.take().expect("checked above");
+                return self.abort(reload, Step::Bind, format!("{e:#}"));
+            }
+        }
+        if to < reload.listeners.len() {
+            return;
+        }
+        let mut reload = self.reload.take().expect("checked above");
+        let sockets = reload.binding.take().unwrap_or_default();
+        self.start_generation(reload, sockets);
+    }
+
+    /// The bind phase is over: the new generation starts with `sockets`,
+    /// and its workers are spawned from the next turn on.
+    pub(super) fn start_generation(&mut self, mut reload: Reload, sockets: Vec<Shared>) {
+        let _enter = reload.span.clone().entered();
+        reload.end_phase(Step::Bind);
+        reload.begin_phase(Step::Spawn);
+        // The new sockets are last on their ports now, and not steered to:
+        // any unused socket can go without moving the one that is.
+        self.tidy_listeners();
+        let (generation, config) = (reload.generation, reload.config.clone());
+        let mut new = Generation::new(generation, config.clone(), sockets, reload.processes);
+        new.join_trace(&reload.phase_span);
+        let mut spawn_error = None;
+        if config.worker.ready == ReadyMode::Notify {
+            match self.notifier(generation, config.worker.credentials()) {
+                Ok(notifier) => new.notify = Some(notifier),
+                Err(e) => spawn_error = Some(format!("creating the notify socket: {e:#}")),
+            }
+        }
+        self.generations.insert(generation, new);
+        reload.spawning = Some(0);
+        if let Some(reason) = spawn_error {
+            return self.abort(reload, Step::Spawn, reason);
+        }
+        self.reload = Some(reload);
+    }
+
+    /// Spawns the new generation's next worker. One per turn of the event
+    /// loop: with many listeners a spawn takes milliseconds, and requests,
+    /// signals and exits are served between them.
+    pub(super) fn spawn_next(&mut self) {
+        let Some(reload) = &mut self.reload else {
+            return;
+        };
+        let Some(index) = reload.spawning else { return };
+        let Some(new) = self.generations.get_mut(&reload.generation) else {
+            return;
+        };
+        let _enter = reload.span.clone().entered();
+        if index < reload.processes {
+            if let Err(e) = new.spawn(index, 0, 0, &self.events, self.guardian.as_ref()) {
+                let reload = self.reload.take().expect("checked above");
+                return self.abort(reload, Step::Spawn, format!("worker {index}: {e:#}"));
+            }
+        }
+        if index + 1 < reload.processes {
+            reload.spawning = Some(index + 1);
+            return;
+        }
+        reload.spawning = None;
+        reload.end_phase(Step::Spawn);
+        reload.begin_phase(Step::Ready);
+        reload.ready_deadline = Instant::now() + reload.config.worker.ready_timeout.0;
+        let generation = reload.generation;
+        self.start_probing(generation);
+        self.advance_reload();
+    }
+
+    /// The admin endpoint `config` asks for, when it differs from the one
+    /// served: bound now, served from the commit (`None`: keep it).
+    #[allow(clippy::type_complexity)]
+    pub(super) fn rebind_admin(
+        &self,
+        config: &Config,
+    ) -> anyhow::Result<Option<Option<crate::admin::AdminSocket>>> {
+        let wanted = config.supervisor.admin.as_ref();
+        if wanted == self.admin.as_ref().map(|a| a.configured()) {
+            return Ok(None);
+        }
+        Ok(Some(
+            wanted.map(crate::admin::AdminSocket::bind).transpose()?,
+        ))
+    }
+
+    /// Keeps every listener whose name and address are unchanged (same fd:
+    /// this is what makes reloads drop nothing) and binds the others.
+    pub(super) fn bind(&self, config: &Config) -> anyhow::Result<Vec<Shared>> {
+        let current: HashMap<(&str, &ListenerAddress), &Shared> = self
+            .listeners
+            .iter()
+            .map(|l| ((l.config.name.as_str(), &l.config.address), l))
+            .collect();
+        let mut out = Vec::with_capacity(config.listeners.len());
+        for wanted in &config.listeners {
+            match current.get(&(wanted.name.as_str(), &wanted.address)) {
+                Some(listener) => {
+                    if listener.config.backlog != wanted.backlog {
+                        listener.set_backlog(wanted.backlog)?;
+                    }
+                    out.push(Rc::clone(listener));
+                }
+                None => {
+                    let listener = Rc::new(Listener::bind(wanted)?);
+                    tracing::info!(
+                        listener = %listener.info.name,
+                        address = %listener.info.address,
+                        kind = %listener.info.kind,
+                        "listener bound"
+                    );
+                    out.push(listener);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
