@@ -32,11 +32,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Which of the master's fds the worker inherits, and where.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Fds {
-    /// This fd, at its own number (the SDK's control channel).
-    Keep(RawFd),
-    /// These fds, at 3, 4, ... in order (systemd and args protocols).
+    /// This fd, at its own number (the worker's end of the SDK's control
+    /// channel, closed in the master once the worker has it).
+    Keep(OwnedFd),
+    /// These fds, at 3, 4, ... in order (systemd and args protocols): the
+    /// listeners', which the master keeps open until [`spawn`] returns.
     Place(Vec<RawFd>),
 }
 
@@ -103,7 +105,7 @@ pub fn spawn(plan: Plan) -> anyhow::Result<std::process::Child> {
         .collect::<Result<Vec<_>, _>>()
         .context("command contains a NUL byte")?;
     let (sources, keep) = match &plan.fds {
-        Fds::Keep(fd) => (Vec::new(), Some(*fd)),
+        Fds::Keep(fd) => (Vec::new(), Some(fd.as_raw_fd())),
         Fds::Place(fds) => (fds.clone(), None),
     };
     let mut child = Child {

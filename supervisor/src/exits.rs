@@ -40,7 +40,7 @@ impl Master {
         }
     }
 
-    fn on_exit(&mut self, pid: Pid, status: String, success: bool) {
+    pub(crate) fn on_exit(&mut self, pid: Pid, status: String, success: bool) {
         if self.upgrade_child_exited(pid, &status, success) {
             return;
         }
@@ -58,6 +58,10 @@ impl Master {
         }
         let stopping = self.stopping.is_some();
         let Some(generation) = self.generation_of(pid) else {
+            // Maybe a worker whose start has not come back to the loop yet.
+            if self.generations.values().any(|g| g.has_pending()) {
+                self.unclaimed_exits.insert(pid, (status, success));
+            }
             return;
         };
         let Some(worker) = generation.workers.remove(&pid) else {
@@ -139,6 +143,7 @@ impl Master {
         let before = self.generations.len();
         self.generations.retain(|&number, g| {
             let keep = !g.workers.is_empty()
+                || g.has_pending()
                 || (Some(number) == current && !stopping)
                 || Some(number) == reloading;
             if !keep {

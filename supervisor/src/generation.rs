@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::listener::Shared;
-use crate::master::Events;
+use crate::master::{Event, Events};
 use crate::notify::Notifier;
 use crate::worker::{self, SpawnSpec, State, Worker};
 use nix::unistd::Pid;
@@ -120,6 +120,8 @@ pub struct Generation {
     /// (each worker's startup span is a child) and W3C `traceparent` (the
     /// workers' `TRACEPARENT` and hello), when traces are exported.
     trace: Option<(tracing::Span, String)>,
+    /// Workers being started off the event loop, by index.
+    pending: BTreeMap<u32, worker::Prepared>,
 }
 
 impl Generation {
@@ -147,6 +149,7 @@ impl Generation {
             handover: None,
             draining_since: None,
             trace: None,
+            pending: BTreeMap::new(),
         }
     }
 
@@ -162,17 +165,9 @@ impl Generation {
         self.trace = None;
     }
 
-    /// Spawns worker `index`; an SDK worker's channel is forwarded to
-    /// `events` from now on, and the guardian watches it.
-    pub fn spawn(
-        &mut self,
-        index: u32,
-        restarts: u32,
-        crashes: u32,
-        events: &Events,
-        guardian: Option<&crate::guardian::Guardian>,
-    ) -> anyhow::Result<&mut Worker> {
-        let spec = SpawnSpec {
+    /// What worker `index` of this generation is started with.
+    fn spec(&self, index: u32) -> SpawnSpec<'_> {
+        SpawnSpec {
             config: &self.config.worker,
             generation: self.number,
             index,
@@ -181,9 +176,100 @@ impl Generation {
             app: &self.config.app,
             traceparent: self.trace.as_ref().map(|(_, t)| t.as_str()),
             config_hash: &self.config.hash,
-        };
-        let mut worker = worker::spawn(&spec, restarts, crashes)?;
-        let pid = worker.pid;
+        }
+    }
+
+    /// Spawns worker `index`, waiting for its `execve`; an SDK worker's
+    /// channel is forwarded to `events` from now on, and the guardian
+    /// watches it.
+    pub fn spawn(
+        &mut self,
+        index: u32,
+        restarts: u32,
+        crashes: u32,
+        events: &Events,
+        guardian: Option<&crate::guardian::Guardian>,
+    ) -> anyhow::Result<&mut Worker> {
+        let worker = worker::spawn(&self.spec(index), restarts, crashes)?;
+        Ok(self.register(worker, events, guardian))
+    }
+
+    /// Starts worker `index` without waiting for it: the fork and the wait
+    /// for its `execve` (milliseconds with many listeners on a busy
+    /// machine) run on a blocking thread, and [`Event::Spawned`] brings the
+    /// child back to [`Generation::spawned`]; `Ok(true)`. The generation is
+    /// kept, and with it the listeners the child inherits by fd number,
+    /// until then.
+    ///
+    /// Only a worker without a parent-death signal (an SDK worker, which
+    /// learns of the master's death from its channel) is started so: that
+    /// signal is sent when the *thread* that forked ends, which a pool
+    /// thread does when idle and every thread but one does at an in-place
+    /// upgrade. Others are spawned here and now, as [`Generation::spawn`]
+    /// does; `Ok(false)`.
+    pub fn spawn_off_loop(
+        &mut self,
+        index: u32,
+        events: &Events,
+        guardian: Option<&crate::guardian::Guardian>,
+    ) -> anyhow::Result<bool> {
+        let (plan, prepared) = worker::prepare(&self.spec(index), 0, 0)?;
+        if plan.death_signal.is_some() {
+            let child = crate::exec::spawn(plan)?;
+            let worker = prepared.finish(child, &self.spec(index))?;
+            self.register(worker, events, guardian);
+            return Ok(false);
+        }
+        let (events, generation) = (events.clone(), self.number);
+        tokio::task::spawn_blocking(move || {
+            let result = crate::exec::spawn(plan).map_err(|e| format!("{e:#}"));
+            let _ = events.send(Event::Spawned {
+                generation,
+                index,
+                result,
+            });
+        });
+        self.pending.insert(index, prepared);
+        Ok(true)
+    }
+
+    /// Whether workers started by [`Generation::spawn_off_loop`] are still
+    /// to come back.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Forgets a worker started off the loop that is not wanted any more.
+    pub fn forget_pending(&mut self, index: u32) {
+        self.pending.remove(&index);
+    }
+
+    /// Worker `index`, started by [`Generation::spawn_off_loop`], exec'd
+    /// as `child`: registered as [`Generation::spawn`] does.
+    pub fn spawned(
+        &mut self,
+        index: u32,
+        child: std::process::Child,
+        events: &Events,
+        guardian: Option<&crate::guardian::Guardian>,
+    ) -> anyhow::Result<&mut Worker> {
+        let prepared = self
+            .pending
+            .remove(&index)
+            .ok_or_else(|| anyhow::anyhow!("worker {index} was not being started"))?;
+        let worker = prepared.finish(child, &self.spec(index))?;
+        Ok(self.register(worker, events, guardian))
+    }
+
+    /// Takes in a started worker: its startup span, the guardian's watch
+    /// and its channel forwarded to `events`.
+    fn register(
+        &mut self,
+        mut worker: Worker,
+        events: &Events,
+        guardian: Option<&crate::guardian::Guardian>,
+    ) -> &mut Worker {
+        let (pid, index) = (worker.pid, worker.index);
         if let Some((spawn_phase, _)) = &self.trace {
             worker.startup = tracing::info_span!(parent: spawn_phase, "worker startup", generation = self.number, worker = index, pid = pid.as_raw(), outcome = tracing::field::Empty);
         }
@@ -200,7 +286,7 @@ impl Generation {
             pid = pid.as_raw(),
             "worker started"
         );
-        Ok(self.workers.entry(pid).or_insert(worker))
+        self.workers.entry(pid).or_insert(worker)
     }
 
     /// A readiness probe passed: its starting workers are ready.

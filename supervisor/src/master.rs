@@ -86,6 +86,15 @@ pub enum Event {
         /// Passed, or why not.
         result: Result<(), String>,
     },
+    /// A worker started off the loop has exec'd, or why it could not.
+    Spawned {
+        /// Its generation.
+        generation: u64,
+        /// Its index.
+        index: u32,
+        /// The child, or why it failed.
+        result: Result<std::process::Child, String>,
+    },
     /// A reload's configuration, read off the event loop.
     ConfigLoaded(Box<Result<Config, String>>),
     /// A request to the admin endpoint, and where its answer goes.
@@ -180,6 +189,9 @@ pub struct Master {
     pub(crate) tidying: Vec<Shared>,
     /// Another pass over the ports is wanted once this one is done.
     pub(crate) tidy_again: bool,
+    /// Exits of children not known yet, reaped while workers were being
+    /// started off the loop: their exit may come before their pid.
+    pub(crate) unclaimed_exits: std::collections::HashMap<Pid, (String, bool)>,
 }
 
 /// A new master's link to the old one until the handover.
@@ -300,6 +312,7 @@ pub async fn run(
         queued_by: None,
         tidying: Vec::new(),
         tidy_again: false,
+        unclaimed_exits: Default::default(),
     };
     if takeover.is_none() {
         master.serve_admin();
@@ -593,6 +606,11 @@ impl Master {
                 datagram,
             } => return self.on_notify(generation, datagram),
             Event::Probe { generation, result } => return self.on_probe(generation, result),
+            Event::Spawned {
+                generation,
+                index,
+                result,
+            } => return self.on_spawned(generation, index, result),
         };
         let Some(generation) = self.generation_of(pid) else {
             return;

@@ -148,8 +148,33 @@ pub struct SpawnSpec<'a> {
 /// Starts one worker in a new process group. An SDK worker gets the worker
 /// end of a fresh control channel at `BATON_CONTROL_FD`, then the hello and
 /// the listeners; a systemd or args worker inherits the listeners at fds 3,
-/// 4, ... Never waits on the worker.
+/// 4, ... Never waits on the worker, but waits for its `execve`: see
+/// [`prepare`] to do that on another thread.
 pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Result<Worker> {
+    let (plan, prepared) = prepare(spec, restarts, crashes)?;
+    let child = exec::spawn(plan)?;
+    prepared.finish(child, spec)
+}
+
+/// A worker being started: what the master keeps of it while
+/// [`exec::spawn`] runs its plan, possibly on another thread.
+#[derive(Debug)]
+pub struct Prepared {
+    index: u32,
+    restarts: u32,
+    crashes: u32,
+    /// The master's end of the SDK control channel.
+    master_end: Option<OwnedFd>,
+}
+
+/// Everything [`spawn`] does before the fork: the plan for [`exec::spawn`]
+/// (which refers to `spec`'s listeners by fd number: they must stay open
+/// until it returns) and what [`Prepared::finish`] needs afterwards.
+pub fn prepare(
+    spec: &SpawnSpec<'_>,
+    restarts: u32,
+    crashes: u32,
+) -> anyhow::Result<(exec::Plan, Prepared)> {
     let config = spec.config;
     let mut env: Vec<(OsString, OsString)> = Vec::new();
     for name in INHERITED_ENV {
@@ -187,10 +212,7 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
         Protocol::Sdk => {
             let (master_end, worker_end) = channel::pair().context("creating control channel")?;
             set(CONTROL_FD_ENV, worker_end.as_raw_fd().to_string());
-            (
-                Fds::Keep(worker_end.as_raw_fd()),
-                Some((master_end, worker_end)),
-            )
+            (Fds::Keep(worker_end), Some(master_end))
         }
         Protocol::Systemd => {
             set("LISTEN_FDS", spec.listeners.len().to_string());
@@ -217,66 +239,83 @@ pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Resul
         death_signal: (!sdk).then_some(config.stop_signal.0),
         capture_output: config.output == Output::Capture,
     };
-    let mut child = exec::spawn(plan)?;
-    let pid = Pid::from_raw(child.id() as i32);
-    let origin = |stream| output::Origin {
-        generation: spec.generation,
-        worker: spec.index,
-        pid: pid.as_raw(),
-        stream,
-    };
-    let pipes = [
-        child
-            .stdout
-            .take()
-            .map(|p| (OwnedFd::from(p), origin("stdout"))),
-        child
-            .stderr
-            .take()
-            .map(|p| (OwnedFd::from(p), origin("stderr"))),
-    ];
-    // The master reaps its children itself (waitpid on SIGCHLD).
-    drop(child);
-    for (pipe, origin) in pipes.into_iter().flatten() {
-        if let Err(e) = output::capture(pipe, origin) {
-            tracing::warn!(pid = pid.as_raw(), error = %e, "cannot capture worker output");
-        }
-    }
-    let channel = match channel_ends {
-        Some((master_end, worker_end)) => {
-            drop(worker_end);
-            Some(Arc::new(
-                Channel::new(master_end).context("registering control channel")?,
-            ))
-        }
-        None => None,
-    };
-    let worker = Worker {
-        pid,
+    let prepared = Prepared {
         index: spec.index,
-        state: State::Starting,
-        started: Instant::now(),
         restarts,
         crashes,
-        connections: None,
-        channel,
-        reader: None,
-        status: None,
-        stop_signal: config.stop_signal.0,
-        app_version: None,
-        startup: tracing::Span::none(),
+        master_end: channel_ends,
     };
-    let Some(channel) = &worker.channel else {
-        return Ok(worker);
-    };
-    match send_hello(channel, spec) {
-        // Already gone: its exit, reaped by the master, tells why.
-        Err(e) if e.is_peer_gone() => Ok(worker),
-        Err(e) => {
-            worker.kill();
-            Err(anyhow::Error::new(e).context(format!("sending hello to worker pid {pid}")))
+    Ok((plan, prepared))
+}
+
+impl Prepared {
+    /// The worker [`exec::spawn`] started as `child`: its output captured,
+    /// its control channel registered, and an SDK worker sent its hello and
+    /// listeners.
+    pub fn finish(
+        self,
+        mut child: std::process::Child,
+        spec: &SpawnSpec<'_>,
+    ) -> anyhow::Result<Worker> {
+        let config = spec.config;
+        let (restarts, crashes) = (self.restarts, self.crashes);
+        let pid = Pid::from_raw(child.id() as i32);
+        let origin = |stream| output::Origin {
+            generation: spec.generation,
+            worker: self.index,
+            pid: pid.as_raw(),
+            stream,
+        };
+        let pipes = [
+            child
+                .stdout
+                .take()
+                .map(|p| (OwnedFd::from(p), origin("stdout"))),
+            child
+                .stderr
+                .take()
+                .map(|p| (OwnedFd::from(p), origin("stderr"))),
+        ];
+        // The master reaps its children itself (waitpid on SIGCHLD).
+        drop(child);
+        for (pipe, origin) in pipes.into_iter().flatten() {
+            if let Err(e) = output::capture(pipe, origin) {
+                tracing::warn!(pid = pid.as_raw(), error = %e, "cannot capture worker output");
+            }
         }
-        Ok(()) => Ok(worker),
+        let channel = match self.master_end {
+            Some(master_end) => Some(Arc::new(
+                Channel::new(master_end).context("registering control channel")?,
+            )),
+            None => None,
+        };
+        let worker = Worker {
+            pid,
+            index: self.index,
+            state: State::Starting,
+            started: Instant::now(),
+            restarts,
+            crashes,
+            connections: None,
+            channel,
+            reader: None,
+            status: None,
+            stop_signal: config.stop_signal.0,
+            app_version: None,
+            startup: tracing::Span::none(),
+        };
+        let Some(channel) = &worker.channel else {
+            return Ok(worker);
+        };
+        match send_hello(channel, spec) {
+            // Already gone: its exit, reaped by the master, tells why.
+            Err(e) if e.is_peer_gone() => Ok(worker),
+            Err(e) => {
+                worker.kill();
+                Err(anyhow::Error::new(e).context(format!("sending hello to worker pid {pid}")))
+            }
+            Ok(()) => Ok(worker),
+        }
     }
 }
 

@@ -150,14 +150,15 @@ impl Master {
         self.probing = None;
         let mut phases = reload.phases;
         let elapsed = reload.phase_started.elapsed();
-        match (step, reload.spawning) {
+        let spawning = reload.spawning.is_some() || reload.unspawned > 0;
+        match (step, spawning) {
             (Step::Bind | Step::Spawn, _) => phases.push((step, elapsed)),
             // A new worker exited while others were still being spawned.
-            (Step::Ready, Some(_)) => {
+            (Step::Ready, true) => {
                 phases.push((Step::Spawn, elapsed));
                 phases.push((Step::Ready, Duration::ZERO));
             }
-            (Step::Ready, None) => phases.push((Step::Ready, elapsed)),
+            (Step::Ready, false) => phases.push((Step::Ready, elapsed)),
             _ => {}
         }
         if let Some(failed) = self.generations.get_mut(&reload.generation) {

@@ -184,6 +184,8 @@ pub struct Reload {
     binding: Option<Vec<Shared>>,
     /// The index of the next worker to spawn, until all are.
     spawning: Option<u32>,
+    /// Workers started off the loop that have not come back yet.
+    unspawned: u32,
     config: Rc<Config>,
     listeners: Vec<Shared>,
     processes: u32,
@@ -440,6 +442,7 @@ impl Master {
             ready_deadline: Instant::now() + config.worker.ready_timeout.0,
             binding: (!shared).then(Vec::new),
             spawning: None,
+            unspawned: 0,
             config,
             listeners,
             processes,

@@ -7,6 +7,7 @@ use crate::generation::Generation;
 use crate::listener::{Listener, Shared};
 use crate::master::Master;
 use crate::steering::Listening;
+use nix::unistd::Pid;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use tokio::time::Instant;
@@ -105,9 +106,11 @@ impl Master {
         self.reload = Some(reload);
     }
 
-    /// Spawns the new generation's next worker. One per turn of the event
-    /// loop: with many listeners a spawn takes milliseconds, and requests,
-    /// signals and exits are served between them.
+    /// Starts the new generation's next worker. One per turn of the event
+    /// loop, and for SDK workers off it: the fork and the wait for the
+    /// child's `execve` run on a blocking thread
+    /// ([`Generation::spawn_off_loop`]), and [`Master::on_spawned`] takes
+    /// the worker in. The spawn phase ends when every worker has come back.
     pub(super) fn spawn_next(&mut self) {
         let Some(reload) = &mut self.reload else {
             return;
@@ -118,9 +121,13 @@ impl Master {
         };
         let _enter = reload.span.clone().entered();
         if index < reload.processes {
-            if let Err(e) = new.spawn(index, 0, 0, &self.events, self.guardian.as_ref()) {
-                let reload = self.reload.take().expect("checked above");
-                return self.abort(reload, Step::Spawn, format!("worker {index}: {e:#}"));
+            match new.spawn_off_loop(index, &self.events, self.guardian.as_ref()) {
+                Ok(true) => reload.unspawned += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    let reload = self.reload.take().expect("checked above");
+                    return self.abort(reload, Step::Spawn, format!("worker {index}: {e:#}"));
+                }
             }
         }
         if index + 1 < reload.processes {
@@ -128,6 +135,88 @@ impl Master {
             return;
         }
         reload.spawning = None;
+        self.end_spawn_phase();
+    }
+
+    /// Worker `index` of generation `number`, started off the loop, has
+    /// exec'd (or failed to): taken into its generation while the reload
+    /// that started it runs, stopped otherwise.
+    pub(crate) fn on_spawned(
+        &mut self,
+        number: u64,
+        index: u32,
+        result: Result<std::process::Child, String>,
+    ) {
+        let pid = result
+            .as_ref()
+            .ok()
+            .map(|child| Pid::from_raw(child.id() as i32));
+        // It may have exited already, reaped before it came back here.
+        let exited = pid.and_then(|pid| self.unclaimed_exits.remove(&pid));
+        let wanted = self
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.generation == number && r.binding.is_none());
+        let Some(generation) = self.generations.get_mut(&number) else {
+            return self.unwanted_spawn(pid, exited.is_some());
+        };
+        let result = match result {
+            Ok(child) if wanted => generation
+                .spawned(index, child, &self.events, self.guardian.as_ref())
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}")),
+            Ok(_) => {
+                generation.forget_pending(index);
+                return self.unwanted_spawn(pid, exited.is_some());
+            }
+            Err(reason) => {
+                generation.forget_pending(index);
+                Err(reason)
+            }
+        };
+        if !self.generations.values().any(|g| g.has_pending()) {
+            self.unclaimed_exits.clear();
+        }
+        let Some(reload) = self.reload.as_mut().filter(|_| wanted) else {
+            return self.reap_finished_generations();
+        };
+        let _enter = reload.span.clone().entered();
+        reload.unspawned -= 1;
+        if let Err(reason) = result {
+            let reload = self.reload.take().expect("checked above");
+            return self.abort(reload, Step::Spawn, format!("worker {index}: {reason}"));
+        }
+        if let (Some(pid), Some((status, success))) = (pid, exited) {
+            return self.on_exit(pid, status, success);
+        }
+        self.end_spawn_phase();
+    }
+
+    /// A worker started for a reload that has ended since: killed (its
+    /// exit is reaped as any other), unless it is gone already.
+    fn unwanted_spawn(&mut self, pid: Option<Pid>, exited: bool) {
+        if let (Some(pid), false) = (pid, exited) {
+            tracing::info!(
+                pid = pid.as_raw(),
+                "worker started for a reload that has ended: killed"
+            );
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        if !self.generations.values().any(|g| g.has_pending()) {
+            self.unclaimed_exits.clear();
+        }
+        self.reap_finished_generations();
+    }
+
+    /// Ends the spawn phase once every worker was started and has come
+    /// back; the ready phase begins.
+    fn end_spawn_phase(&mut self) {
+        let Some(reload) = &mut self.reload else {
+            return;
+        };
+        if reload.spawning.is_some() || reload.unspawned > 0 {
+            return;
+        }
         reload.end_phase(Step::Spawn);
         reload.begin_phase(Step::Ready);
         reload.ready_deadline = Instant::now() + reload.config.worker.ready_timeout.0;
