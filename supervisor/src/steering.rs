@@ -91,6 +91,20 @@ pub struct Group {
     steered: Option<usize>,
     /// What the program does besides returning `steered`.
     rules: Rules,
+    /// The program this master attached last: what it returns, its rules,
+    /// and the [`EPOCH`] it was attached in.
+    attached: Option<(usize, Rules, u64)>,
+}
+
+/// Bumped when another master may attach programs to this master's port
+/// groups ([`others_may_steer`]): each group attaches its program again at
+/// its next steer, whatever it attached before.
+static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Another master (an upgrade's) may attach programs to the port groups
+/// from now on.
+pub fn others_may_steer() {
+    EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Exceptions to "every new connection goes to the steered socket".
@@ -128,6 +142,7 @@ impl Group {
             }],
             steered: None,
             rules: Rules::default(),
+            attached: None,
         };
         group.steer_index(0)?;
         Ok(group)
@@ -157,6 +172,7 @@ impl Group {
             members,
             steered: layout.steered,
             rules: Rules::default(),
+            attached: None,
         })
     }
 
@@ -197,7 +213,6 @@ impl Group {
     pub fn steer(&mut self, socket: BorrowedFd<'_>) -> io::Result<()> {
         let index = self.index_of(socket)?;
         self.rules.canary = None;
-        // Attached every time: another master may have steered meanwhile.
         self.steer_index(index)
     }
 
@@ -246,12 +261,26 @@ impl Group {
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "not a member of the group"))
     }
 
+    /// Attaches the program that returns `index` under the current rules,
+    /// unless it is the one attached already: the program names a slot of
+    /// the kernel's array, not a socket, so it stays right as members come
+    /// and go (the steered one never moves, see [`Group::tidy`]), and a
+    /// reload that keeps its sockets (SDK workers) attaches nothing. Only
+    /// another master can have changed it, hence [`EPOCH`].
     fn steer_index(&mut self, index: usize) -> io::Result<()> {
-        let v6 = is_v6(self.members[0].fd.as_fd())?;
-        attach_program(
-            self.members[0].fd.as_fd(),
-            &program(index, &self.rules, v6)?,
-        )?;
+        let wanted = (
+            index,
+            self.rules,
+            EPOCH.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        if self.attached != Some(wanted) {
+            let v6 = is_v6(self.members[0].fd.as_fd())?;
+            attach_program(
+                self.members[0].fd.as_fd(),
+                &program(index, &self.rules, v6)?,
+            )?;
+            self.attached = Some(wanted);
+        }
         self.steered = Some(index);
         Ok(())
     }
@@ -743,6 +772,22 @@ mod tests {
     fn a_second_listener_without_reuseport_cannot_take_the_port() {
         let (_primary, port, _, _group) = new_port();
         assert!(TcpListener::bind(("127.0.0.1", port)).is_err());
+    }
+
+    #[test]
+    fn a_program_another_master_attached_is_replaced_at_the_next_steer() {
+        let (primary, port, _, mut group) = new_port();
+        let (_token, a) = joined(&mut group, port);
+        group.steer(a.as_fd()).unwrap();
+        group.steer(a.as_fd()).unwrap();
+        assert_eq!(probe(port, &[&primary, &a], 8), [0, 8]);
+        // An upgrade's new master steers the port back to the primary.
+        others_may_steer();
+        let back = program(0, &Rules::default(), false).unwrap();
+        attach_program(primary.as_fd(), &back).unwrap();
+        assert_eq!(probe(port, &[&primary, &a], 8), [8, 0]);
+        group.steer(a.as_fd()).unwrap();
+        assert_eq!(probe(port, &[&primary, &a], 8), [0, 8]);
     }
 
     #[test]

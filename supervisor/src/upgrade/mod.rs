@@ -207,6 +207,9 @@ impl Master {
         let mut inherited = vec![binary.as_raw_fd(), theirs.as_raw_fd()];
         inherited.extend(self.hand_admin_to(&mut command));
         inherit_in_child(&mut command, inherited);
+        // The new master steers the ports it is handed: whatever happens to
+        // it, this one attaches its programs again at its next steer.
+        crate::steering::others_may_steer();
         let child = command
             .spawn()
             .with_context(|| format!("starting {}", self.program.path.display()))
