@@ -17,6 +17,9 @@ use std::rc::Rc;
 /// Ports tidied per turn of the event loop.
 const TIDY_CHUNK: usize = 128;
 
+/// Children reaped per turn of the event loop.
+const REAP_CHUNK: usize = 4;
+
 impl Master {
     pub(crate) fn generation_of(&mut self, pid: Pid) -> Option<&mut Generation> {
         self.generations
@@ -26,18 +29,36 @@ impl Master {
 
     /// Collects every exited child.
     pub(crate) fn reap(&mut self) {
-        loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => {
-                    self.on_exit(pid, format!("exit status {code}"), code == 0)
-                }
-                Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                    self.on_exit(pid, format!("signal {signal}"), false)
-                }
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(_) => continue,
+        while self.reap_one() {}
+    }
+
+    /// Reaps at most [`REAP_CHUNK`] exited children, and leaves the rest
+    /// for the next turn of the loop ([`Master::reap_more`]): reaping a
+    /// worker with many fds takes about a millisecond, and a generation's
+    /// workers all exit at once at the end of a drain.
+    pub(crate) fn reap_some(&mut self) {
+        for _ in 0..REAP_CHUNK {
+            if !self.reap_one() {
+                self.reap_more = false;
+                return;
             }
         }
+        self.reap_more = true;
+    }
+
+    /// Reaps one exited child; false when none was left.
+    fn reap_one(&mut self) -> bool {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                self.on_exit(pid, format!("exit status {code}"), code == 0)
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                self.on_exit(pid, format!("signal {signal}"), false)
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return false,
+            Ok(_) => {}
+        }
+        true
     }
 
     pub(crate) fn on_exit(&mut self, pid: Pid, status: String, success: bool) {

@@ -189,6 +189,9 @@ pub struct Master {
     pub(crate) tidying: Vec<Shared>,
     /// Another pass over the ports is wanted once this one is done.
     pub(crate) tidy_again: bool,
+    /// More exited children may wait to be reaped (see
+    /// [`Master::reap_some`]).
+    pub(crate) reap_more: bool,
     /// Exits of children not known yet, reaped while workers were being
     /// started off the loop: their exit may come before their pid.
     pub(crate) unclaimed_exits: std::collections::HashMap<Pid, (String, bool)>,
@@ -313,6 +316,7 @@ pub async fn run(
         tidying: Vec::new(),
         tidy_again: false,
         unclaimed_exits: Default::default(),
+        reap_more: false,
     };
     if takeover.is_none() {
         master.serve_admin();
@@ -549,7 +553,7 @@ impl Master {
 
     fn on_signal(&mut self, signal: SignalEvent) {
         if signal == SignalEvent::Child {
-            return self.reap();
+            return self.reap_some();
         }
         let from = crate::audit::signal_requester(signal);
         match &from {
@@ -779,6 +783,9 @@ impl Master {
 
     /// Runs whatever is due: reload deadlines, drain kills, respawns.
     fn on_tick(&mut self) {
+        if self.reap_more {
+            self.reap_some();
+        }
         self.step_reload();
         self.tidy_step();
         self.advance_reload();
@@ -853,10 +860,12 @@ impl Master {
     fn next_deadline(&self) -> Option<Instant> {
         let generations = self.generations.values().filter_map(|g| g.next_deadline());
         let reload = self.reload.as_ref().map(|r| r.deadline());
-        let tidying = (!self.tidying.is_empty() || self.tidy_again).then(Instant::now);
+        // Work left for the next turns: now.
+        let busy =
+            (!self.tidying.is_empty() || self.tidy_again || self.reap_more).then(Instant::now);
         generations
             .chain(reload)
-            .chain(tidying)
+            .chain(busy)
             .chain(self.delay_ready_deadline())
             .chain(self.upgrade_deadline())
             .chain(self.probe_deadline())
