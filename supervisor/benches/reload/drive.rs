@@ -277,7 +277,7 @@ fn act(
         new_master: None,
         failed: None,
         new: NewGeneration::Above(handle.latest_generation()),
-        old: procs::children_of(master),
+        old: procs::workers_of(master),
         gone_before: 0,
         upgrading_from: None,
     };

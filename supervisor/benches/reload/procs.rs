@@ -15,6 +15,20 @@ use std::time::{Duration, Instant};
 // The test harness reads /proc the same way: one definition for both.
 pub use baton_tests::harness::{alive, children_of, descendants, stat_field};
 
+/// The children of `master` that serve: all but its guardian (`baton
+/// __guardian`), which lives as long as the master, not a generation.
+pub fn workers_of(master: Pid) -> Vec<Pid> {
+    children_of(master)
+        .into_iter()
+        .filter(|pid| {
+            let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            !argv
+                .split(|b| *b == 0)
+                .any(|arg| arg == baton::guardian::ARG.as_bytes())
+        })
+        .collect()
+}
+
 /// CPU time used so far by the processes of other sessions than the
 /// bench's: other people's builds and tests on a shared machine. Per pid,
 /// in clock ticks, own time plus that of reaped children (so a compiler
