@@ -190,8 +190,9 @@ impl Generation {
         events: &Events,
         guardian: Option<&crate::guardian::Guardian>,
     ) -> anyhow::Result<&mut Worker> {
-        let worker = worker::spawn(&self.spec(index), restarts, crashes)?;
-        Ok(self.register(worker, events, guardian))
+        let (plan, prepared) = worker::prepare(&self.spec(index), restarts, crashes)?;
+        let child = crate::exec::spawn(plan)?;
+        self.take_in(index, prepared, child, events, guardian)
     }
 
     /// Starts worker `index` without waiting for it: the fork and the wait
@@ -216,8 +217,7 @@ impl Generation {
         let (plan, prepared) = worker::prepare(&self.spec(index), 0, 0)?;
         if plan.death_signal.is_some() {
             let child = crate::exec::spawn(plan)?;
-            let worker = prepared.finish(child, &self.spec(index))?;
-            self.register(worker, events, guardian);
+            self.take_in(index, prepared, child, events, guardian)?;
             return Ok(false);
         }
         let (events, generation) = (events.clone(), self.number);
@@ -257,19 +257,22 @@ impl Generation {
             .pending
             .remove(&index)
             .ok_or_else(|| anyhow::anyhow!("worker {index} was not being started"))?;
-        let worker = prepared.finish(child, &self.spec(index))?;
-        Ok(self.register(worker, events, guardian))
+        self.take_in(index, prepared, child, events, guardian)
     }
 
-    /// Takes in a started worker: its startup span, the guardian's watch
-    /// and its channel forwarded to `events`.
-    fn register(
+    /// Takes in worker `index`, exec'd as `child`: its channel registered
+    /// and (for an SDK worker) sent the hello, its startup span, the
+    /// guardian's watch, and its channel forwarded to `events`.
+    fn take_in(
         &mut self,
-        mut worker: Worker,
+        index: u32,
+        prepared: worker::Prepared,
+        child: std::process::Child,
         events: &Events,
         guardian: Option<&crate::guardian::Guardian>,
-    ) -> &mut Worker {
-        let (pid, index) = (worker.pid, worker.index);
+    ) -> anyhow::Result<&mut Worker> {
+        let mut worker = prepared.finish(child, &self.spec(index))?;
+        let pid = worker.pid;
         if let Some((spawn_phase, _)) = &self.trace {
             worker.startup = tracing::info_span!(parent: spawn_phase, "worker startup", generation = self.number, worker = index, pid = pid.as_raw(), outcome = tracing::field::Empty);
         }
@@ -286,7 +289,7 @@ impl Generation {
             pid = pid.as_raw(),
             "worker started"
         );
-        self.workers.entry(pid).or_insert(worker)
+        Ok(self.workers.entry(pid).or_insert(worker))
     }
 
     /// A readiness probe passed: its starting workers are ready.

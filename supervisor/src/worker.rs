@@ -145,17 +145,6 @@ pub struct SpawnSpec<'a> {
     pub config_hash: &'a str,
 }
 
-/// Starts one worker in a new process group. An SDK worker gets the worker
-/// end of a fresh control channel at `BATON_CONTROL_FD`, then the hello and
-/// the listeners; a systemd or args worker inherits the listeners at fds 3,
-/// 4, ... Never waits on the worker, but waits for its `execve`: see
-/// [`prepare`] to do that on another thread.
-pub fn spawn(spec: &SpawnSpec<'_>, restarts: u32, crashes: u32) -> anyhow::Result<Worker> {
-    let (plan, prepared) = prepare(spec, restarts, crashes)?;
-    let child = exec::spawn(plan)?;
-    prepared.finish(child, spec)
-}
-
 /// A worker being started: what the master keeps of it while
 /// [`exec::spawn`] runs its plan, possibly on another thread.
 #[derive(Debug)]
@@ -167,9 +156,12 @@ pub struct Prepared {
     master_end: Option<OwnedFd>,
 }
 
-/// Everything [`spawn`] does before the fork: the plan for [`exec::spawn`]
-/// (which refers to `spec`'s listeners by fd number: they must stay open
-/// until it returns) and what [`Prepared::finish`] needs afterwards.
+/// Starting one worker in a new process group, before the fork: the plan
+/// for [`exec::spawn`] (which refers to `spec`'s listeners by fd number:
+/// they must stay open until it returns) and what [`Prepared::finish`]
+/// needs afterwards. An SDK worker gets the worker end of a fresh control
+/// channel at `BATON_CONTROL_FD`, then the hello and the listeners; a
+/// systemd or args worker inherits the listeners at fds 3, 4, ...
 pub fn prepare(
     spec: &SpawnSpec<'_>,
     restarts: u32,

@@ -174,9 +174,7 @@ impl Master {
                 Err(reason)
             }
         };
-        if !self.generations.values().any(|g| g.has_pending()) {
-            self.unclaimed_exits.clear();
-        }
+        self.forget_unclaimed_exits();
         let Some(reload) = self.reload.as_mut().filter(|_| wanted) else {
             return self.reap_finished_generations();
         };
@@ -202,10 +200,16 @@ impl Master {
             );
             let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
         }
+        self.forget_unclaimed_exits();
+        self.reap_finished_generations();
+    }
+
+    /// Once no worker started off the loop is still to come back, no
+    /// unknown exit can be one of theirs.
+    fn forget_unclaimed_exits(&mut self) {
         if !self.generations.values().any(|g| g.has_pending()) {
             self.unclaimed_exits.clear();
         }
-        self.reap_finished_generations();
     }
 
     /// Ends the spawn phase once every worker was started and has come
