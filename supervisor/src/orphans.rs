@@ -35,23 +35,25 @@ pub fn children() -> Vec<Pid> {
 /// The processes whose `/proc/PID/stat` field `n` after `(comm)` (0: state,
 /// 1: ppid, 2: process group, ...) is `value`.
 pub fn processes_where(n: usize, value: &str) -> Vec<Pid> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
+    process_stats()
+        .filter(|(_, fields)| fields.split_whitespace().nth(n) == Some(value))
+        .map(|(pid, _)| Pid::from_raw(pid))
+        .collect()
+}
+
+/// Every process on the host, with the fields of its `/proc/PID/stat` after
+/// `(comm)` (which may hold anything, spaces and parentheses included).
+pub fn process_stats() -> impl Iterator<Item = (i32, String)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                return false;
-            };
-            let Some((_, rest)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            rest.split_whitespace().nth(n) == Some(value)
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (_, fields) = stat.rsplit_once(')')?;
+            Some((pid, fields.to_string()))
         })
-        .map(Pid::from_raw)
-        .collect()
 }
 
 /// Stops every child of this process but `spare`: `SIGTERM`, then `SIGKILL`

@@ -263,21 +263,13 @@ pub fn socket_inodes(pid: i32) -> Vec<u64> {
 /// Every process on the host by process group, from `/proc`.
 pub fn process_groups() -> HashMap<i32, Vec<i32>> {
     let mut groups: HashMap<i32, Vec<i32>> = HashMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return groups;
-    };
-    for pid in entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-    {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // `PID (comm) STATE PPID PGRP ...`: comm may hold anything.
-        let pgrp = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse().ok());
-        if let Some(pgrp) = pgrp {
+    for (pid, fields) in crate::orphans::process_stats() {
+        // `STATE PPID PGRP ...`
+        if let Some(pgrp) = fields
+            .split_whitespace()
+            .nth(2)
+            .and_then(|g| g.parse().ok())
+        {
             groups.entry(pgrp).or_default().push(pid);
         }
     }
