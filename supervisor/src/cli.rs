@@ -505,50 +505,58 @@ pub(crate) fn process_alive(pid: i32) -> bool {
 fn run(path: &Path) -> anyhow::Result<()> {
     let program = Program::current();
     crate::fds::close_on_exec_inherited().context("marking inherited fds close-on-exec")?;
-    // One thread, one event loop: the master never needs more.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the event loop")?;
-    runtime.block_on(async {
-        // Started by an upgrade: the old master's listeners come first, and
-        // a config it rejects is reported back to it.
-        let takeover = Takeover::receive_from_env().await?;
-        let exec_state = crate::upgrade::exec::take_state_from_env()?;
-        // A fresh start may come with sockets from systemd; an upgraded
-        // master gets the listeners from the old one instead (and an
-        // in-place one still sees the variables, with its pid).
-        let activated = match (&takeover, &exec_state) {
-            (None, None) => crate::activation::take_from_env()?,
-            _ => Vec::new(),
-        };
-        let config = match Config::load(path) {
-            Ok(config) => config,
-            Err(e) => {
-                if let Some(takeover) = &takeover {
-                    takeover.fail("config", &e.to_string());
-                }
-                return Err(e.into());
-            }
-        };
-        let log = crate::logging::init(
-            &config.supervisor.log_filter,
-            config.supervisor.log_format,
-            config.supervisor.log_file.as_deref(),
-            config.supervisor.otlp_endpoint.as_deref(),
-        )
-        .context("setting up logging")?;
-        let origin = match (takeover, exec_state) {
-            (Some(takeover), _) => Origin::Takeover(takeover),
-            (None, Some(state)) => Origin::Exec(state),
-            (None, None) => Origin::Fresh(activated),
-        };
-        let result = crate::master::run(config, log, program, origin).await;
-        if let Err(e) = &result {
-            tracing::error!(error = %format!("{e:#}"), "master failed");
-        }
-        result
+    let path = path.to_owned();
+    // One event loop on one thread; the main thread forks the workers
+    // (`crate::forker` says why).
+    crate::forker::run(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the event loop")?;
+        runtime.block_on(master(&path, program))
     })
+}
+
+/// The master, from its takeover or exec state, config and logging to its
+/// event loop's end.
+async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
+    // Started by an upgrade: the old master's listeners come first, and
+    // a config it rejects is reported back to it.
+    let takeover = Takeover::receive_from_env().await?;
+    let exec_state = crate::upgrade::exec::take_state_from_env()?;
+    // A fresh start may come with sockets from systemd; an upgraded
+    // master gets the listeners from the old one instead (and an
+    // in-place one still sees the variables, with its pid).
+    let activated = match (&takeover, &exec_state) {
+        (None, None) => crate::activation::take_from_env()?,
+        _ => Vec::new(),
+    };
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            if let Some(takeover) = &takeover {
+                takeover.fail("config", &e.to_string());
+            }
+            return Err(e.into());
+        }
+    };
+    let log = crate::logging::init(
+        &config.supervisor.log_filter,
+        config.supervisor.log_format,
+        config.supervisor.log_file.as_deref(),
+        config.supervisor.otlp_endpoint.as_deref(),
+    )
+    .context("setting up logging")?;
+    let origin = match (takeover, exec_state) {
+        (Some(takeover), _) => Origin::Takeover(takeover),
+        (None, Some(state)) => Origin::Exec(state),
+        (None, None) => Origin::Fresh(activated),
+    };
+    let result = crate::master::run(config, log, program, origin).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %format!("{e:#}"), "master failed");
+    }
+    result
 }
 
 #[cfg(test)]

@@ -179,9 +179,9 @@ impl Generation {
         }
     }
 
-    /// Spawns worker `index`, waiting for its `execve`; an SDK worker's
-    /// channel is forwarded to `events` from now on, and the guardian
-    /// watches it.
+    /// Spawns worker `index`, waiting for its `execve` (forked by the main
+    /// thread, see [`crate::forker`]); an SDK worker's channel is forwarded
+    /// to `events` from now on, and the guardian watches it.
     pub fn spawn(
         &mut self,
         index: u32,
@@ -191,46 +191,27 @@ impl Generation {
         guardian: Option<&crate::guardian::Guardian>,
     ) -> anyhow::Result<&mut Worker> {
         let (plan, prepared) = worker::prepare(&self.spec(index), restarts, crashes)?;
-        let child = crate::exec::spawn(plan)?;
+        let child = crate::forker::spawn_and_wait(plan)?;
         self.take_in(index, prepared, child, events, guardian)
     }
 
-    /// Starts worker `index` without waiting for it: the fork and the wait
-    /// for its `execve` (milliseconds with many listeners on a busy
-    /// machine) run on a blocking thread, and [`Event::Spawned`] brings the
-    /// child back to [`Generation::spawned`]; `Ok(true)`. The generation is
-    /// kept, and with it the listeners the child inherits by fd number,
-    /// until then.
-    ///
-    /// Only a worker without a parent-death signal (an SDK worker, which
-    /// learns of the master's death from its channel) is started so: that
-    /// signal is sent when the *thread* that forked ends, which a pool
-    /// thread does when idle and every thread but one does at an in-place
-    /// upgrade. Others are spawned here and now, as [`Generation::spawn`]
-    /// does; `Ok(false)`.
-    pub fn spawn_off_loop(
-        &mut self,
-        index: u32,
-        events: &Events,
-        guardian: Option<&crate::guardian::Guardian>,
-    ) -> anyhow::Result<bool> {
+    /// Starts worker `index` without waiting for it: the main thread forks
+    /// it ([`crate::forker`]) and waits for its `execve` (milliseconds with
+    /// many listeners on a busy machine), and [`Event::Spawned`] brings the
+    /// child back to [`Generation::spawned`]. The generation is kept, and
+    /// with it the listeners the child inherits by fd number, until then.
+    pub fn spawn_off_loop(&mut self, index: u32, events: &Events) -> anyhow::Result<()> {
         let (plan, prepared) = worker::prepare(&self.spec(index), 0, 0)?;
-        if plan.death_signal.is_some() {
-            let child = crate::exec::spawn(plan)?;
-            self.take_in(index, prepared, child, events, guardian)?;
-            return Ok(false);
-        }
         let (events, generation) = (events.clone(), self.number);
-        tokio::task::spawn_blocking(move || {
-            let result = crate::exec::spawn(plan).map_err(|e| format!("{e:#}"));
+        crate::forker::spawn(plan, move |result| {
             let _ = events.send(Event::Spawned {
                 generation,
                 index,
-                result,
+                result: result.map_err(|e| format!("{e:#}")),
             });
         });
         self.pending.insert(index, prepared);
-        Ok(true)
+        Ok(())
     }
 
     /// Whether workers started by [`Generation::spawn_off_loop`] are still

@@ -14,6 +14,7 @@ pub mod control;
 pub mod exec;
 pub mod exits;
 pub mod fds;
+pub mod forker;
 pub mod generation;
 pub mod guardian;
 pub mod inplace;

@@ -525,7 +525,11 @@ impl Master {
             }
         })
         .abort_handle();
-        Ok(crate::notify::Notifier { socket, reader })
+        Ok(crate::notify::Notifier {
+            socket,
+            reader,
+            held: Vec::new(),
+        })
     }
 
     /// Keeps `token` until process `pid` (the old master, not a child of

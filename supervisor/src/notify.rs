@@ -116,7 +116,14 @@ pub struct Notifier {
     pub socket: Arc<NotifySocket>,
     /// The task forwarding its datagrams into the event loop.
     pub reader: tokio::task::AbortHandle,
+    /// Datagrams from no known worker that arrived while workers were
+    /// still being started off the loop: a new worker may notify before
+    /// the loop has taken it in. Replayed as each one is.
+    pub held: Vec<Datagram>,
 }
+
+/// How many datagrams a generation holds for workers not yet taken in.
+const MAX_HELD: usize = 64;
 
 impl Drop for Notifier {
     fn drop(&mut self) {
@@ -300,6 +307,15 @@ impl Master {
             .copied()
             .find(|p| g.workers.contains_key(p))
         else {
+            let pending = g.has_pending();
+            if let Some(notifier) = g
+                .notify
+                .as_mut()
+                .filter(|n| pending && n.held.len() < MAX_HELD)
+            {
+                notifier.held.push(datagram);
+                return;
+            }
             tracing::warn!(
                 generation,
                 sender,
@@ -347,6 +363,19 @@ impl Master {
             );
         }
         self.advance_reload();
+    }
+
+    /// Generation `generation` took in a worker started off the loop (or
+    /// gave up on one): what was held for it is delivered now, and once no
+    /// worker is still to come, what is left is from no worker at all.
+    pub(crate) fn replay_notifications(&mut self, generation: u64) {
+        let held = match self.generations.get_mut(&generation) {
+            Some(g) => g.notify.as_mut().map(|n| std::mem::take(&mut n.held)),
+            None => None,
+        };
+        for datagram in held.into_iter().flatten() {
+            self.on_notify(generation, datagram);
+        }
     }
 }
 

@@ -107,10 +107,10 @@ impl Master {
     }
 
     /// Starts the new generation's next worker. One per turn of the event
-    /// loop, and for SDK workers off it: the fork and the wait for the
-    /// child's `execve` run on a blocking thread
-    /// ([`Generation::spawn_off_loop`]), and [`Master::on_spawned`] takes
-    /// the worker in. The spawn phase ends when every worker has come back.
+    /// loop, and off it: the fork and the wait for the child's `execve` run
+    /// on the main thread ([`Generation::spawn_off_loop`]), and
+    /// [`Master::on_spawned`] takes the worker in. The spawn phase ends
+    /// when every worker has come back.
     pub(super) fn spawn_next(&mut self) {
         let Some(reload) = &mut self.reload else {
             return;
@@ -121,9 +121,8 @@ impl Master {
         };
         let _enter = reload.span.clone().entered();
         if index < reload.processes {
-            match new.spawn_off_loop(index, &self.events, self.guardian.as_ref()) {
-                Ok(true) => reload.unspawned += 1,
-                Ok(false) => {}
+            match new.spawn_off_loop(index, &self.events) {
+                Ok(()) => reload.unspawned += 1,
                 Err(e) => {
                     let reload = self.reload.take().expect("checked above");
                     return self.abort(reload, Step::Spawn, format!("worker {index}: {e:#}"));
@@ -167,7 +166,8 @@ impl Master {
                 .map_err(|e| format!("{e:#}")),
             Ok(_) => {
                 generation.forget_pending(index);
-                return self.unwanted_spawn(pid, exited.is_some());
+                self.unwanted_spawn(pid, exited.is_some());
+                return self.replay_notifications(number);
             }
             Err(reason) => {
                 generation.forget_pending(index);
@@ -175,6 +175,8 @@ impl Master {
             }
         };
         self.forget_unclaimed_exits();
+        // It may have notified already, before it was taken in.
+        self.replay_notifications(number);
         let Some(reload) = self.reload.as_mut().filter(|_| wanted) else {
             return self.reap_finished_generations();
         };

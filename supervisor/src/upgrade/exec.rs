@@ -115,7 +115,9 @@ impl Master {
         // The new image starts an exporter of its own; what this one
         // batched goes first.
         self.log.shutdown_traces();
-        let error = command.exec();
+        // From the main thread: the workers it forked keep their parent
+        // thread, and with it their parent-death signal unsent.
+        let error = crate::forker::exec(command);
         // Still here: the exec failed. Make every fd private again.
         for fd in &inherit {
             let _ = set_cloexec(*fd, true);
