@@ -221,7 +221,7 @@ impl Master {
             return;
         }
         // The kernel is asked about a chunk's ports in one look.
-        let kernel = crate::steering::Listening::snapshot();
+        let kernel = crate::listener::kernel_view(&chunk);
         for port in &chunk {
             port.tidy(&kernel);
         }

@@ -47,9 +47,21 @@ pub struct Listener {
 /// generations using them.
 pub type Shared = Rc<Listener>;
 
-/// One look at the TCP sockets listening on every port, or why it failed
+/// One look at the TCP sockets listening on some ports, or why it failed
 /// (then no port group is touched).
 pub type Kernel = std::io::Result<steering::Listening>;
+
+/// One look at the TCP sockets listening on the ports of `listeners`.
+pub fn kernel_view<'a>(listeners: impl IntoIterator<Item = &'a Shared>) -> Kernel {
+    let mut ports: Vec<u16> = listeners
+        .into_iter()
+        .filter_map(|l| l.info.address.parse::<std::net::SocketAddr>().ok())
+        .map(|address| address.port())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    steering::Listening::snapshot(&ports)
+}
 
 impl Listener {
     /// Binds `config` with `SOCK_CLOEXEC` and starts listening.

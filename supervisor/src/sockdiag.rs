@@ -16,6 +16,14 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 /// `INET_DIAG_INFO`: a `struct tcp_info` after the message.
 const INET_DIAG_INFO: u16 = 2;
+/// `INET_DIAG_REQ_BYTECODE`: a filter the kernel runs on each socket.
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+/// Filter operations (`enum` in `linux/inet_diag.h`): jump, local port
+/// equal to.
+const INET_DIAG_BC_JMP: u8 = 1;
+const INET_DIAG_BC_S_EQ: u8 = 11;
+/// Ports per filter: 12 bytes of bytecode each, within the 16-bit jumps.
+const PORTS_PER_FILTER: usize = 1024;
 
 /// TCP state numbers (`include/net/tcp_states.h`).
 pub const TCP_LISTEN: u8 = 10;
@@ -63,9 +71,45 @@ pub fn listeners() -> io::Result<Vec<TcpSocket>> {
     dump_both(1 << TCP_LISTEN, false)
 }
 
-/// The listening TCP sockets of `family` (`AF_INET` or `AF_INET6`).
-pub fn listening(family: u8) -> io::Result<Vec<TcpSocket>> {
-    dump(family, 1 << TCP_LISTEN, false)
+/// The listening TCP sockets of `family` (`AF_INET` or `AF_INET6`) on
+/// `ports`. The kernel filters: with thousands of listening sockets, a few
+/// ports cost a fraction of them all.
+pub fn listening(family: u8, ports: &[u16]) -> io::Result<Vec<TcpSocket>> {
+    let mut sockets = Vec::new();
+    for ports in ports.chunks(PORTS_PER_FILTER) {
+        let mut request = request(family, 1 << TCP_LISTEN, false);
+        request.extend_from_slice(&port_filter(ports));
+        dump_raw(&request, |message| sockets.extend(parse(message)))?;
+    }
+    Ok(sockets)
+}
+
+/// The `INET_DIAG_REQ_BYTECODE` attribute that keeps the sockets whose
+/// local port is one of `ports`. An operation is 4 bytes: its code, how far
+/// to jump when true (at most 255) and when false; a port comparison takes
+/// the port from the next 4 bytes' last two. Ending exactly at the end
+/// accepts, anywhere else rejects. Per port: "equal? then fall into a jump
+/// to the end, else skip it"; after the last, a jump past the end.
+fn port_filter(ports: &[u16]) -> Vec<u8> {
+    let op = |code: u8, yes: u8, no: u16| {
+        let mut op = vec![code, yes];
+        op.extend_from_slice(&no.to_ne_bytes());
+        op
+    };
+    let length = ports.len() * 12 + 4;
+    let mut bytecode = Vec::with_capacity(length);
+    for port in ports {
+        bytecode.extend(op(INET_DIAG_BC_S_EQ, 8, 12));
+        bytecode.extend(op(0, 0, *port));
+        let left = (length - bytecode.len()) as u16;
+        bytecode.extend(op(INET_DIAG_BC_JMP, 4, left));
+    }
+    bytecode.extend(op(INET_DIAG_BC_JMP, 4, 8));
+    let mut attribute = Vec::with_capacity(4 + length);
+    attribute.extend_from_slice(&(4 + length as u16).to_ne_bytes());
+    attribute.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+    attribute.extend(bytecode);
+    attribute
 }
 
 /// TCP connections of both families (every state but listening and
@@ -82,16 +126,22 @@ fn dump_both(states: u32, info: bool) -> io::Result<Vec<TcpSocket>> {
 }
 
 fn dump(family: u8, states: u32, info: bool) -> io::Result<Vec<TcpSocket>> {
-    // inet_diag_req_v2 (56 bytes): family, protocol, the extensions wanted
-    // (a bit per attribute, less one), pad, the states bitmask, and an
-    // unused socket id.
+    let mut sockets = Vec::new();
+    dump_raw(&request(family, states, info), |message| {
+        sockets.extend(parse(message))
+    })?;
+    Ok(sockets)
+}
+
+/// An `inet_diag_req_v2` (56 bytes): family, protocol, the extensions
+/// wanted (a bit per attribute, less one), pad, the states bitmask, and an
+/// unused socket id.
+fn request(family: u8, states: u32, info: bool) -> Vec<u8> {
     let ext = if info { 1u8 << (INET_DIAG_INFO - 1) } else { 0 };
     let mut request = vec![family, libc::IPPROTO_TCP as u8, ext, 0];
     request.extend_from_slice(&states.to_ne_bytes());
     request.resize(56, 0);
-    let mut sockets = Vec::new();
-    dump_raw(&request, |message| sockets.extend(parse(message)))?;
-    Ok(sockets)
+    request
 }
 
 /// Sends one `SOCK_DIAG_BY_FAMILY` dump request with `request` after the
@@ -310,6 +360,42 @@ mod tests {
         assert_eq!(ours.local, address);
         assert_eq!(ours.rqueue, 0);
         assert!(ours.wqueue > 0, "backlog {}", ours.wqueue);
+    }
+
+    #[test]
+    fn listening_sockets_are_asked_for_by_port() {
+        let bound: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ports: Vec<u16> = bound
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        let listed = |asked: &[u16]| -> Vec<u16> {
+            let mut found: Vec<u16> = listening(libc::AF_INET as u8, asked)
+                .unwrap()
+                .iter()
+                .map(|s| s.local.port())
+                .collect();
+            found.sort_unstable();
+            found
+        };
+        let sorted = |mut ports: Vec<u16>| {
+            ports.sort_unstable();
+            ports
+        };
+        assert_eq!(listed(&ports[1..2]), [ports[1]]);
+        assert_eq!(
+            listed(&[ports[2], ports[0]]),
+            sorted(vec![ports[0], ports[2]])
+        );
+        assert_eq!(listed(&ports), sorted(ports.clone()));
+        assert_eq!(listed(&[]), Vec::<u16>::new());
+        // More ports than one filter holds: asked in several.
+        let many: Vec<u16> = (1..=PORTS_PER_FILTER as u16 + 10)
+            .chain([ports[1]])
+            .collect();
+        assert!(listed(&many).contains(&ports[1]));
     }
 
     #[test]

@@ -352,20 +352,23 @@ impl Group {
     }
 }
 
-/// The TCP sockets listening on each address, by inode, as the kernel's
-/// `sock_diag` interface lists them. One look serves every port: asking per
-/// port would cost a dump of every listening socket each time.
+/// The TCP sockets listening on each address of some ports, by inode, as
+/// the kernel's `sock_diag` interface lists them. One look serves many
+/// ports: the kernel goes through every listening socket each time.
 #[derive(Debug, Default)]
 pub struct Listening(HashMap<SocketAddr, Vec<u64>>);
 
 impl Listening {
-    /// Asks the kernel, once per address family.
-    pub fn snapshot() -> io::Result<Listening> {
+    /// Asks the kernel about `ports`, once per address family.
+    pub fn snapshot(ports: &[u16]) -> io::Result<Listening> {
         let mut by_address: HashMap<SocketAddr, Vec<u64>> = HashMap::new();
         for family in [libc::AF_INET, libc::AF_INET6] {
-            dump_listening(family as u8, |address, inode| {
-                by_address.entry(address).or_default().push(inode)
-            })?;
+            for socket in crate::sockdiag::listening(family as u8, ports)? {
+                by_address
+                    .entry(socket.local)
+                    .or_default()
+                    .push(socket.inode);
+            }
         }
         Ok(Listening(by_address))
     }
@@ -376,15 +379,6 @@ impl Listening {
         let address = SocketAddr::new(address.ip(), address.port());
         self.0.get(&address).map_or(&[], Vec::as_slice)
     }
-}
-
-/// Calls `found` with the address and inode of every TCP socket of
-/// `family` in the listening state.
-fn dump_listening(family: u8, mut found: impl FnMut(SocketAddr, u64)) -> io::Result<()> {
-    for socket in crate::sockdiag::listening(family)? {
-        found(socket.local, socket.inode);
-    }
-    Ok(())
 }
 
 /// `SKF_NET_OFF` from `linux/filter.h`: loads relative to the network
@@ -529,7 +523,10 @@ mod tests {
 
     /// What the kernel lists on `address` now.
     fn on_port(address: SocketAddr) -> Vec<u64> {
-        Listening::snapshot().unwrap().on(address).to_vec()
+        Listening::snapshot(&[address.port()])
+            .unwrap()
+            .on(address)
+            .to_vec()
     }
 
     /// A listener's own socket on a new port: the socket, the port, the

@@ -6,16 +6,15 @@ use crate::config::{Config, ListenerAddress, ReadyMode};
 use crate::generation::Generation;
 use crate::listener::{Listener, Shared};
 use crate::master::Master;
-use crate::steering::Listening;
 use nix::unistd::Pid;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use tokio::time::Instant;
 
 /// Generation sockets made per turn of the event loop in the bind phase:
-/// each takes tens of microseconds, plus two looks at the kernel's list of
-/// listening sockets per chunk.
-const BIND_CHUNK: usize = 128;
+/// each takes tens of microseconds, plus two looks at the kernel's
+/// listening sockets on the chunk's ports; a few milliseconds in all.
+const BIND_CHUNK: usize = 64;
 
 /// A TCP socket of its own on each port of `listeners`, for a generation of
 /// workers that are not SDK workers (which stop accepting when told to
@@ -29,12 +28,12 @@ fn generation_sockets(
     listeners: &[Shared],
     current: &HashSet<*const Listener>,
 ) -> anyhow::Result<Vec<Shared>> {
-    let before = Listening::snapshot();
+    let before = crate::listener::kernel_view(listeners);
     let made = listeners
         .iter()
         .map(|l| Listener::for_generation(l, &before))
         .collect::<anyhow::Result<Vec<Shared>>>()?;
-    let after = Listening::snapshot();
+    let after = crate::listener::kernel_view(listeners);
     let sockets: Vec<Shared> = made
         .into_iter()
         .map(|socket| Listener::confirm(socket, &after))
