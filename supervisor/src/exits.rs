@@ -14,11 +14,13 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::rc::Rc;
 
-/// Ports tidied per turn of the event loop.
-const TIDY_CHUNK: usize = 128;
+/// Ports tidied per turn of the event loop: a few milliseconds.
+const TIDY_CHUNK: usize = 64;
 
-/// Children reaped per turn of the event loop.
-const REAP_CHUNK: usize = 4;
+/// Children reaped per turn of the event loop: the kernel charges the
+/// reaper for the fds an exited child still held, about a millisecond per
+/// thousand.
+const REAP_CHUNK: usize = 2;
 
 impl Master {
     pub(crate) fn generation_of(&mut self, pid: Pid) -> Option<&mut Generation> {
@@ -187,14 +189,16 @@ impl Master {
 
     /// Lets go of generation sockets no generation uses any more: the
     /// ports that have some are queued, and [`TIDY_CHUNK`] of them tidied a
-    /// turn of the loop, this one first (with a thousand ports, a
+    /// turn of the loop, from the next one on (with a thousand ports, a
     /// finished generation's sockets take tens of milliseconds to let go).
     /// A request while a pass runs makes another pass once it is done.
     pub(crate) fn tidy_listeners(&mut self) {
         self.tidy_again = true;
-        if self.tidying.is_empty() {
-            self.tidy_step();
-        }
+    }
+
+    /// Whether a tidying pass is under way or asked for.
+    pub(crate) fn tidy_pending(&self) -> bool {
+        !self.tidying.is_empty() || self.tidy_again
     }
 
     /// Tidies the next ports queued. Not while an upgrade runs (a new

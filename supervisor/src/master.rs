@@ -370,7 +370,7 @@ pub async fn run(
         // a long turn is in its inbox now.
         tokio::task::yield_now().await;
         let deadline = master.next_deadline();
-        tokio::select! {
+        let answered = tokio::select! {
             // Messages first: what a child said before it exited is read
             // before its exit is reaped (a new master's `failed`, say). The
             // inbox carries a few messages per worker and second: signals
@@ -378,15 +378,26 @@ pub async fn run(
             biased;
             (request, event) = next_event(&mut inbox, &mut requests_inbox, requests_in_a_row < REQUESTS_IN_A_ROW) => {
                 requests_in_a_row = if request { requests_in_a_row + 1 } else { 0 };
-                master.on_event(event)
+                master.on_event(event);
+                request
             }
-            signal = signals.recv() => master.on_signal(signal),
+            signal = signals.recv() => {
+                master.on_signal(signal);
+                false
+            }
             // Only systemd's main pid pets: the master holding the control
             // socket, not an old one that handed over.
-            _ = watchdog.due() => if master.control.is_some() {
-                crate::sd_notify::notify("WATCHDOG=1");
-            },
-            _ = sleep_until(deadline) => {}
+            _ = watchdog.due() => {
+                if master.control.is_some() {
+                    crate::sd_notify::notify("WATCHDOG=1");
+                }
+                false
+            }
+            _ = sleep_until(deadline) => false,
+        };
+        // A request's reply goes out before the tick's work.
+        if answered {
+            tokio::task::yield_now().await;
         }
         master.on_tick();
     }
@@ -787,11 +798,18 @@ impl Master {
 
     /// Runs whatever is due: reload deadlines, drain kills, respawns.
     fn on_tick(&mut self) {
+        // Reaping, tidying and the reload's bind and spawn steps are each
+        // sliced to a few milliseconds; one of them a turn, so that a turn
+        // stays that short. Each makes the next deadline now while it has
+        // work left. Tidying goes before binding: a port's retired sockets
+        // are let go of before a new one joins behind them.
         if self.reap_more {
             self.reap_some();
+        } else if self.tidy_pending() {
+            self.tidy_step();
+        } else {
+            self.step_reload();
         }
-        self.step_reload();
-        self.tidy_step();
         self.advance_reload();
         self.advance_in_place();
         self.probe_tick();
@@ -865,8 +883,7 @@ impl Master {
         let generations = self.generations.values().filter_map(|g| g.next_deadline());
         let reload = self.reload.as_ref().map(|r| r.deadline());
         // Work left for the next turns: now.
-        let busy =
-            (!self.tidying.is_empty() || self.tidy_again || self.reap_more).then(Instant::now);
+        let busy = (self.tidy_pending() || self.reap_more).then(Instant::now);
         generations
             .chain(reload)
             .chain(busy)

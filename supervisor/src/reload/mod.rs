@@ -233,11 +233,16 @@ impl Reload {
         self.generation
     }
 
+    /// Whether it binds or spawns a step a turn now.
+    pub fn stepping(&self) -> bool {
+        self.binding.is_some() || self.spawning.is_some()
+    }
+
     /// When the transaction must be moved on: now while sockets are left to
     /// make or workers to spawn, then when the new workers must all be
     /// ready.
     pub fn deadline(&self) -> Instant {
-        if self.binding.is_some() || self.spawning.is_some() {
+        if self.stepping() {
             Instant::now()
         } else {
             self.ready_deadline
