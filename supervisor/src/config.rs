@@ -305,6 +305,10 @@ pub struct WorkerConfig {
     /// What `baton reopen` sends to non-sdk workers.
     #[serde(default)]
     pub reopen_signal: ReopenSignal,
+    /// Whether the listeners' sockets are passed with `O_NONBLOCK` set
+    /// (systemd's `NonBlocking=`), for servers that assume it (nginx).
+    #[serde(default)]
+    pub nonblocking: bool,
     /// How often a probe (`ready = "tcp"`, `"http:/PATH"`, `"exec:CMD"`)
     /// is tried; also each try's timeout.
     #[serde(

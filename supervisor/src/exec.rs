@@ -60,6 +60,8 @@ pub struct Plan {
     pub credentials: Option<Credentials>,
     /// `RLIMIT_NOFILE`.
     pub rlimit_nofile: Option<u64>,
+    /// Set `O_NONBLOCK` on the placed listener fds.
+    pub nonblocking: bool,
     /// Sent to the worker if the master dies (`PR_SET_PDEATHSIG`).
     pub death_signal: Option<Signal>,
     /// Pipe stdout and stderr to the master instead of inheriting them.
@@ -67,8 +69,9 @@ pub struct Plan {
 }
 
 /// What the child was doing when it failed, reported through the pipe.
-const STAGES: [&str; 7] = [
+const STAGES: [&str; 8] = [
     "placing the listener fds",
+    "making the listener fds non-blocking",
     "setting rlimit_nofile",
     "dropping supplementary groups",
     "setting the group id",
@@ -120,6 +123,7 @@ pub fn spawn(plan: Plan) -> anyhow::Result<std::process::Child> {
         keep,
         credentials: plan.credentials,
         rlimit_nofile: plan.rlimit_nofile,
+        nonblocking: plan.nonblocking,
         death_signal: plan.death_signal,
         master: nix::unistd::getpid().as_raw(),
         error: error_write,
@@ -238,6 +242,7 @@ struct Child {
     keep: Option<RawFd>,
     credentials: Option<Credentials>,
     rlimit_nofile: Option<u64>,
+    nonblocking: bool,
     death_signal: Option<Signal>,
     master: libc::pid_t,
     error: OwnedFd,
@@ -309,6 +314,19 @@ impl Child {
                 return Err(0);
             }
         }
+        if self.nonblocking {
+            for target in 3..floor {
+                // SAFETY: fcntl on a listener fd just placed. The flag is
+                // the socket's, shared with every process holding it.
+                let set = unsafe {
+                    let flags = libc::fcntl(target, libc::F_GETFL);
+                    flags >= 0 && libc::fcntl(target, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+                };
+                if !set {
+                    return Err(1);
+                }
+            }
+        }
         if let Some(n) = self.rlimit_nofile {
             let limit = libc::rlimit {
                 rlim_cur: n as libc::rlim_t,
@@ -316,7 +334,7 @@ impl Child {
             };
             // SAFETY: setrlimit with a pointer to a stack value.
             if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } < 0 {
-                return Err(1);
+                return Err(2);
             }
         }
         if let Some(credentials) = self.credentials {
@@ -324,14 +342,14 @@ impl Child {
             // in the order that leaves no privilege behind.
             unsafe {
                 if libc::setgroups(0, std::ptr::null()) < 0 {
-                    return Err(2);
+                    return Err(3);
                 }
                 if libc::setgid(credentials.gid) < 0 {
-                    return Err(3);
+                    return Err(4);
                 }
                 if let Some(uid) = credentials.uid {
                     if libc::setuid(uid) < 0 {
-                        return Err(4);
+                        return Err(5);
                     }
                 }
             }
@@ -345,7 +363,7 @@ impl Child {
                     signal as libc::c_int as libc::c_ulong,
                 ) < 0
                 {
-                    return Err(5);
+                    return Err(6);
                 }
                 // The master died before the prctl: the signal never comes.
                 if libc::getppid() != self.master {

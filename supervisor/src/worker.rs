@@ -227,6 +227,7 @@ pub fn prepare(
         cwd: config.cwd.clone(),
         credentials: config.credentials(),
         rlimit_nofile: config.rlimit_nofile,
+        nonblocking: config.nonblocking,
         // An SDK worker learns of the master's death from its channel.
         death_signal: (!sdk).then_some(config.stop_signal.0),
         capture_output: config.output == Output::Capture,

@@ -17,30 +17,35 @@ fn args_config(dump: &TempDir, http_template: &str) -> String {
     )
 }
 
+/// What the first worker of generation 1 dumped.
+fn first_dump(dump: &TempDir) -> serde_json::Value {
+    wait_json(
+        &dump.path().join("wrapped-1-0.json"),
+        Duration::from_secs(10),
+    )
+}
+
+/// A dumped array of strings.
+fn strings(value: &serde_json::Value) -> Vec<&str> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn args_workers_get_fd_numbers_in_their_command() {
     let dump = TempDir::new();
     let mut baton = Baton::start(&args_config(&dump, "{fd:http}"));
     baton.wait_committed(1);
-    let seen = wait_json(
-        &dump.path().join("wrapped-1-0.json"),
-        Duration::from_secs(10),
-    );
-    let argv: Vec<&str> = seen["argv"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
+    let seen = first_dump(&dump);
+    let argv = strings(&seen["argv"]);
     assert_eq!(&argv[3..], ["--fd", "4", "--also=fd3"], "{seen}");
     assert_eq!(seen["LISTEN_FDS"], serde_json::Value::Null, "{seen}");
     assert_eq!(seen["LISTEN_PID"], serde_json::Value::Null, "{seen}");
-    let fds: Vec<&str> = seen["fds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f.as_str().unwrap())
-        .collect();
+    let fds = strings(&seen["fds"]);
     assert!(fds.contains(&"3") && fds.contains(&"4"), "{seen}");
     let addr = baton.address("http");
     let (status, generation, _) = get(addr).unwrap();
@@ -60,20 +65,63 @@ fn args_workers_get_fd_numbers_in_their_command() {
 #[test]
 fn unknown_listener_in_a_fd_template_is_a_config_error_with_its_location() {
     let dump = TempDir::new();
-    std::fs::write(
-        dump.path().join("baton.toml"),
-        args_config(&dump, "{fd:htp}"),
-    )
-    .unwrap();
+    let config = args_config(&dump, "{fd:htp}");
+    check_fails_at(&config, "baton.toml:13:", "no listener named \"htp\"");
+}
+
+/// `baton check` of `config` fails with an error at `location` that says
+/// `what`.
+fn check_fails_at(config: &str, location: &str, what: &str) {
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("baton.toml"), config).unwrap();
     let out = Command::new(Binaries::baton())
         .args(["check", "-c"])
-        .arg(dump.path().join("baton.toml"))
+        .arg(dir.path().join("baton.toml"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("baton.toml:13:") && stderr.contains("no listener named \"htp\""),
+        stderr.contains(location) && stderr.contains(what),
         "{stderr}"
+    );
+}
+
+/// `nonblocking = true` hands the listeners over with `O_NONBLOCK` set, as
+/// servers that inherit sockets the way nginx does (`NGINX="3;"`) assume;
+/// without it they come as the kernel made them, blocking, as systemd
+/// passes them by default.
+#[test]
+fn nonblocking_listeners_reach_the_worker_with_o_nonblock_set() {
+    for (setting, expected) in [("", false), ("nonblocking = true\n", true)] {
+        let dump = TempDir::new();
+        let config = args_config(&dump, "{fd:http}").replace(
+            "protocol = \"args\"\n",
+            &format!("protocol = \"args\"\n{setting}"),
+        );
+        let baton = Baton::start(&config);
+        baton.wait_committed(1);
+        let seen = first_dump(&dump);
+        let nonblocking = strings(&seen["nonblocking_fds"]);
+        for fd in ["3", "4"] {
+            assert_eq!(
+                nonblocking.contains(&fd),
+                expected,
+                "fd {fd} with {setting:?}: {seen}"
+            );
+        }
+        // The worker serves on it either way.
+        let (status, _, _) = get(baton.address("http")).unwrap();
+        assert_eq!(status, 200);
+    }
+}
+
+#[test]
+fn nonblocking_for_an_sdk_worker_is_a_config_error_with_its_location() {
+    check_fails_at(
+        "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n\
+         [worker]\ncommand = [\"hello\"]\nnonblocking = true\n",
+        "baton.toml:7:",
+        "nonblocking = true needs protocol",
     );
 }

@@ -5,7 +5,8 @@
 //!
 //! `wrapped [OPTIONS]`:
 //! - `--dump DIR`: writes what it was given (pid, ids, argv, environment,
-//!   cwd, rlimit, fds) to `DIR/wrapped-GEN-INDEX.json`.
+//!   cwd, rlimit, fds and which are non-blocking) to
+//!   `DIR/wrapped-GEN-INDEX.json`.
 //! - `--fd N`: serves on fd N (default 3): HTTP on a stream socket, an echo
 //!   on a datagram socket.
 //! - `--notify ready|from-child|never`: sends `STATUS=` and `READY=1` to
@@ -163,6 +164,16 @@ fn dump(path: &str, args: &[String]) {
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
+    let nonblocking: Vec<&String> = fds
+        .iter()
+        .filter(|fd| {
+            fd.parse::<RawFd>().is_ok_and(|fd| {
+                // SAFETY: F_GETFL on an fd number; a closed one returns -1.
+                let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+                flags >= 0 && flags & libc::O_NONBLOCK != 0
+            })
+        })
+        .collect();
     let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .expect("getrlimit");
     let value = serde_json::json!({
@@ -174,6 +185,7 @@ fn dump(path: &str, args: &[String]) {
         "cwd": std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default(),
         "rlimit_nofile": [soft, hard],
         "fds": fds,
+        "nonblocking_fds": nonblocking,
         "env_names": std::env::vars().map(|(k, _)| k).collect::<Vec<_>>(),
         "LISTEN_PID": env("LISTEN_PID"),
         "LISTEN_FDS": env("LISTEN_FDS"),

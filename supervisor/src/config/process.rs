@@ -210,12 +210,14 @@ struct WorkerSpans {
     env: Option<std::collections::BTreeMap<String, toml::Spanned<toml::Value>>>,
     protocol: Option<toml::Spanned<toml::Value>>,
     ready: Option<toml::Spanned<toml::Value>>,
+    nonblocking: Option<toml::Spanned<toml::Value>>,
 }
 
 /// Checks that involve more than one key: every `{fd:NAME}` in `command`
 /// or an `env` value names a listener (and only protocols that place the
-/// listeners on fds have them), and a worker without the SDK has a
-/// readiness mode it can satisfy.
+/// listeners on fds have them), a worker without the SDK has a readiness
+/// mode it can satisfy, and `nonblocking` is only asked of a protocol that
+/// places the listeners on fds.
 pub(super) fn check_worker(
     worker: &WorkerConfig,
     listeners: &[&str],
@@ -229,6 +231,7 @@ pub(super) fn check_worker(
             env: None,
             protocol: None,
             ready: None,
+            nonblocking: None,
         });
     let arg_span = |i: usize| {
         spans
@@ -276,6 +279,13 @@ pub(super) fn check_worker(
                 ),
             ));
         }
+    }
+    if worker.protocol == Protocol::Sdk && worker.nonblocking {
+        let span = spans.nonblocking.as_ref().map(|s| s.span());
+        return Err((
+            span,
+            "nonblocking = true needs protocol = \"args\" or \"systemd\" (the SDK makes an sdk worker's sockets non-blocking itself)".into(),
+        ));
     }
     if worker.protocol != Protocol::Sdk && worker.ready == ReadyMode::Sdk {
         let span = spans

@@ -260,6 +260,14 @@ fn process_settings_parse_and_are_checked() {
     assert!(e.contains(":3:10: ") && e.contains("syslog"), "{e}");
     let e = error("[worker]\ncommand = [\"x\"]\nreopen_signal = \"SIGNOPE\"\n");
     assert!(e.contains(":3:17: ") && e.contains("unknown signal"), "{e}");
+    assert!(!c.worker.nonblocking);
+    let c = parse(
+        "[worker]\ncommand = [\"x\"]\nprotocol = \"args\"\nready = \"delay:1s\"\nnonblocking = true\n",
+    )
+    .unwrap();
+    assert!(c.worker.nonblocking);
+    let e = error("[worker]\ncommand = [\"x\"]\nnonblocking = \"yes\"\n");
+    assert!(e.contains(":3:15: ") && e.contains("boolean"), "{e}");
 }
 
 #[test]
