@@ -22,24 +22,14 @@ impl Connections {
     /// (the listeners', as `127.0.0.1:8080`; others are ignored); none if
     /// the kernel refuses.
     pub fn on<'a>(addresses: impl IntoIterator<Item = &'a str>) -> Connections {
-        let ports: HashSet<u16> = addresses
-            .into_iter()
-            .filter_map(|a| a.parse::<std::net::SocketAddr>().ok())
-            .map(|a| a.port())
-            .collect();
+        let ports = sockdiag::tcp_ports(addresses);
         let sockets = if ports.is_empty() {
             Vec::new()
         } else {
-            match sockdiag::connections() {
-                Ok(all) => all
-                    .into_iter()
-                    .filter(|s| ports.contains(&s.local.port()))
-                    .collect(),
-                Err(e) => {
-                    tracing::debug!(error = %e, "sock_diag dump of connections failed");
-                    Vec::new()
-                }
-            }
+            sockdiag::connections(&ports).unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "sock_diag dump of connections failed");
+                Vec::new()
+            })
         };
         Connections {
             sockets,

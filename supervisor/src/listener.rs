@@ -53,14 +53,8 @@ pub type Kernel = std::io::Result<steering::Listening>;
 
 /// One look at the TCP sockets listening on the ports of `listeners`.
 pub fn kernel_view<'a>(listeners: impl IntoIterator<Item = &'a Shared>) -> Kernel {
-    let mut ports: Vec<u16> = listeners
-        .into_iter()
-        .filter_map(|l| l.info.address.parse::<std::net::SocketAddr>().ok())
-        .map(|address| address.port())
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    steering::Listening::snapshot(&ports)
+    let addresses = listeners.into_iter().map(|l| l.info.address.as_str());
+    steering::Listening::snapshot(&crate::sockdiag::tcp_ports(addresses))
 }
 
 impl Listener {

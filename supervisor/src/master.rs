@@ -817,10 +817,12 @@ impl Master {
         self.upgrade_tick();
         let now = Instant::now();
         let stopping = self.stopping.is_some();
-        let mut connections = None;
-        let listeners = &self.listeners;
         for generation in self.generations.values_mut() {
             generation.check_handover();
+            // Listed once per generation, on its own ports, if one of its
+            // workers is to be killed.
+            let mut connections = None;
+            let listeners = &generation.listeners;
             for worker in generation.workers.values_mut() {
                 if let State::Draining { kill_at } = worker.state {
                     if kill_at <= now {

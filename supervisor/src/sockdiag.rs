@@ -66,22 +66,28 @@ pub fn state_name(state: u8) -> &'static str {
     }
 }
 
-/// Listening TCP sockets of both families.
-pub fn listeners() -> io::Result<Vec<TcpSocket>> {
-    dump_both(1 << TCP_LISTEN, false)
+/// The TCP ports of listener `addresses` (as `127.0.0.1:8080`; Unix and
+/// UDP ones have none), sorted, each once.
+pub fn tcp_ports<'a>(addresses: impl IntoIterator<Item = &'a str>) -> Vec<u16> {
+    let mut ports: Vec<u16> = addresses
+        .into_iter()
+        .filter_map(|a| a.parse::<SocketAddr>().ok())
+        .map(|a| a.port())
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Listening TCP sockets of both families on `ports`.
+pub fn listeners(ports: &[u16]) -> io::Result<Vec<TcpSocket>> {
+    dump_both(1 << TCP_LISTEN, false, ports)
 }
 
 /// The listening TCP sockets of `family` (`AF_INET` or `AF_INET6`) on
-/// `ports`. The kernel filters: with thousands of listening sockets, a few
-/// ports cost a fraction of them all.
+/// `ports`.
 pub fn listening(family: u8, ports: &[u16]) -> io::Result<Vec<TcpSocket>> {
-    let mut sockets = Vec::new();
-    for ports in ports.chunks(PORTS_PER_FILTER) {
-        let mut request = request(family, 1 << TCP_LISTEN, false);
-        request.extend_from_slice(&port_filter(ports));
-        dump_raw(&request, |message| sockets.extend(parse(message)))?;
-    }
-    Ok(sockets)
+    dump(family, 1 << TCP_LISTEN, false, ports)
 }
 
 /// The `INET_DIAG_REQ_BYTECODE` attribute that keeps the sockets whose
@@ -112,24 +118,33 @@ fn port_filter(ports: &[u16]) -> Vec<u8> {
     attribute
 }
 
-/// TCP connections of both families (every state but listening and
-/// time-wait, which belong to no process), with their idle times.
-pub fn connections() -> io::Result<Vec<TcpSocket>> {
+/// TCP connections of both families on `ports` (every state but listening
+/// and time-wait, which belong to no process), with their idle times.
+pub fn connections(ports: &[u16]) -> io::Result<Vec<TcpSocket>> {
     let all: u32 = (1 << 12) - 2;
-    dump_both(all & !(1 << TCP_LISTEN) & !(1 << TCP_TIME_WAIT), true)
+    dump_both(
+        all & !(1 << TCP_LISTEN) & !(1 << TCP_TIME_WAIT),
+        true,
+        ports,
+    )
 }
 
-fn dump_both(states: u32, info: bool) -> io::Result<Vec<TcpSocket>> {
-    let mut sockets = dump(libc::AF_INET as u8, states, info)?;
-    sockets.extend(dump(libc::AF_INET6 as u8, states, info)?);
+fn dump_both(states: u32, info: bool, ports: &[u16]) -> io::Result<Vec<TcpSocket>> {
+    let mut sockets = dump(libc::AF_INET as u8, states, info, ports)?;
+    sockets.extend(dump(libc::AF_INET6 as u8, states, info, ports)?);
     Ok(sockets)
 }
 
-fn dump(family: u8, states: u32, info: bool) -> io::Result<Vec<TcpSocket>> {
+/// The sockets of `family` in `states` whose local port is one of `ports`.
+/// The kernel filters ([`port_filter`]): with thousands of sockets on the
+/// host, a few ports cost a fraction of them all.
+fn dump(family: u8, states: u32, info: bool, ports: &[u16]) -> io::Result<Vec<TcpSocket>> {
     let mut sockets = Vec::new();
-    dump_raw(&request(family, states, info), |message| {
-        sockets.extend(parse(message))
-    })?;
+    for ports in ports.chunks(PORTS_PER_FILTER) {
+        let mut request = request(family, states, info);
+        request.extend_from_slice(&port_filter(ports));
+        dump_raw(&request, |message| sockets.extend(parse(message)))?;
+    }
     Ok(sockets)
 }
 
@@ -342,7 +357,7 @@ mod tests {
         assert!(socket_inodes(std::process::id() as i32).contains(&inode));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let found = loop {
-            let all = connections().unwrap();
+            let all = connections(&[address.port()]).unwrap();
             let found = all.into_iter().find(|s| s.inode == inode).unwrap();
             if found.rqueue == 6 || std::time::Instant::now() > deadline {
                 break found;
@@ -354,7 +369,7 @@ mod tests {
         assert_eq!(state_name(found.state), "ESTAB");
         assert_eq!(found.rqueue, 6);
         assert!(found.idle_ms.is_some());
-        let listening = listeners().unwrap();
+        let listening = listeners(&[address.port()]).unwrap();
         let inode = crate::steering::inode(std::os::fd::AsFd::as_fd(&listener)).unwrap();
         let ours = listening.iter().find(|s| s.inode == inode).unwrap();
         assert_eq!(ours.local, address);

@@ -202,7 +202,8 @@ impl Master {
         let m = &self.metrics;
         m.accept_queue.clear();
         m.backlog.clear();
-        let tcp = crate::sockdiag::listeners();
+        let addresses = self.listeners.iter().map(|l| l.info.address.as_str());
+        let tcp = crate::sockdiag::listeners(&crate::sockdiag::tcp_ports(addresses));
         let unix = crate::sockdiag::unix_listeners();
         let kernel: Vec<(u64, u32, u32)> = match (tcp, unix) {
             (Ok(tcp), Ok(unix)) => tcp
