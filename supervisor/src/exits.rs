@@ -82,7 +82,7 @@ impl Master {
         let stopping = self.stopping.is_some();
         let Some(generation) = self.generation_of(pid) else {
             // Maybe a worker whose start has not come back to the loop yet.
-            if self.generations.values().any(|g| g.has_pending()) {
+            if self.spawns_pending() {
                 self.unclaimed_exits.insert(pid, (status, success));
             }
             return;
@@ -187,11 +187,12 @@ impl Master {
         }
     }
 
-    /// Lets go of generation sockets no generation uses any more: the
-    /// ports that have some are queued, and [`TIDY_CHUNK`] of them tidied a
-    /// turn of the loop, from the next one on (with a thousand ports, a
-    /// finished generation's sockets take tens of milliseconds to let go).
-    /// A request while a pass runs makes another pass once it is done.
+    /// Asks for a pass over the ports, letting go of generation sockets no
+    /// generation uses any more: from the next turn of the loop, the ports
+    /// that have some are listed and tidied [`TIDY_CHUNK`] a turn (with a
+    /// thousand ports, a finished generation's sockets take tens of
+    /// milliseconds to let go). Asked while a pass runs, another pass
+    /// follows it.
     pub(crate) fn tidy_listeners(&mut self) {
         self.tidy_again = true;
     }

@@ -144,8 +144,8 @@ pub struct Master {
     pub(crate) events: Events,
     /// Where the control socket and the admin endpoint send requests: an
     /// inbox of their own, served before the main one's events (but for
-    /// one turn in [`REQUESTS_IN_A_ROW`]), so that a burst of worker
-    /// messages does not delay `baton status`.
+    /// one event after [`REQUESTS_IN_A_ROW`] requests in a row), so that a
+    /// burst of worker messages does not delay `baton status`.
     pub(crate) requests: Events,
     /// The control socket; released to a new master at an upgrade.
     pub(crate) control: Option<ControlSocket>,
@@ -568,7 +568,9 @@ impl Master {
 
     fn on_signal(&mut self, signal: SignalEvent) {
         if signal == SignalEvent::Child {
-            return self.reap_some();
+            // Reaped from the tick, a slice a turn.
+            self.reap_more = true;
+            return;
         }
         let from = crate::audit::signal_requester(signal);
         match &from {
@@ -801,8 +803,10 @@ impl Master {
         // Reaping, tidying and the reload's bind and spawn steps are each
         // sliced to a few milliseconds; one of them a turn, so that a turn
         // stays that short. Each makes the next deadline now while it has
-        // work left. Tidying goes before binding: a port's retired sockets
-        // are let go of before a new one joins behind them.
+        // work left. Tidying goes before the reload's steps: a port's
+        // retired sockets are let go of before a new one joins behind them
+        // (with spawns let go first, `many_listeners` found a fourth
+        // socket left on a port).
         if self.reap_more {
             self.reap_some();
         } else if self.tidy_pending() {

@@ -149,7 +149,6 @@ pub struct SpawnSpec<'a> {
 /// [`exec::spawn`] runs its plan, possibly on another thread.
 #[derive(Debug)]
 pub struct Prepared {
-    index: u32,
     restarts: u32,
     crashes: u32,
     /// The master's end of the SDK control channel.
@@ -233,7 +232,6 @@ pub fn prepare(
         capture_output: config.output == Output::Capture,
     };
     let prepared = Prepared {
-        index: spec.index,
         restarts,
         crashes,
         master_end: channel_ends,
@@ -251,11 +249,15 @@ impl Prepared {
         spec: &SpawnSpec<'_>,
     ) -> anyhow::Result<Worker> {
         let config = spec.config;
-        let (restarts, crashes) = (self.restarts, self.crashes);
+        let Prepared {
+            restarts,
+            crashes,
+            master_end,
+        } = self;
         let pid = Pid::from_raw(child.id() as i32);
         let origin = |stream| output::Origin {
             generation: spec.generation,
-            worker: self.index,
+            worker: spec.index,
             pid: pid.as_raw(),
             stream,
         };
@@ -276,7 +278,7 @@ impl Prepared {
                 tracing::warn!(pid = pid.as_raw(), error = %e, "cannot capture worker output");
             }
         }
-        let channel = match self.master_end {
+        let channel = match master_end {
             Some(master_end) => Some(Arc::new(
                 Channel::new(master_end).context("registering control channel")?,
             )),
@@ -284,7 +286,7 @@ impl Prepared {
         };
         let worker = Worker {
             pid,
-            index: self.index,
+            index: spec.index,
             state: State::Starting,
             started: Instant::now(),
             restarts,

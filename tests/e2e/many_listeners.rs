@@ -6,7 +6,7 @@ use baton_tests::harness::{get, message, Baton, Binaries, TempDir};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// More than two chunks of the master's bind and tidy steps.
+/// Several chunks of the master's bind and tidy steps (64 ports each).
 const LISTENERS: usize = 300;
 
 /// `wrapped` on the last listener's fd, with `LISTENERS` listeners.

@@ -13,19 +13,14 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 // The test harness reads /proc the same way: one definition for both.
-pub use baton_tests::harness::{alive, children_of, descendants, stat_field};
+pub use baton_tests::harness::{alive, children_of, descendants, is_guardian, stat_field};
 
 /// The children of `master` that serve: all but its guardian (`baton
 /// __guardian`), which lives as long as the master, not a generation.
 pub fn workers_of(master: Pid) -> Vec<Pid> {
     children_of(master)
         .into_iter()
-        .filter(|pid| {
-            let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            !argv
-                .split(|b| *b == 0)
-                .any(|arg| arg == baton::guardian::ARG.as_bytes())
-        })
+        .filter(|pid| !is_guardian(*pid))
         .collect()
 }
 

@@ -148,9 +148,9 @@ impl Master {
     pub(super) fn abort(&mut self, reload: Reload, step: Step, reason: String) {
         let _enter = reload.span.clone().entered();
         self.probing = None;
+        let spawning = self.spawn_phase_open(&reload);
         let mut phases = reload.phases;
         let elapsed = reload.phase_started.elapsed();
-        let spawning = reload.spawning.is_some() || reload.unspawned > 0;
         match (step, spawning) {
             (Step::Bind | Step::Spawn, _) => phases.push((step, elapsed)),
             // A new worker exited while others were still being spawned.

@@ -182,10 +182,9 @@ pub struct Reload {
     /// In the bind phase, for workers with sockets of their own: the
     /// generation sockets made so far, one per listener in order.
     binding: Option<Vec<Shared>>,
-    /// The index of the next worker to spawn, until all are.
+    /// The index of the next worker to spawn, until all are (those started
+    /// and not back yet are the generation's pending ones).
     spawning: Option<u32>,
-    /// Workers started off the loop that have not come back yet.
-    unspawned: u32,
     config: Rc<Config>,
     listeners: Vec<Shared>,
     processes: u32,
@@ -234,7 +233,7 @@ impl Reload {
     }
 
     /// Whether it binds or spawns a step a turn now.
-    pub fn stepping(&self) -> bool {
+    fn stepping(&self) -> bool {
         self.binding.is_some() || self.spawning.is_some()
     }
 
@@ -447,7 +446,6 @@ impl Master {
             ready_deadline: Instant::now() + config.worker.ready_timeout.0,
             binding: (!shared).then(Vec::new),
             spawning: None,
-            unspawned: 0,
             config,
             listeners,
             processes,
@@ -477,8 +475,9 @@ impl Master {
     /// worker has exited.
     pub fn advance_reload(&mut self) {
         let Some(reload) = &self.reload else { return };
-        // Binding and spawning go on from the loop's tick, a step a turn.
-        if reload.binding.is_some() || reload.spawning.is_some() {
+        // Binding and spawning go on from the loop's tick, a step a turn,
+        // and the spawn phase ends when every worker has come back.
+        if reload.binding.is_some() || self.spawn_phase_open(reload) {
             return;
         }
         let generation = reload.generation;

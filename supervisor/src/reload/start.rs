@@ -120,12 +120,9 @@ impl Master {
         };
         let _enter = reload.span.clone().entered();
         if index < reload.processes {
-            match new.spawn_off_loop(index, &self.events) {
-                Ok(()) => reload.unspawned += 1,
-                Err(e) => {
-                    let reload = self.reload.take().expect("checked above");
-                    return self.abort(reload, Step::Spawn, format!("worker {index}: {e:#}"));
-                }
+            if let Err(e) = new.spawn_off_loop(index, &self.events) {
+                let reload = self.reload.take().expect("checked above");
+                return self.abort(reload, Step::Spawn, format!("worker {index}: {e:#}"));
             }
         }
         if index + 1 < reload.processes {
@@ -151,38 +148,42 @@ impl Master {
             .map(|child| Pid::from_raw(child.id() as i32));
         // It may have exited already, reaped before it came back here.
         let exited = pid.and_then(|pid| self.unclaimed_exits.remove(&pid));
-        let wanted = self
-            .reload
-            .as_ref()
-            .is_some_and(|r| r.generation == number && r.binding.is_none());
-        let Some(generation) = self.generations.get_mut(&number) else {
-            return self.unwanted_spawn(pid, exited.is_some());
-        };
-        let result = match result {
-            Ok(child) if wanted => generation
+        let wanted = self.reload.as_ref().is_some_and(|r| r.generation == number)
+            && self.generations.contains_key(&number);
+        let taken = match (self.generations.get_mut(&number), result) {
+            (Some(generation), Ok(child)) if wanted => generation
                 .spawned(index, child, &self.events, self.guardian.as_ref())
                 .map(|_| ())
                 .map_err(|e| format!("{e:#}")),
-            Ok(_) => {
-                generation.forget_pending(index);
-                self.unwanted_spawn(pid, exited.is_some());
-                return self.replay_notifications(number);
-            }
-            Err(reason) => {
-                generation.forget_pending(index);
-                Err(reason)
+            (generation, result) => {
+                if let Some(generation) = generation {
+                    generation.forget_pending(index);
+                }
+                // Not wanted any more (or failed): killed, unless gone
+                // already; its exit is reaped as any other.
+                if let (Some(pid), None, true) = (pid, &exited, result.is_ok()) {
+                    tracing::info!(
+                        pid = pid.as_raw(),
+                        "worker started for a reload that has ended: killed"
+                    );
+                    let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+                result.map(|_| ())
             }
         };
-        self.forget_unclaimed_exits();
+        // Once no worker is still to come back, no unknown exit can be one
+        // of theirs.
+        if !self.spawns_pending() {
+            self.unclaimed_exits.clear();
+        }
         // It may have notified already, before it was taken in.
         self.replay_notifications(number);
-        let Some(reload) = self.reload.as_mut().filter(|_| wanted) else {
+        if !wanted {
             return self.reap_finished_generations();
-        };
-        let _enter = reload.span.clone().entered();
-        reload.unspawned -= 1;
-        if let Err(reason) = result {
-            let reload = self.reload.take().expect("checked above");
+        }
+        let _enter = self.reload.as_ref().map(|r| r.span.clone().entered());
+        if let Err(reason) = taken {
+            let reload = self.reload.take().expect("wanted: a reload runs");
             return self.abort(reload, Step::Spawn, format!("worker {index}: {reason}"));
         }
         if let (Some(pid), Some((status, success))) = (pid, exited) {
@@ -191,37 +192,30 @@ impl Master {
         self.end_spawn_phase();
     }
 
-    /// A worker started for a reload that has ended since: killed (its
-    /// exit is reaped as any other), unless it is gone already.
-    fn unwanted_spawn(&mut self, pid: Option<Pid>, exited: bool) {
-        if let (Some(pid), false) = (pid, exited) {
-            tracing::info!(
-                pid = pid.as_raw(),
-                "worker started for a reload that has ended: killed"
-            );
-            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
-        }
-        self.forget_unclaimed_exits();
-        self.reap_finished_generations();
+    /// Whether workers started off the loop are still to come back, in any
+    /// generation (a failed reload's too).
+    pub(crate) fn spawns_pending(&self) -> bool {
+        self.generations.values().any(Generation::has_pending)
     }
 
-    /// Once no worker started off the loop is still to come back, no
-    /// unknown exit can be one of theirs.
-    fn forget_unclaimed_exits(&mut self) {
-        if !self.generations.values().any(|g| g.has_pending()) {
-            self.unclaimed_exits.clear();
-        }
+    /// Whether `reload`'s spawn phase is open: workers left to start, or
+    /// started and not back yet.
+    pub(crate) fn spawn_phase_open(&self, reload: &Reload) -> bool {
+        reload.spawning.is_some()
+            || self
+                .generations
+                .get(&reload.generation)
+                .is_some_and(Generation::has_pending)
     }
 
     /// Ends the spawn phase once every worker was started and has come
     /// back; the ready phase begins.
     fn end_spawn_phase(&mut self) {
-        let Some(reload) = &mut self.reload else {
-            return;
-        };
-        if reload.spawning.is_some() || reload.unspawned > 0 {
-            return;
+        match &self.reload {
+            Some(reload) if !self.spawn_phase_open(reload) => {}
+            _ => return,
         }
+        let reload = self.reload.as_mut().expect("matched above");
         reload.end_phase(Step::Spawn);
         reload.begin_phase(Step::Ready);
         reload.ready_deadline = Instant::now() + reload.config.worker.ready_timeout.0;

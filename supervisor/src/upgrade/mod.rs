@@ -128,7 +128,7 @@ impl Master {
             Some("a reload is in progress; upgrade once it has finished".to_string())
         } else if self.current.is_none() {
             Some("no generation is serving yet".to_string())
-        } else if self.generations.values().any(|g| g.has_pending()) {
+        } else if self.spawns_pending() {
             // A failed reload's workers still being started: they are
             // stopped as they come back, within milliseconds.
             Some("workers are being started; upgrade once they are".to_string())
