@@ -14,6 +14,8 @@ options:
   --only NAME       run only the scenarios whose name starts with NAME
                     (repeatable; comma-separated lists work too)
   --quick           3s per scenario, for a smoke run (--duration wins)
+  --soak-reloads N  reloads of the soak scenario (default 100000); the soak
+                    runs only when named (--only soak)
   -h, --help        this text
 
 durations: 500ms, 3s, 1.5s, 2m
@@ -29,6 +31,8 @@ pub struct Options {
     /// Name prefixes; empty means every scenario.
     pub only: Vec<String>,
     pub quick: bool,
+    /// Reloads of the soak scenario.
+    pub soak_reloads: usize,
 }
 
 /// What the command line asks for.
@@ -49,6 +53,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
         connections: 8,
         only: Vec::new(),
         quick: false,
+        soak_reloads: 100_000,
     };
     let mut duration = None;
     let mut benchmarking = false;
@@ -77,6 +82,14 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
                     .ok()
                     .filter(|n| (1..=256).contains(n))
                     .ok_or_else(|| format!("--connections: `{text}` is not 1..=256"))?;
+            }
+            "--soak-reloads" => {
+                let text = value()?;
+                options.soak_reloads = text
+                    .parse()
+                    .ok()
+                    .filter(|n| (1_000..=10_000_000).contains(n))
+                    .ok_or_else(|| format!("--soak-reloads: `{text}` is not 1000..=10000000"))?;
             }
             "--only" => options.only.extend(
                 value()?

@@ -25,6 +25,7 @@ mod protocols;
 mod rollouts;
 mod scale;
 mod servers;
+mod soak;
 mod summary;
 
 use args::{Options, Parsed};
@@ -161,11 +162,17 @@ fn main() -> ExitCode {
             .only
             .iter()
             .any(|o| ADMIN_IDLE.starts_with(o.as_str()));
+    // Only when named: it takes about half an hour.
+    let run_soak = options
+        .only
+        .iter()
+        .any(|o| soak::NAME.starts_with(o.as_str()));
     if selected.is_empty()
         && selected_protocols.is_empty()
         && !run_scale
         && !run_rollouts
         && !admin_idle
+        && !run_soak
     {
         eprintln!(
             "reload bench: --only {} matches no scenario; scenarios: {}",
@@ -212,6 +219,25 @@ fn main() -> ExitCode {
     if let Some(idle) = &idle {
         header["admin_idle"] = admin_idle::json(idle);
     }
+    let soaked = if run_soak && !INTERRUPTED.load(Ordering::Relaxed) {
+        eprint!("reload bench: soak, {} reloads ... ", options.soak_reloads);
+        let soaked = soak::run(&bins, options.soak_reloads, &INTERRUPTED);
+        match &soaked {
+            Ok(s) => eprintln!(
+                "{} reloads, {} KiB growth, {} failed",
+                s.reloads,
+                s.growth_kib(),
+                s.failed
+            ),
+            Err(e) => eprintln!("{e}"),
+        }
+        soaked.ok()
+    } else {
+        None
+    };
+    if let Some(soaked) = &soaked {
+        header["soak"] = soak::json(soaked);
+    }
     let mut protocol_rows = Vec::new();
     for scenario in selected_protocols {
         if INTERRUPTED.load(Ordering::Relaxed) {
@@ -243,6 +269,9 @@ fn main() -> ExitCode {
     }
     if !rolled.is_empty() {
         println!("{}", rollouts::markdown(&rolled));
+    }
+    if let Some(soaked) = &soaked {
+        println!("{}", soak::markdown(soaked));
     }
     if !protocol_rows.is_empty() {
         println!(
@@ -298,7 +327,7 @@ fn scenario_names() -> String {
     SCENARIOS
         .iter()
         .map(|s| s.name)
-        .chain([scale::NAME, rollouts::NAME, ADMIN_IDLE])
+        .chain([scale::NAME, rollouts::NAME, ADMIN_IDLE, soak::NAME])
         .chain(protocols::SCENARIOS.iter().map(|s| s.name))
         .collect::<Vec<_>>()
         .join(", ")

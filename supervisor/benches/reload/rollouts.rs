@@ -74,14 +74,14 @@ pub fn run(bins: &Binaries, interrupted: &AtomicBool) -> Vec<Row> {
 }
 
 /// A running baton in its temp dir.
-struct Running {
+pub struct Running {
     dir: TempDir,
     _guard: Guard,
     addr: SocketAddr,
 }
 
 impl Running {
-    fn start(
+    pub fn start(
         bins: &Binaries,
         name: &str,
         worker: &str,
@@ -126,7 +126,25 @@ impl Running {
         })
     }
 
-    fn reload(&self, mode: &str) -> Result<(Reply, f64), String> {
+    /// Where the listener `http` is.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The master's pid, as its status says.
+    pub fn master(&self) -> Result<nix::unistd::Pid, String> {
+        client::request(
+            &self.dir.path().join("baton.sock"),
+            &Request::Status {},
+            TIMEOUT,
+        )
+        .ok()
+        .and_then(|r| r.result?["master"]["pid"].as_i64())
+        .map(|pid| nix::unistd::Pid::from_raw(pid as i32))
+        .ok_or_else(|| "the master's status has no pid".to_string())
+    }
+
+    pub fn reload(&self, mode: &str) -> Result<(Reply, f64), String> {
         let sent = Instant::now();
         let reply = client::request(
             &self.dir.path().join("baton.sock"),
@@ -140,17 +158,18 @@ impl Running {
         Ok((reply, sent.elapsed().as_secs_f64() * 1000.0))
     }
 
-    fn write(&self, file: &str, text: &str) -> Result<(), String> {
+    pub fn write(&self, file: &str, text: &str) -> Result<(), String> {
         std::fs::write(self.dir.path().join(file), text).map_err(|e| format!("writing {file}: {e}"))
     }
 }
 
-fn load(addr: SocketAddr, mode: Mode) -> LoadHandle {
+/// `connections` closed-loop clients on `addr`.
+pub fn load(addr: SocketAddr, mode: Mode, connections: usize) -> LoadHandle {
     LoadHandle::start(LoadConfig {
-        connections: 4,
+        connections,
         mode,
-        duration: Duration::from_secs(120),
-        max_requests: 10_000_000,
+        duration: Duration::from_secs(3600),
+        max_requests: 100_000_000,
         timeout: Duration::from_secs(5),
         ..LoadConfig::new(addr)
     })
@@ -177,7 +196,7 @@ fn reloads(bins: &Binaries, mode: &str) -> Result<Figures, String> {
         &worker,
         &[("hello.toml", "greeting = \"hello\"\n")],
     )?;
-    let handle = load(running.addr, Mode::KeepAlive);
+    let handle = load(running.addr, Mode::KeepAlive, 4);
     let mut times = Vec::new();
     for i in 0..RELOADS {
         running.write("hello.toml", &format!("greeting = \"hello {i}\"\n"))?;
@@ -209,7 +228,7 @@ fn bad_release(bins: &Binaries, probation: bool) -> Result<Figures, String> {
         )
         };
     let running = Running::start(bins, "rollouts-bad", &worker(1), &[])?;
-    let handle = load(running.addr, Mode::NewConnection);
+    let handle = load(running.addr, Mode::NewConnection, 4);
     std::thread::sleep(Duration::from_millis(500));
     running.write("bad-release", "")?;
     std::fs::write(
