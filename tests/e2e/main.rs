@@ -22,6 +22,7 @@ mod grpc;
 mod http2;
 mod in_place;
 mod lifecycle;
+mod listener_options;
 mod many_listeners;
 mod master_death;
 mod nginx_worker;
