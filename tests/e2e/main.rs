@@ -28,6 +28,7 @@ mod master_death;
 mod nginx_worker;
 mod notify;
 mod privileges;
+mod probes;
 mod reload_under_load;
 mod resources;
 mod rollback;
