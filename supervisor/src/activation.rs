@@ -220,6 +220,7 @@ mod tests {
             name: name.into(),
             address: address.parse().unwrap(),
             backlog: 16,
+            nodelay: None,
         }
     }
 

@@ -224,9 +224,22 @@ pub struct ListenerConfig {
     pub name: String,
     /// Where to bind.
     pub address: ListenerAddress,
-    /// `listen(2)` backlog.
+    /// `listen(2)` backlog, 1 to 65535; the kernel caps it at
+    /// `net.core.somaxconn`.
     #[serde(default = "default_backlog", deserialize_with = "de_backlog")]
     pub backlog: i32,
+    /// `TCP_NODELAY` on the listening socket, which the connections
+    /// accepted from it inherit; `None` when not set (on). TCP only.
+    #[serde(default)]
+    pub nodelay: Option<bool>,
+}
+
+impl ListenerConfig {
+    /// Whether a TCP listener's connections have Nagle's algorithm off
+    /// (`TCP_NODELAY`): by default, yes.
+    pub fn nodelay(&self) -> bool {
+        self.nodelay.unwrap_or(true)
+    }
 }
 
 fn default_backlog() -> i32 {
@@ -563,6 +576,15 @@ impl Config {
                 return Err(error_at(
                     span,
                     format!("duplicate listener name {:?}", l.name),
+                ));
+            }
+            if l.nodelay.is_some() && !matches!(l.address, ListenerAddress::Tcp(_)) {
+                return Err(error_at(
+                    span,
+                    format!(
+                        "listener {:?}: nodelay applies to TCP listeners only, and {} is not one",
+                        l.name, l.address
+                    ),
                 ));
             }
             // Port 0 asks the kernel for a fresh port each time: never a clash.

@@ -8,10 +8,10 @@ use crate::steering::{self, Group, Layout, User};
 use anyhow::{bail, Context};
 use baton_worker::{ListenerInfo, ListenerKind};
 use nix::sys::socket::{
-    bind, getsockname, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
-    SockType, SockaddrIn, SockaddrIn6, SockaddrStorage, UnixAddr,
+    bind, getsockname, getsockopt, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
+    SockaddrIn, SockaddrIn6, SockaddrStorage, UnixAddr,
 };
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -41,6 +41,10 @@ pub struct Listener {
     /// Passed by socket activation: its socket file is the service
     /// manager's, never removed by baton, whichever master holds it.
     activated: bool,
+    /// The `listen(2)` backlog and `TCP_NODELAY` the socket has now: a
+    /// reload that changes them applies them in place.
+    backlog: Cell<i32>,
+    nodelay: Cell<bool>,
 }
 
 /// Listeners are shared between the master's current set and the
@@ -80,7 +84,10 @@ impl Listener {
             ListenerAddress::Unix(path) => Some(path.clone()),
             _ => None,
         };
+        let nodelay = nodelay_of(&fd, info.kind);
         Ok(Listener {
+            backlog: Cell::new(config.backlog),
+            nodelay: Cell::new(nodelay),
             config,
             info,
             fd,
@@ -121,7 +128,10 @@ impl Listener {
             }
             None => None,
         };
+        let nodelay = nodelay_of(&fd, kind);
         Ok(Listener {
+            backlog: Cell::new(config.backlog),
+            nodelay: Cell::new(nodelay),
             config,
             info,
             fd,
@@ -155,6 +165,8 @@ impl Listener {
             alive: Rc::new(()),
             strangers: std::cell::Cell::new(false),
             activated: false,
+            backlog: Cell::new(primary.backlog.get()),
+            nodelay: Cell::new(primary.nodelay.get()),
         }
     }
 
@@ -182,8 +194,9 @@ impl Listener {
             if family == AddressFamily::Inet6 {
                 setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
             }
+            setsockopt(&fd, sockopt::TcpNoDelay, &primary.nodelay.get())?;
             bind(fd.as_raw_fd(), &bound)?;
-            listen(&fd, Backlog::new(primary.config.backlog)?)?;
+            listen(&fd, primary.backlog.get())?;
             Ok(fd)
         };
         let fd = socket().with_context(|| {
@@ -391,14 +404,39 @@ impl Listener {
         self.fd.as_fd()
     }
 
-    /// Applies a changed backlog to the listening socket in place: Linux
-    /// accepts `listen(2)` again on a listening socket.
-    pub fn set_backlog(&self, backlog: i32) -> anyhow::Result<()> {
-        if self.info.kind != ListenerKind::Udp {
-            listen(&self.fd, Backlog::new(backlog)?)
-                .with_context(|| format!("changing backlog of listener `{}`", self.info.name))?;
+    /// Applies `config`'s backlog and `TCP_NODELAY` to the listening
+    /// socket in place when they changed: Linux accepts `listen(2)` again
+    /// on a listening socket. New generation sockets on the port get them
+    /// too; connections accepted before keep what they had.
+    pub fn apply(&self, config: &ListenerConfig) -> anyhow::Result<()> {
+        let context = |what: &str| {
+            format!(
+                "changing the {what} of listener `{}` on {}",
+                self.info.name, self.info.address
+            )
+        };
+        if self.info.kind != ListenerKind::Udp && self.backlog.get() != config.backlog {
+            listen(&self.fd, config.backlog).with_context(|| context("backlog"))?;
+            self.backlog.set(config.backlog);
+        }
+        if self.info.kind == ListenerKind::Tcp && self.nodelay.get() != config.nodelay() {
+            setsockopt(&self.fd, sockopt::TcpNoDelay, &config.nodelay())
+                .with_context(|| context("nodelay"))?;
+            self.nodelay.set(config.nodelay());
         }
         Ok(())
+    }
+
+    /// The `listen(2)` backlog asked of the kernel (which caps it at
+    /// `net.core.somaxconn`).
+    pub fn backlog(&self) -> i32 {
+        self.backlog.get()
+    }
+
+    /// Whether `TCP_NODELAY` is set on the socket (false for UDP and Unix
+    /// listeners).
+    pub fn nodelay(&self) -> bool {
+        self.nodelay.get()
     }
 }
 
@@ -433,9 +471,12 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
             }
             // Bound without SO_REUSEPORT, so that a port someone else holds
             // is refused; set afterwards, so that generations' own sockets
-            // can join it.
+            // can join it. Accepted connections inherit TCP_NODELAY from the
+            // listening socket: a server handed the socket need not set it
+            // (uvicorn's `--fd` takes it for a Unix socket and does not).
             if kind == ListenerKind::Tcp {
                 setsockopt(&fd, sockopt::ReusePort, &true)?;
+                setsockopt(&fd, sockopt::TcpNoDelay, &config.nodelay())?;
             }
             (fd, kind, None)
         }
@@ -447,7 +488,7 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
         }
     };
     if kind != ListenerKind::Udp {
-        listen(&fd, Backlog::new(config.backlog)?)?;
+        listen(&fd, config.backlog)?;
     }
     let bound: SockaddrStorage = getsockname(fd.as_raw_fd())?;
     let info = ListenerInfo {
@@ -470,7 +511,21 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
         alive: Rc::new(()),
         strangers: std::cell::Cell::new(false),
         activated: false,
+        backlog: Cell::new(config.backlog),
+        nodelay: Cell::new(kind == ListenerKind::Tcp && config.nodelay()),
     })
+}
+
+/// `listen(2)` with `backlog` as configured (1 to 65535). nix's `Backlog`
+/// refuses values from `SOMAXCONN` (4096) up, which Linux takes and caps
+/// at `net.core.somaxconn` itself.
+fn listen(fd: &impl AsFd, backlog: i32) -> std::io::Result<()> {
+    socket2::SockRef::from(fd).listen(backlog)
+}
+
+/// Whether `TCP_NODELAY` is set on a socket handed over or inherited.
+fn nodelay_of(fd: &OwnedFd, kind: ListenerKind) -> bool {
+    kind == ListenerKind::Tcp && getsockopt(fd, sockopt::TcpNoDelay).unwrap_or(false)
 }
 
 /// A socket file left by a dead process is removed; one that still accepts
@@ -490,5 +545,83 @@ fn remove_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
                 .with_context(|| format!("removing stale socket {}", path.display()))?;
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(backlog: i32, nodelay: Option<bool>) -> ListenerConfig {
+        ListenerConfig {
+            name: "http".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            backlog,
+            nodelay,
+        }
+    }
+
+    /// The backlog the kernel reports for `listener` (`sock_diag`).
+    fn kernel_backlog(listener: &Listener) -> u32 {
+        let port = listener.info.address.parse::<SocketAddr>().unwrap().port();
+        let inode = steering::inode(listener.fd()).unwrap();
+        let listening = crate::sockdiag::listeners(&[port]).unwrap();
+        listening.iter().find(|s| s.inode == inode).unwrap().wqueue
+    }
+
+    fn somaxconn() -> u32 {
+        std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_valid_backlog_binds_and_the_kernel_caps_it_at_somaxconn() {
+        for backlog in [1, 4095, 4096, 65535] {
+            let listener = Listener::bind(&tcp(backlog, None)).unwrap();
+            let expected = (backlog as u32).min(somaxconn());
+            assert_eq!(kernel_backlog(&listener), expected, "{backlog}");
+            // Changed in place, both ways.
+            listener.apply(&tcp(65535, None)).unwrap();
+            assert_eq!(kernel_backlog(&listener), 65535.min(somaxconn()));
+            listener.apply(&tcp(7, None)).unwrap();
+            assert_eq!((kernel_backlog(&listener), listener.backlog()), (7, 7));
+        }
+    }
+
+    /// Whether the connection `listener` accepts next has `TCP_NODELAY`.
+    fn accepted_nodelay(listener: &Listener) -> bool {
+        let address: SocketAddr = listener.info.address.parse().unwrap();
+        let _client = std::net::TcpStream::connect(address).unwrap();
+        let fd = nix::sys::socket::accept(listener.fd().as_raw_fd()).unwrap();
+        // SAFETY: accept(2) just returned this fd, owned by nobody else.
+        let accepted = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        getsockopt(&accepted, sockopt::TcpNoDelay).unwrap()
+    }
+
+    #[test]
+    fn accepted_connections_inherit_nodelay_unless_it_is_off() {
+        let on = Listener::bind(&tcp(16, None)).unwrap();
+        assert!(on.nodelay() && accepted_nodelay(&on));
+        let off = Listener::bind(&tcp(16, Some(false))).unwrap();
+        assert!(!off.nodelay() && !accepted_nodelay(&off));
+        // A reload switches it in place, for connections accepted from then on.
+        off.apply(&tcp(16, Some(true))).unwrap();
+        assert!(accepted_nodelay(&off));
+        on.apply(&tcp(16, Some(false))).unwrap();
+        assert!(!accepted_nodelay(&on));
+    }
+
+    #[test]
+    fn a_generation_socket_gets_the_listeners_backlog_and_nodelay() {
+        let primary = Rc::new(Listener::bind(&tcp(5000, Some(false))).unwrap());
+        let kernel = kernel_view([&primary]);
+        let own = Listener::for_generation(&primary, &kernel).unwrap();
+        assert!(own.primary().is_some(), "a socket of its own");
+        assert_eq!(kernel_backlog(&own), 5000.min(somaxconn()));
+        own.steer_here().unwrap();
+        assert!(!accepted_nodelay(&own));
     }
 }

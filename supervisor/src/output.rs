@@ -9,8 +9,15 @@
 //! `RateLimitBurst` does); and the master reads
 //! at most [`BYTES_PER_SECOND`] of it, so a worker writing faster than that
 //! waits on its pipe (as Docker's blocking log mode does).
+//!
+//! An `exec:` probe's stdout and stderr are read the same way but never
+//! slowed down (a probe made to wait on its pipe could time out, and its
+//! verdict would be baton's doing): each stream of each try keeps its first
+//! and last [`PROBE_KEEP`] bytes, reads the rest and drops it, and logs one
+//! `probe output` event at its end that says how many bytes were omitted.
 
 use crate::ratelimit::Window;
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
@@ -159,9 +166,132 @@ impl Lines {
     }
 }
 
+/// Bytes kept of the start, and of the end, of each stream of an exec
+/// probe's try; what is between is counted and dropped.
+pub const PROBE_KEEP: usize = 4 * 1024;
+
+/// How long after its try's deadline a probe's stream is read at most: a
+/// process the probe started and left behind may hold the pipe open.
+const PROBE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whose output a probe's stream is.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeOrigin {
+    /// The generation probed.
+    pub generation: u64,
+    /// The probe command's pid.
+    pub pid: i32,
+    /// `stdout` or `stderr`.
+    pub stream: &'static str,
+}
+
+/// Reads an exec probe's `pipe` until every writer closed it, or until
+/// [`PROBE_LINGER`] past `deadline`, keeping its first and last
+/// [`PROBE_KEEP`] bytes, and logs them in one `probe output` event (none
+/// when it wrote nothing). Must run inside the tokio runtime.
+pub fn capture_probe(pipe: OwnedFd, origin: ProbeOrigin, deadline: Instant) -> std::io::Result<()> {
+    let mut reader = tokio::net::unix::pipe::Receiver::from_owned_fd(pipe)?;
+    tokio::spawn(async move {
+        let mut kept = Kept::default();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let read_all = async {
+            loop {
+                match reader.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => kept.push(&chunk[..n]),
+                }
+            }
+        };
+        let cut_off = tokio::time::timeout_at(deadline + PROBE_LINGER, read_all)
+            .await
+            .is_err();
+        kept.log(origin, cut_off);
+    });
+    Ok(())
+}
+
+/// The first and last [`PROBE_KEEP`] bytes of a stream, and its length.
+#[derive(Debug, Default)]
+struct Kept {
+    head: Vec<u8>,
+    tail: VecDeque<u8>,
+    total: u64,
+}
+
+impl Kept {
+    fn push(&mut self, bytes: &[u8]) {
+        self.total += bytes.len() as u64;
+        let to_head = bytes.len().min(PROBE_KEEP - self.head.len());
+        self.head.extend_from_slice(&bytes[..to_head]);
+        let rest = &bytes[to_head..];
+        let rest = &rest[rest.len().saturating_sub(PROBE_KEEP)..];
+        let over = (self.tail.len() + rest.len()).saturating_sub(PROBE_KEEP);
+        self.tail.drain(..over);
+        self.tail.extend(rest);
+    }
+
+    /// Bytes neither in the head nor in the tail.
+    fn omitted(&self) -> u64 {
+        self.total - (self.head.len() + self.tail.len()) as u64
+    }
+
+    fn log(self, origin: ProbeOrigin, cut_off: bool) {
+        if self.total == 0 {
+            return;
+        }
+        let ProbeOrigin {
+            generation,
+            pid,
+            stream,
+        } = origin;
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim_end().to_string();
+        let output = text(&self.head);
+        let omitted_bytes = self.omitted();
+        let tail = text(&self.tail.iter().copied().collect::<Vec<u8>>());
+        if self.tail.is_empty() && !cut_off {
+            tracing::info!(generation, pid, stream, output, "probe output");
+        } else {
+            tracing::info!(
+                generation,
+                pid,
+                stream,
+                output,
+                omitted_bytes,
+                tail,
+                bytes = self.total,
+                cut_off,
+                "probe output"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_stream_keeps_its_first_and_last_bytes_and_counts_the_rest() {
+        let mut kept = Kept::default();
+        kept.push(b"short");
+        assert_eq!((kept.head.as_slice(), kept.tail.len()), (&b"short"[..], 0));
+        let mut kept = Kept::default();
+        let stream: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        for piece in stream.chunks(7_777) {
+            kept.push(piece);
+        }
+        assert_eq!(kept.head, stream[..PROBE_KEEP]);
+        assert_eq!(
+            kept.tail.iter().copied().collect::<Vec<u8>>(),
+            stream[stream.len() - PROBE_KEEP..]
+        );
+        assert_eq!(kept.total, 1_000_000);
+        assert_eq!(kept.omitted(), 1_000_000 - 2 * PROBE_KEEP as u64);
+        // A tail shorter than PROBE_KEEP.
+        let mut kept = Kept::default();
+        kept.push(&stream[..PROBE_KEEP + 10]);
+        assert_eq!((kept.tail.len(), kept.omitted()), (10, 0));
+    }
 
     fn split(chunks: &[&[u8]]) -> Vec<(String, bool)> {
         let mut out = Vec::new();

@@ -18,8 +18,14 @@
 //!   first TCP listener's address) and `BATON_WORKER_PIDS`; which server it
 //!   reaches is its own business. The master reaps it like any child.
 //!
-//! Each attempt has `probe_interval` to finish; its result comes back to the
-//! event loop as [`crate::master::Event::Probe`].
+//! Attempts start every `probe_interval`, counted from the start of the one
+//! before, whatever it took; each has `probe_interval` to finish (so at
+//! most one runs at a time: one that hangs fails when the next is due, and
+//! the next starts then). Its result comes back to the event loop as
+//! [`crate::master::Event::Probe`], or as the exit of an exec probe.
+//!
+//! An exec probe's stdout and stderr are read by the master and logged,
+//! bounded (see [`crate::output::capture_probe`]).
 
 use crate::config::ReadyMode;
 use crate::generation::Generation;
@@ -127,6 +133,7 @@ impl Master {
         };
         if let Some(in_flight) = &probing.in_flight {
             if now >= in_flight.deadline {
+                // The next attempt is due now: the loop comes back at once.
                 let generation = probing.generation;
                 return self.on_probe(generation, Err("no answer within probe_interval".into()));
             }
@@ -142,7 +149,7 @@ impl Master {
         };
         let interval = generation.config.worker.probe_interval.0;
         let started = match &generation.config.worker.ready {
-            ReadyMode::Exec(argv) => start_exec(generation, argv),
+            ReadyMode::Exec(argv) => start_exec(generation, argv, now + interval),
             ReadyMode::Tcp => start_connect(generation, None, interval, &self.events),
             ReadyMode::Http(path) => {
                 start_connect(generation, Some(path.clone()), interval, &self.events)
@@ -150,15 +157,14 @@ impl Master {
             _ => return,
         };
         let probing = self.probing.as_mut().expect("checked above");
+        // Counted from this start, not from the end of the attempt.
+        probing.next_at = now + interval;
         match started {
             Ok(mut in_flight) => {
                 in_flight.deadline = now + interval;
                 probing.in_flight = Some(in_flight);
             }
-            Err(e) => {
-                probing.next_at = now + interval;
-                self.on_probe(number, Err(e));
-            }
+            Err(e) => self.on_probe(number, Err(e)),
         }
     }
 
@@ -195,13 +201,9 @@ impl Master {
         let Some(probing) = self.probing.as_mut().filter(|p| p.generation == generation) else {
             return;
         };
-        // Ends the steering rule, the task or the process.
+        // Ends the steering rule, the task or the process. The next
+        // attempt stays due `probe_interval` after this one started.
         probing.in_flight = None;
-        let interval = self
-            .generations
-            .get(&generation)
-            .map_or(Duration::from_secs(1), |g| g.config.worker.probe_interval.0);
-        probing.next_at = Instant::now() + interval;
         match result {
             Ok(()) => {
                 if !probing.passed || probing.failures > 0 {
@@ -335,14 +337,21 @@ async fn attempt(
     }
 }
 
-/// Runs an exec probe; the master reaps it.
-fn start_exec(generation: &Generation, argv: &[String]) -> Result<InFlight, String> {
+/// Runs an exec probe, due by `deadline`; the master reaps it and reads
+/// its output.
+fn start_exec(
+    generation: &Generation,
+    argv: &[String],
+    deadline: Instant,
+) -> Result<InFlight, String> {
     use std::os::unix::process::CommandExt;
     let dir = generation.config.path.parent().map(|p| p.to_path_buf());
     let mut command = std::process::Command::new(&argv[0]);
     command
         .args(&argv[1..])
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .env("BATON_GENERATION", generation.number.to_string())
         .env(
             "BATON_WORKER_PIDS",
@@ -360,12 +369,27 @@ fn start_exec(generation: &Generation, argv: &[String]) -> Result<InFlight, Stri
     if let Some(dir) = dir {
         command.current_dir(dir);
     }
-    let child = command
+    let mut child = command
         .spawn()
         .map_err(|e| format!("starting probe command {:?}: {e}", argv[0]))?;
     let pid = Pid::from_raw(child.id() as i32);
+    let pipes = [
+        (child.stdout.take().map(OwnedFd::from), "stdout"),
+        (child.stderr.take().map(OwnedFd::from), "stderr"),
+    ];
     // The master reaps its children itself.
     drop(child);
+    for (pipe, stream) in pipes {
+        let origin = crate::output::ProbeOrigin {
+            generation: generation.number,
+            pid: pid.as_raw(),
+            stream,
+        };
+        let captured = pipe.map(|pipe| crate::output::capture_probe(pipe, origin, deadline));
+        if let Some(Err(e)) = captured {
+            tracing::warn!(generation = generation.number, pid = pid.as_raw(), error = %e, "cannot read the probe's output");
+        }
+    }
     Ok(InFlight {
         steered: None,
         pid: Some(pid),

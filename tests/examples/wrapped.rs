@@ -31,6 +31,9 @@
 //!
 //! It prints `wrapped started` on stdout and stderr, and answers every
 //! request until SIGTERM, after which it finishes the one in hand and exits.
+//! Each answer says in `x-tcp-nodelay` whether the connection it came on
+//! has `TCP_NODELAY` set (which it never sets itself: what it has, it
+//! inherited from the listening socket).
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
@@ -327,8 +330,10 @@ fn answer_http(mut stream: std::net::TcpStream, behaviour: &Behaviour) {
         std::process::id(),
         nix::unistd::getuid()
     );
+    let nodelay = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::TcpNoDelay)
+        .expect("getsockopt TCP_NODELAY");
     let response = format!(
-        "HTTP/1.1 {status} X\r\nx-baton-generation: {generation}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} X\r\nx-baton-generation: {generation}\r\nx-tcp-nodelay: {nodelay}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = stream.write_all(response.as_bytes());

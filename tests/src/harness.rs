@@ -94,6 +94,8 @@ impl Drop for TempDir {
 #[derive(Default)]
 struct Log {
     events: Vec<Value>,
+    /// Bytes the master wrote to its stderr (its log) so far.
+    bytes: u64,
     closed: bool,
 }
 
@@ -204,10 +206,20 @@ impl Baton {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                eprintln!("[baton {pid}] {line}");
+                // A line past 64 KiB is not a log event: shown cut.
+                let mut end = line.len().min(64 * 1024);
+                while !line.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let shown = &line[..end];
+                eprintln!("[baton {pid}] {shown}");
+                let bytes = line.len() as u64 + 1;
                 let event = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
-                writer.0.lock().unwrap().events.push(event);
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": shown }));
+                let mut log = writer.0.lock().unwrap();
+                log.events.push(event);
+                log.bytes += bytes;
+                drop(log);
                 writer.1.notify_all();
             }
             writer.0.lock().unwrap().closed = true;
@@ -305,6 +317,11 @@ impl Baton {
     pub fn events(&self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
         let log = self.log.0.lock().unwrap();
         log.events.iter().filter(|e| pred(e)).cloned().collect()
+    }
+
+    /// Bytes the master wrote to its log (stderr) so far.
+    pub fn log_bytes(&self) -> u64 {
+        self.log.0.lock().unwrap().bytes
     }
 
     /// How many events so far match `pred`.

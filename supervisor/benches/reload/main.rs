@@ -6,7 +6,9 @@
 //! Each scenario runs twice, with keep-alive connections and with a new
 //! connection per request. The HTTP/2 and WebSocket scenarios
 //! (`protocols`) follow: h2load against baton and nginx `listen ... http2`,
-//! and WebSocket clients of `axum-app`. The bench prints markdown tables and writes
+//! and WebSocket clients of `axum-app`. `wrapped-latency` measures the
+//! keep-alive latency of wrapped servers (gunicorn, uvicorn, hypercorn,
+//! nginx) under baton against each run alone. The bench prints markdown tables and writes
 //! `target/bench/reload.json` and `target/bench/reload.svg`. It runs the
 //! `hello` (and, for WebSocket, `axum-app`) examples of `baton-worker`,
 //! which `cargo bench -p baton` does not build: build them first with
@@ -27,6 +29,7 @@ mod scale;
 mod servers;
 mod soak;
 mod summary;
+mod wrapped;
 
 use args::{Options, Parsed};
 use baton_tests::load::Mode;
@@ -167,12 +170,18 @@ fn main() -> ExitCode {
         .only
         .iter()
         .any(|o| soak::NAME.starts_with(o.as_str()));
+    let run_wrapped = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| wrapped::NAME.starts_with(o.as_str()));
     if selected.is_empty()
         && selected_protocols.is_empty()
         && !run_scale
         && !run_rollouts
         && !admin_idle
         && !run_soak
+        && !run_wrapped
     {
         eprintln!(
             "reload bench: --only {} matches no scenario; scenarios: {}",
@@ -238,6 +247,14 @@ fn main() -> ExitCode {
     if let Some(soaked) = &soaked {
         header["soak"] = soak::json(soaked);
     }
+    let latencies = if run_wrapped {
+        wrapped::run(&bins, &INTERRUPTED)
+    } else {
+        Vec::new()
+    };
+    if !latencies.is_empty() {
+        header["wrapped_latency"] = wrapped::json(&latencies);
+    }
     let mut protocol_rows = Vec::new();
     for scenario in selected_protocols {
         if INTERRUPTED.load(Ordering::Relaxed) {
@@ -272,6 +289,9 @@ fn main() -> ExitCode {
     }
     if let Some(soaked) = &soaked {
         println!("{}", soak::markdown(soaked));
+    }
+    if !latencies.is_empty() {
+        println!("{}", wrapped::markdown(&latencies));
     }
     if !protocol_rows.is_empty() {
         println!(
@@ -327,7 +347,7 @@ fn scenario_names() -> String {
     SCENARIOS
         .iter()
         .map(|s| s.name)
-        .chain([scale::NAME, rollouts::NAME, ADMIN_IDLE, soak::NAME])
+        .chain([scale::NAME, rollouts::NAME, ADMIN_IDLE, soak::NAME, wrapped::NAME])
         .chain(protocols::SCENARIOS.iter().map(|s| s.name))
         .collect::<Vec<_>>()
         .join(", ")

@@ -116,6 +116,62 @@ fn bad_values_name_their_location() {
 }
 
 #[test]
+fn every_backlog_from_1_to_65535_is_accepted_and_others_are_not() {
+    let with = |backlog: i64| {
+        parse(&format!(
+            "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\nbacklog = {backlog}\n[worker]\ncommand = [\"x\"]\n"
+        ))
+    };
+    for backlog in [1, 4095, 4096, 4097, 65535] {
+        assert_eq!(with(backlog).unwrap().listeners[0].backlog as i64, backlog);
+    }
+    for backlog in [0, -1, 65536, i64::from(i32::MAX) + 1] {
+        let e = with(backlog).unwrap_err().to_string();
+        assert!(
+            e.contains(":4:11: backlog must be between 1 and 65535"),
+            "{backlog}: {e}"
+        );
+    }
+}
+
+#[test]
+fn nodelay_is_on_by_default_and_only_for_tcp_listeners() {
+    let listener = |address: &str, nodelay: &str| {
+        parse(&format!(
+            "[[listener]]\nname = \"a\"\naddress = \"{address}\"\n{nodelay}[worker]\ncommand = [\"x\"]\n"
+        ))
+    };
+    let c = listener("127.0.0.1:1", "").unwrap();
+    assert_eq!(
+        (c.listeners[0].nodelay, c.listeners[0].nodelay()),
+        (None, true)
+    );
+    let c = listener("127.0.0.1:1", "nodelay = false\n").unwrap();
+    assert!(!c.listeners[0].nodelay());
+    let c = listener("127.0.0.1:1", "nodelay = true\n").unwrap();
+    assert!(c.listeners[0].nodelay());
+    let e = listener("127.0.0.1:1", "nodelay = \"no\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(":4:11: ") && e.contains("expected a boolean"),
+        "{e}"
+    );
+    for address in ["udp:127.0.0.1:1", "unix:app.sock"] {
+        let e = listener(address, "nodelay = false\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":1:1: ")
+                && e.contains("listener \"a\": nodelay applies to TCP listeners only"),
+            "{address}: {e}"
+        );
+        // Unset, nodelay is no concern of theirs.
+        assert_eq!(listener(address, "").unwrap().listeners[0].nodelay, None);
+    }
+}
+
+#[test]
 fn duplicate_listener_name_or_address_points_at_the_second_one() {
     let e = error(
         "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n[worker]\ncommand = [\"x\"]\n",

@@ -252,9 +252,7 @@ impl Master {
         for wanted in &config.listeners {
             match current.get(&(wanted.name.as_str(), &wanted.address)) {
                 Some(listener) => {
-                    if listener.config.backlog != wanted.backlog {
-                        listener.set_backlog(wanted.backlog)?;
-                    }
+                    listener.apply(wanted)?;
                     out.push(Rc::clone(listener));
                 }
                 None => {

@@ -252,7 +252,7 @@ impl HandedListener {
         HandedListener {
             name: listener.config.name.clone(),
             address: listener.config.address.to_string(),
-            backlog: listener.config.backlog,
+            backlog: listener.backlog(),
             info: listener.info.clone(),
             activated: listener.activated(),
         }
@@ -268,6 +268,7 @@ impl HandedListener {
             name: self.name,
             address,
             backlog: self.backlog,
+            nodelay: None,
         };
         Ok(Listener::adopt(config, self.info, fd)?.with_activated(self.activated))
     }
