@@ -69,7 +69,7 @@ fn versions_served(baton: &Baton, status: &serde_json::Value) -> BTreeMap<i64, V
 }
 
 /// Every worker of the current generation answers with `version`, and
-/// status shows each on it.
+/// status and the metrics show each on it.
 fn assert_every_worker_serves(baton: &Baton, workers: usize, version: &str) {
     let status = wait_versions(baton, workers, Some(version));
     for (pid, versions) in versions_served(baton, &status) {
@@ -78,6 +78,25 @@ fn assert_every_worker_serves(baton: &Baton, workers: usize, version: &str) {
             "worker pid {pid} answered {versions:?} after the reload to {version} committed\n{status}"
         );
     }
+    let admin: std::net::SocketAddr = status["master"]["admin"].as_str().unwrap().parse().unwrap();
+    let (code, _, metrics) = baton_tests::harness::get_path(admin, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let rows: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("baton_worker_config_info{"))
+        .collect();
+    assert_eq!(rows.len(), workers, "{metrics}");
+    let on_version = format!("version=\"{version}\"");
+    assert!(rows.iter().all(|r| r.contains(&on_version)), "{rows:#?}");
+}
+
+/// [`config_timed`] with a 10 s `prepare_timeout` and the admin endpoint.
+fn config() -> String {
+    config_timed("10s", "5s", "").replacen(
+        "[supervisor]\n",
+        "[supervisor]\nadmin = \"127.0.0.1:0\"\n",
+        1,
+    )
 }
 
 /// Worker 0 parses slowly (stopped), `rate = 2` is reloaded in place in
@@ -85,7 +104,7 @@ fn assert_every_worker_serves(baton: &Baton, workers: usize, version: &str) {
 /// after that: the reload commits and every worker, the one that joined
 /// too, serves the new version.
 fn joining_during_prepare(workers_after: usize, join: impl FnOnce(&Baton)) {
-    let baton = start_with(&config_timed("10s", "5s", ""), "rate = 1\n");
+    let baton = start_with(&config(), "rate = 1\n");
     let slow = worker_pid(&baton, 0);
     kill(slow, Signal::SIGSTOP).unwrap();
     write_app(&baton, "rate = 2\n");
@@ -141,7 +160,7 @@ fn a_worker_respawned_after_a_crash_during_prepare_serves_the_committed_version(
 /// worker is added; worker 1 then resumes and commits.
 #[test]
 fn a_worker_scaled_up_during_commit_serves_the_committed_version() {
-    let baton = start_with(&config_timed("10s", "5s", ""), "rate = 1\n");
+    let baton = start_with(&config(), "rate = 1\n");
     let (first, second) = (worker_pid(&baton, 0), worker_pid(&baton, 1));
     kill(first, Signal::SIGSTOP).unwrap();
     kill(second, Signal::SIGSTOP).unwrap();
