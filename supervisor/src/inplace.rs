@@ -530,7 +530,7 @@ impl Master {
                     generation = generation.number,
                     worker = worker.index,
                     pid = worker.pid.as_raw(),
-                    "worker did not answer the in-place reload: killed, to be respawned with the version in service"
+                    "worker did not answer the in-place reload in time: killed"
                 );
                 worker.kill();
                 // A draining one is not respawned; a serving one is, as
