@@ -398,13 +398,22 @@ impl Generation {
         delay
     }
 
-    /// The earliest time something of this generation is due.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let kills = self.workers.values().filter_map(|w| match w.state {
-            State::Draining { kill_at } => Some(kill_at),
-            _ => None,
+    /// The earliest time something of this generation is due; with
+    /// `spawns_held` (an in-place reload runs on it), its respawns wait
+    /// for the reload's end, not for a time.
+    pub fn next_deadline(&self, spawns_held: bool) -> Option<Instant> {
+        let kills = self.workers.values().flat_map(|w| {
+            let drain = match w.state {
+                State::Draining { kill_at } => Some(kill_at),
+                _ => None,
+            };
+            drain.into_iter().chain(w.answer_due)
         });
-        let respawns = self.respawns.values().map(|r| r.at);
+        let respawns = self
+            .respawns
+            .values()
+            .map(|r| r.at)
+            .filter(|_| !spawns_held);
         let handover = self
             .handover
             .as_ref()

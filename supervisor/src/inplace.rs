@@ -18,7 +18,22 @@
 //! with the version in service). Once all have prepared, the generation's configuration
 //! is the new one (a worker respawned from then on starts with it) and each
 //! worker is told to commit; one that does not confirm within
-//! `prepare_timeout` is killed, so nothing serves a half-applied state.
+//! `prepare_timeout` (or answers that it had nothing prepared) is killed,
+//! so nothing serves a half-applied state.
+//!
+//! No worker joins the generation while the transaction runs: a worker a
+//! scale (`baton scale`, SIGTTIN) adds, or a crashed worker's respawn, is
+//! started once it ends, with the version it leaves in service (the new
+//! one if committed, the old one if aborted). Each worker's own version is
+//! what it last registered or confirmed committing; status and metrics show
+//! that one.
+//!
+//! A worker still owing its answer when the transaction ends (aborted by
+//! another worker's refusal or exit, or abandoned because the master
+//! stops) is busy in its parser or not running: it cannot hear a drain
+//! either. It is killed at the transaction's deadline unless it answers
+//! first, and respawned (unless the master is stopping) with the version
+//! in service; a stop does not wait for its `drain_timeout`.
 //!
 //! It runs when the reload's `[worker]` settings (but for those), listeners
 //! and `[supervisor]` settings (but `log_filter`) are unchanged, the
@@ -184,6 +199,12 @@ impl Master {
                 w.index, w.pid
             ));
         }
+        if let Some(w) = current.workers.values().find(|w| w.answer_due.is_some()) {
+            return Err(format!(
+                "worker {} (pid {}) has not answered the last in-place reload",
+                w.index, w.pid
+            ));
+        }
         Ok(number)
     }
 
@@ -251,6 +272,13 @@ impl Master {
 
     /// A worker answered prepare or commit.
     pub(crate) fn on_app_answer(&mut self, pid: Pid, answer: WorkerMessage) {
+        // It answers: it is not hung, and hears a drain again.
+        if let Some(worker) = self
+            .generation_of(pid)
+            .and_then(|g| g.workers.get_mut(&pid))
+        {
+            worker.answer_due = None;
+        }
         let Some(transaction) = self.in_place.as_mut() else {
             return;
         };
@@ -267,11 +295,27 @@ impl Master {
             (Stage::Preparing, WorkerMessage::AppRefused { version: v, reason })
                 if v == version =>
             {
+                transaction.waiting.remove(&pid);
                 let transaction = self.in_place.take().expect("checked above");
                 return self.abort_in_place(
                     transaction,
                     format!("refused by worker {index} (pid {raw}): {reason}"),
                 );
+            }
+            (Stage::Committing, WorkerMessage::AppRefused { version: v, reason })
+                if v == version =>
+            {
+                // It had not prepared it (or not with every handle): it
+                // would go on serving what it has.
+                transaction.waiting.remove(&pid);
+                tracing::error!(pid = raw, worker = index, %reason, "worker cannot commit: killed, to be respawned with the new version");
+                if let Some(worker) = self
+                    .generations
+                    .get(&transaction.generation)
+                    .and_then(|g| g.workers.get(&pid))
+                {
+                    worker.kill();
+                }
             }
             (Stage::Committing, WorkerMessage::AppCommitted { version: v }) if v == version => {
                 transaction.waiting.remove(&pid);
@@ -321,16 +365,9 @@ impl Master {
                 let transaction = self.in_place.take().expect("checked above");
                 let late = self.describe(transaction.generation, &transaction.waiting);
                 let timeout = transaction.config.worker.prepare_timeout.0;
-                // A worker that cannot answer is not trusted to serve: it
-                // is killed, and respawned with the version in service.
-                if let Some(g) = self.generations.get(&transaction.generation) {
-                    for pid in &transaction.waiting {
-                        if let Some(w) = g.workers.get(pid) {
-                            tracing::error!(pid = pid.as_raw(), "worker did not answer prepare: killed, to be respawned with the version in service");
-                            w.kill();
-                        }
-                    }
-                }
+                // A worker that cannot answer is not trusted to serve: the
+                // abort marks it due now, and it is killed, and respawned
+                // with the version in service.
                 self.abort_in_place(
                     transaction,
                     format!("{late} did not answer prepare within {timeout:?}"),
@@ -433,7 +470,14 @@ impl Master {
             .phases
             .push((Step::Prepare, transaction.phase_started.elapsed()));
         let version = transaction.config.app.version.clone();
-        if let Some(g) = self.generations.get(&transaction.generation) {
+        if let Some(g) = self.generations.get_mut(&transaction.generation) {
+            // Those that owe their answer are killed at the deadline
+            // unless they answer first ([`Master::kill_unanswered`]).
+            for pid in &transaction.waiting {
+                if let Some(worker) = g.workers.get_mut(pid) {
+                    worker.answer_due = Some(transaction.deadline);
+                }
+            }
             for worker in g.workers.values() {
                 if let Some(channel) = &worker.channel {
                     let _ = channel.try_send(
@@ -464,6 +508,38 @@ impl Master {
             })
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// The generation whose new workers wait for the transaction's end.
+    pub(crate) fn spawns_held(&self) -> Option<u64> {
+        self.in_place.as_ref().map(|t| t.generation)
+    }
+
+    /// Kills the workers that still owe the answer of a transaction that
+    /// ended, once its deadline passed: hung in their parser or stopped,
+    /// they hear neither the abort nor a drain.
+    pub(crate) fn kill_unanswered(&mut self) {
+        let now = Instant::now();
+        for generation in self.generations.values_mut() {
+            for worker in generation.workers.values_mut() {
+                if !worker.answer_due.is_some_and(|due| due <= now) {
+                    continue;
+                }
+                worker.answer_due = None;
+                tracing::error!(
+                    generation = generation.number,
+                    worker = worker.index,
+                    pid = worker.pid.as_raw(),
+                    "worker did not answer the in-place reload in time: killed"
+                );
+                worker.kill();
+                // A draining one is not respawned; a serving one is, as
+                // after a crash.
+                if matches!(worker.state, crate::worker::State::Draining { .. }) {
+                    worker.state = crate::worker::State::Killed;
+                }
+            }
+        }
     }
 
     /// The master is stopping: the transaction is abandoned (aborted).

@@ -816,11 +816,13 @@ impl Master {
         }
         self.advance_reload();
         self.advance_in_place();
+        self.kill_unanswered();
         self.probe_tick();
         self.rollout_tick();
         self.upgrade_tick();
         let now = Instant::now();
         let stopping = self.stopping.is_some();
+        let held = self.spawns_held();
         for generation in self.generations.values_mut() {
             generation.check_handover();
             // Listed once per generation, on its own ports, if one of its
@@ -851,7 +853,7 @@ impl Master {
                     }
                 }
             }
-            if stopping || generation.phase != Phase::Current {
+            if stopping || generation.phase != Phase::Current || held == Some(generation.number) {
                 continue;
             }
             let due: Vec<u32> = generation
@@ -886,7 +888,11 @@ impl Master {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let generations = self.generations.values().filter_map(|g| g.next_deadline());
+        let held = self.spawns_held();
+        let generations = self
+            .generations
+            .values()
+            .filter_map(|g| g.next_deadline(held == Some(g.number)));
         let reload = self.reload.as_ref().map(|r| r.deadline());
         // Work left for the next turns: now.
         let busy = (self.tidy_pending() || self.reap_more).then(Instant::now);

@@ -51,6 +51,15 @@ pub(crate) struct WorkerLabels {
     pub state: String,
 }
 
+/// One worker and the app config version it serves.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct WorkerVersionLabels {
+    pub generation: String,
+    /// Its index in the generation.
+    pub worker: String,
+    pub version: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct GenerationLabel {
     pub generation: String,
@@ -82,6 +91,7 @@ pub struct Metrics {
     pub(crate) generation: Gauge,
     pub(crate) config: Family<ConfigLabels, Gauge>,
     pub(crate) workers: Family<WorkerLabels, Gauge>,
+    pub(crate) worker_config: Family<WorkerVersionLabels, Gauge>,
     pub(crate) draining_generations: Gauge,
     pub(crate) connections: Family<GenerationLabel, Gauge>,
     pub(crate) accept_queue: Family<SocketLabels, Gauge>,
@@ -122,6 +132,7 @@ impl Metrics {
             generation: Gauge::default(),
             config: Family::default(),
             workers: Family::default(),
+            worker_config: Family::default(),
             draining_generations: Gauge::default(),
             connections: Family::default(),
             accept_queue: Family::default(),
@@ -192,6 +203,11 @@ impl Metrics {
             "workers",
             "Live workers by generation and state",
             m.workers.clone(),
+        );
+        r.register(
+            "worker_config_info",
+            "The app config version each SDK worker with a reload handle serves, as it reported it: 1, with generation, worker index and version as labels",
+            m.worker_config.clone(),
         );
         r.register(
             "draining_generations",

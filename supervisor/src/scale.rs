@@ -1,8 +1,10 @@
 //! Scaling the current generation (`baton scale`, SIGTTIN, SIGTTOU).
 
+use crate::generation::PendingRespawn;
 use crate::master::Master;
 use crate::worker::State;
 use serde::Serialize;
+use tokio::time::Instant;
 
 /// The most workers a generation may have.
 pub const MAX_PROCESSES: i64 = 1024;
@@ -40,6 +42,8 @@ pub struct Scaled {
 impl Master {
     /// Changes the current generation's worker count: new workers are started
     /// (and report ready as usual); surplus ones, highest index first, drain.
+    /// While an in-place reload runs on the generation, new workers start
+    /// when it ends, with the version it leaves in service.
     pub fn scale(&mut self, change: ScaleChange) -> Result<Scaled, String> {
         if self.stopping.is_some() {
             return Err("the master is stopping".into());
@@ -48,6 +52,7 @@ impl Master {
             return Err("a reload is in progress; scale once it has finished".into());
         }
         let config_processes = self.config.worker.processes;
+        let held = self.spawns_held();
         let Some(generation) = self.current.and_then(|n| self.generations.get_mut(&n)) else {
             return Err("no current generation".into());
         };
@@ -82,11 +87,29 @@ impl Master {
                 || generation.workers.values().any(|w| {
                     w.index == index && !matches!(w.state, State::Draining { .. } | State::Killed)
                 });
-            if !present {
-                if let Err(e) = generation.spawn(index, 0, 0, &self.events, self.guardian.as_ref())
-                {
-                    return Err(format!("starting worker {index}: {e:#}"));
-                }
+            if present {
+                continue;
+            }
+            if held == Some(generation.number) {
+                // An in-place reload runs: the worker starts once it ends,
+                // with the version it leaves in service.
+                tracing::info!(
+                    generation = generation.number,
+                    worker = index,
+                    "worker to start once the in-place reload ends"
+                );
+                generation.respawns.insert(
+                    index,
+                    PendingRespawn {
+                        at: Instant::now(),
+                        crashes: 0,
+                        restarts: 0,
+                    },
+                );
+            } else if let Err(e) =
+                generation.spawn(index, 0, 0, &self.events, self.guardian.as_ref())
+            {
+                return Err(format!("starting worker {index}: {e:#}"));
             }
         }
         let number = generation.number;

@@ -93,6 +93,11 @@ pub struct Worker {
     /// The config version its reload handle runs, once it registered one
     /// (`AppRegistered`, then each `AppCommitted`).
     pub app_version: Option<String>,
+    /// An in-place reload ended (aborted, or abandoned at a stop) while
+    /// this worker still owed its answer: it is killed at this instant
+    /// unless it answers first. A worker busy in its parser, or stopped,
+    /// cannot hear a drain either (see [`crate::inplace`]).
+    pub answer_due: Option<Instant>,
     /// Its startup span in the reload's trace, from spawn until ready,
     /// when traces are exported.
     pub startup: tracing::Span,
@@ -297,6 +302,7 @@ impl Prepared {
             status: None,
             stop_signal: config.stop_signal.0,
             app_version: None,
+            answer_due: None,
             startup: tracing::Span::none(),
         };
         let Some(channel) = &worker.channel else {

@@ -6,47 +6,83 @@ use baton_tests::harness::{config_with_worker, field, message, Baton, Binaries, 
 use baton_tests::load::Mode;
 use std::time::Duration;
 
-const WORKERS: u32 = 4;
+pub(crate) const WORKERS: u32 = 4;
 
 /// `testworker app` with `app.conf`, 4 workers.
 fn config(extra: &str) -> String {
+    config_timed("2s", "5s", extra)
+}
+
+/// `testworker app` with `app.conf`, 4 workers, the given
+/// `prepare_timeout` and `drain_timeout`.
+pub(crate) fn config_timed(prepare: &str, drain: &str, extra: &str) -> String {
     config_with_worker(&format!(
-        "command = [{:?}, \"app\"]\nprocesses = {WORKERS}\nready_timeout = \"10s\"\ndrain_timeout = \"5s\"\n\
-         app_config = [\"app.conf\"]\nprepare_timeout = \"2s\"\n{extra}",
+        "command = [{:?}, \"app\"]\nprocesses = {WORKERS}\nready_timeout = \"10s\"\ndrain_timeout = {drain:?}\n\
+         app_config = [\"app.conf\"]\nprepare_timeout = {prepare:?}\n{extra}",
         Binaries::testworker().display().to_string()
     ))
 }
 
 fn start(app: &str) -> Baton {
+    start_with(&config(""), app)
+}
+
+/// A master running `config` with `app` as `app.conf`, once every worker
+/// registered its reload handle.
+pub(crate) fn start_with(config: &str, app: &str) -> Baton {
     let dir = TempDir::new();
-    std::fs::write(dir.path().join("baton.toml"), config("")).unwrap();
+    std::fs::write(dir.path().join("baton.toml"), config).unwrap();
     std::fs::write(dir.path().join("app.conf"), app).unwrap();
     let baton = Baton::start_in(dir, &["run"]);
     baton.wait_committed(1);
-    // Every worker registered its handle.
+    wait_versions(&baton, WORKERS as usize, None);
+    baton
+}
+
+/// Waits until the current generation has `count` ready workers that each
+/// registered a reload handle (on `version`, if given); returns the status.
+pub(crate) fn wait_versions(
+    baton: &Baton,
+    count: usize,
+    version: Option<&str>,
+) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let status = baton.status();
-        let workers = status["generations"][0]["workers"]
+        let current = status["master"]["current_generation"].clone();
+        let generation = status["generations"]
             .as_array()
             .unwrap()
-            .clone();
-        if workers.len() == WORKERS as usize
-            && workers.iter().all(|w| w["config_version"].is_string())
+            .iter()
+            .find(|g| g["number"] == current)
+            .cloned()
+            .unwrap_or_default();
+        let workers = generation["workers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let on_version = |w: &serde_json::Value| match version {
+            Some(v) => w["config_version"] == v,
+            None => w["config_version"].is_string(),
+        };
+        if workers.len() == count
+            && workers
+                .iter()
+                .all(|w| on_version(w) && w["state"] == "ready")
         {
-            return baton;
+            return status;
         }
         assert!(std::time::Instant::now() < deadline, "{status}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
-fn write_app(baton: &Baton, app: &str) {
+pub(crate) fn write_app(baton: &Baton, app: &str) {
     std::fs::write(baton.dir().join("app.conf"), app).unwrap();
 }
 
 /// `baton reload` (with `args`): its output and exit code.
-fn reload(baton: &Baton, args: &[&str]) -> (i32, String, String) {
+pub(crate) fn reload(baton: &Baton, args: &[&str]) -> (i32, String, String) {
     let mut all = vec!["reload"];
     all.extend(args);
     let out = baton.cli(&all);

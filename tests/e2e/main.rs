@@ -21,6 +21,8 @@ mod graceful_sigterm;
 mod grpc;
 mod http2;
 mod in_place;
+mod in_place_hung_parser;
+mod in_place_joining;
 mod lifecycle;
 mod listener_options;
 mod many_listeners;

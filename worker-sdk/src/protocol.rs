@@ -171,7 +171,9 @@ pub enum WorkerMessage {
         /// The version.
         version: String,
     },
-    /// Refused `version`; nothing changed.
+    /// Refused `version`: to a prepare, nothing changed; to a commit, it
+    /// had not prepared that version with every handle, so it does not
+    /// serve it (the master replaces it).
     AppRefused {
         /// The version.
         version: String,

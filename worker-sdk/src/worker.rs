@@ -433,11 +433,8 @@ fn spawn_control_reader(
                         }
                     }
                     MasterMessage::AppCommit { version } => {
-                        let all = handles.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                        for handle in &all {
-                            handle.commit(&version);
-                        }
-                        let _ = channel.send(&WorkerMessage::AppCommitted { version }).await;
+                        let answer = commit(&handles, version);
+                        let _ = channel.send(&answer).await;
                     }
                     MasterMessage::AppAbort { .. } => {
                         let all = handles.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -493,6 +490,24 @@ fn prepare(
     WorkerMessage::AppPrepared {
         version: version.to_string(),
     }
+}
+
+/// An in-place reload's second phase: every handle swaps in what it
+/// prepared for `version`. Committed only if every one did: a handle that
+/// had nothing prepared for it (registered after the prepare went by) keeps
+/// serving its own version, and the master is told so rather than told a
+/// version the worker does not serve.
+fn commit(handles: &Handles, version: String) -> WorkerMessage {
+    let all = handles.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let missing = all.iter().filter(|h| !h.commit(&version)).count();
+    if all.is_empty() || missing > 0 {
+        let reason = format!(
+            "{missing} of {} reload handles had not prepared version {version}",
+            all.len()
+        );
+        return WorkerMessage::AppRefused { version, reason };
+    }
+    WorkerMessage::AppCommitted { version }
 }
 
 /// Drains on SIGTERM or SIGINT within `timeout`; with `reopen` (standalone),
@@ -597,6 +612,31 @@ mod tests {
             let worker = worker_with_traceparent("00-not-a-trace-01").await;
             assert_eq!(worker.traceparent(), None);
         }
+    }
+
+    #[test]
+    fn a_commit_of_a_version_not_prepared_is_refused_not_confirmed() {
+        use crate::app_config::{AppConfig, Files};
+        let files = Files::new([("a".to_string(), b"1".to_vec())]);
+        let parse = |f: &Files| f.only_text().map(str::to_string);
+        let config = AppConfig::new("v1".into(), &files, parse).unwrap();
+        let handles: Handles = Arc::new(std::sync::Mutex::new(vec![config.reloadable()]));
+        // A worker that joined after the prepare went by.
+        let answer = commit(&handles, "v2".into());
+        assert!(
+            matches!(&answer, WorkerMessage::AppRefused { version, .. } if version == "v2"),
+            "{answer:?}"
+        );
+        assert_eq!(config.version(), "v1");
+        let handle = handles.lock().unwrap()[0].clone();
+        handle.prepare("v2", &files, None).unwrap();
+        assert_eq!(
+            commit(&handles, "v2".into()),
+            WorkerMessage::AppCommitted {
+                version: "v2".into()
+            }
+        );
+        assert_eq!(config.version(), "v2");
     }
 
     #[tokio::test]

@@ -3,7 +3,9 @@
 
 use crate::generation::Phase;
 use crate::master::Master;
-use crate::metrics::{ConfigLabels, GenerationLabel, Metrics, SocketLabels, WorkerLabels};
+use crate::metrics::{
+    ConfigLabels, GenerationLabel, Metrics, SocketLabels, WorkerLabels, WorkerVersionLabels,
+};
 use crate::worker::State;
 use std::os::fd::AsFd;
 use tokio::sync::oneshot;
@@ -143,6 +145,7 @@ impl Master {
                 .set(1);
         }
         m.workers.clear();
+        m.worker_config.clear();
         m.connections.clear();
         for g in self.generations.values() {
             let generation = g.number.to_string();
@@ -153,6 +156,17 @@ impl Master {
                         state: w.state.name().into(),
                     })
                     .inc();
+                // The version it serves, as it reported it: not the
+                // generation's, which it may not have swapped in yet.
+                if let Some(version) = &w.app_version {
+                    m.worker_config
+                        .get_or_create(&WorkerVersionLabels {
+                            generation: generation.clone(),
+                            worker: w.index.to_string(),
+                            version: version.clone(),
+                        })
+                        .set(1);
+                }
             }
             // Capacity the crash-loop breaker gave up on.
             if !g.crash_looped.is_empty() {

@@ -323,6 +323,7 @@ impl Master {
                         stop_signal: config.worker.stop_signal.0,
                         // The new image starts a generation of its own.
                         app_version: None,
+                        answer_due: None,
                         startup: tracing::Span::none(),
                     },
                 );
