@@ -540,13 +540,22 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let log = crate::logging::init(
+    let log = match crate::logging::init(
         &config.supervisor.log_filter,
         config.supervisor.log_format,
         config.supervisor.log_file.as_deref(),
         config.supervisor.otlp_endpoint.as_deref(),
     )
-    .context("setting up logging")?;
+    .context("setting up logging")
+    {
+        Ok(log) => log,
+        Err(e) => {
+            if let Some(takeover) = &takeover {
+                takeover.fail("start", &format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
     let origin = match (takeover, exec_state) {
         (Some(takeover), _) => Origin::Takeover(takeover),
         (None, Some(state)) => Origin::Exec(state),
