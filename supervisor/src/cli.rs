@@ -53,8 +53,9 @@ pub enum Command {
     Check,
     /// Reload: start a new generation, wait until it is ready, drain the old one.
     Reload {
-        /// How long to wait for the outcome (a reload on probation ends
-        /// with it).
+        /// How long to wait for the outcome. A reload on probation ends
+        /// with it; running out while it is on probation exits 3, stating
+        /// where it stands (the rollout goes on).
         #[arg(long, value_parser = duration, default_value = "10m")]
         timeout: Duration,
         /// Send this share of new connections (e.g. 10%) to the new
@@ -303,12 +304,7 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
                 (_, true) => Some("new_generation".to_string()),
                 _ => None,
             };
-            let reply = client::request(socket, &Request::Reload { canary, mode }, timeout)?;
-            let outcome: Option<ReloadOutcome> = result(&reply);
-            if let Some(outcome) = &outcome {
-                print_outcome(outcome);
-            }
-            Ok(exit(&reply))
+            reload(socket, &Request::Reload { canary, mode }, timeout)
         }
         Command::Upgrade { timeout } => {
             let started = Instant::now();
@@ -412,6 +408,90 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             }
             Ok(exit(&reply))
         }
+    }
+}
+
+/// `baton reload --timeout` ran out while the new generation is live on
+/// probation: not a failure, the rollout goes on (like `kubectl rollout
+/// status`'s own exit code for a rollout still in progress).
+pub const EXIT_ON_PROBATION: i32 = 3;
+
+/// How often `baton reload` looks for its generation going live.
+const PROBATION_POLL: Duration = Duration::from_millis(200);
+
+/// `baton reload`: waits for the outcome, says at once when the new
+/// generation goes live on probation (and where it stands), and reports a
+/// timeout during probation as such ([`EXIT_ON_PROBATION`]).
+fn reload(socket: &Path, request: &Request, timeout: Duration) -> Result<i32, ClientError> {
+    let rollout = || {
+        client::request(socket, &Request::Status {}, Duration::from_secs(2))
+            .ok()
+            .and_then(|reply| result::<Status>(&reply))
+            .and_then(|status| status.rollout)
+    };
+    // A rollout already under way is not this reload's (it waits for it).
+    let before = rollout().map(|r| r.generation);
+    let mut live: Option<u64> = None;
+    let answer = client::request_watching(socket, request, timeout, PROBATION_POLL, || {
+        if live.is_some() {
+            return;
+        }
+        if let Some(r) = rollout().filter(|r| Some(r.generation) != before) {
+            live = Some(r.generation);
+            print_rollout(&r);
+        }
+    });
+    match answer {
+        Ok(reply) => {
+            if let Some(outcome) = result::<ReloadOutcome>(&reply) {
+                print_outcome(&outcome);
+            }
+            Ok(exit(&reply))
+        }
+        Err(ClientError::Timeout(waited)) => {
+            // Still on probation: say where it stands, not that it failed.
+            match rollout().filter(|r| Some(r.generation) != before) {
+                Some(r) => {
+                    let ends = match r.left_s {
+                        Some(left) => format!("it ends in {left:.1}s"),
+                        None => "it lasts until `baton promote` or `baton rollback`".into(),
+                    };
+                    eprintln!(
+                        "baton: stopped waiting after {waited:?}: generation {} is still on probation ({}, {:.1}s since cutover, generation {} on standby); {ends}",
+                        r.generation,
+                        share(&r),
+                        r.elapsed_s,
+                        r.standby
+                    );
+                    Ok(EXIT_ON_PROBATION)
+                }
+                None => Err(ClientError::Timeout(waited)),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn share(r: &crate::control::protocol::RolloutStatus) -> String {
+    match r.canary_percent {
+        Some(percent) => format!("canary: {percent}% of new connections"),
+        None => "all new connections".into(),
+    }
+}
+
+/// The moment a reload's generation goes live on probation.
+fn print_rollout(r: &crate::control::protocol::RolloutStatus) {
+    println!(
+        "generation {} is live on probation ({}); generation {} on standby",
+        r.generation,
+        share(r),
+        r.standby
+    );
+    match r.left_s {
+        Some(left) => {
+            println!("  probation ends in {left:.1}s, or at `baton promote` / `baton rollback`")
+        }
+        None => println!("  until `baton promote` or `baton rollback`"),
     }
 }
 
@@ -540,13 +620,22 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
             return Err(e.into());
         }
     };
-    let log = crate::logging::init(
+    let log = match crate::logging::init(
         &config.supervisor.log_filter,
         config.supervisor.log_format,
         config.supervisor.log_file.as_deref(),
         config.supervisor.otlp_endpoint.as_deref(),
     )
-    .context("setting up logging")?;
+    .context("setting up logging")
+    {
+        Ok(log) => log,
+        Err(e) => {
+            if let Some(takeover) = &takeover {
+                takeover.fail("start", &format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
     let origin = match (takeover, exec_state) {
         (Some(takeover), _) => Origin::Takeover(takeover),
         (None, Some(state)) => Origin::Exec(state),

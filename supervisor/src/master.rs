@@ -248,8 +248,20 @@ pub async fn run(
     let (requests, mut requests_inbox) = mpsc::unbounded_channel();
     // Signal handlers before the pid file: a SIGHUP sent as soon as the pid
     // file names this master must not kill it.
-    let mut signals = Signals::new().context("installing signal handlers")?;
-    crate::audit::record_signal_senders().context("installing signal handlers")?;
+    // Until it serves, a new master started by an upgrade tells the old one
+    // why it gives up, so that `baton upgrade` shows the reason.
+    let told = |e: anyhow::Error| {
+        if let Some(takeover) = &takeover {
+            takeover.fail("start", &format!("{e:#}"));
+        }
+        e
+    };
+    let mut signals = Signals::new()
+        .context("installing signal handlers")
+        .map_err(told)?;
+    crate::audit::record_signal_senders()
+        .context("installing signal handlers")
+        .map_err(told)?;
     crate::orphans::become_subreaper();
     // The control socket comes first, so that a second master on the same
     // config stops here, before it touches anything. A new master started by
@@ -274,7 +286,7 @@ pub async fn run(
         &config.supervisor.admin,
     ) {
         (Some(admin), _) => Some(admin),
-        (None, Some(address)) => Some(crate::admin::AdminSocket::bind(address)?),
+        (None, Some(address)) => Some(crate::admin::AdminSocket::bind(address).map_err(told)?),
         (None, None) => None,
     };
     let mut master = Master {

@@ -13,6 +13,7 @@ mod coalescing;
 mod config_reading;
 mod container_init;
 mod control;
+mod docs;
 mod drain_visibility;
 mod draining;
 mod escaped_children;

@@ -285,3 +285,109 @@ fn a_crash_looping_worker_stops_being_respawned_and_status_says_so() {
         "respawned after the first two crashes only"
     );
 }
+
+/// `baton reload --canary`: a share that rounds to nothing is refused; the
+/// command says at once that the canary is live (share, standby
+/// generation, how probation ends) rather than nothing until `promote`;
+/// `--timeout` running out during probation reports where it stands with
+/// exit 3, not as a failure; an upgrade meanwhile is refused with the way
+/// out.
+#[test]
+fn a_canary_reload_says_at_once_that_it_is_live_and_a_timeout_on_probation_is_not_a_failure() {
+    let config = wrapped(&[], "drain_timeout = \"5s\"\n");
+    let baton = Baton::start(&config);
+    baton.wait_committed(1);
+    let release = |n: u32| {
+        config.replace(
+            "processes = 2",
+            &format!("processes = 2\nenv = {{ RELEASE = \"{n}\" }}"),
+        )
+    };
+    baton.write_config(&release(2));
+
+    let out = baton.cli(&["reload", "--canary", "0.0000001%"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--canary: invalid share \"0.0000001%\": below the smallest canary, 0.01%"),
+        "{stderr}"
+    );
+    assert!(baton.status()["rollout"].is_null());
+
+    // Live at once: the line comes while the command still waits.
+    let mut reload = std::process::Command::new(Binaries::baton())
+        .args(["reload", "--canary", "20%", "--timeout", "60s", "-c"])
+        .arg(baton.dir().join("baton.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = reload.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    wait_for_probation(&baton, 2);
+    let live = lines
+        .recv_timeout(Duration::from_secs(5))
+        .expect("no line from baton reload while the canary is live");
+    assert_eq!(
+        live,
+        "generation 2 is live on probation (canary: 20% of new connections); generation 1 on standby"
+    );
+    let until = lines.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(
+        until.contains("until `baton promote` or `baton rollback`"),
+        "{until}"
+    );
+    assert!(baton.cli(&["promote"]).status.success());
+    let status = reload.wait().unwrap();
+    reader.join().unwrap();
+    let rest: Vec<String> = lines.try_iter().collect();
+    assert!(status.success(), "{status:?} {rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l == "reload to generation 2 committed (trigger: cli)"),
+        "{rest:?}"
+    );
+
+    // Time runs out during probation: the state, exit 3, still live.
+    baton.write_config(
+        &release(3).replace("processes = 2\n", "processes = 2\nprobation = \"60s\"\n"),
+    );
+    let out = baton.cli(&["reload", "--canary", "20%", "--timeout", "2s"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("generation 3 is live on probation (canary: 20% of new connections); generation 2 on standby")
+            && stdout.contains("probation ends in "),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("baton: stopped waiting after 2s: generation 3 is still on probation (canary: 20% of new connections")
+            && stderr.contains("generation 2 on standby); it ends in "),
+        "{stderr}"
+    );
+    assert_eq!(baton.status()["rollout"]["generation"], 3);
+
+    // An upgrade now would wait as long as probation: refused, saying why.
+    let out = baton.cli(&["upgrade"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("upgrade refused: generation 3 is on probation (")
+            && stderr.contains("generation 2 on standby); run `baton promote` or `baton rollback`"),
+        "{stderr}"
+    );
+    assert!(baton.cli(&["rollback"]).status.success());
+    assert!(baton.status()["rollout"].is_null());
+}

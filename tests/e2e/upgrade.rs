@@ -293,3 +293,22 @@ fn a_failed_upgrade_leaves_the_old_masters_unix_socket_in_place() {
     assert!(!alive(new_master));
     assert!(!socket.exists(), "the socket file outlived its last master");
 }
+
+/// The new config's admin port is taken: the new master cannot bind it and
+/// gives up; `baton upgrade` says why (not only "the new master exited with
+/// exit status 1"), and the old master keeps serving.
+#[test]
+fn upgrade_whose_new_admin_port_is_taken_says_why() {
+    let (baton, _binary) = start_from_copy(&hello_config(2));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    baton.write_config(&hello_config(2).replace(
+        "[supervisor]\n",
+        &format!("[supervisor]\nadmin = \"{address}\"\n"),
+    ));
+    failed_upgrade_keeps_the_old_master(
+        &baton,
+        &format!("the new master gave up: binding the admin endpoint on {address}"),
+    );
+    drop(taken);
+}

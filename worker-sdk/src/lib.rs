@@ -1,5 +1,15 @@
-//! `baton-worker`: the library a worker links to run under the
-//! [baton](https://crates.io/crates/baton) hot-restart supervisor.
+//! `baton-worker`: the library a worker links to run under the baton
+//! hot-restart supervisor (this repository's `supervisor/`).
+//!
+//! Neither crate is published on crates.io: depend on the SDK by path (a
+//! clone of the repository) or by git, and on tokio with the features
+//! `#[tokio::main]` needs:
+//!
+//! ```toml
+//! [dependencies]
+//! baton-worker = { path = "../baton/worker-sdk" }  # or { git = "URL of the baton repository" }
+//! tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
+//! ```
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), baton_worker::Error> {
@@ -49,6 +59,16 @@ pub use listener::{describe as describe_address, verify as verify_listener};
 pub use protocol::{DecodeError, ListenerInfo, ListenerKind};
 pub use reopen::Reopen;
 pub use worker::{Builder, Worker};
+
+/// The Rust snippets of the README and of `docs/`, compiled as doc tests
+/// (`cargo test --doc -p baton-worker`) so that none of them goes stale.
+#[cfg(doctest)]
+mod docs {
+    #[doc = include_str!("../../README.md")]
+    struct Readme;
+    #[doc = include_str!("../../docs/architecture.md")]
+    struct Architecture;
+}
 
 /// What can go wrong for a worker.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,11 @@ use std::time::Duration;
 pub struct Share(f64);
 
 impl Share {
-    /// Parses `"10%"` or `"12.5%"`.
+    /// The smallest share: one new connection in 10,000. Below it a canary
+    /// would get next to nothing (and `0.0000001%` is a typo, not a plan).
+    pub const MIN_PERCENT: f64 = 0.01;
+
+    /// Parses `"10%"` or `"12.5%"`: above 0.01% and below 100%.
     pub fn parse(s: &str) -> Result<Share, String> {
         let bad = || {
             format!(
@@ -26,6 +30,12 @@ impl Share {
             .map_err(|_| bad())?;
         if !(number > 0.0 && number < 100.0) {
             return Err(bad());
+        }
+        if number < Self::MIN_PERCENT {
+            return Err(format!(
+                "invalid share {s:?}: below the smallest canary, {}% (one new connection in 10,000)",
+                Self::MIN_PERCENT
+            ));
         }
         Ok(Share(number))
     }
@@ -160,9 +170,12 @@ mod tests {
     fn shares_are_percentages_strictly_between_0_and_100() {
         assert_eq!(Share::parse("10%").unwrap().percent(), 10.0);
         assert_eq!(Share::parse("12.5 %").unwrap().percent(), 12.5);
-        for bad in ["0%", "100%", "10", "-5%", "abc%", "nan%"] {
+        for bad in ["0%", "100%", "150%", "10", "-5%", "abc%", "nan%", "inf%"] {
             assert!(Share::parse(bad).is_err(), "{bad}");
         }
+        assert_eq!(Share::parse("0.01%").unwrap().percent(), 0.01);
+        let tiny = Share::parse("0.0000001%").unwrap_err();
+        assert!(tiny.contains("below the smallest canary, 0.01%"), "{tiny}");
         assert_eq!(Share::parse("50%").unwrap().threshold(), u32::MAX / 2 + 1);
     }
 }

@@ -27,6 +27,20 @@ pub enum ClientError {
 
 /// Sends `request` and waits up to `timeout` for the reply.
 pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Reply, ClientError> {
+    request_watching(socket, request, timeout, timeout, || {})
+}
+
+/// Sends `request` and waits up to `timeout` for the reply, calling
+/// `waiting` every `every` meanwhile (`baton reload` looks at the master's
+/// status then, to say when its generation goes live on probation).
+pub fn request_watching(
+    socket: &Path,
+    request: &Request,
+    timeout: Duration,
+    every: Duration,
+    mut waiting: impl FnMut(),
+) -> Result<Reply, ClientError> {
+    let started = std::time::Instant::now();
     let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
         path: socket.display().to_string(),
         source,
@@ -37,17 +51,37 @@ pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Re
         }
         _ => ClientError::BadReply(e.to_string()),
     };
-    stream.set_read_timeout(Some(timeout)).map_err(broken)?;
+    let every = every.min(timeout).max(Duration::from_millis(1));
+    stream.set_read_timeout(Some(every)).map_err(broken)?;
     match stream.write_all(&encode_line(request)) {
         // A master that refuses the peer answers and closes without reading
         // the request: its answer is still there to read.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
         other => other.map_err(broken)?,
     }
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .map_err(broken)?;
+    // `read_until` keeps what it read before a timeout: a line that
+    // arrives in pieces is still read whole.
+    let mut reader = BufReader::new(&stream);
+    let mut bytes = Vec::new();
+    loop {
+        match reader.read_until(b'\n', &mut bytes) {
+            Ok(_) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) && started.elapsed() < timeout =>
+            {
+                waiting();
+                let left = timeout.saturating_sub(started.elapsed());
+                let wait = every.min(left).max(Duration::from_millis(1));
+                stream.set_read_timeout(Some(wait)).map_err(broken)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(broken(e)),
+        }
+    }
+    let line = String::from_utf8_lossy(&bytes);
     if line.is_empty() {
         return Err(ClientError::BadReply(
             "the master closed the connection".into(),

@@ -124,7 +124,19 @@ impl Master {
                 upgrade.child,
                 upgrade.started.elapsed()
             ))
-        } else if self.transaction_running() || self.rollout.is_some() || self.in_place.is_some() {
+        } else if let Some(rollout) = self.rollout_status() {
+            // Probation may last long (a canary without `probation` waits
+            // for `baton promote`): an upgrade that waited for it would
+            // leave its caller hanging, so it says what to do instead.
+            let left = rollout
+                .left_s
+                .map(|s| format!("{s:.0}s left"))
+                .unwrap_or_else(|| "until promoted".into());
+            Some(format!(
+                "generation {} is on probation ({left}, generation {} on standby); run `baton promote` or `baton rollback`, or upgrade once probation has ended",
+                rollout.generation, rollout.standby
+            ))
+        } else if self.transaction_running() || self.in_place.is_some() {
             Some("a reload is in progress; upgrade once it has finished".to_string())
         } else if self.current.is_none() {
             Some("no generation is serving yet".to_string())
