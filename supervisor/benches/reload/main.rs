@@ -347,7 +347,13 @@ fn scenario_names() -> String {
     SCENARIOS
         .iter()
         .map(|s| s.name)
-        .chain([scale::NAME, rollouts::NAME, ADMIN_IDLE, soak::NAME, wrapped::NAME])
+        .chain([
+            scale::NAME,
+            rollouts::NAME,
+            ADMIN_IDLE,
+            soak::NAME,
+            wrapped::NAME,
+        ])
         .chain(protocols::SCENARIOS.iter().map(|s| s.name))
         .collect::<Vec<_>>()
         .join(", ")

@@ -65,7 +65,11 @@ pub fn run(bins: &Binaries, reloads: usize, interrupted: &AtomicBool) -> Result<
         &[("hello.toml", "greeting = \"hello\"\n")],
     )?;
     let master = running.master()?;
-    let handle = crate::rollouts::load(running.addr(), Mode::KeepAlive, 2);
+    // A load keeps every sample: a new one each [`SAMPLE_EVERY`] reloads
+    // keeps the bench's own memory bounded.
+    let start_load = || crate::rollouts::load(running.addr(), Mode::KeepAlive, 2);
+    let mut handle = start_load();
+    let (mut ok, mut failed) = (0, 0);
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut done = 0;
@@ -87,6 +91,9 @@ pub fn run(bins: &Binaries, reloads: usize, interrupted: &AtomicBool) -> Result<
         done += 1;
         if done == BASELINE || (done > BASELINE && (done - BASELINE) % SAMPLE_EVERY == 0) {
             samples.push((done, rss(master)?));
+            let report = std::mem::replace(&mut handle, start_load()).stop();
+            ok += report.ok();
+            failed += report.failed();
         }
     }
     if samples.last().is_some_and(|s| s.0 != done) {
@@ -98,8 +105,8 @@ pub fn run(bins: &Binaries, reloads: usize, interrupted: &AtomicBool) -> Result<
         samples,
         reloads: done,
         seconds,
-        ok: report.ok(),
-        failed: report.failed(),
+        ok: ok + report.ok(),
+        failed: failed + report.failed(),
     })
 }
 
