@@ -348,8 +348,13 @@ fn document(table: &str) -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split(' ').next().unwrap_or("?");
+    let machine = format!("{cpus} CPUs, load average {load} at the end of the run");
     rows::DOCUMENT
         .replace("{reloads}", &RELOADS.to_string())
+        .replace("{machine}", &machine)
         .replace("{table}", table)
         .replace("{date}", &date)
         .replace("{revision}", &revision)
