@@ -20,6 +20,7 @@ mod escaped_children;
 mod floods;
 mod graceful_sigterm;
 mod grpc;
+mod guarantees;
 mod http2;
 mod in_place;
 mod in_place_hung_parser;

@@ -155,7 +155,7 @@ fn uvicorn_via_args_reloads_under_new_connection_load_fail_nothing() {
 
 #[test]
 fn the_wrapped_server_examples_are_valid_configs() {
-    for example in ["gunicorn", "uvicorn", "nginx"] {
+    for example in ["gunicorn", "uvicorn", "nginx", "node"] {
         let config = repository()
             .join("examples")
             .join(example)

@@ -1,9 +1,10 @@
 //! End-to-end test support for baton: the harness that runs the real
-//! binaries, and the strict HTTP load client.
+//! binaries, and the strict HTTP/1.1 and HTTP/2 load clients.
 #![forbid(unsafe_code)]
 
 pub mod h2load;
 pub mod harness;
+pub mod http2;
 pub mod load;
 pub mod otlp;
 pub mod tools;

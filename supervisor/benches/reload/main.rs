@@ -5,13 +5,16 @@
 //!
 //! Each scenario runs twice, with keep-alive connections and with a new
 //! connection per request. The HTTP/2 and WebSocket scenarios
-//! (`protocols`) follow: h2load against baton and nginx `listen ... http2`,
-//! and WebSocket clients of `axum-app`. `wrapped-latency` measures the
-//! keep-alive latency of wrapped servers (gunicorn, uvicorn, hypercorn,
-//! nginx) under baton against each run alone. The bench prints markdown tables and writes
-//! `target/bench/reload.json` and `target/bench/reload.svg`. It runs the
-//! `hello` (and, for WebSocket, `axum-app`) examples of `baton-worker`,
-//! which `cargo bench -p baton` does not build: build them first with
+//! (`protocols`) follow: h2load (new connections) and a strict HTTP/2
+//! client (long-lived connections) against baton and nginx
+//! `listen ... http2`, and WebSocket clients of `axum-app`.
+//! `wrapped-latency` measures the keep-alive latency of wrapped servers
+//! (gunicorn, uvicorn, hypercorn, nginx) under baton against each run
+//! alone; `soak` (only when named) the master's memory over many reloads.
+//! The bench prints markdown tables and writes `target/bench/reload.json`
+//! and `target/bench/reload.svg`. It runs the `hello` (and, for WebSocket,
+//! `axum-app`) examples of `baton-worker`, which `cargo bench -p baton`
+//! does not build: build them first with
 //! `cargo build --release -p baton-worker --examples`.
 #![forbid(unsafe_code)]
 

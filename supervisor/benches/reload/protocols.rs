@@ -1,18 +1,23 @@
-//! The scenarios beyond HTTP/1.1: HTTP/2 with h2load (baton + `hello`
-//! beside nginx `listen ... http2`) and WebSocket (baton + `axum-app`),
-//! each under a reload every interval.
+//! The scenarios beyond HTTP/1.1: HTTP/2 (baton + `hello` beside nginx
+//! `listen ... http2`) and WebSocket (baton + `axum-app`), each under a
+//! reload every interval.
 //!
-//! HTTP/2 runs h2load twice: with new connections opened all along (each
-//! sends its streams at once; a refused stream or a cut connection fails)
-//! and with long-lived connections (`-D`). h2load never reconnects after a
-//! GOAWAY and counts a failure for each connection that got one, so the
-//! second mode measures what a reload costs clients that do not reconnect.
-//! The WebSocket scenario counts the sessions the server ended and how many
-//! of them got a close frame before the end.
+//! HTTP/2 runs twice. First h2load with new connections opened all along
+//! (each sends its streams at once and closes; a refused stream or a cut
+//! connection fails). Then long-lived connections, with the strict client of
+//! `baton_tests::http2` rather than `h2load -D`: h2load opens no stream after
+//! a GOAWAY and counts a failure for each, so its count there measured
+//! h2load. The strict client does what RFC 9113 asks of a client — it
+//! reconnects after a GOAWAY and retries the streams the server refused
+//! unprocessed (above the GOAWAY's last-stream-id, or `REFUSED_STREAM`) —
+//! and counts those apart from the streams lost after the server accepted
+//! them. The WebSocket scenario counts the sessions the server ended and
+//! how many of them got a close frame before the end.
 
 use crate::args::Options;
 use crate::servers::{Binaries, Kind, Server};
 use baton_tests::h2load;
+use baton_tests::http2::{Http2Config, Http2Report};
 use futures_util::StreamExt;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -61,8 +66,23 @@ pub const SCENARIOS: [ProtocolScenario; 3] = [
     },
 ];
 
-/// Streams each h2load connection keeps open, as in `h2load -m 4`.
+/// Streams each connection opens (h2load's new connections) or keeps in
+/// flight (the strict client's long-lived ones), as in `h2load -m 4`.
 const STREAMS: u32 = 4;
+
+/// What a row counted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counts {
+    /// Requests, or WebSocket sessions the server ended.
+    pub done: u64,
+    /// Requests failed (lost after the server accepted them, for the strict
+    /// client), or sessions cut without a close frame.
+    pub failed: u64,
+    /// The strict HTTP/2 client's retries: `(refused, unsent)`, streams the
+    /// server refused unprocessed and requests not opened on a connection
+    /// going away.
+    pub retried: Option<(u64, u64)>,
+}
 
 /// One row of the table.
 pub struct Row {
@@ -70,9 +90,7 @@ pub struct Row {
     pub system: String,
     pub traffic: String,
     pub reloads: u64,
-    /// `(done, failed)`: requests, or WebSocket sessions the server ended
-    /// and those of them cut without a close frame.
-    pub outcome: Result<(u64, u64), String>,
+    pub outcome: Result<Counts, String>,
 }
 
 /// Sends HUP to `master` every `interval` until `stop`; returns how many.
@@ -110,9 +128,26 @@ fn under_reloads<T>(
 }
 
 /// h2load's failed requests: failed (which includes errored) and timed out.
-fn h2_outcome(summary: Result<h2load::Summary, String>) -> Result<(u64, u64), String> {
+fn h2_outcome(summary: Result<h2load::Summary, String>) -> Result<Counts, String> {
     let s = summary.map_err(|output| format!("h2load printed no summary: {}", output.trim()))?;
-    Ok((s.done, s.failed + s.timeout + s.bad_status))
+    Ok(Counts {
+        done: s.done,
+        failed: s.failed + s.timeout + s.bad_status,
+        retried: None,
+    })
+}
+
+/// The strict client's requests: answered or lost, and the retries beside.
+fn strict_outcome(report: &Http2Report) -> Result<Counts, String> {
+    eprintln!("reload bench: strict HTTP/2 client: {}", report.summary());
+    if report.ok == 0 {
+        return Err(format!("no request answered: {}", report.summary()));
+    }
+    Ok(Counts {
+        done: report.ok + report.lost(),
+        failed: report.lost(),
+        retried: Some((report.refused, report.unsent)),
+    })
 }
 
 fn run_http2(
@@ -121,26 +156,31 @@ fn run_http2(
     bins: &Binaries,
     options: &Options,
 ) -> Vec<Row> {
-    let row = |traffic: String, outcome: Result<(u64, u64), String>, reloads| Row {
+    let row = |traffic: String, outcome: Result<Counts, String>, reloads| Row {
         scenario: scenario.name,
         system: system.to_string(),
         traffic,
         reloads,
         outcome,
     };
-    let Some(tool) = bins.h2load.clone() else {
-        return vec![row("h2load".into(), Err("h2load not installed".into()), 0)];
-    };
     let periods = (options.duration.as_millis() / 100).max(1) as u32;
     let per_period = options.connections as u32;
     let new_connections =
         format!("h2load, {per_period} new connections / 100 ms, {STREAMS} streams each");
     let long_lived = format!(
-        "h2load -D, {} long-lived connections, {STREAMS} streams each",
+        "strict client, {} long-lived connections, {STREAMS} streams in flight each",
         options.connections
     );
     let mut rows = Vec::new();
     for (traffic, long) in [(new_connections, false), (long_lived, true)] {
+        let tool = match (&bins.h2load, long) {
+            (_, true) => None,
+            (Some(tool), false) => Some(tool.clone()),
+            (None, false) => {
+                rows.push(row(traffic, Err("h2load not installed".into()), 0));
+                continue;
+            }
+        };
         let server = match Server::start(scenario.kind, bins) {
             Ok(server) => server,
             Err(e) => {
@@ -148,15 +188,22 @@ fn run_http2(
                 continue;
             }
         };
-        let (summary, reloads) = under_reloads(&server, options, |addr| {
-            if long {
-                let clients = options.connections as u32;
-                h2load::run_timed(&tool, addr, clients, STREAMS, options.duration)
-            } else {
-                h2load::run(&tool, addr, per_period * periods, per_period, STREAMS)
-            }
+        let (outcome, reloads) = under_reloads(&server, options, |addr| match &tool {
+            Some(tool) => h2_outcome(h2load::run(
+                tool,
+                addr,
+                per_period * periods,
+                per_period,
+                STREAMS,
+            )),
+            None => strict_outcome(&baton_tests::http2::run(Http2Config {
+                connections: options.connections,
+                streams: STREAMS as usize,
+                duration: options.duration,
+                ..Http2Config::new(addr)
+            })),
         });
-        rows.push(row(traffic, h2_outcome(summary), reloads));
+        rows.push(row(traffic, outcome, reloads));
     }
     rows
 }
@@ -237,8 +284,12 @@ fn run_websocket(
                 "{refused} WebSocket connections failed ({reloads} reloads)"
             ));
         }
-        let ended = sessions.ended.load(Ordering::Relaxed);
-        Ok(((ended, sessions.cut.load(Ordering::Relaxed)), reloads))
+        let counts = Counts {
+            done: sessions.ended.load(Ordering::Relaxed),
+            failed: sessions.cut.load(Ordering::Relaxed),
+            retried: None,
+        };
+        Ok((counts, reloads))
     })();
     let (outcome, reloads) = match outcome {
         Ok((counts, reloads)) => (Ok(counts), reloads),
@@ -274,17 +325,23 @@ pub fn run(scenario: &'static ProtocolScenario, bins: &Binaries, options: &Optio
 /// The rows as a markdown table.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| system | traffic | reloads | requests / sessions ended | failed / cut without a close frame |\n\
-         |---|---|---:|---:|---:|\n",
+        "| system | traffic | reloads | requests / sessions ended | failed (lost) / cut without a close frame | refused + not sent, retried |\n\
+         |---|---|---:|---:|---:|---:|\n",
     );
     for row in rows {
-        let (done, failed) = match &row.outcome {
-            Ok((done, failed)) => (done.to_string(), failed.to_string()),
-            Err(why) => (format!("not run: {why}"), "—".into()),
+        let (done, failed, retried) = match &row.outcome {
+            Ok(c) => (
+                c.done.to_string(),
+                c.failed.to_string(),
+                c.retried.map_or("—".into(), |(refused, unsent)| {
+                    format!("{refused} + {unsent}")
+                }),
+            ),
+            Err(why) => (format!("not run: {why}"), "—".into(), "—".into()),
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {done} | {failed} |",
+            "| {} | {} | {} | {done} | {failed} | {retried} |",
             row.system, row.traffic, row.reloads
         );
     }
@@ -303,9 +360,13 @@ pub fn json(rows: &[Row]) -> Value {
                     "reloads": row.reloads,
                 });
                 match &row.outcome {
-                    Ok((done, failed)) => {
-                        value["done"] = json!(done);
-                        value["failed"] = json!(failed);
+                    Ok(c) => {
+                        value["done"] = json!(c.done);
+                        value["failed"] = json!(c.failed);
+                        if let Some((refused, unsent)) = c.retried {
+                            value["refused"] = json!(refused);
+                            value["unsent"] = json!(unsent);
+                        }
                     }
                     Err(why) => value["not_run"] = json!(why),
                 }
