@@ -544,7 +544,7 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
         &config.supervisor.log_filter,
         config.supervisor.log_format,
         config.supervisor.log_file.as_deref(),
-        config.supervisor.otlp_endpoint.as_deref(),
+        config.supervisor.otlp(),
     )
     .context("setting up logging")?;
     let origin = match (takeover, exec_state) {

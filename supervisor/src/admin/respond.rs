@@ -188,6 +188,7 @@ impl Master {
                 .map_or(0.0, |d| d.as_secs_f64());
             m.last_reload_timestamp.set(at);
         }
+        Metrics::follow(&m.otlp_spans_dropped, self.log.otlp_spans_dropped());
         self.refresh_listener_queues();
         if let Some((overflows, drops)) = host_listen_counters() {
             Metrics::follow(&m.listen_overflows, overflows);
