@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod h2load;
+pub mod crowd;
 pub mod harness;
 pub mod load;
 pub mod otlp;

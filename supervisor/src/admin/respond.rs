@@ -49,9 +49,12 @@ impl Answer {
 impl Master {
     /// Starts answering on the admin endpoint, if there is one.
     pub(crate) fn serve_admin(&mut self) {
-        let events = self.requests.clone();
+        let inboxes = crate::admin::Inboxes {
+            requests: self.requests.clone(),
+            probes: self.probes.clone(),
+        };
         if let Some(admin) = &mut self.admin {
-            if let Err(e) = admin.serve(events) {
+            if let Err(e) = admin.serve(inboxes) {
                 tracing::error!(error = %format!("{e:#}"), "cannot serve the admin endpoint");
             }
         }
