@@ -60,9 +60,9 @@ impl Tally {
 
     /// Queued, and neither sent nor failed yet.
     fn pending(&self) -> u64 {
-        self.queued.load(Ordering::Relaxed).saturating_sub(
-            self.sent.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed),
-        )
+        self.queued
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.sent.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed))
     }
 }
 
@@ -184,7 +184,11 @@ pub fn tracer(settings: &Settings) -> anyhow::Result<(Tracer, Export)> {
             tally: counted.clone(),
         };
         let batch = BatchSpanProcessor::builder(exporter)
-            .with_batch_config(BatchConfigBuilder::default().with_max_queue_size(QUEUE).build())
+            .with_batch_config(
+                BatchConfigBuilder::default()
+                    .with_max_queue_size(QUEUE)
+                    .build(),
+            )
             .build();
         let resource = opentelemetry_sdk::Resource::builder()
             .with_service_name("baton")

@@ -392,7 +392,8 @@ fn probe(addr: SocketAddr, path: &str, bound: Duration) -> Result<(u16, Duration
     stream
         .set_read_timeout(Some(bound))
         .map_err(|e| e.to_string())?;
-    let (status, _) = exchange(stream, path).map_err(|e| format!("{e} after {:?}", start.elapsed()))?;
+    let (status, _) =
+        exchange(stream, path).map_err(|e| format!("{e} after {:?}", start.elapsed()))?;
     Ok((status, start.elapsed()))
 }
 

@@ -195,8 +195,7 @@ fn a_collector_that_never_answers_does_not_delay_a_stop() {
     );
     let dir = TempDir::new();
     std::fs::write(dir.path().join("baton.toml"), config).unwrap();
-    let mut baton =
-        Baton::start_with_env(&Binaries::baton(), dir, &["run"], &exporting_often());
+    let mut baton = Baton::start_with_env(&Binaries::baton(), dir, &["run"], &exporting_often());
     baton.wait_committed(1);
     let outcome = baton.reload();
     assert_eq!(message(&outcome), "reload committed", "{outcome}");
@@ -231,8 +230,7 @@ fn a_collector_that_never_answers_does_not_stall_an_exec_upgrade_and_drops_are_c
     );
     let dir = TempDir::new();
     std::fs::write(dir.path().join("baton.toml"), config).unwrap();
-    let mut baton =
-        Baton::start_with_env(&Binaries::baton(), dir, &["run"], &exporting_often());
+    let mut baton = Baton::start_with_env(&Binaries::baton(), dir, &["run"], &exporting_often());
     baton.wait_committed(1);
     let admin: std::net::SocketAddr = baton.status()["master"]["admin"]
         .as_str()
@@ -268,13 +266,18 @@ fn a_collector_that_never_answers_does_not_stall_an_exec_upgrade_and_drops_are_c
     let dropped = baton.wait_event(Duration::from_secs(1), |e| {
         e["fields"]["event"] == "otlp_spans_dropped"
     });
-    assert!(dropped["fields"]["dropped"].as_u64().unwrap_or(0) >= 1, "{dropped}");
+    assert!(
+        dropped["fields"]["dropped"].as_u64().unwrap_or(0) >= 1,
+        "{dropped}"
+    );
     // The new image's exports time out (5 s) too: counted on /metrics.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = String::new();
     while Instant::now() < deadline {
         let stream = std::net::TcpStream::connect(admin).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let (status, _, body) = exchange(stream, "/metrics").unwrap();
         assert_eq!(status, 200);
         last = body;

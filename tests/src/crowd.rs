@@ -67,7 +67,9 @@ impl Drop for Crowd {
 fn open(addr: SocketAddr, kind: Kind) -> Option<TcpStream> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    stream.set_write_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(1)))
+        .ok()?;
     match kind {
         Kind::Silent => {}
         Kind::Slowloris => stream.write_all(b"G").ok()?,

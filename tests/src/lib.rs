@@ -2,8 +2,8 @@
 //! binaries, and the strict HTTP load client.
 #![forbid(unsafe_code)]
 
-pub mod h2load;
 pub mod crowd;
+pub mod h2load;
 pub mod harness;
 pub mod load;
 pub mod otlp;

@@ -13,6 +13,7 @@
 //! `cargo build --release -p baton-worker --examples`.
 #![forbid(unsafe_code)]
 
+mod admin_crowd;
 mod admin_idle;
 mod args;
 mod baton_log;
@@ -161,11 +162,17 @@ fn main() -> ExitCode {
             .only
             .iter()
             .any(|o| ADMIN_IDLE.starts_with(o.as_str()));
+    let admin_crowd = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| ADMIN_CROWD.starts_with(o.as_str()));
     if selected.is_empty()
         && selected_protocols.is_empty()
         && !run_scale
         && !run_rollouts
         && !admin_idle
+        && !admin_crowd
     {
         eprintln!(
             "reload bench: --only {} matches no scenario; scenarios: {}",
@@ -212,6 +219,20 @@ fn main() -> ExitCode {
     if let Some(idle) = &idle {
         header["admin_idle"] = admin_idle::json(idle);
     }
+    let crowded = if admin_crowd && !INTERRUPTED.load(Ordering::Relaxed) {
+        eprint!("reload bench: admin endpoint, crowded ... ");
+        let crowded = admin_crowd::measure(&bins, &INTERRUPTED);
+        match &crowded {
+            Ok(rows) => eprintln!("{} runs", rows.len()),
+            Err(e) => eprintln!("{e}"),
+        }
+        crowded.ok()
+    } else {
+        None
+    };
+    if let Some(crowded) = &crowded {
+        header["admin_crowd"] = admin_crowd::json(crowded);
+    }
     let mut protocol_rows = Vec::new();
     for scenario in selected_protocols {
         if INTERRUPTED.load(Ordering::Relaxed) {
@@ -236,6 +257,12 @@ fn main() -> ExitCode {
         println!(
             "\n### Admin endpoint, idle\n\n{}",
             admin_idle::markdown(idle)
+        );
+    }
+    if let Some(crowded) = &crowded {
+        println!(
+            "\n### Admin endpoint, crowded\n\n{}",
+            admin_crowd::markdown(crowded)
         );
     }
     if !scaled.is_empty() {
@@ -286,6 +313,9 @@ fn selected(only: &[String]) -> Vec<&'static Scenario> {
 /// Not a load scenario: the admin endpoint's idle cost (see [`admin_idle`]).
 const ADMIN_IDLE: &str = "admin-idle";
 
+/// Not a load scenario: `/healthz` under a crowd (see [`admin_crowd`]).
+const ADMIN_CROWD: &str = "admin-crowd";
+
 /// The HTTP/2 and WebSocket scenarios `only` selects, in run order.
 fn selected_protocols(only: &[String]) -> Vec<&'static protocols::ProtocolScenario> {
     protocols::SCENARIOS
@@ -298,7 +328,7 @@ fn scenario_names() -> String {
     SCENARIOS
         .iter()
         .map(|s| s.name)
-        .chain([scale::NAME, rollouts::NAME, ADMIN_IDLE])
+        .chain([scale::NAME, rollouts::NAME, ADMIN_IDLE, ADMIN_CROWD])
         .chain(protocols::SCENARIOS.iter().map(|s| s.name))
         .collect::<Vec<_>>()
         .join(", ")

@@ -83,13 +83,8 @@ pub async fn serve(listener: Listener, inboxes: Inboxes, closing: CancellationTo
     }
 }
 
-fn spawn<S>(
-    stream: S,
-    peer: Peer,
-    table: &Table,
-    inboxes: &Inboxes,
-    closing: &CancellationToken,
-) where
+fn spawn<S>(stream: S, peer: Peer, table: &Table, inboxes: &Inboxes, closing: &CancellationToken)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (held, _closed) = table.admit(peer);

@@ -65,6 +65,8 @@ pub struct Table {
 struct Entries {
     next: u64,
     held: HashMap<u64, Entry>,
+    /// Connections held per peer.
+    peers: HashMap<Peer, usize>,
 }
 
 #[derive(Debug)]
@@ -104,7 +106,7 @@ impl Table {
         let id = entries.next;
         entries.next += 1;
         let close = CancellationToken::new();
-        entries.held.insert(
+        entries.insert(
             id,
             Entry {
                 peer,
@@ -114,7 +116,7 @@ impl Table {
             },
         );
         let mut closed = 0;
-        while entries.held.values().filter(|e| e.peer == peer).count() > self.caps.per_peer {
+        while entries.of(peer) > self.caps.per_peer {
             if !entries.evict(id, |e| e.peer == peer) {
                 break;
             }
@@ -126,10 +128,9 @@ impl Table {
             }
             closed += 1;
         }
-        let full = entries.held.values().filter(|e| e.peer == peer).count() > self.caps.per_peer
-            || entries.held.len() > self.caps.total;
+        let full = entries.of(peer) > self.caps.per_peer || entries.held.len() > self.caps.total;
         if full {
-            entries.held.remove(&id);
+            entries.remove(id);
             close.cancel();
         }
         drop(entries);
@@ -156,6 +157,28 @@ impl Table {
 }
 
 impl Entries {
+    fn insert(&mut self, id: u64, entry: Entry) {
+        *self.peers.entry(entry.peer).or_default() += 1;
+        self.held.insert(id, entry);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.held.remove(&id)?;
+        if let std::collections::hash_map::Entry::Occupied(mut count) = self.peers.entry(entry.peer)
+        {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
+        }
+        Some(entry)
+    }
+
+    /// Connections held from `peer`.
+    fn of(&self, peer: Peer) -> usize {
+        self.peers.get(&peer).copied().unwrap_or(0)
+    }
+
     /// Closes the idle connection matching `which` that has waited
     /// longest, other than `keep`; false when there is none.
     fn evict(&mut self, keep: u64, which: impl Fn(&Entry) -> bool) -> bool {
@@ -165,7 +188,7 @@ impl Entries {
             .filter(|(id, e)| **id != keep && !e.busy && which(e))
             .min_by_key(|(id, e)| (e.since, **id))
             .map(|(id, _)| *id);
-        match oldest.and_then(|id| self.held.remove(&id)) {
+        match oldest.and_then(|id| self.remove(id)) {
             Some(entry) => {
                 entry.close.cancel();
                 true
@@ -196,8 +219,7 @@ impl Drop for Held {
             .inner
             .lock()
             .expect("admin table")
-            .held
-            .remove(&self.id);
+            .remove(self.id);
     }
 }
 
