@@ -151,7 +151,7 @@ impl Table {
     }
 
     /// Connections held now.
-    pub fn len(&self) -> usize {
+    pub fn held(&self) -> usize {
         self.inner.lock().expect("admin table").held.len()
     }
 }
@@ -245,7 +245,7 @@ mod tests {
         assert!(a.close.is_cancelled());
         assert!(!b.close.is_cancelled() && !c.close.is_cancelled());
         assert!(!other.close.is_cancelled());
-        assert_eq!(table.len(), 3);
+        assert_eq!(table.held(), 3);
     }
 
     #[test]
@@ -283,7 +283,7 @@ mod tests {
         assert!(b.close.is_cancelled());
         assert!(!a.close.is_cancelled());
         drop(b);
-        assert_eq!(table.len(), 1);
+        assert_eq!(table.held(), 1);
     }
 
     #[test]
