@@ -585,6 +585,7 @@ pub(crate) fn process_alive(pid: i32) -> bool {
 fn run(path: &Path) -> anyhow::Result<()> {
     let program = Program::current();
     crate::fds::close_on_exec_inherited().context("marking inherited fds close-on-exec")?;
+    crate::fds::raise_nofile();
     let path = path.to_owned();
     // One event loop on one thread; the main thread forks the workers
     // (`crate::forker` says why).
@@ -624,7 +625,7 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
         &config.supervisor.log_filter,
         config.supervisor.log_format,
         config.supervisor.log_file.as_deref(),
-        config.supervisor.otlp_endpoint.as_deref(),
+        config.supervisor.otlp(),
     )
     .context("setting up logging")
     {

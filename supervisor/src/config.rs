@@ -104,6 +104,78 @@ pub struct SupervisorConfig {
     /// `/v1/traces` is added, or a full URL); off when unset.
     #[serde(default, deserialize_with = "de_otlp_endpoint")]
     pub otlp_endpoint: Option<String>,
+    /// How long one export may wait on the collector (on the exporter's
+    /// thread, never the master's loop).
+    #[serde(
+        default = "default_otlp_export_timeout",
+        deserialize_with = "de_otlp_export_timeout"
+    )]
+    pub otlp_export_timeout: Dur,
+    /// How long a stop or an exec-mode upgrade waits for the spans still
+    /// batched; what is not sent by then is dropped and counted.
+    #[serde(
+        default = "default_otlp_flush_timeout",
+        deserialize_with = "de_otlp_flush_timeout"
+    )]
+    pub otlp_flush_timeout: Dur,
+}
+
+fn default_otlp_export_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+fn default_otlp_flush_timeout() -> Dur {
+    Dur(Duration::from_millis(200))
+}
+
+/// `value` when it lies in `range`, else an error naming `key`.
+fn bounded_duration<E: de::Error>(
+    key: &str,
+    value: Dur,
+    range: std::ops::RangeInclusive<Duration>,
+    spelled: &str,
+) -> Result<Dur, E> {
+    if range.contains(&value.0) {
+        Ok(value)
+    } else {
+        Err(E::custom(format!(
+            "{key} must be between {spelled}, got {:?}",
+            value.0
+        )))
+    }
+}
+
+fn de_otlp_export_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+    let value = Dur::deserialize(d)?;
+    bounded_duration(
+        "otlp_export_timeout",
+        value,
+        Duration::from_millis(10)..=Duration::from_secs(60),
+        "10ms and 60s",
+    )
+}
+
+fn de_otlp_flush_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+    let value = Dur::deserialize(d)?;
+    bounded_duration(
+        "otlp_flush_timeout",
+        value,
+        Duration::ZERO..=Duration::from_secs(10),
+        "0ms and 10s",
+    )
+}
+
+impl SupervisorConfig {
+    /// The OTLP exporter's settings, when traces are exported.
+    pub fn otlp(&self) -> Option<crate::traces::Settings> {
+        self.otlp_endpoint
+            .as_ref()
+            .map(|endpoint| crate::traces::Settings {
+                endpoint: endpoint.clone(),
+                export_timeout: self.otlp_export_timeout.0,
+                flush_timeout: self.otlp_flush_timeout.0,
+            })
+    }
 }
 
 fn de_otlp_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -185,6 +257,8 @@ impl Default for SupervisorConfig {
             sigterm: SigtermMode::default(),
             admin: None,
             otlp_endpoint: None,
+            otlp_export_timeout: default_otlp_export_timeout(),
+            otlp_flush_timeout: default_otlp_flush_timeout(),
         }
     }
 }

@@ -122,7 +122,12 @@ pub fn spawn(plan: Plan) -> anyhow::Result<std::process::Child> {
         sources,
         keep,
         credentials: plan.credentials,
-        rlimit_nofile: plan.rlimit_nofile,
+        // Unset, the worker gets back the soft limit the master started
+        // with (the master raised its own).
+        rlimit_nofile: plan
+            .rlimit_nofile
+            .map(|n| (n, n))
+            .or_else(crate::fds::workers_nofile),
         nonblocking: plan.nonblocking,
         death_signal: plan.death_signal,
         master: nix::unistd::getpid().as_raw(),
@@ -241,7 +246,8 @@ struct Child {
     temps: Vec<RawFd>,
     keep: Option<RawFd>,
     credentials: Option<Credentials>,
-    rlimit_nofile: Option<u64>,
+    /// (soft, hard).
+    rlimit_nofile: Option<(u64, u64)>,
     nonblocking: bool,
     death_signal: Option<Signal>,
     master: libc::pid_t,
@@ -327,10 +333,10 @@ impl Child {
                 }
             }
         }
-        if let Some(n) = self.rlimit_nofile {
+        if let Some((soft, hard)) = self.rlimit_nofile {
             let limit = libc::rlimit {
-                rlim_cur: n as libc::rlim_t,
-                rlim_max: n as libc::rlim_t,
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
             };
             // SAFETY: setrlimit with a pointer to a stack value.
             if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } < 0 {

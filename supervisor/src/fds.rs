@@ -25,3 +25,51 @@ pub fn close_on_exec_inherited() -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Names, in a new master's environment at an upgrade, the open-files soft
+/// limit that the first master started with: the one workers get back.
+pub const NOFILE_ENV: &str = "BATON_NOFILE_SOFT";
+
+/// The open-files limits (soft, hard) that workers get when `[worker]
+/// rlimit_nofile` is unset: what the master was started with.
+static WORKERS_NOFILE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Raises the master's open-files soft limit to its hard limit, so that
+/// the admin endpoint's and the workers' connections never run it out of
+/// fds (the admin endpoint holds at most a quarter of it); workers keep the
+/// soft limit the master was started with (a program using `select(2)`
+/// needs 1024), unless `rlimit_nofile` says otherwise. Must run before any
+/// thread starts.
+pub fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    // A master started by an upgrade: its parent had raised it already.
+    let original = std::env::var(NOFILE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v <= soft)
+        .unwrap_or(soft);
+    let _ = WORKERS_NOFILE.set((original, hard));
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            // Logging is not set up yet: said once, on stderr.
+            eprintln!("baton: cannot raise the open-files limit from {soft} to {hard}: {e}");
+        }
+    }
+}
+
+/// The open-files limits workers get by default, when the master raised
+/// its own.
+pub fn workers_nofile() -> Option<(u64, u64)> {
+    let (soft, hard) = *WORKERS_NOFILE.get()?;
+    (soft < hard).then_some((soft, hard))
+}
+
+/// Tells a new master (at an upgrade) the workers' soft limit.
+pub fn hand_nofile_to(command: &mut std::process::Command) {
+    if let Some((soft, _)) = WORKERS_NOFILE.get() {
+        command.env(NOFILE_ENV, soft.to_string());
+    }
+}

@@ -112,19 +112,19 @@ impl<'a> MakeWriter<'a> for Sink {
     }
 }
 
-/// Installs the global subscriber; with `otlp_endpoint`, spans are also
+/// Installs the global subscriber; with `otlp`, spans are also
 /// exported there (see [`crate::traces`]).
 pub fn init(
     filter: &str,
     format: LogFormat,
     file: Option<&Path>,
-    otlp_endpoint: Option<&str>,
+    otlp: Option<crate::traces::Settings>,
 ) -> anyhow::Result<LogHandle> {
     let (filter_layer, handle) = reload::Layer::new(EnvFilter::try_new(filter)?);
     let file = file.map(LogFile::open).transpose()?;
     let sink = file.clone().map_or(Sink::Stderr, Sink::File);
     let ansi = file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let (tracer, traces) = match otlp_endpoint.map(crate::traces::tracer).transpose()? {
+    let (tracer, traces) = match otlp.as_ref().map(crate::traces::tracer).transpose()? {
         Some((tracer, export)) => (Some(tracer), Some(export)),
         None => (None, None),
     };
@@ -180,6 +180,11 @@ impl LogHandle {
         if let Some(traces) = &self.traces {
             traces.shutdown();
         }
+    }
+
+    /// OTLP spans not sent so far (0 without an exporter).
+    pub fn otlp_spans_dropped(&self) -> u64 {
+        self.traces.as_ref().map_or(0, |t| t.dropped())
     }
 
     /// Reopens the log file at its path (after logrotate moved it away).

@@ -147,6 +147,10 @@ pub struct Master {
     /// one event after [`REQUESTS_IN_A_ROW`] requests in a row), so that a
     /// burst of worker messages does not delay `baton status`.
     pub(crate) requests: Events,
+    /// Where the admin endpoint sends `/healthz` and `/readyz`: served
+    /// before every other request, so that a probe never waits behind
+    /// scrapes or CLI requests.
+    pub(crate) probes: Events,
     /// The control socket; released to a new master at an upgrade.
     pub(crate) control: Option<ControlSocket>,
     pub(crate) pid_file: Option<PidFile>,
@@ -246,6 +250,7 @@ pub async fn run(
     };
     let (events, mut inbox) = mpsc::unbounded_channel();
     let (requests, mut requests_inbox) = mpsc::unbounded_channel();
+    let (probes, mut probes_inbox) = mpsc::unbounded_channel();
     // Signal handlers before the pid file: a SIGHUP sent as soon as the pid
     // file names this master must not kill it.
     // Until it serves, a new master started by an upgrade tells the old one
@@ -308,6 +313,7 @@ pub async fn run(
         log,
         events,
         requests,
+        probes,
         control,
         pid_file,
         program,
@@ -388,7 +394,7 @@ pub async fn run(
             // inbox carries a few messages per worker and second: signals
             // are not starved.
             biased;
-            (request, event) = next_event(&mut inbox, &mut requests_inbox, requests_in_a_row < REQUESTS_IN_A_ROW) => {
+            (request, event) = next_event(&mut inbox, [&mut probes_inbox, &mut requests_inbox], requests_in_a_row < REQUESTS_IN_A_ROW) => {
                 requests_in_a_row = if request { requests_in_a_row + 1 } else { 0 };
                 master.on_event(event);
                 request
@@ -423,28 +429,34 @@ pub async fn run(
 /// both wait: a flood of requests does not starve the workers' messages.
 const REQUESTS_IN_A_ROW: u32 = 8;
 
-/// The next event of either inbox, and whether it is a request: the
-/// requests' first when `requests_first`, else the other's first.
+/// The next event of the inboxes, and whether it is a request: the
+/// requests' first (probes, then the rest) when `requests_first`, else the
+/// main inbox's first.
 async fn next_event(
     inbox: &mut mpsc::UnboundedReceiver<Event>,
-    requests: &mut mpsc::UnboundedReceiver<Event>,
+    requests: [&mut mpsc::UnboundedReceiver<Event>; 2],
     requests_first: bool,
 ) -> (bool, Event) {
+    let [probes, requests] = requests;
     std::future::poll_fn(|cx| {
         use std::task::Poll;
         if requests_first {
-            if let Poll::Ready(Some(request)) = requests.poll_recv(cx) {
-                return Poll::Ready((true, request));
+            for requests in [&mut *probes, &mut *requests] {
+                if let Poll::Ready(Some(request)) = requests.poll_recv(cx) {
+                    return Poll::Ready((true, request));
+                }
             }
         }
         if let Poll::Ready(Some(event)) = inbox.poll_recv(cx) {
             return Poll::Ready((false, event));
         }
-        match requests.poll_recv(cx) {
-            Poll::Ready(Some(request)) => Poll::Ready((true, request)),
-            // Both senders live as long as the master: never closed.
-            _ => Poll::Pending,
+        for requests in [&mut *probes, &mut *requests] {
+            if let Poll::Ready(Some(request)) = requests.poll_recv(cx) {
+                return Poll::Ready((true, request));
+            }
         }
+        // Every sender lives as long as the master: never closed.
+        Poll::Pending
     })
     .await
 }

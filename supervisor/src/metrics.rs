@@ -98,6 +98,7 @@ pub struct Metrics {
     pub(crate) backlog: Family<SocketLabels, Gauge>,
     pub(crate) listen_overflows: Counter,
     pub(crate) listen_drops: Counter,
+    pub(crate) otlp_spans_dropped: Counter,
     pub(crate) reload_in_progress: Gauge,
     pub(crate) stopping: Gauge,
     pub(crate) last_reload_success: Gauge,
@@ -139,6 +140,7 @@ impl Metrics {
             backlog: Family::default(),
             listen_overflows: Counter::default(),
             listen_drops: Counter::default(),
+            otlp_spans_dropped: Counter::default(),
             reload_in_progress: Gauge::default(),
             stopping: Gauge::default(),
             last_reload_success: Gauge::default(),
@@ -238,6 +240,11 @@ impl Metrics {
             "host_listen_drops",
             "The host's TcpExt ListenDrops: SYNs to a listening socket dropped",
             m.listen_drops.clone(),
+        );
+        r.register(
+            "otlp_spans_dropped",
+            "Trace spans not sent to the OTLP collector: export failed or timed out, queue full, or unsent when the flush at exit ran out of time",
+            m.otlp_spans_dropped.clone(),
         );
         r.register(
             "reload_in_progress",

@@ -384,3 +384,61 @@ fn a_unix_admin_socket_is_handed_to_the_new_master_at_an_upgrade() {
     assert_eq!(served["master"]["pid"], new.as_raw());
     assert_eq!(unix_get(&socket, "/readyz").unwrap().0, 200);
 }
+
+/// `GET path` on a new connection, within `bound`: `(status, took)`.
+fn probe(addr: SocketAddr, path: &str, bound: Duration) -> Result<(u16, Duration), String> {
+    let start = Instant::now();
+    let stream = std::net::TcpStream::connect_timeout(&addr, bound).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(bound))
+        .map_err(|e| e.to_string())?;
+    let (status, _) =
+        exchange(stream, path).map_err(|e| format!("{e} after {:?}", start.elapsed()))?;
+    Ok((status, start.elapsed()))
+}
+
+#[test]
+fn health_and_readiness_answer_while_silent_slow_and_idle_clients_crowd_the_admin_port() {
+    use baton_tests::crowd::{Crowd, Kind};
+    let baton = Baton::start(&with_admin(&hello_config(1), "127.0.0.1:0"));
+    baton.wait_committed(1);
+    let admin = admin_address(&baton);
+    let limit = Duration::from_secs(60);
+    let crowds = [
+        Crowd::start(admin, Kind::Silent, 200, limit),
+        Crowd::start(admin, Kind::Slowloris, 200, limit),
+        Crowd::start(admin, Kind::IdleKeepAlive, 64, limit),
+    ];
+    // Every crowd has opened its connections (at one a second per slot,
+    // reopening what the master closes).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crowds.iter().map(Crowd::opened).sum::<u64>() < 464 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Probes over 8 s, across the 5 s header deadline that closes the
+    // crowd's connections and its reopening them. 1 s is a generous
+    // bound: the endpoint answers in about a millisecond.
+    let bound = Duration::from_secs(1);
+    let mut failures = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        for path in ["/healthz", "/readyz"] {
+            match probe(admin, path, bound) {
+                Ok((200, took)) => slowest = slowest.max(took),
+                Ok((status, took)) => failures.push(format!("{path}: {status} after {took:?}")),
+                Err(e) => failures.push(format!("{path}: {e}")),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let opened: Vec<u64> = crowds.iter().map(Crowd::opened).collect();
+    drop(crowds);
+    assert!(
+        failures.is_empty(),
+        "{} of 40 probes failed (crowd opened {opened:?}): {failures:?}",
+        failures.len()
+    );
+    eprintln!("slowest probe: {slowest:?}; crowd opened {opened:?}");
+    // The master is fine, and the admin endpoint still serves scrapes.
+    assert_eq!(admin_get(admin, "/metrics").unwrap().0, 200);
+}

@@ -5,9 +5,9 @@
 //! SDK's hello).
 
 use baton_tests::harness::{config_with_worker, exchange, message, Baton, Binaries, TempDir};
-use baton_tests::otlp::{Receiver, Span};
+use baton_tests::otlp::{BlackHole, Receiver, Span};
 use nix::sys::signal::Signal;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn each_reload_is_one_trace_with_its_phases_and_new_workers_join_it() {
@@ -168,4 +168,127 @@ fn children_named<'a>(spans: &'a [Span], parent: &Span) -> Vec<&'a str> {
         .filter(|s| s.parent_span_id == parent.span_id)
         .map(|s| s.name.as_str())
         .collect()
+}
+
+/// `config` exporting traces to `endpoint`, plus `extra` `[supervisor]` lines.
+fn exporting_to(config: &str, endpoint: &str, extra: &str) -> String {
+    config.replace(
+        "[supervisor]\n",
+        &format!("[supervisor]\notlp_endpoint = {endpoint:?}\n{extra}"),
+    )
+}
+
+/// The SDK's batch exporter, told to send every 100 ms: an export to the
+/// black hole is in flight, waiting on it, whenever the master stops or
+/// upgrades.
+fn exporting_often() -> [(&'static str, &'static std::ffi::OsStr); 1] {
+    [("OTEL_BSP_SCHEDULE_DELAY", std::ffi::OsStr::new("100"))]
+}
+
+#[test]
+fn a_collector_that_never_answers_does_not_delay_a_stop() {
+    let collector = BlackHole::start();
+    let config = exporting_to(
+        &baton_tests::harness::hello_config(1),
+        &collector.endpoint(),
+        "",
+    );
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("baton.toml"), config).unwrap();
+    let mut baton = Baton::start_with_env(&Binaries::baton(), dir, &["run"], &exporting_often());
+    baton.wait_committed(1);
+    let outcome = baton.reload();
+    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    // An export is stuck on the collector now (5 s export timeout).
+    std::thread::sleep(Duration::from_millis(300));
+    baton.signal(Signal::SIGTERM);
+    // The drain is the workers' business; from the loop's end to the
+    // process's, only the flush remains: 200 ms at most (the old flush
+    // waited for the 5 s export timeout). 2 s is a generous bound.
+    baton.wait_event(Duration::from_secs(15), |e| message(e) == "master exiting");
+    let exiting = Instant::now();
+    baton.wait_exit(Duration::from_secs(15));
+    let took = exiting.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the master took {took:?} from its loop's end to its exit with a collector that never answers"
+    );
+    let dropped = baton.wait_event(Duration::from_secs(1), |e| {
+        e["fields"]["event"] == "otlp_spans_dropped"
+    });
+    let count = dropped["fields"]["dropped"].as_u64().unwrap_or(0);
+    assert!(count >= 1, "{dropped}");
+}
+
+#[test]
+fn a_collector_that_never_answers_does_not_stall_an_exec_upgrade_and_drops_are_counted() {
+    let collector = BlackHole::start();
+    let config = exporting_to(
+        &baton_tests::harness::hello_config(1),
+        &collector.endpoint(),
+        "upgrade = \"exec\"\nadmin = \"127.0.0.1:0\"\n",
+    );
+    let dir = TempDir::new();
+    std::fs::write(dir.path().join("baton.toml"), config).unwrap();
+    let mut baton = Baton::start_with_env(&Binaries::baton(), dir, &["run"], &exporting_often());
+    baton.wait_committed(1);
+    let admin: std::net::SocketAddr = baton.status()["master"]["admin"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    baton.skip_log();
+    baton.signal(Signal::SIGUSR2);
+    // `baton status` answers all along: from the old image, then the new
+    // (the old flush kept it waiting for the 5 s export timeout).
+    let mut slowest = Duration::ZERO;
+    let mut answered = 0;
+    let asked = Instant::now();
+    while asked.elapsed() < Duration::from_secs(30) {
+        let start = Instant::now();
+        let out = baton.cli(&["status", "--json"]);
+        slowest = slowest.max(start.elapsed());
+        answered += usize::from(out.status.success());
+        if baton.count_events(|e| message(e) == "reload committed") >= 2 {
+            break;
+        }
+    }
+    let committed = baton.wait_committed(2);
+    assert_eq!(committed["span"]["trigger"], "upgrade");
+    assert!(answered >= 1, "no status answered during the upgrade");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "`baton status` took {slowest:?} during an exec upgrade with a collector that never answers"
+    );
+    assert_eq!(baton.master_pid(), Some(baton.pid()), "the pid stays");
+    // The old image said what it could not send.
+    let dropped = baton.wait_event(Duration::from_secs(1), |e| {
+        e["fields"]["event"] == "otlp_spans_dropped"
+    });
+    assert!(
+        dropped["fields"]["dropped"].as_u64().unwrap_or(0) >= 1,
+        "{dropped}"
+    );
+    // The new image's exports time out (5 s) too: counted on /metrics.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let stream = std::net::TcpStream::connect(admin).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (status, _, body) = exchange(stream, "/metrics").unwrap();
+        assert_eq!(status, 200);
+        last = body;
+        let count = last
+            .lines()
+            .find_map(|l| l.strip_prefix("baton_otlp_spans_dropped_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if count.is_some_and(|c| c >= 1.0) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("no baton_otlp_spans_dropped_total >= 1 in /metrics within 20 s:\n{last}");
 }

@@ -2,6 +2,7 @@
 //! binaries, and the strict HTTP/1.1 and HTTP/2 load clients.
 #![forbid(unsafe_code)]
 
+pub mod crowd;
 pub mod h2load;
 pub mod harness;
 pub mod http2;

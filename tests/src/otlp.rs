@@ -147,3 +147,51 @@ fn serve(stream: TcpStream, sink: &Mutex<Vec<Span>>) {
         }
     }
 }
+
+/// A collector that accepts connections and never reads nor answers, as a
+/// hung one does: every export to it waits for its timeout. Its connections
+/// are closed and its thread ends when it is dropped.
+pub struct BlackHole {
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlackHole {
+    /// Starts listening on a loopback port.
+    pub fn start() -> BlackHole {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the black-hole collector");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => held.push(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        BlackHole {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The collector's base URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -18,6 +18,7 @@
 //! `cargo build --release -p baton-worker --examples`.
 #![forbid(unsafe_code)]
 
+mod admin_crowd;
 mod admin_idle;
 mod args;
 mod baton_log;
@@ -178,6 +179,11 @@ fn main() -> ExitCode {
             .only
             .iter()
             .any(|o| wrapped::NAME.starts_with(o.as_str()));
+    let admin_crowd = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| ADMIN_CROWD.starts_with(o.as_str()));
     if selected.is_empty()
         && selected_protocols.is_empty()
         && !run_scale
@@ -185,6 +191,7 @@ fn main() -> ExitCode {
         && !admin_idle
         && !run_soak
         && !run_wrapped
+        && !admin_crowd
     {
         eprintln!(
             "reload bench: --only {} matches no scenario; scenarios: {}",
@@ -258,6 +265,20 @@ fn main() -> ExitCode {
     if !latencies.is_empty() {
         header["wrapped_latency"] = wrapped::json(&latencies);
     }
+    let crowded = if admin_crowd && !INTERRUPTED.load(Ordering::Relaxed) {
+        eprint!("reload bench: admin endpoint, crowded ... ");
+        let crowded = admin_crowd::measure(&bins, &INTERRUPTED);
+        match &crowded {
+            Ok(rows) => eprintln!("{} runs", rows.len()),
+            Err(e) => eprintln!("{e}"),
+        }
+        crowded.ok()
+    } else {
+        None
+    };
+    if let Some(crowded) = &crowded {
+        header["admin_crowd"] = admin_crowd::json(crowded);
+    }
     let mut protocol_rows = Vec::new();
     for scenario in selected_protocols {
         if INTERRUPTED.load(Ordering::Relaxed) {
@@ -282,6 +303,12 @@ fn main() -> ExitCode {
         println!(
             "\n### Admin endpoint, idle\n\n{}",
             admin_idle::markdown(idle)
+        );
+    }
+    if let Some(crowded) = &crowded {
+        println!(
+            "\n### Admin endpoint, crowded\n\n{}",
+            admin_crowd::markdown(crowded)
         );
     }
     if !scaled.is_empty() {
@@ -338,6 +365,9 @@ fn selected(only: &[String]) -> Vec<&'static Scenario> {
 /// Not a load scenario: the admin endpoint's idle cost (see [`admin_idle`]).
 const ADMIN_IDLE: &str = "admin-idle";
 
+/// Not a load scenario: `/healthz` under a crowd (see [`admin_crowd`]).
+const ADMIN_CROWD: &str = "admin-crowd";
+
 /// The HTTP/2 and WebSocket scenarios `only` selects, in run order.
 fn selected_protocols(only: &[String]) -> Vec<&'static protocols::ProtocolScenario> {
     protocols::SCENARIOS
@@ -354,6 +384,7 @@ fn scenario_names() -> String {
             scale::NAME,
             rollouts::NAME,
             ADMIN_IDLE,
+            ADMIN_CROWD,
             soak::NAME,
             wrapped::NAME,
         ])

@@ -1,6 +1,7 @@
 //! The admin endpoint's HTTP/1.1 server (hyper): routing, and handing each
 //! request to the master's loop as an event.
 
+use super::limits::{Caps, Held, Peer, Table};
 use super::respond::{Answer, Endpoint};
 use crate::master::{Event, Events};
 use http_body_util::Full;
@@ -12,14 +13,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// Connections served at once; more wait in the socket's backlog.
-const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers, counted from
+/// its accept or from its previous answer: a silent, trickling (slowloris)
+/// or idle keep-alive connection is closed after it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a client may take to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `/healthz` and `/readyz` wait for the master's loop; past it
+/// the loop is not answering, and `/healthz` says so with a 503.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
 
 /// The accepting side, TCP or Unix.
 pub enum Listener {
@@ -42,25 +46,34 @@ impl Listener {
     }
 }
 
-/// Accepts connections until aborted. Once `closing` is cancelled (the
+/// Where requests go: health and readiness probes to the master's loop's
+/// first inbox, so that they never queue behind scrapes or CLI requests;
+/// the rest with the control socket's requests.
+#[derive(Clone)]
+pub struct Inboxes {
+    /// `/metrics`, `/status`.
+    pub requests: Events,
+    /// `/healthz`, `/readyz`.
+    pub probes: Events,
+}
+
+/// Accepts connections until aborted, always: the caps of [`Table`] close
+/// idle ones for newcomers instead. Once `closing` is cancelled (the
 /// socket goes to another master, or this image execs), each connection
 /// ends after its current or first request, so that no client keeps
 /// talking to a master that no longer serves.
-pub async fn serve(listener: Listener, events: Events, closing: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+pub async fn serve(listener: Listener, inboxes: Inboxes, closing: CancellationToken) {
+    let table = Table::new(Caps::for_process());
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         let accepted = match &listener {
-            Listener::Tcp(l) => l
-                .accept()
-                .await
-                .map(|(s, _)| spawn(s, &events, &closing, permit)),
+            Listener::Tcp(l) => l.accept().await.map(|(s, from)| {
+                let _ = s.set_nodelay(true);
+                spawn(s, Some(from.ip()), &table, &inboxes, &closing)
+            }),
             Listener::Unix(l) => l
                 .accept()
                 .await
-                .map(|(s, _)| spawn(s, &events, &closing, permit)),
+                .map(|(s, _)| spawn(s, None, &table, &inboxes, &closing)),
         };
         if let Err(e) = accepted {
             // EMFILE and the like: give the master a moment to recover.
@@ -70,31 +83,39 @@ pub async fn serve(listener: Listener, events: Events, closing: CancellationToke
     }
 }
 
-fn spawn<S>(
-    stream: S,
-    events: &Events,
-    closing: &CancellationToken,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) where
+fn spawn<S>(stream: S, peer: Peer, table: &Table, inboxes: &Inboxes, closing: &CancellationToken)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let events = events.clone();
+    let (held, _closed) = table.admit(peer);
+    if held.close.is_cancelled() {
+        // Every other connection of this peer is being answered.
+        return;
+    }
+    let held = Arc::new(held);
+    let inboxes = inboxes.clone();
     let closing = closing.clone();
     let answered = Arc::new(AtomicBool::new(false));
     tokio::spawn(async move {
         let service = {
-            let (closing, answered) = (closing.clone(), answered.clone());
+            let (closing, answered, held) = (closing.clone(), answered.clone(), held.clone());
             hyper::service::service_fn(move |request| {
-                let (events, closing, answered) =
-                    (events.clone(), closing.clone(), answered.clone());
+                let (inboxes, closing, answered, held) = (
+                    inboxes.clone(),
+                    closing.clone(),
+                    answered.clone(),
+                    held.clone(),
+                );
                 async move {
-                    let mut response = answer(request, &events).await;
+                    held.busy();
+                    let mut response = answer(request, &inboxes).await;
                     if closing.is_cancelled() {
                         response
                             .headers_mut()
                             .insert(hyper::header::CONNECTION, "close".parse().expect("valid"));
                     }
                     answered.store(true, Ordering::Relaxed);
+                    held.idle();
                     Ok::<_, std::convert::Infallible>(response)
                 }
             })
@@ -106,6 +127,8 @@ fn spawn<S>(
         tokio::pin!(connection);
         tokio::select! {
             _ = connection.as_mut() => {}
+            // Closed for a newcomer: it was idle, nothing is cut.
+            _ = held.close.cancelled() => {}
             _ = closing.cancelled() => {
                 // A connection that has not been answered yet gets its
                 // first answer (with `Connection: close`); an idle
@@ -113,14 +136,17 @@ fn spawn<S>(
                 if answered.load(Ordering::Relaxed) {
                     connection.as_mut().graceful_shutdown();
                 }
-                let _ = connection.await;
+                tokio::select! {
+                    _ = connection => {}
+                    _ = held.close.cancelled() => {}
+                }
             }
         }
-        drop(permit);
+        drop::<Arc<Held>>(held);
     });
 }
 
-async fn answer(request: Request<Incoming>, events: &Events) -> Response<Full<Bytes>> {
+async fn answer(request: Request<Incoming>, inboxes: &Inboxes) -> Response<Full<Bytes>> {
     let openmetrics = request
         .headers()
         .get_all(hyper::header::ACCEPT)
@@ -149,16 +175,36 @@ async fn answer(request: Request<Incoming>, events: &Events) -> Response<Full<By
             .insert(hyper::header::ALLOW, "GET, HEAD".parse().expect("valid"));
         return response;
     }
-    let (tx, rx) = oneshot::channel();
-    let asked = events.send(Event::Admin {
-        endpoint,
-        reply: tx,
-    });
-    let answer = match (asked, rx.await) {
-        (Ok(()), Ok(answer)) => answer,
-        _ => Answer::text(503, "the master is exiting\n".into()),
+    let probe = matches!(endpoint, Endpoint::Healthz | Endpoint::Readyz);
+    let inbox = if probe {
+        &inboxes.probes
+    } else {
+        &inboxes.requests
     };
-    reply(answer)
+    let (tx, rx) = oneshot::channel();
+    if inbox
+        .send(Event::Admin {
+            endpoint,
+            reply: tx,
+        })
+        .is_err()
+    {
+        return reply(Answer::text(503, "the master is exiting\n".into()));
+    }
+    let answer = if probe {
+        match tokio::time::timeout(PROBE_WAIT, rx).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                return reply(Answer::text(
+                    503,
+                    format!("the master's loop has not answered within {PROBE_WAIT:?}\n"),
+                ))
+            }
+        }
+    } else {
+        rx.await
+    };
+    reply(answer.unwrap_or_else(|_| Answer::text(503, "the master is exiting\n".into())))
 }
 
 fn reply(answer: Answer) -> Response<Full<Bytes>> {

@@ -10,13 +10,20 @@
 //!
 //! Requests are served by tasks of the master's runtime; each becomes an
 //! event of the master's loop, which answers from its own state (see
-//! [`respond`]), so that nothing is locked and nothing is stale.
+//! [`respond`]), so that nothing is locked and nothing is stale. Health
+//! and readiness probes go to the loop's first inbox, ahead of scrapes and
+//! CLI requests, and wait for it at most a second (`/healthz` is the loop
+//! answering). Every connection is accepted; the caps of [`limits`] and a
+//! 5 s header deadline keep silent, slow and idle clients from holding a
+//! probe back.
 
 mod http;
+pub mod limits;
 pub mod respond;
 
+pub use http::Inboxes;
+
 use crate::config::ListenerAddress;
-use crate::master::Events;
 use anyhow::{bail, Context};
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockaddrStorage};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -128,8 +135,8 @@ impl AdminSocket {
         })
     }
 
-    /// Starts answering; each request becomes an event on `events`.
-    pub fn serve(&mut self, events: Events) -> anyhow::Result<()> {
+    /// Starts answering; each request becomes an event in `inboxes`.
+    pub fn serve(&mut self, inboxes: Inboxes) -> anyhow::Result<()> {
         if self.server.is_some() {
             return Ok(());
         }
@@ -143,7 +150,7 @@ impl AdminSocket {
             self.unix_path = Some(path);
         }
         let closing = tokio_util::sync::CancellationToken::new();
-        let server = tokio::spawn(http::serve(listener, events, closing.clone()));
+        let server = tokio::spawn(http::serve(listener, inboxes, closing.clone()));
         self.server = Some((server.abort_handle(), closing));
         Ok(())
     }

@@ -51,9 +51,12 @@ impl Answer {
 impl Master {
     /// Starts answering on the admin endpoint, if there is one.
     pub(crate) fn serve_admin(&mut self) {
-        let events = self.requests.clone();
+        let inboxes = crate::admin::Inboxes {
+            requests: self.requests.clone(),
+            probes: self.probes.clone(),
+        };
         if let Some(admin) = &mut self.admin {
-            if let Err(e) = admin.serve(events) {
+            if let Err(e) = admin.serve(inboxes) {
                 tracing::error!(error = %format!("{e:#}"), "cannot serve the admin endpoint");
             }
         }
@@ -202,6 +205,7 @@ impl Master {
                 .map_or(0.0, |d| d.as_secs_f64());
             m.last_reload_timestamp.set(at);
         }
+        Metrics::follow(&m.otlp_spans_dropped, self.log.otlp_spans_dropped());
         self.refresh_listener_queues();
         if let Some((overflows, drops)) = host_listen_counters() {
             Metrics::follow(&m.listen_overflows, overflows);

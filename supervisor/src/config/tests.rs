@@ -104,6 +104,9 @@ fn bad_values_name_their_location() {
         ("[supervisor]\nadmin = \"udp:127.0.0.1:9\"\n[worker]\ncommand = [\"x\"]\n", ":2:9: ", "the admin endpoint speaks HTTP"),
         ("[supervisor]\nadmin = \"9090\"\n[worker]\ncommand = [\"x\"]\n", ":2:9: ", "admin: invalid address"),
         ("[supervisor]\notlp_endpoint = \"https://c:4318\"\n[worker]\ncommand = [\"x\"]\n", ":2:17: ", "expected http://HOST:PORT"),
+        ("[supervisor]\notlp_flush_timeout = \"1m\"\n[worker]\ncommand = [\"x\"]\n", ":2:22: ", "otlp_flush_timeout must be between 0ms and 10s"),
+        ("[supervisor]\notlp_export_timeout = \"0s\"\n[worker]\ncommand = [\"x\"]\n", ":2:23: ", "otlp_export_timeout must be between 10ms and 60s"),
+        ("[supervisor]\notlp_flush_timeout = 200\n[worker]\ncommand = [\"x\"]\n", ":2:22: ", "write \"200s\""),
         ("", ":", "missing field `worker`"),
     ];
     for (text, location, message) in cases {

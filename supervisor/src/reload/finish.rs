@@ -56,9 +56,9 @@ impl Master {
         {
             tracing::warn!("log_format and log_file changes take effect when the master restarts");
         }
-        if config.supervisor.otlp_endpoint != self.config.supervisor.otlp_endpoint {
+        if config.supervisor.otlp() != self.config.supervisor.otlp() {
             tracing::warn!(
-                "otlp_endpoint changes take effect when the master restarts or upgrades"
+                "otlp_endpoint, otlp_export_timeout and otlp_flush_timeout changes take effect when the master restarts or upgrades"
             );
         }
         if config.supervisor.control_socket != self.config.supervisor.control_socket

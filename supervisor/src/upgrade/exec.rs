@@ -109,6 +109,7 @@ impl Master {
             .env(STATE_FD_ENV, file.as_raw_fd().to_string())
             .env(BINARY_FD_ENV, binary.as_raw_fd().to_string());
         inherit.extend(self.hand_admin_to(&mut command));
+        crate::fds::hand_nofile_to(&mut command);
         for fd in &inherit {
             set_cloexec(*fd, false)?;
         }

@@ -218,6 +218,7 @@ impl Master {
             .process_group(0);
         let mut inherited = vec![binary.as_raw_fd(), theirs.as_raw_fd()];
         inherited.extend(self.hand_admin_to(&mut command));
+        crate::fds::hand_nofile_to(&mut command);
         inherit_in_child(&mut command, inherited);
         // The new master steers the ports it is handed: whatever happens to
         // it, this one attaches its programs again at its next steer.
