@@ -79,8 +79,8 @@ fn an_exec_probes_output_is_logged_bounded_and_its_verdict_holds() {
          [ \"$BATON_GENERATION\" = 1 ]\n",
     );
     let config = |release| {
-        probed(&probe, "probe_interval = \"1s\"\n", release)
-            .replace("ready_timeout = \"10s\"", "ready_timeout = \"3s\"")
+        probed(&probe, "probe_interval = \"2s\"\n", release)
+            .replace("ready_timeout = \"10s\"", "ready_timeout = \"6s\"")
     };
     let mut baton = Baton::start(&config(1));
     baton.wait_committed(1);
@@ -110,27 +110,29 @@ fn an_exec_probes_output_is_logged_bounded_and_its_verdict_holds() {
     );
     let outputs = baton.events(|e| message(e) == "probe output" && field(e, "stream") == "stdout");
     assert!(outputs.len() >= 3, "{} stdout events", outputs.len());
+    let mut complete = 0;
     for output in &outputs {
         let generation = field(output, "generation");
         assert!(
             field(output, "output").starts_with(&format!("probe start {generation}\nxxxx")),
             "{output}"
         );
-        assert!(
-            field(output, "tail").ends_with("xxxx\nprobe end"),
-            "{output}"
-        );
-        assert_eq!(
-            field(output, "bytes"),
-            (50_000_000 + 25).to_string(),
-            "{output}"
-        );
+        let bytes: u64 = field(output, "bytes").parse().expect("bytes is a number");
         assert_eq!(
             field(output, "omitted_bytes"),
-            (50_000_000 + 25 - 8192).to_string(),
+            (bytes - 8192).to_string(),
             "{output}"
         );
+        // A try still printing at its deadline (a slow, busy machine) is
+        // killed: its output stops short of the end.
+        if field(output, "tail").ends_with("xxxx\nprobe end") {
+            assert_eq!(bytes, 50_000_000 + 25, "{output}");
+            complete += 1;
+        } else {
+            assert!(bytes < 50_000_000 + 25, "{output}");
+        }
     }
+    assert!(complete >= 1, "no try printed all of its output");
     let stderr = baton.events(|e| message(e) == "probe output" && field(e, "stream") == "stderr");
     assert!(stderr
         .iter()
