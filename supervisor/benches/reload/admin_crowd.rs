@@ -4,13 +4,11 @@
 //! header byte a second per connection) hold the admin port, all from
 //! loopback and so from one peer address. Target: p99 under 100 ms.
 
-use crate::baton_log::{message, BatonLog};
-use crate::procs::{self, Guard, TempDir};
+use crate::procs;
 use crate::servers::Binaries;
 use baton_tests::crowd::{Crowd, Kind};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -39,45 +37,8 @@ pub struct Crowded {
 
 /// Probes `/healthz` on one master, first alone, then under the crowd.
 pub fn measure(bins: &Binaries, interrupted: &AtomicBool) -> Result<Vec<Crowded>, String> {
-    let dir = TempDir::new("admin-crowd").map_err(|e| format!("cannot create a temp dir: {e}"))?;
-    let config = format!(
-        "[supervisor]\nlog_format = \"json\"\nadmin = \"127.0.0.1:0\"\n\n\
-         [[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n\
-         [worker]\ncommand = [{:?}]\n",
-        bins.hello.display().to_string(),
-    );
-    let config_path = dir.path().join("baton.toml");
-    std::fs::write(&config_path, config).map_err(|e| format!("writing baton.toml: {e}"))?;
-    let mut guard = Guard::default();
-    let master = guard
-        .spawn(
-            Command::new(&bins.baton)
-                .arg("run")
-                .arg("-c")
-                .arg(&config_path)
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped()),
-        )
-        .map_err(|e| format!("cannot start baton: {e}"))?;
-    let stderr = guard
-        .child_mut(master)
-        .and_then(|c| c.stderr.take())
-        .ok_or("baton has no stderr")?;
-    let log = BatonLog::start(stderr);
-    log.wait_for(0, Duration::from_secs(20), |e| {
-        message(e) == "reload committed"
-    })
-    .ok_or("generation 1 was not committed")?;
-    let bound = log
-        .wait_for(0, Duration::from_secs(5), |e| {
-            message(e) == "admin endpoint bound"
-        })
-        .ok_or("no `admin endpoint bound` event")?;
-    let addr: SocketAddr = crate::baton_log::field(&bound, "address")
-        .parse()
-        .map_err(|e| format!("bad admin address: {e}"))?;
+    let running = crate::admin_idle::start_master(bins, "admin-crowd", true)?;
+    let (master, addr) = (running.pid, running.admin.ok_or("no admin endpoint")?);
     let mut out = Vec::new();
     for (idle, slowloris) in [(0, 0), (2000, 200)] {
         if interrupted.load(Ordering::Relaxed) {
@@ -86,7 +47,7 @@ pub fn measure(bins: &Binaries, interrupted: &AtomicBool) -> Result<Vec<Crowded>
         out.push(crowded(master, addr, idle, slowloris, interrupted));
     }
     procs::memory(master).ok_or("the master died under the crowd")?;
-    drop(guard);
+    drop(running);
     Ok(out)
 }
 

@@ -38,8 +38,19 @@ pub fn measure(bins: &Binaries, interrupted: &AtomicBool) -> Result<Vec<Idle>, S
     Ok(out)
 }
 
-fn measure_one(bins: &Binaries, admin: bool, interrupted: &AtomicBool) -> Result<Idle, String> {
-    let dir = TempDir::new("admin-idle").map_err(|e| format!("cannot create a temp dir: {e}"))?;
+/// A master running `hello`, with the admin endpoint if `admin`: its pid
+/// and the admin endpoint's address; dropped, it is stopped and its temp
+/// dir removed.
+pub struct AdminMaster {
+    _guard: Guard,
+    pub pid: Pid,
+    pub admin: Option<SocketAddr>,
+    _dir: TempDir,
+}
+
+/// Starts an [`AdminMaster`] and waits until generation 1 serves.
+pub fn start_master(bins: &Binaries, name: &str, admin: bool) -> Result<AdminMaster, String> {
+    let dir = TempDir::new(name).map_err(|e| format!("cannot create a temp dir: {e}"))?;
     let admin_line = if admin {
         "admin = \"127.0.0.1:0\"\n"
     } else {
@@ -54,7 +65,7 @@ fn measure_one(bins: &Binaries, admin: bool, interrupted: &AtomicBool) -> Result
     let config_path = dir.path().join("baton.toml");
     std::fs::write(&config_path, config).map_err(|e| format!("writing baton.toml: {e}"))?;
     let mut guard = Guard::default();
-    let master = guard
+    let pid = guard
         .spawn(
             Command::new(&bins.baton)
                 .arg("run")
@@ -67,7 +78,7 @@ fn measure_one(bins: &Binaries, admin: bool, interrupted: &AtomicBool) -> Result
         )
         .map_err(|e| format!("cannot start baton: {e}"))?;
     let stderr = guard
-        .child_mut(master)
+        .child_mut(pid)
         .and_then(|c| c.stderr.take())
         .ok_or("baton has no stderr")?;
     let log = BatonLog::start(stderr);
@@ -75,7 +86,7 @@ fn measure_one(bins: &Binaries, admin: bool, interrupted: &AtomicBool) -> Result
         message(e) == "reload committed"
     })
     .ok_or("generation 1 was not committed")?;
-    if admin {
+    let admin = if admin {
         let bound = log
             .wait_for(0, Duration::from_secs(5), |e| {
                 message(e) == "admin endpoint bound"
@@ -84,6 +95,22 @@ fn measure_one(bins: &Binaries, admin: bool, interrupted: &AtomicBool) -> Result
         let addr: SocketAddr = crate::baton_log::field(&bound, "address")
             .parse()
             .map_err(|e| format!("bad admin address: {e}"))?;
+        Some(addr)
+    } else {
+        None
+    };
+    Ok(AdminMaster {
+        _guard: guard,
+        pid,
+        admin,
+        _dir: dir,
+    })
+}
+
+fn measure_one(bins: &Binaries, admin: bool, interrupted: &AtomicBool) -> Result<Idle, String> {
+    let running = start_master(bins, "admin-idle", admin)?;
+    let master = running.pid;
+    if let Some(addr) = running.admin {
         for _ in 0..SCRAPES {
             for path in ["/metrics", "/status"] {
                 scrape(addr, path)?;
@@ -99,7 +126,7 @@ fn measure_one(bins: &Binaries, admin: bool, interrupted: &AtomicBool) -> Result
         std::thread::sleep(Duration::from_millis(100));
     }
     let wakeups = context_switches(master).saturating_sub(before);
-    drop(guard);
+    drop(running);
     Ok(Idle {
         admin,
         rss_kib,
