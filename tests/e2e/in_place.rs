@@ -2,7 +2,9 @@
 //! swaps the new configuration in, all or nothing, and no process is
 //! replaced.
 
-use baton_tests::harness::{config_with_worker, field, message, Baton, Binaries, TempDir};
+use baton_tests::harness::{
+    config_with_worker, current_workers, field, message, Baton, Binaries, TempDir,
+};
 use baton_tests::load::Mode;
 use std::time::Duration;
 
@@ -49,18 +51,7 @@ pub(crate) fn wait_versions(
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let status = baton.status();
-        let current = status["master"]["current_generation"].clone();
-        let generation = status["generations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["number"] == current)
-            .cloned()
-            .unwrap_or_default();
-        let workers = generation["workers"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let workers = current_workers(&status);
         let on_version = |w: &serde_json::Value| match version {
             Some(v) => w["config_version"] == v,
             None => w["config_version"].is_string(),

@@ -4,7 +4,7 @@
 //! `committed`.
 
 use crate::in_place::{config_timed, reload, start_with, wait_versions, write_app, WORKERS};
-use baton_tests::harness::{field, message, Baton};
+use baton_tests::harness::{current_workers, field, message, Baton};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
@@ -13,20 +13,9 @@ use std::time::Duration;
 /// The pid of worker `index` of the current generation.
 fn worker_pid(baton: &Baton, index: u32) -> Pid {
     let status = baton.status();
-    let current = status["master"]["current_generation"].clone();
-    let generation = status["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["number"] == current)
-        .cloned()
-        .unwrap();
-    let worker = generation["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
+    let worker = current_workers(&status)
+        .into_iter()
         .find(|w| w["index"] == index)
-        .cloned()
         .unwrap_or_else(|| panic!("no worker {index}: {status}"));
     Pid::from_raw(worker["pid"].as_i64().unwrap() as i32)
 }
@@ -35,13 +24,8 @@ fn worker_pid(baton: &Baton, index: u32) -> Pid {
 /// generation answered (at most 2,000): each worker's pid and the
 /// versions it answered with.
 fn versions_served(baton: &Baton, status: &serde_json::Value) -> BTreeMap<i64, Vec<String>> {
-    let current = status["master"]["current_generation"].clone();
-    let pids: Vec<i64> = status["generations"]
-        .as_array()
-        .unwrap()
+    let pids: Vec<i64> = current_workers(status)
         .iter()
-        .filter(|g| g["number"] == current)
-        .flat_map(|g| g["workers"].as_array().unwrap().clone())
         .map(|w| w["pid"].as_i64().unwrap())
         .collect();
     let mut served: BTreeMap<i64, Vec<String>> = BTreeMap::new();

@@ -760,6 +760,16 @@ pub fn generation_in(status: &Value, number: u64) -> Option<Value> {
         .cloned()
 }
 
+/// The workers of the current generation in a `baton status --json`
+/// answer (none if there is no current generation).
+pub fn current_workers(status: &Value) -> Vec<Value> {
+    status["master"]["current_generation"]
+        .as_u64()
+        .and_then(|n| generation_in(status, n))
+        .and_then(|g| g["workers"].as_array().cloned())
+        .unwrap_or_default()
+}
+
 /// The zero-drop verdict: at least some traffic, not one failed request, and
 /// responses that moved through the generations in order from 1 to `last`.
 pub fn assert_no_request_failed(report: &crate::load::Report, what: &str, last: u64) {
