@@ -208,9 +208,7 @@ impl Counts {
 struct Shared {
     stop: AtomicBool,
     started: AtomicU64,
-    ok: AtomicU64,
-    /// The highest generation seen plus one; 0 when none was seen.
-    latest_generation: AtomicU64,
+    progress: crate::load::Progress,
     generations: Mutex<Vec<u64>>,
 }
 
@@ -256,28 +254,18 @@ impl Http2Load {
 
     /// Requests answered 2xx so far.
     pub fn ok_so_far(&self) -> u64 {
-        self.shared.ok.load(Ordering::Relaxed)
+        self.shared.progress.ok_so_far()
     }
 
     /// The highest generation any response carried so far.
     pub fn latest_generation(&self) -> Option<u64> {
-        self.shared
-            .latest_generation
-            .load(Ordering::Relaxed)
-            .checked_sub(1)
+        self.shared.progress.latest_generation()
     }
 
     /// Waits until at least `n` requests were answered 2xx; false if that
     /// did not happen within `patience`.
     pub fn wait_for_ok(&self, n: u64, patience: Duration) -> bool {
-        let deadline = Instant::now() + patience;
-        while self.ok_so_far() < n {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        true
+        self.shared.progress.wait_for_ok(n, patience)
     }
 }
 
@@ -327,9 +315,9 @@ impl Shared {
     }
 
     fn saw(&self, generation: Option<u64>) {
-        self.ok.fetch_add(1, Ordering::Relaxed);
+        self.progress.answered();
+        self.progress.saw_generation(generation);
         if let Some(g) = generation {
-            self.latest_generation.fetch_max(g + 1, Ordering::Relaxed);
             let mut seen = self.generations.lock().unwrap();
             if !seen.contains(&g) {
                 seen.push(g);

@@ -345,6 +345,54 @@ fn describe_failure(s: &Sample) -> String {
     text
 }
 
+/// How far a load has got, shared by its clients and its handle (HTTP/1.1
+/// here, HTTP/2 in [`crate::http2`]): the handle reads it while the load
+/// runs ("wait until traffic flows", "which generation answers now").
+#[derive(Default)]
+pub(crate) struct Progress {
+    ok: AtomicU64,
+    /// The highest generation seen plus one; 0 when none was seen.
+    latest_generation: AtomicU64,
+}
+
+impl Progress {
+    /// A response, 2xx or not, carried `generation`.
+    pub(crate) fn saw_generation(&self, generation: Option<u64>) {
+        if let Some(generation) = generation {
+            self.latest_generation
+                .fetch_max(generation.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// A request was answered 2xx.
+    pub(crate) fn answered(&self) {
+        self.ok.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn ok_so_far(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn latest_generation(&self) -> Option<u64> {
+        self.latest_generation
+            .load(Ordering::Relaxed)
+            .checked_sub(1)
+    }
+
+    /// Waits until at least `n` requests were answered 2xx, polling every
+    /// millisecond; false if that did not happen within `timeout`.
+    pub(crate) fn wait_for_ok(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.ok_so_far() < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+}
+
 /// What the clients share with the handle.
 #[derive(Default)]
 struct Shared {
@@ -353,9 +401,7 @@ struct Shared {
     /// by the number of clients: each one increments it once to learn it
     /// must stop).
     started: AtomicU64,
-    ok: AtomicU64,
-    /// The highest generation seen plus one; 0 when none was seen.
-    latest_generation: AtomicU64,
+    progress: Progress,
 }
 
 /// A run under way: client threads sending requests until stopped or
@@ -418,30 +464,18 @@ impl LoadHandle {
     /// Requests that ended [`Class::Ok`] so far, for "wait until traffic
     /// flows".
     pub fn ok_so_far(&self) -> u64 {
-        self.shared.ok.load(Ordering::Relaxed)
+        self.shared.progress.ok_so_far()
     }
 
     /// The highest generation any response carried so far.
     pub fn latest_generation(&self) -> Option<u64> {
-        self.shared
-            .latest_generation
-            .load(Ordering::Relaxed)
-            .checked_sub(1)
+        self.shared.progress.latest_generation()
     }
 
     /// Waits until at least `n` requests ended [`Class::Ok`], polling every
     /// millisecond; false if that did not happen within `timeout`.
     pub fn wait_for_ok(&self, n: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.ok_so_far() >= n {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.shared.progress.wait_for_ok(n, timeout)
     }
 
     /// Joins every client and merges their samples, sorted by start.
@@ -493,13 +527,9 @@ fn client_loop(cfg: &LoadConfig, shared: &Shared, run_start: Instant) -> Vec<Sam
         let outcome = one_request(cfg, &request, &mut conn, started + cfg.timeout);
         let latency = started.elapsed();
         if outcome.class == Class::Ok {
-            shared.ok.fetch_add(1, Ordering::Relaxed);
+            shared.progress.answered();
         }
-        if let Some(generation) = outcome.generation {
-            shared
-                .latest_generation
-                .fetch_max(generation.saturating_add(1), Ordering::Relaxed);
-        }
+        shared.progress.saw_generation(outcome.generation);
         samples.push(Sample {
             start: started.saturating_duration_since(run_start),
             latency,
