@@ -22,6 +22,41 @@ const TIDY_CHUNK: usize = 64;
 /// thousand.
 const REAP_CHUNK: usize = 2;
 
+/// Why a worker exited, as the `baton_worker_exits_total` metric counts it.
+pub fn exit_reason(phase: Phase, state: State, success: bool) -> &'static str {
+    match (phase, state) {
+        (Phase::Starting, _) => "failed_start",
+        (_, State::Killed) => "killed",
+        (_, State::Draining { .. }) => "drained",
+        _ if success => "exited",
+        _ => "crashed",
+    }
+}
+
+/// What a worker's exit means for its generation (probation and in-place
+/// reloads hear of it first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitVerdict {
+    /// The generation was starting: its reload fails.
+    FailReload,
+    /// A serving worker died: it is respawned (unless it crash-loops).
+    Respawn,
+    /// Nothing to do: it was draining, surplus, or its generation is done.
+    Forget,
+}
+
+/// The decision for a worker's exit: by its generation's phase, whether
+/// it was draining (or killed), whether the master is stopping, and
+/// whether its index is within the generation's worker count (a surplus
+/// worker after `baton scale` down is not replaced).
+pub fn exit_verdict(phase: Phase, draining: bool, stopping: bool, within: bool) -> ExitVerdict {
+    match phase {
+        Phase::Starting => ExitVerdict::FailReload,
+        Phase::Current if !stopping && !draining && within => ExitVerdict::Respawn,
+        Phase::Current | Phase::Draining | Phase::Failed | Phase::Standby => ExitVerdict::Forget,
+    }
+}
+
 impl Master {
     pub(crate) fn generation_of(&mut self, pid: Pid) -> Option<&mut Generation> {
         self.generations
@@ -79,7 +114,7 @@ impl Master {
         if let Some(guardian) = &self.guardian {
             guardian.forget(pid);
         }
-        let stopping = self.stopping.is_some();
+        let stopping = self.operation.stopping().is_some();
         let Some(generation) = self.generation_of(pid) else {
             // Maybe a worker whose start has not come back to the loop yet.
             if self.spawns_pending() {
@@ -92,13 +127,7 @@ impl Master {
         };
         let number = generation.number;
         let draining = matches!(worker.state, State::Draining { .. } | State::Killed);
-        let reason = match (generation.phase, worker.state) {
-            (Phase::Starting, _) => "failed_start",
-            (_, State::Killed) => "killed",
-            (_, State::Draining { .. }) => "drained",
-            _ if success => "exited",
-            _ => "crashed",
-        };
+        let reason = exit_reason(generation.phase, worker.state, success);
         tracing::info!(
             generation = number,
             worker = worker.index,
@@ -110,8 +139,8 @@ impl Master {
         self.metrics.worker_exited(reason);
         let index = worker.index;
         if self
-            .in_place
-            .as_ref()
+            .operation
+            .in_place()
             .is_some_and(|t| t.generation() == number)
         {
             self.in_place_worker_exited(pid, index, &status);
@@ -122,15 +151,16 @@ impl Master {
         let Some(generation) = self.generations.get_mut(&number) else {
             return;
         };
-        match generation.phase {
-            Phase::Starting => {
+        let within = worker.index < generation.processes;
+        match exit_verdict(generation.phase, draining, stopping, within) {
+            ExitVerdict::FailReload => {
                 let reason = format!(
                     "worker {} (pid {pid}) exited with {status} before it was ready",
                     worker.index
                 );
                 self.new_worker_exited(reason);
             }
-            Phase::Current if !stopping && !draining && worker.index < generation.processes => {
+            ExitVerdict::Respawn => {
                 if generation.crash_loop(worker.index) {
                     tracing::error!(
                         generation = number,
@@ -152,7 +182,7 @@ impl Master {
                     "worker died; respawning"
                 );
             }
-            _ => {}
+            ExitVerdict::Forget => {}
         }
         self.reap_finished_generations();
     }
@@ -161,8 +191,8 @@ impl Master {
     /// when no other generation holds them.
     pub(crate) fn reap_finished_generations(&mut self) {
         let current = self.current;
-        let stopping = self.stopping.is_some();
-        let reloading = self.reload.as_ref().map(|r| r.generation());
+        let stopping = self.operation.stopping().is_some();
+        let reloading = self.operation.reload().map(|r| r.generation());
         let before = self.generations.len();
         self.generations.retain(|&number, g| {
             let keep = !g.workers.is_empty()
@@ -207,7 +237,7 @@ impl Master {
     /// bookkeeping does not know), nor once stopping (everything goes at
     /// exit; after an upgrade the ports are the new master's).
     pub(crate) fn tidy_step(&mut self) {
-        if self.upgrade.is_some() || self.stopping.is_some() {
+        if self.operation.upgrade().is_some() || self.operation.stopping().is_some() {
             self.tidying.clear();
             self.tidy_again = false;
             return;

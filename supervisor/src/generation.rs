@@ -352,15 +352,10 @@ impl Generation {
     /// within `crash_loop_window`, and so is not to be respawned any more
     /// (the crash-loop breaker; a reload starts it afresh).
     pub fn crash_loop(&mut self, index: u32) -> bool {
-        let now = Instant::now();
         let window = self.config.worker.crash_loop_window.0;
         let limit = self.config.worker.crash_loop_limit as usize;
         let times = self.crashes.entry(index).or_default();
-        times.push_back(now);
-        while times.front().is_some_and(|t| now - *t > window) {
-            times.pop_front();
-        }
-        if times.len() >= limit {
+        if crash_loop(times, Instant::now(), window, limit) {
             self.crash_looped.insert(index);
             return true;
         }
@@ -370,14 +365,8 @@ impl Generation {
     /// Schedules a respawn of the worker that just exited, with exponential
     /// backoff; returns the delay.
     pub fn schedule_respawn(&mut self, exited: &Worker) -> Duration {
-        let crashes = if exited.started.elapsed() >= HEALTHY_AFTER {
-            1
-        } else {
-            exited.crashes + 1
-        };
-        let delay = BACKOFF_START
-            .saturating_mul(1 << (crashes - 1).min(16))
-            .min(BACKOFF_CAP);
+        let crashes = crashes_in_a_row(exited.started.elapsed(), exited.crashes);
+        let delay = respawn_delay(crashes);
         if crashes >= CRASH_LOOP {
             tracing::warn!(
                 generation = self.number,
@@ -420,4 +409,39 @@ impl Generation {
             .map(|_| Instant::now() + HANDOVER_POLL);
         kills.chain(respawns).chain(handover).min()
     }
+}
+
+/// The crash-loop breaker: records a crash at `now` in `times` (the
+/// worker's recent crashes) and says whether `limit` crashes fell within
+/// `window`: the worker is then not respawned any more.
+pub fn crash_loop(
+    times: &mut std::collections::VecDeque<Instant>,
+    now: Instant,
+    window: Duration,
+    limit: usize,
+) -> bool {
+    times.push_back(now);
+    while times.front().is_some_and(|t| now - *t > window) {
+        times.pop_front();
+    }
+    times.len() >= limit
+}
+
+/// A worker's crashes in a row, counting the exit of one that ran for
+/// `ran` after `before` crashes: one that ran [`HEALTHY_AFTER`] starts a
+/// new count.
+pub fn crashes_in_a_row(ran: Duration, before: u32) -> u32 {
+    if ran >= HEALTHY_AFTER {
+        1
+    } else {
+        before + 1
+    }
+}
+
+/// The respawn delay after `crashes` in a row: exponential from
+/// [`BACKOFF_START`], capped at [`BACKOFF_CAP`].
+pub fn respawn_delay(crashes: u32) -> Duration {
+    BACKOFF_START
+        .saturating_mul(1 << crashes.saturating_sub(1).min(16))
+        .min(BACKOFF_CAP)
 }

@@ -83,7 +83,7 @@ impl Mode {
 
 /// Where the transaction is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
+pub enum Stage {
     /// Waiting for every worker's prepared (or a refusal).
     Preparing,
     /// Waiting for every worker's committed.
@@ -171,6 +171,76 @@ fn only_app_changed(old: &Config, new: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// What a worker's answer to prepare or commit means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// It prepared the version: one fewer to wait for.
+    Prepared,
+    /// It refused to prepare: the reload fails, nothing changed.
+    Abort,
+    /// It refused to commit (it had not prepared it): it is killed and
+    /// respawned with the new version.
+    Kill,
+    /// It committed: it serves the new version.
+    Committed,
+    /// For another version or stage: ignored.
+    Ignore,
+}
+
+/// The decision for `answer` during `stage` of a reload to `version`.
+pub fn answer_verdict(stage: Stage, answer: &WorkerMessage, version: &str) -> Answer {
+    match (stage, answer) {
+        (Stage::Preparing, WorkerMessage::AppPrepared { version: v }) if v == version => {
+            Answer::Prepared
+        }
+        (Stage::Preparing, WorkerMessage::AppRefused { version: v, .. }) if v == version => {
+            Answer::Abort
+        }
+        (Stage::Committing, WorkerMessage::AppRefused { version: v, .. }) if v == version => {
+            Answer::Kill
+        }
+        (Stage::Committing, WorkerMessage::AppCommitted { version: v }) if v == version => {
+            Answer::Committed
+        }
+        _ => Answer::Ignore,
+    }
+}
+
+/// Whether a worker that exited while awaited fails the reload: while
+/// preparing it does (nothing changed yet); while committing its respawn
+/// starts with the new version.
+pub fn exit_aborts(stage: Stage) -> bool {
+    stage == Stage::Preparing
+}
+
+/// What the transaction does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// Every worker prepared: commit.
+    Commit,
+    /// Prepare timed out: the reload fails.
+    AbortLate,
+    /// Every worker committed: done.
+    Finish,
+    /// Commit timed out: the late ones are killed (respawned with the new
+    /// version), and it is done.
+    KillLateAndFinish,
+    /// Answers are still due.
+    Wait,
+}
+
+/// The decision, by stage, whether every answer is in, and whether the
+/// stage's deadline has passed.
+pub fn next_move(stage: Stage, all_answered: bool, past_deadline: bool) -> Move {
+    match (stage, all_answered, past_deadline) {
+        (Stage::Preparing, true, _) => Move::Commit,
+        (Stage::Preparing, false, true) => Move::AbortLate,
+        (Stage::Committing, true, _) => Move::Finish,
+        (Stage::Committing, false, true) => Move::KillLateAndFinish,
+        (_, false, false) => Move::Wait,
+    }
+}
+
 impl Master {
     /// Whether `config` can be applied in place to the current generation:
     /// `Err` says why not.
@@ -213,6 +283,7 @@ impl Master {
     pub(crate) fn begin_in_place(
         &mut self,
         trigger: Trigger,
+        requested_by: Option<crate::audit::Requester>,
         number: u64,
         config: Rc<Config>,
         span: Span,
@@ -262,11 +333,13 @@ impl Master {
             stage: Stage::Preparing,
             waiting,
             deadline: Instant::now() + timeout,
-            requested_by: self.asked_by.clone(),
+            requested_by,
         };
         match failure {
             Some(reason) => self.abort_in_place(transaction, reason),
-            None => self.in_place = Some(transaction),
+            None => self
+                .operation
+                .begin(crate::operation::Operation::InPlace(transaction)),
         }
     }
 
@@ -279,7 +352,7 @@ impl Master {
         {
             worker.answer_due = None;
         }
-        let Some(transaction) = self.in_place.as_mut() else {
+        let Some(transaction) = self.operation.in_place_mut() else {
             return;
         };
         let version = transaction.config.app.version.clone();
@@ -288,23 +361,20 @@ impl Master {
             .get(&transaction.generation)
             .and_then(|g| g.workers.get(&pid))
             .map_or((u32::MAX, pid.as_raw()), |w| (w.index, pid.as_raw()));
-        match (transaction.stage, answer) {
-            (Stage::Preparing, WorkerMessage::AppPrepared { version: v }) if v == version => {
+        let verdict = answer_verdict(transaction.stage, &answer, &version);
+        match (verdict, answer) {
+            (Answer::Prepared, _) => {
                 transaction.waiting.remove(&pid);
             }
-            (Stage::Preparing, WorkerMessage::AppRefused { version: v, reason })
-                if v == version =>
-            {
+            (Answer::Abort, WorkerMessage::AppRefused { reason, .. }) => {
                 transaction.waiting.remove(&pid);
-                let transaction = self.in_place.take().expect("checked above");
+                let transaction = self.operation.take_in_place().expect("checked above");
                 return self.abort_in_place(
                     transaction,
                     format!("refused by worker {index} (pid {raw}): {reason}"),
                 );
             }
-            (Stage::Committing, WorkerMessage::AppRefused { version: v, reason })
-                if v == version =>
-            {
+            (Answer::Kill, WorkerMessage::AppRefused { reason, .. }) => {
                 // It had not prepared it (or not with every handle): it
                 // would go on serving what it has.
                 transaction.waiting.remove(&pid);
@@ -317,7 +387,7 @@ impl Master {
                     worker.kill();
                 }
             }
-            (Stage::Committing, WorkerMessage::AppCommitted { version: v }) if v == version => {
+            (Answer::Committed, WorkerMessage::AppCommitted { version: v }) => {
                 transaction.waiting.remove(&pid);
                 if let Some(worker) = self
                     .generations
@@ -336,14 +406,14 @@ impl Master {
 
     /// A worker of the generation exited during the transaction.
     pub(crate) fn in_place_worker_exited(&mut self, pid: Pid, index: u32, status: &str) {
-        let Some(transaction) = self.in_place.as_mut() else {
+        let Some(transaction) = self.operation.in_place_mut() else {
             return;
         };
         if !transaction.waiting.remove(&pid) {
             return;
         }
-        if transaction.stage == Stage::Preparing {
-            let transaction = self.in_place.take().expect("checked above");
+        if exit_aborts(transaction.stage) {
+            let transaction = self.operation.take_in_place().expect("checked above");
             return self.abort_in_place(
                 transaction,
                 format!("worker {index} (pid {pid}) exited with {status} while preparing"),
@@ -355,14 +425,14 @@ impl Master {
 
     /// Moves on when every answer is in, or the deadline passed.
     pub(crate) fn advance_in_place(&mut self) {
-        let Some(transaction) = self.in_place.as_mut() else {
+        let Some(transaction) = self.operation.in_place_mut() else {
             return;
         };
-        let now = Instant::now();
-        match transaction.stage {
-            Stage::Preparing if transaction.waiting.is_empty() => self.commit_in_place(),
-            Stage::Preparing if now >= transaction.deadline => {
-                let transaction = self.in_place.take().expect("checked above");
+        let past = Instant::now() >= transaction.deadline;
+        match next_move(transaction.stage, transaction.waiting.is_empty(), past) {
+            Move::Commit => self.commit_in_place(),
+            Move::AbortLate => {
+                let transaction = self.operation.take_in_place().expect("checked above");
                 let late = self.describe(transaction.generation, &transaction.waiting);
                 let timeout = transaction.config.worker.prepare_timeout.0;
                 // A worker that cannot answer is not trusted to serve: the
@@ -373,8 +443,8 @@ impl Master {
                     format!("{late} did not answer prepare within {timeout:?}"),
                 );
             }
-            Stage::Committing if transaction.waiting.is_empty() => self.finish_in_place(),
-            Stage::Committing if now >= transaction.deadline => {
+            Move::Finish => self.finish_in_place(),
+            Move::KillLateAndFinish => {
                 // Each is killed and respawned with the committed version:
                 // nothing keeps serving the old one.
                 let (number, late) = (
@@ -391,19 +461,19 @@ impl Master {
                 }
                 self.finish_in_place();
             }
-            _ => {}
+            Move::Wait => {}
         }
     }
 
     /// When the transaction needs the loop next.
     pub(crate) fn in_place_deadline(&self) -> Option<Instant> {
-        self.in_place.as_ref().map(|t| t.deadline)
+        self.operation.in_place().map(|t| t.deadline)
     }
 
     /// Every worker prepared: the generation's configuration becomes the
     /// new one, the master's log filter switches, and every worker swaps.
     fn commit_in_place(&mut self) {
-        let Some(transaction) = self.in_place.as_mut() else {
+        let Some(transaction) = self.operation.in_place_mut() else {
             return;
         };
         let _enter = transaction.span.clone().entered();
@@ -447,7 +517,7 @@ impl Master {
     }
 
     fn finish_in_place(&mut self) {
-        let Some(mut transaction) = self.in_place.take() else {
+        let Some(mut transaction) = self.operation.take_in_place() else {
             return;
         };
         let _enter = transaction.span.clone().entered();
@@ -512,7 +582,7 @@ impl Master {
 
     /// The generation whose new workers wait for the transaction's end.
     pub(crate) fn spawns_held(&self) -> Option<u64> {
-        self.in_place.as_ref().map(|t| t.generation)
+        self.operation.in_place().map(|t| t.generation)
     }
 
     /// Kills the workers that still owe the answer of a transaction that
@@ -544,7 +614,7 @@ impl Master {
 
     /// The master is stopping: the transaction is abandoned (aborted).
     pub(crate) fn abandon_in_place(&mut self) {
-        if let Some(transaction) = self.in_place.take() {
+        if let Some(transaction) = self.operation.take_in_place() {
             self.abort_in_place(transaction, "the master is stopping".into());
         }
     }

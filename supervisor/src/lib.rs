@@ -23,6 +23,7 @@ pub mod logging;
 pub mod master;
 pub mod metrics;
 pub mod notify;
+pub mod operation;
 pub mod orphans;
 pub mod output;
 pub mod pidfile;

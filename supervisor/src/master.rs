@@ -7,13 +7,14 @@ use crate::control::ControlSocket;
 use crate::generation::{Generation, Phase};
 use crate::listener::Shared;
 use crate::logging::LogHandle;
+use crate::operation::{Admission, Ask, Facts, FollowUp, Operation};
 use crate::pidfile::PidFile;
-use crate::reload::{Outcome, Reload, Trigger};
+use crate::reload::{Outcome, Trigger};
 use crate::scale::{ScaleChange, ScaleOverride};
 use crate::signals::{SignalEvent, Signals};
 use crate::upgrade::exec::ExecState;
 use crate::upgrade::handoff::{NewMessage, OldMessage, Takeover};
-use crate::upgrade::{Program, Upgrade};
+use crate::upgrade::Program;
 use crate::worker::State;
 use anyhow::Context;
 use baton_worker::channel::{Channel, ChannelError};
@@ -126,16 +127,13 @@ pub struct Master {
     pub(crate) generations: BTreeMap<u64, Generation>,
     pub(crate) current: Option<u64>,
     pub(crate) next_generation: u64,
-    /// A reload whose configuration is being read.
-    pub(crate) validating: Option<crate::reload::Validating>,
-    pub(crate) reload: Option<Reload>,
-    pub(crate) reload_queued: bool,
-    pub(crate) stopping: Option<Stop>,
+    /// What the master is doing (see [`crate::operation`]).
+    pub(crate) operation: Operation,
+    /// The reload that runs after the one under way.
+    pub(crate) follow_up: FollowUp,
     pub(crate) last_reload: Option<Outcome>,
     /// CLI requests waiting for the running transaction's outcome.
     pub(crate) reload_waiters: Vec<Waiter>,
-    /// CLI requests waiting for the coalesced follow-up's outcome.
-    pub(crate) queued_waiters: Vec<Waiter>,
     /// A worker count set by `baton scale`, kept across reloads while the
     /// config's `processes` stays what it was.
     pub(crate) scale: Option<ScaleOverride>,
@@ -156,8 +154,6 @@ pub struct Master {
     pub(crate) pid_file: Option<PidFile>,
     /// This master's binary, for upgrades.
     pub(crate) program: Program,
-    /// A binary upgrade this master is running.
-    pub(crate) upgrade: Option<Upgrade>,
     /// In a new master: the old master, until it hands over.
     pub(crate) takeover: Option<TakeoverState>,
     /// In a new master: lives until the old master has exited; the old
@@ -169,25 +165,12 @@ pub struct Master {
     /// Kills the workers a killed master leaves behind (see
     /// [`crate::guardian`]).
     pub(crate) guardian: Option<crate::guardian::Guardian>,
-    /// A reload past cutover, on probation (see [`crate::rollout`]).
-    pub(crate) rollout: Option<crate::rollout::Rollout>,
     /// The generation whose readiness probes run (see [`crate::probe`]).
     pub(crate) probing: Option<crate::probe::Probing>,
-    /// `baton reload --canary`, for the reload it starts.
-    pub(crate) pending_canary: Option<crate::config::Share>,
-    /// An in-place reload under way (see [`crate::inplace`]).
-    pub(crate) in_place: Option<crate::inplace::InPlace>,
-    /// `baton reload --in-place` or `--new-generation`, for the reload it
-    /// starts.
-    pub(crate) pending_mode: crate::inplace::Mode,
     /// The admin endpoint (`[supervisor] admin`).
     pub(crate) admin: Option<crate::admin::AdminSocket>,
     /// What `/metrics` shows.
     pub(crate) metrics: crate::metrics::Metrics,
-    /// Who asked for what is being handled (a control request, a signal).
-    pub(crate) asked_by: Option<crate::audit::Requester>,
-    /// Who last asked for the coalesced follow-up reload.
-    pub(crate) queued_by: Option<crate::audit::Requester>,
     /// Ports whose unused sockets are still to be let go of, a chunk a turn
     /// (see [`crate::exits`]).
     pub(crate) tidying: Vec<Shared>,
@@ -301,13 +284,10 @@ pub async fn run(
         generations: BTreeMap::new(),
         current: None,
         next_generation: 1,
-        validating: None,
-        reload: None,
-        reload_queued: false,
-        stopping: None,
+        operation: Operation::Idle,
+        follow_up: FollowUp::default(),
         last_reload: None,
         reload_waiters: Vec::new(),
-        queued_waiters: Vec::new(),
         scale: None,
         started: Instant::now(),
         log,
@@ -317,20 +297,13 @@ pub async fn run(
         control,
         pid_file,
         program,
-        upgrade: None,
         takeover: None,
         old_master: None,
         successor: None,
         guardian: None,
-        rollout: None,
         probing: None,
-        pending_canary: None,
-        in_place: None,
-        pending_mode: Default::default(),
         admin,
         metrics: crate::metrics::Metrics::new(),
-        asked_by: None,
-        queued_by: None,
         tidying: Vec::new(),
         tidy_again: false,
         unclaimed_exits: Default::default(),
@@ -357,12 +330,18 @@ pub async fn run(
     } else {
         Trigger::Start
     };
-    master.begin_reload(first, Ok(config), None, Default::default());
+    master.begin_reload(
+        crate::operation::ReloadRequest::new(first, None),
+        Ok(config),
+    );
     let mut watchdog = crate::sd_notify::Watchdog::from_env(upgraded);
     let mut requests_in_a_row = 0;
     loop {
         if let Some(outcome) = &master.last_reload {
-            if outcome.trigger == first && master.current.is_none() && master.reload.is_none() {
+            if outcome.trigger == first
+                && master.current.is_none()
+                && master.operation.reload().is_none()
+            {
                 let (phase, reason) = outcome
                     .failure
                     .clone()
@@ -371,7 +350,7 @@ pub async fn run(
                 if let Some(takeover) = &master.takeover {
                     takeover.fail(&phase.to_string(), &reason);
                 }
-                master.stop(Stop::Fast);
+                master.stop(Stop::Fast, None);
                 master.wait_for_workers(&mut signals).await;
                 master.stop_orphans();
                 master.log.shutdown_traces();
@@ -379,7 +358,7 @@ pub async fn run(
             }
         }
         master.report_takeover_ready();
-        if master.stopping.is_some() && master.generations.is_empty() {
+        if master.operation.stopping().is_some() && master.generations.is_empty() {
             break;
         }
         // The tasks that read the control socket, the admin endpoint and
@@ -601,22 +580,20 @@ impl Master {
             Some(from) => tracing::info!(?signal, requested_by = %from, "signal received"),
             None => tracing::info!(?signal, "signal received"),
         }
-        self.asked_by = from;
-        self.on_signal_from(signal);
-        self.asked_by = None;
-    }
-
-    fn on_signal_from(&mut self, signal: SignalEvent) {
         match signal {
-            SignalEvent::Reload => self.request_reload(Trigger::Signal, None),
-            SignalEvent::GracefulStop => self.stop(Stop::Graceful),
-            SignalEvent::Terminate | SignalEvent::Interrupt => self.stop(self.stop_for(signal)),
+            SignalEvent::Reload => {
+                self.request_reload(crate::operation::ReloadRequest::new(Trigger::Signal, from))
+            }
+            SignalEvent::GracefulStop => self.stop(Stop::Graceful, from.as_ref()),
+            SignalEvent::Terminate | SignalEvent::Interrupt => {
+                self.stop(self.stop_for(signal), from.as_ref())
+            }
             SignalEvent::Reopen => {
                 self.reopen();
             }
-            SignalEvent::Upgrade => self.request_upgrade(None),
-            SignalEvent::ScaleUp => self.scale_logged(ScaleChange::By(1)),
-            SignalEvent::ScaleDown => self.scale_logged(ScaleChange::By(-1)),
+            SignalEvent::Upgrade => self.request_upgrade(None, from.as_ref()),
+            SignalEvent::ScaleUp => self.scale_logged(ScaleChange::By(1), from.as_ref()),
+            SignalEvent::ScaleDown => self.scale_logged(ScaleChange::By(-1), from.as_ref()),
             SignalEvent::Child => {}
         }
     }
@@ -632,10 +609,7 @@ impl Master {
                 if !matches!(request, Request::Status {}) {
                     tracing::info!(?request, requested_by = %from, "control request");
                 }
-                self.asked_by = Some(from);
-                self.on_control(request, reply);
-                self.asked_by = None;
-                return;
+                return self.on_control(request, reply, from);
             }
             Event::Admin { endpoint, reply } => return self.on_admin(endpoint, reply),
             Event::ConfigLoaded(loaded) => return self.on_config_loaded(*loaded),
@@ -718,19 +692,24 @@ impl Master {
     /// second Ctrl-C or `docker stop` cuts a long drain short.
     fn stop_for(&self, signal: SignalEvent) -> Stop {
         let graceful = self.config.supervisor.sigterm == crate::config::SigtermMode::Graceful;
-        if signal == SignalEvent::Terminate && graceful && self.stopping.is_none() {
+        if signal == SignalEvent::Terminate && graceful && self.operation.stopping().is_none() {
             Stop::Graceful
         } else {
             Stop::Fast
         }
     }
 
-    /// Starts a graceful or fast stop (a fast stop overrides a graceful one).
-    pub(crate) fn stop(&mut self, how: Stop) {
-        if self.stopping == Some(Stop::Fast) || self.stopping == Some(how) {
+    /// Starts a graceful or fast stop (a fast stop overrides a graceful
+    /// one), abandoning the operation under way.
+    pub(crate) fn stop(&mut self, how: Stop, by: Option<&crate::audit::Requester>) {
+        let admission = self
+            .operation
+            .summary()
+            .admit(Ask::Stop(how), Facts::default());
+        if admission != Admission::Start {
             return;
         }
-        match &self.asked_by {
+        match by {
             Some(by) => tracing::info!(?how, requested_by = %by, "master stopping"),
             None => tracing::info!(?how, "master stopping"),
         }
@@ -742,14 +721,14 @@ impl Master {
         self.abandon_upgrade();
         self.abandon_in_place();
         self.probing = None;
-        if self.rollout.take().is_some() {
+        if self.operation.take_rollout().is_some() {
             tracing::warn!("probation abandoned: the master is stopping");
         }
-        self.stopping = Some(how);
-        self.reload_queued = false;
-        if self.reload.take().is_some() || self.validating.take().is_some() {
+        if self.operation.take_reload().is_some() || self.operation.take_reading().is_some() {
             tracing::warn!("reload abandoned: the master is stopping");
         }
+        self.operation.become_stopping(how);
+        self.follow_up.cancel("the master is stopping");
         for generation in self.generations.values_mut() {
             generation.respawns.clear();
             match how {
@@ -845,7 +824,7 @@ impl Master {
         self.rollout_tick();
         self.upgrade_tick();
         let now = Instant::now();
-        let stopping = self.stopping.is_some();
+        let stopping = self.operation.stopping().is_some();
         let held = self.spawns_held();
         for generation in self.generations.values_mut() {
             generation.check_handover();
@@ -917,7 +896,7 @@ impl Master {
             .generations
             .values()
             .filter_map(|g| g.next_deadline(held == Some(g.number)));
-        let reload = self.reload.as_ref().map(|r| r.deadline());
+        let reload = self.operation.reload().map(|r| r.deadline());
         // Work left for the next turns: now.
         let busy = (self.tidy_pending() || self.reap_more).then(Instant::now);
         generations

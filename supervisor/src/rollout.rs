@@ -52,6 +52,17 @@ impl Rollout {
     pub fn generation(&self) -> u64 {
         self.reload.generation()
     }
+
+    /// The generation on standby.
+    pub fn standby(&self) -> u64 {
+        self.standby
+    }
+
+    /// Time left (`None`: a canary waiting for `baton promote`).
+    pub fn left(&self) -> Option<std::time::Duration> {
+        self.until
+            .map(|u| u.saturating_duration_since(Instant::now()))
+    }
 }
 
 impl Master {
@@ -107,26 +118,27 @@ impl Master {
         );
         let mut reload = reload;
         reload.begin_phase(crate::reload::Step::Probation);
-        self.rollout = Some(Rollout {
-            reload,
-            standby,
-            cut_over: now,
-            until,
-            canary,
-        });
+        self.operation
+            .begin(crate::operation::Operation::Probation(Rollout {
+                reload,
+                standby,
+                cut_over: now,
+                until,
+                canary,
+            }));
         None
     }
 
     /// When probation ends by itself.
     pub(crate) fn rollout_deadline(&self) -> Option<Instant> {
-        self.rollout.as_ref()?.until
+        self.operation.rollout()?.until
     }
 
     /// Ends probation when its time is up.
     pub(crate) fn rollout_tick(&mut self) {
         if self
-            .rollout
-            .as_ref()
+            .operation
+            .rollout()
             .and_then(|r| r.until)
             .is_some_and(|until| Instant::now() >= until)
         {
@@ -137,7 +149,7 @@ impl Master {
     /// Ends the rollout with the new generation in service: the reload
     /// settles. Returns whether there was one.
     pub(crate) fn promote(&mut self) -> bool {
-        let Some(rollout) = self.rollout.take() else {
+        let Some(rollout) = self.operation.take_rollout() else {
             return false;
         };
         let mut reload = rollout.reload;
@@ -155,7 +167,7 @@ impl Master {
     /// is current once more; the new generation drains. Returns whether
     /// there was a rollout.
     pub(crate) fn roll_back(&mut self, reason: &str) -> bool {
-        let Some(rollout) = self.rollout.take() else {
+        let Some(rollout) = self.operation.take_rollout() else {
             return false;
         };
         self.probing = None;
@@ -212,8 +224,8 @@ impl Master {
         status: &str,
     ) -> bool {
         let Some(rollout) = self
-            .rollout
-            .as_ref()
+            .operation
+            .rollout()
             .filter(|r| r.generation() == generation)
         else {
             return false;
@@ -232,8 +244,8 @@ impl Master {
             return;
         };
         let Some(rollout) = self
-            .rollout
-            .as_ref()
+            .operation
+            .rollout()
             .filter(|r| r.generation() == generation)
         else {
             return;
@@ -251,7 +263,7 @@ impl Master {
 
     /// `baton promote` and `baton rollback`.
     pub(crate) fn on_rollout_request(&mut self, promote: bool, reply: Waiter) {
-        let generation = self.rollout.as_ref().map(|r| r.generation());
+        let generation = self.operation.rollout().map(|r| r.generation());
         let Some(generation) = generation else {
             let _ = reply.send(Reply::error(
                 "no reload is on probation (nothing to promote or roll back)",
@@ -272,7 +284,7 @@ impl Master {
 
     /// What `baton status` shows of a rollout.
     pub(crate) fn rollout_status(&self) -> Option<RolloutStatus> {
-        let rollout = self.rollout.as_ref()?;
+        let rollout = self.operation.rollout()?;
         let now = Instant::now();
         Some(RolloutStatus {
             generation: rollout.generation(),

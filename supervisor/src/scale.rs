@@ -2,6 +2,7 @@
 
 use crate::generation::PendingRespawn;
 use crate::master::Master;
+use crate::operation::{Admission, Ask};
 use crate::worker::State;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -44,12 +45,14 @@ impl Master {
     /// (and report ready as usual); surplus ones, highest index first, drain.
     /// While an in-place reload runs on the generation, new workers start
     /// when it ends, with the version it leaves in service.
-    pub fn scale(&mut self, change: ScaleChange) -> Result<Scaled, String> {
-        if self.stopping.is_some() {
-            return Err("the master is stopping".into());
-        }
-        if self.transaction_running() {
-            return Err("a reload is in progress; scale once it has finished".into());
+    pub fn scale(
+        &mut self,
+        change: ScaleChange,
+        by: Option<&crate::audit::Requester>,
+    ) -> Result<Scaled, String> {
+        let facts = Default::default();
+        if let Admission::Refuse(reason) = self.operation.summary().admit(Ask::Scale, facts) {
+            return Err(reason.to_string());
         }
         let config_processes = self.config.worker.processes;
         let held = self.spawns_held();
@@ -117,7 +120,7 @@ impl Master {
             processes: wanted,
             config_processes,
         });
-        let requested_by = self.asked_by.as_ref().map(ToString::to_string);
+        let requested_by = by.map(ToString::to_string);
         tracing::info!(
             generation = number,
             from,
@@ -133,8 +136,8 @@ impl Master {
     }
 
     /// Scales from a signal: the outcome goes to the log only.
-    pub fn scale_logged(&mut self, change: ScaleChange) {
-        if let Err(reason) = self.scale(change) {
+    pub fn scale_logged(&mut self, change: ScaleChange, by: Option<&crate::audit::Requester>) {
+        if let Err(reason) = self.scale(change, by) {
             tracing::error!(%reason, "scale refused");
         }
     }

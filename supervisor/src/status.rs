@@ -67,7 +67,7 @@ impl Master {
                 config: self.config_path.display().to_string(),
                 config_hash: self.config.hash.clone(),
                 current_generation: self.current,
-                state: if self.stopping.is_some() {
+                state: if self.operation.stopping().is_some() {
                     "stopping"
                 } else {
                     "running"
@@ -87,11 +87,11 @@ impl Master {
                 .collect(),
             generations,
             reload_in_progress: self
-                .reload
-                .as_ref()
+                .operation
+                .reload()
                 .map(|r| r.generation())
-                .or(self.rollout.as_ref().map(|r| r.generation()))
-                .or(self.in_place.as_ref().map(|t| t.generation())),
+                .or(self.operation.rollout().map(|r| r.generation()))
+                .or(self.operation.in_place().map(|t| t.generation())),
             last_reload,
             rollout: self.rollout_status(),
         }

@@ -104,7 +104,7 @@ impl Master {
         if self.successor.is_some() {
             return None;
         }
-        if self.stopping.is_some() {
+        if self.operation.stopping().is_some() {
             return Some("the master is stopping".into());
         }
         let Some(current) = self.current.and_then(|c| self.generations.get(&c)) else {
@@ -195,8 +195,10 @@ impl Master {
             .filter(|g| g.phase == Phase::Draining && !g.workers.is_empty())
             .count();
         m.draining_generations.set(draining as i64);
-        m.reload_in_progress.set(i64::from(self.reload.is_some()));
-        m.stopping.set(i64::from(self.stopping.is_some()));
+        m.reload_in_progress
+            .set(i64::from(self.operation.reload().is_some()));
+        m.stopping
+            .set(i64::from(self.operation.stopping().is_some()));
         if let Some(last) = &self.last_reload {
             m.last_reload_success.set(i64::from(last.failure.is_none()));
             let at = last

@@ -1,14 +1,16 @@
 //! The master's answers to control requests.
 
 use super::protocol::{Reply, Request};
+use crate::audit::Requester;
 use crate::master::{Master, Stop, Waiter};
+use crate::operation::ReloadRequest;
 use crate::reload::Trigger;
 use crate::scale::ScaleChange;
 use baton_worker::protocol::MasterMessage;
 
 impl Master {
     /// Answers one control request; a reload answers when it has finished.
-    pub(crate) fn on_control(&mut self, request: Request, reply: Waiter) {
+    pub(crate) fn on_control(&mut self, request: Request, reply: Waiter, from: Requester) {
         tracing::debug!(?request, "control request");
         let answer = match request {
             Request::Reload { canary, mode } => {
@@ -21,13 +23,13 @@ impl Master {
                     (Err(e), _) => Reply::error(format!("reload refused: --canary: {e}")),
                     (_, Err(e)) => Reply::error(format!("reload refused: {e}")),
                     (Ok(canary), Ok(mode)) => {
-                        if canary.is_some() {
-                            self.pending_canary = canary;
-                        }
-                        if let Some(mode) = mode {
-                            self.pending_mode = mode;
-                        }
-                        return self.request_reload(Trigger::Cli, Some(reply));
+                        return self.request_reload(ReloadRequest {
+                            trigger: Trigger::Cli,
+                            canary,
+                            mode: mode.unwrap_or_default(),
+                            requested_by: Some(from),
+                            waiters: vec![reply],
+                        });
                     }
                 }
             }
@@ -38,9 +40,9 @@ impl Master {
                     let _ = reply.send(Reply::ok(status));
                 })
             }
-            Request::Upgrade {} => return self.request_upgrade(Some(reply)),
+            Request::Upgrade {} => return self.request_upgrade(Some(reply), Some(&from)),
             Request::Stop { fast } => {
-                self.stop(if fast { Stop::Fast } else { Stop::Graceful });
+                self.stop(if fast { Stop::Fast } else { Stop::Graceful }, Some(&from));
                 Reply::ok(serde_json::json!({ "pid": std::process::id() }))
             }
             Request::Reopen {} => {
@@ -53,7 +55,7 @@ impl Master {
                     (None, Some(to)) => Ok(ScaleChange::To(to)),
                     _ => Err("scale takes exactly one of \"by\" and \"to\"".to_string()),
                 };
-                match change.and_then(|change| self.scale(change)) {
+                match change.and_then(|change| self.scale(change, Some(&from))) {
                     Ok(scaled) => Reply::ok(scaled),
                     Err(reason) => Reply::error(reason),
                 }

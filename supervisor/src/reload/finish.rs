@@ -7,6 +7,7 @@ use crate::control::protocol::Reply;
 use crate::generation::Phase;
 use crate::listener::{Listener, Shared};
 use crate::master::Master;
+use crate::operation::Operation;
 use crate::worker::State;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -28,6 +29,12 @@ pub fn steered_away(old: &[Shared], new: &[Shared]) -> Vec<Shared> {
         })
         .cloned()
         .collect()
+}
+
+/// The draining generations to kill so that at most `max` drain: the
+/// oldest (`draining` is in order, oldest first).
+pub fn over_drain_cap(draining: &[u64], max: usize) -> &[u64] {
+    &draining[..draining.len().saturating_sub(max)]
 }
 
 impl Master {
@@ -125,8 +132,7 @@ impl Master {
             .filter(|g| g.phase == Phase::Draining && !g.workers.is_empty())
             .map(|g| g.number)
             .collect();
-        let excess = draining.len().saturating_sub(max);
-        for number in &draining[..excess] {
+        for number in over_drain_cap(&draining, max) {
             let Some(generation) = self.generations.get_mut(number) else {
                 continue;
             };
@@ -267,12 +273,12 @@ impl Master {
             crate::sd_notify::reload_finished(self.current, &outcome);
         }
         self.last_reload = Some(outcome);
-        if self.reload_queued && self.reload.is_none() && self.stopping.is_none() {
-            self.reload_queued = false;
-            self.reload_waiters = std::mem::take(&mut self.queued_waiters);
-            let outer = std::mem::replace(&mut self.asked_by, self.queued_by.take());
-            self.request_reload(Trigger::Coalesced, None);
-            self.asked_by = outer;
+        // The follow-up starts once nothing runs: not when the transaction
+        // that ended here handed over to a probation, nor during a stop.
+        if matches!(self.operation, Operation::Idle) {
+            if let Some(follow_up) = self.follow_up.take() {
+                self.request_reload(follow_up);
+            }
         }
     }
 }

@@ -6,7 +6,8 @@ use crate::audit::Requester;
 use crate::config::{Config, Protocol, ReadyMode};
 use crate::control::protocol::{PhaseTime, ReloadOutcome, Reply};
 use crate::listener::Shared;
-use crate::master::{Event, Master, Waiter};
+use crate::master::{Event, Master};
+use crate::operation::{Admission, Ask, Facts, Operation, ReloadRequest};
 use crate::worker::State;
 use std::fmt;
 use std::rc::Rc;
@@ -17,7 +18,7 @@ use tracing::Span;
 mod finish;
 mod start;
 
-pub use finish::steered_away;
+pub use finish::{over_drain_cap, steered_away};
 
 /// A phase of the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,13 +160,8 @@ fn millis(d: Duration) -> f64 {
 /// A reload whose configuration is being read, off the event loop.
 #[derive(Debug)]
 pub struct Validating {
-    trigger: Trigger,
-    /// `baton reload --canary`'s share for this reload.
-    canary: Option<crate::config::Share>,
-    /// `baton reload --in-place` or `--new-generation`.
-    mode: crate::inplace::Mode,
-    /// Who asked for it.
-    requested_by: Option<Requester>,
+    /// What was asked (its waiters already wait for the transaction).
+    request: ReloadRequest,
 }
 
 /// A transaction waiting for its new workers to be ready.
@@ -263,85 +259,77 @@ impl Reload {
 
 impl Master {
     /// A reload request (signal or CLI): runs now, or is coalesced into one
-    /// follow-up if a transaction is under way. `waiter` gets the outcome of
-    /// the transaction that serves the request.
-    pub fn request_reload(&mut self, trigger: Trigger, waiter: Option<Waiter>) {
-        let refuse = if self.stopping.is_some() {
-            Some("the master is stopping")
-        } else if self.upgrade.is_some() {
-            Some("a binary upgrade is in progress")
-        } else {
-            None
-        };
-        if let Some(reason) = refuse {
-            tracing::warn!(%trigger, reason, "reload refused");
-            // `Type=notify-reload` sent this SIGHUP and waits for RELOADING=1
-            // and READY=1: a refused reload is one that ended at once.
-            if trigger == Trigger::Signal && self.stopping.is_none() && self.control.is_some() {
-                crate::sd_notify::reload_refused(self.current, reason);
+    /// follow-up if a transaction is under way. Its waiters get the outcome
+    /// of the transaction that serves the request.
+    pub fn request_reload(&mut self, mut request: ReloadRequest) {
+        let trigger = request.trigger;
+        match self
+            .operation
+            .summary()
+            .admit(Ask::Reload, Facts::default())
+        {
+            Admission::Refuse(reason) => {
+                tracing::warn!(%trigger, %reason, "reload refused");
+                // `Type=notify-reload` sent this SIGHUP and waits for
+                // RELOADING=1 and READY=1: a refused reload is one that
+                // ended at once.
+                let stopping = self.operation.stopping().is_some();
+                if trigger == Trigger::Signal && !stopping && self.control.is_some() {
+                    crate::sd_notify::reload_refused(self.current, &reason.to_string());
+                }
+                for waiter in request.waiters {
+                    let _ = waiter.send(Reply::error(format!("reload refused: {reason}")));
+                }
             }
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(Reply::error(format!("reload refused: {reason}")));
+            Admission::Coalesce => {
+                tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
+                self.follow_up.absorb(request);
             }
-        } else if self.transaction_running() || self.rollout.is_some() || self.in_place.is_some() {
-            tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
-            self.reload_queued = true;
-            self.queued_by = self.asked_by.clone();
-            self.queued_waiters.extend(waiter);
-        } else {
-            self.reload_waiters.extend(waiter);
-            // The canary asked for with this request, not one asked for by
-            // a request coalesced while the file is read.
-            self.validating = Some(Validating {
-                trigger,
-                canary: self.pending_canary.take(),
-                mode: std::mem::take(&mut self.pending_mode),
-                requested_by: self.asked_by.clone(),
-            });
-            // Reading the file may be slow (a network file system): off the
-            // event loop, its result comes back as an event.
-            let path = self.config_path.clone();
-            let events = self.events.clone();
-            tokio::task::spawn_blocking(move || {
-                let loaded = Config::load(&path).map_err(|e| e.to_string());
-                let _ = events.send(Event::ConfigLoaded(Box::new(loaded)));
-            });
+            Admission::Start | Admission::Already => {
+                self.reload_waiters.append(&mut request.waiters);
+                self.operation
+                    .begin(Operation::Reading(Validating { request }));
+                // Reading the file may be slow (a network file system): off
+                // the event loop, its result comes back as an event.
+                let path = self.config_path.clone();
+                let events = self.events.clone();
+                tokio::task::spawn_blocking(move || {
+                    let loaded = Config::load(&path).map_err(|e| e.to_string());
+                    let _ = events.send(Event::ConfigLoaded(Box::new(loaded)));
+                });
+            }
         }
     }
 
     /// Whether a transaction runs: its configuration being read, or its new
     /// generation being started.
     pub fn transaction_running(&self) -> bool {
-        self.validating.is_some() || self.reload.is_some()
+        matches!(
+            self.operation,
+            Operation::Reading(_) | Operation::Starting(_)
+        )
     }
 
     /// The configuration a reload asked for has been read: the transaction
     /// goes on, unless the master started stopping meanwhile.
     pub fn on_config_loaded(&mut self, loaded: Result<Config, String>) {
-        if let Some(validating) = self.validating.take() {
-            let outer = std::mem::replace(&mut self.asked_by, validating.requested_by);
-            self.begin_reload(
-                validating.trigger,
-                loaded,
-                validating.canary,
-                validating.mode,
-            );
-            self.asked_by = outer;
+        if let Some(validating) = self.operation.take_reading() {
+            self.begin_reload(validating.request, loaded);
         }
     }
 
     /// Runs validate and bind, and starts spawning; leaves the transaction
     /// running, or finishes it with a failure; or runs it in place (see
-    /// [`crate::inplace`]). `canary` is the share `baton reload --canary`
-    /// asked for with this reload, `mode` its `--in-place` or
-    /// `--new-generation`.
-    pub fn begin_reload(
-        &mut self,
-        trigger: Trigger,
-        loaded: Result<Config, String>,
-        canary: Option<crate::config::Share>,
-        mode: crate::inplace::Mode,
-    ) {
+    /// [`crate::inplace`]), as `request` asked (its `--canary` share, its
+    /// `--in-place` or `--new-generation`).
+    pub fn begin_reload(&mut self, request: ReloadRequest, loaded: Result<Config, String>) {
+        let ReloadRequest {
+            trigger,
+            canary,
+            mode,
+            requested_by,
+            ..
+        } = request;
         let started = Instant::now();
         let reloading = matches!(trigger, Trigger::Signal | Trigger::Cli | Trigger::Coalesced);
         let loaded = match loaded {
@@ -353,6 +341,7 @@ impl Master {
                         crate::sd_notify::reloading(number);
                         return self.begin_in_place(
                             trigger,
+                            requested_by,
                             number,
                             Rc::new(config),
                             span,
@@ -363,11 +352,10 @@ impl Master {
                         let generation = self.current.unwrap_or(0);
                         let phases = vec![(Step::Validate, started.elapsed())];
                         let reason = format!("cannot reload in place: {reason}");
-                        let by = self.asked_by.clone();
                         return self.record(
                             generation,
                             trigger,
-                            by,
+                            requested_by,
                             phases,
                             Some((Step::Validate, reason)),
                         );
@@ -388,7 +376,6 @@ impl Master {
         let span = tracing::info_span!(parent: None, "reload", generation, %trigger, config_hash = tracing::field::Empty);
         let mut phases = Vec::new();
         let _enter = span.clone().entered();
-        let requested_by = self.asked_by.clone();
         match &requested_by {
             Some(by) => tracing::info!(requested_by = %by, "reload started"),
             None => tracing::info!("reload started"),
@@ -457,13 +444,14 @@ impl Master {
             let sockets = reload.listeners.clone();
             return self.start_generation(reload, sockets);
         }
-        self.reload = Some(reload);
+        self.operation
+            .begin(crate::operation::Operation::Starting(reload));
     }
 
     /// Moves the transaction one step, from the loop's tick: a chunk of the
     /// bind phase, or one worker spawned.
     pub(crate) fn step_reload(&mut self) {
-        match &self.reload {
+        match self.operation.reload() {
             Some(reload) if reload.binding.is_some() => self.bind_next(),
             Some(_) => self.spawn_next(),
             None => {}
@@ -474,7 +462,9 @@ impl Master {
     /// commits when all are ready, aborts past the deadline or when a new
     /// worker has exited.
     pub fn advance_reload(&mut self) {
-        let Some(reload) = &self.reload else { return };
+        let Some(reload) = self.operation.reload() else {
+            return;
+        };
         // Binding and spawning go on from the loop's tick, a step a turn,
         // and the spawn phase ends when every worker has come back.
         if reload.binding.is_some() || self.spawn_phase_open(reload) {
@@ -493,11 +483,11 @@ impl Master {
             }
         }
         if new.all_ready() {
-            let reload = self.reload.take().expect("checked above");
+            let reload = self.operation.take_reload().expect("checked above");
             return self.commit(reload);
         }
         if Instant::now() >= deadline {
-            let reload = self.reload.take().expect("checked above");
+            let reload = self.operation.take_reload().expect("checked above");
             let waiting: Vec<String> = new
                 .workers
                 .values()
@@ -525,14 +515,14 @@ impl Master {
 
     /// A worker of the starting generation exited before it was ready.
     pub fn new_worker_exited(&mut self, reason: String) {
-        if let Some(reload) = self.reload.take() {
+        if let Some(reload) = self.operation.take_reload() {
             self.abort(reload, Step::Ready, reason);
         }
     }
 
     /// When a delay-ready worker becomes ready, for the event loop's timer.
     pub fn delay_ready_deadline(&self) -> Option<Instant> {
-        let reload = self.reload.as_ref()?;
+        let reload = self.operation.reload()?;
         let new = self.generations.get(&reload.generation)?;
         let ReadyMode::Delay(delay) = new.config.worker.ready else {
             return None;

@@ -52,7 +52,7 @@ impl Master {
     /// many listeners the phase takes tens of milliseconds, and requests,
     /// signals and exits are served between chunks.
     pub(super) fn bind_next(&mut self) {
-        let Some(reload) = &mut self.reload else {
+        let Some(reload) = self.operation.reload_mut() else {
             return;
         };
         let Some(made) = reload.binding.as_mut() else {
@@ -66,14 +66,14 @@ impl Master {
         match generation_sockets(chunk, &current) {
             Ok(sockets) => made.extend(sockets),
             Err(e) => {
-                let reload = self.reload.take().expect("checked above");
+                let reload = self.operation.take_reload().expect("checked above");
                 return self.abort(reload, Step::Bind, format!("{e:#}"));
             }
         }
         if to < reload.listeners.len() {
             return;
         }
-        let mut reload = self.reload.take().expect("checked above");
+        let mut reload = self.operation.take_reload().expect("checked above");
         let sockets = reload.binding.take().unwrap_or_default();
         self.start_generation(reload, sockets);
     }
@@ -102,7 +102,8 @@ impl Master {
         if let Some(reason) = spawn_error {
             return self.abort(reload, Step::Spawn, reason);
         }
-        self.reload = Some(reload);
+        self.operation
+            .begin(crate::operation::Operation::Starting(reload));
     }
 
     /// Starts the new generation's next worker. One per turn of the event
@@ -111,7 +112,7 @@ impl Master {
     /// [`Master::on_spawned`] takes the worker in. The spawn phase ends
     /// when every worker has come back.
     pub(super) fn spawn_next(&mut self) {
-        let Some(reload) = &mut self.reload else {
+        let Some(reload) = self.operation.reload_mut() else {
             return;
         };
         let Some(index) = reload.spawning else { return };
@@ -121,7 +122,7 @@ impl Master {
         let _enter = reload.span.clone().entered();
         if index < reload.processes {
             if let Err(e) = new.spawn_off_loop(index, &self.events) {
-                let reload = self.reload.take().expect("checked above");
+                let reload = self.operation.take_reload().expect("checked above");
                 return self.abort(reload, Step::Spawn, format!("worker {index}: {e:#}"));
             }
         }
@@ -148,7 +149,10 @@ impl Master {
             .map(|child| Pid::from_raw(child.id() as i32));
         // It may have exited already, reaped before it came back here.
         let exited = pid.and_then(|pid| self.unclaimed_exits.remove(&pid));
-        let wanted = self.reload.as_ref().is_some_and(|r| r.generation == number)
+        let wanted = self
+            .operation
+            .reload()
+            .is_some_and(|r| r.generation == number)
             && self.generations.contains_key(&number);
         let taken = match (self.generations.get_mut(&number), result) {
             (Some(generation), Ok(child)) if wanted => generation
@@ -181,9 +185,9 @@ impl Master {
         if !wanted {
             return self.reap_finished_generations();
         }
-        let _enter = self.reload.as_ref().map(|r| r.span.clone().entered());
+        let _enter = self.operation.reload().map(|r| r.span.clone().entered());
         if let Err(reason) = taken {
-            let reload = self.reload.take().expect("wanted: a reload runs");
+            let reload = self.operation.take_reload().expect("wanted: a reload runs");
             return self.abort(reload, Step::Spawn, format!("worker {index}: {reason}"));
         }
         if let (Some(pid), Some((status, success))) = (pid, exited) {
@@ -211,11 +215,11 @@ impl Master {
     /// Ends the spawn phase once every worker was started and has come
     /// back; the ready phase begins.
     fn end_spawn_phase(&mut self) {
-        match &self.reload {
+        match self.operation.reload() {
             Some(reload) if !self.spawn_phase_open(reload) => {}
             _ => return,
         }
-        let reload = self.reload.as_mut().expect("matched above");
+        let reload = self.operation.reload_mut().expect("matched above");
         reload.end_phase(Step::Spawn);
         reload.begin_phase(Step::Ready);
         reload.ready_deadline = Instant::now() + reload.config.worker.ready_timeout.0;

@@ -11,8 +11,10 @@
 pub mod exec;
 pub mod handoff;
 
+use crate::audit::Requester;
 use crate::control::protocol::Reply;
 use crate::master::{Event, Master, Stop, Waiter};
+use crate::operation::{Admission, Ask, Facts};
 use anyhow::Context;
 use baton_worker::channel::{self, Channel, ChannelError};
 use handoff::{NewMessage, OldMessage, UPGRADE_FD_ENV};
@@ -62,6 +64,18 @@ pub struct Upgrade {
     phase: Phase,
     waiters: Vec<Waiter>,
     started: Instant,
+}
+
+impl Upgrade {
+    /// The new master's or the check's pid.
+    pub fn child(&self) -> i32 {
+        self.child.as_raw()
+    }
+
+    /// Since it started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
 }
 
 impl Drop for Upgrade {
@@ -115,37 +129,14 @@ impl Program {
 
 impl Master {
     /// SIGUSR2 or `baton upgrade`.
-    pub fn request_upgrade(&mut self, waiter: Option<Waiter>) {
-        let refuse = if self.stopping.is_some() {
-            Some("the master is stopping".to_string())
-        } else if let Some(upgrade) = &self.upgrade {
-            Some(format!(
-                "an upgrade is already in progress (pid {}, started {:?} ago)",
-                upgrade.child,
-                upgrade.started.elapsed()
-            ))
-        } else if let Some(rollout) = self.rollout_status() {
-            // Probation may last long (a canary without `probation` waits
-            // for `baton promote`): an upgrade that waited for it would
-            // leave its caller hanging, so it says what to do instead.
-            let left = rollout
-                .left_s
-                .map(|s| format!("{s:.0}s left"))
-                .unwrap_or_else(|| "until promoted".into());
-            Some(format!(
-                "generation {} is on probation ({left}, generation {} on standby); run `baton promote` or `baton rollback`, or upgrade once probation has ended",
-                rollout.generation, rollout.standby
-            ))
-        } else if self.transaction_running() || self.in_place.is_some() {
-            Some("a reload is in progress; upgrade once it has finished".to_string())
-        } else if self.current.is_none() {
-            Some("no generation is serving yet".to_string())
-        } else if self.spawns_pending() {
-            // A failed reload's workers still being started: they are
-            // stopped as they come back, within milliseconds.
-            Some("workers are being started; upgrade once they are".to_string())
-        } else {
-            None
+    pub fn request_upgrade(&mut self, waiter: Option<Waiter>, by: Option<&Requester>) {
+        let facts = Facts {
+            serving: self.current.is_some(),
+            spawns_pending: self.spawns_pending(),
+        };
+        let refuse = match self.operation.summary().admit(Ask::Upgrade, facts) {
+            Admission::Refuse(reason) => Some(reason),
+            _ => None,
         };
         if let Some(reason) = refuse {
             tracing::error!(%reason, "upgrade refused");
@@ -157,7 +148,7 @@ impl Master {
         let in_place = exec::in_place(&self.config);
         let span = tracing::info_span!("upgrade", binary = %self.program.path.display(), in_place);
         let _enter = span.enter();
-        match &self.asked_by {
+        match by {
             Some(by) => tracing::info!(requested_by = %by, "upgrade started"),
             None => tracing::info!("upgrade started"),
         }
@@ -181,13 +172,14 @@ impl Master {
             }
         };
         let deadline = Instant::now() + self.config.supervisor.upgrade_timeout.0;
-        self.upgrade = Some(Upgrade {
-            child,
-            kind,
-            phase: Phase::Waiting { deadline },
-            waiters: waiter.into_iter().collect(),
-            started: Instant::now(),
-        });
+        self.operation
+            .begin(crate::operation::Operation::Upgrading(Upgrade {
+                child,
+                kind,
+                phase: Phase::Waiting { deadline },
+                waiters: waiter.into_iter().collect(),
+                started: Instant::now(),
+            }));
         if in_place {
             tracing::info!(check_pid = child.as_raw(), "checking the new binary");
             return;
@@ -317,7 +309,7 @@ impl Master {
     /// The new master serves: hand over the control socket and the pid
     /// file, and drain every generation of this master.
     fn complete_upgrade(&mut self, new_pid: u32, generation: u64, steered: &[String]) {
-        let Some(upgrade) = &mut self.upgrade else {
+        let Some(upgrade) = self.operation.upgrade_mut() else {
             return;
         };
         let Kind::Child { channel, .. } = &upgrade.kind else {
@@ -362,7 +354,7 @@ impl Master {
         // is queued on the sockets the new master steered away from is
         // accepted first: this master's generation sockets, and listeners
         // the new generation has sockets of its own on.
-        self.upgrade = None;
+        self.operation.take_upgrade();
         self.successor = Some(nix::unistd::Pid::from_raw(new_pid as i32));
         if let Some(current) = self.current.and_then(|c| self.generations.get_mut(&c)) {
             let sockets = current
@@ -374,12 +366,12 @@ impl Master {
                 .collect();
             current.hand_over(sockets, current.config.worker.drain_timeout.0);
         }
-        self.stop(Stop::Graceful);
+        self.stop(Stop::Graceful, None);
     }
 
     /// Stops what the upgrade started and keeps serving.
     fn fail_upgrade(&mut self, phase: &str, reason: String) {
-        let Some(upgrade) = &mut self.upgrade else {
+        let Some(upgrade) = self.operation.upgrade_mut() else {
             return;
         };
         if !matches!(upgrade.phase, Phase::Waiting { .. }) {
@@ -415,7 +407,7 @@ impl Master {
     /// passed check leads to the exec; anything else fails). Returns whether
     /// it was.
     pub(crate) fn upgrade_child_exited(&mut self, pid: Pid, status: &str, success: bool) -> bool {
-        let Some(upgrade) = &mut self.upgrade else {
+        let Some(upgrade) = self.operation.upgrade_mut() else {
             return false;
         };
         if upgrade.child != pid {
@@ -432,7 +424,7 @@ impl Master {
                     text.trim()
                 );
                 self.fail_upgrade("check", reason);
-                self.upgrade = None;
+                self.operation.take_upgrade();
                 return true;
             }
             tracing::info!(output = %text.trim(), "the new binary accepted the config; re-executing in place");
@@ -467,14 +459,14 @@ impl Master {
         let reason = format!("the new master exited with {status} before it was ready");
         self.fail_upgrade("start", reason);
         tracing::info!(pid = pid.as_raw(), %status, "upgrade child exited");
-        self.upgrade = None;
+        self.operation.take_upgrade();
         true
     }
 
     /// Deadlines: the upgrade timeout, the exec, and the kill of an aborted child.
     pub(crate) fn upgrade_tick(&mut self) {
         let now = Instant::now();
-        let Some(upgrade) = &mut self.upgrade else {
+        let Some(upgrade) = self.operation.upgrade_mut() else {
             return;
         };
         match upgrade.phase {
@@ -486,7 +478,7 @@ impl Master {
                 );
             }
             Phase::Exec { at } if now >= at => {
-                let upgrade = self.upgrade.take().expect("matched above");
+                let upgrade = self.operation.take_upgrade().expect("matched above");
                 if let Kind::InPlace { binary, .. } = &upgrade.kind {
                     // The new image starts a guardian of its own.
                     if let Some(guardian) = &self.guardian {
@@ -516,7 +508,7 @@ impl Master {
 
     /// When the upgrade next needs attention.
     pub(crate) fn upgrade_deadline(&self) -> Option<Instant> {
-        match self.upgrade.as_ref()?.phase {
+        match self.operation.upgrade()?.phase {
             Phase::Waiting { deadline } => Some(deadline),
             Phase::Exec { at } => Some(at),
             Phase::Aborting { kill_at } => Some(kill_at),

@@ -1,0 +1,452 @@
+//! Every request in every operation: the admission table, one test a row;
+//! then the follow-up that coalesces requests, the worker-exit and
+//! in-place decisions, the crash-loop breaker, the respawn backoff and the
+//! drain cap. No process, no socket, no sleep.
+
+use super::*;
+use crate::exits::{exit_reason, exit_verdict, ExitVerdict};
+use crate::generation::{crash_loop, crashes_in_a_row, respawn_delay, Phase};
+use crate::inplace::{answer_verdict, exit_aborts, next_move, Answer, Move, Stage};
+use crate::reload::over_drain_cap;
+use crate::worker::State;
+use baton_worker::protocol::WorkerMessage;
+use std::collections::VecDeque;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+const PROBATION: Summary = Summary::Probation {
+    generation: 3,
+    standby: 2,
+    left: Some(Duration::from_secs(30)),
+};
+const CANARY: Summary = Summary::Probation {
+    generation: 3,
+    standby: 2,
+    left: None,
+};
+const UPGRADING: Summary = Summary::Upgrading {
+    child: 4242,
+    elapsed: Duration::from_secs(2),
+};
+const GRACEFUL: Summary = Summary::Stopping(Stop::Graceful);
+const FAST: Summary = Summary::Stopping(Stop::Fast);
+const SERVING: Facts = Facts {
+    serving: true,
+    spawns_pending: false,
+};
+
+fn refused(reason: Refusal) -> Admission {
+    Admission::Refuse(reason)
+}
+
+macro_rules! admission {
+    ($($name:ident: $state:expr, $ask:expr => $expected:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            assert_eq!($state.admit($ask, SERVING), $expected);
+        }
+    )*};
+}
+
+use Admission::{Already, Coalesce, Start};
+use Ask::{Promote, Reload, Rollback, Scale, Upgrade};
+use Summary::{Idle, InPlace, Reading, Starting};
+const STOP: Ask = Ask::Stop(Stop::Graceful);
+const STOP_FAST: Ask = Ask::Stop(Stop::Fast);
+
+admission! {
+    idle_reload_starts: Idle, Reload => Start;
+    idle_upgrade_starts: Idle, Upgrade => Start;
+    idle_scale_starts: Idle, Scale => Start;
+    idle_stop_starts: Idle, STOP => Start;
+    idle_fast_stop_starts: Idle, STOP_FAST => Start;
+    idle_promote_is_refused: Idle, Promote => refused(Refusal::NotOnProbation);
+    idle_rollback_is_refused: Idle, Rollback => refused(Refusal::NotOnProbation);
+
+    reading_reload_coalesces: Reading, Reload => Coalesce;
+    reading_upgrade_is_refused: Reading, Upgrade => refused(Refusal::ReloadForUpgrade);
+    reading_scale_is_refused: Reading, Scale => refused(Refusal::ReloadForScale);
+    reading_stop_starts: Reading, STOP => Start;
+    reading_fast_stop_starts: Reading, STOP_FAST => Start;
+    reading_promote_is_refused: Reading, Promote => refused(Refusal::NotOnProbation);
+    reading_rollback_is_refused: Reading, Rollback => refused(Refusal::NotOnProbation);
+
+    starting_reload_coalesces: Starting, Reload => Coalesce;
+    starting_upgrade_is_refused: Starting, Upgrade => refused(Refusal::ReloadForUpgrade);
+    starting_scale_is_refused: Starting, Scale => refused(Refusal::ReloadForScale);
+    starting_stop_starts: Starting, STOP => Start;
+    starting_fast_stop_starts: Starting, STOP_FAST => Start;
+    starting_promote_is_refused: Starting, Promote => refused(Refusal::NotOnProbation);
+    starting_rollback_is_refused: Starting, Rollback => refused(Refusal::NotOnProbation);
+
+    in_place_reload_coalesces: InPlace, Reload => Coalesce;
+    in_place_upgrade_is_refused: InPlace, Upgrade => refused(Refusal::ReloadForUpgrade);
+    in_place_scale_starts_held_workers: InPlace, Scale => Start;
+    in_place_stop_starts: InPlace, STOP => Start;
+    in_place_fast_stop_starts: InPlace, STOP_FAST => Start;
+    in_place_promote_is_refused: InPlace, Promote => refused(Refusal::NotOnProbation);
+    in_place_rollback_is_refused: InPlace, Rollback => refused(Refusal::NotOnProbation);
+
+    probation_reload_coalesces: PROBATION, Reload => Coalesce;
+    probation_upgrade_is_refused_with_what_to_do: PROBATION, Upgrade => refused(Refusal::OnProbation {
+        generation: 3,
+        standby: 2,
+        left: Some(Duration::from_secs(30)),
+    });
+    probation_scale_starts: PROBATION, Scale => Start;
+    probation_stop_starts: PROBATION, STOP => Start;
+    probation_fast_stop_starts: PROBATION, STOP_FAST => Start;
+    probation_promote_starts: PROBATION, Promote => Start;
+    probation_rollback_starts: PROBATION, Rollback => Start;
+
+    canary_reload_coalesces: CANARY, Reload => Coalesce;
+    canary_promote_starts: CANARY, Promote => Start;
+    canary_rollback_starts: CANARY, Rollback => Start;
+    canary_upgrade_is_refused_until_promoted: CANARY, Upgrade => refused(Refusal::OnProbation {
+        generation: 3,
+        standby: 2,
+        left: None,
+    });
+
+    upgrading_reload_is_refused: UPGRADING, Reload => refused(Refusal::Upgrading);
+    upgrading_upgrade_is_refused: UPGRADING, Upgrade => refused(Refusal::AlreadyUpgrading {
+        child: 4242,
+        elapsed: Duration::from_secs(2),
+    });
+    upgrading_scale_starts: UPGRADING, Scale => Start;
+    upgrading_stop_starts: UPGRADING, STOP => Start;
+    upgrading_fast_stop_starts: UPGRADING, STOP_FAST => Start;
+    upgrading_promote_is_refused: UPGRADING, Promote => refused(Refusal::NotOnProbation);
+    upgrading_rollback_is_refused: UPGRADING, Rollback => refused(Refusal::NotOnProbation);
+
+    graceful_stop_reload_is_refused: GRACEFUL, Reload => refused(Refusal::Stopping);
+    graceful_stop_upgrade_is_refused: GRACEFUL, Upgrade => refused(Refusal::Stopping);
+    graceful_stop_scale_is_refused: GRACEFUL, Scale => refused(Refusal::Stopping);
+    graceful_stop_again_is_already: GRACEFUL, STOP => Already;
+    graceful_stop_then_fast_starts: GRACEFUL, STOP_FAST => Start;
+    graceful_stop_promote_is_refused: GRACEFUL, Promote => refused(Refusal::NotOnProbation);
+    graceful_stop_rollback_is_refused: GRACEFUL, Rollback => refused(Refusal::NotOnProbation);
+
+    fast_stop_reload_is_refused: FAST, Reload => refused(Refusal::Stopping);
+    fast_stop_upgrade_is_refused: FAST, Upgrade => refused(Refusal::Stopping);
+    fast_stop_scale_is_refused: FAST, Scale => refused(Refusal::Stopping);
+    fast_stop_then_graceful_is_already: FAST, STOP => Already;
+    fast_stop_again_is_already: FAST, STOP_FAST => Already;
+    fast_stop_promote_is_refused: FAST, Promote => refused(Refusal::NotOnProbation);
+    fast_stop_rollback_is_refused: FAST, Rollback => refused(Refusal::NotOnProbation);
+}
+
+#[test]
+fn an_upgrade_before_any_generation_serves_is_refused() {
+    let facts = Facts {
+        serving: false,
+        spawns_pending: false,
+    };
+    assert_eq!(Idle.admit(Upgrade, facts), refused(Refusal::NotServing));
+}
+
+#[test]
+fn an_upgrade_while_a_failed_reloads_workers_start_is_refused() {
+    let facts = Facts {
+        serving: true,
+        spawns_pending: true,
+    };
+    assert_eq!(Idle.admit(Upgrade, facts), refused(Refusal::SpawnsPending));
+}
+
+#[test]
+fn refusals_say_what_to_do() {
+    let text = Refusal::OnProbation {
+        generation: 3,
+        standby: 2,
+        left: Some(Duration::from_secs(12)),
+    }
+    .to_string();
+    assert!(text.contains("generation 3 is on probation (12s left, generation 2 on standby)"));
+    assert!(text.contains("baton promote"));
+    let canary = Refusal::OnProbation {
+        generation: 3,
+        standby: 2,
+        left: None,
+    };
+    assert!(canary.to_string().contains("until promoted"));
+    assert_eq!(
+        Refusal::ReloadForScale.to_string(),
+        "a reload is in progress; scale once it has finished"
+    );
+}
+
+#[test]
+fn an_idle_operation_summarises_as_idle_and_ends_nothing() {
+    let mut operation = Operation::Idle;
+    assert_eq!(operation.summary(), Idle);
+    assert!(operation.take_reload().is_none());
+    assert!(operation.take_upgrade().is_none());
+    assert!(operation.stopping().is_none());
+}
+
+#[test]
+fn a_stop_keeps_what_it_was_asked_as() {
+    let mut operation = Operation::Idle;
+    operation.become_stopping(Stop::Graceful);
+    assert_eq!(operation.stopping(), Some(Stop::Graceful));
+    assert_eq!(operation.summary(), GRACEFUL);
+    operation.become_stopping(Stop::Fast);
+    assert_eq!(operation.summary(), FAST);
+    assert!(operation.upgrade().is_none());
+}
+
+fn requester(name: &str) -> Requester {
+    Requester {
+        command: Some(name.into()),
+        ..Requester::control(None, 0)
+    }
+}
+
+fn waiter() -> (Waiter, oneshot::Receiver<crate::control::protocol::Reply>) {
+    oneshot::channel()
+}
+
+#[test]
+fn requests_during_probation_become_one_follow_up_that_answers_every_waiter() {
+    let mut follow_up = FollowUp::default();
+    let mut answers = Vec::new();
+    for name in ["first", "second", "third"] {
+        let (tx, rx) = waiter();
+        answers.push(rx);
+        let mut request = ReloadRequest::new(Trigger::Cli, Some(requester(name)));
+        request.waiters.push(tx);
+        follow_up.absorb(request);
+    }
+    // A HUP coalesced too: no waiter, no change of requester.
+    follow_up.absorb(ReloadRequest::new(Trigger::Signal, None));
+    let request = follow_up.take().expect("one follow-up");
+    assert!(!follow_up.is_pending());
+    assert_eq!(request.trigger, Trigger::Coalesced);
+    assert_eq!(request.waiters.len(), 3);
+    assert_eq!(request.requested_by, Some(requester("third")));
+    for waiter in request.waiters {
+        let _ = waiter.send(crate::control::protocol::Reply::error("done"));
+    }
+    for mut answer in answers {
+        assert!(
+            answer.try_recv().is_ok(),
+            "every waiter hears the follow-up"
+        );
+    }
+}
+
+#[test]
+fn a_follow_up_keeps_the_canary_and_mode_asked_for() {
+    let mut follow_up = FollowUp::default();
+    let mut canary = ReloadRequest::new(Trigger::Cli, None);
+    canary.canary = Some(Share::parse("10%").unwrap());
+    canary.mode = Mode::NewGeneration;
+    follow_up.absorb(canary);
+    follow_up.absorb(ReloadRequest::new(Trigger::Signal, None));
+    let request = follow_up.take().unwrap();
+    assert_eq!(request.canary, Some(Share::parse("10%").unwrap()));
+    assert_eq!(request.mode, Mode::NewGeneration);
+}
+
+#[test]
+fn a_later_mode_replaces_an_earlier_one() {
+    let mut follow_up = FollowUp::default();
+    for mode in [Mode::InPlace, Mode::NewGeneration] {
+        let mut request = ReloadRequest::new(Trigger::Cli, None);
+        request.mode = mode;
+        follow_up.absorb(request);
+    }
+    assert_eq!(follow_up.take().unwrap().mode, Mode::NewGeneration);
+}
+
+#[test]
+fn a_cancelled_follow_up_tells_its_waiters_why() {
+    let mut follow_up = FollowUp::default();
+    let (tx, mut rx) = waiter();
+    let mut request = ReloadRequest::new(Trigger::Cli, None);
+    request.waiters.push(tx);
+    follow_up.absorb(request);
+    follow_up.cancel("the master is stopping");
+    assert!(!follow_up.is_pending());
+    let reply = serde_json::to_string(&rx.try_recv().unwrap()).unwrap();
+    assert!(
+        reply.contains("reload refused: the master is stopping"),
+        "{reply}"
+    );
+}
+
+#[test]
+fn no_follow_up_without_requests() {
+    let mut follow_up = FollowUp::default();
+    assert!(!follow_up.is_pending());
+    assert!(follow_up.take().is_none());
+    follow_up.cancel("nothing");
+}
+
+macro_rules! exits {
+    ($($name:ident: $phase:expr, draining $draining:expr, stopping $stopping:expr, within $within:expr => $expected:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            assert_eq!(exit_verdict($phase, $draining, $stopping, $within), $expected);
+        }
+    )*};
+}
+
+exits! {
+    exit_of_a_starting_worker_fails_the_reload: Phase::Starting, draining false, stopping false, within true => ExitVerdict::FailReload;
+    exit_of_a_starting_worker_during_a_stop_fails_the_reload: Phase::Starting, draining false, stopping true, within true => ExitVerdict::FailReload;
+    exit_of_a_serving_worker_respawns_it: Phase::Current, draining false, stopping false, within true => ExitVerdict::Respawn;
+    exit_of_a_serving_worker_during_a_stop_is_not_replaced: Phase::Current, draining false, stopping true, within true => ExitVerdict::Forget;
+    exit_of_a_draining_worker_of_the_current_generation_is_not_replaced: Phase::Current, draining true, stopping false, within true => ExitVerdict::Forget;
+    exit_of_a_surplus_worker_after_scale_down_is_not_replaced: Phase::Current, draining false, stopping false, within false => ExitVerdict::Forget;
+    exit_in_a_draining_generation_is_forgotten: Phase::Draining, draining true, stopping false, within true => ExitVerdict::Forget;
+    exit_in_a_draining_generation_not_yet_told_is_forgotten: Phase::Draining, draining false, stopping false, within true => ExitVerdict::Forget;
+    exit_in_a_failed_generation_is_forgotten: Phase::Failed, draining true, stopping false, within true => ExitVerdict::Forget;
+    exit_in_a_standby_generation_is_forgotten: Phase::Standby, draining false, stopping false, within true => ExitVerdict::Forget;
+}
+
+#[test]
+fn exit_reasons_name_what_happened() {
+    let draining = State::Draining {
+        kill_at: Instant::now(),
+    };
+    assert_eq!(
+        exit_reason(Phase::Starting, State::Ready, true),
+        "failed_start"
+    );
+    assert_eq!(exit_reason(Phase::Current, State::Killed, false), "killed");
+    assert_eq!(exit_reason(Phase::Draining, draining, true), "drained");
+    assert_eq!(exit_reason(Phase::Current, State::Ready, true), "exited");
+    assert_eq!(exit_reason(Phase::Current, State::Ready, false), "crashed");
+}
+
+fn prepared(version: &str) -> WorkerMessage {
+    WorkerMessage::AppPrepared {
+        version: version.into(),
+    }
+}
+
+fn refusal(version: &str) -> WorkerMessage {
+    WorkerMessage::AppRefused {
+        version: version.into(),
+        reason: "bad".into(),
+    }
+}
+
+fn committed(version: &str) -> WorkerMessage {
+    WorkerMessage::AppCommitted {
+        version: version.into(),
+    }
+}
+
+macro_rules! answers {
+    ($($name:ident: $stage:expr, $answer:expr => $expected:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            assert_eq!(answer_verdict($stage, &$answer, "v2"), $expected);
+        }
+    )*};
+}
+
+answers! {
+    in_place_prepared_while_preparing_counts: Stage::Preparing, prepared("v2") => Answer::Prepared;
+    in_place_refusal_while_preparing_aborts: Stage::Preparing, refusal("v2") => Answer::Abort;
+    in_place_commit_while_preparing_is_ignored: Stage::Preparing, committed("v2") => Answer::Ignore;
+    in_place_prepared_for_another_version_is_ignored: Stage::Preparing, prepared("v1") => Answer::Ignore;
+    in_place_refusal_for_another_version_is_ignored: Stage::Preparing, refusal("v1") => Answer::Ignore;
+    in_place_committed_while_committing_counts: Stage::Committing, committed("v2") => Answer::Committed;
+    in_place_refusal_while_committing_kills_the_worker: Stage::Committing, refusal("v2") => Answer::Kill;
+    in_place_prepared_while_committing_is_ignored: Stage::Committing, prepared("v2") => Answer::Ignore;
+    in_place_committed_for_another_version_is_ignored: Stage::Committing, committed("v1") => Answer::Ignore;
+    in_place_ready_is_no_answer: Stage::Preparing, WorkerMessage::Ready => Answer::Ignore;
+}
+
+macro_rules! moves {
+    ($($name:ident: $stage:expr, answered $all:expr, late $late:expr => $expected:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            assert_eq!(next_move($stage, $all, $late), $expected);
+        }
+    )*};
+}
+
+moves! {
+    in_place_all_prepared_commits: Stage::Preparing, answered true, late false => Move::Commit;
+    in_place_all_prepared_at_the_deadline_still_commits: Stage::Preparing, answered true, late true => Move::Commit;
+    in_place_prepare_timeout_aborts: Stage::Preparing, answered false, late true => Move::AbortLate;
+    in_place_preparing_waits: Stage::Preparing, answered false, late false => Move::Wait;
+    in_place_all_committed_finishes: Stage::Committing, answered true, late false => Move::Finish;
+    in_place_commit_timeout_kills_the_late_and_finishes: Stage::Committing, answered false, late true => Move::KillLateAndFinish;
+    in_place_committing_waits: Stage::Committing, answered false, late false => Move::Wait;
+}
+
+#[test]
+fn a_worker_exit_while_preparing_aborts_the_in_place_reload() {
+    assert!(exit_aborts(Stage::Preparing));
+}
+
+#[test]
+fn a_worker_exit_while_committing_does_not_abort() {
+    assert!(!exit_aborts(Stage::Committing));
+}
+
+#[test]
+fn the_crash_loop_breaker_trips_at_the_limit_within_the_window() {
+    let start = Instant::now();
+    let window = Duration::from_secs(60);
+    let mut times = VecDeque::new();
+    for n in 0..4 {
+        assert!(!crash_loop(
+            &mut times,
+            start + Duration::from_secs(n),
+            window,
+            5
+        ));
+    }
+    assert!(crash_loop(
+        &mut times,
+        start + Duration::from_secs(4),
+        window,
+        5
+    ));
+}
+
+#[test]
+fn crashes_spread_wider_than_the_window_never_trip_the_breaker() {
+    let start = Instant::now();
+    let window = Duration::from_secs(10);
+    let mut times = VecDeque::new();
+    for n in 0..20 {
+        let at = start + Duration::from_secs(11 * n);
+        assert!(!crash_loop(&mut times, at, window, 3), "crash {n}");
+    }
+    assert_eq!(times.len(), 1);
+}
+
+#[test]
+fn respawn_backoff_doubles_from_100ms_and_caps_at_10s() {
+    let delays: Vec<u64> = (1..=9)
+        .map(|c| respawn_delay(c).as_millis() as u64)
+        .collect();
+    assert_eq!(
+        delays,
+        [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]
+    );
+    assert_eq!(respawn_delay(1000), Duration::from_secs(10));
+}
+
+#[test]
+fn a_worker_that_ran_healthy_starts_a_new_crash_count() {
+    assert_eq!(crashes_in_a_row(Duration::from_secs(11), 7), 1);
+    assert_eq!(crashes_in_a_row(Duration::from_millis(50), 7), 8);
+    assert_eq!(crashes_in_a_row(Duration::ZERO, 0), 1);
+}
+
+#[test]
+fn the_drain_cap_kills_the_oldest_draining_generations() {
+    assert_eq!(over_drain_cap(&[3, 5, 8, 9], 2), &[3, 5]);
+    assert_eq!(over_drain_cap(&[3, 5], 2), &[] as &[u64]);
+    assert_eq!(over_drain_cap(&[], 0), &[] as &[u64]);
+    assert_eq!(over_drain_cap(&[4], 0), &[4]);
+}
