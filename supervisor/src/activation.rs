@@ -12,7 +12,7 @@
 use crate::config::{ListenerAddress, ListenerConfig};
 use crate::master::Master;
 use anyhow::{bail, Context};
-use baton_worker::ListenerKind;
+use baton_wire::protocol::ListenerKind;
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -333,14 +333,14 @@ fn de_backlog<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
 fn de_listener_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let name = String::deserialize(d)?;
     let ok = !name.is_empty()
-        && name.len() <= baton_worker::protocol::MAX_LISTENER_NAME
+        && name.len() <= baton_wire::protocol::MAX_LISTENER_NAME
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if !ok {
         return Err(de::Error::custom(format!(
             "invalid listener name {name:?}: use 1 to {} letters, digits, '-', '_' or '.'",
-            baton_worker::protocol::MAX_LISTENER_NAME
+            baton_wire::protocol::MAX_LISTENER_NAME
         )));
     }
     Ok(name)

@@ -19,7 +19,7 @@
 //! whole process group (it is in the master's): only the channel matters.
 
 use anyhow::Context;
-use baton_worker::channel::{self, Channel};
+use baton_wire::channel::{self, Channel};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};

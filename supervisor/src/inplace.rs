@@ -47,7 +47,7 @@
 use crate::config::Config;
 use crate::master::Master;
 use crate::reload::{phase_span, Step, Trigger};
-use baton_worker::protocol::{AppStage, MasterMessage, WorkerMessage};
+use baton_wire::protocol::{AppStage, MasterMessage, WorkerMessage};
 use nix::unistd::Pid;
 use std::collections::BTreeSet;
 use std::rc::Rc;

@@ -6,7 +6,7 @@
 use crate::config::{ListenerAddress, ListenerConfig};
 use crate::steering::{self, Group, Layout, User};
 use anyhow::{bail, Context};
-use baton_worker::{ListenerInfo, ListenerKind};
+use baton_wire::protocol::{ListenerInfo, ListenerKind};
 use nix::sys::socket::{
     bind, getsockname, getsockopt, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
     SockaddrIn, SockaddrIn6, SockaddrStorage, UnixAddr,
@@ -77,7 +77,7 @@ impl Listener {
         info: ListenerInfo,
         fd: OwnedFd,
     ) -> anyhow::Result<Listener> {
-        let verified = baton_worker::verify_listener(info, fd)
+        let verified = baton_wire::listener::verify(info, fd)
             .with_context(|| format!("adopting listener `{}`", config.name))?;
         let (info, fd) = verified;
         let unix_path = match &config.address {
@@ -116,7 +116,7 @@ impl Listener {
         let info = ListenerInfo {
             name: config.name.clone(),
             kind,
-            address: baton_worker::describe_address(&bound).unwrap_or_default(),
+            address: baton_wire::listener::describe(&bound).unwrap_or_default(),
         };
         let reuseport = kind == ListenerKind::Tcp
             && nix::sys::socket::getsockopt(&fd, sockopt::ReusePort).unwrap_or(false);
@@ -148,7 +148,7 @@ impl Listener {
     /// Adopts a generation's own socket on `primary`'s port, handed over
     /// like a listener.
     pub fn adopt_generation_socket(primary: &Shared, fd: OwnedFd) -> anyhow::Result<Shared> {
-        let (info, fd) = baton_worker::verify_listener(primary.info.clone(), fd)
+        let (info, fd) = baton_wire::listener::verify(primary.info.clone(), fd)
             .with_context(|| format!("adopting a socket of listener `{}`", primary.info.name))?;
         Ok(Rc::new(Listener::generation_socket_of(primary, info, fd)))
     }
@@ -494,7 +494,7 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
     let info = ListenerInfo {
         name: config.name.clone(),
         kind,
-        address: baton_worker::describe_address(&bound).unwrap_or_default(),
+        address: baton_wire::listener::describe(&bound).unwrap_or_default(),
     };
     let group = match kind {
         ListenerKind::Tcp => Some(Group::new(fd.as_fd())?),

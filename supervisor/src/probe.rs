@@ -31,7 +31,7 @@ use crate::config::ReadyMode;
 use crate::generation::Generation;
 use crate::listener::Shared;
 use crate::master::{Event, Events, Master};
-use baton_worker::ListenerKind;
+use baton_wire::protocol::ListenerKind;
 use nix::unistd::Pid;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;

@@ -7,8 +7,8 @@ use crate::exec::{self, Fds};
 use crate::listener::Shared;
 use crate::output;
 use anyhow::Context;
-use baton_worker::channel::{self, Channel, ChannelError};
-use baton_worker::protocol::{AppStage, MasterMessage, CONTROL_FD_ENV, MAX_FDS_PER_MESSAGE};
+use baton_wire::channel::{self, Channel, ChannelError};
+use baton_wire::protocol::{AppStage, MasterMessage, CONTROL_FD_ENV, MAX_FDS_PER_MESSAGE};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -361,7 +361,7 @@ pub fn send_app_files(
     stage: AppStage,
     log_filter: Option<String>,
 ) -> Result<(), ChannelError> {
-    let (memfd, files) = baton_worker::app_config::to_memfd(&app.files)?;
+    let (memfd, files) = baton_wire::app_files::to_memfd(&app.files)?;
     channel.try_send(
         &MasterMessage::AppFiles {
             stage,

@@ -1,18 +1,5 @@
 //! Reload handles: the application's own configuration, swapped in place
 //! across every worker of a generation without replacing a process.
-//!
-//! A worker registers how to build its configuration from the bytes of the
-//! files named by `[worker] app_config` ([`crate::Worker::app_config`]) and
-//! gets an [`AppConfig`] handle. A reload that changes only those files runs
-//! in two phases across all workers: **prepare** (each worker parses and
-//! validates the new bytes with its own parser and answers prepared or
-//! refused) and then **commit** (each swaps the prepared value in) or
-//! **abort** (each drops it). All or nothing: if one worker refuses, none
-//! changes.
-//!
-//! [`AppConfig::load`] is lock-free (an `arc-swap` load and an `Arc` clone):
-//! a request keeps the `Arc<T>` it loaded for its whole life, and the old
-//! value is dropped when the last request holding it finishes.
 
 use arc_swap::ArcSwap;
 use std::any::Any;
@@ -23,6 +10,17 @@ use tokio::sync::watch;
 
 /// The files of `[worker] app_config`, by the name the config gives them
 /// (`"app.toml"`, `"routes/main.json"`), with their bytes.
+///
+/// ```
+/// use baton_worker::Files;
+///
+/// // A parser, tested without a master:
+/// fn rate(files: &Files) -> Result<u32, String> {
+///     files.text("limits")?.trim().parse().map_err(|e| format!("limits: {e}"))
+/// }
+/// let files = Files::new([("limits".to_string(), b"100\n".to_vec())]);
+/// assert_eq!(rate(&files), Ok(100));
+/// ```
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Files {
     files: BTreeMap<String, Arc<Vec<u8>>>,
@@ -38,6 +36,14 @@ impl fmt::Debug for Files {
 
 impl Files {
     /// Files from names and contents.
+    ///
+    /// ```
+    /// let files = baton_worker::Files::new([
+    ///     ("app.toml".to_string(), b"rate = 10".to_vec()),
+    ///     ("routes.json".to_string(), b"{}".to_vec()),
+    /// ]);
+    /// assert_eq!(files.len(), 2);
+    /// ```
     pub fn new(files: impl IntoIterator<Item = (String, Vec<u8>)>) -> Files {
         Files {
             files: files
@@ -48,12 +54,24 @@ impl Files {
     }
 
     /// The bytes of `name`.
+    ///
+    /// ```
+    /// # let files = baton_worker::Files::new([("logo.png".to_string(), vec![0x89, b'P'])]);
+    /// let logo: Option<&[u8]> = files.get("logo.png");
+    /// assert_eq!(logo, Some(&[0x89, b'P'][..]));
+    /// ```
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.files.get(name).map(|b| b.as_slice())
     }
 
     /// The text of `name`: an error names the file when it is missing or
     /// not UTF-8.
+    ///
+    /// ```
+    /// # let files = baton_worker::Files::new([("app.toml".to_string(), b"rate = 10".to_vec())]);
+    /// assert_eq!(files.text("app.toml"), Ok("rate = 10"));
+    /// assert!(files.text("other.toml").unwrap_err().contains("other.toml"));
+    /// ```
     pub fn text(&self, name: &str) -> Result<&str, String> {
         let bytes = self
             .get(name)
@@ -62,6 +80,11 @@ impl Files {
     }
 
     /// The only file's text, for the common case of one file.
+    ///
+    /// ```
+    /// # let files = baton_worker::Files::new([("app.toml".to_string(), b"rate = 10".to_vec())]);
+    /// assert_eq!(files.only_text(), Ok("rate = 10"));
+    /// ```
     pub fn only_text(&self) -> Result<&str, String> {
         match self.files.keys().collect::<Vec<_>>()[..] {
             [name] => self.text(name),
@@ -73,16 +96,31 @@ impl Files {
     }
 
     /// Every file, in name order.
+    ///
+    /// ```
+    /// # let files = baton_worker::Files::new([("a".to_string(), b"1".to_vec()), ("b".to_string(), b"22".to_vec())]);
+    /// let total: usize = files.iter().map(|(_name, bytes)| bytes.len()).sum();
+    /// assert_eq!(total, 3);
+    /// ```
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.files.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 
     /// How many files.
+    ///
+    /// ```
+    /// # let files = baton_worker::Files::new([("a".to_string(), b"1".to_vec())]);
+    /// assert_eq!(files.len(), 1);
+    /// ```
     pub fn len(&self) -> usize {
         self.files.len()
     }
 
     /// Whether there are none.
+    ///
+    /// ```
+    /// assert!(baton_worker::Files::new([]).is_empty());
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
     }
@@ -141,6 +179,32 @@ type Parser<T> = dyn Fn(&Files) -> Result<T, String> + Send + Sync;
 
 /// A handle on the application's configuration: cheap to clone, lock-free
 /// to read.
+///
+/// A worker registers how to build its configuration from the bytes of the
+/// files named by `[worker] app_config` ([`Worker::app_config`](crate::Worker::app_config))
+/// and gets this handle. A reload that changes only those files runs in two
+/// phases across all workers: **prepare** (each worker parses and validates
+/// the new bytes with its own parser and answers prepared or refused) and
+/// then **commit** (each swaps the prepared value in) or **abort** (each
+/// drops it). All or nothing: if one worker refuses, none changes.
+///
+/// [`AppConfig::load`] is lock-free (an `arc-swap` load and an `Arc` clone):
+/// a request keeps the `Arc<T>` it loaded for its whole life, and the old
+/// value is dropped when the last request holding it finishes.
+///
+/// ```no_run
+/// # fn run(mut worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+/// use baton_worker::AppConfig;
+///
+/// let greeting: AppConfig<String> =
+///     worker.app_config(|files| files.only_text().map(|t| t.trim().to_string()))?;
+/// // Handed to every request handler (a clone is two `Arc` clones):
+/// let handler = {
+///     let greeting = greeting.clone();
+///     move || format!("{}\n", greeting.load())
+/// };
+/// # Ok(()) }
+/// ```
 pub struct AppConfig<T> {
     inner: Arc<Inner<T>>,
     changes: watch::Receiver<String>,
@@ -186,11 +250,25 @@ impl<T: Send + Sync + 'static> AppConfig<T> {
     /// The current value. Keep it for a whole request: a reload swaps in a
     /// new value for later loads, and this one is dropped with its last
     /// holder.
+    ///
+    /// ```no_run
+    /// # fn run(limits: baton_worker::AppConfig<u32>) {
+    /// let rate = limits.load(); // an Arc<u32>, this request's for its whole life
+    /// println!("rate {rate}");
+    /// # }
+    /// ```
     pub fn load(&self) -> Arc<T> {
         self.inner.current.load().value.clone()
     }
 
     /// The current value with the version it was built from, read together.
+    ///
+    /// ```no_run
+    /// # fn run(limits: baton_worker::AppConfig<u32>) {
+    /// let (rate, version) = limits.load_versioned();
+    /// println!("rate {rate} from config {version}");
+    /// # }
+    /// ```
     pub fn load_versioned(&self) -> (Arc<T>, String) {
         let current = self.inner.current.load();
         (current.value.clone(), current.version.clone())
@@ -198,11 +276,26 @@ impl<T: Send + Sync + 'static> AppConfig<T> {
 
     /// The current version (a short hash of the files and the worker's
     /// settings, as `baton status` shows it).
+    ///
+    /// ```no_run
+    /// # fn run(limits: baton_worker::AppConfig<u32>) {
+    /// println!("serving config {}", limits.version());
+    /// # }
+    /// ```
     pub fn version(&self) -> String {
         self.inner.current.load().version.clone()
     }
 
     /// Waits until a new version is committed; returns it.
+    ///
+    /// ```no_run
+    /// # async fn run(mut limits: baton_worker::AppConfig<u32>) {
+    /// loop {
+    ///     let version = limits.changed().await;
+    ///     println!("now at config {version}: rate {}", limits.load());
+    /// }
+    /// # }
+    /// ```
     pub async fn changed(&mut self) -> String {
         if self.changes.changed().await.is_err() {
             // The handle outlives the worker's channel: nothing will change.
@@ -261,6 +354,26 @@ fn panic_message(panic: &Box<dyn Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// Reads the files an `AppFiles` message's memfd holds, checking that it
+/// holds exactly what `entries` list.
+pub(crate) fn from_memfd(
+    fd: std::os::fd::OwnedFd,
+    entries: &[baton_wire::protocol::AppFile],
+) -> Result<Files, String> {
+    baton_wire::app_files::from_memfd(fd, entries).map(Files::new)
+}
+
+/// A short version for files read standalone: their hash.
+pub(crate) fn standalone_version(files: &Files) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for (name, bytes) in files.iter() {
+        name.hash(&mut hasher);
+        bytes.hash(&mut hasher);
+    }
+    format!("{:012x}", hasher.finish() & 0xffff_ffff_ffff)
 }
 
 #[cfg(test)]
@@ -333,109 +446,5 @@ mod tests {
             .prepare("v2", &files("boom"), None)
             .unwrap_err();
         assert!(error.contains("panicked: boom"), "{error}");
-    }
-}
-
-/// The most bytes of app config files one reload carries.
-pub const MAX_APP_CONFIG_BYTES: u64 = 64 * 1024 * 1024;
-
-/// Writes `files` one after the other into a new sealed memfd, for an
-/// [`crate::protocol::MasterMessage::AppFiles`] message (the master's side).
-pub fn to_memfd(
-    files: &[(String, Arc<Vec<u8>>)],
-) -> std::io::Result<(std::os::fd::OwnedFd, Vec<crate::protocol::AppFile>)> {
-    use std::io::Write;
-    let fd = nix::sys::memfd::memfd_create(
-        c"baton-app-config",
-        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC
-            | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
-    )?;
-    let mut file = std::fs::File::from(fd);
-    let mut entries = Vec::with_capacity(files.len());
-    for (name, bytes) in files {
-        file.write_all(bytes)?;
-        entries.push(crate::protocol::AppFile {
-            name: name.clone(),
-            len: bytes.len() as u64,
-        });
-    }
-    // Nobody changes it once sent: the workers read what the master read.
-    nix::fcntl::fcntl(
-        std::os::fd::AsRawFd::as_raw_fd(&file),
-        nix::fcntl::FcntlArg::F_ADD_SEALS(
-            nix::fcntl::SealFlag::F_SEAL_SHRINK
-                | nix::fcntl::SealFlag::F_SEAL_GROW
-                | nix::fcntl::SealFlag::F_SEAL_WRITE
-                | nix::fcntl::SealFlag::F_SEAL_SEAL,
-        ),
-    )?;
-    Ok((file.into(), entries))
-}
-
-/// Reads the files an `AppFiles` message's memfd holds, checking that it
-/// holds exactly what `entries` list.
-pub(crate) fn from_memfd(
-    fd: std::os::fd::OwnedFd,
-    entries: &[crate::protocol::AppFile],
-) -> Result<Files, String> {
-    let total: u64 = entries.iter().map(|e| e.len).fold(0, u64::saturating_add);
-    if total > MAX_APP_CONFIG_BYTES {
-        return Err(format!(
-            "app config files of {total} bytes exceed {MAX_APP_CONFIG_BYTES}"
-        ));
-    }
-    let file = std::fs::File::from(fd);
-    let size = file
-        .metadata()
-        .map_err(|e| format!("app config memfd: {e}"))?
-        .len();
-    if size != total {
-        return Err(format!(
-            "app config memfd holds {size} bytes, the message lists {total}"
-        ));
-    }
-    let mut out: Vec<(String, Vec<u8>)> = entries
-        .iter()
-        .map(|e| (e.name.clone(), vec![0; e.len as usize]))
-        .collect();
-    // At explicit offsets: the file description (and its offset) is the
-    // master's too.
-    let mut offset = 0;
-    for (_, bytes) in &mut out {
-        std::os::unix::fs::FileExt::read_exact_at(&file, bytes, offset)
-            .map_err(|e| format!("app config memfd: {e}"))?;
-        offset += bytes.len() as u64;
-    }
-    Ok(Files::new(out))
-}
-
-/// A short version for files read standalone: their hash.
-pub(crate) fn standalone_version(files: &Files) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    for (name, bytes) in files.iter() {
-        name.hash(&mut hasher);
-        bytes.hash(&mut hasher);
-    }
-    format!("{:012x}", hasher.finish() & 0xffff_ffff_ffff)
-}
-
-#[cfg(test)]
-mod memfd_tests {
-    use super::*;
-
-    #[test]
-    fn files_cross_a_memfd_unchanged_and_a_mismatch_is_an_error() {
-        let files = vec![
-            ("a.toml".to_string(), Arc::new(b"x = 1\n".to_vec())),
-            ("b.json".to_string(), Arc::new(b"{}".to_vec())),
-        ];
-        let (fd, entries) = to_memfd(&files).unwrap();
-        let read = from_memfd(fd, &entries).unwrap();
-        assert_eq!(read.text("a.toml").unwrap(), "x = 1\n");
-        assert_eq!(read.get("b.json").unwrap(), b"{}");
-        let (fd, mut entries) = to_memfd(&files).unwrap();
-        entries[1].len = 100;
-        assert!(from_memfd(fd, &entries).unwrap_err().contains("lists 106"));
     }
 }

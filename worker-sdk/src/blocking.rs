@@ -34,11 +34,11 @@
 //! starting other threads, which then inherit the blocked signals that a
 //! thread of the SDK waits for.
 
-use crate::channel::BlockingChannel;
 use crate::handshake::{self, Handshake, Hello, HELLO_TIMEOUT};
 use crate::listener::{self, Listener};
-use crate::protocol::{ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV};
-use crate::{standalone, Error};
+use crate::{standalone, Error, ListenerInfo, ListenerKind};
+use baton_wire::channel::{BlockingChannel, ChannelError};
+use baton_wire::protocol::{MasterMessage, WorkerMessage, CONTROL_FD_ENV};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -48,6 +48,16 @@ use std::time::{Duration, Instant};
 const STANDALONE_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A std program's view of its supervisor (or of itself, standalone).
+///
+/// ```no_run
+/// # fn run() -> Result<(), baton_worker::Error> {
+/// let mut worker = baton_worker::blocking::Worker::builder()
+///     .listener("http", "127.0.0.1:8080")
+///     .start()?;
+/// let listener = worker.tcp_listener("http")?;
+/// worker.ready()?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Worker {
     generation: u64,
@@ -60,6 +70,15 @@ pub struct Worker {
 }
 
 /// Configures a worker that also runs without baton.
+///
+/// ```no_run
+/// # fn run() -> Result<(), baton_worker::Error> {
+/// let worker = baton_worker::blocking::Worker::builder()
+///     .listener("http", "127.0.0.1:8080")
+///     .drain_timeout(std::time::Duration::from_secs(10))
+///     .start()?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Default)]
 pub struct Builder {
     listeners: Vec<(String, String)>,
@@ -70,12 +89,29 @@ impl Builder {
     /// Declares a listener to bind when running standalone, in the
     /// configuration's notation (`127.0.0.1:8080`, `unix:/run/app.sock`,
     /// `udp:127.0.0.1:5353`). Under baton the master's listeners are used.
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), baton_worker::Error> {
+    /// let worker = baton_worker::blocking::Worker::builder()
+    ///     .listener("http", "127.0.0.1:8080")
+    ///     .listener("admin", "unix:/run/app-admin.sock")
+    ///     .start()?;
+    /// # Ok(()) }
+    /// ```
     pub fn listener(mut self, name: impl Into<String>, address: impl Into<String>) -> Builder {
         self.listeners.push((name.into(), address.into()));
         self
     }
 
     /// The drain deadline used standalone after SIGTERM or SIGINT (default 30 s).
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), baton_worker::Error> {
+    /// let worker = baton_worker::blocking::Worker::builder()
+    ///     .drain_timeout(std::time::Duration::from_secs(5))
+    ///     .start()?;
+    /// # Ok(()) }
+    /// ```
     pub fn drain_timeout(mut self, timeout: Duration) -> Builder {
         self.drain_timeout = Some(timeout);
         self
@@ -84,12 +120,24 @@ impl Builder {
     /// Connects to the master if `BATON_CONTROL_FD` is set; otherwise takes
     /// systemd socket-activation fds or binds the declared listeners, and
     /// drains on SIGTERM or SIGINT.
+    ///
+    /// Before starting any thread (see the [module docs](self)):
+    ///
+    /// ```no_run
+    /// fn main() -> Result<(), baton_worker::Error> {
+    ///     let mut worker = baton_worker::blocking::Worker::builder()
+    ///         .listener("http", "127.0.0.1:8080")
+    ///         .start()?;
+    ///     // ... now start threads, take listeners, `worker.ready()?` ...
+    ///     Ok(())
+    /// }
+    /// ```
     pub fn start(self) -> Result<Worker, Error> {
         if std::env::var_os(CONTROL_FD_ENV).is_some() {
             return Worker::from_env();
         }
         let listeners = standalone::listeners(&self.listeners)?;
-        let drain = Drain::default();
+        let drain = Drain::new();
         let timeout = self.drain_timeout.unwrap_or(STANDALONE_DRAIN_TIMEOUT);
         spawn_signal_waiter(drain.clone(), timeout)?;
         Ok(Worker {
@@ -105,6 +153,12 @@ impl Builder {
 
 impl Worker {
     /// A builder for a worker that runs under baton or standalone.
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), baton_worker::Error> {
+    /// let worker = baton_worker::blocking::Worker::builder().start()?;
+    /// # Ok(()) }
+    /// ```
     pub fn builder() -> Builder {
         Builder::default()
     }
@@ -112,6 +166,14 @@ impl Worker {
     /// Connects to the master through `BATON_CONTROL_FD`: reads the hello and
     /// every listener, checking each fd against its metadata, and starts the
     /// thread that watches the channel for the drain.
+    ///
+    /// A program that only ever runs under baton:
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), baton_worker::Error> {
+    /// let mut worker = baton_worker::blocking::Worker::from_env()?;
+    /// # Ok(()) }
+    /// ```
     pub fn from_env() -> Result<Worker, Error> {
         let channel = Arc::new(BlockingChannel::new(handshake::control_fd_from_env()?)?);
         let deadline = Instant::now() + HELLO_TIMEOUT;
@@ -119,13 +181,9 @@ impl Worker {
         let hello = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let step = match channel.recv::<MasterMessage>(Some(left)) {
-                Err(crate::channel::ChannelError::Io(e))
-                    if e.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    Err(Error::Protocol(format!(
-                        "no hello from the master within {HELLO_TIMEOUT:?}"
-                    )))
-                }
+                Err(ChannelError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => Err(
+                    Error::Protocol(format!("no hello from the master within {HELLO_TIMEOUT:?}")),
+                ),
                 received => handshake::received(received).and_then(|r| handshake.feed(r)),
             };
             match step {
@@ -157,7 +215,7 @@ impl Worker {
             let _ = channel.try_send(&WorkerMessage::Error { message });
             return Err(error);
         }
-        let drain = Drain::default();
+        let drain = Drain::new();
         spawn_control_reader(channel.clone(), drain.clone(), drain_timeout)?;
         // As for the async worker: a SIGTERM or SIGINT that reaches the
         // worker past the master asks for a drain too.
@@ -173,32 +231,76 @@ impl Worker {
     }
 
     /// The generation this worker belongs to; 0 when standalone.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::blocking::Worker) {
+    /// println!("generation {} worker {}", worker.generation(), worker.index());
+    /// # }
+    /// ```
     pub fn generation(&self) -> u64 {
         self.generation
     }
 
     /// The worker's index within its generation; 0 when standalone.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::blocking::Worker) {
+    /// let runs_jobs = worker.index() == 0;
+    /// # }
+    /// ```
     pub fn index(&self) -> u32 {
         self.index
     }
 
     /// The W3C `traceparent` of the reload that started this worker, as
     /// [`crate::Worker::traceparent`] gives it.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::blocking::Worker) {
+    /// if let Some(parent) = worker.traceparent() {
+    ///     println!("started by the reload {parent}");
+    /// }
+    /// # }
+    /// ```
     pub fn traceparent(&self) -> Option<&str> {
         self.traceparent.as_deref()
     }
 
     /// Whether a baton master supervises this worker.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::blocking::Worker) {
+    /// if !worker.is_supervised() {
+    ///     eprintln!("running standalone: Ctrl-C drains");
+    /// }
+    /// # }
+    /// ```
     pub fn is_supervised(&self) -> bool {
         self.control.is_some()
     }
 
     /// The names and metadata of the listeners not yet taken.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::blocking::Worker) {
+    /// for listener in worker.listeners() {
+    ///     println!("{} is {} {}", listener.name, listener.kind, listener.address);
+    /// }
+    /// # }
+    /// ```
     pub fn listeners(&self) -> impl Iterator<Item = &ListenerInfo> {
         self.listeners.values().map(|l| &l.info)
     }
 
     /// Takes the TCP listener named `name` (in blocking mode).
+    ///
+    /// ```no_run
+    /// # fn run(mut worker: baton_worker::blocking::Worker) -> Result<(), baton_worker::Error> {
+    /// let listener = worker.tcp_listener("http")?;
+    /// worker.ready()?;
+    /// let (stream, peer) = listener.accept()?;
+    /// # Ok(()) }
+    /// ```
     pub fn tcp_listener(&mut self, name: &str) -> Result<std::net::TcpListener, Error> {
         let fd = listener::take(&mut self.listeners, name, ListenerKind::Tcp)?;
         let listener = std::net::TcpListener::from(fd);
@@ -207,6 +309,13 @@ impl Worker {
     }
 
     /// Takes the Unix stream listener named `name` (in blocking mode).
+    ///
+    /// ```no_run
+    /// # fn run(mut worker: baton_worker::blocking::Worker) -> Result<(), baton_worker::Error> {
+    /// let admin = worker.unix_listener("admin")?;
+    /// let (stream, _) = admin.accept()?;
+    /// # Ok(()) }
+    /// ```
     pub fn unix_listener(&mut self, name: &str) -> Result<std::os::unix::net::UnixListener, Error> {
         let fd = listener::take(&mut self.listeners, name, ListenerKind::Unix)?;
         let listener = std::os::unix::net::UnixListener::from(fd);
@@ -215,6 +324,14 @@ impl Worker {
     }
 
     /// Takes the UDP socket named `name` (in blocking mode).
+    ///
+    /// ```no_run
+    /// # fn run(mut worker: baton_worker::blocking::Worker) -> Result<(), baton_worker::Error> {
+    /// let socket = worker.udp_socket("dns")?;
+    /// let mut packet = [0u8; 512];
+    /// let (len, from) = socket.recv_from(&mut packet)?;
+    /// # Ok(()) }
+    /// ```
     pub fn udp_socket(&mut self, name: &str) -> Result<std::net::UdpSocket, Error> {
         let fd = listener::take(&mut self.listeners, name, ListenerKind::Udp)?;
         let socket = std::net::UdpSocket::from(fd);
@@ -223,20 +340,43 @@ impl Worker {
     }
 
     /// Takes the raw fd of the listener named `name`, whatever its kind.
+    ///
+    /// ```no_run
+    /// # fn run(mut worker: baton_worker::blocking::Worker) -> Result<(), baton_worker::Error> {
+    /// let (info, fd) = worker.take_fd("http")?;
+    /// println!("{} on {}", info.name, info.address);
+    /// # Ok(()) }
+    /// ```
     pub fn take_fd(&mut self, name: &str) -> Result<(ListenerInfo, OwnedFd), Error> {
         listener::take_fd(&mut self.listeners, name)
     }
 
     /// Tells the master this worker serves. Standalone, does nothing.
+    ///
+    /// ```no_run
+    /// # fn run(mut worker: baton_worker::blocking::Worker) -> Result<(), baton_worker::Error> {
+    /// let listener = worker.tcp_listener("http")?;
+    /// worker.ready()?; // from now on the master may retire the previous generation
+    /// # Ok(()) }
+    /// ```
     pub fn ready(&self) -> Result<(), Error> {
         if let Some(control) = &self.control {
-            control.send(&WorkerMessage::Ready)?;
+            control
+                .send(&WorkerMessage::Ready)
+                .map_err(Error::channel)?;
         }
         Ok(())
     }
 
     /// Reports the number of open connections (shown in `baton status`).
     /// Best effort: never waits.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::blocking::Worker, open: &[std::thread::JoinHandle<()>]) {
+    /// let open = open.iter().filter(|c| !c.is_finished()).count();
+    /// worker.report_connections(open as u64);
+    /// # }
+    /// ```
     pub fn report_connections(&self, count: u64) {
         if let Some(control) = &self.control {
             let _ = control.try_send(&WorkerMessage::Connections { count });
@@ -244,6 +384,16 @@ impl Worker {
     }
 
     /// The drain signal.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::blocking::Worker) {
+    /// let drain = worker.drain();
+    /// std::thread::spawn(move || {
+    ///     let deadline = drain.wait();
+    ///     // stop the accept loop, finish before `deadline`
+    /// });
+    /// # }
+    /// ```
     pub fn drain(&self) -> Drain {
         self.drain.clone()
     }
@@ -252,19 +402,44 @@ impl Worker {
 /// Cloneable handle on the worker's drain state, for threads to block on
 /// ([`wait`](Drain::wait), [`wait_timeout`](Drain::wait_timeout)) or poll
 /// ([`is_draining`](Drain::is_draining)).
-#[derive(Debug, Clone, Default)]
+///
+/// ```no_run
+/// # fn run(worker: &baton_worker::blocking::Worker, listener: std::net::TcpListener) -> std::io::Result<()> {
+/// use std::time::Duration;
+///
+/// listener.set_nonblocking(true)?;
+/// let drain = worker.drain();
+/// while !drain.is_draining() {
+///     match listener.accept() {
+///         Ok((stream, _)) => { /* serve it on a thread */ }
+///         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+///             drain.wait_timeout(Duration::from_millis(5));
+///         }
+///         Err(e) => return Err(e),
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
 pub struct Drain {
     state: Arc<(Mutex<Option<Instant>>, Condvar)>,
 }
 
 impl Drain {
+    /// A drain that has not started.
+    fn new() -> Drain {
+        Drain {
+            state: Arc::default(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         self.state.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Starts draining with `within` left until the deadline. Later calls
     /// only move the deadline earlier.
-    pub fn start(&self, within: Duration) {
+    fn start(&self, within: Duration) {
         let deadline = Instant::now() + within;
         let mut slot = self.lock();
         *slot = Some(slot.map_or(deadline, |d| d.min(deadline)));
@@ -272,16 +447,41 @@ impl Drain {
     }
 
     /// Whether draining has started.
+    ///
+    /// ```no_run
+    /// # fn run(drain: &baton_worker::blocking::Drain) {
+    /// while !drain.is_draining() {
+    ///     // accept and serve
+    /// }
+    /// # }
+    /// ```
     pub fn is_draining(&self) -> bool {
         self.lock().is_some()
     }
 
     /// The deadline by which the worker must have exited, once draining.
+    ///
+    /// ```no_run
+    /// # fn run(drain: &baton_worker::blocking::Drain, connections: Vec<std::thread::JoinHandle<()>>) {
+    /// use std::time::Instant;
+    ///
+    /// let deadline = drain.deadline().unwrap_or_else(Instant::now);
+    /// while connections.iter().any(|c| !c.is_finished()) && Instant::now() < deadline {
+    ///     std::thread::sleep(std::time::Duration::from_millis(10));
+    /// }
+    /// # }
+    /// ```
     pub fn deadline(&self) -> Option<Instant> {
         *self.lock()
     }
 
     /// Blocks until draining starts; returns the deadline.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::blocking::Worker) {
+    /// let deadline = worker.drain().wait(); // blocks this thread until the drain
+    /// # }
+    /// ```
     pub fn wait(&self) -> Instant {
         let mut slot = self.lock();
         loop {
@@ -294,6 +494,15 @@ impl Drain {
 
     /// Blocks until draining starts or `timeout` passes; returns the
     /// deadline once draining.
+    ///
+    /// ```no_run
+    /// # fn run(drain: &baton_worker::blocking::Drain) {
+    /// // Sleeps at most 5 ms, waking at once when the drain starts.
+    /// if let Some(deadline) = drain.wait_timeout(std::time::Duration::from_millis(5)) {
+    ///     println!("draining until {deadline:?}");
+    /// }
+    /// # }
+    /// ```
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Instant> {
         let slot = self.lock();
         let (slot, _) = self
@@ -355,7 +564,7 @@ mod tests {
 
     #[test]
     fn drain_wakes_a_blocked_thread_with_the_earliest_deadline() {
-        let drain = Drain::default();
+        let drain = Drain::new();
         assert_eq!(drain.wait_timeout(Duration::from_millis(10)), None);
         let waiter = {
             let drain = drain.clone();

@@ -4,10 +4,10 @@
 //! differ only in how they wait for the next message.
 
 use crate::app_config::Files;
-use crate::channel::{ChannelError, Received};
 use crate::listener::Listener;
-use crate::protocol::{AppStage, MasterMessage, CONTROL_FD_ENV};
-use crate::{DecodeError, Error};
+use crate::Error;
+use baton_wire::channel::{ChannelError, Received};
+use baton_wire::protocol::{AppStage, MasterMessage, CONTROL_FD_ENV};
 use nix::sys::socket::{getsockopt, sockopt, SockType};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -53,10 +53,7 @@ pub(crate) fn received(
         Ok(None) => Err(Error::Protocol(
             "the master closed the control channel".into(),
         )),
-        Err(ChannelError::Decode(DecodeError::Version { peer })) => {
-            Err(Error::Version { master: peer })
-        }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(Error::channel(e)),
     }
 }
 

@@ -78,7 +78,6 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::UnixListener;
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, Instant};
 
@@ -93,6 +92,21 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const DEADLINE_POLL: Duration = Duration::from_millis(100);
 
 /// Options for [`serve`] and [`serve_tower`].
+///
+/// ```no_run
+/// # async fn run(mut worker: baton_worker::Worker, app: axum::Router) -> Result<(), baton_worker::Error> {
+/// use std::time::Duration;
+///
+/// let listener = worker.tcp_listener("http")?;
+/// let options = baton_worker::http::ServeOptions {
+///     header_read_timeout: Some(Duration::from_secs(75)), // the load balancer's keep-alive is 60 s
+///     close_spread: Some(Duration::from_secs(2)),
+///     ..worker.serve_options() // keeps the connection reports to the master
+/// };
+/// worker.ready().await?;
+/// baton_worker::http::serve_tower(listener, app, worker.drain(), options).await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct ServeOptions {
     /// Once an HTTP/1.1 connection is told to go, how long it may stay open
@@ -155,6 +169,21 @@ impl fmt::Debug for ServeOptions {
 /// `ECONNABORTED` are retried; the only error returned is one saying the
 /// listener itself is unusable (`EBADF`, `EINVAL` for a socket that is not
 /// listening, `ENOTSOCK`), and returning it drops the open connections.
+///
+/// ```no_run
+/// # async fn run(mut worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+/// use http_body_util::Full;
+/// use hyper::body::Bytes;
+/// use hyper::{service::service_fn, Response};
+///
+/// let listener = worker.unix_listener("http")?; // a tokio TcpListener works the same
+/// let service = service_fn(|_request| async {
+///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hi\n"))))
+/// });
+/// worker.ready().await?;
+/// baton_worker::http::serve(listener, service, worker.drain(), worker.serve_options()).await?;
+/// # Ok(()) }
+/// ```
 pub async fn serve<L, S, B>(
     listener: L,
     service: S,
@@ -169,23 +198,19 @@ where
     serve_with(listener, service, drain, options).await
 }
 
-/// [`serve`] on a Unix stream listener (kept for callers of earlier
-/// versions: [`serve`] takes one too).
-pub async fn serve_unix<S, B>(
-    listener: UnixListener,
-    service: S,
-    drain: Drain,
-    options: ServeOptions,
-) -> io::Result<()>
-where
-    S: HyperService<B>,
-    B: ResponseBody,
-{
-    serve_with(listener, service, drain, options).await
-}
-
 /// [`serve`] with a tower `Service`: an `axum::Router`, tonic's `Routes`, or
 /// anything built with tower's layers, with no adapter in user code.
+///
+/// ```no_run
+/// # async fn run(mut worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+/// use axum::{routing::get, Router};
+///
+/// let app = Router::new().route("/", get(|| async { "hello\n" }));
+/// let listener = worker.tcp_listener("http")?;
+/// worker.ready().await?;
+/// baton_worker::http::serve_tower(listener, app, worker.drain(), worker.serve_options()).await?;
+/// # Ok(()) }
+/// ```
 pub async fn serve_tower<L, S, B>(
     listener: L,
     service: S,
@@ -202,6 +227,26 @@ where
 
 /// A hyper service [`serve`] accepts: cloned for each connection, its
 /// futures `Send`. Implemented for every type that fits.
+///
+/// A function generic over the services [`serve`] takes:
+///
+/// ```no_run
+/// use baton_worker::http::{HyperService, ResponseBody};
+///
+/// async fn serve_on_8080<S, B>(service: S) -> std::io::Result<()>
+/// where
+///     S: HyperService<B>,
+///     B: ResponseBody,
+/// {
+///     let mut worker = baton_worker::Worker::builder()
+///         .listener("http", "127.0.0.1:8080")
+///         .start()
+///         .await
+///         .map_err(std::io::Error::other)?;
+///     let listener = worker.tcp_listener("http").map_err(std::io::Error::other)?;
+///     baton_worker::http::serve(listener, service, worker.drain(), worker.serve_options()).await
+/// }
+/// ```
 pub trait HyperService<B>:
     Service<
         Request<Incoming>,
@@ -229,6 +274,24 @@ impl<T, B> HyperService<B> for T where
 /// A tower service [`serve_tower`] and [`Worker::serve`](crate::Worker::serve)
 /// accept (an `axum::Router`, tonic's `Routes`, ...). Implemented for every
 /// type that fits.
+///
+/// A function generic over the services [`serve_tower`] takes:
+///
+/// ```no_run
+/// use baton_worker::http::{ResponseBody, TowerService};
+///
+/// async fn run<S, B>(service: S) -> Result<(), baton_worker::Error>
+/// where
+///     S: TowerService<B>,
+///     B: ResponseBody,
+/// {
+///     let mut worker = baton_worker::Worker::builder()
+///         .listener("http", "127.0.0.1:8080")
+///         .start()
+///         .await?;
+///     worker.serve("http", service).await
+/// }
+/// ```
 pub trait TowerService<B>:
     tower_service::Service<
         Request<Incoming>,
@@ -255,6 +318,18 @@ impl<T, B> TowerService<B> for T where
 
 /// A response body the server can write. Implemented for every type that
 /// fits.
+///
+/// Any hyper body fits: `Full`, `Empty`, axum's `Body`, a boxed body:
+///
+/// ```
+/// use baton_worker::http::ResponseBody;
+/// use http_body_util::Full;
+/// use hyper::body::Bytes;
+///
+/// fn takes<B: ResponseBody>(_body: B) {}
+/// takes(Full::new(Bytes::from("hi")));
+/// takes(axum::body::Body::empty());
+/// ```
 pub trait ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
 
 impl<T> ResponseBody for T where T: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}

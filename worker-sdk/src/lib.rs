@@ -33,30 +33,45 @@
 //! named by `BATON_CONTROL_FD`; standalone it takes systemd socket-activation
 //! fds or binds the addresses it declares, so one binary serves in
 //! development and in production.
+//!
+//! What a worker calls:
+//!
+//! - [`Worker`] (made by a [`Builder`]): listeners by name, readiness,
+//!   [`Drain`] and [`Reopen`] requests, connection reports;
+//!   [`Worker::app_config`] gives an [`AppConfig`] handle that in-place
+//!   reloads swap from new [`Files`].
+//! - [`http`] (feature `http`, on by default): HTTP/1.1 and HTTP/2 serving
+//!   that drains without failing a request; [`Worker::serve`] in one call.
+//! - [`logging`] (feature `tracing`): a log filter that reloads in place.
+//! - [`blocking`]: the same for std programs without an async runtime.
+//! - [`traceparent`] and [`config_hash`]: what the worker's environment
+//!   says of the reload that started it.
+//!
+//! The protocol between the master and this SDK is the `baton-wire` crate,
+//! which a worker never needs.
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod app_config;
+mod app_config;
 pub mod blocking;
-pub mod channel;
 mod context;
 mod drain;
+mod error;
 mod handshake;
 #[cfg(feature = "http")]
 pub mod http;
 mod listener;
 #[cfg(feature = "tracing")]
 pub mod logging;
-pub mod protocol;
 mod reopen;
 mod standalone;
 mod worker;
 
 pub use app_config::{AppConfig, Files};
+pub use baton_wire::protocol::{ListenerInfo, ListenerKind};
 pub use context::{config_hash, traceparent};
 pub use drain::Drain;
-pub use listener::{describe as describe_address, verify as verify_listener};
-pub use protocol::{DecodeError, ListenerInfo, ListenerKind};
+pub use error::Error;
 pub use reopen::Reopen;
 pub use worker::{Builder, Worker};
 
@@ -68,66 +83,4 @@ mod docs {
     struct Readme;
     #[doc = include_str!("../../docs/architecture.md")]
     struct Architecture;
-}
-
-/// What can go wrong for a worker.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// `BATON_CONTROL_FD` does not name an open `SOCK_SEQPACKET` socket.
-    #[error("{env}={0:?} does not name an open SOCK_SEQPACKET socket", env = protocol::CONTROL_FD_ENV)]
-    BadControlFd(String),
-    /// The control channel failed.
-    #[error(transparent)]
-    Channel(#[from] channel::ChannelError),
-    /// The master speaks another protocol version.
-    #[error(
-        "the master speaks protocol version {master}, this SDK speaks version {}",
-        protocol::PROTOCOL_VERSION
-    )]
-    Version {
-        /// The master's version.
-        master: u32,
-    },
-    /// The master sent something out of order or inconsistent.
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    /// A received fd is not the socket its metadata describes.
-    #[error("listener `{name}`: expected {expected}, the fd is {found}")]
-    ListenerMismatch {
-        /// Listener name.
-        name: String,
-        /// What the metadata said.
-        expected: String,
-        /// What the fd is.
-        found: String,
-    },
-    /// No listener of that name was received or declared (or it was taken).
-    #[error("no listener named `{0}`")]
-    NoSuchListener(String),
-    /// The listener exists but is of another kind.
-    #[error("listener `{name}` is {kind}, not {wanted}")]
-    WrongKind {
-        /// Listener name.
-        name: String,
-        /// Its kind.
-        kind: ListenerKind,
-        /// The kind asked for.
-        wanted: ListenerKind,
-    },
-    /// Binding a standalone listener failed.
-    #[error("binding listener `{name}` on {address}: {source}")]
-    Bind {
-        /// Listener name.
-        name: String,
-        /// The address.
-        address: String,
-        /// The bind error.
-        source: std::io::Error,
-    },
-    /// Another I/O error.
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    /// The application's configuration could not be built.
-    #[error("app config: {0}")]
-    AppConfig(String),
 }

@@ -13,6 +13,14 @@ use tracing_subscriber::{reload, EnvFilter, Registry};
 /// Installs a global `fmt` subscriber (to stderr) whose filter is `[worker] log_filter`
 /// (under baton), else `RUST_LOG`, else `info`, and registers it as a
 /// reload handle of `worker`. Call it once, early.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), baton_worker::Error> {
+/// let mut worker = baton_worker::Worker::builder().start().await?;
+/// baton_worker::logging::init(&mut worker)?;
+/// tracing::info!(generation = worker.generation(), "starting");
+/// # Ok(()) }
+/// ```
 pub fn init(worker: &mut Worker) -> Result<(), Error> {
     let initial = worker
         .initial_log_filter()

@@ -1,9 +1,9 @@
 //! Listeners when no master supervises the worker: systemd socket
 //! activation's fds, else the declared addresses, bound here.
 
-use crate::listener::{describe, Listener};
-use crate::protocol::{ListenerInfo, ListenerKind};
-use crate::Error;
+use crate::listener::Listener;
+use crate::{Error, ListenerInfo, ListenerKind};
+use baton_wire::listener::describe;
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -3,15 +3,13 @@
 
 pub(crate) use crate::app_config::Reloadable;
 use crate::app_config::{AppConfig, Files};
-use crate::channel::Channel;
 use crate::drain::Drain;
 use crate::handshake::{self, Handshake, Hello, HELLO_TIMEOUT};
 use crate::listener::{self, Listener};
-use crate::protocol::{
-    AppStage, ListenerInfo, ListenerKind, MasterMessage, WorkerMessage, CONTROL_FD_ENV,
-};
 use crate::reopen::{self, Reopen};
-use crate::{standalone, Error};
+use crate::{standalone, Error, ListenerInfo, ListenerKind};
+use baton_wire::channel::{Channel, Received};
+use baton_wire::protocol::{AppFile, AppStage, MasterMessage, WorkerMessage, CONTROL_FD_ENV};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -22,6 +20,18 @@ use tokio::sync::watch;
 const STANDALONE_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A worker process's view of its supervisor (or of itself, standalone).
+///
+/// ```no_run
+/// # async fn run() -> Result<(), baton_worker::Error> {
+/// let mut worker = baton_worker::Worker::builder()
+///     .listener("http", "127.0.0.1:8080") // bound by the program itself when standalone
+///     .start()
+///     .await?;
+/// let listener = worker.tcp_listener("http")?;
+/// worker.ready().await?;
+/// # drop(listener);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Worker {
     generation: u64,
@@ -61,6 +71,19 @@ impl std::fmt::Debug for App {
 type Handles = Arc<std::sync::Mutex<Vec<Arc<dyn Reloadable>>>>;
 
 /// Configures a worker that also runs without baton.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), baton_worker::Error> {
+/// use std::time::Duration;
+///
+/// let worker = baton_worker::Worker::builder()
+///     .listener("http", "127.0.0.1:8080")
+///     .listener("admin", "unix:/run/app-admin.sock")
+///     .drain_timeout(Duration::from_secs(10))
+///     .start()
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Default)]
 pub struct Builder {
     listeners: Vec<(String, String)>,
@@ -73,6 +96,16 @@ impl Builder {
     /// configuration's notation: `127.0.0.1:8080`, `[::1]:8080`,
     /// `unix:/run/app.sock` or `udp:127.0.0.1:5353`. Under baton the master's
     /// listeners are used instead.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), baton_worker::Error> {
+    /// let worker = baton_worker::Worker::builder()
+    ///     .listener("http", "[::1]:8080")
+    ///     .listener("dns", "udp:127.0.0.1:5353")
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn listener(mut self, name: impl Into<String>, address: impl Into<String>) -> Builder {
         self.listeners.push((name.into(), address.into()));
         self
@@ -80,12 +113,31 @@ impl Builder {
 
     /// An application config file read by [`Worker::app_config`] when
     /// running standalone (under baton, `[worker] app_config` names them).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), baton_worker::Error> {
+    /// let mut worker = baton_worker::Worker::builder()
+    ///     .app_config_file("limits.toml")
+    ///     .start()
+    ///     .await?;
+    /// let limits = worker.app_config(|files| files.only_text().map(str::to_string))?;
+    /// # Ok(()) }
+    /// ```
     pub fn app_config_file(mut self, path: impl Into<std::path::PathBuf>) -> Builder {
         self.app_config.push(path.into());
         self
     }
 
     /// The drain deadline used standalone after SIGTERM or SIGINT (default 30 s).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), baton_worker::Error> {
+    /// let worker = baton_worker::Worker::builder()
+    ///     .drain_timeout(std::time::Duration::from_secs(5))
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn drain_timeout(mut self, timeout: Duration) -> Builder {
         self.drain_timeout = Some(timeout);
         self
@@ -94,6 +146,18 @@ impl Builder {
     /// Connects to the master if `BATON_CONTROL_FD` is set; otherwise takes
     /// systemd socket-activation fds (`LISTEN_FDS`) or binds the declared
     /// listeners, and drains on SIGTERM or SIGINT.
+    ///
+    /// ```no_run
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), baton_worker::Error> {
+    ///     let mut worker = baton_worker::Worker::builder()
+    ///         .listener("http", "127.0.0.1:8080")
+    ///         .start()
+    ///         .await?;
+    ///     // ... take listeners, then `worker.ready().await?` ...
+    ///     Ok(())
+    /// }
+    /// ```
     pub async fn start(self) -> Result<Worker, Error> {
         if std::env::var_os(CONTROL_FD_ENV).is_some() {
             return Worker::from_env().await;
@@ -125,6 +189,12 @@ impl Builder {
 
 impl Worker {
     /// A builder for a worker that runs under baton or standalone.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), baton_worker::Error> {
+    /// let worker = baton_worker::Worker::builder().start().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn builder() -> Builder {
         Builder::default()
     }
@@ -133,6 +203,14 @@ impl Worker {
     /// every listener, checking each fd against its metadata. Must be called
     /// inside a tokio runtime. From then on SIGTERM and SIGINT start a drain
     /// (with the master's drain timeout) instead of killing the process.
+    ///
+    /// A program that only ever runs under baton:
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), baton_worker::Error> {
+    /// let mut worker = baton_worker::Worker::from_env().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn from_env() -> Result<Worker, Error> {
         let fd = handshake::control_fd_from_env()?;
         let channel = Arc::new(Channel::new(fd)?);
@@ -154,11 +232,24 @@ impl Worker {
     }
 
     /// The generation this worker belongs to; 0 when standalone.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::Worker) {
+    /// println!("generation {} worker {}", worker.generation(), worker.index());
+    /// # }
+    /// ```
     pub fn generation(&self) -> u64 {
         self.generation
     }
 
     /// The worker's index within its generation; 0 when standalone.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::Worker) {
+    /// // One worker of each generation runs the periodic job.
+    /// let runs_jobs = worker.index() == 0;
+    /// # }
+    /// ```
     pub fn index(&self) -> u32 {
         self.index
     }
@@ -169,11 +260,29 @@ impl Worker {
     /// `TRACEPARENT`. It names the reload's spawn phase, so a span the
     /// worker parents on it (its startup) or links to it (its requests)
     /// shows in the reload's trace. `None` otherwise.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::Worker) {
+    /// if let Some(parent) = worker.traceparent() {
+    ///     // e.g. extract it with opentelemetry's TraceContextPropagator and
+    ///     // parent the startup span on it
+    ///     println!("started by the reload {parent}");
+    /// }
+    /// # }
+    /// ```
     pub fn traceparent(&self) -> Option<&str> {
         self.traceparent.as_deref()
     }
 
     /// Whether a baton master supervises this worker.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::Worker) {
+    /// if !worker.is_supervised() {
+    ///     eprintln!("running standalone: Ctrl-C drains");
+    /// }
+    /// # }
+    /// ```
     pub fn is_supervised(&self) -> bool {
         self.control.is_some()
     }
@@ -181,6 +290,16 @@ impl Worker {
     /// Whether [`Worker::app_config`] has files to build from: the
     /// master sent `[worker] app_config`, or (standalone) the builder named
     /// some with [`Builder::app_config_file`].
+    ///
+    /// ```no_run
+    /// # fn run(mut worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+    /// let greeting = if worker.has_app_config() {
+    ///     Some(worker.app_config(|files| files.only_text().map(str::to_string))?)
+    /// } else {
+    ///     None // built-in defaults
+    /// };
+    /// # Ok(()) }
+    /// ```
     pub fn has_app_config(&self) -> bool {
         match &self.control {
             Some(_) => self.app.initial.is_some(),
@@ -189,11 +308,27 @@ impl Worker {
     }
 
     /// The names and metadata of the listeners not yet taken.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::Worker) {
+    /// for listener in worker.listeners() {
+    ///     println!("{} is {} {}", listener.name, listener.kind, listener.address);
+    /// }
+    /// # }
+    /// ```
     pub fn listeners(&self) -> impl Iterator<Item = &ListenerInfo> {
         self.listeners.values().map(|l| &l.info)
     }
 
     /// Takes the TCP listener named `name`.
+    ///
+    /// ```no_run
+    /// # async fn run(mut worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+    /// let listener = worker.tcp_listener("http")?;
+    /// worker.ready().await?;
+    /// let (stream, peer) = listener.accept().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn tcp_listener(&mut self, name: &str) -> Result<tokio::net::TcpListener, Error> {
         let fd = self.take(name, ListenerKind::Tcp)?;
         let std = std::net::TcpListener::from(fd);
@@ -202,6 +337,13 @@ impl Worker {
     }
 
     /// Takes the Unix stream listener named `name`.
+    ///
+    /// ```no_run
+    /// # async fn run(mut worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+    /// let admin = worker.unix_listener("admin")?;
+    /// let (stream, _) = admin.accept().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn unix_listener(&mut self, name: &str) -> Result<tokio::net::UnixListener, Error> {
         let fd = self.take(name, ListenerKind::Unix)?;
         let std = std::os::unix::net::UnixListener::from(fd);
@@ -210,6 +352,14 @@ impl Worker {
     }
 
     /// Takes the UDP socket named `name`.
+    ///
+    /// ```no_run
+    /// # async fn run(mut worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+    /// let socket = worker.udp_socket("dns")?;
+    /// let mut packet = [0u8; 512];
+    /// let (len, from) = socket.recv_from(&mut packet).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn udp_socket(&mut self, name: &str) -> Result<tokio::net::UdpSocket, Error> {
         let fd = self.take(name, ListenerKind::Udp)?;
         let std = std::net::UdpSocket::from(fd);
@@ -218,6 +368,15 @@ impl Worker {
     }
 
     /// Takes the raw fd of the listener named `name`, whatever its kind.
+    ///
+    /// For a socket the SDK does not wrap, or to hand to another library:
+    ///
+    /// ```no_run
+    /// # fn run(mut worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+    /// let (info, fd) = worker.take_fd("http")?;
+    /// let listener = std::net::TcpListener::from(fd);
+    /// # Ok(()) }
+    /// ```
     pub fn take_fd(&mut self, name: &str) -> Result<(ListenerInfo, OwnedFd), Error> {
         listener::take_fd(&mut self.listeners, name)
     }
@@ -227,15 +386,38 @@ impl Worker {
     }
 
     /// Tells the master this worker serves. Standalone, does nothing.
+    ///
+    /// Call it once every listener is taken and the program can serve: until
+    /// then the previous generation keeps serving alone.
+    ///
+    /// ```no_run
+    /// # async fn run(mut worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+    /// let listener = worker.tcp_listener("http")?;
+    /// // ... warm caches, open pools ...
+    /// worker.ready().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn ready(&self) -> Result<(), Error> {
         if let Some(control) = &self.control {
-            control.send(&WorkerMessage::Ready).await?;
+            control
+                .send(&WorkerMessage::Ready)
+                .await
+                .map_err(Error::channel)?;
         }
         Ok(())
     }
 
     /// Reports the number of open connections (shown in `baton status`).
     /// Best effort: never waits.
+    ///
+    /// [`Worker::serve`] and [`Worker::serve_options`] report for you; a
+    /// hand-written accept loop reports its own count:
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::Worker, open: &std::sync::atomic::AtomicU64) {
+    /// worker.report_connections(open.load(std::sync::atomic::Ordering::Relaxed));
+    /// # }
+    /// ```
     pub fn report_connections(&self, count: u64) {
         self.reporter().report_connections(count);
     }
@@ -255,11 +437,30 @@ impl Worker {
     /// bytes of its files, and returns the reload handle: a reload that
     /// changes only `[worker] app_config` files (or `log_filter`) then runs
     /// in place, calling `parse` on the new bytes and swapping the value in
-    /// only when every worker accepted it (see [`crate::app_config`]).
+    /// only when every worker accepted it (see [`AppConfig`]).
     /// An `Err` from `parse` is the worker's refusal, shown by `baton
     /// reload`. Standalone, the files are read from disk (those given to
     /// [`Builder::app_config_file`]), so the program runs unchanged in
     /// development.
+    ///
+    /// ```no_run
+    /// # fn run(mut worker: baton_worker::Worker) -> Result<(), baton_worker::Error> {
+    /// #[derive(serde::Deserialize)]
+    /// struct Limits {
+    ///     rate: u32,
+    /// }
+    ///
+    /// let limits = worker.app_config(|files| {
+    ///     let limits: Limits = toml::from_str(files.text("limits.toml")?).map_err(|e| e.to_string())?;
+    ///     if limits.rate == 0 {
+    ///         return Err("rate must be > 0".to_string()); // `baton reload` shows it
+    ///     }
+    ///     Ok(limits)
+    /// })?;
+    /// // In a request:
+    /// let rate = limits.load().rate;
+    /// # Ok(()) }
+    /// ```
     pub fn app_config<T, E>(
         &mut self,
         parse: impl Fn(&Files) -> Result<T, E> + Send + Sync + 'static,
@@ -326,11 +527,29 @@ impl Worker {
     }
 
     /// The drain signal: select on [`Drain::wait`] or [`Drain::token`].
+    ///
+    /// ```no_run
+    /// # async fn run(worker: baton_worker::Worker) {
+    /// let drain = worker.drain();
+    /// let deadline = drain.wait().await;
+    /// # }
+    /// ```
     pub fn drain(&self) -> Drain {
         self.drain.clone()
     }
 
     /// Reopen requests (`baton reopen`; SIGUSR1 when standalone).
+    ///
+    /// ```no_run
+    /// # async fn run(worker: baton_worker::Worker) {
+    /// let mut reopen = worker.reopen();
+    /// tokio::spawn(async move {
+    ///     while reopen.requested().await {
+    ///         // reopen the access log at its path
+    ///     }
+    /// });
+    /// # }
+    /// ```
     pub fn reopen(&self) -> Reopen {
         self.reopen.clone()
     }
@@ -391,7 +610,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
     })
 }
 
-async fn recv_master(channel: &Channel) -> Result<crate::channel::Received<MasterMessage>, Error> {
+async fn recv_master(channel: &Channel) -> Result<Received<MasterMessage>, Error> {
     handshake::received(channel.recv::<MasterMessage>().await)
 }
 
@@ -461,7 +680,7 @@ fn prepare(
     handles: &Handles,
     version: &str,
     fd: Option<OwnedFd>,
-    entries: &[crate::protocol::AppFile],
+    entries: &[AppFile],
     log_filter: Option<&str>,
 ) -> WorkerMessage {
     let refuse = |reason: String| WorkerMessage::AppRefused {
@@ -554,7 +773,7 @@ async fn next_signal(signal: &mut Option<tokio::signal::unix::Signal>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::channel::pair;
+    use baton_wire::channel::pair;
     use std::os::fd::{AsFd, AsRawFd};
 
     /// The hello of a generation-1 worker with one listener.

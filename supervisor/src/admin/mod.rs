@@ -220,5 +220,5 @@ fn inherited_fd(value: &str) -> anyhow::Result<OwnedFd> {
 /// A socket's bound address as status shows it.
 fn describe(fd: BorrowedFd<'_>) -> anyhow::Result<String> {
     let bound: SockaddrStorage = getsockname(fd.as_raw_fd())?;
-    baton_worker::describe_address(&bound).context("the admin socket has no address")
+    baton_wire::listener::describe(&bound).context("the admin socket has no address")
 }

@@ -6,7 +6,7 @@ use crate::master::{Master, Stop, Waiter};
 use crate::operation::ReloadRequest;
 use crate::reload::Trigger;
 use crate::scale::ScaleChange;
-use baton_worker::protocol::MasterMessage;
+use baton_wire::protocol::MasterMessage;
 
 impl Master {
     /// Answers one control request; a reload answers when it has finished.

@@ -2,7 +2,7 @@
 //! newline-delimited JSON over the control socket, one request and one reply
 //! per line, each with a protocol version `v`. Documented in the README.
 
-use baton_worker::protocol::json_kind;
+use baton_wire::protocol::json_kind;
 use serde::{Deserialize, Serialize};
 
 /// The control protocol version.

@@ -9,7 +9,7 @@ use crate::generation::{crash_loop, crashes_in_a_row, respawn_delay, Phase};
 use crate::inplace::{answer_verdict, exit_aborts, next_move, Answer, Move, Stage};
 use crate::reload::over_drain_cap;
 use crate::worker::State;
-use baton_worker::protocol::WorkerMessage;
+use baton_wire::protocol::WorkerMessage;
 use std::collections::VecDeque;
 use tokio::sync::oneshot;
 use tokio::time::Instant;

@@ -14,7 +14,7 @@ use crate::scale::ScaleOverride;
 use crate::steering::Layout;
 use crate::worker::{State, Worker};
 use anyhow::{bail, Context};
-use baton_worker::channel::Channel;
+use baton_wire::channel::Channel;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

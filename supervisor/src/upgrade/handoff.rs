@@ -12,9 +12,9 @@ use crate::master::{Event, Master, TakeoverState};
 use crate::pidfile::PidFile;
 use crate::steering::Layout;
 use anyhow::{bail, Context};
-use baton_worker::channel::Channel;
-use baton_worker::protocol::MAX_FDS_PER_MESSAGE;
-use baton_worker::ListenerInfo;
+use baton_wire::channel::Channel;
+use baton_wire::protocol::ListenerInfo;
+use baton_wire::protocol::MAX_FDS_PER_MESSAGE;
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
@@ -227,7 +227,7 @@ async fn receive(channel: Arc<Channel>) -> anyhow::Result<Takeover> {
         })?;
         let mut members = Vec::with_capacity(received.fds.len());
         for fd in received.fds {
-            let (_, fd) = baton_worker::verify_listener(owner.info.clone(), fd)
+            let (_, fd) = baton_wire::listener::verify(owner.info.clone(), fd)
                 .with_context(|| format!("adopting a socket of listener `{}`", owner.info.name))?;
             members.push(fd);
         }
@@ -280,7 +280,7 @@ pub fn send_takeover(
     channel: &Channel,
     next_generation: u64,
     listeners: &[crate::listener::Shared],
-) -> Result<(), baton_worker::channel::ChannelError> {
+) -> Result<(), baton_wire::channel::ChannelError> {
     let mut groups = Vec::new();
     for (index, listener) in listeners.iter().enumerate() {
         if let Some(layout) = listener.layout()? {

@@ -16,7 +16,7 @@ use crate::control::protocol::Reply;
 use crate::master::{Event, Master, Stop, Waiter};
 use crate::operation::{Admission, Ask, Facts};
 use anyhow::Context;
-use baton_worker::channel::{self, Channel, ChannelError};
+use baton_wire::channel::{self, Channel, ChannelError};
 use handoff::{NewMessage, OldMessage, UPGRADE_FD_ENV};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;

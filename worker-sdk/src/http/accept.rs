@@ -12,6 +12,18 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 ///
 /// Implemented for tokio's [`TcpListener`] and [`UnixListener`], and for
 /// [`WithAcceptor`], which adds a handshake such as TLS.
+///
+/// Implemented here for the listeners [`Worker`](crate::Worker) hands out;
+/// a function generic over what [`serve`](super::serve) accepts:
+///
+/// ```no_run
+/// use baton_worker::http::{Accept, ServeOptions};
+///
+/// async fn serve_hello(listener: impl Accept, drain: baton_worker::Drain) -> std::io::Result<()> {
+///     let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello\n" }));
+///     baton_worker::http::serve_tower(listener, app, drain, ServeOptions::default()).await
+/// }
+/// ```
 pub trait Accept: Send + 'static {
     /// What `accept` returns.
     type Stream: Send + 'static;
@@ -66,6 +78,17 @@ impl Accept for UnixListener {
 
 /// A listener whose connections go through `acceptor` before HTTP is spoken
 /// on them; made by [`with_acceptor`].
+///
+/// ```no_run
+/// # async fn run(mut worker: baton_worker::Worker, tls: tokio_rustls::TlsAcceptor, app: axum::Router) -> Result<(), baton_worker::Error> {
+/// use baton_worker::http::{with_acceptor, WithAcceptor};
+///
+/// let listener = worker.tcp_listener("https")?;
+/// let listener: WithAcceptor<_, _> = with_acceptor(listener, move |stream| tls.accept(stream));
+/// worker.ready().await?;
+/// baton_worker::http::serve_tower(listener, app, worker.drain(), worker.serve_options()).await?;
+/// # Ok(()) }
+/// ```
 pub struct WithAcceptor<L, F> {
     listener: L,
     acceptor: Arc<F>,
@@ -73,11 +96,19 @@ pub struct WithAcceptor<L, F> {
 
 /// Runs every connection accepted from `listener` through `acceptor` (a TLS
 /// handshake, typically) before serving HTTP on what it returns. The SDK does
-/// not pick a TLS stack: with `tokio-rustls`,
+/// not pick a TLS stack: with `tokio-rustls` (the whole program is in
+/// `examples/tls`),
 ///
-/// ```ignore
+/// ```no_run
+/// # async fn run(mut worker: baton_worker::Worker, server_config: rustls::ServerConfig, app: axum::Router) -> Result<(), baton_worker::Error> {
+/// use baton_worker::http::with_acceptor;
+/// use std::sync::Arc;
+///
 /// let tls = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-/// let listener = with_acceptor(listener, move |stream| tls.accept(stream));
+/// let listener = with_acceptor(worker.tcp_listener("https")?, move |stream| tls.accept(stream));
+/// worker.ready().await?;
+/// baton_worker::http::serve_tower(listener, app, worker.drain(), worker.serve_options()).await?;
+/// # Ok(()) }
 /// ```
 ///
 /// Offer `h2` and `http/1.1` by ALPN in the server config: the server tells

@@ -120,6 +120,22 @@ impl Drop for Registration {
 /// close frame with code 1012, Service Restart); the client reconnects and
 /// reaches the next generation. Whatever is still open at the drain deadline
 /// is cut.
+///
+/// With axum (the whole handler is in `examples/axum`):
+///
+/// ```no_run
+/// use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
+/// use axum::{response::Response, Extension};
+/// use baton_worker::http::DrainNotice;
+///
+/// async fn ws(upgrade: WebSocketUpgrade, Extension(notice): Extension<DrainNotice>) -> Response {
+///     upgrade.on_upgrade(move |mut socket: WebSocket| async move {
+///         notice.notified().await; // or select! it with socket.recv()
+///         let goodbye = CloseFrame { code: close_code::RESTART, reason: "restart".into() };
+///         let _ = socket.send(Message::Close(Some(goodbye))).await;
+///     })
+/// }
+/// ```
 #[derive(Debug, Clone)]
 pub struct DrainNotice {
     notice: CancellationToken,
@@ -129,22 +145,55 @@ pub struct DrainNotice {
 impl DrainNotice {
     /// Completes when this connection is told to go; returns the drain
     /// deadline, by which the worker cuts it.
+    ///
+    /// ```no_run
+    /// # async fn run(notice: baton_worker::http::DrainNotice) {
+    /// let deadline = notice.notified().await;
+    /// // say goodbye on the connection before `deadline`
+    /// # }
+    /// ```
     pub async fn notified(&self) -> Instant {
         self.notice.cancelled().await;
         self.drain.deadline().unwrap_or_else(Instant::now)
     }
 
     /// Whether this connection has been told to go.
+    ///
+    /// ```no_run
+    /// # fn run(notice: &baton_worker::http::DrainNotice) {
+    /// if notice.is_notified() {
+    ///     // a long-poll handler answers now instead of waiting
+    /// }
+    /// # }
+    /// ```
     pub fn is_notified(&self) -> bool {
         self.notice.is_cancelled()
     }
 
     /// The drain deadline, once draining.
+    ///
+    /// ```no_run
+    /// # fn run(notice: &baton_worker::http::DrainNotice) {
+    /// if let Some(deadline) = notice.deadline() {
+    ///     println!("the worker drains; this connection is cut at {deadline:?}");
+    /// }
+    /// # }
+    /// ```
     pub fn deadline(&self) -> Option<Instant> {
         self.drain.deadline()
     }
 
     /// A token cancelled with the notice, for `select!` or `tokio_util` code.
+    ///
+    /// ```no_run
+    /// # async fn run(notice: baton_worker::http::DrainNotice) {
+    /// let token = notice.token();
+    /// tokio::select! {
+    ///     _ = token.cancelled() => { /* say goodbye */ }
+    ///     _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => { /* long poll done */ }
+    /// }
+    /// # }
+    /// ```
     pub fn token(&self) -> CancellationToken {
         self.notice.clone()
     }

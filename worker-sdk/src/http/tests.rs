@@ -283,9 +283,9 @@ async fn deadline_drops_a_request_that_never_finishes() {
 async fn unix_listener_serves_and_drains_the_same_way() {
     let path = std::env::temp_dir().join(format!("baton-http-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).unwrap();
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let drain = Drain::new();
-    let task = tokio::spawn(serve_unix(
+    let task = tokio::spawn(serve(
         listener,
         TestService::new("ok"),
         drain.clone(),

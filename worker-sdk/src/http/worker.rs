@@ -48,6 +48,15 @@ impl Worker {
 
     /// Default [`ServeOptions`] whose `on_connections` reports the open
     /// connections to the master (shown in `baton status`).
+    ///
+    /// ```no_run
+    /// # async fn run(mut worker: baton_worker::Worker, app: axum::Router) -> Result<(), baton_worker::Error> {
+    /// let listener = worker.tcp_listener("http")?;
+    /// let options = worker.serve_options();
+    /// worker.ready().await?;
+    /// baton_worker::http::serve_tower(listener, app, worker.drain(), options).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn serve_options(&self) -> ServeOptions {
         let control = self.reporter();
         ServeOptions {

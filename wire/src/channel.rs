@@ -1,7 +1,8 @@
 //! The control channel: one `SOCK_SEQPACKET` socket carrying protocol
 //! messages and, with `SCM_RIGHTS`, listener fds.
 //!
-//! Used by both the master and the SDK. The socket is non-blocking and driven
+//! Used by the master towards its workers, its guardian and the new master of
+//! a binary upgrade, and by the SDK. The socket is non-blocking and driven
 //! by tokio; sends never wait for the peer (the master must never block on a
 //! worker), they fail with [`ChannelError::Full`] instead.
 
@@ -159,7 +160,7 @@ impl Channel {
 }
 
 /// One end of a control channel driven by blocking calls, for workers
-/// without an async runtime ([`blocking`](crate::blocking)). Safe to use
+/// without an async runtime (the SDK's blocking worker). Safe to use
 /// from several threads at once: one may wait in [`recv`](Self::recv) while
 /// another sends.
 #[derive(Debug)]

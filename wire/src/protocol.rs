@@ -13,8 +13,23 @@ use std::fmt;
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// Environment variable naming the worker's end of the control channel.
+/// Environment variable naming the worker's end of the control channel
+/// (`protocol = "sdk"` workers only).
 pub const CONTROL_FD_ENV: &str = "BATON_CONTROL_FD";
+
+/// Environment variable holding the worker's generation (1, 2, ...).
+pub const GENERATION_ENV: &str = "BATON_GENERATION";
+
+/// Environment variable holding the worker's index in its generation.
+pub const WORKER_ENV: &str = "BATON_WORKER";
+
+/// Environment variable holding the short hash of the configuration file
+/// the worker's generation was started from, as `baton status` shows it.
+pub const CONFIG_HASH_ENV: &str = "BATON_CONFIG_HASH";
+
+/// Environment variable holding the W3C trace context of the reload that
+/// started the worker, when the master exports traces.
+pub const TRACEPARENT_ENV: &str = "TRACEPARENT";
 
 /// The most fds sent in one message. The kernel's limit (`SCM_MAX_FD`) is 253.
 pub const MAX_FDS_PER_MESSAGE: usize = 252;
@@ -27,6 +42,11 @@ pub const MAX_MESSAGE_SIZE: usize = 128 * 1024;
 pub const MAX_LISTENER_NAME: usize = 64;
 
 /// What kind of socket a listener is.
+///
+/// ```
+/// # use baton_wire::protocol::ListenerKind;
+/// assert_eq!(ListenerKind::Unix.to_string(), "unix");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ListenerKind {
@@ -49,6 +69,18 @@ impl fmt::Display for ListenerKind {
 }
 
 /// Metadata of one listener, sent alongside its fd.
+///
+/// ```
+/// # use baton_wire::protocol::{ListenerInfo, ListenerKind};
+/// let info = ListenerInfo {
+///     name: "http".into(),
+///     kind: ListenerKind::Tcp,
+///     address: "127.0.0.1:8080".into(),
+/// };
+/// let port: u16 = info.address.rsplit_once(':').unwrap().1.parse()?;
+/// assert_eq!(port, 8080);
+/// # Ok::<(), std::num::ParseIntError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerInfo {
     /// The listener's name from the configuration.

@@ -2,8 +2,8 @@
 //! whatever bytes arrive, decoding never panics, and a message that is not
 //! right is an error that names what is wrong.
 
-use baton_worker::channel::{pair, Channel, ChannelError};
-use baton_worker::protocol::{
+use baton_wire::channel::{pair, Channel, ChannelError};
+use baton_wire::protocol::{
     decode, encode, AppFile, AppStage, DecodeError, ListenerInfo, ListenerKind, MasterMessage,
     WorkerMessage, MAX_MESSAGE_SIZE, PROTOCOL_VERSION,
 };
