@@ -6,6 +6,10 @@
 //! messages, at most [`MAX_FDS_PER_MESSAGE`] per message, in the same order as
 //! the metadata they carry. Decoding never panics: bad bytes are a
 //! [`DecodeError`].
+//!
+//! The master and the SDK come from the same commit: every field is sent,
+//! there is no default for one an older peer would omit, and a change of
+//! the messages changes [`PROTOCOL_VERSION`].
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -108,11 +112,9 @@ pub enum MasterMessage {
         drain_timeout_ms: u64,
         /// Whether an [`MasterMessage::AppFiles`] message with the
         /// `[worker] app_config` files follows the listeners.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         app_config: bool,
         /// The W3C `traceparent` of the reload that started the worker, when
         /// the master exports traces (also in `TRACEPARENT`).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         traceparent: Option<String>,
     },
     /// A batch of listeners; the message carries their fds, in this order.
@@ -141,7 +143,6 @@ pub enum MasterMessage {
         /// Each file's name (as the config writes it) and length.
         files: Vec<AppFile>,
         /// The tracing filter for `[worker] log_filter`, if set.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
         log_filter: Option<String>,
     },
     /// Swap in what was prepared for `version`, and confirm.
@@ -444,6 +445,15 @@ mod tests {
                 let _ = decode::<MasterMessage>(&corrupt);
             }
         }
+    }
+
+    #[test]
+    fn a_hello_without_one_of_its_fields_names_it() {
+        let err = decode::<MasterMessage>(
+            br#"{"v":1,"type":"hello","generation":1,"worker_index":0,"listener_count":0,"drain_timeout_ms":1,"traceparent":null}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("app_config"), "{err}");
     }
 
     #[test]

@@ -29,7 +29,7 @@
 //! Whatever is still open at the drain deadline is cut, upgraded connections
 //! included.
 //!
-//! The service is a hyper [`Service`](hyper::service::Service) for [`serve`],
+//! The service is a hyper [`Service`] for [`serve`],
 //! or a tower `Service` such as an `axum::Router` or tonic's `Routes` for
 //! [`serve_tower`]. [`Worker::serve`](crate::Worker::serve) does the common
 //! case in one call.

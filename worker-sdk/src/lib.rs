@@ -55,6 +55,7 @@
 mod app_config;
 pub mod blocking;
 mod context;
+mod control;
 mod drain;
 mod error;
 mod handshake;

@@ -1,15 +1,16 @@
 //! The worker's handle on its supervisor: connect, take listeners by name,
 //! report readiness, learn when to drain.
 
-pub(crate) use crate::app_config::Reloadable;
+use crate::app_config::Reloadable;
 use crate::app_config::{AppConfig, Files};
+use crate::control::{self, Handles, Reporter};
 use crate::drain::Drain;
 use crate::handshake::{self, Handshake, Hello, HELLO_TIMEOUT};
 use crate::listener::{self, Listener};
 use crate::reopen::{self, Reopen};
 use crate::{standalone, Error, ListenerInfo, ListenerKind};
 use baton_wire::channel::{Channel, Received};
-use baton_wire::protocol::{AppFile, AppStage, MasterMessage, WorkerMessage, CONTROL_FD_ENV};
+use baton_wire::protocol::{MasterMessage, WorkerMessage, CONTROL_FD_ENV};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -66,9 +67,6 @@ impl std::fmt::Debug for App {
             .finish()
     }
 }
-
-/// Reload handles registered by the worker.
-type Handles = Arc<std::sync::Mutex<Vec<Arc<dyn Reloadable>>>>;
 
 /// Configures a worker that also runs without baton.
 ///
@@ -424,7 +422,7 @@ impl Worker {
 
     /// A handle that reports connections, for hooks that outlive `&self`.
     pub(crate) fn reporter(&self) -> Reporter {
-        Reporter(self.control.clone())
+        Reporter::new(self.control.clone())
     }
 
     /// The kind of the listener `name`, if it was received and not taken.
@@ -555,19 +553,6 @@ impl Worker {
     }
 }
 
-/// Reports connection counts to the master, if there is one.
-#[derive(Debug, Clone)]
-pub(crate) struct Reporter(Option<Arc<Channel>>);
-
-impl Reporter {
-    /// Best effort: never waits.
-    pub(crate) fn report_connections(&self, count: u64) {
-        if let Some(control) = &self.0 {
-            let _ = control.try_send(&WorkerMessage::Connections { count }, &[]);
-        }
-    }
-}
-
 async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
     let mut handshake = Handshake::default();
     while !handshake.feed(recv_master(channel).await?)? {}
@@ -587,7 +572,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
     };
     let drain = Drain::new();
     let (reopen_tx, reopen) = Reopen::channel();
-    spawn_control_reader(
+    control::spawn_reader(
         channel.clone(),
         drain.clone(),
         drain_timeout,
@@ -612,121 +597,6 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
 
 async fn recv_master(channel: &Channel) -> Result<Received<MasterMessage>, Error> {
     handshake::received(channel.recv::<MasterMessage>().await)
-}
-
-/// Watches the channel for the rest of the worker's life. A drain message
-/// starts the drain; end of file (the master is gone) or a broken channel
-/// starts it too, with the hello's deadline, so no worker outlives its master
-/// by more than `drain_timeout`.
-fn spawn_control_reader(
-    channel: Arc<Channel>,
-    drain: Drain,
-    drain_timeout: Duration,
-    reopen: watch::Sender<u64>,
-    handles: Handles,
-) {
-    tokio::spawn(async move {
-        loop {
-            match channel.recv::<MasterMessage>().await {
-                Ok(Some(received)) => match received.message {
-                    MasterMessage::Drain { deadline_ms } => {
-                        drain.start(Duration::from_millis(deadline_ms))
-                    }
-                    MasterMessage::Reopen {} => reopen::request(&reopen),
-                    MasterMessage::AppFiles {
-                        stage: AppStage::Prepare,
-                        version,
-                        files,
-                        log_filter,
-                    } => {
-                        // Off the runtime's threads: a slow parser must not
-                        // stall serving.
-                        let fd = received.fds.into_iter().next();
-                        let handles = handles.clone();
-                        let answer = tokio::task::spawn_blocking(move || {
-                            prepare(&handles, &version, fd, &files, log_filter.as_deref())
-                        })
-                        .await;
-                        if let Ok(answer) = answer {
-                            let _ = channel.send(&answer).await;
-                        }
-                    }
-                    MasterMessage::AppCommit { version } => {
-                        let answer = commit(&handles, version);
-                        let _ = channel.send(&answer).await;
-                    }
-                    MasterMessage::AppAbort { .. } => {
-                        let all = handles.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                        for handle in &all {
-                            handle.abort();
-                        }
-                    }
-                    MasterMessage::Hello { .. }
-                    | MasterMessage::Listeners { .. }
-                    | MasterMessage::AppFiles { .. } => {}
-                },
-                Ok(None) | Err(_) => {
-                    drain.start(drain_timeout);
-                    return;
-                }
-            }
-        }
-    });
-}
-
-/// An in-place reload's first phase: every handle builds its value from the
-/// new files; one refusal refuses for all (and drops what the others built).
-fn prepare(
-    handles: &Handles,
-    version: &str,
-    fd: Option<OwnedFd>,
-    entries: &[AppFile],
-    log_filter: Option<&str>,
-) -> WorkerMessage {
-    let refuse = |reason: String| WorkerMessage::AppRefused {
-        version: version.to_string(),
-        reason,
-    };
-    let Some(fd) = fd else {
-        return refuse("app config files without their memfd".into());
-    };
-    let files = match crate::app_config::from_memfd(fd, entries) {
-        Ok(files) => files,
-        Err(e) => return refuse(e),
-    };
-    let all = handles.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    if all.is_empty() {
-        return refuse("no reload handle registered".into());
-    }
-    for handle in &all {
-        if let Err(reason) = handle.prepare(version, &files, log_filter) {
-            for handle in &all {
-                handle.abort();
-            }
-            return refuse(reason);
-        }
-    }
-    WorkerMessage::AppPrepared {
-        version: version.to_string(),
-    }
-}
-
-/// An in-place reload's second phase: every handle swaps in what it
-/// prepared for `version`. Committed only if every one did: a handle that
-/// had nothing prepared for it (registered after the prepare went by) keeps
-/// serving its own version, and the master is told so rather than told a
-/// version the worker does not serve.
-fn commit(handles: &Handles, version: String) -> WorkerMessage {
-    let all = handles.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let missing = all.iter().filter(|h| !h.commit(&version)).count();
-    if all.is_empty() || missing > 0 {
-        let reason = format!(
-            "{missing} of {} reload handles had not prepared version {version}",
-            all.len()
-        );
-        return WorkerMessage::AppRefused { version, reason };
-    }
-    WorkerMessage::AppCommitted { version }
 }
 
 /// Drains on SIGTERM or SIGINT within `timeout`; with `reopen` (standalone),
@@ -831,31 +701,6 @@ mod tests {
             let worker = worker_with_traceparent("00-not-a-trace-01").await;
             assert_eq!(worker.traceparent(), None);
         }
-    }
-
-    #[test]
-    fn a_commit_of_a_version_not_prepared_is_refused_not_confirmed() {
-        use crate::app_config::{AppConfig, Files};
-        let files = Files::new([("a".to_string(), b"1".to_vec())]);
-        let parse = |f: &Files| f.only_text().map(str::to_string);
-        let config = AppConfig::new("v1".into(), &files, parse).unwrap();
-        let handles: Handles = Arc::new(std::sync::Mutex::new(vec![config.reloadable()]));
-        // A worker that joined after the prepare went by.
-        let answer = commit(&handles, "v2".into());
-        assert!(
-            matches!(&answer, WorkerMessage::AppRefused { version, .. } if version == "v2"),
-            "{answer:?}"
-        );
-        assert_eq!(config.version(), "v1");
-        let handle = handles.lock().unwrap()[0].clone();
-        handle.prepare("v2", &files, None).unwrap();
-        assert_eq!(
-            commit(&handles, "v2".into()),
-            WorkerMessage::AppCommitted {
-                version: "v2".into()
-            }
-        );
-        assert_eq!(config.version(), "v2");
     }
 
     #[tokio::test]
