@@ -42,7 +42,7 @@
 //!   reloads swap from new [`Files`].
 //! - [`http`] (feature `http`, on by default): HTTP/1.1 and HTTP/2 serving
 //!   that drains without failing a request; [`Worker::serve`] in one call.
-//! - [`logging`] (feature `tracing`): a log filter that reloads in place.
+//! - `logging` (feature `tracing`): a log filter that reloads in place.
 //! - [`blocking`]: the same for std programs without an async runtime.
 //! - [`traceparent`] and [`config_hash`]: what the worker's environment
 //!   says of the reload that started it.
