@@ -60,16 +60,6 @@ pub use protocol::{DecodeError, ListenerInfo, ListenerKind};
 pub use reopen::Reopen;
 pub use worker::{Builder, Worker};
 
-/// The Rust snippets of the README and of `docs/`, compiled as doc tests
-/// (`cargo test --doc -p baton-worker`) so that none of them goes stale.
-#[cfg(doctest)]
-mod docs {
-    #[doc = include_str!("../../README.md")]
-    struct Readme;
-    #[doc = include_str!("../../docs/architecture.md")]
-    struct Architecture;
-}
-
 /// What can go wrong for a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
