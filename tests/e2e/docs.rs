@@ -5,7 +5,8 @@
 //! - every `baton` command line parses with the CLI ([`commands`]);
 //! - every ```` ```toml ```` block is a `baton.toml` the master accepts, but
 //!   the Cargo manifest lines, which build the worker example in a project
-//!   of their own;
+//!   of their own; the reference in `docs/configuration.md` shows every key
+//!   the master accepts;
 //! - the README's walkthrough runs against a real master ([`walkthrough`]),
 //!   and the Kubernetes probes get their answers from the admin endpoint;
 //! - the systemd units pass `systemd-analyze verify`;
@@ -16,6 +17,7 @@
 //! whose `build.rs` lists the same pages).
 
 mod commands;
+mod configs;
 mod kubernetes;
 mod links;
 mod walkthrough;
@@ -195,98 +197,6 @@ fn the_systemd_example_units_pass_systemd_analyze_verify() {
 /// `Cargo.toml`, not a `baton.toml`.
 fn is_cargo_manifest(block: &Block) -> bool {
     block.text.contains("[dependencies]")
-}
-
-/// Every `baton.toml` the docs show is one the master accepts: parsed and
-/// validated as `baton check` and a reload do ([`baton::config::Config::parse`]:
-/// unknown keys, types, ranges, `{fd:NAME}`, rollout settings, `user` and
-/// `group` resolved, `app_config` files read). A fragment (only `[worker]`
-/// settings, say) is completed with a listener or a worker command of its
-/// own, appended so that an error's line is still the block's. What `baton
-/// check` adds beyond the file (the program exists, the port is free)
-/// depends on the reader's machine, not on the docs.
-#[test]
-fn every_baton_toml_in_the_docs_is_a_valid_config() {
-    let root = nix::unistd::geteuid().is_root();
-    let mut checked = Vec::new();
-    let mut bad = Vec::new();
-    for block in all_blocks() {
-        if block.lang != "toml" || is_cargo_manifest(&block) {
-            continue;
-        }
-        let table: toml::Table = match toml::from_str(&block.text) {
-            Ok(table) => table,
-            Err(e) => {
-                bad.push(format!("{}: not TOML: {e}", block.at));
-                continue;
-            }
-        };
-        let mut text = block.text.clone();
-        if !root {
-            // Only root may name another user: the docs show `user` and
-            // `group` for a master run as root. Blanked, not removed, so
-            // that line numbers stay the block's.
-            text = text
-                .lines()
-                .map(|l| match l.split('=').next().map(str::trim) {
-                    Some("user" | "group") => "",
-                    _ => l,
-                })
-                .collect::<Vec<_>>()
-                .join("\n");
-        }
-        if !table.contains_key("listener") {
-            text.push_str("\n[[listener]]\nname = \"docs\"\naddress = \"127.0.0.1:0\"\n");
-        }
-        if !table.contains_key("worker") {
-            text.push_str("\n[worker]\ncommand = [\"./app\"]\n");
-        }
-        let dir = TempDir::new();
-        // The application's own files are read with the config.
-        let app_files = table
-            .get("worker")
-            .and_then(|w| w.get("app_config"))
-            .and_then(|a| a.as_array())
-            .cloned()
-            .unwrap_or_default();
-        for file in app_files.iter().filter_map(|f| f.as_str()) {
-            std::fs::write(dir.path().join(file), "").unwrap();
-        }
-        match baton::config::Config::parse(&dir.path().join("baton.toml"), &text) {
-            Ok(_) => checked.push(block.at),
-            // At the page's line (what was appended comes after the block).
-            Err(e) => bad.push(match e.location {
-                Some((line, column)) => {
-                    let page = block.at.split(':').next().unwrap_or_default();
-                    format!("{page}:{}:{column}: {}", block.line + line, e.message)
-                }
-                None => format!("{}: {}", block.at, e.message),
-            }),
-        }
-    }
-    eprintln!(
-        "{} baton.toml blocks accepted: {}",
-        checked.len(),
-        checked.join(", ")
-    );
-    assert!(
-        bad.is_empty(),
-        "configs the master rejects:\n{}",
-        bad.join("\n")
-    );
-    // The ten-line config, the reference, and fragments in several pages.
-    assert!(
-        checked.len() >= 4,
-        "only {} baton.toml blocks found in the docs: is the extraction broken?",
-        checked.len()
-    );
-    assert!(
-        checked.iter().any(|at| at.starts_with("README.md:"))
-            && checked
-                .iter()
-                .any(|at| at.starts_with("docs/configuration.md:")),
-        "the README's config and the reference are checked: {checked:?}"
-    );
 }
 
 /// The one block of `lang` in the docs containing `marker`.
