@@ -85,7 +85,7 @@ pub enum Command {
     },
     /// Show the master, listeners, generations and workers.
     Status {
-        /// Print JSON (the format is documented in the README).
+        /// Print JSON (the format is documented in docs/operations.md).
         #[arg(long)]
         json: bool,
     },

@@ -1,12 +1,119 @@
-//! What the docs show works as shown: the systemd units pass `systemd-analyze
-//! verify`, and the README's dependency lines build its worker example.
-//! (The Rust snippets themselves are doc tests of `baton-worker`, and the
-//! `baton` commands shown are parsed by the CLI's unit tests.)
+//! What the docs show works as shown. The pages are the README and every
+//! `.md` under `docs/` ([`pages`]), so a new page is checked without being
+//! listed anywhere:
+//!
+//! - every `baton` command line parses with the CLI ([`commands`]);
+//! - every ```` ```toml ```` block is a `baton.toml` the master accepts, but
+//!   the Cargo manifest lines, which build the worker example in a project
+//!   of their own; the reference in `docs/configuration.md` shows every key
+//!   the master accepts;
+//! - the README's walkthrough runs against a real master ([`walkthrough`]),
+//!   and the Kubernetes probes get their answers from the admin endpoint;
+//! - the systemd units pass `systemd-analyze verify`;
+//! - every relative link reaches its file and heading, and the README links
+//!   every page.
+//!
+//! The Rust snippets are doc tests of `baton-tests` (`tests/src/lib.rs`,
+//! whose `build.rs` lists the same pages).
+
+mod commands;
+mod configs;
+mod kubernetes;
+mod links;
+mod walkthrough;
 
 use baton_tests::harness::{Binaries, TempDir};
 use baton_tests::tools::{repository, require};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The documentation pages: `README.md` and every `.md` under `docs/`,
+/// relative to the repository, sorted.
+pub fn pages() -> Vec<PathBuf> {
+    let root = repository();
+    let mut pages = vec![PathBuf::from("README.md")];
+    let mut stack = vec![root.join("docs")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "md") {
+                pages.push(path.strip_prefix(&root).unwrap().to_path_buf());
+            }
+        }
+    }
+    pages.sort();
+    pages
+}
+
+/// A fenced code block of a page.
+pub struct Block {
+    /// `page:line` of its opening fence.
+    pub at: String,
+    /// The page's line number of its opening fence: the block's line `n`
+    /// is the page's line `line + n`.
+    pub line: usize,
+    /// The first word of its info string: `toml`, `rust` (of `rust,no_run`),
+    /// `console`, ...
+    pub lang: String,
+    /// The HTML comment on the line before the fence (`<!-- walkthrough -->`
+    /// gives `walkthrough`), if any.
+    pub marker: Option<String>,
+    /// Its lines, without the fences.
+    pub text: String,
+}
+
+/// The fenced blocks of `page` (relative to the repository), in order;
+/// fences may be indented (in a list item).
+pub fn blocks(page: &Path) -> Vec<Block> {
+    let text = std::fs::read_to_string(repository().join(page)).unwrap();
+    let mut blocks = Vec::new();
+    let mut open: Option<Block> = None;
+    let mut previous = "";
+    for (n, line) in text.lines().enumerate() {
+        let fence = line.trim_start().strip_prefix("```");
+        match (&mut open, fence) {
+            (None, Some(info)) => {
+                let marker = previous
+                    .trim()
+                    .strip_prefix("<!--")
+                    .and_then(|m| m.strip_suffix("-->"))
+                    .map(|m| m.trim().to_string());
+                open = Some(Block {
+                    at: format!("{}:{}", page.display(), n + 1),
+                    line: n + 1,
+                    lang: info
+                        .split(',')
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string(),
+                    marker,
+                    text: String::new(),
+                });
+            }
+            (Some(_), Some(_)) => blocks.extend(open.take()),
+            (Some(block), None) => {
+                block.text.push_str(line);
+                block.text.push('\n');
+            }
+            (None, None) => {}
+        }
+        previous = line;
+    }
+    assert!(
+        open.is_none(),
+        "{}: a code block is never closed",
+        page.display()
+    );
+    blocks
+}
+
+/// Every fenced block of every page.
+fn all_blocks() -> Vec<Block> {
+    pages().iter().flat_map(|page| blocks(page)).collect()
+}
 
 /// Where the units expect baton; `systemd-analyze verify` wants the
 /// program of every `Exec*=` line to exist, so a temp copy names the built
@@ -86,53 +193,52 @@ fn the_systemd_example_units_pass_systemd_analyze_verify() {
     }
 }
 
-/// The first fenced block of `lang` (its info string `rust` or `rust,no_run`)
-/// in the README that contains `marker`.
-fn readme_block(lang: &str, marker: &str) -> String {
-    let readme = std::fs::read_to_string(repository().join("README.md")).unwrap();
-    let mut block: Option<String> = None;
-    for line in readme.lines() {
-        match &mut block {
-            None => {
-                let info = line.strip_prefix("```").unwrap_or_default();
-                if info.split(',').next() == Some(lang) {
-                    block = Some(String::new());
-                }
-            }
-            Some(text) if line.starts_with("```") => {
-                if text.contains(marker) {
-                    return std::mem::take(text);
-                }
-                block = None;
-            }
-            Some(text) => {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-    }
-    panic!("no ```{lang} block with {marker:?} in README.md")
+/// A ```` ```toml ```` block that is the `[dependencies]` of a worker's
+/// `Cargo.toml`, not a `baton.toml`.
+fn is_cargo_manifest(block: &Block) -> bool {
+    block.text.contains("[dependencies]")
+}
+
+/// The one block of `lang` in the docs containing `marker`.
+fn block_with(lang: &str, marker: &str) -> Block {
+    let mut found: Vec<Block> = all_blocks()
+        .into_iter()
+        .filter(|b| b.lang == lang && b.text.contains(marker))
+        .collect();
+    let where_: Vec<&str> = found.iter().map(|b| b.at.as_str()).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one ```{lang} block with {marker:?} in the docs, found at {where_:?}"
+    );
+    found.remove(0)
 }
 
 /// A project outside this workspace, with exactly the `[dependencies]`
-/// the README gives (the SDK's path pointed at this clone) and its axum
-/// example as `main.rs`, type-checks: the path dependency works, and the
-/// tokio features named are the ones `#[tokio::main]` needs.
+/// that `docs/worker.md` gives (the SDK's path pointed at this clone) and
+/// its axum example as `main.rs`, type-checks: the path dependency works,
+/// and the tokio features named are the ones `#[tokio::main]` needs.
 #[test]
 #[ignore = "type-checks ~100 crates outside the workspace (minutes): .ci/run runs it after the suite"]
-fn the_readme_dependency_lines_build_its_worker_example() {
-    let dependencies = readme_block("toml", "baton-worker = ");
+fn the_documented_dependency_lines_build_the_worker_example() {
+    let block = block_with("toml", "baton-worker = ");
+    assert!(
+        is_cargo_manifest(&block),
+        "{}: a [dependencies] block",
+        block.at
+    );
+    let dependencies = block.text;
     let documented_path = "path = \"../baton/worker-sdk\"";
     assert!(
         dependencies.starts_with("[dependencies]\n") && dependencies.contains(documented_path),
-        "README's dependency block:\n{dependencies}"
+        "the docs' dependency block:\n{dependencies}"
     );
     let sdk = repository().join("worker-sdk");
     let dependencies = dependencies.replace(
         documented_path,
         &format!("path = {:?}", sdk.to_str().unwrap()),
     );
-    let main = readme_block("rust", "#[tokio::main]");
+    let main = block_with("rust", "#[tokio::main]").text;
 
     let dir = TempDir::new();
     let manifest = format!(
@@ -156,186 +262,8 @@ fn the_readme_dependency_lines_build_its_worker_example() {
         .expect("running cargo");
     assert!(
         out.status.success(),
-        "cargo check of the README's worker with its dependency lines: {}\n{}",
+        "cargo check of the docs' worker example with its dependency lines: {}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Every `baton` command line shown in the docs: in ```sh/```console
-/// blocks (a console block's `$ ` lines), in inline code of the prose,
-/// and in the example files (the systemd units' `Exec*=` lines, comments
-/// of the configs).
-fn documented_commands() -> Vec<(String, Vec<String>)> {
-    let root = repository();
-    let mut sources = vec![root.join("README.md")];
-    for dir in ["docs", "examples"] {
-        let mut stack = vec![root.join(dir)];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    stack.push(path);
-                } else if path.extension().is_some_and(|e| {
-                    ["md", "toml", "service", "socket", "conf", "rs", "py"]
-                        .contains(&e.to_str().unwrap_or_default())
-                }) {
-                    sources.push(path);
-                }
-            }
-        }
-    }
-    let mut commands = Vec::new();
-    for source in sources {
-        let text = std::fs::read_to_string(&source).unwrap();
-        let name = source.strip_prefix(&root).unwrap().display().to_string();
-        let markdown = name.ends_with(".md");
-        let mut fence: Option<String> = None;
-        for (n, line) in text.lines().enumerate() {
-            let at = format!("{name}:{}", n + 1);
-            if markdown {
-                if let Some(lang) = line.trim_start().strip_prefix("```") {
-                    fence = match fence {
-                        Some(_) => None,
-                        None => Some(lang.trim().to_string()),
-                    };
-                    continue;
-                }
-                match fence.as_deref() {
-                    Some("sh" | "bash" | "shell") => commands.push((at, line.to_string())),
-                    Some("console") => {
-                        if let Some(command) = line.strip_prefix("$ ") {
-                            commands.push((at, command.to_string()));
-                        }
-                    }
-                    Some(_) => {}
-                    // Prose: each inline code span.
-                    None => {
-                        for (i, span) in line.split('`').enumerate() {
-                            if i % 2 == 1 {
-                                commands.push((at.clone(), span.to_string()));
-                            }
-                        }
-                    }
-                }
-            } else {
-                // Other files: `Exec*=` lines and code spans in comments.
-                if let Some((key, value)) = line.split_once('=') {
-                    if key.starts_with("Exec") {
-                        commands.push((at.clone(), value.to_string()));
-                    }
-                }
-                for (i, span) in line.split('`').enumerate() {
-                    if i % 2 == 1 {
-                        commands.push((at.clone(), span.to_string()));
-                    }
-                }
-            }
-        }
-    }
-    // From each, the `baton ...` invocations at the start of a shell
-    // command (also after `sudo`, `kubectl exec ... --`, `Exec*=`; not
-    // `cargo bench -p baton`), up to the end of that command.
-    let mut found = Vec::new();
-    for (at, text) in commands {
-        let Some(words) = shlex::split(&text) else {
-            continue;
-        };
-        let mut previous: Option<String> = None;
-        let mut words = words.into_iter().peekable();
-        while let Some(word) = words.next() {
-            let starts = previous.as_deref().map_or(true, |p| {
-                SEPARATORS.contains(&p) || ["sudo", "--", "exec"].contains(&p)
-            });
-            let baton = word == "baton" || word.ends_with("/baton");
-            previous = Some(word.clone());
-            if !(baton && (starts || word.starts_with("Exec"))) {
-                continue;
-            }
-            let mut args = vec!["baton".to_string()];
-            while let Some(arg) = words.next_if(|w| !SEPARATORS.contains(&&w[..])) {
-                args.push(arg);
-            }
-            if args.len() > 1 {
-                found.extend(synopses(&args).into_iter().map(|a| (at.clone(), a)));
-            }
-        }
-    }
-    found
-}
-
-const SEPARATORS: [&str; 5] = ["&&", "||", "|", ";", "&"];
-
-/// A synopsis as the docs write one (`baton reload [--timeout DUR]`,
-/// `baton scale +N`, `baton -s reload|stop`) as the command lines it
-/// stands for: brackets dropped, placeholders given a value, each
-/// alternative on its own.
-fn synopses(args: &[String]) -> Vec<Vec<String>> {
-    let mut lines = vec![Vec::new()];
-    for arg in args {
-        let arg = arg.trim_start_matches('[').trim_end_matches(']');
-        let arg = match arg {
-            "DUR" => "10s",
-            "N" => "2",
-            "+N" => "+2",
-            "-N" => "-2",
-            other => other,
-        };
-        let alternatives: Vec<&str> = if arg.contains('|') && !arg.starts_with('-') {
-            arg.split('|').collect()
-        } else {
-            vec![arg]
-        };
-        lines = lines
-            .into_iter()
-            .flat_map(|line| {
-                alternatives.iter().map(move |alt| {
-                    let mut line = line.clone();
-                    line.push(alt.to_string());
-                    line
-                })
-            })
-            .collect();
-    }
-    lines
-}
-
-/// Each `baton` command the docs show is one the CLI accepts: its
-/// subcommand, flags and values parse (`--help` and `--version` too).
-#[test]
-fn every_baton_command_in_the_docs_parses() {
-    use clap::Parser;
-    let commands = documented_commands();
-    let mut bad = Vec::new();
-    for (at, args) in &commands {
-        // The guardian's hidden first argument, which `main` takes before
-        // the parser (docs/architecture.md names it).
-        if args[1] == baton::guardian::ARG {
-            continue;
-        }
-        match baton::cli::Cli::try_parse_from(args) {
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-                ) => {}
-            // Prose naming a subcommand (`baton scale`) without its value.
-            Err(e)
-                if args.len() == 2
-                    && e.kind() == clap::error::ErrorKind::MissingRequiredArgument => {}
-            Err(e) => bad.push(format!("{at}: `{}`: {}", args.join(" "), e.kind())),
-        }
-    }
-    eprintln!("{} baton commands in the docs parsed", commands.len());
-    assert!(
-        commands.len() > 40,
-        "only {} baton commands found in the docs: is the extraction broken?",
-        commands.len()
-    );
-    assert!(
-        bad.is_empty(),
-        "commands the CLI rejects:\n{}",
-        bad.join("\n")
     );
 }

@@ -166,7 +166,7 @@ fn the_wrapped_server_examples_are_valid_configs() {
             .output()
             .unwrap();
         // `baton check` also looks for the server's program, which the
-        // README has the user install (a venv in the example's directory,
+        // docs (docs/wrapping.md) have the user install (a venv in the example's directory,
         // nginx on PATH): only that may be missing here.
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(

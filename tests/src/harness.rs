@@ -193,7 +193,15 @@ impl Baton {
             .args(args)
             .arg("-c")
             .arg(dir.path().join("baton.toml"))
-            .current_dir(dir.path())
+            .current_dir(dir.path());
+        Self::start_command(dir, command)
+    }
+
+    /// Starts `command`, a `baton run` as the caller wrote it (its own
+    /// program path, arguments and working directory: the README's
+    /// walkthrough), owning `dir` for the test's lifetime.
+    pub fn start_command(dir: TempDir, mut command: Command) -> Baton {
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

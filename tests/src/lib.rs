@@ -9,3 +9,11 @@ pub mod http2;
 pub mod load;
 pub mod otlp;
 pub mod tools;
+
+/// The Rust snippets of the README and of every page under `docs/` (listed
+/// by `build.rs`), compiled as doc tests (`cargo test --doc -p baton-tests`)
+/// so that none of them goes stale.
+#[cfg(doctest)]
+pub mod docs {
+    include!(concat!(env!("OUT_DIR"), "/doc_pages.rs"));
+}

@@ -75,13 +75,3 @@ pub use drain::Drain;
 pub use error::Error;
 pub use reopen::Reopen;
 pub use worker::{Builder, Worker};
-
-/// The Rust snippets of the README and of `docs/`, compiled as doc tests
-/// (`cargo test --doc -p baton-worker`) so that none of them goes stale.
-#[cfg(doctest)]
-mod docs {
-    #[doc = include_str!("../../README.md")]
-    struct Readme;
-    #[doc = include_str!("../../docs/architecture.md")]
-    struct Architecture;
-}

@@ -1,6 +1,6 @@
 //! The control protocol between the `baton` CLI and the master:
 //! newline-delimited JSON over the control socket, one request and one reply
-//! per line, each with a protocol version `v`. Documented in the README.
+//! per line, each with a protocol version `v`. Documented in docs/operations.md.
 
 use baton_wire::protocol::json_kind;
 use serde::{Deserialize, Serialize};
