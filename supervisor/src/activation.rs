@@ -205,7 +205,7 @@ impl Master {
                 steered = listener.steerable(),
                 "listener adopted from socket activation"
             );
-            self.listeners.push(Rc::new(listener));
+            self.fleet.adopt_listener(Rc::new(listener));
         }
         Ok(())
     }

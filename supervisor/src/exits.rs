@@ -1,21 +1,12 @@
-//! Child exits: reaping every exited child, what a worker's exit means for
-//! its generation (a respawn, a failed reload, a finished drain), and
-//! letting go of the sockets of generations that are finished.
-//!
-//! A finished generation's sockets are let go of [`TIDY_CHUNK`] ports a
-//! turn of the loop: with a thousand ports that takes tens of
-//! milliseconds, and requests are served between chunks.
+//! Child exits: reaping every exited child, and what a worker's exit
+//! means for its generation (a respawn, a failed reload, a finished
+//! drain).
 
-use crate::generation::{Generation, Phase};
-use crate::listener::Shared;
+use crate::fleet::{Generation, Phase};
 use crate::master::Master;
 use crate::worker::State;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use std::rc::Rc;
-
-/// Ports tidied per turn of the event loop: a few milliseconds.
-const TIDY_CHUNK: usize = 64;
 
 /// Children reaped per turn of the event loop: the kernel charges the
 /// reaper for the fds an exited child still held, about a millisecond per
@@ -59,9 +50,7 @@ pub fn exit_verdict(phase: Phase, draining: bool, stopping: bool, within: bool) 
 
 impl Master {
     pub(crate) fn generation_of(&mut self, pid: Pid) -> Option<&mut Generation> {
-        self.generations
-            .values_mut()
-            .find(|g| g.workers.contains_key(&pid))
+        self.fleet.of_worker(pid)
     }
 
     /// Collects every exited child.
@@ -122,12 +111,12 @@ impl Master {
             }
             return;
         };
-        let Some(worker) = generation.workers.remove(&pid) else {
+        let Some(worker) = generation.remove_worker(pid) else {
             return;
         };
-        let number = generation.number;
+        let number = generation.number();
         let draining = matches!(worker.state, State::Draining { .. } | State::Killed);
-        let reason = exit_reason(generation.phase, worker.state, success);
+        let reason = exit_reason(generation.phase(), worker.state, success);
         tracing::info!(
             generation = number,
             worker = worker.index,
@@ -148,11 +137,11 @@ impl Master {
         if !draining && self.probation_worker_exited(number, index, pid, &status) {
             return self.reap_finished_generations();
         }
-        let Some(generation) = self.generations.get_mut(&number) else {
+        let Some(generation) = self.fleet.get_mut(number) else {
             return;
         };
-        let within = worker.index < generation.processes;
-        match exit_verdict(generation.phase, draining, stopping, within) {
+        let within = worker.index < generation.processes();
+        match exit_verdict(generation.phase(), draining, stopping, within) {
             ExitVerdict::FailReload => {
                 let reason = format!(
                     "worker {} (pid {pid}) exited with {status} before it was ready",
@@ -166,8 +155,8 @@ impl Master {
                         generation = number,
                         worker = worker.index,
                         pid = pid.as_raw(),
-                        crashes = generation.config.worker.crash_loop_limit,
-                        window_ms = generation.config.worker.crash_loop_window.0.as_millis() as u64,
+                        crashes = generation.config().worker.crash_loop_limit,
+                        window_ms = generation.config().worker.crash_loop_window.0.as_millis() as u64,
                         "worker crash loop: not respawned any more; capacity is lost until a reload"
                     );
                     return self.reap_finished_generations();
@@ -190,46 +179,18 @@ impl Master {
     /// Drops generations that have nothing left to run; their listeners close
     /// when no other generation holds them.
     pub(crate) fn reap_finished_generations(&mut self) {
-        let current = self.current;
         let stopping = self.operation.stopping().is_some();
         let reloading = self.operation.reload().map(|r| r.generation());
-        let before = self.generations.len();
-        self.generations.retain(|&number, g| {
-            let keep = !g.workers.is_empty()
-                || g.has_pending()
-                || (Some(number) == current && !stopping)
-                || Some(number) == reloading;
-            if !keep {
-                if let (Some(since), Phase::Draining) = (g.draining_since, g.phase) {
-                    self.metrics.drained(since.elapsed());
-                }
-                tracing::info!(
-                    generation = number,
-                    phase = g.phase.name(),
-                    "generation finished"
-                );
+        for retired in self.fleet.retire_finished(reloading, stopping) {
+            if let Some(drained) = retired.drained {
+                self.metrics.drained(drained);
             }
-            keep
-        });
-        // A finished generation's sockets may be unused now.
-        if self.generations.len() != before {
-            self.tidy_listeners();
+            tracing::info!(
+                generation = retired.number,
+                phase = retired.phase.name(),
+                "generation finished"
+            );
         }
-    }
-
-    /// Asks for a pass over the ports, letting go of generation sockets no
-    /// generation uses any more: from the next turn of the loop, the ports
-    /// that have some are listed and tidied [`TIDY_CHUNK`] a turn (with a
-    /// thousand ports, a finished generation's sockets take tens of
-    /// milliseconds to let go). Asked while a pass runs, another pass
-    /// follows it.
-    pub(crate) fn tidy_listeners(&mut self) {
-        self.tidy_again = true;
-    }
-
-    /// Whether a tidying pass is under way or asked for.
-    pub(crate) fn tidy_pending(&self) -> bool {
-        !self.tidying.is_empty() || self.tidy_again
     }
 
     /// Tidies the next ports queued. Not while an upgrade runs (a new
@@ -238,41 +199,8 @@ impl Master {
     /// exit; after an upgrade the ports are the new master's).
     pub(crate) fn tidy_step(&mut self) {
         if self.operation.upgrade().is_some() || self.operation.stopping().is_some() {
-            self.tidying.clear();
-            self.tidy_again = false;
-            return;
+            return self.fleet.cancel_tidy();
         }
-        if self.tidying.is_empty() {
-            if !std::mem::take(&mut self.tidy_again) {
-                return;
-            }
-            self.tidying = self.ports_to_tidy();
-        }
-        let chunk: Vec<Shared> = self
-            .tidying
-            .drain(..TIDY_CHUNK.min(self.tidying.len()))
-            .collect();
-        if chunk.is_empty() {
-            return;
-        }
-        // The kernel is asked about a chunk's ports in one look.
-        let kernel = crate::listener::kernel_view(&chunk);
-        for port in &chunk {
-            port.tidy(&kernel);
-        }
-    }
-
-    /// Each port once, and only ports with something to let go of.
-    fn ports_to_tidy(&self) -> Vec<Shared> {
-        let sockets = self.generations.values().flat_map(|g| g.listeners.iter());
-        let mut seen = std::collections::HashSet::new();
-        self.listeners
-            .iter()
-            .chain(sockets)
-            .map(|listener| listener.primary().unwrap_or(listener))
-            .filter(|port| seen.insert(Rc::as_ptr(port)))
-            .filter(|port| port.has_retired())
-            .cloned()
-            .collect()
+        self.fleet.tidy_step();
     }
 }

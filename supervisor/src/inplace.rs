@@ -248,28 +248,25 @@ impl Master {
         if !config.worker.reloads_in_place() {
             return Err("there is no [worker] app_config nor log_filter for SDK workers".into());
         }
-        let number = self.current.ok_or("no generation serves")?;
-        let current = self
-            .generations
-            .get(&number)
-            .ok_or("no generation serves")?;
-        only_app_changed(&current.config, config)?;
-        if current.executable != executable_identity(config) {
+        let number = self.fleet.current_number().ok_or("no generation serves")?;
+        let current = self.fleet.get(number).ok_or("no generation serves")?;
+        only_app_changed(current.config(), config)?;
+        if current.executable() != executable_identity(config).as_ref() {
             return Err(format!(
                 "the worker's executable {:?} is not the file its generation started",
                 config.worker.command[0]
             ));
         }
-        if current.workers.is_empty() {
+        if current.workers().is_empty() {
             return Err("the current generation has no live worker".into());
         }
-        if let Some(w) = current.workers.values().find(|w| w.app_version.is_none()) {
+        if let Some(w) = current.workers().values().find(|w| w.app_version.is_none()) {
             return Err(format!(
                 "worker {} (pid {}) registered no reload handle",
                 w.index, w.pid
             ));
         }
-        if let Some(w) = current.workers.values().find(|w| w.answer_due.is_some()) {
+        if let Some(w) = current.workers().values().find(|w| w.answer_due.is_some()) {
             return Err(format!(
                 "worker {} (pid {}) has not answered the last in-place reload",
                 w.index, w.pid
@@ -294,12 +291,12 @@ impl Master {
         let preparing = phase_span(&span, Step::Prepare);
         let timeout = config.worker.prepare_timeout.0;
         tracing::info!(generation = number, version = %config.app.version, "reload in place: preparing");
-        let Some(generation) = self.generations.get(&number) else {
+        let Some(generation) = self.fleet.get(number) else {
             return;
         };
         let mut waiting = BTreeSet::new();
         let mut failure = None;
-        for worker in generation.workers.values() {
+        for worker in generation.workers().values() {
             let Some(channel) = &worker.channel else {
                 continue;
             };
@@ -346,10 +343,7 @@ impl Master {
     /// A worker answered prepare or commit.
     pub(crate) fn on_app_answer(&mut self, pid: Pid, answer: WorkerMessage) {
         // It answers: it is not hung, and hears a drain again.
-        if let Some(worker) = self
-            .generation_of(pid)
-            .and_then(|g| g.workers.get_mut(&pid))
-        {
+        if let Some(worker) = self.generation_of(pid).and_then(|g| g.worker_mut(pid)) {
             worker.answer_due = None;
         }
         let Some(transaction) = self.operation.in_place_mut() else {
@@ -357,9 +351,9 @@ impl Master {
         };
         let version = transaction.config.app.version.clone();
         let (index, raw) = self
-            .generations
-            .get(&transaction.generation)
-            .and_then(|g| g.workers.get(&pid))
+            .fleet
+            .get(transaction.generation)
+            .and_then(|g| g.workers().get(&pid))
             .map_or((u32::MAX, pid.as_raw()), |w| (w.index, pid.as_raw()));
         let verdict = answer_verdict(transaction.stage, &answer, &version);
         match (verdict, answer) {
@@ -380,9 +374,9 @@ impl Master {
                 transaction.waiting.remove(&pid);
                 tracing::error!(pid = raw, worker = index, %reason, "worker cannot commit: killed, to be respawned with the new version");
                 if let Some(worker) = self
-                    .generations
-                    .get(&transaction.generation)
-                    .and_then(|g| g.workers.get(&pid))
+                    .fleet
+                    .get(transaction.generation)
+                    .and_then(|g| g.workers().get(&pid))
                 {
                     worker.kill();
                 }
@@ -390,9 +384,9 @@ impl Master {
             (Answer::Committed, WorkerMessage::AppCommitted { version: v }) => {
                 transaction.waiting.remove(&pid);
                 if let Some(worker) = self
-                    .generations
-                    .get_mut(&transaction.generation)
-                    .and_then(|g| g.workers.get_mut(&pid))
+                    .fleet
+                    .get_mut(transaction.generation)
+                    .and_then(|g| g.worker_mut(pid))
                 {
                     worker.app_version = Some(v);
                 }
@@ -452,9 +446,9 @@ impl Master {
                     std::mem::take(&mut transaction.waiting),
                 );
                 tracing::error!(workers = %self.describe(number, &late), "no commit confirmed in time: killed, to be respawned with the new version");
-                if let Some(g) = self.generations.get(&number) {
+                if let Some(g) = self.fleet.get(number) {
                     for pid in &late {
-                        if let Some(w) = g.workers.get(pid) {
+                        if let Some(w) = g.workers().get(pid) {
                             w.kill();
                         }
                     }
@@ -493,12 +487,12 @@ impl Master {
             }
         }
         self.config = config.clone();
-        let Some(generation) = self.generations.get_mut(&transaction.generation) else {
+        let Some(generation) = self.fleet.get_mut(transaction.generation) else {
             return;
         };
-        generation.config = config;
-        transaction.waiting = generation.workers.keys().copied().collect();
-        for worker in generation.workers.values() {
+        generation.set_config(config);
+        transaction.waiting = generation.workers().keys().copied().collect();
+        for worker in generation.workers().values() {
             let sent = worker.channel.as_ref().map(|c| {
                 c.try_send(
                     &MasterMessage::AppCommit {
@@ -540,15 +534,15 @@ impl Master {
             .phases
             .push((Step::Prepare, transaction.phase_started.elapsed()));
         let version = transaction.config.app.version.clone();
-        if let Some(g) = self.generations.get_mut(&transaction.generation) {
+        if let Some(g) = self.fleet.get_mut(transaction.generation) {
             // Those that owe their answer are killed at the deadline
             // unless they answer first ([`Master::kill_unanswered`]).
             for pid in &transaction.waiting {
-                if let Some(worker) = g.workers.get_mut(pid) {
+                if let Some(worker) = g.worker_mut(*pid) {
                     worker.answer_due = Some(transaction.deadline);
                 }
             }
-            for worker in g.workers.values() {
+            for worker in g.workers().values() {
                 if let Some(channel) = &worker.channel {
                     let _ = channel.try_send(
                         &MasterMessage::AppAbort {
@@ -570,9 +564,9 @@ impl Master {
 
     /// `worker 1 (pid 4242), worker 2 (pid 4243)`.
     fn describe(&self, generation: u64, pids: &BTreeSet<Pid>) -> String {
-        let g = self.generations.get(&generation);
+        let g = self.fleet.get(generation);
         pids.iter()
-            .map(|pid| match g.and_then(|g| g.workers.get(pid)) {
+            .map(|pid| match g.and_then(|g| g.workers().get(pid)) {
                 Some(w) => format!("worker {} (pid {pid})", w.index),
                 None => format!("pid {pid}"),
             })
@@ -590,14 +584,15 @@ impl Master {
     /// they hear neither the abort nor a drain.
     pub(crate) fn kill_unanswered(&mut self) {
         let now = Instant::now();
-        for generation in self.generations.values_mut() {
-            for worker in generation.workers.values_mut() {
+        for generation in self.fleet.iter_mut() {
+            let number = generation.number();
+            for worker in generation.workers_mut() {
                 if !worker.answer_due.is_some_and(|due| due <= now) {
                     continue;
                 }
                 worker.answer_due = None;
                 tracing::error!(
-                    generation = generation.number,
+                    generation = number,
                     worker = worker.index,
                     pid = worker.pid.as_raw(),
                     "worker did not answer the in-place reload in time: killed"

@@ -4,13 +4,12 @@
 use crate::config::{Config, ReadyMode};
 use crate::control::protocol::{Reply, Request};
 use crate::control::ControlSocket;
-use crate::generation::{Generation, Phase};
-use crate::listener::Shared;
+use crate::fleet::{Fleet, Phase};
 use crate::logging::LogHandle;
 use crate::operation::{Admission, Ask, Facts, FollowUp, Operation};
 use crate::pidfile::PidFile;
 use crate::reload::{Outcome, Trigger};
-use crate::scale::{ScaleChange, ScaleOverride};
+use crate::scale::ScaleChange;
 use crate::signals::{SignalEvent, Signals};
 use crate::upgrade::exec::ExecState;
 use crate::upgrade::handoff::{NewMessage, OldMessage, Takeover};
@@ -20,7 +19,6 @@ use anyhow::Context;
 use baton_wire::channel::{Channel, ChannelError};
 use baton_wire::protocol::WorkerMessage;
 use nix::unistd::Pid;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -123,10 +121,9 @@ pub type Waiter = oneshot::Sender<Reply>;
 pub struct Master {
     pub(crate) config_path: PathBuf,
     pub(crate) config: Rc<Config>,
-    pub(crate) listeners: Vec<Shared>,
-    pub(crate) generations: BTreeMap<u64, Generation>,
-    pub(crate) current: Option<u64>,
-    pub(crate) next_generation: u64,
+    /// Every generation and the listeners in service (see
+    /// [`crate::fleet`]).
+    pub(crate) fleet: Fleet,
     /// What the master is doing (see [`crate::operation`]).
     pub(crate) operation: Operation,
     /// The reload that runs after the one under way.
@@ -134,9 +131,6 @@ pub struct Master {
     pub(crate) last_reload: Option<Outcome>,
     /// CLI requests waiting for the running transaction's outcome.
     pub(crate) reload_waiters: Vec<Waiter>,
-    /// A worker count set by `baton scale`, kept across reloads while the
-    /// config's `processes` stays what it was.
-    pub(crate) scale: Option<ScaleOverride>,
     pub(crate) started: Instant,
     pub(crate) log: LogHandle,
     pub(crate) events: Events,
@@ -171,11 +165,6 @@ pub struct Master {
     pub(crate) admin: Option<crate::admin::AdminSocket>,
     /// What `/metrics` shows.
     pub(crate) metrics: crate::metrics::Metrics,
-    /// Ports whose unused sockets are still to be let go of, a chunk a turn
-    /// (see [`crate::exits`]).
-    pub(crate) tidying: Vec<Shared>,
-    /// Another pass over the ports is wanted once this one is done.
-    pub(crate) tidy_again: bool,
     /// More exited children may wait to be reaped (see
     /// [`Master::reap_some`]).
     pub(crate) reap_more: bool,
@@ -280,15 +269,11 @@ pub async fn run(
     let mut master = Master {
         config_path: config.path.clone(),
         config: Rc::new(config.clone()),
-        listeners: Vec::new(),
-        generations: BTreeMap::new(),
-        current: None,
-        next_generation: 1,
+        fleet: Fleet::default(),
         operation: Operation::Idle,
         follow_up: FollowUp::default(),
         last_reload: None,
         reload_waiters: Vec::new(),
-        scale: None,
         started: Instant::now(),
         log,
         events,
@@ -304,8 +289,6 @@ pub async fn run(
         probing: None,
         admin,
         metrics: crate::metrics::Metrics::new(),
-        tidying: Vec::new(),
-        tidy_again: false,
         unclaimed_exits: Default::default(),
         reap_more: false,
     };
@@ -339,7 +322,7 @@ pub async fn run(
     loop {
         if let Some(outcome) = &master.last_reload {
             if outcome.trigger == first
-                && master.current.is_none()
+                && master.fleet.current_number().is_none()
                 && master.operation.reload().is_none()
             {
                 let (phase, reason) = outcome
@@ -358,7 +341,7 @@ pub async fn run(
             }
         }
         master.report_takeover_ready();
-        if master.operation.stopping().is_some() && master.generations.is_empty() {
+        if master.operation.stopping().is_some() && master.fleet.is_empty() {
             break;
         }
         // The tasks that read the control socket, the admin endpoint and
@@ -618,7 +601,7 @@ impl Master {
             Event::OldMasterExited => {
                 tracing::info!("old master exited");
                 self.old_master = None;
-                return self.tidy_listeners();
+                return self.fleet.tidy();
             }
             Event::Notify {
                 generation,
@@ -634,15 +617,15 @@ impl Master {
         let Some(generation) = self.generation_of(pid) else {
             return;
         };
-        let number = generation.number;
-        let Some(worker) = generation.workers.get_mut(&pid) else {
+        let number = generation.number();
+        // With `ready = "delay:..."` only the delay decides.
+        let sdk_ready = generation.config().worker.ready == ReadyMode::Sdk;
+        let Some(worker) = generation.worker_mut(pid) else {
             return;
         };
         let (index, raw) = (worker.index, pid.as_raw());
         match message {
             Ok(WorkerMessage::Ready) => {
-                // With `ready = "delay:..."` only the delay decides.
-                let sdk_ready = generation.config.worker.ready == ReadyMode::Sdk;
                 if worker.state == State::Starting && sdk_ready {
                     worker.become_ready();
                     tracing::info!(
@@ -676,7 +659,7 @@ impl Master {
                     reader.abort();
                 }
                 worker.kill();
-                if generation.phase == Phase::Starting {
+                if generation.phase() == Phase::Starting {
                     let reason =
                         format!("worker {index} (pid {raw}) broke the control protocol: {e}");
                     self.new_worker_exited(reason);
@@ -729,28 +712,7 @@ impl Master {
         }
         self.operation.become_stopping(how);
         self.follow_up.cancel("the master is stopping");
-        for generation in self.generations.values_mut() {
-            generation.respawns.clear();
-            match how {
-                // It drains once it has accepted what is queued for it.
-                Stop::Graceful if generation.handover.is_some() => {}
-                Stop::Graceful => {
-                    let timeout = generation.config.worker.drain_timeout.0;
-                    let phase = if generation.phase == Phase::Starting {
-                        Phase::Failed
-                    } else {
-                        Phase::Draining
-                    };
-                    generation.drain(phase, timeout);
-                }
-                Stop::Fast => {
-                    generation.handover = None;
-                    for worker in generation.workers.values_mut() {
-                        worker.terminate(FAST_STOP_GRACE);
-                    }
-                }
-            }
-        }
+        self.fleet.stop(how == Stop::Graceful, FAST_STOP_GRACE);
         self.reap_finished_generations();
     }
 
@@ -772,9 +734,9 @@ impl Master {
         let Some(guardian) = &self.guardian else {
             return;
         };
-        for generation in self.generations.values() {
-            for worker in generation.workers.values() {
-                guardian.watch(worker.pid, generation.config.worker.drain_timeout.0);
+        for generation in self.fleet.iter() {
+            for worker in generation.workers().values() {
+                guardian.watch(worker.pid, generation.config().worker.drain_timeout.0);
             }
         }
     }
@@ -789,7 +751,7 @@ impl Master {
 
     /// Waits (serving signals and reaping) until every worker is gone.
     async fn wait_for_workers(&mut self, signals: &mut Signals) {
-        while !self.generations.is_empty() {
+        while !self.fleet.is_empty() {
             let deadline = self.next_deadline();
             tokio::select! {
                 signal = signals.recv() => {
@@ -812,7 +774,7 @@ impl Master {
         // socket left on a port).
         if self.reap_more {
             self.reap_some();
-        } else if self.tidy_pending() {
+        } else if self.fleet.tidy_pending() {
             self.tidy_step();
         } else {
             self.step_reload();
@@ -826,80 +788,23 @@ impl Master {
         let now = Instant::now();
         let stopping = self.operation.stopping().is_some();
         let held = self.spawns_held();
-        for generation in self.generations.values_mut() {
-            generation.check_handover();
-            // Listed once per generation, on its own ports, if one of its
-            // workers is to be killed.
-            let mut connections = None;
-            let listeners = &generation.listeners;
-            for worker in generation.workers.values_mut() {
-                if let State::Draining { kill_at } = worker.state {
-                    if kill_at <= now {
-                        // What it still had open says who kept it alive.
-                        let open = connections
-                            .get_or_insert_with(|| {
-                                let addresses = listeners.iter().map(|l| l.info.address.as_str());
-                                crate::connections::Connections::on(addresses)
-                            })
-                            .of_worker(worker.pid.as_raw());
-                        tracing::warn!(
-                            generation = generation.number,
-                            worker = worker.index,
-                            pid = worker.pid.as_raw(),
-                            open_connections = open.len(),
-                            open = %crate::connections::describe(&open),
-                            "worker still running at its drain deadline: killed"
-                        );
-                        worker.kill();
-                        worker.state = State::Killed;
-                        self.metrics.killed_at_drain_deadline.inc();
-                    }
-                }
-            }
-            if stopping || generation.phase != Phase::Current || held == Some(generation.number) {
-                continue;
-            }
-            let due: Vec<u32> = generation
-                .respawns
-                .iter()
-                .filter(|(_, r)| r.at <= now)
-                .map(|(i, _)| *i)
-                .collect();
-            for index in due {
-                let pending = generation.respawns.remove(&index).expect("listed above");
-                match generation.spawn(
-                    index,
-                    pending.restarts,
-                    pending.crashes,
-                    &self.events,
-                    self.guardian.as_ref(),
-                ) {
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(generation = generation.number, worker = index, error = %format!("{e:#}"), "respawn failed");
-                        generation.respawns.insert(
-                            index,
-                            crate::generation::PendingRespawn {
-                                at: now + Duration::from_secs(1),
-                                ..pending
-                            },
-                        );
-                    }
-                }
-            }
+        for generation in self.fleet.iter_mut() {
+            let respawn = !stopping
+                && generation.phase() == Phase::Current
+                && held != Some(generation.number());
+            let killed = generation.tick(now, respawn, &self.events, self.guardian.as_ref());
+            self.metrics.killed_at_drain_deadline.inc_by(killed);
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
         let held = self.spawns_held();
-        let generations = self
-            .generations
-            .values()
-            .filter_map(|g| g.next_deadline(held == Some(g.number)));
+        let generations = self.fleet.next_deadline(held);
         let reload = self.operation.reload().map(|r| r.deadline());
         // Work left for the next turns: now.
-        let busy = (self.tidy_pending() || self.reap_more).then(Instant::now);
+        let busy = (self.fleet.tidy_pending() || self.reap_more).then(Instant::now);
         generations
+            .into_iter()
             .chain(reload)
             .chain(busy)
             .chain(self.delay_ready_deadline())

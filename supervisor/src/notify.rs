@@ -297,7 +297,7 @@ pub fn parse(text: &str) -> Notification {
 impl Master {
     /// A datagram on generation `generation`'s notify socket.
     pub(crate) fn on_notify(&mut self, generation: u64, datagram: Datagram) {
-        let Some(g) = self.generations.get_mut(&generation) else {
+        let Some(g) = self.fleet.get_mut(generation) else {
             return;
         };
         let sender = datagram.lineage.first().map_or(0, |p| p.as_raw());
@@ -305,12 +305,11 @@ impl Master {
             .lineage
             .iter()
             .copied()
-            .find(|p| g.workers.contains_key(p))
+            .find(|p| g.workers().contains_key(p))
         else {
             let pending = g.has_pending();
             if let Some(notifier) = g
-                .notify
-                .as_mut()
+                .notify_mut()
                 .filter(|n| pending && n.held.len() < MAX_HELD)
             {
                 notifier.held.push(datagram);
@@ -333,8 +332,8 @@ impl Master {
             return;
         };
         let notification = parse(&text);
-        let notify_ready = g.config.worker.ready == crate::config::ReadyMode::Notify;
-        let worker = g.workers.get_mut(&pid).expect("found above");
+        let notify_ready = g.config().worker.ready == crate::config::ReadyMode::Notify;
+        let worker = g.worker_mut(pid).expect("found above");
         let (index, raw) = (worker.index, pid.as_raw());
         if let Some(status) = notification.status {
             tracing::info!(generation, worker = index, pid = raw, sender, %status, "worker status");
@@ -369,8 +368,8 @@ impl Master {
     /// gave up on one): what was held for it is delivered now, and once no
     /// worker is still to come, what is left is from no worker at all.
     pub(crate) fn replay_notifications(&mut self, generation: u64) {
-        let held = match self.generations.get_mut(&generation) {
-            Some(g) => g.notify.as_mut().map(|n| std::mem::take(&mut n.held)),
+        let held = match self.fleet.get_mut(generation) {
+            Some(g) => g.notify_mut().map(|n| std::mem::take(&mut n.held)),
             None => None,
         };
         for datagram in held.into_iter().flatten() {

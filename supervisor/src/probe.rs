@@ -28,7 +28,7 @@
 //! bounded (see [`crate::output::capture_probe`]).
 
 use crate::config::ReadyMode;
-use crate::generation::Generation;
+use crate::fleet::Generation;
 use crate::listener::Shared;
 use crate::master::{Event, Events, Master};
 use baton_wire::protocol::ListenerKind;
@@ -101,7 +101,7 @@ impl Probing {
 /// loopback).
 fn target(generation: &Generation) -> Option<(Shared, SocketAddr)> {
     let socket = generation
-        .listeners
+        .listeners()
         .iter()
         .find(|l| l.info.kind == ListenerKind::Tcp)?
         .clone();
@@ -119,9 +119,9 @@ impl Master {
     /// Starts probing `generation` if its workers are ready by probe.
     pub(crate) fn start_probing(&mut self, generation: u64) {
         let probes = self
-            .generations
-            .get(&generation)
-            .is_some_and(|g| g.config.worker.ready.probes());
+            .fleet
+            .get(generation)
+            .is_some_and(|g| g.config().worker.ready.probes());
         self.probing = probes.then(|| Probing::new(generation));
     }
 
@@ -143,12 +143,12 @@ impl Master {
             return;
         }
         let number = probing.generation;
-        let Some(generation) = self.generations.get(&number) else {
+        let Some(generation) = self.fleet.get(number) else {
             self.probing = None;
             return;
         };
-        let interval = generation.config.worker.probe_interval.0;
-        let started = match &generation.config.worker.ready {
+        let interval = generation.config().worker.probe_interval.0;
+        let started = match &generation.config().worker.ready {
             ReadyMode::Exec(argv) => start_exec(generation, argv, now + interval),
             ReadyMode::Tcp => start_connect(generation, None, interval, &self.events),
             ReadyMode::Http(path) => {
@@ -212,7 +212,7 @@ impl Master {
                 probing.passed = true;
                 probing.failures = 0;
                 probing.last_failure = None;
-                if let Some(g) = self.generations.get_mut(&generation) {
+                if let Some(g) = self.fleet.get_mut(generation) {
                     g.probe_passed();
                 }
             }
@@ -261,7 +261,7 @@ fn start_connect(
         ),
         Some(_) => None,
     };
-    let number = generation.number;
+    let number = generation.number();
     let events = events.clone();
     let task = tokio::spawn(async move {
         let result = tokio::time::timeout(timeout, attempt(client, address, path, queue)).await;
@@ -345,18 +345,18 @@ fn start_exec(
     deadline: Instant,
 ) -> Result<InFlight, String> {
     use std::os::unix::process::CommandExt;
-    let dir = generation.config.path.parent().map(|p| p.to_path_buf());
+    let dir = generation.config().path.parent().map(|p| p.to_path_buf());
     let mut command = std::process::Command::new(&argv[0]);
     command
         .args(&argv[1..])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .env("BATON_GENERATION", generation.number.to_string())
+        .env("BATON_GENERATION", generation.number().to_string())
         .env(
             "BATON_WORKER_PIDS",
             generation
-                .workers
+                .workers()
                 .keys()
                 .map(|p| p.to_string())
                 .collect::<Vec<_>>()
@@ -381,13 +381,13 @@ fn start_exec(
     drop(child);
     for (pipe, stream) in pipes {
         let origin = crate::output::ProbeOrigin {
-            generation: generation.number,
+            generation: generation.number(),
             pid: pid.as_raw(),
             stream,
         };
         let captured = pipe.map(|pipe| crate::output::capture_probe(pipe, origin, deadline));
         if let Some(Err(e)) = captured {
-            tracing::warn!(generation = generation.number, pid = pid.as_raw(), error = %e, "cannot read the probe's output");
+            tracing::warn!(generation = generation.number(), pid = pid.as_raw(), error = %e, "cannot read the probe's output");
         }
     }
     Ok(InFlight {

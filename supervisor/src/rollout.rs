@@ -25,10 +25,8 @@
 
 use crate::config::Share;
 use crate::control::protocol::{Reply, RolloutStatus};
-use crate::generation::Phase;
 use crate::master::{Master, Waiter};
-use crate::reload::{steered_away, Reload, Step};
-use crate::worker::State;
+use crate::reload::{Reload, Step};
 use tokio::time::Instant;
 
 /// A reload past cutover, on probation.
@@ -73,40 +71,13 @@ impl Master {
         let config = reload.config().clone();
         let probation = config.worker.probation.map(|p| p.0);
         let canary = reload.canary().or(config.worker.canary);
-        let standby = self.current.filter(|c| self.generations.contains_key(c));
-        let (Some(standby), true) = (standby, probation.is_some() || canary.is_some()) else {
+        if probation.is_none() && canary.is_none() {
+            return Some(reload);
+        }
+        let number = reload.generation();
+        let Some(standby) = self.fleet.cut_over_on_probation(number, canary) else {
             return Some(reload);
         };
-        let number = reload.generation();
-        let new_sockets = match self.generations.get_mut(&number) {
-            Some(new) => {
-                new.phase = Phase::Current;
-                new.listeners.clone()
-            }
-            None => return Some(reload),
-        };
-        let old = self.generations.get_mut(&standby).expect("checked above");
-        old.phase = Phase::Standby;
-        old.respawns.clear();
-        for socket in &new_sockets {
-            let result = match canary {
-                Some(share) => match old
-                    .listeners
-                    .iter()
-                    .find(|o| std::ptr::eq(o.port(), socket.port()) && o.steerable())
-                {
-                    Some(main) if socket.primary().is_some() => {
-                        main.split_with(socket, share.threshold())
-                    }
-                    _ => socket.steer_here(),
-                },
-                None => socket.steer_here(),
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections to the new generation");
-            }
-        }
-        self.current = Some(number);
         let now = Instant::now();
         let until = probation.map(|p| now + p);
         tracing::info!(
@@ -174,23 +145,7 @@ impl Master {
         let mut reload = rollout.reload;
         let _enter = reload.span().clone().entered();
         let number = reload.generation();
-        let mut old_sockets = Vec::new();
-        if let Some(old) = self.generations.get_mut(&rollout.standby) {
-            old.phase = Phase::Current;
-            old_sockets = old.listeners.clone();
-            old.respawn_missing();
-        }
-        for socket in &old_sockets {
-            if let Err(e) = socket.steer_here() {
-                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections back to the standby generation");
-            }
-        }
-        self.current = Some(rollout.standby);
-        if let Some(new) = self.generations.get_mut(&number) {
-            let moved = steered_away(&new.listeners, &old_sockets);
-            let timeout = new.config.worker.drain_timeout.0;
-            new.hand_over(moved, timeout);
-        }
+        self.fleet.roll_back(number, rollout.standby);
         reload.end_phase(Step::Probation);
         tracing::warn!(
             generation = number,
@@ -300,30 +255,5 @@ impl Master {
                 .filter(|p| p.generation == rollout.generation())
                 .map(|p| p.failures),
         })
-    }
-}
-
-impl crate::generation::Generation {
-    /// Becoming current again: every worker index not running nor waiting
-    /// is respawned now.
-    pub fn respawn_missing(&mut self) {
-        let running: Vec<u32> = self
-            .workers
-            .values()
-            .filter(|w| !matches!(w.state, State::Draining { .. } | State::Killed))
-            .map(|w| w.index)
-            .collect();
-        for index in 0..self.processes {
-            if !running.contains(&index) && !self.respawns.contains_key(&index) {
-                self.respawns.insert(
-                    index,
-                    crate::generation::PendingRespawn {
-                        at: Instant::now(),
-                        crashes: 0,
-                        restarts: 1,
-                    },
-                );
-            }
-        }
     }
 }

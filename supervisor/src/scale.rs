@@ -1,11 +1,8 @@
 //! Scaling the current generation (`baton scale`, SIGTTIN, SIGTTOU).
 
-use crate::generation::PendingRespawn;
 use crate::master::Master;
 use crate::operation::{Admission, Ask};
-use crate::worker::State;
 use serde::Serialize;
-use tokio::time::Instant;
 
 /// The most workers a generation may have.
 pub const MAX_PROCESSES: i64 = 1024;
@@ -56,10 +53,10 @@ impl Master {
         }
         let config_processes = self.config.worker.processes;
         let held = self.spawns_held();
-        let Some(generation) = self.current.and_then(|n| self.generations.get_mut(&n)) else {
+        let Some(generation) = self.fleet.current_mut() else {
             return Err("no current generation".into());
         };
-        let from = generation.processes;
+        let from = generation.processes();
         let wanted = match change {
             // `by` comes from a client: any i64.
             ScaleChange::By(n) => i64::from(from).saturating_add(n),
@@ -68,58 +65,16 @@ impl Master {
         if !(1..=MAX_PROCESSES).contains(&wanted) {
             return Err(format!(
                 "cannot scale generation {} from {from} to {wanted} workers: the count must be between 1 and {MAX_PROCESSES}",
-                generation.number
+                generation.number()
             ));
         }
         let wanted = wanted as u32;
-        generation.processes = wanted;
-        let drain_timeout = generation.config.worker.drain_timeout.0;
-        // Surplus workers: drain them and forget their pending respawns.
-        generation.respawns.retain(|index, _| *index < wanted);
-        for worker in generation.workers.values_mut() {
-            if worker.index >= wanted
-                && !matches!(worker.state, State::Draining { .. } | State::Killed)
-            {
-                worker.drain(drain_timeout);
-            }
-        }
-        // Missing workers: start every index below the count that has no
-        // live, non-draining worker and no pending respawn.
-        for index in 0..wanted {
-            let present = generation.respawns.contains_key(&index)
-                || generation.workers.values().any(|w| {
-                    w.index == index && !matches!(w.state, State::Draining { .. } | State::Killed)
-                });
-            if present {
-                continue;
-            }
-            if held == Some(generation.number) {
-                // An in-place reload runs: the worker starts once it ends,
-                // with the version it leaves in service.
-                tracing::info!(
-                    generation = generation.number,
-                    worker = index,
-                    "worker to start once the in-place reload ends"
-                );
-                generation.respawns.insert(
-                    index,
-                    PendingRespawn {
-                        at: Instant::now(),
-                        crashes: 0,
-                        restarts: 0,
-                    },
-                );
-            } else if let Err(e) =
-                generation.spawn(index, 0, 0, &self.events, self.guardian.as_ref())
-            {
-                return Err(format!("starting worker {index}: {e:#}"));
-            }
-        }
-        let number = generation.number;
-        self.scale = Some(ScaleOverride {
-            processes: wanted,
-            config_processes,
-        });
+        let number = generation.number();
+        // While an in-place reload runs, new workers start once it ends,
+        // with the version it leaves in service.
+        let hold = held == Some(number);
+        generation.scale_to(wanted, hold, &self.events, self.guardian.as_ref())?;
+        self.fleet.set_scale(wanted, config_processes);
         let requested_by = by.map(ToString::to_string);
         tracing::info!(
             generation = number,

@@ -18,19 +18,19 @@ impl Master {
     pub fn status(&self) -> Status {
         let now = (Instant::now(), SystemTime::now());
         let generations = self
-            .generations
-            .values()
+            .fleet
+            .iter()
             .map(|g| GenerationStatus {
-                number: g.number,
-                state: g.phase.name().into(),
-                age_s: g.started.elapsed().as_secs_f64(),
-                processes: g.processes,
-                config_hash: g.config.hash.clone(),
-                config_version: g.config.app.version.clone(),
-                sockets: g.listeners.iter().map(|l| l.fd().as_raw_fd()).collect(),
-                crash_loop: g.crash_looped.iter().copied().collect(),
+                number: g.number(),
+                state: g.phase().name().into(),
+                age_s: g.started().elapsed().as_secs_f64(),
+                processes: g.processes(),
+                config_hash: g.config().hash.clone(),
+                config_version: g.config().app.version.clone(),
+                sockets: g.listeners().iter().map(|l| l.fd().as_raw_fd()).collect(),
+                crash_loop: g.crash_looped().iter().copied().collect(),
                 workers: g
-                    .workers
+                    .workers()
                     .values()
                     .map(|w| WorkerStatus {
                         pid: w.pid.as_raw(),
@@ -54,8 +54,8 @@ impl Master {
             })
             .collect();
         let last_reload = self.last_reload.as_ref().map(|outcome| {
-            let pids = match (&outcome.failure, self.generations.get(&outcome.generation)) {
-                (None, Some(g)) => g.workers.keys().map(|p| p.as_raw()).collect(),
+            let pids = match (&outcome.failure, self.fleet.get(outcome.generation)) {
+                (None, Some(g)) => g.workers().keys().map(|p| p.as_raw()).collect(),
                 _ => Vec::new(),
             };
             outcome.report(pids)
@@ -66,7 +66,7 @@ impl Master {
                 uptime_s: self.started.elapsed().as_secs_f64(),
                 config: self.config_path.display().to_string(),
                 config_hash: self.config.hash.clone(),
-                current_generation: self.current,
+                current_generation: self.fleet.current_number(),
                 state: if self.operation.stopping().is_some() {
                     "stopping"
                 } else {
@@ -76,7 +76,8 @@ impl Master {
                 admin: self.admin.as_ref().map(|a| a.address().to_string()),
             },
             listeners: self
-                .listeners
+                .fleet
+                .listeners()
                 .iter()
                 .map(|l| ListenerStatus {
                     name: l.info.name.clone(),

@@ -9,7 +9,7 @@
 //! port's group sends every new connection to the newest serving generation's
 //! socket. The old generation gets its stop signal only once its socket's
 //! accept queue has stayed empty for a moment (see
-//! [`crate::generation::Generation::hand_over`]): nothing it could drop is
+//! [`crate::fleet::Generation::hand_over`]): nothing it could drop is
 //! left for it.
 //!
 //! The kernel keeps a group's sockets in an array: `listen(2)` appends one,

@@ -1,7 +1,7 @@
 //! The master's answers to the admin endpoint, computed in its loop from
 //! its own state at the moment of the request.
 
-use crate::generation::Phase;
+use crate::fleet::Phase;
 use crate::master::Master;
 use crate::metrics::{
     ConfigLabels, GenerationLabel, Metrics, SocketLabels, WorkerLabels, WorkerVersionLabels,
@@ -107,26 +107,27 @@ impl Master {
         if self.operation.stopping().is_some() {
             return Some("the master is stopping".into());
         }
-        let Some(current) = self.current.and_then(|c| self.generations.get(&c)) else {
+        let Some(current) = self.fleet.current() else {
             return Some("no generation serves yet".into());
         };
         if !current.all_ready() {
             let ready = current
-                .workers
+                .workers()
                 .values()
                 .filter(|w| w.state == State::Ready)
                 .count();
-            let looped = if current.crash_looped.is_empty() {
+            let looped = if current.crash_looped().is_empty() {
                 String::new()
             } else {
                 format!(
                     "; worker(s) {:?} crash-looped and are not respawned (capacity lost until a reload)",
-                    current.crash_looped
+                    current.crash_looped()
                 )
             };
             return Some(format!(
                 "generation {}: {ready} of {} workers ready{looped}",
-                current.number, current.processes
+                current.number(),
+                current.processes()
             ));
         }
         None
@@ -135,14 +136,15 @@ impl Master {
     /// Sets the gauges from the master's state and the kernel's.
     fn refresh_metrics(&self) {
         let m = &self.metrics;
-        m.generation.set(self.current.unwrap_or(0) as i64);
+        m.generation
+            .set(self.fleet.current_number().unwrap_or(0) as i64);
         m.config.clear();
-        if let Some(current) = self.current.and_then(|c| self.generations.get(&c)) {
+        if let Some(current) = self.fleet.current() {
             m.config
                 .get_or_create(&ConfigLabels {
-                    generation: current.number.to_string(),
-                    config_hash: current.config.hash.clone(),
-                    version: current.config.app.version.clone(),
+                    generation: current.number().to_string(),
+                    config_hash: current.config().hash.clone(),
+                    version: current.config().app.version.clone(),
                     config: self.config_path.display().to_string(),
                 })
                 .set(1);
@@ -150,9 +152,9 @@ impl Master {
         m.workers.clear();
         m.worker_config.clear();
         m.connections.clear();
-        for g in self.generations.values() {
-            let generation = g.number.to_string();
-            for w in g.workers.values() {
+        for g in self.fleet.iter() {
+            let generation = g.number().to_string();
+            for w in g.workers().values() {
                 m.workers
                     .get_or_create(&WorkerLabels {
                         generation: generation.clone(),
@@ -172,15 +174,15 @@ impl Master {
                 }
             }
             // Capacity the crash-loop breaker gave up on.
-            if !g.crash_looped.is_empty() {
+            if !g.crash_looped().is_empty() {
                 m.workers
                     .get_or_create(&WorkerLabels {
                         generation: generation.clone(),
                         state: "crash_loop".into(),
                     })
-                    .set(g.crash_looped.len() as i64);
+                    .set(g.crash_looped().len() as i64);
             }
-            let reported: Vec<u64> = g.workers.values().filter_map(|w| w.connections).collect();
+            let reported: Vec<u64> = g.workers().values().filter_map(|w| w.connections).collect();
             if !reported.is_empty() {
                 m.connections
                     .get_or_create(&GenerationLabel {
@@ -190,9 +192,9 @@ impl Master {
             }
         }
         let draining = self
-            .generations
-            .values()
-            .filter(|g| g.phase == Phase::Draining && !g.workers.is_empty())
+            .fleet
+            .iter()
+            .filter(|g| g.phase() == Phase::Draining && !g.workers().is_empty())
             .count();
         m.draining_generations.set(draining as i64);
         m.reload_in_progress
@@ -222,7 +224,11 @@ impl Master {
         let m = &self.metrics;
         m.accept_queue.clear();
         m.backlog.clear();
-        let addresses = self.listeners.iter().map(|l| l.info.address.as_str());
+        let addresses = self
+            .fleet
+            .listeners()
+            .iter()
+            .map(|l| l.info.address.as_str());
         let tcp = crate::sockdiag::listeners(&crate::sockdiag::tcp_ports(addresses));
         let unix = crate::sockdiag::unix_listeners();
         let kernel: Vec<(u64, u32, u32)> = match (tcp, unix) {
@@ -236,12 +242,12 @@ impl Master {
                 return;
             }
         };
-        let shared = self.listeners.iter().map(|l| (l, String::new()));
-        let own = self.generations.values().flat_map(|g| {
-            g.listeners
+        let shared = self.fleet.listeners().iter().map(|l| (l, String::new()));
+        let own = self.fleet.iter().flat_map(|g| {
+            g.listeners()
                 .iter()
                 .filter(|l| l.primary().is_some())
-                .map(|l| (l, g.number.to_string()))
+                .map(|l| (l, g.number().to_string()))
         });
         for (socket, generation) in shared.chain(own) {
             let Ok(inode) = crate::steering::inode(socket.fd().as_fd()) else {

@@ -71,9 +71,9 @@ impl Master {
             tracing::error!(error = %format!("{e:#}"), "cannot reopen the log file");
         }
         let mut told = 0;
-        for generation in self.generations.values() {
-            let signal = generation.config.worker.reopen_signal.0;
-            for worker in generation.workers.values() {
+        for generation in self.fleet.iter() {
+            let signal = generation.config().worker.reopen_signal.0;
+            for worker in generation.workers().values() {
                 // SDK workers hear it on their channel: a signal would kill a
                 // worker that does not expect it. Other servers get
                 // `reopen_signal` (SIGUSR1 unless configured otherwise), to

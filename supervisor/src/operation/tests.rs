@@ -5,9 +5,9 @@
 
 use super::*;
 use crate::exits::{exit_reason, exit_verdict, ExitVerdict};
-use crate::generation::{crash_loop, crashes_in_a_row, respawn_delay, Phase};
+use crate::fleet::over_drain_cap;
+use crate::fleet::{crash_loop, crashes_in_a_row, respawn_delay, Phase};
 use crate::inplace::{answer_verdict, exit_aborts, next_move, Answer, Move, Stage};
-use crate::reload::over_drain_cap;
 use crate::worker::State;
 use baton_wire::protocol::WorkerMessage;
 use std::collections::VecDeque;

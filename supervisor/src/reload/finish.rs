@@ -4,38 +4,9 @@
 use super::{millis, Outcome, Reload, Step, Trigger};
 use crate::audit::Requester;
 use crate::control::protocol::Reply;
-use crate::generation::Phase;
-use crate::listener::{Listener, Shared};
 use crate::master::Master;
 use crate::operation::Operation;
-use crate::worker::State;
-use std::collections::HashMap;
-use std::rc::Rc;
 use std::time::{Duration, SystemTime};
-
-/// The sockets among `old` that new connections no longer go to: those
-/// whose port the new generation serves on a socket of its own.
-pub fn steered_away(old: &[Shared], new: &[Shared]) -> Vec<Shared> {
-    let new_by_port: HashMap<*const Listener, &Shared> = new
-        .iter()
-        .map(|n| (n.port() as *const Listener, n))
-        .collect();
-    old.iter()
-        .filter(|o| o.steerable())
-        .filter(|o| {
-            new_by_port
-                .get(&(o.port() as *const Listener))
-                .is_some_and(|n| !Rc::ptr_eq(n, o))
-        })
-        .cloned()
-        .collect()
-}
-
-/// The draining generations to kill so that at most `max` drain: the
-/// oldest (`draining` is in order, oldest first).
-pub fn over_drain_cap(draining: &[u64], max: usize) -> &[u64] {
-    &draining[..draining.len().saturating_sub(max)]
-}
 
 impl Master {
     pub(super) fn commit(&mut self, mut reload: Reload) {
@@ -75,40 +46,20 @@ impl Master {
                 "control_socket and pid_file changes take effect when the master restarts"
             );
         }
-        let mut new_sockets = Vec::new();
-        if let Some(new) = self.generations.get_mut(&reload.generation) {
-            new.phase = Phase::Current;
-            new_sockets = new.listeners.clone();
-        }
-        for socket in &new_sockets {
-            if let Err(e) = socket.steer_here() {
-                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections to the new generation");
-            }
-        }
-        let drain_timeout = config.worker.drain_timeout.0;
-        for old in self.generations.values_mut() {
-            let replaced = old.phase == Phase::Current || old.phase == Phase::Standby;
-            if replaced && old.number != reload.generation {
-                tracing::info!(generation = old.number, "generation draining");
-                let moved = steered_away(&old.listeners, &new_sockets);
-                old.hand_over(moved, drain_timeout);
-            }
-        }
-        self.current = Some(reload.generation);
-        self.listeners = std::mem::take(&mut reload.listeners);
-        if let Some(admin) = reload.admin.take() {
-            self.admin = admin;
-            self.serve_admin();
-        }
+        let listeners = std::mem::take(&mut reload.listeners);
         if self
-            .scale
-            .is_some_and(|s| s.config_processes != config.worker.processes)
+            .fleet
+            .cut_over(reload.generation, listeners, &config)
+            .is_some()
         {
             tracing::info!(
                 processes = reload.processes,
                 "config changed processes: scale override dropped"
             );
-            self.scale = None;
+        }
+        if let Some(admin) = reload.admin.take() {
+            self.admin = admin;
+            self.serve_admin();
         }
         self.config = config;
         reload.end_phase(Step::Commit);
@@ -126,29 +77,7 @@ impl Master {
     /// under a long `drain_timeout` must not pile up.
     pub(super) fn limit_draining_generations(&mut self) {
         let max = self.config.supervisor.max_draining_generations as usize;
-        let draining: Vec<u64> = self
-            .generations
-            .values()
-            .filter(|g| g.phase == Phase::Draining && !g.workers.is_empty())
-            .map(|g| g.number)
-            .collect();
-        for number in over_drain_cap(&draining, max) {
-            let Some(generation) = self.generations.get_mut(number) else {
-                continue;
-            };
-            generation.handover = None;
-            let pids: Vec<i32> = generation.workers.keys().map(|p| p.as_raw()).collect();
-            tracing::warn!(
-                generation = number,
-                max_draining_generations = max,
-                ?pids,
-                "too many draining generations: the oldest is killed"
-            );
-            for worker in generation.workers.values_mut() {
-                worker.kill();
-                worker.state = State::Killed;
-            }
-        }
+        self.fleet.limit_draining(max);
     }
 
     pub(super) fn abort(&mut self, reload: Reload, step: Step, reason: String) {
@@ -167,9 +96,8 @@ impl Master {
             (Step::Ready, false) => phases.push((Step::Ready, elapsed)),
             _ => {}
         }
-        if let Some(failed) = self.generations.get_mut(&reload.generation) {
-            failed.drain(Phase::Failed, reload.config.worker.drain_timeout.0);
-        }
+        self.fleet
+            .fail(reload.generation, reload.config.worker.drain_timeout.0);
         self.record(
             reload.generation,
             reload.trigger,
@@ -189,7 +117,7 @@ impl Master {
         phases: Vec<(Step, Duration)>,
         failure: Option<(Step, String)>,
     ) {
-        if let Some(g) = self.generations.get_mut(&generation) {
+        if let Some(g) = self.fleet.get_mut(generation) {
             g.leave_trace();
         }
         let ms = |step| {
@@ -219,16 +147,16 @@ impl Master {
                 outcome = "failed",
                 phase = %phase,
                 reason = %reason,
-                kept_generation = self.current,
+                kept_generation = self.fleet.current_number(),
                 validate_ms, bind_ms, spawn_ms, ready_ms,
                 "reload failed"
             ),
         }
         let version = self
-            .generations
-            .get(&generation)
+            .fleet
+            .get(generation)
             .filter(|_| failure.is_none())
-            .map(|g| g.config.app.version.clone());
+            .map(|g| g.config().app.version.clone());
         let outcome = Outcome {
             generation,
             trigger,
@@ -239,10 +167,10 @@ impl Master {
             requested_by,
         };
         let pids = self
-            .generations
-            .get(&generation)
+            .fleet
+            .get(generation)
             .filter(|_| outcome.failure.is_none())
-            .map(|g| g.workers.keys().map(|p| p.as_raw()).collect())
+            .map(|g| g.workers().keys().map(|p| p.as_raw()).collect())
             .unwrap_or_default();
         let report = outcome.report(pids);
         let committed = outcome.failure.is_none();
@@ -269,8 +197,9 @@ impl Master {
         // an upgrade, which is not systemd's main pid yet (the old one
         // announces it with MAINPID= at the handover), nor when the first
         // generation failed and the master exits.
-        if self.takeover.is_none() && self.current.is_some() {
-            crate::sd_notify::reload_finished(self.current, &outcome);
+        let current = self.fleet.current_number();
+        if self.takeover.is_none() && current.is_some() {
+            crate::sd_notify::reload_finished(current, &outcome);
         }
         self.last_reload = Some(outcome);
         // The follow-up starts once nothing runs: not when the transaction

@@ -18,8 +18,6 @@ use tracing::Span;
 mod finish;
 mod start;
 
-pub use finish::{over_drain_cap, steered_away};
-
 /// A phase of the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -275,7 +273,10 @@ impl Master {
                 // ended at once.
                 let stopping = self.operation.stopping().is_some();
                 if trigger == Trigger::Signal && !stopping && self.control.is_some() {
-                    crate::sd_notify::reload_refused(self.current, &reason.to_string());
+                    crate::sd_notify::reload_refused(
+                        self.fleet.current_number(),
+                        &reason.to_string(),
+                    );
                 }
                 for waiter in request.waiters {
                     let _ = waiter.send(Reply::error(format!("reload refused: {reason}")));
@@ -349,7 +350,7 @@ impl Master {
                         );
                     }
                     Err(reason) if mode == crate::inplace::Mode::InPlace => {
-                        let generation = self.current.unwrap_or(0);
+                        let generation = self.fleet.current_number().unwrap_or(0);
                         let phases = vec![(Step::Validate, started.elapsed())];
                         let reason = format!("cannot reload in place: {reason}");
                         return self.record(
@@ -370,8 +371,7 @@ impl Master {
             }
             other => other,
         };
-        let generation = self.next_generation;
-        self.next_generation += 1;
+        let generation = self.fleet.next_number();
         // A root: a coalesced follow-up starts inside the previous reload.
         let span = tracing::info_span!(parent: None, "reload", generation, %trigger, config_hash = tracing::field::Empty);
         let mut phases = Vec::new();
@@ -416,10 +416,7 @@ impl Master {
                 );
             }
         };
-        let processes = match &self.scale {
-            Some(scale) if scale.config_processes == config.worker.processes => scale.processes,
-            _ => config.worker.processes,
-        };
+        let processes = self.fleet.processes_for(&config);
         // SDK workers share the listeners; others get sockets of their own,
         // made a few ports a turn.
         let shared = config.worker.protocol == Protocol::Sdk && !steered;
@@ -472,11 +469,11 @@ impl Master {
         }
         let generation = reload.generation;
         let deadline = reload.ready_deadline;
-        let Some(new) = self.generations.get_mut(&generation) else {
+        let Some(new) = self.fleet.get_mut(generation) else {
             return;
         };
-        if let ReadyMode::Delay(delay) = new.config.worker.ready {
-            for worker in new.workers.values_mut() {
+        if let ReadyMode::Delay(delay) = new.config().worker.ready {
+            for worker in new.workers_mut() {
                 if worker.state == State::Starting && worker.started.elapsed() >= delay {
                     worker.become_ready();
                 }
@@ -489,12 +486,12 @@ impl Master {
         if Instant::now() >= deadline {
             let reload = self.operation.take_reload().expect("checked above");
             let waiting: Vec<String> = new
-                .workers
+                .workers()
                 .values()
                 .filter(|w| w.state != State::Ready)
                 .map(|w| format!("worker {} (pid {})", w.index, w.pid))
                 .collect();
-            let timeout = new.config.worker.ready_timeout.0;
+            let timeout = new.config().worker.ready_timeout.0;
             let last_probe = self
                 .probing
                 .as_ref()
@@ -523,11 +520,11 @@ impl Master {
     /// When a delay-ready worker becomes ready, for the event loop's timer.
     pub fn delay_ready_deadline(&self) -> Option<Instant> {
         let reload = self.operation.reload()?;
-        let new = self.generations.get(&reload.generation)?;
-        let ReadyMode::Delay(delay) = new.config.worker.ready else {
+        let new = self.fleet.get(reload.generation)?;
+        let ReadyMode::Delay(delay) = new.config().worker.ready else {
             return None;
         };
-        new.workers
+        new.workers()
             .values()
             .filter(|w| w.state == State::Starting)
             .map(|w| w.started + delay)

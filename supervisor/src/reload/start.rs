@@ -3,7 +3,7 @@
 
 use super::{Reload, Step};
 use crate::config::{Config, ListenerAddress, ReadyMode};
-use crate::generation::Generation;
+use crate::fleet::Generation;
 use crate::listener::{Listener, Shared};
 use crate::master::Master;
 use nix::unistd::Pid;
@@ -62,7 +62,8 @@ impl Master {
         let from = made.len();
         let to = (from + BIND_CHUNK).min(reload.listeners.len());
         let chunk = &reload.listeners[from..to];
-        let current: HashSet<*const Listener> = self.listeners.iter().map(Rc::as_ptr).collect();
+        let current: HashSet<*const Listener> =
+            self.fleet.listeners().iter().map(Rc::as_ptr).collect();
         match generation_sockets(chunk, &current) {
             Ok(sockets) => made.extend(sockets),
             Err(e) => {
@@ -86,18 +87,18 @@ impl Master {
         reload.begin_phase(Step::Spawn);
         // The new sockets are last on their ports now, and not steered to:
         // any unused socket can go without moving the one that is.
-        self.tidy_listeners();
+        self.fleet.tidy();
         let (generation, config) = (reload.generation, reload.config.clone());
         let mut new = Generation::new(generation, config.clone(), sockets, reload.processes);
         new.join_trace(&reload.phase_span);
         let mut spawn_error = None;
         if config.worker.ready == ReadyMode::Notify {
             match self.notifier(generation, config.worker.credentials()) {
-                Ok(notifier) => new.notify = Some(notifier),
+                Ok(notifier) => new.set_notify(notifier),
                 Err(e) => spawn_error = Some(format!("creating the notify socket: {e:#}")),
             }
         }
-        self.generations.insert(generation, new);
+        self.fleet.start(new);
         reload.spawning = Some(0);
         if let Some(reason) = spawn_error {
             return self.abort(reload, Step::Spawn, reason);
@@ -116,7 +117,7 @@ impl Master {
             return;
         };
         let Some(index) = reload.spawning else { return };
-        let Some(new) = self.generations.get_mut(&reload.generation) else {
+        let Some(new) = self.fleet.get_mut(reload.generation) else {
             return;
         };
         let _enter = reload.span.clone().entered();
@@ -153,8 +154,8 @@ impl Master {
             .operation
             .reload()
             .is_some_and(|r| r.generation == number)
-            && self.generations.contains_key(&number);
-        let taken = match (self.generations.get_mut(&number), result) {
+            && self.fleet.get(number).is_some();
+        let taken = match (self.fleet.get_mut(number), result) {
             (Some(generation), Ok(child)) if wanted => generation
                 .spawned(index, child, &self.events, self.guardian.as_ref())
                 .map(|_| ())
@@ -199,7 +200,7 @@ impl Master {
     /// Whether workers started off the loop are still to come back, in any
     /// generation (a failed reload's too).
     pub(crate) fn spawns_pending(&self) -> bool {
-        self.generations.values().any(Generation::has_pending)
+        self.fleet.iter().any(Generation::has_pending)
     }
 
     /// Whether `reload`'s spawn phase is open: workers left to start, or
@@ -207,8 +208,8 @@ impl Master {
     pub(crate) fn spawn_phase_open(&self, reload: &Reload) -> bool {
         reload.spawning.is_some()
             || self
-                .generations
-                .get(&reload.generation)
+                .fleet
+                .get(reload.generation)
                 .is_some_and(Generation::has_pending)
     }
 
@@ -248,7 +249,8 @@ impl Master {
     /// this is what makes reloads drop nothing) and binds the others.
     pub(super) fn bind(&self, config: &Config) -> anyhow::Result<Vec<Shared>> {
         let current: HashMap<(&str, &ListenerAddress), &Shared> = self
-            .listeners
+            .fleet
+            .listeners()
             .iter()
             .map(|l| ((l.config.name.as_str(), &l.config.address), l))
             .collect();

@@ -7,7 +7,7 @@
 
 use super::handoff::{HandedListener, BINARY_FD_ENV};
 use crate::config::Config;
-use crate::generation::{Generation, Phase};
+use crate::fleet::{Generation, Phase};
 use crate::listener::{Listener, Shared};
 use crate::master::Master;
 use crate::scale::ScaleOverride;
@@ -141,21 +141,21 @@ impl Master {
                     all.len() - 1
                 })
         }
-        for listener in &self.listeners {
+        for listener in self.fleet.listeners() {
             id(listener, &mut all);
         }
         let now = Instant::now();
         let mut inherit = Vec::new();
         let generations = self
-            .generations
-            .values()
+            .fleet
+            .iter()
             .map(|g| ExecGeneration {
-                number: g.number,
-                phase: g.phase.name().into(),
-                processes: g.processes,
-                listeners: g.listeners.iter().map(|l| id(l, &mut all)).collect(),
+                number: g.number(),
+                phase: g.phase().name().into(),
+                processes: g.processes(),
+                listeners: g.listeners().iter().map(|l| id(l, &mut all)).collect(),
                 workers: g
-                    .workers
+                    .workers()
                     .values()
                     .map(|w| {
                         let channel_fd = w.channel.as_ref().map(|c| c.as_raw_fd());
@@ -195,7 +195,7 @@ impl Master {
             listeners.push(ExecListener {
                 handed: HandedListener::of(l),
                 fd: l.fd().as_raw_fd(),
-                current: self.listeners.iter().any(|c| Rc::ptr_eq(c, l)),
+                current: self.fleet.listeners().iter().any(|c| Rc::ptr_eq(c, l)),
                 port: l
                     .primary()
                     .and_then(|p| all.iter().position(|a| Rc::ptr_eq(a, p))),
@@ -203,9 +203,12 @@ impl Master {
             });
         }
         let state = ExecState {
-            next_generation: self.next_generation,
-            current: self.current,
-            scale: self.scale.map(|s| (s.processes, s.config_processes)),
+            next_generation: self.fleet.peek_next_number(),
+            current: self.fleet.current_number(),
+            scale: self
+                .fleet
+                .scale()
+                .map(|s| (s.processes, s.config_processes)),
             listeners,
             generations,
         };
@@ -235,7 +238,7 @@ impl Master {
             // Same process, same owner.
             listener.own_path();
             if l.current {
-                self.listeners.push(listener.clone());
+                self.fleet.adopt_listener(listener.clone());
             }
             if let Some(group) = l.group {
                 let mut members = Vec::with_capacity(group.members.len());
@@ -258,6 +261,7 @@ impl Master {
             listeners[index].adopt_group(layout, &listeners, &unused)?;
         }
         drop(unused);
+        let mut restored = Vec::new();
         for g in state.generations {
             let phase = match g.phase.as_str() {
                 "current" => Phase::Current,
@@ -275,7 +279,6 @@ impl Master {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut generation = Generation::new(g.number, config.clone(), held, g.processes);
-            generation.phase = phase;
             // Replaced, but its workers not yet told: it was handing over.
             let handing_over =
                 phase == Phase::Draining && g.workers.iter().all(|w| w.kill_in_ms.is_none());
@@ -308,7 +311,7 @@ impl Master {
                     state = state.name(),
                     "worker adopted"
                 );
-                generation.workers.insert(
+                generation.adopt_worker(
                     pid,
                     Worker {
                         pid,
@@ -329,25 +332,16 @@ impl Master {
                     },
                 );
             }
-            if handing_over {
-                let sockets = generation
-                    .listeners
-                    .iter()
-                    .filter(|s| s.steerable())
-                    .cloned()
-                    .collect();
-                generation.hand_over(sockets, config.worker.drain_timeout.0);
-            }
-            self.generations.insert(g.number, generation);
+            restored.push((generation, phase, handing_over));
         }
-        self.current = state.current;
-        self.next_generation = state.next_generation;
-        self.scale = state
+        let scale = state
             .scale
             .map(|(processes, config_processes)| ScaleOverride {
                 processes,
                 config_processes,
             });
+        self.fleet
+            .restore(restored, state.current, state.next_generation, scale);
         Ok(())
     }
 }

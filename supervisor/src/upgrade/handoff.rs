@@ -7,7 +7,7 @@
 
 use crate::config::{ListenerAddress, ListenerConfig};
 use crate::control::ControlSocket;
-use crate::listener::Listener;
+use crate::listener::{Listener, Shared};
 use crate::master::{Event, Master, TakeoverState};
 use crate::pidfile::PidFile;
 use crate::steering::Layout;
@@ -329,17 +329,17 @@ impl Master {
             next_generation = takeover.next_generation,
             "taking over from the old master"
         );
-        self.listeners = takeover.listeners.into_iter().map(Rc::new).collect();
+        let listeners: Vec<Shared> = takeover.listeners.into_iter().map(Rc::new).collect();
         // The old master's generation sockets stay on the ports (steered
         // away from) until it is gone.
         let old_master = Rc::new(());
         for (index, layout) in takeover.groups {
-            if let Err(e) = self.listeners[index].adopt_group(layout, &[], &old_master) {
+            if let Err(e) = listeners[index].adopt_group(layout, &[], &old_master) {
                 tracing::error!(error = %format!("{e:#}"), "cannot adopt a port group");
             }
         }
+        self.fleet.take_over(listeners, takeover.next_generation);
         self.watch_old_master(takeover.old_pid, old_master);
-        self.next_generation = takeover.next_generation;
         let events = self.events.clone();
         let channel = takeover.channel.clone();
         let reader = tokio::spawn(async move {
@@ -365,7 +365,7 @@ impl Master {
 
     /// In a new master: once its first generation serves, tell the old one.
     pub(crate) fn report_takeover_ready(&mut self) {
-        let Some(generation) = self.current else {
+        let Some(generation) = self.fleet.current_number() else {
             return;
         };
         let Some(takeover) = &mut self.takeover else {
@@ -376,10 +376,10 @@ impl Master {
         }
         takeover.ready_sent = true;
         let steered = self
-            .generations
-            .get(&generation)
+            .fleet
+            .get(generation)
             .map(|g| {
-                g.listeners
+                g.listeners()
                     .iter()
                     .filter(|s| s.primary().is_some())
                     .map(|s| s.info.name.clone())
@@ -426,11 +426,7 @@ impl Master {
                 return;
             }
         }
-        for listener in self
-            .listeners
-            .iter()
-            .chain(self.generations.values().flat_map(|g| g.listeners.iter()))
-        {
+        for listener in self.fleet.sockets() {
             listener.own_path();
         }
         // The admin endpoint's queue waited for this moment.

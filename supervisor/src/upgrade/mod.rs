@@ -131,7 +131,7 @@ impl Master {
     /// SIGUSR2 or `baton upgrade`.
     pub fn request_upgrade(&mut self, waiter: Option<Waiter>, by: Option<&Requester>) {
         let facts = Facts {
-            serving: self.current.is_some(),
+            serving: self.fleet.current_number().is_some(),
             spawns_pending: self.spawns_pending(),
         };
         let refuse = match self.operation.summary().admit(Ask::Upgrade, facts) {
@@ -225,7 +225,11 @@ impl Master {
             .map(Arc::new)
             .context("registering the upgrade channel")
             .map_err(|e| ("binary", e))?;
-        if let Err(e) = handoff::send_takeover(&channel, self.next_generation, &self.listeners) {
+        if let Err(e) = handoff::send_takeover(
+            &channel,
+            self.fleet.peek_next_number(),
+            self.fleet.listeners(),
+        ) {
             // A child that is already gone is reaped and reported as such.
             if !e.is_peer_gone() {
                 let _ = killpg(pid, Signal::SIGKILL);
@@ -324,11 +328,7 @@ impl Master {
         if let Some(admin) = &mut self.admin {
             admin.hand_over();
         }
-        for listener in self
-            .listeners
-            .iter()
-            .chain(self.generations.values().flat_map(|g| g.listeners.iter()))
-        {
+        for listener in self.fleet.sockets() {
             listener.hand_over();
         }
         if let Err(e) = channel.try_send(&OldMessage::Handover {}, &[]) {
@@ -356,16 +356,9 @@ impl Master {
         // the new generation has sockets of its own on.
         self.operation.take_upgrade();
         self.successor = Some(nix::unistd::Pid::from_raw(new_pid as i32));
-        if let Some(current) = self.current.and_then(|c| self.generations.get_mut(&c)) {
-            let sockets = current
-                .listeners
-                .iter()
-                .filter(|s| s.steerable())
-                .filter(|s| s.primary().is_some() || steered.contains(&s.info.name))
-                .cloned()
-                .collect();
-            current.hand_over(sockets, current.config.worker.drain_timeout.0);
-        }
+        self.fleet.hand_over_current(|s| {
+            s.steerable() && (s.primary().is_some() || steered.contains(&s.info.name))
+        });
         self.stop(Stop::Graceful, None);
     }
 
@@ -381,8 +374,8 @@ impl Master {
         self.metrics.upgrade("failed");
         let _ = killpg(upgrade.child, Signal::SIGTERM);
         // The new master may have steered new connections to its sockets.
-        if let Some(current) = self.current.and_then(|c| self.generations.get(&c)) {
-            for socket in &current.listeners {
+        if let Some(current) = self.fleet.current() {
+            for socket in current.listeners() {
                 if let Err(e) = socket.steer_here() {
                     tracing::error!(error = %format!("{e:#}"), "cannot steer new connections back");
                 }

@@ -88,34 +88,34 @@ pub struct Handover {
 #[derive(Debug)]
 pub struct Generation {
     /// 1, 2, 3, ...
-    pub number: u64,
+    number: u64,
     /// The configuration it was started from.
-    pub config: Rc<Config>,
+    config: Rc<Config>,
     /// The listeners it was given, in configuration order.
-    pub listeners: Vec<Shared>,
+    listeners: Vec<Shared>,
     /// Where it is in its life.
-    pub phase: Phase,
+    phase: Phase,
     /// How many workers it runs (the config's `processes`, or a scale).
-    pub processes: u32,
+    processes: u32,
     /// When it was started.
-    pub started: Instant,
+    started: Instant,
     /// Live workers by pid.
-    pub workers: BTreeMap<Pid, Worker>,
+    workers: BTreeMap<Pid, Worker>,
     /// Worker indexes waiting to be respawned.
-    pub respawns: BTreeMap<u32, PendingRespawn>,
+    respawns: BTreeMap<u32, PendingRespawn>,
     /// Its notify socket (`ready = "notify"`).
-    pub notify: Option<Notifier>,
+    notify: Option<Notifier>,
     /// Replaced, and accepting the rest of its queues before it drains.
-    pub handover: Option<Handover>,
+    handover: Option<Handover>,
     /// When each worker index crashed, within `crash_loop_window`.
-    pub crashes: BTreeMap<u32, std::collections::VecDeque<Instant>>,
+    crashes: BTreeMap<u32, std::collections::VecDeque<Instant>>,
     /// Indexes the crash-loop breaker stopped respawning.
-    pub crash_looped: std::collections::BTreeSet<u32>,
+    crash_looped: std::collections::BTreeSet<u32>,
     /// The worker's executable as it was when the generation started, to
     /// tell a replaced binary (see [`crate::inplace`]).
-    pub executable: Option<crate::inplace::Identity>,
+    executable: Option<crate::inplace::Identity>,
     /// When it was replaced (or stopped): its drain began.
-    pub draining_since: Option<Instant>,
+    draining_since: Option<Instant>,
     /// The reload that starts it, while it runs: its spawn phase's span
     /// (each worker's startup span is a child) and W3C `traceparent` (the
     /// workers' `TRACEPARENT` and hello), when traces are exported.
@@ -150,6 +150,216 @@ impl Generation {
             draining_since: None,
             trace: None,
             pending: BTreeMap::new(),
+        }
+    }
+
+    /// 1, 2, 3, ...
+    pub fn number(&self) -> u64 {
+        self.number
+    }
+
+    /// The configuration it was started from.
+    pub fn config(&self) -> &Rc<Config> {
+        &self.config
+    }
+
+    /// The listeners it was given, in configuration order.
+    pub fn listeners(&self) -> &[Shared] {
+        &self.listeners
+    }
+
+    /// Where it is in its life.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Its phase changes only through the [`super::Fleet`].
+    pub(super) fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+    }
+
+    /// How many workers it runs (the config's `processes`, or a scale).
+    pub fn processes(&self) -> u32 {
+        self.processes
+    }
+
+    /// When it was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Live workers by pid.
+    pub fn workers(&self) -> &BTreeMap<Pid, Worker> {
+        &self.workers
+    }
+
+    /// Its live workers, to tell them something.
+    pub fn workers_mut(&mut self) -> impl Iterator<Item = &mut Worker> {
+        self.workers.values_mut()
+    }
+
+    /// Worker `pid`, to tell it something.
+    pub fn worker_mut(&mut self, pid: Pid) -> Option<&mut Worker> {
+        self.workers.get_mut(&pid)
+    }
+
+    /// Takes in a worker a previous image of this master ran.
+    pub fn adopt_worker(&mut self, pid: Pid, worker: Worker) {
+        self.workers.insert(pid, worker);
+    }
+
+    /// Worker `pid` exited: its record, taken out.
+    pub fn remove_worker(&mut self, pid: Pid) -> Option<Worker> {
+        self.workers.remove(&pid)
+    }
+
+    /// Worker indexes waiting to be respawned.
+    pub fn respawns(&self) -> &BTreeMap<u32, PendingRespawn> {
+        &self.respawns
+    }
+
+    /// Worker `index` is to be started again at `at` (now: as soon as
+    /// spawns are not held).
+    pub fn respawn_at(&mut self, index: u32, pending: PendingRespawn) {
+        self.respawns.insert(index, pending);
+    }
+
+    /// Forgets every pending respawn.
+    pub fn cancel_respawns(&mut self) {
+        self.respawns.clear();
+    }
+
+    /// Its notify socket (`ready = "notify"`).
+    pub fn notify(&self) -> Option<&Notifier> {
+        self.notify.as_ref()
+    }
+
+    /// Its notify socket, to hold or take datagrams.
+    pub fn notify_mut(&mut self) -> Option<&mut Notifier> {
+        self.notify.as_mut()
+    }
+
+    /// An in-place reload committed `config` on it (its workers run it).
+    pub fn set_config(&mut self, config: Rc<Config>) {
+        self.config = config;
+    }
+
+    /// Gives it its notify socket.
+    pub fn set_notify(&mut self, notifier: Notifier) {
+        self.notify = Some(notifier);
+    }
+
+    /// Whether it is replaced and still accepting the rest of its queues.
+    pub fn handing_over(&self) -> bool {
+        self.handover.is_some()
+    }
+
+    /// Indexes the crash-loop breaker stopped respawning.
+    pub fn crash_looped(&self) -> &std::collections::BTreeSet<u32> {
+        &self.crash_looped
+    }
+
+    /// The worker's executable as it was when the generation started.
+    pub fn executable(&self) -> Option<&crate::inplace::Identity> {
+        self.executable.as_ref()
+    }
+
+    /// Records the worker's executable as it is now (an in-place reload
+    /// committed on it).
+    pub fn set_executable(&mut self, executable: Option<crate::inplace::Identity>) {
+        self.executable = executable;
+    }
+
+    /// When it was replaced (or stopped): its drain began.
+    pub fn draining_since(&self) -> Option<Instant> {
+        self.draining_since
+    }
+
+    /// Terminates every worker, killed after `grace` (a fast stop).
+    pub fn terminate(&mut self, grace: Duration) {
+        self.handover = None;
+        for worker in self.workers.values_mut() {
+            worker.terminate(grace);
+        }
+    }
+
+    /// Kills every worker now.
+    pub fn kill_all(&mut self) {
+        self.handover = None;
+        for worker in self.workers.values_mut() {
+            worker.kill();
+            worker.state = State::Killed;
+        }
+    }
+
+    /// Runs `wanted` workers from now on: surplus ones (highest indexes)
+    /// drain and their pending respawns are forgotten; missing ones start
+    /// now, or once spawns are no longer `held` (an in-place reload runs).
+    pub fn scale_to(
+        &mut self,
+        wanted: u32,
+        held: bool,
+        events: &Events,
+        guardian: Option<&crate::guardian::Guardian>,
+    ) -> Result<(), String> {
+        self.processes = wanted;
+        let drain_timeout = self.config.worker.drain_timeout.0;
+        self.respawns.retain(|index, _| *index < wanted);
+        for worker in self.workers.values_mut() {
+            if worker.index >= wanted && super::in_service(worker.state) {
+                worker.drain(drain_timeout);
+            }
+        }
+        // Every index below the count that has no live, non-draining
+        // worker and no pending respawn.
+        for index in 0..wanted {
+            let present = self.respawns.contains_key(&index)
+                || self
+                    .workers
+                    .values()
+                    .any(|w| w.index == index && super::in_service(w.state));
+            if present {
+                continue;
+            }
+            if held {
+                tracing::info!(
+                    generation = self.number,
+                    worker = index,
+                    "worker to start once the in-place reload ends"
+                );
+                let now = PendingRespawn {
+                    at: Instant::now(),
+                    crashes: 0,
+                    restarts: 0,
+                };
+                self.respawns.insert(index, now);
+            } else if let Err(e) = self.spawn(index, 0, 0, events, guardian) {
+                return Err(format!("starting worker {index}: {e:#}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Becoming current again: every worker index not running nor waiting
+    /// is respawned now.
+    pub fn respawn_missing(&mut self) {
+        let running: Vec<u32> = self
+            .workers
+            .values()
+            .filter(|w| super::in_service(w.state))
+            .map(|w| w.index)
+            .collect();
+        for index in 0..self.processes {
+            if !running.contains(&index) && !self.respawns.contains_key(&index) {
+                self.respawns.insert(
+                    index,
+                    PendingRespawn {
+                        at: Instant::now(),
+                        crashes: 0,
+                        restarts: 1,
+                    },
+                );
+            }
         }
     }
 
@@ -295,7 +505,7 @@ impl Generation {
     }
 
     /// Tells every worker to drain within `timeout`; no more respawns.
-    pub fn drain(&mut self, phase: Phase, timeout: Duration) {
+    pub(super) fn drain(&mut self, phase: Phase, timeout: Duration) {
         self.phase = phase;
         self.draining_since.get_or_insert_with(Instant::now);
         self.respawns.clear();
@@ -307,7 +517,7 @@ impl Generation {
 
     /// Replaced: drains once what is queued on `sockets` (steered away
     /// from) has been accepted, or at once if there is nothing to wait for.
-    pub fn hand_over(&mut self, sockets: Vec<Shared>, drain_timeout: Duration) {
+    pub(super) fn hand_over(&mut self, sockets: Vec<Shared>, drain_timeout: Duration) {
         if sockets.is_empty() || self.workers.is_empty() {
             return self.drain(Phase::Draining, drain_timeout);
         }
@@ -346,6 +556,73 @@ impl Generation {
             return;
         }
         self.drain(Phase::Draining, timeout);
+    }
+
+    /// Runs what is due at `now`: kills the workers past their drain
+    /// deadline (returns how many), drains a handing-over generation
+    /// whose queues emptied, and, when it may `respawn`, starts the
+    /// workers whose respawn is due.
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        respawn: bool,
+        events: &Events,
+        guardian: Option<&crate::guardian::Guardian>,
+    ) -> u64 {
+        self.check_handover();
+        // Listed once per generation, on its own ports, if one of its
+        // workers is to be killed.
+        let mut connections = None;
+        let mut killed = 0;
+        for worker in self.workers.values_mut() {
+            let State::Draining { kill_at } = worker.state else {
+                continue;
+            };
+            if kill_at > now {
+                continue;
+            }
+            // What it still had open says who kept it alive.
+            let open = connections
+                .get_or_insert_with(|| {
+                    let addresses = self.listeners.iter().map(|l| l.info.address.as_str());
+                    crate::connections::Connections::on(addresses)
+                })
+                .of_worker(worker.pid.as_raw());
+            tracing::warn!(
+                generation = self.number,
+                worker = worker.index,
+                pid = worker.pid.as_raw(),
+                open_connections = open.len(),
+                open = %crate::connections::describe(&open),
+                "worker still running at its drain deadline: killed"
+            );
+            worker.kill();
+            worker.state = State::Killed;
+            killed += 1;
+        }
+        if !respawn {
+            return killed;
+        }
+        let due: Vec<u32> = self
+            .respawns
+            .iter()
+            .filter(|(_, r)| r.at <= now)
+            .map(|(i, _)| *i)
+            .collect();
+        for index in due {
+            let pending = self.respawns.remove(&index).expect("listed above");
+            if let Err(e) = self.spawn(index, pending.restarts, pending.crashes, events, guardian) {
+                tracing::error!(generation = self.number, worker = index, error = %format!("{e:#}"), "respawn failed");
+                self.respawns.insert(
+                    index,
+                    PendingRespawn {
+                        at: now + Duration::from_secs(1),
+                        ..pending
+                    },
+                );
+            }
+        }
+        killed
     }
 
     /// Counts a crash of `index`: whether it crashed `crash_loop_limit` times

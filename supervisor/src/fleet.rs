@@ -1,0 +1,511 @@
+//! The fleet: every generation, which one serves, the listeners new
+//! generations start from, the worker count `baton scale` chose, and the
+//! ports whose unused sockets are still to be let go of.
+//!
+//! It is the one owner of that state. Its methods say intent (start a
+//! generation, cut over wholly or by a share, roll back, fail, retire,
+//! tick) and keep the invariants inside: at most one generation is
+//! [`Phase::Current`], [`Fleet::current`] names it, and a generation's
+//! phase changes only here.
+
+pub mod generation;
+
+pub use generation::{
+    crash_loop, crashes_in_a_row, respawn_delay, Generation, Handover, PendingRespawn, Phase,
+};
+
+use crate::config::Config;
+use crate::config::Share;
+use crate::listener::{Listener, Shared};
+use crate::scale::ScaleOverride;
+use crate::worker::State;
+use nix::unistd::Pid;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Ports tidied per turn of the event loop.
+const TIDY_CHUNK: usize = 64;
+
+/// Every generation and what they share.
+#[derive(Debug)]
+pub struct Fleet {
+    generations: BTreeMap<u64, Generation>,
+    /// The generation that serves.
+    current: Option<u64>,
+    /// The number the next generation gets.
+    next_number: u64,
+    /// The listeners of the configuration in service; a reload's new
+    /// generation starts from them.
+    listeners: Vec<Shared>,
+    /// A worker count set by `baton scale`, kept across reloads while the
+    /// config's `processes` stays what it was.
+    scale: Option<ScaleOverride>,
+    /// Ports whose unused sockets are still to be let go of, a chunk a turn.
+    tidying: Vec<Shared>,
+    /// Another pass over the ports is wanted once this one is done.
+    tidy_again: bool,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet {
+            generations: BTreeMap::new(),
+            current: None,
+            next_number: 1,
+            listeners: Vec::new(),
+            scale: None,
+            tidying: Vec::new(),
+            tidy_again: false,
+        }
+    }
+}
+
+/// A generation that finished: nothing of it runs any more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retired {
+    /// Its number.
+    pub number: u64,
+    /// Its phase when it finished.
+    pub phase: Phase,
+    /// How long it drained, if it was replaced.
+    pub drained: Option<Duration>,
+}
+
+impl Fleet {
+    /// The generation that serves, by number.
+    pub fn current_number(&self) -> Option<u64> {
+        self.current
+    }
+
+    /// The generation that serves.
+    pub fn current(&self) -> Option<&Generation> {
+        self.current.and_then(|c| self.generations.get(&c))
+    }
+
+    /// The generation that serves, to change its workers.
+    pub fn current_mut(&mut self) -> Option<&mut Generation> {
+        self.current.and_then(|c| self.generations.get_mut(&c))
+    }
+
+    /// Generation `number`.
+    pub fn get(&self, number: u64) -> Option<&Generation> {
+        self.generations.get(&number)
+    }
+
+    /// Generation `number`, to change its workers.
+    pub fn get_mut(&mut self, number: u64) -> Option<&mut Generation> {
+        self.generations.get_mut(&number)
+    }
+
+    /// Every generation, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Generation> {
+        self.generations.values()
+    }
+
+    /// Every generation, oldest first, to change their workers.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Generation> {
+        self.generations.values_mut()
+    }
+
+    /// Whether no generation is left.
+    pub fn is_empty(&self) -> bool {
+        self.generations.is_empty()
+    }
+
+    /// The generation running worker `pid`.
+    pub fn of_worker(&mut self, pid: Pid) -> Option<&mut Generation> {
+        self.generations
+            .values_mut()
+            .find(|g| g.workers().contains_key(&pid))
+    }
+
+    /// The listeners of the configuration in service.
+    pub fn listeners(&self) -> &[Shared] {
+        &self.listeners
+    }
+
+    /// Every socket the fleet holds: the listeners in service and every
+    /// generation's.
+    pub fn sockets(&self) -> impl Iterator<Item = &Shared> {
+        self.listeners
+            .iter()
+            .chain(self.generations.values().flat_map(|g| g.listeners().iter()))
+    }
+
+    /// The worker count `baton scale` chose, if any.
+    pub fn scale(&self) -> Option<ScaleOverride> {
+        self.scale
+    }
+
+    /// How many workers a generation of `config` runs: the scale override
+    /// while the config's `processes` is what it was when it was chosen.
+    pub fn processes_for(&self, config: &Config) -> u32 {
+        match self.scale {
+            Some(scale) if scale.config_processes == config.worker.processes => scale.processes,
+            _ => config.worker.processes,
+        }
+    }
+
+    /// A number for a new generation.
+    pub fn next_number(&mut self) -> u64 {
+        let number = self.next_number;
+        self.next_number += 1;
+        number
+    }
+
+    /// The number the next generation will get (handed to a new master).
+    pub fn peek_next_number(&self) -> u64 {
+        self.next_number
+    }
+
+    /// Takes in a new generation, [`Phase::Starting`].
+    pub fn start(&mut self, generation: Generation) {
+        debug_assert_eq!(generation.phase(), Phase::Starting);
+        self.generations.insert(generation.number(), generation);
+    }
+
+    /// Cuts over wholly to generation `number`, started from `listeners`:
+    /// new connections go to its sockets, it is current, and every
+    /// generation it replaces (the current one, one on standby) hands
+    /// over what is queued on its own sockets and drains. A scale
+    /// override chosen for another `processes` is dropped (returned).
+    pub fn cut_over(
+        &mut self,
+        number: u64,
+        listeners: Vec<Shared>,
+        config: &Config,
+    ) -> Option<ScaleOverride> {
+        let mut new_sockets = Vec::new();
+        if let Some(new) = self.generations.get_mut(&number) {
+            new.set_phase(Phase::Current);
+            new_sockets = new.listeners().to_vec();
+        }
+        for socket in &new_sockets {
+            if let Err(e) = socket.steer_here() {
+                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections to the new generation");
+            }
+        }
+        let drain_timeout = config.worker.drain_timeout.0;
+        for old in self.generations.values_mut() {
+            let replaced = matches!(old.phase(), Phase::Current | Phase::Standby);
+            if replaced && old.number() != number {
+                tracing::info!(generation = old.number(), "generation draining");
+                let moved = steered_away(old.listeners(), &new_sockets);
+                old.hand_over(moved, drain_timeout);
+            }
+        }
+        self.current = Some(number);
+        self.listeners = listeners;
+        self.scale
+            .take_if(|s| s.config_processes != config.worker.processes)
+    }
+
+    /// Cuts over to generation `number` on probation: new connections go
+    /// to it (all of them, or with `canary` the share of them), it is
+    /// current, and the one it replaces stays warm on standby, accepting
+    /// nothing new (or the rest of a canary's share). Returns the standby
+    /// generation; `None` (and nothing changed) when none serves.
+    pub fn cut_over_on_probation(&mut self, number: u64, canary: Option<Share>) -> Option<u64> {
+        let standby = self.current.filter(|c| self.generations.contains_key(c))?;
+        let new = self.generations.get_mut(&number)?;
+        new.set_phase(Phase::Current);
+        let new_sockets = new.listeners().to_vec();
+        let old = self.generations.get_mut(&standby).expect("checked above");
+        old.set_phase(Phase::Standby);
+        old.cancel_respawns();
+        for socket in &new_sockets {
+            let result = match canary {
+                Some(share) => match old
+                    .listeners()
+                    .iter()
+                    .find(|o| std::ptr::eq(o.port(), socket.port()) && o.steerable())
+                {
+                    Some(main) if socket.primary().is_some() => {
+                        main.split_with(socket, share.threshold())
+                    }
+                    _ => socket.steer_here(),
+                },
+                None => socket.steer_here(),
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections to the new generation");
+            }
+        }
+        self.current = Some(number);
+        Some(standby)
+    }
+
+    /// Rolls back a probation: new connections go to `standby` again,
+    /// which is current once more (its missing workers respawned), and
+    /// generation `number` hands over and drains.
+    pub fn roll_back(&mut self, number: u64, standby: u64) {
+        let mut old_sockets = Vec::new();
+        if let Some(old) = self.generations.get_mut(&standby) {
+            old.set_phase(Phase::Current);
+            old_sockets = old.listeners().to_vec();
+            old.respawn_missing();
+        }
+        for socket in &old_sockets {
+            if let Err(e) = socket.steer_here() {
+                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections back to the standby generation");
+            }
+        }
+        self.current = Some(standby);
+        if let Some(new) = self.generations.get_mut(&number) {
+            let moved = steered_away(new.listeners(), &old_sockets);
+            let timeout = new.config().worker.drain_timeout.0;
+            new.hand_over(moved, timeout);
+        }
+    }
+
+    /// Another master's generation replaced the current one: it hands
+    /// over what is queued on its sockets that `moved` selects (new
+    /// connections go elsewhere now) and drains.
+    pub fn hand_over_current(&mut self, moved: impl Fn(&Shared) -> bool) {
+        if let Some(current) = self.current_mut() {
+            let sockets = current
+                .listeners()
+                .iter()
+                .filter(|s| moved(s))
+                .cloned()
+                .collect();
+            let timeout = current.config().worker.drain_timeout.0;
+            current.hand_over(sockets, timeout);
+        }
+    }
+
+    /// Generation `number`'s reload failed: its workers are stopped.
+    pub fn fail(&mut self, number: u64, drain_timeout: Duration) {
+        if let Some(failed) = self.generations.get_mut(&number) {
+            failed.drain(Phase::Failed, drain_timeout);
+        }
+    }
+
+    /// The master stops: no more respawns; gracefully, every generation
+    /// drains (one handing over first accepts what is queued for it; one
+    /// still starting fails); fast, every worker is terminated within
+    /// `grace`.
+    pub fn stop(&mut self, graceful: bool, grace: Duration) {
+        for generation in self.generations.values_mut() {
+            generation.cancel_respawns();
+            if !graceful {
+                generation.terminate(grace);
+            } else if !generation.handing_over() {
+                let timeout = generation.config().worker.drain_timeout.0;
+                let phase = match generation.phase() {
+                    Phase::Starting => Phase::Failed,
+                    _ => Phase::Draining,
+                };
+                generation.drain(phase, timeout);
+            }
+        }
+    }
+
+    /// Sets the current generation's worker count to `processes`, chosen
+    /// for a config with `config_processes`.
+    pub fn set_scale(&mut self, processes: u32, config_processes: u32) {
+        self.scale = Some(ScaleOverride {
+            processes,
+            config_processes,
+        });
+    }
+
+    /// Kills the oldest draining generations so that at most `max` drain,
+    /// as HAProxy's `mworker-max-reloads` does; returns the ones killed.
+    pub fn limit_draining(&mut self, max: usize) -> Vec<u64> {
+        let draining: Vec<u64> = self
+            .generations
+            .values()
+            .filter(|g| g.phase() == Phase::Draining && !g.workers().is_empty())
+            .map(|g| g.number())
+            .collect();
+        let killed = over_drain_cap(&draining, max).to_vec();
+        for number in &killed {
+            if let Some(generation) = self.generations.get_mut(number) {
+                let pids: Vec<i32> = generation.workers().keys().map(|p| p.as_raw()).collect();
+                tracing::warn!(
+                    generation = number,
+                    max_draining_generations = max,
+                    ?pids,
+                    "too many draining generations: the oldest is killed"
+                );
+                generation.kill_all();
+            }
+        }
+        killed
+    }
+
+    /// Drops the generations with nothing left to run (but the current
+    /// one unless `stopping`, and `keep`, which a reload is starting);
+    /// their sockets are let go of from the next turns.
+    pub fn retire_finished(&mut self, keep: Option<u64>, stopping: bool) -> Vec<Retired> {
+        let current = self.current.filter(|_| !stopping);
+        let mut retired = Vec::new();
+        self.generations.retain(|&number, g| {
+            let live = !g.workers().is_empty() || g.has_pending();
+            if live || Some(number) == current || Some(number) == keep {
+                return true;
+            }
+            let drained = match (g.draining_since(), g.phase()) {
+                (Some(since), Phase::Draining) => Some(since.elapsed()),
+                _ => None,
+            };
+            retired.push(Retired {
+                number,
+                phase: g.phase(),
+                drained,
+            });
+            false
+        });
+        if self
+            .current
+            .is_some_and(|c| !self.generations.contains_key(&c))
+        {
+            self.current = None;
+        }
+        if !retired.is_empty() {
+            self.tidy();
+        }
+        retired
+    }
+
+    /// Takes in a listener the master inherited (socket activation, a
+    /// previous master or image): in service from now on.
+    pub fn adopt_listener(&mut self, listener: Shared) {
+        self.listeners.push(listener);
+    }
+
+    /// Takes over from an old master: its listeners are in service, and
+    /// generations are numbered on from `next_number`.
+    pub fn take_over(&mut self, listeners: Vec<Shared>, next_number: u64) {
+        self.listeners = listeners;
+        self.next_number = next_number;
+    }
+
+    /// Takes back the fleet a previous image of this master left (an
+    /// upgrade's exec): `generations` with their phases (and whether each
+    /// was handing over: replaced, its workers not yet told), the current
+    /// one, the next number and the scale override.
+    pub fn restore(
+        &mut self,
+        generations: Vec<(Generation, Phase, bool)>,
+        current: Option<u64>,
+        next_number: u64,
+        scale: Option<ScaleOverride>,
+    ) {
+        for (mut generation, phase, handing_over) in generations {
+            generation.set_phase(phase);
+            if handing_over {
+                let sockets = generation
+                    .listeners()
+                    .iter()
+                    .filter(|s| s.steerable())
+                    .cloned()
+                    .collect();
+                let timeout = generation.config().worker.drain_timeout.0;
+                generation.hand_over(sockets, timeout);
+            }
+            self.generations.insert(generation.number(), generation);
+        }
+        self.current = current.filter(|c| self.generations.contains_key(c));
+        self.next_number = next_number;
+        self.scale = scale;
+    }
+
+    /// The earliest time something of a generation is due (the one whose
+    /// spawns are `held` by an in-place reload waits for it, not a time).
+    pub fn next_deadline(&self, held: Option<u64>) -> Option<Instant> {
+        self.generations
+            .values()
+            .filter_map(|g| g.next_deadline(held == Some(g.number())))
+            .min()
+    }
+
+    /// Asks for a pass over the ports, letting go of generation sockets no
+    /// generation uses any more: from the next turn of the loop, the ports
+    /// that have some are listed and tidied [`TIDY_CHUNK`] a turn (with a
+    /// thousand ports, a finished generation's sockets take tens of
+    /// milliseconds to let go). Asked while a pass runs, another pass
+    /// follows it.
+    pub fn tidy(&mut self) {
+        self.tidy_again = true;
+    }
+
+    /// Whether a tidying pass is under way or asked for.
+    pub fn tidy_pending(&self) -> bool {
+        !self.tidying.is_empty() || self.tidy_again
+    }
+
+    /// Forgets the tidying asked for: an upgrade or a stop runs (a new
+    /// master may have sockets of its own on the ports, which this one's
+    /// bookkeeping does not know; at a stop everything goes at exit).
+    pub fn cancel_tidy(&mut self) {
+        self.tidying.clear();
+        self.tidy_again = false;
+    }
+
+    /// Tidies the next ports queued.
+    pub fn tidy_step(&mut self) {
+        if self.tidying.is_empty() {
+            if !std::mem::take(&mut self.tidy_again) {
+                return;
+            }
+            self.tidying = self.ports_to_tidy();
+        }
+        let chunk: Vec<Shared> = self
+            .tidying
+            .drain(..TIDY_CHUNK.min(self.tidying.len()))
+            .collect();
+        if chunk.is_empty() {
+            return;
+        }
+        // The kernel is asked about a chunk's ports in one look.
+        let kernel = crate::listener::kernel_view(&chunk);
+        for port in &chunk {
+            port.tidy(&kernel);
+        }
+    }
+
+    /// Each port once, and only ports with something to let go of.
+    fn ports_to_tidy(&self) -> Vec<Shared> {
+        let mut seen = std::collections::HashSet::new();
+        self.sockets()
+            .map(|listener| listener.primary().unwrap_or(listener))
+            .filter(|port| seen.insert(Rc::as_ptr(port)))
+            .filter(|port| port.has_retired())
+            .cloned()
+            .collect()
+    }
+}
+
+/// The sockets among `old` that new connections no longer go to: those
+/// whose port the new generation serves on a socket of its own.
+pub fn steered_away(old: &[Shared], new: &[Shared]) -> Vec<Shared> {
+    let new_by_port: HashMap<*const Listener, &Shared> = new
+        .iter()
+        .map(|n| (n.port() as *const Listener, n))
+        .collect();
+    old.iter()
+        .filter(|o| o.steerable())
+        .filter(|o| {
+            new_by_port
+                .get(&(o.port() as *const Listener))
+                .is_some_and(|n| !Rc::ptr_eq(n, o))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The draining generations to kill so that at most `max` drain: the
+/// oldest (`draining` is in order, oldest first).
+pub fn over_drain_cap(draining: &[u64], max: usize) -> &[u64] {
+    &draining[..draining.len().saturating_sub(max)]
+}
+
+/// Whether a worker in `state` still counts toward its generation's
+/// workers (it is neither draining nor killed).
+pub fn in_service(state: State) -> bool {
+    !matches!(state, State::Draining { .. } | State::Killed)
+}
