@@ -74,7 +74,8 @@ pub struct Retired {
 }
 
 impl Fleet {
-    /// The generation that serves, by number.
+    /// The generation that serves, by number (once the master stopped,
+    /// the one that served last, even when it is finished).
     pub fn current_number(&self) -> Option<u64> {
         self.current
     }
@@ -359,12 +360,6 @@ impl Fleet {
             });
             false
         });
-        if self
-            .current
-            .is_some_and(|c| !self.generations.contains_key(&c))
-        {
-            self.current = None;
-        }
         if !retired.is_empty() {
             self.tidy();
         }
