@@ -644,7 +644,7 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
     };
     let result = crate::master::run(config, log, program, origin).await;
     if let Err(e) = &result {
-        tracing::error!(error = %format!("{e:#}"), "master failed");
+        tracing::error!(event = "master.failed", error = %format!("{e:#}"), "master failed");
     }
     result
 }

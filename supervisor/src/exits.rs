@@ -118,7 +118,7 @@ impl Master {
         let draining = matches!(worker.state, State::Draining { .. } | State::Killed);
         let reason = exit_reason(generation.phase(), worker.state, success);
         tracing::info!(
-            generation = number,
+            event = "worker.exited", generation = number,
             worker = worker.index,
             pid = pid.as_raw(),
             %status,
@@ -152,7 +152,7 @@ impl Master {
             ExitVerdict::Respawn => {
                 if generation.crash_loop(worker.index) {
                     tracing::error!(
-                        generation = number,
+                        event = "worker.crash_looped", generation = number,
                         worker = worker.index,
                         pid = pid.as_raw(),
                         crashes = generation.config().worker.crash_loop_limit,
@@ -164,6 +164,7 @@ impl Master {
                 let delay = generation.schedule_respawn(&worker);
                 self.metrics.worker_restarted(reason);
                 tracing::warn!(
+                    event = "worker.respawning",
                     generation = number,
                     worker = worker.index,
                     pid = pid.as_raw(),
@@ -186,6 +187,7 @@ impl Master {
                 self.metrics.drained(drained);
             }
             tracing::info!(
+                event = "generation.finished",
                 generation = retired.number,
                 phase = retired.phase.name(),
                 "generation finished"

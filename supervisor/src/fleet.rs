@@ -192,7 +192,11 @@ impl Fleet {
         for old in self.generations.values_mut() {
             let replaced = matches!(old.phase(), Phase::Current | Phase::Standby);
             if replaced && old.number() != number {
-                tracing::info!(generation = old.number(), "generation draining");
+                tracing::info!(
+                    event = "generation.draining",
+                    generation = old.number(),
+                    "generation draining"
+                );
                 let moved = steered_away(old.listeners(), &new_sockets);
                 old.hand_over(moved, drain_timeout);
             }
@@ -327,6 +331,7 @@ impl Fleet {
             if let Some(generation) = self.generations.get_mut(number) {
                 let pids: Vec<i32> = generation.workers().keys().map(|p| p.as_raw()).collect();
                 tracing::warn!(
+                    event = "generation.killed_over_cap",
                     generation = number,
                     max_draining_generations = max,
                     ?pids,

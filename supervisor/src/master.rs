@@ -300,7 +300,7 @@ pub async fn run(
         master.adopt(takeover);
     }
     master.adopt_activated(activated)?;
-    tracing::info!(pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
+    tracing::info!(event = "master.starting", pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
     let upgraded = master.takeover.is_some() || exec_state.is_some();
     if let Some(state) = exec_state {
         master.adopt_exec_state(state)?;
@@ -629,6 +629,7 @@ impl Master {
                 if worker.state == State::Starting && sdk_ready {
                     worker.become_ready();
                     tracing::info!(
+                        event = "worker.ready",
                         generation = number,
                         worker = index,
                         pid = raw,
@@ -693,8 +694,10 @@ impl Master {
             return;
         }
         match by {
-            Some(by) => tracing::info!(?how, requested_by = %by, "master stopping"),
-            None => tracing::info!(?how, "master stopping"),
+            Some(by) => {
+                tracing::info!(event = "master.stopping", ?how, requested_by = %by, "master stopping")
+            }
+            None => tracing::info!(event = "master.stopping", ?how, "master stopping"),
         }
         // Only the master holding the control socket is systemd's main pid:
         // not an old one that handed over, nor a new one before the handover.

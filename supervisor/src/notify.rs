@@ -354,6 +354,7 @@ impl Master {
         if notification.ready && notify_ready && worker.state == State::Starting {
             worker.become_ready();
             tracing::info!(
+                event = "worker.ready",
                 generation,
                 worker = index,
                 pid = raw,

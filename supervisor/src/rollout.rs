@@ -81,6 +81,7 @@ impl Master {
         let now = Instant::now();
         let until = probation.map(|p| now + p);
         tracing::info!(
+            event = "rollout.started",
             generation = number,
             standby,
             probation_ms = probation.map(|p| p.as_millis() as u64),
@@ -126,6 +127,7 @@ impl Master {
         let mut reload = rollout.reload;
         let _enter = reload.span().clone().entered();
         tracing::info!(
+            event = "rollout.promoted",
             generation = reload.generation(),
             "probation over: the new generation stays, the standby generation drains"
         );
@@ -148,7 +150,7 @@ impl Master {
         self.fleet.roll_back(number, rollout.standby);
         reload.end_phase(Step::Probation);
         tracing::warn!(
-            generation = number,
+            event = "rollout.rolled_back", generation = number,
             restored = rollout.standby,
             %reason,
             "rolled back after cutover"

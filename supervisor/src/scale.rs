@@ -77,6 +77,7 @@ impl Master {
         self.fleet.set_scale(wanted, config_processes);
         let requested_by = by.map(ToString::to_string);
         tracing::info!(
+            event = "generation.scaled",
             generation = number,
             from,
             processes = wanted,

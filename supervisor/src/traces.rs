@@ -10,7 +10,7 @@
 //! waits at most `otlp_flush_timeout` for what is batched. Every span that
 //! was not sent (the export failed or timed out, the queue was full, or the
 //! flush ran out of time) is counted: `baton_otlp_spans_dropped_total`, and
-//! an `otlp_spans_dropped` event at exit.
+//! an `otlp.spans_dropped` event at exit.
 
 use anyhow::Context;
 use opentelemetry::trace::TracerProvider as _;
@@ -115,7 +115,7 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
         match &result {
             Ok(()) => self.tally.sent.fetch_add(spans, Ordering::Relaxed),
             Err(e) => {
-                tracing::warn!(event = "otlp_export_failed", spans, error = %e, "OTLP export failed: spans dropped");
+                tracing::warn!(event = "otlp.export_failed", spans, error = %e, "OTLP export failed: spans dropped");
                 self.tally.failed.fetch_add(spans, Ordering::Relaxed)
             }
         };
@@ -242,7 +242,7 @@ impl Export {
         let dropped = self.tally.dropped();
         if dropped > 0 {
             tracing::warn!(
-                event = "otlp_spans_dropped",
+                event = "otlp.spans_dropped",
                 dropped,
                 unsent_at_exit = self.tally.abandoned.load(Ordering::Relaxed),
                 failed = self.tally.failed.load(Ordering::Relaxed),

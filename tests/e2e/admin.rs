@@ -2,7 +2,7 @@
 //! probes and an on-call engineer read, and that it never moves while the
 //! master reloads, upgrades or stops.
 
-use baton_tests::harness::{hello_config, message, wrapped_worker, Baton, TempDir};
+use baton_tests::harness::{event_name, hello_config, wrapped_worker, Baton, TempDir};
 use baton_tests::tools::require;
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -151,7 +151,7 @@ fn prometheus_scrapes_reload_counts_and_promtool_accepts_the_exposition() {
         baton.wait_committed(generation);
     }
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let good = std::fs::read_to_string(baton.dir().join("baton.toml")).unwrap();
     baton.write_config("this is not toml");
     let out = baton.cli(&["reload"]);
@@ -248,7 +248,9 @@ fn readyz_turns_503_when_a_graceful_stop_starts_while_workers_drain() {
     assert_eq!(unix_get("/nope").unwrap().0, 404);
 
     baton.signal(Signal::SIGQUIT);
-    baton.wait_event(Duration::from_secs(10), |e| message(e) == "master stopping");
+    baton.wait_event(Duration::from_secs(10), |e| {
+        event_name(e) == "master.stopping"
+    });
     let (status, body) = unix_get("/readyz").unwrap();
     assert_eq!(
         (status, body.as_str()),
@@ -350,7 +352,7 @@ fn a_reload_moves_the_admin_endpoint_and_one_that_cannot_bind_fails_in_bind() {
 
     baton.write_config(&with_admin(&config, "unix:b.sock"));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     assert_eq!(unix_get(&b, "/healthz").unwrap().0, 200);
     assert!(!a.exists(), "the old admin socket file is left behind");
 
@@ -359,7 +361,7 @@ fn a_reload_moves_the_admin_endpoint_and_one_that_cannot_bind_fails_in_bind() {
     let address = taken.local_addr().unwrap().to_string();
     baton.write_config(&with_admin(&config, &address));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload failed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.failed", "{outcome}");
     assert_eq!(baton_tests::harness::field(&outcome, "phase"), "bind");
     assert!(
         baton_tests::harness::field(&outcome, "reason")

@@ -3,7 +3,7 @@
 //! Service Restart) and reconnects to the next generation.
 
 use crate::reload_under_load::reloads_under_load_drop_nothing;
-use baton_tests::harness::{example_config, message, Baton, Binaries};
+use baton_tests::harness::{event_name, example_config, Baton, Binaries};
 use baton_tests::load::Mode;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
@@ -108,7 +108,7 @@ fn websocket_clients_get_close_1012_at_a_reload_and_reconnect_to_the_new_generat
         .map(|socket| runtime.spawn(ride_out_the_reload(socket, addr)))
         .collect();
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let outcomes: Vec<Outcome> = runtime.block_on(async {
         let mut outcomes = Vec::new();
         for client in clients {

@@ -1,4 +1,4 @@
-use baton_tests::harness::{hello_config, message, span_generation, Baton};
+use baton_tests::harness::{event_name, hello_config, message, span_generation, Baton};
 use nix::sys::signal::Signal;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ fn reloading_slowly() -> Baton {
     baton.wait_committed(1);
     baton.signal(Signal::SIGHUP);
     baton.next_event(Duration::from_secs(5), |e| {
-        message(e) == "reload started" && span_generation(e) == Some(2)
+        event_name(e) == "reload.started" && span_generation(e) == Some(2)
     });
     baton
 }
@@ -31,7 +31,7 @@ fn hups_during_a_reload_coalesce_into_one_follow_up() {
     assert_eq!(follow_up["span"]["trigger"], "coalesced", "{follow_up}");
     // Long enough for a fourth reload to have started and become ready.
     std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(baton.count_events(|e| message(e) == "reload started"), 3);
+    assert_eq!(baton.count_events(|e| event_name(e) == "reload.started"), 3);
     assert!(baton.count_events(|e| message(e).contains("coalesced into one follow-up")) >= 1);
 }
 

@@ -3,7 +3,7 @@
 //! reaped.
 
 use baton_tests::harness::{
-    alive, children_of, config_with_worker, descendants, is_guardian, message, wrapped_worker,
+    alive, children_of, config_with_worker, descendants, event_name, is_guardian, wrapped_worker,
     zombies_of, Baton, Binaries, TempDir,
 };
 use baton_tests::tools;
@@ -91,6 +91,6 @@ fn as_pid_1_baton_reaps_orphans_and_drains_on_sigterm() {
     let status = baton.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
     baton.wait_event(Duration::from_secs(1), |e| {
-        message(e) == "master stopping" && e["fields"]["how"] == "Graceful"
+        event_name(e) == "master.stopping" && e["fields"]["how"] == "Graceful"
     });
 }

@@ -1,6 +1,6 @@
 use baton_tests::harness::{
-    alive, config_with_worker, generation_in as generation, get, hello_config, message, Baton,
-    Binaries, TempDir,
+    alive, config_with_worker, event_name, generation_in as generation, get, hello_config, message,
+    Baton, Binaries, TempDir,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -240,14 +240,14 @@ fn scale_changes_the_worker_count_and_it_holds_across_reloads() {
     );
 
     // The scaled count holds for the next reload...
-    assert_eq!(message(&baton.reload()), "reload committed");
+    assert_eq!(event_name(&baton.reload()), "reload.committed");
     let status = wait_status(&baton, |s| {
         count(s) == 4 && s["generations"].as_array().unwrap().len() == 1
     });
     assert_eq!(status["master"]["current_generation"], 2);
     // ...until the config changes `processes`.
     baton.write_config(&hello_config(1));
-    assert_eq!(message(&baton.reload()), "reload committed");
+    assert_eq!(event_name(&baton.reload()), "reload.committed");
     wait_status(&baton, |s| {
         count(s) == 1 && s["generations"].as_array().unwrap().len() == 1
     });
@@ -274,7 +274,7 @@ fn stop_waits_until_the_master_has_exited() {
         "pid file left behind"
     );
     baton.wait_event(Duration::from_secs(1), |e| {
-        message(e) == "master stopping" && e["fields"]["how"] == "Graceful"
+        event_name(e) == "master.stopping" && e["fields"]["how"] == "Graceful"
     });
 }
 
@@ -288,7 +288,7 @@ fn stop_fast_terminates_workers_and_exits() {
     assert!(baton.wait_exit(Duration::from_secs(1)).success());
     assert!(workers.iter().all(|p| !alive(*p)));
     baton.wait_event(Duration::from_secs(1), |e| {
-        message(e) == "master stopping" && e["fields"]["how"] == "Fast"
+        event_name(e) == "master.stopping" && e["fields"]["how"] == "Fast"
     });
 }
 

@@ -3,7 +3,7 @@
 //! `sock_diag` and the worker's own fds, so for any server), and a worker
 //! killed at its deadline is logged with them.
 
-use baton_tests::harness::{field, hello_config, message, Baton, TempDir};
+use baton_tests::harness::{event_name, field, hello_config, Baton, TempDir};
 use baton_tests::tools::{repository, require};
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -57,7 +57,7 @@ fn status_names_an_idle_keep_alive_client_of_a_draining_sdk_worker() {
     assert!(client.read(&mut answer).unwrap() > 0);
     // The connection is idle now, kept alive; the reload drains its worker.
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let worker = wait_listed(&baton, 1, client.local_addr().unwrap());
     let connection = worker["open_connections"]
         .as_array()
@@ -101,14 +101,14 @@ fn a_gunicorn_worker_killed_at_its_deadline_is_logged_with_its_open_connection()
     // Wait until the worker has accepted it (it is in its fds).
     std::thread::sleep(Duration::from_millis(300));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let worker = wait_listed(&baton, 1, peer);
     assert!(worker["kill_in_s"].as_f64().is_some(), "{worker}");
     let out = baton.cli(&["status"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains(&peer.to_string()), "{table}");
     let killed = baton.wait_event(Duration::from_secs(15), |e| {
-        message(e) == "worker still running at its drain deadline: killed"
+        event_name(e) == "worker.killed_at_deadline"
     });
     assert!(
         field(&killed, "open").contains(&peer.to_string()),

@@ -3,7 +3,7 @@
 //! killed.
 
 use baton_tests::harness::{
-    config_with_worker, field, generation_in, hello_config, message, wrapped_worker, Baton,
+    config_with_worker, event_name, field, generation_in, hello_config, wrapped_worker, Baton,
 };
 use std::time::Duration;
 
@@ -17,12 +17,12 @@ fn a_replaced_generation_without_a_live_worker_finishes_at_commit() {
     baton.wait_committed(1);
     // Wait for a respawn far enough away that the reload commits first.
     baton.wait_event(Duration::from_secs(10), |e| {
-        message(e) == "worker died; respawning"
+        event_name(e) == "worker.respawning"
             && field(e, "delay_ms").parse::<u64>().unwrap_or(0) >= 800
     });
     baton.write_config(&hello_config(1));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let finished = baton.wait_generation_finished(1);
     assert_eq!(field(&finished, "phase"), "draining", "{finished}");
     assert!(generation_in(&baton.status(), 1).is_none());
@@ -42,14 +42,13 @@ fn past_max_draining_generations_the_oldest_is_killed() {
     baton.wait_committed(1);
     for _ in 0..5 {
         let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
+        assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     }
     // Generations 1 to 3 were killed, one per reload past the second.
     for generation in 1..=3 {
         baton.wait_generation_finished(generation);
     }
-    let killed =
-        baton.count_events(|e| message(e) == "too many draining generations: the oldest is killed");
+    let killed = baton.count_events(|e| event_name(e) == "generation.killed_over_cap");
     assert_eq!(killed, 3);
     let status = baton.status();
     let numbers: Vec<u64> = status["generations"]

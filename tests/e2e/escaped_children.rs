@@ -52,7 +52,10 @@ fn escaped_children_holding_old_sockets_never_black_hole_new_connections() {
     all_answered_by(addr, 1, 16);
     for generation in 2..=4 {
         let outcome = baton.reload();
-        assert_eq!(baton_tests::harness::message(&outcome), "reload committed");
+        assert_eq!(
+            baton_tests::harness::event_name(&outcome),
+            "reload.committed"
+        );
         baton.wait_generation_finished(generation - 1);
         all_answered_by(addr, generation, 32);
     }

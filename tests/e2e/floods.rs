@@ -2,7 +2,7 @@
 //! worker that breaks the control protocol is dealt with once, and captured
 //! output is rate-limited with a count of what was suppressed.
 
-use baton_tests::harness::{config_with_worker, field, message, Baton, Binaries};
+use baton_tests::harness::{config_with_worker, event_name, field, message, Baton, Binaries};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -25,7 +25,7 @@ fn a_worker_sending_garbage_is_killed_once_per_process_not_logged_forever() {
     // The master still reloads, into a worker that behaves.
     baton.write_config(&baton_tests::harness::hello_config(1));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! SIGTERM, what `docker stop`, Kubernetes and systemd send, drains.
 
 use baton_tests::harness::{
-    config_with_worker, field, get_path, message, steady_load, Baton, Binaries,
+    config_with_worker, event_name, field, get_path, steady_load, Baton, Binaries,
 };
 use baton_tests::load::Mode;
 use nix::sys::signal::Signal;
@@ -60,7 +60,7 @@ fn sigterm_finishes_requests_in_flight_and_exits_zero() {
     assert!(report.ok() > 100, "too little traffic: {}", report.ok());
     assert!(cut.is_empty(), "requests cut by the stop: {cut:?}");
     let exits: Vec<String> = baton
-        .events(|e| message(e) == "worker exited")
+        .events(|e| event_name(e) == "worker.exited")
         .iter()
         .map(|e| field(e, "status"))
         .collect();
@@ -78,11 +78,11 @@ fn a_second_sigterm_makes_the_stop_fast() {
     std::thread::sleep(Duration::from_millis(300));
     baton.signal(Signal::SIGTERM);
     baton.next_event(Duration::from_secs(10), |e| {
-        message(e) == "master stopping" && field(e, "how") == "Graceful"
+        event_name(e) == "master.stopping" && field(e, "how") == "Graceful"
     });
     baton.signal(Signal::SIGTERM);
     baton.next_event(Duration::from_secs(10), |e| {
-        message(e) == "master stopping" && field(e, "how") == "Fast"
+        event_name(e) == "master.stopping" && field(e, "how") == "Fast"
     });
     assert!(baton.wait_exit(Duration::from_secs(10)).success());
     // The fast stop's SIGTERM reached the SDK worker as a drain request.
@@ -96,7 +96,7 @@ fn sigterm_fast_keeps_nginx_meaning() {
     let started = Instant::now();
     baton.signal(Signal::SIGTERM);
     baton.next_event(Duration::from_secs(10), |e| {
-        message(e) == "master stopping" && field(e, "how") == "Fast"
+        event_name(e) == "master.stopping" && field(e, "how") == "Fast"
     });
     assert!(baton.wait_exit(Duration::from_secs(10)).success());
     eprintln!("fast stop took {:?}", started.elapsed());

@@ -3,7 +3,7 @@
 //! replaced.
 
 use baton_tests::harness::{
-    config_with_worker, current_workers, field, message, Baton, Binaries, TempDir,
+    config_with_worker, current_workers, event_name, field, message, Baton, Binaries, TempDir,
 };
 use baton_tests::load::Mode;
 use std::time::Duration;
@@ -181,7 +181,7 @@ fn a_worker_that_never_answers_prepare_aborts_the_reload_and_is_replaced() {
     );
     // The hung worker is killed and respawned with the version in service.
     baton.next_event(Duration::from_secs(10), |e| {
-        message(e) == "worker exited" && field(e, "worker") == "1"
+        event_name(e) == "worker.exited" && field(e, "worker") == "1"
     });
     baton.next_event(Duration::from_secs(10), |e| {
         message(e) == "worker registered its reload handle" && field(e, "worker") == "1"
@@ -199,7 +199,7 @@ fn a_worker_that_dies_between_prepare_and_commit_comes_back_with_the_committed_v
     let (code, stdout, stderr) = reload(&baton, &[]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     let exited = baton.next_event(Duration::from_secs(10), |e| {
-        message(e) == "worker exited" && field(e, "worker") == "3"
+        event_name(e) == "worker.exited" && field(e, "worker") == "3"
     });
     assert_eq!(field(&exited, "status"), "exit status 3", "{exited}");
     baton.next_event(Duration::from_secs(10), |e| {

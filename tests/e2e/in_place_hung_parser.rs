@@ -4,7 +4,7 @@
 //! drain, and nothing waits for its drain deadline.
 
 use crate::in_place::{config_timed, reload, start_with, wait_versions, write_app, WORKERS};
-use baton_tests::harness::{field, message, steady_load, Baton};
+use baton_tests::harness::{event_name, field, message, steady_load, Baton};
 use baton_tests::load::Mode;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -69,7 +69,7 @@ fn sigterm_during_a_prepare_with_a_stopped_worker_exits_long_before_the_drain_ti
         report.failures_summary()
     );
     // The others drained and exited on their own.
-    let exits = baton.events(|e| message(e) == "worker exited");
+    let exits = baton.events(|e| event_name(e) == "worker.exited");
     for (index, pid) in &pids {
         let exited = exits
             .iter()
@@ -94,7 +94,7 @@ fn a_hung_parser_in_a_refused_reload_is_replaced_and_the_fleet_keeps_its_size() 
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("refused by worker 2"), "{stderr}");
     let exited = baton.next_event(Duration::from_secs(10), |e| {
-        message(e) == "worker exited" && field(e, "worker") == "1"
+        event_name(e) == "worker.exited" && field(e, "worker") == "1"
     });
     assert_eq!(field(&exited, "pid"), hung.to_string(), "{exited}");
     // Replaced, with the version in service.

@@ -4,7 +4,7 @@
 //! `committed`.
 
 use crate::in_place::{config_timed, reload, start_with, wait_versions, write_app, WORKERS};
-use baton_tests::harness::{current_workers, field, message, Baton};
+use baton_tests::harness::{current_workers, event_name, field, message, Baton};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
@@ -134,7 +134,7 @@ fn a_worker_respawned_after_a_crash_during_prepare_serves_the_committed_version(
         // Worker 2 prepared long ago; its respawn is due in 100 ms.
         kill(worker_pid(baton, 2), Signal::SIGKILL).unwrap();
         baton.wait_event(Duration::from_secs(5), |e| {
-            message(e) == "worker died; respawning" && field(e, "worker") == "2"
+            event_name(e) == "worker.respawning" && field(e, "worker") == "2"
         });
     });
 }

@@ -1,5 +1,5 @@
 use baton_tests::harness::{
-    alive, config_with_worker, field, get, hello_config, message, Baton, Binaries,
+    alive, config_with_worker, event_name, field, get, hello_config, message, Baton, Binaries,
 };
 use nix::sys::signal::{kill, Signal};
 use std::time::Duration;
@@ -14,7 +14,7 @@ fn worker_ignoring_drain_is_killed_at_drain_timeout() {
     baton.wait_committed(1);
     let old = baton.wait_workers(1, &[], Duration::from_secs(5));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let killed = baton.wait_event(Duration::from_secs(10), |e| {
         message(e).contains("drain deadline") && field(e, "pid") == old[0].to_string()
     });
@@ -32,7 +32,7 @@ fn crashed_worker_is_respawned_into_its_generation() {
     let after = baton.wait_workers(2, &before[..1], Duration::from_secs(10));
     assert!(after.contains(&before[1]) && !after.contains(&before[0]));
     baton.next_event(Duration::from_secs(5), |e| {
-        message(e) == "worker died; respawning"
+        event_name(e) == "worker.respawning"
     });
     let (status, generation, _) = get(addr).unwrap();
     assert_eq!((status, generation), (200, Some(1)));
@@ -54,7 +54,7 @@ fn crash_loop_is_logged_and_backed_off_not_spun() {
     });
     // Five crashes with backoff take seconds; a spinning supervisor would have
     // started hundreds of workers by then.
-    let started = baton.count_events(|e| message(e) == "worker started");
+    let started = baton.count_events(|e| event_name(e) == "worker.started");
     assert!(
         started < 12,
         "{started} workers started: respawns are not backed off"
@@ -112,5 +112,5 @@ fn start_with_a_failing_worker_exits_non_zero() {
     let mut baton = Baton::start(&config);
     let status = baton.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1));
-    baton.wait_event(Duration::from_secs(1), |e| message(e) == "master failed");
+    baton.wait_event(Duration::from_secs(1), |e| event_name(e) == "master.failed");
 }

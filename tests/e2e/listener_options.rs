@@ -4,7 +4,7 @@
 //! named in the error with its address.
 
 use baton_tests::harness::{
-    config_with_worker, exchange, field, message, wrapped_worker, Baton, TempDir,
+    config_with_worker, event_name, exchange, field, message, wrapped_worker, Baton, TempDir,
 };
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -71,7 +71,7 @@ fn a_bind_error_names_the_listener_and_its_address() {
     let mut baton = Baton::start_in(dir, &["run"]);
     let status = baton.wait_exit(Duration::from_secs(20));
     assert!(!status.success());
-    let failed = baton.wait_event(Duration::from_secs(1), |e| message(e) == "reload failed");
+    let failed = baton.wait_event(Duration::from_secs(1), |e| event_name(e) == "reload.failed");
     assert_eq!(field(&failed, "phase"), "bind", "{failed}");
     assert!(field(&failed, "reason").contains(&named), "{failed}");
 
@@ -81,7 +81,7 @@ fn a_bind_error_names_the_listener_and_its_address() {
     let addr = baton.address("http");
     baton.write_config(&with_taken);
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload failed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.failed", "{outcome}");
     assert_eq!(field(&outcome, "phase"), "bind", "{outcome}");
     assert!(field(&outcome, "reason").contains(&named), "{outcome}");
     assert_eq!(get_nodelay(addr).0, 200);
@@ -101,11 +101,11 @@ fn accepted_connections_have_tcp_nodelay_unless_the_listener_turns_it_off() {
     assert_eq!(get_nodelay(addr), (200, "true".into()), "by default");
     baton.write_config(&wrapped_with("nodelay = false\n"));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     assert_eq!(get_nodelay(addr), (200, "false".into()), "nodelay = false");
     baton.write_config(&wrapped_with("nodelay = true\n"));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     assert_eq!(get_nodelay(addr), (200, "true".into()), "nodelay = true");
 }
 

@@ -2,7 +2,7 @@
 //! lets go of a finished generation's a chunk of ports per turn of its
 //! loop: every port must still get its socket, be steered, and be tidied.
 
-use baton_tests::harness::{get, message, Baton, Binaries, TempDir};
+use baton_tests::harness::{event_name, get, Baton, Binaries, TempDir};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -63,7 +63,7 @@ fn hundreds_of_listeners_are_bound_steered_and_tidied_on_every_port() {
     let last = baton.address(&format!("l{}", LISTENERS - 1));
     for generation in 2..=4 {
         let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
+        assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
         baton.wait_generation_finished(generation - 1);
         for i in 0..16 {
             match get(last) {

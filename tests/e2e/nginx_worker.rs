@@ -1,7 +1,7 @@
 //! Unmodified nginx as a baton worker, from `examples/nginx/`: its socket
 //! comes in `NGINX="{fd:http};"`, and reloads fail no request.
 
-use baton_tests::harness::{message, steady_load, Baton, TempDir};
+use baton_tests::harness::{event_name, steady_load, Baton, TempDir};
 use baton_tests::load::Mode;
 use baton_tests::tools;
 
@@ -39,7 +39,7 @@ fn nginx_from_the_example_reloads_under_new_connection_load_fail_nothing() {
     let load = steady_load(addr, Mode::NewConnection);
     for _ in 0..RELOADS {
         let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
+        assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     }
     let report = load.stop();
     eprintln!(

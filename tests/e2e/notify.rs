@@ -2,7 +2,8 @@
 //! of its children, marks it ready; without it the reload rolls back.
 
 use baton_tests::harness::{
-    config_with_worker, field, generation_in, message, wait_json, Baton, Binaries, TempDir,
+    config_with_worker, event_name, field, generation_in, message, wait_json, Baton, Binaries,
+    TempDir,
 };
 use serde_json::Value;
 use std::time::Duration;
@@ -56,7 +57,7 @@ fn ready_sent_by_a_child_of_the_worker_counts_for_the_worker() {
     let dump = TempDir::new();
     let baton = Baton::start(&notify_config("from-child", &dump, "10s"));
     baton.wait_committed(1);
-    let ready = baton.wait_event(Duration::from_secs(1), |e| message(e) == "worker ready");
+    let ready = baton.wait_event(Duration::from_secs(1), |e| event_name(e) == "worker.ready");
     assert_ne!(field(&ready, "sender"), field(&ready, "pid"), "{ready}");
     let status = baton.status();
     let workers = worker_statuses(&status, 1);
@@ -94,7 +95,7 @@ fn ready_from_a_process_outside_the_generation_is_ignored() {
         message(e).starts_with("notification from a process that is not a worker")
     });
     let outcome = baton.next_event(Duration::from_secs(10), |e| {
-        message(e) == "reload committed" || message(e) == "reload failed"
+        event_name(e) == "reload.committed" || event_name(e) == "reload.failed"
     });
-    assert_eq!(message(&outcome), "reload failed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.failed", "{outcome}");
 }

@@ -1,7 +1,7 @@
 //! `user`: the master binds privileged ports as root, its workers run as the
 //! configured user with supplementary groups dropped.
 
-use baton_tests::harness::{get, message, Baton, Binaries};
+use baton_tests::harness::{event_name, get, Baton, Binaries};
 use std::time::Duration;
 
 /// A port below 1024 that is free now (root can bind it).
@@ -65,7 +65,7 @@ fn worker_runs_as_nobody_on_a_privileged_port_bound_by_the_master() {
         if generation == 1 {
             // The notify socket of the next generation is theirs too.
             let outcome = baton.reload();
-            assert_eq!(message(&outcome), "reload committed", "{outcome}");
+            assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
             baton.wait_generation_finished(1);
         }
     }

@@ -1,7 +1,9 @@
 //! Readiness probes: tried every `probe_interval` even when one hangs, and
 //! an `exec:` probe's output logged bounded, however much it prints.
 
-use baton_tests::harness::{config_with_worker, field, message, wrapped_worker, Baton, TempDir};
+use baton_tests::harness::{
+    config_with_worker, event_name, field, message, wrapped_worker, Baton, TempDir,
+};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -50,7 +52,7 @@ fn a_hanging_probe_is_tried_every_probe_interval() {
     baton.wait_committed(1);
     baton.write_config(&probed(&probe, rest, 2));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let tried = std::fs::read_to_string(&tries)
         .unwrap()
         .lines()

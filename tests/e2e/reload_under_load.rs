@@ -1,5 +1,5 @@
 use baton_tests::harness::{
-    assert_no_request_failed, config_with_worker, generation_in, hello_config, message,
+    assert_no_request_failed, config_with_worker, event_name, generation_in, hello_config, message,
     resetting_config, reuseport_listener, steady_load, wait_for_generation, wrapped_worker, Baton,
 };
 use baton_tests::load::Mode;
@@ -16,7 +16,7 @@ pub(crate) fn reloads_under_load_drop_nothing(config: &str, mode: Mode) {
     let load = steady_load(addr, mode);
     for _ in 0..RELOADS {
         let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
+        assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
         std::thread::sleep(Duration::from_millis(250));
     }
     let last = RELOADS + 1;
@@ -49,7 +49,7 @@ fn switching_between_sdk_and_wrapped_workers_under_new_connection_load_fails_no_
     for switch in 1..=SWITCHES {
         baton.write_config(&configs[switch as usize % 2]);
         let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
+        assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
         std::thread::sleep(Duration::from_millis(300));
     }
     wait_for_generation(&load, SWITCHES + 1);
@@ -69,7 +69,7 @@ fn hup_under_new_connection_load_with_workers_that_reset_on_stop_fails_no_reques
 /// listener's own socket (see `sockets` in `baton status --json`).
 fn reload_sharing(baton: &mut Baton, number: u64, shared: bool) {
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let status = baton.status();
     let generation = generation_in(&status, number)
         .unwrap_or_else(|| panic!("no generation {number}: {status}"));

@@ -1,5 +1,5 @@
 use baton_tests::harness::{
-    config_with_worker, field, hello_config, message, open_fds, resetting_config, zombies_of,
+    config_with_worker, event_name, field, hello_config, open_fds, resetting_config, zombies_of,
     Baton, Binaries,
 };
 use std::time::Duration;
@@ -55,14 +55,14 @@ fn fifty_reloads(config: &str, spare: usize) {
     baton.wait_committed(1);
     for generation in 1..=2 {
         let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed");
+        assert_eq!(event_name(&outcome), "reload.committed");
         baton.wait_generation_finished(generation);
     }
     let workers = baton.wait_workers(2, &[], Duration::from_secs(10));
     let fds = settled_fds(baton.pid());
     for _ in 0..50 {
         let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
+        assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     }
     for generation in 3..=52 {
         baton.wait_generation_finished(generation);
@@ -71,7 +71,7 @@ fn fifty_reloads(config: &str, spare: usize) {
     // serving are let go of at the next reload (see `steering.rs`).
     let workers = baton.wait_workers(2, &workers, Duration::from_secs(20));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     baton.wait_generation_finished(53);
     baton.wait_workers(2, &workers, Duration::from_secs(20));
     let (kinds, sockets) = split_sockets(fd_kinds(&fds));
@@ -125,7 +125,7 @@ fn more_than_252_listeners_reach_a_worker_intact() {
     for i in 0..COUNT {
         let name = format!("l{i}");
         let bound = baton.wait_event(Duration::from_secs(1), |e| {
-            message(e) == "listener bound" && field(e, "listener") == name
+            event_name(e) == "listener.bound" && field(e, "listener") == name
         });
         let entry = got
             .iter()

@@ -1,5 +1,5 @@
 use baton_tests::harness::{
-    config_with_worker, field, get, hello_config, message, Baton, Binaries,
+    config_with_worker, event_name, field, get, hello_config, message, Baton, Binaries,
 };
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ fn rollback(broken: &str, phase: &str, reason: &str) -> Baton {
 
     baton.write_config(&good);
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     // The old generation answers until it has read its drain message.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -114,7 +114,10 @@ fn reload_switches_the_log_filter_at_commit() {
     // "info" in its commit phase, so its own outcome is the first info event.
     baton.write_config(&hello_config(1));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
-    assert_eq!(baton.count_events(|e| message(e) == "reload started"), 0);
-    assert_eq!(baton.count_events(|e| message(e) == "reload committed"), 1);
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
+    assert_eq!(baton.count_events(|e| event_name(e) == "reload.started"), 0);
+    assert_eq!(
+        baton.count_events(|e| event_name(e) == "reload.committed"),
+        1
+    );
 }

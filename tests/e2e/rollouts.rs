@@ -2,7 +2,7 @@
 //! probation with rollback after cutover, canaries, the crash-loop breaker.
 
 use baton_tests::harness::{
-    config_with_worker, field, generation_in, get, message, steady_load, wrapped_worker, Baton,
+    config_with_worker, event_name, field, generation_in, get, steady_load, wrapped_worker, Baton,
     Binaries, TempDir,
 };
 use baton_tests::load::{LoadConfig, LoadHandle, Mode, Report};
@@ -54,7 +54,7 @@ fn a_release_that_crashes_after_cutover_is_rolled_back_without_a_failed_request(
             .replace("ready = \"notify\"\n", ""),
     );
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload failed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.failed", "{outcome}");
     assert_eq!(field(&outcome, "phase"), "probation", "{outcome}");
     let reason = field(&outcome, "reason");
     assert!(
@@ -268,7 +268,7 @@ fn a_crash_looping_worker_stops_being_respawned_and_status_says_so() {
     ));
     baton.wait_committed(1);
     baton.wait_event(Duration::from_secs(10), |e| {
-        message(e) == "worker crash loop: not respawned any more; capacity is lost until a reload"
+        event_name(e) == "worker.crash_looped"
     });
     let status = baton.status();
     let current = generation_in(&status, 1).expect("generation 1");
@@ -280,7 +280,7 @@ fn a_crash_looping_worker_stops_being_respawned_and_status_says_so() {
         "{text}"
     );
     assert_eq!(
-        baton.count_events(|e| message(e) == "worker died; respawning"),
+        baton.count_events(|e| event_name(e) == "worker.respawning"),
         2,
         "respawned after the first two crashes only"
     );

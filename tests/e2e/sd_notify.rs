@@ -183,7 +183,7 @@ fn a_reload_signal_refused_during_an_upgrade_still_ends_with_ready() {
     assert!(systemd.next().starts_with("READY=1\n"));
     baton.signal(Signal::SIGUSR2);
     baton.wait_event(Duration::from_secs(10), |e| {
-        baton_tests::harness::message(e) == "upgrade started"
+        baton_tests::harness::event_name(e) == "upgrade.started"
     });
     baton.signal(Signal::SIGHUP);
     let reloading = systemd.next();

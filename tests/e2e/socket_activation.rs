@@ -3,9 +3,9 @@
 //! from the first connection on, across reloads and an upgrade.
 
 use baton_tests::harness::{
-    alive, assert_no_request_failed, config_with_worker, generation_in, get, hello_config, message,
-    resetting_config, reuseport_listener, steady_load, wait_for_generation, Baton, Binaries,
-    TempDir,
+    alive, assert_no_request_failed, config_with_worker, event_name, generation_in, get,
+    hello_config, message, resetting_config, reuseport_listener, steady_load, wait_for_generation,
+    Baton, Binaries, TempDir,
 };
 use baton_tests::load::Mode;
 use baton_tests::tools;
@@ -54,7 +54,7 @@ fn a_socket_activated_master_serves_the_inherited_socket_across_reloads_and_an_u
         message(e) == "listener adopted from socket activation"
     });
     assert_eq!(adopted["fields"]["matched_by"], "address");
-    assert_eq!(baton.count_events(|e| message(e) == "listener bound"), 0);
+    assert_eq!(baton.count_events(|e| event_name(e) == "listener.bound"), 0);
 
     let load = steady_load(addr, Mode::NewConnection);
     for generation in 2..=4 {
@@ -70,7 +70,7 @@ fn a_socket_activated_master_serves_the_inherited_socket_across_reloads_and_an_u
     wait_for_generation(&load, 5);
     let report = load.stop();
     assert_no_request_failed(&report, &format!("3 reloads and an upgrade to {master}"), 5);
-    assert_eq!(baton.count_events(|e| message(e) == "listener bound"), 0);
+    assert_eq!(baton.count_events(|e| event_name(e) == "listener.bound"), 0);
 }
 
 #[test]
@@ -85,7 +85,7 @@ fn an_inherited_socket_no_listener_matches_is_refused() {
     let _ = get(stray);
     let status = baton.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1));
-    let failed = baton.wait_event(Duration::from_secs(1), |e| message(e) == "master failed");
+    let failed = baton.wait_event(Duration::from_secs(1), |e| event_name(e) == "master.failed");
     let error = failed["fields"]["error"].as_str().unwrap_or_default();
     assert!(
         error.contains(&format!("tcp {stray}")) && error.contains("matches no [[listener]]"),
@@ -129,7 +129,7 @@ fn an_inherited_reuseport_socket_gives_wrapped_servers_sockets_of_their_own() {
     assert_eq!(adopted["fields"]["steered"], true);
     let load = steady_load(addr, Mode::NewConnection);
     for number in 2..=4 {
-        assert_eq!(message(&baton.reload()), "reload committed");
+        assert_eq!(event_name(&baton.reload()), "reload.committed");
         let status = baton.status();
         let generation = generation_in(&status, number).expect("the new generation");
         assert_ne!(

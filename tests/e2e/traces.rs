@@ -4,7 +4,9 @@
 //! the new workers get the reload's `TRACEPARENT` (environment, and the
 //! SDK's hello).
 
-use baton_tests::harness::{config_with_worker, exchange, message, Baton, Binaries, TempDir};
+use baton_tests::harness::{
+    config_with_worker, event_name, exchange, message, Baton, Binaries, TempDir,
+};
 use baton_tests::otlp::{BlackHole, Receiver, Span};
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
@@ -22,7 +24,7 @@ fn each_reload_is_one_trace_with_its_phases_and_new_workers_join_it() {
     let mut baton = Baton::start(&config);
     baton.wait_committed(1);
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     // A graceful stop flushes what is batched.
     baton.signal(Signal::SIGQUIT);
     baton.wait_exit(Duration::from_secs(15));
@@ -198,7 +200,7 @@ fn a_collector_that_never_answers_does_not_delay_a_stop() {
     let mut baton = Baton::start_with_env(&Binaries::baton(), dir, &["run"], &exporting_often());
     baton.wait_committed(1);
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     // An export is stuck on the collector now (5 s export timeout).
     std::thread::sleep(Duration::from_millis(300));
     baton.signal(Signal::SIGTERM);
@@ -250,7 +252,7 @@ fn a_collector_that_never_answers_does_not_stall_an_exec_upgrade_and_drops_are_c
         let out = baton.cli(&["status", "--json"]);
         slowest = slowest.max(start.elapsed());
         answered += usize::from(out.status.success());
-        if baton.count_events(|e| message(e) == "reload committed") >= 2 {
+        if baton.count_events(|e| event_name(e) == "reload.committed") >= 2 {
             break;
         }
     }

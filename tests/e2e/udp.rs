@@ -1,7 +1,7 @@
 //! UDP listeners are kept across reloads like TCP ones, for every protocol:
 //! a datagram echo answers every request while generations change.
 
-use baton_tests::harness::{config_with_worker, message, Baton, Binaries};
+use baton_tests::harness::{config_with_worker, event_name, Baton, Binaries};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -96,7 +96,7 @@ fn udp_answers_across_reloads(worker: &str) {
     client.wait_generation(1);
     for reload in 1..=RELOADS {
         let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{outcome}");
+        assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
         client.wait_generation(reload + 1);
     }
     // The shared socket is read by old generations until they have stopped.

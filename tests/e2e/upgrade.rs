@@ -1,6 +1,7 @@
 use baton_tests::harness::{
-    alive, assert_no_request_failed, config_with_worker, get, hello_config, message, open_fds,
-    read_pid, resetting_config, steady_load, wait_for_generation, Baton, Binaries, TempDir,
+    alive, assert_no_request_failed, config_with_worker, event_name, get, hello_config, message,
+    open_fds, read_pid, resetting_config, steady_load, wait_for_generation, Baton, Binaries,
+    TempDir,
 };
 use baton_tests::load::Mode;
 use nix::sys::signal::{kill, Signal};
@@ -196,7 +197,9 @@ fn a_second_usr2_during_an_upgrade_is_refused_with_a_log_line() {
         "pid file is *.oldbin during the upgrade"
     );
     baton.signal(Signal::SIGUSR2);
-    let refused = baton.wait_event(Duration::from_secs(5), |e| message(e) == "upgrade refused");
+    let refused = baton.wait_event(Duration::from_secs(5), |e| {
+        event_name(e) == "upgrade.refused"
+    });
     assert!(
         refused["fields"]["reason"]
             .as_str()

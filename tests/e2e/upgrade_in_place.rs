@@ -1,6 +1,6 @@
 use baton_tests::harness::{
-    alive, assert_no_request_failed, field, hello_config, message, resetting_config, steady_load,
-    wait_for_generation, Baton, Binaries, TempDir,
+    alive, assert_no_request_failed, event_name, field, hello_config, resetting_config,
+    steady_load, wait_for_generation, Baton, Binaries, TempDir,
 };
 use baton_tests::load::Mode;
 use nix::sys::signal::Signal;
@@ -36,7 +36,7 @@ fn in_place_upgrades_under_load(config: &str, mode: Mode) {
         // a fresh generation as a reload would.
         for pid in &workers {
             baton.next_event(Duration::from_secs(20), |e| {
-                message(e) == "worker adopted" && field(e, "pid") == pid.to_string()
+                event_name(e) == "worker.adopted" && field(e, "pid") == pid.to_string()
             });
         }
         let committed = baton.wait_committed(generation);
@@ -82,6 +82,6 @@ fn in_place_upgrade_whose_check_fails_changes_nothing() {
         "{stderr}"
     );
     assert_eq!(baton.wait_workers(2, &[], Duration::from_secs(5)), workers);
-    assert_eq!(baton.count_events(|e| message(e) == "worker adopted"), 0);
+    assert_eq!(baton.count_events(|e| event_name(e) == "worker.adopted"), 0);
     assert_eq!(baton.status()["master"]["current_generation"], 1);
 }

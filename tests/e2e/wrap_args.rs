@@ -1,7 +1,7 @@
 //! `protocol = "args"`: listeners at fds 3, 4, ... with their numbers
 //! substituted into the command as `{fd:NAME}`.
 
-use baton_tests::harness::{get, message, wait_json, Baton, Binaries, TempDir};
+use baton_tests::harness::{event_name, get, wait_json, Baton, Binaries, TempDir};
 use std::process::Command;
 use std::time::Duration;
 
@@ -51,7 +51,7 @@ fn args_workers_get_fd_numbers_in_their_command() {
     let (status, generation, _) = get(addr).unwrap();
     assert_eq!((status, generation), (200, Some(1)));
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while get(addr).unwrap().1 != Some(2) {
         assert!(

@@ -2,8 +2,8 @@
 //! and the process settings and stop semantics every non-sdk worker gets.
 
 use baton_tests::harness::{
-    alive, config_with_worker, descendants, field, generation_in, message, open_fds, wait_json,
-    wrapped_worker, Baton, TempDir,
+    alive, config_with_worker, descendants, event_name, field, generation_in, message, open_fds,
+    wait_json, wrapped_worker, Baton, TempDir,
 };
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -89,7 +89,7 @@ fn systemd_workers_get_listen_fds_with_their_own_pid_and_nothing_else() {
     baton.wait_committed(1);
     check_generation(&baton, dir.path(), 1, &names);
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     check_generation(&baton, dir.path(), 2, &names);
 }
 
@@ -168,7 +168,7 @@ fn a_drained_worker_leaves_no_child_behind() {
     baton.wait_committed(1);
     let old = server_and_its_child(&baton);
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let finished = baton.wait_generation_finished(1);
     assert_eq!(field(&finished, "phase"), "draining");
     wait_gone(&old, Duration::from_secs(5));
@@ -188,9 +188,9 @@ fn a_worker_ignoring_its_stop_signal_is_killed_with_its_group_at_the_deadline() 
     baton.wait_committed(1);
     let old = server_and_its_child(&baton);
     let outcome = baton.reload();
-    assert_eq!(message(&outcome), "reload committed", "{outcome}");
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     baton.wait_event(Duration::from_secs(10), |e| {
-        message(e) == "worker still running at its drain deadline: killed"
+        event_name(e) == "worker.killed_at_deadline"
     });
     baton.wait_generation_finished(1);
     wait_gone(&old, Duration::from_secs(5));

@@ -15,7 +15,7 @@
 //! (where `.ci/run` installs them), then `PATH`. When one is missing the
 //! test prints why and passes, unless `BATON_REQUIRE_TOOLS=1`.
 
-use baton_tests::harness::{alive, descendants, message, Baton, Binaries, TempDir};
+use baton_tests::harness::{alive, descendants, event_name, Baton, Binaries, TempDir};
 use baton_tests::load::{LoadConfig, LoadHandle, Mode, Report};
 use baton_tests::tools::repository;
 use std::path::PathBuf;
@@ -81,7 +81,11 @@ fn reload_under_new_connection_load(name: &str, worker: &str, processes: usize) 
             old = descendants(baton.pid());
         }
         let outcome = baton.reload();
-        assert_eq!(message(&outcome), "reload committed", "{name}: {outcome}");
+        assert_eq!(
+            event_name(&outcome),
+            "reload.committed",
+            "{name}: {outcome}"
+        );
         baton.wait_generation_finished(reload);
         wait_gone(&old, Duration::from_secs(10));
         let deadline = Instant::now() + Duration::from_secs(30);

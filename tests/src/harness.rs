@@ -368,7 +368,7 @@ impl Baton {
     /// The address listener `name` was bound to (from the log).
     pub fn address(&self, name: &str) -> SocketAddr {
         let event = self.wait_event(Duration::from_secs(10), |e| {
-            message(e) == "listener bound" && field(e, "listener") == name
+            event_name(e) == "listener.bound" && field(e, "listener") == name
         });
         field(&event, "address").parse().expect("bound address")
     }
@@ -376,7 +376,7 @@ impl Baton {
     /// Waits until generation `n` is committed and returns the event.
     pub fn wait_committed(&self, generation: u64) -> Value {
         self.wait_event(Duration::from_secs(20), |e| {
-            message(e) == "reload committed" && span_generation(e) == Some(generation)
+            event_name(e) == "reload.committed" && span_generation(e) == Some(generation)
         })
     }
 
@@ -398,7 +398,8 @@ impl Baton {
     /// Waits until every worker of generation `n` has exited and been reaped.
     pub fn wait_generation_finished(&self, generation: u64) -> Value {
         self.wait_event(Duration::from_secs(20), |e| {
-            message(e) == "generation finished" && field(e, "generation") == generation.to_string()
+            event_name(e) == "generation.finished"
+                && field(e, "generation") == generation.to_string()
         })
     }
 
@@ -407,8 +408,8 @@ impl Baton {
         self.skip_log();
         self.signal(Signal::SIGHUP);
         self.next_event(Duration::from_secs(30), |e| {
-            let m = message(e);
-            m == "reload committed" || m.starts_with("reload failed")
+            let name = event_name(e);
+            name == "reload.committed" || name == "reload.failed"
         })
     }
 
@@ -417,7 +418,7 @@ impl Baton {
     pub fn reload_times(&mut self, times: u64, pause: Duration) {
         for _ in 0..times {
             let outcome = self.reload();
-            assert_eq!(message(&outcome), "reload committed", "{outcome}");
+            assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
             std::thread::sleep(pause);
         }
     }
@@ -568,6 +569,12 @@ pub fn read_pid(path: &Path) -> Option<Pid> {
 /// The `message` of a JSON log event.
 pub fn message(event: &Value) -> &str {
     event["fields"]["message"].as_str().unwrap_or("")
+}
+
+/// The stable name of a JSON log event (its `event` field, such as
+/// `reload.committed`): what tests match, not the message's prose.
+pub fn event_name(event: &Value) -> &str {
+    event["fields"]["event"].as_str().unwrap_or("")
 }
 
 /// A field of a JSON log event, as text.

@@ -475,6 +475,7 @@ impl Generation {
             .clone()
             .map(|channel| crate::master::forward_worker(events, pid, channel));
         tracing::info!(
+            event = "worker.started",
             generation = self.number,
             worker = index,
             pid = pid.as_raw(),
@@ -489,6 +490,7 @@ impl Generation {
             if worker.state == State::Starting {
                 worker.become_ready();
                 tracing::info!(
+                    event = "worker.ready",
                     generation = self.number,
                     worker = worker.index,
                     pid = worker.pid.as_raw(),
@@ -589,7 +591,7 @@ impl Generation {
                 })
                 .of_worker(worker.pid.as_raw());
             tracing::warn!(
-                generation = self.number,
+                event = "worker.killed_at_deadline", generation = self.number,
                 worker = worker.index,
                 pid = worker.pid.as_raw(),
                 open_connections = open.len(),

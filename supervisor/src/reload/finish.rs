@@ -135,6 +135,7 @@ impl Master {
         );
         match &failure {
             None => tracing::info!(
+                event = "reload.committed",
                 outcome = "committed",
                 validate_ms,
                 bind_ms,
@@ -144,6 +145,7 @@ impl Master {
                 "reload committed"
             ),
             Some((phase, reason)) => tracing::error!(
+                event = "reload.failed",
                 outcome = "failed",
                 phase = %phase,
                 reason = %reason,

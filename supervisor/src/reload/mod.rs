@@ -338,7 +338,9 @@ impl Master {
                 match self.in_place_possible(&config) {
                     Ok(number) => {
                         let span = tracing::info_span!(parent: None, "reload", generation = number, %trigger, kind = "in_place", config_hash = %config.hash, version = %config.app.version);
-                        span.in_scope(|| tracing::info!("reload started"));
+                        span.in_scope(|| {
+                            tracing::info!(event = "reload.started", "reload started")
+                        });
                         crate::sd_notify::reloading(number);
                         return self.begin_in_place(
                             trigger,
@@ -377,8 +379,10 @@ impl Master {
         let mut phases = Vec::new();
         let _enter = span.clone().entered();
         match &requested_by {
-            Some(by) => tracing::info!(requested_by = %by, "reload started"),
-            None => tracing::info!("reload started"),
+            Some(by) => {
+                tracing::info!(event = "reload.started", requested_by = %by, "reload started")
+            }
+            None => tracing::info!(event = "reload.started", "reload started"),
         }
         if trigger != Trigger::Start && trigger != Trigger::Upgrade {
             crate::sd_notify::reloading(generation);

@@ -305,6 +305,7 @@ impl Master {
                     .as_ref()
                     .map(|c| crate::master::forward_worker(&self.events, pid, c.clone()));
                 tracing::info!(
+                    event = "worker.adopted",
                     generation = g.number,
                     worker = w.index,
                     pid = w.pid,

@@ -139,7 +139,7 @@ impl Master {
             _ => None,
         };
         if let Some(reason) = refuse {
-            tracing::error!(%reason, "upgrade refused");
+            tracing::error!(event = "upgrade.refused", %reason, "upgrade refused");
             if let Some(waiter) = waiter {
                 let _ = waiter.send(Reply::error(format!("upgrade refused: {reason}")));
             }
@@ -149,8 +149,10 @@ impl Master {
         let span = tracing::info_span!("upgrade", binary = %self.program.path.display(), in_place);
         let _enter = span.enter();
         match by {
-            Some(by) => tracing::info!(requested_by = %by, "upgrade started"),
-            None => tracing::info!("upgrade started"),
+            Some(by) => {
+                tracing::info!(event = "upgrade.started", requested_by = %by, "upgrade started")
+            }
+            None => tracing::info!(event = "upgrade.started", "upgrade started"),
         }
         let started = if in_place {
             self.start_check()
@@ -161,7 +163,7 @@ impl Master {
             Ok(started) => started,
             Err((phase, e)) => {
                 let reason = format!("{e:#}");
-                tracing::error!(phase, %reason, "upgrade failed; this master keeps serving");
+                tracing::error!(event = "upgrade.failed", phase, %reason, "upgrade failed; this master keeps serving");
                 self.metrics.upgrade("failed");
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(Reply::error(format!(
@@ -336,6 +338,7 @@ impl Master {
         }
         let old_pid = std::process::id();
         tracing::info!(
+            event = "upgrade.committed",
             new_pid,
             generation,
             elapsed_ms = upgrade.started.elapsed().as_millis() as u64,
@@ -370,7 +373,7 @@ impl Master {
         if !matches!(upgrade.phase, Phase::Waiting { .. }) {
             return;
         }
-        tracing::error!(phase, %reason, child = upgrade.child.as_raw(), "upgrade failed; this master keeps serving");
+        tracing::error!(event = "upgrade.failed", phase, %reason, child = upgrade.child.as_raw(), "upgrade failed; this master keeps serving");
         self.metrics.upgrade("failed");
         let _ = killpg(upgrade.child, Signal::SIGTERM);
         // The new master may have steered new connections to its sockets.
