@@ -210,4 +210,40 @@ mod tests {
         assert!(e.contains("it is a FIFO that no process reads"), "{e}");
         assert!(e.contains("baton.log"), "{e}");
     }
+
+    /// Every `event` name the master logs is listed in
+    /// docs/observability.md, and every name listed there is logged.
+    #[test]
+    fn every_event_name_is_documented() {
+        fn names(dir: &std::path::Path, found: &mut std::collections::BTreeSet<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    names(&path, found);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for piece in text.split("event = \"").skip(1) {
+                        found.insert(piece.split('"').next().unwrap().to_string());
+                    }
+                }
+            }
+        }
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut logged = std::collections::BTreeSet::new();
+        names(&root.join("src"), &mut logged);
+        assert!(logged.contains("reload.committed"), "{logged:?}");
+        let docs = std::fs::read_to_string(root.join("../docs/observability.md")).unwrap();
+        let section = docs
+            .split("The names:")
+            .nth(1)
+            .expect("the list of event names");
+        let section = section.split("\n\n").next().unwrap();
+        let documented: std::collections::BTreeSet<String> = section
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        assert_eq!(logged, documented, "event names logged vs documented");
+    }
 }
