@@ -48,6 +48,19 @@ pub fn exit_verdict(phase: Phase, draining: bool, stopping: bool, within: bool) 
     }
 }
 
+/// What started a child of the master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// A worker of this generation.
+    Worker(u64),
+    /// A readiness probe command.
+    Probe,
+    /// An upgrade's new master (or the new binary checking the config).
+    Upgrade,
+    /// The guardian (see [`crate::guardian`]).
+    Guardian,
+}
+
 impl Master {
     pub(crate) fn generation_of(&mut self, pid: Pid) -> Option<&mut Generation> {
         self.fleet.of_worker(pid)
@@ -87,28 +100,55 @@ impl Master {
         true
     }
 
-    pub(crate) fn on_exit(&mut self, pid: Pid, status: String, success: bool) {
-        if self.upgrade_child_exited(pid, &status, success) {
-            return;
+    /// What started child `pid`: each exit goes straight to its owner.
+    pub(crate) fn owner(&self, pid: Pid) -> Option<Owner> {
+        if self
+            .operation
+            .upgrade()
+            .is_some_and(|u| u.child() == pid.as_raw())
+        {
+            return Some(Owner::Upgrade);
         }
-        if self.probe_exited(pid, &status, success) {
-            return;
+        let probe = self.probing.as_ref().and_then(|p| p.in_flight.as_ref());
+        if probe.is_some_and(|f| f.pid == Some(pid)) {
+            return Some(Owner::Probe);
         }
         if self.guardian.as_ref().is_some_and(|g| g.pid() == pid) {
-            tracing::warn!(pid = pid.as_raw(), %status, "the guardian exited; starting another");
-            self.start_guardian();
-            self.guard_every_worker();
-            return;
+            return Some(Owner::Guardian);
         }
+        let generation = self.fleet.iter().find(|g| g.workers().contains_key(&pid));
+        generation.map(|g| Owner::Worker(g.number()))
+    }
+
+    pub(crate) fn on_exit(&mut self, pid: Pid, status: String, success: bool) {
+        match self.owner(pid) {
+            Some(Owner::Upgrade) => {
+                self.upgrade_child_exited(pid, &status, success);
+            }
+            Some(Owner::Probe) => {
+                self.probe_exited(pid, &status, success);
+            }
+            Some(Owner::Guardian) => {
+                tracing::warn!(pid = pid.as_raw(), %status, "the guardian exited; starting another");
+                self.start_guardian();
+                self.guard_every_worker();
+            }
+            Some(Owner::Worker(generation)) => self.worker_exited(generation, pid, status, success),
+            // Maybe a worker whose start has not come back to the loop yet.
+            None if self.spawns_pending() => {
+                self.unclaimed_exits.insert(pid, (status, success));
+            }
+            None => {}
+        }
+    }
+
+    /// Worker `pid` of generation `number` exited.
+    fn worker_exited(&mut self, number: u64, pid: Pid, status: String, success: bool) {
         if let Some(guardian) = &self.guardian {
             guardian.forget(pid);
         }
         let stopping = self.operation.stopping().is_some();
-        let Some(generation) = self.generation_of(pid) else {
-            // Maybe a worker whose start has not come back to the loop yet.
-            if self.spawns_pending() {
-                self.unclaimed_exits.insert(pid, (status, success));
-            }
+        let Some(generation) = self.fleet.get_mut(number) else {
             return;
         };
         let Some(worker) = generation.remove_worker(pid) else {
@@ -118,7 +158,8 @@ impl Master {
         let draining = matches!(worker.state, State::Draining { .. } | State::Killed);
         let reason = exit_reason(generation.phase(), worker.state, success);
         tracing::info!(
-            event = "worker.exited", generation = number,
+            event = "worker.exited",
+            generation = number,
             worker = worker.index,
             pid = pid.as_raw(),
             %status,
@@ -152,7 +193,8 @@ impl Master {
             ExitVerdict::Respawn => {
                 if generation.crash_loop(worker.index) {
                     tracing::error!(
-                        event = "worker.crash_looped", generation = number,
+                        event = "worker.crash_looped",
+                        generation = number,
                         worker = worker.index,
                         pid = pid.as_raw(),
                         crashes = generation.config().worker.crash_loop_limit,

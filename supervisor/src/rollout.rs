@@ -150,7 +150,8 @@ impl Master {
         self.fleet.roll_back(number, rollout.standby);
         reload.end_phase(Step::Probation);
         tracing::warn!(
-            event = "rollout.rolled_back", generation = number,
+            event = "rollout.rolled_back",
+            generation = number,
             restored = rollout.standby,
             %reason,
             "rolled back after cutover"

@@ -591,7 +591,8 @@ impl Generation {
                 })
                 .of_worker(worker.pid.as_raw());
             tracing::warn!(
-                event = "worker.killed_at_deadline", generation = self.number,
+                event = "worker.killed_at_deadline",
+                generation = self.number,
                 worker = worker.index,
                 pid = worker.pid.as_raw(),
                 open_connections = open.len(),

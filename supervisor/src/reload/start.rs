@@ -264,7 +264,8 @@ impl Master {
                 None => {
                     let listener = Rc::new(Listener::bind(wanted)?);
                     tracing::info!(
-                        event = "listener.bound", listener = %listener.info.name,
+                        event = "listener.bound",
+                        listener = %listener.info.name,
                         address = %listener.info.address,
                         kind = %listener.info.kind,
                         "listener bound"
