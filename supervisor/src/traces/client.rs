@@ -4,10 +4,10 @@
 //!
 //! Why not the exporter's reqwest client: `otlp_endpoint` is always
 //! `http://HOST:PORT` (the config refuses anything else), and reqwest's
-//! connection pool, proxy and URL code, linked in, cost every master about
-//! half a MiB of RSS even with no endpoint set: the pages of a binary's
-//! code are mapped in 64 KiB runs, so an idle master holds most of its
-//! code, used or not. hyper's HTTP/1.1 client is little beside the server
+//! connection pool, proxy and URL code, linked in, cost every master 250 to
+//! 500 KiB of RSS even with no endpoint set (the `admin-idle` bench): the
+//! pages of a binary's code are mapped in 64 KiB runs, so an idle master
+//! holds most of its code, used or not. hyper's HTTP/1.1 client is little beside the server
 //! the admin endpoint already runs.
 
 use http_body_util::{BodyExt, Full, Limited};
