@@ -1,7 +1,8 @@
 //! Reload traces over OTLP: with `[supervisor] otlp_endpoint`, the master's
 //! spans (each reload, with a child span per phase) are exported over
-//! OTLP/HTTP with protobuf bodies (`opentelemetry-otlp`), batched by the
-//! SDK's exporter thread so that the event loop never waits on a collector.
+//! OTLP/HTTP with protobuf bodies (`opentelemetry-otlp`, over hyper's client:
+//! see [`client`]), batched by the SDK's exporter thread so that the event
+//! loop never waits on a collector.
 //! New workers get the reload's W3C `TRACEPARENT` in their environment.
 //!
 //! A collector that accepts and never answers costs the loop nothing while
@@ -14,7 +15,7 @@
 
 use anyhow::Context;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter,
@@ -24,6 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+mod client;
 
 /// Spans the batch processor may hold; past this, a span is dropped (and
 /// counted) rather than queued.
@@ -166,44 +169,36 @@ pub struct Settings {
 /// A tracer exporting as `settings` say, and the exporter that owns it.
 pub fn tracer(settings: &Settings) -> anyhow::Result<(Tracer, Export)> {
     let url = traces_url(&settings.endpoint);
-    let export_timeout = settings.export_timeout;
     let tally = Arc::new(Tally::default());
-    let counted = tally.clone();
-    // The HTTP client runs a runtime of its own, which may be neither
-    // created nor dropped on the master's: build it on a thread.
-    let build = move || -> anyhow::Result<SdkTracerProvider> {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_endpoint(&url)
-            .with_timeout(export_timeout)
-            .build()
-            .with_context(|| format!("creating the OTLP exporter for {url}"))?;
-        let exporter = Counting {
-            inner: exporter,
-            tally: counted.clone(),
-        };
-        let batch = BatchSpanProcessor::builder(exporter)
-            .with_batch_config(
-                BatchConfigBuilder::default()
-                    .with_max_queue_size(QUEUE)
-                    .build(),
-            )
-            .build();
-        let resource = opentelemetry_sdk::Resource::builder()
-            .with_service_name("baton")
-            .build();
-        Ok(SdkTracerProvider::builder()
-            .with_span_processor(Counted {
-                inner: batch,
-                tally: counted,
-            })
-            .with_resource(resource)
-            .build())
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(client::Client::new(settings.export_timeout))
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(&url)
+        .with_timeout(settings.export_timeout)
+        .build()
+        .with_context(|| format!("creating the OTLP exporter for {url}"))?;
+    let exporter = Counting {
+        inner: exporter,
+        tally: tally.clone(),
     };
-    let provider = std::thread::spawn(build)
-        .join()
-        .map_err(|_| anyhow::anyhow!("the OTLP exporter's setup panicked"))??;
+    let batch = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(QUEUE)
+                .build(),
+        )
+        .build();
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("baton")
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(Counted {
+            inner: batch,
+            tally: tally.clone(),
+        })
+        .with_resource(resource)
+        .build();
     let tracer = provider.tracer("baton");
     Ok((
         tracer,
@@ -223,9 +218,9 @@ impl Export {
         let provider = self.provider.clone();
         let timeout = self.flush_timeout;
         let (done, result) = std::sync::mpsc::channel();
-        // The exporter's own wait is bounded by `timeout`; this thread only
-        // keeps the master's runtime out of the HTTP client's. Should it
-        // hang anyway, it is left behind: exit or exec ends it.
+        // The exporter's own wait is bounded by `timeout`; on a thread of
+        // its own, it cannot hold the master longer even if it overruns.
+        // Should it hang, it is left behind: exit or exec ends it.
         std::thread::spawn(move || {
             let _ = done.send(provider.shutdown_with_timeout(timeout));
         });
