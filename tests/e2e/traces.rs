@@ -216,7 +216,7 @@ fn a_collector_that_never_answers_does_not_delay_a_stop() {
         "the master took {took:?} from its loop's end to its exit with a collector that never answers"
     );
     let dropped = baton.wait_event(Duration::from_secs(1), |e| {
-        e["fields"]["event"] == "otlp_spans_dropped"
+        event_name(e) == "otlp.spans_dropped"
     });
     let count = dropped["fields"]["dropped"].as_u64().unwrap_or(0);
     assert!(count >= 1, "{dropped}");
@@ -266,7 +266,7 @@ fn a_collector_that_never_answers_does_not_stall_an_exec_upgrade_and_drops_are_c
     assert_eq!(baton.master_pid(), Some(baton.pid()), "the pid stays");
     // The old image said what it could not send.
     let dropped = baton.wait_event(Duration::from_secs(1), |e| {
-        e["fields"]["event"] == "otlp_spans_dropped"
+        event_name(e) == "otlp.spans_dropped"
     });
     assert!(
         dropped["fields"]["dropped"].as_u64().unwrap_or(0) >= 1,
