@@ -296,6 +296,22 @@ impl Metrics {
         self.reload_seconds.observe(total.as_secs_f64());
     }
 
+    /// The metrics' view of a finished transaction: counted by trigger,
+    /// kind and outcome, its phases timed, and an upgrade that committed
+    /// counted as such.
+    pub fn outcome(
+        &self,
+        outcome: &crate::reload::Outcome,
+        report: &crate::control::protocol::ReloadOutcome,
+    ) {
+        let committed = outcome.failure.is_none();
+        let label = if committed { "committed" } else { "failed" };
+        self.reload(&report.trigger, &report.kind, label, &outcome.phases);
+        if outcome.trigger == crate::reload::Trigger::Upgrade && committed {
+            self.upgrade("committed");
+        }
+    }
+
     /// A binary upgrade's outcome.
     pub fn upgrade(&self, outcome: &str) {
         self.upgrades

@@ -108,7 +108,9 @@ impl Master {
         self.reap_finished_generations();
     }
 
-    /// Logs and keeps the outcome, then starts the coalesced follow-up.
+    /// Makes the transaction's one outcome and hands it to each observer
+    /// (the log, the metrics, the waiting `baton reload` clients, systemd);
+    /// keeps it for `baton status`, then starts the coalesced follow-up.
     pub(crate) fn record(
         &mut self,
         generation: u64,
@@ -117,48 +119,20 @@ impl Master {
         phases: Vec<(Step, Duration)>,
         failure: Option<(Step, String)>,
     ) {
-        if let Some(g) = self.fleet.get_mut(generation) {
-            g.leave_trace();
-        }
-        let ms = |step| {
-            phases
-                .iter()
-                .find(|(s, _)| *s == step)
-                .map(|(_, d)| millis(*d))
+        let served = self.fleet.get_mut(generation).filter(|_| failure.is_none());
+        let (version, pids) = match served {
+            Some(g) => {
+                g.leave_trace();
+                let pids = g.workers().keys().map(|p| p.as_raw()).collect();
+                (Some(g.config().app.version.clone()), pids)
+            }
+            None => {
+                if let Some(g) = self.fleet.get_mut(generation) {
+                    g.leave_trace();
+                }
+                (None, Vec::new())
+            }
         };
-        let (validate_ms, bind_ms, spawn_ms, ready_ms, commit_ms) = (
-            ms(Step::Validate),
-            ms(Step::Bind),
-            ms(Step::Spawn),
-            ms(Step::Ready),
-            ms(Step::Commit),
-        );
-        match &failure {
-            None => tracing::info!(
-                event = "reload.committed",
-                outcome = "committed",
-                validate_ms,
-                bind_ms,
-                spawn_ms,
-                ready_ms,
-                commit_ms,
-                "reload committed"
-            ),
-            Some((phase, reason)) => tracing::error!(
-                event = "reload.failed",
-                outcome = "failed",
-                phase = %phase,
-                reason = %reason,
-                kept_generation = self.fleet.current_number(),
-                validate_ms, bind_ms, spawn_ms, ready_ms,
-                "reload failed"
-            ),
-        }
-        let version = self
-            .fleet
-            .get(generation)
-            .filter(|_| failure.is_none())
-            .map(|g| g.config().app.version.clone());
         let outcome = Outcome {
             generation,
             trigger,
@@ -168,38 +142,16 @@ impl Master {
             version,
             requested_by,
         };
-        let pids = self
-            .fleet
-            .get(generation)
-            .filter(|_| outcome.failure.is_none())
-            .map(|g| g.workers().keys().map(|p| p.as_raw()).collect())
-            .unwrap_or_default();
         let report = outcome.report(pids);
-        let committed = outcome.failure.is_none();
-        self.metrics.reload(
-            &report.trigger,
-            &report.kind,
-            if committed { "committed" } else { "failed" },
-            &outcome.phases,
-        );
-        if trigger == Trigger::Upgrade && committed {
-            self.metrics.upgrade("committed");
-        }
-        for waiter in self.reload_waiters.drain(..) {
-            let reply = match &outcome.failure {
-                None => Reply::ok(&report),
-                Some((phase, reason)) => {
-                    Reply::failed(format!("reload failed in phase {phase}: {reason}"), &report)
-                }
-            };
-            let _ = waiter.send(reply);
-        }
+        let current = self.fleet.current_number();
+        log_outcome(&outcome, current);
+        self.metrics.outcome(&outcome, &report);
+        answer_waiters(self.reload_waiters.drain(..), &outcome, &report);
         // READY=1 after every reload, committed or failed: systemd must not
         // see the unit "reloading" forever. Not from a new master started by
-        // an upgrade, which is not systemd's main pid yet (the old one
-        // announces it with MAINPID= at the handover), nor when the first
-        // generation failed and the master exits.
-        let current = self.fleet.current_number();
+        // an upgrade, which is not systemd's main pid yet (the old one announces it with MAINPID= at
+        // the handover), nor when the first generation failed and the
+        // master exits.
         if self.takeover.is_none() && current.is_some() {
             crate::sd_notify::reload_finished(current, &outcome);
         }
@@ -211,5 +163,63 @@ impl Master {
                 self.request_reload(follow_up);
             }
         }
+    }
+}
+
+/// The log's view of an outcome: `reload.committed` or `reload.failed`
+/// with each phase's duration (and, failed, the generation kept serving).
+fn log_outcome(outcome: &Outcome, kept_generation: Option<u64>) {
+    let ms = |step| {
+        outcome
+            .phases
+            .iter()
+            .find(|(s, _)| *s == step)
+            .map(|(_, d)| millis(*d))
+    };
+    let (validate_ms, bind_ms, spawn_ms, ready_ms, commit_ms) = (
+        ms(Step::Validate),
+        ms(Step::Bind),
+        ms(Step::Spawn),
+        ms(Step::Ready),
+        ms(Step::Commit),
+    );
+    match &outcome.failure {
+        None => tracing::info!(
+            event = "reload.committed",
+            outcome = "committed",
+            validate_ms,
+            bind_ms,
+            spawn_ms,
+            ready_ms,
+            commit_ms,
+            "reload committed"
+        ),
+        Some((phase, reason)) => tracing::error!(
+            event = "reload.failed",
+            outcome = "failed",
+            phase = %phase,
+            reason = %reason,
+            kept_generation,
+            validate_ms, bind_ms, spawn_ms, ready_ms,
+            "reload failed"
+        ),
+    }
+}
+
+/// The waiting `baton reload` clients' view: each gets the outcome of the
+/// transaction that covered its request.
+fn answer_waiters(
+    waiters: impl Iterator<Item = crate::master::Waiter>,
+    outcome: &Outcome,
+    report: &super::ReloadOutcome,
+) {
+    for waiter in waiters {
+        let reply = match &outcome.failure {
+            None => Reply::ok(report),
+            Some((phase, reason)) => {
+                Reply::failed(format!("reload failed in phase {phase}: {reason}"), report)
+            }
+        };
+        let _ = waiter.send(reply);
     }
 }
