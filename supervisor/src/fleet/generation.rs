@@ -213,17 +213,6 @@ impl Generation {
         self.workers.remove(&pid)
     }
 
-    /// Worker indexes waiting to be respawned.
-    pub fn respawns(&self) -> &BTreeMap<u32, PendingRespawn> {
-        &self.respawns
-    }
-
-    /// Worker `index` is to be started again at `at` (now: as soon as
-    /// spawns are not held).
-    pub fn respawn_at(&mut self, index: u32, pending: PendingRespawn) {
-        self.respawns.insert(index, pending);
-    }
-
     /// Forgets every pending respawn.
     pub fn cancel_respawns(&mut self) {
         self.respawns.clear();
@@ -262,12 +251,6 @@ impl Generation {
     /// The worker's executable as it was when the generation started.
     pub fn executable(&self) -> Option<&crate::inplace::Identity> {
         self.executable.as_ref()
-    }
-
-    /// Records the worker's executable as it is now (an in-place reload
-    /// committed on it).
-    pub fn set_executable(&mut self, executable: Option<crate::inplace::Identity>) {
-        self.executable = executable;
     }
 
     /// When it was replaced (or stopped): its drain began.
