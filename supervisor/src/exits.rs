@@ -155,19 +155,19 @@ impl Master {
             return;
         };
         let number = generation.number();
-        let draining = matches!(worker.state, State::Draining { .. } | State::Killed);
-        let reason = exit_reason(generation.phase(), worker.state, success);
+        let draining = matches!(worker.state(), State::Draining { .. } | State::Killed);
+        let reason = exit_reason(generation.phase(), worker.state(), success);
         tracing::info!(
             event = "worker.exited",
             generation = number,
-            worker = worker.index,
+            worker = worker.index(),
             pid = pid.as_raw(),
             %status,
-            state = worker.state.name(),
+            state = worker.state().name(),
             "worker exited"
         );
         self.metrics.worker_exited(reason);
-        let index = worker.index;
+        let index = worker.index();
         if self
             .operation
             .in_place()
@@ -181,21 +181,21 @@ impl Master {
         let Some(generation) = self.fleet.get_mut(number) else {
             return;
         };
-        let within = worker.index < generation.processes();
+        let within = worker.index() < generation.processes();
         match exit_verdict(generation.phase(), draining, stopping, within) {
             ExitVerdict::FailReload => {
                 let reason = format!(
                     "worker {} (pid {pid}) exited with {status} before it was ready",
-                    worker.index
+                    worker.index()
                 );
                 self.new_worker_exited(reason);
             }
             ExitVerdict::Respawn => {
-                if generation.crash_loop(worker.index) {
+                if generation.crash_loop(worker.index()) {
                     tracing::error!(
                         event = "worker.crash_looped",
                         generation = number,
-                        worker = worker.index,
+                        worker = worker.index(),
                         pid = pid.as_raw(),
                         crashes = generation.config().worker.crash_loop_limit,
                         window_ms = generation.config().worker.crash_loop_window.0.as_millis() as u64,
@@ -208,7 +208,7 @@ impl Master {
                 tracing::warn!(
                     event = "worker.respawning",
                     generation = number,
-                    worker = worker.index,
+                    worker = worker.index(),
                     pid = pid.as_raw(),
                     delay_ms = delay.as_millis() as u64,
                     "worker died; respawning"

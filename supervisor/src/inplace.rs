@@ -260,16 +260,26 @@ impl Master {
         if current.workers().is_empty() {
             return Err("the current generation has no live worker".into());
         }
-        if let Some(w) = current.workers().values().find(|w| w.app_version.is_none()) {
+        if let Some(w) = current
+            .workers()
+            .values()
+            .find(|w| w.app_version().is_none())
+        {
             return Err(format!(
                 "worker {} (pid {}) registered no reload handle",
-                w.index, w.pid
+                w.index(),
+                w.pid()
             ));
         }
-        if let Some(w) = current.workers().values().find(|w| w.answer_due.is_some()) {
+        if let Some(w) = current
+            .workers()
+            .values()
+            .find(|w| w.answer_due().is_some())
+        {
             return Err(format!(
                 "worker {} (pid {}) has not answered the last in-place reload",
-                w.index, w.pid
+                w.index(),
+                w.pid()
             ));
         }
         Ok(number)
@@ -297,7 +307,7 @@ impl Master {
         let mut waiting = BTreeSet::new();
         let mut failure = None;
         for worker in generation.workers().values() {
-            let Some(channel) = &worker.channel else {
+            let Some(channel) = &worker.channel() else {
                 continue;
             };
             let sent = crate::worker::send_app_files(
@@ -308,12 +318,13 @@ impl Master {
             );
             match sent {
                 Ok(()) => {
-                    waiting.insert(worker.pid);
+                    waiting.insert(worker.pid());
                 }
                 Err(e) => {
                     failure = Some(format!(
                         "cannot send the files to worker {} (pid {}): {e}",
-                        worker.index, worker.pid
+                        worker.index(),
+                        worker.pid()
                     ));
                     break;
                 }
@@ -344,7 +355,7 @@ impl Master {
     pub(crate) fn on_app_answer(&mut self, pid: Pid, answer: WorkerMessage) {
         // It answers: it is not hung, and hears a drain again.
         if let Some(worker) = self.generation_of(pid).and_then(|g| g.worker_mut(pid)) {
-            worker.answer_due = None;
+            worker.answer_by(None);
         }
         let Some(transaction) = self.operation.in_place_mut() else {
             return;
@@ -354,7 +365,7 @@ impl Master {
             .fleet
             .get(transaction.generation)
             .and_then(|g| g.workers().get(&pid))
-            .map_or((u32::MAX, pid.as_raw()), |w| (w.index, pid.as_raw()));
+            .map_or((u32::MAX, pid.as_raw()), |w| (w.index(), pid.as_raw()));
         let verdict = answer_verdict(transaction.stage, &answer, &version);
         match (verdict, answer) {
             (Answer::Prepared, _) => {
@@ -388,7 +399,7 @@ impl Master {
                     .get_mut(transaction.generation)
                     .and_then(|g| g.worker_mut(pid))
                 {
-                    worker.app_version = Some(v);
+                    worker.runs_version(v);
                 }
             }
             (_, other) => {
@@ -493,7 +504,7 @@ impl Master {
         generation.set_config(config);
         transaction.waiting = generation.workers().keys().copied().collect();
         for worker in generation.workers().values() {
-            let sent = worker.channel.as_ref().map(|c| {
+            let sent = worker.channel().as_ref().map(|c| {
                 c.try_send(
                     &MasterMessage::AppCommit {
                         version: version.clone(),
@@ -502,9 +513,9 @@ impl Master {
                 )
             });
             if let Some(Err(e)) = sent {
-                tracing::error!(pid = worker.pid.as_raw(), error = %e, "cannot tell the worker to commit: killed, to be respawned with the new version");
+                tracing::error!(pid = worker.pid().as_raw(), error = %e, "cannot tell the worker to commit: killed, to be respawned with the new version");
                 worker.kill();
-                transaction.waiting.remove(&worker.pid);
+                transaction.waiting.remove(&worker.pid());
             }
         }
         self.advance_in_place();
@@ -539,11 +550,11 @@ impl Master {
             // unless they answer first ([`Master::kill_unanswered`]).
             for pid in &transaction.waiting {
                 if let Some(worker) = g.worker_mut(*pid) {
-                    worker.answer_due = Some(transaction.deadline);
+                    worker.answer_by(Some(transaction.deadline));
                 }
             }
             for worker in g.workers().values() {
-                if let Some(channel) = &worker.channel {
+                if let Some(channel) = &worker.channel() {
                     let _ = channel.try_send(
                         &MasterMessage::AppAbort {
                             version: version.clone(),
@@ -567,7 +578,7 @@ impl Master {
         let g = self.fleet.get(generation);
         pids.iter()
             .map(|pid| match g.and_then(|g| g.workers().get(pid)) {
-                Some(w) => format!("worker {} (pid {pid})", w.index),
+                Some(w) => format!("worker {} (pid {pid})", w.index()),
                 None => format!("pid {pid}"),
             })
             .collect::<Vec<_>>()
@@ -587,21 +598,21 @@ impl Master {
         for generation in self.fleet.iter_mut() {
             let number = generation.number();
             for worker in generation.workers_mut() {
-                if !worker.answer_due.is_some_and(|due| due <= now) {
+                if !worker.answer_due().is_some_and(|due| due <= now) {
                     continue;
                 }
-                worker.answer_due = None;
+                worker.answer_by(None);
                 tracing::error!(
                     generation = number,
-                    worker = worker.index,
-                    pid = worker.pid.as_raw(),
+                    worker = worker.index(),
+                    pid = worker.pid().as_raw(),
                     "worker did not answer the in-place reload in time: killed"
                 );
                 worker.kill();
                 // A draining one is not respawned; a serving one is, as
                 // after a crash.
-                if matches!(worker.state, crate::worker::State::Draining { .. }) {
-                    worker.state = crate::worker::State::Killed;
+                if matches!(worker.state(), crate::worker::State::Draining { .. }) {
+                    worker.mark_killed();
                 }
             }
         }

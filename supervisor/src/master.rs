@@ -623,10 +623,10 @@ impl Master {
         let Some(worker) = generation.worker_mut(pid) else {
             return;
         };
-        let (index, raw) = (worker.index, pid.as_raw());
+        let (index, raw) = (worker.index(), pid.as_raw());
         match message {
             Ok(WorkerMessage::Ready) => {
-                if worker.state == State::Starting && sdk_ready {
+                if worker.state() == State::Starting && sdk_ready {
                     worker.become_ready();
                     tracing::info!(
                         event = "worker.ready",
@@ -637,10 +637,10 @@ impl Master {
                     );
                 }
             }
-            Ok(WorkerMessage::Connections { count }) => worker.connections = Some(count),
+            Ok(WorkerMessage::Connections { count }) => worker.report_connections(count),
             Ok(WorkerMessage::AppRegistered { version }) => {
                 tracing::info!(generation = number, worker = index, pid = raw, %version, "worker registered its reload handle");
-                worker.app_version = Some(version);
+                worker.runs_version(version);
             }
             Ok(
                 answer @ (WorkerMessage::AppPrepared { .. }
@@ -655,10 +655,7 @@ impl Master {
                 // treated as failed, as if it had crashed (its exit is
                 // reaped as any other's).
                 tracing::error!(generation = number, worker = index, pid = raw, error = %e, "worker broke the control protocol: closing its channel and killing it");
-                worker.channel = None;
-                if let Some(reader) = worker.reader.take() {
-                    reader.abort();
-                }
+                worker.close_channel();
                 worker.kill();
                 if generation.phase() == Phase::Starting {
                     let reason =
@@ -739,7 +736,7 @@ impl Master {
         };
         for generation in self.fleet.iter() {
             for worker in generation.workers().values() {
-                guardian.watch(worker.pid, generation.config().worker.drain_timeout.0);
+                guardian.watch(worker.pid(), generation.config().worker.drain_timeout.0);
             }
         }
     }

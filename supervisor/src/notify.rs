@@ -334,10 +334,10 @@ impl Master {
         let notification = parse(&text);
         let notify_ready = g.config().worker.ready == crate::config::ReadyMode::Notify;
         let worker = g.worker_mut(pid).expect("found above");
-        let (index, raw) = (worker.index, pid.as_raw());
+        let (index, raw) = (worker.index(), pid.as_raw());
         if let Some(status) = notification.status {
             tracing::info!(generation, worker = index, pid = raw, sender, %status, "worker status");
-            worker.status = Some(status);
+            worker.report_status(status);
         }
         if let Some(main_pid) = notification.main_pid {
             tracing::info!(
@@ -351,7 +351,7 @@ impl Master {
         if notification.stopping {
             tracing::info!(generation, worker = index, pid = raw, "worker stopping");
         }
-        if notification.ready && notify_ready && worker.state == State::Starting {
+        if notification.ready && notify_ready && worker.state() == State::Starting {
             worker.become_ready();
             tracing::info!(
                 event = "worker.ready",

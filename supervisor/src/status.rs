@@ -33,16 +33,16 @@ impl Master {
                     .workers()
                     .values()
                     .map(|w| WorkerStatus {
-                        pid: w.pid.as_raw(),
-                        index: w.index,
-                        state: w.state.name().into(),
-                        uptime_s: w.started.elapsed().as_secs_f64(),
-                        restarts: w.restarts,
-                        connections: w.connections,
-                        status: w.status.clone(),
-                        config_version: w.app_version.clone(),
-                        drain_deadline: deadline(&w.state, now),
-                        kill_in_s: match w.state {
+                        pid: w.pid().as_raw(),
+                        index: w.index(),
+                        state: w.state().name().into(),
+                        uptime_s: w.started().elapsed().as_secs_f64(),
+                        restarts: w.restarts(),
+                        connections: w.connections(),
+                        status: w.status().map(str::to_string),
+                        config_version: w.app_version().map(str::to_string),
+                        drain_deadline: deadline(&w.state(), now),
+                        kill_in_s: match w.state() {
                             State::Draining { kill_at } => {
                                 Some(kill_at.saturating_duration_since(now.0).as_secs_f64())
                             }

@@ -69,38 +69,38 @@ impl State {
 #[derive(Debug)]
 pub struct Worker {
     /// Its pid, also its process group.
-    pub pid: Pid,
+    pid: Pid,
     /// Index within the generation.
-    pub index: u32,
+    index: u32,
     /// Where it is in its life.
-    pub state: State,
+    state: State,
     /// When it was spawned.
-    pub started: Instant,
+    started: Instant,
     /// How many times this index was respawned before this process.
-    pub restarts: u32,
+    restarts: u32,
     /// Consecutive crashes of this index before this process.
-    pub crashes: u32,
+    crashes: u32,
     /// Last reported count of open connections.
-    pub connections: Option<u64>,
+    connections: Option<u64>,
     /// The master's end of its control channel (`protocol = "sdk"` only).
-    pub channel: Option<Arc<Channel>>,
+    channel: Option<Arc<Channel>>,
     /// The task forwarding the channel's messages into the event loop.
-    pub reader: Option<tokio::task::AbortHandle>,
+    reader: Option<tokio::task::AbortHandle>,
     /// The last `STATUS=` it sent to the notify socket.
-    pub status: Option<String>,
+    status: Option<String>,
     /// What tells it to drain when it has no channel.
-    pub stop_signal: Signal,
+    stop_signal: Signal,
     /// The config version its reload handle runs, once it registered one
     /// (`AppRegistered`, then each `AppCommitted`).
-    pub app_version: Option<String>,
+    app_version: Option<String>,
     /// An in-place reload ended (aborted, or abandoned at a stop) while
     /// this worker still owed its answer: it is killed at this instant
     /// unless it answers first. A worker busy in its parser, or stopped,
     /// cannot hear a drain either (see [`crate::inplace`]).
-    pub answer_due: Option<Instant>,
+    answer_due: Option<Instant>,
     /// Its startup span in the reload's trace, from spawn until ready,
     /// when traces are exported.
-    pub startup: tracing::Span,
+    startup: tracing::Span,
 }
 
 impl Drop for Worker {
@@ -374,6 +374,140 @@ pub fn send_app_files(
 }
 
 impl Worker {
+    /// A worker a previous image of this master ran (an upgrade's exec),
+    /// taken in as it was: its state, restarts, channel and last status.
+    /// The new image starts a generation of its own, so no config version.
+    pub fn adopted(
+        pid: Pid,
+        index: u32,
+        state: State,
+        restarts: u32,
+        channel: Option<Arc<Channel>>,
+        status: Option<String>,
+        stop_signal: Signal,
+    ) -> Worker {
+        Worker {
+            pid,
+            index,
+            state,
+            started: Instant::now(),
+            restarts,
+            crashes: 0,
+            connections: None,
+            channel,
+            reader: None,
+            status,
+            stop_signal,
+            app_version: None,
+            answer_due: None,
+            startup: tracing::Span::none(),
+        }
+    }
+
+    /// Its pid, also its process group.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Index within the generation.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Where it is in its life.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// When it was spawned.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// How many times this index was respawned before this process.
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
+    /// Consecutive crashes of this index before this process.
+    pub fn crashes(&self) -> u32 {
+        self.crashes
+    }
+
+    /// Last reported count of open connections.
+    pub fn connections(&self) -> Option<u64> {
+        self.connections
+    }
+
+    /// What tells it to drain when it has no channel.
+    pub fn stop_signal(&self) -> Signal {
+        self.stop_signal
+    }
+
+    /// When it is killed unless it answers the in-place reload that ended.
+    pub fn answer_due(&self) -> Option<Instant> {
+        self.answer_due
+    }
+
+    /// The master's end of its control channel (`protocol = "sdk"` only).
+    pub fn channel(&self) -> Option<&Arc<Channel>> {
+        self.channel.as_ref()
+    }
+
+    /// The last `STATUS=` it sent to the notify socket.
+    pub fn status(&self) -> Option<&str> {
+        self.status.as_deref()
+    }
+
+    /// The config version its reload handle runs, once it registered one.
+    pub fn app_version(&self) -> Option<&str> {
+        self.app_version.as_deref()
+    }
+
+    /// It reported `count` open connections.
+    pub fn report_connections(&mut self, count: u64) {
+        self.connections = Some(count);
+    }
+
+    /// It sent `STATUS=` to the notify socket.
+    pub fn report_status(&mut self, status: String) {
+        self.status = Some(status);
+    }
+
+    /// Its reload handle runs config `version` (registered or committed).
+    pub fn runs_version(&mut self, version: String) {
+        self.app_version = Some(version);
+    }
+
+    /// It owes its answer to an in-place reload that ended: killed at
+    /// `due` unless it answers first (`None`: it answered).
+    pub fn answer_by(&mut self, due: Option<Instant>) {
+        self.answer_due = due;
+    }
+
+    /// It broke the protocol: its channel is closed and no longer read.
+    pub fn close_channel(&mut self) {
+        self.channel = None;
+        if let Some(reader) = self.reader.take() {
+            reader.abort();
+        }
+    }
+
+    /// It was sent SIGKILL and is not to be replaced: it is waited for.
+    pub fn mark_killed(&mut self) {
+        self.state = State::Killed;
+    }
+
+    /// Its channel's messages are forwarded into the event loop by `reader`.
+    pub fn forwarded_by(&mut self, reader: tokio::task::AbortHandle) {
+        self.reader = Some(reader);
+    }
+
+    /// Its startup span in the reload's trace.
+    pub fn trace_startup(&mut self, span: tracing::Span) {
+        self.startup = span;
+    }
+
     /// It is serving: its startup span ends.
     pub fn become_ready(&mut self) {
         self.state = State::Ready;

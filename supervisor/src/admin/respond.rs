@@ -114,7 +114,7 @@ impl Master {
             let ready = current
                 .workers()
                 .values()
-                .filter(|w| w.state == State::Ready)
+                .filter(|w| w.state() == State::Ready)
                 .count();
             let looped = if current.crash_looped().is_empty() {
                 String::new()
@@ -158,17 +158,17 @@ impl Master {
                 m.workers
                     .get_or_create(&WorkerLabels {
                         generation: generation.clone(),
-                        state: w.state.name().into(),
+                        state: w.state().name().into(),
                     })
                     .inc();
                 // The version it serves, as it reported it: not the
                 // generation's, which it may not have swapped in yet.
-                if let Some(version) = &w.app_version {
+                if let Some(version) = w.app_version() {
                     m.worker_config
                         .get_or_create(&WorkerVersionLabels {
                             generation: generation.clone(),
-                            worker: w.index.to_string(),
-                            version: version.clone(),
+                            worker: w.index().to_string(),
+                            version: version.to_string(),
                         })
                         .set(1);
                 }
@@ -182,7 +182,11 @@ impl Master {
                     })
                     .set(g.crash_looped().len() as i64);
             }
-            let reported: Vec<u64> = g.workers().values().filter_map(|w| w.connections).collect();
+            let reported: Vec<u64> = g
+                .workers()
+                .values()
+                .filter_map(|w| w.connections())
+                .collect();
             if !reported.is_empty() {
                 m.connections
                     .get_or_create(&GenerationLabel {

@@ -79,19 +79,19 @@ impl Master {
                 // `reopen_signal` (SIGUSR1 unless configured otherwise), to
                 // their main process only, as nginx's master forwards it:
                 // a server with children (gunicorn) passes it on itself.
-                let result = match (&worker.channel, signal) {
+                let result = match (&worker.channel(), signal) {
                     (Some(channel), _) => channel
                         .try_send(&MasterMessage::Reopen {}, &[])
                         .map_err(|e| e.to_string()),
                     (None, Some(signal)) => {
-                        nix::sys::signal::kill(worker.pid, signal).map_err(|e| e.to_string())
+                        nix::sys::signal::kill(worker.pid(), signal).map_err(|e| e.to_string())
                     }
                     (None, None) => continue,
                 };
                 match result {
                     Ok(()) => told += 1,
                     Err(e) => {
-                        tracing::warn!(pid = worker.pid.as_raw(), error = %e, "cannot tell worker to reopen")
+                        tracing::warn!(pid = worker.pid().as_raw(), error = %e, "cannot tell worker to reopen")
                     }
                 }
             }

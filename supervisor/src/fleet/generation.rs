@@ -271,7 +271,7 @@ impl Generation {
         self.handover = None;
         for worker in self.workers.values_mut() {
             worker.kill();
-            worker.state = State::Killed;
+            worker.mark_killed();
         }
     }
 
@@ -289,7 +289,7 @@ impl Generation {
         let drain_timeout = self.config.worker.drain_timeout.0;
         self.respawns.retain(|index, _| *index < wanted);
         for worker in self.workers.values_mut() {
-            if worker.index >= wanted && super::in_service(worker.state) {
+            if worker.index() >= wanted && super::in_service(worker.state()) {
                 worker.drain(drain_timeout);
             }
         }
@@ -300,7 +300,7 @@ impl Generation {
                 || self
                     .workers
                     .values()
-                    .any(|w| w.index == index && super::in_service(w.state));
+                    .any(|w| w.index() == index && super::in_service(w.state()));
             if present {
                 continue;
             }
@@ -329,8 +329,8 @@ impl Generation {
         let running: Vec<u32> = self
             .workers
             .values()
-            .filter(|w| super::in_service(w.state))
-            .map(|w| w.index)
+            .filter(|w| super::in_service(w.state()))
+            .map(|w| w.index())
             .collect();
         for index in 0..self.processes {
             if !running.contains(&index) && !self.respawns.contains_key(&index) {
@@ -446,17 +446,16 @@ impl Generation {
         guardian: Option<&crate::guardian::Guardian>,
     ) -> anyhow::Result<&mut Worker> {
         let mut worker = prepared.finish(child, &self.spec(index))?;
-        let pid = worker.pid;
+        let pid = worker.pid();
         if let Some((spawn_phase, _)) = &self.trace {
-            worker.startup = tracing::info_span!(parent: spawn_phase, "worker startup", generation = self.number, worker = index, pid = pid.as_raw(), outcome = tracing::field::Empty);
+            worker.trace_startup(tracing::info_span!(parent: spawn_phase, "worker startup", generation = self.number, worker = index, pid = pid.as_raw(), outcome = tracing::field::Empty));
         }
         if let Some(guardian) = guardian {
             guardian.watch(pid, self.config.worker.drain_timeout.0);
         }
-        worker.reader = worker
-            .channel
-            .clone()
-            .map(|channel| crate::master::forward_worker(events, pid, channel));
+        if let Some(channel) = worker.channel().cloned() {
+            worker.forwarded_by(crate::master::forward_worker(events, pid, channel));
+        }
         tracing::info!(
             event = "worker.started",
             generation = self.number,
@@ -470,13 +469,13 @@ impl Generation {
     /// A readiness probe passed: its starting workers are ready.
     pub fn probe_passed(&mut self) {
         for worker in self.workers.values_mut() {
-            if worker.state == State::Starting {
+            if worker.state() == State::Starting {
                 worker.become_ready();
                 tracing::info!(
                     event = "worker.ready",
                     generation = self.number,
-                    worker = worker.index,
-                    pid = worker.pid.as_raw(),
+                    worker = worker.index(),
+                    pid = worker.pid().as_raw(),
                     "worker ready"
                 );
             }
@@ -486,7 +485,7 @@ impl Generation {
     /// Whether every configured worker is up and ready.
     pub fn all_ready(&self) -> bool {
         self.workers.len() == self.processes as usize
-            && self.workers.values().all(|w| w.state == State::Ready)
+            && self.workers.values().all(|w| w.state() == State::Ready)
     }
 
     /// Tells every worker to drain within `timeout`; no more respawns.
@@ -560,7 +559,7 @@ impl Generation {
         let mut connections = None;
         let mut killed = 0;
         for worker in self.workers.values_mut() {
-            let State::Draining { kill_at } = worker.state else {
+            let State::Draining { kill_at } = worker.state() else {
                 continue;
             };
             if kill_at > now {
@@ -572,18 +571,18 @@ impl Generation {
                     let addresses = self.listeners.iter().map(|l| l.info.address.as_str());
                     crate::connections::Connections::on(addresses)
                 })
-                .of_worker(worker.pid.as_raw());
+                .of_worker(worker.pid().as_raw());
             tracing::warn!(
                 event = "worker.killed_at_deadline",
                 generation = self.number,
-                worker = worker.index,
-                pid = worker.pid.as_raw(),
+                worker = worker.index(),
+                pid = worker.pid().as_raw(),
                 open_connections = open.len(),
                 open = %crate::connections::describe(&open),
                 "worker still running at its drain deadline: killed"
             );
             worker.kill();
-            worker.state = State::Killed;
+            worker.mark_killed();
             killed += 1;
         }
         if !respawn {
@@ -628,23 +627,23 @@ impl Generation {
     /// Schedules a respawn of the worker that just exited, with exponential
     /// backoff; returns the delay.
     pub fn schedule_respawn(&mut self, exited: &Worker) -> Duration {
-        let crashes = crashes_in_a_row(exited.started.elapsed(), exited.crashes);
+        let crashes = crashes_in_a_row(exited.started().elapsed(), exited.crashes());
         let delay = respawn_delay(crashes);
         if crashes >= CRASH_LOOP {
             tracing::warn!(
                 generation = self.number,
-                worker = exited.index,
+                worker = exited.index(),
                 crashes,
                 delay_ms = delay.as_millis() as u64,
                 "worker crash loop: respawn delayed"
             );
         }
         self.respawns.insert(
-            exited.index,
+            exited.index(),
             PendingRespawn {
                 at: Instant::now() + delay,
                 crashes,
-                restarts: exited.restarts + 1,
+                restarts: exited.restarts() + 1,
             },
         );
         delay
@@ -655,11 +654,11 @@ impl Generation {
     /// for the reload's end, not for a time.
     pub fn next_deadline(&self, spawns_held: bool) -> Option<Instant> {
         let kills = self.workers.values().flat_map(|w| {
-            let drain = match w.state {
+            let drain = match w.state() {
                 State::Draining { kill_at } => Some(kill_at),
                 _ => None,
             };
-            drain.into_iter().chain(w.answer_due)
+            drain.into_iter().chain(w.answer_due())
         });
         let respawns = self
             .respawns

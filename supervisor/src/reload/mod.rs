@@ -478,7 +478,7 @@ impl Master {
         };
         if let ReadyMode::Delay(delay) = new.config().worker.ready {
             for worker in new.workers_mut() {
-                if worker.state == State::Starting && worker.started.elapsed() >= delay {
+                if worker.state() == State::Starting && worker.started().elapsed() >= delay {
                     worker.become_ready();
                 }
             }
@@ -492,8 +492,8 @@ impl Master {
             let waiting: Vec<String> = new
                 .workers()
                 .values()
-                .filter(|w| w.state != State::Ready)
-                .map(|w| format!("worker {} (pid {})", w.index, w.pid))
+                .filter(|w| w.state() != State::Ready)
+                .map(|w| format!("worker {} (pid {})", w.index(), w.pid()))
                 .collect();
             let timeout = new.config().worker.ready_timeout.0;
             let last_probe = self
@@ -530,8 +530,8 @@ impl Master {
         };
         new.workers()
             .values()
-            .filter(|w| w.state == State::Starting)
-            .map(|w| w.started + delay)
+            .filter(|w| w.state() == State::Starting)
+            .map(|w| w.started() + delay)
             .min()
     }
 }

@@ -158,22 +158,22 @@ impl Master {
                     .workers()
                     .values()
                     .map(|w| {
-                        let channel_fd = w.channel.as_ref().map(|c| c.as_raw_fd());
+                        let channel_fd = w.channel().as_ref().map(|c| c.as_raw_fd());
                         inherit.extend(channel_fd);
                         ExecWorker {
-                            pid: w.pid.as_raw(),
-                            index: w.index,
-                            state: w.state.name().into(),
-                            kill_in_ms: match w.state {
+                            pid: w.pid().as_raw(),
+                            index: w.index(),
+                            state: w.state().name().into(),
+                            kill_in_ms: match w.state() {
                                 State::Draining { kill_at } => {
                                     Some(kill_at.saturating_duration_since(now).as_millis() as u64)
                                 }
                                 State::Killed => Some(0),
                                 _ => None,
                             },
-                            restarts: w.restarts,
+                            restarts: w.restarts(),
                             channel_fd,
-                            status: w.status.clone(),
+                            status: w.status().map(str::to_string),
                         }
                     })
                     .collect(),
@@ -301,9 +301,6 @@ impl Master {
                     },
                     _ => State::Starting,
                 };
-                let reader = channel
-                    .as_ref()
-                    .map(|c| crate::master::forward_worker(&self.events, pid, c.clone()));
                 tracing::info!(
                     event = "worker.adopted",
                     generation = g.number,
@@ -312,26 +309,20 @@ impl Master {
                     state = state.name(),
                     "worker adopted"
                 );
-                generation.adopt_worker(
+                let forward = channel.clone();
+                let mut worker = Worker::adopted(
                     pid,
-                    Worker {
-                        pid,
-                        index: w.index,
-                        state,
-                        started: Instant::now(),
-                        restarts: w.restarts,
-                        crashes: 0,
-                        connections: None,
-                        channel,
-                        reader,
-                        status: w.status,
-                        stop_signal: config.worker.stop_signal.0,
-                        // The new image starts a generation of its own.
-                        app_version: None,
-                        answer_due: None,
-                        startup: tracing::Span::none(),
-                    },
+                    w.index,
+                    state,
+                    w.restarts,
+                    channel,
+                    w.status,
+                    config.worker.stop_signal.0,
                 );
+                if let Some(channel) = forward {
+                    worker.forwarded_by(crate::master::forward_worker(&self.events, pid, channel));
+                }
+                generation.adopt_worker(pid, worker);
             }
             restored.push((generation, phase, handing_over));
         }
