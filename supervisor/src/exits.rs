@@ -2,7 +2,7 @@
 //! means for its generation (a respawn, a failed reload, a finished
 //! drain).
 
-use crate::fleet::{Generation, Phase};
+use crate::fleet::Phase;
 use crate::master::Master;
 use crate::worker::State;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -62,10 +62,6 @@ pub enum Owner {
 }
 
 impl Master {
-    pub(crate) fn generation_of(&mut self, pid: Pid) -> Option<&mut Generation> {
-        self.fleet.of_worker(pid)
-    }
-
     /// Collects every exited child.
     pub(crate) fn reap(&mut self) {
         while self.reap_one() {}
@@ -116,8 +112,7 @@ impl Master {
         if self.guardian.as_ref().is_some_and(|g| g.pid() == pid) {
             return Some(Owner::Guardian);
         }
-        let generation = self.fleet.iter().find(|g| g.workers().contains_key(&pid));
-        generation.map(|g| Owner::Worker(g.number()))
+        self.fleet.running(pid).map(Owner::Worker)
     }
 
     pub(crate) fn on_exit(&mut self, pid: Pid, status: String, success: bool) {

@@ -115,11 +115,17 @@ impl Fleet {
         self.generations.is_empty()
     }
 
+    /// The number of the generation running worker `pid`.
+    pub fn running(&self, pid: Pid) -> Option<u64> {
+        self.iter()
+            .find(|g| g.workers().contains_key(&pid))
+            .map(Generation::number)
+    }
+
     /// The generation running worker `pid`.
     pub fn of_worker(&mut self, pid: Pid) -> Option<&mut Generation> {
-        self.generations
-            .values_mut()
-            .find(|g| g.workers().contains_key(&pid))
+        let number = self.running(pid)?;
+        self.generations.get_mut(&number)
     }
 
     /// The listeners of the configuration in service.

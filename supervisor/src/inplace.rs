@@ -354,7 +354,7 @@ impl Master {
     /// A worker answered prepare or commit.
     pub(crate) fn on_app_answer(&mut self, pid: Pid, answer: WorkerMessage) {
         // It answers: it is not hung, and hears a drain again.
-        if let Some(worker) = self.generation_of(pid).and_then(|g| g.worker_mut(pid)) {
+        if let Some(worker) = self.fleet.of_worker(pid).and_then(|g| g.worker_mut(pid)) {
             worker.answer_by(None);
         }
         let Some(transaction) = self.operation.in_place_mut() else {

@@ -614,7 +614,7 @@ impl Master {
                 result,
             } => return self.on_spawned(generation, index, result),
         };
-        let Some(generation) = self.generation_of(pid) else {
+        let Some(generation) = self.fleet.of_worker(pid) else {
             return;
         };
         let number = generation.number();

@@ -271,7 +271,7 @@ impl Metrics {
     }
 
     /// A finished reload: its outcome and its phases' durations.
-    pub fn reload(
+    fn reload(
         &self,
         trigger: &str,
         kind: &str,

@@ -119,20 +119,14 @@ impl Master {
         phases: Vec<(Step, Duration)>,
         failure: Option<(Step, String)>,
     ) {
-        let served = self.fleet.get_mut(generation).filter(|_| failure.is_none());
-        let (version, pids) = match served {
-            Some(g) => {
-                g.leave_trace();
-                let pids = g.workers().keys().map(|p| p.as_raw()).collect();
-                (Some(g.config().app.version.clone()), pids)
-            }
-            None => {
-                if let Some(g) = self.fleet.get_mut(generation) {
-                    g.leave_trace();
-                }
-                (None, Vec::new())
-            }
-        };
+        if let Some(g) = self.fleet.get_mut(generation) {
+            g.leave_trace();
+        }
+        let served = self.fleet.get(generation).filter(|_| failure.is_none());
+        let version = served.map(|g| g.config().app.version.clone());
+        let pids = served
+            .map(|g| g.workers().keys().map(|p| p.as_raw()).collect())
+            .unwrap_or_default();
         let outcome = Outcome {
             generation,
             trigger,
