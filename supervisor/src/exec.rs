@@ -69,7 +69,7 @@ pub struct Plan {
 }
 
 /// What the child was doing when it failed, reported through the pipe.
-const STAGES: [&str; 8] = [
+const ACTIONS: [&str; 8] = [
     "placing the listener fds",
     "making the listener fds non-blocking",
     "setting rlimit_nofile",
@@ -160,11 +160,11 @@ pub fn spawn(plan: Plan) -> anyhow::Result<std::process::Child> {
     std::fs::File::from(error_read)
         .read_to_end(&mut report)
         .context("reading the worker's exec-error pipe")?;
-    if let [stage, a, b, c, d] = report[..] {
+    if let [action, a, b, c, d] = report[..] {
         let errno = std::io::Error::from_raw_os_error(i32::from_be_bytes([a, b, c, d]));
-        let stage = STAGES.get(stage as usize).copied().unwrap_or("starting");
+        let action = ACTIONS.get(action as usize).copied().unwrap_or("starting");
         bail!(
-            "starting worker command {:?} (pid {}): {stage}: {errno}",
+            "starting worker command {:?} (pid {}): {action}: {errno}",
             plan.command[0],
             spawned.id()
         );
@@ -266,7 +266,7 @@ impl Child {
             // SAFETY: _exit is async-signal-safe and never returns.
             unsafe { libc::_exit(127) }
         }
-        let stage = match self.setup() {
+        let action = match self.setup() {
             Ok(()) => {
                 self.fill_arrays();
                 // SAFETY: the program, argv and envp are NUL-terminated
@@ -279,13 +279,13 @@ impl Child {
                         self.envp_ptrs.0.as_ptr(),
                     );
                 }
-                STAGES.len() - 1
+                ACTIONS.len() - 1
             }
-            Err(stage) => stage,
+            Err(action) => action,
         };
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let e = errno.to_be_bytes();
-        let report = [stage as u8, e[0], e[1], e[2], e[3]];
+        let report = [action as u8, e[0], e[1], e[2], e[3]];
         // SAFETY: write and _exit are async-signal-safe; the buffer lives on
         // the stack.
         unsafe {
@@ -295,7 +295,7 @@ impl Child {
     }
 
     /// Every step before exec; `Err` carries the failing step's index in
-    /// [`STAGES`], with `errno` set.
+    /// [`ACTIONS`], with `errno` set.
     fn setup(&mut self) -> Result<(), usize> {
         let floor = 3 + self.sources.len() as RawFd;
         // Two passes, so that a source sitting in the target range is copied

@@ -2,7 +2,7 @@
 //! means for its generation (a respawn, a failed reload, a finished
 //! drain).
 
-use crate::fleet::Phase;
+use crate::fleet::GenerationState;
 use crate::master::Master;
 use crate::worker::State;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -14,9 +14,9 @@ use nix::unistd::Pid;
 const REAP_CHUNK: usize = 2;
 
 /// Why a worker exited, as the `baton_worker_exits_total` metric counts it.
-pub fn exit_reason(phase: Phase, state: State, success: bool) -> &'static str {
-    match (phase, state) {
-        (Phase::Starting, _) => "failed_start",
+pub fn exit_reason(generation: GenerationState, worker: State, success: bool) -> &'static str {
+    match (generation, worker) {
+        (GenerationState::Starting, _) => "failed_start",
         (_, State::Killed) => "killed",
         (_, State::Draining { .. }) => "drained",
         _ if success => "exited",
@@ -36,15 +36,23 @@ pub enum ExitVerdict {
     Forget,
 }
 
-/// The decision for a worker's exit: by its generation's phase, whether
+/// The decision for a worker's exit: by its generation's state, whether
 /// it was draining (or killed), whether the master is stopping, and
 /// whether its index is within the generation's worker count (a surplus
 /// worker after `baton scale` down is not replaced).
-pub fn exit_verdict(phase: Phase, draining: bool, stopping: bool, within: bool) -> ExitVerdict {
-    match phase {
-        Phase::Starting => ExitVerdict::FailReload,
-        Phase::Current if !stopping && !draining && within => ExitVerdict::Respawn,
-        Phase::Current | Phase::Draining | Phase::Failed | Phase::Standby => ExitVerdict::Forget,
+pub fn exit_verdict(
+    generation: GenerationState,
+    draining: bool,
+    stopping: bool,
+    within: bool,
+) -> ExitVerdict {
+    match generation {
+        GenerationState::Starting => ExitVerdict::FailReload,
+        GenerationState::Current if !stopping && !draining && within => ExitVerdict::Respawn,
+        GenerationState::Current
+        | GenerationState::Draining
+        | GenerationState::Failed
+        | GenerationState::Standby => ExitVerdict::Forget,
     }
 }
 
@@ -151,7 +159,7 @@ impl Master {
         };
         let number = generation.number();
         let draining = matches!(worker.state(), State::Draining { .. } | State::Killed);
-        let reason = exit_reason(generation.phase(), worker.state(), success);
+        let reason = exit_reason(generation.state(), worker.state(), success);
         tracing::info!(
             event = "worker.exited",
             generation = number,
@@ -177,7 +185,7 @@ impl Master {
             return;
         };
         let within = worker.index() < generation.processes();
-        match exit_verdict(generation.phase(), draining, stopping, within) {
+        match exit_verdict(generation.state(), draining, stopping, within) {
             ExitVerdict::FailReload => {
                 let reason = format!(
                     "worker {} (pid {pid}) exited with {status} before it was ready",
@@ -226,7 +234,7 @@ impl Master {
             tracing::info!(
                 event = "generation.finished",
                 generation = retired.number,
-                phase = retired.phase.name(),
+                state = retired.state.name(),
                 "generation finished"
             );
         }

@@ -5,13 +5,14 @@
 //! It is the one owner of that state. Its methods say intent (start a
 //! generation, cut over wholly or by a share, roll back, fail, retire,
 //! tick) and keep the invariants inside: at most one generation is
-//! [`Phase::Current`], [`Fleet::current`] names it, and a generation's
-//! phase changes only here.
+//! [`GenerationState::Current`], [`Fleet::current`] names it, and a generation's
+//! state changes only here.
 
 pub mod generation;
 
 pub use generation::{
-    crash_loop, crashes_in_a_row, respawn_delay, Generation, Handover, PendingRespawn, Phase,
+    crash_loop, crashes_in_a_row, respawn_delay, Generation, GenerationState, Handover,
+    PendingRespawn,
 };
 
 use crate::config::Config;
@@ -67,8 +68,8 @@ impl Default for Fleet {
 pub struct Retired {
     /// Its number.
     pub number: u64,
-    /// Its phase when it finished.
-    pub phase: Phase,
+    /// Its state when it finished.
+    pub state: GenerationState,
     /// How long it drained, if it was replaced.
     pub drained: Option<Duration>,
 }
@@ -167,9 +168,9 @@ impl Fleet {
         self.next_number
     }
 
-    /// Takes in a new generation, [`Phase::Starting`].
+    /// Takes in a new generation, [`GenerationState::Starting`].
     pub fn start(&mut self, generation: Generation) {
-        debug_assert_eq!(generation.phase(), Phase::Starting);
+        debug_assert_eq!(generation.state(), GenerationState::Starting);
         self.generations.insert(generation.number(), generation);
     }
 
@@ -186,7 +187,7 @@ impl Fleet {
     ) -> Option<ScaleOverride> {
         let mut new_sockets = Vec::new();
         if let Some(new) = self.generations.get_mut(&number) {
-            new.set_phase(Phase::Current);
+            new.set_state(GenerationState::Current);
             new_sockets = new.listeners().to_vec();
         }
         for socket in &new_sockets {
@@ -196,7 +197,10 @@ impl Fleet {
         }
         let drain_timeout = config.worker.drain_timeout.0;
         for old in self.generations.values_mut() {
-            let replaced = matches!(old.phase(), Phase::Current | Phase::Standby);
+            let replaced = matches!(
+                old.state(),
+                GenerationState::Current | GenerationState::Standby
+            );
             if replaced && old.number() != number {
                 tracing::info!(
                     event = "generation.draining",
@@ -221,10 +225,10 @@ impl Fleet {
     pub fn cut_over_on_probation(&mut self, number: u64, canary: Option<Share>) -> Option<u64> {
         let standby = self.current.filter(|c| self.generations.contains_key(c))?;
         let new = self.generations.get_mut(&number)?;
-        new.set_phase(Phase::Current);
+        new.set_state(GenerationState::Current);
         let new_sockets = new.listeners().to_vec();
         let old = self.generations.get_mut(&standby).expect("checked above");
-        old.set_phase(Phase::Standby);
+        old.set_state(GenerationState::Standby);
         old.cancel_respawns();
         for socket in &new_sockets {
             let result = match canary {
@@ -254,7 +258,7 @@ impl Fleet {
     pub fn roll_back(&mut self, number: u64, standby: u64) {
         let mut old_sockets = Vec::new();
         if let Some(old) = self.generations.get_mut(&standby) {
-            old.set_phase(Phase::Current);
+            old.set_state(GenerationState::Current);
             old_sockets = old.listeners().to_vec();
             old.respawn_missing();
         }
@@ -290,7 +294,7 @@ impl Fleet {
     /// Generation `number`'s reload failed: its workers are stopped.
     pub fn fail(&mut self, number: u64, drain_timeout: Duration) {
         if let Some(failed) = self.generations.get_mut(&number) {
-            failed.drain(Phase::Failed, drain_timeout);
+            failed.drain(GenerationState::Failed, drain_timeout);
         }
     }
 
@@ -305,11 +309,11 @@ impl Fleet {
                 generation.terminate(grace);
             } else if !generation.handing_over() {
                 let timeout = generation.config().worker.drain_timeout.0;
-                let phase = match generation.phase() {
-                    Phase::Starting => Phase::Failed,
-                    _ => Phase::Draining,
+                let state = match generation.state() {
+                    GenerationState::Starting => GenerationState::Failed,
+                    _ => GenerationState::Draining,
                 };
-                generation.drain(phase, timeout);
+                generation.drain(state, timeout);
             }
         }
     }
@@ -329,7 +333,7 @@ impl Fleet {
         let draining: Vec<u64> = self
             .generations
             .values()
-            .filter(|g| g.phase() == Phase::Draining && !g.workers().is_empty())
+            .filter(|g| g.state() == GenerationState::Draining && !g.workers().is_empty())
             .map(|g| g.number())
             .collect();
         let killed = over_drain_cap(&draining, max).to_vec();
@@ -360,13 +364,13 @@ impl Fleet {
             if live || Some(number) == current || Some(number) == keep {
                 return true;
             }
-            let drained = match (g.draining_since(), g.phase()) {
-                (Some(since), Phase::Draining) => Some(since.elapsed()),
+            let drained = match (g.draining_since(), g.state()) {
+                (Some(since), GenerationState::Draining) => Some(since.elapsed()),
                 _ => None,
             };
             retired.push(Retired {
                 number,
-                phase: g.phase(),
+                state: g.state(),
                 drained,
             });
             false
@@ -391,18 +395,18 @@ impl Fleet {
     }
 
     /// Takes back the fleet a previous image of this master left (an
-    /// upgrade's exec): `generations` with their phases (and whether each
+    /// upgrade's exec): `generations` with their states (and whether each
     /// was handing over: replaced, its workers not yet told), the current
     /// one, the next number and the scale override.
     pub fn restore(
         &mut self,
-        generations: Vec<(Generation, Phase, bool)>,
+        generations: Vec<(Generation, GenerationState, bool)>,
         current: Option<u64>,
         next_number: u64,
         scale: Option<ScaleOverride>,
     ) {
-        for (mut generation, phase, handing_over) in generations {
-            generation.set_phase(phase);
+        for (mut generation, state, handing_over) in generations {
+            generation.set_state(state);
             if handing_over {
                 let sockets = generation
                     .listeners()

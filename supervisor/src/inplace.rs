@@ -46,8 +46,8 @@
 
 use crate::config::Config;
 use crate::master::Master;
-use crate::reload::{phase_span, Step, Trigger};
-use baton_wire::protocol::{AppStage, MasterMessage, WorkerMessage};
+use crate::reload::{phase_span, Phase, Trigger};
+use baton_wire::protocol::{AppPhase, MasterMessage, WorkerMessage};
 use nix::unistd::Pid;
 use std::collections::BTreeSet;
 use std::rc::Rc;
@@ -81,15 +81,6 @@ impl Mode {
     }
 }
 
-/// Where the transaction is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// Waiting for every worker's prepared (or a refusal).
-    Preparing,
-    /// Waiting for every worker's committed.
-    Committing,
-}
-
 /// An in-place reload under way.
 #[derive(Debug)]
 pub struct InPlace {
@@ -100,9 +91,10 @@ pub struct InPlace {
     /// The child span of the phase under way (prepare, commit).
     phase_span: Span,
     config: Rc<Config>,
-    phases: Vec<(Step, Duration)>,
+    phases: Vec<(Phase, Duration)>,
     phase_started: Instant,
-    stage: Stage,
+    /// [`Phase::Prepare`] or [`Phase::Commit`].
+    phase: Phase,
     /// Workers whose answer is awaited.
     waiting: BTreeSet<Pid>,
     deadline: Instant,
@@ -183,23 +175,23 @@ pub enum Answer {
     Kill,
     /// It committed: it serves the new version.
     Committed,
-    /// For another version or stage: ignored.
+    /// For another version or phase: ignored.
     Ignore,
 }
 
-/// The decision for `answer` during `stage` of a reload to `version`.
-pub fn answer_verdict(stage: Stage, answer: &WorkerMessage, version: &str) -> Answer {
-    match (stage, answer) {
-        (Stage::Preparing, WorkerMessage::AppPrepared { version: v }) if v == version => {
+/// The decision for `answer` during `phase` (prepare or commit) of a reload to `version`.
+pub fn answer_verdict(phase: Phase, answer: &WorkerMessage, version: &str) -> Answer {
+    match (phase, answer) {
+        (Phase::Prepare, WorkerMessage::AppPrepared { version: v }) if v == version => {
             Answer::Prepared
         }
-        (Stage::Preparing, WorkerMessage::AppRefused { version: v, .. }) if v == version => {
+        (Phase::Prepare, WorkerMessage::AppRefused { version: v, .. }) if v == version => {
             Answer::Abort
         }
-        (Stage::Committing, WorkerMessage::AppRefused { version: v, .. }) if v == version => {
+        (Phase::Commit, WorkerMessage::AppRefused { version: v, .. }) if v == version => {
             Answer::Kill
         }
-        (Stage::Committing, WorkerMessage::AppCommitted { version: v }) if v == version => {
+        (Phase::Commit, WorkerMessage::AppCommitted { version: v }) if v == version => {
             Answer::Committed
         }
         _ => Answer::Ignore,
@@ -209,8 +201,8 @@ pub fn answer_verdict(stage: Stage, answer: &WorkerMessage, version: &str) -> An
 /// Whether a worker that exited while awaited fails the reload: while
 /// preparing it does (nothing changed yet); while committing its respawn
 /// starts with the new version.
-pub fn exit_aborts(stage: Stage) -> bool {
-    stage == Stage::Preparing
+pub fn exit_aborts(phase: Phase) -> bool {
+    phase == Phase::Prepare
 }
 
 /// What the transaction does next.
@@ -229,14 +221,15 @@ pub enum Move {
     Wait,
 }
 
-/// The decision, by stage, whether every answer is in, and whether the
-/// stage's deadline has passed.
-pub fn next_move(stage: Stage, all_answered: bool, past_deadline: bool) -> Move {
-    match (stage, all_answered, past_deadline) {
-        (Stage::Preparing, true, _) => Move::Commit,
-        (Stage::Preparing, false, true) => Move::AbortLate,
-        (Stage::Committing, true, _) => Move::Finish,
-        (Stage::Committing, false, true) => Move::KillLateAndFinish,
+/// The decision, by phase (prepare or commit), whether every answer is in,
+/// and whether the phase's deadline has passed.
+pub fn next_move(phase: Phase, all_answered: bool, past_deadline: bool) -> Move {
+    match (phase, all_answered, past_deadline) {
+        (Phase::Prepare, true, _) => Move::Commit,
+        (Phase::Prepare, false, true) => Move::AbortLate,
+        // Commit, the only other phase an in-place reload has.
+        (_, true, _) => Move::Finish,
+        (_, false, true) => Move::KillLateAndFinish,
         (_, false, false) => Move::Wait,
     }
 }
@@ -297,8 +290,8 @@ impl Master {
         validated: Duration,
     ) {
         let _enter = span.clone().entered();
-        drop(phase_span(&span, Step::Validate));
-        let preparing = phase_span(&span, Step::Prepare);
+        drop(phase_span(&span, Phase::Validate));
+        let preparing = phase_span(&span, Phase::Prepare);
         let timeout = config.worker.prepare_timeout.0;
         tracing::info!(generation = number, version = %config.app.version, "reload in place: preparing");
         let Some(generation) = self.fleet.get(number) else {
@@ -313,7 +306,7 @@ impl Master {
             let sent = crate::worker::send_app_files(
                 channel,
                 &config.app,
-                AppStage::Prepare,
+                AppPhase::Prepare,
                 config.worker.log_filter.clone(),
             );
             match sent {
@@ -336,9 +329,9 @@ impl Master {
             span,
             phase_span: preparing,
             config,
-            phases: vec![(Step::Validate, validated)],
+            phases: vec![(Phase::Validate, validated)],
             phase_started: Instant::now(),
-            stage: Stage::Preparing,
+            phase: Phase::Prepare,
             waiting,
             deadline: Instant::now() + timeout,
             requested_by,
@@ -366,7 +359,7 @@ impl Master {
             .get(transaction.generation)
             .and_then(|g| g.workers().get(&pid))
             .map_or((u32::MAX, pid.as_raw()), |w| (w.index(), pid.as_raw()));
-        let verdict = answer_verdict(transaction.stage, &answer, &version);
+        let verdict = answer_verdict(transaction.phase, &answer, &version);
         match (verdict, answer) {
             (Answer::Prepared, _) => {
                 transaction.waiting.remove(&pid);
@@ -417,7 +410,7 @@ impl Master {
         if !transaction.waiting.remove(&pid) {
             return;
         }
-        if exit_aborts(transaction.stage) {
+        if exit_aborts(transaction.phase) {
             let transaction = self.operation.take_in_place().expect("checked above");
             return self.abort_in_place(
                 transaction,
@@ -434,7 +427,7 @@ impl Master {
             return;
         };
         let past = Instant::now() >= transaction.deadline;
-        match next_move(transaction.stage, transaction.waiting.is_empty(), past) {
+        match next_move(transaction.phase, transaction.waiting.is_empty(), past) {
             Move::Commit => self.commit_in_place(),
             Move::AbortLate => {
                 let transaction = self.operation.take_in_place().expect("checked above");
@@ -485,10 +478,10 @@ impl Master {
         let now = Instant::now();
         transaction
             .phases
-            .push((Step::Prepare, now - transaction.phase_started));
+            .push((Phase::Prepare, now - transaction.phase_started));
         transaction.phase_started = now;
-        transaction.phase_span = phase_span(&transaction.span, Step::Commit);
-        transaction.stage = Stage::Committing;
+        transaction.phase_span = phase_span(&transaction.span, Phase::Commit);
+        transaction.phase = Phase::Commit;
         transaction.deadline = now + transaction.config.worker.prepare_timeout.0;
         let config = transaction.config.clone();
         let version = config.app.version.clone();
@@ -528,7 +521,7 @@ impl Master {
         let _enter = transaction.span.clone().entered();
         transaction
             .phases
-            .push((Step::Commit, transaction.phase_started.elapsed()));
+            .push((Phase::Commit, transaction.phase_started.elapsed()));
         tracing::info!(version = %transaction.config.app.version, "reload in place committed");
         self.record(
             transaction.generation,
@@ -543,7 +536,7 @@ impl Master {
         let _enter = transaction.span.clone().entered();
         transaction
             .phases
-            .push((Step::Prepare, transaction.phase_started.elapsed()));
+            .push((Phase::Prepare, transaction.phase_started.elapsed()));
         let version = transaction.config.app.version.clone();
         if let Some(g) = self.fleet.get_mut(transaction.generation) {
             // Those that owe their answer are killed at the deadline
@@ -569,7 +562,7 @@ impl Master {
             transaction.trigger,
             transaction.requested_by,
             transaction.phases,
-            Some((Step::Prepare, reason)),
+            Some((Phase::Prepare, reason)),
         );
     }
 

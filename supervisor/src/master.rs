@@ -4,7 +4,7 @@
 use crate::config::{Config, ReadyMode};
 use crate::control::protocol::{Reply, Request};
 use crate::control::ControlSocket;
-use crate::fleet::{Fleet, Phase};
+use crate::fleet::{Fleet, GenerationState};
 use crate::logging::LogHandle;
 use crate::operation::{Admission, Ask, Facts, FollowUp, Operation};
 use crate::pidfile::PidFile;
@@ -328,7 +328,7 @@ pub async fn run(
                 let (phase, reason) = outcome
                     .failure
                     .clone()
-                    .unwrap_or((crate::reload::Step::Commit, "unknown".into()));
+                    .unwrap_or((crate::reload::Phase::Commit, "unknown".into()));
                 let generation = outcome.generation;
                 if let Some(takeover) = &master.takeover {
                     takeover.fail(&phase.to_string(), &reason);
@@ -657,7 +657,7 @@ impl Master {
                 tracing::error!(generation = number, worker = index, pid = raw, error = %e, "worker broke the control protocol: closing its channel and killing it");
                 worker.close_channel();
                 worker.kill();
-                if generation.phase() == Phase::Starting {
+                if generation.state() == GenerationState::Starting {
                     let reason =
                         format!("worker {index} (pid {raw}) broke the control protocol: {e}");
                     self.new_worker_exited(reason);
@@ -790,7 +790,7 @@ impl Master {
         let held = self.spawns_held();
         for generation in self.fleet.iter_mut() {
             let respawn = !stopping
-                && generation.phase() == Phase::Current
+                && generation.state() == GenerationState::Current
                 && held != Some(generation.number());
             let killed = generation.tick(now, respawn, &self.events, self.guardian.as_ref());
             self.metrics.killed_at_drain_deadline.inc_by(killed);

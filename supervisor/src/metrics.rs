@@ -276,7 +276,7 @@ impl Metrics {
         trigger: &str,
         kind: &str,
         outcome: &str,
-        phases: &[(crate::reload::Step, Duration)],
+        phases: &[(crate::reload::Phase, Duration)],
     ) {
         self.reloads
             .get_or_create(&ReloadLabels {
@@ -285,10 +285,10 @@ impl Metrics {
                 outcome: outcome.into(),
             })
             .inc();
-        for (step, took) in phases {
+        for (phase, took) in phases {
             self.reload_phases
                 .get_or_create(&PhaseLabel {
-                    phase: step.to_string(),
+                    phase: phase.to_string(),
                 })
                 .observe(took.as_secs_f64());
         }

@@ -26,7 +26,7 @@
 use crate::config::Share;
 use crate::control::protocol::{Reply, RolloutStatus};
 use crate::master::{Master, Waiter};
-use crate::reload::{Reload, Step};
+use crate::reload::{Phase, Reload};
 use tokio::time::Instant;
 
 /// A reload past cutover, on probation.
@@ -89,7 +89,7 @@ impl Master {
             "cut over: probation started, the replaced generation stays on standby"
         );
         let mut reload = reload;
-        reload.begin_phase(crate::reload::Step::Probation);
+        reload.begin_phase(crate::reload::Phase::Probation);
         self.operation
             .begin(crate::operation::Operation::Probation(Rollout {
                 reload,
@@ -131,7 +131,7 @@ impl Master {
             generation = reload.generation(),
             "probation over: the new generation stays, the standby generation drains"
         );
-        reload.end_phase(Step::Probation);
+        reload.end_phase(Phase::Probation);
         self.settle(reload);
         true
     }
@@ -148,7 +148,7 @@ impl Master {
         let _enter = reload.span().clone().entered();
         let number = reload.generation();
         self.fleet.roll_back(number, rollout.standby);
-        reload.end_phase(Step::Probation);
+        reload.end_phase(Phase::Probation);
         tracing::warn!(
             event = "rollout.rolled_back",
             generation = number,
@@ -164,7 +164,7 @@ impl Master {
             by,
             phases,
             Some((
-                Step::Probation,
+                Phase::Probation,
                 format!("rolled back after cutover: {reason}"),
             )),
         );

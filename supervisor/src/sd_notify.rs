@@ -141,9 +141,9 @@ impl Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reload::{Step, Trigger};
+    use crate::reload::{Phase, Trigger};
 
-    fn outcome(failure: Option<(Step, String)>) -> Outcome {
+    fn outcome(failure: Option<(Phase, String)>) -> Outcome {
         Outcome {
             generation: 4,
             trigger: Trigger::Signal,
@@ -161,12 +161,12 @@ mod tests {
             status_line(Some(4), &outcome(None)),
             "generation 4 serving; last reload (signal) committed"
         );
-        let failed = outcome(Some((Step::Validate, "baton.toml:3:1: bad\nthing".into())));
+        let failed = outcome(Some((Phase::Validate, "baton.toml:3:1: bad\nthing".into())));
         assert_eq!(
             status_line(Some(3), &failed),
             "generation 3 serving; reload to generation 4 (signal) failed in phase validate: baton.toml:3:1: bad thing"
         );
-        let long = outcome(Some((Step::Ready, "x".repeat(500))));
+        let long = outcome(Some((Phase::Ready, "x".repeat(500))));
         assert!(status_line(Some(3), &long).ends_with("x…"));
     }
 

@@ -22,7 +22,7 @@ impl Master {
             .iter()
             .map(|g| GenerationStatus {
                 number: g.number(),
-                state: g.phase().name().into(),
+                state: g.state().name().into(),
                 age_s: g.started().elapsed().as_secs_f64(),
                 processes: g.processes(),
                 config_hash: g.config().hash.clone(),

@@ -8,7 +8,7 @@ use crate::listener::Shared;
 use crate::output;
 use anyhow::Context;
 use baton_wire::channel::{self, Channel, ChannelError};
-use baton_wire::protocol::{AppStage, MasterMessage, CONTROL_FD_ENV, MAX_FDS_PER_MESSAGE};
+use baton_wire::protocol::{AppPhase, MasterMessage, CONTROL_FD_ENV, MAX_FDS_PER_MESSAGE};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use std::ffi::OsString;
@@ -346,7 +346,7 @@ fn send_hello(channel: &Channel, spec: &SpawnSpec<'_>) -> Result<(), ChannelErro
         send_app_files(
             channel,
             spec.app,
-            AppStage::Initial,
+            AppPhase::Initial,
             spec.config.log_filter.clone(),
         )?;
     }
@@ -358,13 +358,13 @@ fn send_hello(channel: &Channel, spec: &SpawnSpec<'_>) -> Result<(), ChannelErro
 pub fn send_app_files(
     channel: &Channel,
     app: &crate::config::AppFiles,
-    stage: AppStage,
+    phase: AppPhase,
     log_filter: Option<String>,
 ) -> Result<(), ChannelError> {
     let (memfd, files) = baton_wire::app_files::to_memfd(&app.files)?;
     channel.try_send(
         &MasterMessage::AppFiles {
-            stage,
+            phase,
             version: app.version.clone(),
             files,
             log_filter,

@@ -24,7 +24,7 @@ fn a_replaced_generation_without_a_live_worker_finishes_at_commit() {
     let outcome = baton.reload();
     assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let finished = baton.wait_generation_finished(1);
-    assert_eq!(field(&finished, "phase"), "draining", "{finished}");
+    assert_eq!(field(&finished, "state"), "draining", "{finished}");
     assert!(generation_in(&baton.status(), 1).is_none());
 }
 

@@ -170,7 +170,7 @@ fn a_drained_worker_leaves_no_child_behind() {
     let outcome = baton.reload();
     assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let finished = baton.wait_generation_finished(1);
-    assert_eq!(field(&finished, "phase"), "draining");
+    assert_eq!(field(&finished, "state"), "draining");
     wait_gone(&old, Duration::from_secs(5));
     assert_eq!(
         baton.count_events(|e| message(e).contains("drain deadline")),

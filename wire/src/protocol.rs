@@ -137,7 +137,7 @@ pub enum MasterMessage {
         /// `initial` (after the hello: what the worker starts with) or
         /// `prepare` (an in-place reload: build it, answer prepared or
         /// refused, swap nothing yet).
-        stage: AppStage,
+        phase: AppPhase,
         /// The config version these files make.
         version: String,
         /// Each file's name (as the config writes it) and length.
@@ -160,7 +160,7 @@ pub enum MasterMessage {
 /// Why app files are sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum AppStage {
+pub enum AppPhase {
     /// What a new worker starts with.
     Initial,
     /// An in-place reload's first phase.
@@ -357,7 +357,7 @@ mod tests {
             },
             MasterMessage::Drain { deadline_ms: 1500 },
             MasterMessage::AppFiles {
-                stage: AppStage::Prepare,
+                phase: AppPhase::Prepare,
                 version: "3f2a0c".into(),
                 files: vec![AppFile {
                     name: "app.toml".into(),

@@ -4,7 +4,7 @@
 
 use baton_wire::channel::{pair, Channel, ChannelError};
 use baton_wire::protocol::{
-    decode, encode, AppFile, AppStage, DecodeError, ListenerInfo, ListenerKind, MasterMessage,
+    decode, encode, AppFile, AppPhase, DecodeError, ListenerInfo, ListenerKind, MasterMessage,
     WorkerMessage, MAX_MESSAGE_SIZE, PROTOCOL_VERSION,
 };
 use proptest::prelude::*;
@@ -57,14 +57,14 @@ fn master_message() -> impl Strategy<Value = MasterMessage> {
                 }
             ),
         (
-            prop_oneof![Just(AppStage::Initial), Just(AppStage::Prepare)],
+            prop_oneof![Just(AppPhase::Initial), Just(AppPhase::Prepare)],
             "\\PC{0,16}",
             prop::collection::vec(("\\PC{0,16}", any::<u64>()), 0..4),
             proptest::option::of("\\PC{0,16}")
         )
             .prop_map(
-                |(stage, version, files, log_filter)| MasterMessage::AppFiles {
-                    stage,
+                |(phase, version, files, log_filter)| MasterMessage::AppFiles {
+                    phase,
                     version,
                     files: files
                         .into_iter()

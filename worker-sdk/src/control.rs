@@ -6,7 +6,7 @@ use crate::app_config::Reloadable;
 use crate::drain::Drain;
 use crate::reopen;
 use baton_wire::channel::Channel;
-use baton_wire::protocol::{AppFile, AppStage, MasterMessage, WorkerMessage};
+use baton_wire::protocol::{AppFile, AppPhase, MasterMessage, WorkerMessage};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +52,7 @@ pub(crate) fn spawn_reader(
                     }
                     MasterMessage::Reopen {} => reopen::request(&reopen),
                     MasterMessage::AppFiles {
-                        stage: AppStage::Prepare,
+                        phase: AppPhase::Prepare,
                         version,
                         files,
                         log_filter,

@@ -7,7 +7,7 @@ use crate::app_config::Files;
 use crate::listener::Listener;
 use crate::Error;
 use baton_wire::channel::{ChannelError, Received};
-use baton_wire::protocol::{AppStage, MasterMessage, CONTROL_FD_ENV};
+use baton_wire::protocol::{AppPhase, MasterMessage, CONTROL_FD_ENV};
 use nix::sys::socket::{getsockopt, sockopt, SockType};
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -127,7 +127,7 @@ impl Handshake {
             return Ok(self.listeners.len() == hello.listener_count as usize && !hello.app_config);
         }
         let MasterMessage::AppFiles {
-            stage: AppStage::Initial,
+            phase: AppPhase::Initial,
             version,
             files,
             log_filter,

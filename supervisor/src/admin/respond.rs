@@ -1,7 +1,7 @@
 //! The master's answers to the admin endpoint, computed in its loop from
 //! its own state at the moment of the request.
 
-use crate::fleet::Phase;
+use crate::fleet::GenerationState;
 use crate::master::Master;
 use crate::metrics::{
     ConfigLabels, GenerationLabel, Metrics, SocketLabels, WorkerLabels, WorkerVersionLabels,
@@ -198,7 +198,7 @@ impl Master {
         let draining = self
             .fleet
             .iter()
-            .filter(|g| g.phase() == Phase::Draining && !g.workers().is_empty())
+            .filter(|g| g.state() == GenerationState::Draining && !g.workers().is_empty())
             .count();
         m.draining_generations.set(draining as i64);
         m.reload_in_progress

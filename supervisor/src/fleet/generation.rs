@@ -32,7 +32,7 @@ const HANDOVER_LIMIT: Duration = Duration::from_secs(1);
 
 /// Where a generation is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub enum GenerationState {
     /// Being started by a reload; not serving yet.
     Starting,
     /// The generation that serves.
@@ -46,15 +46,15 @@ pub enum Phase {
     Standby,
 }
 
-impl Phase {
+impl GenerationState {
     /// The name shown in logs and status.
     pub fn name(&self) -> &'static str {
         match self {
-            Phase::Starting => "starting",
-            Phase::Current => "current",
-            Phase::Draining => "draining",
-            Phase::Failed => "failed",
-            Phase::Standby => "standby",
+            GenerationState::Starting => "starting",
+            GenerationState::Current => "current",
+            GenerationState::Draining => "draining",
+            GenerationState::Failed => "failed",
+            GenerationState::Standby => "standby",
         }
     }
 }
@@ -94,7 +94,7 @@ pub struct Generation {
     /// The listeners it was given, in configuration order.
     listeners: Vec<Shared>,
     /// Where it is in its life.
-    phase: Phase,
+    state: GenerationState,
     /// How many workers it runs (the config's `processes`, or a scale).
     processes: u32,
     /// When it was started.
@@ -137,7 +137,7 @@ impl Generation {
             number,
             config,
             listeners,
-            phase: Phase::Starting,
+            state: GenerationState::Starting,
             processes,
             started: Instant::now(),
             workers: BTreeMap::new(),
@@ -169,13 +169,13 @@ impl Generation {
     }
 
     /// Where it is in its life.
-    pub fn phase(&self) -> Phase {
-        self.phase
+    pub fn state(&self) -> GenerationState {
+        self.state
     }
 
-    /// Its phase changes only through the [`super::Fleet`].
-    pub(super) fn set_phase(&mut self, phase: Phase) {
-        self.phase = phase;
+    /// Its state changes only through the [`super::Fleet`].
+    pub(super) fn set_state(&mut self, state: GenerationState) {
+        self.state = state;
     }
 
     /// How many workers it runs (the config's `processes`, or a scale).
@@ -489,8 +489,8 @@ impl Generation {
     }
 
     /// Tells every worker to drain within `timeout`; no more respawns.
-    pub(super) fn drain(&mut self, phase: Phase, timeout: Duration) {
-        self.phase = phase;
+    pub(super) fn drain(&mut self, state: GenerationState, timeout: Duration) {
+        self.state = state;
         self.draining_since.get_or_insert_with(Instant::now);
         self.respawns.clear();
         self.handover = None;
@@ -503,9 +503,9 @@ impl Generation {
     /// from) has been accepted, or at once if there is nothing to wait for.
     pub(super) fn hand_over(&mut self, sockets: Vec<Shared>, drain_timeout: Duration) {
         if sockets.is_empty() || self.workers.is_empty() {
-            return self.drain(Phase::Draining, drain_timeout);
+            return self.drain(GenerationState::Draining, drain_timeout);
         }
-        self.phase = Phase::Draining;
+        self.state = GenerationState::Draining;
         self.draining_since = Some(Instant::now());
         self.respawns.clear();
         self.handover = Some(Handover {
@@ -539,7 +539,7 @@ impl Generation {
         } else {
             return;
         }
-        self.drain(Phase::Draining, timeout);
+        self.drain(GenerationState::Draining, timeout);
     }
 
     /// Runs what is due at `now`: kills the workers past their drain

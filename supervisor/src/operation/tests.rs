@@ -6,8 +6,9 @@
 use super::*;
 use crate::exits::{exit_reason, exit_verdict, ExitVerdict};
 use crate::fleet::over_drain_cap;
-use crate::fleet::{crash_loop, crashes_in_a_row, respawn_delay, Phase};
-use crate::inplace::{answer_verdict, exit_aborts, next_move, Answer, Move, Stage};
+use crate::fleet::{crash_loop, crashes_in_a_row, respawn_delay, GenerationState};
+use crate::inplace::{answer_verdict, exit_aborts, next_move, Answer, Move};
+use crate::reload::Phase;
 use crate::worker::State;
 use baton_wire::protocol::WorkerMessage;
 use std::collections::VecDeque;
@@ -285,25 +286,25 @@ fn no_follow_up_without_requests() {
 }
 
 macro_rules! exits {
-    ($($name:ident: $phase:expr, draining $draining:expr, stopping $stopping:expr, within $within:expr => $expected:expr;)*) => {$(
+    ($($name:ident: $state:expr, draining $draining:expr, stopping $stopping:expr, within $within:expr => $expected:expr;)*) => {$(
         #[test]
         fn $name() {
-            assert_eq!(exit_verdict($phase, $draining, $stopping, $within), $expected);
+            assert_eq!(exit_verdict($state, $draining, $stopping, $within), $expected);
         }
     )*};
 }
 
 exits! {
-    exit_of_a_starting_worker_fails_the_reload: Phase::Starting, draining false, stopping false, within true => ExitVerdict::FailReload;
-    exit_of_a_starting_worker_during_a_stop_fails_the_reload: Phase::Starting, draining false, stopping true, within true => ExitVerdict::FailReload;
-    exit_of_a_serving_worker_respawns_it: Phase::Current, draining false, stopping false, within true => ExitVerdict::Respawn;
-    exit_of_a_serving_worker_during_a_stop_is_not_replaced: Phase::Current, draining false, stopping true, within true => ExitVerdict::Forget;
-    exit_of_a_draining_worker_of_the_current_generation_is_not_replaced: Phase::Current, draining true, stopping false, within true => ExitVerdict::Forget;
-    exit_of_a_surplus_worker_after_scale_down_is_not_replaced: Phase::Current, draining false, stopping false, within false => ExitVerdict::Forget;
-    exit_in_a_draining_generation_is_forgotten: Phase::Draining, draining true, stopping false, within true => ExitVerdict::Forget;
-    exit_in_a_draining_generation_not_yet_told_is_forgotten: Phase::Draining, draining false, stopping false, within true => ExitVerdict::Forget;
-    exit_in_a_failed_generation_is_forgotten: Phase::Failed, draining true, stopping false, within true => ExitVerdict::Forget;
-    exit_in_a_standby_generation_is_forgotten: Phase::Standby, draining false, stopping false, within true => ExitVerdict::Forget;
+    exit_of_a_starting_worker_fails_the_reload: GenerationState::Starting, draining false, stopping false, within true => ExitVerdict::FailReload;
+    exit_of_a_starting_worker_during_a_stop_fails_the_reload: GenerationState::Starting, draining false, stopping true, within true => ExitVerdict::FailReload;
+    exit_of_a_serving_worker_respawns_it: GenerationState::Current, draining false, stopping false, within true => ExitVerdict::Respawn;
+    exit_of_a_serving_worker_during_a_stop_is_not_replaced: GenerationState::Current, draining false, stopping true, within true => ExitVerdict::Forget;
+    exit_of_a_draining_worker_of_the_current_generation_is_not_replaced: GenerationState::Current, draining true, stopping false, within true => ExitVerdict::Forget;
+    exit_of_a_surplus_worker_after_scale_down_is_not_replaced: GenerationState::Current, draining false, stopping false, within false => ExitVerdict::Forget;
+    exit_in_a_draining_generation_is_forgotten: GenerationState::Draining, draining true, stopping false, within true => ExitVerdict::Forget;
+    exit_in_a_draining_generation_not_yet_told_is_forgotten: GenerationState::Draining, draining false, stopping false, within true => ExitVerdict::Forget;
+    exit_in_a_failed_generation_is_forgotten: GenerationState::Failed, draining true, stopping false, within true => ExitVerdict::Forget;
+    exit_in_a_standby_generation_is_forgotten: GenerationState::Standby, draining false, stopping false, within true => ExitVerdict::Forget;
 }
 
 #[test]
@@ -312,13 +313,25 @@ fn exit_reasons_name_what_happened() {
         kill_at: Instant::now(),
     };
     assert_eq!(
-        exit_reason(Phase::Starting, State::Ready, true),
+        exit_reason(GenerationState::Starting, State::Ready, true),
         "failed_start"
     );
-    assert_eq!(exit_reason(Phase::Current, State::Killed, false), "killed");
-    assert_eq!(exit_reason(Phase::Draining, draining, true), "drained");
-    assert_eq!(exit_reason(Phase::Current, State::Ready, true), "exited");
-    assert_eq!(exit_reason(Phase::Current, State::Ready, false), "crashed");
+    assert_eq!(
+        exit_reason(GenerationState::Current, State::Killed, false),
+        "killed"
+    );
+    assert_eq!(
+        exit_reason(GenerationState::Draining, draining, true),
+        "drained"
+    );
+    assert_eq!(
+        exit_reason(GenerationState::Current, State::Ready, true),
+        "exited"
+    );
+    assert_eq!(
+        exit_reason(GenerationState::Current, State::Ready, false),
+        "crashed"
+    );
 }
 
 fn prepared(version: &str) -> WorkerMessage {
@@ -341,54 +354,54 @@ fn committed(version: &str) -> WorkerMessage {
 }
 
 macro_rules! answers {
-    ($($name:ident: $stage:expr, $answer:expr => $expected:expr;)*) => {$(
+    ($($name:ident: $phase:expr, $answer:expr => $expected:expr;)*) => {$(
         #[test]
         fn $name() {
-            assert_eq!(answer_verdict($stage, &$answer, "v2"), $expected);
+            assert_eq!(answer_verdict($phase, &$answer, "v2"), $expected);
         }
     )*};
 }
 
 answers! {
-    in_place_prepared_while_preparing_counts: Stage::Preparing, prepared("v2") => Answer::Prepared;
-    in_place_refusal_while_preparing_aborts: Stage::Preparing, refusal("v2") => Answer::Abort;
-    in_place_commit_while_preparing_is_ignored: Stage::Preparing, committed("v2") => Answer::Ignore;
-    in_place_prepared_for_another_version_is_ignored: Stage::Preparing, prepared("v1") => Answer::Ignore;
-    in_place_refusal_for_another_version_is_ignored: Stage::Preparing, refusal("v1") => Answer::Ignore;
-    in_place_committed_while_committing_counts: Stage::Committing, committed("v2") => Answer::Committed;
-    in_place_refusal_while_committing_kills_the_worker: Stage::Committing, refusal("v2") => Answer::Kill;
-    in_place_prepared_while_committing_is_ignored: Stage::Committing, prepared("v2") => Answer::Ignore;
-    in_place_committed_for_another_version_is_ignored: Stage::Committing, committed("v1") => Answer::Ignore;
-    in_place_ready_is_no_answer: Stage::Preparing, WorkerMessage::Ready => Answer::Ignore;
+    in_place_prepared_while_preparing_counts: Phase::Prepare, prepared("v2") => Answer::Prepared;
+    in_place_refusal_while_preparing_aborts: Phase::Prepare, refusal("v2") => Answer::Abort;
+    in_place_commit_while_preparing_is_ignored: Phase::Prepare, committed("v2") => Answer::Ignore;
+    in_place_prepared_for_another_version_is_ignored: Phase::Prepare, prepared("v1") => Answer::Ignore;
+    in_place_refusal_for_another_version_is_ignored: Phase::Prepare, refusal("v1") => Answer::Ignore;
+    in_place_committed_while_committing_counts: Phase::Commit, committed("v2") => Answer::Committed;
+    in_place_refusal_while_committing_kills_the_worker: Phase::Commit, refusal("v2") => Answer::Kill;
+    in_place_prepared_while_committing_is_ignored: Phase::Commit, prepared("v2") => Answer::Ignore;
+    in_place_committed_for_another_version_is_ignored: Phase::Commit, committed("v1") => Answer::Ignore;
+    in_place_ready_is_no_answer: Phase::Prepare, WorkerMessage::Ready => Answer::Ignore;
 }
 
 macro_rules! moves {
-    ($($name:ident: $stage:expr, answered $all:expr, late $late:expr => $expected:expr;)*) => {$(
+    ($($name:ident: $phase:expr, answered $all:expr, late $late:expr => $expected:expr;)*) => {$(
         #[test]
         fn $name() {
-            assert_eq!(next_move($stage, $all, $late), $expected);
+            assert_eq!(next_move($phase, $all, $late), $expected);
         }
     )*};
 }
 
 moves! {
-    in_place_all_prepared_commits: Stage::Preparing, answered true, late false => Move::Commit;
-    in_place_all_prepared_at_the_deadline_still_commits: Stage::Preparing, answered true, late true => Move::Commit;
-    in_place_prepare_timeout_aborts: Stage::Preparing, answered false, late true => Move::AbortLate;
-    in_place_preparing_waits: Stage::Preparing, answered false, late false => Move::Wait;
-    in_place_all_committed_finishes: Stage::Committing, answered true, late false => Move::Finish;
-    in_place_commit_timeout_kills_the_late_and_finishes: Stage::Committing, answered false, late true => Move::KillLateAndFinish;
-    in_place_committing_waits: Stage::Committing, answered false, late false => Move::Wait;
+    in_place_all_prepared_commits: Phase::Prepare, answered true, late false => Move::Commit;
+    in_place_all_prepared_at_the_deadline_still_commits: Phase::Prepare, answered true, late true => Move::Commit;
+    in_place_prepare_timeout_aborts: Phase::Prepare, answered false, late true => Move::AbortLate;
+    in_place_preparing_waits: Phase::Prepare, answered false, late false => Move::Wait;
+    in_place_all_committed_finishes: Phase::Commit, answered true, late false => Move::Finish;
+    in_place_commit_timeout_kills_the_late_and_finishes: Phase::Commit, answered false, late true => Move::KillLateAndFinish;
+    in_place_committing_waits: Phase::Commit, answered false, late false => Move::Wait;
 }
 
 #[test]
 fn a_worker_exit_while_preparing_aborts_the_in_place_reload() {
-    assert!(exit_aborts(Stage::Preparing));
+    assert!(exit_aborts(Phase::Prepare));
 }
 
 #[test]
 fn a_worker_exit_while_committing_does_not_abort() {
-    assert!(!exit_aborts(Stage::Committing));
+    assert!(!exit_aborts(Phase::Commit));
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The end of a transaction: commit (the new generation serves, the
 //! replaced one drains), abort, and the outcome recorded.
 
-use super::{millis, Outcome, Reload, Step, Trigger};
+use super::{millis, Outcome, Phase, Reload, Trigger};
 use crate::audit::Requester;
 use crate::control::protocol::Reply;
 use crate::master::Master;
@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 impl Master {
     pub(super) fn commit(&mut self, mut reload: Reload) {
         let _enter = reload.span.clone().entered();
-        reload.end_phase(Step::Ready);
+        reload.end_phase(Phase::Ready);
         if let Some(reload) = self.begin_rollout(reload) {
             self.settle(reload);
         }
@@ -21,7 +21,7 @@ impl Master {
     /// the replaced one drained, the master's settings switched.
     pub(crate) fn settle(&mut self, mut reload: Reload) {
         let _enter = reload.span.clone().entered();
-        reload.begin_phase(Step::Commit);
+        reload.begin_phase(Phase::Commit);
         self.probing = None;
         let config = reload.config.clone();
         if config.supervisor.log_filter != self.config.supervisor.log_filter {
@@ -62,7 +62,7 @@ impl Master {
             self.serve_admin();
         }
         self.config = config;
-        reload.end_phase(Step::Commit);
+        reload.end_phase(Phase::Commit);
         let by = reload.requested_by.take();
         self.record(reload.generation, reload.trigger, by, reload.phases, None);
         self.limit_draining_generations();
@@ -80,20 +80,20 @@ impl Master {
         self.fleet.limit_draining(max);
     }
 
-    pub(super) fn abort(&mut self, reload: Reload, step: Step, reason: String) {
+    pub(super) fn abort(&mut self, reload: Reload, phase: Phase, reason: String) {
         let _enter = reload.span.clone().entered();
         self.probing = None;
         let spawning = self.spawn_phase_open(&reload);
         let mut phases = reload.phases;
         let elapsed = reload.phase_started.elapsed();
-        match (step, spawning) {
-            (Step::Bind | Step::Spawn, _) => phases.push((step, elapsed)),
+        match (phase, spawning) {
+            (Phase::Bind | Phase::Spawn, _) => phases.push((phase, elapsed)),
             // A new worker exited while others were still being spawned.
-            (Step::Ready, true) => {
-                phases.push((Step::Spawn, elapsed));
-                phases.push((Step::Ready, Duration::ZERO));
+            (Phase::Ready, true) => {
+                phases.push((Phase::Spawn, elapsed));
+                phases.push((Phase::Ready, Duration::ZERO));
             }
-            (Step::Ready, false) => phases.push((Step::Ready, elapsed)),
+            (Phase::Ready, false) => phases.push((Phase::Ready, elapsed)),
             _ => {}
         }
         self.fleet
@@ -103,7 +103,7 @@ impl Master {
             reload.trigger,
             reload.requested_by,
             phases,
-            Some((step, reason)),
+            Some((phase, reason)),
         );
         self.reap_finished_generations();
     }
@@ -116,8 +116,8 @@ impl Master {
         generation: u64,
         trigger: Trigger,
         requested_by: Option<Requester>,
-        phases: Vec<(Step, Duration)>,
-        failure: Option<(Step, String)>,
+        phases: Vec<(Phase, Duration)>,
+        failure: Option<(Phase, String)>,
     ) {
         if let Some(g) = self.fleet.get_mut(generation) {
             g.leave_trace();
@@ -163,19 +163,19 @@ impl Master {
 /// The log's view of an outcome: `reload.committed` or `reload.failed`
 /// with each phase's duration (and, failed, the generation kept serving).
 fn log_outcome(outcome: &Outcome, kept_generation: Option<u64>) {
-    let ms = |step| {
+    let ms = |phase| {
         outcome
             .phases
             .iter()
-            .find(|(s, _)| *s == step)
+            .find(|(s, _)| *s == phase)
             .map(|(_, d)| millis(*d))
     };
     let (validate_ms, bind_ms, spawn_ms, ready_ms, commit_ms) = (
-        ms(Step::Validate),
-        ms(Step::Bind),
-        ms(Step::Spawn),
-        ms(Step::Ready),
-        ms(Step::Commit),
+        ms(Phase::Validate),
+        ms(Phase::Bind),
+        ms(Phase::Spawn),
+        ms(Phase::Ready),
+        ms(Phase::Commit),
     );
     match &outcome.failure {
         None => tracing::info!(

@@ -20,7 +20,7 @@ mod start;
 
 /// A phase of the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
+pub enum Phase {
     /// Parse and check the configuration.
     Validate,
     /// Keep unchanged listeners, bind new ones.
@@ -38,31 +38,31 @@ pub enum Step {
     Commit,
 }
 
-impl fmt::Display for Step {
+impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
 }
 
-impl Step {
+impl Phase {
     /// Its name, as logs, status and traces show it.
     pub fn name(&self) -> &'static str {
         match self {
-            Step::Validate => "validate",
-            Step::Bind => "bind",
-            Step::Spawn => "spawn",
-            Step::Ready => "ready",
-            Step::Prepare => "prepare",
-            Step::Probation => "probation",
-            Step::Commit => "commit",
+            Phase::Validate => "validate",
+            Phase::Bind => "bind",
+            Phase::Spawn => "spawn",
+            Phase::Ready => "ready",
+            Phase::Prepare => "prepare",
+            Phase::Probation => "probation",
+            Phase::Commit => "commit",
         }
     }
 }
 
-/// The child span of `reload` for phase `step` (named after the phase in
+/// The child span of `reload` for `phase` (named after the phase in
 /// exported traces).
-pub(crate) fn phase_span(reload: &Span, step: Step) -> Span {
-    tracing::info_span!(parent: reload, "phase", otel.name = step.name(), phase = step.name())
+pub(crate) fn phase_span(reload: &Span, phase: Phase) -> Span {
+    tracing::info_span!(parent: reload, "phase", otel.name = phase.name(), phase = phase.name())
 }
 
 /// What started a transaction.
@@ -100,9 +100,9 @@ pub struct Outcome {
     /// What started it.
     pub trigger: Trigger,
     /// `None` when committed; otherwise the failing phase and reason.
-    pub failure: Option<(Step, String)>,
+    pub failure: Option<(Phase, String)>,
     /// Each phase reached, with its duration.
-    pub phases: Vec<(Step, Duration)>,
+    pub phases: Vec<(Phase, Duration)>,
     /// When it ended.
     pub finished: SystemTime,
     /// The config version it applied (when committed).
@@ -133,7 +133,7 @@ impl Outcome {
                     ms: millis(*d),
                 })
                 .collect(),
-            kind: if self.phases.iter().any(|(p, _)| *p == Step::Prepare) {
+            kind: if self.phases.iter().any(|(p, _)| *p == Phase::Prepare) {
                 "in_place"
             } else {
                 "new_generation"
@@ -170,7 +170,7 @@ pub struct Reload {
     span: Span,
     /// The child span of the phase under way (ready, probation, commit).
     phase_span: Span,
-    phases: Vec<(Step, Duration)>,
+    phases: Vec<(Phase, Duration)>,
     phase_started: Instant,
     ready_deadline: Instant,
     /// In the bind phase, for workers with sockets of their own: the
@@ -217,7 +217,7 @@ impl Reload {
     }
 
     /// Its phases so far, taken out.
-    pub fn take_phases(&mut self) -> Vec<(Step, Duration)> {
+    pub fn take_phases(&mut self) -> Vec<(Phase, Duration)> {
         std::mem::take(&mut self.phases)
     }
 
@@ -242,15 +242,15 @@ impl Reload {
         }
     }
 
-    /// Opens the child span of phase `step`.
-    pub(crate) fn begin_phase(&mut self, step: Step) {
-        self.phase_span = phase_span(&self.span, step);
+    /// Opens the child span of `phase`.
+    pub(crate) fn begin_phase(&mut self, phase: Phase) {
+        self.phase_span = phase_span(&self.span, phase);
     }
 
-    pub(crate) fn end_phase(&mut self, step: Step) {
+    pub(crate) fn end_phase(&mut self, phase: Phase) {
         self.phase_span = Span::none();
         let now = Instant::now();
-        self.phases.push((step, now - self.phase_started));
+        self.phases.push((phase, now - self.phase_started));
         self.phase_started = now;
     }
 }
@@ -353,14 +353,14 @@ impl Master {
                     }
                     Err(reason) if mode == crate::inplace::Mode::InPlace => {
                         let generation = self.fleet.current_number().unwrap_or(0);
-                        let phases = vec![(Step::Validate, started.elapsed())];
+                        let phases = vec![(Phase::Validate, started.elapsed())];
                         let reason = format!("cannot reload in place: {reason}");
                         return self.record(
                             generation,
                             trigger,
                             requested_by,
                             phases,
-                            Some((Step::Validate, reason)),
+                            Some((Phase::Validate, reason)),
                         );
                     }
                     Err(reason) => {
@@ -388,20 +388,20 @@ impl Master {
             crate::sd_notify::reloading(generation);
         }
 
-        let validating = phase_span(&span, Step::Validate);
+        let validating = phase_span(&span, Phase::Validate);
         let config = match loaded {
             Ok(config) => Rc::new(config),
             Err(reason) => {
-                phases.push((Step::Validate, started.elapsed()));
-                let failure = Some((Step::Validate, reason));
+                phases.push((Phase::Validate, started.elapsed()));
+                let failure = Some((Phase::Validate, reason));
                 return self.record(generation, trigger, requested_by, phases, failure);
             }
         };
         span.record("config_hash", config.hash.as_str());
         let phase_started = Instant::now();
-        phases.push((Step::Validate, phase_started - started));
+        phases.push((Phase::Validate, phase_started - started));
         drop(validating);
-        let binding = phase_span(&span, Step::Bind);
+        let binding = phase_span(&span, Phase::Bind);
 
         let steered = config.worker.steers_generations() || canary.is_some();
         let bound = self
@@ -410,13 +410,13 @@ impl Master {
         let (listeners, admin) = match bound {
             Ok(bound) => bound,
             Err(e) => {
-                phases.push((Step::Bind, phase_started.elapsed()));
+                phases.push((Phase::Bind, phase_started.elapsed()));
                 return self.record(
                     generation,
                     trigger,
                     requested_by,
                     phases,
-                    Some((Step::Bind, format!("{e:#}"))),
+                    Some((Phase::Bind, format!("{e:#}"))),
                 );
             }
         };
@@ -505,7 +505,7 @@ impl Master {
                 .unwrap_or_default();
             self.abort(
                 reload,
-                Step::Ready,
+                Phase::Ready,
                 format!(
                     "{} not ready within {timeout:?}{last_probe}",
                     waiting.join(", ")
@@ -517,7 +517,7 @@ impl Master {
     /// A worker of the starting generation exited before it was ready.
     pub fn new_worker_exited(&mut self, reason: String) {
         if let Some(reload) = self.operation.take_reload() {
-            self.abort(reload, Step::Ready, reason);
+            self.abort(reload, Phase::Ready, reason);
         }
     }
 

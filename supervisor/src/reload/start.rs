@@ -1,7 +1,7 @@
 //! The bind and spawn phases: the generation's sockets made a chunk of
 //! ports a turn of the loop, then its workers spawned one a turn.
 
-use super::{Reload, Step};
+use super::{Phase, Reload};
 use crate::config::{Config, ListenerAddress, ReadyMode};
 use crate::fleet::Generation;
 use crate::listener::{Listener, Shared};
@@ -68,7 +68,7 @@ impl Master {
             Ok(sockets) => made.extend(sockets),
             Err(e) => {
                 let reload = self.operation.take_reload().expect("checked above");
-                return self.abort(reload, Step::Bind, format!("{e:#}"));
+                return self.abort(reload, Phase::Bind, format!("{e:#}"));
             }
         }
         if to < reload.listeners.len() {
@@ -83,8 +83,8 @@ impl Master {
     /// and its workers are spawned from the next turn on.
     pub(super) fn start_generation(&mut self, mut reload: Reload, sockets: Vec<Shared>) {
         let _enter = reload.span.clone().entered();
-        reload.end_phase(Step::Bind);
-        reload.begin_phase(Step::Spawn);
+        reload.end_phase(Phase::Bind);
+        reload.begin_phase(Phase::Spawn);
         // The new sockets are last on their ports now, and not steered to:
         // any unused socket can go without moving the one that is.
         self.fleet.tidy();
@@ -101,7 +101,7 @@ impl Master {
         self.fleet.start(new);
         reload.spawning = Some(0);
         if let Some(reason) = spawn_error {
-            return self.abort(reload, Step::Spawn, reason);
+            return self.abort(reload, Phase::Spawn, reason);
         }
         self.operation
             .begin(crate::operation::Operation::Starting(reload));
@@ -124,7 +124,7 @@ impl Master {
         if index < reload.processes {
             if let Err(e) = new.spawn_off_loop(index, &self.events) {
                 let reload = self.operation.take_reload().expect("checked above");
-                return self.abort(reload, Step::Spawn, format!("worker {index}: {e:#}"));
+                return self.abort(reload, Phase::Spawn, format!("worker {index}: {e:#}"));
             }
         }
         if index + 1 < reload.processes {
@@ -189,7 +189,7 @@ impl Master {
         let _enter = self.operation.reload().map(|r| r.span.clone().entered());
         if let Err(reason) = taken {
             let reload = self.operation.take_reload().expect("wanted: a reload runs");
-            return self.abort(reload, Step::Spawn, format!("worker {index}: {reason}"));
+            return self.abort(reload, Phase::Spawn, format!("worker {index}: {reason}"));
         }
         if let (Some(pid), Some((status, success))) = (pid, exited) {
             return self.on_exit(pid, status, success);
@@ -221,8 +221,8 @@ impl Master {
             _ => return,
         }
         let reload = self.operation.reload_mut().expect("matched above");
-        reload.end_phase(Step::Spawn);
-        reload.begin_phase(Step::Ready);
+        reload.end_phase(Phase::Spawn);
+        reload.begin_phase(Phase::Ready);
         reload.ready_deadline = Instant::now() + reload.config.worker.ready_timeout.0;
         let generation = reload.generation;
         self.start_probing(generation);

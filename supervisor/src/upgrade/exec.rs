@@ -7,7 +7,7 @@
 
 use super::handoff::{HandedListener, BINARY_FD_ENV};
 use crate::config::Config;
-use crate::fleet::{Generation, Phase};
+use crate::fleet::{Generation, GenerationState};
 use crate::listener::{Listener, Shared};
 use crate::master::Master;
 use crate::scale::ScaleOverride;
@@ -62,7 +62,7 @@ struct ExecGroup {
 #[derive(Debug, Serialize, Deserialize)]
 struct ExecGeneration {
     number: u64,
-    phase: String,
+    state: String,
     processes: u32,
     /// Indexes into [`ExecState::listeners`].
     listeners: Vec<usize>,
@@ -151,7 +151,7 @@ impl Master {
             .iter()
             .map(|g| ExecGeneration {
                 number: g.number(),
-                phase: g.phase().name().into(),
+                state: g.state().name().into(),
                 processes: g.processes(),
                 listeners: g.listeners().iter().map(|l| id(l, &mut all)).collect(),
                 workers: g
@@ -263,10 +263,10 @@ impl Master {
         drop(unused);
         let mut restored = Vec::new();
         for g in state.generations {
-            let phase = match g.phase.as_str() {
-                "current" => Phase::Current,
-                "draining" => Phase::Draining,
-                _ => Phase::Failed,
+            let state = match g.state.as_str() {
+                "current" => GenerationState::Current,
+                "draining" => GenerationState::Draining,
+                _ => GenerationState::Failed,
             };
             let held = g
                 .listeners
@@ -280,8 +280,8 @@ impl Master {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut generation = Generation::new(g.number, config.clone(), held, g.processes);
             // Replaced, but its workers not yet told: it was handing over.
-            let handing_over =
-                phase == Phase::Draining && g.workers.iter().all(|w| w.kill_in_ms.is_none());
+            let handing_over = state == GenerationState::Draining
+                && g.workers.iter().all(|w| w.kill_in_ms.is_none());
             for w in g.workers {
                 let pid = nix::unistd::Pid::from_raw(w.pid);
                 let channel = match w.channel_fd {
@@ -324,7 +324,7 @@ impl Master {
                 }
                 generation.adopt_worker(pid, worker);
             }
-            restored.push((generation, phase, handing_over));
+            restored.push((generation, state, handing_over));
         }
         let scale = state
             .scale
