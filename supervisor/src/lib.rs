@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod control;
+pub mod endpoints;
 pub mod exec;
 pub mod exits;
 pub mod fds;

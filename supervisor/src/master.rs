@@ -4,22 +4,23 @@
 use crate::config::{Config, ReadyMode};
 use crate::control::protocol::{Reply, Request};
 use crate::control::ControlSocket;
+use crate::endpoints::Endpoints;
 use crate::fleet::{Fleet, GenerationState};
 use crate::logging::LogHandle;
-use crate::operation::{Admission, Ask, Facts, FollowUp, Operation};
+use crate::operation::{Admission, Ask, Facts, Operation, Reloads};
 use crate::pidfile::PidFile;
-use crate::reload::{Outcome, Trigger};
+use crate::reload::Trigger;
 use crate::scale::ScaleChange;
 use crate::signals::{SignalEvent, Signals};
 use crate::upgrade::exec::ExecState;
 use crate::upgrade::handoff::{NewMessage, OldMessage, Takeover};
+use crate::upgrade::lineage::Lineage;
 use crate::upgrade::Program;
 use crate::worker::State;
 use anyhow::Context;
 use baton_wire::channel::{Channel, ChannelError};
 use baton_wire::protocol::WorkerMessage;
 use nix::unistd::Pid;
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -119,50 +120,35 @@ pub type Waiter = oneshot::Sender<Reply>;
 
 /// The master's whole state.
 pub struct Master {
-    pub(crate) config_path: PathBuf,
     pub(crate) config: Rc<Config>,
     /// Every generation and the listeners in service (see
     /// [`crate::fleet`]).
     pub(crate) fleet: Fleet,
     /// What the master is doing (see [`crate::operation`]).
     pub(crate) operation: Operation,
-    /// The reload that runs after the one under way.
-    pub(crate) follow_up: FollowUp,
-    pub(crate) last_reload: Option<Outcome>,
-    /// CLI requests waiting for the running transaction's outcome.
-    pub(crate) reload_waiters: Vec<Waiter>,
+    /// Who waits for the reload under way, the follow-up, the last outcome.
+    pub(crate) reloads: Reloads,
     pub(crate) started: Instant,
     pub(crate) log: LogHandle,
     pub(crate) events: Events,
-    /// Where the control socket and the admin endpoint send requests: an
-    /// inbox of their own, served before the main one's events (but for
-    /// one event after [`REQUESTS_IN_A_ROW`] requests in a row), so that a
-    /// burst of worker messages does not delay `baton status`.
-    pub(crate) requests: Events,
-    /// Where the admin endpoint sends `/healthz` and `/readyz`: served
+    /// The control socket, the admin endpoint and the pid file (see
+    /// [`crate::endpoints`]). Their requests come in inboxes of their own,
+    /// served before the main one's events (but for one event after
+    /// [`REQUESTS_IN_A_ROW`] requests in a row), so that a burst of worker
+    /// messages does not delay `baton status`; `/healthz` and `/readyz`
     /// before every other request, so that a probe never waits behind
     /// scrapes or CLI requests.
-    pub(crate) probes: Events,
-    /// The control socket; released to a new master at an upgrade.
-    pub(crate) control: Option<ControlSocket>,
-    pub(crate) pid_file: Option<PidFile>,
+    pub(crate) endpoints: Endpoints,
     /// This master's binary, for upgrades.
     pub(crate) program: Program,
-    /// In a new master: the old master, until it hands over.
-    pub(crate) takeover: Option<TakeoverState>,
-    /// In a new master: lives until the old master has exited; the old
-    /// master's generation sockets are kept on the ports until then.
-    pub(crate) old_master: Option<Rc<()>>,
-    /// After a committed upgrade (child mode): the new master, a child of
-    /// this one that must outlive it.
-    pub(crate) successor: Option<Pid>,
+    /// The masters before and after this one across an upgrade (see
+    /// [`crate::upgrade::lineage`]).
+    pub(crate) lineage: Lineage,
     /// Kills the workers a killed master leaves behind (see
     /// [`crate::guardian`]).
     pub(crate) guardian: Option<crate::guardian::Guardian>,
     /// The generation whose readiness probes run (see [`crate::probe`]).
     pub(crate) probing: Option<crate::probe::Probing>,
-    /// The admin endpoint (`[supervisor] admin`).
-    pub(crate) admin: Option<crate::admin::AdminSocket>,
     /// What `/metrics` shows.
     pub(crate) metrics: crate::metrics::Metrics,
     /// More exited children may wait to be reaped (see
@@ -171,40 +157,6 @@ pub struct Master {
     /// Exits of children not known yet, reaped while workers were being
     /// started off the loop: their exit may come before their pid.
     pub(crate) unclaimed_exits: std::collections::HashMap<Pid, (String, bool)>,
-}
-
-/// A new master's link to the old one until the handover.
-pub struct TakeoverState {
-    pub(crate) channel: Arc<Channel>,
-    pub(crate) old_pid: u32,
-    pub(crate) ready_sent: bool,
-    reader: tokio::task::AbortHandle,
-}
-
-impl TakeoverState {
-    pub(crate) fn new(
-        channel: Arc<Channel>,
-        old_pid: u32,
-        reader: tokio::task::AbortHandle,
-    ) -> Self {
-        TakeoverState {
-            channel,
-            old_pid,
-            ready_sent: false,
-            reader,
-        }
-    }
-
-    /// Tells the old master this new master failed.
-    pub(crate) fn fail(&self, phase: &str, reason: &str) {
-        crate::upgrade::handoff::report_failure(&self.channel, phase, reason);
-    }
-}
-
-impl Drop for TakeoverState {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
 }
 
 /// Runs the master until it stops. Returns an error if generation 1 could not
@@ -267,33 +219,29 @@ pub async fn run(
         (None, None) => None,
     };
     let mut master = Master {
-        config_path: config.path.clone(),
         config: Rc::new(config.clone()),
         fleet: Fleet::default(),
         operation: Operation::Idle,
-        follow_up: FollowUp::default(),
-        last_reload: None,
-        reload_waiters: Vec::new(),
+        reloads: Reloads::default(),
         started: Instant::now(),
         log,
         events,
-        requests,
-        probes,
-        control,
-        pid_file,
+        endpoints: Endpoints::new(
+            control,
+            admin,
+            pid_file,
+            crate::admin::Inboxes { requests, probes },
+        ),
         program,
-        takeover: None,
-        old_master: None,
-        successor: None,
+        lineage: Lineage::default(),
         guardian: None,
         probing: None,
-        admin,
         metrics: crate::metrics::Metrics::new(),
         unclaimed_exits: Default::default(),
         reap_more: false,
     };
     if takeover.is_none() {
-        master.serve_admin();
+        master.endpoints.serve_admin();
     }
     master.start_guardian();
     if let Some(takeover) = takeover {
@@ -301,7 +249,7 @@ pub async fn run(
     }
     master.adopt_activated(activated)?;
     tracing::info!(event = "master.starting", pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
-    let upgraded = master.takeover.is_some() || exec_state.is_some();
+    let upgraded = master.lineage.taking_over() || exec_state.is_some();
     if let Some(state) = exec_state {
         master.adopt_exec_state(state)?;
         master.guard_every_worker();
@@ -320,7 +268,7 @@ pub async fn run(
     let mut watchdog = crate::sd_notify::Watchdog::from_env(upgraded);
     let mut requests_in_a_row = 0;
     loop {
-        if let Some(outcome) = &master.last_reload {
+        if let Some(outcome) = master.reloads.last() {
             if outcome.trigger == first
                 && master.fleet.current_number().is_none()
                 && master.operation.reload().is_none()
@@ -330,9 +278,7 @@ pub async fn run(
                     .clone()
                     .unwrap_or((crate::reload::Phase::Commit, "unknown".into()));
                 let generation = outcome.generation;
-                if let Some(takeover) = &master.takeover {
-                    takeover.fail(&phase.to_string(), &reason);
-                }
+                master.lineage.report_failure(&phase.to_string(), &reason);
                 master.stop(Stop::Fast, None);
                 master.wait_for_workers(&mut signals).await;
                 master.stop_orphans();
@@ -368,7 +314,7 @@ pub async fn run(
             // Only systemd's main pid pets: the master holding the control
             // socket, not an old one that handed over.
             _ = watchdog.due() => {
-                if master.control.is_some() {
+                if master.endpoints.main_process() {
                     crate::sd_notify::notify("WATCHDOG=1");
                 }
                 false
@@ -536,7 +482,7 @@ impl Master {
             Ok(fd) => fd,
             Err(e) => {
                 tracing::warn!(old_pid = pid, error = %e, "cannot watch the old master: its sockets stay open");
-                self.old_master = Some(token);
+                self.lineage.keep_old_sockets(token);
                 return;
             }
         };
@@ -549,7 +495,7 @@ impl Master {
             }
             let _ = events.send(Event::OldMasterExited);
         });
-        self.old_master = Some(token);
+        self.lineage.keep_old_sockets(token);
     }
 
     fn on_signal(&mut self, signal: SignalEvent) {
@@ -600,7 +546,7 @@ impl Master {
             Event::OldMaster { message } => return self.on_old_master(message),
             Event::OldMasterExited => {
                 tracing::info!("old master exited");
-                self.old_master = None;
+                self.lineage.old_master_exited();
                 return self.fleet.tidy();
             }
             Event::Notify {
@@ -698,7 +644,7 @@ impl Master {
         }
         // Only the master holding the control socket is systemd's main pid:
         // not an old one that handed over, nor a new one before the handover.
-        if self.control.is_some() {
+        if self.endpoints.main_process() {
             crate::sd_notify::notify("STOPPING=1");
         }
         self.abandon_upgrade();
@@ -711,7 +657,7 @@ impl Master {
             tracing::warn!("reload abandoned: the master is stopping");
         }
         self.operation.become_stopping(how);
-        self.follow_up.cancel("the master is stopping");
+        self.reloads.cancel_follow_up("the master is stopping");
         self.fleet.stop(how == Stop::Graceful, FAST_STOP_GRACE);
         self.reap_finished_generations();
     }
@@ -745,7 +691,12 @@ impl Master {
     /// [`crate::orphans`]); never the new master of an upgrade.
     fn stop_orphans(&self) {
         let guardian = self.guardian.as_ref().map(|g| g.pid());
-        let spare: Vec<Pid> = self.successor.into_iter().chain(guardian).collect();
+        let spare: Vec<Pid> = self
+            .lineage
+            .successor()
+            .into_iter()
+            .chain(guardian)
+            .collect();
         crate::orphans::stop_all(&spare, crate::orphans::GRACE);
     }
 

@@ -12,7 +12,7 @@ use crate::audit::Requester;
 use crate::config::Share;
 use crate::inplace::{InPlace, Mode};
 use crate::master::{Stop, Waiter};
-use crate::reload::{Reload, Trigger, Validating};
+use crate::reload::{Outcome, Reload, Trigger, Validating};
 use crate::rollout::Rollout;
 use crate::upgrade::Upgrade;
 use std::fmt;
@@ -449,6 +449,53 @@ impl FollowUp {
                 )));
             }
         }
+    }
+}
+
+/// The reloads' bookkeeping: who waits for the one under way, the
+/// follow-up that runs after it, and how the last one ended.
+#[derive(Default)]
+pub struct Reloads {
+    /// `baton reload` clients waiting for the running transaction.
+    waiters: Vec<Waiter>,
+    follow_up: FollowUp,
+    last: Option<Outcome>,
+}
+
+impl Reloads {
+    /// `waiters` get the outcome of the transaction starting now.
+    pub fn wait_for_running(&mut self, waiters: Vec<Waiter>) {
+        self.waiters.extend(waiters);
+    }
+
+    /// `request` came during a transaction: it joins the follow-up.
+    pub fn coalesce(&mut self, request: ReloadRequest) {
+        self.follow_up.absorb(request);
+    }
+
+    /// Drops the follow-up (the master is stopping); its waiters hear why.
+    pub fn cancel_follow_up(&mut self, reason: &str) {
+        self.follow_up.cancel(reason);
+    }
+
+    /// The running transaction ended: its waiters, to be answered.
+    pub fn take_waiters(&mut self) -> Vec<Waiter> {
+        std::mem::take(&mut self.waiters)
+    }
+
+    /// Keeps how the transaction ended, for `baton status`.
+    pub fn keep(&mut self, outcome: Outcome) {
+        self.last = Some(outcome);
+    }
+
+    /// How the last transaction ended.
+    pub fn last(&self) -> Option<&Outcome> {
+        self.last.as_ref()
+    }
+
+    /// The follow-up, to start now.
+    pub fn take_follow_up(&mut self) -> Option<ReloadRequest> {
+        self.follow_up.take()
     }
 }
 

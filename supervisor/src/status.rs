@@ -53,7 +53,7 @@ impl Master {
                     .collect(),
             })
             .collect();
-        let last_reload = self.last_reload.as_ref().map(|outcome| {
+        let last_reload = self.reloads.last().map(|outcome| {
             let pids = match (&outcome.failure, self.fleet.get(outcome.generation)) {
                 (None, Some(g)) => g.workers().keys().map(|p| p.as_raw()).collect(),
                 _ => Vec::new(),
@@ -64,7 +64,7 @@ impl Master {
             master: MasterStatus {
                 pid: std::process::id(),
                 uptime_s: self.started.elapsed().as_secs_f64(),
-                config: self.config_path.display().to_string(),
+                config: self.config.path.display().to_string(),
                 config_hash: self.config.hash.clone(),
                 current_generation: self.fleet.current_number(),
                 state: if self.operation.stopping().is_some() {
@@ -73,7 +73,7 @@ impl Master {
                     "running"
                 }
                 .into(),
-                admin: self.admin.as_ref().map(|a| a.address().to_string()),
+                admin: self.endpoints.admin_address(),
             },
             listeners: self
                 .fleet

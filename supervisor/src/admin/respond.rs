@@ -49,19 +49,6 @@ impl Answer {
 }
 
 impl Master {
-    /// Starts answering on the admin endpoint, if there is one.
-    pub(crate) fn serve_admin(&mut self) {
-        let inboxes = crate::admin::Inboxes {
-            requests: self.requests.clone(),
-            probes: self.probes.clone(),
-        };
-        if let Some(admin) = &mut self.admin {
-            if let Err(e) = admin.serve(inboxes) {
-                tracing::error!(error = %format!("{e:#}"), "cannot serve the admin endpoint");
-            }
-        }
-    }
-
     /// Answers an admin request.
     pub(crate) fn on_admin(&mut self, endpoint: Endpoint, reply: oneshot::Sender<Answer>) {
         let answer = match endpoint {
@@ -101,7 +88,7 @@ impl Master {
     fn not_ready(&self) -> Option<String> {
         // A request that reached this master just before it handed over to
         // a new one, which serves now.
-        if self.successor.is_some() {
+        if self.lineage.successor().is_some() {
             return None;
         }
         if self.operation.stopping().is_some() {
@@ -145,7 +132,7 @@ impl Master {
                     generation: current.number().to_string(),
                     config_hash: current.config().hash.clone(),
                     version: current.config().app.version.clone(),
-                    config: self.config_path.display().to_string(),
+                    config: self.config.path.display().to_string(),
                 })
                 .set(1);
         }
@@ -205,7 +192,7 @@ impl Master {
             .set(i64::from(self.operation.reload().is_some()));
         m.stopping
             .set(i64::from(self.operation.stopping().is_some()));
-        if let Some(last) = &self.last_reload {
+        if let Some(last) = self.reloads.last() {
             m.last_reload_success.set(i64::from(last.failure.is_none()));
             let at = last
                 .finished

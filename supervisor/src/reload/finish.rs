@@ -58,8 +58,7 @@ impl Master {
             );
         }
         if let Some(admin) = reload.admin.take() {
-            self.admin = admin;
-            self.serve_admin();
+            self.endpoints.replace_admin(admin);
         }
         self.config = config;
         reload.end_phase(Phase::Commit);
@@ -140,20 +139,20 @@ impl Master {
         let current = self.fleet.current_number();
         log_outcome(&outcome, current);
         self.metrics.outcome(&outcome, &report);
-        answer_waiters(self.reload_waiters.drain(..), &outcome, &report);
+        answer_waiters(self.reloads.take_waiters(), &outcome, &report);
         // READY=1 after every reload, committed or failed: systemd must not
         // see the unit "reloading" forever. Not from a new master started by
         // an upgrade, which is not systemd's main pid yet (the old one announces it with MAINPID= at
         // the handover), nor when the first generation failed and the
         // master exits.
-        if self.takeover.is_none() && current.is_some() {
+        if !self.lineage.taking_over() && current.is_some() {
             crate::sd_notify::reload_finished(current, &outcome);
         }
-        self.last_reload = Some(outcome);
+        self.reloads.keep(outcome);
         // The follow-up starts once nothing runs: not when the transaction
         // that ended here handed over to a probation, nor during a stop.
         if matches!(self.operation, Operation::Idle) {
-            if let Some(follow_up) = self.follow_up.take() {
+            if let Some(follow_up) = self.reloads.take_follow_up() {
                 self.request_reload(follow_up);
             }
         }
@@ -203,7 +202,7 @@ fn log_outcome(outcome: &Outcome, kept_generation: Option<u64>) {
 /// The waiting `baton reload` clients' view: each gets the outcome of the
 /// transaction that covered its request.
 fn answer_waiters(
-    waiters: impl Iterator<Item = crate::master::Waiter>,
+    waiters: Vec<crate::master::Waiter>,
     outcome: &Outcome,
     report: &super::ReloadOutcome,
 ) {

@@ -272,7 +272,7 @@ impl Master {
                 // RELOADING=1 and READY=1: a refused reload is one that
                 // ended at once.
                 let stopping = self.operation.stopping().is_some();
-                if trigger == Trigger::Signal && !stopping && self.control.is_some() {
+                if trigger == Trigger::Signal && !stopping && self.endpoints.main_process() {
                     crate::sd_notify::reload_refused(
                         self.fleet.current_number(),
                         &reason.to_string(),
@@ -284,15 +284,16 @@ impl Master {
             }
             Admission::Coalesce => {
                 tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
-                self.follow_up.absorb(request);
+                self.reloads.coalesce(request);
             }
             Admission::Start | Admission::Already => {
-                self.reload_waiters.append(&mut request.waiters);
+                self.reloads
+                    .wait_for_running(std::mem::take(&mut request.waiters));
                 self.operation
                     .begin(Operation::Reading(Validating { request }));
                 // Reading the file may be slow (a network file system): off
                 // the event loop, its result comes back as an event.
-                let path = self.config_path.clone();
+                let path = self.config.path.clone();
                 let events = self.events.clone();
                 tokio::task::spawn_blocking(move || {
                     let loaded = Config::load(&path).map_err(|e| e.to_string());
@@ -405,6 +406,7 @@ impl Master {
 
         let steered = config.worker.steers_generations() || canary.is_some();
         let bound = self
+            .endpoints
             .rebind_admin(&config)
             .and_then(|admin| Ok((self.bind(&config)?, admin)));
         let (listeners, admin) = match bound {

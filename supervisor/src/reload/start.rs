@@ -229,22 +229,6 @@ impl Master {
         self.advance_reload();
     }
 
-    /// The admin endpoint `config` asks for, when it differs from the one
-    /// served: bound now, served from the commit (`None`: keep it).
-    #[allow(clippy::type_complexity)]
-    pub(super) fn rebind_admin(
-        &self,
-        config: &Config,
-    ) -> anyhow::Result<Option<Option<crate::admin::AdminSocket>>> {
-        let wanted = config.supervisor.admin.as_ref();
-        if wanted == self.admin.as_ref().map(|a| a.configured()) {
-            return Ok(None);
-        }
-        Ok(Some(
-            wanted.map(crate::admin::AdminSocket::bind).transpose()?,
-        ))
-    }
-
     /// Keeps every listener whose name and address are unchanged (same fd:
     /// this is what makes reloads drop nothing) and binds the others.
     pub(super) fn bind(&self, config: &Config) -> anyhow::Result<Vec<Shared>> {

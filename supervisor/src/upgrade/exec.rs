@@ -105,10 +105,10 @@ impl Master {
             .arg0(&self.program.argv0)
             .arg("run")
             .arg("-c")
-            .arg(&self.config_path)
+            .arg(&self.config.path)
             .env(STATE_FD_ENV, file.as_raw_fd().to_string())
             .env(BINARY_FD_ENV, binary.as_raw_fd().to_string());
-        inherit.extend(self.hand_admin_to(&mut command));
+        inherit.extend(self.endpoints.hand_admin_to(&mut command));
         crate::fds::hand_nofile_to(&mut command);
         for fd in &inherit {
             set_cloexec(*fd, false)?;

@@ -6,10 +6,8 @@
 //! like a worker's, and each fd is checked against its metadata.
 
 use crate::config::{ListenerAddress, ListenerConfig};
-use crate::control::ControlSocket;
 use crate::listener::{Listener, Shared};
-use crate::master::{Event, Master, TakeoverState};
-use crate::pidfile::PidFile;
+use crate::master::{Event, Master};
 use crate::steering::Layout;
 use anyhow::{bail, Context};
 use baton_wire::channel::Channel;
@@ -356,11 +354,8 @@ impl Master {
             }
         })
         .abort_handle();
-        self.takeover = Some(TakeoverState::new(
-            takeover.channel,
-            takeover.old_pid,
-            reader,
-        ));
+        self.lineage
+            .take_over_from(takeover.old_pid, takeover.channel, reader);
     }
 
     /// In a new master: once its first generation serves, tell the old one.
@@ -368,86 +363,32 @@ impl Master {
         let Some(generation) = self.fleet.current_number() else {
             return;
         };
-        let Some(takeover) = &mut self.takeover else {
-            return;
-        };
-        if takeover.ready_sent {
-            return;
-        }
-        takeover.ready_sent = true;
-        let steered = self
-            .fleet
-            .get(generation)
-            .map(|g| {
-                g.listeners()
-                    .iter()
-                    .filter(|s| s.primary().is_some())
-                    .map(|s| s.info.name.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let message = NewMessage::Ready {
+        let fleet = &self.fleet;
+        self.lineage.report_ready(|| NewMessage::Ready {
             pid: std::process::id(),
             generation,
-            steered,
-        };
-        if let Err(e) = takeover.channel.try_send(&message, &[]) {
-            tracing::warn!(error = %e, "cannot tell the old master this one is ready");
-        }
+            steered: fleet
+                .get(generation)
+                .map(|g| {
+                    g.listeners()
+                        .iter()
+                        .filter(|s| s.primary().is_some())
+                        .map(|s| s.info.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        });
     }
 
     /// In a new master: the old master handed over (or vanished): take the
     /// control socket and the pid file.
     pub(crate) fn on_old_master(&mut self, message: Option<OldMessage>) {
-        let Some(takeover) = self.takeover.take() else {
+        if !self.lineage.on_old_master(message) {
             return;
-        };
-        match message {
-            Some(OldMessage::Handover {}) => {
-                tracing::info!(old_pid = takeover.old_pid, "old master handed over")
-            }
-            None if takeover.ready_sent => {
-                tracing::warn!(
-                    old_pid = takeover.old_pid,
-                    "old master gone before the handover; taking over"
-                )
-            }
-            None => {
-                // Not ready yet and nobody to hand over: keep starting, and
-                // take over when ready.
-                tracing::warn!(
-                    old_pid = takeover.old_pid,
-                    "old master gone during the upgrade; taking over"
-                );
-            }
-            Some(other) => {
-                tracing::warn!(message = ?other, "unexpected message from the old master ignored");
-                self.takeover = Some(takeover);
-                return;
-            }
         }
         for listener in self.fleet.sockets() {
             listener.own_path();
         }
-        // The admin endpoint's queue waited for this moment.
-        self.serve_admin();
-        let supervisor = &self.config.supervisor;
-        match ControlSocket::bind(&supervisor.control_socket) {
-            Ok(mut control) => match control.serve(self.requests.clone()) {
-                Ok(()) => self.control = Some(control),
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "cannot serve the control socket")
-                }
-            },
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "cannot take over the control socket")
-            }
-        }
-        if let Some(path) = &supervisor.pid_file {
-            match PidFile::write(path) {
-                Ok(pid_file) => self.pid_file = Some(pid_file),
-                Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot write the pid file"),
-            }
-        }
+        self.endpoints.take_over(&self.config.supervisor);
     }
 }

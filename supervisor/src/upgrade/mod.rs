@@ -10,6 +10,7 @@
 
 pub mod exec;
 pub mod handoff;
+pub mod lineage;
 
 use crate::audit::Requester;
 use crate::control::protocol::Reply;
@@ -186,11 +187,7 @@ impl Master {
             tracing::info!(check_pid = child.as_raw(), "checking the new binary");
             return;
         }
-        if let Some(pid_file) = &mut self.pid_file {
-            if let Err(e) = pid_file.rename_to_oldbin() {
-                tracing::warn!(error = %format!("{e:#}"), "cannot rename the pid file");
-            }
-        }
+        self.endpoints.pid_file_to_oldbin();
         tracing::info!(new_pid = child.as_raw(), "new master started");
     }
 
@@ -203,7 +200,7 @@ impl Master {
             .map_err(|e| ("binary", e))?;
         let mut command = self.program.command(
             &binary,
-            &["run".as_ref(), "-c".as_ref(), self.config_path.as_os_str()],
+            &["run".as_ref(), "-c".as_ref(), self.config.path.as_os_str()],
         );
         command
             .env(UPGRADE_FD_ENV, theirs.as_raw_fd().to_string())
@@ -211,7 +208,7 @@ impl Master {
             // Its own group: an abort stops whatever it started too.
             .process_group(0);
         let mut inherited = vec![binary.as_raw_fd(), theirs.as_raw_fd()];
-        inherited.extend(self.hand_admin_to(&mut command));
+        inherited.extend(self.endpoints.hand_admin_to(&mut command));
         crate::fds::hand_nofile_to(&mut command);
         inherit_in_child(&mut command, inherited);
         // The new master steers the ports it is handed: whatever happens to
@@ -258,7 +255,7 @@ impl Master {
             &[
                 "check".as_ref(),
                 "-c".as_ref(),
-                self.config_path.as_os_str(),
+                self.config.path.as_os_str(),
             ],
         );
         command
@@ -277,22 +274,6 @@ impl Master {
         drop(child);
         let output = std::fs::File::from(read);
         Ok((pid, Kind::InPlace { binary, output }))
-    }
-
-    /// Names the admin socket (if any) in `command`'s environment; returns
-    /// its fd, to be inherited. Without one, a stale name is removed.
-    pub(crate) fn hand_admin_to(&self, command: &mut std::process::Command) -> Option<i32> {
-        match &self.admin {
-            Some(admin) => {
-                let fd = admin.fd().as_raw_fd();
-                command.env(crate::admin::ADMIN_FD_ENV, fd.to_string());
-                Some(fd)
-            }
-            None => {
-                command.env_remove(crate::admin::ADMIN_FD_ENV);
-                None
-            }
-        }
     }
 
     /// A message from the new master.
@@ -325,11 +306,8 @@ impl Master {
             return;
         }
         // Release the control socket first: the new master binds it when it
-        // hears the handover. Unix socket files stay for it.
-        self.control = None;
-        if let Some(admin) = &mut self.admin {
-            admin.hand_over();
-        }
+        // hears the handover.
+        self.endpoints.hand_over();
         for listener in self.fleet.sockets() {
             listener.hand_over();
         }
@@ -358,7 +336,8 @@ impl Master {
         // accepted first: this master's generation sockets, and listeners
         // the new generation has sockets of its own on.
         self.operation.take_upgrade();
-        self.successor = Some(nix::unistd::Pid::from_raw(new_pid as i32));
+        self.lineage
+            .hand_over_to(nix::unistd::Pid::from_raw(new_pid as i32));
         self.fleet.hand_over_current(|s| {
             s.steerable() && (s.primary().is_some() || steered.contains(&s.info.name))
         });
@@ -392,11 +371,7 @@ impl Master {
                 "upgrade failed in phase {phase}: {reason}"
             )));
         }
-        if let Some(pid_file) = &mut self.pid_file {
-            if let Err(e) = pid_file.restore() {
-                tracing::error!(error = %format!("{e:#}"), "cannot restore the pid file");
-            }
-        }
+        self.endpoints.restore_pid_file();
     }
 
     /// A child exited: if it is the upgrade's, the upgrade moves on (a
@@ -441,9 +416,7 @@ impl Master {
             upgrade.phase = Phase::Exec {
                 at: Instant::now() + Duration::from_millis(100),
             };
-            if let Some(admin) = &mut self.admin {
-                admin.stop_serving();
-            }
+            self.endpoints.pause_admin();
             return true;
         }
         // Its last words may still be queued behind the exit.
@@ -485,7 +458,7 @@ impl Master {
                         .expect_err("exec returns only on failure");
                     tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
                     self.metrics.upgrade("failed");
-                    self.serve_admin();
+                    self.endpoints.serve_admin();
                     self.start_guardian();
                     self.guard_every_worker();
                 }
