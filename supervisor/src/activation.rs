@@ -10,14 +10,13 @@
 //! disagree, and guessing would serve on the wrong socket.
 
 use crate::config::{ListenerAddress, ListenerConfig};
-use crate::master::Master;
+use crate::listener::Listener;
 use anyhow::{bail, Context};
 use baton_wire::protocol::ListenerKind;
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::rc::Rc;
 
 /// The first fd systemd passes (`SD_LISTEN_FDS_START`).
 const FIRST_FD: RawFd = 3;
@@ -189,26 +188,29 @@ pub fn assign(
     Ok(out)
 }
 
-impl Master {
-    /// Takes the sockets of socket activation as the listeners they match;
-    /// the first reload keeps them as it keeps any unchanged listener.
-    pub(crate) fn adopt_activated(&mut self, activated: Vec<Inherited>) -> anyhow::Result<()> {
-        for (config, socket, by) in assign(activated, &self.config.listeners)? {
-            let fd = socket.fd.as_raw_fd();
-            let listener = crate::listener::Listener::inherited(config, socket.fd)?;
-            tracing::info!(
-                listener = %listener.info.name,
-                address = %listener.info.address,
-                kind = %listener.info.kind,
-                fd,
-                matched_by = by,
-                steered = listener.steerable(),
-                "listener adopted from socket activation"
-            );
-            self.fleet.adopt_listener(Rc::new(listener));
-        }
-        Ok(())
+/// The sockets of socket activation as the listeners of `listeners` they
+/// match, for the master to start with: the first reload keeps them as it
+/// keeps any unchanged listener.
+pub fn adopt(
+    activated: Vec<Inherited>,
+    listeners: &[ListenerConfig],
+) -> anyhow::Result<Vec<Listener>> {
+    let mut out = Vec::new();
+    for (config, socket, by) in assign(activated, listeners)? {
+        let fd = socket.fd.as_raw_fd();
+        let listener = Listener::inherited(config, socket.fd)?;
+        tracing::info!(
+            listener = %listener.info.name,
+            address = %listener.info.address,
+            kind = %listener.info.kind,
+            fd,
+            matched_by = by,
+            steered = listener.steerable(),
+            "listener adopted from socket activation"
+        );
+        out.push(listener);
     }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The master: one event loop that owns all state. Signals, child exits and
 //! worker messages arrive as events; timers are derived from the state.
 
+mod requests;
+
 use crate::config::{Config, ReadyMode};
 use crate::control::protocol::{Reply, Request};
 use crate::control::ControlSocket;
@@ -247,7 +249,9 @@ pub async fn run(
     if let Some(takeover) = takeover {
         master.adopt(takeover);
     }
-    master.adopt_activated(activated)?;
+    for listener in crate::activation::adopt(activated, &master.config.listeners)? {
+        master.fleet.adopt_listener(Rc::new(listener));
+    }
     tracing::info!(event = "master.starting", pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
     let upgraded = master.lineage.taking_over() || exec_state.is_some();
     if let Some(state) = exec_state {
@@ -552,7 +556,14 @@ impl Master {
             Event::Notify {
                 generation,
                 datagram,
-            } => return self.on_notify(generation, datagram),
+            } => {
+                if let Some(g) = self.fleet.get_mut(generation) {
+                    if crate::notify::deliver(g, datagram) {
+                        self.advance_reload();
+                    }
+                }
+                return;
+            }
             Event::Probe { generation, result } => return self.on_probe(generation, result),
             Event::Spawned {
                 generation,

@@ -14,7 +14,7 @@
 //! by a master that died is removed by the next master that creates its own.
 
 use crate::config::Credentials;
-use crate::master::Master;
+use crate::fleet::Generation;
 use crate::worker::State;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
 use nix::unistd::Pid;
@@ -294,89 +294,87 @@ pub fn parse(text: &str) -> Notification {
     out
 }
 
-impl Master {
-    /// A datagram on generation `generation`'s notify socket.
-    pub(crate) fn on_notify(&mut self, generation: u64, datagram: Datagram) {
-        let Some(g) = self.fleet.get_mut(generation) else {
-            return;
-        };
-        let sender = datagram.lineage.first().map_or(0, |p| p.as_raw());
-        let Some(pid) = datagram
-            .lineage
-            .iter()
-            .copied()
-            .find(|p| g.workers().contains_key(p))
-        else {
-            let pending = g.has_pending();
-            if let Some(notifier) = g
-                .notify_mut()
-                .filter(|n| pending && n.held.len() < MAX_HELD)
-            {
-                notifier.held.push(datagram);
-                return;
-            }
-            tracing::warn!(
-                generation,
-                sender,
-                "notification from a process that is not a worker of this generation: ignored"
-            );
-            return;
-        };
-        let Some(text) = datagram.text else {
-            tracing::warn!(
-                generation,
-                pid = pid.as_raw(),
-                sender,
-                "oversized or non-UTF-8 notification ignored"
-            );
-            return;
-        };
-        let notification = parse(&text);
-        let notify_ready = g.config().worker.ready == crate::config::ReadyMode::Notify;
-        let worker = g.worker_mut(pid).expect("found above");
-        let (index, raw) = (worker.index(), pid.as_raw());
-        if let Some(status) = notification.status {
-            tracing::info!(generation, worker = index, pid = raw, sender, %status, "worker status");
-            worker.report_status(status);
+/// A datagram on `generation`'s notify socket, delivered: true when it
+/// came from one of its workers (a readiness may have changed), false when
+/// it was held for a worker still being started, or ignored.
+pub fn deliver(g: &mut Generation, datagram: Datagram) -> bool {
+    let generation = g.number();
+    let sender = datagram.lineage.first().map_or(0, |p| p.as_raw());
+    let Some(pid) = datagram
+        .lineage
+        .iter()
+        .copied()
+        .find(|p| g.workers().contains_key(p))
+    else {
+        let pending = g.has_pending();
+        if let Some(notifier) = g
+            .notify_mut()
+            .filter(|n| pending && n.held.len() < MAX_HELD)
+        {
+            notifier.held.push(datagram);
+            return false;
         }
-        if let Some(main_pid) = notification.main_pid {
-            tracing::info!(
-                generation,
-                worker = index,
-                pid = raw,
-                main_pid,
-                "worker announced MAINPID (noted; baton keeps supervising the process it started)"
-            );
-        }
-        if notification.stopping {
-            tracing::info!(generation, worker = index, pid = raw, "worker stopping");
-        }
-        if notification.ready && notify_ready && worker.state() == State::Starting {
-            worker.become_ready();
-            tracing::info!(
-                event = "worker.ready",
-                generation,
-                worker = index,
-                pid = raw,
-                sender,
-                "worker ready"
-            );
-        }
-        self.advance_reload();
+        tracing::warn!(
+            generation,
+            sender,
+            "notification from a process that is not a worker of this generation: ignored"
+        );
+        return false;
+    };
+    let Some(text) = datagram.text else {
+        tracing::warn!(
+            generation,
+            pid = pid.as_raw(),
+            sender,
+            "oversized or non-UTF-8 notification ignored"
+        );
+        return false;
+    };
+    let notification = parse(&text);
+    let notify_ready = g.config().worker.ready == crate::config::ReadyMode::Notify;
+    let worker = g.worker_mut(pid).expect("found above");
+    let (index, raw) = (worker.index(), pid.as_raw());
+    if let Some(status) = notification.status {
+        tracing::info!(generation, worker = index, pid = raw, sender, %status, "worker status");
+        worker.report_status(status);
     }
+    if let Some(main_pid) = notification.main_pid {
+        tracing::info!(
+            generation,
+            worker = index,
+            pid = raw,
+            main_pid,
+            "worker announced MAINPID (noted; baton keeps supervising the process it started)"
+        );
+    }
+    if notification.stopping {
+        tracing::info!(generation, worker = index, pid = raw, "worker stopping");
+    }
+    if notification.ready && notify_ready && worker.state() == State::Starting {
+        worker.become_ready();
+        tracing::info!(
+            event = "worker.ready",
+            generation,
+            worker = index,
+            pid = raw,
+            sender,
+            "worker ready"
+        );
+    }
+    true
+}
 
-    /// Generation `generation` took in a worker started off the loop (or
-    /// gave up on one): what was held for it is delivered now, and once no
-    /// worker is still to come, what is left is from no worker at all.
-    pub(crate) fn replay_notifications(&mut self, generation: u64) {
-        let held = match self.fleet.get_mut(generation) {
-            Some(g) => g.notify_mut().map(|n| std::mem::take(&mut n.held)),
-            None => None,
-        };
-        for datagram in held.into_iter().flatten() {
-            self.on_notify(generation, datagram);
-        }
+/// Generation `g` took in a worker started off the loop (or gave up on
+/// one): what was held for it is delivered now, and once no worker is
+/// still to come, what is left is from no worker at all. True when any of
+/// it came from a worker.
+pub fn replay(g: &mut Generation) -> bool {
+    let held = g.notify_mut().map(|n| std::mem::take(&mut n.held));
+    let mut delivered = false;
+    for datagram in held.into_iter().flatten() {
+        delivered |= deliver(g, datagram);
     }
+    delivered
 }
 
 #[cfg(test)]

@@ -46,6 +46,22 @@ pub struct Rollout {
 }
 
 impl Rollout {
+    /// What `baton status` shows of it, with the failures in a row of the
+    /// probes of its generation.
+    pub fn status(&self, probe_failures: Option<u32>) -> RolloutStatus {
+        let now = Instant::now();
+        RolloutStatus {
+            generation: self.generation(),
+            standby: self.standby,
+            canary_percent: self.canary.map(|c| c.percent()),
+            elapsed_s: (now - self.cut_over).as_secs_f64(),
+            left_s: self
+                .until
+                .map(|u| u.saturating_duration_since(now).as_secs_f64()),
+            probe_failures,
+        }
+    }
+
     /// The new generation.
     pub fn generation(&self) -> u64 {
         self.reload.generation()
@@ -238,25 +254,5 @@ impl Master {
         } else {
             Reply::error("no reload is on probation")
         });
-    }
-
-    /// What `baton status` shows of a rollout.
-    pub(crate) fn rollout_status(&self) -> Option<RolloutStatus> {
-        let rollout = self.operation.rollout()?;
-        let now = Instant::now();
-        Some(RolloutStatus {
-            generation: rollout.generation(),
-            standby: rollout.standby,
-            canary_percent: rollout.canary.map(|c| c.percent()),
-            elapsed_s: (now - rollout.cut_over).as_secs_f64(),
-            left_s: rollout
-                .until
-                .map(|u| u.saturating_duration_since(now).as_secs_f64()),
-            probe_failures: self
-                .probing
-                .as_ref()
-                .filter(|p| p.generation == rollout.generation())
-                .map(|p| p.failures),
-        })
     }
 }

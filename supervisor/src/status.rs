@@ -1,103 +1,11 @@
 //! `baton status`: the master's state as the control protocol reports it,
 //! and the aligned table the CLI prints.
 
-use crate::control::protocol::{
-    GenerationStatus, ListenerStatus, MasterStatus, Status, WorkerStatus,
-};
-use crate::master::Master;
+use crate::control::protocol::{Status, WorkerStatus};
 use crate::worker::State;
 use std::fmt::Write;
-use std::os::fd::AsRawFd;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
-
-impl Master {
-    /// A snapshot of everything `baton status` shows but the draining
-    /// workers' open connections, which [`complete`] adds off the event
-    /// loop.
-    pub fn status(&self) -> Status {
-        let now = (Instant::now(), SystemTime::now());
-        let generations = self
-            .fleet
-            .iter()
-            .map(|g| GenerationStatus {
-                number: g.number(),
-                state: g.state().name().into(),
-                age_s: g.started().elapsed().as_secs_f64(),
-                processes: g.processes(),
-                config_hash: g.config().hash.clone(),
-                config_version: g.config().app.version.clone(),
-                sockets: g.listeners().iter().map(|l| l.fd().as_raw_fd()).collect(),
-                crash_loop: g.crash_looped().iter().copied().collect(),
-                workers: g
-                    .workers()
-                    .values()
-                    .map(|w| WorkerStatus {
-                        pid: w.pid().as_raw(),
-                        index: w.index(),
-                        state: w.state().name().into(),
-                        uptime_s: w.started().elapsed().as_secs_f64(),
-                        restarts: w.restarts(),
-                        connections: w.connections(),
-                        status: w.status().map(str::to_string),
-                        config_version: w.app_version().map(str::to_string),
-                        drain_deadline: deadline(&w.state(), now),
-                        kill_in_s: match w.state() {
-                            State::Draining { kill_at } => {
-                                Some(kill_at.saturating_duration_since(now.0).as_secs_f64())
-                            }
-                            _ => None,
-                        },
-                        open_connections: None,
-                    })
-                    .collect(),
-            })
-            .collect();
-        let last_reload = self.reloads.last().map(|outcome| {
-            let pids = match (&outcome.failure, self.fleet.get(outcome.generation)) {
-                (None, Some(g)) => g.workers().keys().map(|p| p.as_raw()).collect(),
-                _ => Vec::new(),
-            };
-            outcome.report(pids)
-        });
-        Status {
-            master: MasterStatus {
-                pid: std::process::id(),
-                uptime_s: self.started.elapsed().as_secs_f64(),
-                config: self.config.path.display().to_string(),
-                config_hash: self.config.hash.clone(),
-                current_generation: self.fleet.current_number(),
-                state: if self.operation.stopping().is_some() {
-                    "stopping"
-                } else {
-                    "running"
-                }
-                .into(),
-                admin: self.endpoints.admin_address(),
-            },
-            listeners: self
-                .fleet
-                .listeners()
-                .iter()
-                .map(|l| ListenerStatus {
-                    name: l.info.name.clone(),
-                    kind: l.info.kind.to_string(),
-                    address: l.info.address.clone(),
-                    fd: l.fd().as_raw_fd(),
-                })
-                .collect(),
-            generations,
-            reload_in_progress: self
-                .operation
-                .reload()
-                .map(|r| r.generation())
-                .or(self.operation.rollout().map(|r| r.generation()))
-                .or(self.operation.in_place().map(|t| t.generation())),
-            last_reload,
-            rollout: self.rollout_status(),
-        }
-    }
-}
 
 /// Adds each draining worker's open client connections to `status` and
 /// hands it to `send`: on a blocking thread, since listing them reads the
@@ -127,7 +35,7 @@ pub fn complete(mut status: Status, send: impl FnOnce(Status) + Send + 'static) 
 }
 
 /// A draining worker's kill time, in seconds since the epoch.
-fn deadline(state: &State, (instant, wall): (Instant, SystemTime)) -> Option<f64> {
+pub fn deadline(state: &State, (instant, wall): (Instant, SystemTime)) -> Option<f64> {
     let State::Draining { kill_at } = state else {
         return None;
     };

@@ -7,7 +7,6 @@
 //! nothing.
 
 pub mod client;
-mod handle;
 pub mod protocol;
 
 use crate::master::Event;

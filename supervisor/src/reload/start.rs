@@ -182,7 +182,11 @@ impl Master {
             self.unclaimed_exits.clear();
         }
         // It may have notified already, before it was taken in.
-        self.replay_notifications(number);
+        if let Some(g) = self.fleet.get_mut(number) {
+            if crate::notify::replay(g) {
+                self.advance_reload();
+            }
+        }
         if !wanted {
             return self.reap_finished_generations();
         }
