@@ -103,6 +103,16 @@ pub struct InPlace {
 }
 
 impl InPlace {
+    /// When every awaited worker must have answered.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// [`Phase::Prepare`] or [`Phase::Commit`].
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
     /// The generation whose workers swap.
     pub fn generation(&self) -> u64 {
         self.generation
@@ -421,13 +431,22 @@ impl Master {
         self.advance_in_place();
     }
 
-    /// Moves on when every answer is in, or the deadline passed.
+    /// Moves on when every answer is in (its deadline is the loop's: see
+    /// [`crate::operation::Summary::on_deadline`]).
     pub(crate) fn advance_in_place(&mut self) {
+        let Some(transaction) = self.operation.in_place() else {
+            return;
+        };
+        let next = next_move(transaction.phase, transaction.waiting.is_empty(), false);
+        self.move_in_place(next);
+    }
+
+    /// Does what [`next_move`] decided.
+    pub(crate) fn move_in_place(&mut self, next: Move) {
         let Some(transaction) = self.operation.in_place_mut() else {
             return;
         };
-        let past = Instant::now() >= transaction.deadline;
-        match next_move(transaction.phase, transaction.waiting.is_empty(), past) {
+        match next {
             Move::Commit => self.commit_in_place(),
             Move::AbortLate => {
                 let transaction = self.operation.take_in_place().expect("checked above");
@@ -461,11 +480,6 @@ impl Master {
             }
             Move::Wait => {}
         }
-    }
-
-    /// When the transaction needs the loop next.
-    pub(crate) fn in_place_deadline(&self) -> Option<Instant> {
-        self.operation.in_place().map(|t| t.deadline)
     }
 
     /// Every worker prepared: the generation's configuration becomes the

@@ -9,7 +9,7 @@ use crate::control::ControlSocket;
 use crate::endpoints::Endpoints;
 use crate::fleet::{Fleet, GenerationState};
 use crate::logging::LogHandle;
-use crate::operation::{Admission, Ask, Facts, Operation, Reloads};
+use crate::operation::{Admission, Ask, Deadline, Expiry, Facts, Operation, Reloads};
 use crate::pidfile::PidFile;
 use crate::reload::Trigger;
 use crate::scale::ScaleChange;
@@ -745,9 +745,14 @@ impl Master {
         self.advance_in_place();
         self.kill_unanswered();
         self.probe_tick();
-        self.rollout_tick();
-        self.upgrade_tick();
         let now = Instant::now();
+        let spawning = self
+            .operation
+            .reload()
+            .is_some_and(|r| self.spawn_phase_open(r));
+        if let Some(deadline) = self.operation.due(now, spawning) {
+            self.on_deadline(deadline);
+        }
         let stopping = self.operation.stopping().is_some();
         let held = self.spawns_held();
         for generation in self.fleet.iter_mut() {
@@ -759,21 +764,35 @@ impl Master {
         }
     }
 
+    /// A deadline of the operation under way passed: does what
+    /// [`Summary::on_deadline`](crate::operation::Summary::on_deadline)
+    /// decides.
+    fn on_deadline(&mut self, deadline: Deadline) {
+        match self.operation.summary().on_deadline(deadline) {
+            Expiry::FailReload => self.fail_not_ready(),
+            Expiry::InPlace(next) => self.move_in_place(next),
+            Expiry::Promote => {
+                self.promote();
+            }
+            Expiry::FailUpgrade => self.upgrade_timed_out(),
+            Expiry::Exec => self.exec_upgrade(),
+            Expiry::KillUpgradeChild => self.kill_upgrade_child(),
+            Expiry::Nothing => {}
+        }
+    }
+
     fn next_deadline(&self) -> Option<Instant> {
         let held = self.spawns_held();
         let generations = self.fleet.next_deadline(held);
-        let reload = self.operation.reload().map(|r| r.deadline());
+        let operation = self.operation.wakeup();
         // Work left for the next turns: now.
         let busy = (self.fleet.tidy_pending() || self.reap_more).then(Instant::now);
         generations
             .into_iter()
-            .chain(reload)
+            .chain(operation)
             .chain(busy)
             .chain(self.delay_ready_deadline())
-            .chain(self.upgrade_deadline())
             .chain(self.probe_deadline())
-            .chain(self.in_place_deadline())
-            .chain(self.rollout_deadline())
             .min()
     }
 }

@@ -499,5 +499,8 @@ impl Reloads {
     }
 }
 
+mod deadlines;
+pub use deadlines::{Deadline, Expiry};
+
 #[cfg(test)]
 mod tests;

@@ -67,6 +67,12 @@ impl Rollout {
         self.reload.generation()
     }
 
+    /// When probation ends by itself (`None`: a canary waiting for
+    /// `baton promote`).
+    pub fn until(&self) -> Option<Instant> {
+        self.until
+    }
+
     /// The generation on standby.
     pub fn standby(&self) -> u64 {
         self.standby
@@ -115,23 +121,6 @@ impl Master {
                 canary,
             }));
         None
-    }
-
-    /// When probation ends by itself.
-    pub(crate) fn rollout_deadline(&self) -> Option<Instant> {
-        self.operation.rollout()?.until
-    }
-
-    /// Ends probation when its time is up.
-    pub(crate) fn rollout_tick(&mut self) {
-        if self
-            .operation
-            .rollout()
-            .and_then(|r| r.until)
-            .is_some_and(|until| Instant::now() >= until)
-        {
-            self.promote();
-        }
     }
 
     /// Ends the rollout with the new generation in service: the reload

@@ -235,11 +235,13 @@ impl Reload {
     /// make or workers to spawn, then when the new workers must all be
     /// ready.
     pub fn deadline(&self) -> Instant {
-        if self.stepping() {
-            Instant::now()
-        } else {
-            self.ready_deadline
-        }
+        self.ready_by().unwrap_or_else(Instant::now)
+    }
+
+    /// When its workers must all be ready: not while it binds or spawns a
+    /// step a turn.
+    pub fn ready_by(&self) -> Option<Instant> {
+        (!self.stepping()).then_some(self.ready_deadline)
     }
 
     /// Opens the child span of `phase`.
@@ -462,8 +464,8 @@ impl Master {
     }
 
     /// Moves the transaction on after an event: marks delay-ready workers,
-    /// commits when all are ready, aborts past the deadline or when a new
-    /// worker has exited.
+    /// commits when all are ready (its deadline is the loop's, see
+    /// [`Master::fail_not_ready`]).
     pub fn advance_reload(&mut self) {
         let Some(reload) = self.operation.reload() else {
             return;
@@ -474,7 +476,6 @@ impl Master {
             return;
         }
         let generation = reload.generation;
-        let deadline = reload.ready_deadline;
         let Some(new) = self.fleet.get_mut(generation) else {
             return;
         };
@@ -487,33 +488,41 @@ impl Master {
         }
         if new.all_ready() {
             let reload = self.operation.take_reload().expect("checked above");
-            return self.commit(reload);
+            self.commit(reload);
         }
-        if Instant::now() >= deadline {
-            let reload = self.operation.take_reload().expect("checked above");
-            let waiting: Vec<String> = new
-                .workers()
-                .values()
-                .filter(|w| w.state() != State::Ready)
-                .map(|w| format!("worker {} (pid {})", w.index(), w.pid()))
-                .collect();
-            let timeout = new.config().worker.ready_timeout.0;
-            let last_probe = self
-                .probing
-                .as_ref()
-                .filter(|p| p.generation == generation)
-                .and_then(|p| p.last_failure.as_ref())
-                .map(|f| format!(" (last probe: {f})"))
-                .unwrap_or_default();
-            self.abort(
-                reload,
-                Phase::Ready,
-                format!(
-                    "{} not ready within {timeout:?}{last_probe}",
-                    waiting.join(", ")
-                ),
-            );
-        }
+    }
+
+    /// `ready_timeout` passed: the reload fails, naming the workers not
+    /// ready (and the last probe's failure).
+    pub(crate) fn fail_not_ready(&mut self) {
+        let Some(reload) = self.operation.take_reload() else {
+            return;
+        };
+        let generation = reload.generation;
+        let waiting: Vec<String> = self
+            .fleet
+            .get(generation)
+            .into_iter()
+            .flat_map(|new| new.workers().values())
+            .filter(|w| w.state() != State::Ready)
+            .map(|w| format!("worker {} (pid {})", w.index(), w.pid()))
+            .collect();
+        let timeout = reload.config.worker.ready_timeout.0;
+        let last_probe = self
+            .probing
+            .as_ref()
+            .filter(|p| p.generation == generation)
+            .and_then(|p| p.last_failure.as_ref())
+            .map(|f| format!(" (last probe: {f})"))
+            .unwrap_or_default();
+        self.abort(
+            reload,
+            Phase::Ready,
+            format!(
+                "{} not ready within {timeout:?}{last_probe}",
+                waiting.join(", ")
+            ),
+        );
     }
 
     /// A worker of the starting generation exited before it was ready.

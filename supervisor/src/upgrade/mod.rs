@@ -15,7 +15,7 @@ pub mod lineage;
 use crate::audit::Requester;
 use crate::control::protocol::Reply;
 use crate::master::{Event, Master, Stop, Waiter};
-use crate::operation::{Admission, Ask, Facts};
+use crate::operation::{Admission, Ask, Deadline, Facts};
 use anyhow::Context;
 use baton_wire::channel::{self, Channel, ChannelError};
 use handoff::{NewMessage, OldMessage, UPGRADE_FD_ENV};
@@ -76,6 +76,24 @@ impl Upgrade {
     /// Since it started.
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// When it next needs the loop.
+    pub fn deadline(&self) -> Instant {
+        match self.phase {
+            Phase::Waiting { deadline } => deadline,
+            Phase::Exec { at } => at,
+            Phase::Aborting { kill_at } => kill_at,
+        }
+    }
+
+    /// Its deadline, if passed at `now`.
+    pub fn due(&self, now: Instant) -> Option<Deadline> {
+        (now >= self.deadline()).then_some(match self.phase {
+            Phase::Waiting { .. } => Deadline::Handshake,
+            Phase::Exec { .. } => Deadline::Exec,
+            Phase::Aborting { .. } => Deadline::AbortGrace,
+        })
     }
 }
 
@@ -432,56 +450,49 @@ impl Master {
         true
     }
 
-    /// Deadlines: the upgrade timeout, the exec, and the kill of an aborted child.
-    pub(crate) fn upgrade_tick(&mut self) {
-        let now = Instant::now();
-        let Some(upgrade) = self.operation.upgrade_mut() else {
+    /// `upgrade_timeout` passed before the new master was ready.
+    pub(crate) fn upgrade_timed_out(&mut self) {
+        let timeout = self.config.supervisor.upgrade_timeout.0;
+        self.fail_upgrade(
+            "handshake",
+            format!("the new master was not ready within upgrade_timeout ({timeout:?})"),
+        );
+    }
+
+    /// In place: the replies are written; the new image replaces this one
+    /// (this returns only if the exec failed, and this master keeps
+    /// serving).
+    pub(crate) fn exec_upgrade(&mut self) {
+        let Some(upgrade) = self.operation.take_upgrade() else {
             return;
         };
-        match upgrade.phase {
-            Phase::Waiting { deadline } if now >= deadline => {
-                let timeout = self.config.supervisor.upgrade_timeout.0;
-                self.fail_upgrade(
-                    "handshake",
-                    format!("the new master was not ready within upgrade_timeout ({timeout:?})"),
-                );
+        if let Kind::InPlace { binary, .. } = &upgrade.kind {
+            // The new image starts a guardian of its own.
+            if let Some(guardian) = &self.guardian {
+                guardian.release();
             }
-            Phase::Exec { at } if now >= at => {
-                let upgrade = self.operation.take_upgrade().expect("matched above");
-                if let Kind::InPlace { binary, .. } = &upgrade.kind {
-                    // The new image starts a guardian of its own.
-                    if let Some(guardian) = &self.guardian {
-                        guardian.release();
-                    }
-                    let error = self
-                        .exec_in_place(binary)
-                        .expect_err("exec returns only on failure");
-                    tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
-                    self.metrics.upgrade("failed");
-                    self.endpoints.serve_admin();
-                    self.start_guardian();
-                    self.guard_every_worker();
-                }
-            }
-            Phase::Aborting { kill_at } if now >= kill_at => {
-                let _ = killpg(upgrade.child, Signal::SIGKILL);
-                let _ = kill(upgrade.child, Signal::SIGKILL);
-                // Nothing more is due until it is reaped.
-                upgrade.phase = Phase::Aborting {
-                    kill_at: now + Duration::from_secs(3600),
-                };
-            }
-            _ => {}
+            let error = self
+                .exec_in_place(binary)
+                .expect_err("exec returns only on failure");
+            tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
+            self.metrics.upgrade("failed");
+            self.endpoints.serve_admin();
+            self.start_guardian();
+            self.guard_every_worker();
         }
     }
 
-    /// When the upgrade next needs attention.
-    pub(crate) fn upgrade_deadline(&self) -> Option<Instant> {
-        match self.operation.upgrade()?.phase {
-            Phase::Waiting { deadline } => Some(deadline),
-            Phase::Exec { at } => Some(at),
-            Phase::Aborting { kill_at } => Some(kill_at),
-        }
+    /// A failed upgrade's child had its grace: killed.
+    pub(crate) fn kill_upgrade_child(&mut self) {
+        let Some(upgrade) = self.operation.upgrade_mut() else {
+            return;
+        };
+        let _ = killpg(upgrade.child, Signal::SIGKILL);
+        let _ = kill(upgrade.child, Signal::SIGKILL);
+        // Nothing more is due until it is reaped.
+        upgrade.phase = Phase::Aborting {
+            kill_at: Instant::now() + Duration::from_secs(3600),
+        };
     }
 
     /// A stop during an upgrade abandons it.
