@@ -55,8 +55,9 @@ fn answer(stream: TcpStream, generation: u64) -> std::io::Result<()> {
 
 fn run(listen: String) -> Result<(), baton_worker::Error> {
     let mut worker = Worker::builder().listener("http", listen).start()?;
+    // Non-blocking, as the SDK hands it out: the drain is noticed between
+    // accepts.
     let listener = worker.tcp_listener("http")?;
-    listener.set_nonblocking(true)?;
     worker.ready()?;
     let generation = worker.generation();
     let drain = worker.drain();

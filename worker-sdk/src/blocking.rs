@@ -9,8 +9,7 @@
 //! let mut worker = baton_worker::blocking::Worker::builder()
 //!     .listener("http", "127.0.0.1:8080") // used only when run standalone
 //!     .start()?;
-//! let listener = worker.tcp_listener("http")?;
-//! listener.set_nonblocking(true)?;
+//! let listener = worker.tcp_listener("http")?; // non-blocking
 //! worker.ready()?;
 //! let drain = worker.drain();
 //! while !drain.is_draining() {
@@ -33,6 +32,12 @@
 //! it too, under baton or standalone: call [`Builder::start`] before
 //! starting other threads, which then inherit the blocked signals that a
 //! thread of the SDK waits for.
+//!
+//! Listeners and sockets come non-blocking, as from the async SDK, and stay
+//! so: every worker of a generation holds the same open socket, so its
+//! `O_NONBLOCK` flag is theirs in common. A worker that made it blocking,
+//! even for a moment, would leave a sibling already in its accept loop
+//! asleep in `accept(2)` until a connection comes, deaf to the drain.
 
 use crate::handshake::{self, Handshake, Hello, HELLO_TIMEOUT};
 use crate::listener::{self, Listener};
@@ -292,50 +297,76 @@ impl Worker {
         self.listeners.values().map(|l| &l.info)
     }
 
-    /// Takes the TCP listener named `name` (in blocking mode).
+    /// Takes the TCP listener named `name`, non-blocking (see the [module
+    /// docs](self) for why): `accept` says `WouldBlock` when nothing is
+    /// queued.
     ///
     /// ```no_run
     /// # fn run(mut worker: baton_worker::blocking::Worker) -> Result<(), baton_worker::Error> {
     /// let listener = worker.tcp_listener("http")?;
     /// worker.ready()?;
-    /// let (stream, peer) = listener.accept()?;
+    /// let drain = worker.drain();
+    /// while !drain.is_draining() {
+    ///     match listener.accept() {
+    ///         Ok((stream, peer)) => { /* serve it on a thread */ }
+    ///         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+    ///             drain.wait_timeout(std::time::Duration::from_millis(5));
+    ///         }
+    ///         Err(e) => return Err(e.into()),
+    ///     }
+    /// }
     /// # Ok(()) }
     /// ```
     pub fn tcp_listener(&mut self, name: &str) -> Result<std::net::TcpListener, Error> {
         let fd = listener::take(&mut self.listeners, name, ListenerKind::Tcp)?;
         let listener = std::net::TcpListener::from(fd);
-        listener.set_nonblocking(false)?;
+        listener.set_nonblocking(true)?;
         Ok(listener)
     }
 
-    /// Takes the Unix stream listener named `name` (in blocking mode).
+    /// Takes the Unix stream listener named `name`, non-blocking as
+    /// [`tcp_listener`](Worker::tcp_listener)'s.
     ///
     /// ```no_run
     /// # fn run(mut worker: baton_worker::blocking::Worker) -> Result<(), baton_worker::Error> {
     /// let admin = worker.unix_listener("admin")?;
-    /// let (stream, _) = admin.accept()?;
+    /// match admin.accept() {
+    ///     Ok((stream, _)) => { /* serve it */ }
+    ///     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => { /* none queued */ }
+    ///     Err(e) => return Err(e.into()),
+    /// }
     /// # Ok(()) }
     /// ```
     pub fn unix_listener(&mut self, name: &str) -> Result<std::os::unix::net::UnixListener, Error> {
         let fd = listener::take(&mut self.listeners, name, ListenerKind::Unix)?;
         let listener = std::os::unix::net::UnixListener::from(fd);
-        listener.set_nonblocking(false)?;
+        listener.set_nonblocking(true)?;
         Ok(listener)
     }
 
-    /// Takes the UDP socket named `name` (in blocking mode).
+    /// Takes the UDP socket named `name`, non-blocking as
+    /// [`tcp_listener`](Worker::tcp_listener)'s.
     ///
     /// ```no_run
     /// # fn run(mut worker: baton_worker::blocking::Worker) -> Result<(), baton_worker::Error> {
     /// let socket = worker.udp_socket("dns")?;
+    /// let drain = worker.drain();
     /// let mut packet = [0u8; 512];
-    /// let (len, from) = socket.recv_from(&mut packet)?;
+    /// while !drain.is_draining() {
+    ///     match socket.recv_from(&mut packet) {
+    ///         Ok((len, from)) => { /* answer it */ }
+    ///         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+    ///             drain.wait_timeout(std::time::Duration::from_millis(5));
+    ///         }
+    ///         Err(e) => return Err(e.into()),
+    ///     }
+    /// }
     /// # Ok(()) }
     /// ```
     pub fn udp_socket(&mut self, name: &str) -> Result<std::net::UdpSocket, Error> {
         let fd = listener::take(&mut self.listeners, name, ListenerKind::Udp)?;
         let socket = std::net::UdpSocket::from(fd);
-        socket.set_nonblocking(false)?;
+        socket.set_nonblocking(true)?;
         Ok(socket)
     }
 
@@ -407,7 +438,6 @@ impl Worker {
 /// # fn run(worker: &baton_worker::blocking::Worker, listener: std::net::TcpListener) -> std::io::Result<()> {
 /// use std::time::Duration;
 ///
-/// listener.set_nonblocking(true)?;
 /// let drain = worker.drain();
 /// while !drain.is_draining() {
 ///     match listener.accept() {
@@ -561,6 +591,44 @@ fn spawn_signal_waiter(drain: Drain, timeout: Duration) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn taking_a_listener_never_makes_a_siblings_accept_block() {
+        // The sibling: a worker of the same generation already in its
+        // accept loop, on the same open socket (SCM_RIGHTS shares it as
+        // dup does, O_NONBLOCK included).
+        let sibling = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        sibling.set_nonblocking(true).unwrap();
+        let info = ListenerInfo {
+            name: "http".into(),
+            kind: ListenerKind::Tcp,
+            address: sibling.local_addr().unwrap().to_string(),
+        };
+        // This worker's copy, as the hello gives it.
+        let fd = OwnedFd::from(sibling.try_clone().unwrap());
+        let mut worker = Worker {
+            generation: 1,
+            index: 1,
+            listeners: BTreeMap::from([("http".to_string(), Listener { info, fd })]),
+            control: None,
+            drain: Drain::new(),
+            traceparent: None,
+        };
+        let taken = worker.tcp_listener("http").unwrap();
+        // Checked on the flag, not by accepting: on a blocking socket the
+        // sibling's accept would sleep until a connection came, past any
+        // drain, and so would this test.
+        let flags = nix::fcntl::fcntl(sibling.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        assert!(
+            nix::fcntl::OFlag::from_bits_truncate(flags).contains(nix::fcntl::OFlag::O_NONBLOCK),
+            "taking the listener made the shared socket blocking"
+        );
+        for listener in [&sibling, &taken] {
+            let e = listener.accept().unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        }
+    }
 
     #[test]
     fn drain_wakes_a_blocked_thread_with_the_earliest_deadline() {
