@@ -255,7 +255,7 @@ pub async fn run(
     tracing::info!(event = "master.starting", pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
     let upgraded = master.lineage.taking_over() || exec_state.is_some();
     if let Some(state) = exec_state {
-        master.adopt_exec_state(state)?;
+        state.adopt(&mut master.fleet, &master.config, &master.events)?;
         master.guard_every_worker();
         // Workers that exited while this image started are waiting to be reaped.
         master.reap();

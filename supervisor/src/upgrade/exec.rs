@@ -7,9 +7,8 @@
 
 use super::handoff::{HandedListener, BINARY_FD_ENV};
 use crate::config::Config;
-use crate::fleet::{Generation, GenerationState};
+use crate::fleet::{Fleet, Generation, GenerationState};
 use crate::listener::{Listener, Shared};
-use crate::master::Master;
 use crate::scale::ScaleOverride;
 use crate::steering::Layout;
 use crate::worker::{State, Worker};
@@ -83,52 +82,70 @@ struct ExecWorker {
     status: Option<String>,
 }
 
-impl Master {
-    /// Re-executes this process from `binary` with the state handed over.
-    /// Returns only if the exec failed; then nothing has changed.
-    pub(crate) fn exec_in_place(&self, binary: &std::fs::File) -> anyhow::Result<()> {
-        let (state, mut inherit, _members) = self.exec_state()?;
-        let json = serde_json::to_vec(&state)?;
-        let memfd = nix::sys::memfd::memfd_create(
-            c"baton-state",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .context("creating the state memfd")?;
-        let mut file = std::fs::File::from(memfd);
-        file.write_all(&json)?;
-        file.rewind()?;
-        inherit.push(file.as_raw_fd());
-        inherit.push(binary.as_raw_fd());
-        let mut command =
-            std::process::Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()));
-        command
-            .arg0(&self.program.argv0)
-            .arg("run")
-            .arg("-c")
-            .arg(&self.config.path)
-            .env(STATE_FD_ENV, file.as_raw_fd().to_string())
-            .env(BINARY_FD_ENV, binary.as_raw_fd().to_string());
-        inherit.extend(self.endpoints.hand_admin_to(&mut command));
-        crate::fds::hand_nofile_to(&mut command);
-        for fd in &inherit {
-            set_cloexec(*fd, false)?;
-        }
-        // The new image starts an exporter of its own; what this one
-        // batched goes first.
-        self.log.shutdown_traces();
-        // From the main thread: the workers it forked keep their parent
-        // thread, and with it their parent-death signal unsent.
-        let error = crate::forker::exec(command);
-        // Still here: the exec failed. Make every fd private again.
-        for fd in &inherit {
-            let _ = set_cloexec(*fd, true);
-        }
-        Err(error).context("re-executing in place")
-    }
+/// What this master is, for its new image: the program, its config file,
+/// its endpoints (the admin socket is inherited) and its log (batched
+/// traces go first).
+pub struct Image<'a> {
+    /// The binary's `argv[0]`.
+    pub program: &'a super::Program,
+    /// `-c`.
+    pub config: &'a std::path::Path,
+    /// The admin endpoint to hand over.
+    pub endpoints: &'a crate::endpoints::Endpoints,
+    /// Flushed before the exec.
+    pub log: &'a crate::logging::LogHandle,
+}
 
-    /// The state, the fds it names, and the port groups' member sockets
-    /// (copies, to be kept open until the exec).
-    fn exec_state(&self) -> anyhow::Result<(ExecState, Vec<RawFd>, Vec<OwnedFd>)> {
+/// Re-executes this process from `binary` with `fleet` handed over as it
+/// is. Returns only if the exec failed; then nothing has changed.
+pub fn exec_in_place(
+    binary: &std::fs::File,
+    fleet: &Fleet,
+    image: Image<'_>,
+) -> anyhow::Result<()> {
+    let (state, mut inherit, _members) = ExecState::capture(fleet)?;
+    let json = serde_json::to_vec(&state)?;
+    let memfd = nix::sys::memfd::memfd_create(
+        c"baton-state",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .context("creating the state memfd")?;
+    let mut file = std::fs::File::from(memfd);
+    file.write_all(&json)?;
+    file.rewind()?;
+    inherit.push(file.as_raw_fd());
+    inherit.push(binary.as_raw_fd());
+    let mut command = std::process::Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()));
+    command
+        .arg0(&image.program.argv0)
+        .arg("run")
+        .arg("-c")
+        .arg(image.config)
+        .env(STATE_FD_ENV, file.as_raw_fd().to_string())
+        .env(BINARY_FD_ENV, binary.as_raw_fd().to_string());
+    inherit.extend(image.endpoints.hand_admin_to(&mut command));
+    crate::fds::hand_nofile_to(&mut command);
+    for fd in &inherit {
+        set_cloexec(*fd, false)?;
+    }
+    // The new image starts an exporter of its own; what this one
+    // batched goes first.
+    image.log.shutdown_traces();
+    // From the main thread: the workers it forked keep their parent
+    // thread, and with it their parent-death signal unsent.
+    let error = crate::forker::exec(command);
+    // Still here: the exec failed. Make every fd private again.
+    for fd in &inherit {
+        let _ = set_cloexec(*fd, true);
+    }
+    Err(error).context("re-executing in place")
+}
+
+impl ExecState {
+    /// `fleet` as the new image adopts it: the state, the fds it names, and
+    /// the port groups' member sockets (copies, to be kept open until the
+    /// exec).
+    fn capture(fleet: &Fleet) -> anyhow::Result<(ExecState, Vec<RawFd>, Vec<OwnedFd>)> {
         let mut all: Vec<Shared> = Vec::new();
         fn id(listener: &Shared, all: &mut Vec<Shared>) -> usize {
             if let Some(primary) = listener.primary() {
@@ -141,13 +158,12 @@ impl Master {
                     all.len() - 1
                 })
         }
-        for listener in self.fleet.listeners() {
+        for listener in fleet.listeners() {
             id(listener, &mut all);
         }
         let now = Instant::now();
         let mut inherit = Vec::new();
-        let generations = self
-            .fleet
+        let generations = fleet
             .iter()
             .map(|g| ExecGeneration {
                 number: g.number(),
@@ -195,7 +211,7 @@ impl Master {
             listeners.push(ExecListener {
                 handed: HandedListener::of(l),
                 fd: l.fd().as_raw_fd(),
-                current: self.fleet.listeners().iter().any(|c| Rc::ptr_eq(c, l)),
+                current: fleet.listeners().iter().any(|c| Rc::ptr_eq(c, l)),
                 port: l
                     .primary()
                     .and_then(|p| all.iter().position(|a| Rc::ptr_eq(a, p))),
@@ -203,22 +219,26 @@ impl Master {
             });
         }
         let state = ExecState {
-            next_generation: self.fleet.peek_next_number(),
-            current: self.fleet.current_number(),
-            scale: self
-                .fleet
-                .scale()
-                .map(|s| (s.processes, s.config_processes)),
+            next_generation: fleet.peek_next_number(),
+            current: fleet.current_number(),
+            scale: fleet.scale().map(|s| (s.processes, s.config_processes)),
             listeners,
             generations,
         };
         Ok((state, inherit, members))
     }
 
-    /// In the new image: adopts the listeners, generations and workers the
-    /// previous image handed over.
-    pub(crate) fn adopt_exec_state(&mut self, state: ExecState) -> anyhow::Result<()> {
-        let config = self.config.clone();
+    /// In the new image: `fleet` adopts the listeners, generations and
+    /// workers the previous image handed over, with `config`; the workers'
+    /// messages go to `events`.
+    pub fn adopt(
+        self,
+        fleet: &mut Fleet,
+        config: &Rc<Config>,
+        events: &crate::master::Events,
+    ) -> anyhow::Result<()> {
+        let state = self;
+        let config = config.clone();
         let mut listeners: Vec<Shared> = Vec::new();
         let mut groups = Vec::new();
         for l in state.listeners {
@@ -238,7 +258,7 @@ impl Master {
             // Same process, same owner.
             listener.own_path();
             if l.current {
-                self.fleet.adopt_listener(listener.clone());
+                fleet.adopt_listener(listener.clone());
             }
             if let Some(group) = l.group {
                 let mut members = Vec::with_capacity(group.members.len());
@@ -320,7 +340,7 @@ impl Master {
                     config.worker.stop_signal.0,
                 );
                 if let Some(channel) = forward {
-                    worker.forwarded_by(crate::master::forward_worker(&self.events, pid, channel));
+                    worker.forwarded_by(crate::master::forward_worker(events, pid, channel));
                 }
                 generation.adopt_worker(pid, worker);
             }
@@ -332,8 +352,7 @@ impl Master {
                 processes,
                 config_processes,
             });
-        self.fleet
-            .restore(restored, state.current, state.next_generation, scale);
+        fleet.restore(restored, state.current, state.next_generation, scale);
         Ok(())
     }
 }

@@ -471,8 +471,13 @@ impl Master {
             if let Some(guardian) = &self.guardian {
                 guardian.release();
             }
-            let error = self
-                .exec_in_place(binary)
+            let image = exec::Image {
+                program: &self.program,
+                config: &self.config.path,
+                endpoints: &self.endpoints,
+                log: &self.log,
+            };
+            let error = exec::exec_in_place(binary, &self.fleet, image)
                 .expect_err("exec returns only on failure");
             tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
             self.metrics.upgrade("failed");
