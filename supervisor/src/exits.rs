@@ -1,7 +1,8 @@
-//! Child exits: reaping every exited child, and what a worker's exit
-//! means for its generation (a respawn, a failed reload, a finished
-//! drain).
+//! Child exits: reaping every exited child and handing its exit to what
+//! started it (see [`crate::children`]), and what a worker's exit means
+//! for its generation (a respawn, a failed reload, a finished drain).
 
+use crate::children::{Exit, Owner};
 use crate::fleet::GenerationState;
 use crate::master::Master;
 use crate::worker::State;
@@ -56,19 +57,6 @@ pub fn exit_verdict(
     }
 }
 
-/// What started a child of the master.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Owner {
-    /// A worker of this generation.
-    Worker(u64),
-    /// A readiness probe command.
-    Probe,
-    /// An upgrade's new master (or the new binary checking the config).
-    Upgrade,
-    /// The guardian (see [`crate::guardian`]).
-    Guardian,
-}
-
 impl Master {
     /// Collects every exited child.
     pub(crate) fn reap(&mut self) {
@@ -76,17 +64,17 @@ impl Master {
     }
 
     /// Reaps at most [`REAP_CHUNK`] exited children, and leaves the rest
-    /// for the next turn of the loop ([`Master::reap_more`]): reaping a
-    /// worker with many fds takes about a millisecond, and a generation's
-    /// workers all exit at once at the end of a drain.
+    /// for the next turn of the loop
+    /// ([`crate::children::Children::reap_pending`]): reaping a worker
+    /// with many fds takes about a millisecond, and a generation's workers
+    /// all exit at once at the end of a drain.
     pub(crate) fn reap_some(&mut self) {
         for _ in 0..REAP_CHUNK {
             if !self.reap_one() {
-                self.reap_more = false;
-                return;
+                return self.children.reaped(false);
             }
         }
-        self.reap_more = true;
+        self.children.reaped(true);
     }
 
     /// Reaps one exited child; false when none was left.
@@ -104,43 +92,24 @@ impl Master {
         true
     }
 
-    /// What started child `pid`: each exit goes straight to its owner.
-    pub(crate) fn owner(&self, pid: Pid) -> Option<Owner> {
-        if self
-            .operation
-            .upgrade()
-            .is_some_and(|u| u.child() == pid.as_raw())
-        {
-            return Some(Owner::Upgrade);
-        }
-        let probe = self.probing.as_ref().and_then(|p| p.in_flight.as_ref());
-        if probe.is_some_and(|f| f.pid == Some(pid)) {
-            return Some(Owner::Probe);
-        }
-        if self.guardian.as_ref().is_some_and(|g| g.pid() == pid) {
-            return Some(Owner::Guardian);
-        }
-        self.fleet.running(pid).map(Owner::Worker)
-    }
-
+    /// Child `pid` exited: the exit goes straight to what started it.
     pub(crate) fn on_exit(&mut self, pid: Pid, status: String, success: bool) {
-        match self.owner(pid) {
-            Some(Owner::Upgrade) => {
-                self.upgrade_child_exited(pid, &status, success);
-            }
+        match self.children.take(pid) {
+            Some(Owner::Worker(generation)) => self.worker_exited(generation, pid, status, success),
             Some(Owner::Probe) => {
                 self.probe_exited(pid, &status, success);
+            }
+            Some(Owner::Upgrade) => {
+                self.upgrade_child_exited(pid, &status, success);
             }
             Some(Owner::Guardian) => {
                 tracing::warn!(pid = pid.as_raw(), %status, "the guardian exited; starting another");
                 self.start_guardian();
                 self.guard_every_worker();
             }
-            Some(Owner::Worker(generation)) => self.worker_exited(generation, pid, status, success),
             // Maybe a worker whose start has not come back to the loop yet.
-            None if self.spawns_pending() => {
-                self.unclaimed_exits.insert(pid, (status, success));
-            }
+            None if self.spawns_pending() => self.children.hold(pid, Exit { status, success }),
+            // An orphan re-parented to this subreaper, or a child released.
             None => {}
         }
     }

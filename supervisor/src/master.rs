@@ -165,12 +165,9 @@ pub struct Master {
     pub(crate) admin: Option<crate::admin::AdminSocket>,
     /// What `/metrics` shows.
     pub(crate) metrics: crate::metrics::Metrics,
-    /// More exited children may wait to be reaped (see
-    /// [`Master::reap_some`]).
-    pub(crate) reap_more: bool,
-    /// Exits of children not known yet, reaped while workers were being
-    /// started off the loop: their exit may come before their pid.
-    pub(crate) unclaimed_exits: std::collections::HashMap<Pid, (String, bool)>,
+    /// Every child and what started it, and the reaping still to do (see
+    /// [`crate::children`]).
+    pub(crate) children: crate::children::Children,
 }
 
 /// A new master's link to the old one until the handover.
@@ -289,8 +286,7 @@ pub async fn run(
         probing: None,
         admin,
         metrics: crate::metrics::Metrics::new(),
-        unclaimed_exits: Default::default(),
-        reap_more: false,
+        children: Default::default(),
     };
     if takeover.is_none() {
         master.serve_admin();
@@ -555,7 +551,7 @@ impl Master {
     fn on_signal(&mut self, signal: SignalEvent) {
         if signal == SignalEvent::Child {
             // Reaped from the tick, a slice a turn.
-            self.reap_more = true;
+            self.children.signalled();
             return;
         }
         let from = crate::audit::signal_requester(signal);
@@ -719,8 +715,16 @@ impl Master {
     /// Starts a guardian (see [`crate::guardian`]); without one, a master
     /// killed with `SIGKILL` may leave workers that ignore its death.
     pub(crate) fn start_guardian(&mut self) {
+        // One told to exit (before an exec that failed) is nobody's now.
+        if let Some(old) = &self.guardian {
+            self.children.release(old.pid());
+        }
         self.guardian = match crate::guardian::Guardian::start() {
-            Ok(guardian) => Some(guardian),
+            Ok(guardian) => {
+                let owner = crate::children::Owner::Guardian;
+                self.children.register(guardian.pid(), owner);
+                Some(guardian)
+            }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "cannot start the guardian: workers that ignore drain may outlive a killed master");
                 None
@@ -772,7 +776,7 @@ impl Master {
         // retired sockets are let go of before a new one joins behind them
         // (with spawns let go first, `many_listeners` found a fourth
         // socket left on a port).
-        if self.reap_more {
+        if self.children.reap_pending() {
             self.reap_some();
         } else if self.fleet.tidy_pending() {
             self.tidy_step();
@@ -792,7 +796,13 @@ impl Master {
             let respawn = !stopping
                 && generation.state() == GenerationState::Current
                 && held != Some(generation.number());
-            let killed = generation.tick(now, respawn, &self.events, self.guardian.as_ref());
+            let killed = generation.tick(
+                now,
+                respawn,
+                &self.events,
+                self.guardian.as_ref(),
+                &mut self.children,
+            );
             self.metrics.killed_at_drain_deadline.inc_by(killed);
         }
     }
@@ -802,7 +812,7 @@ impl Master {
         let generations = self.fleet.next_deadline(held);
         let reload = self.operation.reload().map(|r| r.deadline());
         // Work left for the next turns: now.
-        let busy = (self.fleet.tidy_pending() || self.reap_more).then(Instant::now);
+        let busy = (self.fleet.tidy_pending() || self.children.reap_pending()).then(Instant::now);
         generations
             .into_iter()
             .chain(reload)

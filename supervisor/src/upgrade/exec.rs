@@ -322,7 +322,7 @@ impl Master {
                 if let Some(channel) = forward {
                     worker.forwarded_by(crate::master::forward_worker(&self.events, pid, channel));
                 }
-                generation.adopt_worker(pid, worker);
+                generation.adopt_worker(pid, worker, &mut self.children);
             }
             restored.push((generation, state, handing_over));
         }
