@@ -5,9 +5,11 @@
 use crate::children::{Exit, Owner};
 use crate::fleet::GenerationState;
 use crate::master::Master;
+use crate::operation::{Exited, ForOperation, ForWorker};
 use crate::worker::State;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use tokio::time::Instant;
 
 /// Children reaped per turn of the event loop: the kernel charges the
 /// reaper for the fds an exited child still held, about a millisecond per
@@ -22,38 +24,6 @@ pub fn exit_reason(generation: GenerationState, worker: State, success: bool) ->
         (_, State::Draining { .. }) => "drained",
         _ if success => "exited",
         _ => "crashed",
-    }
-}
-
-/// What a worker's exit means for its generation (probation and in-place
-/// reloads hear of it first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitVerdict {
-    /// The generation was starting: its reload fails.
-    FailReload,
-    /// A serving worker died: it is respawned (unless it crash-loops).
-    Respawn,
-    /// Nothing to do: it was draining, surplus, or its generation is done.
-    Forget,
-}
-
-/// The decision for a worker's exit: by its generation's state, whether
-/// it was draining (or killed), whether the master is stopping, and
-/// whether its index is within the generation's worker count (a surplus
-/// worker after `baton scale` down is not replaced).
-pub fn exit_verdict(
-    generation: GenerationState,
-    draining: bool,
-    stopping: bool,
-    within: bool,
-) -> ExitVerdict {
-    match generation {
-        GenerationState::Starting => ExitVerdict::FailReload,
-        GenerationState::Current if !stopping && !draining && within => ExitVerdict::Respawn,
-        GenerationState::Current
-        | GenerationState::Draining
-        | GenerationState::Failed
-        | GenerationState::Standby => ExitVerdict::Forget,
     }
 }
 
@@ -114,79 +84,80 @@ impl Master {
         }
     }
 
-    /// Worker `pid` of generation `number` exited.
+    /// Worker `pid` of generation `number` exited: what that means is
+    /// decided by `Summary::on_worker_exit` (see [`crate::operation`]), and
+    /// done here.
     fn worker_exited(&mut self, number: u64, pid: Pid, status: String, success: bool) {
         if let Some(guardian) = &self.guardian {
             guardian.forget(pid);
         }
-        let stopping = self.operation.stopping().is_some();
         let Some(generation) = self.fleet.get_mut(number) else {
             return;
         };
         let Some(worker) = generation.remove_worker(pid) else {
             return;
         };
-        let number = generation.number();
-        let draining = matches!(worker.state(), State::Draining { .. } | State::Killed);
+        let index = worker.index();
         let reason = exit_reason(generation.state(), worker.state(), success);
         tracing::info!(
             event = "worker.exited",
             generation = number,
-            worker = worker.index(),
+            worker = index,
             pid = pid.as_raw(),
             %status,
             state = worker.state().name(),
             "worker exited"
         );
         self.metrics.worker_exited(reason);
-        let index = worker.index();
-        if self
-            .operation
-            .in_place()
-            .is_some_and(|t| t.generation() == number)
-        {
-            self.in_place_worker_exited(pid, index, &status);
-        }
-        if !draining && self.probation_worker_exited(number, index, pid, &status) {
-            return self.reap_finished_generations();
-        }
-        let Some(generation) = self.fleet.get_mut(number) else {
-            return;
+        let now = Instant::now();
+        let exited = Exited {
+            generation: generation.state(),
+            draining: matches!(worker.state(), State::Draining { .. } | State::Killed),
+            within: index < generation.processes(),
+            owed_answer: self.operation.in_place().is_some_and(|t| t.owes(pid)),
+            crash_loop: generation.would_crash_loop(index, now),
         };
-        let within = worker.index() < generation.processes();
-        match exit_verdict(generation.state(), draining, stopping, within) {
-            ExitVerdict::FailReload => {
-                let reason = format!(
-                    "worker {} (pid {pid}) exited with {status} before it was ready",
-                    worker.index()
-                );
-                self.new_worker_exited(reason);
+        let reaction = self.operation.summary().on_worker_exit(exited);
+        let what = format!("worker {index} (pid {pid}) exited with {status}");
+        match reaction.operation {
+            ForOperation::Nothing => {}
+            ForOperation::FailReload => {
+                self.new_worker_exited(format!("{what} before it was ready"))
             }
-            ExitVerdict::Respawn => {
-                if generation.crash_loop(worker.index()) {
-                    tracing::error!(
-                        event = "worker.crash_looped",
-                        generation = number,
-                        worker = worker.index(),
-                        pid = pid.as_raw(),
-                        crashes = generation.config().worker.crash_loop_limit,
-                        window_ms = generation.config().worker.crash_loop_window.0.as_millis() as u64,
-                        "worker crash loop: not respawned any more; capacity is lost until a reload"
-                    );
-                    return self.reap_finished_generations();
-                }
+            ForOperation::AbortInPlace => {
+                self.abort_in_place_on_exit(pid, format!("{what} while preparing"))
+            }
+            ForOperation::StopWaiting => self.stop_waiting_for(pid),
+            ForOperation::RollBack => self.roll_back_on_exit(&what),
+        }
+        let generation = self.fleet.get_mut(number);
+        match (reaction.worker, generation) {
+            (ForWorker::Forget, _) | (_, None) => {}
+            (ForWorker::StopRespawning, Some(generation)) => {
+                generation.crash_loop(index, now);
+                tracing::error!(
+                    event = "worker.crash_looped",
+                    generation = number,
+                    worker = index,
+                    pid = pid.as_raw(),
+                    crashes = generation.config().worker.crash_loop_limit,
+                    window_ms = generation.config().worker.crash_loop_window.0.as_millis() as u64,
+                    "worker crash loop: not respawned any more; capacity is lost until a reload"
+                );
+            }
+            (ForWorker::Respawn, Some(generation)) => {
+                generation.crash_loop(index, now);
                 let delay = generation.schedule_respawn(&worker);
                 self.metrics.worker_restarted(reason);
                 tracing::warn!(
                     event = "worker.respawning",
                     generation = number,
-                    worker = worker.index(),
+                    worker = index,
                     pid = pid.as_raw(),
                     delay_ms = delay.as_millis() as u64,
                     "worker died; respawning"
                 );
             }
-            ExitVerdict::Forget => {}
         }
         self.reap_finished_generations();
     }

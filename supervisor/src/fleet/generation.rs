@@ -620,18 +620,28 @@ impl Generation {
         killed
     }
 
-    /// Counts a crash of `index`: whether it crashed `crash_loop_limit` times
-    /// within `crash_loop_window`, and so is not to be respawned any more
-    /// (the crash-loop breaker; a reload starts it afresh).
-    pub fn crash_loop(&mut self, index: u32) -> bool {
+    /// Counts a crash of `index` at `now`: whether it crashed
+    /// `crash_loop_limit` times within `crash_loop_window`, and so is not
+    /// to be respawned any more (the crash-loop breaker; a reload starts it
+    /// afresh).
+    pub fn crash_loop(&mut self, index: u32, now: Instant) -> bool {
         let window = self.config.worker.crash_loop_window.0;
         let limit = self.config.worker.crash_loop_limit as usize;
         let times = self.crashes.entry(index).or_default();
-        if crash_loop(times, Instant::now(), window, limit) {
+        if crash_loop(times, now, window, limit) {
             self.crash_looped.insert(index);
             return true;
         }
         false
+    }
+
+    /// Whether [`Generation::crash_loop`] would say so of a crash of
+    /// `index` at `now`, without counting it.
+    pub fn would_crash_loop(&self, index: u32, now: Instant) -> bool {
+        let window = self.config.worker.crash_loop_window.0;
+        let limit = self.config.worker.crash_loop_limit as usize;
+        let mut times = self.crashes.get(&index).cloned().unwrap_or_default();
+        crash_loop(&mut times, now, window, limit)
     }
 
     /// Schedules a respawn of the worker that just exited, with exponential
