@@ -1,12 +1,15 @@
-//! Child exits: reaping every exited child, and what a worker's exit
-//! means for its generation (a respawn, a failed reload, a finished
-//! drain).
+//! Child exits: reaping every exited child and handing its exit to what
+//! started it (see [`crate::children`]), and what a worker's exit means
+//! for its generation (a respawn, a failed reload, a finished drain).
 
+use crate::children::{Exit, Owner};
 use crate::fleet::GenerationState;
 use crate::master::Master;
+use crate::operation::{Exited, ForOperation, ForWorker};
 use crate::worker::State;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use tokio::time::Instant;
 
 /// Children reaped per turn of the event loop: the kernel charges the
 /// reaper for the fds an exited child still held, about a millisecond per
@@ -24,51 +27,6 @@ pub fn exit_reason(generation: GenerationState, worker: State, success: bool) ->
     }
 }
 
-/// What a worker's exit means for its generation (probation and in-place
-/// reloads hear of it first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitVerdict {
-    /// The generation was starting: its reload fails.
-    FailReload,
-    /// A serving worker died: it is respawned (unless it crash-loops).
-    Respawn,
-    /// Nothing to do: it was draining, surplus, or its generation is done.
-    Forget,
-}
-
-/// The decision for a worker's exit: by its generation's state, whether
-/// it was draining (or killed), whether the master is stopping, and
-/// whether its index is within the generation's worker count (a surplus
-/// worker after `baton scale` down is not replaced).
-pub fn exit_verdict(
-    generation: GenerationState,
-    draining: bool,
-    stopping: bool,
-    within: bool,
-) -> ExitVerdict {
-    match generation {
-        GenerationState::Starting => ExitVerdict::FailReload,
-        GenerationState::Current if !stopping && !draining && within => ExitVerdict::Respawn,
-        GenerationState::Current
-        | GenerationState::Draining
-        | GenerationState::Failed
-        | GenerationState::Standby => ExitVerdict::Forget,
-    }
-}
-
-/// What started a child of the master.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Owner {
-    /// A worker of this generation.
-    Worker(u64),
-    /// A readiness probe command.
-    Probe,
-    /// An upgrade's new master (or the new binary checking the config).
-    Upgrade,
-    /// The guardian (see [`crate::guardian`]).
-    Guardian,
-}
-
 impl Master {
     /// Collects every exited child.
     pub(crate) fn reap(&mut self) {
@@ -76,17 +34,17 @@ impl Master {
     }
 
     /// Reaps at most [`REAP_CHUNK`] exited children, and leaves the rest
-    /// for the next turn of the loop ([`Master::reap_more`]): reaping a
-    /// worker with many fds takes about a millisecond, and a generation's
-    /// workers all exit at once at the end of a drain.
+    /// for the next turn of the loop
+    /// ([`crate::children::Children::reap_pending`]): reaping a worker
+    /// with many fds takes about a millisecond, and a generation's workers
+    /// all exit at once at the end of a drain.
     pub(crate) fn reap_some(&mut self) {
         for _ in 0..REAP_CHUNK {
             if !self.reap_one() {
-                self.reap_more = false;
-                return;
+                return self.children.reaped(false);
             }
         }
-        self.reap_more = true;
+        self.children.reaped(true);
     }
 
     /// Reaps one exited child; false when none was left.
@@ -104,120 +62,102 @@ impl Master {
         true
     }
 
-    /// What started child `pid`: each exit goes straight to its owner.
-    pub(crate) fn owner(&self, pid: Pid) -> Option<Owner> {
-        if self
-            .operation
-            .upgrade()
-            .is_some_and(|u| u.child() == pid.as_raw())
-        {
-            return Some(Owner::Upgrade);
-        }
-        let probe = self.probing.as_ref().and_then(|p| p.in_flight.as_ref());
-        if probe.is_some_and(|f| f.pid == Some(pid)) {
-            return Some(Owner::Probe);
-        }
-        if self.guardian.as_ref().is_some_and(|g| g.pid() == pid) {
-            return Some(Owner::Guardian);
-        }
-        self.fleet.running(pid).map(Owner::Worker)
-    }
-
+    /// Child `pid` exited: the exit goes straight to what started it.
     pub(crate) fn on_exit(&mut self, pid: Pid, status: String, success: bool) {
-        match self.owner(pid) {
-            Some(Owner::Upgrade) => {
-                self.upgrade_child_exited(pid, &status, success);
-            }
+        match self.children.take(pid) {
+            Some(Owner::Worker(generation)) => self.worker_exited(generation, pid, status, success),
             Some(Owner::Probe) => {
                 self.probe_exited(pid, &status, success);
+            }
+            Some(Owner::Upgrade) => {
+                self.upgrade_child_exited(pid, &status, success);
             }
             Some(Owner::Guardian) => {
                 tracing::warn!(pid = pid.as_raw(), %status, "the guardian exited; starting another");
                 self.start_guardian();
                 self.guard_every_worker();
             }
-            Some(Owner::Worker(generation)) => self.worker_exited(generation, pid, status, success),
             // Maybe a worker whose start has not come back to the loop yet.
-            None if self.spawns_pending() => {
-                self.unclaimed_exits.insert(pid, (status, success));
-            }
+            None if self.spawns_pending() => self.children.hold(pid, Exit { status, success }),
+            // An orphan re-parented to this subreaper, or a child released.
             None => {}
         }
     }
 
-    /// Worker `pid` of generation `number` exited.
+    /// Worker `pid` of generation `number` exited: what that means is
+    /// decided by `Summary::on_worker_exit` (see [`crate::operation`]), and
+    /// done here.
     fn worker_exited(&mut self, number: u64, pid: Pid, status: String, success: bool) {
         if let Some(guardian) = &self.guardian {
             guardian.forget(pid);
         }
-        let stopping = self.operation.stopping().is_some();
         let Some(generation) = self.fleet.get_mut(number) else {
             return;
         };
         let Some(worker) = generation.remove_worker(pid) else {
             return;
         };
-        let number = generation.number();
-        let draining = matches!(worker.state(), State::Draining { .. } | State::Killed);
+        let index = worker.index();
         let reason = exit_reason(generation.state(), worker.state(), success);
         tracing::info!(
             event = "worker.exited",
             generation = number,
-            worker = worker.index(),
+            worker = index,
             pid = pid.as_raw(),
             %status,
             state = worker.state().name(),
             "worker exited"
         );
         self.metrics.worker_exited(reason);
-        let index = worker.index();
-        if self
-            .operation
-            .in_place()
-            .is_some_and(|t| t.generation() == number)
-        {
-            self.in_place_worker_exited(pid, index, &status);
-        }
-        if !draining && self.probation_worker_exited(number, index, pid, &status) {
-            return self.reap_finished_generations();
-        }
-        let Some(generation) = self.fleet.get_mut(number) else {
-            return;
+        let now = Instant::now();
+        let exited = Exited {
+            generation: generation.state(),
+            draining: matches!(worker.state(), State::Draining { .. } | State::Killed),
+            within: index < generation.processes(),
+            owed_answer: self.operation.in_place().is_some_and(|t| t.owes(pid)),
+            crash_loop: generation.would_crash_loop(index, now),
         };
-        let within = worker.index() < generation.processes();
-        match exit_verdict(generation.state(), draining, stopping, within) {
-            ExitVerdict::FailReload => {
-                let reason = format!(
-                    "worker {} (pid {pid}) exited with {status} before it was ready",
-                    worker.index()
-                );
-                self.new_worker_exited(reason);
+        let reaction = self.operation.summary().on_worker_exit(exited);
+        let what = format!("worker {index} (pid {pid}) exited with {status}");
+        match reaction.operation {
+            ForOperation::Nothing => {}
+            ForOperation::FailReload => {
+                self.new_worker_exited(format!("{what} before it was ready"))
             }
-            ExitVerdict::Respawn => {
-                if generation.crash_loop(worker.index()) {
-                    tracing::error!(
-                        event = "worker.crash_looped",
-                        generation = number,
-                        worker = worker.index(),
-                        pid = pid.as_raw(),
-                        crashes = generation.config().worker.crash_loop_limit,
-                        window_ms = generation.config().worker.crash_loop_window.0.as_millis() as u64,
-                        "worker crash loop: not respawned any more; capacity is lost until a reload"
-                    );
-                    return self.reap_finished_generations();
-                }
+            ForOperation::AbortInPlace => {
+                self.abort_in_place_on_exit(pid, format!("{what} while preparing"))
+            }
+            ForOperation::StopWaiting => self.stop_waiting_for(pid),
+            ForOperation::RollBack => self.roll_back_on_exit(&what),
+        }
+        let generation = self.fleet.get_mut(number);
+        match (reaction.worker, generation) {
+            (ForWorker::Forget, _) | (_, None) => {}
+            (ForWorker::StopRespawning, Some(generation)) => {
+                generation.crash_loop(index, now);
+                tracing::error!(
+                    event = "worker.crash_looped",
+                    generation = number,
+                    worker = index,
+                    pid = pid.as_raw(),
+                    crashes = generation.config().worker.crash_loop_limit,
+                    window_ms = generation.config().worker.crash_loop_window.0.as_millis() as u64,
+                    "worker crash loop: not respawned any more; capacity is lost until a reload"
+                );
+            }
+            (ForWorker::Respawn, Some(generation)) => {
+                generation.crash_loop(index, now);
                 let delay = generation.schedule_respawn(&worker);
                 self.metrics.worker_restarted(reason);
                 tracing::warn!(
                     event = "worker.respawning",
                     generation = number,
-                    worker = worker.index(),
+                    worker = index,
                     pid = pid.as_raw(),
                     delay_ms = delay.as_millis() as u64,
                     "worker died; respawning"
                 );
             }
-            ExitVerdict::Forget => {}
         }
         self.reap_finished_generations();
     }

@@ -108,14 +108,19 @@ impl InPlace {
         self.deadline
     }
 
+    /// The generation whose workers swap.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// [`Phase::Prepare`] or [`Phase::Commit`].
     pub fn phase(&self) -> Phase {
         self.phase
     }
 
-    /// The generation whose workers swap.
-    pub fn generation(&self) -> u64 {
-        self.generation
+    /// Whether worker `pid` still owes its answer.
+    pub fn owes(&self, pid: Pid) -> bool {
+        self.waiting.contains(&pid)
     }
 }
 
@@ -206,13 +211,6 @@ pub fn answer_verdict(phase: Phase, answer: &WorkerMessage, version: &str) -> An
         }
         _ => Answer::Ignore,
     }
-}
-
-/// Whether a worker that exited while awaited fails the reload: while
-/// preparing it does (nothing changed yet); while committing its respawn
-/// starts with the new version.
-pub fn exit_aborts(phase: Phase) -> bool {
-    phase == Phase::Prepare
 }
 
 /// What the transaction does next.
@@ -412,22 +410,23 @@ impl Master {
         self.advance_in_place();
     }
 
-    /// A worker of the generation exited during the transaction.
-    pub(crate) fn in_place_worker_exited(&mut self, pid: Pid, index: u32, status: &str) {
-        let Some(transaction) = self.operation.in_place_mut() else {
+    /// Worker `pid`, which owed its answer to prepare, exited: the
+    /// transaction aborts, for `reason` (see
+    /// [`crate::operation::Summary::on_worker_exit`]).
+    pub(crate) fn abort_in_place_on_exit(&mut self, pid: Pid, reason: String) {
+        let Some(mut transaction) = self.operation.take_in_place() else {
             return;
         };
-        if !transaction.waiting.remove(&pid) {
-            return;
+        transaction.waiting.remove(&pid);
+        self.abort_in_place(transaction, reason);
+    }
+
+    /// Worker `pid`, which owed its answer to commit, exited: it is waited
+    /// for no more (its respawn starts with the committed version).
+    pub(crate) fn stop_waiting_for(&mut self, pid: Pid) {
+        if let Some(transaction) = self.operation.in_place_mut() {
+            transaction.waiting.remove(&pid);
         }
-        if exit_aborts(transaction.phase) {
-            let transaction = self.operation.take_in_place().expect("checked above");
-            return self.abort_in_place(
-                transaction,
-                format!("worker {index} (pid {pid}) exited with {status} while preparing"),
-            );
-        }
-        // Committing: its respawn starts with the committed version.
         self.advance_in_place();
     }
 

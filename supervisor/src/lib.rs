@@ -7,6 +7,7 @@ pub mod activation;
 pub mod admin;
 pub mod audit;
 pub mod check;
+pub mod children;
 pub mod cli;
 pub mod config;
 pub mod connections;

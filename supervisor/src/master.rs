@@ -153,12 +153,9 @@ pub struct Master {
     pub(crate) probing: Option<crate::probe::Probing>,
     /// What `/metrics` shows.
     pub(crate) metrics: crate::metrics::Metrics,
-    /// More exited children may wait to be reaped (see
-    /// [`Master::reap_some`]).
-    pub(crate) reap_more: bool,
-    /// Exits of children not known yet, reaped while workers were being
-    /// started off the loop: their exit may come before their pid.
-    pub(crate) unclaimed_exits: std::collections::HashMap<Pid, (String, bool)>,
+    /// Every child and what started it, and the reaping still to do (see
+    /// [`crate::children`]).
+    pub(crate) children: crate::children::Children,
 }
 
 /// Runs the master until it stops. Returns an error if generation 1 could not
@@ -239,8 +236,7 @@ pub async fn run(
         guardian: None,
         probing: None,
         metrics: crate::metrics::Metrics::new(),
-        unclaimed_exits: Default::default(),
-        reap_more: false,
+        children: Default::default(),
     };
     if takeover.is_none() {
         master.endpoints.serve_admin();
@@ -255,7 +251,12 @@ pub async fn run(
     tracing::info!(event = "master.starting", pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
     let upgraded = master.lineage.taking_over() || exec_state.is_some();
     if let Some(state) = exec_state {
-        state.adopt(&mut master.fleet, &master.config, &master.events)?;
+        state.adopt(
+            &mut master.fleet,
+            &master.config,
+            &master.events,
+            &mut master.children,
+        )?;
         master.guard_every_worker();
         // Workers that exited while this image started are waiting to be reaped.
         master.reap();
@@ -505,7 +506,7 @@ impl Master {
     fn on_signal(&mut self, signal: SignalEvent) {
         if signal == SignalEvent::Child {
             // Reaped from the tick, a slice a turn.
-            self.reap_more = true;
+            self.children.signalled();
             return;
         }
         let from = crate::audit::signal_requester(signal);
@@ -676,8 +677,16 @@ impl Master {
     /// Starts a guardian (see [`crate::guardian`]); without one, a master
     /// killed with `SIGKILL` may leave workers that ignore its death.
     pub(crate) fn start_guardian(&mut self) {
+        // One told to exit (before an exec that failed) is nobody's now.
+        if let Some(old) = &self.guardian {
+            self.children.release(old.pid());
+        }
         self.guardian = match crate::guardian::Guardian::start() {
-            Ok(guardian) => Some(guardian),
+            Ok(guardian) => {
+                let owner = crate::children::Owner::Guardian;
+                self.children.register(guardian.pid(), owner);
+                Some(guardian)
+            }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "cannot start the guardian: workers that ignore drain may outlive a killed master");
                 None
@@ -734,7 +743,7 @@ impl Master {
         // retired sockets are let go of before a new one joins behind them
         // (with spawns let go first, `many_listeners` found a fourth
         // socket left on a port).
-        if self.reap_more {
+        if self.children.reap_pending() {
             self.reap_some();
         } else if self.fleet.tidy_pending() {
             self.tidy_step();
@@ -759,7 +768,13 @@ impl Master {
             let respawn = !stopping
                 && generation.state() == GenerationState::Current
                 && held != Some(generation.number());
-            let killed = generation.tick(now, respawn, &self.events, self.guardian.as_ref());
+            let killed = generation.tick(
+                now,
+                respawn,
+                &self.events,
+                self.guardian.as_ref(),
+                &mut self.children,
+            );
             self.metrics.killed_at_drain_deadline.inc_by(killed);
         }
     }
@@ -786,7 +801,7 @@ impl Master {
         let generations = self.fleet.next_deadline(held);
         let operation = self.operation.wakeup();
         // Work left for the next turns: now.
-        let busy = (self.fleet.tidy_pending() || self.reap_more).then(Instant::now);
+        let busy = (self.fleet.tidy_pending() || self.children.reap_pending()).then(Instant::now);
         generations
             .into_iter()
             .chain(operation)

@@ -1,6 +1,7 @@
-//! What the master is doing: one value, [`Operation`], and the one place
-//! that says whether a request may start, is coalesced into a follow-up, or
-//! is refused ([`Summary::admit`]).
+//! What the master is doing: one value, [`Operation`], the one place that
+//! says whether a request may start, is coalesced into a follow-up, or is
+//! refused ([`Summary::admit`]), and the one that says what a worker's exit
+//! means ([`Summary::on_worker_exit`]).
 //!
 //! A reload, an in-place reload, a probation, an upgrade and a stop exclude
 //! each other: each is a variant holding what only it needs. A request
@@ -17,6 +18,9 @@ use crate::rollout::Rollout;
 use crate::upgrade::Upgrade;
 use std::fmt;
 use std::time::Duration;
+
+mod worker_exit;
+pub use worker_exit::{Exited, ForOperation, ForWorker, Reaction};
 
 /// The operation under way.
 #[derive(Default)]
@@ -152,7 +156,7 @@ impl Operation {
             Operation::Idle => Summary::Idle,
             Operation::Reading(_) => Summary::Reading,
             Operation::Starting(_) => Summary::Starting,
-            Operation::InPlace(_) => Summary::InPlace,
+            Operation::InPlace(in_place) => Summary::InPlace(in_place.phase()),
             Operation::Probation(rollout) => Summary::Probation {
                 generation: rollout.generation(),
                 standby: rollout.standby(),
@@ -177,8 +181,9 @@ pub enum Summary {
     Reading,
     /// A new generation being started.
     Starting,
-    /// An in-place reload.
-    InPlace,
+    /// An in-place reload, in [`Phase::Prepare`](crate::reload::Phase)
+    /// or `Commit`.
+    InPlace(crate::reload::Phase),
     /// Probation.
     Probation {
         /// The generation on probation.
@@ -333,7 +338,9 @@ impl Summary {
             (_, Ask::Promote | Ask::Rollback) => Refuse(Refusal::NotOnProbation),
 
             (S::Upgrading { .. }, Ask::Reload) => Refuse(Refusal::Upgrading),
-            (S::Reading | S::Starting | S::InPlace | S::Probation { .. }, Ask::Reload) => Coalesce,
+            (S::Reading | S::Starting | S::InPlace(_) | S::Probation { .. }, Ask::Reload) => {
+                Coalesce
+            }
             (S::Idle, Ask::Reload) => Start,
 
             (S::Upgrading { child, elapsed }, Ask::Upgrade) => {
@@ -351,7 +358,7 @@ impl Summary {
                 standby,
                 left,
             }),
-            (S::Reading | S::Starting | S::InPlace, Ask::Upgrade) => {
+            (S::Reading | S::Starting | S::InPlace(_), Ask::Upgrade) => {
                 Refuse(Refusal::ReloadForUpgrade)
             }
             (S::Idle, Ask::Upgrade) if !facts.serving => Refuse(Refusal::NotServing),
@@ -362,7 +369,9 @@ impl Summary {
             // ends (see `crate::inplace`); a probation's current generation
             // scales as any other.
             (S::Reading | S::Starting, Ask::Scale) => Refuse(Refusal::ReloadForScale),
-            (S::Idle | S::InPlace | S::Probation { .. } | S::Upgrading { .. }, Ask::Scale) => Start,
+            (S::Idle | S::InPlace(_) | S::Probation { .. } | S::Upgrading { .. }, Ask::Scale) => {
+                Start
+            }
         }
     }
 
@@ -372,7 +381,7 @@ impl Summary {
             Summary::Idle => "idle",
             Summary::Reading => "reading",
             Summary::Starting => "starting",
-            Summary::InPlace => "in_place",
+            Summary::InPlace(_) => "in_place",
             Summary::Probation { .. } => "probation",
             Summary::Upgrading { .. } => "upgrading",
             Summary::Stopping(_) => "stopping",

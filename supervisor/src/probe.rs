@@ -162,6 +162,9 @@ impl Master {
         match started {
             Ok(mut in_flight) => {
                 in_flight.deadline = now + interval;
+                if let Some(pid) = in_flight.pid {
+                    self.children.register(pid, crate::children::Owner::Probe);
+                }
                 probing.in_flight = Some(in_flight);
             }
             Err(e) => self.on_probe(number, Err(e)),

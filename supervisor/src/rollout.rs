@@ -177,27 +177,15 @@ impl Master {
         true
     }
 
-    /// A worker of the generation on probation exited: that rolls back.
-    /// Returns whether it was one.
-    pub(crate) fn probation_worker_exited(
-        &mut self,
-        generation: u64,
-        index: u32,
-        pid: nix::unistd::Pid,
-        status: &str,
-    ) -> bool {
-        let Some(rollout) = self
-            .operation
-            .rollout()
-            .filter(|r| r.generation() == generation)
-        else {
-            return false;
+    /// A worker of the generation on probation exited (`exited` says
+    /// which, and how): that rolls back (see
+    /// [`crate::operation::Summary::on_worker_exit`]).
+    pub(crate) fn roll_back_on_exit(&mut self, exited: &str) {
+        let Some(rollout) = self.operation.rollout() else {
+            return;
         };
         let at = rollout.cut_over.elapsed().as_secs_f64();
-        self.roll_back(&format!(
-            "worker {index} (pid {pid}) exited with {status} at +{at:.1}s"
-        ));
-        true
+        self.roll_back(&format!("{exited} at +{at:.1}s"));
     }
 
     /// A probe of `generation` failed: past `probation_failures` in a row

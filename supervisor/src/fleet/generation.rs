@@ -1,6 +1,7 @@
 //! A generation: the workers started from one configuration, and the
 //! listeners they were given (kept open while any of them lives).
 
+use crate::children::{Children, Owner};
 use crate::config::Config;
 use crate::listener::Shared;
 use crate::master::{Event, Events};
@@ -204,7 +205,8 @@ impl Generation {
     }
 
     /// Takes in a worker a previous image of this master ran.
-    pub fn adopt_worker(&mut self, pid: Pid, worker: Worker) {
+    pub fn adopt_worker(&mut self, pid: Pid, worker: Worker, children: &mut Children) {
+        children.register(pid, Owner::Worker(self.number));
         self.workers.insert(pid, worker);
     }
 
@@ -284,6 +286,7 @@ impl Generation {
         held: bool,
         events: &Events,
         guardian: Option<&crate::guardian::Guardian>,
+        children: &mut Children,
     ) -> Result<(), String> {
         self.processes = wanted;
         let drain_timeout = self.config.worker.drain_timeout.0;
@@ -316,7 +319,7 @@ impl Generation {
                     restarts: 0,
                 };
                 self.respawns.insert(index, now);
-            } else if let Err(e) = self.spawn(index, 0, 0, events, guardian) {
+            } else if let Err(e) = self.spawn(index, 0, 0, events, guardian, children) {
                 return Err(format!("starting worker {index}: {e:#}"));
             }
         }
@@ -382,10 +385,11 @@ impl Generation {
         crashes: u32,
         events: &Events,
         guardian: Option<&crate::guardian::Guardian>,
+        children: &mut Children,
     ) -> anyhow::Result<&mut Worker> {
         let (plan, prepared) = worker::prepare(&self.spec(index), restarts, crashes)?;
         let child = crate::forker::spawn_and_wait(plan)?;
-        self.take_in(index, prepared, child, events, guardian)
+        self.take_in(index, prepared, child, events, guardian, children)
     }
 
     /// Starts worker `index` without waiting for it: the main thread forks
@@ -426,17 +430,19 @@ impl Generation {
         child: std::process::Child,
         events: &Events,
         guardian: Option<&crate::guardian::Guardian>,
+        children: &mut Children,
     ) -> anyhow::Result<&mut Worker> {
         let prepared = self
             .pending
             .remove(&index)
             .ok_or_else(|| anyhow::anyhow!("worker {index} was not being started"))?;
-        self.take_in(index, prepared, child, events, guardian)
+        self.take_in(index, prepared, child, events, guardian, children)
     }
 
     /// Takes in worker `index`, exec'd as `child`: its channel registered
     /// and (for an SDK worker) sent the hello, its startup span, the
-    /// guardian's watch, and its channel forwarded to `events`.
+    /// guardian's watch, its channel forwarded to `events`, and its pid
+    /// among the master's `children`.
     fn take_in(
         &mut self,
         index: u32,
@@ -444,6 +450,7 @@ impl Generation {
         child: std::process::Child,
         events: &Events,
         guardian: Option<&crate::guardian::Guardian>,
+        children: &mut Children,
     ) -> anyhow::Result<&mut Worker> {
         let mut worker = prepared.finish(child, &self.spec(index))?;
         let pid = worker.pid();
@@ -463,6 +470,7 @@ impl Generation {
             pid = pid.as_raw(),
             "worker started"
         );
+        children.register(pid, Owner::Worker(self.number));
         Ok(self.workers.entry(pid).or_insert(worker))
     }
 
@@ -552,6 +560,7 @@ impl Generation {
         respawn: bool,
         events: &Events,
         guardian: Option<&crate::guardian::Guardian>,
+        children: &mut Children,
     ) -> u64 {
         self.check_handover();
         // Listed once per generation, on its own ports, if one of its
@@ -596,7 +605,8 @@ impl Generation {
             .collect();
         for index in due {
             let pending = self.respawns.remove(&index).expect("listed above");
-            if let Err(e) = self.spawn(index, pending.restarts, pending.crashes, events, guardian) {
+            let (restarts, crashes) = (pending.restarts, pending.crashes);
+            if let Err(e) = self.spawn(index, restarts, crashes, events, guardian, children) {
                 tracing::error!(generation = self.number, worker = index, error = %format!("{e:#}"), "respawn failed");
                 self.respawns.insert(
                     index,
@@ -610,18 +620,28 @@ impl Generation {
         killed
     }
 
-    /// Counts a crash of `index`: whether it crashed `crash_loop_limit` times
-    /// within `crash_loop_window`, and so is not to be respawned any more
-    /// (the crash-loop breaker; a reload starts it afresh).
-    pub fn crash_loop(&mut self, index: u32) -> bool {
+    /// Counts a crash of `index` at `now`: whether it crashed
+    /// `crash_loop_limit` times within `crash_loop_window`, and so is not
+    /// to be respawned any more (the crash-loop breaker; a reload starts it
+    /// afresh).
+    pub fn crash_loop(&mut self, index: u32, now: Instant) -> bool {
         let window = self.config.worker.crash_loop_window.0;
         let limit = self.config.worker.crash_loop_limit as usize;
         let times = self.crashes.entry(index).or_default();
-        if crash_loop(times, Instant::now(), window, limit) {
+        if crash_loop(times, now, window, limit) {
             self.crash_looped.insert(index);
             return true;
         }
         false
+    }
+
+    /// Whether [`Generation::crash_loop`] would say so of a crash of
+    /// `index` at `now`, without counting it.
+    pub fn would_crash_loop(&self, index: u32, now: Instant) -> bool {
+        let window = self.config.worker.crash_loop_window.0;
+        let limit = self.config.worker.crash_loop_limit as usize;
+        let mut times = self.crashes.get(&index).cloned().unwrap_or_default();
+        crash_loop(&mut times, now, window, limit)
     }
 
     /// Schedules a respawn of the worker that just exited, with exponential

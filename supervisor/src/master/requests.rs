@@ -316,7 +316,8 @@ impl Master {
         // While an in-place reload runs, new workers start once it ends,
         // with the version it leaves in service.
         let hold = held == Some(number);
-        generation.scale_to(wanted, hold, &self.events, self.guardian.as_ref())?;
+        let (events, guardian) = (&self.events, self.guardian.as_ref());
+        generation.scale_to(wanted, hold, events, guardian, &mut self.children)?;
         self.fleet.set_scale(wanted, config_processes);
         let requested_by = by.map(ToString::to_string);
         tracing::info!(

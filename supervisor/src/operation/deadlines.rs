@@ -4,7 +4,6 @@
 
 use super::{Operation, Summary};
 use crate::inplace::{next_move, Move};
-use crate::reload::Phase;
 use tokio::time::Instant;
 
 /// A deadline of the operation under way.
@@ -14,7 +13,7 @@ pub enum Deadline {
     Ready,
     /// An in-place reload's timeout for its phase (prepare or commit):
     /// every worker must have answered.
-    Answers(Phase),
+    Answers,
     /// `probation` is over: the new generation has proven itself.
     ProbationEnd,
     /// `upgrade_timeout`: the new master must be ready (or the new
@@ -54,7 +53,7 @@ impl Summary {
         use Summary as S;
         match (self, deadline) {
             (S::Starting, D::Ready) => Expiry::FailReload,
-            (S::InPlace, D::Answers(phase)) => Expiry::InPlace(next_move(phase, false, true)),
+            (S::InPlace(phase), D::Answers) => Expiry::InPlace(next_move(phase, false, true)),
             (S::Probation { .. }, D::ProbationEnd) => Expiry::Promote,
             (S::Upgrading { .. }, D::Handshake) => Expiry::FailUpgrade,
             (S::Upgrading { .. }, D::Exec) => Expiry::Exec,
@@ -77,7 +76,7 @@ impl Operation {
                 Some(Deadline::Ready)
             }
             Operation::InPlace(transaction) if now >= transaction.deadline() => {
-                Some(Deadline::Answers(transaction.phase()))
+                Some(Deadline::Answers)
             }
             Operation::Probation(rollout) if rollout.until().is_some_and(|u| now >= u) => {
                 Some(Deadline::ProbationEnd)

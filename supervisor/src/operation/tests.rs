@@ -1,13 +1,14 @@
 //! Every request in every operation: the admission table, one test a row;
-//! then the follow-up that coalesces requests, the worker-exit and
-//! in-place decisions, the crash-loop breaker, the respawn backoff and the
-//! drain cap. No process, no socket, no sleep.
+//! then the follow-up that coalesces requests; a worker's exit in every
+//! state of every operation, the second table; the in-place decisions, the
+//! crash-loop breaker, the respawn backoff and the drain cap. No process,
+//! no socket, no sleep.
 
 use super::*;
-use crate::exits::{exit_reason, exit_verdict, ExitVerdict};
+use crate::exits::exit_reason;
 use crate::fleet::over_drain_cap;
 use crate::fleet::{crash_loop, crashes_in_a_row, respawn_delay, GenerationState};
-use crate::inplace::{answer_verdict, exit_aborts, next_move, Answer, Move};
+use crate::inplace::{answer_verdict, next_move, Answer, Move};
 use crate::reload::Phase;
 use crate::worker::State;
 use baton_wire::protocol::WorkerMessage;
@@ -29,6 +30,8 @@ const UPGRADING: Summary = Summary::Upgrading {
     child: 4242,
     elapsed: Duration::from_secs(2),
 };
+const PREPARING: Summary = Summary::InPlace(Phase::Prepare);
+const COMMITTING: Summary = Summary::InPlace(Phase::Commit);
 const GRACEFUL: Summary = Summary::Stopping(Stop::Graceful);
 const FAST: Summary = Summary::Stopping(Stop::Fast);
 const SERVING: Facts = Facts {
@@ -51,7 +54,7 @@ macro_rules! admission {
 
 use Admission::{Already, Coalesce, Start};
 use Ask::{Promote, Reload, Rollback, Scale, Upgrade};
-use Summary::{Idle, InPlace, Reading, Starting};
+use Summary::{Idle, Reading, Starting};
 const STOP: Ask = Ask::Stop(Stop::Graceful);
 const STOP_FAST: Ask = Ask::Stop(Stop::Fast);
 
@@ -80,13 +83,16 @@ admission! {
     starting_promote_is_refused: Starting, Promote => refused(Refusal::NotOnProbation);
     starting_rollback_is_refused: Starting, Rollback => refused(Refusal::NotOnProbation);
 
-    in_place_reload_coalesces: InPlace, Reload => Coalesce;
-    in_place_upgrade_is_refused: InPlace, Upgrade => refused(Refusal::ReloadForUpgrade);
-    in_place_scale_starts_held_workers: InPlace, Scale => Start;
-    in_place_stop_starts: InPlace, STOP => Start;
-    in_place_fast_stop_starts: InPlace, STOP_FAST => Start;
-    in_place_promote_is_refused: InPlace, Promote => refused(Refusal::NotOnProbation);
-    in_place_rollback_is_refused: InPlace, Rollback => refused(Refusal::NotOnProbation);
+    in_place_reload_coalesces: PREPARING, Reload => Coalesce;
+    in_place_upgrade_is_refused: PREPARING, Upgrade => refused(Refusal::ReloadForUpgrade);
+    in_place_scale_starts_held_workers: PREPARING, Scale => Start;
+    in_place_stop_starts: PREPARING, STOP => Start;
+    in_place_fast_stop_starts: PREPARING, STOP_FAST => Start;
+    in_place_promote_is_refused: PREPARING, Promote => refused(Refusal::NotOnProbation);
+    in_place_rollback_is_refused: PREPARING, Rollback => refused(Refusal::NotOnProbation);
+    in_place_committing_reload_coalesces: COMMITTING, Reload => Coalesce;
+    in_place_committing_upgrade_is_refused: COMMITTING, Upgrade => refused(Refusal::ReloadForUpgrade);
+    in_place_committing_scale_starts_held_workers: COMMITTING, Scale => Start;
 
     probation_reload_coalesces: PROBATION, Reload => Coalesce;
     probation_upgrade_is_refused_with_what_to_do: PROBATION, Upgrade => refused(Refusal::OnProbation {
@@ -285,26 +291,108 @@ fn no_follow_up_without_requests() {
     follow_up.cancel("nothing");
 }
 
-macro_rules! exits {
-    ($($name:ident: $state:expr, draining $draining:expr, stopping $stopping:expr, within $within:expr => $expected:expr;)*) => {$(
+/// A serving worker that died: in its generation's place, within the
+/// worker count, owing nothing, its breaker not tripped.
+const DIED: Exited = Exited {
+    generation: GenerationState::Current,
+    draining: false,
+    within: true,
+    owed_answer: false,
+    crash_loop: false,
+};
+/// Told to drain (replaced, scaled down, stopping) or killed.
+const DRAINED: Exited = Exited {
+    draining: true,
+    ..DIED
+};
+/// Its breaker trips with this crash.
+const LOOPING: Exited = Exited {
+    crash_loop: true,
+    ..DIED
+};
+/// Beyond the worker count after `baton scale` down.
+const SURPLUS: Exited = Exited {
+    within: false,
+    ..DIED
+};
+/// It owed the in-place reload its answer.
+const OWED: Exited = Exited {
+    owed_answer: true,
+    ..DIED
+};
+
+macro_rules! worker_exits {
+    ($($name:ident: $operation:expr, $generation:ident, $worker:expr => $to_operation:ident, $to_worker:ident;)*) => {$(
         #[test]
         fn $name() {
-            assert_eq!(exit_verdict($state, $draining, $stopping, $within), $expected);
+            let exited = Exited {
+                generation: GenerationState::$generation,
+                ..$worker
+            };
+            let expected = Reaction {
+                operation: ForOperation::$to_operation,
+                worker: ForWorker::$to_worker,
+            };
+            assert_eq!($operation.on_worker_exit(exited), expected);
         }
     )*};
 }
 
-exits! {
-    exit_of_a_starting_worker_fails_the_reload: GenerationState::Starting, draining false, stopping false, within true => ExitVerdict::FailReload;
-    exit_of_a_starting_worker_during_a_stop_fails_the_reload: GenerationState::Starting, draining false, stopping true, within true => ExitVerdict::FailReload;
-    exit_of_a_serving_worker_respawns_it: GenerationState::Current, draining false, stopping false, within true => ExitVerdict::Respawn;
-    exit_of_a_serving_worker_during_a_stop_is_not_replaced: GenerationState::Current, draining false, stopping true, within true => ExitVerdict::Forget;
-    exit_of_a_draining_worker_of_the_current_generation_is_not_replaced: GenerationState::Current, draining true, stopping false, within true => ExitVerdict::Forget;
-    exit_of_a_surplus_worker_after_scale_down_is_not_replaced: GenerationState::Current, draining false, stopping false, within false => ExitVerdict::Forget;
-    exit_in_a_draining_generation_is_forgotten: GenerationState::Draining, draining true, stopping false, within true => ExitVerdict::Forget;
-    exit_in_a_draining_generation_not_yet_told_is_forgotten: GenerationState::Draining, draining false, stopping false, within true => ExitVerdict::Forget;
-    exit_in_a_failed_generation_is_forgotten: GenerationState::Failed, draining true, stopping false, within true => ExitVerdict::Forget;
-    exit_in_a_standby_generation_is_forgotten: GenerationState::Standby, draining false, stopping false, within true => ExitVerdict::Forget;
+worker_exits! {
+    idle_a_serving_worker_that_dies_is_respawned: Idle, Current, DIED => Nothing, Respawn;
+    idle_a_serving_worker_that_dies_once_too_often_is_not_respawned_any_more: Idle, Current, LOOPING => Nothing, StopRespawning;
+    idle_a_serving_worker_scaled_down_is_not_replaced: Idle, Current, DRAINED => Nothing, Forget;
+    idle_a_surplus_worker_after_scale_down_is_not_replaced: Idle, Current, SURPLUS => Nothing, Forget;
+    idle_a_drained_worker_of_a_replaced_generation_is_forgotten: Idle, Draining, DRAINED => Nothing, Forget;
+    idle_a_worker_of_a_generation_still_handing_over_is_forgotten: Idle, Draining, DIED => Nothing, Forget;
+    idle_a_worker_of_a_failed_generation_is_forgotten: Idle, Failed, DRAINED => Nothing, Forget;
+
+    reading_a_serving_worker_that_dies_is_respawned: Reading, Current, DIED => Nothing, Respawn;
+    reading_a_crash_looping_serving_worker_is_not_respawned_any_more: Reading, Current, LOOPING => Nothing, StopRespawning;
+    reading_a_drained_worker_of_a_replaced_generation_is_forgotten: Reading, Draining, DRAINED => Nothing, Forget;
+
+    starting_a_new_worker_that_exits_before_it_is_ready_fails_the_reload: Starting, Starting, DIED => FailReload, Forget;
+    starting_a_new_worker_is_never_respawned_even_within_its_breaker: Starting, Starting, LOOPING => FailReload, Forget;
+    starting_a_worker_of_the_serving_generation_that_dies_is_respawned: Starting, Current, DIED => Nothing, Respawn;
+    starting_a_crash_looping_worker_of_the_serving_generation_is_not_respawned_any_more: Starting, Current, LOOPING => Nothing, StopRespawning;
+    starting_a_serving_worker_scaled_down_is_not_replaced: Starting, Current, DRAINED => Nothing, Forget;
+    starting_a_drained_worker_of_a_replaced_generation_is_forgotten: Starting, Draining, DRAINED => Nothing, Forget;
+    starting_a_worker_of_an_earlier_failed_generation_is_forgotten: Starting, Failed, DRAINED => Nothing, Forget;
+
+    in_place_preparing_a_worker_that_owed_its_answer_aborts_and_is_respawned: PREPARING, Current, OWED => AbortInPlace, Respawn;
+    in_place_preparing_a_crash_looping_worker_that_owed_its_answer_aborts_and_is_not_respawned: PREPARING, Current, Exited { crash_loop: true, ..OWED } => AbortInPlace, StopRespawning;
+    in_place_preparing_a_worker_scaled_down_before_it_answered_aborts: PREPARING, Current, Exited { draining: true, ..OWED } => AbortInPlace, Forget;
+    in_place_preparing_a_worker_that_prepared_already_is_respawned_without_aborting: PREPARING, Current, DIED => Nothing, Respawn;
+    in_place_preparing_a_worker_drained_before_it_began_is_forgotten: PREPARING, Current, DRAINED => Nothing, Forget;
+    in_place_preparing_a_drained_worker_of_a_replaced_generation_is_forgotten: PREPARING, Draining, DRAINED => Nothing, Forget;
+
+    in_place_committing_a_worker_that_owed_its_answer_is_awaited_no_more_and_respawned: COMMITTING, Current, OWED => StopWaiting, Respawn;
+    in_place_committing_a_crash_looping_worker_that_owed_its_answer_is_not_respawned: COMMITTING, Current, Exited { crash_loop: true, ..OWED } => StopWaiting, StopRespawning;
+    in_place_committing_a_worker_that_committed_already_is_respawned: COMMITTING, Current, DIED => Nothing, Respawn;
+    in_place_committing_a_drained_worker_of_a_replaced_generation_is_forgotten: COMMITTING, Draining, DRAINED => Nothing, Forget;
+
+    probation_a_new_worker_that_exits_rolls_back: PROBATION, Current, DIED => RollBack, Forget;
+    probation_a_crash_looping_new_worker_rolls_back_and_is_not_respawned: PROBATION, Current, LOOPING => RollBack, Forget;
+    probation_a_new_worker_scaled_down_is_not_replaced_and_does_not_roll_back: PROBATION, Current, DRAINED => Nothing, Forget;
+    probation_a_standby_worker_that_dies_is_not_replaced: PROBATION, Standby, DIED => Nothing, Forget;
+    probation_a_drained_worker_of_an_older_generation_is_forgotten: PROBATION, Draining, DRAINED => Nothing, Forget;
+    probation_a_worker_of_a_failed_generation_is_forgotten: PROBATION, Failed, DRAINED => Nothing, Forget;
+
+    canary_a_new_worker_that_exits_rolls_back: CANARY, Current, DIED => RollBack, Forget;
+    canary_a_standby_worker_that_dies_is_not_replaced: CANARY, Standby, DIED => Nothing, Forget;
+    canary_a_drained_worker_of_an_older_generation_is_forgotten: CANARY, Draining, DRAINED => Nothing, Forget;
+
+    upgrading_a_serving_worker_that_dies_is_respawned: UPGRADING, Current, DIED => Nothing, Respawn;
+    upgrading_a_crash_looping_serving_worker_is_not_respawned_any_more: UPGRADING, Current, LOOPING => Nothing, StopRespawning;
+    upgrading_a_drained_worker_of_a_replaced_generation_is_forgotten: UPGRADING, Draining, DRAINED => Nothing, Forget;
+
+    graceful_stop_a_drained_worker_is_forgotten: GRACEFUL, Draining, DRAINED => Nothing, Forget;
+    graceful_stop_a_worker_of_the_abandoned_new_generation_is_forgotten: GRACEFUL, Failed, DRAINED => Nothing, Forget;
+    stopping_never_respawns_even_a_serving_worker_not_told_to_drain: GRACEFUL, Current, DIED => Nothing, Forget;
+
+    fast_stop_a_terminated_serving_worker_is_not_replaced: FAST, Current, DRAINED => Nothing, Forget;
+    fast_stop_a_worker_of_the_abandoned_new_generation_fails_nothing: FAST, Starting, DRAINED => Nothing, Forget;
+    fast_stop_a_terminated_standby_worker_is_forgotten: FAST, Standby, DRAINED => Nothing, Forget;
 }
 
 #[test]
@@ -392,16 +480,6 @@ moves! {
     in_place_all_committed_finishes: Phase::Commit, answered true, late false => Move::Finish;
     in_place_commit_timeout_kills_the_late_and_finishes: Phase::Commit, answered false, late true => Move::KillLateAndFinish;
     in_place_committing_waits: Phase::Commit, answered false, late false => Move::Wait;
-}
-
-#[test]
-fn a_worker_exit_while_preparing_aborts_the_in_place_reload() {
-    assert!(exit_aborts(Phase::Prepare));
-}
-
-#[test]
-fn a_worker_exit_while_committing_does_not_abort() {
-    assert!(!exit_aborts(Phase::Commit));
 }
 
 #[test]

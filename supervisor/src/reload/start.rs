@@ -149,7 +149,7 @@ impl Master {
             .ok()
             .map(|child| Pid::from_raw(child.id() as i32));
         // It may have exited already, reaped before it came back here.
-        let exited = pid.and_then(|pid| self.unclaimed_exits.remove(&pid));
+        let exited = pid.and_then(|pid| self.children.claim(pid));
         let wanted = self
             .operation
             .reload()
@@ -157,7 +157,13 @@ impl Master {
             && self.fleet.get(number).is_some();
         let taken = match (self.fleet.get_mut(number), result) {
             (Some(generation), Ok(child)) if wanted => generation
-                .spawned(index, child, &self.events, self.guardian.as_ref())
+                .spawned(
+                    index,
+                    child,
+                    &self.events,
+                    self.guardian.as_ref(),
+                    &mut self.children,
+                )
                 .map(|_| ())
                 .map_err(|e| format!("{e:#}")),
             (generation, result) => {
@@ -179,7 +185,7 @@ impl Master {
         // Once no worker is still to come back, no unknown exit can be one
         // of theirs.
         if !self.spawns_pending() {
-            self.unclaimed_exits.clear();
+            self.children.drop_unclaimed();
         }
         // It may have notified already, before it was taken in.
         if let Some(g) = self.fleet.get_mut(number) {
@@ -195,8 +201,8 @@ impl Master {
             let reload = self.operation.take_reload().expect("wanted: a reload runs");
             return self.abort(reload, Phase::Spawn, format!("worker {index}: {reason}"));
         }
-        if let (Some(pid), Some((status, success))) = (pid, exited) {
-            return self.on_exit(pid, status, success);
+        if let (Some(pid), Some(exit)) = (pid, exited) {
+            return self.on_exit(pid, exit.status, exit.success);
         }
         self.end_spawn_phase();
     }

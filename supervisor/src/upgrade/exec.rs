@@ -230,12 +230,13 @@ impl ExecState {
 
     /// In the new image: `fleet` adopts the listeners, generations and
     /// workers the previous image handed over, with `config`; the workers'
-    /// messages go to `events`.
+    /// messages go to `events`, their exits to `children`.
     pub fn adopt(
         self,
         fleet: &mut Fleet,
         config: &Rc<Config>,
         events: &crate::master::Events,
+        children: &mut crate::children::Children,
     ) -> anyhow::Result<()> {
         let state = self;
         let config = config.clone();
@@ -342,7 +343,7 @@ impl ExecState {
                 if let Some(channel) = forward {
                     worker.forwarded_by(crate::master::forward_worker(events, pid, channel));
                 }
-                generation.adopt_worker(pid, worker);
+                generation.adopt_worker(pid, worker, children);
             }
             restored.push((generation, state, handing_over));
         }

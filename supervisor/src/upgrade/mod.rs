@@ -192,6 +192,8 @@ impl Master {
                 return;
             }
         };
+        self.children
+            .register(child, crate::children::Owner::Upgrade);
         let deadline = Instant::now() + self.config.supervisor.upgrade_timeout.0;
         self.operation
             .begin(crate::operation::Operation::Upgrading(Upgrade {

@@ -5,6 +5,7 @@
 use super::*;
 use crate::inplace::Move;
 use crate::master::Stop;
+use crate::reload::Phase;
 use std::time::Duration;
 
 const PROBATION: Summary = Summary::Probation {
@@ -23,12 +24,12 @@ const UPGRADING: Summary = Summary::Upgrading {
 };
 const GRACEFUL: Summary = Summary::Stopping(Stop::Graceful);
 const FAST: Summary = Summary::Stopping(Stop::Fast);
-const PREPARE: Deadline = Deadline::Answers(Phase::Prepare);
-const COMMIT: Deadline = Deadline::Answers(Phase::Commit);
+const PREPARING: Summary = Summary::InPlace(Phase::Prepare);
+const COMMITTING: Summary = Summary::InPlace(Phase::Commit);
 
-use Deadline::{AbortGrace, Exec, Handshake, ProbationEnd, Ready};
+use Deadline::{AbortGrace, Answers, Exec, Handshake, ProbationEnd, Ready};
 use Expiry::{FailReload, FailUpgrade, KillUpgradeChild, Nothing, Promote};
-use Summary::{Idle, InPlace, Reading, Starting};
+use Summary::{Idle, Reading, Starting};
 
 macro_rules! deadlines {
     ($($name:ident: $state:expr, $deadline:expr => $expected:expr;)*) => {$(
@@ -41,40 +42,41 @@ macro_rules! deadlines {
 
 deadlines! {
     idle_ready_timeout_does_nothing: Idle, Ready => Nothing;
-    idle_prepare_timeout_does_nothing: Idle, PREPARE => Nothing;
-    idle_commit_timeout_does_nothing: Idle, COMMIT => Nothing;
+    idle_answers_timeout_does_nothing: Idle, Answers => Nothing;
     idle_probation_end_does_nothing: Idle, ProbationEnd => Nothing;
     idle_handshake_timeout_does_nothing: Idle, Handshake => Nothing;
     idle_exec_time_does_nothing: Idle, Exec => Nothing;
     idle_abort_grace_does_nothing: Idle, AbortGrace => Nothing;
 
     reading_ready_timeout_does_nothing: Reading, Ready => Nothing;
-    reading_prepare_timeout_does_nothing: Reading, PREPARE => Nothing;
-    reading_commit_timeout_does_nothing: Reading, COMMIT => Nothing;
+    reading_answers_timeout_does_nothing: Reading, Answers => Nothing;
     reading_probation_end_does_nothing: Reading, ProbationEnd => Nothing;
     reading_handshake_timeout_does_nothing: Reading, Handshake => Nothing;
     reading_exec_time_does_nothing: Reading, Exec => Nothing;
     reading_abort_grace_does_nothing: Reading, AbortGrace => Nothing;
 
     starting_ready_timeout_fails_the_reload: Starting, Ready => FailReload;
-    starting_prepare_timeout_does_nothing: Starting, PREPARE => Nothing;
-    starting_commit_timeout_does_nothing: Starting, COMMIT => Nothing;
+    starting_answers_timeout_does_nothing: Starting, Answers => Nothing;
     starting_probation_end_does_nothing: Starting, ProbationEnd => Nothing;
     starting_handshake_timeout_does_nothing: Starting, Handshake => Nothing;
     starting_exec_time_does_nothing: Starting, Exec => Nothing;
     starting_abort_grace_does_nothing: Starting, AbortGrace => Nothing;
 
-    in_place_ready_timeout_does_nothing: InPlace, Ready => Nothing;
-    in_place_prepare_timeout_aborts: InPlace, PREPARE => Expiry::InPlace(Move::AbortLate);
-    in_place_commit_timeout_kills_the_late_and_finishes: InPlace, COMMIT => Expiry::InPlace(Move::KillLateAndFinish);
-    in_place_probation_end_does_nothing: InPlace, ProbationEnd => Nothing;
-    in_place_handshake_timeout_does_nothing: InPlace, Handshake => Nothing;
-    in_place_exec_time_does_nothing: InPlace, Exec => Nothing;
-    in_place_abort_grace_does_nothing: InPlace, AbortGrace => Nothing;
+    preparing_ready_timeout_does_nothing: PREPARING, Ready => Nothing;
+    preparing_answers_timeout_aborts: PREPARING, Answers => Expiry::InPlace(Move::AbortLate);
+    preparing_probation_end_does_nothing: PREPARING, ProbationEnd => Nothing;
+    preparing_handshake_timeout_does_nothing: PREPARING, Handshake => Nothing;
+    preparing_exec_time_does_nothing: PREPARING, Exec => Nothing;
+    preparing_abort_grace_does_nothing: PREPARING, AbortGrace => Nothing;
+    committing_ready_timeout_does_nothing: COMMITTING, Ready => Nothing;
+    committing_answers_timeout_kills_the_late_and_finishes: COMMITTING, Answers => Expiry::InPlace(Move::KillLateAndFinish);
+    committing_probation_end_does_nothing: COMMITTING, ProbationEnd => Nothing;
+    committing_handshake_timeout_does_nothing: COMMITTING, Handshake => Nothing;
+    committing_exec_time_does_nothing: COMMITTING, Exec => Nothing;
+    committing_abort_grace_does_nothing: COMMITTING, AbortGrace => Nothing;
 
     probation_ready_timeout_does_nothing: PROBATION, Ready => Nothing;
-    probation_prepare_timeout_does_nothing: PROBATION, PREPARE => Nothing;
-    probation_commit_timeout_does_nothing: PROBATION, COMMIT => Nothing;
+    probation_answers_timeout_does_nothing: PROBATION, Answers => Nothing;
     probation_end_promotes: PROBATION, ProbationEnd => Promote;
     probation_handshake_timeout_does_nothing: PROBATION, Handshake => Nothing;
     probation_exec_time_does_nothing: PROBATION, Exec => Nothing;
@@ -83,24 +85,21 @@ deadlines! {
     canary_ready_timeout_does_nothing: CANARY, Ready => Nothing;
 
     upgrading_ready_timeout_does_nothing: UPGRADING, Ready => Nothing;
-    upgrading_prepare_timeout_does_nothing: UPGRADING, PREPARE => Nothing;
-    upgrading_commit_timeout_does_nothing: UPGRADING, COMMIT => Nothing;
+    upgrading_answers_timeout_does_nothing: UPGRADING, Answers => Nothing;
     upgrading_probation_end_does_nothing: UPGRADING, ProbationEnd => Nothing;
     upgrading_handshake_timeout_fails_the_upgrade: UPGRADING, Handshake => FailUpgrade;
     upgrading_exec_time_execs: UPGRADING, Exec => Expiry::Exec;
     upgrading_abort_grace_kills_the_child: UPGRADING, AbortGrace => KillUpgradeChild;
 
     graceful_stop_ready_timeout_does_nothing: GRACEFUL, Ready => Nothing;
-    graceful_stop_prepare_timeout_does_nothing: GRACEFUL, PREPARE => Nothing;
-    graceful_stop_commit_timeout_does_nothing: GRACEFUL, COMMIT => Nothing;
+    graceful_stop_answers_timeout_does_nothing: GRACEFUL, Answers => Nothing;
     graceful_stop_probation_end_does_not_promote: GRACEFUL, ProbationEnd => Nothing;
     graceful_stop_handshake_timeout_does_nothing: GRACEFUL, Handshake => Nothing;
     graceful_stop_exec_time_does_not_exec: GRACEFUL, Exec => Nothing;
     graceful_stop_abort_grace_kills_the_upgrade_child: GRACEFUL, AbortGrace => KillUpgradeChild;
 
     fast_stop_ready_timeout_does_nothing: FAST, Ready => Nothing;
-    fast_stop_prepare_timeout_does_nothing: FAST, PREPARE => Nothing;
-    fast_stop_commit_timeout_does_nothing: FAST, COMMIT => Nothing;
+    fast_stop_answers_timeout_does_nothing: FAST, Answers => Nothing;
     fast_stop_probation_end_does_not_promote: FAST, ProbationEnd => Nothing;
     fast_stop_handshake_timeout_does_nothing: FAST, Handshake => Nothing;
     fast_stop_exec_time_does_not_exec: FAST, Exec => Nothing;
