@@ -14,9 +14,15 @@
 //! the loop may exit, and be reaped, before its pid comes back to the loop:
 //! while such spawns are pending, the exit of a pid nobody registered is
 //! held, for the spawn to claim.
+//!
+//! The guardian (see [`crate::guardian`]) is a child too, and the one that
+//! watches every worker for the case this master is killed: a worker
+//! started here is watched from the moment it is registered.
 
+use crate::guardian::Guardian;
 use nix::unistd::Pid;
 use std::collections::HashMap;
+use std::time::Duration;
 
 /// What started a child of the master.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +47,7 @@ pub struct Exit {
 }
 
 /// The master's children by pid, and the reaping still to do.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Children {
     /// What started each child not reaped yet.
     owners: HashMap<Pid, Owner>,
@@ -50,9 +56,52 @@ pub struct Children {
     unclaimed: HashMap<Pid, Exit>,
     /// Exited children may wait to be reaped.
     reap_pending: bool,
+    /// Kills the workers a killed master leaves behind.
+    guardian: Option<Guardian>,
 }
 
 impl Children {
+    /// Starts a guardian (a new one replaces one told to exit before an
+    /// exec that failed: that one is nobody's now); without one, a master
+    /// killed with `SIGKILL` may leave workers that ignore its death.
+    pub fn start_guardian(&mut self) {
+        if let Some(old) = self.guardian.take() {
+            self.release(old.pid());
+        }
+        self.guardian = match Guardian::start() {
+            Ok(guardian) => {
+                self.register(guardian.pid(), Owner::Guardian);
+                Some(guardian)
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot start the guardian: workers that ignore drain may outlive a killed master");
+                None
+            }
+        };
+    }
+
+    /// The guardian, if one runs.
+    pub fn guardian(&self) -> Option<&Guardian> {
+        self.guardian.as_ref()
+    }
+
+    /// Worker `pid` of `generation` was started: registered, and watched by
+    /// the guardian, which kills it `drain_timeout` after this master's
+    /// death.
+    pub fn worker_started(&mut self, pid: Pid, generation: u64, drain_timeout: Duration) {
+        if let Some(guardian) = &self.guardian {
+            guardian.watch(pid, drain_timeout);
+        }
+        self.register(pid, Owner::Worker(generation));
+    }
+
+    /// Worker `pid` exited: the guardian stops watching it.
+    pub fn worker_exited(&mut self, pid: Pid) {
+        if let Some(guardian) = &self.guardian {
+            guardian.forget(pid);
+        }
+    }
+
     /// Child `pid` was started (or adopted) by `owner`.
     pub fn register(&mut self, pid: Pid, owner: Owner) {
         self.owners.insert(pid, owner);

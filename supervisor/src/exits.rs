@@ -74,7 +74,7 @@ impl Master {
             }
             Some(Owner::Guardian) => {
                 tracing::warn!(pid = pid.as_raw(), %status, "the guardian exited; starting another");
-                self.start_guardian();
+                self.children.start_guardian();
                 self.guard_every_worker();
             }
             // Maybe a worker whose start has not come back to the loop yet.
@@ -88,9 +88,7 @@ impl Master {
     /// decided by `Summary::on_worker_exit` (see [`crate::operation`]), and
     /// done here.
     fn worker_exited(&mut self, number: u64, pid: Pid, status: String, success: bool) {
-        if let Some(guardian) = &self.guardian {
-            guardian.forget(pid);
-        }
+        self.children.worker_exited(pid);
         let Some(generation) = self.fleet.get_mut(number) else {
             return;
         };

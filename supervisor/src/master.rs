@@ -130,7 +130,6 @@ pub struct Master {
     pub(crate) operation: Operation,
     /// Who waits for the reload under way, the follow-up, the last outcome.
     pub(crate) reloads: Reloads,
-    pub(crate) started: Instant,
     pub(crate) log: LogHandle,
     pub(crate) events: Events,
     /// The control socket, the admin endpoint and the pid file (see
@@ -146,9 +145,6 @@ pub struct Master {
     /// The masters before and after this one across an upgrade (see
     /// [`crate::upgrade::lineage`]).
     pub(crate) lineage: Lineage,
-    /// Kills the workers a killed master leaves behind (see
-    /// [`crate::guardian`]).
-    pub(crate) guardian: Option<crate::guardian::Guardian>,
     /// The generation whose readiness probes run (see [`crate::probe`]).
     pub(crate) probing: Option<crate::probe::Probing>,
     /// What `/metrics` shows.
@@ -222,7 +218,6 @@ pub async fn run(
         fleet: Fleet::default(),
         operation: Operation::Idle,
         reloads: Reloads::default(),
-        started: Instant::now(),
         log,
         events,
         endpoints: Endpoints::new(
@@ -233,7 +228,6 @@ pub async fn run(
         ),
         program,
         lineage: Lineage::default(),
-        guardian: None,
         probing: None,
         metrics: crate::metrics::Metrics::new(),
         children: Default::default(),
@@ -241,7 +235,7 @@ pub async fn run(
     if takeover.is_none() {
         master.endpoints.serve_admin();
     }
-    master.start_guardian();
+    master.children.start_guardian();
     if let Some(takeover) = takeover {
         master.adopt(takeover);
     }
@@ -674,30 +668,10 @@ impl Master {
         self.reap_finished_generations();
     }
 
-    /// Starts a guardian (see [`crate::guardian`]); without one, a master
-    /// killed with `SIGKILL` may leave workers that ignore its death.
-    pub(crate) fn start_guardian(&mut self) {
-        // One told to exit (before an exec that failed) is nobody's now.
-        if let Some(old) = &self.guardian {
-            self.children.release(old.pid());
-        }
-        self.guardian = match crate::guardian::Guardian::start() {
-            Ok(guardian) => {
-                let owner = crate::children::Owner::Guardian;
-                self.children.register(guardian.pid(), owner);
-                Some(guardian)
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "cannot start the guardian: workers that ignore drain may outlive a killed master");
-                None
-            }
-        };
-    }
-
     /// Tells the guardian of every worker (a new guardian, or a new image
     /// of this master that adopted them).
     pub(crate) fn guard_every_worker(&self) {
-        let Some(guardian) = &self.guardian else {
+        let Some(guardian) = self.children.guardian() else {
             return;
         };
         for generation in self.fleet.iter() {
@@ -710,7 +684,7 @@ impl Master {
     /// Stops what workers left outside their process groups (see
     /// [`crate::orphans`]); never the new master of an upgrade.
     fn stop_orphans(&self) {
-        let guardian = self.guardian.as_ref().map(|g| g.pid());
+        let guardian = self.children.guardian().map(|g| g.pid());
         let spare: Vec<Pid> = self
             .lineage
             .successor()
@@ -768,13 +742,7 @@ impl Master {
             let respawn = !stopping
                 && generation.state() == GenerationState::Current
                 && held != Some(generation.number());
-            let killed = generation.tick(
-                now,
-                respawn,
-                &self.events,
-                self.guardian.as_ref(),
-                &mut self.children,
-            );
+            let killed = generation.tick(now, respawn, &self.events, &mut self.children);
             self.metrics.killed_at_drain_deadline.inc_by(killed);
         }
     }

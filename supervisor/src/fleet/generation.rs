@@ -285,7 +285,6 @@ impl Generation {
         wanted: u32,
         held: bool,
         events: &Events,
-        guardian: Option<&crate::guardian::Guardian>,
         children: &mut Children,
     ) -> Result<(), String> {
         self.processes = wanted;
@@ -319,7 +318,7 @@ impl Generation {
                     restarts: 0,
                 };
                 self.respawns.insert(index, now);
-            } else if let Err(e) = self.spawn(index, 0, 0, events, guardian, children) {
+            } else if let Err(e) = self.spawn(index, 0, 0, events, children) {
                 return Err(format!("starting worker {index}: {e:#}"));
             }
         }
@@ -384,12 +383,11 @@ impl Generation {
         restarts: u32,
         crashes: u32,
         events: &Events,
-        guardian: Option<&crate::guardian::Guardian>,
         children: &mut Children,
     ) -> anyhow::Result<&mut Worker> {
         let (plan, prepared) = worker::prepare(&self.spec(index), restarts, crashes)?;
         let child = crate::forker::spawn_and_wait(plan)?;
-        self.take_in(index, prepared, child, events, guardian, children)
+        self.take_in(index, prepared, child, events, children)
     }
 
     /// Starts worker `index` without waiting for it: the main thread forks
@@ -429,14 +427,13 @@ impl Generation {
         index: u32,
         child: std::process::Child,
         events: &Events,
-        guardian: Option<&crate::guardian::Guardian>,
         children: &mut Children,
     ) -> anyhow::Result<&mut Worker> {
         let prepared = self
             .pending
             .remove(&index)
             .ok_or_else(|| anyhow::anyhow!("worker {index} was not being started"))?;
-        self.take_in(index, prepared, child, events, guardian, children)
+        self.take_in(index, prepared, child, events, children)
     }
 
     /// Takes in worker `index`, exec'd as `child`: its channel registered
@@ -449,16 +446,12 @@ impl Generation {
         prepared: worker::Prepared,
         child: std::process::Child,
         events: &Events,
-        guardian: Option<&crate::guardian::Guardian>,
         children: &mut Children,
     ) -> anyhow::Result<&mut Worker> {
         let mut worker = prepared.finish(child, &self.spec(index))?;
         let pid = worker.pid();
         if let Some((spawn_phase, _)) = &self.trace {
             worker.trace_startup(tracing::info_span!(parent: spawn_phase, "worker startup", generation = self.number, worker = index, pid = pid.as_raw(), outcome = tracing::field::Empty));
-        }
-        if let Some(guardian) = guardian {
-            guardian.watch(pid, self.config.worker.drain_timeout.0);
         }
         if let Some(channel) = worker.channel().cloned() {
             worker.forwarded_by(crate::master::forward_worker(events, pid, channel));
@@ -470,7 +463,7 @@ impl Generation {
             pid = pid.as_raw(),
             "worker started"
         );
-        children.register(pid, Owner::Worker(self.number));
+        children.worker_started(pid, self.number, self.config.worker.drain_timeout.0);
         Ok(self.workers.entry(pid).or_insert(worker))
     }
 
@@ -559,7 +552,6 @@ impl Generation {
         now: Instant,
         respawn: bool,
         events: &Events,
-        guardian: Option<&crate::guardian::Guardian>,
         children: &mut Children,
     ) -> u64 {
         self.check_handover();
@@ -606,7 +598,7 @@ impl Generation {
         for index in due {
             let pending = self.respawns.remove(&index).expect("listed above");
             let (restarts, crashes) = (pending.restarts, pending.crashes);
-            if let Err(e) = self.spawn(index, restarts, crashes, events, guardian, children) {
+            if let Err(e) = self.spawn(index, restarts, crashes, events, children) {
                 tracing::error!(generation = self.number, worker = index, error = %format!("{e:#}"), "respawn failed");
                 self.respawns.insert(
                     index,

@@ -239,7 +239,7 @@ impl Master {
         Status {
             master: MasterStatus {
                 pid: std::process::id(),
-                uptime_s: self.started.elapsed().as_secs_f64(),
+                uptime_s: self.program.started.elapsed().as_secs_f64(),
                 config: self.config.path.display().to_string(),
                 config_hash: self.config.hash.clone(),
                 current_generation: self.fleet.current_number(),
@@ -316,8 +316,7 @@ impl Master {
         // While an in-place reload runs, new workers start once it ends,
         // with the version it leaves in service.
         let hold = held == Some(number);
-        let (events, guardian) = (&self.events, self.guardian.as_ref());
-        generation.scale_to(wanted, hold, events, guardian, &mut self.children)?;
+        generation.scale_to(wanted, hold, &self.events, &mut self.children)?;
         self.fleet.set_scale(wanted, config_processes);
         let requested_by = by.map(ToString::to_string);
         tracing::info!(

@@ -157,13 +157,7 @@ impl Master {
             && self.fleet.get(number).is_some();
         let taken = match (self.fleet.get_mut(number), result) {
             (Some(generation), Ok(child)) if wanted => generation
-                .spawned(
-                    index,
-                    child,
-                    &self.events,
-                    self.guardian.as_ref(),
-                    &mut self.children,
-                )
+                .spawned(index, child, &self.events, &mut self.children)
                 .map(|_| ())
                 .map_err(|e| format!("{e:#}")),
             (generation, result) => {

@@ -105,13 +105,16 @@ impl Drop for Upgrade {
     }
 }
 
-/// What the master was started as, to start the same program again.
+/// What the master was started as, to start the same program again, and
+/// when.
 #[derive(Debug, Clone)]
 pub struct Program {
     /// The binary's absolute path, resolved at start.
     pub path: PathBuf,
     /// `argv[0]` as given.
     pub argv0: String,
+    /// When this process (this image of it) started.
+    pub started: std::time::Instant,
 }
 
 impl Program {
@@ -133,7 +136,11 @@ impl Program {
                 .or_else(|| std::fs::read_link("/proc/self/exe").ok())
                 .unwrap_or_else(|| PathBuf::from(&argv0))
         };
-        Program { path, argv0 }
+        Program {
+            path,
+            argv0,
+            started: std::time::Instant::now(),
+        }
     }
 
     /// A command that runs the binary opened as `binary` (so that the file
@@ -470,7 +477,7 @@ impl Master {
         };
         if let Kind::InPlace { binary, .. } = &upgrade.kind {
             // The new image starts a guardian of its own.
-            if let Some(guardian) = &self.guardian {
+            if let Some(guardian) = self.children.guardian() {
                 guardian.release();
             }
             let image = exec::Image {
@@ -484,7 +491,7 @@ impl Master {
             tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
             self.metrics.upgrade("failed");
             self.endpoints.serve_admin();
-            self.start_guardian();
+            self.children.start_guardian();
             self.guard_every_worker();
         }
     }
