@@ -67,7 +67,13 @@ impl Master {
         match self.children.take(pid) {
             Some(Owner::Worker(generation)) => self.worker_exited(generation, pid, status, success),
             Some(Owner::Probe) => {
-                self.probe_exited(pid, &status, success);
+                let probed = self.probing.as_mut().and_then(|p| {
+                    let result = p.exited(pid, &status, success)?;
+                    Some((p.generation, result))
+                });
+                if let Some((generation, result)) = probed {
+                    self.probed(generation, result);
+                }
             }
             Some(Owner::Upgrade) => {
                 self.upgrade_child_exited(pid, &status, success);

@@ -11,6 +11,7 @@ use crate::fleet::{Fleet, GenerationState};
 use crate::logging::LogHandle;
 use crate::operation::{Admission, Ask, Deadline, Expiry, Facts, Operation, Reloads};
 use crate::pidfile::PidFile;
+use crate::probe::Probing;
 use crate::reload::Trigger;
 use crate::scale::ScaleChange;
 use crate::signals::{SignalEvent, Signals};
@@ -237,7 +238,8 @@ pub async fn run(
     }
     master.children.start_guardian();
     if let Some(takeover) = takeover {
-        master.adopt(takeover);
+        let (fleet, events) = (&mut master.fleet, &master.events);
+        master.lineage.take_over(takeover, fleet, events);
     }
     for listener in crate::activation::adopt(activated, &master.config.listeners)? {
         master.fleet.adopt_listener(Rc::new(listener));
@@ -285,7 +287,7 @@ pub async fn run(
                 anyhow::bail!("starting generation {generation} failed in phase {phase}: {reason}");
             }
         }
-        master.report_takeover_ready();
+        master.lineage.report_ready(&master.fleet);
         if master.operation.stopping().is_some() && master.fleet.is_empty() {
             break;
         }
@@ -474,29 +476,6 @@ impl Master {
         })
     }
 
-    /// Keeps `token` until process `pid` (the old master, not a child of
-    /// this one) has exited.
-    pub(crate) fn watch_old_master(&mut self, pid: u32, token: Rc<()>) {
-        let exited = match crate::steering::pidfd(pid) {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::warn!(old_pid = pid, error = %e, "cannot watch the old master: its sockets stay open");
-                self.lineage.keep_old_sockets(token);
-                return;
-            }
-        };
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            // SAFETY: the pidfd is open, moves into the `AsyncFd` and stays
-            // there, unchanged, until the `AsyncFd` is dropped.
-            if let Ok(fd) = unsafe { tokio::io::unix::AsyncFd::register(exited) } {
-                let _ = fd.readable().await;
-            }
-            let _ = events.send(Event::OldMasterExited);
-        });
-        self.lineage.keep_old_sockets(token);
-    }
-
     fn on_signal(&mut self, signal: SignalEvent) {
         if signal == SignalEvent::Child {
             // Reaped from the tick, a slice a turn.
@@ -542,7 +521,18 @@ impl Master {
             Event::Admin { endpoint, reply } => return self.on_admin(endpoint, reply),
             Event::ConfigLoaded(loaded) => return self.on_config_loaded(*loaded),
             Event::Upgrade { message } => return self.on_upgrade_message(message),
-            Event::OldMaster { message } => return self.on_old_master(message),
+            // In a new master: the old master handed over (or vanished):
+            // this one takes the socket files, the control socket and the
+            // pid file.
+            Event::OldMaster { message } => {
+                if self.lineage.on_old_master(message) {
+                    for listener in self.fleet.sockets() {
+                        listener.own_path();
+                    }
+                    self.endpoints.take_over(&self.config.supervisor);
+                }
+                return;
+            }
             Event::OldMasterExited => {
                 tracing::info!("old master exited");
                 self.lineage.old_master_exited();
@@ -559,7 +549,7 @@ impl Master {
                 }
                 return;
             }
-            Event::Probe { generation, result } => return self.on_probe(generation, result),
+            Event::Probe { generation, result } => return self.probed(generation, result),
             Event::Spawned {
                 generation,
                 index,
@@ -727,7 +717,19 @@ impl Master {
         self.advance_reload();
         self.advance_in_place();
         self.kill_unanswered();
-        self.probe_tick();
+        if let Some(probing) = &mut self.probing {
+            let result = match self.fleet.get(probing.generation) {
+                Some(g) => probing.tick(Instant::now(), g, &self.events, &mut self.children),
+                None => {
+                    self.probing = None;
+                    None
+                }
+            };
+            if let Some((result, generation)) = result.zip(self.probing.as_ref()) {
+                let generation = generation.generation;
+                self.probed(generation, result);
+            }
+        }
         let now = Instant::now();
         let spawning = self
             .operation
@@ -745,6 +747,22 @@ impl Master {
             let killed = generation.tick(now, respawn, &self.events, &mut self.children);
             self.metrics.killed_at_drain_deadline.inc_by(killed);
         }
+    }
+
+    /// A readiness probe of `generation` ended with `result`: a pass makes
+    /// its starting workers ready; a failure may roll a probation back.
+    pub(crate) fn probed(&mut self, generation: u64, result: Result<(), String>) {
+        let Some(probing) = self.probing.as_mut().filter(|p| p.generation == generation) else {
+            return;
+        };
+        if probing.record(result) {
+            if let Some(g) = self.fleet.get_mut(generation) {
+                g.probe_passed();
+            }
+        } else {
+            self.probe_failed(generation);
+        }
+        self.advance_reload();
     }
 
     /// A deadline of the operation under way passed: does what
@@ -775,7 +793,7 @@ impl Master {
             .chain(operation)
             .chain(busy)
             .chain(self.delay_ready_deadline())
-            .chain(self.probe_deadline())
+            .chain(self.probing.as_ref().map(Probing::deadline))
             .min()
     }
 }

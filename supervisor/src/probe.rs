@@ -27,10 +27,11 @@
 //! An exec probe's stdout and stderr are read by the master and logged,
 //! bounded (see [`crate::output::capture_probe`]).
 
+use crate::children::{Children, Owner};
 use crate::config::ReadyMode;
 use crate::fleet::Generation;
 use crate::listener::Shared;
-use crate::master::{Event, Events, Master};
+use crate::master::{Event, Events};
 use baton_wire::protocol::ListenerKind;
 use nix::unistd::Pid;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -115,118 +116,103 @@ fn target(generation: &Generation) -> Option<(Shared, SocketAddr)> {
     Some((socket, address))
 }
 
-impl Master {
-    /// Starts probing `generation` if its workers are ready by probe.
-    pub(crate) fn start_probing(&mut self, generation: u64) {
-        let probes = self
-            .fleet
-            .get(generation)
-            .is_some_and(|g| g.config().worker.ready.probes());
-        self.probing = probes.then(|| Probing::new(generation));
+impl Probing {
+    /// `generation`'s probes, if its workers are ready by probe.
+    pub fn of(generation: &Generation) -> Option<Probing> {
+        generation
+            .config()
+            .worker
+            .ready
+            .probes()
+            .then(|| Probing::new(generation.number()))
     }
 
-    /// Starts an attempt when one is due; fails one past its deadline.
-    pub(crate) fn probe_tick(&mut self) {
-        let now = Instant::now();
-        let Some(probing) = &mut self.probing else {
-            return;
-        };
-        if let Some(in_flight) = &probing.in_flight {
-            if now >= in_flight.deadline {
-                // The next attempt is due now: the loop comes back at once.
-                let generation = probing.generation;
-                return self.on_probe(generation, Err("no answer within probe_interval".into()));
-            }
-            return;
+    /// Starts an attempt on `generation` (the one probed) when one is due;
+    /// an exec probe's process is registered among `children`. Returns the
+    /// result of an attempt that ended here: past its deadline, or unable
+    /// to start.
+    pub fn tick(
+        &mut self,
+        now: Instant,
+        generation: &Generation,
+        events: &Events,
+        children: &mut Children,
+    ) -> Option<Result<(), String>> {
+        if let Some(in_flight) = &self.in_flight {
+            // The next attempt is due now: the loop comes back at once.
+            return (now >= in_flight.deadline)
+                .then(|| Err("no answer within probe_interval".into()));
         }
-        if now < probing.next_at {
-            return;
+        if now < self.next_at {
+            return None;
         }
-        let number = probing.generation;
-        let Some(generation) = self.fleet.get(number) else {
-            self.probing = None;
-            return;
-        };
         let interval = generation.config().worker.probe_interval.0;
         let started = match &generation.config().worker.ready {
             ReadyMode::Exec(argv) => start_exec(generation, argv, now + interval),
-            ReadyMode::Tcp => start_connect(generation, None, interval, &self.events),
+            ReadyMode::Tcp => start_connect(generation, None, interval, events),
             ReadyMode::Http(path) => {
-                start_connect(generation, Some(path.clone()), interval, &self.events)
+                start_connect(generation, Some(path.clone()), interval, events)
             }
-            _ => return,
+            _ => return None,
         };
-        let probing = self.probing.as_mut().expect("checked above");
         // Counted from this start, not from the end of the attempt.
-        probing.next_at = now + interval;
+        self.next_at = now + interval;
         match started {
             Ok(mut in_flight) => {
                 in_flight.deadline = now + interval;
                 if let Some(pid) = in_flight.pid {
-                    self.children.register(pid, crate::children::Owner::Probe);
+                    children.register(pid, Owner::Probe);
                 }
-                probing.in_flight = Some(in_flight);
+                self.in_flight = Some(in_flight);
+                None
             }
-            Err(e) => self.on_probe(number, Err(e)),
+            Err(e) => Some(Err(e)),
         }
     }
 
-    /// When the probe needs the loop next.
-    pub(crate) fn probe_deadline(&self) -> Option<Instant> {
-        let probing = self.probing.as_ref()?;
-        Some(match &probing.in_flight {
+    /// When it needs the loop next.
+    pub fn deadline(&self) -> Instant {
+        match &self.in_flight {
             Some(in_flight) => in_flight.deadline,
-            None => probing.next_at,
-        })
+            None => self.next_at,
+        }
     }
 
-    /// An exec probe's process exited: whether `pid` was one.
-    pub(crate) fn probe_exited(&mut self, pid: Pid, status: &str, success: bool) -> bool {
-        let Some(probing) = &mut self.probing else {
-            return false;
-        };
-        let Some(in_flight) = probing.in_flight.as_mut().filter(|f| f.pid == Some(pid)) else {
-            return false;
-        };
+    /// Process `pid` exited: if it was the exec probe in flight, the
+    /// attempt's result.
+    pub fn exited(&mut self, pid: Pid, status: &str, success: bool) -> Option<Result<(), String>> {
+        let in_flight = self.in_flight.as_mut().filter(|f| f.pid == Some(pid))?;
         in_flight.pid = None;
-        let generation = probing.generation;
-        let result = if success {
+        Some(if success {
             Ok(())
         } else {
             Err(format!("probe command exited with {status}"))
-        };
-        self.on_probe(generation, result);
-        true
+        })
     }
 
-    /// An attempt ended.
-    pub(crate) fn on_probe(&mut self, generation: u64, result: Result<(), String>) {
-        let Some(probing) = self.probing.as_mut().filter(|p| p.generation == generation) else {
-            return;
-        };
-        // Ends the steering rule, the task or the process. The next
-        // attempt stays due `probe_interval` after this one started.
-        probing.in_flight = None;
+    /// An attempt ended with `result`: counted, and its steering rule, task
+    /// or process ended. The next attempt stays due `probe_interval` after
+    /// this one started. True when it passed.
+    pub fn record(&mut self, result: Result<(), String>) -> bool {
+        let generation = self.generation;
+        self.in_flight = None;
         match result {
             Ok(()) => {
-                if !probing.passed || probing.failures > 0 {
+                if !self.passed || self.failures > 0 {
                     tracing::info!(generation, "probe passed");
                 }
-                probing.passed = true;
-                probing.failures = 0;
-                probing.last_failure = None;
-                if let Some(g) = self.fleet.get_mut(generation) {
-                    g.probe_passed();
-                }
+                self.passed = true;
+                self.failures = 0;
+                self.last_failure = None;
+                true
             }
             Err(reason) => {
-                probing.failures += 1;
-                tracing::warn!(generation, failures = probing.failures, %reason, "probe failed");
-                probing.last_failure = Some(reason);
-                self.probe_failed(generation);
+                self.failures += 1;
+                tracing::warn!(generation, failures = self.failures, %reason, "probe failed");
+                self.last_failure = Some(reason);
+                false
             }
         }
-        self.advance_reload();
     }
 }
 

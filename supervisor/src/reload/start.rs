@@ -6,6 +6,7 @@ use crate::config::{Config, ListenerAddress, ReadyMode};
 use crate::fleet::Generation;
 use crate::listener::{Listener, Shared};
 use crate::master::Master;
+use crate::probe::Probing;
 use nix::unistd::Pid;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
@@ -229,7 +230,7 @@ impl Master {
         reload.begin_phase(Phase::Ready);
         reload.ready_deadline = Instant::now() + reload.config.worker.ready_timeout.0;
         let generation = reload.generation;
-        self.start_probing(generation);
+        self.probing = self.fleet.get(generation).and_then(Probing::of);
         self.advance_reload();
     }
 

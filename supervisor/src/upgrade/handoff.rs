@@ -6,8 +6,7 @@
 //! like a worker's, and each fd is checked against its metadata.
 
 use crate::config::{ListenerAddress, ListenerConfig};
-use crate::listener::{Listener, Shared};
-use crate::master::{Event, Master};
+use crate::listener::Listener;
 use crate::steering::Layout;
 use anyhow::{bail, Context};
 use baton_wire::channel::Channel;
@@ -15,7 +14,6 @@ use baton_wire::protocol::ListenerInfo;
 use baton_wire::protocol::MAX_FDS_PER_MESSAGE;
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -316,79 +314,4 @@ pub fn send_takeover(
         )?;
     }
     Ok(())
-}
-
-impl Master {
-    /// In a new master: adopts what the old master handed over.
-    pub(crate) fn adopt(&mut self, takeover: Takeover) {
-        tracing::info!(
-            old_pid = takeover.old_pid,
-            listeners = takeover.listeners.len(),
-            next_generation = takeover.next_generation,
-            "taking over from the old master"
-        );
-        let listeners: Vec<Shared> = takeover.listeners.into_iter().map(Rc::new).collect();
-        // The old master's generation sockets stay on the ports (steered
-        // away from) until it is gone.
-        let old_master = Rc::new(());
-        for (index, layout) in takeover.groups {
-            if let Err(e) = listeners[index].adopt_group(layout, &[], &old_master) {
-                tracing::error!(error = %format!("{e:#}"), "cannot adopt a port group");
-            }
-        }
-        self.fleet.take_over(listeners, takeover.next_generation);
-        self.watch_old_master(takeover.old_pid, old_master);
-        let events = self.events.clone();
-        let channel = takeover.channel.clone();
-        let reader = tokio::spawn(async move {
-            loop {
-                let message = match channel.recv::<OldMessage>().await {
-                    Ok(Some(received)) => Some(received.message),
-                    // The old master is gone (or broken): take over anyway.
-                    Ok(None) | Err(_) => None,
-                };
-                let last = message.is_none();
-                if events.send(Event::OldMaster { message }).is_err() || last {
-                    return;
-                }
-            }
-        })
-        .abort_handle();
-        self.lineage
-            .take_over_from(takeover.old_pid, takeover.channel, reader);
-    }
-
-    /// In a new master: once its first generation serves, tell the old one.
-    pub(crate) fn report_takeover_ready(&mut self) {
-        let Some(generation) = self.fleet.current_number() else {
-            return;
-        };
-        let fleet = &self.fleet;
-        self.lineage.report_ready(|| NewMessage::Ready {
-            pid: std::process::id(),
-            generation,
-            steered: fleet
-                .get(generation)
-                .map(|g| {
-                    g.listeners()
-                        .iter()
-                        .filter(|s| s.primary().is_some())
-                        .map(|s| s.info.name.clone())
-                        .collect()
-                })
-                .unwrap_or_default(),
-        });
-    }
-
-    /// In a new master: the old master handed over (or vanished): take the
-    /// control socket and the pid file.
-    pub(crate) fn on_old_master(&mut self, message: Option<OldMessage>) {
-        if !self.lineage.on_old_master(message) {
-            return;
-        }
-        for listener in self.fleet.sockets() {
-            listener.own_path();
-        }
-        self.endpoints.take_over(&self.config.supervisor);
-    }
 }

@@ -7,7 +7,10 @@
 //! exited. An old master whose upgrade committed in child mode has a
 //! *successor*: a child of its own that must outlive it.
 
-use super::handoff::{report_failure, NewMessage, OldMessage};
+use super::handoff::{report_failure, NewMessage, OldMessage, Takeover as Handed};
+use crate::fleet::Fleet;
+use crate::listener::Shared;
+use crate::master::{Event, Events};
 use baton_wire::channel::Channel;
 use nix::unistd::Pid;
 use std::rc::Rc;
@@ -40,19 +43,69 @@ impl Drop for Takeover {
 }
 
 impl Lineage {
-    /// Starts taking over from old master `old_pid`, which speaks on
-    /// `channel` (read by `reader` into the event loop).
-    pub fn take_over_from(
-        &mut self,
-        old_pid: u32,
-        channel: Arc<Channel>,
-        reader: tokio::task::AbortHandle,
-    ) {
+    /// In a new master: `fleet` adopts what the old master handed over,
+    /// and this master takes over from it: the old master's messages (and
+    /// its exit) come to `events`.
+    pub fn take_over(&mut self, handed: Handed, fleet: &mut Fleet, events: &Events) {
+        tracing::info!(
+            old_pid = handed.old_pid,
+            listeners = handed.listeners.len(),
+            next_generation = handed.next_generation,
+            "taking over from the old master"
+        );
+        let listeners: Vec<Shared> = handed.listeners.into_iter().map(Rc::new).collect();
+        // The old master's generation sockets stay on the ports (steered
+        // away from) until it is gone.
+        let old_master = Rc::new(());
+        for (index, layout) in handed.groups {
+            if let Err(e) = listeners[index].adopt_group(layout, &[], &old_master) {
+                tracing::error!(error = %format!("{e:#}"), "cannot adopt a port group");
+            }
+        }
+        fleet.take_over(listeners, handed.next_generation);
+        self.watch_old_master(handed.old_pid, old_master, events);
+        let (forward, channel) = (events.clone(), handed.channel.clone());
+        let reader = tokio::spawn(async move {
+            loop {
+                let message = match channel.recv::<OldMessage>().await {
+                    Ok(Some(received)) => Some(received.message),
+                    // The old master is gone (or broken): take over anyway.
+                    Ok(None) | Err(_) => None,
+                };
+                let last = message.is_none();
+                if forward.send(Event::OldMaster { message }).is_err() || last {
+                    return;
+                }
+            }
+        })
+        .abort_handle();
         self.takeover = Some(Takeover {
-            channel,
-            old_pid,
+            channel: handed.channel,
+            old_pid: handed.old_pid,
             ready_sent: false,
             reader,
+        });
+    }
+
+    /// Keeps `token` until process `pid` (the old master, not a child of
+    /// this one) has exited, which [`Event::OldMasterExited`] says.
+    fn watch_old_master(&mut self, pid: u32, token: Rc<()>, events: &Events) {
+        self.old_master = Some(token);
+        let exited = match crate::steering::pidfd(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(old_pid = pid, error = %e, "cannot watch the old master: its sockets stay open");
+                return;
+            }
+        };
+        let events = events.clone();
+        tokio::spawn(async move {
+            // SAFETY: the pidfd is open, moves into the `AsyncFd` and stays
+            // there, unchanged, until the `AsyncFd` is dropped.
+            if let Ok(fd) = unsafe { tokio::io::unix::AsyncFd::register(exited) } {
+                let _ = fd.readable().await;
+            }
+            let _ = events.send(Event::OldMasterExited);
         });
     }
 
@@ -70,14 +123,31 @@ impl Lineage {
         }
     }
 
-    /// Tells the old master this one serves, once: `ready` makes the
-    /// message.
-    pub fn report_ready(&mut self, ready: impl FnOnce() -> NewMessage) {
+    /// In a new master: once `fleet`'s first generation serves, tells the
+    /// old master, once.
+    pub fn report_ready(&mut self, fleet: &Fleet) {
+        let Some(generation) = fleet.current_number() else {
+            return;
+        };
         let Some(takeover) = self.takeover.as_mut().filter(|t| !t.ready_sent) else {
             return;
         };
         takeover.ready_sent = true;
-        if let Err(e) = takeover.channel.try_send(&ready(), &[]) {
+        let ready = NewMessage::Ready {
+            pid: std::process::id(),
+            generation,
+            steered: fleet
+                .get(generation)
+                .map(|g| {
+                    g.listeners()
+                        .iter()
+                        .filter(|s| s.primary().is_some())
+                        .map(|s| s.info.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        if let Err(e) = takeover.channel.try_send(&ready, &[]) {
             tracing::warn!(error = %e, "cannot tell the old master this one is ready");
         }
     }
@@ -106,12 +176,6 @@ impl Lineage {
         }
         self.takeover = None;
         true
-    }
-
-    /// Keeps `token` (and with it the old master's generation sockets on
-    /// the ports) until [`Lineage::old_master_exited`].
-    pub fn keep_old_sockets(&mut self, token: Rc<()>) {
-        self.old_master = Some(token);
     }
 
     /// The old master has exited: its sockets may go.
