@@ -512,4 +512,6 @@ mod deadlines;
 pub use deadlines::{Deadline, Expiry};
 
 #[cfg(test)]
+mod fixtures;
+#[cfg(test)]
 mod tests;

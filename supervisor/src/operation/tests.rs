@@ -4,6 +4,7 @@
 //! crash-loop breaker, the respawn backoff and the drain cap. No process,
 //! no socket, no sleep.
 
+use super::fixtures::*;
 use super::*;
 use crate::exits::exit_reason;
 use crate::fleet::over_drain_cap;
@@ -16,24 +17,6 @@ use std::collections::VecDeque;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-const PROBATION: Summary = Summary::Probation {
-    generation: 3,
-    standby: 2,
-    left: Some(Duration::from_secs(30)),
-};
-const CANARY: Summary = Summary::Probation {
-    generation: 3,
-    standby: 2,
-    left: None,
-};
-const UPGRADING: Summary = Summary::Upgrading {
-    child: 4242,
-    elapsed: Duration::from_secs(2),
-};
-const PREPARING: Summary = Summary::InPlace(Phase::Prepare);
-const COMMITTING: Summary = Summary::InPlace(Phase::Commit);
-const GRACEFUL: Summary = Summary::Stopping(Stop::Graceful);
-const FAST: Summary = Summary::Stopping(Stop::Fast);
 const SERVING: Facts = Facts {
     serving: true,
     spawns_pending: false,

@@ -3,29 +3,8 @@
 //! an operation that ended) it does nothing.
 
 use super::*;
+use crate::operation::fixtures::*;
 use crate::inplace::Move;
-use crate::master::Stop;
-use crate::reload::Phase;
-use std::time::Duration;
-
-const PROBATION: Summary = Summary::Probation {
-    generation: 3,
-    standby: 2,
-    left: Some(Duration::from_secs(30)),
-};
-const CANARY: Summary = Summary::Probation {
-    generation: 3,
-    standby: 2,
-    left: None,
-};
-const UPGRADING: Summary = Summary::Upgrading {
-    child: 4242,
-    elapsed: Duration::from_secs(2),
-};
-const GRACEFUL: Summary = Summary::Stopping(Stop::Graceful);
-const FAST: Summary = Summary::Stopping(Stop::Fast);
-const PREPARING: Summary = Summary::InPlace(Phase::Prepare);
-const COMMITTING: Summary = Summary::InPlace(Phase::Commit);
 
 use Deadline::{AbortGrace, Answers, Exec, Handshake, ProbationEnd, Ready};
 use Expiry::{FailReload, FailUpgrade, KillUpgradeChild, Nothing, Promote};
