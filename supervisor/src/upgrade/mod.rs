@@ -509,8 +509,24 @@ impl Master {
         };
     }
 
-    /// A stop during an upgrade abandons it.
+    /// A stop during an upgrade abandons it: one waiting for its new
+    /// master fails (the child is stopped); an in-place upgrade about to
+    /// exec does not exec (a new image would not know it was stopping),
+    /// and the admin endpoint, paused for the exec, serves again.
     pub(crate) fn abandon_upgrade(&mut self) {
+        let exec = |u: &Upgrade| matches!(u.phase, Phase::Exec { .. });
+        if self.operation.upgrade().is_some_and(exec) {
+            self.operation.take_upgrade();
+            tracing::error!(
+                event = "upgrade.failed",
+                phase = "exec",
+                reason = "the master is stopping",
+                "upgrade cancelled before its exec; this master stops"
+            );
+            self.metrics.upgrade("failed");
+            self.endpoints.serve_admin();
+            return;
+        }
         self.fail_upgrade("handshake", "the old master is stopping".into());
     }
 }
