@@ -2,6 +2,7 @@
 //! worker messages arrive as events; timers are derived from the state.
 
 mod requests;
+mod transactions;
 
 use crate::config::{Config, ReadyMode};
 use crate::control::protocol::{Reply, Request};
@@ -760,7 +761,7 @@ impl Master {
                 g.probe_passed();
             }
         } else {
-            self.probe_failed(generation);
+            self.probe_failed();
         }
         self.advance_reload();
     }

@@ -24,9 +24,10 @@
 //! SDK workers keeps serving those until it drains.
 
 use crate::config::Share;
-use crate::control::protocol::{Reply, RolloutStatus};
-use crate::master::{Master, Waiter};
-use crate::reload::{Phase, Reload};
+use crate::control::protocol::RolloutStatus;
+use crate::fleet::Fleet;
+use crate::probe::Probing;
+use crate::reload::{Ended, Phase, Reload};
 use tokio::time::Instant;
 
 /// A reload past cutover, on probation.
@@ -85,20 +86,30 @@ impl Rollout {
     }
 }
 
-impl Master {
-    /// At commit: starts a rollout when the reload asks for one and a
-    /// generation serves that can be put on standby; otherwise gives the
-    /// transaction back to settle at once.
-    pub(crate) fn begin_rollout(&mut self, reload: Reload) -> Option<Reload> {
+/// What a reload's commit leads to.
+#[derive(Debug)]
+pub enum Cutover {
+    /// Probation (or a canary), the replaced generation on standby.
+    Probation(Rollout),
+    /// The reload settles at once.
+    Settle(Reload),
+}
+
+impl Rollout {
+    /// At commit: the rollout `reload` asks for (`probation`, a canary),
+    /// with `fleet` cut over on probation and the generation it replaced on
+    /// standby; or `reload` back, to settle at once, when it asks for none
+    /// or no generation serves that could stand by.
+    pub fn begin(reload: Reload, fleet: &mut Fleet) -> Cutover {
         let config = reload.config().clone();
         let probation = config.worker.probation.map(|p| p.0);
         let canary = reload.canary().or(config.worker.canary);
         if probation.is_none() && canary.is_none() {
-            return Some(reload);
+            return Cutover::Settle(reload);
         }
         let number = reload.generation();
-        let Some(standby) = self.fleet.cut_over_on_probation(number, canary) else {
-            return Some(reload);
+        let Some(standby) = fleet.cut_over_on_probation(number, canary) else {
+            return Cutover::Settle(reload);
         };
         let now = Instant::now();
         let until = probation.map(|p| now + p);
@@ -111,25 +122,20 @@ impl Master {
             "cut over: probation started, the replaced generation stays on standby"
         );
         let mut reload = reload;
-        reload.begin_phase(crate::reload::Phase::Probation);
-        self.operation
-            .begin(crate::operation::Operation::Probation(Rollout {
-                reload,
-                standby,
-                cut_over: now,
-                until,
-                canary,
-            }));
-        None
+        reload.begin_phase(Phase::Probation);
+        Cutover::Probation(Rollout {
+            reload,
+            standby,
+            cut_over: now,
+            until,
+            canary,
+        })
     }
 
-    /// Ends the rollout with the new generation in service: the reload
-    /// settles. Returns whether there was one.
-    pub(crate) fn promote(&mut self) -> bool {
-        let Some(rollout) = self.operation.take_rollout() else {
-            return false;
-        };
-        let mut reload = rollout.reload;
+    /// Probation is over (its time is up, or `baton promote`): the new
+    /// generation stays; the reload, to settle.
+    pub fn promote(self) -> Reload {
+        let mut reload = self.reload;
         let _enter = reload.span().clone().entered();
         tracing::info!(
             event = "rollout.promoted",
@@ -137,99 +143,55 @@ impl Master {
             "probation over: the new generation stays, the standby generation drains"
         );
         reload.end_phase(Phase::Probation);
-        self.settle(reload);
-        true
+        reload
     }
 
-    /// Rolls back: new connections to the standby generation again, which
-    /// is current once more; the new generation drains. Returns whether
-    /// there was a rollout.
-    pub(crate) fn roll_back(&mut self, reason: &str) -> bool {
-        let Some(rollout) = self.operation.take_rollout() else {
-            return false;
-        };
-        self.probing = None;
-        let mut reload = rollout.reload;
+    /// Rolls back: new connections go to the standby generation again,
+    /// which `fleet` makes current once more, and the new generation
+    /// drains. The reload ends, failed in phase probation because of
+    /// `reason`.
+    pub fn roll_back(self, fleet: &mut Fleet, reason: &str) -> Ended {
+        let mut reload = self.reload;
         let _enter = reload.span().clone().entered();
         let number = reload.generation();
-        self.fleet.roll_back(number, rollout.standby);
+        fleet.roll_back(number, self.standby);
         reload.end_phase(Phase::Probation);
         tracing::warn!(
             event = "rollout.rolled_back",
             generation = number,
-            restored = rollout.standby,
+            restored = self.standby,
             %reason,
             "rolled back after cutover"
         );
-        let (trigger, phases) = (reload.trigger(), reload.take_phases());
-        let by = reload.take_requested_by();
-        self.record(
-            number,
-            trigger,
-            by,
-            phases,
-            Some((
+        Ended {
+            generation: number,
+            trigger: reload.trigger(),
+            requested_by: reload.take_requested_by(),
+            phases: reload.take_phases(),
+            failure: Some((
                 Phase::Probation,
                 format!("rolled back after cutover: {reason}"),
             )),
-        );
-        self.reap_finished_generations();
-        true
-    }
-
-    /// A worker of the generation on probation exited (`exited` says
-    /// which, and how): that rolls back (see
-    /// [`crate::operation::Summary::on_worker_exit`]).
-    pub(crate) fn roll_back_on_exit(&mut self, exited: &str) {
-        let Some(rollout) = self.operation.rollout() else {
-            return;
-        };
-        let at = rollout.cut_over.elapsed().as_secs_f64();
-        self.roll_back(&format!("{exited} at +{at:.1}s"));
-    }
-
-    /// A probe of `generation` failed: past `probation_failures` in a row
-    /// during its probation, that rolls back.
-    pub(crate) fn probe_failed(&mut self, generation: u64) {
-        let Some(probing) = &self.probing else {
-            return;
-        };
-        let Some(rollout) = self
-            .operation
-            .rollout()
-            .filter(|r| r.generation() == generation)
-        else {
-            return;
-        };
-        let limit = rollout.reload.config().worker.probation_failures;
-        if probing.failures >= limit {
-            let reason = format!(
-                "{} probes failed in a row, the last: {}",
-                probing.failures,
-                probing.last_failure.as_deref().unwrap_or("unknown")
-            );
-            self.roll_back(&reason);
         }
     }
 
-    /// `baton promote` and `baton rollback`.
-    pub(crate) fn on_rollout_request(&mut self, promote: bool, reply: Waiter) {
-        let generation = self.operation.rollout().map(|r| r.generation());
-        let Some(generation) = generation else {
-            let _ = reply.send(Reply::error(
-                "no reload is on probation (nothing to promote or roll back)",
-            ));
-            return;
-        };
-        let done = if promote {
-            self.promote()
-        } else {
-            self.roll_back("asked by baton rollback")
-        };
-        let _ = reply.send(if done {
-            Reply::ok(serde_json::json!({ "generation": generation }))
-        } else {
-            Reply::error("no reload is on probation")
-        });
+    /// Why a worker's exit rolls it back: `exited` says which worker and
+    /// how, and this when, counted from the cutover.
+    pub fn exit_reason(&self, exited: &str) -> String {
+        let at = self.cut_over.elapsed().as_secs_f64();
+        format!("{exited} at +{at:.1}s")
+    }
+
+    /// After a failed probe of its generation: the reason to roll back,
+    /// once `probation_failures` failed in a row.
+    pub fn probes_failed(&self, probing: &Probing) -> Option<String> {
+        let limit = self.reload.config().worker.probation_failures;
+        (probing.generation == self.generation() && probing.failures >= limit).then(|| {
+            format!(
+                "{} probes failed in a row, the last: {}",
+                probing.failures,
+                probing.last_failure.as_deref().unwrap_or("unknown")
+            )
+        })
     }
 }

@@ -75,6 +75,27 @@ impl Master {
         let _ = reply.send(answer);
     }
 
+    /// `baton promote` and `baton rollback`.
+    fn on_rollout_request(&mut self, promote: bool, reply: Waiter) {
+        let generation = self.operation.rollout().map(|r| r.generation());
+        let Some(generation) = generation else {
+            let _ = reply.send(Reply::error(
+                "no reload is on probation (nothing to promote or roll back)",
+            ));
+            return;
+        };
+        let done = if promote {
+            self.promote()
+        } else {
+            self.roll_back("asked by baton rollback")
+        };
+        let _ = reply.send(if done {
+            Reply::ok(serde_json::json!({ "generation": generation }))
+        } else {
+            Reply::error("no reload is on probation")
+        });
+    }
+
     /// Reopens the master's log file and tells every worker to reopen its
     /// own; returns how many workers were told.
     pub fn reopen(&mut self) -> usize {

@@ -12,9 +12,7 @@ impl Master {
     pub(super) fn commit(&mut self, mut reload: Reload) {
         let _enter = reload.span.clone().entered();
         reload.end_phase(Phase::Ready);
-        if let Some(reload) = self.begin_rollout(reload) {
-            self.settle(reload);
-        }
+        self.cut_over(reload);
     }
 
     /// Switches over for good: every new connection to the new generation,

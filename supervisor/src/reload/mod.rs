@@ -155,6 +155,22 @@ fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
+/// How a transaction ended: what its [`Outcome`] is made of, for the
+/// master to record.
+#[derive(Debug)]
+pub struct Ended {
+    /// The generation it started (or would have).
+    pub generation: u64,
+    /// What started it.
+    pub trigger: Trigger,
+    /// Who asked for it.
+    pub requested_by: Option<Requester>,
+    /// Each phase's duration.
+    pub phases: Vec<(Phase, Duration)>,
+    /// The phase it failed in, and why; `None`: committed.
+    pub failure: Option<(Phase, String)>,
+}
+
 /// A reload whose configuration is being read, off the event loop.
 #[derive(Debug)]
 pub struct Validating {

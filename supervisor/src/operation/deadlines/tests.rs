@@ -3,8 +3,8 @@
 //! an operation that ended) it does nothing.
 
 use super::*;
-use crate::operation::fixtures::*;
 use crate::inplace::Move;
+use crate::operation::fixtures::*;
 
 use Deadline::{AbortGrace, Answers, Exec, Handshake, ProbationEnd, Ready};
 use Expiry::{FailReload, FailUpgrade, KillUpgradeChild, Nothing, Promote};
