@@ -519,3 +519,32 @@ pub fn over_drain_cap(draining: &[u64], max: usize) -> &[u64] {
 pub fn in_service(state: State) -> bool {
     !matches!(state, State::Draining { .. } | State::Killed)
 }
+
+impl Fleet {
+    /// Kills the workers that still owe the answer of an in-place reload
+    /// that ended, once its deadline passed: hung in their parser or
+    /// stopped, they hear neither the abort nor a drain.
+    pub fn kill_unanswered(&mut self, now: Instant) {
+        for generation in self.iter_mut() {
+            let number = generation.number();
+            for worker in generation.workers_mut() {
+                if !worker.answer_due().is_some_and(|due| due <= now) {
+                    continue;
+                }
+                worker.answer_by(None);
+                tracing::error!(
+                    generation = number,
+                    worker = worker.index(),
+                    pid = worker.pid().as_raw(),
+                    "worker did not answer the in-place reload in time: killed"
+                );
+                worker.kill();
+                // A draining one is not respawned; a serving one is, as
+                // after a crash.
+                if matches!(worker.state(), crate::worker::State::Draining { .. }) {
+                    worker.mark_killed();
+                }
+            }
+        }
+    }
+}

@@ -45,8 +45,8 @@
 //! new generation.
 
 use crate::config::Config;
-use crate::master::Master;
-use crate::reload::{phase_span, Phase, Trigger};
+use crate::fleet::Fleet;
+use crate::reload::{phase_span, Ended, Phase, Started, Trigger};
 use baton_wire::protocol::{AppPhase, MasterMessage, WorkerMessage};
 use nix::unistd::Pid;
 use std::collections::BTreeSet;
@@ -242,15 +242,30 @@ pub fn next_move(phase: Phase, all_answered: bool, past_deadline: bool) -> Move 
     }
 }
 
-impl Master {
-    /// Whether `config` can be applied in place to the current generation:
-    /// `Err` says why not.
-    pub(crate) fn in_place_possible(&self, config: &Config) -> Result<u64, String> {
+/// What an in-place reload does after a [`Move`].
+#[derive(Debug)]
+pub enum Advance {
+    /// Answers are still due.
+    Wait,
+    /// Every worker prepared: the generation runs `config` now, and the
+    /// master switches to it (its log filter too); every worker was told to
+    /// commit.
+    Committing(Rc<Config>),
+    /// It fails, for this reason.
+    Abort(String),
+    /// Every worker committed (or the late ones were killed): it is done.
+    Finish,
+}
+
+impl InPlace {
+    /// Whether `config` can be applied in place to `fleet`'s current
+    /// generation: its number, or why not.
+    pub fn possible(fleet: &Fleet, config: &Config) -> Result<u64, String> {
         if !config.worker.reloads_in_place() {
             return Err("there is no [worker] app_config nor log_filter for SDK workers".into());
         }
-        let number = self.fleet.current_number().ok_or("no generation serves")?;
-        let current = self.fleet.get(number).ok_or("no generation serves")?;
+        let number = fleet.current_number().ok_or("no generation serves")?;
+        let current = fleet.get(number).ok_or("no generation serves")?;
         only_app_changed(current.config(), config)?;
         if current.executable() != executable_identity(config).as_ref() {
             return Err(format!(
@@ -286,28 +301,31 @@ impl Master {
         Ok(number)
     }
 
-    /// Starts the in-place transaction for `config` on generation `number`:
-    /// every worker is told to prepare.
-    pub(crate) fn begin_in_place(
-        &mut self,
+    /// Starts the transaction for `config` on `fleet`'s generation
+    /// `number`: every worker is told to prepare; it ends at once if a
+    /// worker could not be told.
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin(
+        fleet: &mut Fleet,
         trigger: Trigger,
         requested_by: Option<crate::audit::Requester>,
         number: u64,
         config: Rc<Config>,
         span: Span,
         validated: Duration,
-    ) {
+    ) -> Started<InPlace> {
         let _enter = span.clone().entered();
         drop(phase_span(&span, Phase::Validate));
         let preparing = phase_span(&span, Phase::Prepare);
         let timeout = config.worker.prepare_timeout.0;
         tracing::info!(generation = number, version = %config.app.version, "reload in place: preparing");
-        let Some(generation) = self.fleet.get(number) else {
-            return;
-        };
         let mut waiting = BTreeSet::new();
         let mut failure = None;
-        for worker in generation.workers().values() {
+        for worker in fleet
+            .get(number)
+            .into_iter()
+            .flat_map(|g| g.workers().values())
+        {
             let Some(channel) = &worker.channel() else {
                 continue;
             };
@@ -345,59 +363,48 @@ impl Master {
             requested_by,
         };
         match failure {
-            Some(reason) => self.abort_in_place(transaction, reason),
-            None => self
-                .operation
-                .begin(crate::operation::Operation::InPlace(transaction)),
+            Some(reason) => Started::Ended(transaction.abort(fleet, reason)),
+            None => Started::Running(transaction),
         }
     }
 
-    /// A worker answered prepare or commit.
-    pub(crate) fn on_app_answer(&mut self, pid: Pid, answer: WorkerMessage) {
-        // It answers: it is not hung, and hears a drain again.
-        if let Some(worker) = self.fleet.of_worker(pid).and_then(|g| g.worker_mut(pid)) {
-            worker.answer_by(None);
-        }
-        let Some(transaction) = self.operation.in_place_mut() else {
-            return;
-        };
-        let version = transaction.config.app.version.clone();
-        let (index, raw) = self
-            .fleet
-            .get(transaction.generation)
+    /// Worker `pid` answered prepare or commit: `Some` is a refusal to
+    /// prepare, which fails the transaction.
+    pub fn on_answer(
+        &mut self,
+        fleet: &mut Fleet,
+        pid: Pid,
+        answer: WorkerMessage,
+    ) -> Option<String> {
+        let version = self.config.app.version.clone();
+        let (index, raw) = fleet
+            .get(self.generation)
             .and_then(|g| g.workers().get(&pid))
             .map_or((u32::MAX, pid.as_raw()), |w| (w.index(), pid.as_raw()));
-        let verdict = answer_verdict(transaction.phase, &answer, &version);
-        match (verdict, answer) {
+        match (answer_verdict(self.phase, &answer, &version), answer) {
             (Answer::Prepared, _) => {
-                transaction.waiting.remove(&pid);
+                self.waiting.remove(&pid);
             }
             (Answer::Abort, WorkerMessage::AppRefused { reason, .. }) => {
-                transaction.waiting.remove(&pid);
-                let transaction = self.operation.take_in_place().expect("checked above");
-                return self.abort_in_place(
-                    transaction,
-                    format!("refused by worker {index} (pid {raw}): {reason}"),
-                );
+                self.waiting.remove(&pid);
+                return Some(format!("refused by worker {index} (pid {raw}): {reason}"));
             }
             (Answer::Kill, WorkerMessage::AppRefused { reason, .. }) => {
                 // It had not prepared it (or not with every handle): it
                 // would go on serving what it has.
-                transaction.waiting.remove(&pid);
+                self.waiting.remove(&pid);
                 tracing::error!(pid = raw, worker = index, %reason, "worker cannot commit: killed, to be respawned with the new version");
-                if let Some(worker) = self
-                    .fleet
-                    .get(transaction.generation)
+                if let Some(worker) = fleet
+                    .get(self.generation)
                     .and_then(|g| g.workers().get(&pid))
                 {
                     worker.kill();
                 }
             }
             (Answer::Committed, WorkerMessage::AppCommitted { version: v }) => {
-                transaction.waiting.remove(&pid);
-                if let Some(worker) = self
-                    .fleet
-                    .get_mut(transaction.generation)
+                self.waiting.remove(&pid);
+                if let Some(worker) = fleet
+                    .get_mut(self.generation)
                     .and_then(|g| g.worker_mut(pid))
                 {
                     worker.runs_version(v);
@@ -407,108 +414,70 @@ impl Master {
                 tracing::warn!(pid = raw, answer = ?other, "in-place answer for another version or phase ignored");
             }
         }
-        self.advance_in_place();
+        None
     }
 
-    /// Worker `pid`, which owed its answer to prepare, exited: the
-    /// transaction aborts, for `reason` (see
-    /// [`crate::operation::Summary::on_worker_exit`]).
-    pub(crate) fn abort_in_place_on_exit(&mut self, pid: Pid, reason: String) {
-        let Some(mut transaction) = self.operation.take_in_place() else {
-            return;
-        };
-        transaction.waiting.remove(&pid);
-        self.abort_in_place(transaction, reason);
+    /// Worker `pid` is waited for no more (it exited while committing: its
+    /// respawn starts with the committed version).
+    pub fn stop_waiting_for(&mut self, pid: Pid) {
+        self.waiting.remove(&pid);
     }
 
-    /// Worker `pid`, which owed its answer to commit, exited: it is waited
-    /// for no more (its respawn starts with the committed version).
-    pub(crate) fn stop_waiting_for(&mut self, pid: Pid) {
-        if let Some(transaction) = self.operation.in_place_mut() {
-            transaction.waiting.remove(&pid);
-        }
-        self.advance_in_place();
+    /// What comes next on the answers alone (its deadline is the loop's:
+    /// see [`crate::operation::Summary::on_deadline`]).
+    pub fn next(&self) -> Move {
+        next_move(self.phase, self.waiting.is_empty(), false)
     }
 
-    /// Moves on when every answer is in (its deadline is the loop's: see
-    /// [`crate::operation::Summary::on_deadline`]).
-    pub(crate) fn advance_in_place(&mut self) {
-        let Some(transaction) = self.operation.in_place() else {
-            return;
-        };
-        let next = next_move(transaction.phase, transaction.waiting.is_empty(), false);
-        self.move_in_place(next);
-    }
-
-    /// Does what [`next_move`] decided.
-    pub(crate) fn move_in_place(&mut self, next: Move) {
-        let Some(transaction) = self.operation.in_place_mut() else {
-            return;
-        };
+    /// Does what [`next_move`] decided, on `fleet`.
+    pub fn advance(&mut self, fleet: &mut Fleet, next: Move) -> Advance {
         match next {
-            Move::Commit => self.commit_in_place(),
-            Move::AbortLate => {
-                let transaction = self.operation.take_in_place().expect("checked above");
-                let late = self.describe(transaction.generation, &transaction.waiting);
-                let timeout = transaction.config.worker.prepare_timeout.0;
-                // A worker that cannot answer is not trusted to serve: the
-                // abort marks it due now, and it is killed, and respawned
-                // with the version in service.
-                self.abort_in_place(
-                    transaction,
-                    format!("{late} did not answer prepare within {timeout:?}"),
-                );
-            }
-            Move::Finish => self.finish_in_place(),
+            Move::Commit => Advance::Committing(self.commit(fleet)),
+            // A worker that cannot answer is not trusted to serve: the
+            // abort marks it due now, and it is killed, and respawned with
+            // the version in service.
+            Move::AbortLate => Advance::Abort(format!(
+                "{} did not answer prepare within {:?}",
+                describe(fleet, self.generation, &self.waiting),
+                self.config.worker.prepare_timeout.0
+            )),
+            Move::Finish => Advance::Finish,
             Move::KillLateAndFinish => {
                 // Each is killed and respawned with the committed version:
                 // nothing keeps serving the old one.
-                let (number, late) = (
-                    transaction.generation,
-                    std::mem::take(&mut transaction.waiting),
-                );
-                tracing::error!(workers = %self.describe(number, &late), "no commit confirmed in time: killed, to be respawned with the new version");
-                if let Some(g) = self.fleet.get(number) {
+                let late = std::mem::take(&mut self.waiting);
+                tracing::error!(workers = %describe(fleet, self.generation, &late), "no commit confirmed in time: killed, to be respawned with the new version");
+                if let Some(g) = fleet.get(self.generation) {
                     for pid in &late {
                         if let Some(w) = g.workers().get(pid) {
                             w.kill();
                         }
                     }
                 }
-                self.finish_in_place();
+                Advance::Finish
             }
-            Move::Wait => {}
+            Move::Wait => Advance::Wait,
         }
     }
 
     /// Every worker prepared: the generation's configuration becomes the
-    /// new one, the master's log filter switches, and every worker swaps.
-    fn commit_in_place(&mut self) {
-        let Some(transaction) = self.operation.in_place_mut() else {
-            return;
-        };
-        let _enter = transaction.span.clone().entered();
+    /// new one, and every worker is told to swap. Returns that
+    /// configuration.
+    fn commit(&mut self, fleet: &mut Fleet) -> Rc<Config> {
+        let _enter = self.span.clone().entered();
         let now = Instant::now();
-        transaction
-            .phases
-            .push((Phase::Prepare, now - transaction.phase_started));
-        transaction.phase_started = now;
-        transaction.phase_span = phase_span(&transaction.span, Phase::Commit);
-        transaction.phase = Phase::Commit;
-        transaction.deadline = now + transaction.config.worker.prepare_timeout.0;
-        let config = transaction.config.clone();
+        self.phases.push((Phase::Prepare, now - self.phase_started));
+        self.phase_started = now;
+        self.phase_span = phase_span(&self.span, Phase::Commit);
+        self.phase = Phase::Commit;
+        self.deadline = now + self.config.worker.prepare_timeout.0;
+        let config = self.config.clone();
         let version = config.app.version.clone();
-        if config.supervisor.log_filter != self.config.supervisor.log_filter {
-            if let Err(e) = self.log.set_filter(&config.supervisor.log_filter) {
-                tracing::error!(error = %e, "cannot switch log filter");
-            }
-        }
-        self.config = config.clone();
-        let Some(generation) = self.fleet.get_mut(transaction.generation) else {
-            return;
+        let Some(generation) = fleet.get_mut(self.generation) else {
+            return config;
         };
-        generation.set_config(config);
-        transaction.waiting = generation.workers().keys().copied().collect();
+        generation.set_config(config.clone());
+        self.waiting = generation.workers().keys().copied().collect();
         for worker in generation.workers().values() {
             let sent = worker.channel().as_ref().map(|c| {
                 c.try_send(
@@ -521,42 +490,40 @@ impl Master {
             if let Some(Err(e)) = sent {
                 tracing::error!(pid = worker.pid().as_raw(), error = %e, "cannot tell the worker to commit: killed, to be respawned with the new version");
                 worker.kill();
-                transaction.waiting.remove(&worker.pid());
+                self.waiting.remove(&worker.pid());
             }
         }
-        self.advance_in_place();
+        config
     }
 
-    fn finish_in_place(&mut self) {
-        let Some(mut transaction) = self.operation.take_in_place() else {
-            return;
-        };
-        let _enter = transaction.span.clone().entered();
-        transaction
-            .phases
-            .push((Phase::Commit, transaction.phase_started.elapsed()));
-        tracing::info!(version = %transaction.config.app.version, "reload in place committed");
-        self.record(
-            transaction.generation,
-            transaction.trigger,
-            transaction.requested_by,
-            transaction.phases,
-            None,
-        );
+    /// Every worker swapped: how it ended.
+    pub fn finish(mut self) -> Ended {
+        let _enter = self.span.clone().entered();
+        self.phases
+            .push((Phase::Commit, self.phase_started.elapsed()));
+        tracing::info!(version = %self.config.app.version, "reload in place committed");
+        Ended {
+            generation: self.generation,
+            trigger: self.trigger,
+            requested_by: self.requested_by,
+            phases: self.phases,
+            failure: None,
+        }
     }
 
-    fn abort_in_place(&mut self, mut transaction: InPlace, reason: String) {
-        let _enter = transaction.span.clone().entered();
-        transaction
-            .phases
-            .push((Phase::Prepare, transaction.phase_started.elapsed()));
-        let version = transaction.config.app.version.clone();
-        if let Some(g) = self.fleet.get_mut(transaction.generation) {
-            // Those that owe their answer are killed at the deadline
-            // unless they answer first ([`Master::kill_unanswered`]).
-            for pid in &transaction.waiting {
+    /// It fails for `reason`: every worker of `fleet`'s generation is told
+    /// to drop what it prepared; those that owe their answer are killed at
+    /// the deadline unless they answer first (see
+    /// [`Fleet::kill_unanswered`]).
+    pub fn abort(mut self, fleet: &mut Fleet, reason: String) -> Ended {
+        let _enter = self.span.clone().entered();
+        self.phases
+            .push((Phase::Prepare, self.phase_started.elapsed()));
+        let version = self.config.app.version.clone();
+        if let Some(g) = fleet.get_mut(self.generation) {
+            for pid in &self.waiting {
                 if let Some(worker) = g.worker_mut(*pid) {
-                    worker.answer_by(Some(transaction.deadline));
+                    worker.answer_by(Some(self.deadline));
                 }
             }
             for worker in g.workers().values() {
@@ -570,64 +537,24 @@ impl Master {
                 }
             }
         }
-        self.record(
-            transaction.generation,
-            transaction.trigger,
-            transaction.requested_by,
-            transaction.phases,
-            Some((Phase::Prepare, reason)),
-        );
-    }
-
-    /// `worker 1 (pid 4242), worker 2 (pid 4243)`.
-    fn describe(&self, generation: u64, pids: &BTreeSet<Pid>) -> String {
-        let g = self.fleet.get(generation);
-        pids.iter()
-            .map(|pid| match g.and_then(|g| g.workers().get(pid)) {
-                Some(w) => format!("worker {} (pid {pid})", w.index()),
-                None => format!("pid {pid}"),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// The generation whose new workers wait for the transaction's end.
-    pub(crate) fn spawns_held(&self) -> Option<u64> {
-        self.operation.in_place().map(|t| t.generation)
-    }
-
-    /// Kills the workers that still owe the answer of a transaction that
-    /// ended, once its deadline passed: hung in their parser or stopped,
-    /// they hear neither the abort nor a drain.
-    pub(crate) fn kill_unanswered(&mut self) {
-        let now = Instant::now();
-        for generation in self.fleet.iter_mut() {
-            let number = generation.number();
-            for worker in generation.workers_mut() {
-                if !worker.answer_due().is_some_and(|due| due <= now) {
-                    continue;
-                }
-                worker.answer_by(None);
-                tracing::error!(
-                    generation = number,
-                    worker = worker.index(),
-                    pid = worker.pid().as_raw(),
-                    "worker did not answer the in-place reload in time: killed"
-                );
-                worker.kill();
-                // A draining one is not respawned; a serving one is, as
-                // after a crash.
-                if matches!(worker.state(), crate::worker::State::Draining { .. }) {
-                    worker.mark_killed();
-                }
-            }
+        Ended {
+            generation: self.generation,
+            trigger: self.trigger,
+            requested_by: self.requested_by,
+            phases: self.phases,
+            failure: Some((Phase::Prepare, reason)),
         }
     }
+}
 
-    /// The master is stopping: the transaction is abandoned (aborted).
-    pub(crate) fn abandon_in_place(&mut self) {
-        if let Some(transaction) = self.operation.take_in_place() {
-            self.abort_in_place(transaction, "the master is stopping".into());
-        }
-    }
+/// `worker 1 (pid 4242), worker 2 (pid 4243)`.
+fn describe(fleet: &Fleet, generation: u64, pids: &BTreeSet<Pid>) -> String {
+    let g = fleet.get(generation);
+    pids.iter()
+        .map(|pid| match g.and_then(|g| g.workers().get(pid)) {
+            Some(w) => format!("worker {} (pid {pid})", w.index()),
+            None => format!("pid {pid}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -717,7 +717,7 @@ impl Master {
         }
         self.advance_reload();
         self.advance_in_place();
-        self.kill_unanswered();
+        self.fleet.kill_unanswered(Instant::now());
         if let Some(probing) = &mut self.probing {
             let result = match self.fleet.get(probing.generation) {
                 Some(g) => probing.tick(Instant::now(), g, &self.events, &mut self.children),
@@ -740,7 +740,7 @@ impl Master {
             self.on_deadline(deadline);
         }
         let stopping = self.operation.stopping().is_some();
-        let held = self.spawns_held();
+        let held = self.operation.spawns_held();
         for generation in self.fleet.iter_mut() {
             let respawn = !stopping
                 && generation.state() == GenerationState::Current
@@ -784,7 +784,7 @@ impl Master {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let held = self.spawns_held();
+        let held = self.operation.spawns_held();
         let generations = self.fleet.next_deadline(held);
         let operation = self.operation.wakeup();
         // Work left for the next turns: now.

@@ -117,6 +117,12 @@ impl Operation {
         }
     }
 
+    /// The generation whose new workers wait for the in-place reload under
+    /// way to end (they start with the version it leaves in service).
+    pub fn spawns_held(&self) -> Option<u64> {
+        self.in_place().map(|t| t.generation())
+    }
+
     /// How the master is stopping, if it is.
     pub fn stopping(&self) -> Option<Stop> {
         match self {

@@ -316,7 +316,7 @@ impl Master {
             return Err(reason.to_string());
         }
         let config_processes = self.config.worker.processes;
-        let held = self.spawns_held();
+        let held = self.operation.spawns_held();
         let Some(generation) = self.fleet.current_mut() else {
             return Err("no current generation".into());
         };

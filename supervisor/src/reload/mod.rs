@@ -171,6 +171,15 @@ pub struct Ended {
     pub failure: Option<(Phase, String)>,
 }
 
+/// A transaction as it starts: running, or ended at once.
+#[derive(Debug)]
+pub enum Started<T> {
+    /// Under way.
+    Running(T),
+    /// Over already (it failed before anything was under way).
+    Ended(Ended),
+}
+
 /// A reload whose configuration is being read, off the event loop.
 #[derive(Debug)]
 pub struct Validating {
@@ -354,7 +363,7 @@ impl Master {
         let reloading = matches!(trigger, Trigger::Signal | Trigger::Cli | Trigger::Coalesced);
         let loaded = match loaded {
             Ok(config) if reloading && mode != crate::inplace::Mode::NewGeneration => {
-                match self.in_place_possible(&config) {
+                match crate::inplace::InPlace::possible(&self.fleet, &config) {
                     Ok(number) => {
                         let span = tracing::info_span!(parent: None, "reload", generation = number, %trigger, kind = "in_place", config_hash = %config.hash, version = %config.app.version);
                         span.in_scope(|| {
