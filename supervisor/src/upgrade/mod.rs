@@ -12,12 +12,13 @@ pub mod exec;
 pub mod handoff;
 pub mod lineage;
 
-use crate::audit::Requester;
 use crate::control::protocol::Reply;
-use crate::master::{Event, Master, Stop, Waiter};
-use crate::operation::{Admission, Ask, Deadline, Facts};
+use crate::endpoints::Endpoints;
+use crate::fleet::Fleet;
+use crate::master::{Event, Events, Waiter};
+use crate::operation::Deadline;
 use anyhow::Context;
-use baton_wire::channel::{self, Channel, ChannelError};
+use baton_wire::channel::{self, Channel};
 use handoff::{NewMessage, OldMessage, UPGRADE_FD_ENV};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
@@ -153,204 +154,102 @@ impl Program {
     }
 }
 
-impl Master {
-    /// SIGUSR2 or `baton upgrade`.
-    pub fn request_upgrade(&mut self, waiter: Option<Waiter>, by: Option<&Requester>) {
-        let facts = Facts {
-            serving: self.fleet.current_number().is_some(),
-            spawns_pending: self.spawns_pending(),
-        };
-        let refuse = match self.operation.summary().admit(Ask::Upgrade, facts) {
-            Admission::Refuse(reason) => Some(reason),
-            _ => None,
-        };
-        if let Some(reason) = refuse {
-            tracing::error!(event = "upgrade.refused", %reason, "upgrade refused");
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(Reply::error(format!("upgrade refused: {reason}")));
-            }
-            return;
-        }
-        let in_place = exec::in_place(&self.config);
-        let span = tracing::info_span!("upgrade", binary = %self.program.path.display(), in_place);
-        let _enter = span.enter();
-        match by {
-            Some(by) => {
-                tracing::info!(event = "upgrade.started", requested_by = %by, "upgrade started")
-            }
-            None => tracing::info!(event = "upgrade.started", "upgrade started"),
-        }
+/// What the master's part of an upgrade needs: its program, its config
+/// file, the fleet (its listeners go to a new master), the endpoints (the
+/// admin socket is inherited) and the inbox the new master's messages go
+/// to.
+pub struct Start<'a> {
+    /// This master's binary.
+    pub program: &'a Program,
+    /// `-c`.
+    pub config: &'a Path,
+    /// The listeners and the next generation number, handed over.
+    pub fleet: &'a Fleet,
+    /// The admin socket, inherited.
+    pub endpoints: &'a Endpoints,
+    /// Where the new master's messages go.
+    pub events: &'a Events,
+}
+
+/// What the exit of an upgrade's child means.
+#[derive(Debug)]
+pub enum ChildExit {
+    /// The check passed: the replies are out, the exec is due shortly.
+    Exec,
+    /// The upgrade fails, in this phase, for this reason.
+    Failed(&'static str, String),
+    /// Its exit changes nothing (the upgrade had failed already).
+    Gone,
+}
+
+impl Upgrade {
+    /// Starts an upgrade, in place (`NEW_BINARY check` first) or with a new
+    /// master as a child; `waiters` hear how it ends. `Err`: the phase it
+    /// failed in, and why, with the waiters back.
+    #[allow(clippy::type_complexity)]
+    pub fn start(
+        start: Start<'_>,
+        in_place: bool,
+        timeout: Duration,
+        waiters: Vec<Waiter>,
+    ) -> Result<Upgrade, (&'static str, anyhow::Error, Vec<Waiter>)> {
         let started = if in_place {
-            self.start_check()
+            start_check(&start)
         } else {
-            self.start_new_master()
+            start_new_master(&start)
         };
         let (child, kind) = match started {
             Ok(started) => started,
-            Err((phase, e)) => {
-                let reason = format!("{e:#}");
-                tracing::error!(event = "upgrade.failed", phase, %reason, "upgrade failed; this master keeps serving");
-                self.metrics.upgrade("failed");
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(Reply::error(format!(
-                        "upgrade failed in phase {phase}: {reason}"
-                    )));
-                }
-                return;
-            }
+            Err((phase, e)) => return Err((phase, e, waiters)),
         };
-        self.children
-            .register(child, crate::children::Owner::Upgrade);
-        let deadline = Instant::now() + self.config.supervisor.upgrade_timeout.0;
-        self.operation
-            .begin(crate::operation::Operation::Upgrading(Upgrade {
-                child,
-                kind,
-                phase: Phase::Waiting { deadline },
-                waiters: waiter.into_iter().collect(),
-                started: Instant::now(),
-            }));
-        if in_place {
-            tracing::info!(check_pid = child.as_raw(), "checking the new binary");
-            return;
-        }
-        self.endpoints.pid_file_to_oldbin();
-        tracing::info!(new_pid = child.as_raw(), "new master started");
+        Ok(Upgrade {
+            child,
+            kind,
+            phase: Phase::Waiting {
+                deadline: Instant::now() + timeout,
+            },
+            waiters,
+            started: Instant::now(),
+        })
     }
 
-    /// Child mode: opens the binary, checks it, starts it with the handshake
-    /// channel, and sends the listeners.
-    fn start_new_master(&self) -> Result<(Pid, Kind), (&'static str, anyhow::Error)> {
-        let binary = open_executable(&self.program.path).map_err(|e| ("binary", e))?;
-        let (ours, theirs) = channel::pair()
-            .context("creating the upgrade channel")
-            .map_err(|e| ("binary", e))?;
-        let mut command = self.program.command(
-            &binary,
-            &["run".as_ref(), "-c".as_ref(), self.config.path.as_os_str()],
-        );
-        command
-            .env(UPGRADE_FD_ENV, theirs.as_raw_fd().to_string())
-            .env(handoff::BINARY_FD_ENV, binary.as_raw_fd().to_string())
-            // Its own group: an abort stops whatever it started too.
-            .process_group(0);
-        let mut inherited = vec![binary.as_raw_fd(), theirs.as_raw_fd()];
-        inherited.extend(self.endpoints.hand_admin_to(&mut command));
-        crate::fds::hand_nofile_to(&mut command);
-        inherit_in_child(&mut command, inherited);
-        // The new master steers the ports it is handed: whatever happens to
-        // it, this one attaches its programs again at its next steer.
-        crate::steering::others_may_steer();
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting {}", self.program.path.display()))
-            .map_err(|e| ("binary", e))?;
-        let pid = Pid::from_raw(child.id() as i32);
-        drop(child);
-        let channel = Channel::new(ours)
-            .map(Arc::new)
-            .context("registering the upgrade channel")
-            .map_err(|e| ("binary", e))?;
-        if let Err(e) = handoff::send_takeover(
-            &channel,
-            self.fleet.peek_next_number(),
-            self.fleet.listeners(),
-        ) {
-            // A child that is already gone is reaped and reported as such.
-            if !e.is_peer_gone() {
-                let _ = killpg(pid, Signal::SIGKILL);
-                let error = anyhow::Error::new(e).context("sending the listeners");
-                return Err(("handshake", error));
-            }
-        }
-        let reader = crate::master::forward(&self.events, channel.clone(), |message| {
-            Event::Upgrade { message }
-        });
-        Ok((pid, Kind::Child { channel, reader }))
+    /// Whether it re-executes this process (else: a new master).
+    pub fn in_place(&self) -> bool {
+        matches!(self.kind, Kind::InPlace { .. })
     }
 
-    /// In place: runs `NEW_BINARY check -c CONFIG` before anything changes.
-    fn start_check(&self) -> Result<(Pid, Kind), (&'static str, anyhow::Error)> {
-        let binary = open_executable(&self.program.path).map_err(|e| ("binary", e))?;
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .context("creating a pipe")
-            .map_err(|e| ("binary", e))?;
-        let write = std::fs::File::from(write);
-        let stdout = write.try_clone().map_err(|e| ("binary", e.into()))?;
-        let mut command = self.program.command(
-            &binary,
-            &[
-                "check".as_ref(),
-                "-c".as_ref(),
-                self.config.path.as_os_str(),
-            ],
-        );
-        command
-            .stdin(std::process::Stdio::null())
-            .stdout(stdout)
-            .stderr(write)
-            .process_group(0);
-        inherit_in_child(&mut command, vec![binary.as_raw_fd()]);
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting {} check", self.program.path.display()))
-            .map_err(|e| ("binary", e))?;
-        // Close our copies of the write end: the pipe ends when the check exits.
-        drop(command);
-        let pid = Pid::from_raw(child.id() as i32);
-        drop(child);
-        let output = std::fs::File::from(read);
-        Ok((pid, Kind::InPlace { binary, output }))
+    /// Whether its exec is due (an in-place upgrade whose check passed).
+    pub fn execs(&self) -> bool {
+        matches!(self.phase, Phase::Exec { .. })
     }
 
-    /// A message from the new master.
-    pub(crate) fn on_upgrade_message(&mut self, message: Result<NewMessage, ChannelError>) {
-        match message {
-            Ok(NewMessage::Ready {
-                pid,
-                generation,
-                steered,
-            }) => self.complete_upgrade(pid, generation, &steered),
-            Ok(NewMessage::Failed { phase, reason }) => {
-                self.fail_upgrade(&phase, format!("the new master gave up: {reason}"))
-            }
-            Err(e) => {
-                self.fail_upgrade("handshake", format!("bad message from the new master: {e}"))
-            }
-        }
+    /// Whether it waits for a new master to be ready.
+    pub fn awaits_new_master(&self) -> bool {
+        matches!(
+            (&self.kind, &self.phase),
+            (Kind::Child { .. }, Phase::Waiting { .. })
+        )
     }
 
-    /// The new master serves: hand over the control socket and the pid
-    /// file, and drain every generation of this master.
-    fn complete_upgrade(&mut self, new_pid: u32, generation: u64, steered: &[String]) {
-        let Some(upgrade) = self.operation.upgrade_mut() else {
+    /// The new master `new_pid` serves `generation` (it
+    /// [`Upgrade::awaits_new_master`]): the upgrade commits. The new master
+    /// is told to take over, and the waiters hear it.
+    pub fn commit(&mut self, new_pid: u32, generation: u64) {
+        let Kind::Child { channel, .. } = &self.kind else {
             return;
         };
-        let Kind::Child { channel, .. } = &upgrade.kind else {
-            return;
-        };
-        if !matches!(upgrade.phase, Phase::Waiting { .. }) {
-            return;
-        }
-        // Release the control socket first: the new master binds it when it
-        // hears the handover.
-        self.endpoints.hand_over();
-        for listener in self.fleet.sockets() {
-            listener.hand_over();
-        }
         if let Err(e) = channel.try_send(&OldMessage::Handover {}, &[]) {
             tracing::warn!(error = %e, "cannot tell the new master to take over");
         }
-        let old_pid = std::process::id();
         tracing::info!(
             event = "upgrade.committed",
             new_pid,
             generation,
-            elapsed_ms = upgrade.started.elapsed().as_millis() as u64,
+            elapsed_ms = self.started.elapsed().as_millis() as u64,
             "upgrade committed: the new master serves; draining"
         );
-        crate::sd_notify::notify(&format!("MAINPID={new_pid}\nREADY=1"));
-        for waiter in upgrade.waiters.drain(..) {
+        let old_pid = std::process::id();
+        for waiter in self.waiters.drain(..) {
             let _ = waiter.send(Reply::ok(serde_json::json!({
                 "mode": "child",
                 "old_pid": old_pid,
@@ -358,177 +257,194 @@ impl Master {
                 "generation": generation,
             })));
         }
-        // The new master is on its own now; this one drains and exits. What
-        // is queued on the sockets the new master steered away from is
-        // accepted first: this master's generation sockets, and listeners
-        // the new generation has sockets of its own on.
-        self.operation.take_upgrade();
-        self.lineage
-            .hand_over_to(nix::unistd::Pid::from_raw(new_pid as i32));
-        self.fleet.hand_over_current(|s| {
-            s.steerable() && (s.primary().is_some() || steered.contains(&s.info.name))
-        });
-        self.stop(Stop::Graceful, None);
     }
 
-    /// Stops what the upgrade started and keeps serving.
-    fn fail_upgrade(&mut self, phase: &str, reason: String) {
-        let Some(upgrade) = self.operation.upgrade_mut() else {
-            return;
-        };
-        if !matches!(upgrade.phase, Phase::Waiting { .. }) {
-            return;
+    /// It fails in `phase` for `reason`: the child is stopped, new
+    /// connections go to `fleet`'s current generation again, the waiters
+    /// hear why; the child is killed after a grace. False when it was not
+    /// waiting (nothing done).
+    pub fn fail(&mut self, fleet: &Fleet, phase: &str, reason: &str) -> bool {
+        if !matches!(self.phase, Phase::Waiting { .. }) {
+            return false;
         }
-        tracing::error!(event = "upgrade.failed", phase, %reason, child = upgrade.child.as_raw(), "upgrade failed; this master keeps serving");
-        self.metrics.upgrade("failed");
-        let _ = killpg(upgrade.child, Signal::SIGTERM);
+        tracing::error!(event = "upgrade.failed", phase, %reason, child = self.child.as_raw(), "upgrade failed; this master keeps serving");
+        let _ = killpg(self.child, Signal::SIGTERM);
         // The new master may have steered new connections to its sockets.
-        if let Some(current) = self.fleet.current() {
+        if let Some(current) = fleet.current() {
             for socket in current.listeners() {
                 if let Err(e) = socket.steer_here() {
                     tracing::error!(error = %format!("{e:#}"), "cannot steer new connections back");
                 }
             }
         }
-        upgrade.phase = Phase::Aborting {
+        self.phase = Phase::Aborting {
             kill_at: Instant::now() + ABORT_GRACE,
         };
-        for waiter in upgrade.waiters.drain(..) {
+        for waiter in self.waiters.drain(..) {
             let _ = waiter.send(Reply::error(format!(
                 "upgrade failed in phase {phase}: {reason}"
             )));
         }
-        self.endpoints.restore_pid_file();
-    }
-
-    /// A child exited: if it is the upgrade's, the upgrade moves on (a
-    /// passed check leads to the exec; anything else fails). Returns whether
-    /// it was.
-    pub(crate) fn upgrade_child_exited(&mut self, pid: Pid, status: &str, success: bool) -> bool {
-        let Some(upgrade) = self.operation.upgrade_mut() else {
-            return false;
-        };
-        if upgrade.child != pid {
-            return false;
-        }
-        let waiting = matches!(upgrade.phase, Phase::Waiting { .. });
-        if let (Kind::InPlace { output, .. }, true) = (&mut upgrade.kind, waiting) {
-            // The check has exited, so its whole output is in the pipe.
-            let mut text = String::new();
-            let _ = std::io::Read::read_to_string(output, &mut text);
-            if !success {
-                let reason = format!(
-                    "the new binary rejected the config ({status}): {}",
-                    text.trim()
-                );
-                self.fail_upgrade("check", reason);
-                self.operation.take_upgrade();
-                return true;
-            }
-            tracing::info!(output = %text.trim(), "the new binary accepted the config; re-executing in place");
-            let reply = serde_json::json!({
-                "mode": "exec",
-                "old_pid": std::process::id(),
-                "new_pid": std::process::id(),
-                "requested_at": std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0.0, |d| d.as_secs_f64()),
-            });
-            for waiter in upgrade.waiters.drain(..) {
-                let _ = waiter.send(Reply::ok(reply.clone()));
-            }
-            // Let the control connections write those replies first, and
-            // the admin endpoint's connections finish: new ones wait in its
-            // queue for the new image.
-            upgrade.phase = Phase::Exec {
-                at: Instant::now() + Duration::from_millis(100),
-            };
-            self.endpoints.pause_admin();
-            return true;
-        }
-        // Its last words may still be queued behind the exit.
-        if let Kind::Child { channel, .. } = &upgrade.kind {
-            if let Ok(Some(last)) = channel.try_recv::<NewMessage>() {
-                self.on_upgrade_message(Ok(last.message));
-            }
-        }
-        let reason = format!("the new master exited with {status} before it was ready");
-        self.fail_upgrade("start", reason);
-        tracing::info!(pid = pid.as_raw(), %status, "upgrade child exited");
-        self.operation.take_upgrade();
         true
     }
 
-    /// `upgrade_timeout` passed before the new master was ready.
-    pub(crate) fn upgrade_timed_out(&mut self) {
-        let timeout = self.config.supervisor.upgrade_timeout.0;
-        self.fail_upgrade(
-            "handshake",
-            format!("the new master was not ready within upgrade_timeout ({timeout:?})"),
-        );
+    /// What the new master said last, queued behind its exit.
+    pub fn last_words(&self) -> Option<NewMessage> {
+        let Kind::Child { channel, .. } = &self.kind else {
+            return None;
+        };
+        channel
+            .try_recv::<NewMessage>()
+            .ok()
+            .flatten()
+            .map(|m| m.message)
     }
 
-    /// In place: the replies are written; the new image replaces this one
-    /// (this returns only if the exec failed, and this master keeps
-    /// serving).
-    pub(crate) fn exec_upgrade(&mut self) {
-        let Some(upgrade) = self.operation.take_upgrade() else {
-            return;
+    /// Its child exited with `status`.
+    pub fn child_exited(&mut self, status: &str, success: bool) -> ChildExit {
+        let waiting = matches!(self.phase, Phase::Waiting { .. });
+        let Kind::InPlace { output, .. } = &mut self.kind else {
+            return ChildExit::Failed(
+                "start",
+                format!("the new master exited with {status} before it was ready"),
+            );
         };
-        if let Kind::InPlace { binary, .. } = &upgrade.kind {
-            // The new image starts a guardian of its own.
-            if let Some(guardian) = self.children.guardian() {
-                guardian.release();
-            }
-            let image = exec::Image {
-                program: &self.program,
-                config: &self.config.path,
-                endpoints: &self.endpoints,
-                log: &self.log,
-            };
-            let error = exec::exec_in_place(binary, &self.fleet, image)
-                .expect_err("exec returns only on failure");
-            tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
-            self.metrics.upgrade("failed");
-            self.endpoints.serve_admin();
-            self.children.start_guardian();
-            self.guard_every_worker();
+        if !waiting {
+            return ChildExit::Gone;
+        }
+        // The check has exited, so its whole output is in the pipe.
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(output, &mut text);
+        if !success {
+            return ChildExit::Failed(
+                "check",
+                format!(
+                    "the new binary rejected the config ({status}): {}",
+                    text.trim()
+                ),
+            );
+        }
+        tracing::info!(output = %text.trim(), "the new binary accepted the config; re-executing in place");
+        let reply = serde_json::json!({
+            "mode": "exec",
+            "old_pid": std::process::id(),
+            "new_pid": std::process::id(),
+            "requested_at": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        });
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Reply::ok(reply.clone()));
+        }
+        // Let the control connections write those replies first, and the
+        // admin endpoint's connections finish: new ones wait in its queue
+        // for the new image.
+        self.phase = Phase::Exec {
+            at: Instant::now() + Duration::from_millis(100),
+        };
+        ChildExit::Exec
+    }
+
+    /// The new binary, to exec (in place).
+    pub fn binary(&self) -> Option<&std::fs::File> {
+        match &self.kind {
+            Kind::InPlace { binary, .. } => Some(binary),
+            Kind::Child { .. } => None,
         }
     }
 
-    /// A failed upgrade's child had its grace: killed.
-    pub(crate) fn kill_upgrade_child(&mut self) {
-        let Some(upgrade) = self.operation.upgrade_mut() else {
-            return;
-        };
-        let _ = killpg(upgrade.child, Signal::SIGKILL);
-        let _ = kill(upgrade.child, Signal::SIGKILL);
-        // Nothing more is due until it is reaped.
-        upgrade.phase = Phase::Aborting {
+    /// Its failed child had its grace: killed. Nothing more is due until
+    /// it is reaped.
+    pub fn kill_child(&mut self) {
+        let _ = killpg(self.child, Signal::SIGKILL);
+        let _ = kill(self.child, Signal::SIGKILL);
+        self.phase = Phase::Aborting {
             kill_at: Instant::now() + Duration::from_secs(3600),
         };
     }
+}
 
-    /// A stop during an upgrade abandons it: one waiting for its new
-    /// master fails (the child is stopped); an in-place upgrade about to
-    /// exec does not exec (a new image would not know it was stopping),
-    /// and the admin endpoint, paused for the exec, serves again.
-    pub(crate) fn abandon_upgrade(&mut self) {
-        let exec = |u: &Upgrade| matches!(u.phase, Phase::Exec { .. });
-        if self.operation.upgrade().is_some_and(exec) {
-            self.operation.take_upgrade();
-            tracing::error!(
-                event = "upgrade.failed",
-                phase = "exec",
-                reason = "the master is stopping",
-                "upgrade cancelled before its exec; this master stops"
-            );
-            self.metrics.upgrade("failed");
-            self.endpoints.serve_admin();
-            return;
+/// Child mode: opens the binary, checks it, starts it with the handshake
+/// channel, and sends the listeners.
+fn start_new_master(start: &Start<'_>) -> Result<(Pid, Kind), (&'static str, anyhow::Error)> {
+    let program = start.program;
+    let binary = open_executable(&program.path).map_err(|e| ("binary", e))?;
+    let (ours, theirs) = channel::pair()
+        .context("creating the upgrade channel")
+        .map_err(|e| ("binary", e))?;
+    let mut command = program.command(
+        &binary,
+        &["run".as_ref(), "-c".as_ref(), start.config.as_os_str()],
+    );
+    command
+        .env(UPGRADE_FD_ENV, theirs.as_raw_fd().to_string())
+        .env(handoff::BINARY_FD_ENV, binary.as_raw_fd().to_string())
+        // Its own group: an abort stops whatever it started too.
+        .process_group(0);
+    let mut inherited = vec![binary.as_raw_fd(), theirs.as_raw_fd()];
+    inherited.extend(start.endpoints.hand_admin_to(&mut command));
+    crate::fds::hand_nofile_to(&mut command);
+    inherit_in_child(&mut command, inherited);
+    // The new master steers the ports it is handed: whatever happens to
+    // it, this one attaches its programs again at its next steer.
+    crate::steering::others_may_steer();
+    let child = command
+        .spawn()
+        .with_context(|| format!("starting {}", program.path.display()))
+        .map_err(|e| ("binary", e))?;
+    let pid = Pid::from_raw(child.id() as i32);
+    drop(child);
+    let channel = Channel::new(ours)
+        .map(Arc::new)
+        .context("registering the upgrade channel")
+        .map_err(|e| ("binary", e))?;
+    if let Err(e) = handoff::send_takeover(
+        &channel,
+        start.fleet.peek_next_number(),
+        start.fleet.listeners(),
+    ) {
+        // A child that is already gone is reaped and reported as such.
+        if !e.is_peer_gone() {
+            let _ = killpg(pid, Signal::SIGKILL);
+            let error = anyhow::Error::new(e).context("sending the listeners");
+            return Err(("handshake", error));
         }
-        self.fail_upgrade("handshake", "the old master is stopping".into());
     }
+    let reader = crate::master::forward(start.events, channel.clone(), |message| Event::Upgrade {
+        message,
+    });
+    Ok((pid, Kind::Child { channel, reader }))
+}
+
+/// In place: runs `NEW_BINARY check -c CONFIG` before anything changes.
+fn start_check(start: &Start<'_>) -> Result<(Pid, Kind), (&'static str, anyhow::Error)> {
+    let program = start.program;
+    let binary = open_executable(&program.path).map_err(|e| ("binary", e))?;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .context("creating a pipe")
+        .map_err(|e| ("binary", e))?;
+    let write = std::fs::File::from(write);
+    let stdout = write.try_clone().map_err(|e| ("binary", e.into()))?;
+    let mut command = program.command(
+        &binary,
+        &["check".as_ref(), "-c".as_ref(), start.config.as_os_str()],
+    );
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(write)
+        .process_group(0);
+    inherit_in_child(&mut command, vec![binary.as_raw_fd()]);
+    let child = command
+        .spawn()
+        .with_context(|| format!("starting {} check", program.path.display()))
+        .map_err(|e| ("binary", e))?;
+    // Close our copies of the write end: the pipe ends when the check exits.
+    drop(command);
+    let pid = Pid::from_raw(child.id() as i32);
+    drop(child);
+    let output = std::fs::File::from(read);
+    Ok((pid, Kind::InPlace { binary, output }))
 }
 
 /// Makes `fds` inheritable in the child only, between fork and exec.
