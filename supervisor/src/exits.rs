@@ -84,7 +84,9 @@ impl Master {
                 self.guard_every_worker();
             }
             // Maybe a worker whose start has not come back to the loop yet.
-            None if self.spawns_pending() => self.children.hold(pid, Exit { status, success }),
+            None if self.fleet.spawns_pending() => {
+                self.children.hold(pid, Exit { status, success })
+            }
             // An orphan re-parented to this subreaper, or a child released.
             None => {}
         }

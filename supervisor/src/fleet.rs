@@ -521,6 +521,12 @@ pub fn in_service(state: State) -> bool {
 }
 
 impl Fleet {
+    /// Whether workers started off the loop are still to come back, in any
+    /// generation (a failed reload's too).
+    pub fn spawns_pending(&self) -> bool {
+        self.iter().any(Generation::has_pending)
+    }
+
     /// Kills the workers that still owe the answer of an in-place reload
     /// that ended, once its deadline passed: hung in their parser or
     /// stopped, they hear neither the abort nor a drain.

@@ -435,48 +435,6 @@ pub(crate) fn forward_worker(
 }
 
 impl Master {
-    /// Binds generation `generation`'s notify socket and forwards its
-    /// datagrams into the event loop.
-    pub(crate) fn notifier(
-        &self,
-        generation: u64,
-        credentials: Option<crate::config::Credentials>,
-    ) -> std::io::Result<crate::notify::Notifier> {
-        let socket = Arc::new(crate::notify::NotifySocket::bind(
-            &self.config.supervisor.control_socket,
-            generation,
-            credentials,
-        )?);
-        let events = self.events.clone();
-        let reading = socket.clone();
-        let reader = tokio::spawn(async move {
-            loop {
-                let datagram = match reading.recv().await {
-                    Ok(datagram) => datagram,
-                    Err(e) => {
-                        tracing::error!(generation, error = %e, "cannot read the notify socket");
-                        return;
-                    }
-                };
-                if events
-                    .send(Event::Notify {
-                        generation,
-                        datagram,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        })
-        .abort_handle();
-        Ok(crate::notify::Notifier {
-            socket,
-            reader,
-            held: Vec::new(),
-        })
-    }
-
     fn on_signal(&mut self, signal: SignalEvent) {
         if signal == SignalEvent::Child {
             // Reaped from the tick, a slice a turn.
@@ -735,7 +693,7 @@ impl Master {
         let spawning = self
             .operation
             .reload()
-            .is_some_and(|r| self.spawn_phase_open(r));
+            .is_some_and(|r| r.spawn_phase_open(&self.fleet));
         if let Some(deadline) = self.operation.due(now, spawning) {
             self.on_deadline(deadline);
         }

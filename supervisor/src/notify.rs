@@ -15,6 +15,7 @@
 
 use crate::config::Credentials;
 use crate::fleet::Generation;
+use crate::master::{Event, Events};
 use crate::worker::State;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
 use nix::unistd::Pid;
@@ -120,6 +121,47 @@ pub struct Notifier {
     /// still being started off the loop: a new worker may notify before
     /// the loop has taken it in. Replayed as each one is.
     pub held: Vec<Datagram>,
+}
+
+impl Notifier {
+    /// Binds generation `generation`'s notify socket beside the control
+    /// socket, and forwards its datagrams into the event loop (`events`).
+    pub fn bind(
+        control_socket: &Path,
+        generation: u64,
+        credentials: Option<Credentials>,
+        events: &Events,
+    ) -> io::Result<Notifier> {
+        let socket = Arc::new(NotifySocket::bind(control_socket, generation, credentials)?);
+        let events = events.clone();
+        let reading = socket.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let datagram = match reading.recv().await {
+                    Ok(datagram) => datagram,
+                    Err(e) => {
+                        tracing::error!(generation, error = %e, "cannot read the notify socket");
+                        return;
+                    }
+                };
+                if events
+                    .send(Event::Notify {
+                        generation,
+                        datagram,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+        .abort_handle();
+        Ok(Notifier {
+            socket,
+            reader,
+            held: Vec::new(),
+        })
+    }
 }
 
 /// How many datagrams a generation holds for workers not yet taken in.

@@ -1,16 +1,20 @@
 //! What the master does when a transaction decides: the transaction types
-//! ([`Rollout`], ...) decide and act on the parts they are given; the
-//! master moves the operation on and records how it ended.
+//! ([`Reload`], [`InPlace`], [`Rollout`], [`Upgrade`]) decide and act on
+//! the parts they are given (the fleet, the endpoints, the inbox); the
+//! master moves the operation on, switches its own settings and records
+//! how each ended.
 
 use super::{Master, Stop, Waiter};
 use crate::audit::Requester;
 use crate::children::Owner;
 use crate::config::Config;
 use crate::control::protocol::Reply;
-use crate::inplace::{Advance, InPlace, Move};
-use crate::operation::Operation;
-use crate::operation::{Admission, Ask, Facts};
-use crate::reload::{Ended, Started, Trigger};
+use crate::inplace::{Advance, InPlace, Mode, Move};
+use crate::listener::Shared;
+use crate::master::Event;
+use crate::operation::{Admission, Ask, Facts, Operation, ReloadRequest};
+use crate::probe::Probing;
+use crate::reload::{Ended, Phase, Reload, Started, Trigger, Validating};
 use crate::rollout::{Cutover, Rollout};
 use crate::upgrade::handoff::NewMessage;
 use crate::upgrade::{ChildExit, Start, Upgrade};
@@ -19,21 +23,357 @@ use baton_wire::protocol::WorkerMessage;
 use nix::unistd::Pid;
 use std::rc::Rc;
 use std::time::Duration;
+use tokio::time::Instant;
 use tracing::Span;
 
 impl Master {
-    /// Records how a transaction ended (see `record`), and lets go of the
-    /// generations it finished.
+    /// Records how a transaction ended (see [`crate::operation::Reloads::record`]), lets go
+    /// of the generations it finished, and starts the coalesced follow-up
+    /// once nothing runs (not when the transaction handed over to a
+    /// probation, nor during a stop).
     pub(crate) fn end(&mut self, ended: Ended) {
-        let Ended {
-            generation,
-            trigger,
-            requested_by,
-            phases,
-            failure,
-        } = ended;
-        self.record(generation, trigger, requested_by, phases, failure);
+        // Not from a new master started by an upgrade, which is not
+        // systemd's main pid yet (the old one announces it with MAINPID= at
+        // the handover).
+        let tell_systemd = !self.lineage.taking_over();
+        self.reloads
+            .record(ended, &mut self.fleet, &self.metrics, tell_systemd);
         self.reap_finished_generations();
+        if matches!(self.operation, Operation::Idle) {
+            if let Some(follow_up) = self.reloads.take_follow_up() {
+                self.request_reload(follow_up);
+            }
+        }
+    }
+
+    /// A reload request (signal or CLI): runs now, or is coalesced into one
+    /// follow-up if a transaction is under way. Its waiters get the outcome
+    /// of the transaction that serves the request.
+    pub fn request_reload(&mut self, mut request: ReloadRequest) {
+        let trigger = request.trigger;
+        match self
+            .operation
+            .summary()
+            .admit(Ask::Reload, Facts::default())
+        {
+            Admission::Refuse(reason) => {
+                tracing::warn!(%trigger, %reason, "reload refused");
+                // `Type=notify-reload` sent this SIGHUP and waits for
+                // RELOADING=1 and READY=1: a refused reload is one that
+                // ended at once.
+                let stopping = self.operation.stopping().is_some();
+                if trigger == Trigger::Signal && !stopping && self.endpoints.main_process() {
+                    crate::sd_notify::reload_refused(
+                        self.fleet.current_number(),
+                        &reason.to_string(),
+                    );
+                }
+                for waiter in request.waiters {
+                    let _ = waiter.send(Reply::error(format!("reload refused: {reason}")));
+                }
+            }
+            Admission::Coalesce => {
+                tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
+                self.reloads.coalesce(request);
+            }
+            Admission::Start | Admission::Already => {
+                self.reloads
+                    .wait_for_running(std::mem::take(&mut request.waiters));
+                self.operation
+                    .begin(Operation::Reading(Validating::new(request)));
+                // Reading the file may be slow (a network file system): off
+                // the event loop, its result comes back as an event.
+                let path = self.config.path.clone();
+                let events = self.events.clone();
+                tokio::task::spawn_blocking(move || {
+                    let loaded = Config::load(&path).map_err(|e| e.to_string());
+                    let _ = events.send(Event::ConfigLoaded(Box::new(loaded)));
+                });
+            }
+        }
+    }
+
+    /// The configuration a reload asked for has been read: the transaction
+    /// goes on, unless the master started stopping meanwhile.
+    pub(crate) fn on_config_loaded(&mut self, loaded: Result<Config, String>) {
+        if let Some(validating) = self.operation.take_reading() {
+            self.begin_reload(validating.into_request(), loaded);
+        }
+    }
+
+    /// Runs the reload `request` asked for with the configuration read: in
+    /// place (see [`crate::inplace`]) when it can and was not told
+    /// otherwise (`--in-place`, `--new-generation`), else a new generation
+    /// (see [`Reload::begin`]).
+    pub(crate) fn begin_reload(&mut self, request: ReloadRequest, loaded: Result<Config, String>) {
+        let started = Instant::now();
+        let trigger = request.trigger;
+        let mode = request.mode;
+        let reloading = matches!(trigger, Trigger::Signal | Trigger::Cli | Trigger::Coalesced);
+        let loaded = match loaded {
+            Ok(config) if reloading && mode != Mode::NewGeneration => {
+                match InPlace::possible(&self.fleet, &config) {
+                    Ok(number) => {
+                        let span = tracing::info_span!(parent: None, "reload", generation = number, %trigger, kind = "in_place", config_hash = %config.hash, version = %config.app.version);
+                        span.in_scope(|| {
+                            tracing::info!(event = "reload.started", "reload started")
+                        });
+                        crate::sd_notify::reloading(number);
+                        return self.begin_in_place(
+                            trigger,
+                            request.requested_by,
+                            number,
+                            Rc::new(config),
+                            span,
+                            started.elapsed(),
+                        );
+                    }
+                    Err(reason) if mode == Mode::InPlace => {
+                        return self.end(Ended {
+                            generation: self.fleet.current_number().unwrap_or(0),
+                            trigger,
+                            requested_by: request.requested_by,
+                            phases: vec![(Phase::Validate, started.elapsed())],
+                            failure: Some((
+                                Phase::Validate,
+                                format!("cannot reload in place: {reason}"),
+                            )),
+                        });
+                    }
+                    Err(reason) => {
+                        if !config.worker.app_config.is_empty() {
+                            tracing::info!(%reason, "reload with a new generation");
+                        }
+                        Ok(config)
+                    }
+                }
+            }
+            other => other,
+        };
+        match Reload::begin(request, loaded, started, &mut self.fleet, &self.endpoints) {
+            Started::Ended(ended) => self.end(ended),
+            Started::Running(reload) => match reload.shared_sockets() {
+                Some(sockets) => self.start_generation(reload, sockets),
+                None => self.operation.begin(Operation::Starting(reload)),
+            },
+        }
+    }
+
+    /// The bind phase is over: the new generation starts with `sockets`.
+    fn start_generation(&mut self, mut reload: Reload, sockets: Vec<Shared>) {
+        let control_socket = &self.config.supervisor.control_socket;
+        match reload.start_generation(&mut self.fleet, sockets, control_socket, &self.events) {
+            Ok(()) => self.operation.begin(Operation::Starting(reload)),
+            Err(reason) => self.abort(reload, Phase::Spawn, reason),
+        }
+    }
+
+    /// Moves the reload one step, from the loop's tick: a chunk of the bind
+    /// phase, or one worker spawned.
+    pub(crate) fn step_reload(&mut self) {
+        let Some(reload) = self.operation.reload_mut() else {
+            return;
+        };
+        if reload.binds() {
+            match reload.bind_next(&self.fleet) {
+                Ok(None) => {}
+                Ok(Some(sockets)) => {
+                    let reload = self.operation.take_reload().expect("matched above");
+                    self.start_generation(reload, sockets);
+                }
+                Err(reason) => {
+                    let reload = self.operation.take_reload().expect("matched above");
+                    self.abort(reload, Phase::Bind, reason);
+                }
+            }
+            return;
+        }
+        match reload.spawn_next(&mut self.fleet, &self.events) {
+            Ok(true) => self.end_spawn_phase(),
+            Ok(false) => {}
+            Err(reason) => {
+                let reload = self.operation.take_reload().expect("matched above");
+                self.abort(reload, Phase::Spawn, reason);
+            }
+        }
+    }
+
+    /// Worker `index` of generation `number`, started off the loop, has
+    /// exec'd (or failed to): taken into its generation while the reload
+    /// that started it runs, stopped otherwise.
+    pub(crate) fn on_spawned(
+        &mut self,
+        number: u64,
+        index: u32,
+        result: Result<std::process::Child, String>,
+    ) {
+        let pid = result
+            .as_ref()
+            .ok()
+            .map(|child| Pid::from_raw(child.id() as i32));
+        // It may have exited already, reaped before it came back here.
+        let exited = pid.and_then(|pid| self.children.claim(pid));
+        let wanted = self
+            .operation
+            .reload()
+            .is_some_and(|r| r.generation() == number)
+            && self.fleet.get(number).is_some();
+        let taken = match (self.fleet.get_mut(number), result) {
+            (Some(generation), Ok(child)) if wanted => generation
+                .spawned(index, child, &self.events, &mut self.children)
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}")),
+            (generation, result) => {
+                if let Some(generation) = generation {
+                    generation.forget_pending(index);
+                }
+                // Not wanted any more (or failed): killed, unless gone
+                // already; its exit is reaped as any other.
+                if let (Some(pid), None, true) = (pid, &exited, result.is_ok()) {
+                    tracing::info!(
+                        pid = pid.as_raw(),
+                        "worker started for a reload that has ended: killed"
+                    );
+                    let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+                result.map(|_| ())
+            }
+        };
+        // Once no worker is still to come back, no unknown exit can be one
+        // of theirs.
+        if !self.fleet.spawns_pending() {
+            self.children.drop_unclaimed();
+        }
+        // It may have notified already, before it was taken in.
+        if let Some(g) = self.fleet.get_mut(number) {
+            if crate::notify::replay(g) {
+                self.advance_reload();
+            }
+        }
+        if !wanted {
+            return self.reap_finished_generations();
+        }
+        let _enter = self.operation.reload().map(|r| r.span().clone().entered());
+        if let Err(reason) = taken {
+            let reload = self.operation.take_reload().expect("wanted: a reload runs");
+            return self.abort(reload, Phase::Spawn, format!("worker {index}: {reason}"));
+        }
+        if let (Some(pid), Some(exit)) = (pid, exited) {
+            return self.on_exit(pid, exit.status, exit.success);
+        }
+        self.end_spawn_phase();
+    }
+
+    /// Ends the spawn phase once every worker was started and has come
+    /// back; the ready phase begins, and the probes with it.
+    fn end_spawn_phase(&mut self) {
+        let Some(reload) = self.operation.reload_mut() else {
+            return;
+        };
+        if reload.spawn_phase_open(&self.fleet) {
+            return;
+        }
+        reload.begin_ready();
+        let generation = reload.generation();
+        self.probing = self.fleet.get(generation).and_then(Probing::of);
+        self.advance_reload();
+    }
+
+    /// Moves the reload on after an event: commits when every new worker
+    /// is ready (its deadline is the loop's: see
+    /// [`Master::fail_not_ready`]).
+    pub(crate) fn advance_reload(&mut self) {
+        let Some(reload) = self.operation.reload() else {
+            return;
+        };
+        if reload.ready(&mut self.fleet) {
+            let reload = self.operation.take_reload().expect("checked above");
+            self.commit(reload);
+        }
+    }
+
+    /// `ready_timeout` passed: the reload fails, naming the workers not
+    /// ready (and the last probe's failure).
+    pub(crate) fn fail_not_ready(&mut self) {
+        if let Some(reload) = self.operation.take_reload() {
+            let reason = reload.not_ready(&self.fleet, self.probing.as_ref());
+            self.abort(reload, Phase::Ready, reason);
+        }
+    }
+
+    /// A worker of the starting generation exited before it was ready (or
+    /// broke the protocol).
+    pub(crate) fn new_worker_exited(&mut self, reason: String) {
+        if let Some(reload) = self.operation.take_reload() {
+            self.abort(reload, Phase::Ready, reason);
+        }
+    }
+
+    /// When a delay-ready worker becomes ready, for the event loop's timer.
+    pub(crate) fn delay_ready_deadline(&self) -> Option<Instant> {
+        self.operation.reload()?.delay_ready_at(&self.fleet)
+    }
+
+    /// Every new worker is ready: probation when the reload asks for it,
+    /// else it settles.
+    fn commit(&mut self, mut reload: Reload) {
+        let _enter = reload.span().clone().entered();
+        reload.end_phase(Phase::Ready);
+        drop(_enter);
+        self.cut_over(reload);
+    }
+
+    /// Switches over for good: every new connection to the new generation,
+    /// the replaced one drained, the master's settings switched.
+    pub(crate) fn settle(&mut self, reload: Reload) {
+        let span = reload.span().clone();
+        let _enter = span.enter();
+        self.probing = None;
+        let config = reload.config().clone();
+        let supervisor = &self.config.supervisor;
+        if config.supervisor.log_filter != supervisor.log_filter {
+            if let Err(e) = self.log.set_filter(&config.supervisor.log_filter) {
+                tracing::error!(error = %e, "cannot switch log filter");
+            }
+        }
+        if config.supervisor.log_format != self.log.format()
+            || config.supervisor.log_file.as_deref() != self.log.file()
+        {
+            tracing::warn!("log_format and log_file changes take effect when the master restarts");
+        }
+        if config.supervisor.otlp() != supervisor.otlp() {
+            tracing::warn!(
+                "otlp_endpoint, otlp_export_timeout and otlp_flush_timeout changes take effect when the master restarts or upgrades"
+            );
+        }
+        if config.supervisor.control_socket != supervisor.control_socket
+            || config.supervisor.pid_file != supervisor.pid_file
+        {
+            tracing::warn!(
+                "control_socket and pid_file changes take effect when the master restarts"
+            );
+        }
+        let settled = reload.settle(&mut self.fleet);
+        if let Some(admin) = settled.admin {
+            self.endpoints.replace_admin(admin);
+        }
+        self.config = settled.config;
+        // Kills the oldest draining generations past
+        // `[supervisor] max_draining_generations`, as HAProxy's
+        // `mworker-max-reloads` does: workers that ignore their stop
+        // signal under a long `drain_timeout` must not pile up.
+        let max = self.config.supervisor.max_draining_generations as usize;
+        self.fleet.limit_draining(max);
+        // A replaced generation may have had no live worker (all waiting
+        // to be respawned): it is finished now.
+        self.end(settled.ended);
+    }
+
+    /// The reload fails in `phase` for `reason`.
+    fn abort(&mut self, reload: Reload, phase: Phase, reason: String) {
+        self.probing = None;
+        let ended = reload.abort(&mut self.fleet, phase, reason);
+        self.end(ended);
     }
 
     /// At commit: probation when the reload asks for it, else it settles.
@@ -198,7 +538,7 @@ impl Master {
     pub fn request_upgrade(&mut self, waiter: Option<Waiter>, by: Option<&Requester>) {
         let facts = Facts {
             serving: self.fleet.current_number().is_some(),
-            spawns_pending: self.spawns_pending(),
+            spawns_pending: self.fleet.spawns_pending(),
         };
         if let Admission::Refuse(reason) = self.operation.summary().admit(Ask::Upgrade, facts) {
             tracing::error!(event = "upgrade.refused", %reason, "upgrade refused");

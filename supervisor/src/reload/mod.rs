@@ -4,10 +4,12 @@
 
 use crate::audit::Requester;
 use crate::config::{Config, Protocol, ReadyMode};
-use crate::control::protocol::{PhaseTime, ReloadOutcome, Reply};
+use crate::control::protocol::{PhaseTime, ReloadOutcome};
+use crate::endpoints::Endpoints;
+use crate::fleet::Fleet;
 use crate::listener::Shared;
-use crate::master::{Event, Master};
-use crate::operation::{Admission, Ask, Facts, Operation, ReloadRequest};
+use crate::operation::ReloadRequest;
+use crate::probe::Probing;
 use crate::worker::State;
 use std::fmt;
 use std::rc::Rc;
@@ -17,6 +19,8 @@ use tracing::Span;
 
 mod finish;
 mod start;
+
+pub use finish::Settled;
 
 /// A phase of the transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +191,18 @@ pub struct Validating {
     request: ReloadRequest,
 }
 
+impl Validating {
+    /// `request`'s configuration is being read.
+    pub fn new(request: ReloadRequest) -> Validating {
+        Validating { request }
+    }
+
+    /// The configuration has been read: what was asked.
+    pub fn into_request(self) -> ReloadRequest {
+        self.request
+    }
+}
+
 /// A transaction waiting for its new workers to be ready.
 #[derive(Debug)]
 pub struct Reload {
@@ -282,126 +298,27 @@ impl Reload {
     }
 }
 
-impl Master {
-    /// A reload request (signal or CLI): runs now, or is coalesced into one
-    /// follow-up if a transaction is under way. Its waiters get the outcome
-    /// of the transaction that serves the request.
-    pub fn request_reload(&mut self, mut request: ReloadRequest) {
-        let trigger = request.trigger;
-        match self
-            .operation
-            .summary()
-            .admit(Ask::Reload, Facts::default())
-        {
-            Admission::Refuse(reason) => {
-                tracing::warn!(%trigger, %reason, "reload refused");
-                // `Type=notify-reload` sent this SIGHUP and waits for
-                // RELOADING=1 and READY=1: a refused reload is one that
-                // ended at once.
-                let stopping = self.operation.stopping().is_some();
-                if trigger == Trigger::Signal && !stopping && self.endpoints.main_process() {
-                    crate::sd_notify::reload_refused(
-                        self.fleet.current_number(),
-                        &reason.to_string(),
-                    );
-                }
-                for waiter in request.waiters {
-                    let _ = waiter.send(Reply::error(format!("reload refused: {reason}")));
-                }
-            }
-            Admission::Coalesce => {
-                tracing::info!(%trigger, "reload requested during a reload: coalesced into one follow-up");
-                self.reloads.coalesce(request);
-            }
-            Admission::Start | Admission::Already => {
-                self.reloads
-                    .wait_for_running(std::mem::take(&mut request.waiters));
-                self.operation
-                    .begin(Operation::Reading(Validating { request }));
-                // Reading the file may be slow (a network file system): off
-                // the event loop, its result comes back as an event.
-                let path = self.config.path.clone();
-                let events = self.events.clone();
-                tokio::task::spawn_blocking(move || {
-                    let loaded = Config::load(&path).map_err(|e| e.to_string());
-                    let _ = events.send(Event::ConfigLoaded(Box::new(loaded)));
-                });
-            }
-        }
-    }
-
-    /// Whether a transaction runs: its configuration being read, or its new
-    /// generation being started.
-    pub fn transaction_running(&self) -> bool {
-        matches!(
-            self.operation,
-            Operation::Reading(_) | Operation::Starting(_)
-        )
-    }
-
-    /// The configuration a reload asked for has been read: the transaction
-    /// goes on, unless the master started stopping meanwhile.
-    pub fn on_config_loaded(&mut self, loaded: Result<Config, String>) {
-        if let Some(validating) = self.operation.take_reading() {
-            self.begin_reload(validating.request, loaded);
-        }
-    }
-
-    /// Runs validate and bind, and starts spawning; leaves the transaction
-    /// running, or finishes it with a failure; or runs it in place (see
-    /// [`crate::inplace`]), as `request` asked (its `--canary` share, its
-    /// `--in-place` or `--new-generation`).
-    pub fn begin_reload(&mut self, request: ReloadRequest, loaded: Result<Config, String>) {
+impl Reload {
+    /// Starts a new generation's transaction, as `request` asked, for the
+    /// configuration read (`loaded`): validate, then bind (the listeners
+    /// `fleet` keeps, new ones bound, a new admin endpoint if `endpoints`
+    /// has another). It ends at once, failed, when the configuration or a
+    /// bind fails. `started`: when the request began, `validated` counted
+    /// from then.
+    pub fn begin(
+        request: ReloadRequest,
+        loaded: Result<Config, String>,
+        started: Instant,
+        fleet: &mut Fleet,
+        endpoints: &Endpoints,
+    ) -> Started<Reload> {
         let ReloadRequest {
             trigger,
             canary,
-            mode,
             requested_by,
             ..
         } = request;
-        let started = Instant::now();
-        let reloading = matches!(trigger, Trigger::Signal | Trigger::Cli | Trigger::Coalesced);
-        let loaded = match loaded {
-            Ok(config) if reloading && mode != crate::inplace::Mode::NewGeneration => {
-                match crate::inplace::InPlace::possible(&self.fleet, &config) {
-                    Ok(number) => {
-                        let span = tracing::info_span!(parent: None, "reload", generation = number, %trigger, kind = "in_place", config_hash = %config.hash, version = %config.app.version);
-                        span.in_scope(|| {
-                            tracing::info!(event = "reload.started", "reload started")
-                        });
-                        crate::sd_notify::reloading(number);
-                        return self.begin_in_place(
-                            trigger,
-                            requested_by,
-                            number,
-                            Rc::new(config),
-                            span,
-                            started.elapsed(),
-                        );
-                    }
-                    Err(reason) if mode == crate::inplace::Mode::InPlace => {
-                        let generation = self.fleet.current_number().unwrap_or(0);
-                        let phases = vec![(Phase::Validate, started.elapsed())];
-                        let reason = format!("cannot reload in place: {reason}");
-                        return self.record(
-                            generation,
-                            trigger,
-                            requested_by,
-                            phases,
-                            Some((Phase::Validate, reason)),
-                        );
-                    }
-                    Err(reason) => {
-                        if !config.worker.app_config.is_empty() {
-                            tracing::info!(%reason, "reload with a new generation");
-                        }
-                        Ok(config)
-                    }
-                }
-            }
-            other => other,
-        };
-        let generation = self.fleet.next_number();
+        let generation = fleet.next_number();
         // A root: a coalesced follow-up starts inside the previous reload.
         let span = tracing::info_span!(parent: None, "reload", generation, %trigger, config_hash = tracing::field::Empty);
         let mut phases = Vec::new();
@@ -415,14 +332,21 @@ impl Master {
         if trigger != Trigger::Start && trigger != Trigger::Upgrade {
             crate::sd_notify::reloading(generation);
         }
-
+        let failed = |phases, phase, reason| {
+            Started::Ended(Ended {
+                generation,
+                trigger,
+                requested_by: requested_by.clone(),
+                phases,
+                failure: Some((phase, reason)),
+            })
+        };
         let validating = phase_span(&span, Phase::Validate);
         let config = match loaded {
             Ok(config) => Rc::new(config),
             Err(reason) => {
                 phases.push((Phase::Validate, started.elapsed()));
-                let failure = Some((Phase::Validate, reason));
-                return self.record(generation, trigger, requested_by, phases, failure);
+                return failed(phases, Phase::Validate, reason);
             }
         };
         span.record("config_hash", config.hash.as_str());
@@ -430,34 +354,27 @@ impl Master {
         phases.push((Phase::Validate, phase_started - started));
         drop(validating);
         let binding = phase_span(&span, Phase::Bind);
-
         let steered = config.worker.steers_generations() || canary.is_some();
-        let bound = self
-            .endpoints
+        let bound = endpoints
             .rebind_admin(&config)
-            .and_then(|admin| Ok((self.bind(&config)?, admin)));
+            .and_then(|admin| Ok((start::bind(fleet, &config)?, admin)));
         let (listeners, admin) = match bound {
             Ok(bound) => bound,
             Err(e) => {
                 phases.push((Phase::Bind, phase_started.elapsed()));
-                return self.record(
-                    generation,
-                    trigger,
-                    requested_by,
-                    phases,
-                    Some((Phase::Bind, format!("{e:#}"))),
-                );
+                return failed(phases, Phase::Bind, format!("{e:#}"));
             }
         };
-        let processes = self.fleet.processes_for(&config);
+        let processes = fleet.processes_for(&config);
         // SDK workers share the listeners; others get sockets of their own,
         // made a few ports a turn.
         let shared = config.worker.protocol == Protocol::Sdk && !steered;
-        let reload = Reload {
+        drop(_enter);
+        Started::Running(Reload {
             trigger,
             generation,
             phase_span: binding,
-            span: span.clone(),
+            span,
             phases,
             phase_started,
             ready_deadline: Instant::now() + config.worker.ready_timeout.0,
@@ -469,40 +386,29 @@ impl Master {
             canary,
             admin,
             requested_by,
-        };
-        if shared {
-            let sockets = reload.listeners.clone();
-            return self.start_generation(reload, sockets);
-        }
-        self.operation
-            .begin(crate::operation::Operation::Starting(reload));
+        })
     }
 
-    /// Moves the transaction one step, from the loop's tick: a chunk of the
-    /// bind phase, or one worker spawned.
-    pub(crate) fn step_reload(&mut self) {
-        match self.operation.reload() {
-            Some(reload) if reload.binding.is_some() => self.bind_next(),
-            Some(_) => self.spawn_next(),
-            None => {}
-        }
+    /// Whether it makes generation sockets of its own a chunk a turn (else
+    /// its workers share the listeners, and its generation starts at once).
+    pub fn binds(&self) -> bool {
+        self.binding.is_some()
     }
 
-    /// Moves the transaction on after an event: marks delay-ready workers,
-    /// commits when all are ready (its deadline is the loop's, see
-    /// [`Master::fail_not_ready`]).
-    pub fn advance_reload(&mut self) {
-        let Some(reload) = self.operation.reload() else {
-            return;
-        };
-        // Binding and spawning go on from the loop's tick, a step a turn,
-        // and the spawn phase ends when every worker has come back.
-        if reload.binding.is_some() || self.spawn_phase_open(reload) {
-            return;
+    /// The listeners, when its workers share them (it does not bind).
+    pub fn shared_sockets(&self) -> Option<Vec<Shared>> {
+        (!self.binds()).then(|| self.listeners.clone())
+    }
+
+    /// Once its workers are all started and back: marks the delay-ready
+    /// ones of `fleet`'s new generation ready, and says whether every new
+    /// worker is ready (the reload commits).
+    pub fn ready(&self, fleet: &mut Fleet) -> bool {
+        if self.binds() || self.spawn_phase_open(fleet) {
+            return false;
         }
-        let generation = reload.generation;
-        let Some(new) = self.fleet.get_mut(generation) else {
-            return;
+        let Some(new) = fleet.get_mut(self.generation) else {
+            return false;
         };
         if let ReadyMode::Delay(delay) = new.config().worker.ready {
             for worker in new.workers_mut() {
@@ -511,56 +417,35 @@ impl Master {
                 }
             }
         }
-        if new.all_ready() {
-            let reload = self.operation.take_reload().expect("checked above");
-            self.commit(reload);
-        }
+        new.all_ready()
     }
 
-    /// `ready_timeout` passed: the reload fails, naming the workers not
-    /// ready (and the last probe's failure).
-    pub(crate) fn fail_not_ready(&mut self) {
-        let Some(reload) = self.operation.take_reload() else {
-            return;
-        };
-        let generation = reload.generation;
-        let waiting: Vec<String> = self
-            .fleet
-            .get(generation)
+    /// Why it fails at `ready_timeout`: the workers not ready (and the last
+    /// failure of `probing`, if it probes this generation).
+    pub fn not_ready(&self, fleet: &Fleet, probing: Option<&Probing>) -> String {
+        let waiting: Vec<String> = fleet
+            .get(self.generation)
             .into_iter()
             .flat_map(|new| new.workers().values())
             .filter(|w| w.state() != State::Ready)
             .map(|w| format!("worker {} (pid {})", w.index(), w.pid()))
             .collect();
-        let timeout = reload.config.worker.ready_timeout.0;
-        let last_probe = self
-            .probing
-            .as_ref()
-            .filter(|p| p.generation == generation)
+        let timeout = self.config.worker.ready_timeout.0;
+        let last_probe = probing
+            .filter(|p| p.generation == self.generation)
             .and_then(|p| p.last_failure.as_ref())
             .map(|f| format!(" (last probe: {f})"))
             .unwrap_or_default();
-        self.abort(
-            reload,
-            Phase::Ready,
-            format!(
-                "{} not ready within {timeout:?}{last_probe}",
-                waiting.join(", ")
-            ),
-        );
+        format!(
+            "{} not ready within {timeout:?}{last_probe}",
+            waiting.join(", ")
+        )
     }
 
-    /// A worker of the starting generation exited before it was ready.
-    pub fn new_worker_exited(&mut self, reason: String) {
-        if let Some(reload) = self.operation.take_reload() {
-            self.abort(reload, Phase::Ready, reason);
-        }
-    }
-
-    /// When a delay-ready worker becomes ready, for the event loop's timer.
-    pub fn delay_ready_deadline(&self) -> Option<Instant> {
-        let reload = self.operation.reload()?;
-        let new = self.fleet.get(reload.generation)?;
+    /// When a delay-ready worker of its generation becomes ready, for the
+    /// event loop's timer.
+    pub fn delay_ready_at(&self, fleet: &Fleet) -> Option<Instant> {
+        let new = fleet.get(self.generation)?;
         let ReadyMode::Delay(delay) = new.config().worker.ready else {
             return None;
         };

@@ -3,12 +3,12 @@
 
 use super::{Phase, Reload};
 use crate::config::{Config, ListenerAddress, ReadyMode};
-use crate::fleet::Generation;
+use crate::fleet::{Fleet, Generation};
 use crate::listener::{Listener, Shared};
-use crate::master::Master;
-use crate::probe::Probing;
-use nix::unistd::Pid;
+use crate::master::Events;
+use crate::notify::Notifier;
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::rc::Rc;
 use tokio::time::Instant;
 
@@ -47,222 +47,132 @@ fn generation_sockets(
     Ok(sockets)
 }
 
-impl Master {
-    /// Makes the next [`BIND_CHUNK`] generation sockets of the bind phase;
-    /// the last chunk starts the generation. From the loop's tick: with
-    /// many listeners the phase takes tens of milliseconds, and requests,
-    /// signals and exits are served between chunks.
-    pub(super) fn bind_next(&mut self) {
-        let Some(reload) = self.operation.reload_mut() else {
-            return;
+impl Reload {
+    /// Makes the next [`BIND_CHUNK`] generation sockets of the bind phase
+    /// (the ports in service are `fleet`'s): all of them, once the last
+    /// chunk is made. From the loop's tick: with many listeners the phase
+    /// takes tens of milliseconds, and requests, signals and exits are
+    /// served between chunks.
+    pub fn bind_next(&mut self, fleet: &Fleet) -> Result<Option<Vec<Shared>>, String> {
+        let Some(made) = self.binding.as_mut() else {
+            return Ok(None);
         };
-        let Some(made) = reload.binding.as_mut() else {
-            return;
-        };
-        let _enter = reload.span.clone().entered();
+        let _enter = self.span.clone().entered();
         let from = made.len();
-        let to = (from + BIND_CHUNK).min(reload.listeners.len());
-        let chunk = &reload.listeners[from..to];
-        let current: HashSet<*const Listener> =
-            self.fleet.listeners().iter().map(Rc::as_ptr).collect();
-        match generation_sockets(chunk, &current) {
-            Ok(sockets) => made.extend(sockets),
-            Err(e) => {
-                let reload = self.operation.take_reload().expect("checked above");
-                return self.abort(reload, Phase::Bind, format!("{e:#}"));
-            }
+        let to = (from + BIND_CHUNK).min(self.listeners.len());
+        let chunk = &self.listeners[from..to];
+        let current: HashSet<*const Listener> = fleet.listeners().iter().map(Rc::as_ptr).collect();
+        made.extend(generation_sockets(chunk, &current).map_err(|e| format!("{e:#}"))?);
+        if to < self.listeners.len() {
+            return Ok(None);
         }
-        if to < reload.listeners.len() {
-            return;
-        }
-        let mut reload = self.operation.take_reload().expect("checked above");
-        let sockets = reload.binding.take().unwrap_or_default();
-        self.start_generation(reload, sockets);
+        Ok(self.binding.take())
     }
 
-    /// The bind phase is over: the new generation starts with `sockets`,
-    /// and its workers are spawned from the next turn on.
-    pub(super) fn start_generation(&mut self, mut reload: Reload, sockets: Vec<Shared>) {
-        let _enter = reload.span.clone().entered();
-        reload.end_phase(Phase::Bind);
-        reload.begin_phase(Phase::Spawn);
+    /// The bind phase is over: the new generation starts in `fleet` with
+    /// `sockets` (and, for `ready = "notify"`, a notify socket beside
+    /// `control_socket` whose datagrams go to `events`); its workers are
+    /// spawned from the next turn on.
+    pub fn start_generation(
+        &mut self,
+        fleet: &mut Fleet,
+        sockets: Vec<Shared>,
+        control_socket: &Path,
+        events: &Events,
+    ) -> Result<(), String> {
+        let _enter = self.span.clone().entered();
+        self.end_phase(Phase::Bind);
+        self.begin_phase(Phase::Spawn);
         // The new sockets are last on their ports now, and not steered to:
         // any unused socket can go without moving the one that is.
-        self.fleet.tidy();
-        let (generation, config) = (reload.generation, reload.config.clone());
-        let mut new = Generation::new(generation, config.clone(), sockets, reload.processes);
-        new.join_trace(&reload.phase_span);
+        fleet.tidy();
+        let (generation, config) = (self.generation, self.config.clone());
+        let mut new = Generation::new(generation, config.clone(), sockets, self.processes);
+        new.join_trace(&self.phase_span);
         let mut spawn_error = None;
         if config.worker.ready == ReadyMode::Notify {
-            match self.notifier(generation, config.worker.credentials()) {
+            match Notifier::bind(
+                control_socket,
+                generation,
+                config.worker.credentials(),
+                events,
+            ) {
                 Ok(notifier) => new.set_notify(notifier),
                 Err(e) => spawn_error = Some(format!("creating the notify socket: {e:#}")),
             }
         }
-        self.fleet.start(new);
-        reload.spawning = Some(0);
-        if let Some(reason) = spawn_error {
-            return self.abort(reload, Phase::Spawn, reason);
-        }
-        self.operation
-            .begin(crate::operation::Operation::Starting(reload));
+        fleet.start(new);
+        self.spawning = Some(0);
+        spawn_error.map_or(Ok(()), Err)
     }
 
     /// Starts the new generation's next worker. One per turn of the event
     /// loop, and off it: the fork and the wait for the child's `execve` run
-    /// on the main thread ([`Generation::spawn_off_loop`]), and
-    /// [`Master::on_spawned`] takes the worker in. The spawn phase ends
-    /// when every worker has come back.
-    pub(super) fn spawn_next(&mut self) {
-        let Some(reload) = self.operation.reload_mut() else {
-            return;
+    /// on the main thread ([`Generation::spawn_off_loop`]), and the master
+    /// takes the worker in when it comes back (`Event::Spawned`). The spawn
+    /// phase ends when every worker has come back. `Ok(false)`: it was not
+    /// spawning; `Err` names the worker that could not be started.
+    pub fn spawn_next(&mut self, fleet: &mut Fleet, events: &Events) -> Result<bool, String> {
+        let Some(index) = self.spawning else {
+            return Ok(false);
         };
-        let Some(index) = reload.spawning else { return };
-        let Some(new) = self.fleet.get_mut(reload.generation) else {
-            return;
+        let Some(new) = fleet.get_mut(self.generation) else {
+            return Ok(false);
         };
-        let _enter = reload.span.clone().entered();
-        if index < reload.processes {
-            if let Err(e) = new.spawn_off_loop(index, &self.events) {
-                let reload = self.operation.take_reload().expect("checked above");
-                return self.abort(reload, Phase::Spawn, format!("worker {index}: {e:#}"));
-            }
+        let _enter = self.span.clone().entered();
+        if index < self.processes {
+            new.spawn_off_loop(index, events)
+                .map_err(|e| format!("worker {index}: {e:#}"))?;
         }
-        if index + 1 < reload.processes {
-            reload.spawning = Some(index + 1);
-            return;
-        }
-        reload.spawning = None;
-        self.end_spawn_phase();
+        self.spawning = (index + 1 < self.processes).then_some(index + 1);
+        Ok(true)
     }
 
-    /// Worker `index` of generation `number`, started off the loop, has
-    /// exec'd (or failed to): taken into its generation while the reload
-    /// that started it runs, stopped otherwise.
-    pub(crate) fn on_spawned(
-        &mut self,
-        number: u64,
-        index: u32,
-        result: Result<std::process::Child, String>,
-    ) {
-        let pid = result
-            .as_ref()
-            .ok()
-            .map(|child| Pid::from_raw(child.id() as i32));
-        // It may have exited already, reaped before it came back here.
-        let exited = pid.and_then(|pid| self.children.claim(pid));
-        let wanted = self
-            .operation
-            .reload()
-            .is_some_and(|r| r.generation == number)
-            && self.fleet.get(number).is_some();
-        let taken = match (self.fleet.get_mut(number), result) {
-            (Some(generation), Ok(child)) if wanted => generation
-                .spawned(index, child, &self.events, &mut self.children)
-                .map(|_| ())
-                .map_err(|e| format!("{e:#}")),
-            (generation, result) => {
-                if let Some(generation) = generation {
-                    generation.forget_pending(index);
-                }
-                // Not wanted any more (or failed): killed, unless gone
-                // already; its exit is reaped as any other.
-                if let (Some(pid), None, true) = (pid, &exited, result.is_ok()) {
-                    tracing::info!(
-                        pid = pid.as_raw(),
-                        "worker started for a reload that has ended: killed"
-                    );
-                    let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
-                }
-                result.map(|_| ())
-            }
-        };
-        // Once no worker is still to come back, no unknown exit can be one
-        // of theirs.
-        if !self.spawns_pending() {
-            self.children.drop_unclaimed();
-        }
-        // It may have notified already, before it was taken in.
-        if let Some(g) = self.fleet.get_mut(number) {
-            if crate::notify::replay(g) {
-                self.advance_reload();
-            }
-        }
-        if !wanted {
-            return self.reap_finished_generations();
-        }
-        let _enter = self.operation.reload().map(|r| r.span.clone().entered());
-        if let Err(reason) = taken {
-            let reload = self.operation.take_reload().expect("wanted: a reload runs");
-            return self.abort(reload, Phase::Spawn, format!("worker {index}: {reason}"));
-        }
-        if let (Some(pid), Some(exit)) = (pid, exited) {
-            return self.on_exit(pid, exit.status, exit.success);
-        }
-        self.end_spawn_phase();
-    }
-
-    /// Whether workers started off the loop are still to come back, in any
-    /// generation (a failed reload's too).
-    pub(crate) fn spawns_pending(&self) -> bool {
-        self.fleet.iter().any(Generation::has_pending)
-    }
-
-    /// Whether `reload`'s spawn phase is open: workers left to start, or
-    /// started and not back yet.
-    pub(crate) fn spawn_phase_open(&self, reload: &Reload) -> bool {
-        reload.spawning.is_some()
-            || self
-                .fleet
-                .get(reload.generation)
+    /// Whether its spawn phase is open: workers left to start, or started
+    /// and not back yet.
+    pub fn spawn_phase_open(&self, fleet: &Fleet) -> bool {
+        self.spawning.is_some()
+            || fleet
+                .get(self.generation)
                 .is_some_and(Generation::has_pending)
     }
 
-    /// Ends the spawn phase once every worker was started and has come
-    /// back; the ready phase begins.
-    fn end_spawn_phase(&mut self) {
-        match self.operation.reload() {
-            Some(reload) if !self.spawn_phase_open(reload) => {}
-            _ => return,
-        }
-        let reload = self.operation.reload_mut().expect("matched above");
-        reload.end_phase(Phase::Spawn);
-        reload.begin_phase(Phase::Ready);
-        reload.ready_deadline = Instant::now() + reload.config.worker.ready_timeout.0;
-        let generation = reload.generation;
-        self.probing = self.fleet.get(generation).and_then(Probing::of);
-        self.advance_reload();
+    /// Every worker was started and has come back: the ready phase begins,
+    /// `ready_timeout` from now.
+    pub fn begin_ready(&mut self) {
+        self.end_phase(Phase::Spawn);
+        self.begin_phase(Phase::Ready);
+        self.ready_deadline = Instant::now() + self.config.worker.ready_timeout.0;
     }
+}
 
-    /// Keeps every listener whose name and address are unchanged (same fd:
-    /// this is what makes reloads drop nothing) and binds the others.
-    pub(super) fn bind(&self, config: &Config) -> anyhow::Result<Vec<Shared>> {
-        let current: HashMap<(&str, &ListenerAddress), &Shared> = self
-            .fleet
-            .listeners()
-            .iter()
-            .map(|l| ((l.config.name.as_str(), &l.config.address), l))
-            .collect();
-        let mut out = Vec::with_capacity(config.listeners.len());
-        for wanted in &config.listeners {
-            match current.get(&(wanted.name.as_str(), &wanted.address)) {
-                Some(listener) => {
-                    listener.apply(wanted)?;
-                    out.push(Rc::clone(listener));
-                }
-                None => {
-                    let listener = Rc::new(Listener::bind(wanted)?);
-                    tracing::info!(
-                        event = "listener.bound",
-                        listener = %listener.info.name,
-                        address = %listener.info.address,
-                        kind = %listener.info.kind,
-                        "listener bound"
-                    );
-                    out.push(listener);
-                }
+/// Keeps every listener of `fleet` whose name and address `config` keeps
+/// (same fd: this is what makes reloads drop nothing) and binds the others.
+pub fn bind(fleet: &Fleet, config: &Config) -> anyhow::Result<Vec<Shared>> {
+    let current: HashMap<(&str, &ListenerAddress), &Shared> = fleet
+        .listeners()
+        .iter()
+        .map(|l| ((l.config.name.as_str(), &l.config.address), l))
+        .collect();
+    let mut out = Vec::with_capacity(config.listeners.len());
+    for wanted in &config.listeners {
+        match current.get(&(wanted.name.as_str(), &wanted.address)) {
+            Some(listener) => {
+                listener.apply(wanted)?;
+                out.push(Rc::clone(listener));
+            }
+            None => {
+                let listener = Rc::new(Listener::bind(wanted)?);
+                tracing::info!(
+                    event = "listener.bound",
+                    listener = %listener.info.name,
+                    address = %listener.info.address,
+                    kind = %listener.info.kind,
+                    "listener bound"
+                );
+                out.push(listener);
             }
         }
-        Ok(out)
     }
+    Ok(out)
 }
