@@ -290,6 +290,17 @@ impl Report {
         buckets
     }
 
+    /// The longest a reused connection sat idle before a request was sent
+    /// on it; `None` when no request went out on a reused connection. A
+    /// closed-loop client idles only when its thread does not get the CPU:
+    /// near a server's idle timeout, that is the client's own doing.
+    pub fn longest_idle(&self) -> Option<Duration> {
+        self.samples
+            .iter()
+            .filter_map(|s| s.previous.map(|p| p.idle))
+            .max()
+    }
+
     /// [`Class::Ok`] requests per second over the whole run.
     pub fn ok_per_second(&self) -> f64 {
         if self.elapsed.is_zero() {
@@ -1514,6 +1525,7 @@ mod tests {
         };
         assert_eq!(report.ok(), 1);
         assert_eq!(report.failed(), 4);
+        assert_eq!(report.longest_idle(), Some(Duration::from_micros(100)));
         let summary = report.failures_summary();
         assert!(
             summary.starts_with("connect_reset=2 eof_before_response=2 ("),
@@ -1559,6 +1571,7 @@ mod tests {
             vec![(4, 0), (3, 0), (3, 0), (0, 1)]
         );
         assert_eq!(report.ok_per_second(), 2.5);
+        assert_eq!(report.longest_idle(), None);
         assert_eq!(Report::default().latency_quantile(0.5), None);
     }
 
