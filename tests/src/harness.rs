@@ -789,11 +789,12 @@ pub fn current_workers(status: &Value) -> Vec<Value> {
 /// responses that moved through the generations in order from 1 to `last`.
 pub fn assert_no_request_failed(report: &crate::load::Report, what: &str, last: u64) {
     eprintln!(
-        "{what}: {} ok, {} failed, generations {:?} in {:?}",
+        "{what}: {} ok, {} failed, generations {:?} in {:?}, longest idle on a reused connection {:?}",
         report.ok(),
         report.failed(),
         report.generations(),
-        report.elapsed
+        report.elapsed,
+        report.longest_idle(),
     );
     assert!(
         report.ok() > 100,

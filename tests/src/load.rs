@@ -172,6 +172,20 @@ pub struct Sample {
     pub generation: Option<u64>,
     /// Sent on a keep-alive connection that had already carried a response.
     pub reused: bool,
+    /// On a reused connection: how long it had sat idle between its
+    /// previous response and this request, and which generation sent that
+    /// response. Tells a server that closed a connection it took for idle
+    /// (long idle) from one that closed a busy one (idle 0 ms).
+    pub previous: Option<Previous>,
+}
+
+/// The response before a request on a reused connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Previous {
+    /// From that response's end to this request's start.
+    pub idle: Duration,
+    /// The generation that sent it, if it said.
+    pub generation: Option<u64>,
 }
 
 /// Every request of a run, sorted by start.
@@ -276,6 +290,17 @@ impl Report {
         buckets
     }
 
+    /// The longest a reused connection sat idle before a request was sent
+    /// on it; `None` when no request went out on a reused connection. A
+    /// closed-loop client idles only when its thread does not get the CPU:
+    /// near a server's idle timeout, that is the client's own doing.
+    pub fn longest_idle(&self) -> Option<Duration> {
+        self.samples
+            .iter()
+            .filter_map(|s| s.previous.map(|p| p.idle))
+            .max()
+    }
+
     /// [`Class::Ok`] requests per second over the whole run.
     pub fn ok_per_second(&self) -> f64 {
         if self.elapsed.is_zero() {
@@ -336,6 +361,15 @@ fn describe_failure(s: &Sample) -> String {
         s.latency.as_secs_f64() * 1000.0,
         if s.reused { "reused" } else { "new" },
     );
+    if let Some(previous) = s.previous {
+        text.push_str(&format!(
+            " idle for {:.1}ms",
+            previous.idle.as_secs_f64() * 1000.0
+        ));
+        if let Some(generation) = previous.generation {
+            text.push_str(&format!(" since generation {generation} answered"));
+        }
+    }
     if let Some(status) = s.status {
         text.push_str(&format!(", status {status}"));
     }
@@ -536,7 +570,8 @@ fn client_loop(cfg: &LoadConfig, shared: &Shared, run_start: Instant) -> Vec<Sam
             class: outcome.class,
             status: outcome.status,
             generation: outcome.generation,
-            reused: outcome.reused,
+            reused: outcome.previous.is_some(),
+            previous: outcome.previous,
         });
         if !matches!(outcome.class, Class::Ok | Class::NonSuccess) {
             std::thread::sleep(FAILURE_PAUSE);
@@ -561,7 +596,8 @@ struct Outcome {
     class: Class,
     status: Option<u16>,
     generation: Option<u64>,
-    reused: bool,
+    /// Set on a reused connection.
+    previous: Option<Previous>,
 }
 
 /// Sends one request on `slot`'s connection (connecting first if there is
@@ -581,12 +617,15 @@ fn one_request(
                     class,
                     status: None,
                     generation: None,
-                    reused: false,
+                    previous: None,
                 }
             }
         },
     };
-    let reused = conn.used;
+    let previous = conn.answered.map(|(at, generation)| Previous {
+        idle: Instant::now().saturating_duration_since(at),
+        generation,
+    });
     match conn.exchange(request, deadline) {
         Ok(response) => {
             let class = if (200..300).contains(&response.status) {
@@ -597,13 +636,13 @@ fn one_request(
             if response.close || cfg.mode == Mode::NewConnection {
                 *slot = None;
             } else {
-                conn.used = true;
+                conn.answered = Some((Instant::now(), response.generation));
             }
             Outcome {
                 class,
                 status: Some(response.status),
                 generation: response.generation,
-                reused,
+                previous,
             }
         }
         Err(failure) => {
@@ -612,7 +651,7 @@ fn one_request(
                 class: failure.class,
                 status: failure.status,
                 generation: failure.generation,
-                reused,
+                previous,
             }
         }
     }
@@ -655,8 +694,9 @@ struct Conn {
     stream: TcpStream,
     /// Bytes read but not yet parsed.
     buf: Vec<u8>,
-    /// Whether a response already came back on this connection.
-    used: bool,
+    /// When the last response on this connection ended and which
+    /// generation sent it; `None` until one came back.
+    answered: Option<(Instant, Option<u64>)>,
 }
 
 impl Conn {
@@ -664,7 +704,7 @@ impl Conn {
         Conn {
             stream,
             buf: Vec::new(),
-            used: false,
+            answered: None,
         }
     }
 
@@ -1384,6 +1424,8 @@ mod tests {
             "{second:?}"
         );
         assert!(second.reused);
+        assert_eq!(first.previous, None);
+        assert!(second.previous.is_some(), "{second:?}");
         assert_eq!(report.failed(), 1);
     }
 
@@ -1462,6 +1504,10 @@ mod tests {
             status: None,
             generation: None,
             reused,
+            previous: reused.then_some(Previous {
+                idle: Duration::from_micros(100),
+                generation: Some(3),
+            }),
         }
     }
 
@@ -1479,13 +1525,17 @@ mod tests {
         };
         assert_eq!(report.ok(), 1);
         assert_eq!(report.failed(), 4);
+        assert_eq!(report.longest_idle(), Some(Duration::from_micros(100)));
         let summary = report.failures_summary();
         assert!(
             summary.starts_with("connect_reset=2 eof_before_response=2 ("),
             "{summary}"
         );
         assert!(
-            summary.contains("eof_before_response at 1.234s after 0.2ms on a reused connection"),
+            summary.contains(
+                "eof_before_response at 1.234s after 0.2ms on a reused connection \
+                 idle for 0.1ms since generation 3 answered"
+            ),
             "{summary}"
         );
         assert!(
@@ -1521,6 +1571,7 @@ mod tests {
             vec![(4, 0), (3, 0), (3, 0), (0, 1)]
         );
         assert_eq!(report.ok_per_second(), 2.5);
+        assert_eq!(report.longest_idle(), None);
         assert_eq!(Report::default().latency_quantile(0.5), None);
     }
 
