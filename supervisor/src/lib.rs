@@ -14,7 +14,6 @@ pub mod connections;
 pub mod control;
 pub mod endpoints;
 pub mod exec;
-pub mod exits;
 pub mod fds;
 pub mod fleet;
 pub mod forker;

@@ -1,15 +1,21 @@
 //! The master: one event loop that owns all state. Signals, child exits and
 //! worker messages arrive as events; timers are derived from the state.
 
+mod inbox;
 mod requests;
 mod transactions;
 
+pub use inbox::{forward, forward_worker, Event, Events, Waiter, MESSAGES_PER_SECOND};
+use inbox::{next_event, REQUESTS_IN_A_ROW};
+
+use crate::children::{Exit, Owner};
 use crate::config::{Config, ReadyMode};
-use crate::control::protocol::{Reply, Request};
+use crate::control::protocol::Request;
 use crate::control::ControlSocket;
 use crate::endpoints::Endpoints;
 use crate::fleet::{Fleet, GenerationState};
 use crate::logging::LogHandle;
+use crate::operation::{exit_reason, Exited, ForOperation, ForWorker};
 use crate::operation::{Admission, Ask, Deadline, Expiry, Facts, Operation, Reloads};
 use crate::pidfile::PidFile;
 use crate::probe::Probing;
@@ -17,18 +23,17 @@ use crate::reload::Trigger;
 use crate::scale::ScaleChange;
 use crate::signals::{SignalEvent, Signals};
 use crate::upgrade::exec::ExecState;
-use crate::upgrade::handoff::{NewMessage, OldMessage, Takeover};
+use crate::upgrade::handoff::Takeover;
 use crate::upgrade::lineage::Lineage;
 use crate::upgrade::Program;
 use crate::worker::State;
 use anyhow::Context;
-use baton_wire::channel::{Channel, ChannelError};
 use baton_wire::protocol::WorkerMessage;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// How long workers get between SIGTERM and SIGKILL in a fast stop.
@@ -53,107 +58,45 @@ pub enum Stop {
     Fast,
 }
 
-/// Something a worker's channel said.
-#[derive(Debug)]
-pub enum Event {
-    /// A message, or why it could not be read.
-    Message {
-        /// The worker.
-        pid: Pid,
-        /// What arrived.
-        message: Result<WorkerMessage, ChannelError>,
-    },
-    /// A message from the new master during a binary upgrade.
-    Upgrade {
-        /// What arrived.
-        message: Result<NewMessage, ChannelError>,
-    },
-    /// From the old master, in a new master after an upgrade: `None` when
-    /// the old master is gone.
-    OldMaster {
-        /// What arrived.
-        message: Option<OldMessage>,
-    },
-    /// In a new master after an upgrade: the old master has exited.
-    OldMasterExited,
-    /// A datagram on a generation's notify socket (`ready = "notify"`).
-    Notify {
-        /// The generation.
-        generation: u64,
-        /// What arrived, and from whom.
-        datagram: crate::notify::Datagram,
-    },
-    /// A readiness probe's attempt ended.
-    Probe {
-        /// The generation it probed.
-        generation: u64,
-        /// Passed, or why not.
-        result: Result<(), String>,
-    },
-    /// A worker started off the loop has exec'd, or why it could not.
-    Spawned {
-        /// Its generation.
-        generation: u64,
-        /// Its index.
-        index: u32,
-        /// The child, or why it failed.
-        result: Result<std::process::Child, String>,
-    },
-    /// A reload's configuration, read off the event loop.
-    ConfigLoaded(Box<Result<Config, String>>),
-    /// A request to the admin endpoint, and where its answer goes.
-    Admin {
-        /// What was asked.
-        endpoint: crate::admin::respond::Endpoint,
-        /// The answer channel.
-        reply: oneshot::Sender<crate::admin::respond::Answer>,
-    },
-    /// A request from the control socket, and where its reply goes.
-    Control {
-        /// The request.
-        request: Request,
-        /// The reply channel.
-        reply: oneshot::Sender<Reply>,
-        /// Who asked.
-        from: crate::audit::Requester,
-    },
-}
-
-/// Where a reload's outcome is reported besides the log.
-pub type Waiter = oneshot::Sender<Reply>;
-
-/// The master's whole state.
+/// The master's whole state: twelve owners (see `docs/architecture.md`,
+/// "Who owns what"); the transactions decide, the master does what they
+/// decide (`master/transactions.rs`) and answers requests
+/// (`master/requests.rs`).
 pub struct Master {
-    pub(crate) config: Rc<Config>,
+    /// The configuration in service (switched when a reload commits).
+    config: Rc<Config>,
     /// Every generation and the listeners in service (see
     /// [`crate::fleet`]).
-    pub(crate) fleet: Fleet,
+    fleet: Fleet,
     /// What the master is doing (see [`crate::operation`]).
-    pub(crate) operation: Operation,
+    operation: Operation,
     /// Who waits for the reload under way, the follow-up, the last outcome.
-    pub(crate) reloads: Reloads,
-    pub(crate) log: LogHandle,
-    pub(crate) events: Events,
+    reloads: Reloads,
+    /// The log's filter, file and trace exporter.
+    log: LogHandle,
+    /// The main inbox: workers' messages, spawns, probes, config reads
+    /// (see `master/inbox.rs`).
+    events: Events,
     /// The control socket, the admin endpoint and the pid file (see
     /// [`crate::endpoints`]). Their requests come in inboxes of their own,
     /// served before the main one's events (but for one event after
-    /// [`REQUESTS_IN_A_ROW`] requests in a row), so that a burst of worker
+    /// `REQUESTS_IN_A_ROW` requests in a row), so that a burst of worker
     /// messages does not delay `baton status`; `/healthz` and `/readyz`
     /// before every other request, so that a probe never waits behind
     /// scrapes or CLI requests.
-    pub(crate) endpoints: Endpoints,
-    /// This master's binary, for upgrades.
-    pub(crate) program: Program,
+    endpoints: Endpoints,
+    /// This master's binary and start time, for upgrades and uptime.
+    program: Program,
     /// The masters before and after this one across an upgrade (see
     /// [`crate::upgrade::lineage`]).
-    pub(crate) lineage: Lineage,
+    lineage: Lineage,
     /// The generation whose readiness probes run (see [`crate::probe`]).
-    pub(crate) probing: Option<crate::probe::Probing>,
+    probing: Option<crate::probe::Probing>,
     /// What `/metrics` shows.
-    pub(crate) metrics: crate::metrics::Metrics,
+    metrics: crate::metrics::Metrics,
     /// Every child and what started it, and the reaping still to do (see
     /// [`crate::children`]).
-    pub(crate) children: crate::children::Children,
+    children: crate::children::Children,
 }
 
 /// Runs the master until it stops. Returns an error if generation 1 could not
@@ -335,103 +278,11 @@ pub async fn run(
     Ok(())
 }
 
-/// Requests served in a row before the next event of the main inbox, when
-/// both wait: a flood of requests does not starve the workers' messages.
-const REQUESTS_IN_A_ROW: u32 = 8;
-
-/// The next event of the inboxes, and whether it is a request: the
-/// requests' first (probes, then the rest) when `requests_first`, else the
-/// main inbox's first.
-async fn next_event(
-    inbox: &mut mpsc::UnboundedReceiver<Event>,
-    requests: [&mut mpsc::UnboundedReceiver<Event>; 2],
-    requests_first: bool,
-) -> (bool, Event) {
-    let [probes, requests] = requests;
-    std::future::poll_fn(|cx| {
-        use std::task::Poll;
-        if requests_first {
-            for requests in [&mut *probes, &mut *requests] {
-                if let Poll::Ready(Some(request)) = requests.poll_recv(cx) {
-                    return Poll::Ready((true, request));
-                }
-            }
-        }
-        if let Poll::Ready(Some(event)) = inbox.poll_recv(cx) {
-            return Poll::Ready((false, event));
-        }
-        for requests in [&mut *probes, &mut *requests] {
-            if let Poll::Ready(Some(request)) = requests.poll_recv(cx) {
-                return Poll::Ready((true, request));
-            }
-        }
-        // Every sender lives as long as the master: never closed.
-        Poll::Pending
-    })
-    .await
-}
-
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
-}
-
-/// The event loop's inbox, as the tasks that feed it hold it.
-pub type Events = mpsc::UnboundedSender<Event>;
-
-/// Messages a second the master reads from one channel; a peer sending
-/// more waits on its full socket buffer.
-pub const MESSAGES_PER_SECOND: u64 = 100;
-
-/// Forwards every message on `channel` into the event loop as `wrap(message)`
-/// until the peer is gone (end of file or reset: its exit, reaped, says why),
-/// the channel breaks, or the peer sends what does not decode: that is
-/// forwarded as the last thing it said, since it broke the protocol. At most
-/// [`MESSAGES_PER_SECOND`] are read a second, so that no peer floods the loop.
-pub(crate) fn forward<T>(
-    events: &Events,
-    channel: Arc<Channel>,
-    wrap: impl Fn(Result<T, ChannelError>) -> Event + Send + 'static,
-) -> tokio::task::AbortHandle
-where
-    T: for<'de> serde::Deserialize<'de> + Send + 'static,
-{
-    let events = events.clone();
-    tokio::spawn(async move {
-        let mut window = crate::ratelimit::Window::new(
-            MESSAGES_PER_SECOND,
-            Duration::from_secs(1),
-            Instant::now(),
-        );
-        loop {
-            tokio::time::sleep_until(window.spend(1, Instant::now())).await;
-            let message = match channel.recv::<T>().await {
-                Ok(Some(received)) => Ok(received.message),
-                Ok(None) => return,
-                Err(e) if e.is_peer_gone() => return,
-                Err(e) => Err(e),
-            };
-            let last = message.is_err();
-            if events.send(wrap(message)).is_err() || last {
-                return;
-            }
-        }
-    })
-    .abort_handle()
-}
-
-/// Forwards a worker's channel into the event loop.
-pub(crate) fn forward_worker(
-    events: &Events,
-    pid: Pid,
-    channel: Arc<Channel>,
-) -> tokio::task::AbortHandle {
-    forward(events, channel, move |message| Event::Message {
-        pid,
-        message,
-    })
 }
 
 impl Master {
@@ -754,5 +605,184 @@ impl Master {
             .chain(self.delay_ready_deadline())
             .chain(self.probing.as_ref().map(Probing::deadline))
             .min()
+    }
+}
+
+/// Children reaped per turn of the event loop: the kernel charges the
+/// reaper for the fds an exited child still held, about a millisecond per
+/// thousand.
+const REAP_CHUNK: usize = 2;
+
+/// Child exits: every exited child reaped, its exit handed to what started
+/// it (see [`crate::children`]); a worker's exit done as
+/// [`crate::operation::Summary::on_worker_exit`] decides.
+impl Master {
+    /// Collects every exited child.
+    pub(crate) fn reap(&mut self) {
+        while self.reap_one() {}
+    }
+
+    /// Reaps at most [`REAP_CHUNK`] exited children, and leaves the rest
+    /// for the next turn of the loop
+    /// ([`crate::children::Children::reap_pending`]): reaping a worker
+    /// with many fds takes about a millisecond, and a generation's workers
+    /// all exit at once at the end of a drain.
+    pub(crate) fn reap_some(&mut self) {
+        for _ in 0..REAP_CHUNK {
+            if !self.reap_one() {
+                return self.children.reaped(false);
+            }
+        }
+        self.children.reaped(true);
+    }
+
+    /// Reaps one exited child; false when none was left.
+    fn reap_one(&mut self) -> bool {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                self.on_exit(pid, format!("exit status {code}"), code == 0)
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                self.on_exit(pid, format!("signal {signal}"), false)
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return false,
+            Ok(_) => {}
+        }
+        true
+    }
+
+    /// Child `pid` exited: the exit goes straight to what started it.
+    pub(crate) fn on_exit(&mut self, pid: Pid, status: String, success: bool) {
+        match self.children.take(pid) {
+            Some(Owner::Worker(generation)) => self.worker_exited(generation, pid, status, success),
+            Some(Owner::Probe) => {
+                let probed = self.probing.as_mut().and_then(|p| {
+                    let result = p.exited(pid, &status, success)?;
+                    Some((p.generation, result))
+                });
+                if let Some((generation, result)) = probed {
+                    self.probed(generation, result);
+                }
+            }
+            Some(Owner::Upgrade) => {
+                self.upgrade_child_exited(pid, &status, success);
+            }
+            Some(Owner::Guardian) => {
+                tracing::warn!(pid = pid.as_raw(), %status, "the guardian exited; starting another");
+                self.children.start_guardian();
+                self.guard_every_worker();
+            }
+            // Maybe a worker whose start has not come back to the loop yet.
+            None if self.fleet.spawns_pending() => {
+                self.children.hold(pid, Exit { status, success })
+            }
+            // An orphan re-parented to this subreaper, or a child released.
+            None => {}
+        }
+    }
+
+    /// Worker `pid` of generation `number` exited: what that means is
+    /// decided by `Summary::on_worker_exit` (see [`crate::operation`]), and
+    /// done here.
+    fn worker_exited(&mut self, number: u64, pid: Pid, status: String, success: bool) {
+        self.children.worker_exited(pid);
+        let Some(generation) = self.fleet.get_mut(number) else {
+            return;
+        };
+        let Some(worker) = generation.remove_worker(pid) else {
+            return;
+        };
+        let index = worker.index();
+        let reason = exit_reason(generation.state(), worker.state(), success);
+        tracing::info!(
+            event = "worker.exited",
+            generation = number,
+            worker = index,
+            pid = pid.as_raw(),
+            %status,
+            state = worker.state().name(),
+            "worker exited"
+        );
+        self.metrics.worker_exited(reason);
+        let now = Instant::now();
+        let exited = Exited {
+            generation: generation.state(),
+            draining: matches!(worker.state(), State::Draining { .. } | State::Killed),
+            within: index < generation.processes(),
+            owed_answer: self.operation.in_place().is_some_and(|t| t.owes(pid)),
+            crash_loop: generation.would_crash_loop(index, now),
+        };
+        let reaction = self.operation.summary().on_worker_exit(exited);
+        let what = format!("worker {index} (pid {pid}) exited with {status}");
+        match reaction.operation {
+            ForOperation::Nothing => {}
+            ForOperation::FailReload => {
+                self.new_worker_exited(format!("{what} before it was ready"))
+            }
+            ForOperation::AbortInPlace => {
+                self.abort_in_place_on_exit(pid, format!("{what} while preparing"))
+            }
+            ForOperation::StopWaiting => self.stop_waiting_for(pid),
+            ForOperation::RollBack => self.roll_back_on_exit(&what),
+        }
+        let generation = self.fleet.get_mut(number);
+        match (reaction.worker, generation) {
+            (ForWorker::Forget, _) | (_, None) => {}
+            (ForWorker::StopRespawning, Some(generation)) => {
+                generation.crash_loop(index, now);
+                tracing::error!(
+                    event = "worker.crash_looped",
+                    generation = number,
+                    worker = index,
+                    pid = pid.as_raw(),
+                    crashes = generation.config().worker.crash_loop_limit,
+                    window_ms = generation.config().worker.crash_loop_window.0.as_millis() as u64,
+                    "worker crash loop: not respawned any more; capacity is lost until a reload"
+                );
+            }
+            (ForWorker::Respawn, Some(generation)) => {
+                generation.crash_loop(index, now);
+                let delay = generation.schedule_respawn(&worker);
+                self.metrics.worker_restarted(reason);
+                tracing::warn!(
+                    event = "worker.respawning",
+                    generation = number,
+                    worker = index,
+                    pid = pid.as_raw(),
+                    delay_ms = delay.as_millis() as u64,
+                    "worker died; respawning"
+                );
+            }
+        }
+        self.reap_finished_generations();
+    }
+
+    /// Drops generations that have nothing left to run; their listeners close
+    /// when no other generation holds them.
+    pub(crate) fn reap_finished_generations(&mut self) {
+        let stopping = self.operation.stopping().is_some();
+        let reloading = self.operation.reload().map(|r| r.generation());
+        for retired in self.fleet.retire_finished(reloading, stopping) {
+            if let Some(drained) = retired.drained {
+                self.metrics.drained(drained);
+            }
+            tracing::info!(
+                event = "generation.finished",
+                generation = retired.number,
+                state = retired.state.name(),
+                "generation finished"
+            );
+        }
+    }
+
+    /// Tidies the next ports queued. Not while an upgrade runs (a new
+    /// master may have sockets of its own on the ports, which this one's
+    /// bookkeeping does not know), nor once stopping (everything goes at
+    /// exit; after an upgrade the ports are the new master's).
+    pub(crate) fn tidy_step(&mut self) {
+        if self.operation.upgrade().is_some() || self.operation.stopping().is_some() {
+            return self.fleet.cancel_tidy();
+        }
+        self.fleet.tidy_step();
     }
 }

@@ -20,7 +20,7 @@ use std::fmt;
 use std::time::Duration;
 
 mod worker_exit;
-pub use worker_exit::{Exited, ForOperation, ForWorker, Reaction};
+pub use worker_exit::{exit_reason, Exited, ForOperation, ForWorker, Reaction};
 
 /// The operation under way.
 #[derive(Default)]

@@ -6,10 +6,10 @@
 
 use super::fixtures::*;
 use super::*;
-use crate::exits::exit_reason;
 use crate::fleet::over_drain_cap;
 use crate::fleet::{crash_loop, crashes_in_a_row, respawn_delay, GenerationState};
 use crate::inplace::{answer_verdict, next_move, Answer, Move};
+use crate::operation::exit_reason;
 use crate::reload::Phase;
 use crate::worker::State;
 use baton_wire::protocol::WorkerMessage;

@@ -2,11 +2,12 @@
 //! decision ([`Summary::on_worker_exit`]) from what the master is doing,
 //! the state of the worker's generation and what the worker was doing. It
 //! returns everything that must happen ([`Reaction`]); the driver
-//! (`Master::worker_exited`, in [`crate::exits`]) does it.
+//! (`Master::worker_exited`, in `master.rs`) does it.
 
 use super::Summary;
 use crate::fleet::GenerationState;
 use crate::reload::Phase;
+use crate::worker::State;
 
 /// What the decision knows of an exited worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,5 +92,16 @@ impl Summary {
             _ => ForWorker::Respawn,
         };
         Reaction { operation, worker }
+    }
+}
+
+/// Why a worker exited, as the `baton_worker_exits_total` metric counts it.
+pub fn exit_reason(generation: GenerationState, worker: State, success: bool) -> &'static str {
+    match (generation, worker) {
+        (GenerationState::Starting, _) => "failed_start",
+        (_, State::Killed) => "killed",
+        (_, State::Draining { .. }) => "drained",
+        _ if success => "exited",
+        _ => "crashed",
     }
 }
