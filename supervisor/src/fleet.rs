@@ -21,7 +21,7 @@ use crate::listener::{Listener, Shared};
 use crate::scale::ScaleOverride;
 use crate::worker::State;
 use nix::unistd::Pid;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -521,6 +521,49 @@ pub fn in_service(state: State) -> bool {
 }
 
 impl Fleet {
+    /// A TCP socket of its own on each port of `listeners`, for a new
+    /// generation of workers that are not SDK workers (which stop accepting
+    /// when told to drain), or steered between generations (probes,
+    /// probation, canaries; see [`crate::rollout`]). A port not in service
+    /// yet is steered to the new generation at once: nobody else serves
+    /// it.
+    ///
+    /// The kernel is asked which sockets listen on the ports twice per
+    /// call, before the new sockets are made and after, not twice per
+    /// port.
+    pub fn generation_sockets(&self, listeners: &[Shared]) -> anyhow::Result<Vec<Shared>> {
+        let current: HashSet<*const Listener> = self.listeners.iter().map(Rc::as_ptr).collect();
+        let before = crate::listener::kernel_view(listeners);
+        let made = listeners
+            .iter()
+            .map(|l| Listener::for_generation(l, &before))
+            .collect::<anyhow::Result<Vec<Shared>>>()?;
+        let after = crate::listener::kernel_view(listeners);
+        let sockets: Vec<Shared> = made
+            .into_iter()
+            .map(|socket| Listener::confirm(socket, &after))
+            .collect();
+        for (listener, socket) in listeners.iter().zip(&sockets) {
+            if !current.contains(&Rc::as_ptr(listener)) {
+                socket.steer_here()?;
+            }
+        }
+        Ok(sockets)
+    }
+
+    /// New connections go to the current generation's sockets again (a new
+    /// master that failed may have steered them to its own).
+    pub fn steer_to_current(&self) {
+        let Some(current) = self.current() else {
+            return;
+        };
+        for socket in current.listeners() {
+            if let Err(e) = socket.steer_here() {
+                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections back");
+            }
+        }
+    }
+
     /// Whether workers started off the loop are still to come back, in any
     /// generation (a failed reload's too).
     pub fn spawns_pending(&self) -> bool {

@@ -7,7 +7,7 @@ use crate::fleet::{Fleet, Generation};
 use crate::listener::{Listener, Shared};
 use crate::master::Events;
 use crate::notify::Notifier;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
 use tokio::time::Instant;
@@ -16,36 +16,6 @@ use tokio::time::Instant;
 /// each takes tens of microseconds, plus two looks at the kernel's
 /// listening sockets on the chunk's ports; a few milliseconds in all.
 const BIND_CHUNK: usize = 64;
-
-/// A TCP socket of its own on each port of `listeners`, for a generation of
-/// workers that are not SDK workers (which stop accepting when told to
-/// drain), or steered between generations (probes, probation, canaries; see
-/// [`crate::rollout`]). A port new to this reload (not in `current`) is
-/// steered to the new generation at once: nobody else serves it.
-///
-/// The kernel is asked which sockets listen on the ports twice per call,
-/// before the new sockets are made and after, not twice per port.
-fn generation_sockets(
-    listeners: &[Shared],
-    current: &HashSet<*const Listener>,
-) -> anyhow::Result<Vec<Shared>> {
-    let before = crate::listener::kernel_view(listeners);
-    let made = listeners
-        .iter()
-        .map(|l| Listener::for_generation(l, &before))
-        .collect::<anyhow::Result<Vec<Shared>>>()?;
-    let after = crate::listener::kernel_view(listeners);
-    let sockets: Vec<Shared> = made
-        .into_iter()
-        .map(|socket| Listener::confirm(socket, &after))
-        .collect();
-    for (listener, socket) in listeners.iter().zip(&sockets) {
-        if !current.contains(&Rc::as_ptr(listener)) {
-            socket.steer_here()?;
-        }
-    }
-    Ok(sockets)
-}
 
 impl Reload {
     /// Makes the next [`BIND_CHUNK`] generation sockets of the bind phase
@@ -61,8 +31,11 @@ impl Reload {
         let from = made.len();
         let to = (from + BIND_CHUNK).min(self.listeners.len());
         let chunk = &self.listeners[from..to];
-        let current: HashSet<*const Listener> = fleet.listeners().iter().map(Rc::as_ptr).collect();
-        made.extend(generation_sockets(chunk, &current).map_err(|e| format!("{e:#}"))?);
+        made.extend(
+            fleet
+                .generation_sockets(chunk)
+                .map_err(|e| format!("{e:#}"))?,
+        );
         if to < self.listeners.len() {
             return Ok(None);
         }

@@ -270,13 +270,7 @@ impl Upgrade {
         tracing::error!(event = "upgrade.failed", phase, %reason, child = self.child.as_raw(), "upgrade failed; this master keeps serving");
         let _ = killpg(self.child, Signal::SIGTERM);
         // The new master may have steered new connections to its sockets.
-        if let Some(current) = fleet.current() {
-            for socket in current.listeners() {
-                if let Err(e) = socket.steer_here() {
-                    tracing::error!(error = %format!("{e:#}"), "cannot steer new connections back");
-                }
-            }
-        }
+        fleet.steer_to_current();
         self.phase = Phase::Aborting {
             kill_at: Instant::now() + ABORT_GRACE,
         };
