@@ -17,7 +17,7 @@ use crate::probe::Probing;
 use crate::reload::{Ended, Phase, Reload, Started, Trigger, Validating};
 use crate::rollout::{Cutover, Rollout};
 use crate::upgrade::handoff::NewMessage;
-use crate::upgrade::{ChildExit, Start, Upgrade};
+use crate::upgrade::{Happened, Start, Upgrade, Verdict};
 use baton_wire::channel::ChannelError;
 use baton_wire::protocol::WorkerMessage;
 use nix::unistd::Pid;
@@ -591,31 +591,33 @@ impl Master {
 
     /// A message from the new master.
     pub(crate) fn on_upgrade_message(&mut self, message: Result<NewMessage, ChannelError>) {
-        match message {
-            Ok(NewMessage::Ready {
-                pid,
-                generation,
-                steered,
-            }) => self.complete_upgrade(pid, generation, &steered),
-            Ok(NewMessage::Failed { phase, reason }) => {
+        let happened = match &message {
+            Ok(NewMessage::Ready { .. }) => Happened::Ready,
+            _ => Happened::GaveUp,
+        };
+        let verdict = self.operation.upgrade().map(|u| u.verdict(happened));
+        match (verdict, message) {
+            (
+                Some(Verdict::Commit),
+                Ok(NewMessage::Ready {
+                    pid,
+                    generation,
+                    steered,
+                }),
+            ) => self.complete_upgrade(pid, generation, &steered),
+            (Some(Verdict::Fail), Ok(NewMessage::Failed { phase, reason })) => {
                 self.fail_upgrade(&phase, format!("the new master gave up: {reason}"))
             }
-            Err(e) => {
+            (Some(Verdict::Fail), Err(e)) => {
                 self.fail_upgrade("handshake", format!("bad message from the new master: {e}"))
             }
+            _ => {}
         }
     }
 
     /// The new master serves: hand over the control socket and the pid
     /// file, and drain every generation of this master.
     fn complete_upgrade(&mut self, new_pid: u32, generation: u64, steered: &[String]) {
-        if !self
-            .operation
-            .upgrade()
-            .is_some_and(Upgrade::awaits_new_master)
-        {
-            return;
-        }
         // Release the control socket first: the new master binds it when it
         // hears the handover.
         self.endpoints.hand_over();
@@ -664,19 +666,24 @@ impl Master {
         let Some(upgrade) = self.operation.upgrade_mut() else {
             return;
         };
-        match upgrade.child_exited(status, success) {
-            ChildExit::Exec => self.endpoints.pause_admin(),
-            ChildExit::Failed(phase, reason) => {
+        match upgrade.verdict(Happened::ChildExited { success }) {
+            Verdict::Exec => {
+                upgrade.check_passed();
+                self.endpoints.pause_admin();
+            }
+            Verdict::FailAndEnd => {
                 let in_place = upgrade.in_place();
+                let (phase, reason) = upgrade.exit_reason(status);
                 self.fail_upgrade(phase, reason);
                 if !in_place {
                     tracing::info!(pid = pid.as_raw(), %status, "upgrade child exited");
                 }
                 self.operation.take_upgrade();
             }
-            ChildExit::Gone => {
+            Verdict::End => {
                 self.operation.take_upgrade();
             }
+            _ => {}
         }
     }
 
@@ -730,7 +737,8 @@ impl Master {
     /// exec does not exec (a new image would not know it was stopping),
     /// and the admin endpoint, paused for the exec, serves again.
     pub(crate) fn abandon_upgrade(&mut self) {
-        if self.operation.upgrade().is_some_and(Upgrade::execs) {
+        let verdict = self.operation.upgrade().map(|u| u.verdict(Happened::Stop));
+        if verdict == Some(Verdict::CancelExec) {
             self.operation.take_upgrade();
             tracing::error!(
                 event = "upgrade.failed",
@@ -742,6 +750,8 @@ impl Master {
             self.endpoints.serve_admin();
             return;
         }
-        self.fail_upgrade("handshake", "the old master is stopping".into());
+        if verdict == Some(Verdict::Fail) {
+            self.fail_upgrade("handshake", "the old master is stopping".into());
+        }
     }
 }

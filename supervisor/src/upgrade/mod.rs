@@ -171,15 +171,59 @@ pub struct Start<'a> {
     pub events: &'a Events,
 }
 
-/// What the exit of an upgrade's child means.
-#[derive(Debug)]
-pub enum ChildExit {
-    /// The check passed: the replies are out, the exec is due shortly.
+/// Something that happened to an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Happened {
+    /// The new master says its generation serves.
+    Ready,
+    /// The new master says it gave up, or said what does not decode.
+    GaveUp,
+    /// Its child (the new master, or the new binary's check) exited.
+    ChildExited {
+        /// With status 0.
+        success: bool,
+    },
+    /// The master is stopping.
+    Stop,
+}
+
+/// What an upgrade does about what happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The new master serves: this one hands over and drains.
+    Commit,
+    /// It fails: its child is stopped, new connections are steered back,
+    /// the waiters hear why; the child is killed after a grace.
+    Fail,
+    /// It fails, and is over: its child is gone already.
+    FailAndEnd,
+    /// The check passed: the exec is due (in place).
     Exec,
-    /// The upgrade fails, in this phase, for this reason.
-    Failed(&'static str, String),
-    /// Its exit changes nothing (the upgrade had failed already).
-    Gone,
+    /// The exec does not happen: the master stops instead.
+    CancelExec,
+    /// Its failed child is gone: the upgrade is over.
+    End,
+    /// Nothing to do.
+    Ignore,
+}
+
+/// The one decision of an upgrade: what it does about what `happened`,
+/// by how it takes over (`in_place`: the master re-executes; else a new
+/// master as a child) and where it is (`phase`).
+fn verdict(in_place: bool, phase: &Phase, happened: Happened) -> Verdict {
+    let waiting = matches!(phase, Phase::Waiting { .. });
+    match (happened, in_place, waiting) {
+        (Happened::Ready, false, true) => Verdict::Commit,
+        (Happened::Ready, _, _) => Verdict::Ignore,
+        (Happened::GaveUp, _, true) => Verdict::Fail,
+        (Happened::GaveUp, _, false) => Verdict::Ignore,
+        (Happened::ChildExited { success: true }, true, true) => Verdict::Exec,
+        (Happened::ChildExited { .. }, _, true) => Verdict::FailAndEnd,
+        (Happened::ChildExited { .. }, _, false) => Verdict::End,
+        (Happened::Stop, _, true) => Verdict::Fail,
+        (Happened::Stop, _, false) if matches!(phase, Phase::Exec { .. }) => Verdict::CancelExec,
+        (Happened::Stop, _, false) => Verdict::Ignore,
+    }
 }
 
 impl Upgrade {
@@ -218,22 +262,9 @@ impl Upgrade {
         matches!(self.kind, Kind::InPlace { .. })
     }
 
-    /// Whether its exec is due (an in-place upgrade whose check passed).
-    pub fn execs(&self) -> bool {
-        matches!(self.phase, Phase::Exec { .. })
-    }
-
-    /// Whether it waits for a new master to be ready.
-    pub fn awaits_new_master(&self) -> bool {
-        matches!(
-            (&self.kind, &self.phase),
-            (Kind::Child { .. }, Phase::Waiting { .. })
-        )
-    }
-
-    /// The new master `new_pid` serves `generation` (it
-    /// [`Upgrade::awaits_new_master`]): the upgrade commits. The new master
-    /// is told to take over, and the waiters hear it.
+    /// The new master `new_pid` serves `generation` (see
+    /// [`Verdict::Commit`]): the upgrade commits. The new master is told to
+    /// take over, and the waiters hear it.
     pub fn commit(&mut self, new_pid: u32, generation: u64) {
         let Kind::Child { channel, .. } = &self.kind else {
             return;
@@ -294,31 +325,40 @@ impl Upgrade {
             .map(|m| m.message)
     }
 
-    /// Its child exited with `status`.
-    pub fn child_exited(&mut self, status: &str, success: bool) -> ChildExit {
-        let waiting = matches!(self.phase, Phase::Waiting { .. });
+    /// What it does about what `happened`: see [`verdict`].
+    pub fn verdict(&self, happened: Happened) -> Verdict {
+        verdict(self.in_place(), &self.phase, happened)
+    }
+
+    /// Why it fails now that its child exited with `status` (the check's
+    /// output, in place).
+    pub fn exit_reason(&mut self, status: &str) -> (&'static str, String) {
         let Kind::InPlace { output, .. } = &mut self.kind else {
-            return ChildExit::Failed(
+            return (
                 "start",
                 format!("the new master exited with {status} before it was ready"),
             );
         };
-        if !waiting {
-            return ChildExit::Gone;
-        }
         // The check has exited, so its whole output is in the pipe.
         let mut text = String::new();
         let _ = std::io::Read::read_to_string(output, &mut text);
-        if !success {
-            return ChildExit::Failed(
-                "check",
-                format!(
-                    "the new binary rejected the config ({status}): {}",
-                    text.trim()
-                ),
-            );
+        (
+            "check",
+            format!(
+                "the new binary rejected the config ({status}): {}",
+                text.trim()
+            ),
+        )
+    }
+
+    /// In place: the check passed. The waiters hear it, and the exec is
+    /// due once their replies are written.
+    pub fn check_passed(&mut self) {
+        if let Kind::InPlace { output, .. } = &mut self.kind {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(output, &mut text);
+            tracing::info!(output = %text.trim(), "the new binary accepted the config; re-executing in place");
         }
-        tracing::info!(output = %text.trim(), "the new binary accepted the config; re-executing in place");
         let reply = serde_json::json!({
             "mode": "exec",
             "old_pid": std::process::id(),
@@ -336,7 +376,6 @@ impl Upgrade {
         self.phase = Phase::Exec {
             at: Instant::now() + Duration::from_millis(100),
         };
-        ChildExit::Exec
     }
 
     /// The new binary, to exec (in place).
@@ -478,6 +517,61 @@ fn open_executable(path: &Path) -> anyhow::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const CHILD: bool = false;
+    const IN_PLACE: bool = true;
+    const OK: Happened = Happened::ChildExited { success: true };
+    const FAILED: Happened = Happened::ChildExited { success: false };
+
+    fn waiting() -> Phase {
+        Phase::Waiting {
+            deadline: Instant::now(),
+        }
+    }
+
+    fn exec() -> Phase {
+        Phase::Exec { at: Instant::now() }
+    }
+
+    fn aborting() -> Phase {
+        Phase::Aborting {
+            kill_at: Instant::now(),
+        }
+    }
+
+    macro_rules! verdicts {
+        ($($name:ident: $in_place:expr, $phase:expr, $happened:expr => $expected:expr;)*) => {$(
+            #[test]
+            fn $name() {
+                assert_eq!(verdict($in_place, &$phase, $happened), $expected);
+            }
+        )*};
+    }
+
+    use Happened::{GaveUp, Ready, Stop};
+    use Verdict::{CancelExec, Commit, End, Exec, Fail, FailAndEnd, Ignore};
+
+    verdicts! {
+        new_master_ready_while_waiting_commits: CHILD, waiting(), Ready => Commit;
+        new_master_ready_after_it_failed_is_ignored: CHILD, aborting(), Ready => Ignore;
+        new_master_giving_up_while_waiting_fails: CHILD, waiting(), GaveUp => Fail;
+        new_master_giving_up_after_it_failed_is_ignored: CHILD, aborting(), GaveUp => Ignore;
+        new_master_exiting_before_ready_fails_and_ends: CHILD, waiting(), OK => FailAndEnd;
+        new_master_crashing_before_ready_fails_and_ends: CHILD, waiting(), FAILED => FailAndEnd;
+        failed_new_master_exiting_ends_the_upgrade: CHILD, aborting(), FAILED => End;
+        stop_while_waiting_for_the_new_master_fails: CHILD, waiting(), Stop => Fail;
+        stop_while_a_failed_new_master_is_stopped_changes_nothing: CHILD, aborting(), Stop => Ignore;
+
+        check_passing_schedules_the_exec: IN_PLACE, waiting(), OK => Exec;
+        check_rejecting_the_config_fails_and_ends: IN_PLACE, waiting(), FAILED => FailAndEnd;
+        check_exiting_after_it_timed_out_ends: IN_PLACE, aborting(), FAILED => End;
+        ready_is_no_message_an_in_place_upgrade_hears: IN_PLACE, waiting(), Ready => Ignore;
+        a_bad_message_in_place_while_waiting_fails: IN_PLACE, waiting(), GaveUp => Fail;
+        stop_while_the_check_runs_fails: IN_PLACE, waiting(), Stop => Fail;
+        stop_before_the_exec_cancels_it: IN_PLACE, exec(), Stop => CancelExec;
+        nothing_said_before_the_exec_matters: IN_PLACE, exec(), GaveUp => Ignore;
+        stop_while_a_failed_check_is_stopped_changes_nothing: IN_PLACE, aborting(), Stop => Ignore;
+    }
 
     #[test]
     fn a_fifo_at_the_binary_path_is_refused_at_once() {
