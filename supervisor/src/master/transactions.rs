@@ -22,9 +22,7 @@ use baton_wire::channel::ChannelError;
 use baton_wire::protocol::WorkerMessage;
 use nix::unistd::Pid;
 use std::rc::Rc;
-use std::time::Duration;
 use tokio::time::Instant;
-use tracing::Span;
 
 impl Master {
     /// Records how a transaction ended (see [`crate::operation::Reloads::record`]), lets go
@@ -119,7 +117,8 @@ impl Master {
                             tracing::info!(event = "reload.started", "reload started")
                         });
                         crate::sd_notify::reloading(number);
-                        return self.begin_in_place(
+                        let begun = InPlace::begin(
+                            &mut self.fleet,
                             trigger,
                             request.requested_by,
                             number,
@@ -127,6 +126,12 @@ impl Master {
                             span,
                             started.elapsed(),
                         );
+                        return match begun {
+                            Started::Running(transaction) => {
+                                self.operation.begin(Operation::InPlace(transaction))
+                            }
+                            Started::Ended(ended) => self.end(ended),
+                        };
                     }
                     Err(reason) if mode == Mode::InPlace => {
                         return self.end(Ended {
@@ -425,33 +430,6 @@ impl Master {
             .and_then(|(rollout, probing)| rollout.probes_failed(probing));
         if let Some(reason) = reason {
             self.roll_back(&reason);
-        }
-    }
-
-    /// Starts the in-place reload of generation `number` to `config` (see
-    /// [`crate::inplace`]).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn begin_in_place(
-        &mut self,
-        trigger: Trigger,
-        requested_by: Option<crate::audit::Requester>,
-        number: u64,
-        config: Rc<Config>,
-        span: Span,
-        validated: Duration,
-    ) {
-        let begun = InPlace::begin(
-            &mut self.fleet,
-            trigger,
-            requested_by,
-            number,
-            config,
-            span,
-            validated,
-        );
-        match begun {
-            Started::Running(transaction) => self.operation.begin(Operation::InPlace(transaction)),
-            Started::Ended(ended) => self.end(ended),
         }
     }
 
