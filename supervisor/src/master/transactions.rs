@@ -25,10 +25,11 @@ use std::rc::Rc;
 use tokio::time::Instant;
 
 impl Master {
-    /// Records how a transaction ended (see [`crate::operation::Reloads::record`]), lets go
-    /// of the generations it finished, and starts the coalesced follow-up
-    /// once nothing runs (not when the transaction handed over to a
-    /// probation, nor during a stop).
+    /// Records how a transaction ended (see
+    /// [`crate::operation::Reloads::record`]), lets go of the generations
+    /// it finished, and starts the coalesced follow-up once nothing runs
+    /// (not when the transaction handed over to a probation, nor during a
+    /// stop).
     pub(crate) fn end(&mut self, ended: Ended) {
         // Not from a new master started by an upgrade, which is not
         // systemd's main pid yet (the old one announces it with MAINPID= at
@@ -382,7 +383,7 @@ impl Master {
     }
 
     /// At commit: probation when the reload asks for it, else it settles.
-    pub(crate) fn cut_over(&mut self, reload: crate::reload::Reload) {
+    pub(crate) fn cut_over(&mut self, reload: Reload) {
         match Rollout::begin(reload, &mut self.fleet) {
             Cutover::Probation(rollout) => self.operation.begin(Operation::Probation(rollout)),
             Cutover::Settle(reload) => self.settle(reload),
