@@ -594,7 +594,12 @@ fn run(path: &Path) -> anyhow::Result<()> {
             .enable_all()
             .build()
             .context("starting the event loop")?;
-        runtime.block_on(master(&path, program))
+        let result = runtime.block_on(master(&path, program));
+        // Dropping a runtime waits for its blocking tasks without end: a
+        // config read or a `baton status` listing stuck in the kernel must
+        // not keep a master that is done from exiting.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+        result
     })
 }
 
