@@ -527,19 +527,7 @@ impl Master {
         self.advance_reload();
         self.advance_in_place();
         self.fleet.kill_unanswered(Instant::now());
-        if let Some(probing) = &mut self.probing {
-            let result = match self.fleet.get(probing.generation) {
-                Some(g) => probing.tick(Instant::now(), g, &self.events, &mut self.children),
-                None => {
-                    self.probing = None;
-                    None
-                }
-            };
-            if let Some((result, generation)) = result.zip(self.probing.as_ref()) {
-                let generation = generation.generation;
-                self.probed(generation, result);
-            }
-        }
+        self.probe_tick();
         let now = Instant::now();
         let spawning = self
             .operation
@@ -556,6 +544,23 @@ impl Master {
                 && held != Some(generation.number());
             let killed = generation.tick(now, respawn, &self.events, &mut self.children);
             self.metrics.killed_at_drain_deadline.inc_by(killed);
+        }
+    }
+
+    /// Starts a probe attempt when one is due; one past its deadline, or
+    /// unable to start, ends here.
+    fn probe_tick(&mut self) {
+        let Some(probing) = &mut self.probing else {
+            return;
+        };
+        let number = probing.generation;
+        let Some(generation) = self.fleet.get(number) else {
+            self.probing = None;
+            return;
+        };
+        let now = Instant::now();
+        if let Some(result) = probing.tick(now, generation, &self.events, &mut self.children) {
+            self.probed(number, result);
         }
     }
 
