@@ -5,7 +5,7 @@
 //! its generation takes it in (spawned, respawned, or adopted from the
 //! image before an exec upgrade), an exec probe where its attempt starts,
 //! an upgrade's new master or check where the upgrade starts it, the
-//! guardian where it starts. Its entry is taken out when its exit is
+//! keeper where it starts. Its entry is taken out when its exit is
 //! reaped. A pid is not reused before its exit is reaped, so an entry
 //! names one process.
 //!
@@ -15,11 +15,11 @@
 //! while such spawns are pending, the exit of a pid nobody registered is
 //! held, for the spawn to claim.
 //!
-//! The guardian (see [`crate::guardian`]) is a child too, and the one that
+//! The keeper (see [`crate::keeper`]) is a child too, and the one that
 //! watches every worker for the case this master is killed: a worker
 //! started here is watched from the moment it is registered.
 
-use crate::guardian::Guardian;
+use crate::keeper::{Budget, Keeper};
 use nix::unistd::Pid;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,8 +33,8 @@ pub enum Owner {
     Probe,
     /// An upgrade's new master (or the new binary checking the config).
     Upgrade,
-    /// The guardian (see [`crate::guardian`]).
-    Guardian,
+    /// The keeper (see [`crate::keeper`]).
+    Keeper,
 }
 
 /// How a child ended.
@@ -57,48 +57,77 @@ pub struct Children {
     /// Exited children may wait to be reaped.
     reap_pending: bool,
     /// Kills the workers a killed master leaves behind.
-    guardian: Option<Guardian>,
+    keeper: Option<Keeper>,
 }
 
 impl Children {
-    /// Starts a guardian (a new one replaces one told to exit before an
-    /// exec that failed: that one is nobody's now); without one, a master
-    /// killed with `SIGKILL` may leave workers that ignore its death.
-    pub fn start_guardian(&mut self) {
-        if let Some(old) = self.guardian.take() {
-            self.release(old.pid());
+    /// Starts a keeper (a new one replaces one told to exit before an
+    /// exec that failed: that one is nobody's now), or, in a master a
+    /// keeper started, greets that one (`attach`, its channel). When its
+    /// channel ends, `events` gets [`crate::master::Event::KeeperGone`].
+    pub fn start_keeper(
+        &mut self,
+        attach: Option<std::os::fd::OwnedFd>,
+        budget: Option<Budget>,
+        events: &crate::master::Events,
+    ) {
+        if let Some(old) = self.keeper.take() {
+            if let Some(pid) = old.pid() {
+                self.release(pid);
+            }
         }
-        self.guardian = match Guardian::start() {
-            Ok(guardian) => {
-                self.register(guardian.pid(), Owner::Guardian);
-                Some(guardian)
+        let keeper = match attach {
+            Some(fd) => Keeper::attach(fd, budget),
+            None => Keeper::start(budget),
+        };
+        self.keeper = match keeper {
+            Ok(keeper) => {
+                if let Some(pid) = keeper.pid() {
+                    self.register(pid, Owner::Keeper);
+                }
+                let events = events.clone();
+                keeper.on_gone(move || {
+                    let _ = events.send(crate::master::Event::KeeperGone);
+                });
+                Some(keeper)
             }
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "cannot start the guardian: workers that ignore drain may outlive a killed master");
+                tracing::error!(error = %format!("{e:#}"), "cannot start the keeper: workers will not outlive this master");
                 None
             }
         };
     }
 
-    /// The guardian, if one runs.
-    pub fn guardian(&self) -> Option<&Guardian> {
-        self.guardian.as_ref()
+    /// The keeper, if one runs.
+    pub fn keeper(&self) -> Option<&Keeper> {
+        self.keeper.as_ref()
+    }
+
+    /// The keeper, to tell it something.
+    pub fn keeper_mut(&mut self) -> Option<&mut Keeper> {
+        self.keeper.as_mut()
     }
 
     /// Worker `pid` of `generation` was started: registered, and watched by
-    /// the guardian, which kills it `drain_timeout` after this master's
-    /// death.
-    pub fn worker_started(&mut self, pid: Pid, generation: u64, drain_timeout: Duration) {
-        if let Some(guardian) = &self.guardian {
-            guardian.watch(pid, drain_timeout);
+    /// the keeper, which stops it if this master dies and no other adopts
+    /// it.
+    pub fn worker_started(
+        &mut self,
+        pid: Pid,
+        generation: u64,
+        drain_timeout: Duration,
+        stop_signal: nix::sys::signal::Signal,
+    ) {
+        if let Some(keeper) = &mut self.keeper {
+            keeper.watch(pid, drain_timeout, stop_signal);
         }
         self.register(pid, Owner::Worker(generation));
     }
 
-    /// Worker `pid` exited: the guardian stops watching it.
+    /// Worker `pid` exited: the keeper stops watching it.
     pub fn worker_exited(&mut self, pid: Pid) {
-        if let Some(guardian) = &self.guardian {
-            guardian.forget(pid);
+        if let Some(keeper) = &mut self.keeper {
+            keeper.forget(pid);
         }
     }
 
@@ -118,7 +147,7 @@ impl Children {
         self.owners.remove(&pid)
     }
 
-    /// No owner waits for `pid`'s exit any more (a guardian told to exit
+    /// No owner waits for `pid`'s exit any more (a keeper told to exit
     /// and replaced): it will be reaped as a stranger.
     pub fn release(&mut self, pid: Pid) {
         self.owners.remove(&pid);
@@ -180,11 +209,11 @@ mod tests {
         children.register(pid(100), Owner::Worker(3));
         children.register(pid(101), Owner::Probe);
         children.register(pid(102), Owner::Upgrade);
-        children.register(pid(103), Owner::Guardian);
+        children.register(pid(103), Owner::Keeper);
         assert_eq!(children.owner(pid(100)), Some(Owner::Worker(3)));
         assert_eq!(children.take(pid(101)), Some(Owner::Probe));
         assert_eq!(children.take(pid(102)), Some(Owner::Upgrade));
-        assert_eq!(children.take(pid(103)), Some(Owner::Guardian));
+        assert_eq!(children.take(pid(103)), Some(Owner::Keeper));
         assert_eq!(children.take(pid(100)), Some(Owner::Worker(3)));
         // Reaped: the entry is gone.
         assert_eq!(children.take(pid(100)), None);
@@ -211,11 +240,11 @@ mod tests {
     #[test]
     fn a_released_child_exits_as_a_stranger() {
         let mut children = Children::default();
-        children.register(pid(7), Owner::Guardian);
-        children.register(pid(8), Owner::Guardian);
+        children.register(pid(7), Owner::Keeper);
+        children.register(pid(8), Owner::Keeper);
         children.release(pid(7));
         assert_eq!(children.take(pid(7)), None);
-        assert_eq!(children.take(pid(8)), Some(Owner::Guardian));
+        assert_eq!(children.take(pid(8)), Some(Owner::Keeper));
     }
 
     #[test]

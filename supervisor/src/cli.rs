@@ -583,6 +583,10 @@ pub(crate) fn process_alive(pid: i32) -> bool {
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {
+    // A master the keeper started inherited the signals it ignores.
+    if std::env::var_os(crate::keeper::FDS_ENV).is_some() {
+        crate::keeper::restore_signals();
+    }
     let program = Program::current();
     crate::fds::close_on_exec_inherited().context("marking inherited fds close-on-exec")?;
     crate::fds::raise_nofile();
@@ -610,22 +614,29 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
     // a config it rejects is reported back to it.
     let takeover = Takeover::receive_from_env().await?;
     let exec_state = crate::upgrade::exec::take_state_from_env()?;
+    // Started by the keeper: the workers of a master that died, and the
+    // configuration they run.
+    let adoption = crate::adopt::Adoption::take_from_env()?;
     // A fresh start may come with sockets from systemd; an upgraded
     // master gets the listeners from the old one instead (and an
     // in-place one still sees the variables, with its pid).
-    let activated = match (&takeover, &exec_state) {
-        (None, None) => crate::activation::take_from_env()?,
+    let activated = match (&takeover, &exec_state, &adoption) {
+        (None, None, None) => crate::activation::take_from_env()?,
         _ => Vec::new(),
     };
-    let config = match Config::load(path) {
-        Ok(config) => config,
-        Err(e) => {
-            if let Some(takeover) = &takeover {
-                takeover.fail("config", &e.to_string());
+    let running = adoption
+        .as_ref()
+        .and_then(|a| a.config(&std::path::absolute(path).unwrap_or_else(|_| path.into())));
+    let config =
+        match running.map_or_else(|| Config::load(path).map_err(anyhow::Error::from), |c| c) {
+            Ok(config) => config,
+            Err(e) => {
+                if let Some(takeover) = &takeover {
+                    takeover.fail("config", &e.to_string());
+                }
+                return Err(e);
             }
-            return Err(e.into());
-        }
-    };
+        };
     let log = match crate::logging::init(
         &config.supervisor.log_filter,
         config.supervisor.log_format,
@@ -642,10 +653,11 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    let origin = match (takeover, exec_state) {
-        (Some(takeover), _) => Origin::Takeover(takeover),
-        (None, Some(state)) => Origin::Exec(state),
-        (None, None) => Origin::Fresh(activated),
+    let origin = match (takeover, exec_state, adoption) {
+        (Some(takeover), _, _) => Origin::Takeover(takeover),
+        (None, Some(state), _) => Origin::Exec(state),
+        (None, None, Some(adoption)) => Origin::Adopted(Box::new(adoption)),
+        (None, None, None) => Origin::Fresh(activated),
     };
     let result = crate::master::run(config, log, program, origin).await;
     if let Err(e) = &result {

@@ -50,6 +50,9 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// `[worker] app_config`, read, and the config version.
     pub app: AppFiles,
+    /// The text it was parsed from (what a master adopting this one's
+    /// workers parses again: see [`crate::adopt`]).
+    pub text: std::sync::Arc<str>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +99,10 @@ pub struct SupervisorConfig {
     /// What SIGTERM asks of the master.
     #[serde(default)]
     pub sigterm: SigtermMode,
+    /// How many deaths of the master its keeper survives by starting
+    /// another (`"10 in 1m"`, the default), or `"off"`.
+    #[serde(default)]
+    pub master_restarts: MasterRestarts,
     /// The admin endpoint (`/metrics`, `/healthz`, `/readyz`, `/status`):
     /// `IP:PORT` or `unix:PATH`; off when unset.
     #[serde(default, deserialize_with = "de_admin")]
@@ -255,11 +262,62 @@ impl Default for SupervisorConfig {
             upgrade: UpgradeMode::default(),
             max_draining_generations: default_max_draining_generations(),
             sigterm: SigtermMode::default(),
+            master_restarts: MasterRestarts::default(),
             admin: None,
             otlp_endpoint: None,
             otlp_export_timeout: default_otlp_export_timeout(),
             otlp_flush_timeout: default_otlp_flush_timeout(),
         }
+    }
+}
+
+/// `[supervisor] master_restarts`: `"N in DURATION"` or `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MasterRestarts(pub Option<crate::keeper::Budget>);
+
+impl Default for MasterRestarts {
+    fn default() -> Self {
+        MasterRestarts(Some(crate::keeper::Budget {
+            restarts: 10,
+            window: Duration::from_secs(60),
+        }))
+    }
+}
+
+impl std::str::FromStr for MasterRestarts {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "off" {
+            return Ok(MasterRestarts(None));
+        }
+        let wrong = || {
+            format!(
+                "master_restarts: expected \"N in DURATION\" (\"10 in 1m\") or \"off\", got {s:?}"
+            )
+        };
+        let (count, window) = s.split_once(" in ").ok_or_else(wrong)?;
+        let restarts: u32 = count.trim().parse().map_err(|_| wrong())?;
+        let window =
+            duration::parse_duration(window.trim()).map_err(|e| format!("master_restarts: {e}"))?;
+        if restarts == 0 {
+            return Ok(MasterRestarts(None));
+        }
+        if window.is_zero() {
+            return Err(format!("master_restarts: the window of {s:?} is zero"));
+        }
+        Ok(MasterRestarts(Some(crate::keeper::Budget {
+            restarts,
+            window,
+        })))
+    }
+}
+
+impl<'de> Deserialize<'de> for MasterRestarts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -634,6 +692,16 @@ impl Config {
 
     /// Parses and validates `text` as if read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(path, text, None)
+    }
+
+    /// As [`Config::parse`], with the `app_config` files given (as a
+    /// generation runs them) instead of read.
+    pub fn parse_with(
+        path: &Path,
+        text: &str,
+        app: Option<AppFiles>,
+    ) -> Result<Config, ConfigError> {
         let error_at = |span: Option<std::ops::Range<usize>>, message: String| ConfigError {
             path: path.to_path_buf(),
             location: span.map(|s| line_col(text, s.start)),
@@ -707,7 +775,10 @@ impl Config {
             worker.command[0] = dir.join(&worker.command[0]).display().to_string();
         }
         worker.cwd = Some(dir.join(worker.cwd.as_deref().unwrap_or(Path::new("."))));
-        let app = AppFiles::read(path, dir, &worker.app_config, &format!("{worker:?}"))?;
+        let app = match app {
+            Some(app) => app,
+            None => AppFiles::read(path, dir, &worker.app_config, &format!("{worker:?}"))?,
+        };
         let hash = Sha256::digest(text.as_bytes())
             .iter()
             .take(6)
@@ -720,6 +791,7 @@ impl Config {
             listeners,
             worker,
             app,
+            text: text.into(),
         })
     }
 

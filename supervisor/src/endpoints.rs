@@ -44,6 +44,16 @@ impl Endpoints {
         self.control.is_some()
     }
 
+    /// The listening sockets a master adopting this one's workers gets
+    /// (see [`crate::adopt`]): the control socket's and the admin
+    /// endpoint's fds.
+    pub fn kept_fds(&self) -> (Option<std::os::fd::RawFd>, Option<std::os::fd::RawFd>) {
+        (
+            self.control.as_ref().map(ControlSocket::fd),
+            self.admin.as_ref().map(|a| a.fd().as_raw_fd()),
+        )
+    }
+
     /// Starts answering on the admin endpoint, if there is one.
     pub fn serve_admin(&mut self) {
         if let Some(admin) = &mut self.admin {

@@ -66,6 +66,11 @@ pub struct Plan {
     pub death_signal: Option<Signal>,
     /// Pipe stdout and stderr to the master instead of inheriting them.
     pub capture_output: bool,
+    /// Run this file, with `command` as the arguments (`argv[0]` too),
+    /// instead of looking `command[0]` up.
+    pub exe: Option<PathBuf>,
+    /// In a process group of its own (a worker), or in the parent's.
+    pub process_group: bool,
 }
 
 /// What the child was doing when it failed, reported through the pipe.
@@ -88,7 +93,10 @@ pub fn spawn(plan: Plan) -> anyhow::Result<std::process::Child> {
     if let Some(cwd) = &plan.cwd {
         check_cwd(cwd)?;
     }
-    let program = resolve_program(&plan.command[0], &plan.env, plan.cwd.as_deref())?;
+    let program = match &plan.exe {
+        Some(exe) => exe.clone(),
+        None => resolve_program(&plan.command[0], &plan.env, plan.cwd.as_deref())?,
+    };
     let (error_read, error_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating the exec-error pipe")?;
     let mut env: Vec<CString> = Vec::with_capacity(plan.env.len());
@@ -142,7 +150,9 @@ pub fn spawn(plan: Plan) -> anyhow::Result<std::process::Child> {
     }
     // Its own process group: a terminal's Ctrl-C reaches only the master,
     // and the master can signal a worker with everything it started.
-    command.process_group(0);
+    if plan.process_group {
+        command.process_group(0);
+    }
     // SAFETY: the closure runs in the child between fork and exec. It only
     // calls async-signal-safe functions (fcntl, dup2, setrlimit, setgroups,
     // setgid, setuid, prctl, getppid, getpid, execve, write, _exit) and

@@ -73,3 +73,14 @@ pub fn hand_nofile_to(command: &mut std::process::Command) {
         command.env(NOFILE_ENV, soft.to_string());
     }
 }
+
+/// Sets or clears `FD_CLOEXEC` on `fd`.
+pub fn set_cloexec(fd: std::os::fd::RawFd, on: bool) -> std::io::Result<()> {
+    let flags = if on {
+        nix::fcntl::FdFlag::FD_CLOEXEC
+    } else {
+        nix::fcntl::FdFlag::empty()
+    };
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags))?;
+    Ok(())
+}

@@ -5,6 +5,7 @@
 
 pub mod activation;
 pub mod admin;
+pub mod adopt;
 pub mod audit;
 pub mod check;
 pub mod children;
@@ -17,8 +18,8 @@ pub mod exec;
 pub mod fds;
 pub mod fleet;
 pub mod forker;
-pub mod guardian;
 pub mod inplace;
+pub mod keeper;
 pub mod listener;
 pub mod logging;
 pub mod master;

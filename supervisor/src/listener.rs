@@ -13,7 +13,7 @@ use nix::sys::socket::{
 };
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 
@@ -338,6 +338,12 @@ impl Listener {
             }
         }
         !strangers
+    }
+
+    /// The port group's member sockets as this master holds them, and the
+    /// one steered to; `None` without a group.
+    pub fn member_fds(&self) -> Option<(Vec<RawFd>, Option<usize>)> {
+        self.group.borrow().as_ref().map(Group::member_fds)
     }
 
     /// The port group as handed to another master; `None` without one.

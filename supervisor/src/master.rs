@@ -2,6 +2,7 @@
 //! worker messages arrive as events; timers are derived from the state.
 
 mod inbox;
+mod keeping;
 mod requests;
 mod transactions;
 
@@ -47,6 +48,9 @@ pub enum Origin {
     Takeover(Takeover),
     /// Re-executed in place by an upgrade.
     Exec(ExecState),
+    /// Started by the keeper to adopt the workers of a master that died
+    /// (see [`crate::adopt`]).
+    Adopted(Box<crate::adopt::Adoption>),
 }
 
 /// How the master is stopping.
@@ -107,10 +111,11 @@ pub async fn run(
     program: Program,
     origin: Origin,
 ) -> anyhow::Result<()> {
-    let (takeover, exec_state, activated) = match origin {
-        Origin::Fresh(activated) => (None, None, activated),
-        Origin::Takeover(takeover) => (Some(takeover), None, Vec::new()),
-        Origin::Exec(state) => (None, Some(state), Vec::new()),
+    let (takeover, exec_state, activated, mut adoption) = match origin {
+        Origin::Fresh(activated) => (None, None, activated, None),
+        Origin::Takeover(takeover) => (Some(takeover), None, Vec::new(), None),
+        Origin::Exec(state) => (None, Some(state), Vec::new(), None),
+        Origin::Adopted(adoption) => (None, None, Vec::new(), Some(adoption)),
     };
     let (events, mut inbox) = mpsc::unbounded_channel();
     let (requests, mut requests_inbox) = mpsc::unbounded_channel();
@@ -136,7 +141,12 @@ pub async fn run(
     // config stops here, before it touches anything. A new master started by
     // an upgrade takes it (and the pid file) over at the handover.
     let (control, pid_file) = if takeover.is_none() {
-        let mut control = ControlSocket::bind(&config.supervisor.control_socket)?;
+        // A master that died left its socket, with the requests sent
+        // meanwhile in its queue.
+        let mut control = match adoption.as_mut().and_then(|a| a.control.take()) {
+            Some(fd) => ControlSocket::adopt(fd, &config.supervisor.control_socket)?,
+            None => ControlSocket::bind(&config.supervisor.control_socket)?,
+        };
         control.serve(requests.clone())?;
         let pid_file = config
             .supervisor
@@ -150,10 +160,11 @@ pub async fn run(
     };
     // Inherited from the previous master at an upgrade, or bound now; a new
     // master of a child-mode upgrade serves it once the old one hands over.
-    let admin = match (
-        crate::admin::AdminSocket::inherited(config.supervisor.admin.as_ref()),
-        &config.supervisor.admin,
-    ) {
+    let inherited = match adoption.as_mut().and_then(|a| a.admin.take()) {
+        Some(fd) => crate::admin::AdminSocket::adopt(fd, config.supervisor.admin.as_ref()),
+        None => crate::admin::AdminSocket::inherited(config.supervisor.admin.as_ref()),
+    };
+    let admin = match (inherited, &config.supervisor.admin) {
         (Some(admin), _) => Some(admin),
         (None, Some(address)) => Some(crate::admin::AdminSocket::bind(address).map_err(told)?),
         (None, None) => None,
@@ -180,7 +191,12 @@ pub async fn run(
     if takeover.is_none() {
         master.endpoints.serve_admin();
     }
-    master.children.start_guardian();
+    let budget = master.config.supervisor.master_restarts.0;
+    master.children.start_keeper(
+        adoption.as_mut().and_then(|a| a.keeper.take()),
+        budget,
+        &master.events,
+    );
     if let Some(takeover) = takeover {
         let (fleet, events) = (&mut master.fleet, &master.events);
         master.lineage.take_over(takeover, fleet, events);
@@ -206,10 +222,16 @@ pub async fn run(
     } else {
         Trigger::Start
     };
-    master.begin_reload(
-        crate::operation::ReloadRequest::new(first, None),
-        Ok(config),
-    );
+    let adopted = match adoption {
+        Some(adoption) => master.adopt(*adoption)?,
+        None => false,
+    };
+    if !adopted {
+        master.begin_reload(
+            crate::operation::ReloadRequest::new(first, None),
+            Ok(config),
+        );
+    }
     let mut watchdog = crate::sd_notify::Watchdog::from_env(upgraded);
     let mut requests_in_a_row = 0;
     loop {
@@ -348,6 +370,13 @@ impl Master {
                 self.lineage.old_master_exited();
                 return self.fleet.tidy();
             }
+            Event::AdoptedExit { pid } => {
+                if self.children.owner(pid).is_some() {
+                    self.on_exit(pid, "exited (status unknown: adopted)".into(), false);
+                }
+                return;
+            }
+            Event::KeeperGone => return self.keeper_gone(),
             Event::Notify {
                 generation,
                 datagram,
@@ -453,6 +482,8 @@ impl Master {
         if self.endpoints.main_process() {
             crate::sd_notify::notify("STOPPING=1");
         }
+        // Dying from now on, it is not restarted: its workers are stopped.
+        self.retire_keeper();
         self.abandon_upgrade();
         self.abandon_in_place();
         self.probing = None;
@@ -468,15 +499,20 @@ impl Master {
         self.reap_finished_generations();
     }
 
-    /// Tells the guardian of every worker (a new guardian, or a new image
+    /// Tells the keeper of every worker (a new keeper, or a new image
     /// of this master that adopted them).
-    pub(crate) fn guard_every_worker(&self) {
-        let Some(guardian) = self.children.guardian() else {
+    pub(crate) fn guard_every_worker(&mut self) {
+        let Some(keeper) = self.children.keeper_mut() else {
             return;
         };
         for generation in self.fleet.iter() {
+            let worker_config = &generation.config().worker;
             for worker in generation.workers().values() {
-                guardian.watch(worker.pid(), generation.config().worker.drain_timeout.0);
+                keeper.watch(
+                    worker.pid(),
+                    worker_config.drain_timeout.0,
+                    worker_config.stop_signal.0,
+                );
             }
         }
     }
@@ -484,13 +520,8 @@ impl Master {
     /// Stops what workers left outside their process groups (see
     /// [`crate::orphans`]); never the new master of an upgrade.
     fn stop_orphans(&self) {
-        let guardian = self.children.guardian().map(|g| g.pid());
-        let spare: Vec<Pid> = self
-            .lineage
-            .successor()
-            .into_iter()
-            .chain(guardian)
-            .collect();
+        let keeper = self.children.keeper().and_then(|k| k.pid());
+        let spare: Vec<Pid> = self.lineage.successor().into_iter().chain(keeper).collect();
         crate::orphans::stop_all(&spare, crate::orphans::GRACE);
     }
 
@@ -528,6 +559,7 @@ impl Master {
         self.advance_in_place();
         self.fleet.kill_unanswered(Instant::now());
         self.probe_tick();
+        self.keep();
         let now = Instant::now();
         let spawning = self
             .operation
@@ -609,6 +641,7 @@ impl Master {
             .chain(busy)
             .chain(self.delay_ready_deadline())
             .chain(self.probing.as_ref().map(Probing::deadline))
+            .chain(self.keep_wakeup())
             .min()
     }
 }
@@ -672,10 +705,9 @@ impl Master {
             Some(Owner::Upgrade) => {
                 self.upgrade_child_exited(pid, &status, success);
             }
-            Some(Owner::Guardian) => {
-                tracing::warn!(pid = pid.as_raw(), %status, "the guardian exited; starting another");
-                self.children.start_guardian();
-                self.guard_every_worker();
+            // Its channel's end starts another (`Event::KeeperGone`).
+            Some(Owner::Keeper) => {
+                tracing::warn!(pid = pid.as_raw(), %status, "the keeper exited");
             }
             // Maybe a worker whose start has not come back to the loop yet.
             None if self.fleet.spawns_pending() => {

@@ -101,6 +101,7 @@ pub struct Metrics {
     pub(crate) listen_overflows: Counter,
     pub(crate) listen_drops: Counter,
     pub(crate) otlp_spans_dropped: Counter,
+    master_adoptions: Counter,
     pub(crate) reload_in_progress: Gauge,
     pub(crate) stopping: Gauge,
     pub(crate) last_reload_success: Gauge,
@@ -143,6 +144,7 @@ impl Metrics {
             listen_overflows: Counter::default(),
             listen_drops: Counter::default(),
             otlp_spans_dropped: Counter::default(),
+            master_adoptions: Counter::default(),
             reload_in_progress: Gauge::default(),
             stopping: Gauge::default(),
             last_reload_success: Gauge::default(),
@@ -249,6 +251,11 @@ impl Metrics {
             m.otlp_spans_dropped.clone(),
         );
         r.register(
+            "master_adoptions",
+            "Masters that died and whose workers a new master adopted (counted across the masters the keeper started)",
+            m.master_adoptions.clone(),
+        );
+        r.register(
             "reload_in_progress",
             "1 while a reload transaction runs",
             m.reload_in_progress.clone(),
@@ -312,6 +319,12 @@ impl Metrics {
         if outcome.trigger == crate::reload::Trigger::Upgrade && committed {
             self.upgrade("committed");
         }
+    }
+
+    /// This master adopted the workers of one that died: `count` masters
+    /// have, since the keeper's first.
+    pub fn adopted(&self, count: u64) {
+        Metrics::follow(&self.master_adoptions, count);
     }
 
     /// A binary upgrade's outcome.

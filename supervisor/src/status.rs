@@ -54,6 +54,28 @@ pub fn age(seconds: f64) -> String {
     }
 }
 
+/// `seconds` since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc(seconds: f64) -> String {
+    let s = seconds.max(0.0) as i64;
+    let (days, rest) = (s.div_euclid(86_400), s.rem_euclid(86_400));
+    // Days to a civil date (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
 /// Lays out rows so that every column is aligned.
 fn table(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
@@ -93,6 +115,16 @@ pub fn render(status: &Status) -> String {
     );
     if let Some(admin) = &m.admin {
         let _ = writeln!(out, "admin    {admin}");
+    }
+    if let Some(a) = &m.adopted {
+        let _ = writeln!(
+            out,
+            "adopted  at {}, previous master pid {} died ({}); {} adoption(s) so far",
+            utc(a.at),
+            a.previous_pid,
+            a.died,
+            a.adoptions
+        );
     }
     if let Some(r) = &status.rollout {
         let share = r
@@ -250,6 +282,13 @@ fn drain_section(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_times_read_as_dates() {
+        assert_eq!(utc(0.0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400.0), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_796_601_599.5), "2026-12-06 23:59:59 UTC");
+    }
 
     #[test]
     fn ages_read_naturally() {

@@ -176,7 +176,16 @@ impl Group {
         })
     }
 
-    /// Copies of every member socket, and the steered index.
+    /// Every member socket's fd, in the kernel's order, and the steered
+    /// index.
+    pub fn member_fds(&self) -> (Vec<std::os::fd::RawFd>, Option<usize>) {
+        (
+            self.members.iter().map(|m| m.fd.as_raw_fd()).collect(),
+            self.steered,
+        )
+    }
+
+    /// The group as handed to another master: copies of its members.
     pub fn layout(&self) -> io::Result<Layout> {
         Ok(Layout {
             members: self

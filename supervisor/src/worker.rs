@@ -222,7 +222,6 @@ pub fn prepare(
         }
         Protocol::Args => (Fds::Place(placed()), None),
     };
-    let sdk = channel_ends.is_some();
     let plan = exec::Plan {
         command,
         env,
@@ -232,9 +231,12 @@ pub fn prepare(
         credentials: config.credentials(),
         rlimit_nofile: config.rlimit_nofile,
         nonblocking: config.nonblocking,
-        // An SDK worker learns of the master's death from its channel.
-        death_signal: (!sdk).then_some(config.stop_signal.0),
+        // The master's death stops no worker: the keeper starts another
+        // master, which adopts it, or stops it if none can be started.
+        death_signal: None,
         capture_output: config.output == Output::Capture,
+        exe: None,
+        process_group: true,
     };
     let prepared = Prepared {
         restarts,
@@ -385,6 +387,7 @@ impl Worker {
         channel: Option<Arc<Channel>>,
         status: Option<String>,
         stop_signal: Signal,
+        app_version: Option<String>,
     ) -> Worker {
         Worker {
             pid,
@@ -398,7 +401,7 @@ impl Worker {
             reader: None,
             status,
             stop_signal,
-            app_version: None,
+            app_version,
             answer_due: None,
             startup: tracing::Span::none(),
         }

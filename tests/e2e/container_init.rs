@@ -3,7 +3,7 @@
 //! reaped.
 
 use baton_tests::harness::{
-    alive, children_of, config_with_worker, descendants, event_name, is_guardian, wrapped_worker,
+    alive, children_of, config_with_worker, descendants, event_name, is_keeper, wrapped_worker,
     zombies_of, Baton, Binaries, TempDir,
 };
 use baton_tests::tools;
@@ -71,7 +71,7 @@ fn as_pid_1_baton_reaps_orphans_and_drains_on_sigterm() {
     // Generation 1's worker and the child it left in its process group.
     let generation_1: Vec<Pid> = children_of(init)
         .into_iter()
-        .filter(|p| alive(*p) && !is_guardian(*p))
+        .filter(|p| alive(*p) && !is_keeper(*p))
         .flat_map(|w| std::iter::once(w).chain(descendants(w)))
         .collect();
     assert!(generation_1.len() >= 2, "{generation_1:?}");

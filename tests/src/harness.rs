@@ -300,6 +300,23 @@ impl Baton {
         kill(self.pid, signal).expect("signal the master");
     }
 
+    /// Sends `signal` to the master serving now (the pid file's: after a
+    /// master died, the one its keeper started).
+    pub fn signal_current(&self, signal: Signal) {
+        let master = self.master_pid().unwrap_or(self.pid);
+        kill(master, signal).expect("signal the master");
+    }
+
+    /// A reload of the master serving now, with SIGHUP: its outcome event.
+    pub fn reload_current(&mut self) -> Value {
+        self.skip_log();
+        self.signal_current(Signal::SIGHUP);
+        self.next_event(Duration::from_secs(30), |e| {
+            let name = event_name(e);
+            name == "reload.committed" || name == "reload.failed"
+        })
+    }
+
     /// Waits for the first log event, from the start of the log, matching `pred`.
     pub fn wait_event(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
         self.wait_from(0, timeout, &pred)
@@ -443,28 +460,28 @@ impl Baton {
     }
 
     /// The live children of the current master (its workers), but its
-    /// guardian.
+    /// keeper.
     pub fn master_workers(&self) -> Vec<Pid> {
         let master = self.master_pid().unwrap_or(self.pid);
         children_of(master)
             .into_iter()
-            .filter(|p| alive(*p) && !is_guardian(*p))
+            .filter(|p| alive(*p) && !is_keeper(*p))
             .collect()
     }
 
-    /// The master's guardian (`baton __guardian`), if it runs.
-    pub fn guardian(&self) -> Option<Pid> {
+    /// The master's keeper (`baton __keeper`), if it runs.
+    pub fn keeper(&self) -> Option<Pid> {
         let master = self.master_pid().unwrap_or(self.pid);
         children_of(master)
             .into_iter()
-            .find(|p| alive(*p) && is_guardian(*p))
+            .find(|p| alive(*p) && is_keeper(*p))
     }
 
-    /// The master's live child processes (its workers), but its guardian.
+    /// The master's live child processes (its workers), but its keeper.
     pub fn workers(&self) -> Vec<Pid> {
         let children: Vec<Pid> = children_of(self.pid)
             .into_iter()
-            .filter(|p| alive(*p) && !is_guardian(*p))
+            .filter(|p| alive(*p) && !is_keeper(*p))
             .collect();
         let mut seen = self.seen.lock().unwrap();
         for pid in &children {
@@ -554,10 +571,10 @@ impl Drop for Baton {
     }
 }
 
-/// Whether `pid` is a master's guardian: `baton __guardian`.
-pub fn is_guardian(pid: Pid) -> bool {
+/// Whether `pid` is a master's keeper: `baton __keeper`.
+pub fn is_keeper(pid: Pid) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"__guardian"))
+        .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"__keeper"))
 }
 
 /// The pid in a pid file.
@@ -647,13 +664,13 @@ pub fn zombies_of(parent: Pid) -> Vec<Pid> {
         .collect()
 }
 
-/// Every process below `root`, but a master's guardian (which is in the
+/// Every process below `root`, but a master's keeper (which is in the
 /// master's process group and goes with it).
 pub fn descendants(root: Pid) -> Vec<Pid> {
     let mut out = Vec::new();
     let mut stack = vec![root];
     while let Some(p) = stack.pop() {
-        for child in children_of(p).into_iter().filter(|c| !is_guardian(*c)) {
+        for child in children_of(p).into_iter().filter(|c| !is_keeper(*c)) {
             out.push(child);
             stack.push(child);
         }

@@ -1,7 +1,7 @@
 //! The control channel: one `SOCK_SEQPACKET` socket carrying protocol
 //! messages and, with `SCM_RIGHTS`, listener fds.
 //!
-//! Used by the master towards its workers, its guardian and the new master of
+//! Used by the master towards its workers, its keeper and the new master of
 //! a binary upgrade, and by the SDK. The socket is non-blocking and driven
 //! by tokio; sends never wait for the peer (the master must never block on a
 //! worker), they fail with [`ChannelError::Full`] instead.

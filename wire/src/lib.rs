@@ -9,7 +9,7 @@
 //!   encoding (decoding never panics on bad bytes), listener metadata and
 //!   the environment variables a worker is started with.
 //! - [`channel`]: one `SOCK_SEQPACKET` socket carrying those messages and,
-//!   by `SCM_RIGHTS`, fds; the master also uses it towards its guardian and
+//!   by `SCM_RIGHTS`, fds; the master also uses it towards its keeper and
 //!   towards the new master of a binary upgrade.
 //! - [`listener`]: checking that a received fd is the socket its metadata
 //!   describes, and describing a bound address in the protocol's notation.

@@ -13,14 +13,14 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 // The test harness reads /proc the same way: one definition for both.
-pub use baton_tests::harness::{alive, children_of, descendants, is_guardian, stat_field};
+pub use baton_tests::harness::{alive, children_of, descendants, is_keeper, stat_field};
 
-/// The children of `master` that serve: all but its guardian (`baton
-/// __guardian`), which lives as long as the master, not a generation.
+/// The children of `master` that serve: all but its keeper (`baton
+/// __keeper`), which lives as long as the master, not a generation.
 pub fn workers_of(master: Pid) -> Vec<Pid> {
     children_of(master)
         .into_iter()
-        .filter(|pid| !is_guardian(*pid))
+        .filter(|pid| !is_keeper(*pid))
         .collect()
 }
 

@@ -108,6 +108,12 @@ impl AdminSocket {
                 return None;
             }
         };
+        AdminSocket::adopt(fd, wanted)
+    }
+
+    /// `fd`, the admin socket of a previous master, when it is what
+    /// `wanted` asks for (else it is closed).
+    pub fn adopt(fd: OwnedFd, wanted: Option<&ListenerAddress>) -> Option<AdminSocket> {
         let bound = describe(fd.as_fd()).ok()?;
         let wanted = wanted?;
         let fits = match wanted {

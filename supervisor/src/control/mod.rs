@@ -28,6 +28,10 @@ pub struct ControlSocket {
     path: PathBuf,
     inode: u64,
     listener: Option<std::os::unix::net::UnixListener>,
+    /// The socket of the master that died, whose queue is still answered.
+    previous: Option<std::os::unix::net::UnixListener>,
+    /// The listening socket's fd, while the server task holds it.
+    fd: std::os::fd::RawFd,
     server: Option<tokio::task::AbortHandle>,
 }
 
@@ -40,22 +44,7 @@ impl ControlSocket {
         // the earlier's: the check, the bind and the rename happen under
         // an exclusive lock on the socket's directory, so the second one
         // finds the first one's socket live and refuses.
-        let dir = path.parent().unwrap_or(Path::new("/"));
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        let locking = || {
-            format!(
-                "locking directory {} to bind the control socket",
-                dir.display()
-            )
-        };
-        let dir_file = std::fs::File::open(dir).with_context(locking)?;
-        let _lock = nix::fcntl::Flock::lock(dir_file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, errno)| errno)
-            .with_context(locking)?;
+        let _lock = lock_dir(path)?;
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if !meta.file_type().is_socket() {
@@ -73,6 +62,14 @@ impl ControlSocket {
             std::fs::remove_file(path)
                 .with_context(|| format!("removing stale control socket {}", path.display()))?;
         }
+        ControlSocket::bind_here(path, None)
+    }
+
+    /// Binds `path` (the directory locked, nothing live there).
+    fn bind_here(
+        path: &Path,
+        previous: Option<std::os::unix::net::UnixListener>,
+    ) -> anyhow::Result<ControlSocket> {
         // Bind under a temporary name, restrict it, then rename: the socket is
         // never reachable with looser permissions.
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
@@ -90,9 +87,29 @@ impl ControlSocket {
         Ok(ControlSocket {
             path: path.to_path_buf(),
             inode,
+            fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
             listener: Some(listener),
+            previous,
             server: None,
         })
+    }
+
+    /// The socket a master that died listened on, handed over by the
+    /// keeper (see [`crate::adopt`]): requests that came meanwhile wait in
+    /// its queue. Bound anew if its file is gone.
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: &Path) -> anyhow::Result<ControlSocket> {
+        // A new socket replaces it at the path, so that the kernel names
+        // this master as the one listening (`baton -s`, `baton stop`); the
+        // requests queued on the old one are answered, then it is closed.
+        let _lock = lock_dir(path)?;
+        let previous = std::os::unix::net::UnixListener::from(fd);
+        previous.set_nonblocking(true)?;
+        ControlSocket::bind_here(path, Some(previous))
+    }
+
+    /// The listening socket's fd (for the keeper's snapshot).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.fd
     }
 
     /// Its path.
@@ -107,6 +124,18 @@ impl ControlSocket {
             .take()
             .context("control socket already served")?;
         let listener = UnixListener::from_std(listener)?;
+        if let Some(previous) = self.previous.take() {
+            let previous = UnixListener::from_std(previous)?;
+            let events = events.clone();
+            // What was queued on it is there now; nothing new comes.
+            tokio::spawn(async move {
+                while let Ok(Ok((stream, _))) =
+                    tokio::time::timeout(Duration::from_secs(1), previous.accept()).await
+                {
+                    tokio::spawn(connection(stream, events.clone()));
+                }
+            });
+        }
         let server = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -123,6 +152,27 @@ impl ControlSocket {
         self.server = Some(server.abort_handle());
         Ok(())
     }
+}
+
+/// An exclusive lock on the control socket's directory, held while a
+/// master checks and binds it.
+fn lock_dir(path: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let locking = || {
+        format!(
+            "locking directory {} to bind the control socket",
+            dir.display()
+        )
+    };
+    let dir_file = std::fs::File::open(dir).with_context(locking)?;
+    nix::fcntl::Flock::lock(dir_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| errno)
+        .with_context(locking)
 }
 
 impl Drop for ControlSocket {

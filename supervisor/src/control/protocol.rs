@@ -268,6 +268,23 @@ pub struct MasterStatus {
     /// The admin endpoint's bound address, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<String>,
+    /// Started by the keeper after the previous master died, adopting its
+    /// workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<AdoptedStatus>,
+}
+
+/// How a master came to adopt its workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdoptedStatus {
+    /// When (seconds since the Unix epoch).
+    pub at: f64,
+    /// The master that died.
+    pub previous_pid: i32,
+    /// How it ended: `signal SIGKILL`, `exit status 1`, or why unknown.
+    pub died: String,
+    /// Masters that died and were adopted since the keeper's first one.
+    pub adoptions: u64,
 }
 
 /// A listener.

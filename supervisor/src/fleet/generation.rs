@@ -376,7 +376,7 @@ impl Generation {
 
     /// Spawns worker `index`, waiting for its `execve` (forked by the main
     /// thread, see [`crate::forker`]); an SDK worker's channel is forwarded
-    /// to `events` from now on, and the guardian watches it.
+    /// to `events` from now on, and the keeper watches it.
     pub fn spawn(
         &mut self,
         index: u32,
@@ -438,7 +438,7 @@ impl Generation {
 
     /// Takes in worker `index`, exec'd as `child`: its channel registered
     /// and (for an SDK worker) sent the hello, its startup span, the
-    /// guardian's watch, its channel forwarded to `events`, and its pid
+    /// keeper's watch, its channel forwarded to `events`, and its pid
     /// among the master's `children`.
     fn take_in(
         &mut self,
@@ -463,7 +463,12 @@ impl Generation {
             pid = pid.as_raw(),
             "worker started"
         );
-        children.worker_started(pid, self.number, self.config.worker.drain_timeout.0);
+        children.worker_started(
+            pid,
+            self.number,
+            self.config.worker.drain_timeout.0,
+            self.config.worker.stop_signal.0,
+        );
         Ok(self.workers.entry(pid).or_insert(worker))
     }
 

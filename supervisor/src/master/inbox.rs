@@ -36,6 +36,14 @@ pub enum Event {
     },
     /// In a new master after an upgrade: the old master has exited.
     OldMasterExited,
+    /// A worker this master adopted from one that died (not its child)
+    /// has exited (see [`crate::adopt`]).
+    AdoptedExit {
+        /// The worker.
+        pid: Pid,
+    },
+    /// The keeper's channel ended: it is gone (see [`crate::keeper`]).
+    KeeperGone,
     /// A datagram on a generation's notify socket (`ready = "notify"`).
     Notify {
         /// The generation.

@@ -271,6 +271,17 @@ impl Master {
                 }
                 .into(),
                 admin: self.endpoints.admin_address(),
+                adopted: self.program.adopted.as_ref().map(|a| {
+                    crate::control::protocol::AdoptedStatus {
+                        at: a
+                            .at
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0.0, |d| d.as_secs_f64()),
+                        previous_pid: a.previous_pid,
+                        died: a.how.clone(),
+                        adoptions: a.count,
+                    }
+                }),
             },
             listeners: self
                 .fleet

@@ -599,6 +599,9 @@ impl Master {
     fn complete_upgrade(&mut self, new_pid: u32, generation: u64, steered: &[String]) {
         // Release the control socket first: the new master binds it when it
         // hears the handover.
+        // The new master and its keeper serve now: this one's death is
+        // not restarted.
+        self.retire_keeper();
         self.endpoints.hand_over();
         for listener in self.fleet.sockets() {
             listener.hand_over();
@@ -685,9 +688,9 @@ impl Master {
         let Some(binary) = upgrade.binary() else {
             return;
         };
-        // The new image starts a guardian of its own.
-        if let Some(guardian) = self.children.guardian() {
-            guardian.release();
+        // The new image starts a keeper of its own.
+        if let Some(keeper) = self.children.keeper_mut() {
+            keeper.release();
         }
         let image = crate::upgrade::exec::Image {
             program: &self.program,
@@ -700,7 +703,8 @@ impl Master {
         tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
         self.metrics.upgrade("failed");
         self.endpoints.serve_admin();
-        self.children.start_guardian();
+        let budget = self.config.supervisor.master_restarts.0;
+        self.children.start_keeper(None, budget, &self.events);
         self.guard_every_worker();
     }
 

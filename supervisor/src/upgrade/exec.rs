@@ -63,6 +63,10 @@ struct ExecGeneration {
     number: u64,
     state: String,
     processes: u32,
+    /// The configuration it runs, in a snapshot for the keeper (an exec
+    /// gives every generation the config it reads).
+    #[serde(default)]
+    config: Option<RunningConfig>,
     /// Indexes into [`ExecState::listeners`].
     listeners: Vec<usize>,
     workers: Vec<ExecWorker>,
@@ -75,11 +79,100 @@ struct ExecWorker {
     state: String,
     /// For a draining worker: time left until it is killed.
     kill_in_ms: Option<u64>,
+    /// The same, in a snapshot: when, in `CLOCK_MONOTONIC` milliseconds
+    /// (the same in every process; a snapshot taken twice in a row is the
+    /// same).
+    #[serde(default)]
+    kill_at_ms: Option<u64>,
+    /// Its start time (see [`crate::keeper::start_time`]): with the pid,
+    /// the process an adopting master checks it finds.
+    #[serde(default)]
+    start_time: Option<u64>,
+    /// The config version it was told to run (in-place reloads).
+    #[serde(default)]
+    app_version: Option<String>,
     restarts: u32,
     /// The SDK control channel (none for systemd/args workers).
     channel_fd: Option<RawFd>,
     /// Last `STATUS=` a notify worker sent.
     status: Option<String>,
+}
+
+/// A generation's configuration as it runs: the text and the
+/// `app_config` files it was given.
+#[derive(Debug, Serialize, Deserialize)]
+struct RunningConfig {
+    text: String,
+    files: Vec<(String, Vec<u8>)>,
+    version: String,
+}
+
+impl RunningConfig {
+    fn of(config: &Config) -> RunningConfig {
+        RunningConfig {
+            text: config.text.to_string(),
+            files: config
+                .app
+                .files
+                .iter()
+                .map(|(n, b)| (n.clone(), b.to_vec()))
+                .collect(),
+            version: config.app.version.clone(),
+        }
+    }
+
+    fn parse(&self, path: &std::path::Path) -> anyhow::Result<Config> {
+        let app = crate::config::AppFiles {
+            files: self
+                .files
+                .iter()
+                .map(|(n, b)| (n.clone(), Arc::new(b.clone())))
+                .collect(),
+            version: self.version.clone(),
+        };
+        Ok(Config::parse_with(path, &self.text, Some(app))?)
+    }
+}
+
+/// How a state is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    /// For an exec: the port groups' members copied (kept open until the
+    /// exec), times left counted from now.
+    Exec,
+    /// For the keeper: the fds as they are, times absolute, each
+    /// generation's config along.
+    Snapshot,
+}
+
+/// `at` in `CLOCK_MONOTONIC` milliseconds, exactly the same each time it
+/// is asked for the same `at` in one process.
+fn monotonic_ms(at: Instant) -> u64 {
+    static BASE: std::sync::OnceLock<(Instant, Duration)> = std::sync::OnceLock::new();
+    let (base, mono) = *BASE.get_or_init(|| {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(Duration::from)
+            .unwrap_or_default();
+        (Instant::now(), now)
+    });
+    let ms = if at >= base {
+        mono + at.duration_since(base)
+    } else {
+        mono.saturating_sub(base.duration_since(at))
+    };
+    ms.as_millis() as u64
+}
+
+/// The `Instant` of `CLOCK_MONOTONIC` milliseconds `ms` in this process.
+fn from_monotonic_ms(ms: u64) -> Instant {
+    let now = Instant::now();
+    let mono = monotonic_ms(now);
+    if ms >= mono {
+        now + Duration::from_millis(ms - mono)
+    } else {
+        now.checked_sub(Duration::from_millis(mono - ms))
+            .unwrap_or(now)
+    }
 }
 
 /// What this master is, for its new image: the program, its config file,
@@ -103,7 +196,7 @@ pub fn exec_in_place(
     fleet: &Fleet,
     image: Image<'_>,
 ) -> anyhow::Result<()> {
-    let (state, mut inherit, _members) = ExecState::capture(fleet)?;
+    let (state, mut inherit, _members) = ExecState::capture(fleet, Capture::Exec, |_| None)?;
     let json = serde_json::to_vec(&state)?;
     let memfd = nix::sys::memfd::memfd_create(
         c"baton-state",
@@ -126,7 +219,7 @@ pub fn exec_in_place(
     inherit.extend(image.endpoints.hand_admin_to(&mut command));
     crate::fds::hand_nofile_to(&mut command);
     for fd in &inherit {
-        set_cloexec(*fd, false)?;
+        crate::fds::set_cloexec(*fd, false)?;
     }
     // The new image starts an exporter of its own; what this one
     // batched goes first.
@@ -136,7 +229,7 @@ pub fn exec_in_place(
     let error = crate::forker::exec(command);
     // Still here: the exec failed. Make every fd private again.
     for fd in &inherit {
-        let _ = set_cloexec(*fd, true);
+        let _ = crate::fds::set_cloexec(*fd, true);
     }
     Err(error).context("re-executing in place")
 }
@@ -144,8 +237,13 @@ pub fn exec_in_place(
 impl ExecState {
     /// `fleet` as the new image adopts it: the state, the fds it names, and
     /// the port groups' member sockets (copies, to be kept open until the
-    /// exec).
-    fn capture(fleet: &Fleet) -> anyhow::Result<(ExecState, Vec<RawFd>, Vec<OwnedFd>)> {
+    /// exec; none in a snapshot). `started` gives a worker's start time.
+    pub fn capture(
+        fleet: &Fleet,
+        how: Capture,
+        started: impl Fn(i32) -> Option<u64>,
+    ) -> anyhow::Result<(ExecState, Vec<RawFd>, Vec<OwnedFd>)> {
+        let snapshot = how == Capture::Snapshot;
         let mut all: Vec<Shared> = Vec::new();
         fn id(listener: &Shared, all: &mut Vec<Shared>) -> usize {
             if let Some(primary) = listener.primary() {
@@ -169,6 +267,7 @@ impl ExecState {
                 number: g.number(),
                 state: g.state().name().into(),
                 processes: g.processes(),
+                config: snapshot.then(|| RunningConfig::of(g.config())),
                 listeners: g.listeners().iter().map(|l| id(l, &mut all)).collect(),
                 workers: g
                     .workers()
@@ -176,17 +275,21 @@ impl ExecState {
                     .map(|w| {
                         let channel_fd = w.channel().as_ref().map(|c| c.as_raw_fd());
                         inherit.extend(channel_fd);
+                        let kill_at = match w.state() {
+                            State::Draining { kill_at } => Some(kill_at),
+                            State::Killed => Some(now),
+                            _ => None,
+                        };
                         ExecWorker {
                             pid: w.pid().as_raw(),
                             index: w.index(),
                             state: w.state().name().into(),
-                            kill_in_ms: match w.state() {
-                                State::Draining { kill_at } => {
-                                    Some(kill_at.saturating_duration_since(now).as_millis() as u64)
-                                }
-                                State::Killed => Some(0),
-                                _ => None,
-                            },
+                            kill_in_ms: kill_at
+                                .filter(|_| !snapshot)
+                                .map(|at| at.saturating_duration_since(now).as_millis() as u64),
+                            kill_at_ms: kill_at.filter(|_| snapshot).map(monotonic_ms),
+                            start_time: started(w.pid().as_raw()),
+                            app_version: w.app_version().map(str::to_string),
                             restarts: w.restarts(),
                             channel_fd,
                             status: w.status().map(str::to_string),
@@ -199,15 +302,25 @@ impl ExecState {
         let mut listeners = Vec::with_capacity(all.len());
         for l in &all {
             inherit.push(l.fd().as_raw_fd());
-            let group = l.layout()?.map(|layout| {
-                let fds: Vec<RawFd> = layout.members.iter().map(|m| m.as_raw_fd()).collect();
-                inherit.extend_from_slice(&fds);
-                members.extend(layout.members);
-                ExecGroup {
-                    members: fds,
-                    steered: layout.steered,
-                }
-            });
+            let group = if snapshot {
+                l.member_fds().map(|(fds, steered)| {
+                    inherit.extend_from_slice(&fds);
+                    ExecGroup {
+                        members: fds,
+                        steered,
+                    }
+                })
+            } else {
+                l.layout()?.map(|layout| {
+                    let fds: Vec<RawFd> = layout.members.iter().map(|m| m.as_raw_fd()).collect();
+                    inherit.extend_from_slice(&fds);
+                    members.extend(layout.members);
+                    ExecGroup {
+                        members: fds,
+                        steered: layout.steered,
+                    }
+                })
+            };
             listeners.push(ExecListener {
                 handed: HandedListener::of(l),
                 fd: l.fd().as_raw_fd(),
@@ -228,9 +341,50 @@ impl ExecState {
         Ok((state, inherit, members))
     }
 
+    /// The fds it names, moved: each fd numbered `from` in the master that
+    /// took it is `to(from)` here; an fd `to` does not know is an error.
+    pub fn renumber(&mut self, to: impl Fn(RawFd) -> Option<RawFd>) -> anyhow::Result<()> {
+        let map = |fd: &mut RawFd| -> anyhow::Result<()> {
+            *fd = to(*fd).with_context(|| format!("the state names fd {fd}, not handed over"))?;
+            Ok(())
+        };
+        for l in &mut self.listeners {
+            map(&mut l.fd)?;
+            if let Some(group) = &mut l.group {
+                for m in &mut group.members {
+                    map(m)?;
+                }
+            }
+        }
+        for g in &mut self.generations {
+            for w in &mut g.workers {
+                if let Some(fd) = &mut w.channel_fd {
+                    map(fd)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration of the generation that was current, as it ran
+    /// (in a snapshot; `None` in an exec's state or without one).
+    pub fn current_config(&self, path: &std::path::Path) -> Option<anyhow::Result<Config>> {
+        let current = self.current?;
+        let g = self.generations.iter().find(|g| g.number == current)?;
+        g.config.as_ref().map(|c| c.parse(path))
+    }
+
+    /// The pid and start time of every worker it names.
+    pub fn workers(&self) -> impl Iterator<Item = (i32, Option<u64>)> + '_ {
+        self.generations
+            .iter()
+            .flat_map(|g| g.workers.iter().map(|w| (w.pid, w.start_time)))
+    }
+
     /// In the new image: `fleet` adopts the listeners, generations and
-    /// workers the previous image handed over, with `config`; the workers'
-    /// messages go to `events`, their exits to `children`.
+    /// workers the previous image handed over, with `config` (or, in a
+    /// snapshot, the config each generation ran); the workers' messages go
+    /// to `events`, their exits to `children`.
     pub fn adopt(
         self,
         fleet: &mut Fleet,
@@ -246,7 +400,7 @@ impl ExecState {
             // SAFETY: the previous image of this process left this fd open
             // for us alone, as the state says; nothing else owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(l.fd) };
-            set_cloexec(l.fd, true)?;
+            crate::fds::set_cloexec(l.fd, true)?;
             let listener = match l.port {
                 Some(port) => {
                     let primary = listeners
@@ -266,7 +420,7 @@ impl ExecState {
                 for raw in group.members {
                     // SAFETY: as above: a port group member left open for us.
                     members.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                    set_cloexec(raw, true)?;
+                    crate::fds::set_cloexec(raw, true)?;
                 }
                 let layout = Layout {
                     members,
@@ -287,8 +441,17 @@ impl ExecState {
             let state = match g.state.as_str() {
                 "current" => GenerationState::Current,
                 "draining" => GenerationState::Draining,
+                "standby" => GenerationState::Standby,
+                "starting" => GenerationState::Starting,
                 _ => GenerationState::Failed,
             };
+            let config =
+                match g.config {
+                    Some(running) => Rc::new(running.parse(&config.path).with_context(|| {
+                        format!("the configuration generation {} runs", g.number)
+                    })?),
+                    None => config.clone(),
+                };
             let held = g
                 .listeners
                 .iter()
@@ -302,7 +465,9 @@ impl ExecState {
             let mut generation = Generation::new(g.number, config.clone(), held, g.processes);
             // Replaced, but its workers not yet told: it was handing over.
             let handing_over = state == GenerationState::Draining
-                && g.workers.iter().all(|w| w.kill_in_ms.is_none());
+                && g.workers
+                    .iter()
+                    .all(|w| w.kill_in_ms.is_none() && w.kill_at_ms.is_none());
             for w in g.workers {
                 let pid = nix::unistd::Pid::from_raw(w.pid);
                 let channel = match w.channel_fd {
@@ -310,16 +475,19 @@ impl ExecState {
                         // SAFETY: as above: this worker's channel, left open
                         // for us alone.
                         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-                        set_cloexec(raw, true)?;
+                        crate::fds::set_cloexec(raw, true)?;
                         Some(Arc::new(Channel::new(fd)?))
                     }
                     None => None,
                 };
-                let state = match (w.state.as_str(), w.kill_in_ms) {
+                let kill_at = match (w.kill_at_ms, w.kill_in_ms) {
+                    (Some(at), _) => Some(from_monotonic_ms(at)),
+                    (None, Some(ms)) => Some(Instant::now() + Duration::from_millis(ms)),
+                    (None, None) => None,
+                };
+                let state = match (w.state.as_str(), kill_at) {
                     ("ready", _) => State::Ready,
-                    (_, Some(ms)) => State::Draining {
-                        kill_at: Instant::now() + Duration::from_millis(ms),
-                    },
+                    (_, Some(kill_at)) => State::Draining { kill_at },
                     _ => State::Starting,
                 };
                 tracing::info!(
@@ -339,6 +507,7 @@ impl ExecState {
                     channel,
                     w.status,
                     config.worker.stop_signal.0,
+                    w.app_version,
                 );
                 if let Some(channel) = forward {
                     worker.forwarded_by(crate::master::forward_worker(events, pid, channel));
@@ -377,16 +546,6 @@ pub fn take_state_from_env() -> anyhow::Result<Option<ExecState>> {
     Ok(Some(
         serde_json::from_slice(&json).context("reading the handed-over state")?,
     ))
-}
-
-fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
-    let flags = if on {
-        nix::fcntl::FdFlag::FD_CLOEXEC
-    } else {
-        nix::fcntl::FdFlag::empty()
-    };
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags))?;
-    Ok(())
 }
 
 /// Whether this master upgrades in place: as PID 1, or when configured.

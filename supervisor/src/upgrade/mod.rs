@@ -116,6 +116,8 @@ pub struct Program {
     pub argv0: String,
     /// When this process (this image of it) started.
     pub started: std::time::Instant,
+    /// Started by the keeper to adopt the workers of a master that died.
+    pub adopted: Option<crate::adopt::Adopted>,
 }
 
 impl Program {
@@ -141,6 +143,7 @@ impl Program {
             path,
             argv0,
             started: std::time::Instant::now(),
+            adopted: None,
         }
     }
 

@@ -169,9 +169,9 @@ fn every_baton_command_in_the_docs_parses() {
     let commands = documented_commands();
     let mut bad = Vec::new();
     for (at, args) in &commands {
-        // The guardian's hidden first argument, which `main` takes before
+        // The keeper's hidden first argument, which `main` takes before
         // the parser (docs/architecture.md names it).
-        if args[1] == baton::guardian::ARG {
+        if args[1] == baton::keeper::ARG {
             continue;
         }
         match baton::cli::Cli::try_parse_from(args) {

@@ -1,0 +1,911 @@
+//! The keeper: a small process that holds what the workers depend on, so
+//! that the master's death stops nothing that serves.
+//!
+//! Each master starts one (this binary again, `baton __keeper`, with a
+//! control channel as its stdin) before its first worker, or reattaches to
+//! the one that started it. The master tells it:
+//!
+//! - how to start another master like itself ([`Message::Hello`]: its
+//!   arguments, environment and directory, and how many deaths to survive);
+//! - every worker it starts, with a pidfd, and every one it reaps;
+//! - a copy of every fd the workers need ([`Message::Hold`]: the listeners
+//!   and their port groups' sockets, the master's end of each SDK worker's
+//!   channel, the control socket, the admin endpoint), and after every
+//!   change a snapshot of its state in a sealed memfd
+//!   ([`Message::Snapshot`], see [`crate::adopt`]).
+//!
+//! While the keeper holds the master's end of a worker's channel, the
+//! worker does not see the master die: it goes on serving. When the channel
+//! to the master ends without [`Message::Retire`], the master is gone: the
+//! keeper starts a new master (same binary, arguments and environment) and
+//! hands it the fds and the snapshot; the new master adopts the workers
+//! (see [`crate::adopt`]). It is this master's parent, and a subreaper: the
+//! workers of a master it started are re-parented to it, and reaped here.
+//!
+//! Past `[supervisor] master_restarts` deaths in its window (or when a
+//! master cannot be started, or restarts are off), the keeper gives up as
+//! the guardian it once was: it lets go of every fd (SDK workers see their
+//! channel end and drain), sends each other worker its stop signal, and
+//! kills, at its drain deadline, the process group of every worker still
+//! running. A master that stops, or hands over to an upgrade's new master,
+//! retires its keeper first: then its death is only enforced, never
+//! restarted. A master that re-executes itself releases it: its new image
+//! starts a keeper of its own.
+//!
+//! The keeper ignores the signals a terminal or an init system sends to a
+//! whole process group (it starts in the master's): only the channel
+//! matters.
+
+use anyhow::Context;
+use baton_wire::channel::{self, Channel};
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The first argument that makes the `baton` binary a keeper.
+pub const ARG: &str = "__keeper";
+/// In a master the keeper started: the fd of the keeper's channel.
+pub const KEEPER_FD_ENV: &str = "BATON_KEEPER_FD";
+/// In a master the keeper started: the snapshot's memfd.
+pub const SNAPSHOT_FD_ENV: &str = "BATON_ADOPT_SNAPSHOT_FD";
+/// In a master the keeper started: the fd where the snapshot's fds start
+/// (they follow one another, in the snapshot's order).
+pub const FDS_ENV: &str = "BATON_ADOPT_FDS";
+/// In a master the keeper started: `PID:HOW`, the previous master and how
+/// it ended.
+pub const PREVIOUS_ENV: &str = "BATON_ADOPT_PREVIOUS";
+/// In a master the keeper started: the workers the keeper watches, as
+/// `PID,PID,...` (a worker started after the last snapshot is among them).
+pub const WATCHED_ENV: &str = "BATON_ADOPT_WATCHED";
+
+/// The variables a master reads once and that no other master it starts
+/// may see again.
+const PRIVATE_ENV: [&str; 11] = [
+    KEEPER_FD_ENV,
+    SNAPSHOT_FD_ENV,
+    FDS_ENV,
+    PREVIOUS_ENV,
+    WATCHED_ENV,
+    crate::upgrade::exec::STATE_FD_ENV,
+    crate::upgrade::handoff::UPGRADE_FD_ENV,
+    crate::upgrade::handoff::BINARY_FD_ENV,
+    crate::admin::ADMIN_FD_ENV,
+    "LISTEN_FDS",
+    "LISTEN_PID",
+];
+
+/// The signals the keeper ignores (sent to a whole process group).
+const IGNORED: [Signal; 10] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGTSTP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGWINCH,
+];
+
+/// How many fds go in one [`Message::Hold`].
+const HOLD_BATCH: usize = 200;
+
+/// What a master tells its keeper.
+#[derive(Debug, Serialize, Deserialize)]
+enum Message {
+    /// The first message of every master: how to start another one like
+    /// it, and how many deaths to survive (`None`: none).
+    Hello {
+        argv: Vec<Vec<u8>>,
+        env: Vec<(Vec<u8>, Vec<u8>)>,
+        cwd: Vec<u8>,
+        restarts: Option<(u32, u64)>,
+    },
+    /// A new worker, with a pidfd for it.
+    Watch {
+        pid: i32,
+        drain_ms: u64,
+        stop_signal: i32,
+    },
+    /// A worker was reaped.
+    Forget { pid: i32 },
+    /// Copies of fds to hold, one per socket inode listed, in order.
+    Hold { inodes: Vec<u64> },
+    /// The master's state, in the memfd it carries, and the inode of each
+    /// fd it names, in its order. Held fds not listed are let go of.
+    Snapshot { places: Vec<u64> },
+    /// The master stops, or handed over to an upgrade: do not start
+    /// another when it is gone.
+    Retire,
+    /// The master execs itself and its workers live on: exit.
+    Release,
+}
+
+/// The master's end: a running keeper.
+#[derive(Debug)]
+pub struct Keeper {
+    /// Its pid, when it is this master's child (not when it started it).
+    child: Option<Pid>,
+    channel: std::sync::Arc<Channel>,
+    /// Inodes of the fds it holds (as far as this master knows).
+    held: HashSet<u64>,
+    /// The last snapshot sent, and its places' inodes.
+    last: Option<(Vec<u8>, Vec<u64>)>,
+    /// Told to retire or exit: no more snapshots.
+    retired: bool,
+    /// Workers' start times, for the snapshot.
+    started: HashMap<i32, u64>,
+    /// No snapshot before this: a snapshot that took long puts the next
+    /// one off (see [`Keeper::took`]).
+    next: Option<Instant>,
+    /// A turn passed since the last snapshot: one is due at `next`.
+    pending: bool,
+}
+
+/// How many deaths of the master its keeper survives, and the restart
+/// budget's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Restarts allowed in the window.
+    pub restarts: u32,
+    /// The window.
+    pub window: Duration,
+}
+
+impl Keeper {
+    /// Starts a keeper as a child of this master, and greets it. Must run
+    /// inside the master's tokio runtime.
+    pub fn start(budget: Option<Budget>) -> anyhow::Result<Keeper> {
+        let (mine, theirs) = channel::pair().context("creating the keeper's channel")?;
+        let child = std::process::Command::new("/proc/self/exe")
+            .arg(ARG)
+            .stdin(std::process::Stdio::from(theirs))
+            .env_clear()
+            .spawn()
+            .context("starting the keeper")?;
+        let pid = Pid::from_raw(child.id() as i32);
+        // The master reaps its children itself.
+        drop(child);
+        let channel = Channel::new(mine).context("registering the keeper's channel")?;
+        tracing::debug!(pid = pid.as_raw(), "keeper started");
+        let keeper = Keeper::new(Some(pid), channel);
+        keeper.hello(budget);
+        Ok(keeper)
+    }
+
+    /// In a master the keeper started: its channel, and greets it.
+    pub fn attach(fd: OwnedFd, budget: Option<Budget>) -> anyhow::Result<Keeper> {
+        let channel = Channel::new(fd).context("registering the keeper's channel")?;
+        let keeper = Keeper::new(None, channel);
+        keeper.hello(budget);
+        Ok(keeper)
+    }
+
+    fn new(child: Option<Pid>, channel: Channel) -> Keeper {
+        Keeper {
+            child,
+            channel: std::sync::Arc::new(channel),
+            held: HashSet::new(),
+            last: None,
+            retired: false,
+            started: HashMap::new(),
+            next: None,
+            pending: false,
+        }
+    }
+
+    /// Whether a snapshot is to be taken now: after every turn of the
+    /// loop, unless the last one took long (see [`Keeper::took`]); a turn
+    /// before it is due again makes one due then (see [`Keeper::wakeup`]).
+    /// Never once retired.
+    pub fn due(&mut self, now: Instant) -> bool {
+        if self.retired {
+            return false;
+        }
+        if self.next.is_some_and(|next| now < next) {
+            self.pending = true;
+            return false;
+        }
+        self.pending = false;
+        true
+    }
+
+    /// The snapshot just taken cost `cost`: past
+    /// [`crate::adopt::SNAPSHOT_FREE`] (thousands of listeners), the next
+    /// one waits ten times as long, so that snapshots never take more than
+    /// a tenth of the loop's time.
+    pub fn took(&mut self, now: Instant, cost: Duration) {
+        self.next = (cost > crate::adopt::SNAPSHOT_FREE).then(|| now + cost * 10);
+    }
+
+    /// When the snapshot put off by [`Keeper::due`] is due.
+    pub fn wakeup(&self) -> Option<Instant> {
+        self.next.filter(|_| self.pending && !self.retired)
+    }
+
+    fn hello(&self, budget: Option<Budget>) {
+        let mut env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
+            .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| k.as_bytes() == p.as_bytes()))
+            .map(|(k, v)| (k.into_vec(), v.into_vec()))
+            .collect();
+        if let Some((soft, _)) = crate::fds::workers_nofile() {
+            env.retain(|(k, _)| k.as_slice() != crate::fds::NOFILE_ENV.as_bytes());
+            env.push((
+                crate::fds::NOFILE_ENV.as_bytes().to_vec(),
+                soft.to_string().into_bytes(),
+            ));
+        }
+        let message = Message::Hello {
+            argv: std::env::args_os().map(OsString::into_vec).collect(),
+            env,
+            cwd: std::env::current_dir()
+                .map(|d| d.into_os_string().into_vec())
+                .unwrap_or_else(|_| b"/".to_vec()),
+            restarts: budget
+                .filter(|b| b.restarts > 0)
+                .map(|b| (b.restarts, b.window.as_millis() as u64)),
+        };
+        self.send(&message, &[]);
+    }
+
+    /// Its pid, when it is this master's child.
+    pub fn pid(&self) -> Option<Pid> {
+        self.child
+    }
+
+    /// A task that says when the keeper is gone (its channel ended): a new
+    /// one is started then.
+    pub fn on_gone(&self, gone: impl FnOnce() + Send + 'static) {
+        let channel = self.channel.clone();
+        tokio::spawn(async move {
+            // The keeper sends nothing: whatever comes, or the end, means
+            // it is gone.
+            let _ = channel.recv::<()>().await;
+            gone();
+        });
+    }
+
+    /// Has the keeper watch worker `pid`: if this master dies and no other
+    /// adopts it, it is sent `stop_signal` and its process group is killed
+    /// `drain_timeout` later.
+    pub fn watch(&mut self, pid: Pid, drain_timeout: Duration, stop_signal: Signal) {
+        let pidfd = match crate::steering::pidfd(pid.as_raw() as u32) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(pid = pid.as_raw(), error = %e, "cannot open a pidfd for the keeper");
+                return;
+            }
+        };
+        if let Some(start) = start_time(pid.as_raw()) {
+            self.started.insert(pid.as_raw(), start);
+        }
+        let message = Message::Watch {
+            pid: pid.as_raw(),
+            drain_ms: drain_timeout.as_millis() as u64,
+            stop_signal: stop_signal as i32,
+        };
+        self.send(&message, &[pidfd.as_fd()]);
+    }
+
+    /// The worker `pid` was reaped.
+    pub fn forget(&mut self, pid: Pid) {
+        self.started.remove(&pid.as_raw());
+        self.send(&Message::Forget { pid: pid.as_raw() }, &[]);
+    }
+
+    /// The start time of worker `pid` (see [`start_time`]), as watched.
+    pub fn started(&self, pid: i32) -> Option<u64> {
+        self.started.get(&pid).copied()
+    }
+
+    /// Records a start time known from a snapshot (an adopted worker).
+    pub fn remember_start(&mut self, pid: i32, start: u64) {
+        self.started.insert(pid, start);
+    }
+
+    /// Sends `json`, the master's state naming `places` (fds open in this
+    /// process), unless it is what was sent last. The fds the keeper does
+    /// not hold yet go first.
+    pub fn sync(&mut self, json: Vec<u8>, places: &[BorrowedFd<'_>]) {
+        if self.retired {
+            return;
+        }
+        let mut inodes = Vec::with_capacity(places.len());
+        for fd in places {
+            match crate::steering::inode(*fd) {
+                Ok(ino) => inodes.push(ino),
+                Err(e) => {
+                    tracing::warn!(fd = fd.as_raw_fd(), error = %e, "cannot snapshot an fd for the keeper");
+                    return;
+                }
+            }
+        }
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|(j, i)| *j == json && *i == inodes)
+        {
+            return;
+        }
+        let mut new: Vec<(u64, BorrowedFd<'_>)> = Vec::new();
+        let mut seen = HashSet::new();
+        for (ino, fd) in inodes.iter().zip(places) {
+            if !self.held.contains(ino) && seen.insert(*ino) {
+                new.push((*ino, *fd));
+            }
+        }
+        for batch in new.chunks(HOLD_BATCH) {
+            let message = Message::Hold {
+                inodes: batch.iter().map(|(i, _)| *i).collect(),
+            };
+            let fds: Vec<BorrowedFd<'_>> = batch.iter().map(|(_, f)| *f).collect();
+            if !self.send(&message, &fds) {
+                return self.resync();
+            }
+        }
+        let memfd = match sealed_memfd(&json) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot write the keeper's snapshot");
+                return;
+            }
+        };
+        let message = Message::Snapshot {
+            places: inodes.clone(),
+        };
+        if !self.send(&message, &[memfd.as_fd()]) {
+            return self.resync();
+        }
+        self.held = inodes.iter().copied().collect();
+        self.last = Some((json, inodes));
+    }
+
+    /// A message was lost: the next sync sends every fd again.
+    fn resync(&mut self) {
+        self.held.clear();
+        self.last = None;
+    }
+
+    /// This master stops or hands over: the keeper starts no other one.
+    pub fn retire(&mut self) {
+        if !self.retired {
+            self.retired = true;
+            self.send(&Message::Retire, &[]);
+        }
+    }
+
+    /// Tells the keeper to exit and leave every worker alone (before this
+    /// master execs itself).
+    pub fn release(&mut self) {
+        self.retired = true;
+        self.send(&Message::Release, &[]);
+    }
+
+    fn send(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> bool {
+        match self.channel.try_send(message, fds) {
+            Ok(()) => true,
+            Err(e) => {
+                // Its end is noticed by `on_gone`.
+                if !e.is_peer_gone() {
+                    tracing::warn!(error = %e, "cannot tell the keeper");
+                }
+                false
+            }
+        }
+    }
+}
+
+/// A process's start time (`/proc/PID/stat`, field 22, in clock ticks since
+/// boot): with the pid, it names one process.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    // `rest` starts at field 3 (the state).
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// A memfd holding `bytes`, sealed against any change.
+fn sealed_memfd(bytes: &[u8]) -> anyhow::Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let fd = memfd_create(
+        c"baton-snapshot",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes)?;
+    fcntl(
+        file.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SEAL
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_WRITE,
+        ),
+    )?;
+    Ok(file.into())
+}
+
+/// The signals the keeper ignored, back to their defaults: a master the
+/// keeper started inherits its dispositions. Must run before any thread
+/// starts.
+pub fn restore_signals() {
+    for signal in IGNORED {
+        // SAFETY: SIG_DFL installs no handler code; no other thread runs.
+        let _ = unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) };
+    }
+}
+
+/// A watched worker.
+struct Watched {
+    pidfd: OwnedFd,
+    drain: Duration,
+    stop_signal: i32,
+}
+
+/// What the keeper holds for the master.
+#[derive(Default)]
+struct Kept {
+    hello: Option<Hello>,
+    /// One fd per socket inode.
+    held: HashMap<u64, OwnedFd>,
+    /// The last snapshot and the inode of each fd it names.
+    snapshot: Option<(OwnedFd, Vec<u64>)>,
+    watched: BTreeMap<i32, Watched>,
+    retired: bool,
+    /// When masters died, within the budget's window.
+    deaths: VecDeque<Instant>,
+    /// Exit statuses reaped (the master's, while it is looked for).
+    exits: HashMap<i32, String>,
+}
+
+struct Hello {
+    argv: Vec<Vec<u8>>,
+    env: Vec<(Vec<u8>, Vec<u8>)>,
+    cwd: Vec<u8>,
+    restarts: Option<(u32, u64)>,
+}
+
+/// How the channel to a master ended.
+enum End {
+    /// Told to exit.
+    Released,
+    /// The master is gone.
+    Gone,
+}
+
+/// `baton __keeper`: runs until the master releases it, or the masters are
+/// gone for good and every worker left has exited or been killed. Returns
+/// the exit code.
+pub fn main() -> i32 {
+    for signal in IGNORED {
+        // SAFETY: SIG_IGN installs no handler code; nothing else in this
+        // process touches signal dispositions.
+        let _ = unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn) };
+    }
+    // The workers of a master it started are re-parented here when that
+    // master dies, and reaped here.
+    crate::orphans::become_subreaper();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("baton keeper: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(keep())
+}
+
+async fn keep() -> i32 {
+    let stdin = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("baton keeper: {e}");
+            return 1;
+        }
+    };
+    let mut channel = match Channel::new(stdin) {
+        Ok(channel) => channel,
+        Err(e) => {
+            eprintln!("baton keeper: stdin is not a control channel: {e}");
+            return 1;
+        }
+    };
+    // Its stdin goes to no master it starts.
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+    }
+    let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("baton keeper: {e}");
+            return 1;
+        }
+    };
+    let mut kept = Kept::default();
+    // The first master is this keeper's parent; the later ones, its
+    // children.
+    let mut master = nix::unistd::getppid();
+    let mut master_is_child = false;
+    loop {
+        if let End::Released = serve(&channel, &mut kept, &mut sigchld).await {
+            return 0;
+        }
+        let how = if master_is_child {
+            master_exit(master, &mut kept).await
+        } else {
+            // Its parent's, read while it is a zombie, if it still is.
+            zombie_exit(master.as_raw())
+                .unwrap_or_else(|| "status unknown: it was not the keeper's child".to_string())
+        };
+        if kept.retired {
+            break;
+        }
+        let Some(hello) = &kept.hello else { break };
+        let Some((budget, window)) = hello.restarts else {
+            eprintln!("baton keeper: the master (pid {master}) died ({how}) and master_restarts is off: stopping its workers");
+            break;
+        };
+        let now = Instant::now();
+        let window = Duration::from_millis(window);
+        kept.deaths.retain(|d| now.duration_since(*d) < window);
+        if kept.deaths.len() >= budget as usize {
+            eprintln!(
+                "baton keeper: the master (pid {master}) died ({how}), the {}th death within {window:?} (master_restarts = \"{budget} in {window:?}\"): stopping its workers",
+                kept.deaths.len() + 1
+            );
+            break;
+        }
+        kept.deaths.push_back(now);
+        match start_master(&kept, master.as_raw(), &how) {
+            Ok((pid, mine)) => {
+                eprintln!(
+                    "baton keeper: the master (pid {master}) died ({how}): started pid {pid} to adopt its workers"
+                );
+                channel = mine;
+                master = pid;
+                master_is_child = true;
+                kept.retired = false;
+            }
+            Err(e) => {
+                eprintln!("baton keeper: the master (pid {master}) died ({how}) and no other could be started ({e:#}): stopping its workers");
+                break;
+            }
+        }
+    }
+    drop(channel);
+    give_up(kept, &mut sigchld).await;
+    0
+}
+
+/// Reads the master's messages until it is gone or releases the keeper,
+/// reaping the children re-parented here meanwhile.
+async fn serve(
+    channel: &Channel,
+    kept: &mut Kept,
+    sigchld: &mut tokio::signal::unix::Signal,
+) -> End {
+    loop {
+        let received = tokio::select! {
+            received = channel.recv::<Message>() => received,
+            _ = sigchld.recv() => {
+                reap(kept);
+                continue;
+            }
+        };
+        match received {
+            Ok(Some(received)) => {
+                let mut fds = received.fds.into_iter();
+                match received.message {
+                    Message::Hello {
+                        argv,
+                        env,
+                        cwd,
+                        restarts,
+                    } => {
+                        kept.hello = Some(Hello {
+                            argv,
+                            env,
+                            cwd,
+                            restarts,
+                        })
+                    }
+                    Message::Watch {
+                        pid,
+                        drain_ms,
+                        stop_signal,
+                    } => {
+                        if let Some(pidfd) = fds.next() {
+                            let drain = Duration::from_millis(drain_ms);
+                            kept.watched.insert(
+                                pid,
+                                Watched {
+                                    pidfd,
+                                    drain,
+                                    stop_signal,
+                                },
+                            );
+                        }
+                    }
+                    Message::Forget { pid } => {
+                        kept.watched.remove(&pid);
+                    }
+                    Message::Hold { inodes } => {
+                        for (ino, fd) in inodes.into_iter().zip(fds) {
+                            kept.held.insert(ino, fd);
+                        }
+                    }
+                    Message::Snapshot { places } => {
+                        if let Some(memfd) = fds.next() {
+                            let wanted: HashSet<u64> = places.iter().copied().collect();
+                            kept.held.retain(|ino, _| wanted.contains(ino));
+                            kept.snapshot = Some((memfd, places));
+                        }
+                    }
+                    Message::Retire => kept.retired = true,
+                    Message::Release => return End::Released,
+                }
+            }
+            Ok(None) => return End::Gone,
+            Err(e) if e.is_peer_gone() => return End::Gone,
+            Err(channel::ChannelError::Io(e)) => {
+                eprintln!("baton keeper: reading the master's channel: {e}");
+                return End::Gone;
+            }
+            // A message it cannot decode: from a master of another
+            // version, or garbage. Ignore it.
+            Err(_) => continue,
+        }
+    }
+}
+
+/// Reaps every exited child, keeping their statuses for [`master_exit`].
+fn reap(kept: &mut Kept) {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => {
+                kept.exits
+                    .insert(pid.as_raw(), format!("exit status {code}"));
+            }
+            Ok(WaitStatus::Signaled(pid, signal, _)) => {
+                kept.exits.insert(pid.as_raw(), format!("signal {signal}"));
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => {}
+        }
+        // Only the master's status is ever asked for: keep the map small.
+        if kept.exits.len() > 64 {
+            kept.exits.clear();
+        }
+    }
+}
+
+/// How the master (a child of the keeper) ended: its channel is closed, so
+/// it exits now; waits for its status a second at most.
+async fn master_exit(master: Pid, kept: &mut Kept) -> String {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        reap(kept);
+        if let Some(how) = kept.exits.remove(&master.as_raw()) {
+            return how;
+        }
+        if Instant::now() >= deadline {
+            return "status unknown".into();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// How `pid`, a zombie not reaped yet, ended (`/proc/PID/stat`, field 52,
+/// the status `waitpid` would give).
+fn zombie_exit(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() != Some(&"Z") {
+        return None;
+    }
+    Some(describe_status(fields.get(49)?.parse().ok()?))
+}
+
+/// A `waitpid` status as the log says it.
+fn describe_status(status: i32) -> String {
+    if status & 0x7f != 0 {
+        match Signal::try_from(status & 0x7f) {
+            Ok(signal) => format!("signal {signal}"),
+            Err(_) => format!("signal {}", status & 0x7f),
+        }
+    } else {
+        format!("exit status {}", (status >> 8) & 0xff)
+    }
+}
+
+/// Starts a master to adopt what the dead one left: the fds of the last
+/// snapshot at 3, 4, ..., then the snapshot and the new master's end of a
+/// channel to the keeper.
+fn start_master(kept: &Kept, previous: i32, how: &str) -> anyhow::Result<(Pid, Channel)> {
+    let hello = kept.hello.as_ref().context("the master never said hello")?;
+    let (snapshot, places) = kept
+        .snapshot
+        .as_ref()
+        .context("the master left no snapshot")?;
+    let mut fds: Vec<RawFd> = Vec::with_capacity(places.len() + 2);
+    for ino in places {
+        let fd = kept
+            .held
+            .get(ino)
+            .with_context(|| format!("the snapshot names socket inode {ino}, not held"))?;
+        fds.push(fd.as_raw_fd());
+    }
+    let (mine, theirs) = channel::pair().context("creating a channel for the new master")?;
+    let first = 3;
+    let snapshot_fd = first + fds.len() as RawFd;
+    fds.push(snapshot.as_raw_fd());
+    fds.push(theirs.as_raw_fd());
+    let os = |b: &[u8]| OsString::from_vec(b.to_vec());
+    let mut env: Vec<(OsString, OsString)> =
+        hello.env.iter().map(|(k, v)| (os(k), os(v))).collect();
+    let watched: Vec<String> = kept.watched.keys().map(i32::to_string).collect();
+    for (key, value) in [
+        (FDS_ENV, first.to_string()),
+        (SNAPSHOT_FD_ENV, snapshot_fd.to_string()),
+        (KEEPER_FD_ENV, (snapshot_fd + 1).to_string()),
+        (PREVIOUS_ENV, format!("{previous}:{how}")),
+        (WATCHED_ENV, watched.join(",")),
+    ] {
+        env.push((key.into(), value.into()));
+    }
+    let command = hello
+        .argv
+        .iter()
+        .map(|a| String::from_utf8(a.clone()).context("an argument is not UTF-8"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!command.is_empty(), "the master said hello without argv");
+    let plan = crate::exec::Plan {
+        command,
+        exe: Some("/proc/self/exe".into()),
+        env,
+        listen_pid: false,
+        fds: crate::exec::Fds::Place(fds),
+        cwd: Some(os(&hello.cwd).into()),
+        credentials: None,
+        rlimit_nofile: None,
+        nonblocking: false,
+        death_signal: None,
+        capture_output: false,
+        process_group: false,
+    };
+    let child = crate::exec::spawn(plan)?;
+    let pid = Pid::from_raw(child.id() as i32);
+    // Reaped by `reap`.
+    drop(child);
+    drop(theirs);
+    let channel = Channel::new(mine).context("registering the new master's channel")?;
+    Ok((pid, channel))
+}
+
+/// No master will come: lets go of every fd (SDK workers see their channel
+/// end and drain), stops the other workers, and waits until each watched
+/// worker has exited or its drain deadline passed, then kills its process
+/// group.
+async fn give_up(kept: Kept, sigchld: &mut tokio::signal::unix::Signal) {
+    let Kept {
+        held,
+        snapshot,
+        mut watched,
+        ..
+    } = kept;
+    drop(held);
+    drop(snapshot);
+    for w in watched.values() {
+        if !exited(&w.pidfd) {
+            let _ = pidfd_signal(&w.pidfd, w.stop_signal);
+        }
+    }
+    let start = Instant::now();
+    loop {
+        watched.retain(|pid, w| {
+            if exited(&w.pidfd) {
+                return false;
+            }
+            if start.elapsed() < w.drain {
+                return true;
+            }
+            eprintln!(
+                "baton keeper: the master is gone and worker {pid} still runs after its drain timeout ({:?}): killed",
+                w.drain
+            );
+            // The pidfd says the process leading the group still lives,
+            // so the group id is still its.
+            let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+            let _ = pidfd_signal(&w.pidfd, libc::SIGKILL);
+            false
+        });
+        if watched.is_empty() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = sigchld.recv() => {}
+        }
+        while let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
+            waitpid(None, Some(WaitPidFlag::WNOHANG))
+        {}
+    }
+}
+
+/// Whether the process behind `pidfd` has exited (a pidfd polls readable).
+pub fn exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: poll on one pollfd on the stack, without waiting.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    rc > 0 && fds[0].revents != 0
+}
+
+/// `signal` through the pidfd: never reaches a process that reused the pid.
+pub fn pidfd_signal(pidfd: &OwnedFd, signal: i32) -> std::io::Result<()> {
+    // SAFETY: pidfd_send_signal(2) with a null siginfo and no flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_start_time_is_read_and_stable() {
+        let me = std::process::id() as i32;
+        let first = start_time(me).expect("this process has a start time");
+        assert_eq!(start_time(me), Some(first));
+        assert_eq!(start_time(i32::MAX), None);
+    }
+
+    #[test]
+    fn wait_statuses_read_as_the_log_says_them() {
+        assert_eq!(describe_status(9), "signal SIGKILL");
+        assert_eq!(describe_status(9 | 0x80), "signal SIGKILL");
+        assert_eq!(describe_status(3 << 8), "exit status 3");
+        assert_eq!(describe_status(0), "exit status 0");
+    }
+
+    #[test]
+    fn a_sealed_snapshot_cannot_change() {
+        let fd = sealed_memfd(b"{}").unwrap();
+        let mut file = std::fs::File::from(fd);
+        assert!(file.write_all(b"x").is_err());
+        let mut text = String::new();
+        use std::io::{Read, Seek};
+        file.rewind().unwrap();
+        file.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "{}");
+    }
+}

@@ -1,0 +1,183 @@
+//! The master and its keeper (see [`crate::keeper`]): the snapshots that
+//! let another master adopt the workers if this one dies, a keeper that
+//! died replaced, and the adoption itself (see [`crate::adopt`]).
+
+use super::Master;
+use crate::adopt::{Adoption, Service, Snapshot};
+use crate::fleet::GenerationState;
+use tokio::time::Instant;
+
+impl Master {
+    /// After a turn of the loop: the keeper gets a snapshot of what
+    /// changed (see [`crate::keeper::Keeper::due`]).
+    pub(crate) fn keep(&mut self) {
+        let now = Instant::now();
+        let Some(keeper) = self.children.keeper_mut() else {
+            return;
+        };
+        if !keeper.due(now) {
+            return;
+        }
+        let keeper = self.children.keeper().expect("checked above");
+        let started = |pid| keeper.started(pid);
+        let service = Service {
+            fleet: &self.fleet,
+            endpoints: self.endpoints.kept_fds(),
+            probation: self
+                .operation
+                .rollout()
+                .map(|r| (r.generation(), r.standby())),
+            upgrade_child: self.operation.upgrade().map(|u| u.child()),
+            adoptions: self.program.adopted.as_ref().map_or(0, |a| a.count),
+            started: &started,
+        };
+        match Snapshot::take(service) {
+            Ok((json, places)) => {
+                // SAFETY: the fleet and the endpoints hold these fds open
+                // until this turn ends.
+                let fds = unsafe { crate::adopt::borrow_all(&places) };
+                if let Some(keeper) = self.children.keeper_mut() {
+                    keeper.sync(json, &fds);
+                    keeper.took(now, now.elapsed());
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot snapshot the master for its keeper")
+            }
+        }
+    }
+
+    /// When the next snapshot is due, if one was put off.
+    pub(crate) fn keep_wakeup(&self) -> Option<Instant> {
+        self.children.keeper().and_then(|k| k.wakeup())
+    }
+
+    /// The keeper is gone: another one is started and told everything.
+    pub(crate) fn keeper_gone(&mut self) {
+        if self.operation.stopping().is_some() {
+            return;
+        }
+        tracing::warn!(
+            event = "keeper.restarted",
+            "the keeper is gone; starting another"
+        );
+        let budget = self.config.supervisor.master_restarts.0;
+        self.children.start_keeper(None, budget, &self.events);
+        self.guard_every_worker();
+    }
+
+    /// This master stops, or hands over to an upgrade's: the keeper will
+    /// not start another when it is gone.
+    pub(crate) fn retire_keeper(&mut self) {
+        if let Some(keeper) = self.children.keeper_mut() {
+            keeper.retire();
+        }
+    }
+
+    /// Adopts what a master that died left (see [`crate::adopt`]). Returns
+    /// whether a generation is current (else one is to be started).
+    pub(crate) fn adopt(&mut self, adoption: Adoption) -> anyhow::Result<bool> {
+        let Adoption {
+            state,
+            probation,
+            upgrade_child,
+            adopted,
+            watched,
+            ..
+        } = adoption;
+        tracing::warn!(
+            event = "master.adopted",
+            previous_pid = adopted.previous_pid,
+            died = %adopted.how,
+            adoptions = adopted.count,
+            "adopting the workers of a master that died"
+        );
+        let workers: Vec<(i32, Option<u64>)> = state.workers().collect();
+        state.adopt(
+            &mut self.fleet,
+            &self.config,
+            &self.events,
+            &mut self.children,
+        )?;
+        // Not its children: each exit is seen through a pidfd.
+        for (pid, start) in &workers {
+            let pidfd = crate::adopt::verify(*pid, *start);
+            if let (Some(start), Some(keeper)) = (start, self.children.keeper_mut()) {
+                keeper.remember_start(*pid, *start);
+            }
+            if pidfd.is_none() {
+                tracing::warn!(
+                    pid,
+                    "an adopted worker is not the process the snapshot named: taken as exited"
+                );
+            }
+            crate::adopt::watch_exit(&self.events, *pid, pidfd);
+        }
+        // Started after the last snapshot: nobody knows it now.
+        for pid in watched {
+            if workers.iter().any(|(p, _)| *p == pid) {
+                continue;
+            }
+            if let Some(pidfd) = crate::adopt::verify(pid, None) {
+                tracing::warn!(pid, "a worker started after the last snapshot: stopped");
+                let signal = self.config.worker.stop_signal.0 as i32;
+                let _ = crate::keeper::pidfd_signal(&pidfd, signal);
+            }
+        }
+        self.guard_every_worker();
+        self.resolve_adopted(probation, upgrade_child);
+        self.fleet.steer_to_current();
+        self.metrics.adopted(adopted.count);
+        self.program.adopted = Some(adopted);
+        Ok(self.fleet.current_number().is_some())
+    }
+
+    /// What was in progress when the previous master died: a probation
+    /// rolls back, a generation still starting is stopped, an upgrade's
+    /// new master is stopped.
+    fn resolve_adopted(
+        &mut self,
+        probation: Option<(u64, u64)>,
+        upgrade: Option<(i32, Option<u64>)>,
+    ) {
+        if let Some((number, standby)) = probation {
+            if self.fleet.get(standby).is_some() {
+                tracing::warn!(
+                    event = "rollout.rolled_back",
+                    generation = number,
+                    restored = standby,
+                    reason = "the master died during probation",
+                    "rolled back after cutover"
+                );
+                self.fleet.roll_back(number, standby);
+            }
+        }
+        let unfinished: Vec<(u64, std::time::Duration)> = self
+            .fleet
+            .iter()
+            .filter(|g| {
+                matches!(
+                    g.state(),
+                    GenerationState::Starting | GenerationState::Standby
+                )
+            })
+            .map(|g| (g.number(), g.config().worker.drain_timeout.0))
+            .collect();
+        for (number, drain) in unfinished {
+            tracing::warn!(
+                generation = number,
+                "a generation the master that died left unfinished: stopped"
+            );
+            self.fleet.fail(number, drain);
+        }
+        if let Some((pid, start)) = upgrade {
+            if let Some(pidfd) = crate::adopt::verify(pid, start) {
+                tracing::warn!(
+                    pid,
+                    "the new master of an upgrade the master that died left unfinished: stopped"
+                );
+                let _ = crate::keeper::pidfd_signal(&pidfd, libc::SIGTERM);
+            }
+        }
+    }
+}
