@@ -2,8 +2,8 @@
 //!
 //! While it runs, a master keeps its keeper (see [`crate::keeper`]) up to
 //! date: after every turn of its loop that changed something (less often
-//! when a snapshot costs more than [`SNAPSHOT_FREE`]), a [`Snapshot`] of
-//! its generations, workers,
+//! with more than [`SNAPSHOT_FDS`] fds), a [`Snapshot`] of its
+//! generations, workers,
 //! listeners and port groups (the state an in-place upgrade hands its new
 //! image, see [`crate::upgrade::exec`]), each generation's configuration
 //! as it runs, what was in progress, and the fds all that names.
@@ -31,12 +31,11 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::io::{Read, Seek};
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
 
-/// A snapshot that takes longer puts the next one off (by ten times what
-/// it took): with thousands of listeners, not every turn of the loop is
+/// A snapshot naming more fds puts the next one off (by ten times what it
+/// took): with hundreds of listeners, not every turn of the loop is
 /// followed by one.
-pub const SNAPSHOT_FREE: Duration = Duration::from_millis(1);
+pub const SNAPSHOT_FDS: usize = 256;
 
 /// What a master leaves its keeper.
 #[derive(Debug, Serialize, Deserialize)]

@@ -219,12 +219,13 @@ impl Keeper {
         true
     }
 
-    /// The snapshot just taken cost `cost`: past
-    /// [`crate::adopt::SNAPSHOT_FREE`] (thousands of listeners), the next
+    /// The snapshot just taken, of `fds` fds, cost `cost`: with more than
+    /// [`crate::adopt::SNAPSHOT_FDS`] fds (hundreds of listeners), the next
     /// one waits ten times as long, so that snapshots never take more than
-    /// a tenth of the loop's time.
-    pub fn took(&mut self, now: Instant, cost: Duration) {
-        self.next = (cost > crate::adopt::SNAPSHOT_FREE).then(|| now + cost * 10);
+    /// a tenth of the loop's time. Smaller ones follow every turn: the
+    /// keeper never holds a state older than the last turn.
+    pub fn took(&mut self, now: Instant, cost: Duration, fds: usize) {
+        self.next = (fds > crate::adopt::SNAPSHOT_FDS).then(|| now + cost * 10);
     }
 
     /// When the snapshot put off by [`Keeper::due`] is due.

@@ -38,7 +38,7 @@ impl Master {
                 let fds = unsafe { crate::adopt::borrow_all(&places) };
                 if let Some(keeper) = self.children.keeper_mut() {
                     keeper.sync(json, &fds);
-                    keeper.took(now, now.elapsed());
+                    keeper.took(now, now.elapsed(), fds.len());
                 }
             }
             Err(e) => {
