@@ -61,10 +61,10 @@ pub struct Children {
 }
 
 impl Children {
-    /// Starts a keeper (a new one replaces one told to exit before an
-    /// exec that failed: that one is nobody's now), or, in a master a
-    /// keeper started, greets that one (`attach`, its channel). When its
-    /// channel ends, `events` gets [`crate::master::Event::KeeperGone`].
+    /// Starts a keeper (a new one replaces one that is gone), or greets
+    /// the one that started this master, kept its previous image or is its
+    /// container's PID 1 (`attach`, its channel). When its channel ends,
+    /// `events` gets [`crate::master::Event::KeeperGone`].
     pub fn start_keeper(
         &mut self,
         attach: Option<std::os::fd::OwnedFd>,

@@ -587,6 +587,13 @@ fn run(path: &Path) -> anyhow::Result<()> {
     if std::env::var_os(crate::keeper::FDS_ENV).is_some() {
         crate::keeper::restore_signals();
     }
+    // A container's PID 1 becomes the keeper, the master its child: a
+    // dead master does not take the pid namespace with it.
+    if std::process::id() == 1 && std::env::var_os(crate::keeper::KEEPER_FD_ENV).is_none() {
+        if let Some(code) = crate::keeper::init() {
+            std::process::exit(code);
+        }
+    }
     let program = Program::current();
     crate::fds::close_on_exec_inherited().context("marking inherited fds close-on-exec")?;
     crate::fds::raise_nofile();
@@ -627,16 +634,15 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
     let running = adoption
         .as_ref()
         .and_then(|a| a.config(&std::path::absolute(path).unwrap_or_else(|_| path.into())));
-    let config =
-        match running.map_or_else(|| Config::load(path).map_err(anyhow::Error::from), |c| c) {
-            Ok(config) => config,
-            Err(e) => {
-                if let Some(takeover) = &takeover {
-                    takeover.fail("config", &e.to_string());
-                }
-                return Err(e);
+    let config = match running.unwrap_or_else(|| Config::load(path).map_err(anyhow::Error::from)) {
+        Ok(config) => config,
+        Err(e) => {
+            if let Some(takeover) = &takeover {
+                takeover.fail("config", &e.to_string());
             }
-        };
+            return Err(e);
+        }
+    };
     let log = match crate::logging::init(
         &config.supervisor.log_filter,
         config.supervisor.log_format,

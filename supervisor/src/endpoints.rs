@@ -86,6 +86,23 @@ impl Endpoints {
         self.serve_admin();
     }
 
+    /// Names the control socket in `command`'s environment (an exec
+    /// upgrade's new image serves it: its keeper holds a copy, so a socket
+    /// file with no master behind it is not stale); returns its fd, to be
+    /// inherited.
+    pub fn hand_control_to(&self, command: &mut std::process::Command) -> Option<i32> {
+        match &self.control {
+            Some(control) => {
+                command.env(crate::control::CONTROL_FD_ENV, control.fd().to_string());
+                Some(control.fd())
+            }
+            None => {
+                command.env_remove(crate::control::CONTROL_FD_ENV);
+                None
+            }
+        }
+    }
+
     /// Names the admin socket (if any) in `command`'s environment; returns
     /// its fd, to be inherited. Without one, a stale name is removed.
     pub fn hand_admin_to(&self, command: &mut std::process::Command) -> Option<i32> {

@@ -29,12 +29,13 @@
 //! kills, at its drain deadline, the process group of every worker still
 //! running. A master that stops, or hands over to an upgrade's new master,
 //! retires its keeper first: then its death is only enforced, never
-//! restarted. A master that re-executes itself releases it: its new image
-//! starts a keeper of its own.
+//! restarted. A master that re-executes itself hands the channel to its
+//! new image, which greets the same keeper.
 //!
 //! The keeper ignores the signals a terminal or an init system sends to a
 //! whole process group (it starts in the master's): only the channel
-//! matters.
+//! matters. As a container's PID 1 ([`init`]) it is the master's parent
+//! instead, and passes the signals it gets on to the master.
 
 use anyhow::Context;
 use baton_wire::channel::{self, Channel};
@@ -52,8 +53,11 @@ use tokio::time::Instant;
 
 /// The first argument that makes the `baton` binary a keeper.
 pub const ARG: &str = "__keeper";
-/// In a master the keeper started: the fd of the keeper's channel.
+/// In a master the keeper started (or that re-executed itself): the fd
+/// of the keeper's channel.
 pub const KEEPER_FD_ENV: &str = "BATON_KEEPER_FD";
+/// In a master whose keeper is its container's PID 1 (see [`init`]).
+pub const INIT_ENV: &str = "BATON_KEEPER_INIT";
 /// In a master the keeper started: the snapshot's memfd.
 pub const SNAPSHOT_FD_ENV: &str = "BATON_ADOPT_SNAPSHOT_FD";
 /// In a master the keeper started: the fd where the snapshot's fds start
@@ -68,7 +72,7 @@ pub const WATCHED_ENV: &str = "BATON_ADOPT_WATCHED";
 
 /// The variables a master reads once and that no other master it starts
 /// may see again.
-const PRIVATE_ENV: [&str; 11] = [
+const PRIVATE_ENV: [&str; 12] = [
     KEEPER_FD_ENV,
     SNAPSHOT_FD_ENV,
     FDS_ENV,
@@ -78,6 +82,7 @@ const PRIVATE_ENV: [&str; 11] = [
     crate::upgrade::handoff::UPGRADE_FD_ENV,
     crate::upgrade::handoff::BINARY_FD_ENV,
     crate::admin::ADMIN_FD_ENV,
+    crate::control::CONTROL_FD_ENV,
     "LISTEN_FDS",
     "LISTEN_PID",
 ];
@@ -126,8 +131,6 @@ enum Message {
     /// The master stops, or handed over to an upgrade: do not start
     /// another when it is gone.
     Retire,
-    /// The master execs itself and its workers live on: exit.
-    Release,
 }
 
 /// The master's end: a running keeper.
@@ -182,7 +185,8 @@ impl Keeper {
         Ok(keeper)
     }
 
-    /// In a master the keeper started: its channel, and greets it.
+    /// In a master the keeper started, or whose previous image it kept:
+    /// its channel, and greets it.
     pub fn attach(fd: OwnedFd, budget: Option<Budget>) -> anyhow::Result<Keeper> {
         let channel = Channel::new(fd).context("registering the keeper's channel")?;
         let keeper = Keeper::new(None, channel);
@@ -238,6 +242,9 @@ impl Keeper {
             .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| k.as_bytes() == p.as_bytes()))
             .map(|(k, v)| (k.into_vec(), v.into_vec()))
             .collect();
+        if under_init() && !env.iter().any(|(k, _)| k.as_slice() == INIT_ENV.as_bytes()) {
+            env.push((INIT_ENV.as_bytes().to_vec(), b"1".to_vec()));
+        }
         if let Some((soft, _)) = crate::fds::workers_nofile() {
             env.retain(|(k, _)| k.as_slice() != crate::fds::NOFILE_ENV.as_bytes());
             env.push((
@@ -384,11 +391,10 @@ impl Keeper {
         }
     }
 
-    /// Tells the keeper to exit and leave every worker alone (before this
-    /// master execs itself).
-    pub fn release(&mut self) {
-        self.retired = true;
-        self.send(&Message::Release, &[]);
+    /// Its channel's fd: a master that re-executes itself hands it to its
+    /// new image ([`KEEPER_FD_ENV`]), which greets the same keeper.
+    pub fn channel_fd(&self) -> RawFd {
+        self.channel.as_raw_fd()
     }
 
     fn send(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> bool {
@@ -436,6 +442,36 @@ fn sealed_memfd(bytes: &[u8]) -> anyhow::Result<OwnedFd> {
     Ok(file.into())
 }
 
+/// The keeper's channel a previous image of this master handed over
+/// across its exec, or that the keeper as PID 1 gave its first master
+/// ([`KEEPER_FD_ENV`], without the adoption's variables).
+pub fn inherited_channel() -> Option<OwnedFd> {
+    if let Some(from_init) = FROM_INIT.get() {
+        if let Some(fd) = from_init.lock().ok()?.take() {
+            return Some(fd);
+        }
+    }
+    if std::env::var_os(FDS_ENV).is_some() {
+        return None;
+    }
+    let value = std::env::var(KEEPER_FD_ENV).ok()?;
+    let fd: RawFd = value.parse().ok().filter(|fd| *fd > 2)?;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).ok()?;
+    let _ = crate::fds::set_cloexec(fd, true);
+    // SAFETY: handed to this process alone at this number, open (checked).
+    Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// In the first master of a keeper that is PID 1: its end of the channel.
+static FROM_INIT: std::sync::OnceLock<std::sync::Mutex<Option<OwnedFd>>> =
+    std::sync::OnceLock::new();
+
+/// Whether this master's keeper is its container's PID 1 (the first
+/// master, or one it started: [`INIT_ENV`]).
+pub fn under_init() -> bool {
+    FROM_INIT.get().is_some() || std::env::var_os(INIT_ENV).is_some()
+}
+
 /// The signals the keeper ignored, back to their defaults: a master the
 /// keeper started inherits its dispositions. Must run before any thread
 /// starts.
@@ -465,8 +501,9 @@ struct Kept {
     retired: bool,
     /// When masters died, within the budget's window.
     deaths: VecDeque<Instant>,
-    /// Exit statuses reaped (the master's, while it is looked for).
-    exits: HashMap<i32, String>,
+    /// Exit statuses reaped, as `waitpid` gives them (the master's, while
+    /// it is looked for).
+    exits: HashMap<i32, i32>,
 }
 
 struct Hello {
@@ -476,16 +513,7 @@ struct Hello {
     restarts: Option<(u32, u64)>,
 }
 
-/// How the channel to a master ended.
-enum End {
-    /// Told to exit.
-    Released,
-    /// The master is gone.
-    Gone,
-}
-
-/// `baton __keeper`: runs until the master releases it, or the masters are
-/// gone for good and every worker left has exited or been killed. Returns
+/// `baton __keeper`: runs until the masters are gone for good and every worker left has exited or been killed. Returns
 /// the exit code.
 pub fn main() -> i32 {
     for signal in IGNORED {
@@ -493,6 +521,58 @@ pub fn main() -> i32 {
         // process touches signal dispositions.
         let _ = unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigIgn) };
     }
+    let stdin = match std::io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("baton keeper: {e}");
+            return 1;
+        }
+    };
+    // Its stdin goes to no master it starts.
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
+    }
+    // The first master is this keeper's parent; the later ones, its
+    // children.
+    run(stdin, nix::unistd::getppid(), false)
+}
+
+/// As a container's PID 1 (the first `baton run` of a pid namespace):
+/// forks. The child returns `None` and goes on as the master, with a
+/// channel to the parent; the parent stays PID 1 as the master's keeper
+/// (it reaps every orphan, passes the signals it gets to the master, and
+/// starts another master if that one dies), and returns `Some` with its
+/// exit code: the last master's. Must run before any thread starts.
+pub fn init() -> Option<i32> {
+    let (keeper_end, master_end) = match channel::pair() {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("baton: cannot create the keeper's channel, running without a keeper: {e}");
+            return None;
+        }
+    };
+    // SAFETY: no other thread runs yet (the caller's promise): the child
+    // may do anything the parent could.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => {
+            eprintln!("baton: cannot fork the master from its keeper, running without one: {e}");
+            None
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(keeper_end);
+            // Taken by `inherited_channel`.
+            let _ = FROM_INIT.set(std::sync::Mutex::new(Some(master_end)));
+            None
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(master_end);
+            Some(run(keeper_end, child, true))
+        }
+    }
+}
+
+/// Runs the keeper on `channel`, to `master`.
+fn run(channel: OwnedFd, master: Pid, init: bool) -> i32 {
     // The workers of a master it started are re-parented here when that
     // master dies, and reaped here.
     crate::orphans::become_subreaper();
@@ -506,28 +586,81 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    runtime.block_on(keep())
+    runtime.block_on(keep(channel, master, init))
 }
 
-async fn keep() -> i32 {
-    let stdin = match std::io::stdin().as_fd().try_clone_to_owned() {
-        Ok(fd) => fd,
-        Err(e) => {
-            eprintln!("baton keeper: {e}");
-            return 1;
+/// The signals a keeper that is PID 1 passes to the master: what a
+/// container runtime or an operator sends the container.
+const FORWARDED: [Signal; 9] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGWINCH,
+];
+
+/// The signals to pass on, once they arrive.
+struct Forward(Vec<(Signal, tokio::signal::unix::Signal)>);
+
+impl Forward {
+    fn new(init: bool) -> Forward {
+        if !init {
+            return Forward(Vec::new());
         }
-    };
-    let mut channel = match Channel::new(stdin) {
+        Forward(
+            FORWARDED
+                .iter()
+                .filter_map(|s| {
+                    let kind = tokio::signal::unix::SignalKind::from_raw(*s as i32);
+                    Some((*s, tokio::signal::unix::signal(kind).ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    /// The next signal to pass on (never, when there is none).
+    async fn recv(&mut self) -> Signal {
+        if self.0.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = self.0.iter_mut().map(|(signal, stream)| {
+            Box::pin(async move {
+                stream.recv().await;
+                *signal
+            })
+        });
+        futures_select_all(waits).await
+    }
+}
+
+/// The first of `futures` to finish.
+async fn futures_select_all<F: std::future::Future<Output = Signal> + Unpin>(
+    futures: impl Iterator<Item = F>,
+) -> Signal {
+    let mut futures: Vec<F> = futures.collect();
+    std::future::poll_fn(move |cx| {
+        for f in futures.iter_mut() {
+            if let std::task::Poll::Ready(signal) = std::pin::Pin::new(f).poll(cx) {
+                return std::task::Poll::Ready(signal);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+async fn keep(channel: OwnedFd, first: Pid, init: bool) -> i32 {
+    let mut channel = match Channel::new(channel) {
         Ok(channel) => channel,
         Err(e) => {
-            eprintln!("baton keeper: stdin is not a control channel: {e}");
+            eprintln!("baton keeper: not a control channel: {e}");
             return 1;
         }
     };
-    // Its stdin goes to no master it starts.
-    if let Ok(null) = std::fs::File::open("/dev/null") {
-        let _ = nix::unistd::dup2(null.as_raw_fd(), 0);
-    }
     let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
         Ok(s) => s,
         Err(e) => {
@@ -535,22 +668,35 @@ async fn keep() -> i32 {
             return 1;
         }
     };
+    let mut forward = Forward::new(init);
     let mut kept = Kept::default();
-    // The first master is this keeper's parent; the later ones, its
-    // children.
-    let mut master = nix::unistd::getppid();
-    let mut master_is_child = false;
+    let mut master = first;
+    let mut master_is_child = init;
+    let mut code;
     loop {
-        if let End::Released = serve(&channel, &mut kept, &mut sigchld).await {
-            return 0;
-        }
-        let how = if master_is_child {
-            master_exit(master, &mut kept).await
+        serve(&channel, &mut kept, &mut sigchld, &mut forward, master).await;
+        let (how, status) = if master_is_child {
+            // A master that stops may take a while to exit; one that died
+            // is a zombie now.
+            let patience = if kept.retired && init {
+                Duration::from_secs(120)
+            } else {
+                Duration::from_secs(1)
+            };
+            master_exit(master, &mut kept, patience).await
         } else {
             // Its parent's, read while it is a zombie, if it still is.
-            zombie_exit(master.as_raw())
-                .unwrap_or_else(|| "status unknown: it was not the keeper's child".to_string())
+            zombie_exit(master.as_raw()).map_or_else(
+                || {
+                    (
+                        "status unknown: it was not the keeper's child".to_string(),
+                        None,
+                    )
+                },
+                |(how, status)| (how, Some(status)),
+            )
         };
+        code = status.map_or(1, exit_code);
         if kept.retired {
             break;
         }
@@ -588,21 +734,43 @@ async fn keep() -> i32 {
     }
     drop(channel);
     give_up(kept, &mut sigchld).await;
-    0
+    if init {
+        // As PID 1: every process of the namespace ends with this one.
+        code
+    } else {
+        0
+    }
 }
 
-/// Reads the master's messages until it is gone or releases the keeper,
-/// reaping the children re-parented here meanwhile.
+/// The exit code a `waitpid` status makes for a shell: the status, or
+/// 128 and the signal.
+fn exit_code(status: i32) -> i32 {
+    if status & 0x7f != 0 {
+        128 + (status & 0x7f)
+    } else {
+        (status >> 8) & 0xff
+    }
+}
+
+/// Reads the master's messages until it is gone,
+/// reaping the children re-parented here meanwhile, and passing on the
+/// signals a keeper that is PID 1 gets.
 async fn serve(
     channel: &Channel,
     kept: &mut Kept,
     sigchld: &mut tokio::signal::unix::Signal,
-) -> End {
+    forward: &mut Forward,
+    master: Pid,
+) {
     loop {
         let received = tokio::select! {
             received = channel.recv::<Message>() => received,
             _ = sigchld.recv() => {
                 reap(kept);
+                continue;
+            }
+            signal = forward.recv() => {
+                let _ = nix::sys::signal::kill(master, signal);
                 continue;
             }
         };
@@ -656,14 +824,13 @@ async fn serve(
                         }
                     }
                     Message::Retire => kept.retired = true,
-                    Message::Release => return End::Released,
                 }
             }
-            Ok(None) => return End::Gone,
-            Err(e) if e.is_peer_gone() => return End::Gone,
+            Ok(None) => return,
+            Err(e) if e.is_peer_gone() => return,
             Err(channel::ChannelError::Io(e)) => {
                 eprintln!("baton keeper: reading the master's channel: {e}");
-                return End::Gone;
+                return;
             }
             // A message it cannot decode: from a master of another
             // version, or garbage. Ignore it.
@@ -677,11 +844,10 @@ fn reap(kept: &mut Kept) {
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(pid, code)) => {
-                kept.exits
-                    .insert(pid.as_raw(), format!("exit status {code}"));
+                kept.exits.insert(pid.as_raw(), (code & 0xff) << 8);
             }
             Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                kept.exits.insert(pid.as_raw(), format!("signal {signal}"));
+                kept.exits.insert(pid.as_raw(), signal as i32);
             }
             Ok(WaitStatus::StillAlive) | Err(_) => return,
             Ok(_) => {}
@@ -693,17 +859,18 @@ fn reap(kept: &mut Kept) {
     }
 }
 
-/// How the master (a child of the keeper) ended: its channel is closed, so
-/// it exits now; waits for its status a second at most.
-async fn master_exit(master: Pid, kept: &mut Kept) -> String {
-    let deadline = Instant::now() + Duration::from_secs(1);
+/// How the master (a child of the keeper) ended, and its `waitpid`
+/// status: its channel is closed, so it exits now; waits for its status
+/// `patience` at most.
+async fn master_exit(master: Pid, kept: &mut Kept, patience: Duration) -> (String, Option<i32>) {
+    let deadline = Instant::now() + patience;
     loop {
         reap(kept);
-        if let Some(how) = kept.exits.remove(&master.as_raw()) {
-            return how;
+        if let Some(status) = kept.exits.remove(&master.as_raw()) {
+            return (describe_status(status), Some(status));
         }
         if Instant::now() >= deadline {
-            return "status unknown".into();
+            return ("status unknown".into(), None);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -711,14 +878,15 @@ async fn master_exit(master: Pid, kept: &mut Kept) -> String {
 
 /// How `pid`, a zombie not reaped yet, ended (`/proc/PID/stat`, field 52,
 /// the status `waitpid` would give).
-fn zombie_exit(pid: i32) -> Option<String> {
+fn zombie_exit(pid: i32) -> Option<(String, i32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (_, rest) = stat.rsplit_once(") ")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     if fields.first() != Some(&"Z") {
         return None;
     }
-    Some(describe_status(fields.get(49)?.parse().ok()?))
+    let status = fields.get(49)?.parse().ok()?;
+    Some((describe_status(status), status))
 }
 
 /// A `waitpid` status as the log says it.

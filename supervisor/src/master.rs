@@ -141,9 +141,13 @@ pub async fn run(
     // config stops here, before it touches anything. A new master started by
     // an upgrade takes it (and the pid file) over at the handover.
     let (control, pid_file) = if takeover.is_none() {
-        // A master that died left its socket, with the requests sent
-        // meanwhile in its queue.
-        let mut control = match adoption.as_mut().and_then(|a| a.control.take()) {
+        // A master that died, or this one's previous image, left its
+        // socket, with the requests sent meanwhile in its queue.
+        let inherited = adoption
+            .as_mut()
+            .and_then(|a| a.control.take())
+            .or_else(crate::control::inherited_fd);
+        let mut control = match inherited {
             Some(fd) => ControlSocket::adopt(fd, &config.supervisor.control_socket)?,
             None => ControlSocket::bind(&config.supervisor.control_socket)?,
         };
@@ -192,11 +196,13 @@ pub async fn run(
         master.endpoints.serve_admin();
     }
     let budget = master.config.supervisor.master_restarts.0;
-    master.children.start_keeper(
-        adoption.as_mut().and_then(|a| a.keeper.take()),
-        budget,
-        &master.events,
-    );
+    // A keeper that started this master, kept it across an exec, or is
+    // its container's PID 1; else a new one.
+    let attach = adoption
+        .as_mut()
+        .and_then(|a| a.keeper.take())
+        .or_else(crate::keeper::inherited_channel);
+    master.children.start_keeper(attach, budget, &master.events);
     if let Some(takeover) = takeover {
         let (fleet, events) = (&mut master.fleet, &master.events);
         master.lineage.take_over(takeover, fleet, events);

@@ -387,7 +387,6 @@ impl Worker {
         channel: Option<Arc<Channel>>,
         status: Option<String>,
         stop_signal: Signal,
-        app_version: Option<String>,
     ) -> Worker {
         Worker {
             pid,
@@ -401,7 +400,7 @@ impl Worker {
             reader: None,
             status,
             stop_signal,
-            app_version,
+            app_version: None,
             answer_due: None,
             startup: tracing::Span::none(),
         }

@@ -1,6 +1,7 @@
 //! baton as a container's PID 1 (a fresh pid namespace, as Docker and
-//! Kubernetes give it): SIGTERM drains, orphans re-parented to it are
-//! reaped.
+//! Kubernetes give it): PID 1 is the keeper and the master its child, so a
+//! dead master is replaced and its workers adopted; SIGTERM drains, orphans
+//! re-parented to PID 1 are reaped.
 
 use baton_tests::harness::{
     alive, children_of, config_with_worker, descendants, event_name, is_keeper, wrapped_worker,
@@ -59,22 +60,52 @@ fn as_pid_1_baton_reaps_orphans_and_drains_on_sigterm() {
         &[],
     );
     baton.wait_committed(1);
-    // baton is PID 1 inside; from here it is unshare's only child.
+    // The keeper is PID 1 inside, unshare's only child; the master is its
+    // child (pid 2 inside).
     let init: Pid = children_of(baton.pid())[0];
-    assert_eq!(
+    let master_of = |init: Pid| -> Pid {
+        children_of(init)
+            .into_iter()
+            .find(|p| {
+                std::fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"run"))
+            })
+            .expect("PID 1's master")
+    };
+    let master = master_of(init);
+    assert_ne!(
         std::fs::read_to_string(baton.dir().join("baton.pid"))
             .unwrap()
             .trim(),
-        "1"
+        "1",
+        "the master is not PID 1"
     );
 
     // Generation 1's worker and the child it left in its process group.
-    let generation_1: Vec<Pid> = children_of(init)
+    let generation_1: Vec<Pid> = children_of(master)
         .into_iter()
         .filter(|p| alive(*p) && !is_keeper(*p))
         .flat_map(|w| std::iter::once(w).chain(descendants(w)))
         .collect();
     assert!(generation_1.len() >= 2, "{generation_1:?}");
+
+    // The master dies: PID 1 starts another, which adopts the worker.
+    kill(master, Signal::SIGKILL).unwrap();
+    baton.wait_event(Duration::from_secs(10), |e| {
+        event_name(e) == "master.adopted"
+    });
+    assert!(alive(init), "PID 1 outlives the master");
+    assert!(
+        generation_1.iter().all(|p| alive(*p)),
+        "the worker serves on"
+    );
+    let master = master_of(init);
+    assert!(
+        children_of(master).is_empty() && generation_1.iter().all(|p| alive(*p)),
+        "adopted, not restarted"
+    );
+
+    // Signals to PID 1 reach the master.
     kill(init, Signal::SIGHUP).unwrap();
     baton.wait_committed(2);
     baton.wait_generation_finished(1);

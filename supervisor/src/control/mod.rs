@@ -19,6 +19,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+/// Names the control socket's fd in an exec upgrade's new image.
+pub const CONTROL_FD_ENV: &str = "BATON_CONTROL_FD";
+
+/// The control socket a previous image of this master handed over across
+/// an exec ([`CONTROL_FD_ENV`]), if any.
+pub fn inherited_fd() -> Option<std::os::fd::OwnedFd> {
+    let fd: std::os::fd::RawFd = std::env::var(CONTROL_FD_ENV).ok()?.parse().ok()?;
+    if fd <= 2 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+        return None;
+    }
+    let _ = crate::fds::set_cloexec(fd, true);
+    // SAFETY: the previous image of this process left this fd open for
+    // this one alone (checked open above).
+    Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
 /// How long a connection may take to send a full request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -688,24 +688,20 @@ impl Master {
         let Some(binary) = upgrade.binary() else {
             return;
         };
-        // The new image starts a keeper of its own.
-        if let Some(keeper) = self.children.keeper_mut() {
-            keeper.release();
-        }
+        // The new image greets the same keeper: its channel stays open
+        // across the exec, so the keeper never sees a master die.
         let image = crate::upgrade::exec::Image {
             program: &self.program,
             config: &self.config.path,
             endpoints: &self.endpoints,
             log: &self.log,
+            keeper: self.children.keeper().map(|k| k.channel_fd()),
         };
         let error = crate::upgrade::exec::exec_in_place(binary, &self.fleet, image)
             .expect_err("exec returns only on failure");
         tracing::error!(error = %format!("{error:#}"), "upgrade failed; this master keeps serving");
         self.metrics.upgrade("failed");
         self.endpoints.serve_admin();
-        let budget = self.config.supervisor.master_restarts.0;
-        self.children.start_keeper(None, budget, &self.events);
-        self.guard_every_worker();
     }
 
     /// A failed upgrade's child had its grace: killed.

@@ -187,6 +187,8 @@ pub struct Image<'a> {
     pub endpoints: &'a crate::endpoints::Endpoints,
     /// Flushed before the exec.
     pub log: &'a crate::logging::LogHandle,
+    /// The keeper's channel, kept by the new image.
+    pub keeper: Option<RawFd>,
 }
 
 /// Re-executes this process from `binary` with `fleet` handed over as it
@@ -217,6 +219,16 @@ pub fn exec_in_place(
         .env(STATE_FD_ENV, file.as_raw_fd().to_string())
         .env(BINARY_FD_ENV, binary.as_raw_fd().to_string());
     inherit.extend(image.endpoints.hand_admin_to(&mut command));
+    inherit.extend(image.endpoints.hand_control_to(&mut command));
+    match image.keeper {
+        Some(fd) => {
+            command.env(crate::keeper::KEEPER_FD_ENV, fd.to_string());
+            inherit.push(fd);
+        }
+        None => {
+            command.env_remove(crate::keeper::KEEPER_FD_ENV);
+        }
+    }
     crate::fds::hand_nofile_to(&mut command);
     for fd in &inherit {
         crate::fds::set_cloexec(*fd, false)?;
@@ -507,8 +519,10 @@ impl ExecState {
                     channel,
                     w.status,
                     config.worker.stop_signal.0,
-                    w.app_version,
                 );
+                if let Some(version) = w.app_version {
+                    worker.runs_version(version);
+                }
                 if let Some(channel) = forward {
                     worker.forwarded_by(crate::master::forward_worker(events, pid, channel));
                 }
@@ -548,7 +562,11 @@ pub fn take_state_from_env() -> anyhow::Result<Option<ExecState>> {
     ))
 }
 
-/// Whether this master upgrades in place: as PID 1, or when configured.
+/// Whether this master upgrades in place: as PID 1 or the child of a
+/// keeper that is (a new master of its own would outlive it... or not),
+/// or when configured.
 pub fn in_place(config: &Config) -> bool {
-    std::process::id() == 1 || config.supervisor.upgrade == crate::config::UpgradeMode::Exec
+    std::process::id() == 1
+        || crate::keeper::under_init()
+        || config.supervisor.upgrade == crate::config::UpgradeMode::Exec
 }
