@@ -144,6 +144,9 @@ pub struct Adoption {
     pub adopted: Adopted,
     /// Workers the keeper watches.
     pub watched: Vec<i32>,
+    /// Started for `baton restart`: replace the workers, `true` stopping
+    /// them at once.
+    pub restart: Option<bool>,
 }
 
 impl Adoption {
@@ -220,6 +223,9 @@ impl Adoption {
                 count: snapshot.adoptions + 1,
             },
             watched,
+            restart: std::env::var(crate::keeper::RESTART_ENV)
+                .ok()
+                .map(|mode| mode == "hard"),
         }))
     }
 

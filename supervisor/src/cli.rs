@@ -83,6 +83,17 @@ pub enum Command {
         #[arg(long, value_parser = duration, default_value = "10m")]
         timeout: Duration,
     },
+    /// Replace the master process (the binary at its path): the listeners
+    /// stay open, the new master adopts the workers and replaces them as a
+    /// reload does (drained), or with --hard stops them at once.
+    Restart {
+        /// Stop the old workers at once instead of draining them.
+        #[arg(long)]
+        hard: bool,
+        /// How long to wait for the new master's generation.
+        #[arg(long, value_parser = duration, default_value = "10m")]
+        timeout: Duration,
+    },
     /// Show the master, listeners, generations and workers.
     Status {
         /// Print JSON (the format is documented in docs/operations.md).
@@ -306,6 +317,20 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             };
             reload(socket, &Request::Reload { canary, mode }, timeout)
         }
+        Command::Restart { hard, timeout } => {
+            let started = Instant::now();
+            let reply = client::request(socket, &Request::Restart { hard }, timeout)?;
+            let Some(r) = reply.result.as_ref().filter(|_| reply.ok) else {
+                return Ok(exit(&reply));
+            };
+            let since = r["requested_at"].as_f64().unwrap_or(0.0);
+            follow_first_reload(
+                socket,
+                "restart",
+                since,
+                timeout.saturating_sub(started.elapsed()),
+            )
+        }
         Command::Upgrade { timeout } => {
             let started = Instant::now();
             let reply = client::request(socket, &Request::Upgrade {}, timeout)?;
@@ -315,8 +340,9 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             if r["mode"] == "exec" {
                 // The master re-executed in place: follow its first reload.
                 let since = r["requested_at"].as_f64().unwrap_or(0.0);
-                return follow_in_place_upgrade(
+                return follow_first_reload(
                     socket,
+                    "upgrade",
                     since,
                     timeout.saturating_sub(started.elapsed()),
                 );
@@ -497,8 +523,12 @@ fn print_rollout(r: &crate::control::protocol::RolloutStatus) {
 
 /// After an in-place upgrade: waits for the re-executed master's first
 /// reload (trigger `upgrade`) and reports it.
-fn follow_in_place_upgrade(
+/// Follows the first reload of a master that replaced this one's image or
+/// process (`trigger`: `upgrade` in place, `restart`), finished since
+/// `since`: prints its outcome.
+fn follow_first_reload(
     socket: &Path,
+    trigger: &str,
     since: f64,
     timeout: Duration,
 ) -> Result<i32, ClientError> {
@@ -509,12 +539,19 @@ fn follow_in_place_upgrade(
             if let Some(status) = result::<Status>(&reply) {
                 if let Some(outcome) = status
                     .last_reload
-                    .filter(|r| r.trigger == "upgrade" && r.finished_at >= since)
+                    .filter(|r| r.trigger == trigger && r.finished_at >= since)
                 {
-                    println!(
-                        "upgraded in place: master {} re-executed",
-                        status.master.pid
-                    );
+                    if trigger == "restart" {
+                        println!(
+                            "restarted: master {} adopted the workers",
+                            status.master.pid
+                        );
+                    } else {
+                        println!(
+                            "upgraded in place: master {} re-executed",
+                            status.master.pid
+                        );
+                    }
                     print_outcome(&outcome);
                     if let Some(reason) = &outcome.reason {
                         eprintln!("baton: the new binary's generation failed: {reason}; the adopted workers keep serving");
@@ -631,8 +668,11 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
         (None, None, None) => crate::activation::take_from_env()?,
         _ => Vec::new(),
     };
+    // A restart reads the file, as a reload does; an adoption after a
+    // death carries on with what runs.
     let running = adoption
         .as_ref()
+        .filter(|a| a.restart.is_none())
         .and_then(|a| a.config(&std::path::absolute(path).unwrap_or_else(|_| path.into())));
     let config = match running.unwrap_or_else(|| Config::load(path).map_err(anyhow::Error::from)) {
         Ok(config) => config,

@@ -58,6 +58,8 @@ pub const ARG: &str = "__keeper";
 pub const KEEPER_FD_ENV: &str = "BATON_KEEPER_FD";
 /// In a master whose keeper is its container's PID 1 (see [`init`]).
 pub const INIT_ENV: &str = "BATON_KEEPER_INIT";
+/// In a master the keeper started for `baton restart`: `drain` or `hard`.
+pub const RESTART_ENV: &str = "BATON_ADOPT_RESTART";
 /// In a master the keeper started: the snapshot's memfd.
 pub const SNAPSHOT_FD_ENV: &str = "BATON_ADOPT_SNAPSHOT_FD";
 /// In a master the keeper started: the fd where the snapshot's fds start
@@ -72,8 +74,9 @@ pub const WATCHED_ENV: &str = "BATON_ADOPT_WATCHED";
 
 /// The variables a master reads once and that no other master it starts
 /// may see again.
-const PRIVATE_ENV: [&str; 12] = [
+const PRIVATE_ENV: [&str; 13] = [
     KEEPER_FD_ENV,
+    RESTART_ENV,
     SNAPSHOT_FD_ENV,
     FDS_ENV,
     PREVIOUS_ENV,
@@ -131,6 +134,10 @@ enum Message {
     /// The master stops, or handed over to an upgrade: do not start
     /// another when it is gone.
     Retire,
+    /// `baton restart`: the master exits now; start another from `exe`
+    /// (not a death: no restart budget spent), which replaces the workers
+    /// with a new generation, drained or (`hard`) stopped at once.
+    Restart { exe: Vec<u8>, hard: bool },
 }
 
 /// The master's end: a running keeper.
@@ -152,6 +159,8 @@ pub struct Keeper {
     next: Option<Instant>,
     /// A turn passed since the last snapshot: one is due at `next`.
     pending: bool,
+    /// Told to start another master: this one exits.
+    restarting: bool,
 }
 
 /// How many deaths of the master its keeper survives, and the restart
@@ -204,7 +213,30 @@ impl Keeper {
             started: HashMap::new(),
             next: None,
             pending: false,
+            restarting: false,
         }
+    }
+
+    /// `baton restart`: the keeper starts a new master from `exe` once this
+    /// one has exited (which it does next). The snapshot sent last is what
+    /// the new master adopts.
+    pub fn restart(&mut self, exe: &std::path::Path, hard: bool) -> bool {
+        let message = Message::Restart {
+            exe: exe.as_os_str().as_bytes().to_vec(),
+            hard,
+        };
+        self.restarting = self.send(&message, &[]);
+        self.restarting
+    }
+
+    /// Whether this master is to exit for `baton restart`.
+    pub fn restarting(&self) -> bool {
+        self.restarting
+    }
+
+    /// The next [`Keeper::due`] says yes (a restart's last snapshot).
+    pub fn due_now(&mut self) {
+        self.next = None;
     }
 
     /// Whether a snapshot is to be taken now: after every turn of the
@@ -501,6 +533,8 @@ struct Kept {
     retired: bool,
     /// When masters died, within the budget's window.
     deaths: VecDeque<Instant>,
+    /// `baton restart` asked: the binary and whether hard.
+    restart: Option<(Vec<u8>, bool)>,
     /// Exit statuses reaped, as `waitpid` gives them (the master's, while
     /// it is looked for).
     exits: HashMap<i32, i32>,
@@ -675,6 +709,25 @@ async fn keep(channel: OwnedFd, first: Pid, init: bool) -> i32 {
     let mut code;
     loop {
         serve(&channel, &mut kept, &mut sigchld, &mut forward, master).await;
+        if let Some((exe, hard)) = kept.restart.take() {
+            // Not a death: the master asked for it.
+            if master_is_child {
+                let _ = master_exit(master, &mut kept, Duration::from_secs(1)).await;
+            }
+            let how = "exited for `baton restart`";
+            match start_master(&kept, master.as_raw(), how, Some((exe, hard))) {
+                Ok((pid, mine)) => {
+                    eprintln!("baton keeper: the master (pid {master}) {how}: started pid {pid}");
+                    channel = mine;
+                    master = pid;
+                    master_is_child = true;
+                    continue;
+                }
+                Err(e) => {
+                    eprintln!("baton keeper: the master (pid {master}) {how} and no other could be started ({e:#}): starting one like it");
+                }
+            }
+        }
         let (how, status) = if master_is_child {
             // A master that stops may take a while to exit; one that died
             // is a zombie now.
@@ -716,7 +769,7 @@ async fn keep(channel: OwnedFd, first: Pid, init: bool) -> i32 {
             break;
         }
         kept.deaths.push_back(now);
-        match start_master(&kept, master.as_raw(), &how) {
+        match start_master(&kept, master.as_raw(), &how, None) {
             Ok((pid, mine)) => {
                 eprintln!(
                     "baton keeper: the master (pid {master}) died ({how}): started pid {pid} to adopt its workers"
@@ -824,6 +877,7 @@ async fn serve(
                         }
                     }
                     Message::Retire => kept.retired = true,
+                    Message::Restart { exe, hard } => kept.restart = Some((exe, hard)),
                 }
             }
             Ok(None) => return,
@@ -904,7 +958,12 @@ fn describe_status(status: i32) -> String {
 /// Starts a master to adopt what the dead one left: the fds of the last
 /// snapshot at 3, 4, ..., then the snapshot and the new master's end of a
 /// channel to the keeper.
-fn start_master(kept: &Kept, previous: i32, how: &str) -> anyhow::Result<(Pid, Channel)> {
+fn start_master(
+    kept: &Kept,
+    previous: i32,
+    how: &str,
+    restart: Option<(Vec<u8>, bool)>,
+) -> anyhow::Result<(Pid, Channel)> {
     let hello = kept.hello.as_ref().context("the master never said hello")?;
     let (snapshot, places) = kept
         .snapshot
@@ -927,6 +986,14 @@ fn start_master(kept: &Kept, previous: i32, how: &str) -> anyhow::Result<(Pid, C
     let mut env: Vec<(OsString, OsString)> =
         hello.env.iter().map(|(k, v)| (os(k), os(v))).collect();
     let watched: Vec<String> = kept.watched.keys().map(i32::to_string).collect();
+    let exe = match &restart {
+        Some((exe, hard)) => {
+            let mode = if *hard { "hard" } else { "drain" };
+            env.push((RESTART_ENV.into(), mode.into()));
+            os(exe).into()
+        }
+        None => std::path::PathBuf::from("/proc/self/exe"),
+    };
     for (key, value) in [
         (FDS_ENV, first.to_string()),
         (SNAPSHOT_FD_ENV, snapshot_fd.to_string()),
@@ -944,7 +1011,7 @@ fn start_master(kept: &Kept, previous: i32, how: &str) -> anyhow::Result<(Pid, C
     anyhow::ensure!(!command.is_empty(), "the master said hello without argv");
     let plan = crate::exec::Plan {
         command,
-        exe: Some("/proc/self/exe".into()),
+        exe: Some(exe),
         env,
         listen_pid: false,
         fds: crate::exec::Fds::Place(fds),

@@ -228,13 +228,16 @@ pub async fn run(
     } else {
         Trigger::Start
     };
-    let adopted = match adoption {
+    let begin = match adoption {
         Some(adoption) => master.adopt(*adoption)?,
-        None => false,
+        None => Some(first),
     };
-    if !adopted {
+    // A first generation that fails stops the master (after an adoption,
+    // only when none was serving).
+    let first = begin.unwrap_or(first);
+    if let Some(trigger) = begin {
         master.begin_reload(
-            crate::operation::ReloadRequest::new(first, None),
+            crate::operation::ReloadRequest::new(trigger, None),
             Ok(config),
         );
     }
@@ -299,6 +302,15 @@ pub async fn run(
             tokio::task::yield_now().await;
         }
         master.on_tick();
+        if master.restarting() {
+            // The reply to `baton restart` goes out first; the keeper
+            // holds everything else, and starts the new master when this
+            // one is gone. Nothing is stopped or removed.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tracing::info!("master exiting for a restart");
+            master.log.shutdown_traces();
+            std::process::exit(0);
+        }
     }
     master.stop_orphans();
     tracing::info!("master exiting");

@@ -117,12 +117,15 @@ pub fn render(status: &Status) -> String {
         let _ = writeln!(out, "admin    {admin}");
     }
     if let Some(a) = &m.adopted {
+        let previous = if a.died.starts_with("exited for") {
+            format!("previous master pid {} {}", a.previous_pid, a.died)
+        } else {
+            format!("previous master pid {} died ({})", a.previous_pid, a.died)
+        };
         let _ = writeln!(
             out,
-            "adopted  at {}, previous master pid {} died ({}); {} adoption(s) so far",
+            "adopted  at {}, {previous}; {} adoption(s) so far",
             utc(a.at),
-            a.previous_pid,
-            a.died,
             a.adoptions
         );
     }

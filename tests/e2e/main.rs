@@ -35,6 +35,7 @@ mod privileges;
 mod probes;
 mod reload_under_load;
 mod resources;
+mod restart;
 mod rollback;
 mod rollouts;
 mod sd_notify;

@@ -35,6 +35,15 @@ pub enum Request {
     Status {},
     /// Replace the master by a new binary; reply with the outcome.
     Upgrade {},
+    /// Replace the master process by a new one (the binary at its path),
+    /// started by its keeper: the listeners stay open, the new master
+    /// adopts the workers and replaces them with a new generation, drained
+    /// (or, `hard`, stopped at once).
+    Restart {
+        /// Stop the old workers at once instead of draining them.
+        #[serde(default)]
+        hard: bool,
+    },
     /// Stop gracefully (drain) or fast.
     Stop {
         /// Fast stop (like SIGTERM) instead of graceful (like SIGQUIT).

@@ -4,7 +4,10 @@
 
 use super::Master;
 use crate::adopt::{Adoption, Service, Snapshot};
+use crate::audit::Requester;
 use crate::fleet::GenerationState;
+use crate::operation::{Admission, Ask, Facts};
+use crate::reload::Trigger;
 use tokio::time::Instant;
 
 impl Master {
@@ -75,14 +78,16 @@ impl Master {
     }
 
     /// Adopts what a master that died left (see [`crate::adopt`]). Returns
-    /// whether a generation is current (else one is to be started).
-    pub(crate) fn adopt(&mut self, adoption: Adoption) -> anyhow::Result<bool> {
+    /// the reload to begin, if any: none when a generation serves and this
+    /// is not a restart.
+    pub(crate) fn adopt(&mut self, adoption: Adoption) -> anyhow::Result<Option<Trigger>> {
         let Adoption {
             state,
             probation,
             upgrade_child,
             adopted,
             watched,
+            restart,
             ..
         } = adoption;
         tracing::warn!(
@@ -90,7 +95,7 @@ impl Master {
             previous_pid = adopted.previous_pid,
             died = %adopted.how,
             adoptions = adopted.count,
-            "adopting the workers of a master that died"
+            "adopting the workers of the previous master"
         );
         let workers: Vec<(i32, Option<u64>)> = state.workers().collect();
         state.adopt(
@@ -129,7 +134,56 @@ impl Master {
         self.fleet.steer_to_current();
         self.metrics.adopted(adopted.count);
         self.program.adopted = Some(adopted);
-        Ok(self.fleet.current_number().is_some())
+        if restart == Some(true) {
+            // A hard restart: the old workers stop now; new connections
+            // wait in the listeners' queues for the new generation.
+            let numbers: Vec<u64> = self.fleet.iter().map(|g| g.number()).collect();
+            for number in numbers {
+                self.fleet.fail(number, std::time::Duration::ZERO);
+            }
+        }
+        Ok(match (restart, self.fleet.current_number()) {
+            (Some(_), _) => Some(Trigger::Restart),
+            (None, None) => Some(Trigger::Start),
+            (None, Some(_)) => None,
+        })
+    }
+
+    /// `baton restart`: the keeper starts a new master from the binary at
+    /// this one's path, which adopts the workers and replaces them; this
+    /// one exits at the end of the turn.
+    pub(crate) fn restart(&mut self, hard: bool, by: &Requester) -> Result<(), String> {
+        let facts = Facts {
+            serving: self.fleet.current_number().is_some(),
+            spawns_pending: self.fleet.spawns_pending(),
+        };
+        if let Admission::Refuse(reason) = self.operation.summary().admit(Ask::Upgrade, facts) {
+            return Err(reason.to_string());
+        }
+        match self.children.keeper_mut() {
+            Some(keeper) if !keeper.restarting() => keeper.due_now(),
+            _ => return Err("no keeper runs to start the new master (see the log)".into()),
+        }
+        // The snapshot the new master adopts: as of now.
+        self.keep();
+        let path = self.program.path.clone();
+        let keeper = self.children.keeper_mut().expect("checked above");
+        if !keeper.restart(&path, hard) {
+            return Err("the keeper could not be told (see the log)".into());
+        }
+        tracing::info!(
+            event = "master.restarting",
+            hard,
+            requested_by = %by,
+            binary = %path.display(),
+            "master restarting: a new master adopts the workers and replaces them"
+        );
+        Ok(())
+    }
+
+    /// Whether this master exits for `baton restart`.
+    pub(crate) fn restarting(&self) -> bool {
+        self.children.keeper().is_some_and(|k| k.restarting())
     }
 
     /// What was in progress when the previous master died: a probation

@@ -52,6 +52,15 @@ impl Master {
                 })
             }
             Request::Upgrade {} => return self.request_upgrade(Some(reply), Some(&from)),
+            Request::Restart { hard } => match self.restart(hard, &from) {
+                Ok(()) => Reply::ok(serde_json::json!({
+                    "pid": std::process::id(),
+                    "requested_at": std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64()),
+                })),
+                Err(reason) => Reply::error(format!("restart refused: {reason}")),
+            },
             Request::Stop { fast } => {
                 self.stop(if fast { Stop::Fast } else { Stop::Graceful }, Some(&from));
                 Reply::ok(serde_json::json!({ "pid": std::process::id() }))

@@ -82,6 +82,8 @@ pub enum Trigger {
     Coalesced,
     /// A new master's first generation, after a binary upgrade.
     Upgrade,
+    /// A new master's first generation, after `baton restart`.
+    Restart,
 }
 
 impl fmt::Display for Trigger {
@@ -92,6 +94,7 @@ impl fmt::Display for Trigger {
             Trigger::Cli => "cli",
             Trigger::Coalesced => "coalesced",
             Trigger::Upgrade => "upgrade",
+            Trigger::Restart => "restart",
         })
     }
 }
