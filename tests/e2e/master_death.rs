@@ -407,3 +407,29 @@ fn an_adopted_master_stops_cleanly_with_everything_it_adopted() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn the_admin_endpoint_answers_through_a_master_kill_and_counts_it() {
+    let config = hello_config(2).replace(
+        "[supervisor]\n",
+        "[supervisor]\nadmin = \"127.0.0.1:0\"\n",
+    );
+    let baton = Baton::start(&config);
+    baton.wait_committed(1);
+    let status = baton.status();
+    let admin: std::net::SocketAddr = status["master"]["admin"]
+        .as_str()
+        .expect("admin address")
+        .parse()
+        .unwrap();
+    let (status, _) = kill_and_wait_adopted(&baton, baton.pid());
+    assert_eq!(status["master"]["admin"], admin.to_string(), "the same socket");
+    let (code, _, _) = baton_tests::harness::get_path(admin, "/readyz").unwrap();
+    assert_eq!(code, 200);
+    let (code, _, metrics) = baton_tests::harness::get_path(admin, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("baton_master_adoptions_total 1\n"),
+        "{metrics}"
+    );
+}
