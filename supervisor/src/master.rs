@@ -376,6 +376,15 @@ impl Master {
             // pid file.
             Event::OldMaster { message } => {
                 if self.lineage.on_old_master(message) {
+                    // The old master died mid-upgrade and its keeper's new
+                    // master adopted its workers: that one serves; this
+                    // upgrade is abandoned.
+                    if crate::control::live(&self.config.supervisor.control_socket) {
+                        tracing::warn!(
+                            "another master serves the control socket (the old master's keeper started one): this upgrade's new master stops"
+                        );
+                        return self.stop(Stop::Graceful, None);
+                    }
                     for listener in self.fleet.sockets() {
                         listener.own_path();
                     }

@@ -17,8 +17,14 @@ fn blocking_worker_under_new_connection_load_fails_no_request_across_reloads() {
 }
 
 #[test]
-fn blocking_worker_drains_and_exits_when_the_master_is_killed() {
-    let mut baton = Baton::start(&blocking_config());
+fn blocking_worker_drains_and_exits_when_the_master_is_killed_and_not_replaced() {
+    // Without master restarts, the keeper lets go of the channels when the
+    // master dies.
+    let config = blocking_config().replace(
+        "[supervisor]\n",
+        "[supervisor]\nmaster_restarts = \"off\"\n",
+    );
+    let mut baton = Baton::start(&config);
     baton.wait_committed(1);
     let (status, generation, _) = get(baton.address("http")).unwrap();
     assert_eq!((status, generation), (200, Some(1)));

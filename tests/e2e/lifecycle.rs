@@ -89,8 +89,12 @@ fn int_stops_every_worker_fast_and_exits() {
 }
 
 #[test]
-fn workers_exit_when_the_master_is_killed() {
-    let mut baton = Baton::start(&hello_config(2));
+fn workers_exit_when_the_master_is_killed_and_not_replaced() {
+    let config = hello_config(2).replace(
+        "[supervisor]\n",
+        "[supervisor]\nmaster_restarts = \"off\"\n",
+    );
+    let mut baton = Baton::start(&config);
     baton.wait_committed(1);
     let workers = baton.wait_workers(2, &[], Duration::from_secs(5));
     baton.signal(Signal::SIGKILL);

@@ -35,6 +35,11 @@ pub fn inherited_fd() -> Option<std::os::fd::OwnedFd> {
     Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
+/// Whether a master listens on the control socket at `path`.
+pub fn live(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
 /// How long a connection may take to send a full request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
