@@ -426,6 +426,11 @@ impl Worker {
         self.started
     }
 
+    /// Adopted from a master that died: it was started at `at`.
+    pub fn started_at(&mut self, at: Instant) {
+        self.started = at;
+    }
+
     /// How many times this index was respawned before this process.
     pub fn restarts(&self) -> u32 {
         self.restarts

@@ -410,10 +410,8 @@ fn an_adopted_master_stops_cleanly_with_everything_it_adopted() {
 
 #[test]
 fn the_admin_endpoint_answers_through_a_master_kill_and_counts_it() {
-    let config = hello_config(2).replace(
-        "[supervisor]\n",
-        "[supervisor]\nadmin = \"127.0.0.1:0\"\n",
-    );
+    let config =
+        hello_config(2).replace("[supervisor]\n", "[supervisor]\nadmin = \"127.0.0.1:0\"\n");
     let baton = Baton::start(&config);
     baton.wait_committed(1);
     let status = baton.status();
@@ -423,7 +421,11 @@ fn the_admin_endpoint_answers_through_a_master_kill_and_counts_it() {
         .parse()
         .unwrap();
     let (status, _) = kill_and_wait_adopted(&baton, baton.pid());
-    assert_eq!(status["master"]["admin"], admin.to_string(), "the same socket");
+    assert_eq!(
+        status["master"]["admin"],
+        admin.to_string(),
+        "the same socket"
+    );
     let (code, _, _) = baton_tests::harness::get_path(admin, "/readyz").unwrap();
     assert_eq!(code, 200);
     let (code, _, metrics) = baton_tests::harness::get_path(admin, "/metrics").unwrap();

@@ -184,6 +184,11 @@ impl Generation {
         self.processes
     }
 
+    /// Adopted from a master that died: it was started at `at`.
+    pub fn started_at(&mut self, at: Instant) {
+        self.started = at;
+    }
+
     /// When it was started.
     pub fn started(&self) -> Instant {
         self.started

@@ -67,6 +67,9 @@ struct ExecGeneration {
     /// gives every generation the config it reads).
     #[serde(default)]
     config: Option<RunningConfig>,
+    /// When it started, in `CLOCK_MONOTONIC` milliseconds (a snapshot).
+    #[serde(default)]
+    started_ms: Option<u64>,
     /// Indexes into [`ExecState::listeners`].
     listeners: Vec<usize>,
     workers: Vec<ExecWorker>,
@@ -161,6 +164,22 @@ fn monotonic_ms(at: Instant) -> u64 {
         mono.saturating_sub(base.duration_since(at))
     };
     ms.as_millis() as u64
+}
+
+/// How long ago a process started `start` clock ticks after boot (its
+/// `/proc/PID/stat` start time).
+fn age_of(start: u64) -> Option<Duration> {
+    // SAFETY: sysconf takes no pointers.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let started = start as f64 / ticks as f64;
+    (uptime >= started).then(|| Duration::from_secs_f64(uptime - started))
 }
 
 /// The `Instant` of `CLOCK_MONOTONIC` milliseconds `ms` in this process.
@@ -280,6 +299,7 @@ impl ExecState {
                 state: g.state().name().into(),
                 processes: g.processes(),
                 config: snapshot.then(|| RunningConfig::of(g.config())),
+                started_ms: snapshot.then(|| monotonic_ms(g.started())),
                 listeners: g.listeners().iter().map(|l| id(l, &mut all)).collect(),
                 workers: g
                     .workers()
@@ -475,6 +495,9 @@ impl ExecState {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut generation = Generation::new(g.number, config.clone(), held, g.processes);
+            if let Some(ms) = g.started_ms {
+                generation.started_at(from_monotonic_ms(ms));
+            }
             // Replaced, but its workers not yet told: it was handing over.
             let handing_over = state == GenerationState::Draining
                 && g.workers
@@ -522,6 +545,9 @@ impl ExecState {
                 );
                 if let Some(version) = w.app_version {
                     worker.runs_version(version);
+                }
+                if let Some(age) = w.start_time.and_then(age_of) {
+                    worker.started_at(Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
                 }
                 if let Some(channel) = forward {
                     worker.forwarded_by(crate::master::forward_worker(events, pid, channel));
