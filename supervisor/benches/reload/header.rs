@@ -53,22 +53,9 @@ fn revision() -> Option<String> {
     })
 }
 
-/// `YYYY-MM-DD HH:MM UTC`, from Howard Hinnant's days-to-civil algorithm.
+/// `YYYY-MM-DD HH:MM UTC`.
 fn utc_date(since_epoch: Duration) -> String {
-    let secs = since_epoch.as_secs();
-    let days = (secs / 86_400) as i64;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
-        secs % 86_400 / 3600,
-        secs % 3600 / 60
-    )
+    // `YYYY-MM-DD HH:MM:SS UTC`, without the seconds.
+    let full = baton::status::utc(since_epoch.as_secs() as f64);
+    format!("{} UTC", &full[..16])
 }
