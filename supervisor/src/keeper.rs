@@ -154,13 +154,40 @@ pub struct Keeper {
     retired: bool,
     /// Workers' start times, for the snapshot.
     started: HashMap<i32, u64>,
-    /// No snapshot before this: a snapshot that took long puts the next
-    /// one off (see [`Keeper::took`]).
-    next: Option<Instant>,
-    /// A turn passed since the last snapshot: one is due at `next`.
-    pending: bool,
+    /// When the next snapshot is due.
+    pace: Pace,
     /// Told to start another master: this one exits.
     restarting: bool,
+}
+
+/// When snapshots are taken: after every turn of the loop, but ten times
+/// as far apart as they take when they name more than
+/// [`crate::adopt::SNAPSHOT_FDS`] fds.
+#[derive(Debug, Default)]
+struct Pace {
+    /// No snapshot before this.
+    next: Option<Instant>,
+    /// A turn passed before `next`: a snapshot is due then.
+    pending: bool,
+}
+
+impl Pace {
+    fn due(&mut self, now: Instant) -> bool {
+        if self.next.is_some_and(|next| now < next) {
+            self.pending = true;
+            return false;
+        }
+        self.pending = false;
+        true
+    }
+
+    fn took(&mut self, now: Instant, cost: Duration, fds: usize) {
+        self.next = (fds > crate::adopt::SNAPSHOT_FDS).then(|| now + cost * 10);
+    }
+
+    fn wakeup(&self) -> Option<Instant> {
+        self.next.filter(|_| self.pending)
+    }
 }
 
 /// How many deaths of the master its keeper survives, and the restart
@@ -211,8 +238,7 @@ impl Keeper {
             last: None,
             retired: false,
             started: HashMap::new(),
-            next: None,
-            pending: false,
+            pace: Pace::default(),
             restarting: false,
         }
     }
@@ -236,7 +262,7 @@ impl Keeper {
 
     /// The next [`Keeper::due`] says yes (a restart's last snapshot).
     pub fn due_now(&mut self) {
-        self.next = None;
+        self.pace = Pace::default();
     }
 
     /// Whether a snapshot is to be taken now: after every turn of the
@@ -244,15 +270,7 @@ impl Keeper {
     /// before it is due again makes one due then (see [`Keeper::wakeup`]).
     /// Never once retired.
     pub fn due(&mut self, now: Instant) -> bool {
-        if self.retired {
-            return false;
-        }
-        if self.next.is_some_and(|next| now < next) {
-            self.pending = true;
-            return false;
-        }
-        self.pending = false;
-        true
+        !self.retired && self.pace.due(now)
     }
 
     /// The snapshot just taken, of `fds` fds, cost `cost`: with more than
@@ -261,12 +279,12 @@ impl Keeper {
     /// a tenth of the loop's time. Smaller ones follow every turn: the
     /// keeper never holds a state older than the last turn.
     pub fn took(&mut self, now: Instant, cost: Duration, fds: usize) {
-        self.next = (fds > crate::adopt::SNAPSHOT_FDS).then(|| now + cost * 10);
+        self.pace.took(now, cost, fds);
     }
 
     /// When the snapshot put off by [`Keeper::due`] is due.
     pub fn wakeup(&self) -> Option<Instant> {
-        self.next.filter(|_| self.pending && !self.retired)
+        self.pace.wakeup().filter(|_| !self.retired)
     }
 
     fn hello(&self, budget: Option<Budget>) {
@@ -1123,6 +1141,33 @@ mod tests {
         let first = start_time(me).expect("this process has a start time");
         assert_eq!(start_time(me), Some(first));
         assert_eq!(start_time(i32::MAX), None);
+    }
+
+    #[test]
+    fn small_snapshots_follow_every_turn_large_ones_a_tenth_of_the_time() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let mut pace = Pace::default();
+        assert!(pace.due(now));
+        pace.took(now, ms(3), 10);
+        assert!(pace.due(now), "a small snapshot is never put off");
+        assert_eq!(pace.wakeup(), None);
+        pace.took(now, ms(3), 2000);
+        assert!(
+            !pace.due(now + ms(29)),
+            "a large one waits ten times its cost"
+        );
+        assert_eq!(pace.wakeup(), Some(now + ms(30)), "and is due then");
+        assert!(pace.due(now + ms(30)));
+        assert_eq!(pace.wakeup(), None);
+    }
+
+    #[test]
+    fn exit_codes_are_a_shells() {
+        assert_eq!(exit_code(9), 137);
+        assert_eq!(exit_code(15), 143);
+        assert_eq!(exit_code(3 << 8), 3);
+        assert_eq!(exit_code(0), 0);
     }
 
     #[test]

@@ -374,3 +374,25 @@ fn host_names_resolve_to_their_first_ipv4_address() {
         "{e}"
     );
 }
+
+#[test]
+fn master_restarts_reads_a_count_in_a_window_or_off() {
+    let budget = |restarts, secs| {
+        MasterRestarts(Some(crate::keeper::Budget {
+            restarts,
+            window: Duration::from_secs(secs),
+        }))
+    };
+    assert_eq!(MasterRestarts::default(), budget(10, 60));
+    assert_eq!("5 in 1m".parse::<MasterRestarts>(), Ok(budget(5, 60)));
+    assert_eq!(" 3 in 30s ".parse::<MasterRestarts>(), Ok(budget(3, 30)));
+    assert_eq!("off".parse::<MasterRestarts>(), Ok(MasterRestarts(None)));
+    assert_eq!(
+        "0 in 1m".parse::<MasterRestarts>(),
+        Ok(MasterRestarts(None))
+    );
+    for bad in ["5", "five in 1m", "5 in", "5 in 0s", "5 per 1m", "-1 in 1m"] {
+        let error = bad.parse::<MasterRestarts>().unwrap_err();
+        assert!(error.starts_with("master_restarts"), "{bad}: {error}");
+    }
+}
