@@ -131,6 +131,9 @@ impl Master {
         }
         self.guard_every_worker();
         self.resolve_adopted(probation, upgrade_child);
+        // A generation left with no worker (its spawns had not come back
+        // when the snapshot was taken) is gone now.
+        self.reap_finished_generations();
         self.fleet.steer_to_current();
         self.metrics.adopted(adopted.count);
         self.program.adopted = Some(adopted);
