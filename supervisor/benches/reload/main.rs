@@ -26,6 +26,7 @@ mod chart;
 mod drive;
 mod header;
 mod locate;
+mod master_kill;
 mod procs;
 mod protocols;
 mod rollouts;
@@ -164,6 +165,11 @@ fn main() -> ExitCode {
             .only
             .iter()
             .any(|o| rollouts::NAME.starts_with(o.as_str()));
+    let run_master_kill = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| master_kill::NAME.starts_with(o.as_str()));
     let admin_idle = options.only.is_empty()
         || options
             .only
@@ -188,6 +194,7 @@ fn main() -> ExitCode {
         && selected_protocols.is_empty()
         && !run_scale
         && !run_rollouts
+        && !run_master_kill
         && !admin_idle
         && !run_soak
         && !run_wrapped
@@ -221,6 +228,11 @@ fn main() -> ExitCode {
     };
     let rolled = if run_rollouts {
         rollouts::run(&bins, &INTERRUPTED)
+    } else {
+        Vec::new()
+    };
+    let killed = if run_master_kill {
+        master_kill::run(&bins, options.connections, &INTERRUPTED)
     } else {
         Vec::new()
     };
@@ -317,6 +329,9 @@ fn main() -> ExitCode {
     if !rolled.is_empty() {
         println!("{}", rollouts::markdown(&rolled));
     }
+    if !killed.is_empty() {
+        println!("{}", master_kill::markdown(&killed));
+    }
     if let Some(soaked) = &soaked {
         println!("{}", soak::markdown(soaked));
     }
@@ -383,6 +398,7 @@ fn scenario_names() -> String {
         .chain([
             scale::NAME,
             rollouts::NAME,
+            master_kill::NAME,
             ADMIN_IDLE,
             ADMIN_CROWD,
             soak::NAME,
