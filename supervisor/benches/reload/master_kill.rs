@@ -62,7 +62,7 @@ const RUN_LIMIT: Duration = Duration::from_secs(150);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the bench waits for HAProxy's master to log a reload before
 /// it sends USR2 again.
-const USR2_AGAIN: Duration = Duration::from_millis(100);
+const USR2_AGAIN: Duration = Duration::from_millis(20);
 /// How often the bench looks again while it waits.
 const POLL: Duration = Duration::from_millis(5);
 
@@ -84,6 +84,9 @@ pub struct Figures {
     pub kills: Vec<Kill>,
     /// Why the run stopped before its last kill.
     pub stopped: Option<String>,
+    /// CPUs' worth of time other sessions used during the run (see
+    /// [`procs::other_sessions_cpu`]).
+    pub other_cpu: f64,
 }
 
 /// One kill and the recovery after it; times are since the kill.
@@ -189,6 +192,7 @@ fn measure(
     interrupted: &AtomicBool,
 ) -> Result<Figures, String> {
     let server = &mut scene.0;
+    let others_before = procs::other_sessions_cpu();
     let handle = LoadHandle::start(LoadConfig {
         connections,
         mode,
@@ -228,10 +232,13 @@ fn measure(
     }
     std::thread::sleep(PAUSE);
     let report = handle.stop();
+    let other_cpu = procs::cpu_seconds_between(&others_before, &procs::other_sessions_cpu())
+        / report.elapsed.as_secs_f64().max(0.001);
     Ok(Figures {
         report,
         kills,
         stopped,
+        other_cpu,
     })
 }
 
@@ -584,8 +591,8 @@ fn p50_max(kills: &[Kill], pick: impl Fn(&Kill) -> Option<Duration>) -> String {
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = format!(
         "### Master killed (SIGKILL), {KILLS} times under load\n\n\
-         | system | mode | kills | ok | failed | failures by class | longest without an ok response | kill → managed again (p50 / max) | kill → a reload took effect (p50 / max) | same workers after the kill |\n\
-         | --- | --- | ---: | ---: | ---: | --- | ---: | --- | --- | --- |\n"
+         | system | mode | kills | load | ok | failed | failures by class | longest without an ok response | kill → managed again (p50 / max) | kill → a reload took effect (p50 / max) | same workers after the kill | other load |\n\
+         | --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | --- | ---: |\n"
     );
     let mut notes = Vec::new();
     for row in rows {
@@ -593,15 +600,16 @@ pub fn markdown(rows: &[Row]) -> String {
         let f = match &row.outcome {
             Ok(f) => f,
             Err(e) => {
-                let _ = writeln!(out, "{head} {e} | | | | | | | |");
+                let _ = writeln!(out, "{head} {e} | | | | | | | | | |");
                 continue;
             }
         };
         let kept = f.kills.iter().filter(|k| k.workers_kept).count();
         let _ = writeln!(
             out,
-            "{head} {} | {} | {} | {} | {} | {} | {} | {kept} of {} |",
+            "{head} {} | {:.1} s | {} | {} | {} | {} | {} | {} | {kept} of {} | {:.2} |",
             f.kills.len(),
+            f.report.elapsed.as_secs_f64(),
             f.report.ok(),
             f.report.failed(),
             failures_by_class(&f.report),
@@ -609,6 +617,7 @@ pub fn markdown(rows: &[Row]) -> String {
             p50_max(&f.kills, |k| Some(k.managed)),
             p50_max(&f.kills, |k| Some(k.reloaded)),
             f.kills.len(),
+            f.other_cpu,
         );
         let label = format!("{}, {}", row.system, mode_name(row.mode));
         if let Some(stopped) = &f.stopped {
