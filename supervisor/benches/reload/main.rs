@@ -8,6 +8,9 @@
 //! (`protocols`) follow: h2load (new connections) and a strict HTTP/2
 //! client (long-lived connections) against baton and nginx
 //! `listen ... http2`, and WebSocket clients of `axum-app`.
+//! `master-kill` kills the master of baton, nginx and HAProxy with
+//! SIGKILL under load and times how long until a reload works again (see
+//! `master_kill`).
 //! `wrapped-latency` measures the keep-alive latency of wrapped servers
 //! (gunicorn, uvicorn, hypercorn, nginx) under baton against each run
 //! alone; `soak` (only when named) the master's memory over many reloads.
