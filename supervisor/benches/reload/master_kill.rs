@@ -306,12 +306,23 @@ fn kill_baton(server: &mut Server) -> Result<Kill, String> {
             reply.error.unwrap_or_default()
         ));
     }
+    // What the new master says of the one before it.
+    let adopted = &after["master"]["adopted"];
+    let steps = vec![format!(
+        "`baton status` after the kill: adopted, the previous master {} ({})",
+        if adopted["previous_pid"].as_i64() == Some(old_master.as_raw().into()) {
+            "is the one killed"
+        } else {
+            "is not the one killed"
+        },
+        adopted["died"].as_str().unwrap_or("no cause given"),
+    )];
     Ok(Kill {
         managed,
         reloaded: killed.elapsed(),
         workers_kept,
         orphans_gone: None,
-        steps: Vec::new(),
+        steps,
     })
 }
 
