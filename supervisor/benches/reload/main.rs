@@ -8,6 +8,9 @@
 //! (`protocols`) follow: h2load (new connections) and a strict HTTP/2
 //! client (long-lived connections) against baton and nginx
 //! `listen ... http2`, and WebSocket clients of `axum-app`.
+//! `master-kill` kills the master of baton, nginx and HAProxy with
+//! SIGKILL under load and times how long until a reload works again (see
+//! `master_kill`).
 //! `wrapped-latency` measures the keep-alive latency of wrapped servers
 //! (gunicorn, uvicorn, hypercorn, nginx) under baton against each run
 //! alone; `soak` (only when named) the master's memory over many reloads.
@@ -26,6 +29,7 @@ mod chart;
 mod drive;
 mod header;
 mod locate;
+mod master_kill;
 mod procs;
 mod protocols;
 mod rollouts;
@@ -164,6 +168,11 @@ fn main() -> ExitCode {
             .only
             .iter()
             .any(|o| rollouts::NAME.starts_with(o.as_str()));
+    let run_master_kill = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| master_kill::NAME.starts_with(o.as_str()));
     let admin_idle = options.only.is_empty()
         || options
             .only
@@ -188,6 +197,7 @@ fn main() -> ExitCode {
         && selected_protocols.is_empty()
         && !run_scale
         && !run_rollouts
+        && !run_master_kill
         && !admin_idle
         && !run_soak
         && !run_wrapped
@@ -221,6 +231,11 @@ fn main() -> ExitCode {
     };
     let rolled = if run_rollouts {
         rollouts::run(&bins, &INTERRUPTED)
+    } else {
+        Vec::new()
+    };
+    let killed = if run_master_kill {
+        master_kill::run(&bins, options.connections, &INTERRUPTED)
     } else {
         Vec::new()
     };
@@ -317,6 +332,9 @@ fn main() -> ExitCode {
     if !rolled.is_empty() {
         println!("{}", rollouts::markdown(&rolled));
     }
+    if !killed.is_empty() {
+        println!("{}", master_kill::markdown(&killed));
+    }
     if let Some(soaked) = &soaked {
         println!("{}", soak::markdown(soaked));
     }
@@ -383,6 +401,7 @@ fn scenario_names() -> String {
         .chain([
             scale::NAME,
             rollouts::NAME,
+            master_kill::NAME,
             ADMIN_IDLE,
             ADMIN_CROWD,
             soak::NAME,

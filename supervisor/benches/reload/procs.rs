@@ -24,6 +24,28 @@ pub fn workers_of(master: Pid) -> Vec<Pid> {
         .collect()
 }
 
+/// The live processes whose working directory is `dir`: everything a
+/// scenario started there, wherever it was re-parented to (the orphaned
+/// workers of a killed master). Only processes of the bench's own user can
+/// be read.
+pub fn running_in(dir: &Path) -> Vec<Pid> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .map(Pid::from_raw)
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
+                && alive(*pid)
+        })
+        .collect()
+}
+
 /// CPU time used so far by the processes of other sessions than the
 /// bench's: other people's builds and tests on a shared machine. Per pid,
 /// in clock ticks, own time plus that of reaped children (so a compiler

@@ -6,10 +6,11 @@ use crate::baton_log::{field, message, BatonLog};
 use crate::procs::{self, Guard, TempDir};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -65,6 +66,9 @@ pub struct Server {
     pub log: Option<BatonLog>,
     /// The `hello` binary, to restart a standalone `hello`.
     hello: Option<PathBuf>,
+    /// The command that started an external server (nginx, HAProxy):
+    /// program, then arguments, to start it again.
+    argv: Vec<OsString>,
     // Dropped in this order: the processes, then their directory.
     guard: Guard,
     dir: TempDir,
@@ -98,6 +102,83 @@ impl Server {
     pub fn pid_file_pid(&self) -> Option<Pid> {
         let text = std::fs::read_to_string(self.pid_file.as_ref()?).ok()?;
         text.trim().parse().ok().map(Pid::from_raw)
+    }
+
+    /// The directory the server runs in (its config, pid file and logs).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// SIGKILL to the master. A master the bench started is reaped at
+    /// once, as an init system would reap it: its pid is then gone, not a
+    /// zombie that still takes signals. Its process group and what runs
+    /// below it are still killed on drop.
+    pub fn kill_master(&mut self) -> Result<(), String> {
+        let master = self.master;
+        if self.guard.child_mut(master).is_some() {
+            self.guard
+                .stop_child(master, Signal::SIGKILL, RESTART_GRACE)
+                .map_err(|e| format!("killing the master {master}: {e}"))?;
+            self.guard.adopt(master);
+            return Ok(());
+        }
+        nix::sys::signal::kill(master, Signal::SIGKILL)
+            .map_err(|e| format!("killing the master {master}: {e}"))
+    }
+
+    /// Starts an external server (nginx, HAProxy) again with the command
+    /// that first started it, its output in `log` (in the server's
+    /// directory). Returns at once with its pid; it becomes
+    /// [`Server::master`].
+    pub fn start_again(&mut self, log: &str) -> Result<Pid, String> {
+        let (program, args) = self
+            .argv
+            .split_first()
+            .ok_or("only nginx and HAProxy are started again")?;
+        let output = std::fs::File::create(self.dir.path().join(log))
+            .and_then(|f| Ok((f.try_clone()?, f)))
+            .map_err(|e| format!("creating {log}: {e}"))?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(output.0)
+            .stderr(output.1);
+        let pid = self
+            .guard
+            .spawn(&mut command)
+            .map_err(|e| format!("cannot start {program:?} again: {e}"))?;
+        self.master = pid;
+        Ok(pid)
+    }
+
+    /// The command that started an external server, with `extra`
+    /// arguments (`-s reload`), run to its end: its exit status and
+    /// output.
+    pub fn run_again_with(&self, extra: &[&str]) -> Result<(ExitStatus, String), String> {
+        let (program, args) = self
+            .argv
+            .split_first()
+            .ok_or("only nginx and HAProxy run again")?;
+        let output = Command::new(program)
+            .args(args)
+            .args(extra)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {program:?}: {e}"))?;
+        let text =
+            String::from_utf8_lossy(&output.stdout) + String::from_utf8_lossy(&output.stderr);
+        Ok((output.status, text.trim().to_string()))
+    }
+
+    /// `pid`'s exit status once it has exited, when it is a process the
+    /// bench started (then reaped and no longer killed on drop).
+    pub fn exited(&mut self, pid: Pid) -> Option<ExitStatus> {
+        let status = self.guard.child_mut(pid)?.try_wait().ok().flatten()?;
+        self.guard.forget(pid);
+        Some(status)
     }
 
     /// The naive restart of a standalone `hello`: SIGTERM, wait until it
@@ -187,6 +268,7 @@ fn start_hello(dir: TempDir, hello: &Path, listen: &str) -> Result<Server, Strin
         pid_file: None,
         log: None,
         hello: Some(hello.to_path_buf()),
+        argv: Vec::new(),
         guard,
         dir,
     })
@@ -232,6 +314,7 @@ fn start_baton(dir: TempDir, baton: &Path, worker: &Path) -> Result<Server, Stri
         pid_file: Some(dir.path().join("baton.pid")),
         log: Some(log),
         hello: None,
+        argv: Vec::new(),
         guard,
         dir,
     };
@@ -281,6 +364,10 @@ fn start_external(
     pid_file: PathBuf,
     logs: &[&str],
 ) -> Result<Server, String> {
+    let argv = std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(OsString::from)
+        .collect();
     let output = std::fs::File::create(dir.path().join("output.log"))
         .and_then(|f| Ok((f.try_clone()?, f)))
         .map_err(|e| format!("creating output.log: {e}"))?;
@@ -308,6 +395,7 @@ fn start_external(
         pid_file: Some(pid_file),
         log: None,
         hello: None,
+        argv,
         guard,
         dir,
     })

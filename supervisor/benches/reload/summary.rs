@@ -69,7 +69,7 @@ fn failed_on_reused(report: &Report) -> usize {
         .count()
 }
 
-fn failures_by_class(report: &Report) -> String {
+pub fn failures_by_class(report: &Report) -> String {
     let parts: Vec<String> = Class::ALL
         .iter()
         .filter(|c| c.is_failure() && report.count(**c) > 0)
