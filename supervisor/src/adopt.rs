@@ -2,14 +2,15 @@
 //!
 //! While it runs, a master keeps its keeper (see [`crate::keeper`]) up to
 //! date: after every turn of its loop that changed something (less often
-//! with more than [`SNAPSHOT_FDS`] fds), a [`Snapshot`] of its
-//! generations, workers,
-//! listeners and port groups (the state an in-place upgrade hands its new
-//! image, see [`crate::upgrade::exec`]), each generation's configuration
-//! as it runs, what was in progress, and the fds all that names.
+//! with more than [`SNAPSHOT_FDS`] fds), a [`Snapshot`] of its generations,
+//! workers, listeners and port groups (the state an in-place upgrade hands
+//! its new image, see [`crate::upgrade::exec`]), each generation's
+//! configuration as it runs, what was in progress, and the fds all that
+//! names.
 //!
-//! When the master dies, the keeper starts another with those fds at 3, 4,
-//! ... and the snapshot ([`Adoption::take_from_env`]). The new master:
+//! When the master dies (or exits for `baton restart`), the keeper starts
+//! another with those fds at 3, 4, ... and the snapshot
+//! ([`Adoption::take_from_env`]). The new master:
 //!
 //! - serves the same control socket and admin endpoint (requests sent
 //!   meanwhile waited in their queues) and the same listeners;
@@ -22,7 +23,8 @@
 //!   back, an upgrade's new master is stopped (the upgrade is abandoned as
 //!   when it fails), a worker the keeper watches but the snapshot does not
 //!   name (started after it) is stopped;
-//! - starts no generation, unless none was current.
+//! - starts no generation, unless none was current or this is a restart
+//!   (then a new generation replaces the adopted ones, as a reload does).
 
 use crate::config::Config;
 use crate::upgrade::exec::{Capture, ExecState};
