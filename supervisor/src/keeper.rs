@@ -35,6 +35,12 @@
 //! The keeper ignores the signals a terminal or an init system sends to a
 //! whole process group (it starts in the master's): only the channel
 //! matters.
+//!
+//! Under systemd with an fd store (see [`crate::fdstore`]), the master
+//! stores its end of the channel too: the keeper does not see it die, and
+//! systemd, not the keeper, starts the next master, which attaches to the
+//! same channel. The channel ends only when the store lets go of it (the
+//! service stopped for good): then the keeper gives up.
 
 use anyhow::Context;
 use baton_wire::channel::{self, Channel};
@@ -109,6 +115,10 @@ enum Message {
         env: Vec<(Vec<u8>, Vec<u8>)>,
         cwd: Vec<u8>,
         restarts: Option<(u32, u64)>,
+        /// systemd's fd store holds the master's end: systemd restarts the
+        /// master, never the keeper.
+        #[serde(default)]
+        store: bool,
     },
     /// A new worker, with a pidfd for it.
     Watch {
@@ -149,6 +159,8 @@ pub struct Keeper {
     next: Option<Instant>,
     /// A turn passed since the last snapshot: one is due at `next`.
     pending: bool,
+    /// systemd's fd store, which gets what the keeper gets.
+    store: Option<crate::fdstore::Store>,
 }
 
 /// How many deaths of the master its keeper survives, and the restart
@@ -200,7 +212,39 @@ impl Keeper {
             started: HashMap::new(),
             next: None,
             pending: false,
+            store: crate::fdstore::Store::from_env(),
         }
+    }
+
+    /// systemd's fd store, to hand to the keeper replacing this one.
+    pub fn take_store(&mut self) -> Option<crate::fdstore::Store> {
+        self.store.take()
+    }
+
+    /// Goes on with the fd store of the keeper this one replaces (what it
+    /// stored, and must remove).
+    pub fn carry_store(&mut self, store: Option<crate::fdstore::Store>) {
+        if store.is_some() {
+            self.store = store;
+        }
+    }
+
+    /// This master stops for good: systemd's fd store keeps only the
+    /// `listeners` (see [`crate::fdstore::Store::leave`]). Whether there
+    /// is a store.
+    pub fn leave_store(&mut self, listeners: &[(&str, BorrowedFd<'_>)]) -> bool {
+        match &mut self.store {
+            Some(store) => {
+                store.leave(listeners);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether systemd's fd store gets what the keeper gets.
+    pub fn stores(&self) -> bool {
+        self.store.is_some()
     }
 
     /// Whether a snapshot is to be taken now: after every turn of the
@@ -254,6 +298,7 @@ impl Keeper {
             restarts: budget
                 .filter(|b| b.restarts > 0)
                 .map(|b| (b.restarts, b.window.as_millis() as u64)),
+            store: self.store.is_some(),
         };
         self.send(&message, &[]);
     }
@@ -329,6 +374,11 @@ impl Keeper {
                     return;
                 }
             }
+        }
+        if let Some(store) = &mut self.store {
+            // SAFETY: the channel owns this fd and outlives the call.
+            let channel = unsafe { BorrowedFd::borrow_raw(self.channel.as_raw_fd()) };
+            store.sync(&json, &inodes, places, channel);
         }
         if self
             .last
@@ -415,7 +465,7 @@ pub fn start_time(pid: i32) -> Option<u64> {
 }
 
 /// A memfd holding `bytes`, sealed against any change.
-fn sealed_memfd(bytes: &[u8]) -> anyhow::Result<OwnedFd> {
+pub(crate) fn sealed_memfd(bytes: &[u8]) -> anyhow::Result<OwnedFd> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
     use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
     let fd = memfd_create(
@@ -474,6 +524,7 @@ struct Hello {
     env: Vec<(Vec<u8>, Vec<u8>)>,
     cwd: Vec<u8>,
     restarts: Option<(u32, u64)>,
+    store: bool,
 }
 
 /// How the channel to a master ended.
@@ -555,6 +606,10 @@ async fn keep() -> i32 {
             break;
         }
         let Some(hello) = &kept.hello else { break };
+        if hello.store {
+            eprintln!("baton keeper: systemd's fd store let go of the master's channel (the service stopped for good): stopping its workers");
+            break;
+        }
         let Some((budget, window)) = hello.restarts else {
             eprintln!("baton keeper: the master (pid {master}) died ({how}) and master_restarts is off: stopping its workers");
             break;
@@ -615,12 +670,14 @@ async fn serve(
                         env,
                         cwd,
                         restarts,
+                        store,
                     } => {
                         kept.hello = Some(Hello {
                             argv,
                             env,
                             cwd,
                             restarts,
+                            store,
                         })
                     }
                     Message::Watch {

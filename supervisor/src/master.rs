@@ -295,6 +295,7 @@ pub async fn run(
         master.on_tick();
     }
     master.stop_orphans();
+    master.leave_store();
     tracing::info!("master exiting");
     master.log.shutdown_traces();
     Ok(())

@@ -74,6 +74,32 @@ impl Master {
         }
     }
 
+    /// This master stops for good (not handing over to an upgrade's):
+    /// under systemd with an fd store, the store keeps only the listening
+    /// sockets, for the master systemd starts next (see
+    /// [`crate::fdstore`]); their socket files stay.
+    pub(crate) fn leave_store(&mut self) {
+        if self.lineage.successor().is_some() {
+            return;
+        }
+        let Some(keeper) = self.children.keeper_mut() else {
+            return;
+        };
+        if !keeper.stores() {
+            return;
+        }
+        let listeners: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = self
+            .fleet
+            .listeners()
+            .iter()
+            .map(|l| (l.info.name.as_str(), l.fd()))
+            .collect();
+        keeper.leave_store(&listeners);
+        for listener in self.fleet.listeners() {
+            listener.hand_over();
+        }
+    }
+
     /// Adopts what a master that died left (see [`crate::adopt`]). Returns
     /// whether a generation is current (else one is to be started).
     pub(crate) fn adopt(&mut self, adoption: Adoption) -> anyhow::Result<bool> {
