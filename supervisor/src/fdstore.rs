@@ -414,9 +414,26 @@ pub fn take_adoption() -> anyhow::Result<Option<Adoption>> {
     }
     // The fds the snapshot names stay open for the adoption, which owns
     // them from here (by number); the others close.
-    let mut places = Vec::with_capacity(inodes.len());
+    // A socket the snapshot names twice (a listener, and the copy its port
+    // group keeps) was stored once: each place gets an fd of its own.
+    let mut places: Vec<Option<RawFd>> = Vec::with_capacity(inodes.len());
+    let mut first: HashMap<u64, RawFd> = HashMap::new();
     for ino in &inodes {
-        places.push(fds.remove(ino).map(IntoRawFd::into_raw_fd));
+        let fd = match (fds.remove(ino), first.get(ino)) {
+            (Some(fd), _) => Some(fd),
+            (None, Some(raw)) => {
+                // SAFETY: `raw` was taken into `places` above and stays
+                // open until the adoption owns it.
+                let borrowed = unsafe { BorrowedFd::borrow_raw(*raw) };
+                Some(borrowed.try_clone_to_owned()?)
+            }
+            (None, None) => None,
+        };
+        let raw = fd.map(IntoRawFd::into_raw_fd);
+        if let Some(raw) = raw {
+            first.entry(*ino).or_insert(raw);
+        }
+        places.push(raw);
     }
     let adoption = Adoption::from_snapshot(
         json,
