@@ -12,11 +12,17 @@
 //!   does not see this master die, and starts no master of its own (its
 //!   `Hello` says so); the master systemd restarts attaches to it;
 //! - after every change, the snapshot in a sealed memfd, as
-//!   `baton-snapshot-N`, whose first line names the master's pid, the
-//!   keeper channel's inode and each place's inode (a master given fds by
-//!   name renumbers them by inode); the previous one is removed after
-//!   (`FDSTOREREMOVE=1`), and so are the fds the snapshot no longer names:
-//!   at every moment the store holds a snapshot and all it names.
+//!   `baton-snapshot-N` (N: `CLOCK_MONOTONIC` in microseconds, so that the
+//!   newest is the highest whichever master stored it), whose first line
+//!   names the master's pid, the keeper channel's inode and each place's
+//!   inode (a master given fds by name renumbers them by inode); the
+//!   previous one is removed after (`FDSTOREREMOVE=1`), and so are the fds
+//!   the snapshot no longer names: at every moment the store holds a
+//!   snapshot and all it names.
+//!
+//! Only systemd's main process may store (`NotifyAccess=main`): the new
+//! master of a binary upgrade stores nothing until the old one handed over
+//! (it holds the control socket from then on), then everything.
 //!
 //! A master systemd starts with a `baton-snapshot-N` among
 //! `LISTEN_FDNAMES` adopts the workers ([`take_adoption`]). A master that
@@ -68,6 +74,9 @@ pub struct Store {
     last: Option<(Vec<u8>, Vec<u64>)>,
     /// Said once that the store is too small.
     warned: bool,
+    /// Not systemd's main process (yet): systemd would refuse what it
+    /// sends.
+    paused: bool,
 }
 
 /// The names systemd passed this process (`LISTEN_FDNAMES`), if
@@ -123,6 +132,7 @@ impl Store {
             leftovers: Vec::new(),
             last: None,
             warned: false,
+            paused: false,
         };
         for (_, name) in passed_names() {
             if let Some(ino) = numbered(&name, FD) {
@@ -142,6 +152,15 @@ impl Store {
         Some(store)
     }
 
+    /// Whether this master is systemd's main process: one that becomes it
+    /// stores everything again (systemd ignores what it holds already).
+    pub fn set_main(&mut self, main: bool) {
+        if main && self.paused {
+            self.resync();
+        }
+        self.paused = !main;
+    }
+
     /// Stores what a snapshot names: the fds at `places` (their inodes
     /// `inodes`) not stored yet, `keeper` (the master's end of the keeper's
     /// channel), then the snapshot `json`; then removes the previous
@@ -153,10 +172,11 @@ impl Store {
         places: &[BorrowedFd<'_>],
         keeper: BorrowedFd<'_>,
     ) {
-        if self
-            .last
-            .as_ref()
-            .is_some_and(|(j, i)| j.as_slice() == json && i.as_slice() == inodes)
+        if self.paused
+            || self
+                .last
+                .as_ref()
+                .is_some_and(|(j, i)| j.as_slice() == json && i.as_slice() == inodes)
         {
             return;
         }
@@ -203,7 +223,7 @@ impl Store {
                 return;
             }
         };
-        let number = self.snapshot.map_or(0, |n| n + 1);
+        let number = monotonic_usec().max(self.snapshot.map_or(0, |n| n + 1));
         if !self.push(&format!("{SNAPSHOT}{number}"), memfd.as_fd()) {
             return;
         }
@@ -313,6 +333,13 @@ impl Store {
     }
 }
 
+/// `CLOCK_MONOTONIC` in microseconds: it only grows, in every process.
+fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| std::time::Duration::from(t).as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// `baton-listener-NAME`, or `baton-listener` for a name systemd would not
 /// take (`:` separates names in `LISTEN_FDNAMES`): such a socket is then
 /// matched by its address.
@@ -406,8 +433,9 @@ pub fn take_adoption() -> anyhow::Result<Option<Adoption>> {
     file.rewind()?;
     let mut text = Vec::new();
     file.read_to_end(&mut text)
-        .context("reading the stored snapshot")?;
-    let ((pid, keeper, inodes), json) = read_header(&text)?;
+        .context("reading the snapshot in systemd's fd store")?;
+    let ((pid, keeper, inodes), json) =
+        read_header(&text).context("reading the snapshot in systemd's fd store")?;
     let keeper = keepers.remove(&keeper);
     if keeper.is_none() {
         tracing::warn!("the fd store holds no channel to the keeper: another is started");
@@ -442,7 +470,8 @@ pub fn take_adoption() -> anyhow::Result<Option<Adoption>> {
         pid,
         "unknown: restarted by systemd".into(),
         Vec::new(),
-    );
+    )
+    .context("adopting the workers from systemd's fd store");
     if adoption.is_err() {
         for fd in places.into_iter().flatten() {
             // SAFETY: taken above with `into_raw_fd`, owned by nothing

@@ -247,6 +247,14 @@ impl Keeper {
         self.store.is_some()
     }
 
+    /// Whether this master is systemd's main process, which alone may
+    /// store (see [`crate::fdstore::Store::set_main`]).
+    pub fn store_main(&mut self, main: bool) {
+        if let Some(store) = &mut self.store {
+            store.set_main(main);
+        }
+    }
+
     /// Whether a snapshot is to be taken now: after every turn of the
     /// loop, unless the last one took long (see [`Keeper::took`]); a turn
     /// before it is due again makes one due then (see [`Keeper::wakeup`]).

@@ -15,6 +15,7 @@ impl Master {
         let Some(keeper) = self.children.keeper_mut() else {
             return;
         };
+        keeper.store_main(self.endpoints.main_process());
         if !keeper.due(now) {
             return;
         }
@@ -74,18 +75,21 @@ impl Master {
         }
     }
 
-    /// This master stops for good (not handing over to an upgrade's):
-    /// under systemd with an fd store, the store keeps only the listening
-    /// sockets, for the master systemd starts next (see
-    /// [`crate::fdstore`]); their socket files stay.
+    /// This master stops for good: under systemd with an fd store, the
+    /// store keeps only the listening sockets, for the master systemd
+    /// starts next (see [`crate::fdstore`]); their socket files stay. One
+    /// that handed over to an upgrade's new master (systemd's main process
+    /// now, which alone may change the store) lets its keeper go: the store
+    /// holds its channel, so it would not see this master's end.
     pub(crate) fn leave_store(&mut self) {
-        if self.lineage.successor().is_some() {
-            return;
-        }
         let Some(keeper) = self.children.keeper_mut() else {
             return;
         };
         if !keeper.stores() {
+            return;
+        }
+        if self.lineage.successor().is_some() {
+            keeper.release();
             return;
         }
         let listeners: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = self
