@@ -370,8 +370,16 @@ fn header(pid: u32, keeper: u64, inodes: &[u64]) -> String {
     format!("{pid} {keeper} {}\n", inodes.join(","))
 }
 
-/// Reads [`header`]: `(pid, keeper, inodes)` and the rest.
-fn read_header(text: &[u8]) -> anyhow::Result<((i32, u64, Vec<u64>), &[u8])> {
+/// What a stored snapshot's first line says (see [`header`]).
+#[derive(Debug, PartialEq)]
+struct Header {
+    pid: i32,
+    keeper: u64,
+    inodes: Vec<u64>,
+}
+
+/// Reads [`header`], and the rest.
+fn read_header(text: &[u8]) -> anyhow::Result<(Header, &[u8])> {
     let end = text
         .iter()
         .position(|b| *b == b'\n')
@@ -390,7 +398,14 @@ fn read_header(text: &[u8]) -> anyhow::Result<((i32, u64, Vec<u64>), &[u8])> {
         .filter(|i| !i.is_empty())
         .map(str::parse)
         .collect::<Result<Vec<u64>, _>>()?;
-    Ok(((pid, keeper, inodes), &text[end + 1..]))
+    Ok((
+        Header {
+            pid,
+            keeper,
+            inodes,
+        },
+        &text[end + 1..],
+    ))
 }
 
 /// In a master systemd started with a stored snapshot among its fds: the
@@ -434,8 +449,14 @@ pub fn take_adoption() -> anyhow::Result<Option<Adoption>> {
     let mut text = Vec::new();
     file.read_to_end(&mut text)
         .context("reading the snapshot in systemd's fd store")?;
-    let ((pid, keeper, inodes), json) =
-        read_header(&text).context("reading the snapshot in systemd's fd store")?;
+    let (
+        Header {
+            pid,
+            keeper,
+            inodes,
+        },
+        json,
+    ) = read_header(&text).context("reading the snapshot in systemd's fd store")?;
     let keeper = keepers.remove(&keeper);
     if keeper.is_none() {
         tracing::warn!("the fd store holds no channel to the keeper: another is started");
@@ -490,11 +511,21 @@ mod tests {
     fn a_snapshot_header_reads_back() {
         let mut text = header(42, 7, &[1, 2, 3]).into_bytes();
         text.extend_from_slice(b"{\"a\":1}");
-        let ((pid, keeper, inodes), json) = read_header(&text).unwrap();
-        assert_eq!((pid, keeper, inodes), (42, 7, vec![1, 2, 3]));
+        let (read, json) = read_header(&text).unwrap();
+        let want = Header {
+            pid: 42,
+            keeper: 7,
+            inodes: vec![1, 2, 3],
+        };
+        assert_eq!(read, want);
         assert_eq!(json, b"{\"a\":1}");
         let empty = header(1, 2, &[]);
-        assert_eq!(read_header(empty.as_bytes()).unwrap().0, (1, 2, vec![]));
+        let want = Header {
+            pid: 1,
+            keeper: 2,
+            inodes: vec![],
+        };
+        assert_eq!(read_header(empty.as_bytes()).unwrap().0, want);
         assert!(read_header(b"no newline").is_err());
     }
 
