@@ -169,6 +169,12 @@ impl StandIn {
         }
     }
 
+    /// Closes every stored fd, as systemd does when the unit stops or
+    /// fails for good.
+    fn flush(&self) {
+        self.stored.0.lock().unwrap().fds.clear();
+    }
+
     /// How many `READY=1` came.
     fn readies(&self) -> usize {
         let state = self.stored.0.lock().unwrap();
@@ -414,4 +420,38 @@ fn a_killed_master_is_started_again_from_the_fd_store_and_adopts_its_workers() {
     for pid in workers {
         wait_gone(Pid::from_raw(pid as i32), "a worker after the stop");
     }
+}
+
+/// The master killed, and systemd not starting another (its start limit
+/// hit): once the store lets go of the master's end of the keeper's
+/// channel, the keeper stops the workers and exits.
+#[test]
+fn a_store_let_go_of_makes_the_keeper_stop_the_workers() {
+    let mut systemd = StandIn::new(&hello_config(2));
+    let first = systemd.start();
+    first.wait_committed(1);
+    let first_pid = first.pid();
+    let status = first.status();
+    let workers = current_pids(&status);
+    assert_eq!(workers.len(), 2, "{status}");
+    let keeper = keeper_of(first_pid).expect("the master's keeper");
+    systemd.wait_names("a snapshot", |names| {
+        names.iter().any(|n| n.starts_with("baton-snapshot-"))
+    });
+    kill(first_pid, Signal::SIGKILL).unwrap();
+    wait_gone(first_pid, "the killed master");
+    std::thread::sleep(Duration::from_millis(300));
+    for pid in &workers {
+        assert!(alive(Pid::from_raw(*pid as i32)), "worker {pid} stopped");
+    }
+    systemd.flush();
+    wait_gone(keeper, "the keeper once the store let go");
+    for pid in workers {
+        wait_gone(Pid::from_raw(pid as i32), "a worker once the store let go");
+    }
+    systemd.masters[0].wait_event(Duration::from_secs(5), |e| {
+        e["raw"]
+            .as_str()
+            .is_some_and(|l| l.contains("systemd's fd store let go of the master's channel"))
+    });
 }
