@@ -230,15 +230,10 @@ impl Keeper {
     }
 
     /// This master stops for good: systemd's fd store keeps only the
-    /// `listeners` (see [`crate::fdstore::Store::leave`]). Whether there
-    /// is a store.
-    pub fn leave_store(&mut self, listeners: &[(&str, BorrowedFd<'_>)]) -> bool {
-        match &mut self.store {
-            Some(store) => {
-                store.leave(listeners);
-                true
-            }
-            None => false,
+    /// `listeners` (see [`crate::fdstore::Store::leave`]).
+    pub fn leave_store(&mut self, listeners: &[(&str, BorrowedFd<'_>)]) {
+        if let Some(store) = &mut self.store {
+            store.leave(listeners);
         }
     }
 
