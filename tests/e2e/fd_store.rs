@@ -402,7 +402,17 @@ fn a_killed_master_is_started_again_from_the_fd_store_and_adopts_its_workers() {
         "the new master started a keeper"
     );
     assert!(alive(keeper));
+    // systemd waits for READY=1 from the master it started.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while systemd.readies() == readies {
+        assert!(
+            Instant::now() < deadline,
+            "no READY=1 from the adopting master"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
+    let second = &systemd.masters[1];
     second.signal(Signal::SIGHUP);
     second.wait_committed(2);
     wait_for_generation(&keepalive, 2);

@@ -159,7 +159,16 @@ impl Master {
         self.fleet.steer_to_current();
         self.metrics.adopted(adopted.count);
         self.program.adopted = Some(adopted);
-        Ok(self.fleet.current_number().is_some())
+        let current = self.fleet.current_number();
+        // A master systemd started (`Restart=`, the fd store) is waited
+        // for: ready now, as no reload will say it (without a current
+        // generation, the first reload does).
+        if let Some(generation) = current {
+            crate::sd_notify::notify(&format!(
+                "READY=1\nSTATUS=generation {generation} serving; adopted from a master that died"
+            ));
+        }
+        Ok(current.is_some())
     }
 
     /// What was in progress when the previous master died: a probation
