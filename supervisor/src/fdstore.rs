@@ -269,6 +269,11 @@ impl Store {
     /// the snapshot, the keeper's channel (the keeper then sees its end)
     /// and every other fd go.
     pub fn leave(&mut self, listeners: &[(&str, BorrowedFd<'_>)]) {
+        // Not systemd's main process (an upgrade's new master that never
+        // took over): the store is not its to change.
+        if self.paused {
+            return;
+        }
         let mut kept = 0;
         for (name, fd) in listeners {
             if let Ok(ino) = crate::steering::inode(*fd) {
