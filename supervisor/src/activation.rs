@@ -8,6 +8,12 @@
 //! listener's), otherwise the one with its kind and address. An inherited
 //! socket that matches no listener is an error: the unit and the config
 //! disagree, and guessing would serve on the wrong socket.
+//!
+//! A listening socket a master left in systemd's fd store when it stopped
+//! (`baton-listener-NAME`, see [`crate::fdstore`]) is taken the same way,
+//! except that one no listener matches any more (the config changed) is
+//! closed, and one that is also a `.socket` unit's is taken once. Other
+//! `baton-*` fds are not sockets to serve: closed.
 
 use crate::config::{ListenerAddress, ListenerConfig};
 use crate::listener::Listener;
@@ -15,7 +21,7 @@ use anyhow::{bail, Context};
 use baton_wire::protocol::ListenerKind;
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 
 /// The first fd systemd passes (`SD_LISTEN_FDS_START`).
@@ -28,6 +34,9 @@ pub struct Inherited {
     pub fd: OwnedFd,
     /// Its `LISTEN_FDNAMES` entry, if any.
     pub name: Option<String>,
+    /// Left in systemd's fd store by a master that stopped: closed, not an
+    /// error, when no listener matches it.
+    stored: bool,
     kind: ListenerKind,
     address: Bound,
 }
@@ -72,6 +81,7 @@ pub fn take_from_env() -> anyhow::Result<Vec<Inherited>> {
     let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
     let mut names = names.split(':');
     let mut out = Vec::with_capacity(count as usize);
+    let mut inodes = std::collections::HashSet::new();
     for raw in FIRST_FD..FIRST_FD + count {
         nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD)
             .with_context(|| format!("LISTEN_FDS names fd {raw}, which is not open"))?;
@@ -84,15 +94,49 @@ pub fn take_from_env() -> anyhow::Result<Vec<Inherited>> {
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         )?;
         // systemd names unnamed sockets after their unit, or "unknown".
-        let name = names
+        let mut name = names
             .next()
             .filter(|n| !n.is_empty() && *n != "unknown")
             .map(str::to_string);
-        let (kind, address) = describe(&fd)
-            .with_context(|| format!("inherited fd {raw} (LISTEN_FDS) is not a usable socket"))?;
+        let stored = match name
+            .as_deref()
+            .map(|n| (n, crate::fdstore::stored_listener(n)))
+        {
+            Some((_, Some(listener))) => {
+                name = listener.map(str::to_string);
+                true
+            }
+            Some((other, None)) if other.starts_with(crate::fdstore::PREFIX) => {
+                tracing::warn!(
+                    fd = raw,
+                    name = other,
+                    "a stored fd without the snapshot that names it: closed"
+                );
+                continue;
+            }
+            _ => false,
+        };
+        // The same socket from a `.socket` unit and from the fd store
+        // (which comes after): taken once.
+        if !inodes.insert(crate::steering::inode(fd.as_fd())?) {
+            continue;
+        }
+        let (kind, address) = match describe(&fd) {
+            Ok(described) => described,
+            Err(e) if stored => {
+                tracing::warn!(fd = raw, error = %format!("{e:#}"), "a socket left in the fd store is not usable: closed");
+                continue;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "inherited fd {raw} (LISTEN_FDS) is not a usable socket"
+                )))
+            }
+        };
         out.push(Inherited {
             fd,
             name,
+            stored,
             kind,
             address,
         });
@@ -160,6 +204,16 @@ pub fn assign(
             .name
             .as_deref()
             .and_then(|n| listeners.iter().find(|l| l.name == n));
+        let unmatched = named.is_some_and(|l| !socket.fits(l))
+            || (named.is_none()
+                && !listeners
+                    .iter()
+                    .any(|l| !taken(&out, &l.name) && socket.fits(l)))
+            || named.is_some_and(|l| taken(&out, &l.name));
+        if socket.stored && unmatched {
+            tracing::warn!(socket = %socket, "a socket left in the fd store that no listener takes now: closed");
+            continue;
+        }
         let (listener, by) = match named {
             Some(listener) if !socket.fits(listener) => bail!(
                 "socket-activated {socket} is named after listener `{}`, whose address is {}",
@@ -233,6 +287,7 @@ mod tests {
         let inherited = Inherited {
             fd,
             name: name.map(str::to_string),
+            stored: false,
             kind,
             address,
         };
@@ -268,6 +323,7 @@ mod tests {
         let inherited = Inherited {
             fd,
             name: None,
+            stored: false,
             kind,
             address,
         };
@@ -278,6 +334,22 @@ mod tests {
         let assigned = assign(vec![inherited], &listeners).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(assigned[0].0.name, "app");
+    }
+
+    #[test]
+    fn a_stored_socket_no_listener_takes_is_closed_not_an_error() {
+        let (_a, mut stray) = tcp(Some("gone"));
+        stray.stored = true;
+        let (b, mut kept) = tcp(Some("http"));
+        kept.stored = true;
+        let port = b.local_addr().unwrap().port();
+        let listeners = [listener("http", &format!("127.0.0.1:{port}"))];
+        let assigned = assign(vec![stray, kept], &listeners).unwrap();
+        let names: Vec<(&str, &str)> = assigned
+            .iter()
+            .map(|(l, _, by)| (l.name.as_str(), *by))
+            .collect();
+        assert_eq!(names, [("http", "name")]);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //!
 //! When the master dies (or exits for `baton restart`), the keeper starts
 //! another with those fds at 3, 4, ... and the snapshot
-//! ([`Adoption::take_from_env`]). The new master:
+//! ([`Adoption::take_from_env`]); under systemd with an fd store, systemd
+//! starts it with them (see [`crate::fdstore`]). The new master:
 //!
 //! - serves the same control socket and admin endpoint (requests sent
 //!   meanwhile waited in their queues) and the same listeners;
@@ -185,8 +186,6 @@ impl Adoption {
         let mut json = Vec::new();
         snapshot_file.read_to_end(&mut json)?;
         drop(snapshot_file);
-        let snapshot: Snapshot =
-            serde_json::from_slice(&json).context("reading the keeper's snapshot")?;
         let previous = std::env::var(PREVIOUS_ENV).unwrap_or_default();
         let (previous_pid, how) = previous.split_once(':').unwrap_or(("0", "unknown"));
         let watched = std::env::var(WATCHED_ENV)
@@ -194,15 +193,42 @@ impl Adoption {
             .split(',')
             .filter_map(|p| p.parse().ok())
             .collect();
+        let mut adoption = Adoption::from_snapshot(
+            &json,
+            |i| Some(first + i as RawFd),
+            Some(keeper),
+            previous_pid.parse().unwrap_or(0),
+            how.to_string(),
+            watched,
+        )?;
+        adoption.restart = std::env::var(crate::keeper::RESTART_ENV)
+            .ok()
+            .map(|mode| mode == "hard");
+        Ok(Some(adoption))
+    }
+
+    /// The adoption `json` (a [`Snapshot`]) describes, the fd of its
+    /// `i`th place being `place(i)` in this process (each handed to this
+    /// process once, for the adoption to own).
+    pub fn from_snapshot(
+        json: &[u8],
+        place: impl Fn(usize) -> Option<RawFd>,
+        keeper: Option<OwnedFd>,
+        previous_pid: i32,
+        how: String,
+        watched: Vec<i32>,
+    ) -> anyhow::Result<Adoption> {
+        let snapshot: Snapshot =
+            serde_json::from_slice(json).context("reading the keeper's snapshot")?;
         let moved = |from: RawFd| -> Option<RawFd> {
             let i = snapshot.places.iter().position(|p| *p == from)?;
-            Some(first + i as RawFd)
+            place(i)
         };
         let take = |fd: Option<RawFd>| -> anyhow::Result<Option<OwnedFd>> {
             fd.map(|fd| {
                 let fd = moved(fd).context("the snapshot names an fd it does not hand over")?;
                 crate::fds::set_cloexec(fd, true)?;
-                // SAFETY: handed over by the keeper at this number, once.
+                // SAFETY: handed over at this number, once.
                 Ok(unsafe { OwnedFd::from_raw_fd(fd) })
             })
             .transpose()
@@ -211,24 +237,22 @@ impl Adoption {
         let admin = take(snapshot.admin)?;
         let mut state = snapshot.state;
         state.renumber(moved)?;
-        Ok(Some(Adoption {
+        Ok(Adoption {
             state,
             control,
             admin,
-            keeper: Some(keeper),
+            keeper,
             probation: snapshot.probation,
             upgrade_child: snapshot.upgrade_child,
             adopted: Adopted {
                 at: std::time::SystemTime::now(),
-                previous_pid: previous_pid.parse().unwrap_or(0),
-                how: how.to_string(),
+                previous_pid,
+                how,
                 count: snapshot.adoptions + 1,
             },
             watched,
-            restart: std::env::var(crate::keeper::RESTART_ENV)
-                .ok()
-                .map(|mode| mode == "hard"),
-        }))
+            restart: None,
+        })
     }
 
     /// The configuration the adopted current generation runs (the

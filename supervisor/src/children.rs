@@ -71,17 +71,20 @@ impl Children {
         budget: Option<Budget>,
         events: &crate::master::Events,
     ) {
-        if let Some(old) = self.keeper.take() {
+        let mut store = None;
+        if let Some(mut old) = self.keeper.take() {
             if let Some(pid) = old.pid() {
                 self.release(pid);
             }
+            store = old.take_store();
         }
         let keeper = match attach {
             Some(fd) => Keeper::attach(fd, budget),
             None => Keeper::start(budget),
         };
         self.keeper = match keeper {
-            Ok(keeper) => {
+            Ok(mut keeper) => {
+                keeper.carry_store(store);
                 if let Some(pid) = keeper.pid() {
                     self.register(pid, Owner::Keeper);
                 }

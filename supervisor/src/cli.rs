@@ -660,7 +660,11 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
     let exec_state = crate::upgrade::exec::take_state_from_env()?;
     // Started by the keeper: the workers of a master that died, and the
     // configuration they run.
-    let adoption = crate::adopt::Adoption::take_from_env()?;
+    // Or by systemd, with what its fd store kept.
+    let adoption = match crate::adopt::Adoption::take_from_env()? {
+        None if takeover.is_none() && exec_state.is_none() => crate::fdstore::take_adoption()?,
+        adoption => adoption,
+    };
     // A fresh start may come with sockets from systemd; an upgraded
     // master gets the listeners from the old one instead (and an
     // in-place one still sees the variables, with its pid).

@@ -36,6 +36,12 @@
 //! whole process group (it starts in the master's): only the channel
 //! matters. As a container's PID 1 ([`init`]) it is the master's parent
 //! instead, and passes the signals it gets on to the master.
+//!
+//! Under systemd with an fd store (see [`crate::fdstore`]), the master
+//! stores its end of the channel too: the keeper does not see it die, and
+//! systemd, not the keeper, starts the next master, which attaches to the
+//! same channel. The channel ends only when the store lets go of it (the
+//! service stopped for good): then the keeper gives up.
 
 use anyhow::Context;
 use baton_wire::channel::{self, Channel};
@@ -117,6 +123,10 @@ enum Message {
         env: Vec<(Vec<u8>, Vec<u8>)>,
         cwd: Vec<u8>,
         restarts: Option<(u32, u64)>,
+        /// systemd's fd store holds the master's end: systemd restarts the
+        /// master, never the keeper.
+        #[serde(default)]
+        store: bool,
     },
     /// A new worker, with a pidfd for it.
     Watch {
@@ -138,6 +148,9 @@ enum Message {
     /// (not a death: no restart budget spent), which replaces the workers
     /// with a new generation, drained or (`hard`) stopped at once.
     Restart { exe: Vec<u8>, hard: bool },
+    /// The master is done and its channel may never end (systemd's fd
+    /// store holds it): exit, leaving every worker alone.
+    Release,
 }
 
 /// The master's end: a running keeper.
@@ -158,6 +171,8 @@ pub struct Keeper {
     pace: Pace,
     /// Told to start another master: this one exits.
     restarting: bool,
+    /// systemd's fd store, which gets what the keeper gets.
+    store: Option<crate::fdstore::Store>,
 }
 
 /// When snapshots are taken: after every turn of the loop, but ten times
@@ -240,6 +255,41 @@ impl Keeper {
             started: HashMap::new(),
             pace: Pace::default(),
             restarting: false,
+            store: crate::fdstore::Store::from_env(),
+        }
+    }
+
+    /// systemd's fd store, to hand to the keeper replacing this one.
+    pub fn take_store(&mut self) -> Option<crate::fdstore::Store> {
+        self.store.take()
+    }
+
+    /// Goes on with the fd store of the keeper this one replaces (what it
+    /// stored, and must remove).
+    pub fn carry_store(&mut self, store: Option<crate::fdstore::Store>) {
+        if store.is_some() {
+            self.store = store;
+        }
+    }
+
+    /// This master stops for good: systemd's fd store keeps only the
+    /// `listeners` (see [`crate::fdstore::Store::leave`]).
+    pub fn leave_store(&mut self, listeners: &[(&str, BorrowedFd<'_>)]) {
+        if let Some(store) = &mut self.store {
+            store.leave(listeners);
+        }
+    }
+
+    /// Whether systemd's fd store gets what the keeper gets.
+    pub fn stores(&self) -> bool {
+        self.store.is_some()
+    }
+
+    /// Whether this master is systemd's main process, which alone may
+    /// store (see [`crate::fdstore::Store::set_main`]).
+    pub fn store_main(&mut self, main: bool) {
+        if let Some(store) = &mut self.store {
+            store.set_main(main);
         }
     }
 
@@ -311,6 +361,7 @@ impl Keeper {
             restarts: budget
                 .filter(|b| b.restarts > 0)
                 .map(|b| (b.restarts, b.window.as_millis() as u64)),
+            store: self.store.is_some(),
         };
         self.send(&message, &[]);
     }
@@ -387,6 +438,11 @@ impl Keeper {
                 }
             }
         }
+        if let Some(store) = &mut self.store {
+            // SAFETY: the channel owns this fd and outlives the call.
+            let channel = unsafe { BorrowedFd::borrow_raw(self.channel.as_raw_fd()) };
+            store.sync(&json, &inodes, places, channel);
+        }
         if self
             .last
             .as_ref()
@@ -447,6 +503,13 @@ impl Keeper {
         self.channel.as_raw_fd()
     }
 
+    /// Tells the keeper to exit and leave every worker alone: the master
+    /// is done, and its channel, held by systemd's fd store, would not end.
+    pub fn release(&mut self) {
+        self.retired = true;
+        self.send(&Message::Release, &[]);
+    }
+
     fn send(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> bool {
         match self.channel.try_send(message, fds) {
             Ok(()) => true,
@@ -471,7 +534,7 @@ pub fn start_time(pid: i32) -> Option<u64> {
 }
 
 /// A memfd holding `bytes`, sealed against any change.
-fn sealed_memfd(bytes: &[u8]) -> anyhow::Result<OwnedFd> {
+pub(crate) fn sealed_memfd(bytes: &[u8]) -> anyhow::Result<OwnedFd> {
     use nix::fcntl::{fcntl, FcntlArg, SealFlag};
     use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
     let fd = memfd_create(
@@ -553,6 +616,8 @@ struct Kept {
     deaths: VecDeque<Instant>,
     /// `baton restart` asked: the binary and whether hard.
     restart: Option<(Vec<u8>, bool)>,
+    /// Told to exit, leaving every worker alone.
+    released: bool,
     /// Exit statuses reaped, as `waitpid` gives them (the master's, while
     /// it is looked for).
     exits: HashMap<i32, i32>,
@@ -563,6 +628,7 @@ struct Hello {
     env: Vec<(Vec<u8>, Vec<u8>)>,
     cwd: Vec<u8>,
     restarts: Option<(u32, u64)>,
+    store: bool,
 }
 
 /// `baton __keeper`: runs until the masters are gone for good and every worker left has exited or been killed. Returns
@@ -727,6 +793,9 @@ async fn keep(channel: OwnedFd, first: Pid, init: bool) -> i32 {
     let mut code;
     loop {
         serve(&channel, &mut kept, &mut sigchld, &mut forward, master).await;
+        if kept.released {
+            return 0;
+        }
         if let Some((exe, hard)) = kept.restart.take() {
             // Not a death: the master asked for it.
             if master_is_child {
@@ -772,6 +841,10 @@ async fn keep(channel: OwnedFd, first: Pid, init: bool) -> i32 {
             break;
         }
         let Some(hello) = &kept.hello else { break };
+        if hello.store {
+            eprintln!("baton keeper: systemd's fd store let go of the master's channel (the service stopped for good): stopping its workers");
+            break;
+        }
         let Some((budget, window)) = hello.restarts else {
             eprintln!("baton keeper: the master (pid {master}) died ({how}) and master_restarts is off: stopping its workers");
             break;
@@ -854,12 +927,14 @@ async fn serve(
                         env,
                         cwd,
                         restarts,
+                        store,
                     } => {
                         kept.hello = Some(Hello {
                             argv,
                             env,
                             cwd,
                             restarts,
+                            store,
                         })
                     }
                     Message::Watch {
@@ -896,6 +971,10 @@ async fn serve(
                     }
                     Message::Retire => kept.retired = true,
                     Message::Restart { exe, hard } => kept.restart = Some((exe, hard)),
+                    Message::Release => {
+                        kept.released = true;
+                        return;
+                    }
                 }
             }
             Ok(None) => return,

@@ -16,6 +16,7 @@ pub mod control;
 pub mod endpoints;
 pub mod exec;
 pub mod fds;
+pub mod fdstore;
 pub mod fleet;
 pub mod forker;
 pub mod inplace;

@@ -313,6 +313,7 @@ pub async fn run(
         }
     }
     master.stop_orphans();
+    master.leave_store();
     tracing::info!("master exiting");
     master.log.shutdown_traces();
     Ok(())

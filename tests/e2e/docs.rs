@@ -191,6 +191,22 @@ fn the_systemd_example_units_pass_systemd_analyze_verify() {
     } else {
         eprintln!("systemd {version}: Type=notify-reload needs 253, not verified here");
     }
+    // Likewise the fd store's preservation, from systemd 254 on.
+    let preserving = service.replace(
+        "\n#FileDescriptorStorePreserve=restart\n",
+        "\nFileDescriptorStorePreserve=restart\n",
+    );
+    assert_ne!(
+        preserving, service,
+        "the unit keeps FileDescriptorStorePreserve=restart as a commented line"
+    );
+    if version >= 254 {
+        let dir = TempDir::new();
+        units_in(dir.path(), &preserving);
+        verify(&analyze, dir.path());
+    } else {
+        eprintln!("systemd {version}: FileDescriptorStorePreserve= needs 254, not verified here");
+    }
 }
 
 /// A ```` ```toml ```` block that is the `[dependencies]` of a worker's

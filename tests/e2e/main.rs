@@ -17,6 +17,7 @@ mod docs;
 mod drain_visibility;
 mod draining;
 mod escaped_children;
+mod fd_store;
 mod floods;
 mod graceful_sigterm;
 mod grpc;

@@ -18,6 +18,7 @@ impl Master {
         let Some(keeper) = self.children.keeper_mut() else {
             return;
         };
+        keeper.store_main(self.endpoints.main_process());
         if !keeper.due(now) {
             return;
         }
@@ -74,6 +75,35 @@ impl Master {
     pub(crate) fn retire_keeper(&mut self) {
         if let Some(keeper) = self.children.keeper_mut() {
             keeper.retire();
+        }
+    }
+
+    /// This master stops for good: under systemd with an fd store, the
+    /// store keeps only the listening sockets, for the master systemd
+    /// starts next (see [`crate::fdstore`]); their socket files stay. One
+    /// that handed over to an upgrade's new master (systemd's main process
+    /// now, which alone may change the store) lets its keeper go: the store
+    /// holds its channel, so it would not see this master's end.
+    pub(crate) fn leave_store(&mut self) {
+        let Some(keeper) = self.children.keeper_mut() else {
+            return;
+        };
+        if !keeper.stores() {
+            return;
+        }
+        if self.lineage.successor().is_some() {
+            keeper.release();
+            return;
+        }
+        let listeners: Vec<(&str, std::os::fd::BorrowedFd<'_>)> = self
+            .fleet
+            .listeners()
+            .iter()
+            .map(|l| (l.info.name.as_str(), l.fd()))
+            .collect();
+        keeper.leave_store(&listeners);
+        for listener in self.fleet.listeners() {
+            listener.hand_over();
         }
     }
 
@@ -145,7 +175,16 @@ impl Master {
                 self.fleet.fail(number, std::time::Duration::ZERO);
             }
         }
-        Ok(match (restart, self.fleet.current_number()) {
+        let current = self.fleet.current_number();
+        // A master systemd started (`Restart=`, the fd store) is waited
+        // for: ready now, as no reload will say it (without a current
+        // generation, or at a restart, the first reload does).
+        if let (Some(generation), None) = (current, restart) {
+            crate::sd_notify::notify(&format!(
+                "READY=1\nSTATUS=generation {generation} serving; adopted from a master that died"
+            ));
+        }
+        Ok(match (restart, current) {
             (Some(_), _) => Some(Trigger::Restart),
             (None, None) => Some(Trigger::Start),
             (None, Some(_)) => None,
