@@ -559,6 +559,21 @@ impl Drop for Baton {
                 pids.push(*pid);
             }
         }
+        // Workers adopted by a master the keeper started are nobody's
+        // descendants here: every process still running in this test's
+        // directory (a worker's cwd) is one of ours.
+        if let Some(dir) = &dir {
+            if let Ok(entries) = std::fs::read_dir("/proc") {
+                for entry in entries.flatten() {
+                    let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+                        continue;
+                    };
+                    if std::fs::read_link(format!("/proc/{pid}/cwd")).ok().as_ref() == Some(dir) {
+                        pids.push(Pid::from_raw(pid));
+                    }
+                }
+            }
+        }
         let _ = killpg(self.pid, Signal::SIGKILL);
         for pid in &pids {
             // Each worker leads its own process group.
