@@ -47,6 +47,9 @@ pub struct Fleet {
     tidying: Vec<Shared>,
     /// Another pass over the ports is wanted once this one is done.
     tidy_again: bool,
+    /// Taken over from another master (an upgrade's, an exec's image):
+    /// its generations may still serve on the listeners' own sockets.
+    inherited: bool,
 }
 
 impl Default for Fleet {
@@ -59,6 +62,7 @@ impl Default for Fleet {
             scale: None,
             tidying: Vec::new(),
             tidy_again: false,
+            inherited: false,
         }
     }
 }
@@ -291,6 +295,20 @@ impl Fleet {
         }
     }
 
+    /// The master stops, but its listening sockets outlive it (systemd's
+    /// fd store keeps them for the next master): new connections go to
+    /// the listeners' own sockets again, and the current generation
+    /// accepts what is queued on its own sockets before it drains, so that
+    /// nothing is left on a socket that closes with it.
+    pub fn steer_home(&mut self) {
+        for listener in &self.listeners {
+            if let Err(e) = listener.steer_here() {
+                tracing::error!(error = %format!("{e:#}"), "cannot steer new connections back to the listener's own socket");
+            }
+        }
+        self.hand_over_current(|s| s.primary().is_some());
+    }
+
     /// Generation `number`'s reload failed: its workers are stopped.
     pub fn fail(&mut self, number: u64, drain_timeout: Duration) {
         if let Some(failed) = self.generations.get_mut(&number) {
@@ -392,6 +410,7 @@ impl Fleet {
     pub fn take_over(&mut self, listeners: Vec<Shared>, next_number: u64) {
         self.listeners = listeners;
         self.next_number = next_number;
+        self.inherited = true;
     }
 
     /// Takes back the fleet a previous image of this master left (an
@@ -421,6 +440,7 @@ impl Fleet {
         }
         self.current = current.filter(|c| self.generations.contains_key(c));
         self.next_number = next_number;
+        self.inherited = true;
         self.scale = scale;
     }
 
@@ -534,9 +554,17 @@ impl Fleet {
     pub fn generation_sockets(&self, listeners: &[Shared]) -> anyhow::Result<Vec<Shared>> {
         let current: HashSet<*const Listener> = self.listeners.iter().map(Rc::as_ptr).collect();
         let before = crate::listener::kernel_view(listeners);
+        // A master's first generation serves on the sockets a service
+        // manager passed (socket activation, systemd's fd store at a
+        // restart): what queued there while no master ran is accepted;
+        // the next generation gets sockets of its own.
+        let first = self.generations.is_empty() && !self.inherited;
         let made = listeners
             .iter()
-            .map(|l| Listener::for_generation(l, &before))
+            .map(|l| match first && l.activated() {
+                true => Ok(l.clone()),
+                false => Listener::for_generation(l, &before),
+            })
             .collect::<anyhow::Result<Vec<Shared>>>()?;
         let after = crate::listener::kernel_view(listeners);
         let sockets: Vec<Shared> = made

@@ -523,6 +523,12 @@ impl Master {
         }
         self.operation.become_stopping(how);
         self.reloads.cancel_follow_up("the master is stopping");
+        // systemd's fd store keeps the listening sockets for the next
+        // master: nothing may be left queued on a socket that goes.
+        let stored = self.children.keeper().is_some_and(|k| k.stores());
+        if stored && how == Stop::Graceful && self.endpoints.main_process() {
+            self.fleet.steer_home();
+        }
         self.fleet.stop(how == Stop::Graceful, FAST_STOP_GRACE);
         self.reap_finished_generations();
     }
