@@ -10,7 +10,8 @@
 //! - every worker it starts, with a pidfd, and every one it reaps;
 //! - a copy of every fd the workers need ([`Message::Hold`]: the listeners
 //!   and their port groups' sockets, the master's end of each SDK worker's
-//!   channel, the control socket, the admin endpoint), and after every
+//!   channel, each generation's notify socket, the control socket, the
+//!   admin endpoint), and after every
 //!   change a snapshot of its state in a sealed memfd
 //!   ([`Message::Snapshot`], see [`crate::adopt`]).
 //!

@@ -45,6 +45,29 @@ impl Drop for RuntimeDir {
 
 static RUNTIME_DIR: Mutex<Weak<RuntimeDir>> = Mutex::new(Weak::new());
 
+/// The directories of masters that died whose notify sockets this master
+/// adopted (see [`Notifier::adopt`]): not stale while one is in use.
+static ADOPTED_DIRS: Mutex<Vec<Weak<RuntimeDir>>> = Mutex::new(Vec::new());
+
+/// The directory `path` of a master that died, shared by the notify
+/// sockets adopted from it.
+fn adopted_dir(path: &Path) -> Arc<RuntimeDir> {
+    let mut dirs = ADOPTED_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    dirs.retain(|d| d.strong_count() > 0);
+    if let Some(dir) = dirs.iter().filter_map(Weak::upgrade).find(|d| d.0 == path) {
+        return dir;
+    }
+    let dir = Arc::new(RuntimeDir(path.to_path_buf()));
+    dirs.push(Arc::downgrade(&dir));
+    dir
+}
+
+/// Whether `path` is the directory of notify sockets this master adopted.
+fn in_use(path: &Path) -> bool {
+    let dirs = ADOPTED_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    dirs.iter().filter_map(Weak::upgrade).any(|d| d.0 == path)
+}
+
 /// The runtime directory, created on first use next to `control_socket`.
 fn runtime_dir(control_socket: &Path) -> io::Result<Arc<RuntimeDir>> {
     let mut shared = RUNTIME_DIR.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,7 +102,7 @@ fn remove_stale_dirs(parent: &Path) {
         };
         let gone =
             nix::sys::signal::kill(Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH);
-        if !gone || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+        if !gone || !entry.file_type().is_ok_and(|t| t.is_dir()) || in_use(&entry.path()) {
             continue;
         }
         // Only what a master leaves there: notify sockets.
@@ -133,6 +156,31 @@ impl Notifier {
         events: &Events,
     ) -> io::Result<Notifier> {
         let socket = Arc::new(NotifySocket::bind(control_socket, generation, credentials)?);
+        Ok(Notifier::serve(socket, generation, events))
+    }
+
+    /// The notify socket of generation `generation` a master that died
+    /// left (`fd`, bound at `path`, in that master's directory, which is
+    /// kept while it is in use): its workers' `STATUS=` and `READY=1` go on
+    /// reaching this master.
+    pub fn adopt(
+        fd: OwnedFd,
+        path: PathBuf,
+        generation: u64,
+        events: &Events,
+    ) -> io::Result<Notifier> {
+        let dir = adopted_dir(path.parent().unwrap_or(Path::new(".")));
+        let socket = std::os::unix::net::UnixDatagram::from(fd);
+        socket.set_nonblocking(true)?;
+        let socket = Arc::new(NotifySocket {
+            path,
+            socket: tokio::net::UnixDatagram::from_std(socket)?,
+            _dir: dir,
+        });
+        Ok(Notifier::serve(socket, generation, events))
+    }
+
+    fn serve(socket: Arc<NotifySocket>, generation: u64, events: &Events) -> Notifier {
         let events = events.clone();
         let reading = socket.clone();
         let reader = tokio::spawn(async move {
@@ -156,11 +204,11 @@ impl Notifier {
             }
         })
         .abort_handle();
-        Ok(Notifier {
+        Notifier {
             socket,
             reader,
             held: Vec::new(),
-        })
+        }
     }
 }
 
@@ -221,6 +269,11 @@ impl NotifySocket {
     /// The socket's path, for `NOTIFY_SOCKET`.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Its fd (for the keeper's snapshot).
+    pub fn fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
     }
 
     /// The next datagram.

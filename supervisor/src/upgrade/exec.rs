@@ -70,6 +70,9 @@ struct ExecGeneration {
     /// When it started, in `CLOCK_MONOTONIC` milliseconds (a snapshot).
     #[serde(default)]
     started_ms: Option<u64>,
+    /// Its notify socket's fd and path (a snapshot).
+    #[serde(default)]
+    notify: Option<(RawFd, std::path::PathBuf)>,
     /// Indexes into [`ExecState::listeners`].
     listeners: Vec<usize>,
     workers: Vec<ExecWorker>,
@@ -300,6 +303,10 @@ impl ExecState {
                 processes: g.processes(),
                 config: snapshot.then(|| RunningConfig::of(g.config())),
                 started_ms: snapshot.then(|| monotonic_ms(g.started())),
+                notify: g.notify().filter(|_| snapshot).map(|n| {
+                    inherit.push(n.socket.fd());
+                    (n.socket.fd(), n.socket.path().to_path_buf())
+                }),
                 listeners: g.listeners().iter().map(|l| id(l, &mut all)).collect(),
                 workers: g
                     .workers()
@@ -389,6 +396,9 @@ impl ExecState {
             }
         }
         for g in &mut self.generations {
+            if let Some((fd, _)) = &mut g.notify {
+                map(fd)?;
+            }
             for w in &mut g.workers {
                 if let Some(fd) = &mut w.channel_fd {
                     map(fd)?;
@@ -497,6 +507,13 @@ impl ExecState {
             let mut generation = Generation::new(g.number, config.clone(), held, g.processes);
             if let Some(ms) = g.started_ms {
                 generation.started_at(from_monotonic_ms(ms));
+            }
+            if let Some((raw, path)) = g.notify {
+                // SAFETY: as the listeners: left open for this process
+                // alone.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                crate::fds::set_cloexec(raw, true)?;
+                generation.set_notify(crate::notify::Notifier::adopt(fd, path, g.number, events)?);
             }
             // Replaced, but its workers not yet told: it was handing over.
             let handing_over = state == GenerationState::Draining
