@@ -487,13 +487,13 @@ fn an_adopted_notify_workers_crash_is_respawned_and_its_ready_heard() {
             && field(e, "pid") != crashed.to_string()
             && e["fields"]["generation"] == 1
     });
-    let pid = field(&respawned, "pid");
+    let pid: i64 = field(&respawned, "pid").parse().unwrap();
     let status = baton.status();
     let workers = current_workers(&status);
     assert!(
         workers
             .iter()
-            .any(|w| w["pid"].to_string() == pid && w["state"] == "ready"),
+            .any(|w| w["pid"] == pid && w["state"] == "ready"),
         "{status}"
     );
     assert!(
