@@ -100,6 +100,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// For a `preStop` hook or a deploy script: /readyz answers 503 at
+    /// once, the workers serve --grace more (load balancers notice), then
+    /// the master stops gracefully.
+    Drain {
+        /// How long the workers go on serving before they drain.
+        #[arg(long, value_parser = duration, default_value = "5s")]
+        grace: Duration,
+        /// Return once the master has exited, not when the drain began.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: how long to wait for the master to exit.
+        #[arg(long, value_parser = duration, default_value = "10m")]
+        timeout: Duration,
+    },
     /// Stop the master: drain every worker first, or with --fast stop them now.
     Stop {
         /// Fast stop (like SIGTERM) instead of graceful (like SIGQUIT).
@@ -365,6 +379,29 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             }
             Ok(exit(&reply))
         }
+        Command::Drain {
+            grace,
+            wait,
+            timeout,
+        } => {
+            let known = std::os::unix::net::UnixStream::connect(socket)
+                .ok()
+                .and_then(|stream| signal::listening_pid(&stream).ok())
+                .map(i64::from);
+            let grace_ms = grace.as_millis() as u64;
+            let reply = client::request(socket, &Request::Drain { grace_ms }, QUICK)?;
+            if !reply.ok {
+                return Ok(exit(&reply));
+            }
+            let pid = known
+                .or_else(|| reply.result.as_ref().and_then(|r| r["pid"].as_i64()))
+                .unwrap_or(0);
+            println!("master {pid} draining: not ready from now on, stopping in {grace:?}");
+            if !wait {
+                return Ok(0);
+            }
+            Ok(wait_for_exit(pid, timeout))
+        }
         Command::Stop { fast, timeout } => {
             // The pid first, as this process sees it: a master with nothing
             // left to drain exits at once, possibly before its answer to
@@ -385,16 +422,7 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
                 Err(ClientError::BadReply(_)) if known.is_some() => known.expect("checked"),
                 Err(e) => return Err(e),
             };
-            let started = Instant::now();
-            while process_alive(pid as i32) {
-                if started.elapsed() > timeout {
-                    eprintln!("baton: master {pid} still running after {timeout:?}");
-                    return Ok(1);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            println!("master {pid} stopped");
-            Ok(0)
+            Ok(wait_for_exit(pid, timeout))
         }
         Command::Promote | Command::Rollback => {
             let promote = matches!(command, Command::Promote);
@@ -607,6 +635,20 @@ fn print_outcome(outcome: &ReloadOutcome) {
         let pids: Vec<String> = outcome.pids.iter().map(i32::to_string).collect();
         println!("  workers: {}", pids.join(" "));
     }
+}
+
+/// Waits until master `pid` has exited: 0, or 1 past `timeout`.
+fn wait_for_exit(pid: i64, timeout: Duration) -> i32 {
+    let started = Instant::now();
+    while process_alive(pid as i32) {
+        if started.elapsed() > timeout {
+            eprintln!("baton: master {pid} still running after {timeout:?}");
+            return 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("master {pid} stopped");
+    0
 }
 
 pub(crate) fn process_alive(pid: i32) -> bool {

@@ -492,18 +492,46 @@ impl Master {
     /// Starts a graceful or fast stop (a fast stop overrides a graceful
     /// one), abandoning the operation under way.
     pub(crate) fn stop(&mut self, how: Stop, by: Option<&crate::audit::Requester>) {
+        self.stop_after(how, by, None);
+    }
+
+    /// `baton drain` (a `preStop` hook): the master stops gracefully after
+    /// `grace`, during which `/readyz` answers 503 (so that load balancers
+    /// and Kubernetes take the pod out) while the workers go on serving.
+    /// Err when a stop is under way already.
+    pub(crate) fn drain(
+        &mut self,
+        grace: Duration,
+        by: Option<&crate::audit::Requester>,
+    ) -> Result<(), String> {
+        if self.stop_after(Stop::Graceful, by, Some(grace)) {
+            Ok(())
+        } else {
+            Err("the master is stopping already".into())
+        }
+    }
+
+    /// Starts a stop, at once or once the workers have served `grace` more
+    /// (a drain); whether it started.
+    fn stop_after(
+        &mut self,
+        how: Stop,
+        by: Option<&crate::audit::Requester>,
+        grace: Option<Duration>,
+    ) -> bool {
         let admission = self
             .operation
             .summary()
             .admit(Ask::Stop(how), Facts::default());
         if admission != Admission::Start {
-            return;
+            return false;
         }
+        let grace_ms = grace.map(|g| g.as_millis() as u64);
         match by {
             Some(by) => {
-                tracing::info!(event = "master.stopping", ?how, requested_by = %by, "master stopping")
+                tracing::info!(event = "master.stopping", ?how, grace_ms, requested_by = %by, "master stopping")
             }
-            None => tracing::info!(event = "master.stopping", ?how, "master stopping"),
+            None => tracing::info!(event = "master.stopping", ?how, grace_ms, "master stopping"),
         }
         // Only the master holding the control socket is systemd's main pid:
         // not an old one that handed over, nor a new one before the handover.
@@ -521,8 +549,19 @@ impl Master {
         if self.operation.take_reload().is_some() || self.operation.take_reading().is_some() {
             tracing::warn!("reload abandoned: the master is stopping");
         }
-        self.operation.become_stopping(how);
+        let serving_until = grace.map(|g| Instant::now() + g);
+        self.operation.become_stopping(how, serving_until);
         self.reloads.cancel_follow_up("the master is stopping");
+        if serving_until.is_none() {
+            self.stop_serving(how);
+        }
+        true
+    }
+
+    /// The workers stop serving: they drain (or, `Stop::Fast`, are
+    /// terminated).
+    fn stop_serving(&mut self, how: Stop) {
+        self.operation.stop_serving();
         // systemd's fd store keeps the listening sockets for the next
         // master: nothing may be left queued on a socket that goes.
         let stored = self.children.keeper().is_some_and(|k| k.stores());
@@ -659,6 +698,10 @@ impl Master {
             Expiry::FailUpgrade => self.upgrade_timed_out(),
             Expiry::Exec => self.exec_upgrade(),
             Expiry::KillUpgradeChild => self.kill_upgrade_child(),
+            Expiry::StopServing => {
+                tracing::info!("drain grace over: the workers drain");
+                self.stop_serving(Stop::Graceful)
+            }
             Expiry::Nothing => {}
         }
     }

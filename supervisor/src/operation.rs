@@ -18,6 +18,7 @@ use crate::rollout::Rollout;
 use crate::upgrade::Upgrade;
 use std::fmt;
 use std::time::Duration;
+use tokio::time::Instant;
 
 mod worker_exit;
 pub use worker_exit::{exit_reason, Exited, ForOperation, ForWorker, Reaction};
@@ -47,6 +48,9 @@ pub enum Operation {
         how: Stop,
         /// An aborting upgrade's child, still to be killed and reaped.
         upgrade: Option<Upgrade>,
+        /// `baton drain`: the workers serve until then (readiness already
+        /// says no), then drain.
+        serving_until: Option<Instant>,
     },
 }
 
@@ -146,14 +150,33 @@ impl Operation {
 
     /// Becomes a stop, keeping a failed upgrade that is still aborting;
     /// whatever else ran must have been ended (abandoned) before.
-    pub fn become_stopping(&mut self, how: Stop) {
+    pub fn become_stopping(&mut self, how: Stop, serving_until: Option<Instant>) {
         let upgrade = self.take_upgrade();
         debug_assert!(
             matches!(self, Operation::Idle | Operation::Stopping { .. }),
             "stop began during {}",
             self.summary().name()
         );
-        *self = Operation::Stopping { how, upgrade };
+        *self = Operation::Stopping {
+            how,
+            upgrade,
+            serving_until,
+        };
+    }
+
+    /// A drain's workers serve until then (see [`Operation::Stopping`]).
+    pub fn serving_until(&self) -> Option<Instant> {
+        match self {
+            Operation::Stopping { serving_until, .. } => *serving_until,
+            _ => None,
+        }
+    }
+
+    /// A drain's grace is over: the workers drain from now on.
+    pub fn stop_serving(&mut self) {
+        if let Operation::Stopping { serving_until, .. } = self {
+            *serving_until = None;
+        }
     }
 
     /// What the admission decisions need to know of it.

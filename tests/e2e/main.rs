@@ -14,6 +14,7 @@ mod config_reading;
 mod container_init;
 mod control;
 mod docs;
+mod drain;
 mod drain_visibility;
 mod draining;
 mod escaped_children;

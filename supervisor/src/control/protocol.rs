@@ -50,6 +50,12 @@ pub enum Request {
         #[serde(default)]
         fast: bool,
     },
+    /// `baton drain`: readiness says no at once, the workers serve
+    /// `grace_ms` more, then the master stops gracefully.
+    Drain {
+        /// How long the workers go on serving.
+        grace_ms: u64,
+    },
     /// Reopen the log file; workers reopen theirs.
     Reopen {},
     /// Change the number of workers of the current generation.
@@ -272,7 +278,7 @@ pub struct MasterStatus {
     pub config_hash: String,
     /// The current generation.
     pub current_generation: Option<u64>,
-    /// `running`, `stopping`.
+    /// `running`, `draining` (`baton drain`'s grace), `stopping`.
     pub state: String,
     /// The admin endpoint's bound address, when configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -65,6 +65,15 @@ impl Master {
                 self.stop(if fast { Stop::Fast } else { Stop::Graceful }, Some(&from));
                 Reply::ok(serde_json::json!({ "pid": std::process::id() }))
             }
+            Request::Drain { grace_ms } => {
+                match self.drain(std::time::Duration::from_millis(grace_ms), Some(&from)) {
+                    Ok(()) => Reply::ok(serde_json::json!({
+                        "pid": std::process::id(),
+                        "grace_ms": grace_ms,
+                    })),
+                    Err(reason) => Reply::error(format!("drain refused: {reason}")),
+                }
+            }
             Request::Reopen {} => {
                 let workers = self.reopen();
                 Reply::ok(serde_json::json!({ "workers": workers }))
@@ -189,6 +198,9 @@ impl Master {
         if self.lineage.successor().is_some() {
             return None;
         }
+        if self.operation.serving_until().is_some() {
+            return Some("the master is draining (`baton drain`): it stops after its grace".into());
+        }
         if self.operation.stopping().is_some() {
             return Some("the master is stopping".into());
         }
@@ -273,7 +285,9 @@ impl Master {
                 config: self.config.path.display().to_string(),
                 config_hash: self.config.hash.clone(),
                 current_generation: self.fleet.current_number(),
-                state: if self.operation.stopping().is_some() {
+                state: if self.operation.serving_until().is_some() {
+                    "draining"
+                } else if self.operation.stopping().is_some() {
                     "stopping"
                 } else {
                     "running"

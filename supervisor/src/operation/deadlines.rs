@@ -23,6 +23,8 @@ pub enum Deadline {
     Exec,
     /// A failed upgrade's child has had its grace: it is killed.
     AbortGrace,
+    /// `baton drain`'s grace is over: the workers stop serving.
+    ServingEnds,
 }
 
 /// What a passed deadline does.
@@ -41,6 +43,8 @@ pub enum Expiry {
     Exec,
     /// The failed upgrade's child is killed.
     KillUpgradeChild,
+    /// The drained master's workers drain, as in a graceful stop.
+    StopServing,
     /// The deadline of an operation that is not the one under way: nothing.
     Nothing,
 }
@@ -59,6 +63,7 @@ impl Summary {
             (S::Upgrading { .. }, D::Exec) => Expiry::Exec,
             // A stop keeps a failed upgrade's child until it is gone.
             (S::Upgrading { .. } | S::Stopping(_), D::AbortGrace) => Expiry::KillUpgradeChild,
+            (S::Stopping(crate::master::Stop::Graceful), D::ServingEnds) => Expiry::StopServing,
             _ => Expiry::Nothing,
         }
     }
@@ -81,6 +86,10 @@ impl Operation {
             Operation::Probation(rollout) if rollout.until().is_some_and(|u| now >= u) => {
                 Some(Deadline::ProbationEnd)
             }
+            Operation::Stopping {
+                serving_until: Some(until),
+                ..
+            } if now >= *until => Some(Deadline::ServingEnds),
             _ => self.upgrade().and_then(|u| u.due(now)),
         }
     }
@@ -93,6 +102,11 @@ impl Operation {
             Operation::Starting(reload) => Some(reload.deadline()),
             Operation::InPlace(transaction) => Some(transaction.deadline()),
             Operation::Probation(rollout) => rollout.until(),
+            Operation::Stopping { serving_until, .. } => serving_until
+                .iter()
+                .copied()
+                .chain(self.upgrade().map(|u| u.deadline()))
+                .min(),
             _ => self.upgrade().map(|u| u.deadline()),
         }
     }

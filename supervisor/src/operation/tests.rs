@@ -178,12 +178,33 @@ fn an_idle_operation_summarises_as_idle_and_ends_nothing() {
 #[test]
 fn a_stop_keeps_what_it_was_asked_as() {
     let mut operation = Operation::Idle;
-    operation.become_stopping(Stop::Graceful);
+    operation.become_stopping(Stop::Graceful, None);
     assert_eq!(operation.stopping(), Some(Stop::Graceful));
     assert_eq!(operation.summary(), GRACEFUL);
-    operation.become_stopping(Stop::Fast);
+    operation.become_stopping(Stop::Fast, None);
     assert_eq!(operation.summary(), FAST);
     assert!(operation.upgrade().is_none());
+}
+
+#[test]
+fn a_drain_serves_until_its_grace_ends_then_stops_serving() {
+    let now = tokio::time::Instant::now();
+    let until = now + Duration::from_secs(2);
+    let mut operation = Operation::Idle;
+    operation.become_stopping(Stop::Graceful, Some(until));
+    assert_eq!(operation.summary(), GRACEFUL);
+    assert_eq!(operation.serving_until(), Some(until));
+    assert_eq!(operation.wakeup(), Some(until));
+    assert_eq!(operation.due(now, false), None);
+    assert_eq!(operation.due(until, false), Some(Deadline::ServingEnds));
+    operation.stop_serving();
+    assert_eq!(operation.serving_until(), None);
+    assert_eq!(operation.wakeup(), None);
+    assert_eq!(operation.due(until, false), None);
+    // A fast stop during the grace ends it.
+    operation.become_stopping(Stop::Graceful, Some(until));
+    operation.become_stopping(Stop::Fast, None);
+    assert_eq!(operation.serving_until(), None);
 }
 
 fn requester(name: &str) -> Requester {
