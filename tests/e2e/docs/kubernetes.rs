@@ -67,3 +67,80 @@ fn the_kubernetes_probes_in_the_docs_get_200_from_the_admin_endpoint() {
         assert_eq!(code, 200, "{at}: GET {path} answered {code} {body}");
     }
 }
+
+/// `examples/kubernetes/app.yaml`: valid Kubernetes objects
+/// (`kubernetes-validate --strict`, from PyPI), a `baton.toml` in its
+/// ConfigMap that `baton check` accepts, and a grace period that covers
+/// the preStop drain's grace and the config's `drain_timeout`.
+#[test]
+fn the_kubernetes_example_is_valid_and_its_grace_period_covers_the_drain() {
+    let Some(validate) = baton_tests::tools::require(
+        "kubernetes-validate",
+        "target/wrap-venv/bin/pip install kubernetes-validate",
+    ) else {
+        return;
+    };
+    let manifest = baton_tests::tools::repository().join("examples/kubernetes/app.yaml");
+    let out = std::process::Command::new(validate)
+        .arg("--strict")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubernetes-validate: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    // The ConfigMap's `baton.toml: |` block, unindented.
+    let config: String = text
+        .lines()
+        .skip_while(|l| l.trim() != "baton.toml: |")
+        .skip(1)
+        .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or("")))
+        .collect();
+    // Checked here with the image's `hello` at this build's path.
+    let here = config.replace(
+        "/usr/local/bin/hello",
+        &baton_tests::harness::Binaries::hello()
+            .display()
+            .to_string(),
+    );
+    let dir = baton_tests::harness::TempDir::new();
+    std::fs::write(dir.path().join("baton.toml"), &here).unwrap();
+    let check = std::process::Command::new(baton_tests::harness::Binaries::baton())
+        .args(["check", "-c"])
+        .arg(dir.path().join("baton.toml"))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "baton check: {check:?}\n{config}");
+    let seconds = |s: &str| -> u64 {
+        s.trim_matches(|c| c == '"' || c == ' ')
+            .strip_suffix('s')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a duration in seconds: {s}"))
+    };
+    let drain_timeout = config
+        .lines()
+        .find_map(|l| l.strip_prefix("drain_timeout = "))
+        .map(seconds)
+        .expect("drain_timeout in the config");
+    let grace = text
+        .lines()
+        .find_map(|l| l.split("\"--grace\", ").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .map(seconds)
+        .expect("the preStop drain's --grace");
+    let period: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds: "))
+        .expect("terminationGracePeriodSeconds")
+        .parse()
+        .unwrap();
+    assert!(
+        period >= grace + drain_timeout + 1,
+        "terminationGracePeriodSeconds {period} < the drain's grace {grace} + drain_timeout {drain_timeout}"
+    );
+}
