@@ -140,7 +140,7 @@ fn the_kubernetes_example_is_valid_and_its_grace_period_covers_the_drain() {
         .parse()
         .unwrap();
     assert!(
-        period >= grace + drain_timeout + 1,
+        period > grace + drain_timeout,
         "terminationGracePeriodSeconds {period} < the drain's grace {grace} + drain_timeout {drain_timeout}"
     );
 }
