@@ -477,12 +477,13 @@ fn an_adopted_notify_workers_crash_is_respawned_and_its_ready_heard() {
         &[],
         "processes = 2\ndrain_timeout = \"5s\"\n",
     ));
-    let baton = Baton::start(&config);
+    let mut baton = Baton::start(&config);
     committed(&baton);
     let (status, _) = kill_and_wait_adopted(&baton, baton.pid());
     let crashed = Pid::from_raw(current_pids(&status)[0] as i32);
+    baton.skip_log();
     kill(crashed, Signal::SIGKILL).unwrap();
-    let respawned = baton.wait_event(Duration::from_secs(10), |e| {
+    let respawned = baton.next_event(Duration::from_secs(10), |e| {
         event_name(e) == "worker.ready"
             && field(e, "pid") != crashed.to_string()
             && e["fields"]["generation"] == 1
