@@ -14,6 +14,7 @@ pub mod config;
 pub mod connections;
 pub mod control;
 pub mod endpoints;
+pub mod events;
 pub mod exec;
 pub mod fds;
 pub mod fdstore;

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
@@ -128,9 +128,20 @@ pub fn init(
         Some((tracer, export)) => (Some(tracer), Some(export)),
         None => (None, None),
     };
+    // `GET /events` on the admin endpoint (see [`crate::events`]): the key
+    // events, as JSON lines, whatever the log's format.
+    let events = fmt::layer()
+        .json()
+        .with_writer(crate::events::Writer)
+        .with_current_span(true)
+        .with_span_list(false)
+        .with_filter(tracing_subscriber::filter::filter_fn(
+            crate::events::is_key_event,
+        ));
     let registry = tracing_subscriber::registry()
         .with(filter_layer)
-        .with(tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t)));
+        .with(tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t)))
+        .with(events);
     match format {
         LogFormat::Text => registry
             .with(

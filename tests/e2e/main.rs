@@ -18,6 +18,7 @@ mod drain;
 mod drain_visibility;
 mod draining;
 mod escaped_children;
+mod events;
 mod fd_store;
 mod floods;
 mod graceful_sigterm;

@@ -4,7 +4,8 @@
 use super::limits::{Caps, Held, Peer, Table};
 use super::respond::{Answer, Endpoint};
 use crate::master::{Event, Events};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -146,7 +147,10 @@ where
     });
 }
 
-async fn answer(request: Request<Incoming>, inboxes: &Inboxes) -> Response<Full<Bytes>> {
+/// A response's body: an answer, or the `/events` stream.
+type Body = BoxBody<Bytes, std::convert::Infallible>;
+
+async fn answer(request: Request<Incoming>, inboxes: &Inboxes) -> Response<Body> {
     let openmetrics = request
         .headers()
         .get_all(hyper::header::ACCEPT)
@@ -160,6 +164,7 @@ async fn answer(request: Request<Incoming>, inboxes: &Inboxes) -> Response<Full<
         "/healthz" => Endpoint::Healthz,
         "/readyz" => Endpoint::Readyz,
         "/status" => Endpoint::Status,
+        "/events" if request.method() == Method::GET => return events(),
         "/" => return reply(Answer::text(200, INDEX.into())),
         path => {
             return reply(Answer::text(
@@ -207,8 +212,23 @@ async fn answer(request: Request<Incoming>, inboxes: &Inboxes) -> Response<Full<
     reply(answer.unwrap_or_else(|_| Answer::text(503, "the master is exiting\n".into())))
 }
 
-fn reply(answer: Answer) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(answer.body)));
+/// `GET /events`: the key events as Server-Sent Events (see
+/// [`crate::events`]).
+fn events() -> Response<Body> {
+    let mut response = Response::new(crate::events::subscribe().boxed());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "text/event-stream".parse().expect("valid"),
+    );
+    response.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        "no-store".parse().expect("valid"),
+    );
+    response
+}
+
+fn reply(answer: Answer) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(answer.body)).boxed());
     *response.status_mut() =
         StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(
@@ -226,4 +246,5 @@ const INDEX: &str = "baton admin endpoint\n\
 /metrics  Prometheus metrics\n\
 /healthz  200 while the master's loop answers\n\
 /readyz   200 while a generation serves with every worker ready; 503 once stopping\n\
-/status   the JSON of `baton status --json`\n";
+/status   the JSON of `baton status --json`\n\
+/events   every reload, rollback, probation result, crash loop and worker exit, as Server-Sent Events\n";
