@@ -6,14 +6,14 @@
 //! `Restart=on-failure` does.
 
 use baton_tests::harness::{
-    alive, assert_no_request_failed, children_of, current_workers, event_name, hello_config,
-    message, resetting_config, steady_load, wait_for_generation, Baton, Binaries, TempDir,
+    alive, assert_no_request_failed, children_of, current_worker_pids, event_name, hello_config,
+    message, resetting_config, steady_load, wait_for_generation, wait_gone, Baton, Binaries,
+    TempDir,
 };
 use baton_tests::load::Mode;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use nix::unistd::Pid;
-use serde_json::Value;
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
@@ -246,30 +246,11 @@ impl Drop for StandIn {
     }
 }
 
-/// The pids of the current generation's workers, sorted.
-fn current_pids(status: &Value) -> Vec<i64> {
-    let mut pids: Vec<i64> = current_workers(status)
-        .iter()
-        .filter_map(|w| w["pid"].as_i64())
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
 /// `baton __keeper` among `pid`'s children.
 fn keeper_of(pid: Pid) -> Option<Pid> {
     children_of(pid)
         .into_iter()
         .find(|p| baton_tests::harness::is_keeper(*p))
-}
-
-/// Waits until `pid` has exited.
-fn wait_gone(pid: Pid, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while alive(pid) {
-        assert!(Instant::now() < deadline, "{what} ({pid}) still runs");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// `systemctl restart`: SIGTERM stops the master (its workers drain), the
@@ -364,7 +345,7 @@ fn a_killed_master_is_started_again_from_the_fd_store_and_adopts_its_workers() {
     let addr = first.address("http");
     let first_pid = first.pid();
     let status = first.status();
-    let workers = current_pids(&status);
+    let workers = current_worker_pids(&status);
     assert_eq!(workers.len(), 2, "{status}");
     let keeper = keeper_of(first_pid).expect("the first master's keeper");
     let keepalive = steady_load(addr, Mode::KeepAlive);
@@ -403,7 +384,7 @@ fn a_killed_master_is_started_again_from_the_fd_store_and_adopts_its_workers() {
     );
     let status = second.status();
     assert_eq!(status["master"]["pid"], second_pid.as_raw(), "{status}");
-    assert_eq!(current_pids(&status), workers, "{status}");
+    assert_eq!(current_worker_pids(&status), workers, "{status}");
     assert_eq!(
         status["master"]["adopted"]["previous_pid"],
         first_pid.as_raw()
@@ -455,7 +436,7 @@ fn a_store_let_go_of_makes_the_keeper_stop_the_workers() {
     first.wait_committed(1);
     let first_pid = first.pid();
     let status = first.status();
-    let workers = current_pids(&status);
+    let workers = current_worker_pids(&status);
     assert_eq!(workers.len(), 2, "{status}");
     let keeper = keeper_of(first_pid).expect("the master's keeper");
     systemd.wait_names("a snapshot", |names| {

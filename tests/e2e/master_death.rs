@@ -4,8 +4,9 @@
 //! and what ignores that is killed at its drain deadline.
 
 use baton_tests::harness::{
-    alive, assert_no_request_failed, config_with_worker, current_workers, event_name, field,
-    generation_in, hello_config, steady_load, wait_for_generation, wrapped_worker, Baton, Binaries,
+    alive, assert_no_request_failed, config_with_worker, current_worker_pids, current_workers,
+    event_name, field, generation_in, hello_config, steady_load, wait_for_generation, wait_gone,
+    wrapped_worker, Baton, Binaries,
 };
 use baton_tests::load::Mode;
 use nix::sys::signal::{kill, Signal};
@@ -14,16 +15,6 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 
 const DRAIN: Duration = Duration::from_secs(2);
-
-/// The pids of the current generation's workers, sorted.
-fn current_pids(status: &Value) -> Vec<i64> {
-    let mut pids: Vec<i64> = current_workers(status)
-        .iter()
-        .filter_map(|w| w["pid"].as_i64())
-        .collect();
-    pids.sort_unstable();
-    pids
-}
 
 /// The master's pid as `baton status` says it.
 fn master_of(status: &Value) -> Pid {
@@ -71,7 +62,7 @@ fn killed_ten_times_under_load(config: &str) {
     let keepalive = steady_load(addr, Mode::KeepAlive);
     let fresh = steady_load(addr, Mode::NewConnection);
     let status = baton.status();
-    let workers = current_pids(&status);
+    let workers = current_worker_pids(&status);
     assert_eq!(workers.len(), 2, "{status}");
     let mut master = baton.pid();
     let mut slowest = Duration::ZERO;
@@ -79,7 +70,7 @@ fn killed_ten_times_under_load(config: &str) {
         let (status, took) = kill_and_wait_adopted(&baton, master);
         slowest = slowest.max(took);
         assert_eq!(
-            current_pids(&status),
+            current_worker_pids(&status),
             workers,
             "after kill {round}: {status}"
         );
@@ -289,7 +280,7 @@ fn a_killed_keeper_is_replaced_and_the_next_master_kill_survived() {
     let mut baton = Baton::start(&hello_config(2));
     committed(&baton);
     let keeper = baton.keeper().expect("the master runs a keeper");
-    let workers = current_pids(&baton.status());
+    let workers = current_worker_pids(&baton.status());
     kill(keeper, Signal::SIGKILL).unwrap();
     baton.wait_event(Duration::from_secs(10), |e| {
         event_name(e) == "keeper.restarted"
@@ -302,7 +293,7 @@ fn a_killed_keeper_is_replaced_and_the_next_master_kill_survived() {
     // Its snapshot comes with the next turn of the master's loop.
     std::thread::sleep(Duration::from_millis(300));
     let (status, _) = kill_and_wait_adopted(&baton, baton.pid());
-    assert_eq!(current_pids(&status), workers, "{status}");
+    assert_eq!(current_worker_pids(&status), workers, "{status}");
     let outcome = baton.reload_current();
     assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
 }
@@ -316,7 +307,7 @@ fn past_master_restarts_the_keeper_stops_the_workers() {
     let mut baton = Baton::start(&config);
     committed(&baton);
     let addr = baton.address("http");
-    let workers = current_pids(&baton.status());
+    let workers = current_worker_pids(&baton.status());
     let mut master = baton.pid();
     for _ in 0..2 {
         let (status, _) = kill_and_wait_adopted(&baton, master);
@@ -404,18 +395,14 @@ fn a_master_that_stops_cleanly_takes_its_keeper_along() {
     let out = baton.cli(&["stop"]);
     assert!(out.status.success(), "{out:?}");
     baton.wait_exit(Duration::from_secs(10));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while alive(keeper) {
-        assert!(Instant::now() < deadline, "the keeper outlived its master");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_gone(keeper, "the keeper of a master that stopped");
 }
 
 #[test]
 fn an_adopted_master_stops_cleanly_with_everything_it_adopted() {
     let baton = Baton::start(&hello_config(2));
     committed(&baton);
-    let workers = current_pids(&baton.status());
+    let workers = current_worker_pids(&baton.status());
     let (status, _) = kill_and_wait_adopted(&baton, baton.pid());
     let master = master_of(&status);
     let out = baton.cli(&["stop"]);
@@ -480,7 +467,7 @@ fn an_adopted_notify_workers_crash_is_respawned_and_its_ready_heard() {
     let mut baton = Baton::start(&config);
     committed(&baton);
     let (status, _) = kill_and_wait_adopted(&baton, baton.pid());
-    let crashed = Pid::from_raw(current_pids(&status)[0] as i32);
+    let crashed = Pid::from_raw(current_worker_pids(&status)[0] as i32);
     baton.skip_log();
     kill(crashed, Signal::SIGKILL).unwrap();
     let respawned = baton.next_event(Duration::from_secs(10), |e| {

@@ -817,6 +817,27 @@ pub fn current_workers(status: &Value) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// The pids of the current generation's workers in a `baton status
+/// --json` answer, sorted.
+pub fn current_worker_pids(status: &Value) -> Vec<i64> {
+    let mut pids: Vec<i64> = current_workers(status)
+        .iter()
+        .filter_map(|w| w["pid"].as_i64())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Waits (15 s at most) until `pid` has exited; `what` names it in the
+/// failure.
+pub fn wait_gone(pid: Pid, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "{what} ({pid}) still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The zero-drop verdict: at least some traffic, not one failed request, and
 /// responses that moved through the generations in order from 1 to `last`.
 pub fn assert_no_request_failed(report: &crate::load::Report, what: &str, last: u64) {

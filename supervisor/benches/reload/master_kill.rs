@@ -34,7 +34,7 @@ use crate::servers::{self, Binaries, Kind, Server};
 use crate::summary::{failures_by_class, mode_name, ms};
 use baton::control::client;
 use baton::control::protocol::Request;
-use baton_tests::harness::{current_workers, exchange};
+use baton_tests::harness::exchange;
 use baton_tests::load::{Class, LoadConfig, LoadHandle, Mode, Report};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -259,21 +259,11 @@ fn master_of(status: &Value) -> Result<Pid, String> {
         .ok_or_else(|| format!("a status without the master's pid: {status}"))
 }
 
-/// The current generation's worker pids, sorted.
-fn worker_pids(status: &Value) -> Vec<i64> {
-    let mut pids: Vec<i64> = current_workers(status)
-        .iter()
-        .filter_map(|w| w["pid"].as_i64())
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
 fn kill_baton(server: &mut Server) -> Result<Kill, String> {
     let socket = server.dir().join("baton.sock");
     let before = status(&socket, STEP_TIMEOUT)?;
     let old_master = master_of(&before)?;
-    let workers = worker_pids(&before);
+    let workers = baton_tests::harness::current_worker_pids(&before);
     let killed = Instant::now();
     server.kill_master()?;
     // The keeper holds the control socket: a request waits in its backlog
@@ -293,7 +283,8 @@ fn kill_baton(server: &mut Server) -> Result<Kill, String> {
     };
     let managed = killed.elapsed();
     server.master = master_of(&after)?;
-    let workers_kept = !workers.is_empty() && worker_pids(&after) == workers;
+    let workers_kept =
+        !workers.is_empty() && baton_tests::harness::current_worker_pids(&after) == workers;
     let reload = Request::Reload {
         canary: None,
         mode: None,
