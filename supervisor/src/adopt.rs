@@ -29,7 +29,7 @@
 
 use crate::config::Config;
 use crate::upgrade::exec::{Capture, ExecState};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::io::{Read, Seek};
@@ -160,28 +160,14 @@ impl Adoption {
         let Ok(first) = std::env::var(FDS_ENV) else {
             return Ok(None);
         };
-        let number = |name: &str| -> anyhow::Result<RawFd> {
-            let value = std::env::var(name).with_context(|| format!("{name} is not set"))?;
-            let fd: RawFd = value.parse().with_context(|| format!("{name}={value:?}"))?;
-            if fd <= 2 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-                bail!("{name}={fd} is not an open fd");
-            }
-            Ok(fd)
-        };
         let first: RawFd = first
             .parse()
             .with_context(|| format!("{FDS_ENV}={first:?}"))?;
-        let snapshot_fd = number(SNAPSHOT_FD_ENV)?;
-        let keeper_fd = number(KEEPER_FD_ENV)?;
-        // SAFETY: the keeper handed these fds to this process alone, at
-        // the numbers its variables name (checked open above).
-        let (snapshot_file, keeper) = unsafe {
-            (
-                std::fs::File::from_raw_fd(snapshot_fd),
-                OwnedFd::from_raw_fd(keeper_fd),
-            )
+        let present = |name: &str| -> anyhow::Result<OwnedFd> {
+            crate::fds::inherited(name)?.with_context(|| format!("{name} is not set"))
         };
-        let mut snapshot_file = snapshot_file;
+        let mut snapshot_file = std::fs::File::from(present(SNAPSHOT_FD_ENV)?);
+        let keeper = present(KEEPER_FD_ENV)?;
         snapshot_file.rewind()?;
         let mut json = Vec::new();
         snapshot_file.read_to_end(&mut json)?;

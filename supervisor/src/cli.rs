@@ -384,10 +384,7 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             wait,
             timeout,
         } => {
-            let known = std::os::unix::net::UnixStream::connect(socket)
-                .ok()
-                .and_then(|stream| signal::listening_pid(&stream).ok())
-                .map(i64::from);
+            let known = listening_pid(socket);
             let grace_ms = grace.as_millis() as u64;
             let reply = client::request(socket, &Request::Drain { grace_ms }, QUICK)?;
             if !reply.ok {
@@ -406,10 +403,7 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             // The pid first, as this process sees it: a master with nothing
             // left to drain exits at once, possibly before its answer to
             // `stop` is written.
-            let known = std::os::unix::net::UnixStream::connect(socket)
-                .ok()
-                .and_then(|stream| signal::listening_pid(&stream).ok())
-                .map(i64::from);
+            let known = listening_pid(socket);
             let pid = match client::request(socket, &Request::Stop { fast }, QUICK) {
                 Ok(reply) if !reply.ok => return Ok(exit(&reply)),
                 Ok(reply) => {
@@ -637,6 +631,15 @@ fn print_outcome(outcome: &ReloadOutcome) {
     }
 }
 
+/// The pid of the master listening on `socket`, as this process sees it
+/// (asked before a request after which the master may exit at once).
+fn listening_pid(socket: &Path) -> Option<i64> {
+    std::os::unix::net::UnixStream::connect(socket)
+        .ok()
+        .and_then(|stream| signal::listening_pid(&stream).ok())
+        .map(i64::from)
+}
+
 /// Waits until master `pid` has exited: 0, or 1 past `timeout`.
 fn wait_for_exit(pid: i64, timeout: Duration) -> i32 {
     let started = Instant::now();
@@ -653,12 +656,7 @@ fn wait_for_exit(pid: i64, timeout: Duration) -> i32 {
 
 pub(crate) fn process_alive(pid: i32) -> bool {
     // A zombie has exited: only its parent's wait is missing.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
-        Err(_) => false,
-    }
+    crate::orphans::stat(pid).is_some_and(|fields| fields.split_whitespace().next() != Some("Z"))
 }
 
 fn run(path: &Path) -> anyhow::Result<()> {

@@ -74,6 +74,28 @@ pub fn hand_nofile_to(command: &mut std::process::Command) {
     }
 }
 
+/// The fd a previous master, image or keeper handed this process, named by
+/// the environment variable `name`: `None` when it is not set; an error
+/// naming the variable when it is not an open fd above 2. The fd is this
+/// process's from then on, close-on-exec.
+pub fn inherited(name: &str) -> anyhow::Result<Option<std::os::fd::OwnedFd>> {
+    use anyhow::Context;
+    let Ok(value) = std::env::var(name) else {
+        return Ok(None);
+    };
+    let fd: std::os::fd::RawFd = value
+        .parse()
+        .ok()
+        .filter(|fd| *fd > 2)
+        .with_context(|| format!("{name}={value:?} is not an fd number"))?;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)
+        .with_context(|| format!("{name}={fd} is not an open fd"))?;
+    set_cloexec(fd, true)?;
+    // SAFETY: handed to this process alone at this number, by whoever set
+    // the variable, and open (checked above): nothing else here owns it.
+    Ok(Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+}
+
 /// Sets or clears `FD_CLOEXEC` on `fd`.
 pub fn set_cloexec(fd: std::os::fd::RawFd, on: bool) -> std::io::Result<()> {
     let flags = if on {

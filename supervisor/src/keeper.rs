@@ -528,10 +528,11 @@ impl Keeper {
 /// A process's start time (`/proc/PID/stat`, field 22, in clock ticks since
 /// boot): with the pid, it names one process.
 pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    // `rest` starts at field 3 (the state).
-    rest.split(' ').nth(19)?.parse().ok()
+    crate::orphans::stat(pid)?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 /// A memfd holding `bytes`, sealed against any change.
@@ -568,12 +569,7 @@ pub fn inherited_channel() -> Option<OwnedFd> {
     if std::env::var_os(FDS_ENV).is_some() {
         return None;
     }
-    let value = std::env::var(KEEPER_FD_ENV).ok()?;
-    let fd: RawFd = value.parse().ok().filter(|fd| *fd > 2)?;
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).ok()?;
-    let _ = crate::fds::set_cloexec(fd, true);
-    // SAFETY: handed to this process alone at this number, open (checked).
-    Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    crate::fds::inherited(KEEPER_FD_ENV).ok().flatten()
 }
 
 /// In the first master of a keeper that is PID 1: its end of the channel.
@@ -1031,9 +1027,8 @@ async fn master_exit(master: Pid, kept: &mut Kept, patience: Duration) -> (Strin
 /// How `pid`, a zombie not reaped yet, ended (`/proc/PID/stat`, field 52,
 /// the status `waitpid` would give).
 fn zombie_exit(pid: i32) -> Option<(String, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(") ")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let stat = crate::orphans::stat(pid)?;
+    let fields: Vec<&str> = stat.split_whitespace().collect();
     if fields.first() != Some(&"Z") {
         return None;
     }

@@ -334,14 +334,8 @@ fn lineage(pid: Pid) -> Vec<Pid> {
     let mut out = vec![pid];
     while out.len() < MAX_ANCESTRY {
         let last = out[out.len() - 1];
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{last}/stat")) else {
-            break;
-        };
-        // The fields after "(comm)": state, then ppid.
-        let ppid = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-            .and_then(|p| p.parse::<i32>().ok());
+        let ppid = crate::orphans::stat(last.as_raw())
+            .and_then(|fields| fields.split_whitespace().nth(1)?.parse::<i32>().ok());
         match ppid {
             Some(ppid) if ppid > 1 => out.push(Pid::from_raw(ppid)),
             _ => break,

@@ -49,11 +49,17 @@ pub fn process_stats() -> impl Iterator<Item = (i32, String)> {
         .flatten()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let (_, fields) = stat.rsplit_once(')')?;
-            Some((pid, fields.to_string()))
-        })
+        .filter_map(|pid| Some((pid, stat(pid)?)))
+}
+
+/// The fields of `/proc/PID/stat` after `(comm)` (which may hold anything,
+/// spaces and parentheses included), whitespace-separated: 0 the state, 1
+/// the parent, 2 the process group, ... 19 the start time, 49 the exit
+/// code; `None` once the process is reaped.
+pub fn stat(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, fields) = stat.rsplit_once(')')?;
+    Some(fields.to_string())
 }
 
 /// Stops every child of this process but `spare`: `SIGTERM`, then `SIGKILL`

@@ -26,7 +26,7 @@ pub use http::Inboxes;
 use crate::config::ListenerAddress;
 use anyhow::{bail, Context};
 use nix::sys::socket::{getsockname, getsockopt, sockopt, SockaddrStorage};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
@@ -100,11 +100,12 @@ impl AdminSocket {
     /// what `wanted` asks for (port 0 accepts any port on the same IP).
     /// A socket that does not fit is closed: the caller binds `wanted`.
     pub fn inherited(wanted: Option<&ListenerAddress>) -> Option<AdminSocket> {
-        let value = std::env::var(ADMIN_FD_ENV).ok()?;
-        let fd = match inherited_fd(&value) {
-            Ok(fd) => fd,
+        let fd = match crate::fds::inherited(ADMIN_FD_ENV)
+            .and_then(|fd| fd.map(listening).transpose())
+        {
+            Ok(fd) => fd?,
             Err(e) => {
-                tracing::warn!(%value, error = %format!("{e:#}"), "ignoring {ADMIN_FD_ENV}");
+                tracing::warn!(error = %format!("{e:#}"), "ignoring {ADMIN_FD_ENV}");
                 return None;
             }
         };
@@ -201,25 +202,13 @@ impl Drop for AdminSocket {
     }
 }
 
-/// Checks that `value` names an open, listening stream socket, and takes it.
-fn inherited_fd(value: &str) -> anyhow::Result<OwnedFd> {
-    let raw: RawFd = value.parse().context("not an fd number")?;
-    if raw <= 2 || nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-        bail!("fd {raw} is not open");
-    }
-    // SAFETY: the fd is open (checked above) and was handed to this process
-    // by the previous master for it alone; nothing else in this process
-    // owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+/// `fd`, if it is a listening stream socket.
+fn listening(fd: OwnedFd) -> anyhow::Result<OwnedFd> {
     if getsockopt(&fd, sockopt::SockType)? != nix::sys::socket::SockType::Stream
         || !getsockopt(&fd, sockopt::AcceptConn)?
     {
-        bail!("fd {raw} is not a listening stream socket");
+        bail!("fd {} is not a listening stream socket", fd.as_raw_fd());
     }
-    nix::fcntl::fcntl(
-        raw,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )?;
     Ok(fd)
 }
 

@@ -25,14 +25,7 @@ pub const CONTROL_FD_ENV: &str = "BATON_CONTROL_FD";
 /// The control socket a previous image of this master handed over across
 /// an exec ([`CONTROL_FD_ENV`]), if any.
 pub fn inherited_fd() -> Option<std::os::fd::OwnedFd> {
-    let fd: std::os::fd::RawFd = std::env::var(CONTROL_FD_ENV).ok()?.parse().ok()?;
-    if fd <= 2 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-        return None;
-    }
-    let _ = crate::fds::set_cloexec(fd, true);
-    // SAFETY: the previous image of this process left this fd open for
-    // this one alone (checked open above).
-    Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+    crate::fds::inherited(CONTROL_FD_ENV).ok().flatten()
 }
 
 /// Whether a master listens on the control socket at `path`.
@@ -74,7 +67,7 @@ impl ControlSocket {
                     path.display()
                 );
             }
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if live(path) {
                 bail!(
                     "another baton master is running on control socket {} (stop it first, or set another control_socket)",
                     path.display()

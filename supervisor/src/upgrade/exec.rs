@@ -12,7 +12,7 @@ use crate::listener::{Listener, Shared};
 use crate::scale::ScaleOverride;
 use crate::steering::Layout;
 use crate::worker::{State, Worker};
-use anyhow::{bail, Context};
+use anyhow::Context;
 use baton_wire::channel::Channel;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Seek, Write};
@@ -586,18 +586,10 @@ impl ExecState {
 
 /// Reads the state a previous image of this process left, if any.
 pub fn take_state_from_env() -> anyhow::Result<Option<ExecState>> {
-    let Ok(value) = std::env::var(STATE_FD_ENV) else {
+    let Some(fd) = crate::fds::inherited(STATE_FD_ENV)? else {
         return Ok(None);
     };
-    let fd: RawFd = value
-        .parse()
-        .with_context(|| format!("{STATE_FD_ENV}={value:?}"))?;
-    if fd <= 2 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
-        bail!("{STATE_FD_ENV}={fd} is not an open fd");
-    }
-    // SAFETY: the previous image of this process created this memfd for us
-    // and it is open (checked above).
-    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut file = std::fs::File::from(fd);
     let mut json = Vec::new();
     file.read_to_end(&mut json)?;
     Ok(Some(

@@ -13,7 +13,7 @@ use baton_wire::channel::Channel;
 use baton_wire::protocol::ListenerInfo;
 use baton_wire::protocol::MAX_FDS_PER_MESSAGE;
 use serde::{Deserialize, Serialize};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,20 +134,8 @@ impl Takeover {
                 let _ = nix::unistd::close(binary);
             }
         }
-        let raw: i32 = value
-            .parse()
-            .ok()
-            .filter(|fd| *fd > 2)
-            .with_context(|| format!("{UPGRADE_FD_ENV}={value:?} is not an fd number"))?;
-        nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD)
-            .with_context(|| format!("{UPGRADE_FD_ENV}={raw} is not open"))?;
-        // SAFETY: the old master handed this fd to this process for the
-        // handshake alone, and it is open (checked above); nothing else owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        nix::fcntl::fcntl(
-            fd.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )?;
+        let fd = crate::fds::inherited(UPGRADE_FD_ENV)?
+            .with_context(|| format!("{UPGRADE_FD_ENV} is not set"))?;
         let channel = Arc::new(Channel::new(fd).context("registering the upgrade channel")?);
         let takeover = tokio::time::timeout(TAKEOVER_TIMEOUT, receive(channel.clone()))
             .await
