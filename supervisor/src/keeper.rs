@@ -615,9 +615,9 @@ struct Kept {
     restart: Option<(Vec<u8>, bool)>,
     /// Told to exit, leaving every worker alone.
     released: bool,
-    /// Exit statuses reaped, as `waitpid` gives them (the master's, while
-    /// it is looked for).
-    exits: HashMap<i32, i32>,
+    /// The master's exit status, as `waitpid` gives it, once reaped (it
+    /// may be before its channel's end is read).
+    master_status: Option<i32>,
 }
 
 struct Hello {
@@ -907,7 +907,7 @@ async fn serve(
         let received = tokio::select! {
             received = channel.recv::<Message>() => received,
             _ = sigchld.recv() => {
-                reap(kept);
+                kept.master_status = kept.master_status.or(reap(Some(master)));
                 continue;
             }
             signal = forward.recv() => {
@@ -987,22 +987,19 @@ async fn serve(
     }
 }
 
-/// Reaps every exited child, keeping their statuses for [`master_exit`].
-fn reap(kept: &mut Kept) {
+/// Reaps every exited child; returns `master`'s `waitpid` status if it was
+/// among them (the others, orphans re-parented here, are only reaped).
+fn reap(master: Option<Pid>) -> Option<i32> {
+    let mut found = None;
     loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => {
-                kept.exits.insert(pid.as_raw(), (code & 0xff) << 8);
-            }
-            Ok(WaitStatus::Signaled(pid, signal, _)) => {
-                kept.exits.insert(pid.as_raw(), signal as i32);
-            }
-            Ok(WaitStatus::StillAlive) | Err(_) => return,
-            Ok(_) => {}
-        }
-        // Only the master's status is ever asked for: keep the map small.
-        if kept.exits.len() > 64 {
-            kept.exits.clear();
+        let (pid, status) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, (code & 0xff) << 8),
+            Ok(WaitStatus::Signaled(pid, signal, _)) => (pid, signal as i32),
+            Ok(WaitStatus::StillAlive) | Err(_) => return found,
+            Ok(_) => continue,
+        };
+        if Some(pid) == master {
+            found = Some(status);
         }
     }
 }
@@ -1013,8 +1010,8 @@ fn reap(kept: &mut Kept) {
 async fn master_exit(master: Pid, kept: &mut Kept, patience: Duration) -> (String, Option<i32>) {
     let deadline = Instant::now() + patience;
     loop {
-        reap(kept);
-        if let Some(status) = kept.exits.remove(&master.as_raw()) {
+        kept.master_status = kept.master_status.or(reap(Some(master)));
+        if let Some(status) = kept.master_status.take() {
             return (describe_status(status), Some(status));
         }
         if Instant::now() >= deadline {
@@ -1169,9 +1166,7 @@ async fn give_up(kept: Kept, sigchld: &mut tokio::signal::unix::Signal) {
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             _ = sigchld.recv() => {}
         }
-        while let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
-            waitpid(None, Some(WaitPidFlag::WNOHANG))
-        {}
+        reap(None);
     }
 }
 
