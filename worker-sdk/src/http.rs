@@ -87,6 +87,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// would otherwise repeat at once.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// With the default close spread, how long a draining server waits before
+/// its first goodbye: the generation's other workers were told to drain at
+/// the same moment, and by then have stopped accepting too, so a client
+/// told to go reconnects to the next generation rather than to one of them.
+const SIBLINGS_STOP: Duration = Duration::from_millis(100);
+
 /// How often a draining server re-reads the deadline, which a second drain
 /// request may have moved earlier.
 const DEADLINE_POLL: Duration = Duration::from_millis(100);
@@ -122,7 +128,10 @@ pub struct ServeOptions {
     /// (`Connection: close`, GOAWAY, [`DrainNotice`]), one after another in
     /// the order they were accepted, like HAProxy's `close-spread-time`.
     /// `None` (the default) means a tenth of the time left until the drain
-    /// deadline, at most 5 s; `Some(Duration::ZERO)` tells all at once.
+    /// deadline, at most 5 s, starting 100 ms after the drain (the
+    /// generation's other workers stop accepting meanwhile, so nobody is
+    /// told to go only to reconnect to one of them); `Some(Duration::ZERO)`
+    /// tells all at once.
     pub close_spread: Option<Duration>,
     /// Called with the number of open connections (upgraded ones included)
     /// when it changes, at most once per 100 ms and once more with the final
@@ -393,10 +402,14 @@ where
     drop(listener);
     let mut deadline = drain.deadline().unwrap_or_else(Instant::now);
     let now = Instant::now();
-    let window = options
-        .close_spread
-        .unwrap_or_else(|| spread::default_window(deadline.saturating_duration_since(now)));
-    let mut spread = Spread::new(registry.notices(), now, window);
+    let (start, window) = match options.close_spread {
+        Some(window) => (now, window),
+        None => {
+            let start = (now + SIBLINGS_STOP).min(deadline);
+            (start, spread::default_window(deadline.saturating_duration_since(start)))
+        }
+    };
+    let mut spread = Spread::new(registry.notices(), start, window);
     spread.fire_due();
     while registry.len() > 0 {
         count.set(registry.len());
