@@ -29,6 +29,13 @@ pub struct Requester {
     pub uid: Option<u32>,
     /// Its command line, as `/proc/PID/cmdline` read when the request came.
     pub command: Option<String>,
+    /// For `via = "admin"` over TCP: the client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// For `via = "admin"`: the token that let it write, as the file and
+    /// line it is on (never the token itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl Requester {
@@ -40,6 +47,32 @@ impl Requester {
             pid,
             uid: Some(uid),
             command: pid.and_then(command_of),
+            address: None,
+            token: None,
+        }
+    }
+
+    /// A writer on the admin endpoint, let through by `grant`.
+    pub fn admin(
+        caller: crate::admin::auth::Caller,
+        grant: &crate::admin::auth::Grant,
+    ) -> Requester {
+        use crate::admin::auth::{Caller, Grant};
+        let (pid, uid, address) = match caller {
+            Caller::Tcp(address) => (None, None, Some(address.to_string())),
+            Caller::Unix { pid, uid } => (pid, Some(uid), None),
+        };
+        Requester {
+            via: "admin".into(),
+            signal: None,
+            pid,
+            uid,
+            command: pid.and_then(command_of),
+            address,
+            token: match grant {
+                Grant::Token(line) => Some(line.clone()),
+                Grant::Peer => None,
+            },
         }
     }
 
@@ -59,25 +92,32 @@ impl Requester {
             pid,
             uid: pid.and(uid),
             command: pid.and_then(command_of),
+            address: None,
+            token: None,
         }
     }
 }
 
 impl fmt::Display for Requester {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.signal {
-            Some(signal) => write!(f, "{signal}")?,
-            None => write!(f, "control socket")?,
+        match (&self.signal, &self.via[..]) {
+            (Some(signal), _) => write!(f, "{signal}")?,
+            (None, "admin") => write!(f, "admin endpoint")?,
+            (None, _) => write!(f, "control socket")?,
         }
-        match self.pid {
-            Some(pid) => write!(f, " from pid {pid}")?,
-            None => write!(f, " from an unknown sender")?,
+        match (self.pid, &self.address) {
+            (_, Some(address)) => write!(f, " from {address}")?,
+            (Some(pid), None) => write!(f, " from pid {pid}")?,
+            (None, None) => write!(f, " from an unknown sender")?,
         }
         if let Some(uid) = self.uid {
             write!(f, " uid {uid}")?;
         }
         if let Some(command) = &self.command {
             write!(f, " ({command})")?;
+        }
+        if let Some(token) = &self.token {
+            write!(f, " with the token of {token}")?;
         }
         Ok(())
     }

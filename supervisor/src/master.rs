@@ -184,7 +184,13 @@ pub async fn run(
             control,
             admin,
             pid_file,
-            crate::admin::Inboxes { requests, probes },
+            crate::admin::Inboxes {
+                requests,
+                probes,
+                writes: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(
+                    config.admin_writes.clone(),
+                )),
+            },
         ),
         program,
         lineage: Lineage::default(),

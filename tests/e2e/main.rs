@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_write;
 mod audit;
 mod axum;
 mod blocking;

@@ -25,6 +25,13 @@ pub enum Request {
         /// `new_generation`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mode: Option<String>,
+        /// The version the deploy tool is rolling out (its own: a git
+        /// sha, a release number). When the current generation was
+        /// committed by a reload with the same `if_version`, nothing is
+        /// done and the outcome says `unchanged`; otherwise the generation
+        /// this reload commits records it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        if_version: Option<String>,
     },
     /// End the probation of the reload under way: keep the new generation.
     Promote {},
@@ -184,7 +191,7 @@ pub fn encode_line<T: Serialize>(body: T) -> Vec<u8> {
 pub struct ReloadOutcome {
     /// The generation the transaction started.
     pub generation: u64,
-    /// `start`, `signal`, `cli`, `coalesced`.
+    /// `start`, `signal`, `cli`, `admin`, `coalesced`, `upgrade`, `restart`.
     pub trigger: String,
     /// `committed` or `failed`.
     pub outcome: String,
@@ -202,6 +209,9 @@ pub struct ReloadOutcome {
     /// The config version it applied (when committed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The deploy tool's version (`if_version`) the generation runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_version: Option<String>,
     /// The new generation's worker pids (when committed).
     pub pids: Vec<i32>,
     /// When it ended, in seconds since the Unix epoch.
@@ -331,6 +341,9 @@ pub struct GenerationStatus {
     /// Its config version: the `[worker]` settings and `app_config` files.
     #[serde(default)]
     pub config_version: String,
+    /// The deploy tool's version (`if_version`) it was committed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_version: Option<String>,
     /// The master's fd of each socket its workers were given, in config
     /// order: the listener's own, or (TCP, workers without the SDK) a socket
     /// of the generation's own on the same port.
@@ -405,10 +418,12 @@ mod tests {
             Request::Reload {
                 canary: None,
                 mode: None,
+                if_version: None,
             },
             Request::Reload {
                 canary: Some("10%".into()),
                 mode: Some("in_place".into()),
+                if_version: Some("v42".into()),
             },
             Request::Promote {},
             Request::Rollback {},

@@ -123,6 +123,9 @@ pub struct Generation {
     trace: Option<(tracing::Span, String)>,
     /// Workers being started off the event loop, by index.
     pending: BTreeMap<u32, worker::Prepared>,
+    /// The version a deploy tool said it runs (`if_version` of the reload
+    /// that committed it).
+    deploy_version: Option<String>,
 }
 
 impl Generation {
@@ -145,6 +148,7 @@ impl Generation {
             respawns: BTreeMap::new(),
             crashes: BTreeMap::new(),
             crash_looped: Default::default(),
+            deploy_version: None,
             executable,
             notify: None,
             handover: None,
@@ -253,6 +257,16 @@ impl Generation {
     /// Indexes the crash-loop breaker stopped respawning.
     pub fn crash_looped(&self) -> &std::collections::BTreeSet<u32> {
         &self.crash_looped
+    }
+
+    /// The version a deploy tool said it runs, if any.
+    pub fn deploy_version(&self) -> Option<&str> {
+        self.deploy_version.as_deref()
+    }
+
+    /// Records the version a deploy tool said it runs (`if_version`).
+    pub fn set_deploy_version(&mut self, version: Option<String>) {
+        self.deploy_version = version;
     }
 
     /// The worker's executable as it was when the generation started.

@@ -24,7 +24,11 @@ impl Master {
     pub(crate) fn on_control(&mut self, request: Request, reply: Waiter, from: Requester) {
         tracing::debug!(?request, "control request");
         let answer = match request {
-            Request::Reload { canary, mode } => {
+            Request::Reload {
+                canary,
+                mode,
+                if_version,
+            } => {
                 let canary = canary
                     .as_deref()
                     .map(crate::config::Share::parse)
@@ -35,11 +39,16 @@ impl Master {
                     (_, Err(e)) => Reply::error(format!("reload refused: {e}")),
                     (Ok(canary), Ok(mode)) => {
                         return self.request_reload(ReloadRequest {
-                            trigger: Trigger::Cli,
+                            trigger: if from.via == "admin" {
+                                Trigger::Admin
+                            } else {
+                                Trigger::Cli
+                            },
                             canary,
                             mode: mode.unwrap_or_default(),
                             requested_by: Some(from),
                             waiters: vec![reply],
+                            if_version,
                         });
                     }
                 }
@@ -245,6 +254,7 @@ impl Master {
                 processes: g.processes(),
                 config_hash: g.config().hash.clone(),
                 config_version: g.config().app.version.clone(),
+                deploy_version: g.deploy_version().map(str::to_string),
                 sockets: g.listeners().iter().map(|l| l.fd().as_raw_fd()).collect(),
                 crash_loop: g.crash_looped().iter().copied().collect(),
                 workers: g

@@ -8,7 +8,7 @@ use super::{Master, Stop, Waiter};
 use crate::audit::Requester;
 use crate::children::Owner;
 use crate::config::Config;
-use crate::control::protocol::Reply;
+use crate::control::protocol::{ReloadOutcome, Reply};
 use crate::inplace::{Advance, InPlace, Mode, Move};
 use crate::listener::Shared;
 use crate::master::Event;
@@ -76,6 +76,20 @@ impl Master {
                 self.reloads.coalesce(request);
             }
             Admission::Start | Admission::Already => {
+                if let Some(unchanged) = self.already_deployed(&request) {
+                    tracing::info!(
+                        event = "reload.unchanged",
+                        generation = unchanged.generation,
+                        deploy_version = unchanged.deploy_version.as_deref().unwrap_or_default(),
+                        requested_by = %request.requested_by.as_ref().map(ToString::to_string).unwrap_or_default(),
+                        "reload not needed: the current generation already runs this version"
+                    );
+                    for waiter in request.waiters {
+                        let _ = waiter.send(Reply::ok(&unchanged));
+                    }
+                    return;
+                }
+                self.reloads.deploying(request.if_version.take());
                 self.reloads
                     .wait_for_running(std::mem::take(&mut request.waiters));
                 self.operation
@@ -90,6 +104,32 @@ impl Master {
                 });
             }
         }
+    }
+
+    /// The outcome of a reload that `request` does not need: the current
+    /// generation was committed by a reload with the same `if_version`.
+    fn already_deployed(&self, request: &ReloadRequest) -> Option<ReloadOutcome> {
+        let wanted = request.if_version.as_deref()?;
+        let current = self.fleet.current()?;
+        if current.deploy_version() != Some(wanted) {
+            return None;
+        }
+        Some(ReloadOutcome {
+            generation: current.number(),
+            trigger: request.trigger.to_string(),
+            outcome: "unchanged".into(),
+            failed_phase: None,
+            reason: None,
+            phases: Vec::new(),
+            kind: "none".into(),
+            version: Some(current.config().app.version.clone()),
+            deploy_version: Some(wanted.to_string()),
+            pids: current.workers().keys().map(|p| p.as_raw()).collect(),
+            finished_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            requested_by: request.requested_by.clone(),
+        })
     }
 
     /// The configuration a reload asked for has been read: the transaction
@@ -108,7 +148,10 @@ impl Master {
         let started = Instant::now();
         let trigger = request.trigger;
         let mode = request.mode;
-        let reloading = matches!(trigger, Trigger::Signal | Trigger::Cli | Trigger::Coalesced);
+        let reloading = matches!(
+            trigger,
+            Trigger::Signal | Trigger::Cli | Trigger::Admin | Trigger::Coalesced
+        );
         let loaded = match loaded {
             Ok(config) if reloading && mode != Mode::NewGeneration => {
                 match InPlace::possible(&self.fleet, &config) {
@@ -131,7 +174,7 @@ impl Master {
                             Started::Running(transaction) => {
                                 self.operation.begin(Operation::InPlace(transaction))
                             }
-                            Started::Ended(ended) => self.end(ended),
+                            Started::Ended(ended) => self.end(*ended),
                         };
                     }
                     Err(reason) if mode == Mode::InPlace => {
@@ -157,7 +200,7 @@ impl Master {
             other => other,
         };
         match Reload::begin(request, loaded, started, &mut self.fleet, &self.endpoints) {
-            Started::Ended(ended) => self.end(ended),
+            Started::Ended(ended) => self.end(*ended),
             Started::Running(reload) => match reload.shared_sockets() {
                 Some(sockets) => self.start_generation(reload, sockets),
                 None => self.operation.begin(Operation::Starting(reload)),
@@ -364,6 +407,7 @@ impl Master {
             self.endpoints.replace_admin(admin);
         }
         self.config = settled.config;
+        self.endpoints.allow_writes(&self.config);
         // Kills the oldest draining generations past
         // `[supervisor] max_draining_generations`, as HAProxy's
         // `mworker-max-reloads` does: workers that ignore their stop
@@ -490,6 +534,7 @@ impl Master {
                     }
                 }
                 self.config = config;
+                self.endpoints.allow_writes(&self.config);
                 self.advance_in_place();
             }
             Advance::Abort(reason) => self.abort_in_place(reason),

@@ -76,6 +76,9 @@ struct ExecGeneration {
     /// Indexes into [`ExecState::listeners`].
     listeners: Vec<usize>,
     workers: Vec<ExecWorker>,
+    /// The version a deploy tool said it runs (`if_version`).
+    #[serde(default)]
+    deploy_version: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -308,6 +311,7 @@ impl ExecState {
                     (n.socket.fd(), n.socket.path().to_path_buf())
                 }),
                 listeners: g.listeners().iter().map(|l| id(l, &mut all)).collect(),
+                deploy_version: g.deploy_version().map(str::to_string),
                 workers: g
                     .workers()
                     .values()
@@ -505,6 +509,7 @@ impl ExecState {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut generation = Generation::new(g.number, config.clone(), held, g.processes);
+            generation.set_deploy_version(g.deploy_version.clone());
             if let Some(ms) = g.started_ms {
                 generation.started_at(from_monotonic_ms(ms));
             }
