@@ -1,6 +1,7 @@
 //! The master: one event loop that owns all state. Signals, child exits and
 //! worker messages arrive as events; timers are derived from the state.
 
+mod handover;
 mod inbox;
 mod keeping;
 mod requests;
@@ -101,6 +102,9 @@ pub struct Master {
     /// Every child and what started it, and the reaping still to do (see
     /// [`crate::children`]).
     children: crate::children::Children,
+    /// Connections moving from draining workers to the current generation
+    /// (see [`crate::handover`]).
+    handovers: crate::handover::Handovers,
 }
 
 /// Runs the master until it stops. Returns an error if generation 1 could not
@@ -191,6 +195,7 @@ pub async fn run(
         probing: None,
         metrics: crate::metrics::Metrics::new(),
         children: Default::default(),
+        handovers: Default::default(),
     };
     if takeover.is_none() {
         master.endpoints.serve_admin();
@@ -357,8 +362,13 @@ impl Master {
     }
 
     fn on_event(&mut self, event: Event) {
-        let (pid, message) = match event {
-            Event::Message { pid, message } => (pid, message),
+        let (pid, message, fds, fds_truncated) = match event {
+            Event::Message {
+                pid,
+                message,
+                fds,
+                fds_truncated,
+            } => (pid, message, fds, fds_truncated),
             Event::Control {
                 request,
                 reply,
@@ -456,6 +466,13 @@ impl Master {
                 | WorkerMessage::AppRefused { .. }
                 | WorkerMessage::AppCommitted { .. }),
             ) => return self.on_app_answer(pid, answer),
+            Ok(
+                message @ (WorkerMessage::Adopts { .. }
+                | WorkerMessage::Handover { .. }
+                | WorkerMessage::Adopted { .. }
+                | WorkerMessage::AdoptRefused { .. }
+                | WorkerMessage::ClosedAtDrain { .. }),
+            ) => return self.on_handover(pid, number, message, fds, fds_truncated),
             Ok(WorkerMessage::Error { message }) => {
                 tracing::error!(generation = number, worker = index, pid = raw, error = %message, "worker reported an error")
             }
@@ -800,6 +817,7 @@ impl Master {
     /// done here.
     fn worker_exited(&mut self, number: u64, pid: Pid, status: String, success: bool) {
         self.children.worker_exited(pid);
+        self.handovers_of_exited(pid);
         let Some(generation) = self.fleet.get_mut(number) else {
             return;
         };

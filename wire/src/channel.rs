@@ -29,9 +29,6 @@ pub enum ChannelError {
     /// More fds were offered than one message may carry.
     #[error("control channel: {0} fds in one message, the limit is {MAX_FDS_PER_MESSAGE}")]
     TooManyFds(usize),
-    /// The kernel truncated the fds of a message (`MSG_CTRUNC`): some were lost.
-    #[error("control channel: ancillary data truncated (MSG_CTRUNC), fds were lost")]
-    FdsTruncated,
     /// A message was larger than the receive buffer (`MSG_TRUNC`).
     #[error("control channel: message larger than {MAX_MESSAGE_SIZE} bytes")]
     MessageTruncated,
@@ -69,6 +66,11 @@ pub struct Received<T> {
     pub message: T,
     /// The fds, close-on-exec, owned.
     pub fds: Vec<OwnedFd>,
+    /// The kernel could not pass every fd the message carried (`MSG_CTRUNC`:
+    /// this process is at its fd limit): those that did arrive were closed
+    /// and `fds` is empty. The message is delivered all the same, so that
+    /// the receiver can answer it (refuse a handover, say).
+    pub fds_truncated: bool,
 }
 
 /// Creates a connected pair of blocking, close-on-exec `SOCK_SEQPACKET`
@@ -131,9 +133,10 @@ impl Channel {
             Err(e) if e.is_peer_gone() => Ok(None),
             Err(e) => Err(e),
             Ok(None) => Ok(None),
-            Ok(Some((bytes, fds))) => Ok(Some(Received {
-                message: protocol::decode(&bytes)?,
-                fds,
+            Ok(Some(raw)) => Ok(Some(Received {
+                message: protocol::decode(&raw.bytes)?,
+                fds: raw.fds,
+                fds_truncated: raw.fds_truncated,
             })),
         }
     }
@@ -150,9 +153,12 @@ impl Channel {
                 }
                 Err(e) => return Err(e),
                 Ok(None) => return Ok(None),
-                Ok(Some((bytes, fds))) => {
-                    let message = protocol::decode(&bytes)?;
-                    return Ok(Some(Received { message, fds }));
+                Ok(Some(raw)) => {
+                    return Ok(Some(Received {
+                        message: protocol::decode(&raw.bytes)?,
+                        fds: raw.fds,
+                        fds_truncated: raw.fds_truncated,
+                    }));
                 }
             }
         }
@@ -211,9 +217,12 @@ impl BlockingChannel {
                 Err(e) if e.is_peer_gone() => return Ok(None),
                 Err(e) => return Err(e),
                 Ok(None) => return Ok(None),
-                Ok(Some((bytes, fds))) => {
-                    let message = protocol::decode(&bytes)?;
-                    return Ok(Some(Received { message, fds }));
+                Ok(Some(raw)) => {
+                    return Ok(Some(Received {
+                        message: protocol::decode(&raw.bytes)?,
+                        fds: raw.fds,
+                        fds_truncated: raw.fds_truncated,
+                    }));
                 }
             }
         }
@@ -264,7 +273,11 @@ fn send_raw(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<
     }
 }
 
-type RawMessage = (Vec<u8>, Vec<OwnedFd>);
+struct RawMessage {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    fds_truncated: bool,
+}
 
 fn recv_raw(fd: BorrowedFd<'_>) -> Result<Option<RawMessage>, ChannelError> {
     // The datagram's size first, so that the frequent small messages do not
@@ -301,13 +314,12 @@ fn recv_raw(fd: BorrowedFd<'_>) -> Result<Option<RawMessage>, ChannelError> {
         (msg.bytes, fds, msg.flags)
     };
     // Whatever fds arrived are owned above and closed on any error return.
-    if flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(ChannelError::FdsTruncated);
-    }
+    let fds_truncated = flags.contains(MsgFlags::MSG_CTRUNC);
+    let fds = if fds_truncated { Vec::new() } else { fds };
     if flags.contains(MsgFlags::MSG_TRUNC) {
         return Err(ChannelError::MessageTruncated);
     }
-    if len == 0 && fds.is_empty() {
+    if len == 0 && fds.is_empty() && !fds_truncated {
         // End of file, or an empty datagram from a peer still there.
         if peer_hung_up(fd)? {
             return Ok(None);
@@ -315,7 +327,11 @@ fn recv_raw(fd: BorrowedFd<'_>) -> Result<Option<RawMessage>, ChannelError> {
         return Err(DecodeError::NotAMessage("empty message".into()).into());
     }
     buf.truncate(len);
-    Ok(Some((buf, fds)))
+    Ok(Some(RawMessage {
+        bytes: buf,
+        fds,
+        fds_truncated,
+    }))
 }
 
 /// Whether the peer has closed its end: the kernel then shuts the socket
@@ -380,8 +396,8 @@ mod tests {
         let fits = vec![b'x'; MAX_MESSAGE_SIZE];
         send_raw(b.as_fd(), &fits, &[]).unwrap();
         a.fd.readable().await.unwrap().clear_ready();
-        let (bytes, _) = recv_raw(a.fd.get_ref().as_fd()).unwrap().unwrap();
-        assert_eq!(bytes, fits);
+        let raw = recv_raw(a.fd.get_ref().as_fd()).unwrap().unwrap();
+        assert_eq!(raw.bytes, fits);
         send_raw(b.as_fd(), &vec![b'x'; MAX_MESSAGE_SIZE + 1], &[]).unwrap();
         assert!(matches!(
             recv_raw(a.fd.get_ref().as_fd()),
