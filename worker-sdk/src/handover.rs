@@ -412,7 +412,7 @@ mod tests {
         let master = Channel::new(master).unwrap();
         let handover = Handover::new(Arc::new(Channel::new(worker).unwrap()), true);
         let fd = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
-        let (a, b) = tokio::join!(
+        let (a, ()) = tokio::join!(
             handover.offer("127.0.0.1:1", fd(), b"GET".to_vec()),
             async {
                 let got = master.recv::<WorkerMessage>().await.unwrap().unwrap();
@@ -428,11 +428,26 @@ mod tests {
             }
         );
         assert_eq!(a, Answer::Taken);
-        let () = b;
         // The master gone: no answer comes, the copy is dropped.
         drop(master);
         let answer = handover.offer("127.0.0.1:1", fd(), Vec::new()).await;
         assert!(matches!(answer, Answer::Refused(_)), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn an_offer_meeting_a_full_channel_is_refused_at_once() {
+        let (master, worker) = baton_wire::channel::pair().unwrap();
+        let _master = Channel::new(master).unwrap();
+        let worker = Arc::new(Channel::new(worker).unwrap());
+        // The master reads nothing: its socket buffer fills up.
+        while worker.try_send(&WorkerMessage::Ready, &[]).is_ok() {}
+        let handover = Handover::new(worker, true);
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let answer = handover.offer("127.0.0.1:1", fd, Vec::new()).await;
+        let Answer::Refused(reason) = answer else {
+            panic!("{answer:?}");
+        };
+        assert!(reason.contains("send buffer full"), "{reason}");
     }
 
     #[tokio::test]

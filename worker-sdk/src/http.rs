@@ -8,8 +8,13 @@
 //!
 //! [`serve`] closes a connection only when the client cannot be using it.
 //! Once draining it stops accepting (the listening socket is shared, so the
-//! next generation keeps accepting from the same queue) and tells each
-//! connection to go, spread over [`ServeOptions::close_spread`]:
+//! next generation keeps accepting from the same queue). Under baton, with
+//! [`ServeOptions::handover`] (as [`Worker::serve_options`](crate::Worker::serve_options)
+//! sets it), each HTTP/1.1 connection of a listener without TLS is then
+//! handed to a worker of the current generation between two requests, with
+//! the bytes of its next request already read: the client sees no close.
+//! Every other connection, and one the next generation did not take, is told
+//! to go, spread over [`ServeOptions::close_spread`]:
 //!
 //! - **HTTP/1.1**: every further request is answered normally, with
 //!   `Connection: close`: the client reads the whole response, learns the
