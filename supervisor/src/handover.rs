@@ -11,6 +11,10 @@
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+/// The most generations whose counts are kept: a report that arrives after
+/// its generation finished must not grow the map for ever.
+const KEPT: usize = 64;
+
 /// A handover passed on and not yet answered by its taker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
@@ -48,6 +52,9 @@ pub struct Handovers {
     counts: BTreeMap<u64, Counts>,
     /// Each worker's last total of connections closed at drain.
     closed: HashMap<Pid, u64>,
+    /// The `handover` span of each generation draining since a reload, in
+    /// that reload's trace: from its drain until it finished.
+    spans: HashMap<u64, tracing::Span>,
 }
 
 impl Handovers {
@@ -115,8 +122,16 @@ impl Handovers {
     pub fn closed_at_drain(&mut self, pid: Pid, generation: u64, total: u64) -> u64 {
         let before = self.closed.insert(pid, total).unwrap_or(0);
         let more = total.saturating_sub(before);
-        self.counts.entry(generation).or_default().closed_at_drain += more;
+        self.counts_mut(generation).closed_at_drain += more;
         more
+    }
+
+    /// The counts of `generation`, to add to.
+    fn counts_mut(&mut self, generation: u64) -> &mut Counts {
+        if !self.counts.contains_key(&generation) && self.counts.len() >= KEPT {
+            self.counts.pop_first();
+        }
+        self.counts.entry(generation).or_default()
     }
 
     /// The counts of `generation`.
@@ -124,9 +139,28 @@ impl Handovers {
         self.counts.get(&generation).copied().unwrap_or_default()
     }
 
-    /// Forgets the counts of the generations before `generation`.
-    pub fn forget_before(&mut self, generation: u64) {
-        self.counts = self.counts.split_off(&generation);
+    /// Generation `generation` drains since `reload` (its span) settled:
+    /// its connections' moves show as a `handover` span of that reload.
+    pub fn draining(&mut self, generation: u64, reload: &tracing::Span) {
+        let span = tracing::info_span!(
+            parent: reload,
+            "handover",
+            generation,
+            handed_over = tracing::field::Empty,
+            closed_at_drain = tracing::field::Empty,
+        );
+        self.spans.insert(generation, span);
+    }
+
+    /// Generation `generation` has finished: its counts, forgotten, and its
+    /// `handover` span ended with them.
+    pub fn finished(&mut self, generation: u64) -> Counts {
+        let counts = self.counts.remove(&generation).unwrap_or_default();
+        if let Some(span) = self.spans.remove(&generation) {
+            span.record("handed_over", counts.handed_over);
+            span.record("closed_at_drain", counts.closed_at_drain);
+        }
+        counts
     }
 }
 
@@ -198,7 +232,12 @@ mod tests {
         assert_eq!(h.closed_at_drain(pid(1), 3, 5), 3);
         assert_eq!(h.closed_at_drain(pid(2), 3, 1), 1);
         assert_eq!(h.counts(3).closed_at_drain, 6);
-        h.forget_before(4);
-        assert_eq!(h.counts(3), Counts::default());
+        assert_eq!(h.finished(3).closed_at_drain, 6);
+        assert_eq!(h.counts(3), Counts::default(), "forgotten");
+        for generation in 0..KEPT as u64 + 10 {
+            h.closed_at_drain(pid(generation as i32 + 10), generation, 1);
+        }
+        assert_eq!(h.counts.len(), KEPT);
+        assert_eq!(h.counts(0), Counts::default(), "the oldest go first");
     }
 }

@@ -898,10 +898,13 @@ impl Master {
             if let Some(drained) = retired.drained {
                 self.metrics.drained(drained);
             }
+            let moved = self.handovers.finished(retired.number);
             tracing::info!(
                 event = "generation.finished",
                 generation = retired.number,
                 state = retired.state.name(),
+                handed_over = moved.handed_over,
+                closed_at_drain = moved.closed_at_drain,
                 "generation finished"
             );
         }

@@ -293,3 +293,35 @@ fn connections_to_a_wrapped_generation_close_between_requests_as_before() {
     let (baton, tally) = across_reloads(&hello_config(2), &wrapped, 20);
     assert_closed_as_before(&baton, &tally, "a wrapped generation");
 }
+
+#[test]
+fn a_reload_traces_its_handover_and_the_drained_generation_counts_its_moves() {
+    let receiver = baton_tests::otlp::Receiver::start();
+    let config = hello_config(2).replace(
+        "[supervisor]\n",
+        &format!("[supervisor]\notlp_endpoint = {:?}\n", receiver.endpoint()),
+    );
+    let mut baton = Baton::start(&config);
+    baton.wait_committed(1);
+    let clients = Clients::start(baton.address("http"), 10);
+    let outcome = baton.reload();
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
+    let finished = baton.wait_generation_finished(1);
+    let tally = clients.stop();
+    assert_eq!(tally.failed.load(Ordering::Relaxed), 0);
+    let moved: u64 = field(&finished, "handed_over").parse().unwrap();
+    assert!(moved >= 10, "every connection moved: {finished}");
+    assert_eq!(field(&finished, "closed_at_drain"), "0", "{finished}");
+    // A graceful stop flushes what is batched.
+    baton.signal(nix::sys::signal::Signal::SIGQUIT);
+    baton.wait_exit(Duration::from_secs(15));
+    let spans = receiver.wait(Duration::from_secs(10), |spans| {
+        spans.iter().any(|s| s.name == "handover")
+    });
+    let handover = spans.iter().find(|s| s.name == "handover").unwrap();
+    let reload = spans
+        .iter()
+        .find(|s| s.span_id == handover.parent_span_id)
+        .unwrap_or_else(|| panic!("the handover span's parent: {spans:#?}"));
+    assert_eq!(reload.name, "reload");
+}

@@ -13,6 +13,10 @@
 //! The adopting side: the serve loop of each listener registers under the
 //! listener's address; connections adopted on it are queued to that loop,
 //! which serves them as if it had accepted them.
+//!
+//! Without the `http` feature nothing offers or adopts connections: the hub
+//! only answers the master (an adoption finds no serve loop, and is refused).
+#![cfg_attr(not(feature = "http"), allow(dead_code))]
 
 use baton_wire::channel::Channel;
 use baton_wire::protocol::{HandedConnection, WorkerMessage, MAX_FDS_PER_MESSAGE};

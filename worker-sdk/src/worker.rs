@@ -45,6 +45,7 @@ pub struct Worker {
     /// The reload's W3C `traceparent`, from the hello.
     traceparent: Option<String>,
     /// Connections moving to and from other workers (supervised only).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     handover: Option<crate::handover::Handover>,
 }
 

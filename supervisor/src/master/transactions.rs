@@ -359,7 +359,17 @@ impl Master {
                 "control_socket and pid_file changes take effect when the master restarts"
             );
         }
+        let settling = tokio::time::Instant::now();
         let settled = reload.settle(&mut self.fleet);
+        // The replaced SDK generation's connections move in this reload's
+        // trace.
+        for replaced in self.fleet.iter() {
+            let worker = &replaced.config().worker;
+            let moves = worker.protocol == crate::config::Protocol::Sdk && worker.handover;
+            if moves && replaced.draining_since().is_some_and(|at| at >= settling) {
+                self.handovers.draining(replaced.number(), &span);
+            }
+        }
         if let Some(admin) = settled.admin {
             self.endpoints.replace_admin(admin);
         }
