@@ -325,3 +325,33 @@ fn a_reload_traces_its_handover_and_the_drained_generation_counts_its_moves() {
         .unwrap_or_else(|| panic!("the handover span's parent: {spans:#?}"));
     assert_eq!(reload.name, "reload");
 }
+
+#[test]
+fn in_place_upgrades_hand_connections_over_too() {
+    let config = hello_config(2).replace("[supervisor]\n", "[supervisor]\nupgrade = \"exec\"\n");
+    let mut baton = Baton::start(&config);
+    baton.wait_committed(1);
+    const CLIENTS: usize = 40;
+    let clients = Clients::start(baton.address("http"), CLIENTS);
+    for generation in 2..=4u64 {
+        let workers = baton.wait_workers(2, &[], Duration::from_secs(10));
+        baton.skip_log();
+        baton.signal(nix::sys::signal::Signal::SIGUSR2);
+        let committed = baton.wait_committed(generation);
+        assert_eq!(committed["span"]["trigger"], "upgrade");
+        baton.wait_workers(2, &workers, Duration::from_secs(10));
+    }
+    clients.wait_generation(4);
+    std::thread::sleep(Duration::from_millis(1500));
+    let tally = clients.stop();
+    let (failed, closed, connects) = (
+        tally.failed.load(Ordering::Relaxed),
+        tally.closed_by_server.load(Ordering::Relaxed),
+        tally.connects.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        (failed, closed, connects),
+        (0, 0, CLIENTS as u64),
+        "failed, closed by the server, connects across 3 in-place upgrades"
+    );
+}

@@ -263,16 +263,25 @@ where
         _ = setup.drain.wait() => {}
     }
     let drained_at = Instant::now();
+    let give_up = drained_at + setup.idle_grace;
+    let served_at_drain = activity.rest().1;
     loop {
         // Every select below polls the connection first, so a request that
         // had reached the socket is parsed, and counted in flight, before
         // `activity` is read.
         let (idle, served) = activity.rest();
         if !idle {
+            // A client that pipelines request after request never lets it
+            // rest: past `idle_grace` it is told to go instead. A single
+            // long request is waited for.
+            if served > served_at_drain && Instant::now() >= give_up {
+                break;
+            }
             tokio::select! {
                 biased;
                 _ = &mut connection => return None,
                 _ = activity.became_idle.notified() => {}
+                _ = sleep_until(give_up), if served > served_at_drain => {}
             }
             continue;
         }
@@ -280,7 +289,6 @@ where
             // Its first request is partly read: it rests once that is
             // answered. One that never completes is closed as without a
             // handover.
-            let give_up = drained_at + setup.idle_grace;
             if Instant::now() >= give_up {
                 break;
             }

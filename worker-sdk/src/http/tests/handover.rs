@@ -232,3 +232,60 @@ async fn idle_connections_travel_together() {
     };
     assert_eq!(connections.len(), 20);
 }
+
+/// Requests written ahead of their answers: whichever server answers, each
+/// is answered once, in order, and the connection stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_across_the_handover() {
+    let listener = bind();
+    let addr = listener.local_addr().unwrap();
+    let second = listener.try_clone().unwrap();
+    let (old_hub, old_master) = hub();
+    let (new_hub, new_master) = hub();
+    let options = |handover| ServeOptions {
+        handover: Some(handover),
+        idle_grace: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let old = spawn_serve(listener, TestService::new("old"), options(old_hub));
+    let mut client = Client::connect(addr).unwrap();
+    assert_eq!(client.get("/").unwrap().body, "old");
+    let new = spawn_serve(second, TestService::new("new"), options(new_hub));
+    let announced = new_master.recv::<WorkerMessage>().await.unwrap().unwrap();
+    assert!(matches!(announced.message, WorkerMessage::Adopts { .. }));
+    tokio::spawn(master(old_master, new_master, Master::Relays));
+    // Numbered requests, written without waiting for the answers.
+    const REQUESTS: usize = 3000;
+    let mut writer = client.0.get_ref().try_clone().unwrap();
+    let pipeline = std::thread::spawn(move || {
+        for i in 0..REQUESTS {
+            let request = format!("GET /{i} HTTP/1.1\r\nhost: test\r\n\r\n");
+            writer.write_all(request.as_bytes()).unwrap();
+        }
+    });
+    let mut answered = Vec::new();
+    for i in 0..REQUESTS {
+        if i == 10 {
+            old.0.start(PATIENCE);
+        }
+        let reply = client.reply().unwrap();
+        assert_eq!((reply.status, reply.close), (200, false), "request {i}");
+        answered.push(reply.body);
+    }
+    pipeline.join().unwrap();
+    // Nothing more: no request was answered twice.
+    assert!(client.0.buffer().is_empty());
+    let stream = client.0.get_ref();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    assert!((&*stream).read(&mut [0]).is_err(), "an answer too many");
+    // The old server's answers, then the new one's: none lost, none twice.
+    let moved = answered.iter().position(|b| b == "new").expect("it moved");
+    assert!(answered[..moved].iter().all(|b| b == "old"));
+    assert!(answered[moved..].iter().all(|b| b == "new"));
+    finished(old.1).await;
+    drop(client);
+    new.0.start(PATIENCE);
+    finished(new.1).await;
+}
