@@ -8,26 +8,47 @@
 //! This file holds the relay's state and decisions; `master/handover.rs`
 //! does the sending.
 
+use baton_wire::channel::Channel;
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// The most generations whose counts are kept: a report that arrives after
 /// its generation finished must not grow the map for ever.
 const KEPT: usize = 64;
 
+/// Who offered connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offerer {
+    /// A draining worker of this master.
+    Worker(Pid),
+    /// The master this one took over from (a binary upgrade), for its
+    /// draining workers.
+    OldMaster,
+}
+
+/// Who was given connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taker {
+    /// A worker of this master's current generation.
+    Worker(Pid),
+    /// The master this one handed over to (a binary upgrade).
+    NewMaster,
+}
+
 /// A handover passed on and not yet answered by its taker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
-    /// The worker that offered the connections.
-    pub from: Pid,
+    /// Who offered the connections.
+    pub from: Offerer,
     /// Its id for the offer.
     pub id: u64,
     /// How many connections.
     pub count: u64,
-    /// The generation they come from.
-    pub generation: u64,
-    /// The worker they went to.
-    pub to: Pid,
+    /// The generation they come from (`None`: the old master's).
+    pub generation: Option<u64>,
+    /// Who they went to.
+    pub to: Taker,
 }
 
 /// The connections of one generation that moved, and those closed at its
@@ -55,6 +76,20 @@ pub struct Handovers {
     /// The `handover` span of each generation draining since a reload, in
     /// that reload's trace: from its drain until it finished.
     spans: HashMap<u64, tracing::Span>,
+    /// After a committed upgrade (child mode): the channel to the new
+    /// master, where connections no worker here takes go, and the task
+    /// reading its answers.
+    new_master: Option<(Arc<Channel>, Reader)>,
+}
+
+/// A task reading a channel, stopped when dropped.
+#[derive(Debug)]
+struct Reader(tokio::task::AbortHandle);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Handovers {
@@ -89,14 +124,11 @@ impl Handovers {
     }
 
     /// The taker answered handover `id`: what it was, if it was one of its.
-    pub fn answered(&mut self, to: Pid, id: u64, taken: bool) -> Option<Pending> {
+    pub fn answered(&mut self, to: Taker, id: u64, taken: bool) -> Option<Pending> {
         let pending = self.pending.get(&id).filter(|p| p.to == to)?.clone();
         self.pending.remove(&id);
-        if taken {
-            self.counts
-                .entry(pending.generation)
-                .or_default()
-                .handed_over += pending.count;
+        if let (true, Some(generation)) = (taken, pending.generation) {
+            self.counts_mut(generation).handed_over += pending.count;
         }
         Some(pending)
     }
@@ -109,7 +141,7 @@ impl Handovers {
         let ids: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.to == pid)
+            .filter(|(_, p)| p.to == Taker::Worker(pid))
             .map(|(id, _)| *id)
             .collect();
         ids.into_iter()
@@ -137,6 +169,18 @@ impl Handovers {
     /// The counts of `generation`.
     pub fn counts(&self, generation: u64) -> Counts {
         self.counts.get(&generation).copied().unwrap_or_default()
+    }
+
+    /// This master handed over to a new one (child mode) reached on
+    /// `channel`, whose answers `reader` forwards: connections no worker
+    /// here takes go there.
+    pub fn hand_to_new_master(&mut self, channel: Arc<Channel>, reader: tokio::task::AbortHandle) {
+        self.new_master = Some((channel, Reader(reader)));
+    }
+
+    /// The channel to the new master, after a committed upgrade.
+    pub fn new_master(&self) -> Option<&Arc<Channel>> {
+        self.new_master.as_ref().map(|(channel, _)| channel)
     }
 
     /// Generation `generation` drains since `reload` (its span) settled:
@@ -185,25 +229,38 @@ mod tests {
     fn only_the_taker_answers_and_a_taken_handover_counts_for_its_generation() {
         let mut h = Handovers::default();
         let pending = Pending {
-            from: pid(1),
+            from: Offerer::Worker(pid(1)),
             id: 7,
             count: 3,
-            generation: 4,
-            to: pid(2),
+            generation: Some(4),
+            to: Taker::Worker(pid(2)),
         };
         let id = h.passed(pending.clone());
-        assert_eq!(h.answered(pid(9), id, true), None, "not the taker");
-        assert_eq!(h.answered(pid(2), id, true), Some(pending));
-        assert_eq!(h.answered(pid(2), id, true), None, "answered once");
+        assert_eq!(
+            h.answered(Taker::Worker(pid(9)), id, true),
+            None,
+            "not the taker"
+        );
+        assert_eq!(
+            h.answered(Taker::NewMaster, id, true),
+            None,
+            "not the taker"
+        );
+        assert_eq!(h.answered(Taker::Worker(pid(2)), id, true), Some(pending));
+        assert_eq!(
+            h.answered(Taker::Worker(pid(2)), id, true),
+            None,
+            "answered once"
+        );
         assert_eq!(h.counts(4).handed_over, 3);
         let refused = h.passed(Pending {
-            from: pid(1),
+            from: Offerer::OldMaster,
             id: 8,
             count: 2,
-            generation: 4,
-            to: pid(2),
+            generation: None,
+            to: Taker::Worker(pid(2)),
         });
-        h.answered(pid(2), refused, false);
+        h.answered(Taker::Worker(pid(2)), refused, false);
         assert_eq!(h.counts(4).handed_over, 3);
     }
 
@@ -214,11 +271,11 @@ mod tests {
         assert!(h.takes(pid(2), "127.0.0.1:80"));
         assert!(!h.takes(pid(2), "127.0.0.1:81"));
         let pending = Pending {
-            from: pid(1),
+            from: Offerer::Worker(pid(1)),
             id: 1,
             count: 1,
-            generation: 1,
-            to: pid(2),
+            generation: Some(1),
+            to: Taker::Worker(pid(2)),
         };
         h.passed(pending.clone());
         assert_eq!(h.worker_gone(pid(2)), [pending]);

@@ -385,7 +385,12 @@ impl Master {
             // In a new master: the old master handed over (or vanished):
             // this one takes the socket files, the control socket and the
             // pid file.
-            Event::OldMaster { message } => {
+            Event::OldMaster { message, fds } => {
+                if let Some(connections @ crate::upgrade::handoff::OldMessage::Connections { .. }) =
+                    message
+                {
+                    return self.on_old_master_connections(connections, fds);
+                }
                 if self.lineage.on_old_master(message) {
                     // The old master died mid-upgrade and its keeper's new
                     // master adopted its workers: that one serves; this

@@ -355,3 +355,31 @@ fn in_place_upgrades_hand_connections_over_too() {
         "failed, closed by the server, connects across 3 in-place upgrades"
     );
 }
+
+#[test]
+fn upgrades_hand_connections_to_the_new_masters_generation() {
+    let baton = Baton::start(&hello_config(2));
+    baton.wait_committed(1);
+    const CLIENTS: usize = 40;
+    const UPGRADES: u64 = 5;
+    let clients = Clients::start(baton.address("http"), CLIENTS);
+    let mut master = baton.pid();
+    for _ in 0..UPGRADES {
+        nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGUSR2).unwrap();
+        master = baton.wait_new_master(master, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    clients.wait_generation(UPGRADES + 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    let tally = clients.stop();
+    let (failed, closed, connects) = (
+        tally.failed.load(Ordering::Relaxed),
+        tally.closed_by_server.load(Ordering::Relaxed),
+        tally.connects.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        (failed, closed, connects),
+        (0, 0, CLIENTS as u64),
+        "failed, closed by the server, connects across {UPGRADES} upgrades"
+    );
+}

@@ -37,6 +37,9 @@ pub enum Event {
     OldMaster {
         /// What arrived.
         message: Option<OldMessage>,
+        /// The fds it carried (connections handed over); `None` when some
+        /// were lost (this master at its fd limit).
+        fds: Option<Vec<std::os::fd::OwnedFd>>,
     },
     /// In a new master after an upgrade: the old master has exited.
     OldMasterExited,
