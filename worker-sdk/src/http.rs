@@ -155,7 +155,10 @@ pub struct ServeOptions {
     /// `[worker] handover` is on; one that cannot move is closed as
     /// described above. [`Worker::serve_options`](crate::Worker::serve_options)
     /// sets it; `None` (the default, and standalone) closes every
-    /// connection.
+    /// connection. [`Worker::serve`](crate::Worker::serve) tells the master
+    /// it takes connections before it reports ready; a program that calls
+    /// `ready` and then `serve` itself is told a moment later, and a
+    /// connection offered in between is closed as without a handover.
     pub handover: Option<Handover>,
 }
 
