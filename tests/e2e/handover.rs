@@ -383,3 +383,14 @@ fn upgrades_hand_connections_to_the_new_masters_generation() {
         "failed, closed by the server, connects across {UPGRADES} upgrades"
     );
 }
+
+#[test]
+fn a_new_generation_with_handover_off_takes_none() {
+    let off = hello_config(2).replace("[worker]\n", "[worker]\nhandover = false\n");
+    let (baton, tally) = across_reloads(&hello_config(2), &off, 20);
+    assert_closed_as_before(&baton, &tally, "a new generation with handover = false");
+    let refused = baton.count_events(|e| {
+        event_name(e) == "connections.handover_refused" && field(e, "reason").contains("handover")
+    });
+    assert!(refused > 0, "the master refused generation 1's handovers");
+}
