@@ -510,6 +510,14 @@ pub struct WorkerConfig {
     /// switched in place.
     #[serde(default, deserialize_with = "de_worker_log_filter")]
     pub log_filter: Option<String>,
+    /// SDK workers: at a drain, idle HTTP/1.1 connections move to the
+    /// current generation instead of being closed (see docs/worker.md).
+    #[serde(default = "default_handover")]
+    pub handover: bool,
+}
+
+fn default_handover() -> bool {
+    true
 }
 
 fn default_prepare_timeout() -> Dur {

@@ -25,6 +25,7 @@ mod floods;
 mod graceful_sigterm;
 mod grpc;
 mod guarantees;
+mod handover;
 mod http2;
 mod in_place;
 mod in_place_hung_parser;

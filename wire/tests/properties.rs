@@ -35,7 +35,8 @@ fn master_message() -> impl Strategy<Value = MasterMessage> {
             any::<u32>(),
             any::<u64>(),
             any::<bool>(),
-            proptest::option::of("\\PC{0,60}")
+            proptest::option::of("\\PC{0,60}"),
+            any::<bool>()
         )
             .prop_map(
                 |(
@@ -45,6 +46,7 @@ fn master_message() -> impl Strategy<Value = MasterMessage> {
                     drain_timeout_ms,
                     app_config,
                     traceparent,
+                    handover,
                 )| {
                     MasterMessage::Hello {
                         generation,
@@ -53,6 +55,7 @@ fn master_message() -> impl Strategy<Value = MasterMessage> {
                         drain_timeout_ms,
                         app_config,
                         traceparent,
+                        handover,
                     }
                 }
             ),

@@ -209,6 +209,8 @@ impl Worker {
             app_files,
             log_filter: _,
             traceparent,
+            // Its connections are its own: it neither offers nor adopts any.
+            handover: _,
         } = hello;
         if app_files.is_some() {
             let error = Error::Protocol(

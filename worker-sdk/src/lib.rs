@@ -58,6 +58,7 @@ mod context;
 mod control;
 mod drain;
 mod error;
+mod handover;
 mod handshake;
 #[cfg(feature = "http")]
 pub mod http;

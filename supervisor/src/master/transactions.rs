@@ -402,7 +402,17 @@ impl Master {
                 "control_socket and pid_file changes take effect when the master restarts"
             );
         }
+        let settling = tokio::time::Instant::now();
         let settled = reload.settle(&mut self.fleet);
+        // The replaced SDK generation's connections move in this reload's
+        // trace.
+        for replaced in self.fleet.iter() {
+            let worker = &replaced.config().worker;
+            let moves = worker.protocol == crate::config::Protocol::Sdk && worker.handover;
+            if moves && replaced.draining_since().is_some_and(|at| at >= settling) {
+                self.handovers.draining(replaced.number(), &span);
+            }
+        }
         if let Some(admin) = settled.admin {
             self.endpoints.replace_admin(admin);
         }
@@ -615,6 +625,11 @@ impl Master {
 
     /// A message from the new master.
     pub(crate) fn on_upgrade_message(&mut self, message: Result<NewMessage, ChannelError>) {
+        // After the commit: the answers to connections handed to the new
+        // master.
+        if message.as_ref().is_ok_and(|m| self.on_new_master_answer(m)) {
+            return;
+        }
         let happened = match &message {
             Ok(NewMessage::Ready { .. }) => Happened::Ready,
             _ => Happened::GaveUp,
@@ -650,6 +665,18 @@ impl Master {
         self.endpoints.hand_over();
         for listener in self.fleet.sockets() {
             listener.hand_over();
+        }
+        // Connections of this master's draining workers that no worker here
+        // takes go to the new master, whose answers come on the same channel.
+        if let Some(channel) = self
+            .operation
+            .upgrade()
+            .and_then(|u| u.new_master_channel())
+        {
+            let reader = super::forward(&self.events, channel.clone(), |message| Event::Upgrade {
+                message,
+            });
+            self.handovers.hand_to_new_master(channel, reader);
         }
         if let Some(mut upgrade) = self.operation.take_upgrade() {
             upgrade.commit(new_pid, generation);

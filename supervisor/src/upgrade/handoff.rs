@@ -76,6 +76,18 @@ pub enum OldMessage {
     /// The old master has released the control socket and is draining: the
     /// new master takes over the control socket and the pid file.
     Handover {},
+    /// Idle connections of the old master's draining SDK workers, for the
+    /// new master's generation; the message carries their sockets in this
+    /// order. Answered with [`NewMessage::HandedOver`] or
+    /// [`NewMessage::HandoverRefused`].
+    Connections {
+        /// Names them in the answer.
+        id: u64,
+        /// Their listener's address.
+        address: String,
+        /// Each one's bytes already read.
+        connections: Vec<baton_wire::protocol::HandedConnection>,
+    },
 }
 
 /// New master → old master.
@@ -98,6 +110,20 @@ pub enum NewMessage {
     Failed {
         /// Where: `config`, `ready`, `takeover`.
         phase: String,
+        /// Why.
+        reason: String,
+    },
+    /// A worker of the new master's generation took the connections of
+    /// [`OldMessage::Connections`] `id`.
+    HandedOver {
+        /// Their id.
+        id: u64,
+    },
+    /// The connections of [`OldMessage::Connections`] `id` were not taken:
+    /// the old master's worker closes them between requests.
+    HandoverRefused {
+        /// Their id.
+        id: u64,
         /// Why.
         reason: String,
     },
