@@ -73,6 +73,9 @@ pub struct Handovers {
     counts: BTreeMap<u64, Counts>,
     /// Each worker's last total of connections closed at drain.
     closed: HashMap<Pid, u64>,
+    /// The last generation that finished having moved or closed any, and
+    /// its counts (`baton status`).
+    last_finished: Option<(u64, Counts)>,
     /// The `handover` span of each generation draining since a reload, in
     /// that reload's trace: from its drain until it finished.
     spans: HashMap<u64, tracing::Span>,
@@ -166,6 +169,12 @@ impl Handovers {
         self.counts.entry(generation).or_default()
     }
 
+    /// The last generation that finished having moved or closed
+    /// connections, and its counts.
+    pub fn last_finished(&self) -> Option<(u64, Counts)> {
+        self.last_finished
+    }
+
     /// The counts of `generation`.
     pub fn counts(&self, generation: u64) -> Counts {
         self.counts.get(&generation).copied().unwrap_or_default()
@@ -200,6 +209,9 @@ impl Handovers {
     /// `handover` span ended with them.
     pub fn finished(&mut self, generation: u64) -> Counts {
         let counts = self.counts.remove(&generation).unwrap_or_default();
+        if counts != Counts::default() {
+            self.last_finished = Some((generation, counts));
+        }
         if let Some(span) = self.spans.remove(&generation) {
             span.record("handed_over", counts.handed_over);
             span.record("closed_at_drain", counts.closed_at_drain);

@@ -312,6 +312,18 @@ fn a_reload_traces_its_handover_and_the_drained_generation_counts_its_moves() {
     let moved: u64 = field(&finished, "handed_over").parse().unwrap();
     assert!(moved >= 10, "every connection moved: {finished}");
     assert_eq!(field(&finished, "closed_at_drain"), "0", "{finished}");
+    // `baton status` says the same.
+    let status = baton.status();
+    assert_eq!(status["last_drained"]["generation"], 1, "{status}");
+    assert_eq!(status["last_drained"]["handed_over"], moved, "{status}");
+    assert_eq!(status["last_drained"]["closed_at_drain"], 0, "{status}");
+    let text = String::from_utf8(baton.cli(&["status"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!(
+            "drained  generation 1: {moved} connection(s) handed to a newer generation, 0 closed at the drain"
+        )),
+        "{text}"
+    );
     // A graceful stop flushes what is batched.
     baton.signal(nix::sys::signal::Signal::SIGQUIT);
     baton.wait_exit(Duration::from_secs(15));

@@ -225,6 +225,17 @@ fn new_generation() -> String {
     "new_generation".into()
 }
 
+/// What became of a drained generation's client connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainedStatus {
+    /// The generation.
+    pub generation: u64,
+    /// Handed to a worker of a newer generation, open.
+    pub handed_over: u64,
+    /// Closed at the drain (told to go) instead.
+    pub closed_at_drain: u64,
+}
+
 /// One phase's duration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhaseTime {
@@ -249,6 +260,10 @@ pub struct Status {
     /// The last finished reload (including the start).
     #[serde(default)]
     pub last_reload: Option<ReloadOutcome>,
+    /// The last generation that finished draining with client connections
+    /// to hand over or close, and what became of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drained: Option<DrainedStatus>,
     /// A reload past cutover, on probation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
@@ -344,6 +359,12 @@ pub struct GenerationStatus {
     /// The deploy tool's version (`if_version`) it was committed with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy_version: Option<String>,
+    /// Client connections it handed to a newer generation while draining.
+    #[serde(default)]
+    pub handed_over: u64,
+    /// Client connections it closed at its drain instead (told to go).
+    #[serde(default)]
+    pub closed_at_drain: u64,
     /// The master's fd of each socket its workers were given, in config
     /// order: the listener's own, or (TCP, workers without the SDK) a socket
     /// of the generation's own on the same port.

@@ -255,6 +255,8 @@ impl Master {
                 config_hash: g.config().hash.clone(),
                 config_version: g.config().app.version.clone(),
                 deploy_version: g.deploy_version().map(str::to_string),
+                handed_over: self.handovers.counts(g.number()).handed_over,
+                closed_at_drain: self.handovers.counts(g.number()).closed_at_drain,
                 sockets: g.listeners().iter().map(|l| l.fd().as_raw_fd()).collect(),
                 crash_loop: g.crash_looped().iter().copied().collect(),
                 workers: g
@@ -335,6 +337,13 @@ impl Master {
                 .or(self.operation.rollout().map(|r| r.generation()))
                 .or(self.operation.in_place().map(|t| t.generation())),
             last_reload,
+            last_drained: self.handovers.last_finished().map(|(generation, counts)| {
+                crate::control::protocol::DrainedStatus {
+                    generation,
+                    handed_over: counts.handed_over,
+                    closed_at_drain: counts.closed_at_drain,
+                }
+            }),
             rollout: self.operation.rollout().map(|rollout| {
                 rollout.status(
                     self.probing
