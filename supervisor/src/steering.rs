@@ -33,6 +33,8 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::{Rc, Weak};
 
+pub mod quic;
+
 /// `SO_ATTACH_REUSEPORT_CBPF` from `asm-generic/socket.h` (x86, arm, riscv
 /// and most others); the libc crate does not define it for glibc targets.
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
@@ -445,7 +447,7 @@ fn is_v6(fd: BorrowedFd<'_>) -> io::Result<bool> {
 }
 
 /// Attaches `code` as the group's steering program through `fd`.
-fn attach_program(fd: BorrowedFd<'_>, code: &[libc::sock_filter]) -> io::Result<()> {
+pub(crate) fn attach_program(fd: BorrowedFd<'_>, code: &[libc::sock_filter]) -> io::Result<()> {
     let mut code = code.to_vec();
     let program = libc::sock_fprog {
         len: code.len() as u16,
