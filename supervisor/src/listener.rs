@@ -117,6 +117,7 @@ impl Listener {
             name: config.name.clone(),
             kind,
             address: baton_wire::listener::describe(&bound).unwrap_or_default(),
+            quic_slot: None,
         };
         let reuseport = kind == ListenerKind::Tcp
             && nix::sys::socket::getsockopt(&fd, sockopt::ReusePort).unwrap_or(false);
@@ -501,6 +502,7 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
         name: config.name.clone(),
         kind,
         address: baton_wire::listener::describe(&bound).unwrap_or_default(),
+        quic_slot: None,
     };
     let group = match kind {
         ListenerKind::Tcp => Some(Group::new(fd.as_fd())?),
