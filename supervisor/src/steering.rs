@@ -63,6 +63,9 @@ struct Member {
     fd: OwnedFd,
     ino: u64,
     user: User,
+    /// On a QUIC port: the slot its worker's connection IDs start with
+    /// (0 for the listener's own socket), and the worker's generation.
+    quic: (u8, u64),
 }
 
 impl Member {
@@ -96,6 +99,21 @@ pub struct Group {
     /// The program this master attached last: what it returns, its rules,
     /// and the [`EPOCH`] it was attached in.
     attached: Option<(usize, Rules, u64)>,
+    /// A QUIC port's: datagrams go by connection ID (see [`quic`]).
+    quic: Option<Quic>,
+}
+
+/// What a QUIC port's group steers by besides its members' slots.
+#[derive(Debug, Default)]
+struct Quic {
+    /// The generation whose sockets get new connections; until one is
+    /// named, the newest generation's.
+    current: Option<u64>,
+    /// The routes of the program attached last, and the [`EPOCH`] it was
+    /// attached in.
+    attached: Option<(quic::Routes, u64)>,
+    /// The slot handed out last.
+    last_slot: u8,
 }
 
 /// Bumped when another master may attach programs to this master's port
@@ -141,13 +159,137 @@ impl Group {
                 fd: primary.try_clone_to_owned()?,
                 ino: inode(primary)?,
                 user: User::Pinned,
+                quic: (0, 0),
             }],
             steered: None,
             rules: Rules::default(),
             attached: None,
+            quic: None,
         };
         group.steer_index(0)?;
         Ok(group)
+    }
+
+    /// A QUIC port's group of one: `primary`, a bound UDP socket with
+    /// `SO_REUSEPORT`. Workers' sockets join it with a slot each
+    /// ([`Group::join_quic`]); until then every datagram reaches
+    /// `primary`. No program is attached yet: the kernel makes the port's
+    /// group when a second socket joins, and a socket bound without
+    /// `SO_REUSEPORT` (so that a port someone holds is refused) has none
+    /// to attach one to before.
+    pub fn new_quic(primary: BorrowedFd<'_>) -> io::Result<Group> {
+        Ok(Group {
+            members: vec![Member {
+                fd: primary.try_clone_to_owned()?,
+                ino: inode(primary)?,
+                user: User::Pinned,
+                quic: (0, 0),
+            }],
+            steered: None,
+            rules: Rules::default(),
+            attached: None,
+            quic: Some(Quic::default()),
+        })
+    }
+
+    /// Whether this is a QUIC port's group.
+    pub fn is_quic(&self) -> bool {
+        self.quic.is_some()
+    }
+
+    /// Records `socket`, a UDP socket that just joined the QUIC port (and
+    /// so was appended to the kernel's array), as used by a worker of
+    /// `generation` while `token` lives, and gives it a slot no member has.
+    /// Returns the slot; the program is attached again with it.
+    pub fn join_quic(
+        &mut self,
+        socket: BorrowedFd<'_>,
+        token: &Rc<()>,
+        generation: u64,
+    ) -> io::Result<u8> {
+        if self.quic.is_none() {
+            return Err(io::Error::other("not a QUIC port"));
+        }
+        let taken: std::collections::HashSet<u8> = self.members.iter().map(|m| m.quic.0).collect();
+        // The next free slot after the one handed out last, wrapping: a
+        // slot that fell free is handed out again as late as can be.
+        let last = self.quic.as_ref().map_or(0, |q| q.last_slot);
+        let slot = (1..=255u16)
+            .map(|i| ((u16::from(last) + i - 1) % 255 + 1) as u8)
+            .find(|s| !taken.contains(s))
+            .ok_or_else(|| {
+                io::Error::other("255 worker sockets on the port already: no QUIC slot is free")
+            })?;
+        if let Some(quic) = self.quic.as_mut() {
+            quic.last_slot = slot;
+        }
+        self.members.push(Member {
+            fd: socket.try_clone_to_owned()?,
+            ino: inode(socket)?,
+            user: User::Token(Rc::downgrade(token)),
+            quic: (slot, generation),
+        });
+        self.route()?;
+        Ok(slot)
+    }
+
+    /// New connections go to the sockets of `generation`'s workers.
+    pub fn quic_current(&mut self, generation: u64) -> io::Result<()> {
+        if let Some(quic) = self.quic.as_mut() {
+            quic.current = Some(generation);
+            self.route()?;
+        }
+        Ok(())
+    }
+
+    /// The QUIC routes of the members as they are, attached unless they
+    /// are what was attached last.
+    fn route(&mut self) -> io::Result<()> {
+        let Some(quic) = self.quic.as_ref() else {
+            return Ok(());
+        };
+        let newest = self.members.iter().map(|m| m.quic.1).max().unwrap_or(0);
+        let current = quic.current.unwrap_or(newest);
+        let mut routes = quic::Routes::default();
+        for (i, member) in self.members.iter().enumerate().skip(1) {
+            let (slot, generation) = member.quic;
+            routes.slots.push((slot, i));
+            if generation == current && !member.user.retired() {
+                routes.current.push(i);
+            }
+        }
+        let epoch = EPOCH.load(std::sync::atomic::Ordering::Relaxed);
+        if self.members.len() < 2 || quic.attached.as_ref() == Some(&(routes.clone(), epoch)) {
+            return Ok(());
+        }
+        let v6 = is_v6(self.members[0].fd.as_fd())?;
+        attach_program(self.members[0].fd.as_fd(), &quic::program(&routes, v6)?)?;
+        if let Some(quic) = self.quic.as_mut() {
+            quic.attached = Some((routes, epoch));
+        }
+        Ok(())
+    }
+
+    /// Closes a QUIC port's members whose workers are gone, and attaches
+    /// the program for what is left. A UDP socket leaves the kernel's array
+    /// when its last fd closes: the worker's went when it exited, so
+    /// closing this master's copy takes it out now, the last member taking
+    /// its place as the mirror does. Until the program is attached again
+    /// (microseconds), a datagram for the moved socket's slot may reach
+    /// another worker, which drops it (its slot is not that worker's) and
+    /// the peer sends again.
+    fn tidy_quic(&mut self) {
+        let mut changed = false;
+        while let Some(i) = self.members.iter().position(|m| m.user.retired()) {
+            let member = self.members.swap_remove(i);
+            drop(member.fd);
+            changed = true;
+        }
+        if changed {
+            if let Err(e) = self.route() {
+                tracing::error!(error = %e, "cannot steer the QUIC port's datagrams");
+            }
+        }
     }
 
     /// Rebuilds a group handed over by another master (or a previous image
@@ -162,7 +304,12 @@ impl Group {
         for fd in layout.members {
             let ino = inode(fd.as_fd())?;
             let user = user_of(ino).unwrap_or_else(|| User::Token(Rc::downgrade(fallback)));
-            members.push(Member { fd, ino, user });
+            members.push(Member {
+                fd,
+                ino,
+                user,
+                quic: (0, 0),
+            });
         }
         if layout.steered.is_some_and(|i| i >= members.len()) {
             return Err(io::Error::new(
@@ -175,6 +322,7 @@ impl Group {
             steered: layout.steered,
             rules: Rules::default(),
             attached: None,
+            quic: None,
         })
     }
 
@@ -206,6 +354,7 @@ impl Group {
             fd: socket.try_clone_to_owned()?,
             ino: inode(socket)?,
             user: User::Token(Rc::downgrade(token)),
+            quic: (0, 0),
         });
         Ok(())
     }
@@ -279,6 +428,10 @@ impl Group {
     /// reload that keeps its sockets (SDK workers) attaches nothing. Only
     /// another master can have changed it, hence [`EPOCH`].
     fn steer_index(&mut self, index: usize) -> io::Result<()> {
+        if self.quic.is_some() {
+            // A QUIC port steers by connection ID, never to one socket.
+            return self.route();
+        }
         let wanted = (
             index,
             self.rules,
@@ -306,6 +459,9 @@ impl Group {
     /// socket moves to the front, and once it is steered to, everything
     /// behind it can go from the end as it falls out of use.
     pub fn tidy(&mut self) {
+        if self.quic.is_some() {
+            return self.tidy_quic();
+        }
         // While the program points at more than one member, nothing moves.
         if self.rules != Rules::default() {
             return;

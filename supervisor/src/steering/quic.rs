@@ -467,6 +467,95 @@ mod tests {
         assert_eq!(landing(&client, to, &members, &[0x40]), 3);
     }
 
+    /// A worker socket of `generation` joining `group` on `port`: its
+    /// token, socket and slot.
+    fn worker(
+        group: &mut super::super::Group,
+        port: u16,
+        generation: u64,
+    ) -> (std::rc::Rc<()>, UdpSocket, u8) {
+        let token = std::rc::Rc::new(());
+        let socket = udp(port);
+        let slot = group.join_quic(socket.as_fd(), &token, generation).unwrap();
+        (token, socket, slot)
+    }
+
+    #[test]
+    fn a_quic_group_routes_old_connections_to_old_workers_and_new_ones_to_the_current() {
+        let primary = udp(0);
+        let to = primary.local_addr().unwrap();
+        let mut group = super::super::Group::new_quic(primary.as_fd()).unwrap();
+        let (a_token, a, a_slot) = worker(&mut group, to.port(), 1);
+        let (_b_token, b, b_slot) = worker(&mut group, to.port(), 1);
+        assert_ne!(a_slot, b_slot);
+        group.quic_current(1).unwrap();
+        let client = udp_client();
+        let sockets = |extra: &[&UdpSocket]| {
+            let mut all = vec![
+                primary.try_clone().unwrap(),
+                a.try_clone().unwrap(),
+                b.try_clone().unwrap(),
+            ];
+            all.extend(extra.iter().map(|s| s.try_clone().unwrap()));
+            all
+        };
+        let initial = long(0xc0, V1, &[0x77; 8]);
+        assert!([1, 2].contains(&landing(&client, to, &sockets(&[]), &initial)));
+        // Generation 2 joins: not current yet.
+        let (_c_token, c, c_slot) = worker(&mut group, to.port(), 2);
+        let (_d_token, d, d_slot) = worker(&mut group, to.port(), 2);
+        let all = sockets(&[&c, &d]);
+        for _ in 0..16 {
+            assert!([1, 2].contains(&landing(&udp_client(), to, &all, &initial)));
+        }
+        group.quic_current(2).unwrap();
+        for _ in 0..16 {
+            assert!([3, 4].contains(&landing(&udp_client(), to, &all, &initial)));
+        }
+        for (slot, member) in [(a_slot, 1), (b_slot, 2), (c_slot, 3), (d_slot, 4)] {
+            assert_eq!(landing(&client, to, &all, &short(&[slot; 8])), member);
+        }
+        // Worker `a` exits: its socket goes, `d` takes its place in the
+        // kernel's array, and every slot still reaches its socket.
+        // The worker's copies close at its exit, before the master tidies.
+        drop((a, all));
+        drop(a_token);
+        group.tidy();
+        assert_eq!(group.len(), 4);
+        let all = [
+            primary.try_clone().unwrap(),
+            d.try_clone().unwrap(),
+            b.try_clone().unwrap(),
+            c.try_clone().unwrap(),
+        ];
+        for (slot, member) in [(b_slot, 2), (c_slot, 3), (d_slot, 1)] {
+            assert_eq!(landing(&client, to, &all, &short(&[slot; 8])), member);
+        }
+        // `a`'s slot names nobody now: new connections' sockets get it.
+        assert!([1, 3].contains(&landing(&client, to, &all, &short(&[a_slot; 8]))));
+        // A new worker gets a slot nobody had lately.
+        let (_e_token, _e, e_slot) = worker(&mut group, to.port(), 2);
+        assert!(![a_slot, b_slot, c_slot, d_slot].contains(&e_slot));
+    }
+
+    #[test]
+    fn slots_run_out_at_255_sockets() {
+        let primary = udp(0);
+        let port = primary.local_addr().unwrap().port();
+        let mut group = super::super::Group::new_quic(primary.as_fd()).unwrap();
+        let mut held = Vec::new();
+        let mut slots = std::collections::HashSet::new();
+        for _ in 0..255 {
+            let (token, socket, slot) = worker(&mut group, port, 1);
+            assert!(slot != 0 && slots.insert(slot));
+            held.push((token, socket));
+        }
+        let token = std::rc::Rc::new(());
+        let extra = udp(port);
+        let e = group.join_quic(extra.as_fd(), &token, 1).unwrap_err();
+        assert!(e.to_string().contains("no QUIC slot is free"), "{e}");
+    }
+
     fn udp_client() -> UdpSocket {
         UdpSocket::bind("127.0.0.1:0").unwrap()
     }

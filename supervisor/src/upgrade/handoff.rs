@@ -253,6 +253,7 @@ impl HandedListener {
             address,
             backlog: self.backlog,
             nodelay: None,
+            quic: false,
         };
         Ok(Listener::adopt(config, self.info, fd)?.with_activated(self.activated))
     }
