@@ -263,7 +263,7 @@ pub fn program(routes: &Routes, v6: bool) -> io::Result<Vec<libc::sock_filter>> 
 mod tests {
     use super::*;
     use std::net::{SocketAddr, UdpSocket};
-    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::os::fd::{AsFd, AsRawFd};
     use std::time::{Duration, Instant};
 
     /// A UDP socket on 127.0.0.1: port 0 binds a new port (SO_REUSEPORT set
@@ -283,7 +283,7 @@ mod tests {
         }
         bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, port)).unwrap();
         setsockopt(&fd, sockopt::ReusePort, &true).unwrap();
-        UdpSocket::from(OwnedFd::from(fd))
+        UdpSocket::from(fd)
     }
 
     /// A port's group: the primary (member 0) and `n` more, in the
