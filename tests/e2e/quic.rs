@@ -49,6 +49,9 @@ fn client_config(cert: rustls::pki_types::CertificateDer<'static>) -> quinn::Cli
 
 type Failure = String;
 
+/// What a connection's generation was, or what failed.
+type Outcome = Result<u64, Failure>;
+
 /// The HTTP/3 code for a connection closed with nothing wrong.
 const H3_NO_ERROR: u32 = 0x100;
 
@@ -180,7 +183,7 @@ async fn bounded(
 /// Long streams opened in every generation across `RELOADS` reloads:
 /// each one's generation or failure, and which generation answered a new
 /// connection after each reload.
-fn streams_across_reloads(quic: bool) -> (Vec<Result<u64, Failure>>, Vec<Result<u64, Failure>>) {
+fn streams_across_reloads(quic: bool) -> (Vec<Outcome>, Vec<Outcome>) {
     let certs = TempDir::new();
     let (cert, cert_path, key_path) = certificate(&certs);
     let config = format!(
