@@ -260,6 +260,21 @@ impl Listener {
             .is_some_and(Group::is_quic)
     }
 
+    /// On a QUIC worker's socket: it is worker `pid`'s (a handover names
+    /// it, so that the next master keeps it while the worker runs).
+    pub fn set_quic_owner(&self, pid: u32) {
+        if let Some(group) = self.port().group.borrow_mut().as_mut() {
+            if let Err(e) = group.quic_owner(self.fd(), pid) {
+                tracing::error!(listener = %self.info.name, error = %e, "cannot record a QUIC socket's worker");
+            }
+        }
+    }
+
+    /// A QUIC listener's slots and generations, for a handover.
+    pub fn quic_layout(&self) -> Option<steering::QuicLayout> {
+        self.group.borrow().as_ref().and_then(Group::quic_layout)
+    }
+
     /// On a QUIC listener: new connections go to the sockets of
     /// `generation`'s workers from now on.
     pub fn quic_current(&self, generation: u64) {

@@ -46,6 +46,11 @@ pub enum User {
     Pinned,
     /// A generation's socket: in use while the token lives.
     Token(Weak<()>),
+    /// A QUIC worker's socket adopted from another master (or image): in
+    /// use while the token lives or the worker runs (its pidfd is not
+    /// readable), as the kernel keeps a UDP socket in the port's group
+    /// until its last fd, the worker's too, is closed.
+    Worker(Weak<()>, OwnedFd),
 }
 
 impl User {
@@ -53,6 +58,11 @@ impl User {
         match self {
             User::Pinned => false,
             User::Token(token) => token.strong_count() == 0,
+            User::Worker(token, pidfd) => {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                token.strong_count() == 0 && poll(&mut fds, PollTimeout::ZERO).unwrap_or(1) > 0
+            }
         }
     }
 }
@@ -63,9 +73,33 @@ struct Member {
     fd: OwnedFd,
     ino: u64,
     user: User,
-    /// On a QUIC port: the slot its worker's connection IDs start with
-    /// (0 for the listener's own socket), and the worker's generation.
-    quic: (u8, u64),
+    /// On a QUIC port: whose socket it is.
+    quic: QuicMember,
+}
+
+/// A QUIC port's member: the slot its worker's connection IDs start with
+/// (0 for the listener's own socket), the worker's generation, and its pid
+/// once it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuicMember {
+    /// 1 to 255; 0 for the listener's own socket.
+    pub slot: u8,
+    /// The generation of the worker that has it.
+    pub generation: u64,
+    /// The worker's pid, once started.
+    pub pid: Option<u32>,
+}
+
+/// A QUIC port's group as handed to another master (or image): what
+/// [`Layout`] does not say.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuicLayout {
+    /// Each member's, in the kernel's order.
+    pub members: Vec<QuicMember>,
+    /// The generation new connections go to.
+    pub current: Option<u64>,
+    /// The slot handed out last.
+    pub last_slot: u8,
 }
 
 impl Member {
@@ -147,6 +181,8 @@ pub struct Layout {
     pub members: Vec<OwnedFd>,
     /// The member new connections go to.
     pub steered: Option<usize>,
+    /// A QUIC port's slots and generations.
+    pub quic: Option<QuicLayout>,
 }
 
 impl Group {
@@ -159,7 +195,7 @@ impl Group {
                 fd: primary.try_clone_to_owned()?,
                 ino: inode(primary)?,
                 user: User::Pinned,
-                quic: (0, 0),
+                quic: QuicMember::default(),
             }],
             steered: None,
             rules: Rules::default(),
@@ -183,7 +219,7 @@ impl Group {
                 fd: primary.try_clone_to_owned()?,
                 ino: inode(primary)?,
                 user: User::Pinned,
-                quic: (0, 0),
+                quic: QuicMember::default(),
             }],
             steered: None,
             rules: Rules::default(),
@@ -210,7 +246,8 @@ impl Group {
         if self.quic.is_none() {
             return Err(io::Error::other("not a QUIC port"));
         }
-        let taken: std::collections::HashSet<u8> = self.members.iter().map(|m| m.quic.0).collect();
+        let taken: std::collections::HashSet<u8> =
+            self.members.iter().map(|m| m.quic.slot).collect();
         // The next free slot after the one handed out last, wrapping: a
         // slot that fell free is handed out again as late as can be.
         let last = self.quic.as_ref().map_or(0, |q| q.last_slot);
@@ -227,10 +264,30 @@ impl Group {
             fd: socket.try_clone_to_owned()?,
             ino: inode(socket)?,
             user: User::Token(Rc::downgrade(token)),
-            quic: (slot, generation),
+            quic: QuicMember {
+                slot,
+                generation,
+                pid: None,
+            },
         });
         self.route()?;
         Ok(slot)
+    }
+
+    /// Records that `socket`, a member, is worker `pid`'s (for a handover).
+    pub fn quic_owner(&mut self, socket: BorrowedFd<'_>, pid: u32) -> io::Result<()> {
+        let index = self.index_of(socket)?;
+        self.members[index].quic.pid = Some(pid);
+        Ok(())
+    }
+
+    /// A QUIC port's slots and generations, for a handover.
+    pub fn quic_layout(&self) -> Option<QuicLayout> {
+        self.quic.as_ref().map(|quic| QuicLayout {
+            members: self.members.iter().map(|m| m.quic).collect(),
+            current: quic.current,
+            last_slot: quic.last_slot,
+        })
     }
 
     /// New connections go to the sockets of `generation`'s workers.
@@ -248,13 +305,17 @@ impl Group {
         let Some(quic) = self.quic.as_ref() else {
             return Ok(());
         };
-        let newest = self.members.iter().map(|m| m.quic.1).max().unwrap_or(0);
+        let newest = self
+            .members
+            .iter()
+            .map(|m| m.quic.generation)
+            .max()
+            .unwrap_or(0);
         let current = quic.current.unwrap_or(newest);
         let mut routes = quic::Routes::default();
         for (i, member) in self.members.iter().enumerate().skip(1) {
-            let (slot, generation) = member.quic;
-            routes.slots.push((slot, i));
-            if generation == current && !member.user.retired() {
+            routes.slots.push((member.quic.slot, i));
+            if member.quic.generation == current && !member.user.retired() {
                 routes.current.push(i);
             }
         }
@@ -273,19 +334,27 @@ impl Group {
     /// Closes a QUIC port's members whose workers are gone, and attaches
     /// the program for what is left. A UDP socket leaves the kernel's array
     /// when its last fd closes: the worker's went when it exited, so
-    /// closing this master's copy takes it out now, the last member taking
-    /// its place as the mirror does. Until the program is attached again
+    /// closing this master's copy takes it out (once a child forked
+    /// meanwhile has closed its copy: [`quic::wait_gone`]), the last member
+    /// taking its place as the mirror does. Until the program is attached again
     /// (microseconds), a datagram for the moved socket's slot may reach
     /// another worker, which drops it (its slot is not that worker's) and
     /// the peer sends again.
     fn tidy_quic(&mut self) {
-        let mut changed = false;
+        let mut closed = Vec::new();
         while let Some(i) = self.members.iter().position(|m| m.user.retired()) {
             let member = self.members.swap_remove(i);
+            closed.push(member.ino);
             drop(member.fd);
-            changed = true;
         }
-        if changed {
+        let left = quic::wait_gone(&closed);
+        if !left.is_empty() {
+            tracing::warn!(
+                sockets = left.len(),
+                "QUIC worker sockets are still open elsewhere (a child of a worker?): datagrams may reach the wrong worker until they close"
+            );
+        }
+        if !closed.is_empty() {
             if let Err(e) = self.route() {
                 tracing::error!(error = %e, "cannot steer the QUIC port's datagrams");
             }
@@ -301,14 +370,30 @@ impl Group {
         fallback: &Rc<()>,
     ) -> io::Result<Group> {
         let mut members = Vec::with_capacity(layout.members.len());
-        for fd in layout.members {
+        let quic_members = match &layout.quic {
+            Some(quic) if quic.members.len() != layout.members.len() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "QUIC members do not match the group's",
+                ))
+            }
+            Some(quic) => quic.members.clone(),
+            None => vec![QuicMember::default(); layout.members.len()],
+        };
+        for (fd, quic) in layout.members.into_iter().zip(quic_members) {
             let ino = inode(fd.as_fd())?;
-            let user = user_of(ino).unwrap_or_else(|| User::Token(Rc::downgrade(fallback)));
+            let user = user_of(ino).unwrap_or_else(|| {
+                let token = Rc::downgrade(fallback);
+                match quic.pid.map(pidfd) {
+                    Some(Ok(pidfd)) => User::Worker(token, pidfd),
+                    _ => User::Token(token),
+                }
+            });
             members.push(Member {
                 fd,
                 ino,
                 user,
-                quic: (0, 0),
+                quic,
             });
         }
         if layout.steered.is_some_and(|i| i >= members.len()) {
@@ -322,7 +407,11 @@ impl Group {
             steered: layout.steered,
             rules: Rules::default(),
             attached: None,
-            quic: None,
+            quic: layout.quic.map(|quic| Quic {
+                current: quic.current,
+                attached: None,
+                last_slot: quic.last_slot,
+            }),
         })
     }
 
@@ -344,6 +433,7 @@ impl Group {
                 .map(|m| m.fd.try_clone())
                 .collect::<io::Result<_>>()?,
             steered: self.steered,
+            quic: self.quic_layout(),
         })
     }
 
@@ -354,7 +444,7 @@ impl Group {
             fd: socket.try_clone_to_owned()?,
             ino: inode(socket)?,
             user: User::Token(Rc::downgrade(token)),
-            quic: (0, 0),
+            quic: QuicMember::default(),
         });
         Ok(())
     }

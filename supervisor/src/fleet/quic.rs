@@ -47,6 +47,9 @@ impl QuicSockets {
     /// Worker `index` started as `pid`: its sockets live as long as it.
     pub fn started(&mut self, index: u32, pid: Pid) {
         if let Some(own) = self.starting.remove(&index) {
+            for socket in own.iter().filter(|s| s.primary().is_some()) {
+                socket.set_quic_owner(pid.as_raw() as u32);
+            }
             self.running.insert(pid, own);
         }
     }

@@ -35,6 +35,48 @@ const SKF_NET_OFF: i32 = -0x100000;
 /// differently from version 1's.
 const QUIC_V2: u32 = 0x6b33_43cf;
 
+/// Waits (up to 100 ms) until the kernel lists none of the UDP sockets
+/// `inodes` any more, and returns those it still lists.
+///
+/// A UDP socket leaves its port's group when its last fd closes, and a
+/// child this process forked holds a copy of every fd until its `execve`
+/// has closed them (which it finishes after the parent has gone on): a
+/// member closed meanwhile leaves the kernel's array a moment after the
+/// group's mirror says.
+pub fn wait_gone(inodes: &[u64]) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    loop {
+        let listed = listed_udp_inodes();
+        let left: Vec<u64> = inodes
+            .iter()
+            .copied()
+            .filter(|i| listed.contains(i))
+            .collect();
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+/// The inodes of every UDP socket in this network namespace
+/// (`/proc/net/udp` and `udp6`).
+fn listed_udp_inodes() -> std::collections::HashSet<u64> {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        // `sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...`
+        for line in text.lines().skip(1) {
+            if let Some(inode) = line.split_whitespace().nth(9).and_then(|i| i.parse().ok()) {
+                inodes.insert(inode);
+            }
+        }
+    }
+    inodes
+}
+
 /// Where each datagram of a QUIC port goes, as indices into the kernel's
 /// array of the port's sockets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -554,6 +596,65 @@ mod tests {
         let extra = udp(port);
         let e = group.join_quic(extra.as_fd(), &token, 1).unwrap_err();
         assert!(e.to_string().contains("no QUIC slot is free"), "{e}");
+    }
+
+    #[test]
+    fn a_handed_over_quic_group_keeps_routing_and_keeps_each_worker_socket_while_it_runs() {
+        let sleep = || {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap()
+        };
+        let primary = udp(0);
+        let to = primary.local_addr().unwrap();
+        let mut group = super::super::Group::new_quic(primary.as_fd()).unwrap();
+        // Two workers (`sleep` stands in for each), one per generation.
+        let (mut a_worker, mut b_worker) = (sleep(), sleep());
+        let (a_token, a, a_slot) = worker(&mut group, to.port(), 1);
+        let (b_token, b, b_slot) = worker(&mut group, to.port(), 2);
+        group.quic_owner(a.as_fd(), a_worker.id()).unwrap();
+        group.quic_owner(b.as_fd(), b_worker.id()).unwrap();
+        group.quic_current(2).unwrap();
+        let layout = group.layout().unwrap();
+        assert_eq!(layout.quic.as_ref().map(|q| q.current), Some(Some(2)));
+        // The old image is gone; the workers hold their sockets.
+        drop((group, a_token, b_token));
+        let primary_ino = super::super::inode(primary.as_fd()).unwrap();
+        let image = std::rc::Rc::new(());
+        let mut adopted = super::super::Group::adopt(
+            layout,
+            |ino| (ino == primary_ino).then_some(super::super::User::Pinned),
+            &image,
+        )
+        .unwrap();
+        drop(image);
+        assert!(adopted.is_quic());
+        adopted.quic_current(2).unwrap();
+        let client = udp_client();
+        let all = [
+            primary.try_clone().unwrap(),
+            a.try_clone().unwrap(),
+            b.try_clone().unwrap(),
+        ];
+        assert_eq!(landing(&client, to, &all, &short(&[a_slot; 8])), 1);
+        assert_eq!(landing(&client, to, &all, &short(&[b_slot; 8])), 2);
+        assert_eq!(landing(&client, to, &all, &long(0xc0, V1, &[a_slot; 8])), 2);
+        // While its worker runs, a socket stays.
+        adopted.tidy();
+        assert_eq!(adopted.len(), 3);
+        a_worker.kill().unwrap();
+        a_worker.wait().unwrap();
+        drop((a, all));
+        adopted.tidy();
+        assert_eq!(adopted.len(), 2);
+        let all = [primary.try_clone().unwrap(), b.try_clone().unwrap()];
+        assert_eq!(landing(&client, to, &all, &short(&[b_slot; 8])), 1);
+        // Slots go on from where the old image left them.
+        let (_c_token, _c, c_slot) = worker(&mut adopted, to.port(), 3);
+        assert!(![a_slot, b_slot].contains(&c_slot));
+        b_worker.kill().unwrap();
+        b_worker.wait().unwrap();
     }
 
     fn udp_client() -> UdpSocket {
