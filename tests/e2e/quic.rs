@@ -5,6 +5,7 @@
 
 use baton_tests::harness::{config_with_worker, event_name, Baton, Binaries, TempDir};
 use bytes::Buf;
+use nix::sys::signal::Signal;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -180,10 +181,28 @@ async fn bounded(
         .unwrap_or_else(|_| Err("timed out".to_string()))
 }
 
+/// How each new generation comes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Step {
+    /// SIGHUP.
+    Reload,
+    /// SIGUSR2 with `upgrade = "exec"`: the master re-executes itself.
+    InPlaceUpgrade,
+    /// SIGUSR2: a new master process takes over (the old one lives on
+    /// until its workers have drained).
+    Upgrade,
+}
+
 /// Long streams opened in every generation across `RELOADS` reloads:
 /// each one's generation or failure, and which generation answered a new
 /// connection after each reload.
 fn streams_across_reloads(quic: bool) -> (Vec<Outcome>, Vec<Outcome>) {
+    streams_across(quic, Step::Reload, RELOADS)
+}
+
+/// Long streams opened in every generation across `steps` new
+/// generations, each come by `step`.
+fn streams_across(quic: bool, step: Step, steps: u64) -> (Vec<Outcome>, Vec<Outcome>) {
     let certs = TempDir::new();
     let (cert, cert_path, key_path) = certificate(&certs);
     let config = format!(
@@ -193,6 +212,12 @@ fn streams_across_reloads(quic: bool) -> (Vec<Outcome>, Vec<Outcome>) {
             Binaries::example("h3-app").display().to_string()
         ))
     );
+    let config = match step {
+        Step::InPlaceUpgrade => {
+            config.replace("[supervisor]\n", "[supervisor]\nupgrade = \"exec\"\n")
+        }
+        _ => config,
+    };
     let mut baton = Baton::start(&config);
     baton.wait_committed(1);
     let address = baton.address("h3");
@@ -205,10 +230,9 @@ fn streams_across_reloads(quic: bool) -> (Vec<Outcome>, Vec<Outcome>) {
     let done = Arc::new(AtomicBool::new(false));
     let mut streams = Vec::new();
     let mut fresh_answers = Vec::new();
-    for generation in 1..=RELOADS + 1 {
+    for generation in 1..=steps + 1 {
         if generation > 1 {
-            let outcome = baton.reload();
-            assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
+            next_generation(&mut baton, step, generation);
         }
         fresh_answers.push(runtime.block_on(bounded(fresh(address, client.clone()))));
         for _ in 0..PER_GENERATION {
@@ -235,26 +259,70 @@ fn streams_across_reloads(quic: bool) -> (Vec<Outcome>, Vec<Outcome>) {
     (streams, fresh_answers)
 }
 
+/// Brings generation `generation` by `step`, and waits until it serves.
+fn next_generation(baton: &mut Baton, step: Step, generation: u64) {
+    match step {
+        Step::Reload => {
+            let outcome = baton.reload();
+            assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
+        }
+        Step::InPlaceUpgrade => {
+            baton.signal_current(Signal::SIGUSR2);
+            baton.wait_committed(generation);
+        }
+        Step::Upgrade => {
+            let old = baton.master_pid().expect("a master");
+            baton.signal_current(Signal::SIGUSR2);
+            baton.wait_committed(generation);
+            // The new master serves once the old one has handed over.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while baton.master_pid().is_none_or(|pid| pid == old) {
+                assert!(std::time::Instant::now() < deadline, "no new master");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Asserts that no stream failed and that each was served, to its end, by
+/// the generation current when it opened, as was each new connection.
+fn assert_nothing_lost(what: &str, steps: u64, streams: Vec<Outcome>, fresh: Vec<Outcome>) {
+    let failed: Vec<&Failure> = streams
+        .iter()
+        .chain(&fresh)
+        .filter_map(|r| r.as_ref().err())
+        .collect();
+    eprintln!(
+        "{what}: {} long streams, {} failed {failed:?}",
+        streams.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{what}: {failed:?}");
+    let generations: Vec<u64> = streams.into_iter().map(Result::unwrap).collect();
+    let wanted: Vec<u64> = (1..=steps + 1)
+        .flat_map(|g| std::iter::repeat_n(g, PER_GENERATION))
+        .collect();
+    assert_eq!(generations, wanted, "{what}");
+    let fresh: Vec<u64> = fresh.into_iter().map(Result::unwrap).collect();
+    assert_eq!(fresh, (1..=steps + 1).collect::<Vec<_>>(), "{what}");
+}
+
+#[test]
+fn quic_connections_keep_their_streams_across_in_place_upgrades() {
+    let (streams, fresh) = streams_across(true, Step::InPlaceUpgrade, 3);
+    assert_nothing_lost("in-place upgrades", 3, streams, fresh);
+}
+
+#[test]
+fn quic_connections_keep_their_streams_across_upgrades() {
+    let (streams, fresh) = streams_across(true, Step::Upgrade, 2);
+    assert_nothing_lost("upgrades", 2, streams, fresh);
+}
+
 #[test]
 fn quic_connections_keep_their_streams_across_reloads() {
     let (streams, fresh) = streams_across_reloads(true);
-    let failed: Vec<&Failure> = streams.iter().filter_map(|r| r.as_ref().err()).collect();
-    eprintln!(
-        "quic: {} long streams, {} failed {:?}",
-        streams.len(),
-        failed.len(),
-        failed
-    );
-    assert!(failed.is_empty(), "{failed:?}");
-    // Each long stream was served by the generation current when it
-    // opened, to its end.
-    let generations: Vec<u64> = streams.into_iter().map(Result::unwrap).collect();
-    let wanted: Vec<u64> = (1..=RELOADS + 1)
-        .flat_map(|g| std::iter::repeat_n(g, PER_GENERATION))
-        .collect();
-    assert_eq!(generations, wanted);
-    let fresh: Vec<u64> = fresh.into_iter().map(Result::unwrap).collect();
-    assert_eq!(fresh, (1..=RELOADS + 1).collect::<Vec<_>>());
+    assert_nothing_lost("reloads", RELOADS, streams, fresh);
 }
 
 #[test]
