@@ -276,7 +276,7 @@ fn next_generation(baton: &mut Baton, step: Step, generation: u64) {
             baton.wait_committed(generation);
             // The new master serves once the old one has handed over.
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while baton.master_pid().is_none_or(|pid| pid == old) {
+            while baton.master_pid().map_or(true, |pid| pid == old) {
                 assert!(std::time::Instant::now() < deadline, "no new master");
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -300,7 +300,7 @@ fn assert_nothing_lost(what: &str, steps: u64, streams: Vec<Outcome>, fresh: Vec
     assert!(failed.is_empty(), "{what}: {failed:?}");
     let generations: Vec<u64> = streams.into_iter().map(Result::unwrap).collect();
     let wanted: Vec<u64> = (1..=steps + 1)
-        .flat_map(|g| std::iter::repeat_n(g, PER_GENERATION))
+        .flat_map(|g| std::iter::repeat(g).take(PER_GENERATION))
         .collect();
     assert_eq!(generations, wanted, "{what}");
     let fresh: Vec<u64> = fresh.into_iter().map(Result::unwrap).collect();

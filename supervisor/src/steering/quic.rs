@@ -498,7 +498,7 @@ mod tests {
         let (to, members) = group(3);
         let mut slots: Vec<(u8, usize)> = (1..=255).map(|s| (s, 1)).collect();
         slots[254] = (255, 2);
-        let current: Vec<usize> = std::iter::repeat_n(3, 255).collect();
+        let current: Vec<usize> = vec![3; 255];
         let routes = Routes { slots, current };
         assert!(program(&routes, false).unwrap().len() > 1000);
         attach(&members, &routes);
