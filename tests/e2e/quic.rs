@@ -7,7 +7,7 @@ use baton_tests::harness::{config_with_worker, event_name, Baton, Binaries, Temp
 use bytes::Buf;
 use nix::sys::signal::Signal;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,7 +102,10 @@ async fn get(
         .send_request(request)
         .await
         .map_err(|e| format!("request: {e}"))?;
-    stream.finish().await.map_err(|e| format!("finish: {e}"))?;
+    // A server that has answered already may stop reading the request
+    // (STOP_SENDING) before the client says it has ended: what counts is the
+    // response.
+    let _ = stream.finish().await;
     let response = stream
         .recv_response()
         .await
@@ -121,9 +124,11 @@ async fn long_stream(
     address: SocketAddr,
     config: quinn::ClientConfig,
     done: Arc<AtomicBool>,
+    mut opened: Opened,
 ) -> Result<u64, Failure> {
     let (endpoint, connection, mut send) = connect(address, config).await?;
-    let (mut stream, generation) = get(&mut send, "/ticks/600").await?;
+    let (mut stream, generation) = get(&mut send, "/ticks/3000").await?;
+    opened.done();
     let (mut next, mut after, mut line) = (0u32, 0u32, Vec::new());
     while after < TICKS_AFTER {
         let Some(mut chunk) = stream
@@ -155,6 +160,23 @@ async fn long_stream(
     Ok(generation)
 }
 
+/// Counts a long stream as opened (answered, or failed) once.
+struct Opened(Option<Arc<AtomicUsize>>);
+
+impl Opened {
+    fn done(&mut self) {
+        if let Some(count) = self.0.take() {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
 /// A new connection's `GET /`: the generation that answered.
 async fn fresh(address: SocketAddr, config: quinn::ClientConfig) -> Result<u64, Failure> {
     let (endpoint, connection, mut send) = connect(address, config).await?;
@@ -172,11 +194,11 @@ async fn fresh(address: SocketAddr, config: quinn::ClientConfig) -> Result<u64, 
     Ok(generation)
 }
 
-/// `f`, or a failure after 30 s.
+/// `f`, or a failure after 3 minutes.
 async fn bounded(
     f: impl std::future::Future<Output = Result<u64, Failure>>,
 ) -> Result<u64, Failure> {
-    tokio::time::timeout(Duration::from_secs(30), f)
+    tokio::time::timeout(Duration::from_secs(180), f)
         .await
         .unwrap_or_else(|_| Err("timed out".to_string()))
 }
@@ -200,9 +222,21 @@ fn streams_across_reloads(quic: bool) -> (Vec<Outcome>, Vec<Outcome>) {
     streams_across(quic, Step::Reload, RELOADS)
 }
 
-/// Long streams opened in every generation across `steps` new
-/// generations, each come by `step`.
+/// `PER_GENERATION` long streams opened in every generation across `steps`
+/// new generations, each come by `step`.
 fn streams_across(quic: bool, step: Step, steps: u64) -> (Vec<Outcome>, Vec<Outcome>) {
+    let steps: Vec<Step> = std::iter::repeat(step).take(steps as usize).collect();
+    streams_across_steps(quic, &steps, |_| PER_GENERATION)
+}
+
+/// `opened(g)` long streams opened in each generation `g`, across a new
+/// generation for each of `steps`: each stream's generation or failure,
+/// and which generation answered a new connection after each step.
+fn streams_across_steps(
+    quic: bool,
+    steps: &[Step],
+    opened_in: impl Fn(u64) -> usize,
+) -> (Vec<Outcome>, Vec<Outcome>) {
     let certs = TempDir::new();
     let (cert, cert_path, key_path) = certificate(&certs);
     let config = format!(
@@ -212,11 +246,9 @@ fn streams_across(quic: bool, step: Step, steps: u64) -> (Vec<Outcome>, Vec<Outc
             Binaries::example("h3-app").display().to_string()
         ))
     );
-    let config = match step {
-        Step::InPlaceUpgrade => {
-            config.replace("[supervisor]\n", "[supervisor]\nupgrade = \"exec\"\n")
-        }
-        _ => config,
+    let config = match steps.contains(&Step::InPlaceUpgrade) {
+        true => config.replace("[supervisor]\n", "[supervisor]\nupgrade = \"exec\"\n"),
+        false => config,
     };
     let mut baton = Baton::start(&config);
     baton.wait_committed(1);
@@ -228,16 +260,24 @@ fn streams_across(quic: bool, step: Step, steps: u64) -> (Vec<Outcome>, Vec<Outc
         .build()
         .unwrap();
     let done = Arc::new(AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
     let mut streams = Vec::new();
     let mut fresh_answers = Vec::new();
-    for generation in 1..=steps + 1 {
+    for generation in 1..=steps.len() as u64 + 1 {
         if generation > 1 {
-            next_generation(&mut baton, step, generation);
+            next_generation(&mut baton, steps[generation as usize - 2], generation);
         }
         fresh_answers.push(runtime.block_on(bounded(fresh(address, client.clone()))));
-        for _ in 0..PER_GENERATION {
-            let task = long_stream(address, client.clone(), done.clone());
+        for _ in 0..opened_in(generation) {
+            let counted = Opened(Some(opened.clone()));
+            let task = long_stream(address, client.clone(), done.clone(), counted);
             streams.push(runtime.spawn(bounded(task)));
+        }
+        // The generation's streams are open before the next one comes.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while opened.load(Ordering::SeqCst) < streams.len() {
+            assert!(std::time::Instant::now() < deadline, "streams not opened");
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
     // Every stream has been open since its generation was current; each
@@ -287,6 +327,22 @@ fn next_generation(baton: &mut Baton, step: Step, generation: u64) {
 /// Asserts that no stream failed and that each was served, to its end, by
 /// the generation current when it opened, as was each new connection.
 fn assert_nothing_lost(what: &str, steps: u64, streams: Vec<Outcome>, fresh: Vec<Outcome>) {
+    let wanted: Vec<u64> = (1..=steps + 1)
+        .flat_map(|g| std::iter::repeat(g).take(PER_GENERATION))
+        .collect();
+    assert_served(what, steps, streams, fresh, wanted);
+}
+
+/// Asserts that no stream failed, that the streams were served, to their
+/// ends, by the generations `wanted` lists, and that a new connection was
+/// served by the newest generation after each of `steps`.
+fn assert_served(
+    what: &str,
+    steps: u64,
+    streams: Vec<Outcome>,
+    fresh: Vec<Outcome>,
+    wanted: Vec<u64>,
+) {
     let failed: Vec<&Failure> = streams
         .iter()
         .chain(&fresh)
@@ -299,9 +355,6 @@ fn assert_nothing_lost(what: &str, steps: u64, streams: Vec<Outcome>, fresh: Vec
     );
     assert!(failed.is_empty(), "{what}: {failed:?}");
     let generations: Vec<u64> = streams.into_iter().map(Result::unwrap).collect();
-    let wanted: Vec<u64> = (1..=steps + 1)
-        .flat_map(|g| std::iter::repeat(g).take(PER_GENERATION))
-        .collect();
     assert_eq!(generations, wanted, "{what}");
     let fresh: Vec<u64> = fresh.into_iter().map(Result::unwrap).collect();
     assert_eq!(fresh, (1..=steps + 1).collect::<Vec<_>>(), "{what}");
@@ -317,6 +370,20 @@ fn quic_connections_keep_their_streams_across_in_place_upgrades() {
 fn quic_connections_keep_their_streams_across_upgrades() {
     let (streams, fresh) = streams_across(true, Step::Upgrade, 2);
     assert_nothing_lost("upgrades", 2, streams, fresh);
+}
+
+/// The figure: 50 connections opened in the first generation keep
+/// their streams across 30 reloads and 5 in-place upgrades.
+#[test]
+fn fifty_quic_connections_keep_their_streams_across_30_reloads_and_5_upgrades() {
+    let steps: Vec<Step> = (1..=35)
+        .map(|i| match i % 7 {
+            0 => Step::InPlaceUpgrade,
+            _ => Step::Reload,
+        })
+        .collect();
+    let (streams, fresh) = streams_across_steps(true, &steps, |g| if g == 1 { 50 } else { 0 });
+    assert_served("30 reloads and 5 upgrades", 35, streams, fresh, vec![1; 50]);
 }
 
 #[test]
