@@ -398,7 +398,7 @@ fn without_quic_steering_connections_break() {
     // socket of the port is the listener's one, read by every worker of
     // every generation, so a datagram reaches whichever process reads
     // first, and QUIC connections fail.
-    let (streams, fresh) = streams_across_reloads(false);
+    let (streams, fresh) = streams_across(false, Step::Reload, 2);
     let failed = streams.iter().chain(&fresh).filter(|r| r.is_err()).count();
     eprintln!(
         "quic steering off: {} long streams and {} new connections, {failed} failed: {:?}",
