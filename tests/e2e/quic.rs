@@ -125,6 +125,7 @@ async fn long_stream(
     config: quinn::ClientConfig,
     done: Arc<AtomicBool>,
     mut opened: Opened,
+    migrate: bool,
 ) -> Result<u64, Failure> {
     let (endpoint, connection, mut send) = connect(address, config).await?;
     let (mut stream, generation) = get(&mut send, "/ticks/3000").await?;
@@ -150,6 +151,15 @@ async fn long_stream(
                 return Err(format!("got {text:?}, wanted {wanted:?}"));
             }
             next += 1;
+            if migrate && next == 1 {
+                // The client moves to another address and port (as a phone
+                // switching networks does): the rest of the connection's
+                // datagrams come from there.
+                let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+                endpoint
+                    .rebind(socket)
+                    .map_err(|e| format!("rebind: {e}"))?;
+            }
             if done.load(Ordering::SeqCst) {
                 after += 1;
             }
@@ -226,7 +236,7 @@ fn streams_across_reloads(quic: bool) -> (Vec<Outcome>, Vec<Outcome>) {
 /// new generations, each come by `step`.
 fn streams_across(quic: bool, step: Step, steps: u64) -> (Vec<Outcome>, Vec<Outcome>) {
     let steps: Vec<Step> = std::iter::repeat(step).take(steps as usize).collect();
-    streams_across_steps(quic, &steps, |_| PER_GENERATION)
+    streams_across_steps(quic, &steps, |_| PER_GENERATION, false)
 }
 
 /// `opened(g)` long streams opened in each generation `g`, across a new
@@ -236,6 +246,7 @@ fn streams_across_steps(
     quic: bool,
     steps: &[Step],
     opened_in: impl Fn(u64) -> usize,
+    migrate: bool,
 ) -> (Vec<Outcome>, Vec<Outcome>) {
     let certs = TempDir::new();
     let (cert, cert_path, key_path) = certificate(&certs);
@@ -270,7 +281,7 @@ fn streams_across_steps(
         fresh_answers.push(runtime.block_on(bounded(fresh(address, client.clone()))));
         for _ in 0..opened_in(generation) {
             let counted = Opened(Some(opened.clone()));
-            let task = long_stream(address, client.clone(), done.clone(), counted);
+            let task = long_stream(address, client.clone(), done.clone(), counted, migrate);
             streams.push(runtime.spawn(bounded(task)));
         }
         // The generation's streams are open before the next one comes.
@@ -382,8 +393,19 @@ fn fifty_quic_connections_keep_their_streams_across_30_reloads_and_5_upgrades() 
             _ => Step::Reload,
         })
         .collect();
-    let (streams, fresh) = streams_across_steps(true, &steps, |g| if g == 1 { 50 } else { 0 });
+    let (streams, fresh) =
+        streams_across_steps(true, &steps, |g| if g == 1 { 50 } else { 0 }, false);
     assert_served("30 reloads and 5 upgrades", 35, streams, fresh, vec![1; 50]);
+}
+
+/// Connection migration: a client that moves to another address and port
+/// keeps reaching its worker (steering goes by connection ID, not by
+/// address), across reloads too.
+#[test]
+fn migrated_quic_connections_keep_reaching_their_worker() {
+    let steps = [Step::Reload, Step::Reload];
+    let (streams, fresh) = streams_across_steps(true, &steps, |_| PER_GENERATION, true);
+    assert_nothing_lost("migrated connections", 2, streams, fresh);
 }
 
 #[test]
