@@ -378,6 +378,11 @@ pub struct ListenerConfig {
     /// accepted from it inherit; `None` when not set (on). TCP only.
     #[serde(default)]
     pub nodelay: Option<bool>,
+    /// A UDP listener serving QUIC through the SDK: each worker gets a
+    /// socket of its own on the port, and datagrams are steered to the
+    /// worker their connection ID names (see `steering::quic`).
+    #[serde(default)]
+    pub quic: bool,
 }
 
 impl ListenerConfig {
@@ -747,6 +752,15 @@ impl Config {
                     span,
                     format!(
                         "listener {:?}: nodelay applies to TCP listeners only, and {} is not one",
+                        l.name, l.address
+                    ),
+                ));
+            }
+            if l.quic && !matches!(l.address, ListenerAddress::Udp(_)) {
+                return Err(error_at(
+                    span,
+                    format!(
+                        "listener {:?}: quic applies to UDP listeners only, and {} is not one",
                         l.name, l.address
                     ),
                 ));

@@ -836,6 +836,8 @@ impl Master {
             return;
         };
         let index = worker.index();
+        // Its sockets on QUIC ports are let go of at the next tidy.
+        let quic = generation.listeners().iter().any(|l| l.is_quic());
         let reason = exit_reason(generation.state(), worker.state(), success);
         tracing::info!(
             event = "worker.exited",
@@ -856,6 +858,9 @@ impl Master {
             crash_loop: generation.would_crash_loop(index, now),
         };
         let reaction = self.operation.summary().on_worker_exit(exited);
+        if quic {
+            self.fleet.tidy();
+        }
         let what = format!("worker {index} (pid {pid}) exited with {status}");
         match reaction.operation {
             ForOperation::Nothing => {}

@@ -38,6 +38,7 @@ mod nginx_worker;
 mod notify;
 mod privileges;
 mod probes;
+mod quic;
 mod reload_under_load;
 mod resources;
 mod restart;

@@ -8,8 +8,9 @@
 //! [`DecodeError`].
 //!
 //! The master and the SDK come from the same commit: every field is sent,
-//! there is no default for one an older peer would omit, and a change of
-//! the messages changes [`PROTOCOL_VERSION`].
+//! there is no default for one an older peer would omit (but
+//! [`ListenerInfo::quic_slot`], which only adds to what a listener is), and
+//! a change of the messages changes [`PROTOCOL_VERSION`].
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -80,6 +81,7 @@ impl fmt::Display for ListenerKind {
 ///     name: "http".into(),
 ///     kind: ListenerKind::Tcp,
 ///     address: "127.0.0.1:8080".into(),
+///     quic_slot: None,
 /// };
 /// let port: u16 = info.address.rsplit_once(':').unwrap().1.parse()?;
 /// assert_eq!(port, 8080);
@@ -94,6 +96,13 @@ pub struct ListenerInfo {
     /// The address the socket is bound to: `IP:PORT` for TCP and UDP (the
     /// actual port, also when the configuration said port 0), the path for Unix.
     pub address: String,
+    /// For a UDP listener with `quic = true`: the slot this worker's socket
+    /// has in the port's group, which its QUIC connection IDs start with so
+    /// that the master steers their datagrams to it (1 to 255); `null` for
+    /// other listeners. Read as `null` when absent, and ignored by SDKs that
+    /// predate it: a listener's metadata takes no unknown-field check.
+    #[serde(default)]
+    pub quic_slot: Option<u8>,
 }
 
 /// A message from the master to a worker.
@@ -453,11 +462,13 @@ mod tests {
                         name: "http".into(),
                         kind: ListenerKind::Tcp,
                         address: "127.0.0.1:8080".into(),
+                        quic_slot: Some(7),
                     },
                     ListenerInfo {
                         name: "admin".into(),
                         kind: ListenerKind::Unix,
                         address: "/run/admin.sock".into(),
+                        quic_slot: None,
                     },
                 ],
             },
@@ -592,6 +603,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("app_config"), "{err}");
+    }
+
+    #[test]
+    fn a_listener_without_a_quic_slot_has_none_and_older_sdks_ignore_it() {
+        let message = decode::<MasterMessage>(
+            br#"{"v":1,"type":"listeners","offset":0,"listeners":[{"name":"h3","kind":"udp","address":"127.0.0.1:443"}]}"#,
+        )
+        .unwrap();
+        let MasterMessage::Listeners { listeners, .. } = message else {
+            panic!("{message:?}")
+        };
+        assert_eq!(listeners[0].quic_slot, None);
+        /// A listener's metadata as SDKs before `quic_slot` had it.
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Older {
+            name: String,
+            kind: ListenerKind,
+            address: String,
+        }
+        let info = ListenerInfo {
+            quic_slot: Some(3),
+            ..listeners[0].clone()
+        };
+        let older: Older = serde_json::from_str(&serde_json::to_string(&info).unwrap()).unwrap();
+        assert_eq!(older.address, "127.0.0.1:443");
     }
 
     #[test]

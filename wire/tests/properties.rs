@@ -19,11 +19,13 @@ fn listener_info() -> impl Strategy<Value = ListenerInfo> {
             Just(ListenerKind::Udp)
         ],
         "\\PC{0,40}",
+        any::<Option<u8>>(),
     )
-        .prop_map(|(name, kind, address)| ListenerInfo {
+        .prop_map(|(name, kind, address, quic_slot)| ListenerInfo {
             name,
             kind,
             address,
+            quic_slot,
         })
 }
 

@@ -606,6 +606,7 @@ mod tests {
             name: "http".into(),
             kind: ListenerKind::Tcp,
             address: sibling.local_addr().unwrap().to_string(),
+            quic_slot: None,
         };
         // This worker's copy, as the hello gives it.
         let fd = OwnedFd::from(sibling.try_clone().unwrap());

@@ -65,6 +65,8 @@ pub mod http;
 mod listener;
 #[cfg(feature = "tracing")]
 pub mod logging;
+#[cfg(feature = "quic")]
+pub mod quic;
 mod reopen;
 mod standalone;
 mod worker;

@@ -682,6 +682,7 @@ mod tests {
                 name: "http".into(),
                 kind: ListenerKind::Tcp,
                 address: address.into(),
+                quic_slot: None,
             }],
         };
         master.try_send(&batch, fds).unwrap();

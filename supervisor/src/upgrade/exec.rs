@@ -56,6 +56,9 @@ struct ExecListener {
 struct ExecGroup {
     members: Vec<RawFd>,
     steered: Option<usize>,
+    /// A QUIC port's slots and generations.
+    #[serde(default)]
+    quic: Option<crate::steering::QuicLayout>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -351,6 +354,7 @@ impl ExecState {
                     ExecGroup {
                         members: fds,
                         steered,
+                        quic: l.quic_layout(),
                     }
                 })
             } else {
@@ -361,6 +365,7 @@ impl ExecState {
                     ExecGroup {
                         members: fds,
                         steered: layout.steered,
+                        quic: layout.quic,
                     }
                 })
             };
@@ -471,6 +476,7 @@ impl ExecState {
                 let layout = Layout {
                     members,
                     steered: group.steered,
+                    quic: group.quic,
                 };
                 groups.push((listeners.len(), layout));
             }
