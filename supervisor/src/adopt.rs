@@ -255,7 +255,7 @@ pub fn verify(pid: i32, start: Option<u64>) -> Option<OwnedFd> {
     // The pidfd names the process now at `pid`; the start time says it is
     // the one the snapshot named (and not a process that reused the pid).
     let now = crate::keeper::start_time(pid)?;
-    (start.map_or(true, |s| s == now) && !crate::keeper::exited(&pidfd)).then_some(pidfd)
+    (start.is_none_or(|s| s == now) && !crate::keeper::exited(&pidfd)).then_some(pidfd)
 }
 
 /// Sends `events` the exit of adopted worker `pid` when `pidfd` says it

@@ -606,7 +606,7 @@ impl Fleet {
         for generation in self.iter_mut() {
             let number = generation.number();
             for worker in generation.workers_mut() {
-                if !worker.answer_due().is_some_and(|due| due <= now) {
+                if worker.answer_due().is_none_or(|due| due > now) {
                     continue;
                 }
                 worker.answer_by(None);

@@ -235,7 +235,7 @@ fn streams_across_reloads(quic: bool) -> (Vec<Outcome>, Vec<Outcome>) {
 /// `PER_GENERATION` long streams opened in every generation across `steps`
 /// new generations, each come by `step`.
 fn streams_across(quic: bool, step: Step, steps: u64) -> (Vec<Outcome>, Vec<Outcome>) {
-    let steps: Vec<Step> = std::iter::repeat(step).take(steps as usize).collect();
+    let steps: Vec<Step> = std::iter::repeat_n(step, steps as usize).collect();
     streams_across_steps(quic, &steps, |_| PER_GENERATION, false)
 }
 
@@ -327,7 +327,7 @@ fn next_generation(baton: &mut Baton, step: Step, generation: u64) {
             baton.wait_committed(generation);
             // The new master serves once the old one has handed over.
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while baton.master_pid().map_or(true, |pid| pid == old) {
+            while baton.master_pid().is_none_or(|pid| pid == old) {
                 assert!(std::time::Instant::now() < deadline, "no new master");
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -339,7 +339,7 @@ fn next_generation(baton: &mut Baton, step: Step, generation: u64) {
 /// the generation current when it opened, as was each new connection.
 fn assert_nothing_lost(what: &str, steps: u64, streams: Vec<Outcome>, fresh: Vec<Outcome>) {
     let wanted: Vec<u64> = (1..=steps + 1)
-        .flat_map(|g| std::iter::repeat(g).take(PER_GENERATION))
+        .flat_map(|g| std::iter::repeat_n(g, PER_GENERATION))
         .collect();
     assert_served(what, steps, streams, fresh, wanted);
 }

@@ -181,7 +181,7 @@ pub fn run(server: &mut Server, action: Action, load: Load, stop: &AtomicBool) -
         if t >= load.duration {
             break;
         }
-        let upgrade_done = cycles.last().map_or(true, |c| !c.pending());
+        let upgrade_done = cycles.last().is_none_or(|c| !c.pending());
         let due = t >= next && t <= last_signal;
         if action != Action::None && due && (action != Action::Upgrade || upgrade_done) {
             if action == Action::Upgrade && cycles.len() == 1 {

@@ -90,9 +90,9 @@ fn documented_commands() -> Vec<(String, Vec<String>)> {
         let mut previous: Option<String> = None;
         let mut words = words.into_iter().peekable();
         while let Some(word) = words.next() {
-            let starts = previous.as_deref().map_or(true, |p| {
-                SEPARATORS.contains(&p) || ["sudo", "--", "exec"].contains(&p)
-            });
+            let starts = previous
+                .as_deref()
+                .is_none_or(|p| SEPARATORS.contains(&p) || ["sudo", "--", "exec"].contains(&p));
             let baton = word == "baton" || word.ends_with("/baton");
             previous = Some(word.clone());
             if !(baton && (starts || word.starts_with("Exec"))) {
