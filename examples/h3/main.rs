@@ -3,9 +3,14 @@
 //! `/ticks/COUNT` sends `generation N tick I` lines, one every 100 ms: a
 //! stream that stays open across reloads.
 //!
+//! Beside it, on a TCP listener `http` (the same port number, as
+//! `examples/h3/baton.toml` sets it up), it answers the same over HTTP/1.1
+//! and HTTP/2 with `Alt-Svc: h3=":PORT"`, which tells browsers and other
+//! clients that HTTP/3 is there.
+//!
 //! ```text
 //! h3-app --generate --cert cert.pem --key key.pem   # a self-signed pair (rcgen)
-//! h3-app --cert cert.pem --key key.pem [--listen udp:ADDR] [--greeting WORD]
+//! h3-app --cert cert.pem --key key.pem [--listen udp:ADDR] [--listen-tcp ADDR] [--greeting WORD]
 //! ```
 //!
 //! Under baton it serves the master's UDP listener `h3`, its connection IDs
@@ -40,6 +45,10 @@ struct Args {
     /// Where to listen standalone (under baton, the master's `h3` listener).
     #[arg(long, default_value = "udp:127.0.0.1:8443")]
     listen: String,
+    /// Where to serve HTTP/1.1 and HTTP/2 standalone (under baton, the
+    /// master's `http` listener, if it has one).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen_tcp: String,
     /// The first word of each answer.
     #[arg(long, default_value = "hello")]
     greeting: String,
@@ -91,9 +100,12 @@ async fn serve(args: Args) -> Result<(), Error> {
     let server = server_config(&args)?;
     let mut worker = Worker::builder()
         .listener("h3", &args.listen)
+        .listener("http", &args.listen_tcp)
         .start()
         .await?;
     let endpoint = baton_worker::quic::endpoint(&mut worker, "h3", server)?;
+    // A config without a TCP `http` listener serves HTTP/3 alone.
+    let tcp = worker.tcp_listener("http").ok();
     if !worker.is_supervised() {
         eprintln!("h3-app: serving on {}", endpoint.local_addr()?);
     }
@@ -103,6 +115,13 @@ async fn serve(args: Args) -> Result<(), Error> {
         worker.generation()
     ));
     let generation = worker.generation();
+    let tcp_server = tcp.map(|listener| {
+        let alt_svc = format!("h3=\":{}\"", endpoint.local_addr().map_or(0, |a| a.port()));
+        let service = tcp_service(greeting.clone(), generation, alt_svc);
+        let serving =
+            baton_worker::http::serve(listener, service, worker.drain(), worker.serve_options());
+        tokio::spawn(serving)
+    });
     worker.ready().await?;
     let drain = worker.drain();
     loop {
@@ -128,7 +147,30 @@ async fn serve(args: Args) -> Result<(), Error> {
         }
         None => endpoint.wait_idle().await,
     }
+    if let Some(server) = tcp_server {
+        server.await??;
+    }
     Ok(())
+}
+
+/// The TCP side: the same greeting over HTTP/1.1 and HTTP/2, pointing at
+/// HTTP/3 with `Alt-Svc`.
+fn tcp_service(
+    greeting: Arc<String>,
+    generation: u64,
+    alt_svc: String,
+) -> impl baton_worker::http::HyperService<http_body_util::Full<Bytes>> {
+    hyper::service::service_fn(move |_request| {
+        let mut response = http::Response::new(http_body_util::Full::new(Bytes::from(
+            greeting.as_bytes().to_vec(),
+        )));
+        let headers = response.headers_mut();
+        headers.insert("x-baton-generation", generation.into());
+        if let Ok(value) = alt_svc.parse() {
+            headers.insert(http::header::ALT_SVC, value);
+        }
+        std::future::ready(Ok::<_, std::convert::Infallible>(response))
+    })
 }
 
 /// Serves one connection's requests until it ends; on drain, sends GOAWAY.

@@ -434,3 +434,79 @@ fn without_quic_steering_connections_break() {
     );
     assert!(failed > 0, "no connection failed without steering");
 }
+
+/// A port number free for both TCP and UDP on 127.0.0.1 right now.
+fn free_port_for_tcp_and_udp() -> u16 {
+    for _ in 0..100 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both TCP and UDP");
+}
+
+/// `examples/h3/baton.toml` as shipped (but the port, and the binary's
+/// path): HTTP/3 and, on the same port number, HTTP/1.1 that points at it
+/// with `Alt-Svc`; both answer the new generation after a reload.
+#[test]
+fn the_h3_example_serves_http3_beside_tcp_on_the_same_port() {
+    let example = baton_tests::tools::repository().join("examples/h3");
+    let port = free_port_for_tcp_and_udp();
+    let config = std::fs::read_to_string(example.join("baton.toml"))
+        .unwrap()
+        .replace("127.0.0.1:8443", &format!("127.0.0.1:{port}"))
+        .replace(
+            "../../target/release/examples/h3-app",
+            &Binaries::example("h3-app").display().to_string(),
+        )
+        .replace("[supervisor]\n", "[supervisor]\nlog_format = \"json\"\n");
+    let dir = TempDir::new();
+    // The certificate, as the config's comment says to make it.
+    let generated = std::process::Command::new(Binaries::example("h3-app"))
+        .args(["--generate", "--cert", "cert.pem", "--key", "key.pem"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(generated.success());
+    let cert = std::fs::read(dir.path().join("cert.pem")).unwrap();
+    let cert = rustls::pki_types::CertificateDer::from(
+        first_pem_der(&cert).expect("a certificate in cert.pem"),
+    );
+    std::fs::write(dir.path().join("baton.toml"), config).unwrap();
+    let mut baton = Baton::start_in(dir, &["run"]);
+    baton.wait_committed(1);
+    let tcp = baton.address("http");
+    let udp = baton.address("h3");
+    assert_eq!((tcp.port(), udp.port()), (port, port));
+    let client = client_config(cert);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for generation in 1..=2 {
+        if generation == 2 {
+            let outcome = baton.reload();
+            assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
+        }
+        let stream = std::net::TcpStream::connect(tcp).unwrap();
+        let (status, headers, body) = baton_tests::harness::exchange(stream, "/").unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body, format!("hello from generation {generation}\n"));
+        assert!(
+            headers
+                .to_ascii_lowercase()
+                .contains(&format!("alt-svc: h3=\":{port}\"")),
+            "{headers}"
+        );
+        let answered = runtime.block_on(bounded(fresh(udp, client.clone())));
+        assert_eq!(answered, Ok(generation));
+    }
+}
+
+/// The DER of the first PEM block of `pem`.
+fn first_pem_der(pem: &[u8]) -> Option<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .next()?
+        .ok()
+        .map(|c| c.to_vec())
+}
