@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 /// Who asked the master for something.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Requester {
-    /// `control` (the control socket) or `signal`.
+    /// `control` (the control socket), `signal` or `watch` (`baton run
+    /// --watch`).
     pub via: String,
     /// The signal, for `via = "signal"`: `SIGHUP`, ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -29,6 +30,9 @@ pub struct Requester {
     pub uid: Option<u32>,
     /// Its command line, as `/proc/PID/cmdline` read when the request came.
     pub command: Option<String>,
+    /// For `via = "watch"`: the watched files whose change asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<String>,
 }
 
 impl Requester {
@@ -40,7 +44,26 @@ impl Requester {
             pid,
             uid: Some(uid),
             command: pid.and_then(command_of),
+            changed: None,
         }
+    }
+
+    /// `baton run --watch`, for the change of `changed`: the master
+    /// itself.
+    pub fn watch(changed: &str) -> Requester {
+        Requester {
+            via: "watch".into(),
+            signal: None,
+            pid: None,
+            uid: None,
+            command: None,
+            changed: Some(changed.to_string()),
+        }
+    }
+
+    /// Whether `baton run --watch` asked.
+    pub fn is_watch(&self) -> bool {
+        self.via == "watch"
     }
 
     /// The sender of the last `signal` received, as recorded by the action
@@ -59,12 +82,16 @@ impl Requester {
             pid,
             uid: pid.and(uid),
             command: pid.and_then(command_of),
+            changed: None,
         }
     }
 }
 
 impl fmt::Display for Requester {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(changed) = &self.changed {
+            return write!(f, "watch: {changed}");
+        }
         match &self.signal {
             Some(signal) => write!(f, "{signal}")?,
             None => write!(f, "control socket")?,

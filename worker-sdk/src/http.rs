@@ -406,7 +406,10 @@ where
         Some(window) => (now, window),
         None => {
             let start = (now + SIBLINGS_STOP).min(deadline);
-            (start, spread::default_window(deadline.saturating_duration_since(start)))
+            (
+                start,
+                spread::default_window(deadline.saturating_duration_since(start)),
+            )
         }
     };
     let mut spread = Spread::new(registry.notices(), start, window);

@@ -35,7 +35,11 @@ impl Master {
                     (_, Err(e)) => Reply::error(format!("reload refused: {e}")),
                     (Ok(canary), Ok(mode)) => {
                         return self.request_reload(ReloadRequest {
-                            trigger: Trigger::Cli,
+                            trigger: if from.is_watch() {
+                                Trigger::Watch
+                            } else {
+                                Trigger::Cli
+                            },
                             canary,
                             mode: mode.unwrap_or_default(),
                             requested_by: Some(from),

@@ -108,7 +108,10 @@ impl Master {
         let started = Instant::now();
         let trigger = request.trigger;
         let mode = request.mode;
-        let reloading = matches!(trigger, Trigger::Signal | Trigger::Cli | Trigger::Coalesced);
+        let reloading = matches!(
+            trigger,
+            Trigger::Signal | Trigger::Cli | Trigger::Coalesced | Trigger::Watch
+        );
         let loaded = match loaded {
             Ok(config) if reloading && mode != Mode::NewGeneration => {
                 match InPlace::possible(&self.fleet, &config) {

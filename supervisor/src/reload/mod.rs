@@ -84,6 +84,8 @@ pub enum Trigger {
     Upgrade,
     /// A new master's first generation, after `baton restart`.
     Restart,
+    /// A watched file changed (`baton run --watch`).
+    Watch,
 }
 
 impl fmt::Display for Trigger {
@@ -95,6 +97,7 @@ impl fmt::Display for Trigger {
             Trigger::Coalesced => "coalesced",
             Trigger::Upgrade => "upgrade",
             Trigger::Restart => "restart",
+            Trigger::Watch => "watch",
         })
     }
 }
