@@ -27,6 +27,7 @@
 
 pub mod settle;
 pub mod targets;
+pub mod writers;
 
 use crate::audit::Requester;
 use crate::config::Config;
@@ -105,11 +106,12 @@ impl Watch {
     pub fn start(self, config: &Config, requests: Events) {
         let _ = ARGS.set(self.args());
         let targets = targets_of(config, &self.extra);
+        let running = running(config, &targets);
         let config_path = config.path.clone();
         let extra = self.extra;
         let spawned = std::thread::Builder::new()
             .name("baton-watch".into())
-            .spawn(move || watch(config_path, extra, targets, requests));
+            .spawn(move || watch(config_path, extra, targets, running, requests));
         if let Err(e) = spawned {
             tracing::warn!(event = "watch.unavailable", error = %e, "cannot start the watch thread: not watching");
         }
@@ -125,14 +127,14 @@ fn targets_of(config: &Config, extra: &[PathBuf]) -> Vec<Target> {
             .worker
             .app_config
             .iter()
-            .map(|name| Target::file(Role::App, dir.join(name))),
+            .map(|name| Target::file(Role::App, tidy(&dir.join(name)))),
     );
     match crate::worker::resolve_command(&config.worker) {
-        Ok(program) => targets.push(Target::file(Role::Executable, program)),
+        Ok(program) => targets.push(Target::file(Role::Executable, tidy(&program))),
         // Named by its path but not there (yet): watched for its creation.
         Err(_) if config.worker.command[0].contains('/') => targets.push(Target::file(
             Role::Executable,
-            PathBuf::from(&config.worker.command[0]),
+            tidy(Path::new(&config.worker.command[0])),
         )),
         Err(e) => {
             tracing::warn!(event = "watch.unavailable", error = %format!("{e:#}"), "the worker's executable is not watched")
@@ -144,6 +146,41 @@ fn targets_of(config: &Config, extra: &[PathBuf]) -> Vec<Target> {
         tree: path.is_dir(),
     }));
     targets
+}
+
+/// What the running `config` was read from: its file's and its app
+/// files' bytes, as prints. A file that differs from them when the watcher
+/// first looks (changed while the master started, or while it was down
+/// before a keeper's new master adopted the workers) is a change.
+fn running(config: &Config, targets: &[Target]) -> BTreeMap<Key, Print> {
+    let dir = config.path.parent().unwrap_or(Path::new("/"));
+    let mut prints = BTreeMap::new();
+    for target in targets {
+        let bytes = match target.role {
+            Role::Config => config.text.as_bytes(),
+            Role::App => match config
+                .app
+                .files
+                .iter()
+                .find(|(name, _)| tidy(&dir.join(name)) == target.path)
+            {
+                Some((_, bytes)) => bytes.as_slice(),
+                None => continue,
+            },
+            Role::Executable | Role::Extra => continue,
+        };
+        let print = Print::file(target.role, targets::hash_bytes(bytes), &target.path);
+        prints.insert(key(target), print);
+    }
+    prints
+}
+
+/// `path` without its `.` components (`/srv/./hello` is `/srv/hello`),
+/// as logs show it.
+fn tidy(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
 }
 
 /// The targets after a reload: from the config file as it is now; a file
@@ -175,7 +212,7 @@ fn targets_now(config: &Path, extra: &[PathBuf], previous: &[Target]) -> Vec<Tar
         .cloned()
         .chain(
             apps.into_iter()
-                .map(|name| Target::file(Role::App, dir.join(name))),
+                .map(|name| Target::file(Role::App, tidy(&dir.join(name)))),
         )
         .collect()
 }
@@ -204,7 +241,13 @@ struct State {
     requests: Events,
 }
 
-fn watch(config: PathBuf, extra: Vec<PathBuf>, targets: Vec<Target>, requests: Events) {
+fn watch(
+    config: PathBuf,
+    extra: Vec<PathBuf>,
+    targets: Vec<Target>,
+    running: BTreeMap<Key, Print>,
+    requests: Events,
+) {
     let (tx, rx) = mpsc::channel();
     let watcher = ::notify::RecommendedWatcher::new(
         tx,
@@ -221,21 +264,23 @@ fn watch(config: PathBuf, extra: Vec<PathBuf>, targets: Vec<Target>, requests: E
         config,
         extra,
         targets: Vec::new(),
-        baseline: BTreeMap::new(),
+        baseline: running,
         prints: Prints::default(),
         settle: Settle::new(QUIET, WRITE_CAP),
         watched: BTreeMap::new(),
         asked: Vec::new(),
         requests,
     };
-    state.set_targets(targets);
-    state.rewatch(&mut watcher);
-    let listed: Vec<String> = state
-        .targets
-        .iter()
-        .map(|(t, _)| format!("{} {}", t.role.name(), t.path.display()))
-        .collect();
-    tracing::info!(event = "watch.started", watching = %listed.join(", "), quiet_ms = QUIET.as_millis() as u64, "watching for changes");
+    state.set_targets(targets, &mut watcher);
+    // A first look at every target, now that events are seen: what
+    // changed since the running config was read.
+    let now = Instant::now();
+    for (target, _) in &state.targets {
+        let stamp = stamped(target.role, &target.path);
+        state
+            .settle
+            .record(key(target), Activity::Changed, stamp, now);
+    }
     loop {
         let now = Instant::now();
         let mut wake = state.settle.next_check(now);
@@ -257,12 +302,14 @@ fn watch(config: PathBuf, extra: Vec<PathBuf>, targets: Vec<Target>, requests: E
         for event in first.into_iter().chain(rx.try_iter()) {
             state.on_event(event);
         }
-        let batch = state
-            .settle
-            .take(Instant::now(), |(role, path)| stamped(*role, path));
+        let batch = state.settle.take(
+            Instant::now(),
+            |(role, path)| stamped(*role, path),
+            writers::open_for_writing,
+        );
         if let Some(batch) = batch {
             for file in &batch.still_writing {
-                tracing::warn!(event = "watch.changed", path = %file.display(), "still open for writing after {WRITE_CAP:?}: going ahead");
+                tracing::warn!(path = %file.display(), "still open for writing after {WRITE_CAP:?}: going ahead");
             }
             state.on_settled(batch.targets);
             state.rechain();
@@ -270,8 +317,7 @@ fn watch(config: PathBuf, extra: Vec<PathBuf>, targets: Vec<Target>, requests: E
         }
         if state.answered() {
             let targets = targets_now(&state.config, &state.extra, &state.current());
-            state.set_targets(targets);
-            state.rewatch(&mut watcher);
+            state.set_targets(targets, &mut watcher);
         }
     }
 }
@@ -295,11 +341,21 @@ impl State {
         self.targets.iter().map(|(t, _)| t.clone()).collect()
     }
 
-    /// Watches `targets` from now on: a target new to the watcher is
-    /// compared with what it is now.
-    fn set_targets(&mut self, targets: Vec<Target>) {
+    /// Watches `targets` from now on: the directories their chains go
+    /// through first, then a target new to the watcher is compared with
+    /// what it is now.
+    fn set_targets(&mut self, targets: Vec<Target>, watcher: &mut impl Watcher) {
+        let changed = self.current() != targets;
+        self.targets = targets
+            .into_iter()
+            .map(|t| {
+                let chain = chain(&t.path);
+                (t, chain)
+            })
+            .collect();
+        self.rewatch(watcher);
         let mut baseline = BTreeMap::new();
-        for target in &targets {
+        for (target, _) in &self.targets {
             let key = key(target);
             let print = match self.baseline.remove(&key) {
                 Some(print) => print,
@@ -308,15 +364,16 @@ impl State {
             baseline.insert(key, print);
         }
         self.baseline = baseline;
-        self.targets = targets
-            .into_iter()
-            .map(|t| {
-                let chain = chain(&t.path);
-                (t, chain)
-            })
-            .collect();
         if let Some(root) = self.prints.cut.take() {
             tracing::warn!(event = "watch.unavailable", path = %root.display(), "more than {} files under a watched directory: the rest are not compared", targets::MAX_TREE_FILES);
+        }
+        if changed {
+            let listed: Vec<String> = self
+                .targets
+                .iter()
+                .map(|(t, _)| format!("{} {}", t.role.name(), t.path.display()))
+                .collect();
+            tracing::info!(event = "watch.started", watching = %listed.join(", "), quiet_ms = QUIET.as_millis() as u64, "watching for changes");
         }
     }
 

@@ -142,11 +142,15 @@ impl<K: Ord + Clone> Settle<K> {
     /// The batch settled at `now`, if one has: every pending target once
     /// all have settled, or those settled past the cap while others are
     /// still busy. `stamp_now` gives a target's stamp now: one that differs
-    /// from its last event's is a change still going on.
+    /// from its last event's is a change still going on. `writing_now`
+    /// says whether a file inotify saw written is still open for writing
+    /// (a modification without an open file, or by a writer that opened it
+    /// before the watch began, is not waited for).
     pub fn take(
         &mut self,
         now: Instant,
         stamp_now: impl Fn(&K) -> Option<Stamp>,
+        writing_now: impl Fn(&Path) -> bool,
     ) -> Option<Batch<K>> {
         let mut settled = Vec::new();
         let mut busy = false;
@@ -165,6 +169,7 @@ impl<K: Ord + Clone> Settle<K> {
                 continue;
             }
             let past_cap = now >= pending.first + self.cap;
+            pending.writing.retain(|path| writing_now(path));
             if !pending.writing.is_empty() && !past_cap {
                 busy = true;
                 continue;
@@ -221,13 +226,13 @@ mod tests {
             settle.record("config", Activity::Changed, stamp(1), t0 + ms(n * 100));
         }
         // 300 ms after the last event (at 400 ms), not before.
-        assert_eq!(settle.take(t0 + ms(650), |_| stamp(1)), None);
+        assert_eq!(settle.take(t0 + ms(650), |_| stamp(1), |_| false), None);
         assert_eq!(settle.next_check(t0 + ms(650)), Some(t0 + ms(700)));
-        let batch = settle.take(t0 + ms(700), |_| stamp(1)).unwrap();
+        let batch = settle.take(t0 + ms(700), |_| stamp(1), |_| false).unwrap();
         assert_eq!(batch.targets, vec!["config"]);
         assert!(batch.still_writing.is_empty());
         assert!(settle.is_idle());
-        assert_eq!(settle.take(t0 + ms(2000), |_| stamp(1)), None);
+        assert_eq!(settle.take(t0 + ms(2000), |_| stamp(1), |_| false), None);
     }
 
     #[test]
@@ -237,9 +242,12 @@ mod tests {
         settle.record("app", Activity::Changed, stamp(1), t0);
         settle.record("binary", Activity::Changed, stamp(2), t0 + ms(200));
         // The app file is quiet, the binary not yet: nothing is taken.
-        assert_eq!(settle.take(t0 + ms(350), |_| stamp(1).or(stamp(2))), None);
+        assert_eq!(
+            settle.take(t0 + ms(350), |_| stamp(1).or(stamp(2)), |_| false),
+            None
+        );
         let stamps = |k: &&str| if *k == "app" { stamp(1) } else { stamp(2) };
-        let batch = settle.take(t0 + ms(500), stamps).unwrap();
+        let batch = settle.take(t0 + ms(500), stamps, |_| false).unwrap();
         assert_eq!(batch.targets, vec!["app", "binary"]);
     }
 
@@ -253,14 +261,14 @@ mod tests {
             let at = t0 + ms(chunk * 1000);
             settle.record("binary", Activity::Writing(binary), stamp(chunk), at);
             assert_eq!(
-                settle.take(at + ms(900), |_| stamp(chunk)),
+                settle.take(at + ms(900), |_| stamp(chunk), |_| true),
                 None,
                 "chunk {chunk}"
             );
         }
         settle.record("binary", Activity::Closed(binary), stamp(4), t0 + ms(3100));
-        assert_eq!(settle.take(t0 + ms(3300), |_| stamp(4)), None);
-        let batch = settle.take(t0 + ms(3400), |_| stamp(4)).unwrap();
+        assert_eq!(settle.take(t0 + ms(3300), |_| stamp(4), |_| false), None);
+        let batch = settle.take(t0 + ms(3400), |_| stamp(4), |_| false).unwrap();
         assert_eq!(batch.targets, vec!["binary"]);
         assert!(batch.still_writing.is_empty());
     }
@@ -271,10 +279,12 @@ mod tests {
         let mut settle = Settle::new(QUIET, CAP);
         settle.record("binary", Activity::Changed, stamp(10), t0);
         // Grew since its last event (written through a mapping).
-        assert_eq!(settle.take(t0 + ms(300), |_| stamp(20)), None);
+        assert_eq!(settle.take(t0 + ms(300), |_| stamp(20), |_| false), None);
         // Stable for a quiet period from then.
-        assert_eq!(settle.take(t0 + ms(500), |_| stamp(20)), None);
-        assert!(settle.take(t0 + ms(600), |_| stamp(20)).is_some());
+        assert_eq!(settle.take(t0 + ms(500), |_| stamp(20), |_| false), None);
+        assert!(settle
+            .take(t0 + ms(600), |_| stamp(20), |_| false)
+            .is_some());
     }
 
     #[test]
@@ -283,10 +293,22 @@ mod tests {
         let mut settle = Settle::new(QUIET, CAP);
         let file = Path::new("/srv/data");
         settle.record("extra", Activity::Writing(file), stamp(1), t0);
-        assert_eq!(settle.take(t0 + ms(9_000), |_| stamp(1)), None);
+        assert_eq!(settle.take(t0 + ms(9_000), |_| stamp(1), |_| true), None);
         assert_eq!(settle.next_check(t0 + ms(9_000)), Some(t0 + CAP));
-        let batch = settle.take(t0 + CAP, |_| stamp(1)).unwrap();
+        let batch = settle.take(t0 + CAP, |_| stamp(1), |_| true).unwrap();
         assert_eq!(batch.still_writing, vec![file.to_path_buf()]);
+    }
+
+    #[test]
+    fn a_modification_with_no_writer_left_is_not_waited_for() {
+        // `touch -m`, `truncate`: inotify says modified, nobody has it open.
+        let t0 = Instant::now();
+        let mut settle = Settle::new(QUIET, CAP);
+        let file = Path::new("/srv/baton.toml");
+        settle.record("config", Activity::Writing(file), stamp(1), t0);
+        let batch = settle.take(t0 + QUIET, |_| stamp(1), |_| false).unwrap();
+        assert_eq!(batch.targets, vec!["config"]);
+        assert!(batch.still_writing.is_empty());
     }
 
     #[test]
@@ -298,11 +320,15 @@ mod tests {
         let mut now = t0;
         while now < t0 + CAP {
             settle.record("logs", Activity::Changed, None, now);
-            assert_eq!(settle.take(now, |_| stamp(1)), None);
+            assert_eq!(settle.take(now, |_| stamp(1), |_| false), None);
             now += ms(100);
         }
         settle.record("logs", Activity::Changed, None, now);
-        let batch = settle.take(now, |k| if *k == "config" { stamp(1) } else { None });
+        let batch = settle.take(
+            now,
+            |k| if *k == "config" { stamp(1) } else { None },
+            |_| false,
+        );
         assert_eq!(batch.unwrap().targets, vec!["config"]);
         assert!(!settle.is_idle());
     }
@@ -314,7 +340,7 @@ mod tests {
         let mut settle = Settle::new(QUIET, CAP);
         settle.record("binary", Activity::Changed, None, t0);
         settle.record("binary", Activity::Changed, stamp(7), t0 + ms(1));
-        let batch = settle.take(t0 + ms(301), |_| stamp(7)).unwrap();
+        let batch = settle.take(t0 + ms(301), |_| stamp(7), |_| false).unwrap();
         assert_eq!(batch.targets, vec!["binary"]);
     }
 }

@@ -152,6 +152,17 @@ pub enum Print {
     Tree(u64),
 }
 
+impl Print {
+    /// A file of `role` at `path` whose content hashes to `hash`
+    /// ([`hash_bytes`]); whether it may be executed matters only for the
+    /// executable.
+    pub fn file(role: Role, hash: u64, path: &Path) -> Print {
+        let executable = role == Role::Executable
+            && nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok();
+        Print::File { hash, executable }
+    }
+}
+
 /// Files a watched tree may have: past it, the rest is not looked at.
 pub const MAX_TREE_FILES: usize = 10_000;
 
@@ -184,11 +195,7 @@ impl Prints {
             };
         }
         match self.file(&target.path) {
-            Some(hash) => Print::File {
-                hash,
-                executable: nix::unistd::access(&target.path, nix::unistd::AccessFlags::X_OK)
-                    .is_ok(),
-            },
+            Some(hash) => Print::file(target.role, hash, &target.path),
             None => Print::Missing,
         }
     }
@@ -256,12 +263,29 @@ impl Prints {
     }
 }
 
+/// The blocks a file is hashed in.
+const BLOCK: usize = 64 * 1024;
+
+/// The hash of `bytes` as [`Prints`] computes a file's (the bytes a
+/// running generation was started with, compared with the file's now).
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    let mut blocks = bytes.chunks(BLOCK);
+    loop {
+        let block = blocks.next().unwrap_or_default();
+        hasher.write(block);
+        if block.len() < BLOCK {
+            hasher.write_usize(block.len());
+            return hasher.finish();
+        }
+    }
+}
+
 /// A hash of `path`'s bytes, read in fixed blocks (so that the hash does
 /// not depend on how reads split the file). SipHash from the standard
 /// library: not for adversaries, but fast even in a debug build (a 65 MB
 /// binary in about 0.2 s), and it is only compared within this process.
 fn hash_file(path: &Path) -> std::io::Result<u64> {
-    const BLOCK: usize = 64 * 1024;
     let mut file = std::fs::File::open(path)?;
     let mut hasher = std::hash::DefaultHasher::new();
     let mut block = vec![0u8; BLOCK];
@@ -470,6 +494,15 @@ mod tests {
             hash_file(&dir.join("a")).unwrap(),
             hash_file(&dir.join("b")).unwrap()
         );
+        assert_eq!(hash_file(&dir.join("a")).unwrap(), hash_bytes(&bytes));
+        // A multiple of the block size, and nothing.
+        std::fs::write(dir.join("b"), &bytes[..2 * BLOCK]).unwrap();
+        assert_eq!(
+            hash_file(&dir.join("b")).unwrap(),
+            hash_bytes(&bytes[..2 * BLOCK])
+        );
+        std::fs::write(dir.join("b"), b"").unwrap();
+        assert_eq!(hash_file(&dir.join("b")).unwrap(), hash_bytes(b""));
         std::fs::write(dir.join("b"), &bytes[..199_999]).unwrap();
         assert_ne!(
             hash_file(&dir.join("a")).unwrap(),
