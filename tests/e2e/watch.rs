@@ -407,3 +407,34 @@ fn watched_changes_under_load_fail_no_request() {
     let report = load.stop();
     assert_no_request_failed(&report, "watched changes", 3);
 }
+
+/// The masters that replace a watching one watch too: a binary upgrade's
+/// new master (started with the same `--watch`) and `baton restart`'s
+/// (started by the keeper with this master's command line).
+#[test]
+fn an_upgraded_or_restarted_master_watches_too() {
+    let dir = dir_with("hello", false);
+    std::fs::create_dir(dir.path().join("static")).unwrap();
+    let hello = Binaries::hello().display().to_string();
+    std::fs::write(dir.path().join("baton.toml"), config(&hello, "hello.toml")).unwrap();
+    let mut baton = start(dir, &["--watch", "static"]);
+    for (round, command) in ["upgrade", "restart"].into_iter().enumerate() {
+        let old = baton.status()["master"]["pid"].as_i64().unwrap();
+        baton.skip_log();
+        let out = baton.cli(&[command]);
+        assert!(out.status.success(), "{command}: {out:?}");
+        let new = baton.status()["master"]["pid"].as_i64().unwrap();
+        assert_ne!(new, old, "{command}");
+        let watching = baton.next_event(WAIT, |e| event_name(e) == "watch.started");
+        assert!(field(&watching, "watching").contains("/static"), "{watching}");
+        baton_tests::harness::wait_gone(nix::unistd::Pid::from_raw(old as i32), "old master");
+        baton.skip_log();
+        let greeting = format!("round {round}");
+        write_greeting(baton.dir(), &greeting);
+        let outcome = next_outcome(&mut baton);
+        assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
+        assert!(body(&baton).starts_with(&greeting), "{command}");
+        let last = last_reload(&baton);
+        assert_eq!(last["trigger"], "watch", "{command}: {last}");
+    }
+}
