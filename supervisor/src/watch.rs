@@ -175,12 +175,29 @@ fn running(config: &Config, targets: &[Target]) -> BTreeMap<Key, Print> {
     prints
 }
 
-/// `path` without its `.` components (`/srv/./hello` is `/srv/hello`),
-/// as logs show it.
+/// `path` without its `.` components, and with each `dir/..` after a real
+/// directory left out (`/srv/app/./../hello` is `/srv/hello`), as logs
+/// show it; a `..` after a symbolic link stays (it goes up from where the
+/// link leads).
 fn tidy(path: &Path) -> PathBuf {
-    path.components()
-        .filter(|c| !matches!(c, std::path::Component::CurDir))
-        .collect()
+    use std::path::Component;
+    let mut tidied = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                let link = std::fs::symlink_metadata(&tidied).is_ok_and(|m| m.is_symlink());
+                let up = matches!(tidied.components().next_back(), Some(Component::Normal(_)));
+                if up && !link {
+                    tidied.pop();
+                } else {
+                    tidied.push("..");
+                }
+            }
+            other => tidied.push(other),
+        }
+    }
+    tidied
 }
 
 /// The targets after a reload: from the config file as it is now; a file
@@ -559,4 +576,28 @@ fn concerns(target: &Target, chain: &[(PathBuf, OsString)], path: &Path) -> bool
     chain.iter().any(|(dir, name)| {
         path == dir || (path.parent() == Some(dir.as_path()) && path.file_name() == Some(name))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_is_shown_without_dots_unless_a_link_needs_them() {
+        assert_eq!(
+            tidy(Path::new("/srv/app/./hello")),
+            Path::new("/srv/app/hello")
+        );
+        let dir = std::env::temp_dir().join(format!("baton-tidy-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("examples/hello")).unwrap();
+        std::fs::create_dir_all(dir.join("elsewhere/deep")).unwrap();
+        std::os::unix::fs::symlink(dir.join("elsewhere/deep"), dir.join("link")).unwrap();
+        assert_eq!(
+            tidy(&dir.join("examples/hello/../../target/hello")),
+            dir.join("target/hello")
+        );
+        // `link/..` is `elsewhere`, not `dir`: kept as it is.
+        assert_eq!(tidy(&dir.join("link/../x")), dir.join("link/../x"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

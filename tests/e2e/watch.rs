@@ -426,7 +426,10 @@ fn an_upgraded_or_restarted_master_watches_too() {
         let new = baton.status()["master"]["pid"].as_i64().unwrap();
         assert_ne!(new, old, "{command}");
         let watching = baton.next_event(WAIT, |e| event_name(e) == "watch.started");
-        assert!(field(&watching, "watching").contains("/static"), "{watching}");
+        assert!(
+            field(&watching, "watching").contains("/static"),
+            "{watching}"
+        );
         baton_tests::harness::wait_gone(nix::unistd::Pid::from_raw(old as i32), "old master");
         baton.skip_log();
         let greeting = format!("round {round}");
