@@ -408,36 +408,63 @@ fn watched_changes_under_load_fail_no_request() {
     assert_no_request_failed(&report, "watched changes", 3);
 }
 
+/// The pid of the master answering on the control socket (which is gone
+/// for a moment while a new master takes over).
+fn master_pid(baton: &Baton) -> i64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = baton.cli(&["status", "--json"]);
+        if out.status.success() {
+            let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+            return status["master"]["pid"].as_i64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no master answers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The masters that replace a watching one watch too: a binary upgrade's
-/// new master (started with the same `--watch`) and `baton restart`'s
-/// (started by the keeper with this master's command line).
+/// new master (started with the same `--watch`, in a child or in place)
+/// and `baton restart`'s (started by the keeper with this master's
+/// command line). Each from a master `baton run` started: a master that
+/// replaced another does not survive an in-place upgrade, nor one started
+/// by an in-place upgrade a child-mode one, watching or not.
 #[test]
 fn an_upgraded_or_restarted_master_watches_too() {
-    let dir = dir_with("hello", false);
-    std::fs::create_dir(dir.path().join("static")).unwrap();
-    let hello = Binaries::hello().display().to_string();
-    std::fs::write(dir.path().join("baton.toml"), config(&hello, "hello.toml")).unwrap();
-    let mut baton = start(dir, &["--watch", "static"]);
-    for (round, command) in ["upgrade", "restart"].into_iter().enumerate() {
-        let old = baton.status()["master"]["pid"].as_i64().unwrap();
+    for (how, mode) in [
+        ("upgrade", "child"),
+        ("upgrade", "exec"),
+        ("restart", "child"),
+    ] {
+        let dir = dir_with("hello", false);
+        std::fs::create_dir(dir.path().join("static")).unwrap();
+        let hello = Binaries::hello().display().to_string();
+        let line = format!("[supervisor]\nupgrade = {mode:?}\n");
+        let text = config(&hello, "hello.toml").replace("[supervisor]\n", &line);
+        std::fs::write(dir.path().join("baton.toml"), &text).unwrap();
+        let mut baton = start(dir, &["--watch", "static"]);
+        let old = master_pid(&baton);
         baton.skip_log();
-        let out = baton.cli(&[command]);
-        assert!(out.status.success(), "{command}: {out:?}");
-        let new = baton.status()["master"]["pid"].as_i64().unwrap();
-        assert_ne!(new, old, "{command}");
+        let out = baton.cli(&[how]);
+        assert!(out.status.success(), "{how} ({mode}): {out:?}");
+        let new = master_pid(&baton);
         let watching = baton.next_event(WAIT, |e| event_name(e) == "watch.started");
         assert!(
             field(&watching, "watching").contains("/static"),
             "{watching}"
         );
-        baton_tests::harness::wait_gone(nix::unistd::Pid::from_raw(old as i32), "old master");
+        if mode == "exec" {
+            assert_eq!(new, old, "an upgrade in place keeps the pid");
+        } else {
+            assert_ne!(new, old, "{how}");
+            baton_tests::harness::wait_gone(nix::unistd::Pid::from_raw(old as i32), "old master");
+        }
         baton.skip_log();
-        let greeting = format!("round {round}");
-        write_greeting(baton.dir(), &greeting);
+        write_greeting(baton.dir(), "howdy");
         let outcome = next_outcome(&mut baton);
         assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
-        assert!(body(&baton).starts_with(&greeting), "{command}");
+        assert!(body(&baton).starts_with("howdy"), "{how} ({mode})");
         let last = last_reload(&baton);
-        assert_eq!(last["trigger"], "watch", "{command}: {last}");
+        assert_eq!(last["trigger"], "watch", "{how} ({mode}): {last}");
     }
 }
