@@ -583,6 +583,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_config_that_does_not_load_still_names_its_app_files() {
+        let dir = std::env::temp_dir().join(format!("baton-watch-now-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("baton.toml");
+        // `new.toml` is not there yet: the config does not load.
+        std::fs::write(
+            &config,
+            "[[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n[worker]\ncommand = [\"/bin/true\"]\napp_config = [\"new.toml\"]\n",
+        )
+        .unwrap();
+        assert!(Config::load(&config).is_err());
+        let previous = vec![
+            Target::file(Role::Config, config.clone()),
+            Target::file(Role::App, dir.join("old.toml")),
+            Target::file(Role::Executable, PathBuf::from("/srv/hello")),
+        ];
+        let now = targets_now(&config, &[], &previous);
+        assert_eq!(
+            now,
+            vec![
+                Target::file(Role::Config, config.clone()),
+                Target::file(Role::Executable, PathBuf::from("/srv/hello")),
+                Target::file(Role::App, dir.join("new.toml")),
+            ]
+        );
+        // Once it loads, from the config itself.
+        std::fs::write(dir.join("new.toml"), "").unwrap();
+        let now = targets_now(&config, &[], &previous);
+        assert!(now.contains(&Target::file(Role::App, dir.join("new.toml"))));
+        assert!(now.contains(&Target::file(Role::Executable, PathBuf::from("/bin/true"))));
+        // Not TOML at all: what was watched stays.
+        std::fs::write(&config, "[[[").unwrap();
+        assert_eq!(targets_now(&config, &[], &previous), previous);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn a_path_is_shown_without_dots_unless_a_link_needs_them() {
         assert_eq!(
             tidy(Path::new("/srv/app/./hello")),
