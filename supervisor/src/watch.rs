@@ -470,7 +470,9 @@ impl State {
                 }
                 // An editor's swap file in a tree makes it look, not wait.
                 let activity = match activity {
-                    Activity::Writing(_) | Activity::Closed(_) if hidden => Activity::Changed,
+                    Activity::Writing(_) | Activity::Closed(_) if hidden && target.tree => {
+                        Activity::Changed
+                    }
                     activity => activity,
                 };
                 let stamp = stamped(target.role, &target.path);

@@ -66,6 +66,9 @@ struct Pending {
     writing: BTreeSet<PathBuf>,
     /// Its stamp at its last event.
     stamp: Option<Stamp>,
+    /// When its writers were last looked up (at most once a quiet period,
+    /// however many events other files make meanwhile).
+    looked: Option<Instant>,
 }
 
 /// Targets taken together: their changes make one reload.
@@ -103,6 +106,7 @@ impl<K: Ord + Clone> Settle<K> {
             last: now,
             writing: BTreeSet::new(),
             stamp,
+            looked: None,
         });
         pending.last = now;
         pending.stamp = stamp;
@@ -169,7 +173,11 @@ impl<K: Ord + Clone> Settle<K> {
                 continue;
             }
             let past_cap = now >= pending.first + self.cap;
-            pending.writing.retain(|path| writing_now(path));
+            let due = pending.looked.map_or(true, |at| now >= at + self.quiet);
+            if !pending.writing.is_empty() && due {
+                pending.looked = Some(now);
+                pending.writing.retain(|path| writing_now(path));
+            }
             if !pending.writing.is_empty() && !past_cap {
                 busy = true;
                 continue;
@@ -309,6 +317,28 @@ mod tests {
         let batch = settle.take(t0 + QUIET, |_| stamp(1), |_| false).unwrap();
         assert_eq!(batch.targets, vec!["config"]);
         assert!(batch.still_writing.is_empty());
+    }
+
+    #[test]
+    fn writers_are_looked_up_once_a_quiet_period() {
+        let t0 = Instant::now();
+        let mut settle = Settle::new(QUIET, CAP);
+        let file = Path::new("/srv/hello");
+        settle.record("binary", Activity::Writing(file), stamp(1), t0);
+        let looked = std::cell::Cell::new(0);
+        let writing = |_: &Path| {
+            looked.set(looked.get() + 1);
+            true
+        };
+        for n in 0..10 {
+            assert_eq!(
+                settle.take(t0 + QUIET + ms(n * 20), |_| stamp(1), writing),
+                None
+            );
+        }
+        assert_eq!(looked.get(), 1);
+        assert_eq!(settle.take(t0 + QUIET * 2, |_| stamp(1), writing), None);
+        assert_eq!(looked.get(), 2);
     }
 
     #[test]
