@@ -47,7 +47,7 @@ use targets::{chain, ignored, Print, Prints, Role, Target};
 use tokio::sync::oneshot;
 
 /// Events within this time of each other are one change.
-pub const QUIET: Duration = Duration::from_millis(300);
+pub const QUIET: Duration = Duration::from_millis(100);
 
 /// How long a file still open for writing (or a target busy all along)
 /// holds a reload back at most.
