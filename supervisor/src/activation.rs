@@ -277,6 +277,7 @@ mod tests {
             address: address.parse().unwrap(),
             backlog: 16,
             nodelay: None,
+            quic: false,
         }
     }
 

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 /// Who asked the master for something.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Requester {
-    /// `control` (the control socket), `signal` or `watch` (`baton run
-    /// --watch`).
+    /// `control` (the control socket), `signal`, `admin` or `watch`
+    /// (`baton run --watch`).
     pub via: String,
     /// The signal, for `via = "signal"`: `SIGHUP`, ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -30,6 +30,13 @@ pub struct Requester {
     pub uid: Option<u32>,
     /// Its command line, as `/proc/PID/cmdline` read when the request came.
     pub command: Option<String>,
+    /// For `via = "admin"` over TCP: the client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// For `via = "admin"`: the token that let it write, as the file and
+    /// line it is on (never the token itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// For `via = "watch"`: the watched files whose change asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed: Option<String>,
@@ -44,6 +51,33 @@ impl Requester {
             pid,
             uid: Some(uid),
             command: pid.and_then(command_of),
+            address: None,
+            token: None,
+            changed: None,
+        }
+    }
+
+    /// A writer on the admin endpoint, let through by `grant`.
+    pub fn admin(
+        caller: crate::admin::auth::Caller,
+        grant: &crate::admin::auth::Grant,
+    ) -> Requester {
+        use crate::admin::auth::{Caller, Grant};
+        let (pid, uid, address) = match caller {
+            Caller::Tcp(address) => (None, None, Some(address.to_string())),
+            Caller::Unix { pid, uid } => (pid, Some(uid), None),
+        };
+        Requester {
+            via: "admin".into(),
+            signal: None,
+            pid,
+            uid,
+            command: pid.and_then(command_of),
+            address,
+            token: match grant {
+                Grant::Token(line) => Some(line.clone()),
+                Grant::Peer => None,
+            },
             changed: None,
         }
     }
@@ -57,6 +91,8 @@ impl Requester {
             pid: None,
             uid: None,
             command: None,
+            address: None,
+            token: None,
             changed: Some(changed.to_string()),
         }
     }
@@ -82,6 +118,8 @@ impl Requester {
             pid,
             uid: pid.and(uid),
             command: pid.and_then(command_of),
+            address: None,
+            token: None,
             changed: None,
         }
     }
@@ -92,19 +130,24 @@ impl fmt::Display for Requester {
         if let Some(changed) = &self.changed {
             return write!(f, "watch: {changed}");
         }
-        match &self.signal {
-            Some(signal) => write!(f, "{signal}")?,
-            None => write!(f, "control socket")?,
+        match (&self.signal, &self.via[..]) {
+            (Some(signal), _) => write!(f, "{signal}")?,
+            (None, "admin") => write!(f, "admin endpoint")?,
+            (None, _) => write!(f, "control socket")?,
         }
-        match self.pid {
-            Some(pid) => write!(f, " from pid {pid}")?,
-            None => write!(f, " from an unknown sender")?,
+        match (self.pid, &self.address) {
+            (_, Some(address)) => write!(f, " from {address}")?,
+            (Some(pid), None) => write!(f, " from pid {pid}")?,
+            (None, None) => write!(f, " from an unknown sender")?,
         }
         if let Some(uid) = self.uid {
             write!(f, " uid {uid}")?;
         }
         if let Some(command) = &self.command {
             write!(f, " ({command})")?;
+        }
+        if let Some(token) = &self.token {
+            write!(f, " with the token of {token}")?;
         }
         Ok(())
     }

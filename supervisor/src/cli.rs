@@ -78,17 +78,40 @@ pub enum Command {
         /// in place.
         #[arg(long)]
         new_generation: bool,
+        /// The version being rolled out (the deploy tool's own: a git sha,
+        /// a release): when the current generation was committed with the
+        /// same one, nothing is done (outcome `unchanged`).
+        #[arg(long, value_name = "VERSION")]
+        if_version: Option<String>,
+        /// Print the master's answer as JSON (as the admin endpoint's
+        /// `POST` answers it).
+        #[arg(long)]
+        json: bool,
     },
     /// End the probation of the reload under way and keep its generation.
-    Promote,
+    Promote {
+        /// Print the master's answer as JSON (as the admin endpoint's
+        /// `POST` answers it).
+        #[arg(long)]
+        json: bool,
+    },
     /// End the probation of the reload under way and go back to the
     /// generation it replaced.
-    Rollback,
+    Rollback {
+        /// Print the master's answer as JSON (as the admin endpoint's
+        /// `POST` answers it).
+        #[arg(long)]
+        json: bool,
+    },
     /// Replace the master by the binary at its path, without dropping a connection.
     Upgrade {
         /// How long to wait for the outcome.
         #[arg(long, value_parser = duration, default_value = "10m")]
         timeout: Duration,
+        /// Print the master's answer as JSON (as the admin endpoint's
+        /// `POST` answers it).
+        #[arg(long)]
+        json: bool,
     },
     /// Replace the master process (the binary at its path): the listeners
     /// stay open, the new master adopts the workers and replaces them as a
@@ -100,6 +123,10 @@ pub enum Command {
         /// How long to wait for the new master's generation.
         #[arg(long, value_parser = duration, default_value = "10m")]
         timeout: Duration,
+        /// Print the master's answer as JSON (as the admin endpoint's
+        /// `POST` answers it).
+        #[arg(long)]
+        json: bool,
     },
     /// Show the master, listeners, generations and workers.
     Status {
@@ -120,6 +147,10 @@ pub enum Command {
         /// With --wait: how long to wait for the master to exit.
         #[arg(long, value_parser = duration, default_value = "10m")]
         timeout: Duration,
+        /// Print the master's answer as JSON (as the admin endpoint's
+        /// `POST` answers it).
+        #[arg(long)]
+        json: bool,
     },
     /// Stop the master: drain every worker first, or with --fast stop them now.
     Stop {
@@ -129,14 +160,27 @@ pub enum Command {
         /// How long to wait for the master to exit.
         #[arg(long, value_parser = duration, default_value = "10m")]
         timeout: Duration,
+        /// Print the master's answer as JSON (as the admin endpoint's
+        /// `POST` answers it).
+        #[arg(long)]
+        json: bool,
     },
     /// Reopen the master's log file and tell workers to reopen theirs.
-    Reopen,
+    Reopen {
+        /// Print the master's answer as JSON (as the admin endpoint's
+        /// `POST` answers it).
+        #[arg(long)]
+        json: bool,
+    },
     /// Change the number of workers: +N, -N or N.
     Scale {
         /// +N adds, -N removes, N sets the count.
         #[arg(allow_hyphen_values = true, value_parser = scale_change)]
         change: ScaleArg,
+        /// Print the master's answer as JSON (as the admin endpoint's
+        /// `POST` answers it).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -339,49 +383,53 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             canary,
             in_place,
             new_generation,
+            if_version,
+            json,
         } => {
             let mode = match (in_place, new_generation) {
                 (true, _) => Some("in_place".to_string()),
                 (_, true) => Some("new_generation".to_string()),
                 _ => None,
             };
-            reload(socket, &Request::Reload { canary, mode }, timeout)
+            let request = Request::Reload {
+                canary,
+                mode,
+                if_version,
+            };
+            reload(socket, &request, timeout, json)
         }
-        Command::Restart { hard, timeout } => {
+        Command::Restart {
+            hard,
+            timeout,
+            json,
+        } => {
             let started = Instant::now();
             let reply = client::request(socket, &Request::Restart { hard }, timeout)?;
             let Some(r) = reply.result.as_ref().filter(|_| reply.ok) else {
-                return Ok(exit(&reply));
+                return Ok(answer(&reply, json, || {}));
             };
             let since = r["requested_at"].as_f64().unwrap_or(0.0);
-            follow_first_reload(
-                socket,
-                "restart",
-                since,
-                timeout.saturating_sub(started.elapsed()),
-            )
+            let left = timeout.saturating_sub(started.elapsed());
+            follow_first_reload(socket, "restart", since, left, json)
         }
-        Command::Upgrade { timeout } => {
+        Command::Upgrade { timeout, json } => {
             let started = Instant::now();
             let reply = client::request(socket, &Request::Upgrade {}, timeout)?;
             let Some(r) = reply.result.as_ref().filter(|_| reply.ok) else {
-                return Ok(exit(&reply));
+                return Ok(answer(&reply, json, || {}));
             };
             if r["mode"] == "exec" {
                 // The master re-executed in place: follow its first reload.
                 let since = r["requested_at"].as_f64().unwrap_or(0.0);
-                return follow_first_reload(
-                    socket,
-                    "upgrade",
-                    since,
-                    timeout.saturating_sub(started.elapsed()),
-                );
+                let left = timeout.saturating_sub(started.elapsed());
+                return follow_first_reload(socket, "upgrade", since, left, json);
             }
-            println!(
-                "upgraded: master {} -> {} (generation {})",
-                r["old_pid"], r["new_pid"], r["generation"]
-            );
-            Ok(0)
+            Ok(answer(&reply, json, || {
+                println!(
+                    "upgraded: master {} -> {} (generation {})",
+                    r["old_pid"], r["new_pid"], r["generation"]
+                )
+            }))
         }
         Command::Status { json } => {
             let reply = client::request(socket, &Request::Status {}, QUICK)?;
@@ -399,80 +447,110 @@ fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
             grace,
             wait,
             timeout,
+            json,
         } => {
             let known = listening_pid(socket);
             let grace_ms = grace.as_millis() as u64;
             let reply = client::request(socket, &Request::Drain { grace_ms }, QUICK)?;
-            if !reply.ok {
-                return Ok(exit(&reply));
-            }
             let pid = known
                 .or_else(|| reply.result.as_ref().and_then(|r| r["pid"].as_i64()))
                 .unwrap_or(0);
-            println!("master {pid} draining: not ready from now on, stopping in {grace:?}");
-            if !wait {
-                return Ok(0);
+            let code = answer(&reply, json, || {
+                println!("master {pid} draining: not ready from now on, stopping in {grace:?}")
+            });
+            if code != 0 || !wait {
+                return Ok(code);
             }
-            Ok(wait_for_exit(pid, timeout))
+            Ok(wait_for_exit(pid, timeout, json))
         }
-        Command::Stop { fast, timeout } => {
+        Command::Stop {
+            fast,
+            timeout,
+            json,
+        } => {
             // The pid first, as this process sees it: a master with nothing
             // left to drain exits at once, possibly before its answer to
             // `stop` is written.
             let known = listening_pid(socket);
             let pid = match client::request(socket, &Request::Stop { fast }, QUICK) {
-                Ok(reply) if !reply.ok => return Ok(exit(&reply)),
+                Ok(reply) if !reply.ok => return Ok(answer(&reply, json, || {})),
                 Ok(reply) => {
                     let answered = reply.result.as_ref().and_then(|r| r["pid"].as_i64());
+                    answer(&reply, json, || {});
                     match known.or(answered) {
                         Some(pid) => pid,
                         None => return Ok(exit(&reply)),
                     }
                 }
-                Err(ClientError::BadReply(_)) if known.is_some() => known.expect("checked"),
+                Err(ClientError::BadReply(_)) if known.is_some() => {
+                    let pid = known.expect("checked");
+                    answer(&Reply::ok(serde_json::json!({ "pid": pid })), json, || {});
+                    pid
+                }
                 Err(e) => return Err(e),
             };
-            Ok(wait_for_exit(pid, timeout))
+            Ok(wait_for_exit(pid, timeout, json))
         }
-        Command::Promote | Command::Rollback => {
-            let promote = matches!(command, Command::Promote);
+        Command::Promote { json } | Command::Rollback { json } => {
+            let promote = matches!(command, Command::Promote { .. });
             let request = if promote {
                 Request::Promote {}
             } else {
                 Request::Rollback {}
             };
             let reply = client::request(socket, &request, QUICK)?;
-            if let Some(generation) = reply.result.as_ref().map(|r| r["generation"].clone()) {
-                if promote {
-                    println!("generation {generation} promoted: the generation it replaced drains");
-                } else {
-                    println!("generation {generation} rolled back: the generation it replaced serves again");
+            Ok(answer(&reply, json, || {
+                let generation = reply.result.as_ref().map(|r| r["generation"].clone());
+                match generation {
+                    Some(g) if promote => {
+                        println!("generation {g} promoted: the generation it replaced drains")
+                    }
+                    Some(g) => println!(
+                        "generation {g} rolled back: the generation it replaced serves again"
+                    ),
+                    None => {}
                 }
-            }
-            Ok(exit(&reply))
+            }))
         }
-        Command::Reopen => {
+        Command::Reopen { json } => {
             let reply = client::request(socket, &Request::Reopen {}, QUICK)?;
-            if let Some(workers) = reply.result.as_ref().and_then(|r| r["workers"].as_u64()) {
-                println!("logs reopened; {workers} worker(s) told to reopen theirs");
-            }
-            Ok(exit(&reply))
+            Ok(answer(&reply, json, || {
+                if let Some(workers) = reply.result.as_ref().and_then(|r| r["workers"].as_u64()) {
+                    println!("logs reopened; {workers} worker(s) told to reopen theirs");
+                }
+            }))
         }
-        Command::Scale { change } => {
+        Command::Scale { change, json } => {
             let (by, to) = match change {
                 ScaleArg::By(n) => (Some(n), None),
                 ScaleArg::To(n) => (None, Some(n)),
             };
             let reply = client::request(socket, &Request::Scale { by, to }, QUICK)?;
-            if let Some(r) = &reply.result {
-                println!(
-                    "generation {}: {} -> {} workers",
-                    r["generation"], r["from"], r["processes"]
-                );
-            }
-            Ok(exit(&reply))
+            Ok(answer(&reply, json, || {
+                if let Some(r) = &reply.result {
+                    println!(
+                        "generation {}: {} -> {} workers",
+                        r["generation"], r["from"], r["processes"]
+                    );
+                }
+            }))
         }
     }
+}
+
+/// Prints the master's answer: with `json`, the reply itself (what the
+/// admin endpoint's `POST` answers), else what `text` prints; a failure's
+/// reason goes to stderr either way. Returns the exit status.
+fn answer(reply: &Reply, json: bool, text: impl FnOnce()) -> i32 {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(reply).expect("a reply serializes")
+        );
+    } else if reply.ok {
+        text();
+    }
+    exit(reply)
 }
 
 /// `baton reload --timeout` ran out while the new generation is live on
@@ -486,7 +564,12 @@ const PROBATION_POLL: Duration = Duration::from_millis(200);
 /// `baton reload`: waits for the outcome, says at once when the new
 /// generation goes live on probation (and where it stands), and reports a
 /// timeout during probation as such ([`EXIT_ON_PROBATION`]).
-fn reload(socket: &Path, request: &Request, timeout: Duration) -> Result<i32, ClientError> {
+fn reload(
+    socket: &Path,
+    request: &Request,
+    timeout: Duration,
+    json: bool,
+) -> Result<i32, ClientError> {
     let rollout = || {
         client::request(socket, &Request::Status {}, Duration::from_secs(2))
             .ok()
@@ -502,16 +585,17 @@ fn reload(socket: &Path, request: &Request, timeout: Duration) -> Result<i32, Cl
         }
         if let Some(r) = rollout().filter(|r| Some(r.generation) != before) {
             live = Some(r.generation);
-            print_rollout(&r);
+            if !json {
+                print_rollout(&r);
+            }
         }
     });
     match answer {
-        Ok(reply) => {
+        Ok(reply) => Ok(self::answer(&reply, json, || {
             if let Some(outcome) = result::<ReloadOutcome>(&reply) {
                 print_outcome(&outcome);
             }
-            Ok(exit(&reply))
-        }
+        })),
         Err(ClientError::Timeout(waited)) => {
             // Still on probation: say where it stands, not that it failed.
             match rollout().filter(|r| Some(r.generation) != before) {
@@ -520,13 +604,19 @@ fn reload(socket: &Path, request: &Request, timeout: Duration) -> Result<i32, Cl
                         Some(left) => format!("it ends in {left:.1}s"),
                         None => "it lasts until `baton promote` or `baton rollback`".into(),
                     };
-                    eprintln!(
-                        "baton: stopped waiting after {waited:?}: generation {} is still on probation ({}, {:.1}s since cutover, generation {} on standby); {ends}",
+                    let message = format!(
+                        "stopped waiting after {waited:?}: generation {} is still on probation ({}, {:.1}s since cutover, generation {} on standby); {ends}",
                         r.generation,
                         share(&r),
                         r.elapsed_s,
                         r.standby
                     );
+                    if json {
+                        let reply = Reply::failed(message.clone(), &r);
+                        let text = serde_json::to_string_pretty(&reply).expect("serializes");
+                        println!("{text}");
+                    }
+                    eprintln!("baton: {message}");
                     Ok(EXIT_ON_PROBATION)
                 }
                 None => Err(ClientError::Timeout(waited)),
@@ -569,6 +659,7 @@ fn follow_first_reload(
     trigger: &str,
     since: f64,
     timeout: Duration,
+    json: bool,
 ) -> Result<i32, ClientError> {
     let started = Instant::now();
     loop {
@@ -579,6 +670,13 @@ fn follow_first_reload(
                     .last_reload
                     .filter(|r| r.trigger == trigger && r.finished_at >= since)
                 {
+                    if json {
+                        let reply = match &outcome.reason {
+                            None => Reply::ok(&outcome),
+                            Some(reason) => Reply::failed(reason.clone(), &outcome),
+                        };
+                        return Ok(answer(&reply, true, || {}));
+                    }
                     if trigger == "restart" {
                         println!(
                             "restarted: master {} adopted the workers",
@@ -623,6 +721,14 @@ fn exit(reply: &Reply) -> i32 {
 }
 
 fn print_outcome(outcome: &ReloadOutcome) {
+    if outcome.outcome == "unchanged" {
+        println!(
+            "generation {} already runs version {}: nothing to do",
+            outcome.generation,
+            outcome.deploy_version.as_deref().unwrap_or("?")
+        );
+        return;
+    }
     match (&outcome.kind[..], &outcome.version) {
         ("in_place", Some(version)) => println!(
             "reload in place to version {version} {} (trigger: {}, generation {})",
@@ -656,8 +762,9 @@ fn listening_pid(socket: &Path) -> Option<i64> {
         .map(i64::from)
 }
 
-/// Waits until master `pid` has exited: 0, or 1 past `timeout`.
-fn wait_for_exit(pid: i64, timeout: Duration) -> i32 {
+/// Waits until master `pid` has exited: 0, or 1 past `timeout`. Says so
+/// unless `quiet` (the answer was printed as JSON).
+fn wait_for_exit(pid: i64, timeout: Duration, quiet: bool) -> i32 {
     let started = Instant::now();
     while process_alive(pid as i32) {
         if started.elapsed() > timeout {
@@ -666,7 +773,9 @@ fn wait_for_exit(pid: i64, timeout: Duration) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("master {pid} stopped");
+    if !quiet {
+        println!("master {pid} stopped");
+    }
     0
 }
 

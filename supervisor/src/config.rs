@@ -4,7 +4,7 @@
 
 use serde::{de, Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -50,6 +50,9 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// `[worker] app_config`, read, and the config version.
     pub app: AppFiles,
+    /// Who may write through the admin endpoint: `admin_token_file`, read,
+    /// and `admin_peer_writes`.
+    pub admin_writes: crate::admin::auth::WritePolicy,
     /// The text it was parsed from (what a master adopting this one's
     /// workers parses again: see [`crate::adopt`]).
     pub text: std::sync::Arc<str>,
@@ -107,6 +110,15 @@ pub struct SupervisorConfig {
     /// `IP:PORT` or `unix:PATH`; off when unset.
     #[serde(default, deserialize_with = "de_admin")]
     pub admin: Option<ListenerAddress>,
+    /// Bearer tokens that may write through the admin endpoint (`POST
+    /// /reload`, ...), one per line; writes are off without it (see
+    /// [`crate::admin::auth`]).
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// On a `unix:` admin endpoint, root and the master's uid may write
+    /// without a token.
+    #[serde(default)]
+    pub admin_peer_writes: bool,
     /// Where reload traces go over OTLP/HTTP (`http://HOST:PORT`, to which
     /// `/v1/traces` is added, or a full URL); off when unset.
     #[serde(default, deserialize_with = "de_otlp_endpoint")]
@@ -264,6 +276,8 @@ impl Default for SupervisorConfig {
             sigterm: SigtermMode::default(),
             master_restarts: MasterRestarts::default(),
             admin: None,
+            admin_token_file: None,
+            admin_peer_writes: false,
             otlp_endpoint: None,
             otlp_export_timeout: default_otlp_export_timeout(),
             otlp_flush_timeout: default_otlp_flush_timeout(),
@@ -364,6 +378,11 @@ pub struct ListenerConfig {
     /// accepted from it inherit; `None` when not set (on). TCP only.
     #[serde(default)]
     pub nodelay: Option<bool>,
+    /// A UDP listener serving QUIC through the SDK: each worker gets a
+    /// socket of its own on the port, and datagrams are steered to the
+    /// worker their connection ID names (see `steering::quic`).
+    #[serde(default)]
+    pub quic: bool,
 }
 
 impl ListenerConfig {
@@ -496,6 +515,14 @@ pub struct WorkerConfig {
     /// switched in place.
     #[serde(default, deserialize_with = "de_worker_log_filter")]
     pub log_filter: Option<String>,
+    /// SDK workers: at a drain, idle HTTP/1.1 connections move to the
+    /// current generation instead of being closed (see docs/worker.md).
+    #[serde(default = "default_handover")]
+    pub handover: bool,
+}
+
+fn default_handover() -> bool {
+    true
 }
 
 fn default_prepare_timeout() -> Dur {
@@ -729,6 +756,15 @@ impl Config {
                     ),
                 ));
             }
+            if l.quic && !matches!(l.address, ListenerAddress::Udp(_)) {
+                return Err(error_at(
+                    span,
+                    format!(
+                        "listener {:?}: quic applies to UDP listeners only, and {} is not one",
+                        l.name, l.address
+                    ),
+                ));
+            }
             // Port 0 asks the kernel for a fresh port each time: never a clash.
             let ephemeral = matches!(&l.address, ListenerAddress::Tcp(a) | ListenerAddress::Udp(a) if a.port() == 0);
             if !ephemeral && !addresses.insert(l.address.clone()) {
@@ -759,6 +795,18 @@ impl Config {
         if let Some(ListenerAddress::Unix(p)) = &supervisor.admin {
             supervisor.admin = Some(ListenerAddress::Unix(dir.join(p)));
         }
+        supervisor.admin_token_file = supervisor.admin_token_file.map(|p| dir.join(p));
+        let admin_writes = match admin_writes(&supervisor, text) {
+            Ok(policy) => policy,
+            // A generation's config as it runs, parsed again (an adopting
+            // master): its token file may be gone; that must not lose the
+            // workers. The master's own config is loaded afresh.
+            Err((_, message)) if app.is_some() => {
+                tracing::warn!(%message, "admin writes off in this generation's config");
+                crate::admin::auth::WritePolicy::default()
+            }
+            Err((span, message)) => return Err(error_at(span, message)),
+        };
         let listeners = raw
             .listeners
             .into_iter()
@@ -791,6 +839,7 @@ impl Config {
             listeners,
             worker,
             app,
+            admin_writes,
             text: text.into(),
         })
     }
@@ -812,6 +861,55 @@ impl Config {
             self.worker.command.join(" "),
         )
     }
+}
+
+/// `[supervisor] admin_token_file` and `admin_peer_writes`, checked against
+/// the admin endpoint, with the token file read.
+fn admin_writes(
+    supervisor: &SupervisorConfig,
+    text: &str,
+) -> Result<crate::admin::auth::WritePolicy, (Option<std::ops::Range<usize>>, String)> {
+    let span = |key: &str| supervisor_key_span(text, key);
+    let unix = matches!(supervisor.admin, Some(ListenerAddress::Unix(_)));
+    if supervisor.admin.is_none()
+        && (supervisor.admin_token_file.is_some() || supervisor.admin_peer_writes)
+    {
+        let key = if supervisor.admin_peer_writes {
+            "admin_peer_writes"
+        } else {
+            "admin_token_file"
+        };
+        return Err((
+            span(key),
+            format!("{key} is set but there is no admin endpoint (set admin = \"IP:PORT\" or \"unix:PATH\")"),
+        ));
+    }
+    if supervisor.admin_peer_writes && !unix {
+        return Err((
+            span("admin_peer_writes"),
+            "admin_peer_writes applies to a unix: admin endpoint (a TCP peer has no uid to check): use admin_token_file".into(),
+        ));
+    }
+    let tokens = supervisor
+        .admin_token_file
+        .as_deref()
+        .map(crate::admin::auth::Tokens::read)
+        .transpose()
+        .map_err(|e| (span("admin_token_file"), e))?;
+    Ok(crate::admin::auth::WritePolicy {
+        tokens,
+        peer_writes: supervisor.admin_peer_writes,
+    })
+}
+
+/// Where `[supervisor] key` is in `text`, for an error's line and column.
+fn supervisor_key_span(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    #[derive(Deserialize)]
+    struct Spans {
+        supervisor: Option<HashMap<String, toml::Spanned<toml::Value>>>,
+    }
+    let spans: Spans = toml::from_str(text).ok()?;
+    Some(spans.supervisor?.get(key)?.span())
 }
 
 /// toml's message, with the spelling a user most likely meant.

@@ -63,6 +63,17 @@ impl Endpoints {
         }
     }
 
+    /// Who may write through the admin endpoint from now on: as `config`
+    /// says (a reload committed it).
+    pub fn allow_writes(&self, config: &Config) {
+        let current = self.inboxes.writes.load();
+        if **current != config.admin_writes {
+            self.inboxes
+                .writes
+                .store(std::sync::Arc::new(config.admin_writes.clone()));
+        }
+    }
+
     /// The admin endpoint's address, as `baton status` shows it.
     pub fn admin_address(&self) -> Option<String> {
         self.admin.as_ref().map(|a| a.address().to_string())

@@ -9,6 +9,7 @@
 //! state changes only here.
 
 pub mod generation;
+pub mod quic;
 
 pub use generation::{
     crash_loop, crashes_in_a_row, respawn_delay, Generation, GenerationState, Handover,

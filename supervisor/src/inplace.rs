@@ -363,7 +363,7 @@ impl InPlace {
             requested_by,
         };
         match failure {
-            Some(reason) => Started::Ended(transaction.abort(fleet, reason)),
+            Some(reason) => Started::Ended(Box::new(transaction.abort(fleet, reason))),
             None => Started::Running(transaction),
         }
     }

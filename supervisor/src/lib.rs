@@ -20,6 +20,7 @@ pub mod fds;
 pub mod fdstore;
 pub mod fleet;
 pub mod forker;
+pub mod handover;
 pub mod inplace;
 pub mod keeper;
 pub mod listener;

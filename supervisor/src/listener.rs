@@ -117,6 +117,7 @@ impl Listener {
             name: config.name.clone(),
             kind,
             address: baton_wire::listener::describe(&bound).unwrap_or_default(),
+            quic_slot: None,
         };
         let reuseport = kind == ListenerKind::Tcp
             && nix::sys::socket::getsockopt(&fd, sockopt::ReusePort).unwrap_or(false);
@@ -177,7 +178,7 @@ impl Listener {
     /// listener's socket. A stranger may join between `kernel` and the new
     /// socket: [`Listener::confirm`] it against a look taken afterwards.
     pub fn for_generation(primary: &Shared, kernel: &Kernel) -> anyhow::Result<Shared> {
-        if !primary.group_matches(kernel) {
+        if primary.is_quic() || !primary.group_matches(kernel) {
             return Ok(primary.clone());
         }
         let mut guard = primary.group.borrow_mut();
@@ -209,6 +210,79 @@ impl Listener {
         let listener = Rc::new(Listener::generation_socket_of(primary, info, fd));
         group.join(listener.fd(), &listener.alive)?;
         Ok(listener)
+    }
+
+    /// A UDP socket of its own on a QUIC listener's port for one SDK
+    /// worker of `generation`, with a slot of the port's its connection
+    /// IDs name (in its `info`); `None` for other listeners. It gets the
+    /// datagrams of those IDs for as long as it lives, and new connections
+    /// while `generation` is current ([`Listener::quic_current`]).
+    pub fn for_quic_worker(primary: &Shared, generation: u64) -> anyhow::Result<Option<Shared>> {
+        let mut guard = primary.group.borrow_mut();
+        let Some(group) = guard.as_mut().filter(|g| g.is_quic()) else {
+            return Ok(None);
+        };
+        let context = || {
+            format!(
+                "binding a QUIC worker socket for listener `{}` on {}",
+                primary.info.name, primary.info.address
+            )
+        };
+        let socket = || -> anyhow::Result<OwnedFd> {
+            let bound: SockaddrStorage = getsockname(primary.fd.as_raw_fd())?;
+            let family = nix::sys::socket::SockaddrLike::family(&bound)
+                .context("listener has no address family")?;
+            let fd = socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+            setsockopt(&fd, sockopt::ReusePort, &true)?;
+            if family == AddressFamily::Inet6 {
+                setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            }
+            bind(fd.as_raw_fd(), &bound)?;
+            Ok(fd)
+        };
+        let fd = socket().with_context(context)?;
+        let mut listener = Listener::generation_socket_of(primary, primary.info.clone(), fd);
+        let slot = group
+            .join_quic(listener.fd(), &listener.alive, generation)
+            .with_context(context)?;
+        listener.info.quic_slot = Some(slot);
+        Ok(Some(Rc::new(listener)))
+    }
+
+    /// Whether this is a QUIC listener, whose datagrams are steered by
+    /// connection ID (`quic = true`).
+    pub fn is_quic(&self) -> bool {
+        self.port()
+            .group
+            .borrow()
+            .as_ref()
+            .is_some_and(Group::is_quic)
+    }
+
+    /// On a QUIC worker's socket: it is worker `pid`'s (a handover names
+    /// it, so that the next master keeps it while the worker runs).
+    pub fn set_quic_owner(&self, pid: u32) {
+        if let Some(group) = self.port().group.borrow_mut().as_mut() {
+            if let Err(e) = group.quic_owner(self.fd(), pid) {
+                tracing::error!(listener = %self.info.name, error = %e, "cannot record a QUIC socket's worker");
+            }
+        }
+    }
+
+    /// A QUIC listener's slots and generations, for a handover.
+    pub fn quic_layout(&self) -> Option<steering::QuicLayout> {
+        self.group.borrow().as_ref().and_then(Group::quic_layout)
+    }
+
+    /// On a QUIC listener: new connections go to the sockets of
+    /// `generation`'s workers from now on.
+    pub fn quic_current(&self, generation: u64) {
+        if let Some(group) = self.port().group.borrow_mut().as_mut() {
+            if let Err(e) = group.quic_current(generation) {
+                tracing::error!(listener = %self.info.name, error = %e, "cannot steer the QUIC port's new connections");
+            }
+        }
     }
 
     /// Keeps a socket [`Listener::for_generation`] just made if `kernel`,
@@ -275,7 +349,11 @@ impl Listener {
     /// Whether new connections can be steered away from this socket (a TCP
     /// listener's, with its port group).
     pub fn steerable(&self) -> bool {
-        self.port().group.borrow().is_some()
+        self.port()
+            .group
+            .borrow()
+            .as_ref()
+            .is_some_and(|g| !g.is_quic())
     }
 
     /// Connections waiting in this TCP socket's accept queue.
@@ -309,7 +387,9 @@ impl Listener {
     /// group, true.
     fn group_matches(&self, kernel: &Kernel) -> bool {
         let group = self.group.borrow();
-        let Some(group) = group.as_ref() else {
+        // The kernel is asked about TCP ports only: a QUIC port's group is
+        // taken to be all this master's.
+        let Some(group) = group.as_ref().filter(|g| !g.is_quic()) else {
             return true;
         };
         let Ok(address) = self.info.address.parse::<SocketAddr>() else {
@@ -421,6 +501,13 @@ impl Listener {
                 self.info.name, self.info.address
             )
         };
+        if self.config.quic != config.quic {
+            bail!(
+                "listener `{}` on {}: quic is set when a listener is bound, and a reload cannot change it (a restart can)",
+                self.info.name,
+                self.info.address
+            );
+        }
         if self.info.kind != ListenerKind::Udp && self.backlog.get() != config.backlog {
             listen(&self.fd, config.backlog).with_context(|| context("backlog"))?;
             self.backlog.set(config.backlog);
@@ -484,6 +571,10 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
                 setsockopt(&fd, sockopt::ReusePort, &true)?;
                 setsockopt(&fd, sockopt::TcpNoDelay, &config.nodelay())?;
             }
+            // A QUIC port's workers get UDP sockets of their own on it.
+            if kind == ListenerKind::Udp && config.quic {
+                setsockopt(&fd, sockopt::ReusePort, &true)?;
+            }
             (fd, kind, None)
         }
         ListenerAddress::Unix(path) => {
@@ -501,9 +592,11 @@ fn bind_socket(config: &ListenerConfig) -> anyhow::Result<Listener> {
         name: config.name.clone(),
         kind,
         address: baton_wire::listener::describe(&bound).unwrap_or_default(),
+        quic_slot: None,
     };
     let group = match kind {
         ListenerKind::Tcp => Some(Group::new(fd.as_fd())?),
+        ListenerKind::Udp if config.quic => Some(Group::new_quic(fd.as_fd())?),
         _ => None,
     };
     Ok(Listener {
@@ -564,6 +657,7 @@ mod tests {
             address: "127.0.0.1:0".parse().unwrap(),
             backlog,
             nodelay,
+            quic: false,
         }
     }
 
@@ -618,6 +712,50 @@ mod tests {
         assert!(accepted_nodelay(&off));
         on.apply(&tcp(16, Some(false))).unwrap();
         assert!(!accepted_nodelay(&on));
+    }
+
+    #[test]
+    fn a_quic_listeners_workers_get_sockets_with_slots_and_quic_cannot_change_in_place() {
+        let config = ListenerConfig {
+            name: "h3".into(),
+            address: "udp:127.0.0.1:0".parse().unwrap(),
+            backlog: 16,
+            nodelay: None,
+            quic: true,
+        };
+        let primary = Rc::new(Listener::bind(&config).unwrap());
+        assert!(primary.is_quic() && !primary.steerable());
+        let a = Listener::for_quic_worker(&primary, 1).unwrap().unwrap();
+        let b = Listener::for_quic_worker(&primary, 1).unwrap().unwrap();
+        assert_eq!(
+            (a.info.address.as_str(), a.info.kind),
+            (primary.info.address.as_str(), ListenerKind::Udp)
+        );
+        assert!(a.info.quic_slot.is_some() && a.info.quic_slot != b.info.quic_slot);
+        assert_eq!(primary.info.quic_slot, None);
+        // Generations of other workers share the listener's socket.
+        let kernel = kernel_view([&primary]);
+        assert!(Rc::ptr_eq(
+            &Listener::for_generation(&primary, &kernel).unwrap(),
+            &primary
+        ));
+        let e = primary
+            .apply(&ListenerConfig {
+                quic: false,
+                ..config.clone()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listener `h3`") && e.contains("quic"), "{e}");
+        // Without `quic`, no worker sockets.
+        let plain = Rc::new(
+            Listener::bind(&ListenerConfig {
+                quic: false,
+                ..config
+            })
+            .unwrap(),
+        );
+        assert!(Listener::for_quic_worker(&plain, 1).unwrap().is_none());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The master: one event loop that owns all state. Signals, child exits and
 //! worker messages arrive as events; timers are derived from the state.
 
+mod handover;
 mod inbox;
 mod keeping;
 mod requests;
@@ -101,6 +102,9 @@ pub struct Master {
     /// Every child and what started it, and the reaping still to do (see
     /// [`crate::children`]).
     children: crate::children::Children,
+    /// Connections moving from draining workers to the current generation
+    /// (see [`crate::handover`]).
+    handovers: crate::handover::Handovers,
 }
 
 /// Runs the master until it stops (watching files with `watch`: see
@@ -188,13 +192,20 @@ pub async fn run(
             control,
             admin,
             pid_file,
-            crate::admin::Inboxes { requests, probes },
+            crate::admin::Inboxes {
+                requests,
+                probes,
+                writes: std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(
+                    config.admin_writes.clone(),
+                )),
+            },
         ),
         program,
         lineage: Lineage::default(),
         probing: None,
         metrics: crate::metrics::Metrics::new(),
         children: Default::default(),
+        handovers: Default::default(),
     };
     if takeover.is_none() {
         master.endpoints.serve_admin();
@@ -364,8 +375,13 @@ impl Master {
     }
 
     fn on_event(&mut self, event: Event) {
-        let (pid, message) = match event {
-            Event::Message { pid, message } => (pid, message),
+        let (pid, message, fds, fds_truncated) = match event {
+            Event::Message {
+                pid,
+                message,
+                fds,
+                fds_truncated,
+            } => (pid, message, fds, fds_truncated),
             Event::Control {
                 request,
                 reply,
@@ -382,7 +398,12 @@ impl Master {
             // In a new master: the old master handed over (or vanished):
             // this one takes the socket files, the control socket and the
             // pid file.
-            Event::OldMaster { message } => {
+            Event::OldMaster { message, fds } => {
+                if let Some(connections @ crate::upgrade::handoff::OldMessage::Connections { .. }) =
+                    message
+                {
+                    return self.on_old_master_connections(connections, fds);
+                }
                 if self.lineage.on_old_master(message) {
                     // The old master died mid-upgrade and its keeper's new
                     // master adopted its workers: that one serves; this
@@ -463,6 +484,13 @@ impl Master {
                 | WorkerMessage::AppRefused { .. }
                 | WorkerMessage::AppCommitted { .. }),
             ) => return self.on_app_answer(pid, answer),
+            Ok(
+                message @ (WorkerMessage::Adopts { .. }
+                | WorkerMessage::Handover { .. }
+                | WorkerMessage::Adopted { .. }
+                | WorkerMessage::AdoptRefused { .. }
+                | WorkerMessage::ClosedAtDrain { .. }),
+            ) => return self.on_handover(pid, number, message, fds, fds_truncated),
             Ok(WorkerMessage::Error { message }) => {
                 tracing::error!(generation = number, worker = index, pid = raw, error = %message, "worker reported an error")
             }
@@ -807,6 +835,7 @@ impl Master {
     /// done here.
     fn worker_exited(&mut self, number: u64, pid: Pid, status: String, success: bool) {
         self.children.worker_exited(pid);
+        self.handovers_of_exited(pid);
         let Some(generation) = self.fleet.get_mut(number) else {
             return;
         };
@@ -814,6 +843,8 @@ impl Master {
             return;
         };
         let index = worker.index();
+        // Its sockets on QUIC ports are let go of at the next tidy.
+        let quic = generation.listeners().iter().any(|l| l.is_quic());
         let reason = exit_reason(generation.state(), worker.state(), success);
         tracing::info!(
             event = "worker.exited",
@@ -834,6 +865,9 @@ impl Master {
             crash_loop: generation.would_crash_loop(index, now),
         };
         let reaction = self.operation.summary().on_worker_exit(exited);
+        if quic {
+            self.fleet.tidy();
+        }
         let what = format!("worker {index} (pid {pid}) exited with {status}");
         match reaction.operation {
             ForOperation::Nothing => {}
@@ -887,10 +921,13 @@ impl Master {
             if let Some(drained) = retired.drained {
                 self.metrics.drained(drained);
             }
+            let moved = self.handovers.finished(retired.number);
             tracing::info!(
                 event = "generation.finished",
                 generation = retired.number,
                 state = retired.state.name(),
+                handed_over = moved.handed_over,
+                closed_at_drain = moved.closed_at_drain,
                 "generation finished"
             );
         }

@@ -87,6 +87,8 @@ pub struct Metrics {
     pub(crate) worker_exits: Family<Reason, Counter>,
     pub(crate) worker_restarts: Family<Reason, Counter>,
     pub(crate) killed_at_drain_deadline: Counter,
+    pub(crate) connections_handed_over: Counter,
+    pub(crate) connections_closed_at_drain: Counter,
     drain_seconds: Histogram,
     upgrades: Family<OutcomeLabel, Counter>,
     // Computed when scraped.
@@ -130,6 +132,8 @@ impl Metrics {
             worker_exits: Family::default(),
             worker_restarts: Family::default(),
             killed_at_drain_deadline: Counter::default(),
+            connections_handed_over: Counter::default(),
+            connections_closed_at_drain: Counter::default(),
             // 10 ms to about 11 min.
             drain_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 17)),
             upgrades: Family::default(),
@@ -183,6 +187,16 @@ impl Metrics {
             "workers_killed_at_drain_deadline",
             "Draining workers still running at their drain deadline, killed",
             m.killed_at_drain_deadline.clone(),
+        );
+        r.register(
+            "connections_handed_over",
+            "Idle HTTP/1.1 connections of draining SDK workers handed over to the current generation",
+            m.connections_handed_over.clone(),
+        );
+        r.register(
+            "connections_closed_at_drain",
+            "Connections of draining SDK workers that ended at the drain instead of being handed over",
+            m.connections_closed_at_drain.clone(),
         );
         r.register_with_unit(
             "drain_duration",

@@ -432,6 +432,8 @@ pub struct ReloadRequest {
     pub requested_by: Option<Requester>,
     /// Where the outcome goes (a CLI request waits for it).
     pub waiters: Vec<Waiter>,
+    /// The deploy tool's version (see `Request::Reload`).
+    pub if_version: Option<String>,
 }
 
 impl ReloadRequest {
@@ -443,6 +445,7 @@ impl ReloadRequest {
             mode: Mode::Auto,
             requested_by,
             waiters: Vec::new(),
+            if_version: None,
         }
     }
 }
@@ -465,6 +468,9 @@ impl FollowUp {
         follow_up.canary = request.canary.or(follow_up.canary);
         if request.mode != Mode::Auto {
             follow_up.mode = request.mode;
+        }
+        if request.if_version.is_some() {
+            follow_up.if_version = request.if_version;
         }
     }
 
@@ -498,6 +504,8 @@ pub struct Reloads {
     waiters: Vec<Waiter>,
     follow_up: FollowUp,
     last: Option<Outcome>,
+    /// The deploy version (`if_version`) of the transaction under way.
+    deploying: Option<String>,
 }
 
 impl Reloads {
@@ -519,6 +527,16 @@ impl Reloads {
     /// The running transaction ended: its waiters, to be answered.
     pub fn take_waiters(&mut self) -> Vec<Waiter> {
         std::mem::take(&mut self.waiters)
+    }
+
+    /// The running transaction rolls out this deploy version.
+    pub fn deploying(&mut self, version: Option<String>) {
+        self.deploying = version;
+    }
+
+    /// The deploy version of the transaction that ended.
+    pub fn take_deploying(&mut self) -> Option<String> {
+        self.deploying.take()
     }
 
     /// Keeps how the transaction ended, for `baton status`.

@@ -151,6 +151,7 @@ mod tests {
             phases: Vec::new(),
             finished: std::time::SystemTime::now(),
             version: None,
+            deploy_version: None,
             requested_by: None,
         }
     }

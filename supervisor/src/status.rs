@@ -157,6 +157,24 @@ pub fn render(status: &Status) -> String {
             g.number, g.crash_loop
         );
     }
+    for g in status
+        .generations
+        .iter()
+        .filter(|g| g.handed_over + g.closed_at_drain > 0)
+    {
+        let _ = writeln!(
+            out,
+            "moved    generation {}: {} connection(s) handed to a newer generation, {} closed at the drain",
+            g.number, g.handed_over, g.closed_at_drain
+        );
+    }
+    if let Some(d) = &status.last_drained {
+        let _ = writeln!(
+            out,
+            "drained  generation {}: {} connection(s) handed to a newer generation, {} closed at the drain",
+            d.generation, d.handed_over, d.closed_at_drain
+        );
+    }
     if let Some(r) = &status.last_reload {
         let detail = match (&r.failed_phase, &r.reason) {
             (Some(phase), Some(reason)) => format!("failed in {phase}: {reason}"),

@@ -33,6 +33,8 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::rc::{Rc, Weak};
 
+pub mod quic;
+
 /// `SO_ATTACH_REUSEPORT_CBPF` from `asm-generic/socket.h` (x86, arm, riscv
 /// and most others); the libc crate does not define it for glibc targets.
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
@@ -44,6 +46,11 @@ pub enum User {
     Pinned,
     /// A generation's socket: in use while the token lives.
     Token(Weak<()>),
+    /// A QUIC worker's socket adopted from another master (or image): in
+    /// use while the token lives or the worker runs (its pidfd is not
+    /// readable), as the kernel keeps a UDP socket in the port's group
+    /// until its last fd, the worker's too, is closed.
+    Worker(Weak<()>, OwnedFd),
 }
 
 impl User {
@@ -51,6 +58,11 @@ impl User {
         match self {
             User::Pinned => false,
             User::Token(token) => token.strong_count() == 0,
+            User::Worker(token, pidfd) => {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+                token.strong_count() == 0 && poll(&mut fds, PollTimeout::ZERO).unwrap_or(1) > 0
+            }
         }
     }
 }
@@ -61,6 +73,33 @@ struct Member {
     fd: OwnedFd,
     ino: u64,
     user: User,
+    /// On a QUIC port: whose socket it is.
+    quic: QuicMember,
+}
+
+/// A QUIC port's member: the slot its worker's connection IDs start with
+/// (0 for the listener's own socket), the worker's generation, and its pid
+/// once it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuicMember {
+    /// 1 to 255; 0 for the listener's own socket.
+    pub slot: u8,
+    /// The generation of the worker that has it.
+    pub generation: u64,
+    /// The worker's pid, once started.
+    pub pid: Option<u32>,
+}
+
+/// A QUIC port's group as handed to another master (or image): what
+/// [`Layout`] does not say.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuicLayout {
+    /// Each member's, in the kernel's order.
+    pub members: Vec<QuicMember>,
+    /// The generation new connections go to.
+    pub current: Option<u64>,
+    /// The slot handed out last.
+    pub last_slot: u8,
 }
 
 impl Member {
@@ -94,6 +133,21 @@ pub struct Group {
     /// The program this master attached last: what it returns, its rules,
     /// and the [`EPOCH`] it was attached in.
     attached: Option<(usize, Rules, u64)>,
+    /// A QUIC port's: datagrams go by connection ID (see [`quic`]).
+    quic: Option<Quic>,
+}
+
+/// What a QUIC port's group steers by besides its members' slots.
+#[derive(Debug, Default)]
+struct Quic {
+    /// The generation whose sockets get new connections; until one is
+    /// named, the newest generation's.
+    current: Option<u64>,
+    /// The routes of the program attached last, and the [`EPOCH`] it was
+    /// attached in.
+    attached: Option<(quic::Routes, u64)>,
+    /// The slot handed out last.
+    last_slot: u8,
 }
 
 /// Bumped when another master may attach programs to this master's port
@@ -127,6 +181,8 @@ pub struct Layout {
     pub members: Vec<OwnedFd>,
     /// The member new connections go to.
     pub steered: Option<usize>,
+    /// A QUIC port's slots and generations.
+    pub quic: Option<QuicLayout>,
 }
 
 impl Group {
@@ -139,13 +195,170 @@ impl Group {
                 fd: primary.try_clone_to_owned()?,
                 ino: inode(primary)?,
                 user: User::Pinned,
+                quic: QuicMember::default(),
             }],
             steered: None,
             rules: Rules::default(),
             attached: None,
+            quic: None,
         };
         group.steer_index(0)?;
         Ok(group)
+    }
+
+    /// A QUIC port's group of one: `primary`, a bound UDP socket with
+    /// `SO_REUSEPORT`. Workers' sockets join it with a slot each
+    /// ([`Group::join_quic`]); until then every datagram reaches
+    /// `primary`. No program is attached yet: the kernel makes the port's
+    /// group when a second socket joins, and a socket bound without
+    /// `SO_REUSEPORT` (so that a port someone holds is refused) has none
+    /// to attach one to before.
+    pub fn new_quic(primary: BorrowedFd<'_>) -> io::Result<Group> {
+        Ok(Group {
+            members: vec![Member {
+                fd: primary.try_clone_to_owned()?,
+                ino: inode(primary)?,
+                user: User::Pinned,
+                quic: QuicMember::default(),
+            }],
+            steered: None,
+            rules: Rules::default(),
+            attached: None,
+            quic: Some(Quic::default()),
+        })
+    }
+
+    /// Whether this is a QUIC port's group.
+    pub fn is_quic(&self) -> bool {
+        self.quic.is_some()
+    }
+
+    /// Records `socket`, a UDP socket that just joined the QUIC port (and
+    /// so was appended to the kernel's array), as used by a worker of
+    /// `generation` while `token` lives, and gives it a slot no member has.
+    /// Returns the slot; the program is attached again with it.
+    pub fn join_quic(
+        &mut self,
+        socket: BorrowedFd<'_>,
+        token: &Rc<()>,
+        generation: u64,
+    ) -> io::Result<u8> {
+        if self.quic.is_none() {
+            return Err(io::Error::other("not a QUIC port"));
+        }
+        let taken: std::collections::HashSet<u8> =
+            self.members.iter().map(|m| m.quic.slot).collect();
+        // The next free slot after the one handed out last, wrapping: a
+        // slot that fell free is handed out again as late as can be.
+        let last = self.quic.as_ref().map_or(0, |q| q.last_slot);
+        let slot = (1..=255u16)
+            .map(|i| ((u16::from(last) + i - 1) % 255 + 1) as u8)
+            .find(|s| !taken.contains(s))
+            .ok_or_else(|| {
+                io::Error::other("255 worker sockets on the port already: no QUIC slot is free")
+            })?;
+        if let Some(quic) = self.quic.as_mut() {
+            quic.last_slot = slot;
+        }
+        self.members.push(Member {
+            fd: socket.try_clone_to_owned()?,
+            ino: inode(socket)?,
+            user: User::Token(Rc::downgrade(token)),
+            quic: QuicMember {
+                slot,
+                generation,
+                pid: None,
+            },
+        });
+        self.route()?;
+        Ok(slot)
+    }
+
+    /// Records that `socket`, a member, is worker `pid`'s (for a handover).
+    pub fn quic_owner(&mut self, socket: BorrowedFd<'_>, pid: u32) -> io::Result<()> {
+        let index = self.index_of(socket)?;
+        self.members[index].quic.pid = Some(pid);
+        Ok(())
+    }
+
+    /// A QUIC port's slots and generations, for a handover.
+    pub fn quic_layout(&self) -> Option<QuicLayout> {
+        self.quic.as_ref().map(|quic| QuicLayout {
+            members: self.members.iter().map(|m| m.quic).collect(),
+            current: quic.current,
+            last_slot: quic.last_slot,
+        })
+    }
+
+    /// New connections go to the sockets of `generation`'s workers.
+    pub fn quic_current(&mut self, generation: u64) -> io::Result<()> {
+        if let Some(quic) = self.quic.as_mut() {
+            quic.current = Some(generation);
+            self.route()?;
+        }
+        Ok(())
+    }
+
+    /// The QUIC routes of the members as they are, attached unless they
+    /// are what was attached last.
+    fn route(&mut self) -> io::Result<()> {
+        let Some(quic) = self.quic.as_ref() else {
+            return Ok(());
+        };
+        let newest = self
+            .members
+            .iter()
+            .map(|m| m.quic.generation)
+            .max()
+            .unwrap_or(0);
+        let current = quic.current.unwrap_or(newest);
+        let mut routes = quic::Routes::default();
+        for (i, member) in self.members.iter().enumerate().skip(1) {
+            routes.slots.push((member.quic.slot, i));
+            if member.quic.generation == current && !member.user.retired() {
+                routes.current.push(i);
+            }
+        }
+        let epoch = EPOCH.load(std::sync::atomic::Ordering::Relaxed);
+        if self.members.len() < 2 || quic.attached.as_ref() == Some(&(routes.clone(), epoch)) {
+            return Ok(());
+        }
+        let v6 = is_v6(self.members[0].fd.as_fd())?;
+        attach_program(self.members[0].fd.as_fd(), &quic::program(&routes, v6)?)?;
+        if let Some(quic) = self.quic.as_mut() {
+            quic.attached = Some((routes, epoch));
+        }
+        Ok(())
+    }
+
+    /// Closes a QUIC port's members whose workers are gone, and attaches
+    /// the program for what is left. A UDP socket leaves the kernel's array
+    /// when its last fd closes: the worker's went when it exited, so
+    /// closing this master's copy takes it out (once a child forked
+    /// meanwhile has closed its copy: [`quic::wait_gone`]), the last member
+    /// taking its place as the mirror does. Until the program is attached again
+    /// (microseconds), a datagram for the moved socket's slot may reach
+    /// another worker, which drops it (its slot is not that worker's) and
+    /// the peer sends again.
+    fn tidy_quic(&mut self) {
+        let mut closed = Vec::new();
+        while let Some(i) = self.members.iter().position(|m| m.user.retired()) {
+            let member = self.members.swap_remove(i);
+            closed.push(member.ino);
+            drop(member.fd);
+        }
+        let left = quic::wait_gone(&closed);
+        if !left.is_empty() {
+            tracing::warn!(
+                sockets = left.len(),
+                "QUIC worker sockets are still open elsewhere (a child of a worker?): datagrams may reach the wrong worker until they close"
+            );
+        }
+        if !closed.is_empty() {
+            if let Err(e) = self.route() {
+                tracing::error!(error = %e, "cannot steer the QUIC port's datagrams");
+            }
+        }
     }
 
     /// Rebuilds a group handed over by another master (or a previous image
@@ -157,10 +370,31 @@ impl Group {
         fallback: &Rc<()>,
     ) -> io::Result<Group> {
         let mut members = Vec::with_capacity(layout.members.len());
-        for fd in layout.members {
+        let quic_members = match &layout.quic {
+            Some(quic) if quic.members.len() != layout.members.len() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "QUIC members do not match the group's",
+                ))
+            }
+            Some(quic) => quic.members.clone(),
+            None => vec![QuicMember::default(); layout.members.len()],
+        };
+        for (fd, quic) in layout.members.into_iter().zip(quic_members) {
             let ino = inode(fd.as_fd())?;
-            let user = user_of(ino).unwrap_or_else(|| User::Token(Rc::downgrade(fallback)));
-            members.push(Member { fd, ino, user });
+            let user = user_of(ino).unwrap_or_else(|| {
+                let token = Rc::downgrade(fallback);
+                match quic.pid.map(pidfd) {
+                    Some(Ok(pidfd)) => User::Worker(token, pidfd),
+                    _ => User::Token(token),
+                }
+            });
+            members.push(Member {
+                fd,
+                ino,
+                user,
+                quic,
+            });
         }
         if layout.steered.is_some_and(|i| i >= members.len()) {
             return Err(io::Error::new(
@@ -173,6 +407,11 @@ impl Group {
             steered: layout.steered,
             rules: Rules::default(),
             attached: None,
+            quic: layout.quic.map(|quic| Quic {
+                current: quic.current,
+                attached: None,
+                last_slot: quic.last_slot,
+            }),
         })
     }
 
@@ -194,6 +433,7 @@ impl Group {
                 .map(|m| m.fd.try_clone())
                 .collect::<io::Result<_>>()?,
             steered: self.steered,
+            quic: self.quic_layout(),
         })
     }
 
@@ -204,6 +444,7 @@ impl Group {
             fd: socket.try_clone_to_owned()?,
             ino: inode(socket)?,
             user: User::Token(Rc::downgrade(token)),
+            quic: QuicMember::default(),
         });
         Ok(())
     }
@@ -277,6 +518,10 @@ impl Group {
     /// reload that keeps its sockets (SDK workers) attaches nothing. Only
     /// another master can have changed it, hence [`EPOCH`].
     fn steer_index(&mut self, index: usize) -> io::Result<()> {
+        if self.quic.is_some() {
+            // A QUIC port steers by connection ID, never to one socket.
+            return self.route();
+        }
         let wanted = (
             index,
             self.rules,
@@ -304,6 +549,9 @@ impl Group {
     /// socket moves to the front, and once it is steered to, everything
     /// behind it can go from the end as it falls out of use.
     pub fn tidy(&mut self) {
+        if self.quic.is_some() {
+            return self.tidy_quic();
+        }
         // While the program points at more than one member, nothing moves.
         if self.rules != Rules::default() {
             return;
@@ -445,7 +693,7 @@ fn is_v6(fd: BorrowedFd<'_>) -> io::Result<bool> {
 }
 
 /// Attaches `code` as the group's steering program through `fd`.
-fn attach_program(fd: BorrowedFd<'_>, code: &[libc::sock_filter]) -> io::Result<()> {
+pub(crate) fn attach_program(fd: BorrowedFd<'_>, code: &[libc::sock_filter]) -> io::Result<()> {
     let mut code = code.to_vec();
     let program = libc::sock_fprog {
         len: code.len() as u16,

@@ -541,6 +541,7 @@ impl State {
             request: Request::Reload {
                 canary: None,
                 mode: Some(mode.into()),
+                if_version: None,
             },
             reply,
             from: Requester::watch(&what),

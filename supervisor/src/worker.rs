@@ -331,6 +331,7 @@ fn send_hello(channel: &Channel, spec: &SpawnSpec<'_>) -> Result<(), ChannelErro
             drain_timeout_ms: spec.config.drain_timeout.0.as_millis() as u64,
             app_config: spec.config.reloads_in_place(),
             traceparent: spec.traceparent.map(str::to_string),
+            handover: spec.config.handover,
         },
         &[],
     )?;

@@ -9,9 +9,14 @@ fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         (
             proptest::option::of("\\PC{0,8}"),
+            proptest::option::of("\\PC{0,8}"),
             proptest::option::of("\\PC{0,8}")
         )
-            .prop_map(|(canary, mode)| Request::Reload { canary, mode }),
+            .prop_map(|(canary, mode, if_version)| Request::Reload {
+                canary,
+                mode,
+                if_version
+            }),
         Just(Request::Promote {}),
         Just(Request::Rollback {}),
         Just(Request::Status {}),

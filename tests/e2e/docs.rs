@@ -21,6 +21,7 @@ mod configs;
 mod kubernetes;
 mod links;
 mod walkthrough;
+mod write_api;
 
 use baton_tests::harness::{Binaries, TempDir};
 use baton_tests::tools::{repository, require};

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_write;
 mod audit;
 mod axum;
 mod blocking;
@@ -24,6 +25,7 @@ mod floods;
 mod graceful_sigterm;
 mod grpc;
 mod guarantees;
+mod handover;
 mod http2;
 mod in_place;
 mod in_place_hung_parser;
@@ -36,6 +38,7 @@ mod nginx_worker;
 mod notify;
 mod privileges;
 mod probes;
+mod quic;
 mod reload_under_load;
 mod resources;
 mod restart;

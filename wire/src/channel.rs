@@ -9,11 +9,10 @@
 use crate::protocol::{self, DecodeError, MAX_FDS_PER_MESSAGE, MAX_MESSAGE_SIZE};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
 };
 use serde::{Deserialize, Serialize};
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::unix::AsyncFd;
 
@@ -29,9 +28,6 @@ pub enum ChannelError {
     /// More fds were offered than one message may carry.
     #[error("control channel: {0} fds in one message, the limit is {MAX_FDS_PER_MESSAGE}")]
     TooManyFds(usize),
-    /// The kernel truncated the fds of a message (`MSG_CTRUNC`): some were lost.
-    #[error("control channel: ancillary data truncated (MSG_CTRUNC), fds were lost")]
-    FdsTruncated,
     /// A message was larger than the receive buffer (`MSG_TRUNC`).
     #[error("control channel: message larger than {MAX_MESSAGE_SIZE} bytes")]
     MessageTruncated,
@@ -69,6 +65,11 @@ pub struct Received<T> {
     pub message: T,
     /// The fds, close-on-exec, owned.
     pub fds: Vec<OwnedFd>,
+    /// The kernel could not pass every fd the message carried (`MSG_CTRUNC`:
+    /// this process is at its fd limit): those that did arrive were closed
+    /// and `fds` is empty. The message is delivered all the same, so that
+    /// the receiver can answer it (refuse a handover, say).
+    pub fds_truncated: bool,
 }
 
 /// Creates a connected pair of blocking, close-on-exec `SOCK_SEQPACKET`
@@ -131,9 +132,10 @@ impl Channel {
             Err(e) if e.is_peer_gone() => Ok(None),
             Err(e) => Err(e),
             Ok(None) => Ok(None),
-            Ok(Some((bytes, fds))) => Ok(Some(Received {
-                message: protocol::decode(&bytes)?,
-                fds,
+            Ok(Some(raw)) => Ok(Some(Received {
+                message: protocol::decode(&raw.bytes)?,
+                fds: raw.fds,
+                fds_truncated: raw.fds_truncated,
             })),
         }
     }
@@ -150,9 +152,12 @@ impl Channel {
                 }
                 Err(e) => return Err(e),
                 Ok(None) => return Ok(None),
-                Ok(Some((bytes, fds))) => {
-                    let message = protocol::decode(&bytes)?;
-                    return Ok(Some(Received { message, fds }));
+                Ok(Some(raw)) => {
+                    return Ok(Some(Received {
+                        message: protocol::decode(&raw.bytes)?,
+                        fds: raw.fds,
+                        fds_truncated: raw.fds_truncated,
+                    }));
                 }
             }
         }
@@ -211,9 +216,12 @@ impl BlockingChannel {
                 Err(e) if e.is_peer_gone() => return Ok(None),
                 Err(e) => return Err(e),
                 Ok(None) => return Ok(None),
-                Ok(Some((bytes, fds))) => {
-                    let message = protocol::decode(&bytes)?;
-                    return Ok(Some(Received { message, fds }));
+                Ok(Some(raw)) => {
+                    return Ok(Some(Received {
+                        message: protocol::decode(&raw.bytes)?,
+                        fds: raw.fds,
+                        fds_truncated: raw.fds_truncated,
+                    }));
                 }
             }
         }
@@ -264,7 +272,11 @@ fn send_raw(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<
     }
 }
 
-type RawMessage = (Vec<u8>, Vec<OwnedFd>);
+struct RawMessage {
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    fds_truncated: bool,
+}
 
 fn recv_raw(fd: BorrowedFd<'_>) -> Result<Option<RawMessage>, ChannelError> {
     // The datagram's size first, so that the frequent small messages do not
@@ -277,37 +289,14 @@ fn recv_raw(fd: BorrowedFd<'_>) -> Result<Option<RawMessage>, ChannelError> {
     )
     .map_err(|e| ChannelError::Io(e.into()))?;
     let mut buf = vec![0u8; size.clamp(1, MAX_MESSAGE_SIZE)];
-    let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE + 1]);
-    let (len, fds, flags) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        // MSG_CMSG_CLOEXEC: received fds are never inherited by accident.
-        let msg = recvmsg::<()>(
-            fd.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(|e| ChannelError::Io(e.into()))?;
-        let mut fds = Vec::new();
-        for cmsg in msg.cmsgs().map_err(|e| ChannelError::Io(e.into()))? {
-            if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                for raw_fd in raw {
-                    // SAFETY: the kernel just installed this fd in our table
-                    // for us; nothing else owns it.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(raw_fd) });
-                }
-            }
-        }
-        (msg.bytes, fds, msg.flags)
-    };
+    let (len, fds, flags) = recv_with_fds(fd, &mut buf)?;
     // Whatever fds arrived are owned above and closed on any error return.
-    if flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(ChannelError::FdsTruncated);
-    }
-    if flags.contains(MsgFlags::MSG_TRUNC) {
+    let fds_truncated = flags & libc::MSG_CTRUNC != 0;
+    let fds = if fds_truncated { Vec::new() } else { fds };
+    if flags & libc::MSG_TRUNC != 0 {
         return Err(ChannelError::MessageTruncated);
     }
-    if len == 0 && fds.is_empty() {
+    if len == 0 && fds.is_empty() && !fds_truncated {
         // End of file, or an empty datagram from a peer still there.
         if peer_hung_up(fd)? {
             return Ok(None);
@@ -315,7 +304,70 @@ fn recv_raw(fd: BorrowedFd<'_>) -> Result<Option<RawMessage>, ChannelError> {
         return Err(DecodeError::NotAMessage("empty message".into()).into());
     }
     buf.truncate(len);
-    Ok(Some((buf, fds)))
+    Ok(Some(RawMessage {
+        bytes: buf,
+        fds,
+        fds_truncated,
+    }))
+}
+
+/// `recvmsg(2)` into `buf`: the bytes received, the fds that came with them
+/// (owned), and the message flags. By hand rather than with nix, whose
+/// control-message iterator refuses a message flagged `MSG_CTRUNC`: the fds
+/// the kernel did install before reaching this process's fd limit must be
+/// owned (and closed) too, not leaked.
+fn recv_with_fds(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<(usize, Vec<OwnedFd>, libc::c_int), ChannelError> {
+    // Room for one fd more than a message may carry.
+    let fds_len = (std::mem::size_of::<RawFd>() * (MAX_FDS_PER_MESSAGE + 1)) as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fds_len) } as usize;
+    // u64 words: the control buffer must be aligned for `cmsghdr`.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = (control.len() * 8) as _;
+    // MSG_CMSG_CLOEXEC: received fds are never inherited by accident.
+    let flags = libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT;
+    // SAFETY: `msg` points at `iov` (over `buf`) and `control`, both alive
+    // and as large as the lengths given.
+    let received = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, flags) };
+    if received < 0 {
+        return Err(ChannelError::Io(std::io::Error::last_os_error()));
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `control` up to `msg.msg_controllen`; the
+    // CMSG_* macros walk the headers within it.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is a header CMSG_FIRSTHDR/NXTHDR found in `control`.
+        let header = unsafe { std::ptr::read_unaligned(cmsg) };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: as above; CMSG_LEN(0) is the header's own length.
+            let (data, empty) = unsafe { (libc::CMSG_DATA(cmsg), libc::CMSG_LEN(0) as usize) };
+            let count =
+                (header.cmsg_len as usize).saturating_sub(empty) / std::mem::size_of::<RawFd>();
+            for i in 0..count {
+                // SAFETY: the header's length says `count` fds follow it.
+                let raw = unsafe { std::ptr::read_unaligned(data.cast::<RawFd>().add(i)) };
+                // SAFETY: the kernel just installed this fd in our table for
+                // us; nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        // SAFETY: as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Ok((received as usize, fds, msg.msg_flags))
 }
 
 /// Whether the peer has closed its end: the kernel then shuts the socket
@@ -380,8 +432,8 @@ mod tests {
         let fits = vec![b'x'; MAX_MESSAGE_SIZE];
         send_raw(b.as_fd(), &fits, &[]).unwrap();
         a.fd.readable().await.unwrap().clear_ready();
-        let (bytes, _) = recv_raw(a.fd.get_ref().as_fd()).unwrap().unwrap();
-        assert_eq!(bytes, fits);
+        let raw = recv_raw(a.fd.get_ref().as_fd()).unwrap().unwrap();
+        assert_eq!(raw.bytes, fits);
         send_raw(b.as_fd(), &vec![b'x'; MAX_MESSAGE_SIZE + 1], &[]).unwrap();
         assert!(matches!(
             recv_raw(a.fd.get_ref().as_fd()),

@@ -81,6 +81,7 @@ mod tests {
             name: "http".into(),
             kind,
             address,
+            quic_slot: None,
         }
     }
 

@@ -8,14 +8,15 @@
 //! [`DecodeError`].
 //!
 //! The master and the SDK come from the same commit: every field is sent,
-//! there is no default for one an older peer would omit, and a change of
-//! the messages changes [`PROTOCOL_VERSION`].
+//! there is no default for one an older peer would omit (but
+//! [`ListenerInfo::quic_slot`], which only adds to what a listener is), and
+//! a change of the messages changes [`PROTOCOL_VERSION`].
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Environment variable naming the worker's end of the control channel
 /// (`protocol = "sdk"` workers only).
@@ -80,6 +81,7 @@ impl fmt::Display for ListenerKind {
 ///     name: "http".into(),
 ///     kind: ListenerKind::Tcp,
 ///     address: "127.0.0.1:8080".into(),
+///     quic_slot: None,
 /// };
 /// let port: u16 = info.address.rsplit_once(':').unwrap().1.parse()?;
 /// assert_eq!(port, 8080);
@@ -94,6 +96,13 @@ pub struct ListenerInfo {
     /// The address the socket is bound to: `IP:PORT` for TCP and UDP (the
     /// actual port, also when the configuration said port 0), the path for Unix.
     pub address: String,
+    /// For a UDP listener with `quic = true`: the slot this worker's socket
+    /// has in the port's group, which its QUIC connection IDs start with so
+    /// that the master steers their datagrams to it (1 to 255); `null` for
+    /// other listeners. Read as `null` when absent, and ignored by SDKs that
+    /// predate it: a listener's metadata takes no unknown-field check.
+    #[serde(default)]
+    pub quic_slot: Option<u8>,
 }
 
 /// A message from the master to a worker.
@@ -116,6 +125,11 @@ pub enum MasterMessage {
         /// The W3C `traceparent` of the reload that started the worker, when
         /// the master exports traces (also in `TRACEPARENT`).
         traceparent: Option<String>,
+        /// Whether idle HTTP/1.1 connections move to the next generation at
+        /// a drain (`[worker] handover`): the worker offers its own in
+        /// [`WorkerMessage::Handover`] and takes others' in
+        /// [`MasterMessage::Adopt`].
+        handover: bool,
     },
     /// A batch of listeners; the message carries their fds, in this order.
     Listeners {
@@ -155,6 +169,64 @@ pub enum MasterMessage {
         /// The version prepared.
         version: String,
     },
+    /// Connections a draining worker handed over, to serve as if accepted
+    /// from the listener at `address`; the message carries their sockets,
+    /// one per entry, in this order. Answered with
+    /// [`WorkerMessage::Adopted`] or [`WorkerMessage::AdoptRefused`]: until
+    /// then the draining worker keeps its copies untouched.
+    Adopt {
+        /// Names this adoption in the answer.
+        id: u64,
+        /// The listener's address, as the worker announced it in
+        /// [`WorkerMessage::Adopts`].
+        address: String,
+        /// Each connection's bytes already read, in the order of the fds.
+        connections: Vec<HandedConnection>,
+    },
+    /// The connections of [`WorkerMessage::Handover`] `id` went to another
+    /// worker: the draining worker drops its copies without a word.
+    HandedOver {
+        /// The handover's id.
+        id: u64,
+    },
+    /// The connections of [`WorkerMessage::Handover`] `id` stay with the
+    /// draining worker, which closes them between requests as without a
+    /// handover.
+    HandoverRefused {
+        /// The handover's id.
+        id: u64,
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// One connection moving between workers: its socket travels as an fd next
+/// to the message, its bytes already read (the start of its next request,
+/// if any) here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedConnection {
+    /// The bytes read from the socket but not yet served, base64 on the wire.
+    #[serde(with = "base64_bytes")]
+    pub pending: Vec<u8>,
+}
+
+/// Bytes as a base64 string.
+mod base64_bytes {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD
+            .decode(text.as_bytes())
+            .map_err(|e| serde::de::Error::custom(format!("pending bytes: {e}")))
+    }
 }
 
 /// Why app files are sent.
@@ -217,6 +289,48 @@ pub enum WorkerMessage {
     AppCommitted {
         /// The version.
         version: String,
+    },
+    /// The worker serves the listener at `address` (the address it reads
+    /// on its socket) and takes connections handed over on it
+    /// ([`MasterMessage::Adopt`]).
+    Adopts {
+        /// The listener's address: `IP:PORT`, or the path of a Unix socket.
+        address: String,
+    },
+    /// Idle connections of the listener at `address`, offered to the
+    /// current generation; the message carries their sockets, one per entry,
+    /// in this order. The worker keeps its copies untouched until the
+    /// master's [`MasterMessage::HandedOver`] or
+    /// [`MasterMessage::HandoverRefused`] for `id`.
+    Handover {
+        /// Names this handover in the answer.
+        id: u64,
+        /// The listener's address, as in [`WorkerMessage::Adopts`].
+        address: String,
+        /// Each connection's bytes already read, in the order of the fds.
+        connections: Vec<HandedConnection>,
+    },
+    /// The worker took the connections of [`MasterMessage::Adopt`] `id`:
+    /// it serves them.
+    Adopted {
+        /// The adoption's id.
+        id: u64,
+    },
+    /// The worker did not take the connections of
+    /// [`MasterMessage::Adopt`] `id` (their fds did not arrive, it no
+    /// longer serves that listener) and closed its copies without a word.
+    AdoptRefused {
+        /// The adoption's id.
+        id: u64,
+        /// Why, for the log.
+        reason: String,
+    },
+    /// How many connections the worker has closed at its drain (told to
+    /// go: `Connection: close`, GOAWAY) instead of handing them over, in
+    /// all.
+    ClosedAtDrain {
+        /// The total so far.
+        count: u64,
     },
 }
 
@@ -339,6 +453,7 @@ mod tests {
                 drain_timeout_ms: 60_000,
                 app_config: true,
                 traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+                handover: true,
             },
             MasterMessage::Listeners {
                 offset: 0,
@@ -347,11 +462,13 @@ mod tests {
                         name: "http".into(),
                         kind: ListenerKind::Tcp,
                         address: "127.0.0.1:8080".into(),
+                        quic_slot: Some(7),
                     },
                     ListenerInfo {
                         name: "admin".into(),
                         kind: ListenerKind::Unix,
                         address: "/run/admin.sock".into(),
+                        quic_slot: None,
                     },
                 ],
             },
@@ -372,6 +489,21 @@ mod tests {
                 version: "3f2a0c".into(),
             },
             MasterMessage::Reopen {},
+            MasterMessage::Adopt {
+                id: 4,
+                address: "127.0.0.1:8080".into(),
+                connections: vec![
+                    HandedConnection { pending: vec![] },
+                    HandedConnection {
+                        pending: b"GET / HT\x00\xff".to_vec(),
+                    },
+                ],
+            },
+            MasterMessage::HandedOver { id: 7 },
+            MasterMessage::HandoverRefused {
+                id: 8,
+                reason: "no worker of generation 3 takes connections".into(),
+            },
         ]
     }
 
@@ -398,6 +530,22 @@ mod tests {
             WorkerMessage::Error {
                 message: "boom".into(),
             },
+            WorkerMessage::Adopts {
+                address: "/run/app.sock".into(),
+            },
+            WorkerMessage::Handover {
+                id: 3,
+                address: "127.0.0.1:8080".into(),
+                connections: vec![HandedConnection {
+                    pending: b"POST /".to_vec(),
+                }],
+            },
+            WorkerMessage::ClosedAtDrain { count: 12 },
+            WorkerMessage::Adopted { id: 4 },
+            WorkerMessage::AdoptRefused {
+                id: 5,
+                reason: "its fds did not arrive".into(),
+            },
         ] {
             let bytes = encode(&message);
             assert_eq!(decode::<WorkerMessage>(&bytes).unwrap(), message);
@@ -423,13 +571,14 @@ mod tests {
             b"[]",
             b"{}",
             b"{\"v\":\"1\"}",
-            b"{\"v\":1}",
-            b"{\"v\":1,\"type\":\"nope\"}",
-            b"{\"v\":1,\"type\":\"connections\"}",
-            b"{\"v\":1,\"type\":\"connections\",\"count\":-1}",
-            b"{\"v\":1,\"type\":\"connections\",\"count\":1,\"extra\":1}",
-            b"{\"v\":1,\"type\":\"drain\",\"deadline_ms\":1e400}",
+            b"{\"v\":2}",
+            b"{\"v\":2,\"type\":\"nope\"}",
+            b"{\"v\":2,\"type\":\"connections\"}",
+            b"{\"v\":2,\"type\":\"connections\",\"count\":-1}",
+            b"{\"v\":2,\"type\":\"connections\",\"count\":1,\"extra\":1}",
+            b"{\"v\":2,\"type\":\"drain\",\"deadline_ms\":1e400}",
             b"{\"v\":99999999999,\"type\":\"ready\"}",
+            b"{\"v\":2,\"type\":\"handover\",\"id\":1,\"address\":\"a\",\"connections\":[{\"pending\":\"!!\"}]}",
         ];
         for bytes in cases {
             assert!(decode::<WorkerMessage>(bytes).is_err(), "{bytes:?}");
@@ -450,10 +599,36 @@ mod tests {
     #[test]
     fn a_hello_without_one_of_its_fields_names_it() {
         let err = decode::<MasterMessage>(
-            br#"{"v":1,"type":"hello","generation":1,"worker_index":0,"listener_count":0,"drain_timeout_ms":1,"traceparent":null}"#,
+            br#"{"v":2,"type":"hello","generation":1,"worker_index":0,"listener_count":0,"drain_timeout_ms":1,"traceparent":null,"handover":true}"#,
         )
         .unwrap_err();
         assert!(err.to_string().contains("app_config"), "{err}");
+    }
+
+    #[test]
+    fn a_listener_without_a_quic_slot_has_none_and_older_sdks_ignore_it() {
+        let message = decode::<MasterMessage>(
+            br#"{"v":1,"type":"listeners","offset":0,"listeners":[{"name":"h3","kind":"udp","address":"127.0.0.1:443"}]}"#,
+        )
+        .unwrap();
+        let MasterMessage::Listeners { listeners, .. } = message else {
+            panic!("{message:?}")
+        };
+        assert_eq!(listeners[0].quic_slot, None);
+        /// A listener's metadata as SDKs before `quic_slot` had it.
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Older {
+            name: String,
+            kind: ListenerKind,
+            address: String,
+        }
+        let info = ListenerInfo {
+            quic_slot: Some(3),
+            ..listeners[0].clone()
+        };
+        let older: Older = serde_json::from_str(&serde_json::to_string(&info).unwrap()).unwrap();
+        assert_eq!(older.address, "127.0.0.1:443");
     }
 
     #[test]

@@ -19,11 +19,13 @@ fn listener_info() -> impl Strategy<Value = ListenerInfo> {
             Just(ListenerKind::Udp)
         ],
         "\\PC{0,40}",
+        any::<Option<u8>>(),
     )
-        .prop_map(|(name, kind, address)| ListenerInfo {
+        .prop_map(|(name, kind, address, quic_slot)| ListenerInfo {
             name,
             kind,
             address,
+            quic_slot,
         })
 }
 
@@ -35,7 +37,8 @@ fn master_message() -> impl Strategy<Value = MasterMessage> {
             any::<u32>(),
             any::<u64>(),
             any::<bool>(),
-            proptest::option::of("\\PC{0,60}")
+            proptest::option::of("\\PC{0,60}"),
+            any::<bool>()
         )
             .prop_map(
                 |(
@@ -45,6 +48,7 @@ fn master_message() -> impl Strategy<Value = MasterMessage> {
                     drain_timeout_ms,
                     app_config,
                     traceparent,
+                    handover,
                 )| {
                     MasterMessage::Hello {
                         generation,
@@ -53,6 +57,7 @@ fn master_message() -> impl Strategy<Value = MasterMessage> {
                         drain_timeout_ms,
                         app_config,
                         traceparent,
+                        handover,
                     }
                 }
             ),

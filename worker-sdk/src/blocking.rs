@@ -209,6 +209,8 @@ impl Worker {
             app_files,
             log_filter: _,
             traceparent,
+            // Its connections are its own: it neither offers nor adopts any.
+            handover: _,
         } = hello;
         if app_files.is_some() {
             let error = Error::Protocol(
@@ -604,6 +606,7 @@ mod tests {
             name: "http".into(),
             kind: ListenerKind::Tcp,
             address: sibling.local_addr().unwrap().to_string(),
+            quic_slot: None,
         };
         // This worker's copy, as the hello gives it.
         let fd = OwnedFd::from(sibling.try_clone().unwrap());

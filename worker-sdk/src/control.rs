@@ -4,6 +4,7 @@
 
 use crate::app_config::Reloadable;
 use crate::drain::Drain;
+use crate::handover::{Answer, Handover};
 use crate::reopen;
 use baton_wire::channel::Channel;
 use baton_wire::protocol::{AppFile, AppPhase, MasterMessage, WorkerMessage};
@@ -42,6 +43,7 @@ pub(crate) fn spawn_reader(
     drain_timeout: Duration,
     reopen: watch::Sender<u64>,
     handles: Handles,
+    handover: Handover,
 ) {
     tokio::spawn(async move {
         loop {
@@ -79,11 +81,30 @@ pub(crate) fn spawn_reader(
                             handle.abort();
                         }
                     }
+                    MasterMessage::Adopt {
+                        id,
+                        address,
+                        connections,
+                    } => {
+                        let answer = handover.adopt(
+                            id,
+                            &address,
+                            connections,
+                            received.fds,
+                            received.fds_truncated,
+                        );
+                        let _ = channel.send(&answer).await;
+                    }
+                    MasterMessage::HandedOver { id } => handover.answer(id, Answer::Taken),
+                    MasterMessage::HandoverRefused { id, reason } => {
+                        handover.answer(id, Answer::Refused(reason))
+                    }
                     MasterMessage::Hello { .. }
                     | MasterMessage::Listeners { .. }
                     | MasterMessage::AppFiles { .. } => {}
                 },
                 Ok(None) | Err(_) => {
+                    handover.master_gone();
                     drain.start(drain_timeout);
                     return;
                 }

@@ -95,7 +95,7 @@ impl Error {
             ChannelError::Decode(_) | ChannelError::MessageTruncated => {
                 std::io::ErrorKind::InvalidData
             }
-            ChannelError::TooManyFds(_) | ChannelError::FdsTruncated => std::io::ErrorKind::Other,
+            ChannelError::TooManyFds(_) => std::io::ErrorKind::Other,
         };
         Error::Channel(std::io::Error::new(kind, error))
     }

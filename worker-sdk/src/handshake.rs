@@ -69,6 +69,8 @@ pub(crate) struct Hello {
     pub(crate) log_filter: Option<String>,
     /// The reload's W3C `traceparent`, when well-formed.
     pub(crate) traceparent: Option<String>,
+    /// Whether idle connections move at a drain (`[worker] handover`).
+    pub(crate) handover: bool,
 }
 
 /// What the hello said.
@@ -79,6 +81,7 @@ struct Greeting {
     listener_count: u32,
     drain_timeout: Duration,
     app_config: bool,
+    handover: bool,
 }
 
 /// The handshake so far.
@@ -104,6 +107,7 @@ impl Handshake {
                 drain_timeout_ms,
                 app_config,
                 traceparent,
+                handover,
             } = received.message
             else {
                 return Err(Error::Protocol(format!(
@@ -117,6 +121,7 @@ impl Handshake {
                 listener_count,
                 drain_timeout: Duration::from_millis(drain_timeout_ms),
                 app_config,
+                handover,
             });
             // As W3C Trace Context says of a malformed header: ignored.
             self.traceparent = traceparent.filter(|t| crate::context::is_traceparent(t));
@@ -201,6 +206,7 @@ impl Handshake {
             app_files: self.app_files,
             log_filter: self.log_filter,
             traceparent: self.traceparent,
+            handover: hello.handover,
         }
     }
 }

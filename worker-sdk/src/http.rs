@@ -8,8 +8,13 @@
 //!
 //! [`serve`] closes a connection only when the client cannot be using it.
 //! Once draining it stops accepting (the listening socket is shared, so the
-//! next generation keeps accepting from the same queue) and tells each
-//! connection to go, spread over [`ServeOptions::close_spread`]:
+//! next generation keeps accepting from the same queue). Under baton, with
+//! [`ServeOptions::handover`] (as [`Worker::serve_options`](crate::Worker::serve_options)
+//! sets it), each HTTP/1.1 connection of a listener without TLS is then
+//! handed to a worker of the current generation between two requests, with
+//! the bytes of its next request already read: the client sees no close.
+//! Every other connection, and one the next generation did not take, is told
+//! to go, spread over [`ServeOptions::close_spread`]:
 //!
 //! - **HTTP/1.1**: every further request is answered normally, with
 //!   `Connection: close`: the client reads the whole response, learns the
@@ -57,20 +62,22 @@ mod accept;
 mod connection;
 mod count;
 mod registry;
+mod rewind;
 mod spread;
 mod worker;
 
+pub use crate::handover::Handover;
 pub use accept::{with_acceptor, Accept, WithAcceptor};
 pub use registry::DrainNotice;
 
 use crate::Drain;
-use connection::{drive, Setup};
+use connection::{adopted, drive, Setup, Shared};
 use count::ConnectionCount;
 use hyper::body::{Body, Incoming};
+use hyper::server::conn::{http1, http2};
 use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use registry::Registry;
 use spread::Spread;
@@ -141,6 +148,18 @@ pub struct ServeOptions {
     /// [`Worker::report_connections`](crate::Worker::report_connections)
     /// here. Default none.
     pub on_connections: Option<Arc<dyn Fn(u64) + Send + Sync>>,
+    /// The worker's handovers: at a drain, each idle HTTP/1.1 connection
+    /// (between two requests, with the bytes of a next request already read)
+    /// moves to a worker of the current generation instead of being closed,
+    /// when the listener allows it (a TCP or Unix listener without TLS) and
+    /// `[worker] handover` is on; one that cannot move is closed as
+    /// described above. [`Worker::serve_options`](crate::Worker::serve_options)
+    /// sets it; `None` (the default, and standalone) closes every
+    /// connection. [`Worker::serve`](crate::Worker::serve) tells the master
+    /// it takes connections before it reports ready; a program that calls
+    /// `ready` and then `serve` itself is told a moment later, and a
+    /// connection offered in between is closed as without a handover.
+    pub handover: Option<Handover>,
 }
 
 impl Default for ServeOptions {
@@ -150,6 +169,7 @@ impl Default for ServeOptions {
             header_read_timeout: Some(Duration::from_secs(30)),
             close_spread: None,
             on_connections: None,
+            handover: None,
         }
     }
 }
@@ -164,6 +184,7 @@ impl fmt::Debug for ServeOptions {
                 "on_connections",
                 &self.on_connections.as_ref().map(|_| ".."),
             )
+            .field("handover", &self.handover)
             .finish()
     }
 }
@@ -343,14 +364,19 @@ pub trait ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static
 
 impl<T> ResponseBody for T where T: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
 
-/// HTTP/1.1 with keep-alive, HTTP/2, and upgrades, on one listener.
-fn http_builder(options: &ServeOptions) -> auto::Builder<TokioExecutor> {
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .keep_alive(true)
+/// HTTP/1.1 with keep-alive and upgrades.
+fn http1_builder(options: &ServeOptions) -> http1::Builder {
+    let mut http = http1::Builder::new();
+    http.keep_alive(true)
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout);
-    http.http2().timer(TokioTimer::new());
+    http
+}
+
+/// HTTP/2, by prior knowledge or ALPN.
+fn http2_builder() -> http2::Builder<TokioExecutor> {
+    let mut http = http2::Builder::new(TokioExecutor::new());
+    http.timer(TokioTimer::new());
     http
 }
 
@@ -365,7 +391,29 @@ where
     S: HyperService<B>,
     B: ResponseBody,
 {
-    let http = Arc::new(http_builder(&options));
+    let handover = options.handover.clone();
+    // Where this listener's connections are handed over, if they are.
+    let address = match &handover {
+        Some(h) if h.is_enabled() => listener.handover_address(),
+        _ => None,
+    };
+    let setup = Setup {
+        service,
+        shared: Shared {
+            h1: Arc::new(http1_builder(&options)),
+            h2: Arc::new(http2_builder()),
+            drain: drain.clone(),
+            idle_grace: options.idle_grace,
+            handshake_timeout: options.header_read_timeout,
+            handover: handover.clone(),
+            address: address.as_deref().map(Arc::from),
+        },
+    };
+    // Connections other workers hand over on this listener.
+    let mut adoptions = match (&handover, &address) {
+        (Some(handover), Some(address)) => handover.adopt_on(address),
+        _ => None,
+    };
     let registry = Arc::new(Registry::default());
     let mut tasks = JoinSet::new();
     let mut count = ConnectionCount::new(options.on_connections.clone());
@@ -376,17 +424,14 @@ where
             Some(_) = tasks.join_next() => {}
             _ = registry.changed() => {}
             _ = count.due() => count.flush(),
+            Some(adoptee) = next_adoptee(&mut adoptions) => {
+                spawn_adopted::<L, S, B>(&mut tasks, &registry, &setup, adoptee);
+            }
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
-                    let setup = Setup {
-                        http: http.clone(),
-                        service: service.clone(),
-                        drain: drain.clone(),
-                        idle_grace: options.idle_grace,
-                        handshake_timeout: options.header_read_timeout,
-                    };
                     let registration = registry.register();
-                    tasks.spawn(drive(listener.handshake(stream), registration, setup));
+                    let connection = drive::<L, S, B>(listener.handshake(stream), registration, setup.clone());
+                    tasks.spawn(connection);
                 }
                 Err(error) if is_fatal(&error) => return Err(error),
                 Err(error) if is_per_connection(&error) => {}
@@ -397,6 +442,16 @@ where
             },
         }
         count.set(registry.len());
+    }
+    // Those adopted before the drain was heard are served (and handed on).
+    if let (Some(handover), Some(address)) = (&handover, &address) {
+        handover.stop_adopting(address);
+    }
+    if let Some(adoptions) = &mut adoptions {
+        adoptions.close();
+        while let Ok(adoptee) = adoptions.try_recv() {
+            spawn_adopted::<L, S, B>(&mut tasks, &registry, &setup, adoptee);
+        }
     }
     // Other generations accept from the same socket; this one stops now.
     drop(listener);
@@ -423,6 +478,9 @@ where
             _ = spread.next_due() => spread.fire_due(),
             _ = count.due() => count.flush(),
             _ = sleep_until(deadline.min(Instant::now() + DEADLINE_POLL)) => {
+                if let Some(handover) = &handover {
+                    handover.report_closed(false);
+                }
                 deadline = drain.deadline().unwrap_or(deadline);
                 if Instant::now() >= deadline {
                     // hyper's connections go with their tasks; upgraded ones,
@@ -436,7 +494,41 @@ where
     }
     count.set(0);
     count.flush();
+    if let Some(handover) = &handover {
+        handover.report_closed(true);
+    }
     Ok(())
+}
+
+/// The next connection handed over to this listener; never without
+/// handovers.
+async fn next_adoptee(
+    adoptions: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::handover::Adoptee>>,
+) -> Option<crate::handover::Adoptee> {
+    match adoptions {
+        Some(adoptions) => adoptions.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves a connection handed over as if it had been accepted.
+fn spawn_adopted<L, S, B>(
+    tasks: &mut JoinSet<()>,
+    registry: &Arc<Registry>,
+    setup: &Setup<S>,
+    adoptee: crate::handover::Adoptee,
+) where
+    L: Accept,
+    S: HyperService<B>,
+    B: ResponseBody,
+{
+    // Only fails when the runtime cannot take the socket: it closes.
+    let Ok(io) = L::restore(adoptee.fd) else {
+        return;
+    };
+    let registration = registry.register();
+    let pending = adoptee.pending.into();
+    tasks.spawn(adopted::<L, S, B>(io, pending, registration, setup.clone()));
 }
 
 /// Errors that say the listener itself is unusable; retrying cannot help.

@@ -58,12 +58,15 @@ mod context;
 mod control;
 mod drain;
 mod error;
+mod handover;
 mod handshake;
 #[cfg(feature = "http")]
 pub mod http;
 mod listener;
 #[cfg(feature = "tracing")]
 pub mod logging;
+#[cfg(feature = "quic")]
+pub mod quic;
 mod reopen;
 mod standalone;
 mod worker;

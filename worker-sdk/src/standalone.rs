@@ -44,6 +44,7 @@ fn bind(name: &str, address: &str) -> Result<Listener, Error> {
         name: name.to_string(),
         kind,
         address: describe(&addr).unwrap_or_else(|| address.to_string()),
+        quic_slot: None,
     };
     Ok(Listener { info, fd })
 }
@@ -109,6 +110,7 @@ fn socket_activation_listeners() -> Result<BTreeMap<String, Listener>, Error> {
                     name,
                     kind,
                     address,
+                    quic_slot: None,
                 },
                 fd,
             },

@@ -44,6 +44,9 @@ pub struct Worker {
     app: App,
     /// The reload's W3C `traceparent`, from the hello.
     traceparent: Option<String>,
+    /// Connections moving to and from other workers (supervised only).
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    handover: Option<crate::handover::Handover>,
 }
 
 /// The worker's side of in-place reloads.
@@ -181,6 +184,7 @@ impl Builder {
             reopen,
             app,
             traceparent: crate::context::traceparent(),
+            handover: None,
         })
     }
 }
@@ -420,6 +424,12 @@ impl Worker {
         self.reporter().report_connections(count);
     }
 
+    /// The worker's handovers, when supervised.
+    #[cfg(feature = "http")]
+    pub(crate) fn handover(&self) -> Option<crate::handover::Handover> {
+        self.handover.clone()
+    }
+
     /// A handle that reports connections, for hooks that outlive `&self`.
     pub(crate) fn reporter(&self) -> Reporter {
         Reporter::new(self.control.clone())
@@ -564,6 +574,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
         app_files,
         log_filter,
         traceparent,
+        handover,
     } = handshake.finish();
     let app = App {
         initial: app_files,
@@ -572,12 +583,14 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
     };
     let drain = Drain::new();
     let (reopen_tx, reopen) = Reopen::channel();
+    let handover = crate::handover::Handover::new(channel.clone(), handover);
     control::spawn_reader(
         channel.clone(),
         drain.clone(),
         drain_timeout,
         reopen_tx,
         app.handles.clone(),
+        handover.clone(),
     );
     // A SIGTERM or SIGINT that reaches the worker past the master (a
     // container runtime or `kill` aimed at every process, the master's fast
@@ -592,6 +605,7 @@ async fn handshake(channel: &Arc<Channel>) -> Result<Worker, Error> {
         reopen,
         app,
         traceparent: traceparent.or_else(crate::context::traceparent),
+        handover: Some(handover),
     })
 }
 
@@ -655,6 +669,7 @@ mod tests {
             drain_timeout_ms: 1000,
             app_config: false,
             traceparent: None,
+            handover: true,
         };
         master.try_send(&hello, &[]).unwrap();
     }
@@ -667,6 +682,7 @@ mod tests {
                 name: "http".into(),
                 kind: ListenerKind::Tcp,
                 address: address.into(),
+                quic_slot: None,
             }],
         };
         master.try_send(&batch, fds).unwrap();
@@ -684,6 +700,7 @@ mod tests {
             drain_timeout_ms: 1000,
             app_config: false,
             traceparent: Some(traceparent.into()),
+            handover: true,
         };
         master.try_send(&hello, &[]).unwrap();
         handshake(&Arc::new(Channel::new(worker).unwrap()))
@@ -708,16 +725,16 @@ mod tests {
         let (master, worker) = pair().unwrap();
         nix::sys::socket::send(
             master.as_fd().as_raw_fd(),
-            br#"{"v":2,"type":"hello","generation":1}"#,
+            br#"{"v":3,"type":"hello","generation":1}"#,
             nix::sys::socket::MsgFlags::empty(),
         )
         .unwrap();
         let channel = Arc::new(Channel::new(worker).unwrap());
         let error = handshake(&channel).await.unwrap_err();
-        assert!(matches!(error, Error::Version { master: 2 }), "{error:?}");
+        assert!(matches!(error, Error::Version { master: 3 }), "{error:?}");
         assert_eq!(
             error.to_string(),
-            "the master speaks protocol version 2, this SDK speaks version 1"
+            "the master speaks protocol version 3, this SDK speaks version 2"
         );
     }
 

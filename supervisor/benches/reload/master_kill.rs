@@ -288,6 +288,7 @@ fn kill_baton(server: &mut Server) -> Result<Kill, String> {
     let reload = Request::Reload {
         canary: None,
         mode: None,
+        if_version: None,
     };
     let reply = client::request(&socket, &reload, STEP_TIMEOUT)
         .map_err(|e| format!("baton reload: {e}"))?;

@@ -151,6 +151,7 @@ impl Running {
             &Request::Reload {
                 canary: None,
                 mode: Some(mode.into()),
+                if_version: None,
             },
             TIMEOUT,
         )

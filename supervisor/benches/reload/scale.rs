@@ -164,6 +164,7 @@ fn reload_once(socket: &Path, figures: &mut Figures) -> Result<(), String> {
             &Request::Reload {
                 canary: None,
                 mode: None,
+                if_version: None,
             },
             REQUEST_TIMEOUT,
         );

@@ -1,7 +1,8 @@
 //! The admin endpoint's HTTP/1.1 server (hyper): routing, and handing each
 //! request to the master's loop as an event.
 
-use super::limits::{Caps, Held, Peer, Table};
+use super::auth::{Caller, WritePolicy};
+use super::limits::{Caps, Held, Table};
 use super::respond::{Answer, Endpoint};
 use crate::master::{Event, Events};
 use http_body_util::combinators::BoxBody;
@@ -52,10 +53,13 @@ impl Listener {
 /// the rest with the control socket's requests.
 #[derive(Clone)]
 pub struct Inboxes {
-    /// `/metrics`, `/status`.
+    /// `/metrics`, `/status`, and the writes.
     pub requests: Events,
     /// `/healthz`, `/readyz`.
     pub probes: Events,
+    /// Who may write, as the running configuration says (see
+    /// [`super::auth`]).
+    pub writes: Arc<arc_swap::ArcSwap<WritePolicy>>,
 }
 
 /// Accepts connections until aborted, always: the caps of [`Table`] close
@@ -69,12 +73,19 @@ pub async fn serve(listener: Listener, inboxes: Inboxes, closing: CancellationTo
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, from)| {
                 let _ = s.set_nodelay(true);
-                spawn(s, Some(from.ip()), &table, &inboxes, &closing)
+                spawn(s, Caller::Tcp(from), &table, &inboxes, &closing)
             }),
-            Listener::Unix(l) => l
-                .accept()
-                .await
-                .map(|(s, _)| spawn(s, None, &table, &inboxes, &closing)),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| {
+                // Without credentials the peer is gone already: nothing
+                // to answer.
+                if let Ok(peer) = s.peer_cred() {
+                    let caller = Caller::Unix {
+                        pid: peer.pid(),
+                        uid: peer.uid(),
+                    };
+                    spawn(s, caller, &table, &inboxes, &closing)
+                }
+            }),
         };
         if let Err(e) = accepted {
             // EMFILE and the like: give the master a moment to recover.
@@ -84,10 +95,19 @@ pub async fn serve(listener: Listener, inboxes: Inboxes, closing: CancellationTo
     }
 }
 
-fn spawn<S>(stream: S, peer: Peer, table: &Table, inboxes: &Inboxes, closing: &CancellationToken)
-where
+fn spawn<S>(
+    stream: S,
+    caller: Caller,
+    table: &Table,
+    inboxes: &Inboxes,
+    closing: &CancellationToken,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let peer = match caller {
+        Caller::Tcp(address) => Some(address.ip()),
+        Caller::Unix { .. } => None,
+    };
     let (held, _closed) = table.admit(peer);
     if held.close.is_cancelled() {
         // Every other connection of this peer is being answered.
@@ -109,7 +129,7 @@ where
                 );
                 async move {
                     held.busy();
-                    let mut response = answer(request, &inboxes).await;
+                    let mut response = answer(request, caller, &inboxes).await;
                     if closing.is_cancelled() {
                         response
                             .headers_mut()
@@ -150,7 +170,10 @@ where
 /// A response's body: an answer, or the `/events` stream.
 type Body = BoxBody<Bytes, std::convert::Infallible>;
 
-async fn answer(request: Request<Incoming>, inboxes: &Inboxes) -> Response<Body> {
+async fn answer(request: Request<Incoming>, caller: Caller, inboxes: &Inboxes) -> Response<Body> {
+    if super::write::PATHS.contains(&request.uri().path()) {
+        return write(request, caller, inboxes).await;
+    }
     let openmetrics = request
         .headers()
         .get_all(hyper::header::ACCEPT)
@@ -212,6 +235,86 @@ async fn answer(request: Request<Incoming>, inboxes: &Inboxes) -> Response<Body>
     reply(answer.unwrap_or_else(|_| Answer::text(503, "the master is exiting\n".into())))
 }
 
+/// `POST /reload` and the other writes (see [`super::write`]): refused
+/// unless [`WritePolicy`] lets the caller through, before the body is read.
+async fn write(request: Request<Incoming>, caller: Caller, inboxes: &Inboxes) -> Response<Body> {
+    let path = request.uri().path().to_string();
+    let written = if request.method() != Method::POST {
+        let mut response = reply(Answer::text(405, format!("{path} takes POST\n")));
+        response
+            .headers_mut()
+            .insert(hyper::header::ALLOW, "POST".parse().expect("valid"));
+        return response;
+    } else {
+        let authorization = request
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        let presented = authorization.is_some();
+        match inboxes.writes.load().authorize(caller, authorization) {
+            Err(refusal) => {
+                refused_write(&path, caller, &refusal);
+                super::write::Written::refused(refusal, presented)
+            }
+            Ok(grant) => {
+                let from = crate::audit::Requester::admin(caller, &grant);
+                let query = request.uri().query().map(str::to_string);
+                super::write::run(
+                    &path,
+                    query.as_deref(),
+                    request.into_body(),
+                    &inboxes.requests,
+                    from,
+                )
+                .await
+            }
+        }
+    };
+    let mut response = reply(Answer {
+        status: written.status,
+        content_type: "application/json",
+        body: written.body,
+    });
+    if let Some(challenge) = written.challenge {
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            challenge.parse().expect("valid"),
+        );
+    }
+    response
+}
+
+/// Logs a refused write (who, which path, why; never a token), at most
+/// ten a second: a client hammering with bad tokens must not flood the log.
+fn refused_write(path: &str, caller: Caller, refusal: &super::auth::Refusal) {
+    static LIMIT: std::sync::Mutex<Option<crate::ratelimit::Window>> = std::sync::Mutex::new(None);
+    let now = tokio::time::Instant::now();
+    let mut limit = LIMIT.lock().unwrap_or_else(|e| e.into_inner());
+    let window =
+        limit.get_or_insert_with(|| crate::ratelimit::Window::new(10, Duration::from_secs(1), now));
+    let dropped = window.roll(now);
+    if dropped > 0 {
+        tracing::warn!(
+            dropped,
+            "admin writes refused without a log line (over 10 a second)"
+        );
+    }
+    if window.allow(now) {
+        let from = match caller {
+            Caller::Tcp(address) => address.to_string(),
+            Caller::Unix { pid, uid } => format!("pid {} uid {uid}", pid.unwrap_or(0)),
+        };
+        tracing::warn!(
+            event = "admin.write_refused",
+            path,
+            from,
+            status = refusal.status,
+            reason = %refusal.reason,
+            "admin write refused"
+        );
+    }
+}
+
 /// `GET /events`: the key events as Server-Sent Events (see
 /// [`crate::events`]).
 fn events() -> Response<Body> {
@@ -247,4 +350,6 @@ const INDEX: &str = "baton admin endpoint\n\
 /healthz  200 while the master's loop answers\n\
 /readyz   200 while a generation serves with every worker ready; 503 once stopping\n\
 /status   the JSON of `baton status --json`\n\
-/events   every reload, rollback, probation result, crash loop and worker exit, as Server-Sent Events\n";
+/events   every reload, rollback, probation result, crash loop and worker exit, as Server-Sent Events\n\
+POST /reload /upgrade /restart /promote /rollback /scale /drain /stop /reopen\n\
+          what the CLI command of the same name does, with a token (see docs/operations.md)\n";

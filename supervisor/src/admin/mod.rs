@@ -17,9 +17,11 @@
 //! 5 s header deadline keep silent, slow and idle clients from holding a
 //! probe back.
 
+pub mod auth;
 mod http;
 pub mod limits;
 pub mod respond;
+mod write;
 
 pub use http::Inboxes;
 

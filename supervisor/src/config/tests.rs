@@ -175,6 +175,31 @@ fn nodelay_is_on_by_default_and_only_for_tcp_listeners() {
 }
 
 #[test]
+fn quic_is_off_by_default_and_only_for_udp_listeners() {
+    let listener = |address: &str, quic: &str| {
+        parse(&format!(
+            "[[listener]]\nname = \"a\"\naddress = \"{address}\"\n{quic}[worker]\ncommand = [\"x\"]\n"
+        ))
+    };
+    assert!(!listener("udp:127.0.0.1:1", "").unwrap().listeners[0].quic);
+    assert!(
+        listener("udp:127.0.0.1:1", "quic = true\n")
+            .unwrap()
+            .listeners[0]
+            .quic
+    );
+    for address in ["127.0.0.1:1", "unix:app.sock"] {
+        let e = listener(address, "quic = true\n").unwrap_err().to_string();
+        assert!(
+            e.contains(":1:1: ")
+                && e.contains("listener \"a\": quic applies to UDP listeners only"),
+            "{address}: {e}"
+        );
+        assert!(!listener(address, "quic = false\n").unwrap().listeners[0].quic);
+    }
+}
+
+#[test]
 fn duplicate_listener_name_or_address_points_at_the_second_one() {
     let e = error(
         "[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:1\"\n[[listener]]\nname = \"a\"\naddress = \"127.0.0.1:2\"\n[worker]\ncommand = [\"x\"]\n",

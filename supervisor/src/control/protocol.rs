@@ -25,6 +25,13 @@ pub enum Request {
         /// `new_generation`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mode: Option<String>,
+        /// The version the deploy tool is rolling out (its own: a git
+        /// sha, a release number). When the current generation was
+        /// committed by a reload with the same `if_version`, nothing is
+        /// done and the outcome says `unchanged`; otherwise the generation
+        /// this reload commits records it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        if_version: Option<String>,
     },
     /// End the probation of the reload under way: keep the new generation.
     Promote {},
@@ -184,7 +191,7 @@ pub fn encode_line<T: Serialize>(body: T) -> Vec<u8> {
 pub struct ReloadOutcome {
     /// The generation the transaction started.
     pub generation: u64,
-    /// `start`, `signal`, `cli`, `coalesced`.
+    /// `start`, `signal`, `cli`, `admin`, `coalesced`, `upgrade`, `restart`.
     pub trigger: String,
     /// `committed` or `failed`.
     pub outcome: String,
@@ -202,6 +209,9 @@ pub struct ReloadOutcome {
     /// The config version it applied (when committed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The deploy tool's version (`if_version`) the generation runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_version: Option<String>,
     /// The new generation's worker pids (when committed).
     pub pids: Vec<i32>,
     /// When it ended, in seconds since the Unix epoch.
@@ -213,6 +223,17 @@ pub struct ReloadOutcome {
 
 fn new_generation() -> String {
     "new_generation".into()
+}
+
+/// What became of a drained generation's client connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainedStatus {
+    /// The generation.
+    pub generation: u64,
+    /// Handed to a worker of a newer generation, open.
+    pub handed_over: u64,
+    /// Closed at the drain (told to go) instead.
+    pub closed_at_drain: u64,
 }
 
 /// One phase's duration.
@@ -239,6 +260,10 @@ pub struct Status {
     /// The last finished reload (including the start).
     #[serde(default)]
     pub last_reload: Option<ReloadOutcome>,
+    /// The last generation that finished draining with client connections
+    /// to hand over or close, and what became of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drained: Option<DrainedStatus>,
     /// A reload past cutover, on probation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
@@ -331,6 +356,15 @@ pub struct GenerationStatus {
     /// Its config version: the `[worker]` settings and `app_config` files.
     #[serde(default)]
     pub config_version: String,
+    /// The deploy tool's version (`if_version`) it was committed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy_version: Option<String>,
+    /// Client connections it handed to a newer generation while draining.
+    #[serde(default)]
+    pub handed_over: u64,
+    /// Client connections it closed at its drain instead (told to go).
+    #[serde(default)]
+    pub closed_at_drain: u64,
     /// The master's fd of each socket its workers were given, in config
     /// order: the listener's own, or (TCP, workers without the SDK) a socket
     /// of the generation's own on the same port.
@@ -405,10 +439,12 @@ mod tests {
             Request::Reload {
                 canary: None,
                 mode: None,
+                if_version: None,
             },
             Request::Reload {
                 canary: Some("10%".into()),
                 mode: Some("in_place".into()),
+                if_version: Some("v42".into()),
             },
             Request::Promote {},
             Request::Rollback {},

@@ -123,6 +123,11 @@ pub struct Generation {
     trace: Option<(tracing::Span, String)>,
     /// Workers being started off the event loop, by index.
     pending: BTreeMap<u32, worker::Prepared>,
+    /// The version a deploy tool said it runs (`if_version` of the reload
+    /// that committed it).
+    deploy_version: Option<String>,
+    /// Its SDK workers' sockets on QUIC listeners' ports.
+    quic: super::quic::QuicSockets,
 }
 
 impl Generation {
@@ -145,12 +150,14 @@ impl Generation {
             respawns: BTreeMap::new(),
             crashes: BTreeMap::new(),
             crash_looped: Default::default(),
+            deploy_version: None,
             executable,
             notify: None,
             handover: None,
             draining_since: None,
             trace: None,
             pending: BTreeMap::new(),
+            quic: Default::default(),
         }
     }
 
@@ -177,6 +184,9 @@ impl Generation {
     /// Its state changes only through the [`super::Fleet`].
     pub(super) fn set_state(&mut self, state: GenerationState) {
         self.state = state;
+        if state == GenerationState::Current {
+            super::quic::make_current(&self.listeners, self.number);
+        }
     }
 
     /// How many workers it runs (the config's `processes`, or a scale).
@@ -217,6 +227,7 @@ impl Generation {
 
     /// Worker `pid` exited: its record, taken out.
     pub fn remove_worker(&mut self, pid: Pid) -> Option<Worker> {
+        self.quic.exited(pid);
         self.workers.remove(&pid)
     }
 
@@ -253,6 +264,16 @@ impl Generation {
     /// Indexes the crash-loop breaker stopped respawning.
     pub fn crash_looped(&self) -> &std::collections::BTreeSet<u32> {
         &self.crash_looped
+    }
+
+    /// The version a deploy tool said it runs, if any.
+    pub fn deploy_version(&self) -> Option<&str> {
+        self.deploy_version.as_deref()
+    }
+
+    /// Records the version a deploy tool said it runs (`if_version`).
+    pub fn set_deploy_version(&mut self, version: Option<String>) {
+        self.deploy_version = version;
     }
 
     /// The worker's executable as it was when the generation started.
@@ -371,7 +392,7 @@ impl Generation {
             config: &self.config.worker,
             generation: self.number,
             index,
-            listeners: &self.listeners,
+            listeners: self.quic.starting(index).unwrap_or(&self.listeners),
             notify_socket: self.notify.as_ref().map(|n| n.socket.path()),
             app: &self.config.app,
             traceparent: self.trace.as_ref().map(|(_, t)| t.as_str()),
@@ -390,9 +411,25 @@ impl Generation {
         events: &Events,
         children: &mut Children,
     ) -> anyhow::Result<&mut Worker> {
-        let (plan, prepared) = worker::prepare(&self.spec(index), restarts, crashes)?;
-        let child = crate::forker::spawn_and_wait(plan)?;
+        self.prepare_quic(index)?;
+        let spawned = worker::prepare(&self.spec(index), restarts, crashes)
+            .and_then(|(plan, prepared)| Ok((crate::forker::spawn_and_wait(plan)?, prepared)));
+        let (child, prepared) = match spawned {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                self.quic.not_started(index);
+                return Err(e);
+            }
+        };
         self.take_in(index, prepared, child, events, children)
+    }
+
+    /// Worker `index`'s own sockets on QUIC ports, for an SDK worker.
+    fn prepare_quic(&mut self, index: u32) -> anyhow::Result<()> {
+        if self.config.worker.protocol != crate::config::Protocol::Sdk {
+            return Ok(());
+        }
+        self.quic.prepare(index, &self.listeners, self.number)
     }
 
     /// Starts worker `index` without waiting for it: the main thread forks
@@ -401,7 +438,10 @@ impl Generation {
     /// child back to [`Generation::spawned`]. The generation is kept, and
     /// with it the listeners the child inherits by fd number, until then.
     pub fn spawn_off_loop(&mut self, index: u32, events: &Events) -> anyhow::Result<()> {
-        let (plan, prepared) = worker::prepare(&self.spec(index), 0, 0)?;
+        self.prepare_quic(index)?;
+        let (plan, prepared) = worker::prepare(&self.spec(index), 0, 0).inspect_err(|_| {
+            self.quic.not_started(index);
+        })?;
         let (events, generation) = (events.clone(), self.number);
         crate::forker::spawn(plan, move |result| {
             let _ = events.send(Event::Spawned {
@@ -422,6 +462,7 @@ impl Generation {
 
     /// Forgets a worker started off the loop that is not wanted any more.
     pub fn forget_pending(&mut self, index: u32) {
+        self.quic.not_started(index);
         self.pending.remove(&index);
     }
 
@@ -455,6 +496,7 @@ impl Generation {
     ) -> anyhow::Result<&mut Worker> {
         let mut worker = prepared.finish(child, &self.spec(index))?;
         let pid = worker.pid();
+        self.quic.started(index, pid);
         if let Some((spawn_phase, _)) = &self.trace {
             worker.trace_startup(tracing::info_span!(parent: spawn_phase, "worker startup", generation = self.number, worker = index, pid = pid.as_raw(), outcome = tracing::field::Empty));
         }

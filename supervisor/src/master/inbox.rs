@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::control::protocol::{Reply, Request};
 use crate::upgrade::handoff::{NewMessage, OldMessage};
-use baton_wire::channel::{Channel, ChannelError};
+use baton_wire::channel::{Channel, ChannelError, Received};
 use baton_wire::protocol::WorkerMessage;
 use nix::unistd::Pid;
 use std::sync::Arc;
@@ -22,6 +22,10 @@ pub enum Event {
         pid: Pid,
         /// What arrived.
         message: Result<WorkerMessage, ChannelError>,
+        /// The fds it carried (a handover's sockets).
+        fds: Vec<std::os::fd::OwnedFd>,
+        /// Whether some of its fds were lost (this master at its fd limit).
+        fds_truncated: bool,
     },
     /// A message from the new master during a binary upgrade.
     Upgrade {
@@ -33,6 +37,9 @@ pub enum Event {
     OldMaster {
         /// What arrived.
         message: Option<OldMessage>,
+        /// The fds it carried (connections handed over); `None` when some
+        /// were lost (this master at its fd limit).
+        fds: Option<Vec<std::os::fd::OwnedFd>>,
     },
     /// In a new master after an upgrade: the old master has exited.
     OldMasterExited,
@@ -146,6 +153,20 @@ pub fn forward<T>(
 where
     T: for<'de> serde::Deserialize<'de> + Send + 'static,
 {
+    forward_received(events, channel, move |received| {
+        wrap(received.map(|received| received.message))
+    })
+}
+
+/// [`forward`], with the fds each message carried.
+fn forward_received<T>(
+    events: &Events,
+    channel: Arc<Channel>,
+    wrap: impl Fn(Result<Received<T>, ChannelError>) -> Event + Send + 'static,
+) -> tokio::task::AbortHandle
+where
+    T: for<'de> serde::Deserialize<'de> + Send + 'static,
+{
     let events = events.clone();
     tokio::spawn(async move {
         let mut window = crate::ratelimit::Window::new(
@@ -156,7 +177,7 @@ where
         loop {
             tokio::time::sleep_until(window.spend(1, Instant::now())).await;
             let message = match channel.recv::<T>().await {
-                Ok(Some(received)) => Ok(received.message),
+                Ok(Some(received)) => Ok(received),
                 Ok(None) => return,
                 Err(e) if e.is_peer_gone() => return,
                 Err(e) => Err(e),
@@ -176,8 +197,18 @@ pub fn forward_worker(
     pid: Pid,
     channel: Arc<Channel>,
 ) -> tokio::task::AbortHandle {
-    forward(events, channel, move |message| Event::Message {
-        pid,
-        message,
+    forward_received(events, channel, move |received| match received {
+        Ok(received) => Event::Message {
+            pid,
+            message: Ok(received.message),
+            fds: received.fds,
+            fds_truncated: received.fds_truncated,
+        },
+        Err(e) => Event::Message {
+            pid,
+            message: Err(e),
+            fds: Vec::new(),
+            fds_truncated: false,
+        },
     })
 }

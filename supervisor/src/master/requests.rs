@@ -24,7 +24,11 @@ impl Master {
     pub(crate) fn on_control(&mut self, request: Request, reply: Waiter, from: Requester) {
         tracing::debug!(?request, "control request");
         let answer = match request {
-            Request::Reload { canary, mode } => {
+            Request::Reload {
+                canary,
+                mode,
+                if_version,
+            } => {
                 let canary = canary
                     .as_deref()
                     .map(crate::config::Share::parse)
@@ -35,15 +39,16 @@ impl Master {
                     (_, Err(e)) => Reply::error(format!("reload refused: {e}")),
                     (Ok(canary), Ok(mode)) => {
                         return self.request_reload(ReloadRequest {
-                            trigger: if from.is_watch() {
-                                Trigger::Watch
-                            } else {
-                                Trigger::Cli
+                            trigger: match from.via.as_str() {
+                                "admin" => Trigger::Admin,
+                                "watch" => Trigger::Watch,
+                                _ => Trigger::Cli,
                             },
                             canary,
                             mode: mode.unwrap_or_default(),
                             requested_by: Some(from),
                             waiters: vec![reply],
+                            if_version,
                         });
                     }
                 }
@@ -249,6 +254,9 @@ impl Master {
                 processes: g.processes(),
                 config_hash: g.config().hash.clone(),
                 config_version: g.config().app.version.clone(),
+                deploy_version: g.deploy_version().map(str::to_string),
+                handed_over: self.handovers.counts(g.number()).handed_over,
+                closed_at_drain: self.handovers.counts(g.number()).closed_at_drain,
                 sockets: g.listeners().iter().map(|l| l.fd().as_raw_fd()).collect(),
                 crash_loop: g.crash_looped().iter().copied().collect(),
                 workers: g
@@ -329,6 +337,13 @@ impl Master {
                 .or(self.operation.rollout().map(|r| r.generation()))
                 .or(self.operation.in_place().map(|t| t.generation())),
             last_reload,
+            last_drained: self.handovers.last_finished().map(|(generation, counts)| {
+                crate::control::protocol::DrainedStatus {
+                    generation,
+                    handed_over: counts.handed_over,
+                    closed_at_drain: counts.closed_at_drain,
+                }
+            }),
             rollout: self.operation.rollout().map(|rollout| {
                 rollout.status(
                     self.probing

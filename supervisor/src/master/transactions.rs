@@ -8,7 +8,7 @@ use super::{Master, Stop, Waiter};
 use crate::audit::Requester;
 use crate::children::Owner;
 use crate::config::Config;
-use crate::control::protocol::Reply;
+use crate::control::protocol::{ReloadOutcome, Reply};
 use crate::inplace::{Advance, InPlace, Mode, Move};
 use crate::listener::Shared;
 use crate::master::Event;
@@ -76,6 +76,20 @@ impl Master {
                 self.reloads.coalesce(request);
             }
             Admission::Start | Admission::Already => {
+                if let Some(unchanged) = self.already_deployed(&request) {
+                    tracing::info!(
+                        event = "reload.unchanged",
+                        generation = unchanged.generation,
+                        deploy_version = unchanged.deploy_version.as_deref().unwrap_or_default(),
+                        requested_by = %request.requested_by.as_ref().map(ToString::to_string).unwrap_or_default(),
+                        "reload not needed: the current generation already runs this version"
+                    );
+                    for waiter in request.waiters {
+                        let _ = waiter.send(Reply::ok(&unchanged));
+                    }
+                    return;
+                }
+                self.reloads.deploying(request.if_version.take());
                 self.reloads
                     .wait_for_running(std::mem::take(&mut request.waiters));
                 self.operation
@@ -90,6 +104,32 @@ impl Master {
                 });
             }
         }
+    }
+
+    /// The outcome of a reload that `request` does not need: the current
+    /// generation was committed by a reload with the same `if_version`.
+    fn already_deployed(&self, request: &ReloadRequest) -> Option<ReloadOutcome> {
+        let wanted = request.if_version.as_deref()?;
+        let current = self.fleet.current()?;
+        if current.deploy_version() != Some(wanted) {
+            return None;
+        }
+        Some(ReloadOutcome {
+            generation: current.number(),
+            trigger: request.trigger.to_string(),
+            outcome: "unchanged".into(),
+            failed_phase: None,
+            reason: None,
+            phases: Vec::new(),
+            kind: "none".into(),
+            version: Some(current.config().app.version.clone()),
+            deploy_version: Some(wanted.to_string()),
+            pids: current.workers().keys().map(|p| p.as_raw()).collect(),
+            finished_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            requested_by: request.requested_by.clone(),
+        })
     }
 
     /// The configuration a reload asked for has been read: the transaction
@@ -110,7 +150,7 @@ impl Master {
         let mode = request.mode;
         let reloading = matches!(
             trigger,
-            Trigger::Signal | Trigger::Cli | Trigger::Coalesced | Trigger::Watch
+            Trigger::Signal | Trigger::Cli | Trigger::Admin | Trigger::Coalesced | Trigger::Watch
         );
         let loaded = match loaded {
             Ok(config) if reloading && mode != Mode::NewGeneration => {
@@ -134,7 +174,7 @@ impl Master {
                             Started::Running(transaction) => {
                                 self.operation.begin(Operation::InPlace(transaction))
                             }
-                            Started::Ended(ended) => self.end(ended),
+                            Started::Ended(ended) => self.end(*ended),
                         };
                     }
                     Err(reason) if mode == Mode::InPlace => {
@@ -160,7 +200,7 @@ impl Master {
             other => other,
         };
         match Reload::begin(request, loaded, started, &mut self.fleet, &self.endpoints) {
-            Started::Ended(ended) => self.end(ended),
+            Started::Ended(ended) => self.end(*ended),
             Started::Running(reload) => match reload.shared_sockets() {
                 Some(sockets) => self.start_generation(reload, sockets),
                 None => self.operation.begin(Operation::Starting(reload)),
@@ -362,11 +402,22 @@ impl Master {
                 "control_socket and pid_file changes take effect when the master restarts"
             );
         }
+        let settling = tokio::time::Instant::now();
         let settled = reload.settle(&mut self.fleet);
+        // The replaced SDK generation's connections move in this reload's
+        // trace.
+        for replaced in self.fleet.iter() {
+            let worker = &replaced.config().worker;
+            let moves = worker.protocol == crate::config::Protocol::Sdk && worker.handover;
+            if moves && replaced.draining_since().is_some_and(|at| at >= settling) {
+                self.handovers.draining(replaced.number(), &span);
+            }
+        }
         if let Some(admin) = settled.admin {
             self.endpoints.replace_admin(admin);
         }
         self.config = settled.config;
+        self.endpoints.allow_writes(&self.config);
         // Kills the oldest draining generations past
         // `[supervisor] max_draining_generations`, as HAProxy's
         // `mworker-max-reloads` does: workers that ignore their stop
@@ -493,6 +544,7 @@ impl Master {
                     }
                 }
                 self.config = config;
+                self.endpoints.allow_writes(&self.config);
                 self.advance_in_place();
             }
             Advance::Abort(reason) => self.abort_in_place(reason),
@@ -573,6 +625,11 @@ impl Master {
 
     /// A message from the new master.
     pub(crate) fn on_upgrade_message(&mut self, message: Result<NewMessage, ChannelError>) {
+        // After the commit: the answers to connections handed to the new
+        // master.
+        if message.as_ref().is_ok_and(|m| self.on_new_master_answer(m)) {
+            return;
+        }
         let happened = match &message {
             Ok(NewMessage::Ready { .. }) => Happened::Ready,
             _ => Happened::GaveUp,
@@ -608,6 +665,18 @@ impl Master {
         self.endpoints.hand_over();
         for listener in self.fleet.sockets() {
             listener.hand_over();
+        }
+        // Connections of this master's draining workers that no worker here
+        // takes go to the new master, whose answers come on the same channel.
+        if let Some(channel) = self
+            .operation
+            .upgrade()
+            .and_then(|u| u.new_master_channel())
+        {
+            let reader = super::forward(&self.events, channel.clone(), |message| Event::Upgrade {
+                message,
+            });
+            self.handovers.hand_to_new_master(channel, reader);
         }
         if let Some(mut upgrade) = self.operation.take_upgrade() {
             upgrade.commit(new_pid, generation);

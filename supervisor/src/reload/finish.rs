@@ -101,10 +101,15 @@ impl Reloads {
             phases,
             failure,
         } = ended;
+        let deploying = self.take_deploying();
         if let Some(g) = fleet.get_mut(generation) {
             g.leave_trace();
+            if failure.is_none() && deploying.is_some() {
+                g.set_deploy_version(deploying);
+            }
         }
         let served = fleet.get(generation).filter(|_| failure.is_none());
+        let deploy_version = served.and_then(|g| g.deploy_version().map(str::to_string));
         let version = served.map(|g| g.config().app.version.clone());
         let pids = served
             .map(|g| g.workers().keys().map(|p| p.as_raw()).collect())
@@ -116,6 +121,7 @@ impl Reloads {
             phases,
             finished: SystemTime::now(),
             version,
+            deploy_version,
             requested_by,
         };
         let report = outcome.report(pids);

@@ -78,6 +78,8 @@ pub enum Trigger {
     Signal,
     /// `baton reload`.
     Cli,
+    /// `POST /reload` on the admin endpoint.
+    Admin,
     /// A reload requested while another ran, run after it.
     Coalesced,
     /// A new master's first generation, after a binary upgrade.
@@ -94,6 +96,7 @@ impl fmt::Display for Trigger {
             Trigger::Start => "start",
             Trigger::Signal => "signal",
             Trigger::Cli => "cli",
+            Trigger::Admin => "admin",
             Trigger::Coalesced => "coalesced",
             Trigger::Upgrade => "upgrade",
             Trigger::Restart => "restart",
@@ -117,6 +120,8 @@ pub struct Outcome {
     pub finished: SystemTime,
     /// The config version it applied (when committed).
     pub version: Option<String>,
+    /// The deploy tool's version (`if_version`) it committed.
+    pub deploy_version: Option<String>,
     /// Who asked for it.
     pub requested_by: Option<Requester>,
 }
@@ -150,6 +155,7 @@ impl Outcome {
             }
             .into(),
             version: self.version.clone(),
+            deploy_version: self.deploy_version.clone(),
             pids,
             requested_by: self.requested_by.clone(),
             finished_at: self
@@ -187,7 +193,7 @@ pub enum Started<T> {
     /// Under way.
     Running(T),
     /// Over already (it failed before anything was under way).
-    Ended(Ended),
+    Ended(Box<Ended>),
 }
 
 /// A reload whose configuration is being read, off the event loop.
@@ -339,13 +345,13 @@ impl Reload {
             crate::sd_notify::reloading(generation);
         }
         let failed = |phases, phase, reason| {
-            Started::Ended(Ended {
+            Started::Ended(Box::new(Ended {
                 generation,
                 trigger,
                 requested_by: requested_by.clone(),
                 phases,
                 failure: Some((phase, reason)),
-            })
+            }))
         };
         let validating = phase_span(&span, Phase::Validate);
         let config = match loaded {

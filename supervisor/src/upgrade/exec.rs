@@ -56,6 +56,9 @@ struct ExecListener {
 struct ExecGroup {
     members: Vec<RawFd>,
     steered: Option<usize>,
+    /// A QUIC port's slots and generations.
+    #[serde(default)]
+    quic: Option<crate::steering::QuicLayout>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -76,6 +79,9 @@ struct ExecGeneration {
     /// Indexes into [`ExecState::listeners`].
     listeners: Vec<usize>,
     workers: Vec<ExecWorker>,
+    /// The version a deploy tool said it runs (`if_version`).
+    #[serde(default)]
+    deploy_version: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -309,6 +315,7 @@ impl ExecState {
                     (n.socket.fd(), n.socket.path().to_path_buf())
                 }),
                 listeners: g.listeners().iter().map(|l| id(l, &mut all)).collect(),
+                deploy_version: g.deploy_version().map(str::to_string),
                 workers: g
                     .workers()
                     .values()
@@ -348,6 +355,7 @@ impl ExecState {
                     ExecGroup {
                         members: fds,
                         steered,
+                        quic: l.quic_layout(),
                     }
                 })
             } else {
@@ -358,6 +366,7 @@ impl ExecState {
                     ExecGroup {
                         members: fds,
                         steered: layout.steered,
+                        quic: layout.quic,
                     }
                 })
             };
@@ -468,6 +477,7 @@ impl ExecState {
                 let layout = Layout {
                     members,
                     steered: group.steered,
+                    quic: group.quic,
                 };
                 groups.push((listeners.len(), layout));
             }
@@ -506,6 +516,7 @@ impl ExecState {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut generation = Generation::new(g.number, config.clone(), held, g.processes);
+            generation.set_deploy_version(g.deploy_version.clone());
             if let Some(ms) = g.started_ms {
                 generation.started_at(from_monotonic_ms(ms));
             }

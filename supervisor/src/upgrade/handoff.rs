@@ -40,6 +40,9 @@ pub struct HandedListener {
     /// Passed by socket activation: its socket file is not baton's to remove.
     #[serde(default)]
     pub activated: bool,
+    /// A UDP listener with `quic = true`.
+    #[serde(default)]
+    pub quic: bool,
 }
 
 /// Old master → new master.
@@ -72,10 +75,26 @@ pub enum OldMessage {
         listener: u32,
         /// The member new connections go to.
         steered: Option<u32>,
+        /// A QUIC port's slots and generations (absent for TCP ports, so
+        /// that an older master takes them).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quic: Option<crate::steering::QuicLayout>,
     },
     /// The old master has released the control socket and is draining: the
     /// new master takes over the control socket and the pid file.
     Handover {},
+    /// Idle connections of the old master's draining SDK workers, for the
+    /// new master's generation; the message carries their sockets in this
+    /// order. Answered with [`NewMessage::HandedOver`] or
+    /// [`NewMessage::HandoverRefused`].
+    Connections {
+        /// Names them in the answer.
+        id: u64,
+        /// Their listener's address.
+        address: String,
+        /// Each one's bytes already read.
+        connections: Vec<baton_wire::protocol::HandedConnection>,
+    },
 }
 
 /// New master → old master.
@@ -98,6 +117,20 @@ pub enum NewMessage {
     Failed {
         /// Where: `config`, `ready`, `takeover`.
         phase: String,
+        /// Why.
+        reason: String,
+    },
+    /// A worker of the new master's generation took the connections of
+    /// [`OldMessage::Connections`] `id`.
+    HandedOver {
+        /// Their id.
+        id: u64,
+    },
+    /// The connections of [`OldMessage::Connections`] `id` were not taken:
+    /// the old master's worker closes them between requests.
+    HandoverRefused {
+        /// Their id.
+        id: u64,
         /// Why.
         reason: String,
     },
@@ -202,7 +235,12 @@ async fn receive(channel: Arc<Channel>) -> anyhow::Result<Takeover> {
             .recv::<OldMessage>()
             .await?
             .context("the old master closed the channel")?;
-        let OldMessage::Group { listener, steered } = received.message else {
+        let OldMessage::Group {
+            listener,
+            steered,
+            quic,
+        } = received.message
+        else {
             bail!("expected a port group, got {:?}", received.message);
         };
         let index = listener as usize;
@@ -218,6 +256,7 @@ async fn receive(channel: Arc<Channel>) -> anyhow::Result<Takeover> {
         let layout = Layout {
             members,
             steered: steered.map(|s| s as usize),
+            quic,
         };
         groups.push((index, layout));
     }
@@ -239,6 +278,7 @@ impl HandedListener {
             backlog: listener.backlog(),
             info: listener.info.clone(),
             activated: listener.activated(),
+            quic: listener.config.quic,
         }
     }
 
@@ -253,6 +293,7 @@ impl HandedListener {
             address,
             backlog: self.backlog,
             nodelay: None,
+            quic: self.quic,
         };
         Ok(Listener::adopt(config, self.info, fd)?.with_activated(self.activated))
     }
@@ -297,6 +338,7 @@ pub fn send_takeover(
             &OldMessage::Group {
                 listener: index as u32,
                 steered: layout.steered.map(|s| s as u32),
+                quic: layout.quic.clone(),
             },
             &fds,
         )?;

@@ -26,6 +26,19 @@ pub struct Lineage {
     old_master: Option<Rc<()>>,
     /// After a committed upgrade (child mode): the new master.
     successor: Option<Pid>,
+    /// In a new master: the channel to the old master and its reader, kept
+    /// after the handover until the old master exits, for the connections
+    /// its draining workers hand over.
+    old_channel: Option<(Arc<Channel>, Reader)>,
+}
+
+/// A task reading a channel, stopped when dropped.
+struct Reader(tokio::task::AbortHandle);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A new master's link to the old one until the handover.
@@ -33,13 +46,6 @@ struct Takeover {
     channel: Arc<Channel>,
     old_pid: u32,
     ready_sent: bool,
-    reader: tokio::task::AbortHandle,
-}
-
-impl Drop for Takeover {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
 }
 
 impl Lineage {
@@ -67,23 +73,24 @@ impl Lineage {
         let (forward, channel) = (events.clone(), handed.channel.clone());
         let reader = tokio::spawn(async move {
             loop {
-                let message = match channel.recv::<OldMessage>().await {
-                    Ok(Some(received)) => Some(received.message),
+                let (message, fds) = match channel.recv::<OldMessage>().await {
+                    Ok(Some(received)) if received.fds_truncated => (Some(received.message), None),
+                    Ok(Some(received)) => (Some(received.message), Some(received.fds)),
                     // The old master is gone (or broken): take over anyway.
-                    Ok(None) | Err(_) => None,
+                    Ok(None) | Err(_) => (None, None),
                 };
                 let last = message.is_none();
-                if forward.send(Event::OldMaster { message }).is_err() || last {
+                if forward.send(Event::OldMaster { message, fds }).is_err() || last {
                     return;
                 }
             }
         })
         .abort_handle();
+        self.old_channel = Some((handed.channel.clone(), Reader(reader)));
         self.takeover = Some(Takeover {
             channel: handed.channel,
             old_pid: handed.old_pid,
             ready_sent: false,
-            reader,
         });
     }
 
@@ -181,6 +188,12 @@ impl Lineage {
     /// The old master has exited: its sockets may go.
     pub fn old_master_exited(&mut self) {
         self.old_master = None;
+        self.old_channel = None;
+    }
+
+    /// In a new master: the channel to the old master, while it lives.
+    pub fn old_master_channel(&self) -> Option<&Arc<Channel>> {
+        self.old_channel.as_ref().map(|(channel, _)| channel)
     }
 
     /// This master's upgrade committed: `pid` is the new master, which

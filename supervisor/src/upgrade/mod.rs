@@ -265,6 +265,14 @@ impl Upgrade {
         matches!(self.kind, Kind::InPlace { .. })
     }
 
+    /// The channel to the new master (child mode).
+    pub fn new_master_channel(&self) -> Option<Arc<Channel>> {
+        match &self.kind {
+            Kind::Child { channel, .. } => Some(channel.clone()),
+            Kind::InPlace { .. } => None,
+        }
+    }
+
     /// The new master `new_pid` serves `generation` (see
     /// [`Verdict::Commit`]): the upgrade commits. The new master is told to
     /// take over, and the waiters hear it.

@@ -60,6 +60,14 @@ fn every_baton_toml_in_the_docs_is_a_valid_config() {
         for file in app_files.iter().filter_map(|f| f.as_str()) {
             std::fs::write(dir.path().join(file), "").unwrap();
         }
+        // So is the admin endpoint's token file.
+        let tokens = table
+            .get("supervisor")
+            .and_then(|s| s.get("admin_token_file"))
+            .and_then(|f| f.as_str());
+        if let Some(file) = tokens {
+            std::fs::write(dir.path().join(file), format!("{}\n", "0f".repeat(16))).unwrap();
+        }
         match baton::config::Config::parse(&dir.path().join("baton.toml"), &text) {
             Ok(_) => checked.push(block.at),
             // At the page's line (what was appended comes after the block).

@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 const DOCUMENTED: &str = "127.0.0.1:8080";
 
 /// One `$ ` line of a walkthrough block, and the output shown below it.
-struct Step {
-    at: String,
-    command: String,
-    shown: Vec<String>,
+pub(super) struct Step {
+    pub(super) at: String,
+    pub(super) command: String,
+    pub(super) shown: Vec<String>,
 }
 
-fn steps(blocks: &[Block]) -> Vec<Step> {
+pub(super) fn steps(blocks: &[Block]) -> Vec<Step> {
     let mut steps: Vec<Step> = Vec::new();
     for block in blocks {
         assert_eq!(block.lang, "console", "{}: a walkthrough block", block.at);
@@ -75,7 +75,7 @@ fn shows(shown: &str, line: &str) -> bool {
 
 /// Every line `shown` appears in `output`, in order (other lines may come
 /// between them: a generation still draining, a header curl adds).
-fn assert_shows(step: &Step, shown: &[String], output: &str) {
+pub(super) fn assert_shows(step: &Step, shown: &[String], output: &str) {
     let mut lines = output.lines();
     for expected in shown {
         assert!(
@@ -98,7 +98,7 @@ impl Drop for Group {
 }
 
 /// Runs `command` with `sh -c` in `dir`, for at most 30 s.
-fn run(command: &str, dir: &Path) -> Output {
+pub(super) fn run(command: &str, dir: &Path) -> Output {
     let mut child = Command::new("sh");
     child
         .arg("-c")

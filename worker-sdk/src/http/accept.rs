@@ -4,6 +4,7 @@
 
 use std::future::{ready, Future};
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -39,6 +40,33 @@ pub trait Accept: Send + 'static {
         &self,
         stream: Self::Stream,
     ) -> impl Future<Output = io::Result<Self::Io>> + Send + 'static;
+
+    /// The address connections are handed over under at a reload: the
+    /// listening socket's own (`IP:PORT`, or a Unix socket's path), the same
+    /// in every generation. `None` (the default) for a listener whose
+    /// connections cannot move to another process, such as one behind a TLS
+    /// acceptor (the session's keys live in this process).
+    fn handover_address(&self) -> Option<String> {
+        None
+    }
+
+    /// The socket of a connection, to hand it over; `Err` gives the stream
+    /// back when it cannot move. Only called when
+    /// [`handover_address`](Accept::handover_address) is `Some`.
+    fn release(io: Self::Io) -> Result<OwnedFd, Self::Io> {
+        Err(io)
+    }
+
+    /// A connection's stream from its socket: one handed over by another
+    /// worker, or one this worker offered and got back. Only called when
+    /// [`handover_address`](Accept::handover_address) is `Some`.
+    fn restore(fd: OwnedFd) -> io::Result<Self::Io> {
+        drop(fd);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this listener's connections are not handed over",
+        ))
+    }
 }
 
 impl Accept for TcpListener {
@@ -58,6 +86,22 @@ impl Accept for TcpListener {
     ) -> impl Future<Output = io::Result<TcpStream>> + Send + 'static {
         ready(Ok(stream))
     }
+
+    fn handover_address(&self) -> Option<String> {
+        self.local_addr().ok().map(|a| a.to_string())
+    }
+
+    fn release(io: TcpStream) -> Result<OwnedFd, TcpStream> {
+        release(io)
+    }
+
+    fn restore(fd: OwnedFd) -> io::Result<TcpStream> {
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true)?;
+        let stream = TcpStream::from_std(std)?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
 }
 
 impl Accept for UnixListener {
@@ -73,6 +117,31 @@ impl Accept for UnixListener {
         stream: UnixStream,
     ) -> impl Future<Output = io::Result<UnixStream>> + Send + 'static {
         ready(Ok(stream))
+    }
+
+    fn handover_address(&self) -> Option<String> {
+        let address = self.local_addr().ok()?;
+        Some(address.as_pathname()?.display().to_string())
+    }
+
+    fn release(io: UnixStream) -> Result<OwnedFd, UnixStream> {
+        release(io)
+    }
+
+    fn restore(fd: OwnedFd) -> io::Result<UnixStream> {
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true)?;
+        UnixStream::from_std(std)
+    }
+}
+
+/// A copy of `io`'s socket, `io` itself dropped (its fd closed and its
+/// registration with the runtime gone; the socket lives on in the copy), or
+/// `io` back when no fd is left for the copy.
+fn release<T: AsFd>(io: T) -> Result<OwnedFd, T> {
+    match io.as_fd().try_clone_to_owned() {
+        Ok(fd) => Ok(fd),
+        Err(_) => Err(io),
     }
 }
 

@@ -208,7 +208,7 @@ pub(super) struct Counted<I> {
     // reads and writes polled from different tasks.
     killed_read: Pin<Box<WaitForCancellationFutureOwned>>,
     killed_write: Pin<Box<WaitForCancellationFutureOwned>>,
-    _registration: Registration,
+    registration: Registration,
 }
 
 impl<I> Counted<I> {
@@ -219,8 +219,14 @@ impl<I> Counted<I> {
             killed_read: Box::pin(kill.clone().cancelled_owned()),
             killed_write: Box::pin(kill.clone().cancelled_owned()),
             kill,
-            _registration: registration,
+            registration,
         }
+    }
+
+    /// The stream, and its registration (the connection stays counted while
+    /// the registration is held).
+    pub(super) fn into_parts(self) -> (I, Registration) {
+        (self.io, self.registration)
     }
 }
 

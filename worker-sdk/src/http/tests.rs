@@ -535,3 +535,5 @@ async fn idle_connections_are_closed_spread_over_the_window() {
         "bunched closes: {per_tenth:?}"
     );
 }
+
+mod handover;

@@ -1,6 +1,6 @@
 //! The common case in one call: [`Worker::serve`].
 
-use super::{serve_tower, ResponseBody, ServeOptions, TowerService};
+use super::{serve_tower, Accept, ResponseBody, ServeOptions, TowerService};
 use crate::{Error, ListenerKind, Worker};
 use std::sync::Arc;
 
@@ -31,14 +31,23 @@ impl Worker {
         B: ResponseBody,
     {
         let options = self.serve_options();
+        // Connections handed over are taken from before the master hears
+        // the worker is ready.
+        let announce = |listener: &dyn Fn() -> Option<String>| {
+            if let (Some(handover), Some(address)) = (&options.handover, listener()) {
+                handover.announce(&address);
+            }
+        };
         match self.listener_kind(name) {
             Some(ListenerKind::Unix) => {
                 let listener = self.unix_listener(name)?;
+                announce(&|| listener.handover_address());
                 self.ready().await?;
                 serve_tower(listener, service, self.drain(), options).await?;
             }
             _ => {
                 let listener = self.tcp_listener(name)?;
+                announce(&|| listener.handover_address());
                 self.ready().await?;
                 serve_tower(listener, service, self.drain(), options).await?;
             }
@@ -47,7 +56,9 @@ impl Worker {
     }
 
     /// Default [`ServeOptions`] whose `on_connections` reports the open
-    /// connections to the master (shown in `baton status`).
+    /// connections to the master (shown in `baton status`) and whose
+    /// `handover` moves idle connections to the next generation at a
+    /// reload (`[worker] handover`).
     ///
     /// ```no_run
     /// # async fn run(mut worker: baton_worker::Worker, app: axum::Router) -> Result<(), baton_worker::Error> {
@@ -61,6 +72,7 @@ impl Worker {
         let control = self.reporter();
         ServeOptions {
             on_connections: Some(Arc::new(move |count| control.report_connections(count))),
+            handover: self.handover(),
             ..ServeOptions::default()
         }
     }
