@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 /// Who asked the master for something.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Requester {
-    /// `control` (the control socket) or `signal`.
+    /// `control` (the control socket), `signal`, `admin` or `watch`
+    /// (`baton run --watch`).
     pub via: String,
     /// The signal, for `via = "signal"`: `SIGHUP`, ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -36,6 +37,9 @@ pub struct Requester {
     /// line it is on (never the token itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// For `via = "watch"`: the watched files whose change asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<String>,
 }
 
 impl Requester {
@@ -49,6 +53,7 @@ impl Requester {
             command: pid.and_then(command_of),
             address: None,
             token: None,
+            changed: None,
         }
     }
 
@@ -73,7 +78,28 @@ impl Requester {
                 Grant::Token(line) => Some(line.clone()),
                 Grant::Peer => None,
             },
+            changed: None,
         }
+    }
+
+    /// `baton run --watch`, for the change of `changed`: the master
+    /// itself.
+    pub fn watch(changed: &str) -> Requester {
+        Requester {
+            via: "watch".into(),
+            signal: None,
+            pid: None,
+            uid: None,
+            command: None,
+            address: None,
+            token: None,
+            changed: Some(changed.to_string()),
+        }
+    }
+
+    /// Whether `baton run --watch` asked.
+    pub fn is_watch(&self) -> bool {
+        self.via == "watch"
     }
 
     /// The sender of the last `signal` received, as recorded by the action
@@ -94,12 +120,16 @@ impl Requester {
             command: pid.and_then(command_of),
             address: None,
             token: None,
+            changed: None,
         }
     }
 }
 
 impl fmt::Display for Requester {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(changed) = &self.changed {
+            return write!(f, "watch: {changed}");
+        }
         match (&self.signal, &self.via[..]) {
             (Some(signal), _) => write!(f, "{signal}")?,
             (None, "admin") => write!(f, "admin endpoint")?,

@@ -48,7 +48,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start the master in the foreground.
-    Run,
+    Run {
+        /// Reload when the config, an app_config file or the worker's
+        /// executable changes (an app file in place, the executable with a
+        /// new generation); `--watch PATH` (repeatable) also watches PATH,
+        /// a file or a directory, whose change starts a new generation.
+        #[arg(long, value_name = "PATH", num_args = 0..=1, action = clap::ArgAction::Append)]
+        watch: Option<Vec<PathBuf>>,
+    },
     /// Validate a configuration without touching a running master (like `nginx -t`).
     Check,
     /// Reload: start a new generation, wait until it is ready, drain the old one.
@@ -241,20 +248,29 @@ pub fn main() -> i32 {
         eprintln!("baton: a command or -s SIGNAL is required (see baton --help)");
         return 2;
     };
-    if !matches!(command, Command::Run) {
+    if !matches!(command, Command::Run { .. }) {
         quiet_on_closed_stdout();
     }
     // `run` and `check` load the config (a missing one fails them, exit 1);
     // the other commands only look for the master through it (exit 2, as
     // when no master answers).
-    let loads = matches!(command, Command::Run | Command::Check);
+    let loads = matches!(command, Command::Run { .. } | Command::Check);
     let socket = if loads { None } else { cli.socket.as_deref() };
     if let Err(e) = config_exists(&cli.config, socket) {
         eprintln!("baton: {e}");
         return if loads { 1 } else { 2 };
     }
     match command {
-        Command::Run => report(run(&cli.config).map(|()| 0), 1),
+        Command::Run { watch } => {
+            let watch = match watch.as_deref().map(crate::watch::Watch::new).transpose() {
+                Ok(watch) => watch,
+                Err(e) => {
+                    eprintln!("baton: {e:#}");
+                    return 1;
+                }
+            };
+            report(run(&cli.config, watch).map(|()| 0), 1)
+        }
         Command::Check => check(&cli.config),
         command => {
             let socket = cli.socket.unwrap_or_else(|| control_socket(&cli.config));
@@ -361,7 +377,7 @@ pub(crate) fn supervisor_path(config: &Path, key: &str) -> Option<PathBuf> {
 fn control(socket: &Path, command: Command) -> Result<i32, ClientError> {
     const QUICK: Duration = Duration::from_secs(30);
     match command {
-        Command::Run | Command::Check => unreachable!("handled by main"),
+        Command::Run { .. } | Command::Check => unreachable!("handled by main"),
         Command::Reload {
             timeout,
             canary,
@@ -768,7 +784,7 @@ pub(crate) fn process_alive(pid: i32) -> bool {
     crate::orphans::stat(pid).is_some_and(|fields| fields.split_whitespace().next() != Some("Z"))
 }
 
-fn run(path: &Path) -> anyhow::Result<()> {
+fn run(path: &Path, watch: Option<crate::watch::Watch>) -> anyhow::Result<()> {
     // A master the keeper started inherited the signals it ignores.
     if std::env::var_os(crate::keeper::FDS_ENV).is_some() {
         crate::keeper::restore_signals();
@@ -791,7 +807,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
             .enable_all()
             .build()
             .context("starting the event loop")?;
-        let result = runtime.block_on(master(&path, program));
+        let result = runtime.block_on(master(&path, program, watch));
         // Dropping a runtime waits for its blocking tasks without end: a
         // config read or a `baton status` listing stuck in the kernel must
         // not keep a master that is done from exiting.
@@ -802,7 +818,11 @@ fn run(path: &Path) -> anyhow::Result<()> {
 
 /// The master, from its takeover or exec state, config and logging to its
 /// event loop's end.
-async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
+async fn master(
+    path: &Path,
+    program: Program,
+    watch: Option<crate::watch::Watch>,
+) -> anyhow::Result<()> {
     // Started by an upgrade: the old master's listeners come first, and
     // a config it rejects is reported back to it.
     let takeover = Takeover::receive_from_env().await?;
@@ -858,7 +878,7 @@ async fn master(path: &Path, program: Program) -> anyhow::Result<()> {
         (None, None, Some(adoption)) => Origin::Adopted(Box::new(adoption)),
         (None, None, None) => Origin::Fresh(activated),
     };
-    let result = crate::master::run(config, log, program, origin).await;
+    let result = crate::master::run(config, log, program, origin, watch).await;
     if let Err(e) = &result {
         tracing::error!(event = "master.failed", error = %format!("{e:#}"), "master failed");
     }
@@ -882,6 +902,28 @@ mod tests {
         assert!(matches!(scale_change("3"), Ok(ScaleArg::To(3))));
         assert!(scale_change("x").is_err());
         assert!(scale_change("+").is_err());
+    }
+
+    #[test]
+    fn watch_is_a_flag_that_may_name_paths() {
+        let watch = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.command) {
+            Ok(Some(Command::Run { watch })) => watch,
+            other => panic!("{args:?}: {other:?}"),
+        };
+        assert_eq!(watch(&["baton", "run"]), None);
+        assert_eq!(watch(&["baton", "run", "--watch"]), Some(vec![]));
+        assert_eq!(
+            watch(&["baton", "run", "--watch", "-c", "x.toml"]),
+            Some(vec![])
+        );
+        assert_eq!(
+            watch(&["baton", "run", "--watch", "src", "--watch=templates"]),
+            Some(vec![PathBuf::from("src"), PathBuf::from("templates")])
+        );
+        assert_eq!(
+            watch(&["baton", "run", "--watch", "--watch", "src"]),
+            Some(vec![PathBuf::from("src")])
+        );
     }
 
     #[test]

@@ -44,4 +44,5 @@ pub mod status;
 pub mod steering;
 pub mod traces;
 pub mod upgrade;
+pub mod watch;
 pub mod worker;

@@ -107,13 +107,15 @@ pub struct Master {
     handovers: crate::handover::Handovers,
 }
 
-/// Runs the master until it stops. Returns an error if generation 1 could not
-/// be started.
+/// Runs the master until it stops (watching files with `watch`: see
+/// [`crate::watch`]). Returns an error if generation 1 could not be
+/// started.
 pub async fn run(
     config: Config,
     log: LogHandle,
     program: Program,
     origin: Origin,
+    watch: Option<crate::watch::Watch>,
 ) -> anyhow::Result<()> {
     let (takeover, exec_state, activated, mut adoption) = match origin {
         Origin::Fresh(activated) => (None, None, activated, None),
@@ -124,6 +126,8 @@ pub async fn run(
     let (events, mut inbox) = mpsc::unbounded_channel();
     let (requests, mut requests_inbox) = mpsc::unbounded_channel();
     let (probes, mut probes_inbox) = mpsc::unbounded_channel();
+    // The watcher asks as the control socket does.
+    let watch = watch.map(|watch| (watch, requests.clone()));
     // Signal handlers before the pid file: a SIGHUP sent as soon as the pid
     // file names this master must not kill it.
     // Until it serves, a new master started by an upgrade tells the old one
@@ -251,6 +255,9 @@ pub async fn run(
             crate::operation::ReloadRequest::new(trigger, None),
             Ok(config),
         );
+    }
+    if let Some((watch, requests)) = watch {
+        watch.start(&master.config, requests);
     }
     let mut watchdog = crate::sd_notify::Watchdog::from_env(upgraded);
     let mut requests_in_a_row = 0;

@@ -52,6 +52,7 @@ mod traces;
 mod udp;
 mod upgrade;
 mod upgrade_in_place;
+mod watch;
 mod wrap_args;
 mod wrap_systemd;
 mod wrapped_servers;

@@ -39,10 +39,10 @@ impl Master {
                     (_, Err(e)) => Reply::error(format!("reload refused: {e}")),
                     (Ok(canary), Ok(mode)) => {
                         return self.request_reload(ReloadRequest {
-                            trigger: if from.via == "admin" {
-                                Trigger::Admin
-                            } else {
-                                Trigger::Cli
+                            trigger: match from.via.as_str() {
+                                "admin" => Trigger::Admin,
+                                "watch" => Trigger::Watch,
+                                _ => Trigger::Cli,
                             },
                             canary,
                             mode: mode.unwrap_or_default(),

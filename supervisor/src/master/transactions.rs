@@ -150,7 +150,7 @@ impl Master {
         let mode = request.mode;
         let reloading = matches!(
             trigger,
-            Trigger::Signal | Trigger::Cli | Trigger::Admin | Trigger::Coalesced
+            Trigger::Signal | Trigger::Cli | Trigger::Admin | Trigger::Coalesced | Trigger::Watch
         );
         let loaded = match loaded {
             Ok(config) if reloading && mode != Mode::NewGeneration => {

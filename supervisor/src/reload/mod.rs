@@ -86,6 +86,8 @@ pub enum Trigger {
     Upgrade,
     /// A new master's first generation, after `baton restart`.
     Restart,
+    /// A watched file changed (`baton run --watch`).
+    Watch,
 }
 
 impl fmt::Display for Trigger {
@@ -98,6 +100,7 @@ impl fmt::Display for Trigger {
             Trigger::Coalesced => "coalesced",
             Trigger::Upgrade => "upgrade",
             Trigger::Restart => "restart",
+            Trigger::Watch => "watch",
         })
     }
 }

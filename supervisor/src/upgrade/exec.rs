@@ -244,6 +244,7 @@ pub fn exec_in_place(
         .arg("run")
         .arg("-c")
         .arg(image.config)
+        .args(crate::watch::run_args())
         .env(STATE_FD_ENV, file.as_raw_fd().to_string())
         .env(BINARY_FD_ENV, binary.as_raw_fd().to_string());
     inherit.extend(image.endpoints.hand_admin_to(&mut command));

@@ -420,6 +420,8 @@ fn start_new_master(start: &Start<'_>) -> Result<(Pid, Kind), (&'static str, any
         &binary,
         &["run".as_ref(), "-c".as_ref(), start.config.as_os_str()],
     );
+    // A watching master's successor watches too.
+    command.args(crate::watch::run_args());
     command
         .env(UPGRADE_FD_ENV, theirs.as_raw_fd().to_string())
         .env(handoff::BINARY_FD_ENV, binary.as_raw_fd().to_string())
