@@ -270,3 +270,19 @@ fn a_new_generation_with_handover_off_takes_none() {
     });
     assert!(refused > 0, "the master refused generation 1's handovers");
 }
+
+#[test]
+fn the_master_says_whether_the_kernel_could_hold_tls_sessions() {
+    let baton = Baton::start(&hello_config(1));
+    let starting = baton.wait_event(Duration::from_secs(10), |e| {
+        event_name(e) == "master.starting"
+    });
+    let said = field(&starting, "kernel_tls");
+    // Read after the master's probe, which loads the module where it can.
+    let listed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|ulp| ulp == "tls");
+    assert_eq!(said.starts_with("available"), listed, "{said}");
+    assert!(said.contains("close at a drain"), "{said}");
+}
