@@ -101,7 +101,7 @@ fn alive(pid: Pid) -> bool {
 fn measure(bins: &Binaries, workers: u32, interrupted: &AtomicBool) -> Result<Figures, String> {
     let dir = TempDir::new("handover").map_err(|e| format!("cannot create a temp dir: {e}"))?;
     let config = format!(
-        "[supervisor]\nlog_format = \"json\"\ncontrol_socket = \"baton.sock\"\n\n\
+        "[supervisor]\nlog_format = \"json\"\ncontrol_socket = \"baton.sock\"\npid_file = \"baton.pid\"\n\n\
          [[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n\
          [worker]\ncommand = [{:?}]\nprocesses = {workers}\nready_timeout = \"30s\"\n\
          drain_timeout = \"10s\"\n",
