@@ -100,6 +100,23 @@ fn alive(pid: Pid) -> bool {
 
 fn measure(bins: &Binaries, workers: u32, interrupted: &AtomicBool) -> Result<Figures, String> {
     let dir = TempDir::new("handover").map_err(|e| format!("cannot create a temp dir: {e}"))?;
+    let mut guard = Guard::default();
+    let figures = run_in(bins, workers, &dir, &mut guard, interrupted);
+    // Whatever still runs there goes with the guard, a new master that an
+    // upgrade left unannounced included.
+    for pid in crate::procs::running_in(dir.path()) {
+        guard.adopt(pid);
+    }
+    figures
+}
+
+fn run_in(
+    bins: &Binaries,
+    workers: u32,
+    dir: &TempDir,
+    guard: &mut Guard,
+    interrupted: &AtomicBool,
+) -> Result<Figures, String> {
     let config = format!(
         "[supervisor]\nlog_format = \"json\"\ncontrol_socket = \"baton.sock\"\npid_file = \"baton.pid\"\n\n\
          [[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n\
@@ -109,7 +126,6 @@ fn measure(bins: &Binaries, workers: u32, interrupted: &AtomicBool) -> Result<Fi
     );
     let mut command = baton_run(&bins.baton, dir.path(), &config)?;
     command.stderr(Stdio::piped());
-    let mut guard = Guard::default();
     let first = guard
         .spawn(&mut command)
         .map_err(|e| format!("cannot start baton: {e}"))?;
@@ -163,7 +179,7 @@ fn measure(bins: &Binaries, workers: u32, interrupted: &AtomicBool) -> Result<Fi
         kill(master, Signal::SIGUSR2).map_err(|e| format!("USR2: {e}"))?;
         let deadline = Instant::now() + TIMEOUT;
         let new = loop {
-            if let Some(pid) = pid_file(&dir).filter(|p| *p != master) {
+            if let Some(pid) = pid_file(dir).filter(|p| *p != master) {
                 guard.adopt(pid);
                 break pid;
             }
