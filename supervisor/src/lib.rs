@@ -23,6 +23,7 @@ pub mod forker;
 pub mod handover;
 pub mod inplace;
 pub mod keeper;
+pub mod ktls;
 pub mod listener;
 pub mod logging;
 pub mod master;

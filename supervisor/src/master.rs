@@ -225,7 +225,8 @@ pub async fn run(
     for listener in crate::activation::adopt(activated, &master.config.listeners)? {
         master.fleet.adopt_listener(Rc::new(listener));
     }
-    tracing::info!(event = "master.starting", pid = std::process::id(), config = %config.path.display(), hash = %config.hash, "master starting");
+    let kernel_tls = crate::ktls::detect();
+    tracing::info!(event = "master.starting", pid = std::process::id(), config = %config.path.display(), hash = %config.hash, %kernel_tls, "master starting");
     let upgraded = master.lineage.taking_over() || exec_state.is_some();
     if let Some(state) = exec_state {
         state.adopt(

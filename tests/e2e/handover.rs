@@ -6,191 +6,30 @@
 use baton_tests::harness::{
     config_with_worker, event_name, field, hello_config, wrapped_worker, Baton, Binaries,
 };
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use baton_tests::keepalive::{Clients, Tally};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Keep-alive connections held across the reloads: half busy, half idle.
-const CONNECTIONS: usize = 200;
+/// Keep-alive connections held across the reloads of the scale tests: half
+/// busy, half idle 1 to 3 s at a time (issue 22's figure is 1,000 across
+/// 100 HUPs and 10 upgrades; the bench runs that, see docs/benchmarks.md).
+const CONNECTIONS: usize = 1000;
 
-/// HUPs in the main test.
-const RELOADS: u64 = 20;
+/// HUPs, then binary upgrades, in each scale test: about 30 s each on two
+/// cores (debug build), within the suite's budget.
+const RELOADS: u64 = 40;
+const UPGRADES: u64 = 4;
 
-/// What the clients saw, each thing counted once.
-#[derive(Default)]
-struct Tally {
-    /// TCP connects, first ones included.
-    connects: AtomicU64,
-    /// Requests answered 200.
-    ok: AtomicU64,
-    /// Requests not answered, or answered otherwise.
-    failed: AtomicU64,
-    /// Connections the server ended without the client asking: end of file
-    /// or a reset, whether or not a `Connection: close` came first.
-    closed_by_server: AtomicU64,
-    /// Responses saying `Connection: close`.
-    told_to_close: AtomicU64,
-    /// The highest generation that answered.
-    newest: AtomicU64,
-}
-
-/// One response: status, `Connection: close`, generation.
-type Reply = (u16, bool, Option<u64>);
-
-/// Sends `GET /` and reads the response on `stream`.
-fn request(stream: &mut BufReader<TcpStream>) -> std::io::Result<Reply> {
-    stream
-        .get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nhost: handover\r\n\r\n")?;
-    let mut line = String::new();
-    if stream.read_line(&mut line)? == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    let status = line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let (mut length, mut close, mut generation) = (0usize, false, None);
-    loop {
-        line.clear();
-        if stream.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        let Some((name, value)) = line.trim_end().split_once(':') else {
-            break;
-        };
-        let value = value.trim();
-        match name.to_ascii_lowercase().as_str() {
-            "content-length" => length = value.parse().unwrap_or(0),
-            "connection" => close |= value.eq_ignore_ascii_case("close"),
-            "x-baton-generation" => generation = value.parse().ok(),
-            _ => {}
-        }
-    }
-    let mut body = vec![0; length];
-    stream.read_exact(&mut body)?;
-    Ok((status, close, generation))
-}
-
-/// Whether the server has closed `stream`'s connection (peeked, without
-/// waiting).
-fn closed(stream: &TcpStream) -> bool {
-    stream.set_nonblocking(true).ok();
-    let gone = matches!(stream.peek(&mut [0]), Ok(0))
-        || matches!(stream.peek(&mut [0]), Err(e) if e.kind() != std::io::ErrorKind::WouldBlock);
-    stream.set_nonblocking(false).ok();
-    gone
-}
-
-/// A client holding one keep-alive connection until `stop`: busy ones ask
-/// again at once, idle ones wait `idle` between requests. It counts every
-/// connect and every close it did not start, and reconnects only then.
-fn client(
-    addr: SocketAddr,
-    idle: Option<Duration>,
-    stop: Arc<AtomicBool>,
-    tally: Arc<Tally>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let connect = || {
-            tally.connects.fetch_add(1, Ordering::Relaxed);
-            let stream = TcpStream::connect(addr).expect("connect");
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
-            BufReader::new(stream)
-        };
-        let mut stream = connect();
-        while !stop.load(Ordering::Relaxed) {
-            if let Some(idle) = idle {
-                std::thread::sleep(idle);
-                if closed(stream.get_ref()) {
-                    tally.closed_by_server.fetch_add(1, Ordering::Relaxed);
-                    stream = connect();
-                }
-            }
-            match request(&mut stream) {
-                Ok((200, close, generation)) => {
-                    tally.ok.fetch_add(1, Ordering::Relaxed);
-                    tally
-                        .newest
-                        .fetch_max(generation.unwrap_or(0), Ordering::Relaxed);
-                    if close {
-                        tally.told_to_close.fetch_add(1, Ordering::Relaxed);
-                        tally.closed_by_server.fetch_add(1, Ordering::Relaxed);
-                        stream = connect();
-                    }
-                }
-                Ok(_) => {
-                    tally.failed.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => {
-                    tally.failed.fetch_add(1, Ordering::Relaxed);
-                    tally.closed_by_server.fetch_add(1, Ordering::Relaxed);
-                    stream = connect();
-                }
-            }
-        }
-    })
-}
-
-/// `connections` clients on `addr`, half of them idle for 0.2 to 1.4 s
+/// `connections` clients of `addr`, half of them idle for 0.2 to 1.4 s
 /// between requests.
-struct Clients {
-    stop: Arc<AtomicBool>,
-    tally: Arc<Tally>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Clients {
-    fn start(addr: SocketAddr, connections: usize) -> Clients {
-        let stop = Arc::new(AtomicBool::new(false));
-        let tally = Arc::new(Tally::default());
-        let threads = (0..connections)
-            .map(|i| {
-                let idle =
-                    (i % 2 == 1).then(|| Duration::from_millis(200 + (i as u64 * 37) % 1200));
-                client(addr, idle, stop.clone(), tally.clone())
-            })
-            .collect();
-        let clients = Clients {
-            stop,
-            tally,
-            threads,
-        };
-        clients.wait_ok(connections as u64);
-        clients
-    }
-
-    /// Waits until `n` requests were answered in all.
-    fn wait_ok(&self, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.tally.ok.load(Ordering::Relaxed) < n {
-            assert!(Instant::now() < deadline, "clients never got {n} answers");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Waits until generation `n` has answered.
-    fn wait_generation(&self, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.tally.newest.load(Ordering::Relaxed) < n {
-            assert!(Instant::now() < deadline, "generation {n} never answered");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(self) -> Arc<Tally> {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads {
-            thread.join().expect("client thread");
-        }
-        self.tally
-    }
+fn clients(addr: SocketAddr, connections: usize) -> Clients {
+    Clients::start(
+        addr,
+        connections,
+        Duration::from_millis(200)..Duration::from_millis(1400),
+    )
 }
 
 /// The connections the master logged as handed over.
@@ -202,36 +41,61 @@ fn handed_over(baton: &Baton) -> u64 {
         .sum()
 }
 
-#[test]
-fn keep_alive_connections_survive_reloads_without_a_close() {
-    let mut baton = Baton::start(&hello_config(2));
+/// Issue 22's scale, scaled to the suite: [`CONNECTIONS`] keep-alive
+/// connections of `hello` with `workers` workers across [`RELOADS`] HUPs
+/// and [`UPGRADES`] USR2 binary upgrades: 0 failed, 0 closed by the server,
+/// 0 reconnects, and every generation but the last handed its connections
+/// over.
+fn keep_alive_connections_survive(workers: u32) {
+    let baton = Baton::start(&hello_config(workers));
     baton.wait_committed(1);
-    let clients = Clients::start(baton.address("http"), CONNECTIONS);
-    for _ in 0..RELOADS {
-        let outcome = baton.reload();
-        assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
+    let clients = Clients::start(
+        baton.address("http"),
+        CONNECTIONS,
+        Duration::from_secs(1)..Duration::from_secs(3),
+    );
+    let mut master = baton.pid();
+    for reload in 1..=RELOADS {
+        nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGHUP).unwrap();
+        baton.wait_committed(reload + 1);
         std::thread::sleep(Duration::from_millis(250));
     }
-    clients.wait_generation(RELOADS + 1);
+    for _ in 0..UPGRADES {
+        nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGUSR2).unwrap();
+        master = baton.wait_new_master(master, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let last = RELOADS + UPGRADES + 1;
+    clients.wait_generation(last, Duration::from_secs(20));
     // Every idle client asks again after its pause: each has reached the last
     // generation over the connection it always had.
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(3500));
     let tally = clients.stop();
-    let (failed, closed, connects) = (
-        tally.failed.load(Ordering::Relaxed),
-        tally.closed_by_server.load(Ordering::Relaxed),
-        tally.connects.load(Ordering::Relaxed),
-    );
     assert_eq!(
-        (failed, closed, connects),
+        tally.counts(),
         (0, 0, CONNECTIONS as u64),
-        "failed, closed by the server, connects across {RELOADS} reloads ({} answered)",
+        "failed, closed by the server, connects of {CONNECTIONS} connections across {RELOADS} HUPs and {UPGRADES} upgrades with {workers} workers ({} answered)",
         tally.ok.load(Ordering::Relaxed)
     );
+    // Each HUP's drained generation moved every connection it held.
+    for generation in 1..=RELOADS {
+        let finished = baton.wait_generation_finished(generation);
+        assert_eq!(field(&finished, "closed_at_drain"), "0", "{finished}");
+    }
     assert!(
-        handed_over(&baton) >= CONNECTIONS as u64,
-        "every reload moved connections"
+        handed_over(&baton) >= CONNECTIONS as u64 * RELOADS,
+        "every reload moved every connection"
     );
+}
+
+#[test]
+fn a_thousand_keep_alive_connections_survive_reloads_and_upgrades_with_two_workers() {
+    keep_alive_connections_survive(2);
+}
+
+#[test]
+fn a_thousand_keep_alive_connections_survive_reloads_and_upgrades_with_four_workers() {
+    keep_alive_connections_survive(4);
 }
 
 /// Runs `clients` keep-alive connections on generation 1 of `first`, reloads
@@ -239,14 +103,14 @@ fn keep_alive_connections_survive_reloads_without_a_close() {
 fn across_reloads(first: &str, second: &str, clients: usize) -> (Baton, Arc<Tally>) {
     let mut baton = Baton::start(first);
     baton.wait_committed(1);
-    let load = Clients::start(baton.address("http"), clients);
+    let load = self::clients(baton.address("http"), clients);
     baton.write_config(second);
     for _ in 0..2 {
         let outcome = baton.reload();
         assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
         std::thread::sleep(Duration::from_millis(300));
     }
-    load.wait_generation(3);
+    load.wait_generation(3, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(1500));
     (baton, load.stop())
 }
@@ -303,7 +167,7 @@ fn a_reload_traces_its_handover_and_the_drained_generation_counts_its_moves() {
     );
     let mut baton = Baton::start(&config);
     baton.wait_committed(1);
-    let clients = Clients::start(baton.address("http"), 10);
+    let clients = clients(baton.address("http"), 10);
     let outcome = baton.reload();
     assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
     let finished = baton.wait_generation_finished(1);
@@ -344,7 +208,7 @@ fn in_place_upgrades_hand_connections_over_too() {
     let mut baton = Baton::start(&config);
     baton.wait_committed(1);
     const CLIENTS: usize = 40;
-    let clients = Clients::start(baton.address("http"), CLIENTS);
+    let clients = clients(baton.address("http"), CLIENTS);
     for generation in 2..=4u64 {
         let workers = baton.wait_workers(2, &[], Duration::from_secs(10));
         baton.skip_log();
@@ -353,7 +217,7 @@ fn in_place_upgrades_hand_connections_over_too() {
         assert_eq!(committed["span"]["trigger"], "upgrade");
         baton.wait_workers(2, &workers, Duration::from_secs(10));
     }
-    clients.wait_generation(4);
+    clients.wait_generation(4, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(1500));
     let tally = clients.stop();
     let (failed, closed, connects) = (
@@ -374,14 +238,14 @@ fn upgrades_hand_connections_to_the_new_masters_generation() {
     baton.wait_committed(1);
     const CLIENTS: usize = 40;
     const UPGRADES: u64 = 5;
-    let clients = Clients::start(baton.address("http"), CLIENTS);
+    let clients = clients(baton.address("http"), CLIENTS);
     let mut master = baton.pid();
     for _ in 0..UPGRADES {
         nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGUSR2).unwrap();
         master = baton.wait_new_master(master, Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(300));
     }
-    clients.wait_generation(UPGRADES + 1);
+    clients.wait_generation(UPGRADES + 1, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(1500));
     let tally = clients.stop();
     let (failed, closed, connects) = (
@@ -405,4 +269,20 @@ fn a_new_generation_with_handover_off_takes_none() {
         event_name(e) == "connections.handover_refused" && field(e, "reason").contains("handover")
     });
     assert!(refused > 0, "the master refused generation 1's handovers");
+}
+
+#[test]
+fn the_master_says_whether_the_kernel_could_hold_tls_sessions() {
+    let baton = Baton::start(&hello_config(1));
+    let starting = baton.wait_event(Duration::from_secs(10), |e| {
+        event_name(e) == "master.starting"
+    });
+    let said = field(&starting, "kernel_tls");
+    // Read after the master's probe, which loads the module where it can.
+    let listed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|ulp| ulp == "tls");
+    assert_eq!(said.starts_with("available"), listed, "{said}");
+    assert!(said.contains("close at a drain"), "{said}");
 }

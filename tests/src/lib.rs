@@ -6,6 +6,7 @@ pub mod crowd;
 pub mod h2load;
 pub mod harness;
 pub mod http2;
+pub mod keepalive;
 pub mod load;
 pub mod otlp;
 pub mod tools;

@@ -11,6 +11,8 @@
 //! `master-kill` kills the master of baton, nginx and HAProxy with
 //! SIGKILL under load and times how long until a reload works again (see
 //! `master_kill`).
+//! `handover` holds 1,000 keep-alive connections across 100 HUPs and 10
+//! upgrades with 2 and 4 workers and counts what closed (see `handover`).
 //! `wrapped-latency` measures the keep-alive latency of wrapped servers
 //! (gunicorn, uvicorn, hypercorn, nginx) under baton against each run
 //! alone; `soak` (only when named) the master's memory over many reloads.
@@ -27,6 +29,7 @@ mod args;
 mod baton_log;
 mod chart;
 mod drive;
+mod handover;
 mod header;
 mod locate;
 mod master_kill;
@@ -173,6 +176,11 @@ fn main() -> ExitCode {
             .only
             .iter()
             .any(|o| master_kill::NAME.starts_with(o.as_str()));
+    let run_handover = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| handover::NAME.starts_with(o.as_str()));
     let admin_idle = options.only.is_empty()
         || options
             .only
@@ -198,6 +206,7 @@ fn main() -> ExitCode {
         && !run_scale
         && !run_rollouts
         && !run_master_kill
+        && !run_handover
         && !admin_idle
         && !run_soak
         && !run_wrapped
@@ -236,6 +245,11 @@ fn main() -> ExitCode {
     };
     let killed = if run_master_kill {
         master_kill::run(&bins, options.connections, &INTERRUPTED)
+    } else {
+        Vec::new()
+    };
+    let handed = if run_handover {
+        handover::run(&bins, &INTERRUPTED)
     } else {
         Vec::new()
     };
@@ -335,6 +349,9 @@ fn main() -> ExitCode {
     if !killed.is_empty() {
         println!("{}", master_kill::markdown(&killed));
     }
+    if !handed.is_empty() {
+        println!("{}", handover::markdown(&handed));
+    }
     if let Some(soaked) = &soaked {
         println!("{}", soak::markdown(soaked));
     }
@@ -402,6 +419,7 @@ fn scenario_names() -> String {
             scale::NAME,
             rollouts::NAME,
             master_kill::NAME,
+            handover::NAME,
             ADMIN_IDLE,
             ADMIN_CROWD,
             soak::NAME,

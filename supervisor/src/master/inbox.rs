@@ -140,18 +140,89 @@ pub type Events = mpsc::UnboundedSender<Event>;
 /// more waits on its full socket buffer.
 pub const MESSAGES_PER_SECOND: u64 = 100;
 
+/// Handover messages a second the master reads from one channel, on top of
+/// [`MESSAGES_PER_SECOND`]: a draining worker's batches of connections and
+/// a taker's answers (see [`Budgeted`]).
+pub const HANDOVER_MESSAGES_PER_SECOND: u64 = 1000;
+
+/// A message that may travel outside a channel's general budget.
+///
+/// Handover messages get their own: at a drain every worker of the old
+/// generation sends its idle connections in batches (one each 10 ms while
+/// they come to rest), and each worker of the new generation answers every
+/// batch it gets from any of them, as after a binary upgrade the new master
+/// does for all of the old master's workers on one channel; with many
+/// workers that passes 100 a second, and a reader held to the general
+/// budget would sit until the end of its window, up to a second, with the
+/// handovers waiting behind. Each such message costs the master one
+/// `sendmsg` (or a map lookup), and the batch carries up to 252
+/// connections; its own limit still bounds a peer that sends nothing else.
+pub trait Budgeted {
+    /// Whether it counts against [`HANDOVER_MESSAGES_PER_SECOND`] rather than
+    /// [`MESSAGES_PER_SECOND`].
+    fn is_handover(&self) -> bool {
+        false
+    }
+}
+
+impl Budgeted for WorkerMessage {
+    fn is_handover(&self) -> bool {
+        matches!(
+            self,
+            WorkerMessage::Handover { .. }
+                | WorkerMessage::Adopted { .. }
+                | WorkerMessage::AdoptRefused { .. }
+        )
+    }
+}
+
+impl Budgeted for NewMessage {
+    fn is_handover(&self) -> bool {
+        matches!(
+            self,
+            NewMessage::HandedOver { .. } | NewMessage::HandoverRefused { .. }
+        )
+    }
+}
+
+/// A channel's two budgets, in fixed windows of a second.
+struct Budget {
+    general: crate::ratelimit::Window,
+    handovers: crate::ratelimit::Window,
+}
+
+impl Budget {
+    fn new(now: Instant) -> Budget {
+        let second = Duration::from_secs(1);
+        Budget {
+            general: crate::ratelimit::Window::new(MESSAGES_PER_SECOND, second, now),
+            handovers: crate::ratelimit::Window::new(HANDOVER_MESSAGES_PER_SECOND, second, now),
+        }
+    }
+
+    /// Counts one message read: when the next may be read.
+    fn spend(&mut self, handover: bool, now: Instant) -> Instant {
+        match handover {
+            true => self.handovers.spend(1, now),
+            false => self.general.spend(1, now),
+        }
+    }
+}
+
 /// Forwards every message on `channel` into the event loop as `wrap(message)`
 /// until the peer is gone (end of file or reset: its exit, reaped, says why),
 /// the channel breaks, or the peer sends what does not decode: that is
 /// forwarded as the last thing it said, since it broke the protocol. At most
-/// [`MESSAGES_PER_SECOND`] are read a second, so that no peer floods the loop.
+/// [`MESSAGES_PER_SECOND`] are read a second, and as many as
+/// [`HANDOVER_MESSAGES_PER_SECOND`] handover messages besides, so that no
+/// peer floods the loop.
 pub fn forward<T>(
     events: &Events,
     channel: Arc<Channel>,
     wrap: impl Fn(Result<T, ChannelError>) -> Event + Send + 'static,
 ) -> tokio::task::AbortHandle
 where
-    T: for<'de> serde::Deserialize<'de> + Send + 'static,
+    T: for<'de> serde::Deserialize<'de> + Budgeted + Send + 'static,
 {
     forward_received(events, channel, move |received| {
         wrap(received.map(|received| received.message))
@@ -165,27 +236,27 @@ fn forward_received<T>(
     wrap: impl Fn(Result<Received<T>, ChannelError>) -> Event + Send + 'static,
 ) -> tokio::task::AbortHandle
 where
-    T: for<'de> serde::Deserialize<'de> + Send + 'static,
+    T: for<'de> serde::Deserialize<'de> + Budgeted + Send + 'static,
 {
     let events = events.clone();
     tokio::spawn(async move {
-        let mut window = crate::ratelimit::Window::new(
-            MESSAGES_PER_SECOND,
-            Duration::from_secs(1),
-            Instant::now(),
-        );
+        let mut budget = Budget::new(Instant::now());
         loop {
-            tokio::time::sleep_until(window.spend(1, Instant::now())).await;
             let message = match channel.recv::<T>().await {
                 Ok(Some(received)) => Ok(received),
                 Ok(None) => return,
                 Err(e) if e.is_peer_gone() => return,
                 Err(e) => Err(e),
             };
+            // Which budget a message counts against is known once it is
+            // read: past either, the next read waits for its window's end.
+            let handover = matches!(&message, Ok(r) if r.message.is_handover());
+            let resume = budget.spend(handover, Instant::now());
             let last = message.is_err();
             if events.send(wrap(message)).is_err() || last {
                 return;
             }
+            tokio::time::sleep_until(resume).await;
         }
     })
     .abort_handle()
@@ -211,4 +282,40 @@ pub fn forward_worker(
             fds_truncated: false,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handover_messages_have_a_budget_of_their_own() {
+        let start = Instant::now();
+        let mut budget = Budget::new(start);
+        // A drain's batches and answers beyond the general budget are read
+        // on at once.
+        for _ in 0..MESSAGES_PER_SECOND {
+            assert_eq!(budget.spend(false, start), start);
+        }
+        assert_eq!(budget.spend(false, start), start + Duration::from_secs(1));
+        for _ in 0..HANDOVER_MESSAGES_PER_SECOND {
+            assert_eq!(budget.spend(true, start), start);
+        }
+        // A peer sending nothing but handover messages is still held.
+        assert_eq!(budget.spend(true, start), start + Duration::from_secs(1));
+    }
+
+    #[test]
+    fn only_batches_and_their_answers_are_handover_messages() {
+        let handover = WorkerMessage::Handover {
+            id: 1,
+            address: "127.0.0.1:1".into(),
+            connections: Vec::new(),
+        };
+        assert!(handover.is_handover());
+        assert!(WorkerMessage::Adopted { id: 1 }.is_handover());
+        assert!(!WorkerMessage::Ready.is_handover());
+        assert!(!WorkerMessage::Connections { count: 1 }.is_handover());
+        assert!(NewMessage::HandedOver { id: 1 }.is_handover());
+    }
 }
