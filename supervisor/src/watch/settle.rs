@@ -173,7 +173,7 @@ impl<K: Ord + Clone> Settle<K> {
                 continue;
             }
             let past_cap = now >= pending.first + self.cap;
-            let due = pending.looked.map_or(true, |at| now >= at + self.quiet);
+            let due = pending.looked.is_none_or(|at| now >= at + self.quiet);
             if !pending.writing.is_empty() && due {
                 pending.looked = Some(now);
                 pending.writing.retain(|path| writing_now(path));
