@@ -607,10 +607,10 @@ mod tests {
 
     #[test]
     fn a_listener_without_a_quic_slot_has_none_and_older_sdks_ignore_it() {
-        let message = decode::<MasterMessage>(
-            br#"{"v":1,"type":"listeners","offset":0,"listeners":[{"name":"h3","kind":"udp","address":"127.0.0.1:443"}]}"#,
-        )
-        .unwrap();
+        let line = format!(
+            r#"{{"v":{PROTOCOL_VERSION},"type":"listeners","offset":0,"listeners":[{{"name":"h3","kind":"udp","address":"127.0.0.1:443"}}]}}"#
+        );
+        let message = decode::<MasterMessage>(line.as_bytes()).unwrap();
         let MasterMessage::Listeners { listeners, .. } = message else {
             panic!("{message:?}")
         };

@@ -62,6 +62,15 @@ fn bind() -> std::net::TcpListener {
     listener
 }
 
+/// Options that tell every connection to go as soon as the drain starts
+/// (the default spread waits 100 ms for sibling workers first).
+fn at_once() -> ServeOptions {
+    ServeOptions {
+        close_spread: Some(Duration::ZERO),
+        ..Default::default()
+    }
+}
+
 fn spawn_serve(
     listener: std::net::TcpListener,
     service: TestService,
@@ -179,12 +188,12 @@ async fn keep_alive_requests_share_one_connection() {
 async fn request_after_drain_is_answered_with_connection_close() {
     let listener = bind();
     let addr = listener.local_addr().unwrap();
-    let (drain, task) = spawn_serve(listener, TestService::new("ok"), Default::default());
+    let (drain, task) = spawn_serve(listener, TestService::new("ok"), at_once());
     let mut client = Client::connect(addr).unwrap();
     assert!(!client.get("/").unwrap().close);
     drain.start(PATIENCE);
-    // The serving task tells the connection to go (the only one: first in
-    // the spread, at once) as soon as it sees the drain.
+    // The serving task tells the connection to go (no spread: at once) as
+    // soon as it sees the drain.
     sleep(Duration::from_millis(100)).await;
     let reply = client.get("/").unwrap();
     assert_eq!(
@@ -204,7 +213,7 @@ async fn request_in_flight_at_drain_completes_with_connection_close() {
     let addr = listener.local_addr().unwrap();
     let service = TestService::new("ok");
     let (gate, started) = (service.gate.clone(), service.started.clone());
-    let (drain, task) = spawn_serve(listener, service, Default::default());
+    let (drain, task) = spawn_serve(listener, service, at_once());
     let mut client = Client::connect(addr).unwrap();
     client.send("/gated").unwrap();
     tokio::time::timeout(PATIENCE, started.notified())
@@ -289,7 +298,7 @@ async fn unix_listener_serves_and_drains_the_same_way() {
         listener,
         TestService::new("ok"),
         drain.clone(),
-        Default::default(),
+        at_once(),
     ));
     let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
     std::fs::remove_file(&path).unwrap();

@@ -34,41 +34,46 @@ fn hub() -> (Handover, Channel) {
     (handover, Channel::new(master).unwrap())
 }
 
-/// Relays every handover of `old` to `new` (or refuses it), as the master
-/// does; returns once `old` is gone.
+/// Relays every handover of `old` to `new` (or refuses it), and refuses
+/// the handovers of `new` (no generation is newer), as the master does;
+/// returns once `old` is gone.
 async fn master(old: Channel, new: Channel, how: Master) {
-    while let Ok(Some(received)) = old.recv::<WorkerMessage>().await {
-        let WorkerMessage::Handover {
-            id,
-            address,
-            connections,
-        } = received.message
-        else {
-            continue;
-        };
-        if how == Master::Refuses {
-            let reason = "refused by the test".into();
-            let _ = old.try_send(&MasterMessage::HandoverRefused { id, reason }, &[]);
-            continue;
-        }
-        let fds: Vec<BorrowedFd<'_>> = received.fds.iter().map(|fd| fd.as_fd()).collect();
-        let adopt = MasterMessage::Adopt {
-            id,
-            address,
-            connections,
-        };
-        new.try_send(&adopt, &fds).unwrap();
-        let answer = loop {
-            let got = new.recv::<WorkerMessage>().await.unwrap().unwrap();
-            match got.message {
-                WorkerMessage::Adopted { .. } => break MasterMessage::HandedOver { id },
-                WorkerMessage::AdoptRefused { reason, .. } => {
-                    break MasterMessage::HandoverRefused { id, reason }
+    let refuse = |channel: &Channel, id| {
+        let reason = "refused by the test".into();
+        let _ = channel.try_send(&MasterMessage::HandoverRefused { id, reason }, &[]);
+    };
+    loop {
+        // Both reads are cancel-safe: a message is read whole or not at all.
+        tokio::select! {
+            from_old = old.recv::<WorkerMessage>() => {
+                let Ok(Some(received)) = from_old else { return };
+                let WorkerMessage::Handover { id, address, connections } = received.message else {
+                    continue;
+                };
+                if how == Master::Refuses {
+                    refuse(&old, id);
+                    continue;
                 }
-                _ => continue,
+                let fds: Vec<BorrowedFd<'_>> = received.fds.iter().map(|fd| fd.as_fd()).collect();
+                let adopt = MasterMessage::Adopt { id, address, connections };
+                new.try_send(&adopt, &fds).unwrap();
             }
-        };
-        let _ = old.try_send(&answer, &[]);
+            from_new = new.recv::<WorkerMessage>() => {
+                let Ok(Some(received)) = from_new else { return };
+                let answer = match received.message {
+                    WorkerMessage::Adopted { id } => MasterMessage::HandedOver { id },
+                    WorkerMessage::AdoptRefused { id, reason } => {
+                        MasterMessage::HandoverRefused { id, reason }
+                    }
+                    WorkerMessage::Handover { id, .. } => {
+                        refuse(&new, id);
+                        continue;
+                    }
+                    _ => continue,
+                };
+                let _ = old.try_send(&answer, &[]);
+            }
+        }
     }
 }
 
