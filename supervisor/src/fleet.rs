@@ -253,6 +253,13 @@ impl Fleet {
                 tracing::error!(error = %format!("{e:#}"), "cannot steer new connections to the new generation");
             }
         }
+        // QUIC ports split by flow hash, their workers' sockets known to
+        // the port's group.
+        if let Some(share) = canary {
+            for listener in new_sockets.iter().filter(|l| l.is_quic()) {
+                listener.quic_canary(number, standby, share.threshold());
+            }
+        }
         self.current = Some(number);
         Some(standby)
     }

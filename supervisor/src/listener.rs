@@ -285,6 +285,18 @@ impl Listener {
         }
     }
 
+    /// On a QUIC listener, a canary: new connections go to the sockets of
+    /// `generation`'s workers for the `threshold` share of flow hashes
+    /// (see [`crate::config::Share::threshold`]), to `standby`'s for the
+    /// rest.
+    pub fn quic_canary(&self, generation: u64, standby: u64, threshold: u32) {
+        if let Some(group) = self.port().group.borrow_mut().as_mut() {
+            if let Err(e) = group.quic_canary(generation, standby, threshold) {
+                tracing::error!(listener = %self.info.name, error = %e, "cannot split the QUIC port's new connections");
+            }
+        }
+    }
+
     /// Keeps a socket [`Listener::for_generation`] just made if `kernel`,
     /// looked at since, lists exactly its group on the port; otherwise the
     /// listener's own socket is shared. Closing the new socket again moves

@@ -143,6 +143,9 @@ struct Quic {
     /// The generation whose sockets get new connections; until one is
     /// named, the newest generation's.
     current: Option<u64>,
+    /// During a canary's probation: the standby generation, which gets the
+    /// new connections whose flow hash is at or above the threshold.
+    canary_rest: Option<(u64, u32)>,
     /// The routes of the program attached last, and the [`EPOCH`] it was
     /// attached in.
     attached: Option<(quic::Routes, u64)>,
@@ -294,6 +297,18 @@ impl Group {
     pub fn quic_current(&mut self, generation: u64) -> io::Result<()> {
         if let Some(quic) = self.quic.as_mut() {
             quic.current = Some(generation);
+            quic.canary_rest = None;
+            self.route()?;
+        }
+        Ok(())
+    }
+
+    /// A canary: new connections go to `generation`'s workers' sockets when
+    /// their flow hash is below `threshold`, to `standby`'s otherwise.
+    pub fn quic_canary(&mut self, generation: u64, standby: u64, threshold: u32) -> io::Result<()> {
+        if let Some(quic) = self.quic.as_mut() {
+            quic.current = Some(generation);
+            quic.canary_rest = Some((standby, threshold));
             self.route()?;
         }
         Ok(())
@@ -313,10 +328,25 @@ impl Group {
             .unwrap_or(0);
         let current = quic.current.unwrap_or(newest);
         let mut routes = quic::Routes::default();
+        let mut rest = Vec::new();
         for (i, member) in self.members.iter().enumerate().skip(1) {
             routes.slots.push((member.quic.slot, i));
-            if member.quic.generation == current && !member.user.retired() {
+            if member.user.retired() {
+                continue;
+            }
+            if member.quic.generation == current {
                 routes.current.push(i);
+            } else if quic
+                .canary_rest
+                .is_some_and(|(g, _)| g == member.quic.generation)
+            {
+                rest.push(i);
+            }
+        }
+        // The standby's workers gone, or the canary's not started: no split.
+        if let Some((_, threshold)) = quic.canary_rest {
+            if !rest.is_empty() && !routes.current.is_empty() {
+                routes.rest = Some((rest, threshold));
             }
         }
         let epoch = EPOCH.load(std::sync::atomic::Ordering::Relaxed);
@@ -409,6 +439,9 @@ impl Group {
             attached: None,
             quic: layout.quic.map(|quic| Quic {
                 current: quic.current,
+                // As the TCP rules: an upgrade does not start during a
+                // probation.
+                canary_rest: None,
                 attached: None,
                 last_slot: quic.last_slot,
             }),

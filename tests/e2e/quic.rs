@@ -510,3 +510,48 @@ fn first_pem_der(pem: &[u8]) -> Option<Vec<u8>> {
         .ok()
         .map(|c| c.to_vec())
 }
+
+/// A canary on a QUIC port: during probation new connections split
+/// between the canary and the standby generation by the client address's
+/// flow; `baton promote` sends them all to the canary.
+#[test]
+fn a_canary_gets_a_share_of_new_quic_connections_until_promoted() {
+    let certs = TempDir::new();
+    let (cert, cert_path, key_path) = certificate(&certs);
+    let config = format!(
+        "{}\n[[listener]]\nname = \"h3\"\naddress = \"udp:127.0.0.1:0\"\nquic = true\n",
+        config_with_worker(&format!(
+            "command = [{:?}, \"--cert\", {cert_path:?}, \"--key\", {key_path:?}]\nprocesses = 2\nready_timeout = \"10s\"\ndrain_timeout = \"5s\"\nprobation = \"1h\"\ncanary = \"50%\"\n",
+            Binaries::example("h3-app").display().to_string()
+        ))
+    );
+    let baton = Baton::start(&config);
+    baton.wait_committed(1);
+    let address = baton.address("h3");
+    let client = client_config(cert);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let generations = |n: usize| -> Vec<u64> {
+        (0..n)
+            .map(|_| {
+                runtime
+                    .block_on(bounded(fresh(address, client.clone())))
+                    .unwrap()
+            })
+            .collect()
+    };
+    baton.signal(Signal::SIGHUP);
+    baton.wait_event(Duration::from_secs(20), |e| {
+        event_name(e) == "rollout.started"
+    });
+    let split = generations(24);
+    let canary = split.iter().filter(|g| **g == 2).count();
+    eprintln!("during the canary: {split:?}");
+    assert!(
+        split.iter().all(|g| *g == 1 || *g == 2) && canary > 0 && canary < split.len(),
+        "new connections during a 50% canary: {split:?}"
+    );
+    let promoted = baton.cli(&["promote"]);
+    assert!(promoted.status.success());
+    let after = generations(8);
+    assert!(after.iter().all(|g| *g == 2), "after promote: {after:?}");
+}

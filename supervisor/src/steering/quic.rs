@@ -87,6 +87,12 @@ pub struct Routes {
     /// The current generation's sockets, which get new connections. Empty:
     /// they go to member 0 (the listener's own socket).
     pub current: Vec<usize>,
+    /// During a canary's probation: the standby generation's sockets, and
+    /// the share they leave to `current`. A new connection whose flow hash
+    /// is at or above the threshold goes to these; below it, to `current`.
+    /// By the hash, not at random, so that every Initial and 0-RTT packet
+    /// of one client address reaches the same worker.
+    pub rest: Option<(Vec<usize>, u32)>,
 }
 
 /// One instruction before jump targets are resolved.
@@ -183,7 +189,7 @@ impl Assembler {
 pub fn program(routes: &Routes, v6: bool) -> io::Result<Vec<libc::sock_filter>> {
     use libc::{
         BPF_ABS, BPF_ALU, BPF_AND, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_JSET,
-        BPF_K, BPF_LD, BPF_LDX, BPF_LEN, BPF_MOD, BPF_MSH, BPF_RET, BPF_W,
+        BPF_K, BPF_LD, BPF_LDX, BPF_LEN, BPF_MOD, BPF_MSH, BPF_MUL, BPF_RET, BPF_W,
     };
     let index = |i: usize| u32::try_from(i).map_err(io::Error::other);
     let (ld_len, ld_b, ld_w, ld_h) = (
@@ -265,39 +271,60 @@ pub fn program(routes: &Routes, v6: bool) -> io::Result<Vec<libc::sock_filter>> 
         a.here(miss);
     }
 
-    // New connections: one of the current generation's sockets, by the
-    // flow hash, or by the source port where the kernel computed none
-    // (loopback).
+    // New connections: one of the current generation's sockets (or, for a
+    // canary, of the standby's), by the flow hash, or by the source port
+    // where the kernel computed none (loopback).
     a.here(current);
-    match routes.current.as_slice() {
-        [] => a.stmt(ret, 0),
-        [only] => a.stmt(ret, index(*only)?),
-        members => {
-            let n = index(members.len())?;
-            a.stmt(ld_w, SKF_AD_RXHASH as u32);
-            let (hashed, by_port) = (a.label(), a.label());
-            a.jump(jeq, 0, by_port, hashed);
-            a.here(by_port);
-            // The UDP header's source port: after a 40-byte IPv6 header,
-            // or an IPv4 header of the length its first byte says.
-            if v6 {
-                a.stmt(ld_h, (SKF_NET_OFF + 40) as u32);
-            } else {
-                a.stmt(BPF_LDX | BPF_B | BPF_MSH, SKF_NET_OFF as u32);
-                a.stmt(BPF_LD | BPF_H | BPF_IND, SKF_NET_OFF as u32);
-            }
-            a.here(hashed);
-            a.stmt(BPF_ALU | BPF_MOD | BPF_K, n);
-            for (i, &member) in members.iter().enumerate() {
-                let (hit, miss) = (a.label(), a.label());
-                a.jump(jeq, index(i)?, hit, miss);
-                a.here(hit);
-                a.stmt(ret, index(member)?);
-                a.here(miss);
-            }
-            a.stmt(ret, index(members[0])?);
+    let spread = routes.current.len() > 1 || routes.rest.is_some();
+    if !spread {
+        match routes.current.first() {
+            None => a.stmt(ret, 0),
+            Some(only) => a.stmt(ret, index(*only)?),
         }
+        return a.finish();
     }
+    a.stmt(ld_w, SKF_AD_RXHASH as u32);
+    let (hashed, by_port) = (a.label(), a.label());
+    a.jump(jeq, 0, by_port, hashed);
+    a.here(by_port);
+    // The UDP header's source port: after a 40-byte IPv6 header, or an
+    // IPv4 header of the length its first byte says; spread over 32 bits
+    // as a hash is (Knuth's multiplicative hash: ephemeral ports are not
+    // spread evenly over 16 bits, a canary's threshold needs them to be).
+    if v6 {
+        a.stmt(ld_h, (SKF_NET_OFF + 40) as u32);
+    } else {
+        a.stmt(BPF_LDX | BPF_B | BPF_MSH, SKF_NET_OFF as u32);
+        a.stmt(BPF_LD | BPF_H | BPF_IND, SKF_NET_OFF as u32);
+    }
+    a.stmt(BPF_ALU | BPF_MUL | BPF_K, 0x9E37_79B1);
+    a.here(hashed);
+    let pick = |a: &mut Assembler, members: &[usize]| -> io::Result<()> {
+        match members {
+            [] => a.stmt(ret, 0),
+            [only] => a.stmt(ret, index(*only)?),
+            members => {
+                a.stmt(BPF_ALU | BPF_MOD | BPF_K, index(members.len())?);
+                for (i, &member) in members.iter().enumerate() {
+                    let (hit, miss) = (a.label(), a.label());
+                    a.jump(jeq, index(i)?, hit, miss);
+                    a.here(hit);
+                    a.stmt(ret, index(member)?);
+                    a.here(miss);
+                }
+                a.stmt(ret, index(members[0])?);
+            }
+        }
+        Ok(())
+    };
+    if let Some((rest, threshold)) = &routes.rest {
+        let (to_rest, to_current) = (a.label(), a.label());
+        a.jump(jge, *threshold, to_rest, to_current);
+        a.here(to_rest);
+        pick(&mut a, rest)?;
+        a.here(to_current);
+    }
+    pick(&mut a, &routes.current)?;
     a.finish()
 }
 
@@ -395,6 +422,7 @@ mod tests {
         let routes = Routes {
             slots: vec![(7, 1), (9, 2), (11, 3), (12, 4)],
             current: vec![3, 4],
+            rest: None,
         };
         attach(&members, &routes);
         let client = udp_client();
@@ -424,11 +452,48 @@ mod tests {
     }
 
     #[test]
+    fn a_canary_gets_its_share_of_new_connections_and_each_client_address_keeps_its_side() {
+        let (to, members) = group(4);
+        // The canary generation is members 3 and 4; the standby's, 1 and 2.
+        let share = crate::config::Share::parse("25%").unwrap();
+        let routes = Routes {
+            slots: vec![(7, 1), (9, 2), (11, 3), (12, 4)],
+            current: vec![3, 4],
+            rest: Some((vec![1, 2], share.threshold())),
+        };
+        attach(&members, &routes);
+        let initial = long(0xc0, V1, &[0x77; 8]);
+        let mut canary = 0;
+        for _ in 0..200 {
+            // A new client address (port) each time, its Initial sent twice
+            // (a retransmission): both land on the same member.
+            let client = udp_client();
+            let first = landing(&client, to, &members, &initial);
+            assert_eq!(landing(&client, to, &members, &initial), first);
+            assert_ne!(first, 0, "the listener's own socket gets nothing");
+            if first >= 3 {
+                canary += 1;
+            }
+        }
+        // 25% of 200: a binomial with a standard deviation of about 6.
+        assert!((25..=75).contains(&canary), "{canary} of 200 to the canary");
+        // Existing connections still go by their slot, on either side.
+        let client = udp_client();
+        for (slot, member) in [(7, 1), (9, 2), (11, 3), (12, 4)] {
+            assert_eq!(
+                landing(&client, to, &members, &short(&[slot, 1, 2, 3])),
+                member
+            );
+        }
+    }
+
+    #[test]
     fn new_connections_and_what_names_no_socket_go_to_the_current_generation() {
         let (to, members) = group(4);
         let routes = Routes {
             slots: vec![(7, 1), (9, 2), (11, 3), (12, 4)],
             current: vec![3, 4],
+            rest: None,
         };
         attach(&members, &routes);
         let current = |i: usize| i == 3 || i == 4;
@@ -486,6 +551,7 @@ mod tests {
             &Routes {
                 slots: vec![(1, 1)],
                 current: vec![],
+                rest: None,
             },
         );
         let client = udp_client();
@@ -499,7 +565,11 @@ mod tests {
         let mut slots: Vec<(u8, usize)> = (1..=255).map(|s| (s, 1)).collect();
         slots[254] = (255, 2);
         let current: Vec<usize> = vec![3; 255];
-        let routes = Routes { slots, current };
+        let routes = Routes {
+            slots,
+            current,
+            rest: None,
+        };
         assert!(program(&routes, false).unwrap().len() > 1000);
         attach(&members, &routes);
         let client = udp_client();
