@@ -30,10 +30,12 @@ pub fn binaries() -> Result<Binaries, String> {
     }
     warn_if_stale(&hello);
     let axum = Some(profile.join("examples").join("axum-app")).filter(|p| p.is_file());
+    let h3 = Some(profile.join("examples").join("h3-app")).filter(|p| p.is_file());
     Ok(Binaries {
         baton: PathBuf::from(env!("CARGO_BIN_EXE_baton")),
         hello,
         axum,
+        h3,
         h2load: procs::find_program("h2load", &["/usr/bin/h2load"]),
         nginx: procs::find_program("nginx", &["/usr/sbin/nginx"]),
         haproxy: procs::find_program("haproxy", &["/usr/sbin/haproxy"]),

@@ -7,7 +7,8 @@
 //! connection per request. The HTTP/2 and WebSocket scenarios
 //! (`protocols`) follow: h2load (new connections) and a strict HTTP/2
 //! client (long-lived connections) against baton and nginx
-//! `listen ... http2`, and WebSocket clients of `axum-app`.
+//! `listen ... http2`, WebSocket clients of `axum-app`, and HTTP/3 clients
+//! of `h3-app` on a QUIC listener.
 //! `master-kill` kills the master of baton, nginx and HAProxy with
 //! SIGKILL under load and times how long until a reload works again (see
 //! `master_kill`).
@@ -18,7 +19,7 @@
 //! alone; `soak` (only when named) the master's memory over many reloads.
 //! The bench prints markdown tables and writes `target/bench/reload.json`
 //! and `target/bench/reload.svg`. It runs the `hello` (and, for WebSocket,
-//! `axum-app`) examples of `baton-worker`, which `cargo bench -p baton`
+//! `axum-app`; for HTTP/3, `h3-app`) examples of `baton-worker`, which `cargo bench -p baton`
 //! does not build: build them first with
 //! `cargo build --release -p baton-worker --examples`.
 #![forbid(unsafe_code)]

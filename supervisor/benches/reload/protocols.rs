@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 pub enum Traffic {
     Http2,
     WebSocket,
+    Http3,
 }
 
 /// One system under one kind of traffic, reloaded with HUP.
@@ -45,7 +46,7 @@ pub struct ProtocolScenario {
 }
 
 /// In run order.
-pub const SCENARIOS: [ProtocolScenario; 3] = [
+pub const SCENARIOS: [ProtocolScenario; 4] = [
     ProtocolScenario {
         name: "h2-baton",
         system: "baton + hello",
@@ -63,6 +64,13 @@ pub const SCENARIOS: [ProtocolScenario; 3] = [
         system: "baton + axum-app",
         kind: Kind::BatonAxum,
         traffic: Traffic::WebSocket,
+    },
+    // No peer: Debian's nginx 1.22 and HAProxy 2.6 have no QUIC.
+    ProtocolScenario {
+        name: "h3-baton",
+        system: "baton + h3-app, quic = true",
+        kind: Kind::BatonH3,
+        traffic: Traffic::Http3,
     },
 ];
 
@@ -304,6 +312,158 @@ fn run_websocket(
     }
 }
 
+/// What the HTTP/3 clients counted.
+#[derive(Default)]
+struct H3Tally {
+    ok: AtomicU64,
+    /// Requests that failed on an open connection, or connections lost.
+    failed: AtomicU64,
+    /// Connections that could not be opened.
+    refused: AtomicU64,
+}
+
+/// A quinn client trusting `dir`'s `cert.pem`, with a 5 s idle timeout.
+fn h3_client_config(dir: &std::path::Path) -> Result<quinn::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    let cert = rustls::pki_types::CertificateDer::from_pem_file(dir.join("cert.pem"))
+        .map_err(|e| format!("cert.pem: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).map_err(|e| e.to_string())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(5)
+            .try_into()
+            .map_err(|_| "idle timeout")?,
+    ));
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// One client: a connection kept open, `GET /` on a new stream after
+/// another until `until`; a lost connection is counted and replaced.
+async fn h3_client(
+    addr: SocketAddr,
+    config: quinn::ClientConfig,
+    until: Instant,
+    tally: Arc<H3Tally>,
+) {
+    use bytes::Buf;
+    while Instant::now() < until {
+        let connected = async {
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("address"))
+                .map_err(|e| e.to_string())?;
+            endpoint.set_default_client_config(config.clone());
+            let connection = endpoint
+                .connect(addr, "localhost")
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(connection.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+            Ok::<_, String>((endpoint, connection, send))
+        };
+        let Ok(Ok((endpoint, connection, mut send))) =
+            tokio::time::timeout(Duration::from_secs(5), connected).await
+        else {
+            tally.refused.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        while Instant::now() < until {
+            let request = async {
+                let request = hyper::Request::get("https://localhost/")
+                    .body(())
+                    .map_err(|e| e.to_string())?;
+                let mut stream = send
+                    .send_request(request)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = stream.finish().await;
+                let response = stream.recv_response().await.map_err(|e| e.to_string())?;
+                while let Some(mut chunk) = stream.recv_data().await.map_err(|e| e.to_string())? {
+                    chunk.advance(chunk.remaining());
+                }
+                Ok::<_, String>(response.status())
+            };
+            match tokio::time::timeout(Duration::from_secs(5), request).await {
+                Ok(Ok(status)) if status == hyper::StatusCode::OK => {
+                    tally.ok.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        connection.close(0x100u32.into(), b"done");
+        endpoint.wait_idle().await;
+    }
+}
+
+fn run_http3(
+    scenario: &'static ProtocolScenario,
+    system: &str,
+    bins: &Binaries,
+    options: &Options,
+) -> Row {
+    let traffic = format!(
+        "HTTP/3, {} connections kept open, one request at a time",
+        options.connections
+    );
+    let outcome = (|| {
+        let server = Server::start(scenario.kind, bins)?;
+        let config = h3_client_config(server.dir())?;
+        let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("tokio: {e}"))?;
+        let tally = Arc::new(H3Tally::default());
+        let ((), reloads) = under_reloads(&server, options, |addr| {
+            let until = Instant::now() + options.duration;
+            runtime.block_on(async {
+                let clients: Vec<_> = (0..options.connections)
+                    .map(|_| tokio::spawn(h3_client(addr, config.clone(), until, tally.clone())))
+                    .collect();
+                for client in clients {
+                    let _ = client.await;
+                }
+            });
+        });
+        let refused = tally.refused.load(Ordering::Relaxed);
+        if refused > 0 {
+            return Err(format!(
+                "{refused} HTTP/3 connections could not be opened ({reloads} reloads)"
+            ));
+        }
+        let counts = Counts {
+            done: tally.ok.load(Ordering::Relaxed),
+            failed: tally.failed.load(Ordering::Relaxed),
+            retried: None,
+        };
+        Ok((counts, reloads))
+    })();
+    let (outcome, reloads) = match outcome {
+        Ok((counts, reloads)) => (Ok(counts), reloads),
+        Err(e) => (Err(e), 0),
+    };
+    Row {
+        scenario: scenario.name,
+        system: system.to_string(),
+        traffic,
+        reloads,
+        outcome,
+    }
+}
+
 /// Runs `scenario`, one row per kind of traffic.
 pub fn run(scenario: &'static ProtocolScenario, bins: &Binaries, options: &Options) -> Vec<Row> {
     let system = match scenario.kind {
@@ -319,6 +479,7 @@ pub fn run(scenario: &'static ProtocolScenario, bins: &Binaries, options: &Optio
     match scenario.traffic {
         Traffic::Http2 => run_http2(scenario, &system, bins, options),
         Traffic::WebSocket => vec![run_websocket(scenario, &system, bins, options)],
+        Traffic::Http3 => vec![run_http3(scenario, &system, bins, options)],
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Binaries {
     pub hello: PathBuf,
     /// The `axum-app` example, for the WebSocket scenario, when built.
     pub axum: Option<PathBuf>,
+    /// The `h3-app` example, for the HTTP/3 scenario, when built.
+    pub h3: Option<PathBuf>,
     /// `h2load`, for the HTTP/2 scenarios, when installed.
     pub h2load: Option<PathBuf>,
     /// `nginx`, when installed.
@@ -43,6 +45,8 @@ pub enum Kind {
     Baton,
     /// `baton run` with `axum-app` workers.
     BatonAxum,
+    /// `baton run` with `h3-app` workers on a `quic = true` UDP listener.
+    BatonH3,
     /// `hello` on its own.
     Hello,
     /// nginx, master and workers.
@@ -83,6 +87,9 @@ impl Server {
             Kind::Baton => start_baton(dir, &bins.baton, &bins.hello),
             Kind::BatonAxum => {
                 start_baton(dir, &bins.baton, bins.axum.as_deref().ok_or("not built")?)
+            }
+            Kind::BatonH3 => {
+                start_baton_h3(dir, &bins.baton, bins.h3.as_deref().ok_or("not built")?)
             }
             Kind::Hello => start_hello(dir, &bins.hello, "127.0.0.1:0"),
             Kind::Nginx => start_nginx(dir, bins.nginx.as_deref().ok_or("not installed")?, ""),
@@ -276,12 +283,43 @@ fn start_hello(dir: TempDir, hello: &Path, listen: &str) -> Result<Server, Strin
 
 /// `baton run` with `worker` (an SDK example) as its workers.
 fn start_baton(dir: TempDir, baton: &Path, worker: &Path) -> Result<Server, String> {
+    let listener = "name = \"http\"\naddress = \"127.0.0.1:0\"\n";
+    let command = format!("[{:?}]", worker.display().to_string());
+    start_baton_with(dir, baton, listener, &command)
+}
+
+/// baton with `h3-app` workers serving HTTP/3 on a QUIC listener, with a
+/// self-signed certificate made in `dir` (`cert.pem`, `key.pem`).
+fn start_baton_h3(dir: TempDir, baton: &Path, h3: &Path) -> Result<Server, String> {
+    let generated = Command::new(h3)
+        .args(["--generate", "--cert", "cert.pem", "--key", "key.pem"])
+        .current_dir(dir.path())
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", h3.display()))?;
+    if !generated.success() {
+        return Err("h3-app --generate failed".into());
+    }
+    let listener = "name = \"http\"\naddress = \"udp:127.0.0.1:0\"\nquic = true\n";
+    let command = format!(
+        "[{:?}, \"--cert\", \"cert.pem\", \"--key\", \"key.pem\"]",
+        h3.display().to_string()
+    );
+    start_baton_with(dir, baton, listener, &command)
+}
+
+/// baton with one listener `http` (`listener`: its table's lines) and
+/// `command` (a TOML array) as the workers.
+fn start_baton_with(
+    dir: TempDir,
+    baton: &Path,
+    listener: &str,
+    worker: &str,
+) -> Result<Server, String> {
     let config = format!(
         "[supervisor]\ncontrol_socket = \"baton.sock\"\npid_file = \"baton.pid\"\n\
          log_format = \"json\"\nlog_filter = \"info\"\n\n\
-         [[listener]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n\
-         [worker]\ncommand = [{:?}]\nprocesses = {}\nready_timeout = \"10s\"\ndrain_timeout = \"10s\"\n",
-        worker.display().to_string(),
+         [[listener]]\n{listener}\n\
+         [worker]\ncommand = {worker}\nprocesses = {}\nready_timeout = \"10s\"\ndrain_timeout = \"10s\"\n",
         cpus(),
     );
     let mut command = baton_run(baton, dir.path(), &config)?;
@@ -305,7 +343,10 @@ fn start_baton(dir: TempDir, baton: &Path, worker: &Path) -> Result<Server, Stri
             message(e) == "listener bound" && field(e, "listener") == "http"
         })
         .ok_or_else(|| failed("no `listener bound` event"))?;
-    let addr = field(&bound, "address")
+    let address = field(&bound, "address");
+    let addr = address
+        .strip_prefix("udp:")
+        .unwrap_or(&address)
         .parse()
         .map_err(|e| failed(&format!("bad listener address: {e}")))?;
     let server = Server {
