@@ -157,7 +157,7 @@ impl Adoption {
     /// one: the snapshot, and the fds it names, renumbered.
     pub fn take_from_env() -> anyhow::Result<Option<Adoption>> {
         use crate::keeper::{FDS_ENV, KEEPER_FD_ENV, PREVIOUS_ENV, SNAPSHOT_FD_ENV, WATCHED_ENV};
-        let Some(first) = crate::fds::handed(FDS_ENV) else {
+        let Ok(first) = std::env::var(FDS_ENV) else {
             return Ok(None);
         };
         let first: RawFd = first
@@ -172,9 +172,9 @@ impl Adoption {
         let mut json = Vec::new();
         snapshot_file.read_to_end(&mut json)?;
         drop(snapshot_file);
-        let previous = crate::fds::handed(PREVIOUS_ENV).unwrap_or_default();
+        let previous = std::env::var(PREVIOUS_ENV).unwrap_or_default();
         let (previous_pid, how) = previous.split_once(':').unwrap_or(("0", "unknown"));
-        let watched = crate::fds::handed(WATCHED_ENV)
+        let watched = std::env::var(WATCHED_ENV)
             .unwrap_or_default()
             .split(',')
             .filter_map(|p| p.parse().ok())
@@ -187,7 +187,8 @@ impl Adoption {
             how.to_string(),
             watched,
         )?;
-        adoption.restart = crate::fds::handed(crate::keeper::RESTART_ENV)
+        adoption.restart = std::env::var(crate::keeper::RESTART_ENV)
+            .ok()
             .map(|mode| mode == "hard");
         Ok(Some(adoption))
     }

@@ -785,16 +785,13 @@ pub(crate) fn process_alive(pid: i32) -> bool {
 }
 
 fn run(path: &Path, watch: Option<crate::watch::Watch>) -> anyhow::Result<()> {
-    // What this process was handed at its start is its alone: out of the
-    // environment before anything can start or exec another process.
-    crate::fds::claim_handed(&crate::keeper::HANDED_ENV);
     // A master the keeper started inherited the signals it ignores.
-    if crate::fds::handed(crate::keeper::FDS_ENV).is_some() {
+    if std::env::var_os(crate::keeper::FDS_ENV).is_some() {
         crate::keeper::restore_signals();
     }
     // A container's PID 1 becomes the keeper, the master its child: a
     // dead master does not take the pid namespace with it.
-    if std::process::id() == 1 && crate::fds::handed(crate::keeper::KEEPER_FD_ENV).is_none() {
+    if std::process::id() == 1 && std::env::var_os(crate::keeper::KEEPER_FD_ENV).is_none() {
         if let Some(code) = crate::keeper::init() {
             std::process::exit(code);
         }

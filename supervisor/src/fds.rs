@@ -74,35 +74,13 @@ pub fn hand_nofile_to(command: &mut std::process::Command) {
     }
 }
 
-/// The one-shot variables this process was started with, taken out of its
-/// environment by [`claim_handed`].
-static HANDED: std::sync::OnceLock<std::collections::HashMap<&'static str, String>> =
-    std::sync::OnceLock::new();
-
-/// Takes `names` (the variables naming what a previous master, image or
-/// keeper handed this process) out of the environment, for [`handed`]: a
-/// process this one starts or execs sees only what it is handed itself,
-/// never fd numbers that meant something to this process's start. Must run
-/// before any other thread starts (it changes the environment).
-pub fn claim_handed(names: &[&'static str]) {
-    let mut taken = std::collections::HashMap::new();
-    for name in names {
-        if let Some(value) = std::env::var_os(name) {
-            if let Ok(value) = value.into_string() {
-                taken.insert(*name, value);
-            }
-            std::env::remove_var(name);
-        }
-    }
-    let _ = HANDED.set(taken);
-}
-
-/// The value variable `name` had when this process started: taken by
-/// [`claim_handed`] if it ran, otherwise read from the environment.
-pub fn handed(name: &str) -> Option<String> {
-    match HANDED.get() {
-        Some(taken) => taken.get(name).cloned(),
-        None => std::env::var(name).ok(),
+/// Keeps out of `command`'s environment every variable naming what this
+/// process was handed at its start ([`crate::keeper::HANDED_ENV`]): a new
+/// master or image sees only what it is handed itself (set after this),
+/// never fd numbers that no longer mean what they did.
+pub fn scrub_handed(command: &mut std::process::Command) {
+    for name in crate::keeper::HANDED_ENV {
+        command.env_remove(name);
     }
 }
 
@@ -112,7 +90,7 @@ pub fn handed(name: &str) -> Option<String> {
 /// process's from then on, close-on-exec.
 pub fn inherited(name: &str) -> anyhow::Result<Option<std::os::fd::OwnedFd>> {
     use anyhow::Context;
-    let Some(value) = handed(name) else {
+    let Ok(value) = std::env::var(name) else {
         return Ok(None);
     };
     let fd: std::os::fd::RawFd = value

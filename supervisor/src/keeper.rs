@@ -80,9 +80,9 @@ pub const PREVIOUS_ENV: &str = "BATON_ADOPT_PREVIOUS";
 pub const WATCHED_ENV: &str = "BATON_ADOPT_WATCHED";
 
 /// The variables naming what a master was handed at its start: it reads
-/// them once ([`crate::fds::claim_handed`] takes them out of its
-/// environment first thing), and no process it starts or image it execs
-/// may see them again.
+/// them once, and no master it starts or image it execs may see them
+/// again ([`crate::fds::scrub_handed`]): their fd numbers meant something
+/// to this process's start only.
 pub const HANDED_ENV: [&str; 11] = [
     KEEPER_FD_ENV,
     RESTART_ENV,
@@ -576,7 +576,7 @@ pub fn inherited_channel() -> Option<OwnedFd> {
             return Some(fd);
         }
     }
-    if crate::fds::handed(FDS_ENV).is_some() {
+    if std::env::var_os(FDS_ENV).is_some() {
         return None;
     }
     crate::fds::inherited(KEEPER_FD_ENV).ok().flatten()

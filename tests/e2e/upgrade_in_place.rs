@@ -118,7 +118,10 @@ fn upgrade_commits(baton: &Baton, generation: u64, in_place: bool, what: &str) -
     let out = baton.cli(&["upgrade"]);
     assert!(out.status.success(), "{what}: {out:?}");
     let committed = baton.wait_committed(generation);
-    assert_eq!(committed["span"]["trigger"], "upgrade", "{what}: {committed}");
+    assert_eq!(
+        committed["span"]["trigger"], "upgrade",
+        "{what}: {committed}"
+    );
     if in_place {
         assert_eq!(serving(baton), before, "{what}: the pid stays");
     } else {
@@ -129,8 +132,15 @@ fn upgrade_commits(baton: &Baton, generation: u64, in_place: bool, what: &str) -
     // within a second or so: give it the time to show.
     std::thread::sleep(Duration::from_secs(2));
     let after = serving(baton);
-    assert!(alive(Pid::from_raw(after as i32)), "{what}: master {after} died");
-    assert_eq!(adoptions(baton), adopted, "{what}: the keeper adopted after the upgrade");
+    assert!(
+        alive(Pid::from_raw(after as i32)),
+        "{what}: master {after} died"
+    );
+    assert_eq!(
+        adoptions(baton),
+        adopted,
+        "{what}: the keeper adopted after the upgrade"
+    );
     let out = baton.cli(&["reload"]);
     assert!(out.status.success(), "{what}: reload after it: {out:?}");
     baton.wait_committed(generation + 1);
@@ -167,10 +177,18 @@ fn an_in_place_upgrade_after_the_keeper_adopted_commits_and_the_keeper_adopts_no
     let first = serving(&baton);
     kill(Pid::from_raw(first as i32), Signal::SIGKILL).expect("kill the master");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while baton.cli(&["status", "--json"]).status.success().then(|| serving(&baton)) == Some(first)
+    while baton
+        .cli(&["status", "--json"])
+        .status
+        .success()
+        .then(|| serving(&baton))
+        == Some(first)
         || !baton.cli(&["status", "--json"]).status.success()
     {
-        assert!(std::time::Instant::now() < deadline, "no master adopted within 10 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no master adopted within 10 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(adoptions(&baton), 1);

@@ -154,12 +154,13 @@ impl Takeover {
     /// If this process was started by an upgrade, receives the old master's
     /// listeners. Must run inside the tokio runtime.
     pub async fn receive_from_env() -> anyhow::Result<Option<Takeover>> {
-        let Some(value) = crate::fds::handed(UPGRADE_FD_ENV) else {
+        let Ok(value) = std::env::var(UPGRADE_FD_ENV) else {
             return Ok(None);
         };
         // The new binary's own fd, kept open across exec for interpreters;
         // a real binary no longer needs it.
-        if let Some(binary) = crate::fds::handed(BINARY_FD_ENV)
+        if let Some(binary) = std::env::var(BINARY_FD_ENV)
+            .ok()
             .and_then(|v| v.parse::<i32>().ok())
         {
             if binary > 2 && binary.to_string() != value {
