@@ -74,6 +74,16 @@ pub fn hand_nofile_to(command: &mut std::process::Command) {
     }
 }
 
+/// Keeps out of `command`'s environment every variable naming what this
+/// process was handed at its start ([`crate::keeper::HANDED_ENV`]): a new
+/// master or image sees only what it is handed itself (set after this),
+/// never fd numbers that no longer mean what they did.
+pub fn scrub_handed(command: &mut std::process::Command) {
+    for name in crate::keeper::HANDED_ENV {
+        command.env_remove(name);
+    }
+}
+
 /// The fd a previous master, image or keeper handed this process, named by
 /// the environment variable `name`: `None` when it is not set; an error
 /// naming the variable when it is not an open fd above 2. The fd is this

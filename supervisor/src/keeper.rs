@@ -79,9 +79,11 @@ pub const PREVIOUS_ENV: &str = "BATON_ADOPT_PREVIOUS";
 /// `PID,PID,...` (a worker started after the last snapshot is among them).
 pub const WATCHED_ENV: &str = "BATON_ADOPT_WATCHED";
 
-/// The variables a master reads once and that no other master it starts
-/// may see again.
-const PRIVATE_ENV: [&str; 13] = [
+/// The variables naming what a master was handed at its start: it reads
+/// them once, and no master it starts or image it execs may see them
+/// again ([`crate::fds::scrub_handed`]): their fd numbers meant something
+/// to this process's start only.
+pub const HANDED_ENV: [&str; 11] = [
     KEEPER_FD_ENV,
     RESTART_ENV,
     SNAPSHOT_FD_ENV,
@@ -93,9 +95,12 @@ const PRIVATE_ENV: [&str; 13] = [
     crate::upgrade::handoff::BINARY_FD_ENV,
     crate::admin::ADMIN_FD_ENV,
     crate::control::CONTROL_FD_ENV,
-    "LISTEN_FDS",
-    "LISTEN_PID",
 ];
+
+/// What no master the keeper starts may inherit from the keeper's own
+/// environment: the handed variables, and systemd's sockets (the keeper
+/// hands the listeners itself).
+const PRIVATE_ENV: [&str; 2] = ["LISTEN_FDS", "LISTEN_PID"];
 
 /// The signals the keeper ignores (sent to a whole process group).
 const IGNORED: [Signal; 10] = [
@@ -340,7 +345,12 @@ impl Keeper {
 
     fn hello(&self, budget: Option<Budget>) {
         let mut env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
-            .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| k.as_bytes() == p.as_bytes()))
+            .filter(|(k, _)| {
+                !HANDED_ENV
+                    .iter()
+                    .chain(&PRIVATE_ENV)
+                    .any(|p| k.as_bytes() == p.as_bytes())
+            })
             .map(|(k, v)| (k.into_vec(), v.into_vec()))
             .collect();
         if under_init() && !env.iter().any(|(k, _)| k.as_slice() == INIT_ENV.as_bytes()) {

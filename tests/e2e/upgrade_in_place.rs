@@ -3,7 +3,8 @@ use baton_tests::harness::{
     steady_load, wait_for_generation, Baton, Binaries, TempDir,
 };
 use baton_tests::load::Mode;
-use nix::sys::signal::Signal;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use std::time::Duration;
 
 fn exec_config(config: String) -> String {
@@ -84,4 +85,133 @@ fn in_place_upgrade_whose_check_fails_changes_nothing() {
     assert_eq!(baton.wait_workers(2, &[], Duration::from_secs(5)), workers);
     assert_eq!(baton.count_events(|e| event_name(e) == "worker.adopted"), 0);
     assert_eq!(baton.status()["master"]["current_generation"], 1);
+}
+
+/// The master serving now, as `baton status` says.
+fn serving(baton: &Baton) -> i64 {
+    baton.status()["master"]["pid"]
+        .as_i64()
+        .expect("master pid")
+}
+
+/// How many times a keeper's master adopted workers so far.
+fn adoptions(baton: &Baton) -> usize {
+    baton.count_events(|e| event_name(e) == "master.adopted")
+}
+
+/// Writes `config`, reloads it with `baton reload` and waits for
+/// `generation` to commit.
+fn reload_to(baton: &Baton, config: &str, generation: u64) {
+    baton.write_config(config);
+    let out = baton.cli(&["reload"]);
+    assert!(out.status.success(), "reload to {generation}: {out:?}");
+    baton.wait_committed(generation);
+}
+
+/// `baton upgrade` of the master serving now commits `generation`, in
+/// place (`in_place`: the same pid) or in a new master, and no keeper
+/// adopts anything afterwards: the new master lives on, and a reload of it
+/// commits. Returns the master serving after it.
+fn upgrade_commits(baton: &Baton, generation: u64, in_place: bool, what: &str) -> i64 {
+    let before = serving(baton);
+    let adopted = adoptions(baton);
+    let out = baton.cli(&["upgrade"]);
+    assert!(out.status.success(), "{what}: {out:?}");
+    let committed = baton.wait_committed(generation);
+    assert_eq!(
+        committed["span"]["trigger"], "upgrade",
+        "{what}: {committed}"
+    );
+    if in_place {
+        assert_eq!(serving(baton), before, "{what}: the pid stays");
+    } else {
+        let new = baton.wait_new_master(Pid::from_raw(before as i32), Duration::from_secs(20));
+        assert_eq!(serving(baton), i64::from(new.as_raw()), "{what}");
+    }
+    // A master that died after its upgrade is adopted by its keeper
+    // within a second or so: give it the time to show.
+    std::thread::sleep(Duration::from_secs(2));
+    let after = serving(baton);
+    assert!(
+        alive(Pid::from_raw(after as i32)),
+        "{what}: master {after} died"
+    );
+    assert_eq!(
+        adoptions(baton),
+        adopted,
+        "{what}: the keeper adopted after the upgrade"
+    );
+    let out = baton.cli(&["reload"]);
+    assert!(out.status.success(), "{what}: reload after it: {out:?}");
+    baton.wait_committed(generation + 1);
+    assert_eq!(serving(baton), after, "{what}");
+    after
+}
+
+/// A master the keeper started for `baton restart` upgrades in place: what
+/// the keeper handed it at its start is not handed again to its new image.
+#[test]
+fn an_in_place_upgrade_after_a_restart_commits_and_the_keeper_adopts_nothing() {
+    let baton = Baton::start(&exec_config(hello_config(1)));
+    baton.wait_committed(1);
+    let load = steady_load(baton.address("http"), Mode::KeepAlive);
+    let first = serving(&baton);
+    let out = baton.cli(&["restart"]);
+    assert!(out.status.success(), "restart: {out:?}");
+    baton.wait_committed(2);
+    assert_ne!(serving(&baton), first, "a new master process");
+    upgrade_commits(&baton, 3, true, "in-place upgrade after a restart");
+    wait_for_generation(&load, 4);
+    assert_no_request_failed(&load.stop(), "keep-alive across restart and upgrade", 4);
+}
+
+/// A master the keeper started after the previous one was killed upgrades
+/// in place.
+#[test]
+fn an_in_place_upgrade_after_the_keeper_adopted_commits_and_the_keeper_adopts_nothing() {
+    let baton = Baton::start(&exec_config(hello_config(1)));
+    baton.wait_committed(1);
+    // The keeper's snapshot follows the commit's turn of the loop.
+    std::thread::sleep(Duration::from_millis(100));
+    let load = steady_load(baton.address("http"), Mode::KeepAlive);
+    let first = serving(&baton);
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL).expect("kill the master");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while baton
+        .cli(&["status", "--json"])
+        .status
+        .success()
+        .then(|| serving(&baton))
+        == Some(first)
+        || !baton.cli(&["status", "--json"]).status.success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no master adopted within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(adoptions(&baton), 1);
+    upgrade_commits(&baton, 2, true, "in-place upgrade after an adoption");
+    wait_for_generation(&load, 3);
+    assert_no_request_failed(&load.stop(), "keep-alive across adoption and upgrade", 3);
+}
+
+/// A master started by a child-mode upgrade upgrades in place, and then
+/// again in a new master.
+#[test]
+fn child_and_in_place_upgrades_follow_one_another_and_the_keeper_adopts_nothing() {
+    let child = hello_config(1);
+    let exec = exec_config(hello_config(1));
+    assert_ne!(child, exec);
+    let baton = Baton::start(&child);
+    baton.wait_committed(1);
+    let load = steady_load(baton.address("http"), Mode::KeepAlive);
+    upgrade_commits(&baton, 2, false, "child-mode upgrade");
+    reload_to(&baton, &exec, 4);
+    upgrade_commits(&baton, 5, true, "in-place upgrade after a child-mode one");
+    reload_to(&baton, &child, 7);
+    upgrade_commits(&baton, 8, false, "child-mode upgrade after an in-place one");
+    wait_for_generation(&load, 9);
+    assert_no_request_failed(&load.stop(), "keep-alive across upgrades", 9);
 }

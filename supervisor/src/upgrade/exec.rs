@@ -239,6 +239,7 @@ pub fn exec_in_place(
     inherit.push(file.as_raw_fd());
     inherit.push(binary.as_raw_fd());
     let mut command = std::process::Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()));
+    crate::fds::scrub_handed(&mut command);
     command
         .arg0(&image.program.argv0)
         .arg("run")

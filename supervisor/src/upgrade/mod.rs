@@ -422,6 +422,7 @@ fn start_new_master(start: &Start<'_>) -> Result<(Pid, Kind), (&'static str, any
     );
     // A watching master's successor watches too.
     command.args(crate::watch::run_args());
+    crate::fds::scrub_handed(&mut command);
     command
         .env(UPGRADE_FD_ENV, theirs.as_raw_fd().to_string())
         .env(handoff::BINARY_FD_ENV, binary.as_raw_fd().to_string())
