@@ -316,10 +316,24 @@ fn run_websocket(
 #[derive(Default)]
 struct H3Tally {
     ok: AtomicU64,
-    /// Requests that failed on an open connection, or connections lost.
+    /// Requests lost after the server took them, or with their connection.
     failed: AtomicU64,
+    /// Requests the server rejected unprocessed, retried on a new connection.
+    refused_streams: AtomicU64,
+    /// Requests not sent on a connection going away, sent on a new one.
+    unsent: AtomicU64,
     /// Connections that could not be opened.
     refused: AtomicU64,
+}
+
+/// Why a request did not complete.
+enum H3Failure {
+    /// Not sent: the connection was going away.
+    Unsent,
+    /// Rejected unprocessed by the server.
+    Refused,
+    /// Lost: failed after the server took it, or with its connection.
+    Lost,
 }
 
 /// A quinn client trusting `dir`'s `cert.pem`, with a 5 s idle timeout.
@@ -385,27 +399,45 @@ async fn h3_client(
             let request = async {
                 let request = hyper::Request::get("https://localhost/")
                     .body(())
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| H3Failure::Lost)?;
+                // Refused before it left: the connection is going away
+                // (GOAWAY); a new one takes the request.
                 let mut stream = send
                     .send_request(request)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| H3Failure::Unsent)?;
                 let _ = stream.finish().await;
-                let response = stream.recv_response().await.map_err(|e| e.to_string())?;
-                while let Some(mut chunk) = stream.recv_data().await.map_err(|e| e.to_string())? {
+                let response = stream.recv_response().await.map_err(|e| match e {
+                    // Not processed (RFC 9114 §5.2, §8.1): safe to retry.
+                    h3::error::StreamError::RemoteTerminate {
+                        code: h3::error::Code::H3_REQUEST_REJECTED,
+                        ..
+                    } => H3Failure::Refused,
+                    // h3 keeps this variant private: known by its name.
+                    e if format!("{e:?}").starts_with("RemoteClosing") => H3Failure::Refused,
+                    _ => H3Failure::Lost,
+                })?;
+                while let Some(mut chunk) = stream.recv_data().await.map_err(|_| H3Failure::Lost)? {
                     chunk.advance(chunk.remaining());
                 }
-                Ok::<_, String>(response.status())
+                match response.status() {
+                    hyper::StatusCode::OK => Ok(()),
+                    _ => Err(H3Failure::Lost),
+                }
             };
-            match tokio::time::timeout(Duration::from_secs(5), request).await {
-                Ok(Ok(status)) if status == hyper::StatusCode::OK => {
+            let outcome = tokio::time::timeout(Duration::from_secs(5), request)
+                .await
+                .unwrap_or(Err(H3Failure::Lost));
+            match outcome {
+                Ok(()) => {
                     tally.ok.fetch_add(1, Ordering::Relaxed);
+                    continue;
                 }
-                _ => {
-                    tally.failed.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-            }
+                Err(H3Failure::Unsent) => tally.unsent.fetch_add(1, Ordering::Relaxed),
+                Err(H3Failure::Refused) => tally.refused_streams.fetch_add(1, Ordering::Relaxed),
+                Err(H3Failure::Lost) => tally.failed.fetch_add(1, Ordering::Relaxed),
+            };
+            break;
         }
         connection.close(0x100u32.into(), b"done");
         endpoint.wait_idle().await;
@@ -447,7 +479,10 @@ fn run_http3(
         let counts = Counts {
             done: tally.ok.load(Ordering::Relaxed),
             failed: tally.failed.load(Ordering::Relaxed),
-            retried: None,
+            retried: Some((
+                tally.refused_streams.load(Ordering::Relaxed),
+                tally.unsent.load(Ordering::Relaxed),
+            )),
         };
         Ok((counts, reloads))
     })();

@@ -285,7 +285,7 @@ fn start_hello(dir: TempDir, hello: &Path, listen: &str) -> Result<Server, Strin
 fn start_baton(dir: TempDir, baton: &Path, worker: &Path) -> Result<Server, String> {
     let listener = "name = \"http\"\naddress = \"127.0.0.1:0\"\n";
     let command = format!("[{:?}]", worker.display().to_string());
-    start_baton_with(dir, baton, listener, &command)
+    start_baton_with(dir, baton, ("http", listener), &command)
 }
 
 /// baton with `h3-app` workers serving HTTP/3 on a QUIC listener, with a
@@ -299,20 +299,20 @@ fn start_baton_h3(dir: TempDir, baton: &Path, h3: &Path) -> Result<Server, Strin
     if !generated.success() {
         return Err("h3-app --generate failed".into());
     }
-    let listener = "name = \"http\"\naddress = \"udp:127.0.0.1:0\"\nquic = true\n";
+    let listener = "name = \"h3\"\naddress = \"udp:127.0.0.1:0\"\nquic = true\n";
     let command = format!(
         "[{:?}, \"--cert\", \"cert.pem\", \"--key\", \"key.pem\"]",
         h3.display().to_string()
     );
-    start_baton_with(dir, baton, listener, &command)
+    start_baton_with(dir, baton, ("h3", listener), &command)
 }
 
-/// baton with one listener `http` (`listener`: its table's lines) and
+/// baton with one listener (its name, and its table's lines) and
 /// `command` (a TOML array) as the workers.
 fn start_baton_with(
     dir: TempDir,
     baton: &Path,
-    listener: &str,
+    (name, listener): (&str, &str),
     worker: &str,
 ) -> Result<Server, String> {
     let config = format!(
@@ -340,7 +340,7 @@ fn start_baton_with(
     .ok_or_else(|| failed("generation 1 was not committed"))?;
     let bound = log
         .wait_for(0, START_TIMEOUT, |e| {
-            message(e) == "listener bound" && field(e, "listener") == "http"
+            message(e) == "listener bound" && field(e, "listener") == name
         })
         .ok_or_else(|| failed("no `listener bound` event"))?;
     let address = field(&bound, "address");
