@@ -101,6 +101,29 @@ pub struct Row {
     pub outcome: Result<Counts, String>,
 }
 
+impl Row {
+    /// The row of a run that counted `Ok((counts, reloads))`, or did not
+    /// run.
+    fn of(
+        scenario: &'static ProtocolScenario,
+        system: &str,
+        traffic: String,
+        outcome: Result<(Counts, u64), String>,
+    ) -> Row {
+        let (outcome, reloads) = match outcome {
+            Ok((counts, reloads)) => (Ok(counts), reloads),
+            Err(e) => (Err(e), 0),
+        };
+        Row {
+            scenario: scenario.name,
+            system: system.to_string(),
+            traffic,
+            reloads,
+            outcome,
+        }
+    }
+}
+
 /// Sends HUP to `master` every `interval` until `stop`; returns how many.
 fn reload_every(
     master: Pid,
@@ -299,17 +322,7 @@ fn run_websocket(
         };
         Ok((counts, reloads))
     })();
-    let (outcome, reloads) = match outcome {
-        Ok((counts, reloads)) => (Ok(counts), reloads),
-        Err(e) => (Err(e), 0),
-    };
-    Row {
-        scenario: scenario.name,
-        system: system.to_string(),
-        traffic,
-        reloads,
-        outcome,
-    }
+    Row::of(scenario, system, traffic, outcome)
 }
 
 /// What the HTTP/3 clients counted.
@@ -486,17 +499,7 @@ fn run_http3(
         };
         Ok((counts, reloads))
     })();
-    let (outcome, reloads) = match outcome {
-        Ok((counts, reloads)) => (Ok(counts), reloads),
-        Err(e) => (Err(e), 0),
-    };
-    Row {
-        scenario: scenario.name,
-        system: system.to_string(),
-        traffic,
-        reloads,
-        outcome,
-    }
+    Row::of(scenario, system, traffic, outcome)
 }
 
 /// Runs `scenario`, one row per kind of traffic.
