@@ -57,6 +57,18 @@ fn dir_with(greeting: &str, copy: bool) -> TempDir {
     dir
 }
 
+/// A dir with a copy of `hello` of its own (to rebuild or break) and a
+/// config running it.
+fn with_own_hello() -> TempDir {
+    let dir = dir_with("hello", true);
+    std::fs::write(
+        dir.path().join("baton.toml"),
+        config("./hello", "hello.toml"),
+    )
+    .unwrap();
+    dir
+}
+
 fn write_greeting(dir: &Path, greeting: &str) {
     std::fs::write(dir.join("hello.toml"), format!("greeting = {greeting:?}\n")).unwrap();
 }
@@ -163,12 +175,7 @@ fn a_config_edit_starts_a_new_generation() {
 /// the one reload is the real edit's.
 #[test]
 fn a_touch_that_changes_no_content_does_not_reload() {
-    let dir = dir_with("hello", true);
-    std::fs::write(
-        dir.path().join("baton.toml"),
-        config("./hello", "hello.toml"),
-    )
-    .unwrap();
+    let dir = with_own_hello();
     let mut baton = start(dir, &[]);
     let now = std::time::SystemTime::now();
     let now = std::fs::FileTimes::new()
@@ -201,12 +208,7 @@ fn a_touch_that_changes_no_content_does_not_reload() {
 /// reloaded until its writer closed it: one reload, of the whole file.
 #[test]
 fn a_binary_written_slowly_reloads_once_when_complete() {
-    let dir = dir_with("hello", true);
-    std::fs::write(
-        dir.path().join("baton.toml"),
-        config("./hello", "hello.toml"),
-    )
-    .unwrap();
+    let dir = with_own_hello();
     let mut baton = start(dir, &[]);
     baton.skip_log();
     let path = baton.dir().join("hello");
@@ -226,12 +228,7 @@ fn a_binary_written_slowly_reloads_once_when_complete() {
 /// same directory, then the old one removed and the new one linked in.
 #[test]
 fn a_cargo_style_rebuild_reloads_once() {
-    let dir = dir_with("hello", true);
-    std::fs::write(
-        dir.path().join("baton.toml"),
-        config("./hello", "hello.toml"),
-    )
-    .unwrap();
+    let dir = with_own_hello();
     let mut baton = start(dir, &[]);
     baton.skip_log();
     let built = baton.dir().join("hello-5f8a1c2d");
@@ -250,12 +247,7 @@ fn a_cargo_style_rebuild_reloads_once() {
 /// the log says which watched change failed and why.
 #[test]
 fn a_broken_binary_fails_its_reload_and_the_old_generation_serves() {
-    let dir = dir_with("hello", true);
-    std::fs::write(
-        dir.path().join("baton.toml"),
-        config("./hello", "hello.toml"),
-    )
-    .unwrap();
+    let dir = with_own_hello();
     let mut baton = start(dir, &[]);
     let path = baton.dir().join("hello");
     let good = std::fs::read(&path).unwrap();
