@@ -5,20 +5,28 @@
 //! ```
 //!
 //! Routes: `/` (text, with the `x-baton-generation` header), `/status`
-//! (JSON, shared state), `/slow?ms=N` (answers after N ms, default 500) and
-//! `/ws` (a WebSocket echo that greets with its generation and, when the
-//! worker drains, closes with code 1012, Service Restart, so the client
-//! reconnects to the next generation).
+//! (JSON, shared state), `/slow?ms=N` (answers after N ms, default 500),
+//! `/ws` and `/ws-plain`, two WebSocket echoes that greet with their
+//! generation:
+//!
+//! - `/ws` is a baton session: it answers each text message `#N TEXT from
+//!   generation G`, N counting the session's messages, and at a reload moves
+//!   to the next generation with its count, without the client noticing
+//!   (only G changes).
+//! - `/ws-plain` is axum's own WebSocket: it echoes the text and, when the
+//!   worker drains, closes with code 1012, Service Restart, so the client
+//!   reconnects to the next generation.
 //!
 //! Under baton it serves the master's listener `http`; standalone it binds
 //! `--listen` (default 127.0.0.1:8080) and drains on SIGTERM or SIGINT.
 
 use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use baton_worker::http::DrainNotice;
+use baton_worker::ws::{self, Event, Session};
 use baton_worker::Worker;
 use serde::{Deserialize, Serialize};
 use std::process::ExitCode;
@@ -69,9 +77,44 @@ async fn slow(State(app): State<App>, Query(slow): Query<Slow>) -> String {
     format!("slow answer from generation {}\n", app.generation)
 }
 
+/// A `/ws` session, new or handed over by the previous generation with its
+/// count (8 bytes, big-endian): echoes with the count until the client
+/// leaves, and hands the count on at a drain.
+async fn counting_echo(mut session: Session, generation: u64) {
+    let mut count = match session.adopted_state() {
+        Some(state) => match <[u8; 8]>::try_from(state) {
+            Ok(bytes) => u64::from_be_bytes(bytes),
+            Err(_) => return session.close(1011, "unreadable session state").await,
+        },
+        None => {
+            let greeting = format!("generation {generation}");
+            if session.send(ws::Message::text(greeting)).await.is_err() {
+                return;
+            }
+            0
+        }
+    };
+    while let Some(event) = session.next().await {
+        match event {
+            Event::Message(ws::Message::Text(text)) => {
+                count += 1;
+                let answer = format!("#{count} {text} from generation {generation}");
+                if session.send(ws::Message::text(answer)).await.is_err() {
+                    return;
+                }
+            }
+            Event::Message(_) => {}
+            Event::Drain => match session.hand_over(count.to_be_bytes()).await {
+                Ok(()) => return,
+                Err(kept) => return kept.session.close_for_restart().await,
+            },
+        }
+    }
+}
+
 /// The SDK puts a [`DrainNotice`] in every request; the socket takes it
 /// along past the upgrade.
-async fn ws(
+async fn ws_plain(
     upgrade: WebSocketUpgrade,
     State(app): State<App>,
     Extension(notice): Extension<DrainNotice>,
@@ -117,16 +160,21 @@ async fn echo(mut socket: WebSocket, generation: u64, notice: DrainNotice) {
     .await;
 }
 
-fn app(generation: u64) -> Router {
+fn app(generation: u64, sessions: ws::Sessions) -> Router {
     let state = App {
         generation,
         requests: Arc::default(),
     };
+    let echo = sessions.route("echo", move |session| counting_echo(session, generation));
     Router::new()
         .route("/", get(index))
         .route("/status", get(status))
         .route("/slow", get(slow))
-        .route("/ws", get(ws))
+        .route(
+            "/ws",
+            get(move |request: Request| async move { echo.accept(request) }),
+        )
+        .route("/ws-plain", get(ws_plain))
         .with_state(state)
 }
 
@@ -146,7 +194,7 @@ async fn main() -> ExitCode {
             .listener("http", args.listen)
             .start()
             .await?;
-        let app = app(worker.generation());
+        let app = app(worker.generation(), worker.sessions());
         worker.serve("http", app).await
     };
     match result.await {

@@ -764,6 +764,10 @@ impl Master {
 /// thousand.
 const REAP_CHUNK: usize = 2;
 
+/// The most messages read from an exited worker's channel for its last
+/// count ([`Master::read_last_count`]).
+const LAST_WORDS: usize = 64;
+
 /// Child exits: every exited child reaped, its exit handed to what started
 /// it (see [`crate::children`]); a worker's exit done as
 /// [`crate::operation::Summary::on_worker_exit`] decides.
@@ -836,6 +840,7 @@ impl Master {
     /// done here.
     fn worker_exited(&mut self, number: u64, pid: Pid, status: String, success: bool) {
         self.children.worker_exited(pid);
+        self.read_last_count(number, pid);
         self.handovers_of_exited(pid);
         let Some(generation) = self.fleet.get_mut(number) else {
             return;
@@ -911,6 +916,32 @@ impl Master {
             }
         }
         self.reap_finished_generations();
+    }
+
+    /// Reads what worker `pid` of generation `number` sent just before it
+    /// exited and the loop has not read yet, for the count of connections it
+    /// closed at its drain: a draining worker says it last, and its exit
+    /// can be heard first. At most [`LAST_WORDS`] messages; the others are
+    /// of no use once it is gone.
+    fn read_last_count(&mut self, number: u64, pid: Pid) {
+        let Some(channel) = self
+            .fleet
+            .get(number)
+            .and_then(|g| g.workers().get(&pid))
+            .and_then(|w| w.channel().cloned())
+        else {
+            return;
+        };
+        for _ in 0..LAST_WORDS {
+            match channel.try_recv::<WorkerMessage>() {
+                Ok(Some(received)) => {
+                    if let message @ WorkerMessage::ClosedAtDrain { .. } = received.message {
+                        self.on_handover(pid, number, message, Vec::new(), false);
+                    }
+                }
+                Ok(None) | Err(_) => return,
+            }
+        }
     }
 
     /// Drops generations that have nothing left to run; their listeners close

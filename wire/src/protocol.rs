@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Environment variable naming the worker's end of the control channel
 /// (`protocol = "sdk"` workers only).
@@ -209,7 +209,28 @@ pub struct HandedConnection {
     /// The bytes read from the socket but not yet served, base64 on the wire.
     #[serde(with = "base64_bytes")]
     pub pending: Vec<u8>,
+    /// A long-lived session (a WebSocket) the app hands over with its
+    /// state, to be resumed by the taker's handler of the same kind; `null`
+    /// for an HTTP/1.1 connection between two requests.
+    pub session: Option<HandedSession>,
 }
+
+/// A session moving with its connection: which of the app's handlers
+/// resumes it, and the state the app gave for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandedSession {
+    /// The handler's name, as the app registered it in both generations.
+    pub kind: String,
+    /// The app's state for the session, base64 on the wire (at most
+    /// [`MAX_SESSION_STATE`] bytes).
+    #[serde(with = "base64_bytes")]
+    pub state: Vec<u8>,
+}
+
+/// The most bytes of state a session may carry to another worker: what
+/// fits, base64, in one message beside its pending bytes.
+pub const MAX_SESSION_STATE: usize = 64 * 1024;
 
 /// Bytes as a base64 string.
 mod base64_bytes {
@@ -225,7 +246,7 @@ mod base64_bytes {
         let text = String::deserialize(d)?;
         STANDARD
             .decode(text.as_bytes())
-            .map_err(|e| serde::de::Error::custom(format!("pending bytes: {e}")))
+            .map_err(|e| serde::de::Error::custom(format!("base64 bytes: {e}")))
     }
 }
 
@@ -493,9 +514,20 @@ mod tests {
                 id: 4,
                 address: "127.0.0.1:8080".into(),
                 connections: vec![
-                    HandedConnection { pending: vec![] },
+                    HandedConnection {
+                        pending: vec![],
+                        session: None,
+                    },
                     HandedConnection {
                         pending: b"GET / HT\x00\xff".to_vec(),
+                        session: None,
+                    },
+                    HandedConnection {
+                        pending: b"\x81\x85".to_vec(),
+                        session: Some(HandedSession {
+                            kind: "echo".into(),
+                            state: vec![0, 0, 0, 7, 0xff],
+                        }),
                     },
                 ],
             },
@@ -538,6 +570,7 @@ mod tests {
                 address: "127.0.0.1:8080".into(),
                 connections: vec![HandedConnection {
                     pending: b"POST /".to_vec(),
+                    session: None,
                 }],
             },
             WorkerMessage::ClosedAtDrain { count: 12 },

@@ -14,7 +14,13 @@ async fn fds_past_the_limit_are_dropped_and_the_message_says_so() {
     let files: Vec<OwnedFd> = (0..8)
         .map(|_| std::fs::File::open("/dev/null").unwrap().into())
         .collect();
-    let connections = vec![HandedConnection { pending: vec![] }; files.len()];
+    let connections = vec![
+        HandedConnection {
+            pending: vec![],
+            session: None,
+        };
+        files.len()
+    ];
     let borrowed: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
     let message = WorkerMessage::Handover {
         id: 1,

@@ -19,7 +19,9 @@
 #![cfg_attr(not(feature = "http"), allow(dead_code))]
 
 use baton_wire::channel::Channel;
-use baton_wire::protocol::{HandedConnection, WorkerMessage, MAX_FDS_PER_MESSAGE};
+use baton_wire::protocol::{
+    HandedConnection, HandedSession, WorkerMessage, MAX_FDS_PER_MESSAGE, MAX_SESSION_STATE,
+};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,6 +66,9 @@ pub(crate) struct Adoptee {
     pub(crate) fd: OwnedFd,
     /// The bytes already read from it, to be served first.
     pub(crate) pending: Vec<u8>,
+    /// The session it carries, resumed by the app's handler of that kind;
+    /// `None` for an HTTP/1.1 connection.
+    pub(crate) session: Option<HandedSession>,
 }
 
 /// One connection offered, waiting for its batch to be sent.
@@ -71,6 +76,7 @@ struct Offer {
     address: String,
     fd: OwnedFd,
     pending: Vec<u8>,
+    session: Option<HandedSession>,
     answer: oneshot::Sender<Answer>,
 }
 
@@ -118,6 +124,10 @@ struct State {
     announced: HashMap<String, mpsc::UnboundedReceiver<Adoptee>>,
     /// The last count of connections closed at drain sent, and when.
     reported: Option<(u64, Instant)>,
+    /// The app's session handlers, by kind, that resume sessions other
+    /// workers hand over.
+    #[cfg(feature = "http")]
+    resumers: HashMap<String, crate::http::session::Resume>,
 }
 
 impl Handover {
@@ -157,12 +167,20 @@ impl Handover {
     /// Offers a connection of the listener at `address` to the current
     /// generation and waits for the master's answer. `fd` is a copy of the
     /// socket: the caller keeps its own untouched until the answer.
-    pub(crate) async fn offer(&self, address: &str, fd: OwnedFd, pending: Vec<u8>) -> Answer {
+    /// `session`: the session it carries, if any.
+    pub(crate) async fn offer(
+        &self,
+        address: &str,
+        fd: OwnedFd,
+        pending: Vec<u8>,
+        session: Option<HandedSession>,
+    ) -> Answer {
         let (answer, answered) = oneshot::channel();
         let offer = Offer {
             address: address.to_string(),
             fd,
             pending,
+            session,
             answer,
         };
         if self.0.offers.send(offer).is_err() {
@@ -245,18 +263,53 @@ impl Handover {
         let Some(adopter) = self.lock().adopters.get(address).cloned() else {
             return refuse(format!("the worker does not serve {address}"));
         };
+        for session in connections.iter().filter_map(|c| c.session.as_ref()) {
+            if session.state.len() > MAX_SESSION_STATE {
+                return refuse(format!(
+                    "a session of kind {:?} carries {} bytes of state, over the limit of {MAX_SESSION_STATE}",
+                    session.kind,
+                    session.state.len()
+                ));
+            }
+            if self.resumer(&session.kind).is_none() {
+                return refuse(format!(
+                    "the worker has no session handler of kind {:?}",
+                    session.kind
+                ));
+            }
+        }
         // Those queued before a failure are dropped with the receiver: the
         // draining worker still holds every socket, and serves them again.
         for (connection, fd) in connections.into_iter().zip(fds) {
             let adoptee = Adoptee {
                 fd,
                 pending: connection.pending,
+                session: connection.session,
             };
             if adopter.send(adoptee).is_err() {
                 return refuse(format!("the worker stopped serving {address}"));
             }
         }
         WorkerMessage::Adopted { id }
+    }
+
+    /// Registers the app's handler resuming sessions of `kind` handed over
+    /// by other workers (replacing an earlier one of the same kind).
+    #[cfg(feature = "http")]
+    pub(crate) fn resume_sessions(&self, kind: &str, resume: crate::http::session::Resume) {
+        self.lock().resumers.insert(kind.to_string(), resume);
+    }
+
+    /// The app's handler resuming sessions of `kind`.
+    #[cfg(feature = "http")]
+    pub(crate) fn resumer(&self, kind: &str) -> Option<crate::http::session::Resume> {
+        self.lock().resumers.get(kind).cloned()
+    }
+
+    /// Without serving HTTP, no session is resumed.
+    #[cfg(not(feature = "http"))]
+    fn resumer(&self, _kind: &str) -> Option<()> {
+        None
     }
 
     /// One more connection closed at the drain instead of handed over.
@@ -307,15 +360,25 @@ async fn send_batches(hub: std::sync::Weak<Hub>, mut queue: mpsc::UnboundedRecei
 }
 
 /// Groups offers by listener, each group within [`MAX_FDS_PER_MESSAGE`]
-/// fds and [`BATCH_BUDGET`] bytes of pending data.
+/// fds and [`BATCH_BUDGET`] bytes of pending data and session state.
+/// Sessions travel apart from plain connections: a taker without the
+/// session's handler refuses its whole batch.
 fn batches(offers: Vec<Offer>) -> Vec<Vec<Offer>> {
-    let mut by_address: Vec<(String, Vec<Vec<Offer>>, usize)> = Vec::new();
+    // By listener and whether they are sessions: the groups of each, and
+    // the bytes in the last group.
+    type Key = (String, bool);
+    let mut by_address: Vec<(Key, Vec<Vec<Offer>>, usize)> = Vec::new();
     for offer in offers {
-        let size = offer.pending.len() * 4 / 3 + 32;
-        let slot = match by_address.iter().position(|(a, _, _)| *a == offer.address) {
+        let state = offer
+            .session
+            .as_ref()
+            .map_or(0, |s| s.state.len() + s.kind.len());
+        let size = (offer.pending.len() + state) * 4 / 3 + 64;
+        let key = (offer.address.clone(), offer.session.is_some());
+        let slot = match by_address.iter().position(|(k, _, _)| *k == key) {
             Some(slot) => slot,
             None => {
-                by_address.push((offer.address.clone(), vec![Vec::new()], 0));
+                by_address.push((key, vec![Vec::new()], 0));
                 by_address.len() - 1
             }
         };
@@ -348,6 +411,7 @@ impl Handover {
             fds.push(offer.fd);
             connections.push(HandedConnection {
                 pending: offer.pending,
+                session: offer.session,
             });
         }
         let id = {
@@ -380,6 +444,7 @@ mod tests {
             address: address.into(),
             fd: std::fs::File::open("/dev/null").unwrap().into(),
             pending: vec![b'x'; pending],
+            session: None,
             answer: oneshot::channel().0,
         }
     }
@@ -417,7 +482,7 @@ mod tests {
         let handover = Handover::new(Arc::new(Channel::new(worker).unwrap()), true);
         let fd = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
         let (a, ()) = tokio::join!(
-            handover.offer("127.0.0.1:1", fd(), b"GET".to_vec()),
+            handover.offer("127.0.0.1:1", fd(), b"GET".to_vec(), None),
             async {
                 let got = master.recv::<WorkerMessage>().await.unwrap().unwrap();
                 let WorkerMessage::Handover {
@@ -434,7 +499,7 @@ mod tests {
         assert_eq!(a, Answer::Taken);
         // The master gone: no answer comes, the copy is dropped.
         drop(master);
-        let answer = handover.offer("127.0.0.1:1", fd(), Vec::new()).await;
+        let answer = handover.offer("127.0.0.1:1", fd(), Vec::new(), None).await;
         assert!(matches!(answer, Answer::Refused(_)), "{answer:?}");
     }
 
@@ -447,7 +512,7 @@ mod tests {
         while worker.try_send(&WorkerMessage::Ready, &[]).is_ok() {}
         let handover = Handover::new(worker, true);
         let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
-        let answer = handover.offer("127.0.0.1:1", fd, Vec::new()).await;
+        let answer = handover.offer("127.0.0.1:1", fd, Vec::new(), None).await;
         let Answer::Refused(reason) = answer else {
             panic!("{answer:?}");
         };
@@ -463,6 +528,7 @@ mod tests {
         let fd = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
         let conn = |p: &[u8]| HandedConnection {
             pending: p.to_vec(),
+            session: None,
         };
         let answer = handover.adopt(1, "127.0.0.1:1", vec![conn(b"x")], vec![fd()], false);
         assert_eq!(answer, WorkerMessage::Adopted { id: 1 });
@@ -489,5 +555,58 @@ mod tests {
         handover.stop_adopting("127.0.0.1:1");
         let answer = handover.adopt(5, "127.0.0.1:1", vec![conn(b"")], vec![fd()], false);
         assert!(matches!(answer, WorkerMessage::AdoptRefused { .. }));
+    }
+
+    #[cfg(feature = "http")]
+    #[tokio::test]
+    async fn a_session_is_adopted_only_by_a_worker_with_its_handler() {
+        let (master, worker) = baton_wire::channel::pair().unwrap();
+        let _master = Channel::new(master).unwrap();
+        let handover = Handover::new(Arc::new(Channel::new(worker).unwrap()), true);
+        let mut adopted = handover.adopt_on("127.0.0.1:1").unwrap();
+        let fd = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
+        let session = |kind: &str, state: usize| HandedConnection {
+            pending: b"\x81".to_vec(),
+            session: Some(HandedSession {
+                kind: kind.into(),
+                state: vec![7; state],
+            }),
+        };
+        let answer = handover.adopt(
+            1,
+            "127.0.0.1:1",
+            vec![session("echo", 8)],
+            vec![fd()],
+            false,
+        );
+        let WorkerMessage::AdoptRefused { reason, .. } = &answer else {
+            panic!("{answer:?}");
+        };
+        assert!(
+            reason.contains(r#"no session handler of kind "echo""#),
+            "{reason}"
+        );
+        handover.resume_sessions("echo", Arc::new(|_raw, _state| Box::pin(async {})));
+        let answer = handover.adopt(
+            2,
+            "127.0.0.1:1",
+            vec![session("echo", 8)],
+            vec![fd()],
+            false,
+        );
+        assert_eq!(answer, WorkerMessage::Adopted { id: 2 });
+        let adoptee = adopted.try_recv().unwrap();
+        assert_eq!(adoptee.session.unwrap().state, vec![7; 8]);
+        let answer = handover.adopt(
+            3,
+            "127.0.0.1:1",
+            vec![session("echo", MAX_SESSION_STATE + 1)],
+            vec![fd()],
+            false,
+        );
+        let WorkerMessage::AdoptRefused { reason, .. } = &answer else {
+            panic!("{answer:?}");
+        };
+        assert!(reason.contains("over the limit"), "{reason}");
     }
 }

@@ -63,8 +63,11 @@ mod connection;
 mod count;
 mod registry;
 mod rewind;
+pub(crate) mod session;
 mod spread;
 mod worker;
+#[cfg(feature = "ws")]
+pub mod ws;
 
 pub use crate::handover::Handover;
 pub use accept::{with_acceptor, Accept, WithAcceptor};
@@ -397,6 +400,15 @@ where
         Some(h) if h.is_enabled() => listener.handover_address(),
         _ => None,
     };
+    let address: Option<Arc<str>> = address.as_deref().map(Arc::from);
+    let kit = match (&handover, &address) {
+        (Some(handover), Some(address)) => Some(session::SessionKit::new::<L>(
+            drain.clone(),
+            handover.clone(),
+            address.clone(),
+        )),
+        _ => None,
+    };
     let setup = Setup {
         service,
         shared: Shared {
@@ -406,12 +418,13 @@ where
             idle_grace: options.idle_grace,
             handshake_timeout: options.header_read_timeout,
             handover: handover.clone(),
-            address: address.as_deref().map(Arc::from),
+            address: address.clone(),
+            kit,
         },
     };
     // Connections other workers hand over on this listener.
     let mut adoptions = match (&handover, &address) {
-        (Some(handover), Some(address)) => handover.adopt_on(address),
+        (Some(handover), Some(address)) => handover.adopt_on(address.as_ref()),
         _ => None,
     };
     let registry = Arc::new(Registry::default());
@@ -445,7 +458,7 @@ where
     }
     // Those adopted before the drain was heard are served (and handed on).
     if let (Some(handover), Some(address)) = (&handover, &address) {
-        handover.stop_adopting(address);
+        handover.stop_adopting(address.as_ref());
     }
     if let Some(adoptions) = &mut adoptions {
         adoptions.close();
@@ -522,6 +535,16 @@ fn spawn_adopted<L, S, B>(
     S: HyperService<B>,
     B: ResponseBody,
 {
+    if let Some(session) = adoptee.session {
+        return spawn_resumed(
+            tasks,
+            registry,
+            &setup.shared,
+            adoptee.fd,
+            adoptee.pending,
+            session,
+        );
+    }
     // Only fails when the runtime cannot take the socket: it closes.
     let Ok(io) = L::restore(adoptee.fd) else {
         return;
@@ -529,6 +552,38 @@ fn spawn_adopted<L, S, B>(
     let registration = registry.register();
     let pending = adoptee.pending.into();
     tasks.spawn(adopted::<L, S, B>(io, pending, registration, setup.clone()));
+}
+
+/// Resumes a session handed over, in the app's handler of its kind (which
+/// the hub checked before taking it).
+fn spawn_resumed(
+    tasks: &mut JoinSet<()>,
+    registry: &Arc<Registry>,
+    shared: &Shared,
+    fd: std::os::fd::OwnedFd,
+    pending: Vec<u8>,
+    session: baton_wire::protocol::HandedSession,
+) {
+    let (Some(handover), Some(address)) = (&shared.handover, &shared.address) else {
+        return;
+    };
+    let Some(resume) = handover.resumer(&session.kind) else {
+        return;
+    };
+    // Only fails when the runtime cannot take the socket: it closes.
+    let Ok(stream) = session::FdStream::new(fd) else {
+        return;
+    };
+    let registration = registry.register();
+    let raw = session::Raw {
+        notice: registration.notice(shared.drain.clone()),
+        socket: registry::Counted::new(stream, registration),
+        pending: pending.into(),
+        drain: shared.drain.clone(),
+        handover: handover.clone(),
+        address: address.clone(),
+    };
+    tasks.spawn(resume(raw, session.state));
 }
 
 /// Errors that say the listener itself is unusable; retrying cannot help.

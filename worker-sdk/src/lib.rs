@@ -42,6 +42,8 @@
 //!   reloads swap from new [`Files`].
 //! - [`http`] (feature `http`, on by default): HTTP/1.1 and HTTP/2 serving
 //!   that drains without failing a request; [`Worker::serve`] in one call.
+//! - [`ws`] (feature `ws`): WebSocket sessions that move to the next
+//!   generation at a reload, with the app's state.
 //! - `logging` (feature `tracing`): a log filter that reloads in place.
 //! - [`blocking`]: the same for std programs without an async runtime.
 //! - [`traceparent`] and [`config_hash`]: what the worker's environment
@@ -76,5 +78,7 @@ pub use baton_wire::protocol::{ListenerInfo, ListenerKind};
 pub use context::{config_hash, traceparent};
 pub use drain::Drain;
 pub use error::Error;
+#[cfg(feature = "ws")]
+pub use http::ws;
 pub use reopen::Reopen;
 pub use worker::{Builder, Worker};

@@ -424,6 +424,20 @@ impl Worker {
         self.reporter().report_connections(count);
     }
 
+    /// The worker's kinds of WebSocket sessions, which move to the next
+    /// generation at a reload (see [`ws`](crate::ws)). Standalone, sessions
+    /// are served and closed at the drain.
+    ///
+    /// ```no_run
+    /// # fn run(worker: &baton_worker::Worker) {
+    /// let echo = worker.sessions().route("echo", |session| async move { drop(session) });
+    /// # }
+    /// ```
+    #[cfg(feature = "ws")]
+    pub fn sessions(&self) -> crate::ws::Sessions {
+        crate::ws::Sessions::new(self.handover.clone())
+    }
+
     /// The worker's handovers, when supervised.
     #[cfg(feature = "http")]
     pub(crate) fn handover(&self) -> Option<crate::handover::Handover> {

@@ -6,6 +6,7 @@
 use super::accept::Accept;
 use super::registry::{Counted, DrainNotice, Registration};
 use super::rewind::{Hold, Rewind};
+use super::session::SessionKit;
 use super::{BoxError, HyperService, ResponseBody};
 use crate::handover::{Answer, Handover, MAX_PENDING};
 use crate::Drain;
@@ -58,6 +59,8 @@ pub(super) struct Shared {
     /// The listener's handover address, when its connections move at a
     /// drain (`[worker] handover`, a listener without TLS).
     pub(super) address: Option<Arc<str>>,
+    /// What a session upgraded from a request takes to move, with `address`.
+    pub(super) kit: Option<SessionKit>,
 }
 
 /// Drives one accepted connection: its handshake, then [`serve`].
@@ -140,7 +143,7 @@ async fn serve<L, S, B>(
                 Sniffed::Http1(prefix) => prefix,
                 Sniffed::Http2(prefix) => {
                     let io = TokioIo::new(Rewind::new(prefix, io));
-                    let service = Tracked::new(&service, notice.clone(), false);
+                    let service = Tracked::new(&service, notice.clone(), false, shared);
                     let activity = service.activity.clone();
                     let connection = Box::pin(shared.h2.serve_connection(io, service));
                     return goodbye(connection, &activity, &notice, shared).await;
@@ -161,7 +164,7 @@ async fn serve<L, S, B>(
             let (stopped, pending) = if rested {
                 (io, prefix)
             } else {
-                let tracked = Tracked::new(&service, notice.clone(), true);
+                let tracked = Tracked::new(&service, notice.clone(), true, shared);
                 match serve_until_idle(io, prefix, &notice, tracked, shared).await {
                     Some(stopped) => stopped,
                     None => return,
@@ -176,7 +179,7 @@ async fn serve<L, S, B>(
         } else {
             let rewind = Rewind::new(prefix, io);
             let (io, _held) = Hold::new(rewind);
-            let service = Tracked::new(&service, notice.clone(), false);
+            let service = Tracked::new(&service, notice.clone(), false, shared);
             let activity = service.activity.clone();
             let connection = shared
                 .h1
@@ -363,7 +366,7 @@ async fn offer<L: Accept>(io: Counted<L::Io>, pending: Bytes, setup: &Shared) ->
         Ok(copy) => copy,
         Err(_) => return restored::<L>(fd, registration, pending, setup),
     };
-    match handover.offer(address, copy, pending.to_vec()).await {
+    match handover.offer(address, copy, pending.to_vec(), None).await {
         // Dropping this worker's copy closes nothing: the socket lives on
         // in the worker that took it, and nothing was written.
         Answer::Taken | Answer::Unknown => Offered::Gone,
@@ -567,6 +570,8 @@ struct Tracked<S> {
     /// The connection moves to another worker at the drain rather than
     /// being closed.
     handing: Arc<AtomicBool>,
+    /// Put in every request's extensions, for a session upgraded from it.
+    kit: Option<SessionKit>,
 }
 
 impl<S: Clone> Clone for Tracked<S> {
@@ -576,17 +581,19 @@ impl<S: Clone> Clone for Tracked<S> {
             activity: self.activity.clone(),
             notice: self.notice.clone(),
             handing: self.handing.clone(),
+            kit: self.kit.clone(),
         }
     }
 }
 
 impl<S: Clone> Tracked<S> {
-    fn new(service: &S, notice: DrainNotice, handing: bool) -> Tracked<S> {
+    fn new(service: &S, notice: DrainNotice, handing: bool, shared: &Shared) -> Tracked<S> {
         Tracked {
             inner: Box::new(service.clone()),
             activity: Arc::new(Activity::default()),
             notice,
             handing: Arc::new(AtomicBool::new(handing)),
+            kit: shared.kit.clone(),
         }
     }
 }
@@ -607,6 +614,9 @@ where
         // moment hyper has parsed its head.
         let in_flight = InFlight::begin(&self.activity, http2);
         request.extensions_mut().insert(self.notice.clone());
+        if let Some(kit) = &self.kit {
+            request.extensions_mut().insert(kit.clone());
+        }
         let response = self.inner.call(request);
         let notice = self.notice.clone();
         let handing = self.handing.clone();

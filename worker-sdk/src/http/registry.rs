@@ -85,7 +85,7 @@ impl Registry {
 
 /// One open connection, counted until dropped.
 #[derive(Debug)]
-pub(super) struct Registration {
+pub(crate) struct Registration {
     id: u64,
     registry: Arc<Registry>,
     switches: Switches,
@@ -201,7 +201,7 @@ impl DrainNotice {
 
 /// A connection's stream, counted while it exists and failing every read and
 /// write once killed.
-pub(super) struct Counted<I> {
+pub(crate) struct Counted<I> {
     io: I,
     kill: CancellationToken,
     // One waiter per direction: an upgraded connection is often split, its
@@ -227,6 +227,11 @@ impl<I> Counted<I> {
     /// the registration is held).
     pub(super) fn into_parts(self) -> (I, Registration) {
         (self.io, self.registration)
+    }
+
+    /// The stream.
+    pub(crate) fn get_ref(&self) -> &I {
+        &self.io
     }
 }
 
