@@ -292,3 +292,76 @@ fn websocket_sessions_keep_their_counters_across_twenty_reloads_and_two_upgrades
         assert_eq!(field(&finished, "closed_at_drain"), "0", "{finished}");
     }
 }
+
+/// A masked text frame, as a client sends it.
+fn client_text_frame(text: &str) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    assert!(text.len() < 126);
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Reads one unmasked text frame (under 126 bytes) from the server.
+fn read_server_text(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut head = [0u8; 2];
+    stream
+        .read_exact(&mut head)
+        .expect("a frame from the server");
+    assert_eq!(head[0], 0x81, "a whole text frame, not {:#x}", head[0]);
+    let mut payload = vec![0u8; usize::from(head[1] & 0x7f)];
+    stream.read_exact(&mut payload).unwrap();
+    String::from_utf8(payload).unwrap()
+}
+
+/// A session whose client has sent part of a frame when the worker drains:
+/// the bytes read travel with the socket, and the new generation answers
+/// the message once, whole, when the rest comes.
+#[test]
+fn a_message_half_sent_across_the_handover_is_answered_once_by_the_new_generation() {
+    use std::io::{Read, Write};
+    let mut baton = Baton::start(&axum_config());
+    baton.wait_committed(1);
+    let mut stream = std::net::TcpStream::connect(baton.address("http")).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: baton\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("the upgrade's answer");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    assert_eq!(read_server_text(&mut stream), "generation 1");
+
+    let first = client_text_frame("m1");
+    stream.write_all(&first[..5]).unwrap();
+    let outcome = baton.reload();
+    assert_eq!(event_name(&outcome), "reload.committed", "{outcome}");
+    let finished = baton.wait_generation_finished(1);
+    assert_eq!(field(&finished, "handed_over"), "1", "{finished}");
+    stream.write_all(&first[5..]).unwrap();
+    assert_eq!(read_server_text(&mut stream), "#1 m1 from generation 2");
+    stream.write_all(&client_text_frame("m2")).unwrap();
+    assert_eq!(read_server_text(&mut stream), "#2 m2 from generation 2");
+    // Nothing else came: no second answer, no close.
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut more = [0u8; 1];
+    let read = stream.read(&mut more);
+    assert!(
+        read.as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "{read:?}"
+    );
+}
