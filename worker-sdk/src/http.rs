@@ -571,7 +571,7 @@ fn spawn_resumed(
         return;
     };
     // Only fails when the runtime cannot take the socket: it closes.
-    let Ok(stream) = session::FdStream::new(fd) else {
+    let Ok(stream) = session::fd_stream(fd) else {
         return;
     };
     let registration = registry.register();

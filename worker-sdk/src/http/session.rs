@@ -21,82 +21,35 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_util::either::Either;
 
 /// A connected socket of either family a listener hands out, as tokio
 /// drives it.
-#[derive(Debug)]
-pub(crate) enum FdStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
+pub(crate) type FdStream = Either<TcpStream, UnixStream>;
 
-impl FdStream {
-    /// The stream of a connected socket (non-blocking from here on).
-    pub(crate) fn new(fd: OwnedFd) -> io::Result<FdStream> {
-        let family = getsockname::<SockaddrStorage>(fd.as_raw_fd())
-            .map_err(io::Error::from)?
-            .family();
-        if family == Some(AddressFamily::Unix) {
-            let stream = std::os::unix::net::UnixStream::from(fd);
-            stream.set_nonblocking(true)?;
-            Ok(FdStream::Unix(UnixStream::from_std(stream)?))
-        } else {
-            let stream = std::net::TcpStream::from(fd);
-            stream.set_nonblocking(true)?;
-            Ok(FdStream::Tcp(TcpStream::from_std(stream)?))
-        }
+/// The stream of a connected socket (non-blocking from here on).
+pub(crate) fn fd_stream(fd: OwnedFd) -> io::Result<FdStream> {
+    let family = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .map_err(io::Error::from)?
+        .family();
+    if family == Some(AddressFamily::Unix) {
+        let stream = std::os::unix::net::UnixStream::from(fd);
+        stream.set_nonblocking(true)?;
+        Ok(Either::Right(UnixStream::from_std(stream)?))
+    } else {
+        let stream = std::net::TcpStream::from(fd);
+        stream.set_nonblocking(true)?;
+        Ok(Either::Left(TcpStream::from_std(stream)?))
     }
 }
 
-impl AsFd for FdStream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            FdStream::Tcp(stream) => stream.as_fd(),
-            FdStream::Unix(stream) => stream.as_fd(),
-        }
-    }
-}
-
-impl AsyncRead for FdStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FdStream::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
-            FdStream::Unix(stream) => Pin::new(stream).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for FdStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            FdStream::Tcp(stream) => Pin::new(stream).poll_write(cx, buf),
-            FdStream::Unix(stream) => Pin::new(stream).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FdStream::Tcp(stream) => Pin::new(stream).poll_flush(cx),
-            FdStream::Unix(stream) => Pin::new(stream).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FdStream::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
-            FdStream::Unix(stream) => Pin::new(stream).poll_shutdown(cx),
-        }
+/// The socket under a stream.
+pub(crate) fn socket_of(stream: &FdStream) -> BorrowedFd<'_> {
+    match stream {
+        Either::Left(tcp) => tcp.as_fd(),
+        Either::Right(unix) => unix.as_fd(),
     }
 }
 
@@ -169,7 +122,7 @@ impl SessionKit {
                 }
             };
             // Only fails when the runtime cannot take the socket: it closes.
-            let Ok(stream) = FdStream::new(fd) else {
+            let Ok(stream) = fd_stream(fd) else {
                 return Taken::Lost;
             };
             Taken::Moving(Raw {

@@ -61,7 +61,7 @@
 //! through tungstenite.
 
 use super::registry::{Counted, DrainNotice};
-use super::session::{FdStream, Io, Raw, Resume, SessionKit, Taken};
+use super::session::{socket_of, FdStream, Io, Raw, Resume, SessionKit, Taken};
 use crate::handover::{Answer, Handover, MAX_PENDING};
 use crate::Drain;
 use baton_wire::protocol::{HandedSession, MAX_SESSION_STATE};
@@ -74,7 +74,6 @@ use hyper_util::rt::TokioIo;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -85,6 +84,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
+use tokio_util::either::Either;
 
 pub use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 pub use tokio_tungstenite::tungstenite::{Error, Message};
@@ -365,7 +365,7 @@ impl Session {
             address,
         } = raw;
         let enabled = handover.is_enabled();
-        let gate = FrameGate::new(Socket::Owned(socket), pending);
+        let gate = FrameGate::new(Either::Left(socket), pending);
         Session {
             stream: WebSocketStream::from_raw_socket(gate, Role::Server, None).await,
             kind,
@@ -387,7 +387,7 @@ impl Session {
         notice: Option<DrainNotice>,
         hub: Option<Handover>,
     ) -> Session {
-        let gate = FrameGate::new(Socket::Staying(io), pending);
+        let gate = FrameGate::new(Either::Right(io), pending);
         Session {
             stream: WebSocketStream::from_raw_socket(gate, Role::Server, None).await,
             kind,
@@ -542,10 +542,10 @@ impl Session {
         if gate.pending.len() > MAX_PENDING {
             return Err(self.kept("too many bytes read ahead".into()));
         }
-        let Socket::Owned(socket) = &gate.io else {
+        let Either::Left(socket) = &gate.io else {
             return Err(self.kept("its socket cannot move".into()));
         };
-        let copy = match socket.get_ref().as_fd().try_clone_to_owned() {
+        let copy = match socket_of(socket.get_ref()).try_clone_to_owned() {
             Ok(copy) => copy,
             Err(e) => return Err(self.kept(format!("copying its socket: {e}"))),
         };
@@ -658,50 +658,7 @@ impl fmt::Display for Kept {
 }
 
 /// A session's socket: its own, able to move, or a stream that stays.
-enum Socket {
-    Owned(Counted<FdStream>),
-    Staying(Box<dyn Io>),
-}
-
-impl AsyncRead for Socket {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Owned(io) => Pin::new(io).poll_read(cx, buf),
-            Socket::Staying(io) => Pin::new(io).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Socket {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Socket::Owned(io) => Pin::new(io).poll_write(cx, buf),
-            Socket::Staying(io) => Pin::new(io).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Owned(io) => Pin::new(io).poll_flush(cx),
-            Socket::Staying(io) => Pin::new(io).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Socket::Owned(io) => Pin::new(io).poll_shutdown(cx),
-            Socket::Staying(io) => Pin::new(io).poll_shutdown(cx),
-        }
-    }
-}
+type Socket = Either<Counted<FdStream>, Box<dyn Io>>;
 
 /// The stream tungstenite reads a session from: it gives a frame only once
 /// it is read (nearly) whole, and no byte past its end, so that between two
