@@ -11,8 +11,12 @@
 //! reconnects after a GOAWAY and retries the streams the server refused
 //! unprocessed (above the GOAWAY's last-stream-id, or `REFUSED_STREAM`) —
 //! and counts those apart from the streams lost after the server accepted
-//! them. The WebSocket scenario counts the sessions the server ended and
-//! how many of them got a close frame before the end.
+//! them. The WebSocket scenarios send a text every 50 ms on each session
+//! and count the sessions the server ended, how many of them got a close
+//! frame before the end, and answers out of order: `ws-baton` on
+//! `axum-app`'s `/ws-plain` (axum's own WebSocket, closed with 1012 at a
+//! drain), `ws-baton-handover` on its `/ws` (SDK sessions that move to the
+//! next generation with their per-session count).
 
 use crate::args::Options;
 use crate::servers::{Binaries, Kind, Server};
@@ -32,7 +36,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Traffic {
     Http2,
-    WebSocket,
+    /// On this path of `axum-app`.
+    WebSocket(&'static str),
     Http3,
 }
 
@@ -46,7 +51,7 @@ pub struct ProtocolScenario {
 }
 
 /// In run order.
-pub const SCENARIOS: [ProtocolScenario; 4] = [
+pub const SCENARIOS: [ProtocolScenario; 5] = [
     ProtocolScenario {
         name: "h2-baton",
         system: "baton + hello",
@@ -61,9 +66,15 @@ pub const SCENARIOS: [ProtocolScenario; 4] = [
     },
     ProtocolScenario {
         name: "ws-baton",
-        system: "baton + axum-app",
+        system: "baton + axum-app, axum's WebSocket (`/ws-plain`)",
         kind: Kind::BatonAxum,
-        traffic: Traffic::WebSocket,
+        traffic: Traffic::WebSocket("/ws-plain"),
+    },
+    ProtocolScenario {
+        name: "ws-baton-handover",
+        system: "baton + axum-app, SDK sessions (`/ws`)",
+        kind: Kind::BatonAxum,
+        traffic: Traffic::WebSocket("/ws"),
     },
     // No peer: Debian's nginx 1.22 and HAProxy 2.6 have no QUIC.
     ProtocolScenario {
@@ -84,7 +95,8 @@ pub struct Counts {
     /// Requests, or WebSocket sessions the server ended.
     pub done: u64,
     /// Requests failed (lost after the server accepted them, for the strict
-    /// client), or sessions cut without a close frame.
+    /// client), or sessions cut without a close frame plus answers out of
+    /// order.
     pub failed: u64,
     /// The strict HTTP/2 client's retries: `(refused, unsent)`, streams the
     /// server refused unprocessed and requests not opened on a connection
@@ -248,13 +260,34 @@ struct Sessions {
     cut: AtomicU64,
     /// Connections or handshakes that failed.
     refused: AtomicU64,
+    /// Texts answered.
+    answered: AtomicU64,
+    /// Answers that were not the echo expected: on `/ws`, a count that does
+    /// not follow the session's previous one.
+    out_of_order: AtomicU64,
 }
 
-/// One client: connects to `/ws`, waits for the server to end the session,
-/// notes how, and reconnects, until `until`.
-async fn ws_client(addr: SocketAddr, until: Instant, sessions: Arc<Sessions>) {
+/// Between two texts of a session.
+const TEXT_EVERY: Duration = Duration::from_millis(50);
+
+/// Whether `answer` is the right one to the session's `count`th text, `text`:
+/// `/ws` answers `#COUNT TEXT from generation G`, `/ws-plain` echoes.
+fn answers(path: &str, answer: &str, text: &str, count: u64) -> bool {
+    match path {
+        "/ws" => answer
+            .strip_prefix(&format!("#{count} {text} from generation "))
+            .is_some_and(|g| g.parse::<u64>().is_ok()),
+        _ => answer == text,
+    }
+}
+
+/// One client: connects to `path`, sends a text every [`TEXT_EVERY`] and
+/// checks each answer until the server ends the session, notes how, and
+/// reconnects, until `until`.
+async fn ws_client(addr: SocketAddr, path: &'static str, until: Instant, sessions: Arc<Sessions>) {
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
-    let url = format!("ws://{addr}/ws");
+    let url = format!("ws://{addr}{path}");
     while Instant::now() < until {
         let connected = tokio::time::timeout(
             Duration::from_secs(5),
@@ -266,12 +299,35 @@ async fn ws_client(addr: SocketAddr, until: Instant, sessions: Arc<Sessions>) {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
+        // The greeting first; then each text is answered before the next.
+        let mut count = 0u64;
+        let mut waiting: Option<String> = None;
         let polite = loop {
-            let left = until.saturating_duration_since(Instant::now());
+            if waiting.is_none() {
+                if Instant::now() >= until {
+                    return;
+                }
+                tokio::time::sleep(TEXT_EVERY).await;
+                count += 1;
+                let text = format!("t{count}");
+                if socket.send(Message::text(text.clone())).await.is_ok() {
+                    waiting = Some(text);
+                }
+            }
+            let left = until.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
             match tokio::time::timeout(left, socket.next()).await {
-                // The run is over: leave without counting.
-                Err(_) => return,
+                Err(_) => break false,
                 Ok(Some(Ok(Message::Close(frame)))) => break frame.is_some(),
+                Ok(Some(Ok(Message::Text(answer)))) => {
+                    if answer.starts_with("generation ") {
+                        continue;
+                    }
+                    let Some(text) = waiting.take() else { continue };
+                    sessions.answered.fetch_add(1, Ordering::Relaxed);
+                    if !answers(path, &answer, &text, count) {
+                        sessions.out_of_order.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 Ok(Some(Ok(_))) => {}
                 Ok(Some(Err(_)) | None) => break false,
             }
@@ -289,6 +345,7 @@ async fn ws_client(addr: SocketAddr, until: Instant, sessions: Arc<Sessions>) {
 
 fn run_websocket(
     scenario: &'static ProtocolScenario,
+    path: &'static str,
     system: &str,
     bins: &Binaries,
     options: &Options,
@@ -302,7 +359,7 @@ fn run_websocket(
             let until = Instant::now() + options.duration;
             runtime.block_on(async {
                 let clients: Vec<_> = (0..options.connections)
-                    .map(|_| tokio::spawn(ws_client(addr, until, sessions.clone())))
+                    .map(|_| tokio::spawn(ws_client(addr, path, until, sessions.clone())))
                     .collect();
                 for client in clients {
                     let _ = client.await;
@@ -317,9 +374,18 @@ fn run_websocket(
         }
         let counts = Counts {
             done: sessions.ended.load(Ordering::Relaxed),
-            failed: sessions.cut.load(Ordering::Relaxed),
+            failed: sessions.cut.load(Ordering::Relaxed)
+                + sessions.out_of_order.load(Ordering::Relaxed),
             retried: None,
         };
+        eprintln!(
+            "{}: {} texts answered, {} out of order, {} sessions ended ({} cut)",
+            scenario.name,
+            sessions.answered.load(Ordering::Relaxed),
+            sessions.out_of_order.load(Ordering::Relaxed),
+            counts.done,
+            sessions.cut.load(Ordering::Relaxed)
+        );
         Ok((counts, reloads))
     })();
     Row::of(scenario, system, traffic, outcome)
@@ -516,7 +582,7 @@ pub fn run(scenario: &'static ProtocolScenario, bins: &Binaries, options: &Optio
     eprintln!("reload bench: {system} / HUP / {:?} ...", scenario.traffic);
     match scenario.traffic {
         Traffic::Http2 => run_http2(scenario, &system, bins, options),
-        Traffic::WebSocket => vec![run_websocket(scenario, &system, bins, options)],
+        Traffic::WebSocket(path) => vec![run_websocket(scenario, path, &system, bins, options)],
         Traffic::Http3 => vec![run_http3(scenario, &system, bins, options)],
     }
 }
