@@ -240,18 +240,15 @@ fn measure(
 }
 
 /// `total` divided by `count`, in ms.
-fn per(total: Duration, count: u64) -> String {
-    format!(
-        "{:.1} ms",
-        total.as_secs_f64() * 1000.0 / count.max(1) as f64
-    )
+fn per(total: Duration, count: u64) -> f64 {
+    total.as_secs_f64() * 1000.0 / count.max(1) as f64
 }
 
 /// The table.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = format!(
         "\n### Reconnects and CPU per reload: {CONNECTIONS} idle keep-alive connections, a reload every {} s\n\n\
-         | system | reload | reloads | requests ok | failed | closed by the server | reconnects per reload | client CPU per reload | server CPU per reload | without reloads, per {} s: reconnects / client CPU / server CPU |\n\
+         | system | reload | reloads | requests ok | failed | closed by the server | reconnects per reload | client CPU per reload (more than without reloads) | server CPU per reload (more than without reloads) | without reloads, per {} s: reconnects / client CPU / server CPU |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
         INTERVAL.as_secs(),
         INTERVAL.as_secs(),
@@ -259,9 +256,15 @@ pub fn markdown(rows: &[Row]) -> String {
     for row in rows {
         match &row.outcome {
             Ok(f) => {
-                let n = f.reloads;
+                let (n, quiet) = (f.reloads, f.quiet_intervals);
+                let client = per(f.reloading.client_cpu, n);
+                let server = per(f.reloading.server_cpu, n);
+                let (quiet_client, quiet_server) = (
+                    per(f.quiet.client_cpu, quiet),
+                    per(f.quiet.server_cpu, quiet),
+                );
                 out.push_str(&format!(
-                    "| {} | {} | {} | {} | {} | {} | **{:.1}** | {} | {} | {:.1} / {} / {} |\n",
+                    "| {} | {} | {} | {} | {} | {} | **{:.1}** | {:.0} ms ({:+.0}) | {:.0} ms ({:+.0}) | {:.1} / {:.0} ms / {:.0} ms |\n",
                     row.system,
                     row.reload,
                     n,
@@ -269,11 +272,13 @@ pub fn markdown(rows: &[Row]) -> String {
                     f.failed,
                     f.closed_by_server,
                     f.reloading.reconnects as f64 / n.max(1) as f64,
-                    per(f.reloading.client_cpu, n),
-                    per(f.reloading.server_cpu, n),
-                    f.quiet.reconnects as f64 / f.quiet_intervals.max(1) as f64,
-                    per(f.quiet.client_cpu, f.quiet_intervals),
-                    per(f.quiet.server_cpu, f.quiet_intervals),
+                    client,
+                    client - quiet_client,
+                    server,
+                    server - quiet_server,
+                    f.quiet.reconnects as f64 / quiet.max(1) as f64,
+                    quiet_client,
+                    quiet_server,
                 ));
             }
             Err(e) => out.push_str(&format!(
