@@ -640,6 +640,17 @@ pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
     stat.get(stat.rfind(')')? + 2..)?.split(' ').nth(n)
 }
 
+/// A CPU time counted in clock ticks, as /proc/PID/stat counts it
+/// (`utime`, `stime`, ...), as a duration.
+pub fn ticks_to_duration(ticks: u64) -> Duration {
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)
+        .map_or(100, |t| t as u64);
+    Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / per_second)
+}
+
 /// Field `n` of `pid`'s /proc/PID/stat.
 fn proc_field(pid: Pid, n: usize) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

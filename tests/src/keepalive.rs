@@ -5,12 +5,14 @@
 //! One tokio runtime on one thread drives them all (a thousand connections
 //! need no thousand threads): half of them busy (a request again as soon as
 //! the previous one is answered), half idle between requests for a time in
-//! a given range. A connection is only ever reopened after the server ended
-//! it, so `connects - connections` is the number of reconnects.
+//! a given range ([`Clients::start`]), or all of them idle
+//! ([`Clients::idle`]). A connection is only ever reopened after the server
+//! ended it, so `connects - connections` is the number of reconnects. The
+//! CPU time that thread used is read from /proc ([`Clients::cpu_time`]).
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -53,6 +55,8 @@ impl Tally {
 pub struct Clients {
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
+    /// The client thread's id (0 until it runs), for its CPU time.
+    thread_id: Arc<AtomicI32>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -61,11 +65,32 @@ impl Clients {
     /// idle between requests for a time spread over `idle`. Returns once
     /// each has been answered once (panics after 30 s otherwise).
     pub fn start(addr: SocketAddr, connections: usize, idle: Range<Duration>) -> Clients {
+        Clients::spawn(addr, connections, idle, |i| i % 2 == 1)
+    }
+
+    /// `connections` clients of `addr`, every one idle between requests
+    /// for a time spread over `idle`: a light load, under which what a
+    /// reload costs is not hidden by the cost of serving. Returns once each
+    /// has been answered once (panics after 30 s otherwise).
+    pub fn idle(addr: SocketAddr, connections: usize, idle: Range<Duration>) -> Clients {
+        Clients::spawn(addr, connections, idle, |_| true)
+    }
+
+    /// `connections` clients of `addr`; client `i` pauses between requests
+    /// when `pauses(i)`, for a time spread over `idle`.
+    fn spawn(
+        addr: SocketAddr,
+        connections: usize,
+        idle: Range<Duration>,
+        pauses: fn(usize) -> bool,
+    ) -> Clients {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Tally::default());
+        let thread_id = Arc::new(AtomicI32::new(0));
         let thread = {
-            let (stop, tally) = (stop.clone(), tally.clone());
+            let (stop, tally, thread_id) = (stop.clone(), tally.clone(), thread_id.clone());
             std::thread::spawn(move || {
+                thread_id.store(nix::unistd::gettid().as_raw(), Ordering::Relaxed);
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -74,7 +99,7 @@ impl Clients {
                     let span = idle.end.saturating_sub(idle.start).as_millis().max(1) as u64;
                     let tasks: Vec<_> = (0..connections)
                         .map(|i| {
-                            let pause = (i % 2 == 1).then(|| {
+                            let pause = pauses(i).then(|| {
                                 idle.start + Duration::from_millis((i as u64 * 7919) % span)
                             });
                             tokio::spawn(client(addr, pause, stop.clone(), tally.clone()))
@@ -89,6 +114,7 @@ impl Clients {
         let clients = Clients {
             stop,
             tally,
+            thread_id,
             thread: Some(thread),
         };
         clients.wait(Duration::from_secs(30), "every client answered once", |t| {
@@ -100,6 +126,19 @@ impl Clients {
     /// What they saw so far.
     pub fn tally(&self) -> &Tally {
         &self.tally
+    }
+
+    /// The CPU time (user and system) the clients' thread has used so far,
+    /// in clock ticks' resolution, from /proc/self/task/TID/stat; `None`
+    /// once it has ended.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let id = self.thread_id.load(Ordering::Relaxed);
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{id}/stat")).ok()?;
+        // utime and stime.
+        let ticks = (11..=12)
+            .map(|n| crate::harness::stat_field(&stat, n)?.parse::<u64>().ok())
+            .sum::<Option<u64>>()?;
+        Some(crate::harness::ticks_to_duration(ticks))
     }
 
     /// Waits until generation `n` has answered one of them (panics after

@@ -14,6 +14,9 @@
 //! `master_kill`).
 //! `handover` holds 1,000 keep-alive connections across 100 HUPs and 10
 //! upgrades with 2 and 4 workers and counts what closed (see `handover`).
+//! `reconnects` counts the reconnects and the CPU time per reload of 1,000
+//! idle keep-alive clients and of baton (with and without handovers), nginx
+//! and HAProxy (see `reconnects`).
 //! `wrapped-latency` measures the keep-alive latency of wrapped servers
 //! (gunicorn, uvicorn, hypercorn, nginx) under baton against each run
 //! alone; `soak` (only when named) the master's memory over many reloads.
@@ -36,6 +39,7 @@ mod locate;
 mod master_kill;
 mod procs;
 mod protocols;
+mod reconnects;
 mod rollouts;
 mod scale;
 mod servers;
@@ -182,6 +186,11 @@ fn main() -> ExitCode {
             .only
             .iter()
             .any(|o| handover::NAME.starts_with(o.as_str()));
+    let run_reconnects = options.only.is_empty()
+        || options
+            .only
+            .iter()
+            .any(|o| reconnects::NAME.starts_with(o.as_str()));
     let admin_idle = options.only.is_empty()
         || options
             .only
@@ -208,6 +217,7 @@ fn main() -> ExitCode {
         && !run_rollouts
         && !run_master_kill
         && !run_handover
+        && !run_reconnects
         && !admin_idle
         && !run_soak
         && !run_wrapped
@@ -251,6 +261,11 @@ fn main() -> ExitCode {
     };
     let handed = if run_handover {
         handover::run(&bins, &INTERRUPTED)
+    } else {
+        Vec::new()
+    };
+    let reconnected = if run_reconnects {
+        reconnects::run(&bins, &INTERRUPTED)
     } else {
         Vec::new()
     };
@@ -353,6 +368,9 @@ fn main() -> ExitCode {
     if !handed.is_empty() {
         println!("{}", handover::markdown(&handed));
     }
+    if !reconnected.is_empty() {
+        println!("{}", reconnects::markdown(&reconnected));
+    }
     if let Some(soaked) = &soaked {
         println!("{}", soak::markdown(soaked));
     }
@@ -421,6 +439,7 @@ fn scenario_names() -> String {
             rollouts::NAME,
             master_kill::NAME,
             handover::NAME,
+            reconnects::NAME,
             ADMIN_IDLE,
             ADMIN_CROWD,
             soak::NAME,

@@ -13,7 +13,9 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 // The test harness reads /proc the same way: one definition for both.
-pub use baton_tests::harness::{alive, children_of, descendants, is_keeper, stat_field};
+pub use baton_tests::harness::{
+    alive, children_of, descendants, is_keeper, stat_field, ticks_to_duration,
+};
 
 /// The children of `master` that serve: all but its keeper (`baton
 /// __keeper`), which lives as long as the master, not a generation.
@@ -92,6 +94,26 @@ pub fn cpu_seconds_between(before: &HashMap<i32, u64>, after: &HashMap<i32, u64>
         .filter(|t| *t > 0)
         .unwrap_or(100);
     ticks as f64 / per_second as f64
+}
+
+/// The CPU time (user and system) used so far by `root` and every process
+/// below it, a keeper included: each one's own time plus that of the
+/// children it has waited for, so that a worker that exited and was reaped
+/// still counts, in its parent's. A process re-parented away from the tree
+/// (none of the servers measured leaves one) would not count.
+pub fn tree_cpu_time(root: Pid) -> Duration {
+    let mut ticks = 0;
+    let mut stack = vec![root];
+    while let Some(pid) = stack.pop() {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // utime, stime, cutime, cstime.
+            ticks += (11..=14)
+                .filter_map(|n| stat_field(&stat, n)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        stack.extend(children_of(pid));
+    }
+    ticks_to_duration(ticks)
 }
 
 /// Memory of a process, from /proc/PID/status.

@@ -43,6 +43,10 @@ pub struct Binaries {
 pub enum Kind {
     /// `baton run` with `hello` workers.
     Baton,
+    /// `baton run` with `hello` workers and `[worker] handover = false`:
+    /// idle keep-alive connections are closed at a reload, as before
+    /// handovers.
+    BatonWithoutHandover,
     /// `baton run` with `axum-app` workers.
     BatonAxum,
     /// `baton run` with `h3-app` workers on a `quic = true` UDP listener.
@@ -84,10 +88,16 @@ impl Server {
         let dir = TempDir::new(&format!("{kind:?}").to_lowercase())
             .map_err(|e| format!("cannot create a temp dir: {e}"))?;
         match kind {
-            Kind::Baton => start_baton(dir, &bins.baton, &bins.hello),
-            Kind::BatonAxum => {
-                start_baton(dir, &bins.baton, bins.axum.as_deref().ok_or("not built")?)
+            Kind::Baton => start_baton(dir, &bins.baton, &bins.hello, ""),
+            Kind::BatonWithoutHandover => {
+                start_baton(dir, &bins.baton, &bins.hello, "handover = false\n")
             }
+            Kind::BatonAxum => start_baton(
+                dir,
+                &bins.baton,
+                bins.axum.as_deref().ok_or("not built")?,
+                "",
+            ),
             Kind::BatonH3 => {
                 start_baton_h3(dir, &bins.baton, bins.h3.as_deref().ok_or("not built")?)
             }
@@ -281,11 +291,17 @@ fn start_hello(dir: TempDir, hello: &Path, listen: &str) -> Result<Server, Strin
     })
 }
 
-/// `baton run` with `worker` (an SDK example) as its workers.
-fn start_baton(dir: TempDir, baton: &Path, worker: &Path) -> Result<Server, String> {
+/// `baton run` with `worker` (an SDK example) as its workers, and
+/// `worker_options` (lines) added to the `[worker]` table.
+fn start_baton(
+    dir: TempDir,
+    baton: &Path,
+    worker: &Path,
+    worker_options: &str,
+) -> Result<Server, String> {
     let listener = "name = \"http\"\naddress = \"127.0.0.1:0\"\n";
     let command = format!("[{:?}]", worker.display().to_string());
-    start_baton_with(dir, baton, ("http", listener), &command)
+    start_baton_configured(dir, baton, ("http", listener), &command, worker_options)
 }
 
 /// baton with `h3-app` workers serving HTTP/3 on a QUIC listener, with a
@@ -312,14 +328,27 @@ fn start_baton_h3(dir: TempDir, baton: &Path, h3: &Path) -> Result<Server, Strin
 fn start_baton_with(
     dir: TempDir,
     baton: &Path,
+    listener: (&str, &str),
+    worker: &str,
+) -> Result<Server, String> {
+    start_baton_configured(dir, baton, listener, worker, "")
+}
+
+/// [`start_baton_with`], with `worker_options` (lines) added to the
+/// `[worker]` table.
+fn start_baton_configured(
+    dir: TempDir,
+    baton: &Path,
     (name, listener): (&str, &str),
     worker: &str,
+    worker_options: &str,
 ) -> Result<Server, String> {
     let config = format!(
         "[supervisor]\ncontrol_socket = \"baton.sock\"\npid_file = \"baton.pid\"\n\
          log_format = \"json\"\nlog_filter = \"info\"\n\n\
          [[listener]]\n{listener}\n\
-         [worker]\ncommand = {worker}\nprocesses = {}\nready_timeout = \"10s\"\ndrain_timeout = \"10s\"\n",
+         [worker]\ncommand = {worker}\nprocesses = {}\nready_timeout = \"10s\"\ndrain_timeout = \"10s\"\n\
+         {worker_options}",
         cpus(),
     );
     let mut command = baton_run(baton, dir.path(), &config)?;
