@@ -48,7 +48,7 @@ enum Cell {
     Unsupported(&'static str),
     /// The server is not installed here.
     NotRun,
-    /// `done` requests (or WebSocket sessions the server ended), `failed`
+    /// `done` requests (or WebSocket sessions opened), `failed`
     /// of them failed; `note` adds what else was counted.
     Measured {
         done: u64,
@@ -319,7 +319,7 @@ fn markdown(measured: &[Measured]) -> String {
         }
         out.push('\n');
     }
-    out.push_str("\nCounts in detail (HTTP/2: `lost` failed after the server accepted them, `refused` were refused unprocessed and `unsent` not opened on a connection going away, both retried on a new connection; WebSocket: sessions the server ended, `cut` without a close frame, `failed_handshakes`):\n\n");
+    out.push_str("\nCounts in detail (HTTP/2: `lost` failed after the server accepted them, `refused` were refused unprocessed and `unsent` not opened on a connection going away, both retried on a new connection; WebSocket: `sessions` opened, those the server `ended`, `cut` without a close frame, `failed_handshakes`):\n\n");
     for m in measured {
         for (t, cell) in Traffic::ALL.iter().zip(&m.cells) {
             if let Cell::Measured { note, .. } = cell {

@@ -86,7 +86,7 @@ pub static ROWS: [Row; 8] = [
     },
     Row {
         name: "axum-app",
-        label: "SDK: `axum-app` (axum, WebSocket closed with 1012 at drain)",
+        label: "SDK: `axum-app` (axum, `/ws` sessions that move at a reload)",
         setup: || {
             let app = Binaries::example("axum-app");
             Some(in_dir(example_config(&app, 2)))

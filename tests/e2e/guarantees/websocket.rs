@@ -1,7 +1,8 @@
 //! WebSocket clients for the guarantees table: each connects to `/ws`,
-//! reads the greeting, then sends a text every 20 ms and reads its echo,
+//! reads the greeting, then sends a text every 20 ms and reads its answer,
 //! until the server ends the session; it then notes how (with a close frame,
-//! or cut) and connects again, until the run is stopped.
+//! or cut) and connects again, until the run is stopped. A session that
+//! moves to the next generation (`axum-app`'s) is never ended.
 
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
@@ -17,6 +18,8 @@ const PING_EVERY: Duration = Duration::from_millis(20);
 /// What the clients counted.
 #[derive(Debug, Default)]
 pub struct WsReport {
+    /// Sessions opened.
+    pub sessions: u64,
     /// Sessions the server ended.
     pub ended: u64,
     /// Of those, ended without a close frame (reset, EOF, no answer).
@@ -28,9 +31,9 @@ pub struct WsReport {
 }
 
 impl WsReport {
-    /// Sessions the server ended, and handshakes that failed.
+    /// Sessions opened, and handshakes that failed.
     pub fn attempts(&self) -> u64 {
-        self.ended + self.failed_handshakes
+        self.sessions + self.failed_handshakes
     }
 
     /// Sessions cut and handshakes failed.
@@ -40,8 +43,8 @@ impl WsReport {
 
     pub fn summary(&self) -> String {
         format!(
-            "ended={} cut={} failed_handshakes={} texts={}",
-            self.ended, self.cut, self.failed_handshakes, self.texts
+            "sessions={} ended={} cut={} failed_handshakes={} texts={}",
+            self.sessions, self.ended, self.cut, self.failed_handshakes, self.texts
         )
     }
 }
@@ -112,6 +115,7 @@ impl WsLoad {
         }
         let s = &self.shared;
         WsReport {
+            sessions: s.sessions.load(Ordering::Relaxed),
             ended: s.ended.load(Ordering::Relaxed),
             cut: s.cut.load(Ordering::Relaxed),
             failed_handshakes: s.failed_handshakes.load(Ordering::Relaxed),
