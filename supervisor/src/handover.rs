@@ -10,7 +10,7 @@
 
 use baton_wire::channel::Channel;
 use nix::unistd::Pid;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// The most generations whose counts are kept: a report that arrives after
@@ -64,8 +64,6 @@ pub struct Counts {
 /// The relay's state.
 #[derive(Debug, Default)]
 pub struct Handovers {
-    /// The listener addresses each worker takes connections on.
-    adopters: HashMap<Pid, BTreeSet<String>>,
     /// Where the next handover goes among the candidates.
     cursor: usize,
     next_id: u64,
@@ -96,18 +94,6 @@ impl Drop for Reader {
 }
 
 impl Handovers {
-    /// Worker `pid` takes connections on `address`.
-    pub fn adopts(&mut self, pid: Pid, address: String) {
-        self.adopters.entry(pid).or_default().insert(address);
-    }
-
-    /// Whether worker `pid` takes connections on `address`.
-    pub fn takes(&self, pid: Pid, address: &str) -> bool {
-        self.adopters
-            .get(&pid)
-            .is_some_and(|addresses| addresses.contains(address))
-    }
-
     /// The worker of `candidates` (those able to take connections on the
     /// address) that gets the next handover: each in turn.
     pub fn choose(&mut self, candidates: &[Pid]) -> Option<Pid> {
@@ -139,7 +125,6 @@ impl Handovers {
     /// Worker `pid` is gone: the handovers it had not answered, to refuse
     /// to their offerers (its copies of the sockets died with it).
     pub fn worker_gone(&mut self, pid: Pid) -> Vec<Pending> {
-        self.adopters.remove(&pid);
         self.closed.remove(&pid);
         let ids: Vec<u64> = self
             .pending
@@ -279,9 +264,6 @@ mod tests {
     #[test]
     fn a_taker_gone_leaves_its_handovers_to_be_refused() {
         let mut h = Handovers::default();
-        h.adopts(pid(2), "127.0.0.1:80".into());
-        assert!(h.takes(pid(2), "127.0.0.1:80"));
-        assert!(!h.takes(pid(2), "127.0.0.1:81"));
         let pending = Pending {
             from: Offerer::Worker(pid(1)),
             id: 1,
@@ -291,7 +273,6 @@ mod tests {
         };
         h.passed(pending.clone());
         assert_eq!(h.worker_gone(pid(2)), [pending]);
-        assert!(!h.takes(pid(2), "127.0.0.1:80"));
     }
 
     #[test]

@@ -236,6 +236,7 @@ pub async fn run(
             &mut master.children,
         )?;
         master.guard_every_worker();
+        master.tell_workers_of_new_master();
         // Workers that exited while this image started are waiting to be reaped.
         master.reap();
     }

@@ -93,6 +93,10 @@ pub struct Worker {
     /// The config version its reload handle runs, once it registered one
     /// (`AppRegistered`, then each `AppCommitted`).
     app_version: Option<String>,
+    /// The listener addresses on which it takes connections handed over
+    /// (`Adopts`): kept with the worker, so that a master adopting it
+    /// (after an exec, or the death of the last) knows them too.
+    adopts: std::collections::BTreeSet<String>,
     /// An in-place reload ended (aborted, or abandoned at a stop) while
     /// this worker still owed its answer: it is killed at this instant
     /// unless it answers first. A worker busy in its parser, or stopped,
@@ -304,6 +308,7 @@ impl Prepared {
             status: None,
             stop_signal: config.stop_signal.0,
             app_version: None,
+            adopts: Default::default(),
             answer_due: None,
             startup: tracing::Span::none(),
         };
@@ -402,6 +407,7 @@ impl Worker {
             status,
             stop_signal,
             app_version: None,
+            adopts: Default::default(),
             answer_due: None,
             startup: tracing::Span::none(),
         }
@@ -470,6 +476,21 @@ impl Worker {
     /// The config version its reload handle runs, once it registered one.
     pub fn app_version(&self) -> Option<&str> {
         self.app_version.as_deref()
+    }
+
+    /// It takes connections handed over on the listener at `address`.
+    pub fn adopts(&mut self, address: String) {
+        self.adopts.insert(address);
+    }
+
+    /// Whether it takes connections handed over on `address`.
+    pub fn takes(&self, address: &str) -> bool {
+        self.adopts.contains(address)
+    }
+
+    /// The addresses it takes connections on.
+    pub fn adopted_addresses(&self) -> impl Iterator<Item = &str> {
+        self.adopts.iter().map(String::as_str)
     }
 
     /// It reported `count` open connections.

@@ -182,7 +182,16 @@ pub enum MasterMessage {
         address: String,
         /// Each connection's bytes already read, in the order of the fds.
         connections: Vec<HandedConnection>,
+        /// The worker that offered them and its id for the offer, echoed in
+        /// the answer: a master that did not pass them on (the one that
+        /// did died) can still tell the offerer. `null` when they came from
+        /// an old master at an upgrade.
+        origin: Option<HandoverOrigin>,
     },
+    /// A new master adopted this worker (an in-place upgrade, or the
+    /// previous master died): answers to handovers the worker offered
+    /// before may have been lost with the previous one.
+    NewMaster {},
     /// The connections of [`WorkerMessage::Handover`] `id` went to another
     /// worker: the draining worker drops its copies without a word.
     HandedOver {
@@ -231,6 +240,16 @@ pub struct HandedSession {
 /// The most bytes of state a session may carry to another worker: what
 /// fits, base64, in one message beside its pending bytes.
 pub const MAX_SESSION_STATE: usize = 64 * 1024;
+
+/// Who offered connections passed on in a [`MasterMessage::Adopt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoverOrigin {
+    /// The offering worker's pid.
+    pub pid: u32,
+    /// Its id for the offer ([`WorkerMessage::Handover`]'s `id`).
+    pub id: u64,
+}
 
 /// Bytes as a base64 string.
 mod base64_bytes {
@@ -336,6 +355,8 @@ pub enum WorkerMessage {
     Adopted {
         /// The adoption's id.
         id: u64,
+        /// The `origin` of the adoption, echoed.
+        origin: Option<HandoverOrigin>,
     },
     /// The worker did not take the connections of
     /// [`MasterMessage::Adopt`] `id` (their fds did not arrive, it no
@@ -345,6 +366,8 @@ pub enum WorkerMessage {
         id: u64,
         /// Why, for the log.
         reason: String,
+        /// The `origin` of the adoption, echoed.
+        origin: Option<HandoverOrigin>,
     },
     /// How many connections the worker has closed at its drain (told to
     /// go: `Connection: close`, GOAWAY) instead of handing them over, in
@@ -510,6 +533,7 @@ mod tests {
                 version: "3f2a0c".into(),
             },
             MasterMessage::Reopen {},
+            MasterMessage::NewMaster {},
             MasterMessage::Adopt {
                 id: 4,
                 address: "127.0.0.1:8080".into(),
@@ -530,6 +554,7 @@ mod tests {
                         }),
                     },
                 ],
+                origin: Some(HandoverOrigin { pid: 4242, id: 9 }),
             },
             MasterMessage::HandedOver { id: 7 },
             MasterMessage::HandoverRefused {
@@ -574,10 +599,14 @@ mod tests {
                 }],
             },
             WorkerMessage::ClosedAtDrain { count: 12 },
-            WorkerMessage::Adopted { id: 4 },
+            WorkerMessage::Adopted {
+                id: 4,
+                origin: Some(HandoverOrigin { pid: 4242, id: 9 }),
+            },
             WorkerMessage::AdoptRefused {
                 id: 5,
                 reason: "its fds did not arrive".into(),
+                origin: None,
             },
         ] {
             let bytes = encode(&message);
@@ -631,10 +660,10 @@ mod tests {
 
     #[test]
     fn a_hello_without_one_of_its_fields_names_it() {
-        let err = decode::<MasterMessage>(
-            br#"{"v":2,"type":"hello","generation":1,"worker_index":0,"listener_count":0,"drain_timeout_ms":1,"traceparent":null,"handover":true}"#,
-        )
-        .unwrap_err();
+        let line = format!(
+            r#"{{"v":{PROTOCOL_VERSION},"type":"hello","generation":1,"worker_index":0,"listener_count":0,"drain_timeout_ms":1,"traceparent":null,"handover":true}}"#
+        );
+        let err = decode::<MasterMessage>(line.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("app_config"), "{err}");
     }
 

@@ -85,6 +85,7 @@ pub(crate) fn spawn_reader(
                         id,
                         address,
                         connections,
+                        origin,
                     } => {
                         let answer = handover.adopt(
                             id,
@@ -92,9 +93,11 @@ pub(crate) fn spawn_reader(
                             connections,
                             received.fds,
                             received.fds_truncated,
+                            origin,
                         );
                         let _ = channel.send(&answer).await;
                     }
+                    MasterMessage::NewMaster {} => handover.new_master(),
                     MasterMessage::HandedOver { id } => handover.answer(id, Answer::Taken),
                     MasterMessage::HandoverRefused { id, reason } => {
                         handover.answer(id, Answer::Refused(reason))

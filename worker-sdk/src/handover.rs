@@ -20,9 +20,11 @@
 
 use baton_wire::channel::Channel;
 use baton_wire::protocol::{
-    HandedConnection, HandedSession, WorkerMessage, MAX_FDS_PER_MESSAGE, MAX_SESSION_STATE,
+    HandedConnection, HandedSession, HandoverOrigin, WorkerMessage, MAX_FDS_PER_MESSAGE,
+    MAX_SESSION_STATE,
 };
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +47,11 @@ const GATHER: Duration = Duration::from_millis(10);
 
 /// The least time between two reports of the connections closed at drain.
 const REPORT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// After a new master adopted this worker, how long answers to offers made
+/// to the previous one may take to come back through it, and then how
+/// often whether the offered sockets are still held elsewhere is asked.
+const RESOLVE_EVERY: Duration = Duration::from_millis(500);
 
 /// What became of an offered connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +76,15 @@ pub(crate) struct Adoptee {
     /// The session it carries, resumed by the app's handler of that kind;
     /// `None` for an HTTP/1.1 connection.
     pub(crate) session: Option<HandedSession>,
+}
+
+/// A batch offered, waiting for the master's answer.
+struct Waiting {
+    answers: Vec<oneshot::Sender<Answer>>,
+    /// Its sockets' inodes, to find whether another process holds them.
+    sockets: Vec<u64>,
+    /// [`State::masters`] when it was offered.
+    master: u64,
 }
 
 /// One connection offered, waiting for its batch to be sent.
@@ -117,7 +133,9 @@ struct Hub {
 struct State {
     next_id: u64,
     /// Offers sent, by handover id, waiting for the master's answer.
-    waiting: HashMap<u64, Vec<oneshot::Sender<Answer>>>,
+    waiting: HashMap<u64, Waiting>,
+    /// New masters that adopted this worker so far.
+    masters: u64,
     /// The serve loops taking adopted connections, by listener address.
     adopters: HashMap<String, mpsc::UnboundedSender<Adoptee>>,
     /// Queues announced and not yet taken by their serve loop.
@@ -191,10 +209,66 @@ impl Handover {
 
     /// The master's answer to handover `id`.
     pub(crate) fn answer(&self, id: u64, answer: Answer) {
-        let waiting = self.lock().waiting.remove(&id).unwrap_or_default();
-        for sender in waiting {
+        let Some(waiting) = self.lock().waiting.remove(&id) else {
+            return;
+        };
+        for sender in waiting.answers {
             let _ = sender.send(answer.clone());
         }
+    }
+
+    /// A new master adopted this worker. An offer the previous one read
+    /// but had not passed on died with it, and nothing else will answer
+    /// it; one it passed on is answered through the new master (the taker
+    /// echoes its origin). So the offers made before are given a moment
+    /// for those answers, then each whose sockets no other process holds
+    /// is refused (this worker serves them again), and the others are
+    /// asked again until they are answered or let go.
+    pub(crate) fn new_master(&self) {
+        let master = {
+            let mut state = self.lock();
+            state.masters += 1;
+            state.masters
+        };
+        let hub = Arc::downgrade(&self.0);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RESOLVE_EVERY).await;
+                let Some(hub) = hub.upgrade() else { return };
+                let handover = Handover(hub);
+                if handover.resolve_orphans(master) == 0 {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Refuses the offers made before new master `master` whose sockets no
+    /// other process holds; how many such offers are still waiting.
+    fn resolve_orphans(&self, master: u64) -> usize {
+        let orphans: Vec<(u64, Vec<u64>)> = self
+            .lock()
+            .waiting
+            .iter()
+            .filter(|(_, w)| w.master < master)
+            .map(|(id, w)| (*id, w.sockets.clone()))
+            .collect();
+        if orphans.is_empty() {
+            return 0;
+        }
+        let Ok(held) = sockets_held_elsewhere() else {
+            return orphans.len();
+        };
+        let mut left = 0;
+        for (id, sockets) in orphans {
+            if sockets.iter().any(|inode| held.contains(inode)) {
+                left += 1;
+            } else {
+                let why = "the master it was offered to is gone, and no worker took it";
+                self.answer(id, Answer::Refused(why.into()));
+            }
+        }
+        left
     }
 
     /// The master is gone: no answer will come.
@@ -248,8 +322,9 @@ impl Handover {
         connections: Vec<HandedConnection>,
         fds: Vec<OwnedFd>,
         fds_truncated: bool,
+        origin: Option<HandoverOrigin>,
     ) -> WorkerMessage {
-        let refuse = |reason: String| WorkerMessage::AdoptRefused { id, reason };
+        let refuse = |reason: String| WorkerMessage::AdoptRefused { id, reason, origin };
         if fds_truncated {
             return refuse("their fds did not arrive (the worker is at its fd limit)".into());
         }
@@ -290,7 +365,7 @@ impl Handover {
                 return refuse(format!("the worker stopped serving {address}"));
             }
         }
-        WorkerMessage::Adopted { id }
+        WorkerMessage::Adopted { id, origin }
     }
 
     /// Registers the app's handler resuming sessions of `kind` handed over
@@ -419,8 +494,20 @@ impl Handover {
             state.next_id += 1;
             state.next_id
         };
+        let sockets = fds.iter().filter_map(|fd| inode(fd.as_fd())).collect();
         // Filed before sending: the answer may come before `try_send` returns.
-        self.lock().waiting.insert(id, answers);
+        {
+            let mut state = self.lock();
+            let master = state.masters;
+            state.waiting.insert(
+                id,
+                Waiting {
+                    answers,
+                    sockets,
+                    master,
+                },
+            );
+        }
         let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|fd| fd.as_fd()).collect();
         let message = WorkerMessage::Handover {
             id,
@@ -433,6 +520,44 @@ impl Handover {
         // The copies sent are the master's now; ours go.
         drop(fds);
     }
+}
+
+/// The inode of a socket, as `/proc/PID/fd` names it (`socket:[INODE]`).
+fn inode(fd: BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    nix::sys::stat::fstat(fd.as_raw_fd())
+        .ok()
+        .map(|stat| stat.st_ino)
+}
+
+/// The inodes of the sockets other processes hold, read from every
+/// `/proc/PID/fd` this process may read.
+fn sockets_held_elsewhere() -> std::io::Result<HashSet<u64>> {
+    let me = std::process::id().to_string();
+    let mut held = HashSet::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        let Some(pid) = name.to_str() else { continue };
+        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let inode = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok());
+            held.extend(inode);
+        }
+    }
+    Ok(held)
 }
 
 #[cfg(test)]
@@ -530,20 +655,26 @@ mod tests {
             pending: p.to_vec(),
             session: None,
         };
-        let answer = handover.adopt(1, "127.0.0.1:1", vec![conn(b"x")], vec![fd()], false);
-        assert_eq!(answer, WorkerMessage::Adopted { id: 1 });
+        let answer = handover.adopt(1, "127.0.0.1:1", vec![conn(b"x")], vec![fd()], false, None);
+        assert_eq!(
+            answer,
+            WorkerMessage::Adopted {
+                id: 1,
+                origin: None
+            }
+        );
         assert_eq!(adopted.try_recv().unwrap().pending, b"x");
         for (answer, reason) in [
             (
-                handover.adopt(2, "127.0.0.1:2", vec![conn(b"")], vec![fd()], false),
+                handover.adopt(2, "127.0.0.1:2", vec![conn(b"")], vec![fd()], false, None),
                 "does not serve",
             ),
             (
-                handover.adopt(3, "127.0.0.1:1", vec![conn(b"")], vec![], true),
+                handover.adopt(3, "127.0.0.1:1", vec![conn(b"")], vec![], true, None),
                 "fd limit",
             ),
             (
-                handover.adopt(4, "127.0.0.1:1", vec![conn(b"")], vec![], false),
+                handover.adopt(4, "127.0.0.1:1", vec![conn(b"")], vec![], false, None),
                 "1 connections with 0 fds",
             ),
         ] {
@@ -553,7 +684,7 @@ mod tests {
             assert!(got.contains(reason), "{got}");
         }
         handover.stop_adopting("127.0.0.1:1");
-        let answer = handover.adopt(5, "127.0.0.1:1", vec![conn(b"")], vec![fd()], false);
+        let answer = handover.adopt(5, "127.0.0.1:1", vec![conn(b"")], vec![fd()], false, None);
         assert!(matches!(answer, WorkerMessage::AdoptRefused { .. }));
     }
 
@@ -578,6 +709,7 @@ mod tests {
             vec![session("echo", 8)],
             vec![fd()],
             false,
+            None,
         );
         let WorkerMessage::AdoptRefused { reason, .. } = &answer else {
             panic!("{answer:?}");
@@ -593,8 +725,15 @@ mod tests {
             vec![session("echo", 8)],
             vec![fd()],
             false,
+            None,
         );
-        assert_eq!(answer, WorkerMessage::Adopted { id: 2 });
+        assert_eq!(
+            answer,
+            WorkerMessage::Adopted {
+                id: 2,
+                origin: None
+            }
+        );
         let adoptee = adopted.try_recv().unwrap();
         assert_eq!(adoptee.session.unwrap().state, vec![7; 8]);
         let answer = handover.adopt(
@@ -603,6 +742,7 @@ mod tests {
             vec![session("echo", MAX_SESSION_STATE + 1)],
             vec![fd()],
             false,
+            None,
         );
         let WorkerMessage::AdoptRefused { reason, .. } = &answer else {
             panic!("{answer:?}");

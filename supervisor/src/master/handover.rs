@@ -7,7 +7,7 @@ use super::Master;
 use crate::handover::{Offerer, Pending, Taker};
 use crate::upgrade::handoff::{NewMessage, OldMessage};
 use crate::worker::State;
-use baton_wire::protocol::{HandedConnection, MasterMessage, WorkerMessage};
+use baton_wire::protocol::{HandedConnection, HandoverOrigin, MasterMessage, WorkerMessage};
 use nix::unistd::Pid;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -37,7 +37,13 @@ impl Master {
         match message {
             WorkerMessage::Adopts { address } => {
                 tracing::debug!(generation, pid = pid.as_raw(), %address, "worker takes connections handed over");
-                self.handovers.adopts(pid, address);
+                if let Some(worker) = self
+                    .fleet
+                    .get_mut(generation)
+                    .and_then(|g| g.worker_mut(pid))
+                {
+                    worker.adopts(address);
+                }
             }
             WorkerMessage::Handover {
                 id,
@@ -52,9 +58,11 @@ impl Master {
                 };
                 self.pass_on(Offerer::Worker(pid), Some(generation), offer);
             }
-            WorkerMessage::Adopted { id } => self.adoption_answered(Taker::Worker(pid), id, None),
-            WorkerMessage::AdoptRefused { id, reason } => {
-                self.adoption_answered(Taker::Worker(pid), id, Some(reason))
+            WorkerMessage::Adopted { id, origin } => {
+                self.adoption_answered(Taker::Worker(pid), id, None, origin)
+            }
+            WorkerMessage::AdoptRefused { id, reason, origin } => {
+                self.adoption_answered(Taker::Worker(pid), id, Some(reason), origin)
             }
             WorkerMessage::ClosedAtDrain { count } => {
                 let more = self.handovers.closed_at_drain(pid, generation, count);
@@ -90,9 +98,11 @@ impl Master {
     /// False for any other message.
     pub(super) fn on_new_master_answer(&mut self, message: &NewMessage) -> bool {
         match message {
-            NewMessage::HandedOver { id } => self.adoption_answered(Taker::NewMaster, *id, None),
+            NewMessage::HandedOver { id } => {
+                self.adoption_answered(Taker::NewMaster, *id, None, None)
+            }
             NewMessage::HandoverRefused { id, reason } => {
-                self.adoption_answered(Taker::NewMaster, *id, Some(reason.clone()))
+                self.adoption_answered(Taker::NewMaster, *id, Some(reason.clone()), None)
             }
             _ => return false,
         }
@@ -134,7 +144,7 @@ impl Master {
                         Offerer::Worker(w.pid()) != from
                             && w.state() == State::Ready
                             && w.channel().is_some()
-                            && self.handovers.takes(w.pid(), &offer.address)
+                            && w.takes(&offer.address)
                     })
                     .map(|w| w.pid())
                     .collect()
@@ -167,10 +177,18 @@ impl Master {
                 let channel = current
                     .and_then(|g| g.workers().get(&pid))
                     .and_then(|w| w.channel());
+                let origin = match from {
+                    Offerer::Worker(pid) => Some(HandoverOrigin {
+                        pid: pid.as_raw() as u32,
+                        id: offer.id,
+                    }),
+                    Offerer::OldMaster => None,
+                };
                 let adopt = MasterMessage::Adopt {
                     id,
                     address: offer.address.clone(),
                     connections: offer.connections.clone(),
+                    origin,
                 };
                 channel.map(|c| c.try_send(&adopt, &fds).map_err(|e| e.to_string()))
             }
@@ -198,9 +216,20 @@ impl Master {
         // The master's copies go; the taker and the offerer hold theirs.
     }
 
-    /// The taker `to` answered handover `id`: tells the offerer.
-    fn adoption_answered(&mut self, to: Taker, id: u64, refused: Option<String>) {
+    /// The taker `to` answered handover `id`: tells the offerer. One this
+    /// master did not pass on (the master that did died, or re-executed)
+    /// is told to the worker its `origin` names, if it is one of ours.
+    fn adoption_answered(
+        &mut self,
+        to: Taker,
+        id: u64,
+        refused: Option<String>,
+        origin: Option<HandoverOrigin>,
+    ) {
         let Some(pending) = self.handovers.answered(to, id, refused.is_none()) else {
+            if let Some(origin) = origin {
+                self.answer_for_a_previous_master(origin, refused);
+            }
             return;
         };
         match &refused {
@@ -231,6 +260,23 @@ impl Master {
         self.tell(pending.from, pending.id, refused);
     }
 
+    /// A taker's answer to a handover a previous master passed on: told to
+    /// the offering worker, if this master has it.
+    fn answer_for_a_previous_master(&mut self, origin: HandoverOrigin, refused: Option<String>) {
+        let pid = Pid::from_raw(origin.pid as i32);
+        let Some(generation) = self.fleet.of_worker(pid).map(|g| g.number()) else {
+            return;
+        };
+        tracing::info!(
+            event = "connections.answer_relayed",
+            generation,
+            offerer = origin.pid,
+            taken = refused.is_none(),
+            "a taker answered a handover a previous master passed on: told to the offering worker"
+        );
+        self.tell(Offerer::Worker(pid), origin.id, refused);
+    }
+
     /// Tells the offerer of handover `id` whether it was taken (`refused`:
     /// why not).
     fn tell(&self, offerer: Offerer, id: u64, refused: Option<String>) {
@@ -258,6 +304,19 @@ impl Master {
         };
         if let Some(Err(e)) = result {
             tracing::warn!(?offerer, error = %e, "cannot answer a handover");
+        }
+    }
+
+    /// After adopting the workers of a previous master (re-executed, or
+    /// dead): tells each SDK worker, whose offers that master had not
+    /// answered may have been lost with it (see the SDK's `new_master`).
+    pub(super) fn tell_workers_of_new_master(&self) {
+        for worker in self.fleet.iter().flat_map(|g| g.workers().values()) {
+            if let Some(channel) = worker.channel() {
+                if let Err(e) = channel.try_send(&MasterMessage::NewMaster {}, &[]) {
+                    tracing::warn!(pid = worker.pid().as_raw(), error = %e, "cannot tell an adopted worker of its new master");
+                }
+            }
         }
     }
 

@@ -313,7 +313,11 @@ mod tests {
             connections: Vec::new(),
         };
         assert!(handover.is_handover());
-        assert!(WorkerMessage::Adopted { id: 1 }.is_handover());
+        assert!(WorkerMessage::Adopted {
+            id: 1,
+            origin: None
+        }
+        .is_handover());
         assert!(!WorkerMessage::Ready.is_handover());
         assert!(!WorkerMessage::Connections { count: 1 }.is_handover());
         assert!(NewMessage::HandedOver { id: 1 }.is_handover());

@@ -160,6 +160,7 @@ impl Master {
             }
         }
         self.guard_every_worker();
+        self.tell_workers_of_new_master();
         self.resolve_adopted(probation, upgrade_child);
         // A generation left with no worker (its spawns had not come back
         // when the snapshot was taken) is gone now.

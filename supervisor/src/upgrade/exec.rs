@@ -108,6 +108,9 @@ struct ExecWorker {
     channel_fd: Option<RawFd>,
     /// Last `STATUS=` a notify worker sent.
     status: Option<String>,
+    /// The listener addresses on which it takes connections handed over.
+    #[serde(default)]
+    adopts: Vec<String>,
 }
 
 /// A generation's configuration as it runs: the text and the
@@ -341,6 +344,7 @@ impl ExecState {
                             restarts: w.restarts(),
                             channel_fd,
                             status: w.status().map(str::to_string),
+                            adopts: w.adopted_addresses().map(str::to_string).collect(),
                         }
                     })
                     .collect(),
@@ -575,6 +579,9 @@ impl ExecState {
                 );
                 if let Some(version) = w.app_version {
                     worker.runs_version(version);
+                }
+                for address in w.adopts {
+                    worker.adopts(address);
                 }
                 if let Some(age) = w.start_time.and_then(age_of) {
                     worker.started_at(Instant::now().checked_sub(age).unwrap_or_else(Instant::now));

@@ -55,14 +55,14 @@ async fn master(old: Channel, new: Channel, how: Master) {
                     continue;
                 }
                 let fds: Vec<BorrowedFd<'_>> = received.fds.iter().map(|fd| fd.as_fd()).collect();
-                let adopt = MasterMessage::Adopt { id, address, connections };
+                let adopt = MasterMessage::Adopt { id, address, connections, origin: None };
                 new.try_send(&adopt, &fds).unwrap();
             }
             from_new = new.recv::<WorkerMessage>() => {
                 let Ok(Some(received)) = from_new else { return };
                 let answer = match received.message {
-                    WorkerMessage::Adopted { id } => MasterMessage::HandedOver { id },
-                    WorkerMessage::AdoptRefused { id, reason } => {
+                    WorkerMessage::Adopted { id, .. } => MasterMessage::HandedOver { id },
+                    WorkerMessage::AdoptRefused { id, reason, .. } => {
                         MasterMessage::HandoverRefused { id, reason }
                     }
                     WorkerMessage::Handover { id, .. } => {
