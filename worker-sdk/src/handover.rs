@@ -605,7 +605,6 @@ mod tests {
         let (master, worker) = baton_wire::channel::pair().unwrap();
         let master = Channel::new(master).unwrap();
         let handover = Handover::new(Arc::new(Channel::new(worker).unwrap()), true);
-        let fd = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
         let (a, ()) = tokio::join!(
             handover.offer("127.0.0.1:1", fd(), b"GET".to_vec(), None),
             async {
@@ -644,13 +643,23 @@ mod tests {
         assert!(reason.contains("send buffer full"), "{reason}");
     }
 
+    /// A hub whose master reads nothing, taking connections on
+    /// `127.0.0.1:1`: the master's end, the hub, and the adopted queue.
+    fn adopting_hub() -> (Channel, Handover, mpsc::UnboundedReceiver<Adoptee>) {
+        let (master, worker) = baton_wire::channel::pair().unwrap();
+        let master = Channel::new(master).unwrap();
+        let handover = Handover::new(Arc::new(Channel::new(worker).unwrap()), true);
+        let adopted = handover.adopt_on("127.0.0.1:1").unwrap();
+        (master, handover, adopted)
+    }
+
+    fn fd() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
     #[tokio::test]
     async fn adopted_connections_reach_the_loop_of_their_listener_or_are_refused() {
-        let (master, worker) = baton_wire::channel::pair().unwrap();
-        let _master = Channel::new(master).unwrap();
-        let handover = Handover::new(Arc::new(Channel::new(worker).unwrap()), true);
-        let mut adopted = handover.adopt_on("127.0.0.1:1").unwrap();
-        let fd = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
+        let (_master, handover, mut adopted) = adopting_hub();
         let conn = |p: &[u8]| HandedConnection {
             pending: p.to_vec(),
             session: None,
@@ -691,26 +700,20 @@ mod tests {
     #[cfg(feature = "http")]
     #[tokio::test]
     async fn a_session_is_adopted_only_by_a_worker_with_its_handler() {
-        let (master, worker) = baton_wire::channel::pair().unwrap();
-        let _master = Channel::new(master).unwrap();
-        let handover = Handover::new(Arc::new(Channel::new(worker).unwrap()), true);
-        let mut adopted = handover.adopt_on("127.0.0.1:1").unwrap();
-        let fd = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
-        let session = |kind: &str, state: usize| HandedConnection {
-            pending: b"\x81".to_vec(),
-            session: Some(HandedSession {
-                kind: kind.into(),
-                state: vec![7; state],
-            }),
+        let (_master, handover, mut adopted) = adopting_hub();
+        // Adopts one connection carrying a session of `kind` with `state`
+        // bytes of state, as handover `id`.
+        let adopt = |id: u64, kind: &str, state: usize| {
+            let connection = HandedConnection {
+                pending: b"\x81".to_vec(),
+                session: Some(HandedSession {
+                    kind: kind.into(),
+                    state: vec![7; state],
+                }),
+            };
+            handover.adopt(id, "127.0.0.1:1", vec![connection], vec![fd()], false, None)
         };
-        let answer = handover.adopt(
-            1,
-            "127.0.0.1:1",
-            vec![session("echo", 8)],
-            vec![fd()],
-            false,
-            None,
-        );
+        let answer = adopt(1, "echo", 8);
         let WorkerMessage::AdoptRefused { reason, .. } = &answer else {
             panic!("{answer:?}");
         };
@@ -719,14 +722,7 @@ mod tests {
             "{reason}"
         );
         handover.resume_sessions("echo", Arc::new(|_raw, _state| Box::pin(async {})));
-        let answer = handover.adopt(
-            2,
-            "127.0.0.1:1",
-            vec![session("echo", 8)],
-            vec![fd()],
-            false,
-            None,
-        );
+        let answer = adopt(2, "echo", 8);
         assert_eq!(
             answer,
             WorkerMessage::Adopted {
@@ -736,14 +732,7 @@ mod tests {
         );
         let adoptee = adopted.try_recv().unwrap();
         assert_eq!(adoptee.session.unwrap().state, vec![7; 8]);
-        let answer = handover.adopt(
-            3,
-            "127.0.0.1:1",
-            vec![session("echo", MAX_SESSION_STATE + 1)],
-            vec![fd()],
-            false,
-            None,
-        );
+        let answer = adopt(3, "echo", MAX_SESSION_STATE + 1);
         let WorkerMessage::AdoptRefused { reason, .. } = &answer else {
             panic!("{answer:?}");
         };

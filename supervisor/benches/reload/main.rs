@@ -453,16 +453,7 @@ fn scenario_names() -> String {
 fn run_all(selected: &[&'static Scenario], bins: &Binaries, options: &Options) -> Vec<RunResult> {
     let mut runs = Vec::new();
     for scenario in selected {
-        let system = match scenario.kind {
-            Kind::Nginx => bins.nginx.as_deref().and_then(servers::version),
-            Kind::Haproxy => bins
-                .haproxy
-                .as_deref()
-                .and_then(servers::version)
-                .map(|v| format!("{v} -W")),
-            _ => None,
-        }
-        .unwrap_or_else(|| scenario.system.to_string());
+        let system = servers::label(scenario.kind, bins, scenario.system);
         for mode in [Mode::KeepAlive, Mode::NewConnection] {
             if INTERRUPTED.load(Ordering::Relaxed) {
                 return runs;

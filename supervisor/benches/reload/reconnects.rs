@@ -117,16 +117,7 @@ pub fn run(bins: &Binaries, interrupted: &AtomicBool) -> Vec<Row> {
         if interrupted.load(Ordering::Relaxed) {
             break;
         }
-        let label = match system.kind {
-            Kind::Nginx => bins.nginx.as_deref().and_then(servers::version),
-            Kind::Haproxy => bins
-                .haproxy
-                .as_deref()
-                .and_then(servers::version)
-                .map(|v| format!("{v} -W")),
-            _ => None,
-        }
-        .unwrap_or_else(|| system.label.to_string());
+        let label = servers::label(system.kind, bins, system.label);
         eprint!(
             "reload bench: reconnects, {label}, {CONNECTIONS} idle connections, {RELOADS} reloads ... "
         );

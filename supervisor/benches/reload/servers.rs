@@ -529,6 +529,21 @@ pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// How a row names the system of `kind`: nginx and HAProxy with their
+/// version (HAProxy in master-worker mode, `-W`), any other as `default`.
+pub fn label(kind: Kind, bins: &Binaries, default: &str) -> String {
+    match kind {
+        Kind::Nginx => bins.nginx.as_deref().and_then(version),
+        Kind::Haproxy => bins
+            .haproxy
+            .as_deref()
+            .and_then(version)
+            .map(|v| format!("{v} -W")),
+        _ => None,
+    }
+    .unwrap_or_else(|| default.to_string())
+}
+
 /// `nginx -v` / `haproxy -v`, shortened to e.g. `nginx 1.22.1`.
 pub fn version(program: &Path) -> Option<String> {
     let output = Command::new(program)
