@@ -384,14 +384,13 @@ impl Listener {
 
     /// Lets go of the port group's sockets no generation uses any more,
     /// unless `kernel` lists sockets this master does not know on the port.
-    pub fn tidy(&self, kernel: &Kernel) {
+    /// Returns whether to look again shortly (see [`Group::tidy`]).
+    pub fn tidy(&self, kernel: &Kernel) -> bool {
         let port = self.port();
         if port.group.borrow().is_none() || !port.group_matches(kernel) {
-            return;
+            return false;
         }
-        if let Some(group) = port.group.borrow_mut().as_mut() {
-            group.tidy();
-        }
+        port.group.borrow_mut().as_mut().is_some_and(Group::tidy)
     }
 
     /// Whether this listener has a port group and `kernel` lists exactly

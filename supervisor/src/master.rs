@@ -755,6 +755,7 @@ impl Master {
             .chain(self.delay_ready_deadline())
             .chain(self.probing.as_ref().map(Probing::deadline))
             .chain(self.keep_wakeup())
+            .chain(self.fleet.tidy_wakeup())
             .min()
     }
 }

@@ -69,8 +69,11 @@ impl User {
 
 #[derive(Debug)]
 struct Member {
-    /// Keeps the socket in the group until the group lets it go.
-    fd: OwnedFd,
+    /// Keeps the socket in the group until the group lets it go. `None`
+    /// on a QUIC port: this master closed its copy, but the kernel still
+    /// lists the socket (see [`Group::tidy_quic`]), so it still has its
+    /// place in the kernel's array.
+    fd: Option<OwnedFd>,
     ino: u64,
     user: User,
     /// On a QUIC port: whose socket it is.
@@ -111,8 +114,8 @@ impl Member {
     /// unhashes it from the port (for every holder): it leaves the kernel's
     /// array as a close would, and stops listening.
     fn leave(self) {
-        if let Err(e) =
-            nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both)
+        let Some(fd) = self.fd else { return };
+        if let Err(e) = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both)
         {
             // ENOTCONN: it was not listening any more.
             if e != nix::errno::Errno::ENOTCONN {
@@ -151,6 +154,9 @@ struct Quic {
     attached: Option<(quic::Routes, u64)>,
     /// The slot handed out last.
     last_slot: u8,
+    /// Since when a member this master closed is still listed by the
+    /// kernel, and whether that was logged.
+    leaving: Option<(std::time::Instant, bool)>,
 }
 
 /// Bumped when another master may attach programs to this master's port
@@ -195,7 +201,7 @@ impl Group {
     pub fn new(primary: BorrowedFd<'_>) -> io::Result<Group> {
         let mut group = Group {
             members: vec![Member {
-                fd: primary.try_clone_to_owned()?,
+                fd: Some(primary.try_clone_to_owned()?),
                 ino: inode(primary)?,
                 user: User::Pinned,
                 quic: QuicMember::default(),
@@ -219,7 +225,7 @@ impl Group {
     pub fn new_quic(primary: BorrowedFd<'_>) -> io::Result<Group> {
         Ok(Group {
             members: vec![Member {
-                fd: primary.try_clone_to_owned()?,
+                fd: Some(primary.try_clone_to_owned()?),
                 ino: inode(primary)?,
                 user: User::Pinned,
                 quic: QuicMember::default(),
@@ -264,7 +270,7 @@ impl Group {
             quic.last_slot = slot;
         }
         self.members.push(Member {
-            fd: socket.try_clone_to_owned()?,
+            fd: Some(socket.try_clone_to_owned()?),
             ino: inode(socket)?,
             user: User::Token(Rc::downgrade(token)),
             quic: QuicMember {
@@ -287,7 +293,7 @@ impl Group {
     /// A QUIC port's slots and generations, for a handover.
     pub fn quic_layout(&self) -> Option<QuicLayout> {
         self.quic.as_ref().map(|quic| QuicLayout {
-            members: self.members.iter().map(|m| m.quic).collect(),
+            members: self.settled().map(|m| m.quic).collect(),
             current: quic.current,
             last_slot: quic.last_slot,
         })
@@ -353,42 +359,88 @@ impl Group {
         if self.members.len() < 2 || quic.attached.as_ref() == Some(&(routes.clone(), epoch)) {
             return Ok(());
         }
-        let v6 = is_v6(self.members[0].fd.as_fd())?;
-        attach_program(self.members[0].fd.as_fd(), &quic::program(&routes, v6)?)?;
+        let primary = self.primary()?;
+        attach_program(primary, &quic::program(&routes, is_v6(primary)?)?)?;
         if let Some(quic) = self.quic.as_mut() {
             quic.attached = Some((routes, epoch));
         }
         Ok(())
     }
 
-    /// Closes a QUIC port's members whose workers are gone, and attaches
-    /// the program for what is left. A UDP socket leaves the kernel's array
-    /// when its last fd closes: the worker's went when it exited, so
-    /// closing this master's copy takes it out (once a child forked
-    /// meanwhile has closed its copy: [`quic::wait_gone`]), the last member
-    /// taking its place as the mirror does. Until the program is attached again
-    /// (microseconds), a datagram for the moved socket's slot may reach
-    /// another worker, which drops it (its slot is not that worker's) and
-    /// the peer sends again.
-    fn tidy_quic(&mut self) {
-        let mut closed = Vec::new();
-        while let Some(i) = self.members.iter().position(|m| m.user.retired()) {
-            let member = self.members.swap_remove(i);
-            closed.push(member.ino);
-            drop(member.fd);
+    /// Takes the members of a QUIC port whose workers are gone out of the
+    /// group, one at a time, and attaches the program for what is left;
+    /// returns whether one is still on its way out (look again shortly).
+    ///
+    /// A UDP socket leaves the kernel's array when its last fd closes, the
+    /// last member taking its place. The worker's fds closed when it
+    /// exited; this master closes its copy here, but others may hold one a
+    /// while longer: the keeper's goes with the snapshot sent at the end of
+    /// this turn (which names the member no more), and a child forked
+    /// meanwhile holds one until its `execve`. So the member keeps its
+    /// place in the mirror (its fd `None`), and the attached program stays
+    /// right, until the kernel lists the socket no more. Only one member is
+    /// on its way out at a time: with two, the kernel's array would depend
+    /// on which holder closed its copies first, which no one here knows.
+    fn tidy_quic(&mut self) -> bool {
+        let mut changed = false;
+        let again = loop {
+            if let Some(i) = self.members.iter().position(|m| m.fd.is_none()) {
+                if quic::is_listed(self.members[i].ino) {
+                    break true;
+                }
+                self.members.swap_remove(i);
+                changed = true;
+                if let Some(quic) = self.quic.as_mut() {
+                    quic.leaving = None;
+                }
+            }
+            let Some(i) = self
+                .members
+                .iter()
+                .position(|m| m.fd.is_some() && m.user.retired())
+            else {
+                break false;
+            };
+            self.members[i].fd = None;
+            if let Some(quic) = self.quic.as_mut() {
+                quic.leaving = Some((std::time::Instant::now(), false));
+            }
+        };
+        if let Some((since, warned)) = self.quic.as_mut().and_then(|q| q.leaving.as_mut()) {
+            if !*warned && since.elapsed() >= quic::LEAVING_PATIENCE {
+                *warned = true;
+                tracing::warn!(
+                    event = "steering.quic_socket_held",
+                    "a QUIC worker socket is still open elsewhere (a child of a worker?): the port's other finished worker sockets stay until it closes"
+                );
+            }
         }
-        let left = quic::wait_gone(&closed);
-        if !left.is_empty() {
-            tracing::warn!(
-                sockets = left.len(),
-                "QUIC worker sockets are still open elsewhere (a child of a worker?): datagrams may reach the wrong worker until they close"
-            );
-        }
-        if !closed.is_empty() {
+        if changed {
             if let Err(e) = self.route() {
                 tracing::error!(error = %e, "cannot steer the QUIC port's datagrams");
             }
         }
+        again
+    }
+
+    /// The members as the kernel's array will hold them once the QUIC
+    /// member on its way out has left it (the last one in its place): what
+    /// another master adopts, and the keeper holds.
+    fn settled(&self) -> impl Iterator<Item = &Member> {
+        let mut order: Vec<&Member> = self.members.iter().collect();
+        if let Some(i) = self.members.iter().position(|m| m.fd.is_none()) {
+            order.swap_remove(i);
+        }
+        order.into_iter()
+    }
+
+    /// The listener's own socket, member 0 (which never leaves).
+    fn primary(&self) -> io::Result<BorrowedFd<'_>> {
+        self.members
+            .first()
+            .and_then(|m| m.fd.as_ref())
+            .map(AsFd::as_fd)
+            .ok_or_else(|| io::Error::other("the port group has no primary socket"))
     }
 
     /// Rebuilds a group handed over by another master (or a previous image
@@ -420,7 +472,7 @@ impl Group {
                 }
             });
             members.push(Member {
-                fd,
+                fd: Some(fd),
                 ino,
                 user,
                 quic,
@@ -444,6 +496,7 @@ impl Group {
                 canary_rest: None,
                 attached: None,
                 last_slot: quic.last_slot,
+                leaving: None,
             }),
         })
     }
@@ -452,7 +505,9 @@ impl Group {
     /// index.
     pub fn member_fds(&self) -> (Vec<std::os::fd::RawFd>, Option<usize>) {
         (
-            self.members.iter().map(|m| m.fd.as_raw_fd()).collect(),
+            self.settled()
+                .filter_map(|m| m.fd.as_ref().map(AsRawFd::as_raw_fd))
+                .collect(),
             self.steered,
         )
     }
@@ -461,9 +516,8 @@ impl Group {
     pub fn layout(&self) -> io::Result<Layout> {
         Ok(Layout {
             members: self
-                .members
-                .iter()
-                .map(|m| m.fd.try_clone())
+                .settled()
+                .filter_map(|m| m.fd.as_ref().map(OwnedFd::try_clone))
                 .collect::<io::Result<_>>()?,
             steered: self.steered,
             quic: self.quic_layout(),
@@ -474,7 +528,7 @@ impl Group {
     /// was appended to the kernel's array), as used while `token` lives.
     pub fn join(&mut self, socket: BorrowedFd<'_>, token: &Rc<()>) -> io::Result<()> {
         self.members.push(Member {
-            fd: socket.try_clone_to_owned()?,
+            fd: Some(socket.try_clone_to_owned()?),
             ino: inode(socket)?,
             user: User::Token(Rc::downgrade(token)),
             quic: QuicMember::default(),
@@ -561,11 +615,8 @@ impl Group {
             EPOCH.load(std::sync::atomic::Ordering::Relaxed),
         );
         if self.attached != Some(wanted) {
-            let v6 = is_v6(self.members[0].fd.as_fd())?;
-            attach_program(
-                self.members[0].fd.as_fd(),
-                &program(index, &self.rules, v6)?,
-            )?;
+            let primary = self.primary()?;
+            attach_program(primary, &program(index, &self.rules, is_v6(primary)?)?)?;
             self.attached = Some(wanted);
         }
         self.steered = Some(index);
@@ -581,13 +632,16 @@ impl Group {
     /// is a new one not steered to yet, the first unused one goes: the new
     /// socket moves to the front, and once it is steered to, everything
     /// behind it can go from the end as it falls out of use.
-    pub fn tidy(&mut self) {
+    ///
+    /// Returns whether to look again shortly: a QUIC member is on its way
+    /// out ([`Group::tidy_quic`]).
+    pub fn tidy(&mut self) -> bool {
         if self.quic.is_some() {
             return self.tidy_quic();
         }
         // While the program points at more than one member, nothing moves.
         if self.rules != Rules::default() {
-            return;
+            return false;
         }
         while let Some(last) = self.members.len().checked_sub(1) {
             let steered_live = self
@@ -596,11 +650,11 @@ impl Group {
             let i = if self.members[last].user.retired() {
                 last
             } else if steered_live && self.steered == Some(last) {
-                return;
+                return false;
             } else {
                 match self.members.iter().position(|m| m.user.retired()) {
                     Some(i) => i,
-                    None => return,
+                    None => return false,
                 }
             };
             self.members.swap_remove(i).leave();
@@ -610,6 +664,7 @@ impl Group {
                 other => other,
             };
         }
+        false
     }
 
     /// How many sockets the group holds.

@@ -35,28 +35,15 @@ const SKF_NET_OFF: i32 = -0x100000;
 /// differently from version 1's.
 const QUIC_V2: u32 = 0x6b33_43cf;
 
-/// Waits (up to 100 ms) until the kernel lists none of the UDP sockets
-/// `inodes` any more, and returns those it still lists.
-///
-/// A UDP socket leaves its port's group when its last fd closes, and a
-/// child this process forked holds a copy of every fd until its `execve`
-/// has closed them (which it finishes after the parent has gone on): a
-/// member closed meanwhile leaves the kernel's array a moment after the
-/// group's mirror says.
-pub fn wait_gone(inodes: &[u64]) -> Vec<u64> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
-    loop {
-        let listed = listed_udp_inodes();
-        let left: Vec<u64> = inodes
-            .iter()
-            .copied()
-            .filter(|i| listed.contains(i))
-            .collect();
-        if left.is_empty() || std::time::Instant::now() >= deadline {
-            return left;
-        }
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
+/// How long a QUIC worker socket this master closed may stay open
+/// elsewhere before that is logged: a forked child holds its copy until
+/// its `execve`, the keeper until its next snapshot, milliseconds both.
+pub const LEAVING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether the kernel still lists the UDP socket `inode`: some process
+/// holds an fd of it, so it keeps its place in its port's group.
+pub fn is_listed(inode: u64) -> bool {
+    listed_udp_inodes().contains(&inode)
 }
 
 /// The inodes of every UDP socket in this network namespace
@@ -648,6 +635,67 @@ mod tests {
         // A new worker gets a slot nobody had lately.
         let (_e_token, _e, e_slot) = worker(&mut group, to.port(), 2);
         assert!(![a_slot, b_slot, c_slot, d_slot].contains(&e_slot));
+    }
+
+    #[test]
+    fn worker_sockets_held_elsewhere_leave_one_at_a_time_and_every_slot_keeps_its_socket() {
+        let primary = udp(0);
+        let to = primary.local_addr().unwrap();
+        let mut group = super::super::Group::new_quic(primary.as_fd()).unwrap();
+        let (a_token, a, _) = worker(&mut group, to.port(), 1);
+        let (b_token, b, _) = worker(&mut group, to.port(), 1);
+        let (_c_token, c, c_slot) = worker(&mut group, to.port(), 2);
+        let (_d_token, d, d_slot) = worker(&mut group, to.port(), 2);
+        group.quic_current(2).unwrap();
+        // Workers `a` and `b` exit; another process (the keeper, a child
+        // not yet exec'd) still holds a copy of each socket.
+        let (a_held, b_held) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        drop((a, b, a_token, b_token));
+        let (c_ino, d_ino) = (
+            super::super::inode(c.as_fd()).unwrap(),
+            super::super::inode(d.as_fd()).unwrap(),
+        );
+        let client = udp_client();
+        let kernel_order = [&primary, &a_held, &b_held, &c, &d];
+        let all: Vec<UdpSocket> = kernel_order
+            .iter()
+            .map(|s| s.try_clone().unwrap())
+            .collect();
+        // One is on its way out; the kernel's array is as it was, and so
+        // are the routes.
+        assert!(group.tidy());
+        assert_eq!(group.len(), 5);
+        for (slot, member) in [(c_slot, 3), (d_slot, 4)] {
+            assert_eq!(landing(&client, to, &all, &short(&[slot; 8])), member);
+        }
+        // What another master would adopt: the array once it has left.
+        assert_eq!(group.layout().unwrap().members.len(), 4);
+        // The copies close in the other order than the group let them go.
+        drop((b_held, all));
+        assert!(group.tidy());
+        drop(a_held);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while group.tidy() {
+            assert!(Instant::now() < deadline, "the sockets never left");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(group.len(), 3);
+        let left = group.layout().unwrap();
+        let inodes: Vec<u64> = left
+            .members
+            .iter()
+            .map(|fd| super::super::inode(fd.as_fd()).unwrap())
+            .collect();
+        assert_eq!(&inodes[1..], [d_ino, c_ino]);
+        let all = [
+            primary.try_clone().unwrap(),
+            d.try_clone().unwrap(),
+            c.try_clone().unwrap(),
+        ];
+        for _ in 0..4 {
+            assert_eq!(landing(&client, to, &all, &short(&[c_slot; 8])), 2);
+            assert_eq!(landing(&client, to, &all, &short(&[d_slot; 8])), 1);
+        }
     }
 
     #[test]
