@@ -11,11 +11,17 @@
 //! - short header (first bit clear): the ID starts right after the first
 //!   byte;
 //! - long header (first bit set): a version word, the ID's length, then the
-//!   ID. Version 0 (version negotiation, which a server never receives in
-//!   earnest), Initial and 0-RTT packets carry an ID the client chose at
-//!   random, so they go to the current generation instead, picked by the
-//!   packet's flow hash so that a client's retransmitted Initials and its
-//!   0-RTT packets reach one worker;
+//!   ID. Handshake packets go by their slot. Initial and 0-RTT packets go
+//!   by their slot when the ID carries the mark of an ID a worker issued
+//!   ([`baton_wire::quic::ID_MARK`] after the slot): a client sends them
+//!   with the server's ID once it has the server's first answer, and a
+//!   reload in the middle of a handshake must not take the rest of it to
+//!   the new generation. A client's first Initial and 0-RTT packets carry
+//!   an ID it chose at random, without the mark: they go to the current
+//!   generation, picked by the packet's flow hash so that its retransmitted
+//!   Initials and its 0-RTT packets reach one worker. Version 0 (version
+//!   negotiation, which a server never receives in earnest) goes there
+//!   too;
 //! - a slot no member has, a datagram too short to hold what is read (a
 //!   load past the end would end the program with 0: member 0, whoever that
 //!   is) and a zero-length ID go to the current generation too.
@@ -193,7 +199,7 @@ pub fn program(routes: &Routes, v6: bool) -> io::Result<Vec<libc::sock_filter>> 
     );
     let and = BPF_ALU | BPF_AND | BPF_K;
     let mut a = Assembler::default();
-    let [long, short, read, v1, v2, has_id, to_current, dispatch, current] =
+    let [long, short, read, v1, v2, marked, has_id, to_current, dispatch, current] =
         std::array::from_fn(|_| a.label());
 
     // The first byte, if any.
@@ -228,12 +234,30 @@ pub fn program(routes: &Routes, v6: bool) -> io::Result<Vec<libc::sock_filter>> 
     a.here(v1);
     a.stmt(ld_b, 0);
     a.stmt(and, 0x30);
-    a.jump(jge, 0x20, has_id, to_current);
+    a.jump(jge, 0x20, has_id, marked);
     // Version 2: Retry 0b00, Initial 0b01, 0-RTT 0b10, Handshake 0b11.
     a.here(v2);
     a.stmt(ld_b, 0);
     a.stmt(and, 0x30);
-    a.jump(jeq, 0x30, has_id, to_current);
+    let not_handshake = a.label();
+    a.jump(jeq, 0x30, has_id, not_handshake);
+    a.here(not_handshake);
+    a.jump(jeq, 0, to_current, marked);
+    // Initial and 0-RTT: by the slot if the ID (4 bytes or more) has the
+    // mark after it, else to the current generation.
+    a.here(marked);
+    a.stmt(ld_b, 5);
+    let long_enough = a.label();
+    a.jump(jge, 4, long_enough, to_current);
+    a.here(long_enough);
+    a.stmt(ld_len, 0);
+    let holds_it = a.label();
+    a.jump(jge, 10, holds_it, to_current);
+    a.here(holds_it);
+    a.stmt(ld_w, 6);
+    a.stmt(and, 0x00ff_ffff);
+    let [m0, m1, m2] = baton_wire::quic::ID_MARK;
+    a.jump(jeq, u32::from_be_bytes([0, m0, m1, m2]), has_id, to_current);
     a.here(has_id);
     a.stmt(ld_b, 5);
     let id = a.label();
@@ -435,6 +459,21 @@ mod tests {
             );
             // A one-byte ID still has its slot.
             assert_eq!(landing(&client, to, &members, &short(&[slot])), member);
+            // Initial and 0-RTT packets with an ID a worker issued (the
+            // mark after the slot): the rest of a handshake.
+            let [m0, m1, m2] = baton_wire::quic::ID_MARK;
+            let issued = [slot, m0, m1, m2, 0x12, 0x34, 0x56, 0x78];
+            for (first, version) in [(0xc0, V1), (0xd0, V1), (0xd0, QUIC_V2), (0xe0, QUIC_V2)] {
+                assert_eq!(
+                    landing(&client, to, &members, &long(first, version, &issued)),
+                    member,
+                    "Initial or 0-RTT {first:02x} v{version:x}, slot {slot}"
+                );
+            }
+            assert_eq!(
+                landing(&client, to, &members, &long(0xc0, V1, &issued[..4])),
+                member
+            );
         }
     }
 
@@ -507,6 +546,12 @@ mod tests {
             long(0xe0, QUIC_V2, &[9; 8]),
             // A long header with an empty ID.
             long(0xe0, V1, &[]),
+            // The mark with a slot nobody has, with a byte of it wrong, in
+            // an ID too short to hold it, or in a v2 Retry.
+            long(0xc0, V1, &[8, 0xba, 0x70, 0x4e, 1, 2, 3, 4]),
+            long(0xc0, V1, &[7, 0xba, 0x70, 0x4f, 1, 2, 3, 4]),
+            long(0xc0, V1, &[7, 0xba, 0x70]),
+            long(0xc0, QUIC_V2, &[7, 0xba, 0x70, 0x4e, 1, 2, 3, 4]),
         ] {
             let member = landing(&client, to, &members, &datagram);
             assert!(current(member), "{datagram:02x?} went to member {member}");
