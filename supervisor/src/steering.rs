@@ -382,10 +382,17 @@ impl Group {
     /// on its way out at a time: with two, the kernel's array would depend
     /// on which holder closed its copies first, which no one here knows.
     fn tidy_quic(&mut self) -> bool {
+        let (port, v6) = match self.primary().and_then(|p| Ok((local_port(p)?, is_v6(p)?))) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot tidy the QUIC port's sockets");
+                return false;
+            }
+        };
         let mut changed = false;
         let again = loop {
             if let Some(i) = self.members.iter().position(|m| m.fd.is_none()) {
-                if quic::is_listed(self.members[i].ino) {
+                if quic::is_listed(port, v6, self.members[i].ino) {
                     break true;
                 }
                 self.members.swap_remove(i);
@@ -774,6 +781,16 @@ fn program(steered: usize, rules: &Rules, v6: bool) -> io::Result<Vec<libc::sock
 }
 
 /// Whether `fd` is an IPv6 socket.
+/// The port `fd` is bound to.
+fn local_port(fd: BorrowedFd<'_>) -> io::Result<u16> {
+    let address: nix::sys::socket::SockaddrStorage = nix::sys::socket::getsockname(fd.as_raw_fd())?;
+    address
+        .as_sockaddr_in()
+        .map(|a| a.port())
+        .or_else(|| address.as_sockaddr_in6().map(|a| a.port()))
+        .ok_or_else(|| io::Error::other("not an IP socket"))
+}
+
 fn is_v6(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let address: nix::sys::socket::SockaddrStorage = nix::sys::socket::getsockname(fd.as_raw_fd())?;
     Ok(nix::sys::socket::SockaddrLike::family(&address)

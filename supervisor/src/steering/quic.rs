@@ -46,28 +46,19 @@ const QUIC_V2: u32 = 0x6b33_43cf;
 /// its `execve`, the keeper until its next snapshot, milliseconds both.
 pub const LEAVING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Whether the kernel still lists the UDP socket `inode`: some process
-/// holds an fd of it, so it keeps its place in its port's group.
-pub fn is_listed(inode: u64) -> bool {
-    listed_udp_inodes().contains(&inode)
-}
-
-/// The inodes of every UDP socket in this network namespace
-/// (`/proc/net/udp` and `udp6`).
-fn listed_udp_inodes() -> std::collections::HashSet<u64> {
-    let mut inodes = std::collections::HashSet::new();
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        // `sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...`
-        for line in text.lines().skip(1) {
-            if let Some(inode) = line.split_whitespace().nth(9).and_then(|i| i.parse().ok()) {
-                inodes.insert(inode);
-            }
+/// Whether the kernel still lists the UDP socket `inode` on `port` (of
+/// the address family of `v6`): some process holds an fd of it, so it
+/// keeps its place in the port's group. When the kernel cannot be asked,
+/// as if it did (the socket is let go of at a later look).
+pub fn is_listed(port: u16, v6: bool, inode: u64) -> bool {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8;
+    match crate::sockdiag::udp_inodes(family, port) {
+        Ok(inodes) => inodes.contains(&inode),
+        Err(e) => {
+            tracing::warn!(error = %e, port, "cannot list the QUIC port's sockets");
+            true
         }
     }
-    inodes
 }
 
 /// Where each datagram of a QUIC port goes, as indices into the kernel's
