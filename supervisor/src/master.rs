@@ -627,10 +627,17 @@ impl Master {
     }
 
     /// Stops what workers left outside their process groups (see
-    /// [`crate::orphans`]); never the new master of an upgrade.
+    /// [`crate::orphans`]); never the new master of an upgrade, nor a later
+    /// one re-parented here when its own old master exited first.
     fn stop_orphans(&self) {
         let keeper = self.children.keeper().and_then(|k| k.pid());
-        let spare: Vec<Pid> = self.lineage.successor().into_iter().chain(keeper).collect();
+        let spare: Vec<Pid> = self
+            .lineage
+            .successor()
+            .into_iter()
+            .chain(keeper)
+            .chain(crate::orphans::lineage_masters())
+            .collect();
         crate::orphans::stop_all(&spare, crate::orphans::GRACE);
     }
 

@@ -735,6 +735,37 @@ mod tests {
     }
 
     #[test]
+    fn with_the_current_generations_sockets_gone_new_connections_reach_the_listeners_own() {
+        let primary = udp(0);
+        let to = primary.local_addr().unwrap();
+        let mut group = super::super::Group::new_quic(primary.as_fd()).unwrap();
+        let (_a_token, a, a_slot) = worker(&mut group, to.port(), 1);
+        let (b_token, b, _) = worker(&mut group, to.port(), 2);
+        group.quic_current(2).unwrap();
+        let client = udp_client();
+        let initial = long(0xc0, V1, &[0x77; 8]);
+        let all = [
+            primary.try_clone().unwrap(),
+            a.try_clone().unwrap(),
+            b.try_clone().unwrap(),
+        ];
+        assert_eq!(landing(&client, to, &all, &initial), 2);
+        // Generation 2's only worker exits (it failed, say) and generation
+        // 1's drains: new connections go to the listener's own socket, not
+        // to the draining worker, and `a`'s still reach it.
+        drop((b, b_token, all));
+        while group.tidy() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(group.len(), 2);
+        let all = [primary.try_clone().unwrap(), a.try_clone().unwrap()];
+        for _ in 0..8 {
+            assert_eq!(landing(&udp_client(), to, &all, &initial), 0);
+        }
+        assert_eq!(landing(&client, to, &all, &short(&[a_slot; 8])), 1);
+    }
+
+    #[test]
     fn slots_run_out_at_255_sockets() {
         let primary = udp(0);
         let port = primary.local_addr().unwrap().port();
