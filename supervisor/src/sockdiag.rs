@@ -148,18 +148,19 @@ fn dump(family: u8, states: u32, info: bool, ports: &[u16]) -> io::Result<Vec<Tc
     Ok(sockets)
 }
 
-/// The inodes of the UDP sockets of `family` bound to `port`. The kernel
-/// lists a port's sockets under the lock of the port's hash slot, in one
-/// answer: they are the port's sockets at one instant (`/proc/net/udp`,
-/// read a page at a time while sockets come and go, can skip one).
-pub fn udp_inodes(family: u8, port: u16) -> io::Result<Vec<u64>> {
+/// The UDP sockets of `family` bound to `port`: each one's address and
+/// inode. The kernel lists a port's sockets under the lock of the port's
+/// hash slot, in one answer: they are the port's sockets at one instant
+/// (`/proc/net/udp`, read a page at a time while sockets come and go, can
+/// skip one).
+pub fn udp_sockets(family: u8, port: u16) -> io::Result<Vec<(SocketAddr, u64)>> {
     let mut request = request_for(family, libc::IPPROTO_UDP as u8, u32::MAX, false);
     request.extend_from_slice(&port_filter(&[port]));
-    let mut inodes = Vec::new();
+    let mut sockets = Vec::new();
     dump_raw(&request, |message| {
-        inodes.extend(parse(message).map(|socket| socket.inode));
+        sockets.extend(parse(message).map(|socket| (socket.local, socket.inode)));
     })?;
-    Ok(inodes)
+    Ok(sockets)
 }
 
 /// An `inet_diag_req_v2` (56 bytes): family, protocol, the extensions

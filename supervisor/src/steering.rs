@@ -697,6 +697,13 @@ impl Group {
         kernel == mine
     }
 
+    /// Whether each of `kernel`'s sockets is a member.
+    pub fn has_all(&self, kernel: &[u64]) -> bool {
+        kernel
+            .iter()
+            .all(|ino| self.members.iter().any(|m| m.ino == *ino))
+    }
+
     /// Whether a member is no longer used, so that [`Group::tidy`] may
     /// have something to let go of.
     pub fn has_retired(&self) -> bool {

@@ -52,8 +52,8 @@ pub const LEAVING_PATIENCE: std::time::Duration = std::time::Duration::from_secs
 /// as if it did (the socket is let go of at a later look).
 pub fn is_listed(port: u16, v6: bool, inode: u64) -> bool {
     let family = if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8;
-    match crate::sockdiag::udp_inodes(family, port) {
-        Ok(inodes) => inodes.contains(&inode),
+    match crate::sockdiag::udp_sockets(family, port) {
+        Ok(sockets) => sockets.iter().any(|(_, listed)| *listed == inode),
         Err(e) => {
             tracing::warn!(error = %e, port, "cannot list the QUIC port's sockets");
             true
