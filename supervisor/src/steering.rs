@@ -70,9 +70,9 @@ impl User {
 #[derive(Debug)]
 struct Member {
     /// Keeps the socket in the group until the group lets it go. `None`
-    /// on a QUIC port: this master closed its copy, but the kernel still
-    /// lists the socket (see [`Group::tidy_quic`]), so it still has its
-    /// place in the kernel's array.
+    /// on a QUIC port: this master closed its copy, but another process
+    /// still holds one (see [`Group::tidy_quic`]), so the socket still has
+    /// its place in the kernel's array.
     fd: Option<OwnedFd>,
     ino: u64,
     user: User,
@@ -154,9 +154,19 @@ struct Quic {
     attached: Option<(quic::Routes, u64)>,
     /// The slot handed out last.
     last_slot: u8,
-    /// Since when a member this master closed is still listed by the
-    /// kernel, and whether that was logged.
-    leaving: Option<(std::time::Instant, bool)>,
+    /// The member on its way out of the group ([`Group::tidy_quic`]).
+    leaving: Option<Leaving>,
+}
+
+/// A QUIC port's member on its way out of the group.
+#[derive(Debug)]
+struct Leaving {
+    /// Its socket's inode.
+    ino: u64,
+    /// Since when.
+    since: std::time::Instant,
+    /// Whether its taking long was logged.
+    warned: bool,
 }
 
 /// Bumped when another master may attach programs to this master's port
@@ -372,15 +382,18 @@ impl Group {
     /// returns whether one is still on its way out (look again shortly).
     ///
     /// A UDP socket leaves the kernel's array when its last fd closes, the
-    /// last member taking its place. The worker's fds closed when it
-    /// exited; this master closes its copy here, but others may hold one a
-    /// while longer: the keeper's goes with the snapshot sent at the end of
-    /// this turn (which names the member no more), and a child forked
-    /// meanwhile holds one until its `execve`. So the member keeps its
-    /// place in the mirror (its fd `None`), and the attached program stays
-    /// right, until the kernel lists the socket no more. Only one member is
-    /// on its way out at a time: with two, the kernel's array would depend
-    /// on which holder closed its copies first, which no one here knows.
+    /// last member taking its place: the program must be attached again at
+    /// once, or the moved member's datagrams go astray. So the last fd to
+    /// close must be this master's, closed right before it attaches the
+    /// program. The worker's closed when it exited; the keeper's goes with
+    /// the snapshot sent at the end of the turn in which the member starts
+    /// leaving (a snapshot names the group as it will be,
+    /// [`Group::settled`]), and this master closes its own once the keeper
+    /// holds it no more ([`quic::keeper_holds`]). A child forked meanwhile
+    /// holds a copy until its `execve`: then the member keeps its place in
+    /// the mirror (its fd `None`) until the kernel lists it no more. One
+    /// member leaves at a time: with two, the kernel's array would depend
+    /// on which holder closed its copies first.
     fn tidy_quic(&mut self) -> bool {
         let (port, v6) = match self.primary().and_then(|p| Ok((local_port(p)?, is_v6(p)?))) {
             Ok(found) => found,
@@ -389,45 +402,74 @@ impl Group {
                 return false;
             }
         };
-        let mut changed = false;
         let again = loop {
-            if let Some(i) = self.members.iter().position(|m| m.fd.is_none()) {
-                if quic::is_listed(port, v6, self.members[i].ino) {
+            if let Some(i) = self.leaving() {
+                let ino = self.members[i].ino;
+                if self.members[i].fd.is_some() {
+                    if quic::keeper_holds(ino) {
+                        break true;
+                    }
+                    // Most likely the last copy: the kernel let the socket
+                    // go as it closed, so the program follows at once,
+                    // before the kernel is asked (which takes longer than a
+                    // datagram does to arrive).
+                    self.members[i].fd = None;
+                    let member = self.members.swap_remove(i);
+                    self.steer_quic();
+                    if quic::is_listed(port, v6, ino) {
+                        // A child forked meanwhile holds a copy: the member
+                        // is back in its place until that one closes.
+                        self.members.push(member);
+                        let last = self.members.len() - 1;
+                        self.members.swap(i, last);
+                        self.steer_quic();
+                        break true;
+                    }
+                } else if quic::is_listed(port, v6, ino) {
                     break true;
+                } else {
+                    self.members.swap_remove(i);
+                    self.steer_quic();
                 }
-                self.members.swap_remove(i);
-                changed = true;
                 if let Some(quic) = self.quic.as_mut() {
                     quic.leaving = None;
                 }
             }
-            let Some(i) = self
-                .members
-                .iter()
-                .position(|m| m.fd.is_some() && m.user.retired())
-            else {
+            let Some(i) = self.members.iter().position(|m| m.user.retired()) else {
                 break false;
             };
-            self.members[i].fd = None;
+            let ino = self.members[i].ino;
             if let Some(quic) = self.quic.as_mut() {
-                quic.leaving = Some((std::time::Instant::now(), false));
+                quic.leaving = Some(Leaving {
+                    ino,
+                    since: std::time::Instant::now(),
+                    warned: false,
+                });
             }
         };
-        if let Some((since, warned)) = self.quic.as_mut().and_then(|q| q.leaving.as_mut()) {
-            if !*warned && since.elapsed() >= quic::LEAVING_PATIENCE {
-                *warned = true;
+        if let Some(leaving) = self.quic.as_mut().and_then(|q| q.leaving.as_mut()) {
+            if !leaving.warned && leaving.since.elapsed() >= quic::LEAVING_PATIENCE {
+                leaving.warned = true;
                 tracing::warn!(
                     event = "steering.quic_socket_held",
                     "a QUIC worker socket is still open elsewhere (a child of a worker?): the port's other finished worker sockets stay until it closes"
                 );
             }
         }
-        if changed {
-            if let Err(e) = self.route() {
-                tracing::error!(error = %e, "cannot steer the QUIC port's datagrams");
-            }
-        }
         again
+    }
+
+    /// [`Group::route`], logging what fails.
+    fn steer_quic(&mut self) {
+        if let Err(e) = self.route() {
+            tracing::error!(error = %e, "cannot steer the QUIC port's datagrams");
+        }
+    }
+
+    /// The index of the QUIC member on its way out, if one is.
+    fn leaving(&self) -> Option<usize> {
+        let ino = self.quic.as_ref()?.leaving.as_ref()?.ino;
+        self.members.iter().position(|m| m.ino == ino)
     }
 
     /// The members as the kernel's array will hold them once the QUIC
@@ -435,7 +477,7 @@ impl Group {
     /// another master adopts, and the keeper holds.
     fn settled(&self) -> impl Iterator<Item = &Member> {
         let mut order: Vec<&Member> = self.members.iter().collect();
-        if let Some(i) = self.members.iter().position(|m| m.fd.is_none()) {
+        if let Some(i) = self.leaving() {
             order.swap_remove(i);
         }
         order.into_iter()

@@ -46,6 +46,35 @@ const QUIC_V2: u32 = 0x6b33_43cf;
 /// its `execve`, the keeper until its next snapshot, milliseconds both.
 pub const LEAVING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Whether this master's keeper (its child, or its parent when it is a
+/// container's init or started this master) holds an fd of the socket
+/// `inode`: its copy goes with the next snapshot that no longer names it.
+pub fn keeper_holds(inode: u64) -> bool {
+    let parent = std::os::unix::process::parent_id() as i32;
+    let keepers = crate::orphans::children()
+        .into_iter()
+        .map(nix::unistd::Pid::as_raw)
+        .chain(std::iter::once(parent))
+        .filter(|pid| is_keeper(*pid) || (*pid == parent && crate::keeper::under_init()));
+    let wanted = format!("socket:[{inode}]");
+    keepers
+        .flat_map(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == wanted.as_str())
+        })
+}
+
+/// Whether process `pid` runs as a keeper (`baton __keeper`).
+fn is_keeper(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|line| line.split(|b| *b == 0).nth(1) == Some(crate::keeper::ARG.as_bytes()))
+}
+
 /// Whether the kernel still lists the UDP socket `inode` on `port` (of
 /// the address family of `v6`): some process holds an fd of it, so it
 /// keeps its place in the port's group. When the kernel cannot be asked,
