@@ -529,9 +529,13 @@ impl Listener {
     }
 
     /// Keeps a Unix listener's socket file when this master lets go of it:
-    /// the new master serves on it.
+    /// the new master serves on it. A QUIC port's group lets go of its
+    /// workers' sockets ([`Group::hand_over_quic`]).
     pub fn hand_over(&self) {
         self.remove_path.set(false);
+        if let Some(group) = self.group.borrow_mut().as_mut() {
+            group.hand_over_quic();
+        }
     }
 
     /// The socket.

@@ -300,10 +300,16 @@ impl Group {
         Ok(())
     }
 
-    /// A QUIC port's slots and generations, for a handover.
+    /// A QUIC port's slots and generations, for the keeper's snapshot
+    /// (the group as it will be, [`Group::settled`]).
     pub fn quic_layout(&self) -> Option<QuicLayout> {
+        self.quic_layout_of(self.settled())
+    }
+
+    /// A QUIC port's slots and generations of `members`.
+    fn quic_layout_of<'a>(&self, members: impl Iterator<Item = &'a Member>) -> Option<QuicLayout> {
         self.quic.as_ref().map(|quic| QuicLayout {
-            members: self.settled().map(|m| m.quic).collect(),
+            members: members.map(|m| m.quic).collect(),
             current: quic.current,
             last_slot: quic.last_slot,
         })
@@ -459,6 +465,19 @@ impl Group {
         again
     }
 
+    /// An upgrade's new master has taken the QUIC port over, with copies
+    /// of every member: this master lets go of its own (but the listener's
+    /// socket), so that the new master's copy of a finished worker's socket
+    /// is the last one, closed when the new master steers without it. This
+    /// master steers the port no more.
+    pub fn hand_over_quic(&mut self) {
+        if let Some(quic) = self.quic.as_mut() {
+            quic.leaving = None;
+            quic.attached = None;
+            self.members.truncate(1);
+        }
+    }
+
     /// [`Group::route`], logging what fails.
     fn steer_quic(&mut self) {
         if let Err(e) = self.route() {
@@ -561,15 +580,26 @@ impl Group {
         )
     }
 
-    /// The group as handed to another master: copies of its members.
+    /// The group as handed to another master: copies of its members. A
+    /// QUIC member on its way out that this master still holds stays in it
+    /// (an upgrade stops this master's tidying, so its copy stays open until
+    /// it exits; the new master lets it go); one it closed is left out, as
+    /// the kernel will soon have it.
     pub fn layout(&self) -> io::Result<Layout> {
+        let handed = || {
+            let closed = self.members.iter().position(|m| m.fd.is_none());
+            let mut order: Vec<&Member> = self.members.iter().collect();
+            if let Some(i) = closed {
+                order.swap_remove(i);
+            }
+            order.into_iter()
+        };
         Ok(Layout {
-            members: self
-                .settled()
+            members: handed()
                 .filter_map(|m| m.fd.as_ref().map(OwnedFd::try_clone))
                 .collect::<io::Result<_>>()?,
             steered: self.steered,
-            quic: self.quic_layout(),
+            quic: self.quic_layout_of(handed()),
         })
     }
 
