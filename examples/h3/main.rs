@@ -17,8 +17,10 @@
 //! naming this worker's socket ([`baton_worker::quic`]): a reload sends new
 //! connections to the new generation while every datagram of this one's
 //! keeps reaching it. Told to drain, it accepts no new connection, sends
-//! each of its connections an HTTP/3 GOAWAY, and exits once they have
-//! ended (or at the drain deadline).
+//! each of its connections an HTTP/3 GOAWAY, answers the requests each had
+//! taken, and exits once their clients have closed them (or at the drain
+//! deadline): [`baton_worker::quic::accept`] and
+//! [`baton_worker::quic::drain`].
 
 use baton_worker::Worker;
 use bytes::Bytes;
@@ -124,29 +126,18 @@ async fn serve(args: Args) -> Result<(), Error> {
     });
     worker.ready().await?;
     let drain = worker.drain();
-    loop {
-        tokio::select! {
-            _ = drain.wait() => break,
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                let (greeting, drain) = (greeting.clone(), drain.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = connection(incoming, generation, greeting, drain).await {
-                        eprintln!("h3-app: connection: {e}");
-                    }
-                });
+    while let Some(incoming) = baton_worker::quic::accept(&endpoint, &drain).await {
+        let (greeting, drain) = (greeting.clone(), drain.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(incoming, generation, greeting, drain).await {
+                eprintln!("h3-app: connection: {e}");
             }
-        }
+        });
     }
-    // No new connections; the open ones are told to go away and end on
-    // their own, or at the deadline.
-    endpoint.set_server_config(None);
-    match drain.deadline() {
-        Some(deadline) => {
-            let _ = tokio::time::timeout_at(deadline, endpoint.wait_idle()).await;
-        }
-        None => endpoint.wait_idle().await,
-    }
+    // No new connections; the open ones are told to go away and end when
+    // their clients close them, or at the deadline.
+    let no_error = quinn::VarInt::from_u32(0x100);
+    baton_worker::quic::drain(&endpoint, &drain, no_error, b"drain deadline").await;
     if let Some(server) = tcp_server {
         server.await??;
     }
@@ -173,41 +164,57 @@ fn tcp_service(
     })
 }
 
-/// Serves one connection's requests until it ends; on drain, sends GOAWAY.
+/// Serves one connection's requests until it ends. On drain, sends
+/// GOAWAY: h3 then refuses the requests past it (`H3_REQUEST_REJECTED`, for
+/// the client to send again elsewhere) and answers those before it.
 async fn connection(
     incoming: quinn::Incoming,
     generation: u64,
     greeting: Arc<String>,
     drain: baton_worker::Drain,
 ) -> Result<(), Error> {
-    let connection = incoming.await?;
+    let quic = incoming.await?;
     let mut h3: h3::server::Connection<h3_quinn::Connection, Bytes> =
-        h3::server::Connection::new(h3_quinn::Connection::new(connection)).await?;
+        h3::server::Connection::new(h3_quinn::Connection::new(quic.clone())).await?;
+    let mut requests = tokio::task::JoinSet::new();
     let mut going_away = false;
-    loop {
+    let outcome = loop {
         tokio::select! {
             _ = drain.wait(), if !going_away => {
                 going_away = true;
-                h3.shutdown(1).await?;
+                if let Err(e) = h3.shutdown(1).await {
+                    break Err(e);
+                }
             }
-            accepted = h3.accept() => {
-                let resolver = match accepted {
-                    Ok(Some(resolver)) => resolver,
-                    Ok(None) => return Ok(()),
-                    // The client closed the connection, as it may.
-                    Err(e) if e.is_h3_no_error() => return Ok(()),
-                    Err(e) => return Err(e.into()),
-                };
-                let greeting = greeting.clone();
-                tokio::spawn(async move {
-                    match request(resolver, generation, greeting).await {
-                        Err(e) if !e.is_h3_no_error() => eprintln!("h3-app: request: {e}"),
-                        _ => {}
-                    }
-                });
-            }
+            // Reaps the finished ones as it goes.
+            Some(_) = requests.join_next(), if !requests.is_empty() => {}
+            accepted = h3.accept() => match accepted {
+                Ok(Some(resolver)) => {
+                    let greeting = greeting.clone();
+                    requests.spawn(async move {
+                        match request(resolver, generation, greeting).await {
+                            Err(e) if !e.is_h3_no_error() => eprintln!("h3-app: request: {e}"),
+                            _ => {}
+                        }
+                    });
+                }
+                // No request is coming any more (a GOAWAY either way).
+                Ok(None) => break Ok(()),
+                // The client closed the connection, as it may.
+                Err(e) if e.is_h3_no_error() => break Ok(()),
+                Err(e) => break Err(e),
+            },
         }
+    };
+    // The requests taken are answered; the client closes the connection
+    // once it has read the answers (dropping `h3` closes it at once, which
+    // would throw away what the client has not acknowledged yet). The
+    // endpoint's drain closes it at the deadline if the client does not.
+    while requests.join_next().await.is_some() {}
+    if outcome.is_ok() {
+        quic.closed().await;
     }
+    outcome.map_err(Into::into)
 }
 
 async fn request(

@@ -29,6 +29,10 @@ use tokio::time::Instant;
 
 /// Ports tidied per turn of the event loop.
 const TIDY_CHUNK: usize = 64;
+/// How soon a port still letting a QUIC worker socket go is looked at
+/// again: the keeper closes its copy a turn later, a forked child at its
+/// `execve`.
+const TIDY_RETRY: Duration = Duration::from_millis(2);
 
 /// Every generation and what they share.
 #[derive(Debug)]
@@ -48,6 +52,9 @@ pub struct Fleet {
     tidying: Vec<Shared>,
     /// Another pass over the ports is wanted once this one is done.
     tidy_again: bool,
+    /// A pass is wanted then: a QUIC port is still letting a socket go
+    /// (another process had not closed its copy yet).
+    tidy_retry: Option<Instant>,
     /// Taken over from another master (an upgrade's, an exec's image):
     /// its generations may still serve on the listeners' own sockets.
     inherited: bool,
@@ -63,6 +70,7 @@ impl Default for Fleet {
             scale: None,
             tidying: Vec::new(),
             tidy_again: false,
+            tidy_retry: None,
             inherited: false,
         }
     }
@@ -471,9 +479,16 @@ impl Fleet {
         self.tidy_again = true;
     }
 
-    /// Whether a tidying pass is under way or asked for.
+    /// Whether a tidying pass is under way or asked for now.
     pub fn tidy_pending(&self) -> bool {
-        !self.tidying.is_empty() || self.tidy_again
+        !self.tidying.is_empty()
+            || self.tidy_again
+            || self.tidy_retry.is_some_and(|at| at <= Instant::now())
+    }
+
+    /// When the pass asked for by a port still letting a socket go is due.
+    pub fn tidy_wakeup(&self) -> Option<Instant> {
+        self.tidy_retry
     }
 
     /// Forgets the tidying asked for: an upgrade or a stop runs (a new
@@ -482,14 +497,17 @@ impl Fleet {
     pub fn cancel_tidy(&mut self) {
         self.tidying.clear();
         self.tidy_again = false;
+        self.tidy_retry = None;
     }
 
     /// Tidies the next ports queued.
     pub fn tidy_step(&mut self) {
         if self.tidying.is_empty() {
-            if !std::mem::take(&mut self.tidy_again) {
+            let retry = self.tidy_retry.is_some_and(|at| at <= Instant::now());
+            if !std::mem::take(&mut self.tidy_again) && !retry {
                 return;
             }
+            self.tidy_retry = None;
             self.tidying = self.ports_to_tidy();
         }
         let chunk: Vec<Shared> = self
@@ -502,7 +520,9 @@ impl Fleet {
         // The kernel is asked about a chunk's ports in one look.
         let kernel = crate::listener::kernel_view(&chunk);
         for port in &chunk {
-            port.tidy(&kernel);
+            if port.tidy(&kernel) && self.tidy_retry.is_none() {
+                self.tidy_retry = Some(Instant::now() + TIDY_RETRY);
+            }
         }
     }
 

@@ -55,6 +55,23 @@ pub type Shared = Rc<Listener>;
 /// (then no port group is touched).
 pub type Kernel = std::io::Result<steering::Listening>;
 
+/// Whether every UDP socket the kernel lists on `address` is a member of
+/// `group`, a QUIC port's (a member this master closed may have left the
+/// kernel's list before the group's).
+fn quic_port_matches(group: &Group, address: SocketAddr) -> std::io::Result<bool> {
+    let family = match address {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    } as u8;
+    let sockets = crate::sockdiag::udp_sockets(family, address.port())?;
+    let on_address: Vec<u64> = sockets
+        .into_iter()
+        .filter(|(local, _)| *local == address)
+        .map(|(_, inode)| inode)
+        .collect();
+    Ok(group.has_all(&on_address))
+}
+
 /// One look at the TCP sockets listening on the ports of `listeners`.
 pub fn kernel_view<'a>(listeners: impl IntoIterator<Item = &'a Shared>) -> Kernel {
     let addresses = listeners.into_iter().map(|l| l.info.address.as_str());
@@ -218,6 +235,10 @@ impl Listener {
     /// datagrams of those IDs for as long as it lives, and new connections
     /// while `generation` is current ([`Listener::quic_current`]).
     pub fn for_quic_worker(primary: &Shared, generation: u64) -> anyhow::Result<Option<Shared>> {
+        if primary.is_quic() {
+            // Logs a stranger on the port (the kernel view is for TCP).
+            primary.group_matches(&Ok(steering::Listening::default()));
+        }
         let mut guard = primary.group.borrow_mut();
         let Some(group) = guard.as_mut().filter(|g| g.is_quic()) else {
             return Ok(None);
@@ -384,14 +405,13 @@ impl Listener {
 
     /// Lets go of the port group's sockets no generation uses any more,
     /// unless `kernel` lists sockets this master does not know on the port.
-    pub fn tidy(&self, kernel: &Kernel) {
+    /// Returns whether to look again shortly (see [`Group::tidy`]).
+    pub fn tidy(&self, kernel: &Kernel) -> bool {
         let port = self.port();
         if port.group.borrow().is_none() || !port.group_matches(kernel) {
-            return;
+            return false;
         }
-        if let Some(group) = port.group.borrow_mut().as_mut() {
-            group.tidy();
-        }
+        port.group.borrow_mut().as_mut().is_some_and(Group::tidy)
     }
 
     /// Whether this listener has a port group and `kernel` lists exactly
@@ -399,20 +419,30 @@ impl Listener {
     /// group, true.
     fn group_matches(&self, kernel: &Kernel) -> bool {
         let group = self.group.borrow();
-        // The kernel is asked about TCP ports only: a QUIC port's group is
-        // taken to be all this master's.
-        let Some(group) = group.as_ref().filter(|g| !g.is_quic()) else {
+        let Some(group) = group.as_ref() else {
             return true;
         };
         let Ok(address) = self.info.address.parse::<SocketAddr>() else {
             return false;
         };
-        let matches = kernel
-            .as_ref()
-            .map(|listening| group.matches_kernel(listening.on(address)));
+        let matches = match group.is_quic() {
+            // `kernel` holds TCP listeners: a QUIC port's UDP sockets are
+            // asked about on their own.
+            true => quic_port_matches(group, address),
+            false => kernel
+                .as_ref()
+                .map(|listening| group.matches_kernel(listening.on(address)))
+                .map_err(|e| std::io::Error::new(e.kind(), e.to_string())),
+        };
         let strangers = !matches.as_ref().is_ok_and(|m| *m);
         if strangers != self.strangers.replace(strangers) {
             match matches {
+                Ok(false) if group.is_quic() => tracing::warn!(
+                    event = "listener.strangers",
+                    listener = %self.info.name,
+                    address = %self.info.address,
+                    "sockets this master does not know are bound to the QUIC port (another process with SO_REUSEPORT?): datagrams may reach them, and finished workers' sockets stay, until they are gone"
+                ),
                 Ok(false) => tracing::warn!(
                     listener = %self.info.name,
                     address = %self.info.address,
@@ -430,6 +460,13 @@ impl Listener {
             }
         }
         !strangers
+    }
+
+    /// Whether the kernel lists sockets this master does not know on its
+    /// QUIC port, as [`Listener::tidy`] and
+    /// [`Listener::for_quic_worker`] see it (logged when that changes).
+    pub fn has_strangers(&self) -> bool {
+        self.strangers.get()
     }
 
     /// The port group's member sockets as this master holds them, and the
@@ -492,9 +529,13 @@ impl Listener {
     }
 
     /// Keeps a Unix listener's socket file when this master lets go of it:
-    /// the new master serves on it.
+    /// the new master serves on it. A QUIC port's group lets go of its
+    /// workers' sockets ([`Group::hand_over_quic`]).
     pub fn hand_over(&self) {
         self.remove_path.set(false);
+        if let Some(group) = self.group.borrow_mut().as_mut() {
+            group.hand_over_quic();
+        }
     }
 
     /// The socket.
@@ -768,6 +809,52 @@ mod tests {
             .unwrap(),
         );
         assert!(Listener::for_quic_worker(&plain, 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_stranger_on_a_quic_port_is_reported_and_finished_sockets_stay_until_it_leaves() {
+        use nix::sys::socket::{
+            bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+        };
+        let config = ListenerConfig {
+            name: "h3".into(),
+            address: "udp:127.0.0.1:0".parse().unwrap(),
+            backlog: 16,
+            nodelay: None,
+            quic: true,
+        };
+        let primary = Rc::new(Listener::bind(&config).unwrap());
+        let a = Listener::for_quic_worker(&primary, 1).unwrap().unwrap();
+        assert!(!primary.has_strangers());
+        // Another process's socket (same user, SO_REUSEPORT) joins the port.
+        let port: SocketAddr = primary.info.address.parse().unwrap();
+        let stranger = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        setsockopt(&stranger, sockopt::ReusePort, &true).unwrap();
+        bind(
+            stranger.as_raw_fd(),
+            &SockaddrIn::new(127, 0, 0, 1, port.port()),
+        )
+        .unwrap();
+        let _b = Listener::for_quic_worker(&primary, 2).unwrap().unwrap();
+        assert!(primary.has_strangers());
+        let members = || primary.member_fds().unwrap().0.len();
+        assert_eq!(members(), 3);
+        // Worker `a` is gone, but letting its socket go would move the
+        // stranger into a member's place in the kernel's array.
+        drop(a);
+        assert!(primary.has_retired());
+        assert!(!primary.tidy(&kernel_view([&primary])));
+        assert_eq!(members(), 3);
+        drop(stranger);
+        while primary.tidy(&kernel_view([&primary])) {}
+        assert!(!primary.has_strangers());
+        assert_eq!(members(), 2);
     }
 
     #[test]

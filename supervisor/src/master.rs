@@ -628,10 +628,17 @@ impl Master {
     }
 
     /// Stops what workers left outside their process groups (see
-    /// [`crate::orphans`]); never the new master of an upgrade.
+    /// [`crate::orphans`]); never the new master of an upgrade, nor a later
+    /// one re-parented here when its own old master exited first.
     fn stop_orphans(&self) {
         let keeper = self.children.keeper().and_then(|k| k.pid());
-        let spare: Vec<Pid> = self.lineage.successor().into_iter().chain(keeper).collect();
+        let spare: Vec<Pid> = self
+            .lineage
+            .successor()
+            .into_iter()
+            .chain(keeper)
+            .chain(crate::orphans::lineage_masters())
+            .collect();
         crate::orphans::stop_all(&spare, crate::orphans::GRACE);
     }
 
@@ -756,6 +763,7 @@ impl Master {
             .chain(self.delay_ready_deadline())
             .chain(self.probing.as_ref().map(Probing::deadline))
             .chain(self.keep_wakeup())
+            .chain(self.fleet.tidy_wakeup())
             .min()
     }
 }

@@ -32,6 +32,26 @@ pub fn children() -> Vec<Pid> {
     processes_where(1, &std::process::id().to_string())
 }
 
+/// This process's children that run its command line but for the program
+/// (`baton run -c CONFIG`): masters of its lineage. A child-mode upgrade's
+/// new master is its old master's child; when that one exits, the new
+/// master is re-parented to the nearest master still running (a
+/// subreaper), which must not take it for a worker's leftover.
+pub fn lineage_masters() -> Vec<Pid> {
+    let args = |pid: &str| -> Option<Vec<u8>> {
+        let line = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let program_end = line.iter().position(|b| *b == 0)?;
+        Some(line[program_end..].to_vec())
+    };
+    let Some(own) = args("self") else {
+        return Vec::new();
+    };
+    children()
+        .into_iter()
+        .filter(|pid| args(&pid.as_raw().to_string()).is_some_and(|a| a == own))
+        .collect()
+}
+
 /// The processes whose `/proc/PID/stat` field `n` after `(comm)` (0: state,
 /// 1: ppid, 2: process group, ...) is `value`.
 pub fn processes_where(n: usize, value: &str) -> Vec<Pid> {

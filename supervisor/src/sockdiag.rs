@@ -148,12 +148,32 @@ fn dump(family: u8, states: u32, info: bool, ports: &[u16]) -> io::Result<Vec<Tc
     Ok(sockets)
 }
 
+/// The UDP sockets of `family` bound to `port`: each one's address and
+/// inode. The kernel lists a port's sockets under the lock of the port's
+/// hash slot, in one answer: they are the port's sockets at one instant
+/// (`/proc/net/udp`, read a page at a time while sockets come and go, can
+/// skip one).
+pub fn udp_sockets(family: u8, port: u16) -> io::Result<Vec<(SocketAddr, u64)>> {
+    let mut request = request_for(family, libc::IPPROTO_UDP as u8, u32::MAX, false);
+    request.extend_from_slice(&port_filter(&[port]));
+    let mut sockets = Vec::new();
+    dump_raw(&request, |message| {
+        sockets.extend(parse(message).map(|socket| (socket.local, socket.inode)));
+    })?;
+    Ok(sockets)
+}
+
 /// An `inet_diag_req_v2` (56 bytes): family, protocol, the extensions
 /// wanted (a bit per attribute, less one), pad, the states bitmask, and an
 /// unused socket id.
 fn request(family: u8, states: u32, info: bool) -> Vec<u8> {
+    request_for(family, libc::IPPROTO_TCP as u8, states, info)
+}
+
+/// [`request`] for sockets of `protocol`.
+fn request_for(family: u8, protocol: u8, states: u32, info: bool) -> Vec<u8> {
     let ext = if info { 1u8 << (INET_DIAG_INFO - 1) } else { 0 };
-    let mut request = vec![family, libc::IPPROTO_TCP as u8, ext, 0];
+    let mut request = vec![family, protocol, ext, 0];
     request.extend_from_slice(&states.to_ne_bytes());
     request.resize(56, 0);
     request

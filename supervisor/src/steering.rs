@@ -69,8 +69,11 @@ impl User {
 
 #[derive(Debug)]
 struct Member {
-    /// Keeps the socket in the group until the group lets it go.
-    fd: OwnedFd,
+    /// Keeps the socket in the group until the group lets it go. `None`
+    /// on a QUIC port: this master closed its copy, but another process
+    /// still holds one (see [`Group::tidy_quic`]), so the socket still has
+    /// its place in the kernel's array.
+    fd: Option<OwnedFd>,
     ino: u64,
     user: User,
     /// On a QUIC port: whose socket it is.
@@ -111,8 +114,8 @@ impl Member {
     /// unhashes it from the port (for every holder): it leaves the kernel's
     /// array as a close would, and stops listening.
     fn leave(self) {
-        if let Err(e) =
-            nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both)
+        let Some(fd) = self.fd else { return };
+        if let Err(e) = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both)
         {
             // ENOTCONN: it was not listening any more.
             if e != nix::errno::Errno::ENOTCONN {
@@ -151,6 +154,19 @@ struct Quic {
     attached: Option<(quic::Routes, u64)>,
     /// The slot handed out last.
     last_slot: u8,
+    /// The member on its way out of the group ([`Group::tidy_quic`]).
+    leaving: Option<Leaving>,
+}
+
+/// A QUIC port's member on its way out of the group.
+#[derive(Debug)]
+struct Leaving {
+    /// Its socket's inode.
+    ino: u64,
+    /// Since when.
+    since: std::time::Instant,
+    /// Whether its taking long was logged.
+    warned: bool,
 }
 
 /// Bumped when another master may attach programs to this master's port
@@ -195,7 +211,7 @@ impl Group {
     pub fn new(primary: BorrowedFd<'_>) -> io::Result<Group> {
         let mut group = Group {
             members: vec![Member {
-                fd: primary.try_clone_to_owned()?,
+                fd: Some(primary.try_clone_to_owned()?),
                 ino: inode(primary)?,
                 user: User::Pinned,
                 quic: QuicMember::default(),
@@ -219,7 +235,7 @@ impl Group {
     pub fn new_quic(primary: BorrowedFd<'_>) -> io::Result<Group> {
         Ok(Group {
             members: vec![Member {
-                fd: primary.try_clone_to_owned()?,
+                fd: Some(primary.try_clone_to_owned()?),
                 ino: inode(primary)?,
                 user: User::Pinned,
                 quic: QuicMember::default(),
@@ -264,7 +280,7 @@ impl Group {
             quic.last_slot = slot;
         }
         self.members.push(Member {
-            fd: socket.try_clone_to_owned()?,
+            fd: Some(socket.try_clone_to_owned()?),
             ino: inode(socket)?,
             user: User::Token(Rc::downgrade(token)),
             quic: QuicMember {
@@ -284,10 +300,16 @@ impl Group {
         Ok(())
     }
 
-    /// A QUIC port's slots and generations, for a handover.
+    /// A QUIC port's slots and generations, for the keeper's snapshot
+    /// (the group as it will be, [`Group::settled`]).
     pub fn quic_layout(&self) -> Option<QuicLayout> {
+        self.quic_layout_of(self.settled())
+    }
+
+    /// A QUIC port's slots and generations of `members`.
+    fn quic_layout_of<'a>(&self, members: impl Iterator<Item = &'a Member>) -> Option<QuicLayout> {
         self.quic.as_ref().map(|quic| QuicLayout {
-            members: self.members.iter().map(|m| m.quic).collect(),
+            members: members.map(|m| m.quic).collect(),
             current: quic.current,
             last_slot: quic.last_slot,
         })
@@ -353,42 +375,140 @@ impl Group {
         if self.members.len() < 2 || quic.attached.as_ref() == Some(&(routes.clone(), epoch)) {
             return Ok(());
         }
-        let v6 = is_v6(self.members[0].fd.as_fd())?;
-        attach_program(self.members[0].fd.as_fd(), &quic::program(&routes, v6)?)?;
+        let primary = self.primary()?;
+        attach_program(primary, &quic::program(&routes, is_v6(primary)?)?)?;
         if let Some(quic) = self.quic.as_mut() {
             quic.attached = Some((routes, epoch));
         }
         Ok(())
     }
 
-    /// Closes a QUIC port's members whose workers are gone, and attaches
-    /// the program for what is left. A UDP socket leaves the kernel's array
-    /// when its last fd closes: the worker's went when it exited, so
-    /// closing this master's copy takes it out (once a child forked
-    /// meanwhile has closed its copy: [`quic::wait_gone`]), the last member
-    /// taking its place as the mirror does. Until the program is attached again
-    /// (microseconds), a datagram for the moved socket's slot may reach
-    /// another worker, which drops it (its slot is not that worker's) and
-    /// the peer sends again.
-    fn tidy_quic(&mut self) {
-        let mut closed = Vec::new();
-        while let Some(i) = self.members.iter().position(|m| m.user.retired()) {
-            let member = self.members.swap_remove(i);
-            closed.push(member.ino);
-            drop(member.fd);
-        }
-        let left = quic::wait_gone(&closed);
-        if !left.is_empty() {
-            tracing::warn!(
-                sockets = left.len(),
-                "QUIC worker sockets are still open elsewhere (a child of a worker?): datagrams may reach the wrong worker until they close"
-            );
-        }
-        if !closed.is_empty() {
-            if let Err(e) = self.route() {
-                tracing::error!(error = %e, "cannot steer the QUIC port's datagrams");
+    /// Takes the members of a QUIC port whose workers are gone out of the
+    /// group, one at a time, and attaches the program for what is left;
+    /// returns whether one is still on its way out (look again shortly).
+    ///
+    /// A UDP socket leaves the kernel's array when its last fd closes, the
+    /// last member taking its place: the program must be attached again at
+    /// once, or the moved member's datagrams go astray. So the last fd to
+    /// close must be this master's, closed right before it attaches the
+    /// program. The worker's closed when it exited; the keeper's goes with
+    /// the snapshot sent at the end of the turn in which the member starts
+    /// leaving (a snapshot names the group as it will be,
+    /// [`Group::settled`]), and this master closes its own once the keeper
+    /// holds it no more ([`quic::keeper_holds`]). A child forked meanwhile
+    /// holds a copy until its `execve`: then the member keeps its place in
+    /// the mirror (its fd `None`) until the kernel lists it no more. One
+    /// member leaves at a time: with two, the kernel's array would depend
+    /// on which holder closed its copies first.
+    fn tidy_quic(&mut self) -> bool {
+        let (port, v6) = match self.primary().and_then(|p| Ok((local_port(p)?, is_v6(p)?))) {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot tidy the QUIC port's sockets");
+                return false;
+            }
+        };
+        let again = loop {
+            if let Some(i) = self.leaving() {
+                let ino = self.members[i].ino;
+                if self.members[i].fd.is_some() {
+                    if quic::keeper_holds(ino) {
+                        break true;
+                    }
+                    // Most likely the last copy: the kernel let the socket
+                    // go as it closed, so the program follows at once,
+                    // before the kernel is asked (which takes longer than a
+                    // datagram does to arrive).
+                    self.members[i].fd = None;
+                    let member = self.members.swap_remove(i);
+                    self.steer_quic();
+                    if quic::is_listed(port, v6, ino) {
+                        // A child forked meanwhile holds a copy: the member
+                        // is back in its place until that one closes.
+                        self.members.push(member);
+                        let last = self.members.len() - 1;
+                        self.members.swap(i, last);
+                        self.steer_quic();
+                        break true;
+                    }
+                } else if quic::is_listed(port, v6, ino) {
+                    break true;
+                } else {
+                    self.members.swap_remove(i);
+                    self.steer_quic();
+                }
+                if let Some(quic) = self.quic.as_mut() {
+                    quic.leaving = None;
+                }
+            }
+            let Some(i) = self.members.iter().position(|m| m.user.retired()) else {
+                break false;
+            };
+            let ino = self.members[i].ino;
+            if let Some(quic) = self.quic.as_mut() {
+                quic.leaving = Some(Leaving {
+                    ino,
+                    since: std::time::Instant::now(),
+                    warned: false,
+                });
+            }
+        };
+        if let Some(leaving) = self.quic.as_mut().and_then(|q| q.leaving.as_mut()) {
+            if !leaving.warned && leaving.since.elapsed() >= quic::LEAVING_PATIENCE {
+                leaving.warned = true;
+                tracing::warn!(
+                    event = "steering.quic_socket_held",
+                    "a QUIC worker socket is still open elsewhere (a child of a worker?): the port's other finished worker sockets stay until it closes"
+                );
             }
         }
+        again
+    }
+
+    /// An upgrade's new master has taken the QUIC port over, with copies
+    /// of every member: this master lets go of its own (but the listener's
+    /// socket), so that the new master's copy of a finished worker's socket
+    /// is the last one, closed when the new master steers without it. This
+    /// master steers the port no more.
+    pub fn hand_over_quic(&mut self) {
+        if let Some(quic) = self.quic.as_mut() {
+            quic.leaving = None;
+            quic.attached = None;
+            self.members.truncate(1);
+        }
+    }
+
+    /// [`Group::route`], logging what fails.
+    fn steer_quic(&mut self) {
+        if let Err(e) = self.route() {
+            tracing::error!(error = %e, "cannot steer the QUIC port's datagrams");
+        }
+    }
+
+    /// The index of the QUIC member on its way out, if one is.
+    fn leaving(&self) -> Option<usize> {
+        let ino = self.quic.as_ref()?.leaving.as_ref()?.ino;
+        self.members.iter().position(|m| m.ino == ino)
+    }
+
+    /// The members as the kernel's array will hold them once the QUIC
+    /// member on its way out has left it (the last one in its place): what
+    /// another master adopts, and the keeper holds.
+    fn settled(&self) -> impl Iterator<Item = &Member> {
+        let mut order: Vec<&Member> = self.members.iter().collect();
+        if let Some(i) = self.leaving() {
+            order.swap_remove(i);
+        }
+        order.into_iter()
+    }
+
+    /// The listener's own socket, member 0 (which never leaves).
+    fn primary(&self) -> io::Result<BorrowedFd<'_>> {
+        self.members
+            .first()
+            .and_then(|m| m.fd.as_ref())
+            .map(AsFd::as_fd)
+            .ok_or_else(|| io::Error::other("the port group has no primary socket"))
     }
 
     /// Rebuilds a group handed over by another master (or a previous image
@@ -420,7 +540,7 @@ impl Group {
                 }
             });
             members.push(Member {
-                fd,
+                fd: Some(fd),
                 ino,
                 user,
                 quic,
@@ -444,6 +564,7 @@ impl Group {
                 canary_rest: None,
                 attached: None,
                 last_slot: quic.last_slot,
+                leaving: None,
             }),
         })
     }
@@ -452,21 +573,33 @@ impl Group {
     /// index.
     pub fn member_fds(&self) -> (Vec<std::os::fd::RawFd>, Option<usize>) {
         (
-            self.members.iter().map(|m| m.fd.as_raw_fd()).collect(),
+            self.settled()
+                .filter_map(|m| m.fd.as_ref().map(AsRawFd::as_raw_fd))
+                .collect(),
             self.steered,
         )
     }
 
-    /// The group as handed to another master: copies of its members.
+    /// The group as handed to another master: copies of its members. A
+    /// QUIC member on its way out that this master still holds stays in it
+    /// (an upgrade stops this master's tidying, so its copy stays open until
+    /// it exits; the new master lets it go); one it closed is left out, as
+    /// the kernel will soon have it.
     pub fn layout(&self) -> io::Result<Layout> {
+        let handed = || {
+            let closed = self.members.iter().position(|m| m.fd.is_none());
+            let mut order: Vec<&Member> = self.members.iter().collect();
+            if let Some(i) = closed {
+                order.swap_remove(i);
+            }
+            order.into_iter()
+        };
         Ok(Layout {
-            members: self
-                .members
-                .iter()
-                .map(|m| m.fd.try_clone())
+            members: handed()
+                .filter_map(|m| m.fd.as_ref().map(OwnedFd::try_clone))
                 .collect::<io::Result<_>>()?,
             steered: self.steered,
-            quic: self.quic_layout(),
+            quic: self.quic_layout_of(handed()),
         })
     }
 
@@ -474,7 +607,7 @@ impl Group {
     /// was appended to the kernel's array), as used while `token` lives.
     pub fn join(&mut self, socket: BorrowedFd<'_>, token: &Rc<()>) -> io::Result<()> {
         self.members.push(Member {
-            fd: socket.try_clone_to_owned()?,
+            fd: Some(socket.try_clone_to_owned()?),
             ino: inode(socket)?,
             user: User::Token(Rc::downgrade(token)),
             quic: QuicMember::default(),
@@ -561,11 +694,8 @@ impl Group {
             EPOCH.load(std::sync::atomic::Ordering::Relaxed),
         );
         if self.attached != Some(wanted) {
-            let v6 = is_v6(self.members[0].fd.as_fd())?;
-            attach_program(
-                self.members[0].fd.as_fd(),
-                &program(index, &self.rules, v6)?,
-            )?;
+            let primary = self.primary()?;
+            attach_program(primary, &program(index, &self.rules, is_v6(primary)?)?)?;
             self.attached = Some(wanted);
         }
         self.steered = Some(index);
@@ -581,13 +711,16 @@ impl Group {
     /// is a new one not steered to yet, the first unused one goes: the new
     /// socket moves to the front, and once it is steered to, everything
     /// behind it can go from the end as it falls out of use.
-    pub fn tidy(&mut self) {
+    ///
+    /// Returns whether to look again shortly: a QUIC member is on its way
+    /// out ([`Group::tidy_quic`]).
+    pub fn tidy(&mut self) -> bool {
         if self.quic.is_some() {
             return self.tidy_quic();
         }
         // While the program points at more than one member, nothing moves.
         if self.rules != Rules::default() {
-            return;
+            return false;
         }
         while let Some(last) = self.members.len().checked_sub(1) {
             let steered_live = self
@@ -596,11 +729,11 @@ impl Group {
             let i = if self.members[last].user.retired() {
                 last
             } else if steered_live && self.steered == Some(last) {
-                return;
+                return false;
             } else {
                 match self.members.iter().position(|m| m.user.retired()) {
                     Some(i) => i,
-                    None => return,
+                    None => return false,
                 }
             };
             self.members.swap_remove(i).leave();
@@ -610,6 +743,7 @@ impl Group {
                 other => other,
             };
         }
+        false
     }
 
     /// How many sockets the group holds.
@@ -633,6 +767,13 @@ impl Group {
         kernel.sort_unstable();
         mine.sort_unstable();
         kernel == mine
+    }
+
+    /// Whether each of `kernel`'s sockets is a member.
+    pub fn has_all(&self, kernel: &[u64]) -> bool {
+        kernel
+            .iter()
+            .all(|ino| self.members.iter().any(|m| m.ino == *ino))
     }
 
     /// Whether a member is no longer used, so that [`Group::tidy`] may
@@ -719,6 +860,16 @@ fn program(steered: usize, rules: &Rules, v6: bool) -> io::Result<Vec<libc::sock
 }
 
 /// Whether `fd` is an IPv6 socket.
+/// The port `fd` is bound to.
+fn local_port(fd: BorrowedFd<'_>) -> io::Result<u16> {
+    let address: nix::sys::socket::SockaddrStorage = nix::sys::socket::getsockname(fd.as_raw_fd())?;
+    address
+        .as_sockaddr_in()
+        .map(|a| a.port())
+        .or_else(|| address.as_sockaddr_in6().map(|a| a.port()))
+        .ok_or_else(|| io::Error::other("not an IP socket"))
+}
+
 fn is_v6(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let address: nix::sys::socket::SockaddrStorage = nix::sys::socket::getsockname(fd.as_raw_fd())?;
     Ok(nix::sys::socket::SockaddrLike::family(&address)

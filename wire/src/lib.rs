@@ -22,3 +22,4 @@ pub mod app_files;
 pub mod channel;
 pub mod listener;
 pub mod protocol;
+pub mod quic;

@@ -11,32 +11,49 @@
 //! [`endpoint`] builds a `quinn::Endpoint` with it on the listener's
 //! socket.
 //!
+//! A drain ends as quinn users expect: [`accept`] takes no connection once
+//! the worker drains, each connection tells its peer to go away (an
+//! HTTP/3 GOAWAY, say) and ends when its peer is done, and [`drain`] waits
+//! for that, closing what is left at the drain deadline.
+//!
 //! ```no_run
 //! # async fn run(mut worker: baton_worker::Worker, server: quinn::ServerConfig) -> Result<(), baton_worker::Error> {
-//! let endpoint = baton_worker::quic::endpoint(&mut worker, "h3", server)?;
+//! use baton_worker::quic;
+//!
+//! let endpoint = quic::endpoint(&mut worker, "h3", server)?;
 //! worker.ready().await?;
-//! while let Some(incoming) = endpoint.accept().await {
+//! let drain = worker.drain();
+//! while let Some(incoming) = quic::accept(&endpoint, &drain).await {
+//!     let drain = drain.clone();
 //!     tokio::spawn(async move {
-//!         let _connection = incoming.await;
+//!         let Ok(connection) = incoming.await else { return };
+//!         tokio::select! {
+//!             // Serve it; on drain, tell the peer to go away and serve on
+//!             // until it closes the connection.
+//!             _ = drain.wait() => {}
+//!             _ = connection.closed() => {}
+//!         }
 //!     });
 //! }
+//! quic::drain(&endpoint, &drain, 0u32.into(), b"drain deadline").await;
 //! # Ok(()) }
 //! ```
 
-use crate::{Error, ListenerKind, Worker};
+use crate::{Drain, Error, ListenerKind, Worker};
 use quinn::{ConnectionId, ConnectionIdGenerator};
 use quinn_proto::InvalidCid;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The shortest connection ID [`SlotConnectionIds`] issues: the slot byte
-/// and 7 random bytes.
+/// The shortest connection ID [`SlotConnectionIds`] issues: the slot byte,
+/// the mark ([`baton_wire::quic::ID_MARK`]) and 4 random bytes.
 pub const MIN_LEN: usize = 8;
 /// The longest connection ID QUIC allows (RFC 9000, section 17.2).
 pub const MAX_LEN: usize = 20;
 
-/// Connection IDs whose first byte is this worker's slot and the rest
-/// random, as the master's steering program reads them.
+/// Connection IDs whose first byte is this worker's slot, then the mark
+/// that tells them from IDs a client chose ([`baton_wire::quic::ID_MARK`]),
+/// and the rest random, as the master's steering program reads them.
 #[derive(Debug, Clone, Copy)]
 pub struct SlotConnectionIds {
     slot: u8,
@@ -78,7 +95,8 @@ impl ConnectionIdGenerator for SlotConnectionIds {
     fn generate_cid(&mut self) -> ConnectionId {
         let mut bytes = [0u8; MAX_LEN];
         bytes[0] = self.slot;
-        rand::fill(&mut bytes[1..self.len]);
+        bytes[1..4].copy_from_slice(&baton_wire::quic::ID_MARK);
+        rand::fill(&mut bytes[4..self.len]);
         ConnectionId::new(&bytes[..self.len])
     }
 
@@ -88,7 +106,10 @@ impl ConnectionIdGenerator for SlotConnectionIds {
     /// reached the wrong worker (steering off, or a slot reused after its
     /// worker exited) costs nothing.
     fn validate(&self, cid: &ConnectionId) -> Result<(), InvalidCid> {
-        if cid.len() == self.len && cid.first() == Some(&self.slot) {
+        if cid.len() == self.len
+            && cid.first() == Some(&self.slot)
+            && cid[1..4] == baton_wire::quic::ID_MARK
+        {
             Ok(())
         } else {
             Err(InvalidCid)
@@ -138,6 +159,69 @@ pub fn endpoint(
     )?)
 }
 
+/// The next connection `endpoint` takes, or `None` once the worker
+/// drains (or the endpoint is closed): the accept loop of a QUIC server.
+/// A drain that has started already returns `None` at once.
+pub async fn accept(endpoint: &quinn::Endpoint, drain: &Drain) -> Option<quinn::Incoming> {
+    if drain.is_draining() {
+        return None;
+    }
+    tokio::select! {
+        biased;
+        _ = drain.wait() => None,
+        incoming = endpoint.accept() => incoming,
+    }
+}
+
+/// Drains `endpoint` when the worker is told to (returns then, not
+/// before): takes no new connection, waits until every open connection has
+/// ended, and at the drain deadline closes those left with `code` and
+/// `reason` (for HTTP/3, `H3_NO_ERROR`, `0x100`).
+///
+/// A client whose first packet reached this worker while its generation
+/// was current, but which [`accept`] did not take before the drain (or
+/// whose first packets still arrive), gets no answer rather than a refusal:
+/// the master sends its next try to the new generation. (Standalone, the
+/// client times out instead of being refused; the process is going away
+/// either way.)
+///
+/// Telling each connection's peer to go away is the protocol's business,
+/// in the connection's own task: an HTTP/3 server sends GOAWAY, answers
+/// the requests it accepted and lets the client close the connection.
+/// Closing it from the server side as soon as the last response is sent
+/// would discard whatever of it the client has not acknowledged yet.
+///
+/// ```no_run
+/// # async fn run(worker: baton_worker::Worker, endpoint: quinn::Endpoint) {
+/// let drain = worker.drain();
+/// while let Some(incoming) = baton_worker::quic::accept(&endpoint, &drain).await {
+///     // serve it in a task of its own
+///     # drop(incoming);
+/// }
+/// baton_worker::quic::drain(&endpoint, &drain, 0x100u32.into(), b"").await;
+/// # }
+/// ```
+pub async fn drain(endpoint: &quinn::Endpoint, drain: &Drain, code: quinn::VarInt, reason: &[u8]) {
+    let deadline = drain.wait().await;
+    let turn_away = async {
+        while let Some(incoming) = endpoint.accept().await {
+            incoming.ignore();
+        }
+        // Closed: `wait_idle` says when the connections are gone.
+        std::future::pending::<()>().await
+    };
+    let ended = async {
+        tokio::select! {
+            _ = endpoint.wait_idle() => {}
+            _ = turn_away => {}
+        }
+    };
+    if tokio::time::timeout_at(deadline, ended).await.is_err() {
+        endpoint.close(code, reason);
+        endpoint.wait_idle().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,9 +232,10 @@ mod tests {
         let issued: Vec<ConnectionId> = (0..64).map(|_| ids.generate_cid()).collect();
         for id in &issued {
             assert_eq!((id.len(), id[0]), (8, 42));
+            assert_eq!(id[1..4], baton_wire::quic::ID_MARK);
             assert!(ids.validate(id).is_ok());
         }
-        let distinct: std::collections::HashSet<&[u8]> = issued.iter().map(|id| &id[1..]).collect();
+        let distinct: std::collections::HashSet<&[u8]> = issued.iter().map(|id| &id[4..]).collect();
         assert_eq!(distinct.len(), 64);
         assert_eq!(ids.cid_len(), 8);
         let mut long = SlotConnectionIds::new(255, MAX_LEN).unwrap();
@@ -165,7 +250,12 @@ mod tests {
         assert!(ids.validate(&other.generate_cid()).is_err());
         assert!(ids.validate(&ConnectionId::new(&[7; 9])).is_err());
         assert!(ids.validate(&ConnectionId::new(&[])).is_err());
-        assert!(ids.validate(&ConnectionId::new(&[7; 8])).is_ok());
+        // The slot without the mark: a client's random ID.
+        assert!(ids.validate(&ConnectionId::new(&[7; 8])).is_err());
+        let [m0, m1, m2] = baton_wire::quic::ID_MARK;
+        assert!(ids
+            .validate(&ConnectionId::new(&[7, m0, m1, m2, 0, 0, 0, 0]))
+            .is_ok());
     }
 
     #[test]

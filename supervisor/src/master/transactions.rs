@@ -659,13 +659,18 @@ impl Master {
     fn complete_upgrade(&mut self, new_pid: u32, generation: u64, steered: &[String]) {
         // Release the control socket first: the new master binds it when it
         // hears the handover.
-        // The new master and its keeper serve now: this one's death is
-        // not restarted.
-        self.retire_keeper();
         self.endpoints.hand_over();
         for listener in self.fleet.sockets() {
             listener.hand_over();
         }
+        // The keeper lets go of the QUIC worker sockets this master let go
+        // of (the new master's keeper holds them now); then, as the new
+        // master and its keeper serve, this one's death is not restarted.
+        if let Some(keeper) = self.children.keeper_mut() {
+            keeper.due_now();
+        }
+        self.keep();
+        self.retire_keeper();
         // Connections of this master's draining workers that no worker here
         // takes go to the new master, whose answers come on the same channel.
         if let Some(channel) = self

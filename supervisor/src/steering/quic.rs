@@ -11,11 +11,17 @@
 //! - short header (first bit clear): the ID starts right after the first
 //!   byte;
 //! - long header (first bit set): a version word, the ID's length, then the
-//!   ID. Version 0 (version negotiation, which a server never receives in
-//!   earnest), Initial and 0-RTT packets carry an ID the client chose at
-//!   random, so they go to the current generation instead, picked by the
-//!   packet's flow hash so that a client's retransmitted Initials and its
-//!   0-RTT packets reach one worker;
+//!   ID. Handshake packets go by their slot. Initial and 0-RTT packets go
+//!   by their slot when the ID carries the mark of an ID a worker issued
+//!   ([`baton_wire::quic::ID_MARK`] after the slot): a client sends them
+//!   with the server's ID once it has the server's first answer, and a
+//!   reload in the middle of a handshake must not take the rest of it to
+//!   the new generation. A client's first Initial and 0-RTT packets carry
+//!   an ID it chose at random, without the mark: they go to the current
+//!   generation, picked by the packet's flow hash so that its retransmitted
+//!   Initials and its 0-RTT packets reach one worker. Version 0 (version
+//!   negotiation, which a server never receives in earnest) goes there
+//!   too;
 //! - a slot no member has, a datagram too short to hold what is read (a
 //!   load past the end would end the program with 0: member 0, whoever that
 //!   is) and a zero-length ID go to the current generation too.
@@ -35,46 +41,53 @@ const SKF_NET_OFF: i32 = -0x100000;
 /// differently from version 1's.
 const QUIC_V2: u32 = 0x6b33_43cf;
 
-/// Waits (up to 100 ms) until the kernel lists none of the UDP sockets
-/// `inodes` any more, and returns those it still lists.
-///
-/// A UDP socket leaves its port's group when its last fd closes, and a
-/// child this process forked holds a copy of every fd until its `execve`
-/// has closed them (which it finishes after the parent has gone on): a
-/// member closed meanwhile leaves the kernel's array a moment after the
-/// group's mirror says.
-pub fn wait_gone(inodes: &[u64]) -> Vec<u64> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
-    loop {
-        let listed = listed_udp_inodes();
-        let left: Vec<u64> = inodes
-            .iter()
-            .copied()
-            .filter(|i| listed.contains(i))
-            .collect();
-        if left.is_empty() || std::time::Instant::now() >= deadline {
-            return left;
-        }
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
+/// How long a QUIC worker socket this master closed may stay open
+/// elsewhere before that is logged: a forked child holds its copy until
+/// its `execve`, the keeper until its next snapshot, milliseconds both.
+pub const LEAVING_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether this master's keeper (its child, or its parent when it is a
+/// container's init or started this master) holds an fd of the socket
+/// `inode`: its copy goes with the next snapshot that no longer names it.
+pub fn keeper_holds(inode: u64) -> bool {
+    let parent = std::os::unix::process::parent_id() as i32;
+    let keepers = crate::orphans::children()
+        .into_iter()
+        .map(nix::unistd::Pid::as_raw)
+        .chain(std::iter::once(parent))
+        .filter(|pid| is_keeper(*pid) || (*pid == parent && crate::keeper::under_init()));
+    let wanted = format!("socket:[{inode}]");
+    keepers
+        .flat_map(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == wanted.as_str())
+        })
 }
 
-/// The inodes of every UDP socket in this network namespace
-/// (`/proc/net/udp` and `udp6`).
-fn listed_udp_inodes() -> std::collections::HashSet<u64> {
-    let mut inodes = std::collections::HashSet::new();
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        // `sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...`
-        for line in text.lines().skip(1) {
-            if let Some(inode) = line.split_whitespace().nth(9).and_then(|i| i.parse().ok()) {
-                inodes.insert(inode);
-            }
+/// Whether process `pid` runs as a keeper (`baton __keeper`).
+fn is_keeper(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|line| line.split(|b| *b == 0).nth(1) == Some(crate::keeper::ARG.as_bytes()))
+}
+
+/// Whether the kernel still lists the UDP socket `inode` on `port` (of
+/// the address family of `v6`): some process holds an fd of it, so it
+/// keeps its place in the port's group. When the kernel cannot be asked,
+/// as if it did (the socket is let go of at a later look).
+pub fn is_listed(port: u16, v6: bool, inode: u64) -> bool {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8;
+    match crate::sockdiag::udp_sockets(family, port) {
+        Ok(sockets) => sockets.iter().any(|(_, listed)| *listed == inode),
+        Err(e) => {
+            tracing::warn!(error = %e, port, "cannot list the QUIC port's sockets");
+            true
         }
     }
-    inodes
 }
 
 /// Where each datagram of a QUIC port goes, as indices into the kernel's
@@ -206,7 +219,7 @@ pub fn program(routes: &Routes, v6: bool) -> io::Result<Vec<libc::sock_filter>> 
     );
     let and = BPF_ALU | BPF_AND | BPF_K;
     let mut a = Assembler::default();
-    let [long, short, read, v1, v2, has_id, to_current, dispatch, current] =
+    let [long, short, read, v1, v2, marked, has_id, to_current, dispatch, current] =
         std::array::from_fn(|_| a.label());
 
     // The first byte, if any.
@@ -241,12 +254,30 @@ pub fn program(routes: &Routes, v6: bool) -> io::Result<Vec<libc::sock_filter>> 
     a.here(v1);
     a.stmt(ld_b, 0);
     a.stmt(and, 0x30);
-    a.jump(jge, 0x20, has_id, to_current);
+    a.jump(jge, 0x20, has_id, marked);
     // Version 2: Retry 0b00, Initial 0b01, 0-RTT 0b10, Handshake 0b11.
     a.here(v2);
     a.stmt(ld_b, 0);
     a.stmt(and, 0x30);
-    a.jump(jeq, 0x30, has_id, to_current);
+    let not_handshake = a.label();
+    a.jump(jeq, 0x30, has_id, not_handshake);
+    a.here(not_handshake);
+    a.jump(jeq, 0, to_current, marked);
+    // Initial and 0-RTT: by the slot if the ID (4 bytes or more) has the
+    // mark after it, else to the current generation.
+    a.here(marked);
+    a.stmt(ld_b, 5);
+    let long_enough = a.label();
+    a.jump(jge, 4, long_enough, to_current);
+    a.here(long_enough);
+    a.stmt(ld_len, 0);
+    let holds_it = a.label();
+    a.jump(jge, 10, holds_it, to_current);
+    a.here(holds_it);
+    a.stmt(ld_w, 6);
+    a.stmt(and, 0x00ff_ffff);
+    let [m0, m1, m2] = baton_wire::quic::ID_MARK;
+    a.jump(jeq, u32::from_be_bytes([0, m0, m1, m2]), has_id, to_current);
     a.here(has_id);
     a.stmt(ld_b, 5);
     let id = a.label();
@@ -448,6 +479,21 @@ mod tests {
             );
             // A one-byte ID still has its slot.
             assert_eq!(landing(&client, to, &members, &short(&[slot])), member);
+            // Initial and 0-RTT packets with an ID a worker issued (the
+            // mark after the slot): the rest of a handshake.
+            let [m0, m1, m2] = baton_wire::quic::ID_MARK;
+            let issued = [slot, m0, m1, m2, 0x12, 0x34, 0x56, 0x78];
+            for (first, version) in [(0xc0, V1), (0xd0, V1), (0xd0, QUIC_V2), (0xe0, QUIC_V2)] {
+                assert_eq!(
+                    landing(&client, to, &members, &long(first, version, &issued)),
+                    member,
+                    "Initial or 0-RTT {first:02x} v{version:x}, slot {slot}"
+                );
+            }
+            assert_eq!(
+                landing(&client, to, &members, &long(0xc0, V1, &issued[..4])),
+                member
+            );
         }
     }
 
@@ -520,6 +566,12 @@ mod tests {
             long(0xe0, QUIC_V2, &[9; 8]),
             // A long header with an empty ID.
             long(0xe0, V1, &[]),
+            // The mark with a slot nobody has, with a byte of it wrong, in
+            // an ID too short to hold it, or in a v2 Retry.
+            long(0xc0, V1, &[8, 0xba, 0x70, 0x4e, 1, 2, 3, 4]),
+            long(0xc0, V1, &[7, 0xba, 0x70, 0x4f, 1, 2, 3, 4]),
+            long(0xc0, V1, &[7, 0xba, 0x70]),
+            long(0xc0, QUIC_V2, &[7, 0xba, 0x70, 0x4e, 1, 2, 3, 4]),
         ] {
             let member = landing(&client, to, &members, &datagram);
             assert!(current(member), "{datagram:02x?} went to member {member}");
@@ -648,6 +700,98 @@ mod tests {
         // A new worker gets a slot nobody had lately.
         let (_e_token, _e, e_slot) = worker(&mut group, to.port(), 2);
         assert!(![a_slot, b_slot, c_slot, d_slot].contains(&e_slot));
+    }
+
+    #[test]
+    fn worker_sockets_held_elsewhere_leave_one_at_a_time_and_every_slot_keeps_its_socket() {
+        let primary = udp(0);
+        let to = primary.local_addr().unwrap();
+        let mut group = super::super::Group::new_quic(primary.as_fd()).unwrap();
+        let (a_token, a, _) = worker(&mut group, to.port(), 1);
+        let (b_token, b, _) = worker(&mut group, to.port(), 1);
+        let (_c_token, c, c_slot) = worker(&mut group, to.port(), 2);
+        let (_d_token, d, d_slot) = worker(&mut group, to.port(), 2);
+        group.quic_current(2).unwrap();
+        // Workers `a` and `b` exit; another process (the keeper, a child
+        // not yet exec'd) still holds a copy of each socket.
+        let (a_held, b_held) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        drop((a, b, a_token, b_token));
+        let (c_ino, d_ino) = (
+            super::super::inode(c.as_fd()).unwrap(),
+            super::super::inode(d.as_fd()).unwrap(),
+        );
+        let client = udp_client();
+        let kernel_order = [&primary, &a_held, &b_held, &c, &d];
+        let all: Vec<UdpSocket> = kernel_order
+            .iter()
+            .map(|s| s.try_clone().unwrap())
+            .collect();
+        // One is on its way out; the kernel's array is as it was, and so
+        // are the routes.
+        assert!(group.tidy());
+        assert_eq!(group.len(), 5);
+        for (slot, member) in [(c_slot, 3), (d_slot, 4)] {
+            assert_eq!(landing(&client, to, &all, &short(&[slot; 8])), member);
+        }
+        // What another master would adopt: the array once it has left.
+        assert_eq!(group.layout().unwrap().members.len(), 4);
+        // The copies close in the other order than the group let them go.
+        drop((b_held, all));
+        assert!(group.tidy());
+        drop(a_held);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while group.tidy() {
+            assert!(Instant::now() < deadline, "the sockets never left");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(group.len(), 3);
+        let left = group.layout().unwrap();
+        let inodes: Vec<u64> = left
+            .members
+            .iter()
+            .map(|fd| super::super::inode(fd.as_fd()).unwrap())
+            .collect();
+        assert_eq!(&inodes[1..], [d_ino, c_ino]);
+        let all = [
+            primary.try_clone().unwrap(),
+            d.try_clone().unwrap(),
+            c.try_clone().unwrap(),
+        ];
+        for _ in 0..4 {
+            assert_eq!(landing(&client, to, &all, &short(&[c_slot; 8])), 2);
+            assert_eq!(landing(&client, to, &all, &short(&[d_slot; 8])), 1);
+        }
+    }
+
+    #[test]
+    fn with_the_current_generations_sockets_gone_new_connections_reach_the_listeners_own() {
+        let primary = udp(0);
+        let to = primary.local_addr().unwrap();
+        let mut group = super::super::Group::new_quic(primary.as_fd()).unwrap();
+        let (_a_token, a, a_slot) = worker(&mut group, to.port(), 1);
+        let (b_token, b, _) = worker(&mut group, to.port(), 2);
+        group.quic_current(2).unwrap();
+        let client = udp_client();
+        let initial = long(0xc0, V1, &[0x77; 8]);
+        let all = [
+            primary.try_clone().unwrap(),
+            a.try_clone().unwrap(),
+            b.try_clone().unwrap(),
+        ];
+        assert_eq!(landing(&client, to, &all, &initial), 2);
+        // Generation 2's only worker exits (it failed, say) and generation
+        // 1's drains: new connections go to the listener's own socket, not
+        // to the draining worker, and `a`'s still reach it.
+        drop((b, b_token, all));
+        while group.tidy() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(group.len(), 2);
+        let all = [primary.try_clone().unwrap(), a.try_clone().unwrap()];
+        for _ in 0..8 {
+            assert_eq!(landing(&udp_client(), to, &all, &initial), 0);
+        }
+        assert_eq!(landing(&client, to, &all, &short(&[a_slot; 8])), 1);
     }
 
     #[test]
