@@ -767,15 +767,20 @@ mod tests {
         assert!(!accepted_nodelay(&on));
     }
 
-    #[test]
-    fn a_quic_listeners_workers_get_sockets_with_slots_and_quic_cannot_change_in_place() {
-        let config = ListenerConfig {
+    /// A QUIC listener `h3` on a free loopback port.
+    fn quic_config() -> ListenerConfig {
+        ListenerConfig {
             name: "h3".into(),
             address: "udp:127.0.0.1:0".parse().unwrap(),
             backlog: 16,
             nodelay: None,
             quic: true,
-        };
+        }
+    }
+
+    #[test]
+    fn a_quic_listeners_workers_get_sockets_with_slots_and_quic_cannot_change_in_place() {
+        let config = quic_config();
         let primary = Rc::new(Listener::bind(&config).unwrap());
         assert!(primary.is_quic() && !primary.steerable());
         let a = Listener::for_quic_worker(&primary, 1).unwrap().unwrap();
@@ -816,13 +821,7 @@ mod tests {
         use nix::sys::socket::{
             bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
         };
-        let config = ListenerConfig {
-            name: "h3".into(),
-            address: "udp:127.0.0.1:0".parse().unwrap(),
-            backlog: 16,
-            nodelay: None,
-            quic: true,
-        };
+        let config = quic_config();
         let primary = Rc::new(Listener::bind(&config).unwrap());
         let a = Listener::for_quic_worker(&primary, 1).unwrap().unwrap();
         assert!(!primary.has_strangers());
