@@ -263,8 +263,12 @@ struct Sessions {
     /// Texts answered.
     answered: AtomicU64,
     /// Answers that were not the echo expected: on `/ws`, a count that does
-    /// not follow the session's previous one.
+    /// not follow the session's previous one, or a generation older than
+    /// the one that answered before.
     out_of_order: AtomicU64,
+    /// Times a session was answered by a newer generation than before: on
+    /// `/ws`, the sessions that moved.
+    moves: AtomicU64,
 }
 
 /// Between two texts of a session.
@@ -279,6 +283,14 @@ fn answers(path: &str, answer: &str, text: &str, count: u64) -> bool {
             .is_some_and(|g| g.parse::<u64>().is_ok()),
         _ => answer == text,
     }
+}
+
+/// The generation an answer or a greeting names last (`... generation G`).
+fn generation_of(text: &str) -> Option<u64> {
+    text.strip_prefix("generation ")
+        .or_else(|| text.rsplit_once(" from generation ").map(|(_, g)| g))?
+        .parse()
+        .ok()
 }
 
 /// One client: connects to `path`, sends a text every [`TEXT_EVERY`] and
@@ -301,6 +313,7 @@ async fn ws_client(addr: SocketAddr, path: &'static str, until: Instant, session
         };
         // The greeting first; then each text is answered before the next.
         let mut count = 0u64;
+        let mut generation = 0u64;
         let mut waiting: Option<String> = None;
         let polite = loop {
             if waiting.is_none() {
@@ -319,12 +332,18 @@ async fn ws_client(addr: SocketAddr, path: &'static str, until: Instant, session
                 Err(_) => break false,
                 Ok(Some(Ok(Message::Close(frame)))) => break frame.is_some(),
                 Ok(Some(Ok(Message::Text(answer)))) => {
+                    let named = generation_of(&answer);
+                    let older = named.is_some_and(|g| g < generation);
+                    if named.is_some_and(|g| g > generation && generation > 0) {
+                        sessions.moves.fetch_add(1, Ordering::Relaxed);
+                    }
+                    generation = generation.max(named.unwrap_or(0));
                     if answer.starts_with("generation ") {
                         continue;
                     }
                     let Some(text) = waiting.take() else { continue };
                     sessions.answered.fetch_add(1, Ordering::Relaxed);
-                    if !answers(path, &answer, &text, count) {
+                    if older || !answers(path, &answer, &text, count) {
                         sessions.out_of_order.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -379,12 +398,13 @@ fn run_websocket(
             retried: None,
         };
         eprintln!(
-            "{}: {} texts answered, {} out of order, {} sessions ended ({} cut)",
+            "{}: {} texts answered, {} out of order, {} sessions ended ({} cut), {} moves of a session to a newer generation",
             scenario.name,
             sessions.answered.load(Ordering::Relaxed),
             sessions.out_of_order.load(Ordering::Relaxed),
             counts.done,
-            sessions.cut.load(Ordering::Relaxed)
+            sessions.cut.load(Ordering::Relaxed),
+            sessions.moves.load(Ordering::Relaxed)
         );
         Ok((counts, reloads))
     })();
