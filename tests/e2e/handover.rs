@@ -204,6 +204,20 @@ fn a_reload_traces_its_handover_and_the_drained_generation_counts_its_moves() {
     assert_eq!(reload.name, "reload");
 }
 
+/// Once the `connections` clients have reached generation `last` (and each
+/// asked again after its pause), stops them: 0 failed, 0 closed by the
+/// server, and no connect beyond the first of each, across `what`.
+fn all_kept(clients: Clients, last: u64, connections: usize, what: &str) {
+    clients.wait_generation(last, Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(1500));
+    let tally = clients.stop();
+    assert_eq!(
+        tally.counts(),
+        (0, 0, connections as u64),
+        "failed, closed by the server, connects across {what}"
+    );
+}
+
 #[test]
 fn in_place_upgrades_hand_connections_over_too() {
     let config = hello_config(2).replace("[supervisor]\n", "[supervisor]\nupgrade = \"exec\"\n");
@@ -219,19 +233,7 @@ fn in_place_upgrades_hand_connections_over_too() {
         assert_eq!(committed["span"]["trigger"], "upgrade");
         baton.wait_workers(2, &workers, Duration::from_secs(10));
     }
-    clients.wait_generation(4, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(1500));
-    let tally = clients.stop();
-    let (failed, closed, connects) = (
-        tally.failed.load(Ordering::Relaxed),
-        tally.closed_by_server.load(Ordering::Relaxed),
-        tally.connects.load(Ordering::Relaxed),
-    );
-    assert_eq!(
-        (failed, closed, connects),
-        (0, 0, CLIENTS as u64),
-        "failed, closed by the server, connects across 3 in-place upgrades"
-    );
+    all_kept(clients, 4, CLIENTS, "3 in-place upgrades");
 }
 
 #[test]
@@ -247,18 +249,11 @@ fn upgrades_hand_connections_to_the_new_masters_generation() {
         master = baton.wait_new_master(master, Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(300));
     }
-    clients.wait_generation(UPGRADES + 1, Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(1500));
-    let tally = clients.stop();
-    let (failed, closed, connects) = (
-        tally.failed.load(Ordering::Relaxed),
-        tally.closed_by_server.load(Ordering::Relaxed),
-        tally.connects.load(Ordering::Relaxed),
-    );
-    assert_eq!(
-        (failed, closed, connects),
-        (0, 0, CLIENTS as u64),
-        "failed, closed by the server, connects across {UPGRADES} upgrades"
+    all_kept(
+        clients,
+        UPGRADES + 1,
+        CLIENTS,
+        &format!("{UPGRADES} upgrades"),
     );
 }
 

@@ -74,7 +74,7 @@ pub use accept::{with_acceptor, Accept, WithAcceptor};
 pub use registry::DrainNotice;
 
 use crate::Drain;
-use connection::{adopted, drive, Setup, Shared};
+use connection::{drive, serve as serve_connection, Setup, Shared};
 use count::ConnectionCount;
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
@@ -551,7 +551,12 @@ fn spawn_adopted<L, S, B>(
     };
     let registration = registry.register();
     let pending = adoptee.pending.into();
-    tasks.spawn(adopted::<L, S, B>(io, pending, registration, setup.clone()));
+    tasks.spawn(serve_connection::<L, S, B>(
+        io,
+        Some(pending),
+        registration,
+        setup.clone(),
+    ));
 }
 
 /// Resumes a session handed over, in the app's handler of its kind (which

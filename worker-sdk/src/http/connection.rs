@@ -5,7 +5,7 @@
 
 use super::accept::Accept;
 use super::registry::{Counted, DrainNotice, Registration};
-use super::rewind::{Hold, Rewind};
+use super::rewind::Rewind;
 use super::session::SessionKit;
 use super::{BoxError, HyperService, ResponseBody};
 use crate::handover::{Answer, Handover, MAX_PENDING};
@@ -81,22 +81,10 @@ pub(super) async fn drive<L, S, B>(
     serve::<L, S, B>(io, None, registration, setup).await;
 }
 
-/// Drives one connection handed over by another worker, whose `pending`
-/// bytes were read there: HTTP/1.1, between two requests.
-pub(super) async fn adopted<L, S, B>(
-    io: L::Io,
-    pending: Bytes,
-    registration: Registration,
-    setup: Setup<S>,
-) where
-    L: Accept,
-    S: HyperService<B>,
-    B: ResponseBody,
-{
-    serve::<L, S, B>(io, Some(pending), registration, setup).await;
-}
-
-/// Serves a connection until it ends or moves to another worker.
+/// Serves a connection until it ends or moves to another worker: one
+/// accepted (`pending` is `None`), or one handed over by another worker with
+/// the bytes of its next request read there (HTTP/1.1, between two
+/// requests).
 ///
 /// At a drain, an HTTP/1.1 connection whose listener hands over stops at its
 /// next point between two requests (once the response in flight is written,
@@ -109,7 +97,7 @@ pub(super) async fn adopted<L, S, B>(
 /// and an HTTP/1.1 connection answers further requests with `Connection:
 /// close` and is closed unprompted only after `idle_grace` with no request
 /// in flight.
-async fn serve<L, S, B>(
+pub(super) async fn serve<L, S, B>(
     io: L::Io,
     pending: Option<Bytes>,
     registration: Registration,
@@ -177,8 +165,7 @@ async fn serve<L, S, B>(
                 }
             }
         } else {
-            let rewind = Rewind::new(prefix, io);
-            let (io, _held) = Hold::new(rewind);
+            let io = Rewind::new(prefix, io);
             let service = Tracked::new(&service, notice.clone(), false, shared);
             let activity = service.activity.clone();
             let connection = shared
@@ -253,7 +240,8 @@ where
     S: HyperService<B>,
     B: ResponseBody,
 {
-    let (io, held) = Hold::new(Rewind::new(prefix, io));
+    let io = Rewind::new(prefix, io);
+    let held = io.hold();
     let activity = service.activity.clone();
     let handing = service.handing.clone();
     let mut connection = setup
@@ -315,7 +303,7 @@ where
         match ended {
             Poll::Ready(Ok(())) => {
                 let parts = connection.into_parts()?;
-                let (left, io) = parts.io.into_inner().into_inner().into_parts();
+                let (left, io) = parts.io.into_inner().into_parts();
                 let pending = if left.is_empty() {
                     parts.read_buf
                 } else {

@@ -2,7 +2,7 @@
 //! being served without being closed: bytes already read are replayed first
 //! ([`Rewind`]: those read to tell HTTP/2 from HTTP/1.1, or that came with a
 //! connection handed over), and hyper's shutdown of the socket can be held
-//! back ([`Hold`]) so that the connection ends between two requests with its
+//! back so that the connection ends between two requests with its
 //! socket intact.
 
 use hyper::body::{Buf, Bytes};
@@ -13,15 +13,28 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// A stream whose first reads return `prefix`.
+/// A stream whose first reads return `prefix`, and whose shutdown does
+/// nothing while held: hyper shuts the socket down when a connection ends,
+/// and a connection ended to be handed over must reach the next worker as it
+/// was.
 pub(super) struct Rewind<I> {
     prefix: Bytes,
     io: I,
+    held: Arc<AtomicBool>,
 }
 
 impl<I> Rewind<I> {
     pub(super) fn new(prefix: Bytes, io: I) -> Rewind<I> {
-        Rewind { prefix, io }
+        Rewind {
+            prefix,
+            io,
+            held: Arc::default(),
+        }
+    }
+
+    /// The switch that holds its shutdown back.
+    pub(super) fn hold(&self) -> Arc<AtomicBool> {
+        self.held.clone()
     }
 
     /// The stream, and what of the prefix was not read.
@@ -48,72 +61,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-/// A stream whose shutdown does nothing while held: hyper shuts the socket
-/// down when a connection ends, and a connection ended to be handed over
-/// must reach the next worker as it was.
-pub(super) struct Hold<I> {
-    io: I,
-    held: Arc<AtomicBool>,
-}
-
-impl<I> Hold<I> {
-    /// `io`, and the switch that holds its shutdown back.
-    pub(super) fn new(io: I) -> (Hold<I>, Arc<AtomicBool>) {
-        let held = Arc::new(AtomicBool::new(false));
-        (
-            Hold {
-                io,
-                held: held.clone(),
-            },
-            held,
-        )
-    }
-
-    pub(super) fn into_inner(self) -> I {
-        self.io
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Hold<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Hold<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -168,7 +115,8 @@ mod tests {
     #[tokio::test]
     async fn a_held_shutdown_leaves_the_stream_open() {
         let (mut client, server) = tokio::io::duplex(64);
-        let (mut hold, held) = Hold::new(server);
+        let mut hold = Rewind::new(Bytes::new(), server);
+        let held = hold.hold();
         held.store(true, Ordering::Release);
         hold.shutdown().await.unwrap();
         hold.write_all(b"still here").await.unwrap();

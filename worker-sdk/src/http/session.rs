@@ -8,7 +8,7 @@
 #![cfg_attr(not(feature = "ws"), allow(dead_code))]
 
 use super::registry::{Counted, DrainNotice};
-use super::rewind::{Hold, Rewind};
+use super::rewind::Rewind;
 use super::Accept;
 use crate::handover::Handover;
 use crate::Drain;
@@ -101,13 +101,13 @@ impl SessionKit {
         address: Arc<str>,
     ) -> SessionKit {
         SessionKit(Arc::new(move |upgraded| {
-            let parts = match upgraded.downcast::<TokioIo<Hold<Rewind<Counted<L::Io>>>>>() {
+            let parts = match upgraded.downcast::<TokioIo<Rewind<Counted<L::Io>>>>() {
                 Ok(parts) => parts,
                 Err(upgraded) => {
                     return Taken::Staying(Box::new(TokioIo::new(upgraded)), Bytes::new())
                 }
             };
-            let (left, counted) = parts.io.into_inner().into_inner().into_parts();
+            let (left, counted) = parts.io.into_inner().into_parts();
             let pending = if left.is_empty() {
                 parts.read_buf
             } else {

@@ -86,6 +86,12 @@ struct Pair {
 }
 
 async fn pair_of_servers(how: Master) -> Pair {
+    servers_with(how, TestService::new("old"), ServeOptions::default()).await
+}
+
+/// [`pair_of_servers`], the old one serving `service`, both with `options`
+/// (and a hub each).
+async fn servers_with(how: Master, service: TestService, options: ServeOptions) -> Pair {
     let listener = bind();
     let addr = listener.local_addr().unwrap();
     let second = listener.try_clone().unwrap();
@@ -93,9 +99,9 @@ async fn pair_of_servers(how: Master) -> Pair {
     let (new_hub, new_master) = hub();
     let options = |handover| ServeOptions {
         handover: Some(handover),
-        ..Default::default()
+        ..options.clone()
     };
-    let old = spawn_serve(listener, TestService::new("old"), options(old_hub));
+    let old = spawn_serve(listener, service, options(old_hub));
     let mut client = Client::connect(addr).unwrap();
     assert_eq!(client.get("/").unwrap().body, "old");
     let new = spawn_serve(second, TestService::new("new"), options(new_hub));
@@ -105,6 +111,12 @@ async fn pair_of_servers(how: Master) -> Pair {
     assert!(matches!(announced.message, WorkerMessage::Adopts { .. }));
     tokio::spawn(master(old_master, new_master, how));
     Pair { old, new, client }
+}
+
+/// Drains `server` and waits for it to finish.
+async fn stop(server: (Drain, JoinHandle<io::Result<()>>)) {
+    server.0.start(PATIENCE);
+    finished(server.1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,8 +137,7 @@ async fn an_idle_connection_moves_to_the_other_server_without_a_close() {
         );
     }
     drop(client);
-    new.0.start(PATIENCE);
-    finished(new.1).await;
+    stop(new).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,8 +154,7 @@ async fn a_request_begun_before_the_handover_is_finished_after_it_once() {
         .write_all(b"GET /split HTTP/1.1\r\nho")
         .unwrap();
     sleep(Duration::from_millis(50)).await;
-    old.0.start(PATIENCE);
-    finished(old.1).await;
+    stop(old).await;
     // ...the rest reaches the new one, which serves the whole request.
     client.0.get_mut().write_all(b"st: test\r\n\r\n").unwrap();
     let reply = client.reply().unwrap();
@@ -152,33 +162,22 @@ async fn a_request_begun_before_the_handover_is_finished_after_it_once() {
     let reply = client.get("/").unwrap();
     assert_eq!((reply.close, reply.body.as_str()), (false, "new"));
     drop(client);
-    new.0.start(PATIENCE);
-    finished(new.1).await;
+    stop(new).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_connection_moves_after_its_response() {
-    let listener = bind();
-    let addr = listener.local_addr().unwrap();
-    let second = listener.try_clone().unwrap();
-    let (old_hub, old_master) = hub();
-    let (new_hub, new_master) = hub();
     let service = TestService::new("old");
     let (gate, started) = (service.gate.clone(), service.started.clone());
-    let options = |handover| ServeOptions {
-        handover: Some(handover),
-        ..Default::default()
-    };
-    let old = spawn_serve(listener, service, options(old_hub));
-    let mut client = Client::connect(addr).unwrap();
+    let Pair {
+        old,
+        new,
+        mut client,
+    } = servers_with(Master::Relays, service, ServeOptions::default()).await;
     client.send("/gated").unwrap();
     tokio::time::timeout(PATIENCE, started.notified())
         .await
         .unwrap();
-    let new = spawn_serve(second, TestService::new("new"), options(new_hub));
-    let announced = new_master.recv::<WorkerMessage>().await.unwrap().unwrap();
-    assert!(matches!(announced.message, WorkerMessage::Adopts { .. }));
-    tokio::spawn(master(old_master, new_master, Master::Relays));
     old.0.start(PATIENCE);
     sleep(Duration::from_millis(150)).await;
     gate.notify_one();
@@ -189,8 +188,7 @@ async fn a_busy_connection_moves_after_its_response() {
     let reply = client.get("/").unwrap();
     assert_eq!((reply.close, reply.body.as_str()), (false, "new"));
     drop(client);
-    new.0.start(PATIENCE);
-    finished(new.1).await;
+    stop(new).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,8 +208,7 @@ async fn a_refused_connection_is_closed_between_requests_as_without_a_handover()
     );
     assert!(client.closed_by_server());
     finished(old.1).await;
-    new.0.start(PATIENCE);
-    finished(new.1).await;
+    stop(new).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,23 +239,15 @@ async fn idle_connections_travel_together() {
 /// is answered once, in order, and the connection stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order_across_the_handover() {
-    let listener = bind();
-    let addr = listener.local_addr().unwrap();
-    let second = listener.try_clone().unwrap();
-    let (old_hub, old_master) = hub();
-    let (new_hub, new_master) = hub();
-    let options = |handover| ServeOptions {
-        handover: Some(handover),
+    let options = ServeOptions {
         idle_grace: Duration::from_millis(100),
         ..Default::default()
     };
-    let old = spawn_serve(listener, TestService::new("old"), options(old_hub));
-    let mut client = Client::connect(addr).unwrap();
-    assert_eq!(client.get("/").unwrap().body, "old");
-    let new = spawn_serve(second, TestService::new("new"), options(new_hub));
-    let announced = new_master.recv::<WorkerMessage>().await.unwrap().unwrap();
-    assert!(matches!(announced.message, WorkerMessage::Adopts { .. }));
-    tokio::spawn(master(old_master, new_master, Master::Relays));
+    let Pair {
+        old,
+        new,
+        mut client,
+    } = servers_with(Master::Relays, TestService::new("old"), options).await;
     // Numbered requests, written without waiting for the answers.
     const REQUESTS: usize = 3000;
     let mut writer = client.0.get_ref().try_clone().unwrap();
@@ -291,6 +280,5 @@ async fn pipelined_requests_are_answered_in_order_across_the_handover() {
     assert!(answered[moved..].iter().all(|b| b == "new"));
     finished(old.1).await;
     drop(client);
-    new.0.start(PATIENCE);
-    finished(new.1).await;
+    stop(new).await;
 }
