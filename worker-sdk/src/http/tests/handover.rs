@@ -174,6 +174,8 @@ async fn a_busy_connection_moves_after_its_response() {
         new,
         mut client,
     } = servers_with(Master::Relays, service, ServeOptions::default()).await;
+    // The permit the first request (`/`, answered) left.
+    started.notified().await;
     client.send("/gated").unwrap();
     tokio::time::timeout(PATIENCE, started.notified())
         .await
