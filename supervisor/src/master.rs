@@ -138,10 +138,12 @@ pub async fn run(
         }
         e
     };
-    let mut signals = Signals::new()
+    // The senders' action first: actions run in the order installed, and
+    // tokio's wakes the loop, which reads the sender at once.
+    crate::audit::record_signal_senders()
         .context("installing signal handlers")
         .map_err(told)?;
-    crate::audit::record_signal_senders()
+    let mut signals = Signals::new()
         .context("installing signal handlers")
         .map_err(told)?;
     crate::orphans::become_subreaper();
